@@ -1,0 +1,9 @@
+"""portable_infer: run LLM model packages through ONNX Runtime on whatever hardware is present."""
+
+from .errors import (  # noqa: F401
+    ChecksumError, ContextLengthError, DependencyError, ExportError, InvalidArgumentError,
+    PackageError, PortableInferError, ProviderError, SchemaVersionError, SourceError,
+    UnsupportedArchitectureError, VerificationError,
+)
+
+__version__ = "0.1.0"

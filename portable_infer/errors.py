@@ -1,0 +1,75 @@
+"""One exception hierarchy for the whole project.
+
+Every error a user can cause derives from :class:`PortableInferError`, names the problem and says
+what to do about it. Callers catch the base class; tests assert on the subclasses.
+"""
+
+from __future__ import annotations
+
+
+class PortableInferError(Exception):
+    """Base class of every error raised on purpose by portable_infer and its exporter."""
+
+
+# --- model packages ------------------------------------------------------------------------------
+class PackageError(PortableInferError):
+    """A model package is missing, incomplete or unreadable."""
+
+
+class ChecksumError(PackageError):
+    """A file of a model package does not match the sha256 or size in its manifest."""
+
+
+class SchemaVersionError(PackageError):
+    """The manifest was written by an exporter this runtime does not understand."""
+
+
+# --- user input ----------------------------------------------------------------------------------
+class InvalidArgumentError(PortableInferError, ValueError):
+    """A parameter is outside its allowed range (sampling values, limits, ...)."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+# --- execution providers -------------------------------------------------------------------------
+class ProviderError(PortableInferError):
+    """An execution provider is unknown, unavailable, or failed to start."""
+
+
+# --- optional dependencies -----------------------------------------------------------------------
+class DependencyError(PortableInferError, ImportError):
+    """An optional dependency is missing or has the wrong version."""
+
+
+# --- export --------------------------------------------------------------------------------------
+class ExportError(PortableInferError):
+    """The exporter could not turn a source model into a package."""
+
+
+class SourceError(ExportError):
+    """The source model is missing, truncated or inconsistent (config, tensors, shapes)."""
+
+
+class UnsupportedArchitectureError(ExportError):
+    """No registered architecture family handles this model_type."""
+
+
+class VerificationError(ExportError):
+    """The exported graph does not match its reference within tolerance."""
+
+
+def require(module: str, extra: str = "export"):
+    """Import an optional dependency, or raise :class:`DependencyError` with the install hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != module.split(".")[0]:
+            raise  # a real ImportError inside an installed package: don't hide it
+        raise DependencyError(
+            f"{module} is needed for this and is not installed; "
+            f'install it with: pip install "portable-infer[{extra}]"'
+        ) from exc
