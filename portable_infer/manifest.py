@@ -131,8 +131,8 @@ class GraphVariant:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    file: str = "tokenizer.json"
-    config_file: str = "tokenizer_config.json"
+    file: str | None = "tokenizer.json"
+    config_file: str | None = "tokenizer_config.json"
     chat_template_file: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()

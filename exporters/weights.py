@@ -1,0 +1,137 @@
+"""Weights into the graph at the requested precision: dense float, or block-quantized.
+
+Linear weights are stored transposed, ``[in, out]``, so ``y = x @ W`` is a plain MatMul and the
+block-quantized form is ``DequantizeLinear(q, scale, zero, axis=0, block_size=32)`` (which ONNX
+Runtime's CPU provider may fuse into MatMulNBits). An offset term (GGUF Q4_1: ``w = d*q + m``)
+becomes an exact correction::
+
+    y = x @ DQ(q, d)  +  blocksum(x) @ m        blocksum(x)[.., b] = sum of x over block b
+
+Each source tensor is written once: the tied embedding and lm_head share initializers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from onnx import TensorProto
+
+from .graph import GraphBuilder
+from .quant import BLOCK, Blocks, pack_uint4, quantize
+
+logger = logging.getLogger(__name__)
+
+PRECISION_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
+
+
+class WeightStore:
+    """Fetches source tensors, converts them to the package precision and emits them."""
+
+    def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False):
+        self.g = g
+        self.source = source
+        self.precision = precision
+        self.dtype = np.float16 if precision == "fp16" else np.float32
+        self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+        self.transposed = transposed  # GPT-2 Conv1D: source stores [in, out]
+        self._emitted: dict[str, dict] = {}
+
+    # --- small float tensors (norms, biases) --------------------------------------------------
+    def vector(self, name: str, dtype=None, add: float = 0.0) -> str:
+        w = self._dense(self.source.get(name)) + np.float32(add)
+        return self.g.weight(_init_name(name, "f" if add == 0 else "f1"), w.astype(dtype or self.dtype))
+
+    # --- linear layers ------------------------------------------------------------------------
+    def linear(self, x: str, name: str, bias: str | None = None, bits: int | None = -1) -> str:
+        """y = x @ W^T (+ b) for the HF weight ``name`` of shape [out, in]."""
+        bits = PRECISION_BITS[self.precision] if bits == -1 else bits
+        t = self._emit(name, bits)
+        if t["kind"] == "dense":
+            y = self.g.matmul(x, t["w"])
+        else:
+            w = self.g.op("DequantizeLinear", [t["q"], t["scale"]] + ([t["zero"]] if t["zero"] else []),
+                          axis=0, block_size=t["block"])
+            y = self.g.matmul(x, w)
+            if t["offset"]:
+                y = self.g.add(y, self.g.matmul(self.block_sums(x, t["in"], t["block"]), t["offset"]))
+        if bias is not None:
+            y = self.g.add(y, self.vector(bias))
+        return y
+
+    def block_sums(self, x: str, n_in: int, block: int) -> str:
+        #  x [.., in] -> [.., in/block, block] -> ReduceSum(-1) -> [.., in/block]
+        parts = self.g.reshape(x, [0, 0, n_in // block, block])
+        return self.g.reduce_sum(parts, [-1], keepdims=0)
+
+    # --- embeddings ---------------------------------------------------------------------------
+    def embedding(self, ids: str, name: str, bits: int | None = -1) -> str:
+        """Rows of the [vocab, hidden] table for ``ids`` [B, S] -> [B, S, hidden].
+
+        The table is stored transposed (as the tied lm_head wants it), so rows are gathered
+        along axis 1 and dequantized block-wise after the gather.
+        """
+        bits = PRECISION_BITS[self.precision] if bits == -1 else bits
+        t = self._emit(name, bits, packed4=False)
+        g = self.g
+        if t["kind"] == "dense":
+            return g.transpose(g.gather(t["w"], ids, axis=1), [1, 2, 0])
+        #  q [in, vocab] --gather--> [in, B, S] -> [nb, block, B, S] ; scale [nb, vocab] -> [nb, 1, B, S]
+        nb = t["in"] // t["block"]
+        bs = g.shape(ids)
+        q = g.reshape(g.cast(g.gather(t["q"], ids, axis=1), self.onnx_dtype),
+                      g.concat([g.const([nb, t["block"]]), bs], axis=0))
+        if t["zero"]:
+            z = g.cast(g.gather(t["zero"], ids, axis=1), self.onnx_dtype)
+            q = g.sub(q, g.unsqueeze(z, [1]))
+        w = g.mul(q, g.unsqueeze(g.gather(t["scale"], ids, axis=1), [1]))
+        if t["offset"]:
+            w = g.add(w, g.unsqueeze(g.gather(t["offset"], ids, axis=1), [1]))
+        return g.transpose(g.reshape(w, g.concat([g.const([t["in"]]), bs], axis=0)), [1, 2, 0])
+
+    # --- conversion ---------------------------------------------------------------------------
+    def _dense(self, w) -> np.ndarray:
+        return w.dequantize() if isinstance(w, Blocks) else np.asarray(w, dtype=np.float32)
+
+    def _emit(self, name: str, bits: int | None, packed4: bool = True) -> dict:
+        if name in self._emitted:
+            return self._emitted[name]
+        w = self.source.get(name)
+        if self.transposed and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
+            w = w.T
+        n_out, n_in = w.shape
+        if bits is not None and n_in % BLOCK:
+            logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, BLOCK)
+            bits = None
+        if bits is None:
+            dense = self._dense(w).T.astype(self.dtype)
+            t = {"kind": "dense", "w": self.g.weight(_init_name(name, "T"), dense)}
+        else:
+            if not isinstance(w, Blocks):
+                w = quantize(w, bits)
+            t = self._emit_blocks(name, w, packed4)
+        t["in"] = n_in
+        self._emitted[name] = t
+        return t
+
+    def _emit_blocks(self, name: str, b: Blocks, packed4: bool) -> dict:
+        g, base = self.g, _init_name(name, "")
+        qT, sT = b.q.T, b.scale.T.astype(self.dtype)
+        zT = None if b.zero is None else b.zero.T
+        four = b.bits == 4 and packed4
+        if four:
+            q = g.packed_weight(base + "q4", pack_uint4(qT), qT.shape, TensorProto.UINT4)
+            z = None if zT is None else g.packed_weight(base + "z4", pack_uint4(zT), zT.shape, TensorProto.UINT4)
+        else:
+            q = g.weight(base + "q8", np.ascontiguousarray(qT))
+            z = None if zT is None else g.weight(base + "z8", np.ascontiguousarray(zT).astype(qT.dtype))
+        return {
+            "kind": b.kind, "block": b.block, "q": q, "zero": z,
+            "scale": g.weight(base + "scale", sT),
+            "offset": None if b.offset is None else g.weight(base + "offset", b.offset.T.astype(self.dtype)),
+        }
+
+
+def _init_name(hf_name: str, suffix: str) -> str:
+    return hf_name.removesuffix(".weight").removesuffix(".bias") + ("." + suffix if suffix else "") + (
+        ".bias" if hf_name.endswith(".bias") else "")

@@ -1,0 +1,417 @@
+"""Execution providers: the table, name resolution, session selection with fallback, ``doctor``.
+
+Everything that differs between providers (ONNX Runtime's name, default options, install hint,
+which graph variant and precision it runs best) is a row of :data:`PROVIDERS`; the functions below
+only read the table. :func:`select_session` checks what actually ran: ONNX Runtime silently falls
+back to CPU when a provider's libraries fail to load, and lists providers it cannot use.
+
+Requested providers are ``"auto"``, a key or alias (``"cuda"``, ``"amd"``), ONNX Runtime's name
+(``"CUDAExecutionProvider"``), a comma-separated string of those, or a list. The environment
+variable ``PORTABLE_INFER_PROVIDERS`` (same syntax) replaces what ``"auto"`` would choose; an
+explicit argument other than ``"auto"`` wins over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+from .errors import InvalidArgumentError, PackageError, ProviderError
+from .manifest import GraphVariant
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "PORTABLE_INFER_PROVIDERS"
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One execution provider and how portable_infer uses it."""
+
+    key: str  # our name, e.g. "cuda"
+    ort_name: str  # ONNX Runtime's name, e.g. "CUDAExecutionProvider"
+    priority: int  # "auto" tries lower numbers first
+    device: str
+    install_hint: str
+    aliases: tuple = ()
+    default_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    variants: tuple = ("portable",)  # accepted GraphVariant names, preferred first
+    precisions: tuple = ("fp16", "int4", "int8", "fp32")  # accepted precisions, preferred first
+    explicit_only: str = ""  # why "auto" never picks it; "" = auto may pick it
+    companions: tuple = ()  # ORT names placed between it and CPU for the nodes it cannot run
+    min_ort: str | None = None  # first ONNX Runtime version that has it
+    max_ort: str | None = None  # first ONNX Runtime version without it
+
+    def names(self) -> set:
+        """Every name that means this provider, normalised (lower case, "-" -> "_")."""
+        return {_norm(n) for n in (self.key, self.ort_name, *self.aliases)}
+
+    def unsupported_reason(self, ort_version: str) -> str | None:
+        """Why this ONNX Runtime version cannot have the provider, or None."""
+        v = _version_tuple(ort_version)
+        if self.max_ort and v >= _version_tuple(self.max_ort):
+            return f"removed in ONNX Runtime {self.max_ort}"
+        if self.min_ort and v < _version_tuple(self.min_ort):
+            return f"needs ONNX Runtime >= {self.min_ort}"
+        return None
+
+
+def _opts(**kw) -> Mapping[str, Any]:
+    return MappingProxyType(kw)
+
+
+_CPU_FIRST = ("int4", "int8", "fp32", "fp16")
+_FUSED_FIRST = ("fused", "portable")  # the fused variant uses com.microsoft contrib ops
+_CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
+_QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
+
+PROVIDERS: tuple = (
+    ProviderSpec("cuda", "CUDAExecutionProvider", 10, "NVIDIA GPU (CUDA)",
+                 f'pip install "portable-infer[cuda]" (the onnxruntime-gpu build) {_CUDA_LIBS}',
+                 aliases=("nvidia",), variants=_FUSED_FIRST,
+                 default_options=_opts(device_id=0, arena_extend_strategy="kSameAsRequested",
+                                       cudnn_conv_algo_search="HEURISTIC")),
+    ProviderSpec("tensorrt", "TensorrtExecutionProvider", 11, "NVIDIA GPU (TensorRT)",
+                 f'pip install "portable-infer[cuda]" (onnxruntime-gpu) {_CUDA_LIBS}, plus TensorRT 10',
+                 aliases=("trt",), default_options=_opts(device_id=0), companions=("CUDAExecutionProvider",),
+                 explicit_only="engine builds take minutes on first run; ask for it explicitly"),
+    ProviderSpec("nvtensorrtrtx", "NvTensorRTRTXExecutionProvider", 12, "NVIDIA RTX GPU (TensorRT-RTX)",
+                 "pip install onnxruntime-trt-rtx (NVIDIA's build, alone in its virtualenv)",
+                 aliases=("trt_rtx", "tensorrt_rtx"), default_options=_opts(device_id=0),
+                 explicit_only="compiles engines on first run; ask for it explicitly", min_ort="1.22"),
+    ProviderSpec("rocm_legacy", "ROCMExecutionProvider", 20, "AMD GPU (ROCm)",
+                 'pip install "portable-infer[migraphx]" (ROCm EP was removed in ONNX Runtime 1.23)',
+                 aliases=("amd", "rocm"), default_options=_opts(device_id=0), max_ort="1.23"),
+    ProviderSpec("migraphx", "MIGraphXExecutionProvider", 21, "AMD GPU (MIGraphX)",
+                 'pip install "portable-infer[migraphx]" (AMD\'s onnxruntime-migraphx build for your ROCm)',
+                 aliases=("amd", "rocm"), default_options=_opts(device_id=0)),
+    ProviderSpec("dml", "DmlExecutionProvider", 30, "DirectX 12 GPU (Windows)",
+                 'pip install "portable-infer[directml]" (the onnxruntime-directml build, Windows only)',
+                 aliases=("directml",), default_options=_opts(device_id=0)),
+    ProviderSpec("coreml", "CoreMLExecutionProvider", 40, "Apple Neural Engine / GPU (macOS)",
+                 "the plain onnxruntime wheel for macOS includes CoreML; it runs only on Apple devices",
+                 aliases=("apple",), default_options=_opts(ModelFormat="MLProgram", MLComputeUnits="ALL")),
+    ProviderSpec("qnn", "QNNExecutionProvider", 50, "Qualcomm NPU (QNN HTP)",
+                 'pip install "portable-infer[qnn]" (the onnxruntime-qnn build, Snapdragon devices)',
+                 aliases=("qualcomm",), precisions=("int8", "fp16", "int4", "fp32"),
+                 default_options=_opts(backend_path=_QNN_HTP)),
+    ProviderSpec("openvino", "OpenVINOExecutionProvider", 60, "Intel CPU / GPU / NPU (OpenVINO)",
+                 'pip install "portable-infer[openvino]" (the onnxruntime-openvino build)',
+                 aliases=("ov", "intel"), precisions=("int8", "int4", "fp32", "fp16"),
+                 default_options=_opts(device_type="CPU")),
+    ProviderSpec("webgpu", "WebGpuExecutionProvider", 70, "GPU through WebGPU (Dawn)",
+                 'pip install "portable-infer[webgpu]" (the onnxruntime-webgpu build)'),
+    ProviderSpec("cpu", "CPUExecutionProvider", 100, "CPU",
+                 "every ONNX Runtime build includes it; reinstall onnxruntime if it is missing",
+                 variants=_FUSED_FIRST, precisions=_CPU_FIRST),
+)
+CPU = next(s for s in PROVIDERS if s.key == "cpu")
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+_BY_NAME = {n: [s for s in PROVIDERS if n in s.names()] for spec in PROVIDERS for n in spec.names()}
+
+
+def _version_tuple(version: str) -> tuple:
+    parts = (re.match(r"\d+", p) for p in str(version).split(".")[:3])
+    return tuple(int(m.group()) for m in parts if m)
+
+
+def _default_ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _split(requested: str | Sequence[str]) -> list:
+    items = (requested.split(",") if isinstance(requested, str)
+             else list(requested) if isinstance(requested, (list, tuple)) else [requested])
+    if not all(isinstance(i, str) for i in items):
+        raise InvalidArgumentError(f"providers must be names (str), got {requested!r}; e.g. 'cuda,cpu'")
+    names = [_norm(i) for i in items if i.strip()]
+    if not names:
+        raise InvalidArgumentError(f"providers must name at least one provider, got {requested!r}; "
+                                   f"use 'auto' or e.g. 'cuda,cpu'")
+    if "auto" in names and len(names) > 1:
+        raise InvalidArgumentError(f"'auto' cannot be combined with other providers, got {requested!r}")
+    return names
+
+
+def _lookup(name: str, ort_version: str, source: str = "") -> list:
+    specs = _BY_NAME.get(_norm(name))
+    if specs is None:
+        known = sorted({n for s in PROVIDERS for n in (s.key, *s.aliases)})
+        raise ProviderError(f"unknown execution provider {name!r}{source}; known names: auto, "
+                            f"{', '.join(known)} (or ONNX Runtime's, e.g. CUDAExecutionProvider)")
+    usable = [s for s in specs if s.unsupported_reason(ort_version) is None]
+    if not usable:
+        why = "; ".join(f"{s.ort_name}: {s.unsupported_reason(ort_version)}" for s in specs)
+        raise ProviderError(f"provider {name!r}{source} cannot run on ONNX Runtime {ort_version}: {why}; "
+                            f"install: {specs[0].install_hint}")
+    return sorted(usable, key=lambda s: s.priority)
+
+
+def _resolve(requested: str | Sequence[str], ort_version: str) -> tuple:
+    """(specs, explicit): explicit is False only for auto without the environment override."""
+    names, source = _split(requested), ""
+    if names == ["auto"] and os.environ.get(ENV_VAR, "").strip():
+        names, source = _split(os.environ[ENV_VAR]), f" (from {ENV_VAR})"
+        if names != ["auto"]:
+            logger.info("%s=%s replaces the auto choice", ENV_VAR, os.environ[ENV_VAR])
+    if names == ["auto"]:
+        specs = [s for s in PROVIDERS if not s.explicit_only and s.unsupported_reason(ort_version) is None]
+        return sorted(specs, key=lambda s: s.priority), False
+    out: list = []
+    for name in names:
+        out += [s for s in _lookup(name, ort_version, source) if s not in out]
+    return out, True
+
+
+def resolve(requested: str | Sequence[str] = "auto", ort_version: str | None = None) -> list:
+    """Turn a provider request into table rows, in the order they will be tried.
+
+    Args:
+        requested: "auto", a key/alias/ONNX Runtime name, a comma-separated string or a list.
+            For "auto", ``PORTABLE_INFER_PROVIDERS`` (when set) is resolved instead.
+        ort_version: the ONNX Runtime version to resolve for (default: the installed one);
+            "rocm"/"amd" give MIGraphX on >= 1.23 and ROCm then MIGraphX before.
+    Returns:
+        list of :class:`ProviderSpec`, no duplicates. Availability is not checked here.
+    Example:
+        >>> [s.key for s in resolve("amd,cpu", "1.22.0")]
+        ['rocm_legacy', 'migraphx', 'cpu']
+    """
+    return _resolve(requested, ort_version or _default_ort().__version__)[0]
+
+
+def pick_variant(spec: ProviderSpec, variants: Sequence[GraphVariant]) -> GraphVariant | None:
+    """The variant ``spec`` prefers (name first, then precision), among those it accepts."""
+    def targets(v: GraphVariant) -> bool:  # a variant's providers: "*" (or none listed) = any
+        return not v.providers or "*" in v.providers or any(_norm(p) in spec.names() for p in v.providers)
+
+    ok = [v for v in variants if v.name in spec.variants and v.precision in spec.precisions and targets(v)]
+    return min(ok, key=lambda v: (spec.variants.index(v.name), spec.precisions.index(v.precision)),
+               default=None)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The session that runs, which provider and graph variant it uses, and what was passed over."""
+
+    session: Any
+    provider: ProviderSpec
+    variant: GraphVariant
+    skipped: tuple = ()  # ((provider key, reason), ...)
+
+
+def _option_overrides(provider_options: Mapping | None, ort_version: str) -> dict:
+    out: dict = {}
+    for name, opts in (provider_options or {}).items():
+        if not isinstance(opts, Mapping):
+            raise InvalidArgumentError(f"provider_options[{name!r}] must be a dict of option -> value, "
+                                       f"got {type(opts).__name__}")
+        for spec in _lookup(name, ort_version, " (in provider_options)"):
+            out.setdefault(spec.key, {}).update(opts)
+    return out
+
+
+def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathLike,
+                   requested: str | Sequence[str] = "auto", *, strict: bool = False,
+                   session_options: Any = None, provider_options: Mapping | None = None,
+                   ort: Any = None) -> Selection:
+    """Create an ONNX Runtime session on the best provider that really works.
+
+    Args:
+        variants: the package's graph variants (``Manifest.variants``).
+        package_dir: the package directory; variant files are relative to it.
+        requested: see :func:`resolve`. "auto" tries every available table row by priority.
+        strict: raise :class:`ProviderError` as soon as a named provider is missing or any
+            provider fails to start, instead of warning and trying the next (then CPU).
+        session_options: an ``onnxruntime.SessionOptions`` (default: a fresh one per attempt).
+        provider_options: {provider name: {option: value}} merged over the table's defaults.
+        ort: the onnxruntime module (tests pass a fake).
+    Returns:
+        :class:`Selection`; ``skipped`` says why each provider tried before it was passed over.
+    Example:
+        >>> sel = select_session(manifest.variants, "pkg/", "cuda")
+        >>> sel.provider.key, sel.variant.name
+        ('cuda', 'fused')
+    """
+    ort = ort if ort is not None else _default_ort()
+    specs, explicit = _resolve(requested, ort.__version__)
+    overrides = _option_overrides(provider_options, ort.__version__)
+    available = list(ort.get_available_providers())
+    package_dir = Path(package_dir)
+    skipped: list = []
+
+    def give_up(spec: ProviderSpec, reason: str, detail: str) -> None:
+        if strict:
+            raise ProviderError(f"{spec.key} ({spec.ort_name}) {detail}; to fix: {spec.install_hint}")
+        logger.warning("%s (%s) %s; trying the next provider", spec.key, spec.ort_name, detail)
+        skipped.append((spec.key, reason))
+
+    fallback = explicit and not strict and CPU not in specs
+    for spec in specs + ([CPU] if fallback else []):
+        if spec is CPU and fallback:
+            logger.warning("none of the requested providers (%s) works; falling back to CPU",
+                           ", ".join(s.key for s in specs))
+        if spec.ort_name not in available:
+            if explicit:
+                conflict = build_conflict_warning(installed_builds())
+                give_up(spec, "not available: not in this ONNX Runtime build",
+                        f"is not in this ONNX Runtime build ({ort.__version__}, providers: "
+                        f"{', '.join(available)})" + (f"; {conflict}" if conflict else ""))
+            continue
+        variant = pick_variant(spec, variants)
+        if variant is None:
+            have = ", ".join(f"{v.name}/{v.precision}" for v in variants) or "none"
+            reason = (f"no suitable variant: it takes {'/'.join(spec.variants)} in "
+                      f"{'/'.join(spec.precisions)}, the package has {have}")
+            if explicit and strict:
+                raise ProviderError(f"{spec.key}: {reason}; re-export the package with such a variant")
+            (logger.warning if explicit else logger.info)("%s skipped: %s", spec.key, reason)
+            skipped.append((spec.key, reason))
+            continue
+        path = package_dir / variant.file
+        if not path.is_file():
+            raise PackageError(f"{path} (variant {variant.name!r}) is missing; "
+                               f"re-copy or re-export the package")
+        options = {**spec.default_options, **overrides.get(spec.key, {})}
+        providers = ([(spec.ort_name, options)] + [(n, {}) for n in spec.companions if n in available]
+                     + ([] if spec is CPU else [(CPU.ort_name, {})]))
+        sess_options = session_options if session_options is not None else ort.SessionOptions()
+        try:
+            session = ort.InferenceSession(str(path), sess_options, providers=providers)
+        except Exception as exc:  # ORT raises many types (Fail, RuntimeError, ...) for a broken EP
+            give_up(spec, f"failed: {type(exc).__name__}: {exc}",
+                    f"failed to start on {variant.file}: {type(exc).__name__}: {exc}")
+            continue
+        actual = list(session.get_providers())
+        if actual[:1] == [spec.ort_name]:
+            logger.info("running %s (%s variant, %s) on %s", variant.file, variant.name,
+                        variant.precision, spec.ort_name)
+            return Selection(session, spec, variant, tuple(skipped))
+        got = actual[0] if actual else "no provider"
+        give_up(spec, f"failed: session fell back to {got}",
+                f"was listed but the session runs on {got} (its libraries did not load; "
+                f"ONNX Runtime's log says which)")
+    tried = "; ".join(f"{k}: {r}" for k, r in skipped) or "none of them is in this ONNX Runtime build"
+    raise ProviderError(f"no execution provider could run {package_dir} (asked for "
+                        f"{', '.join(s.key for s in specs)}): {tried}; run `portable-infer doctor`")
+
+
+# --- installed builds and doctor -----------------------------------------------------------------
+ORT_DISTRIBUTIONS = (
+    "onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn",
+    "onnxruntime-rocm", "onnxruntime-migraphx", "onnxruntime-training", "onnxruntime-webgpu",
+    "onnxruntime-trt-rtx", "onnxruntime-silicon", "ort-nightly", "ort-nightly-gpu",
+)
+
+
+def installed_builds() -> list:
+    """[(distribution name, version)] of the ONNX Runtime builds installed in this environment."""
+    out = []
+    for dist in ORT_DISTRIBUTIONS:
+        try:
+            out.append((dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_conflict_warning(builds: Sequence[tuple]) -> str | None:
+    """A warning when more than one ONNX Runtime build is installed, else None."""
+    if len(builds) <= 1:
+        return None
+    names = [name for name, _ in builds]
+    return (f"{len(builds)} ONNX Runtime builds are installed together "
+            f"({', '.join(f'{n} {v}' for n, v in builds)}): they all install the `onnxruntime` package "
+            f"and overwrite each other's files, so which providers work depends on install order. "
+            f"Keep one build per virtualenv: pip uninstall -y {' '.join(names)}, then "
+            f"pip install the one for your hardware")
+
+
+def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = None) -> dict:
+    """Plain data about the ONNX Runtime install and what ``auto`` would pick, without sessions.
+
+    Returns:
+        dict with ort_version, builds, build_conflict, available, unused_available, env_override,
+        auto ({provider, ort_name, device, variant} or {error}), and providers: one row per
+        table entry with key, ort_name, device, status ("picked"/"fallback"/"skipped"), reason
+        and install_hint.
+    """
+    ort = ort if ort is not None else _default_ort()
+    version, available = ort.__version__, list(ort.get_available_providers())
+    builds = installed_builds()
+    try:
+        specs, explicit = _resolve("auto", version)
+        error = None
+    except (ProviderError, InvalidArgumentError) as exc:
+        specs, explicit, error = [], True, str(exc)
+    order = specs + ([CPU] if explicit and CPU not in specs else [])  # select_session's fallback
+    reasons = {}
+    for spec in PROVIDERS:
+        reason = spec.unsupported_reason(version)
+        if reason is None and spec.ort_name not in available:
+            reason = "not in this ONNX Runtime build"
+        if reason is None and spec not in order:
+            reason = f"not in {ENV_VAR}" if explicit else spec.explicit_only
+        if reason is None and variants is not None and pick_variant(spec, variants) is None:
+            reason = "no suitable variant in the package"
+        reasons[spec.key] = reason
+    usable = [s for s in order if reasons[s.key] is None]
+    picked = usable[0] if usable else None
+    rows = [{"key": s.key, "ort_name": s.ort_name, "device": s.device, "reason": reasons[s.key],
+             "status": "picked" if s is picked else "fallback" if s in usable else "skipped",
+             "install_hint": s.install_hint}
+            for s in usable + [s for s in PROVIDERS if s not in usable]]
+    variant = pick_variant(picked, variants) if picked and variants is not None else None
+    auto = ({"error": error} if error else {"error": "no usable provider"} if picked is None else
+            {"provider": picked.key, "ort_name": picked.ort_name, "device": picked.device,
+             "variant": variant.name if variant else None})
+    known = {s.ort_name for s in PROVIDERS}
+    return {
+        "ort_version": version, "ort_device": getattr(ort, "get_device", lambda: None)(),
+        "builds": [list(b) for b in builds],
+        "build_conflict": build_conflict_warning(builds), "available": available,
+        "unused_available": [p for p in available if p not in known],
+        "env_override": os.environ.get(ENV_VAR) or None,
+        "auto": auto, "providers": rows,
+    }
+
+
+def format_doctor(report: dict) -> str:
+    """Human-readable text of :func:`doctor_report` for ``portable-infer doctor``."""
+    builds = ", ".join(f"{n} {v}" for n, v in report["builds"]) or "none found by pip metadata"
+    auto = report["auto"]
+    device = f", device {report['ort_device']}" if report.get("ort_device") else ""
+    lines = [f"ONNX Runtime {report['ort_version']}{device} (installed builds: {builds})"]
+    if report["build_conflict"]:
+        lines.append(f"WARNING: {report['build_conflict']}")
+    lines.append(f"available providers: {', '.join(report['available'])}")
+    if report["env_override"]:
+        lines.append(f"{ENV_VAR}={report['env_override']} replaces the auto choice")
+    if "error" in auto:
+        lines.append(f"auto: ERROR {auto['error']}")
+    else:
+        variant = f", {auto['variant']} variant" if auto.get("variant") else ""
+        lines.append(f"auto picks: {auto['provider']} ({auto['ort_name']}, {auto['device']}{variant})")
+    lines.append("providers:")
+    for row in report["providers"]:
+        text = row["reason"] or ("used by auto" if row["status"] == "picked" else "auto's next choice")
+        if row["reason"] == "not in this ONNX Runtime build":
+            text += f"; to get it: {row['install_hint']}"
+        lines.append(f"  {row['key']:<14}{row['status']:<10}{row['device']:<34}{text}")
+    if report["unused_available"]:
+        lines.append(f"not used by portable_infer: {', '.join(report['unused_available'])}")
+    return "\n".join(lines)
