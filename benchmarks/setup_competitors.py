@@ -205,8 +205,12 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 
 def setup(only: list[str] | None = None) -> None:
-    """Create whatever is missing for the competitors in ``only`` (all when None)."""
-    names = only or list(NEEDS)
+    """Create whatever is missing for the competitors in ``only`` (all when None).
+
+    The transformers venv, the HF folder and the reference are always prepared: every runtime,
+    portable_infer included, is checked against that reference.
+    """
+    names = list(NEEDS) if only is None else only
     unknown = sorted(set(names) - set(NEEDS))
     if unknown:
         raise SystemExit(f"unknown competitor(s) {unknown}; choose from {sorted(NEEDS)}")
@@ -252,8 +256,22 @@ def internal_hf_folder(gguf: Path) -> None:
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|im_end|>"
     tok.save_pretrained(HF_DIR)
+    make_readable_by_transformers_4(HF_DIR)
     (HF_DIR / MARK).write_text("ok\n")
     print(f"saved {HF_DIR}: {sorted(p.name for p in HF_DIR.iterdir())}")
+
+
+def make_readable_by_transformers_4(folder: Path) -> None:
+    """optimum-onnx 0.1.0 runs transformers 4.x, which reads neither ``rope_parameters`` (it would
+    silently fall back to rope_theta = 10000 instead of 100000) nor ``TokenizersBackend``.
+    Write the old spellings beside the new ones; transformers 5 reads both."""
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("rope_theta", config["rope_parameters"]["rope_theta"])
+    config.setdefault("torch_dtype", config.get("dtype", "float32"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # an alias in transformers 5
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
 
 
 def internal_reference() -> None:

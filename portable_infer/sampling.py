@@ -168,10 +168,11 @@ def apply_penalties(logits: np.ndarray, prompt_ids: Sequence[int], output_ids: S
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """Numerically stable ``log(softmax(x))`` of a 1-D array, in float64; ``-inf`` stays ``-inf``."""
-    x = np.asarray(_as_logits(x), dtype=np.float64)
-    shifted = x - _finite_max(x)
-    return shifted - np.log(np.exp(shifted).sum())
+    """Numerically stable ``log(softmax(x))`` of a 1-D array as float64; ``-inf`` stays ``-inf``."""
+    x = _as_logits(x)
+    shifted = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)
+    # exp in the input precision (float32 exp is several times faster), the sum in float64
+    return shifted.astype(np.float64) - np.log(np.exp(shifted).sum(dtype=np.float64))
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -232,7 +233,9 @@ def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
     Inverse CDF in two levels (block, then token): a cumsum over the whole vocabulary is
     sequential and would cost several times the rest of the step.
     """
-    weights = np.exp(logits - _finite_max(logits))
+    x = np.asarray(logits)
+    weights = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)
+    np.exp(weights, out=weights)  # in place: one vocab-sized temporary, not two
     block_sums = np.add.reduceat(weights, np.arange(0, weights.size, _DRAW_BLOCK), dtype=np.float64)
     block_cdf = np.cumsum(block_sums)
     u = rng.random() * block_cdf[-1]

@@ -1,0 +1,195 @@
+"""Check an exported graph against the PyTorch model it came from (transformers, same weights).
+
+Checks, on fresh random token ids each run:
+  1. full-sequence logits for a batch of 2, one row left-padded (padding positions excluded);
+  2. the KV-cache path: prefill, then one token per step, against the same reference logits;
+  3. greedy decoding for ``greedy_steps`` tokens, cached ONNX vs the reference;
+  4. teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text
+     (the quality gate for quantized packages).
+At fp32 a relative difference above 1e-4 fails the export; a GGUF import (blocks kept exactly)
+fails below 98 % agreement with its dequantized reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from portable_infer import manifest as mf
+from portable_infer.errors import SourceError, VerificationError, require
+
+logger = logging.getLogger(__name__)
+
+FP32_REL_TOL = 1e-4
+MIN_AGREEMENT = {"gguf": 0.98}
+AGREEMENT_STEPS = 128
+FIXED_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years, "
+    "presses in more than two hundred European cities had produced millions of books, and the "
+    "cost of copying a text fell so far that pamphlets, newspapers and scientific journals followed."
+)
+
+
+def load_reference(src):
+    """The transformers model for a source, in float32 (GGUF: dequantized by transformers)."""
+    torch = require("torch")
+    transformers = require("transformers")
+    kwargs = {"dtype": torch.float32}
+    try:
+        if src.kind == "gguf":
+            require("accelerate")
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(src.path.parent), gguf_file=src.path.name, **kwargs)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"transformers could not load the reference model from {src.path}: {exc}") from exc
+    return model.eval()
+
+
+class OnnxDecoder:
+    """Raw ONNX Runtime calls on a package graph (independent of the runtime's decode loop)."""
+
+    def __init__(self, path: Path, variant: mf.GraphVariant, threads: int = 2):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        # ORT fuses DequantizeLinear+MatMul into MatMulNBits; accuracy level 1 keeps float
+        # activations (level 4 quantizes them to int8), so the check sees the weights alone.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.v = variant
+        self.kv_dtype = np.dtype(variant.kv.dtype)
+
+    def empty_past(self, batch: int) -> list:
+        shape = (batch, self.v.kv.num_kv_heads, 0, self.v.kv.head_dim)
+        return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)) for _ in self.v.kv.past]
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        s = ids.shape[1]
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
+        feeds = {mf.INPUT_IDS: ids, mf.ATTENTION_MASK: mask, mf.POSITION_IDS: pos}
+        for (kn, vn), (k, v) in zip(self.v.kv.past, past):
+            feeds[kn], feeds[vn] = k, v
+        out = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        res = dict(zip(names, out))
+        return res[mf.LOGITS], [(res[k], res[v]) for k, v in self.v.kv.present]
+
+
+def _reference_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    torch = require("torch")
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos), use_cache=False)
+    return out.logits.float().numpy()
+
+
+def _diff(a: np.ndarray, ref: np.ndarray) -> dict:
+    abs_diff = float(np.abs(a - ref).max())
+    return {"max_abs": abs_diff, "max_rel": abs_diff / max(float(np.abs(ref).max()), 1e-12)}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greedy_steps: int = 16) -> dict:
+    """Checks 1-3 on random ids; returns the report (differences and greedy agreement)."""
+    length = 12
+    ids = rng.integers(0, vocab, (2, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # row 1 is left-padded
+    ref = _reference_logits(model, ids, mask)
+    full, _ = dec.run(ids, mask, dec.empty_past(2))
+    real = mask.astype(bool)
+    report = {"full": _diff(full[real], ref[real])}
+
+    # prefill all but 4 tokens, then decode them one by one through the cache
+    split = length - 4
+    logits, past = dec.run(ids[:, :split], mask[:, :split], dec.empty_past(2))
+    steps = [logits[:, -1]]
+    for t in range(split, length):
+        logits, past = dec.run(ids[:, t:t + 1], mask[:, :t + 1], past)
+        steps.append(logits[:, -1])
+    cached = np.stack(steps[:-1], axis=1)
+    report["cached"] = _diff(cached, ref[:, split - 1:length - 1])
+
+    # greedy: ONNX through the cache vs the reference recomputing the full sequence
+    prompt = rng.integers(0, vocab, (1, 8), dtype=np.int64)
+    seq_ref, seq_onnx = prompt.copy(), prompt.copy()
+    logits, past = dec.run(prompt, np.ones_like(prompt), dec.empty_past(1))
+    for _ in range(greedy_steps):
+        nxt = _reference_logits(model, seq_ref, np.ones_like(seq_ref))[0, -1].argmax()
+        seq_ref = np.concatenate([seq_ref, [[nxt]]], axis=1)
+        tok = logits[0, -1].argmax()
+        seq_onnx = np.concatenate([seq_onnx, [[tok]]], axis=1)
+        logits, past = dec.run(np.array([[tok]]), np.ones_like(seq_onnx), past)
+    same = seq_ref[0, 8:] == seq_onnx[0, 8:]
+    report["greedy"] = {"steps": greedy_steps, "identical_prefix": int(np.argmin(same)) if not same.all() else greedy_steps}
+    return report
+
+
+def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list) -> dict:
+    """Teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text."""
+    torch = require("torch")
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=AGREEMENT_STEPS, do_sample=False,
+                             min_new_tokens=AGREEMENT_STEPS, pad_token_id=0)
+    seq = out[0].numpy()[None].astype(np.int64)
+    n = len(prompt_ids)
+    ours, _ = dec.run(seq, np.ones_like(seq), dec.empty_past(1))
+    agree = int((ours[0, n - 1:-1].argmax(-1) == seq[0, n:]).sum())
+
+    text = np.asarray([text_ids], dtype=np.int64)
+    ref = _reference_logits(model, text, np.ones_like(text))
+    ours, _ = dec.run(text, np.ones_like(text), dec.empty_past(1))
+    nll = lambda lg: float(-np.take_along_axis(_log_softmax(lg[0, :-1]), text[0, 1:, None], -1).mean())  # noqa: E731
+    ppl_ref, ppl = float(np.exp(nll(ref))), float(np.exp(nll(ours)))
+    return {"top1_agreement": agree / AGREEMENT_STEPS, "top1_agree_steps": f"{agree}/{AGREEMENT_STEPS}",
+            "perplexity": ppl, "perplexity_reference": ppl_ref, "perplexity_delta": ppl / ppl_ref - 1}
+
+
+def _text_ids(package: Path, manifest: mf.Manifest, rng: np.random.Generator) -> tuple[list, list]:
+    if manifest.tokenizer.file:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(package / manifest.tokenizer.file))
+        text = tok.encode(FIXED_TEXT, add_special_tokens=False).ids
+        return text[:16], text
+    fixed = np.random.default_rng(1234)  # no tokenizer: a fixed id sequence stands for the text
+    return rng.integers(0, manifest.model.vocab_size, 16).tolist(), fixed.integers(0, manifest.model.vocab_size, 64).tolist()
+
+
+def verify_package(package: Path, manifest: mf.Manifest, src, model=None) -> dict:
+    """Run every check on every variant; raise VerificationError when a gate fails."""
+    model = model if model is not None else load_reference(src)
+    rng = np.random.default_rng()
+    report = {}
+    for v in manifest.variants:
+        dec = OnnxDecoder(package / v.file, v)
+        r = compare(model, dec, manifest.model.vocab_size, rng)
+        if v.precision != "fp32" or src.kind == "gguf":
+            prompt, text = _text_ids(package, manifest, rng)
+            r["quality"] = quality(model, dec, prompt, text)
+        report[v.name] = r
+        logger.info("verify %s: %s", v.name, r)
+        worst = max(r["full"]["max_rel"], r["cached"]["max_rel"])
+        if v.precision == "fp32" and worst > FP32_REL_TOL:
+            raise VerificationError(
+                f"{v.name} graph differs from the transformers reference: max relative difference "
+                f"{worst:.2e} > {FP32_REL_TOL:.0e} (full {r['full']}, cached {r['cached']}); the export "
+                f"was not written. Report this with the source's config.json, or pass --no-verify to "
+                f"inspect the graph anyway")
+        floor = MIN_AGREEMENT.get(src.kind)
+        if floor and "quality" in r and r["quality"]["top1_agreement"] < floor:
+            raise VerificationError(
+                f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "
+                f"teacher-forced steps, below the {floor:.0%} gate; the export was not written")
+    return report
