@@ -42,7 +42,7 @@ class DecoderBuilder:
         self.kv_type = store.onnx_dtype
 
     # --- whole graph --------------------------------------------------------------------------
-    def build(self) -> None:
+    def build(self, on_layer=None) -> None:
         g, d = self.g, self.d
         ids = g.input(mf.INPUT_IDS, I64, ["batch", "sequence"])
         mask = g.input(mf.ATTENTION_MASK, I64, ["batch", "total_sequence"])
@@ -58,6 +58,8 @@ class DecoderBuilder:
             t = d.layer_types[i]
             h, k, v = self.layer(i, h, pasts[i], masks[t], ropes.get(t))
             presents.append((k, v))
+            if on_layer is not None:
+                on_layer(1)
         g.output(self.head(h), mf.LOGITS, F32, ["batch", "sequence", d.vocab_size])
         out_shape = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
         for i, kv in enumerate(presents):

@@ -35,7 +35,8 @@ PORTABLE_FILE = "model.onnx"
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
-           max_context: int | None = None, verify: bool = True, overwrite: bool = False) -> Path:
+           max_context: int | None = None, verify: bool = True, overwrite: bool = False,
+           progress: bool = False) -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
     Args:
@@ -46,6 +47,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         max_context: cap on the context recorded in the manifest (default: the model's).
         verify: compare against the transformers reference and fail on a mismatch.
         overwrite: replace an existing package at ``out``.
+        progress: show a progress bar (layers written) on stderr.
 
     Returns:
         The package directory.
@@ -70,7 +72,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        variant = _write_portable(tmp, layout, src, precision)
+        variant = _write_portable(tmp, layout, src, precision, progress)
         tok = _write_tokenizer(tmp, src)
         dims = layout.dims
         if max_context:
@@ -98,18 +100,29 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     return out
 
 
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(total=total, desc="exporting layers", unit="layer")
+    return bar.update
+
+
 def _replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
 
 
-def _write_portable(tmp: Path, layout, src, precision: str) -> mf.GraphVariant:
+def _write_portable(tmp: Path, layout, src, precision: str, progress: bool = False) -> mf.GraphVariant:
     writer = ExternalDataWriter(tmp / (PORTABLE_FILE + ".data"))
     try:
         g = GraphBuilder("portable_infer_decoder", writer, opset=PORTABLE_OPSET)
         store = WeightStore(g, src, precision, transposed=layout.transposed_weights)
-        DecoderBuilder(layout, store).build()
+        DecoderBuilder(layout, store).build(_progress_bar(progress, layout.dims.num_layers))
     finally:
         writer.close()
     model = g.model(producer=f"portable_infer.exporters {__version__}")

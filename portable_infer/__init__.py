@@ -7,3 +7,8 @@ from .errors import (  # noqa: F401
 )
 
 __version__ = "0.1.0"
+
+from .loader import load  # noqa: E402,F401
+from .model import Model  # noqa: E402,F401
+from .sampling import SamplingParams  # noqa: E402,F401
+from .streaming import Response  # noqa: E402,F401

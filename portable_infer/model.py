@@ -1,0 +1,176 @@
+"""``Model``: a loaded package with the three public layers over one decode loop.
+
+    generate_ids / batch_generate_ids   token ids in, token ids out (bring your own tokenizer)
+    stream_generate / stream_chat       yield :class:`Response` pieces
+    generate / batch_generate / chat    return text
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .chat_template import ChatTemplate
+from .errors import InvalidArgumentError, PackageError
+from .generate import BatchDecoder, check_prompt
+from .manifest import Manifest
+from .sampling import SamplingParams
+from .streaming import Response, TextStream
+
+logger = logging.getLogger(__name__)
+
+
+class Model:
+    """A model package loaded on an execution provider. Build it with :func:`portable_infer.load`."""
+
+    def __init__(self, manifest: Manifest, engine, tokenizer=None, chat_template: ChatTemplate | None = None,
+                 path: Path | None = None, selection=None):
+        self.manifest = manifest
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.path = path
+        self.selection = selection
+        g = manifest.generation
+        self.defaults = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                       top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
+
+    # --- what runs ------------------------------------------------------------------------------
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime provider that really runs the graph (checked at load)."""
+        return self.engine.provider
+
+    @property
+    def variant(self) -> str:
+        return self.engine.variant.name
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.model.max_context
+
+    def __repr__(self) -> str:
+        m = self.manifest.model
+        return (f"Model({m.model_type}, {m.num_layers} layers, {self.manifest.precision}, "
+                f"variant={self.variant}, provider={self.provider})")
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise PackageError("this package has no tokenizer.json: pass token ids (generate_ids) "
+                               "or re-export from a source that ships tokenizer files")
+        return self.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(text).__name__}")
+        return self._need_tokenizer().encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._need_tokenizer().decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _ids(self, prompt) -> list:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        ids = list(prompt)
+        vocab = self.manifest.model.vocab_size
+        if not all(isinstance(i, (int, np.integer)) and 0 <= i < vocab for i in ids):
+            raise InvalidArgumentError(f"token ids must be ints in [0, {vocab}); got {ids[:8]}...")
+        return ids
+
+    def params(self, **sampling) -> SamplingParams:
+        return SamplingParams.from_kwargs(self.defaults, **sampling)
+
+    def _decoder(self, prompts: list, params: SamplingParams, truncate: bool) -> BatchDecoder:
+        tok = self.manifest.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_ids or (0,))[0]
+        return BatchDecoder(self.engine, prompts, [params] * len(prompts), eos_ids=tok.eos_token_ids,
+                            max_context=self.max_context, pad_id=pad, truncate=truncate)
+
+    # --- token-level layer ----------------------------------------------------------------------
+    def generate_ids(self, prompt_ids, *, truncate: bool = False, **sampling) -> list:
+        """Generated token ids for one prompt given as ids (stop strings need text: use generate)."""
+        return self.batch_generate_ids([prompt_ids], truncate=truncate, **sampling)[0]
+
+    def batch_generate_ids(self, prompts, *, truncate: bool = False, **sampling) -> list:
+        """Generated ids for several prompts, decoded together with left padding."""
+        params = self.params(**sampling)
+        return self._decoder([self._ids(p) for p in prompts], params, truncate).run()
+
+    def forward_logits(self, ids) -> np.ndarray:
+        """Logits [len, vocab] for every position of ``ids`` (teacher forcing, one pass)."""
+        ids = check_prompt(self._ids(ids), self.max_context + 1, truncate=False)
+        arr = np.asarray([ids], dtype=np.int64)
+        return self.engine.forward(arr, np.ones_like(arr), self.engine.new_cache(1), all_logits=True)[0]
+
+    # --- streaming layer ------------------------------------------------------------------------
+    def stream_generate(self, prompt, *, truncate: bool = False, **sampling) -> Iterator[Response]:
+        """Yield :class:`Response` pieces as tokens are generated.
+
+        Args:
+            prompt: text (encoded with the package tokenizer) or a list of token ids.
+            truncate: keep the prompt's last tokens when it is longer than the context.
+            **sampling: :class:`SamplingParams` fields (temperature, top_p, stop, seed, ...).
+        """
+        ids = self._ids(prompt)
+        params = self.params(**sampling)
+        yield from self._stream(ids, params, truncate)
+
+    def _stream(self, ids: list, params: SamplingParams, truncate: bool) -> Iterator[Response]:
+        start = time.perf_counter()
+        dec = self._decoder([ids], params, truncate)
+        text = TextStream(self.tokenizer, params.stop)
+        n = 0
+        meta = {"prompt_tokens": len(dec.rows[0].prompt)}
+        while not dec.done:
+            for ev in dec.step():
+                n += 1
+                piece, hit = text.push(ev.token)
+                reason = "stop" if hit else ev.finish_reason
+                if hit:
+                    dec.finish(0, "stop")
+                elapsed = max(dec.timings["decode_s"], 1e-9)
+                if reason is not None:
+                    piece += text.close()
+                yield Response(piece, ev.token, reason, ev.logprob, ev.top_logprobs, generation_tokens=n,
+                               ttft_s=dec.timings["prefill_s"],
+                               decode_tokens_per_s=dec.timings["decode_steps"] / elapsed, **meta)
+        logger.debug("generated %d tokens in %.3f s", n, time.perf_counter() - start)
+
+    def stream_chat(self, messages: list, *, truncate: bool = False, **sampling) -> Iterator[Response]:
+        """Like :meth:`stream_generate` for chat messages rendered with the package's template."""
+        yield from self._stream(self._chat_ids(messages), self.params(**sampling), truncate)
+
+    def _chat_ids(self, messages: list) -> list:
+        if self.chat_template is None:
+            raise PackageError("this package has no chat template; use generate() with a plain prompt")
+        return self.encode(self.chat_template.render(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    # --- text layer -----------------------------------------------------------------------------
+    def generate(self, prompt, **kwargs) -> str:
+        """The completion of ``prompt`` as text."""
+        return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
+
+    def chat(self, messages: list, **kwargs) -> str:
+        """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
+        return "".join(r.text for r in self.stream_chat(messages, **kwargs))
+
+    def batch_generate(self, prompts: list, *, truncate: bool = False, **sampling) -> list:
+        """Completions for several prompts, decoded together (left padding)."""
+        if isinstance(prompts, str):
+            raise InvalidArgumentError("batch_generate takes a list of prompts; use generate for one")
+        params = self.params(**sampling)
+        dec = self._decoder([self._ids(p) for p in prompts], params, truncate)
+        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
+        texts = [""] * len(prompts)
+        while not dec.done:
+            for ev in dec.step():
+                piece, hit = streams[ev.row].push(ev.token)
+                texts[ev.row] += piece
+                if hit:
+                    dec.finish(ev.row, "stop")
+        return [t + s.close() for t, s in zip(texts, streams)]

@@ -1,0 +1,89 @@
+"""One forward step through an ONNX Runtime session, with IO binding.
+
+The engine knows token ids, not text. Inputs go in through IO binding; ``present`` outputs are
+left on the provider's device (ORT allocates them) and handed to the KV cache as the next
+``past``; only the logits of the last position come back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import manifest as mf
+from .cache import KVCache
+from .errors import PortableInferError
+
+logger = logging.getLogger(__name__)
+
+# ORT device names by provider, for binding outputs where the provider computes them.
+_OUTPUT_DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How ONNX Runtime sessions are made (frozen; passed down, not **kwargs)."""
+
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
+    # MatMulNBits activation accuracy: 1 keeps float activations (exact GGUF imports),
+    # 4 quantizes them to int8 (faster on CPUs with int8 dot products).
+    accuracy_level: int = 1
+    enable_mem_pattern: bool = True
+    enable_cpu_mem_arena: bool = True
+    log_severity: int = 3
+
+    def session_options(self, ort):
+        so = ort.SessionOptions()
+        if self.intra_op_threads:
+            so.intra_op_num_threads = self.intra_op_threads
+        so.enable_mem_pattern = self.enable_mem_pattern
+        so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
+        so.log_severity_level = self.log_severity
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
+        return so
+
+
+class Engine:
+    """Runs the decoder graph: ids + mask + cache -> last-position logits; cache updated."""
+
+    def __init__(self, session, variant: mf.GraphVariant, provider: str, ort):
+        self.session = session
+        self.variant = variant
+        self.provider = provider
+        self.ort = ort
+        self.device = _OUTPUT_DEVICE.get(provider, "cpu")
+        outputs = [o.name for o in session.get_outputs()]
+        missing = [n for n in [mf.LOGITS, *[x for p in variant.kv.present for x in p]] if n not in outputs]
+        if missing:
+            raise PortableInferError(f"graph {variant.file} lacks outputs {missing[:3]} named in the manifest; "
+                                     f"the package is inconsistent: re-export it")
+        self._present = [x for p in variant.kv.present for x in p]
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache.empty(self.variant.kv, batch, self.ort)
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run one step. ``ids`` [B, S] new tokens, ``mask`` [B, past + S] over everything.
+
+        Returns logits [B, vocab] of the last position ([B, S, vocab] with ``all_logits``).
+        """
+        s = ids.shape[1]
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
+        b = self.session.io_binding()
+        b.bind_cpu_input(mf.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        b.bind_cpu_input(mf.ATTENTION_MASK, np.ascontiguousarray(mask, dtype=np.int64))
+        b.bind_cpu_input(mf.POSITION_IDS, np.ascontiguousarray(positions, dtype=np.int64))
+        for (kn, vn), (k, v) in zip(self.variant.kv.past, cache.values):
+            b.bind_ortvalue_input(kn, k)
+            b.bind_ortvalue_input(vn, v)
+        b.bind_output(mf.LOGITS, "cpu")
+        for name in self._present:
+            b.bind_output(name, self.device)
+        self.session.run_with_iobinding(b)
+        out = b.get_outputs()
+        presents = out[1:]
+        cache.update([(presents[2 * i], presents[2 * i + 1]) for i in range(len(presents) // 2)], s)
+        logits = out[0].numpy()
+        return logits if all_logits else logits[:, -1, :]
