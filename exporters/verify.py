@@ -193,3 +193,14 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None) -> dic
                 f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "
                 f"teacher-forced steps, below the {floor:.0%} gate; the export was not written")
     return report
+
+
+def verify_existing(package, reference=None) -> dict:
+    """``portable-infer verify``: the same checks on an existing package, against ``reference``
+    (an HF folder or GGUF file; default: the source recorded in the manifest)."""
+    from .sources import open_source
+
+    package = Path(package)
+    manifest = mf.Manifest.load(package)
+    src = open_source(reference or manifest.source.get("path"))
+    return verify_package(package, manifest, src)

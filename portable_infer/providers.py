@@ -63,6 +63,11 @@ class ProviderSpec:
         return None
 
 
+def _swap(build: str) -> str:
+    """ONNX Runtime builds overwrite each other: one per virtualenv, replacing the CPU one."""
+    return f"pip uninstall -y onnxruntime && pip install {build}"
+
+
 def _opts(**kw) -> Mapping[str, Any]:
     return MappingProxyType(kw)
 
@@ -74,12 +79,12 @@ _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
 
 PROVIDERS: tuple = (
     ProviderSpec("cuda", "CUDAExecutionProvider", 10, "NVIDIA GPU (CUDA)",
-                 f'pip install "portable-infer[cuda]" (the onnxruntime-gpu build) {_CUDA_LIBS}',
+                 f'{_swap("onnxruntime-gpu")} {_CUDA_LIBS}',
                  aliases=("nvidia",), variants=_FUSED_FIRST,
                  default_options=_opts(device_id=0, arena_extend_strategy="kSameAsRequested",
                                        cudnn_conv_algo_search="HEURISTIC")),
     ProviderSpec("tensorrt", "TensorrtExecutionProvider", 11, "NVIDIA GPU (TensorRT)",
-                 f'pip install "portable-infer[cuda]" (onnxruntime-gpu) {_CUDA_LIBS}, plus TensorRT 10',
+                 f'{_swap("onnxruntime-gpu")} {_CUDA_LIBS}, plus TensorRT 10',
                  aliases=("trt",), default_options=_opts(device_id=0), companions=("CUDAExecutionProvider",),
                  explicit_only="engine builds take minutes on first run; ask for it explicitly"),
     ProviderSpec("nvtensorrtrtx", "NvTensorRTRTXExecutionProvider", 12, "NVIDIA RTX GPU (TensorRT-RTX)",
@@ -87,27 +92,27 @@ PROVIDERS: tuple = (
                  aliases=("trt_rtx", "tensorrt_rtx"), default_options=_opts(device_id=0),
                  explicit_only="compiles engines on first run; ask for it explicitly", min_ort="1.22"),
     ProviderSpec("rocm_legacy", "ROCMExecutionProvider", 20, "AMD GPU (ROCm)",
-                 'pip install "portable-infer[migraphx]" (ROCm EP was removed in ONNX Runtime 1.23)',
+                 f'{_swap("onnxruntime-rocm")} on ONNX Runtime < 1.23 (the ROCm EP was removed in 1.23: use MIGraphX)',
                  aliases=("amd", "rocm"), default_options=_opts(device_id=0), max_ort="1.23"),
     ProviderSpec("migraphx", "MIGraphXExecutionProvider", 21, "AMD GPU (MIGraphX)",
-                 'pip install "portable-infer[migraphx]" (AMD\'s onnxruntime-migraphx build for your ROCm)',
+                 f'{_swap("onnxruntime-migraphx")} (AMD\'s build for your ROCm version)',
                  aliases=("amd", "rocm"), default_options=_opts(device_id=0)),
     ProviderSpec("dml", "DmlExecutionProvider", 30, "DirectX 12 GPU (Windows)",
-                 'pip install "portable-infer[directml]" (the onnxruntime-directml build, Windows only)',
+                 f'{_swap("onnxruntime-directml")} (Windows only)',
                  aliases=("directml",), default_options=_opts(device_id=0)),
     ProviderSpec("coreml", "CoreMLExecutionProvider", 40, "Apple Neural Engine / GPU (macOS)",
                  "the plain onnxruntime wheel for macOS includes CoreML; it runs only on Apple devices",
                  aliases=("apple",), default_options=_opts(ModelFormat="MLProgram", MLComputeUnits="ALL")),
     ProviderSpec("qnn", "QNNExecutionProvider", 50, "Qualcomm NPU (QNN HTP)",
-                 'pip install "portable-infer[qnn]" (the onnxruntime-qnn build, Snapdragon devices)',
+                 f'{_swap("onnxruntime-qnn")} (Snapdragon devices)',
                  aliases=("qualcomm",), precisions=("int8", "fp16", "int4", "fp32"),
                  default_options=_opts(backend_path=_QNN_HTP)),
     ProviderSpec("openvino", "OpenVINOExecutionProvider", 60, "Intel CPU / GPU / NPU (OpenVINO)",
-                 'pip install "portable-infer[openvino]" (the onnxruntime-openvino build)',
+                 f'{_swap("onnxruntime-openvino")}',
                  aliases=("ov", "intel"), precisions=("int8", "int4", "fp32", "fp16"),
                  default_options=_opts(device_type="CPU")),
     ProviderSpec("webgpu", "WebGpuExecutionProvider", 70, "GPU through WebGPU (Dawn)",
-                 'pip install "portable-infer[webgpu]" (the onnxruntime-webgpu build)'),
+                 f'{_swap("onnxruntime-webgpu")}'),
     ProviderSpec("cpu", "CPUExecutionProvider", 100, "CPU",
                  "every ONNX Runtime build includes it; reinstall onnxruntime if it is missing",
                  variants=_FUSED_FIRST, precisions=_CPU_FIRST),

@@ -199,7 +199,7 @@ def test_broken_cuda_strict_raises_with_install_hint(package, fail):
     with pytest.raises(ProviderError) as err:
         select_session(variants, root, strict=True, ort=FakeOrt([CUDA, CPU_EP], **fail))
     msg = str(err.value)
-    assert "CUDAExecutionProvider" in msg and 'pip install "portable-infer[cuda]"' in msg
+    assert "CUDAExecutionProvider" in msg and 'pip install onnxruntime-gpu' in msg
     assert "LD_LIBRARY_PATH" in msg
 
 
@@ -214,7 +214,7 @@ def test_env_var_makes_auto_pick_cpu(package, monkeypatch):
 
 def test_explicit_cuda_on_cpu_only_build(package, caplog):
     variants, root = package
-    with pytest.raises(ProviderError, match=r"not in this ONNX Runtime build.*portable-infer\[cuda\]"):
+    with pytest.raises(ProviderError, match=r"not in this ONNX Runtime build.*onnxruntime-gpu"):
         select_session(variants, root, "cuda", strict=True, ort=FakeOrt([CPU_EP]))
     with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
         sel = select_session(variants, root, "cuda", ort=FakeOrt([CPU_EP]))
@@ -308,7 +308,7 @@ def test_doctor_report(monkeypatch):
     assert report["unused_available"] == ["AzureExecutionProvider"] and report["build_conflict"] is None
     text = format_doctor(report)
     assert "auto picks: cuda" in text and "onnxruntime-gpu 1.31.1" in text
-    assert 'portable-infer[openvino]' in text
+    assert 'pip install onnxruntime-openvino' in text
 
 
 def test_doctor_with_env_override(monkeypatch):

@@ -1,0 +1,214 @@
+"""``portable-infer``: one entry point, subcommands. Results on stdout, logs on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import PortableInferError
+
+logger = logging.getLogger("portable_infer.cli")
+
+SAMPLING_FLAGS = (  # flag, SamplingParams field, type
+    ("--max-new-tokens", "max_new_tokens", int), ("--temperature", "temperature", float),
+    ("--top-k", "top_k", int), ("--top-p", "top_p", float), ("--min-p", "min_p", float),
+    ("--repetition-penalty", "repetition_penalty", float), ("--presence-penalty", "presence_penalty", float),
+    ("--frequency-penalty", "frequency_penalty", float), ("--seed", "seed", int),
+)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="model package directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--provider", default="auto", help="auto | cpu | cuda | openvino | ... (or ORT's names)")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back to another provider")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    for flag, field, typ in SAMPLING_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(ns) -> dict:
+    kw = {f: getattr(ns, f) for _, f, _ in SAMPLING_FLAGS if getattr(ns, f) is not None}
+    if ns.stop:
+        kw["stop"] = tuple(ns.stop)
+    return kw
+
+
+def _load(ns):
+    from .loader import load
+
+    return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads)
+
+
+# --- commands --------------------------------------------------------------------------------------
+def cmd_generate(ns) -> int:
+    model = _load(ns)
+    kw = _sampling(ns)
+    stream = model.stream_chat([{"role": "user", "content": ns.prompt}], **kw) if ns.chat else \
+        model.stream_generate(ns.prompt, truncate=ns.truncate, **kw)
+    for r in stream:
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(ns) -> int:
+    model = _load(ns)
+    kw = _sampling(ns)
+    messages = [{"role": "system", "content": ns.system}] if ns.system else []
+    print(f"chatting with {model!r}; empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for r in model.stream_chat(messages, truncate=True, **kw):
+            reply += r.text
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_doctor(ns) -> int:
+    from .providers import doctor_report, format_doctor
+
+    report = doctor_report()
+    print(json.dumps(report, indent=2, default=str) if ns.json else format_doctor(report))
+    return 0
+
+
+def cmd_inspect(ns) -> int:
+    from .manifest import Manifest
+
+    m = Manifest.load(ns.package)
+    d = m.model
+    lines = [
+        f"package      {ns.package}",
+        f"model        {d.model_type} (family {d.architecture}), {d.num_layers} layers, hidden {d.hidden_size}",
+        f"attention    {d.num_heads} heads, {d.num_kv_heads} kv heads, head_dim {d.head_dim}, "
+        f"rope theta {d.rope_theta}" + (f", sliding window {d.sliding_window}" if d.sliding_window else ""),
+        f"vocab        {d.vocab_size}, max context {d.max_context}, tied embeddings {d.tie_word_embeddings}",
+        f"precision    {m.precision}",
+        f"source       {m.source.get('kind')} {m.source.get('path')}",
+        f"exporter     {m.exporter_version}, schema {m.schema_version}",
+    ]
+    for v in m.variants:
+        lines.append(f"variant      {v.name}: {v.file}, opset {v.opset}, domains {list(v.domains) or ['ai.onnx']}, "
+                     f"providers {list(v.providers)}, KV {v.kv.layout} {v.kv.dtype} ({v.kv.growth})")
+    size = sum(f.size for f in m.files)
+    lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
+    for name, r in m.verification.items():
+        q = r.get("quality", {})
+        lines.append(f"verified     {name}: max rel diff {r['full']['max_rel']:.2e}, greedy "
+                     f"{r['greedy']['identical_prefix']}/{r['greedy']['steps']}"
+                     + (f", top-1 {q['top1_agree_steps']}, ppl {q['perplexity']:.3f}" if q else ""))
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_bench(ns) -> int:
+    from .bench import run_bench
+
+    print(json.dumps(run_bench(ns), indent=2))
+    return 0
+
+
+def cmd_export(ns) -> int:
+    try:
+        from exporters.export import export
+    except ImportError as exc:
+        from .errors import DependencyError
+
+        raise DependencyError('the exporter is not installed: pip install "portable-infer[export]"') from exc
+    out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
+                 verify=not ns.no_verify, overwrite=ns.force, progress=True)
+    print(out)
+    return 0
+
+
+def cmd_verify(ns) -> int:
+    try:
+        from exporters.verify import verify_existing
+    except ImportError as exc:
+        from .errors import DependencyError
+
+        raise DependencyError('verification needs the exporter: pip install "portable-infer[export]"') from exc
+    print(json.dumps(verify_existing(ns.package, ns.reference), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="portable-infer", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt (prints the completion only)")
+    _model_args(g), _sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
+    g.add_argument("--truncate", action="store_true", help="keep the prompt's end if it exceeds the context")
+    g.add_argument("prompt")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive streaming chat")
+    _model_args(c), _sampling_args(c)
+    c.add_argument("--system", default=None)
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("doctor", help="ONNX Runtime builds, providers, and what auto picks")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    i = sub.add_parser("inspect", help="the manifest of a package in human terms")
+    i.add_argument("package")
+    i.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="TTFT, decode tokens/s and peak RSS as JSON")
+    _model_args(b)
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--runs", type=int, default=3)
+    b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("export", help="HF folder / .gguf / default -> model package")
+    e.add_argument("source", nargs="?", default="default")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
+    e.add_argument("--max-context", type=int, default=None)
+    e.add_argument("--no-verify", action="store_true")
+    e.add_argument("--force", action="store_true", help="replace an existing package")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="check a package against its transformers reference")
+    v.add_argument("package")
+    v.add_argument("--reference", default=None, help="HF folder (default: the package's recorded source)")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(ns.verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except PortableInferError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

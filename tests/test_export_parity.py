@@ -1,0 +1,425 @@
+"""Parity of exported packages against transformers, on tiny random models of every family.
+
+Each case builds a tiny random-weight transformers model (hidden 64, head_dim 16), saves it,
+exports it at fp32 without the exporter's own verification, and checks the graph with raw
+ONNX Runtime calls:
+
+* full-sequence logits vs ``model(input_ids, attention_mask, position_ids)``;
+* prefill + one-token decode through ``present -> past`` == full recompute;
+* a left-padded batch of 2 == each sequence alone (logits and 8 greedy steps);
+* 16 greedy tokens identical to transformers.
+
+Every parameter is randomized (norm weights and biases too: transformers initializes them to
+1 and 0, which would hide a dropped bias or norm weight). The seed is fresh each run and
+appears in every assertion message; rerun one with ``PARITY_SEED=<seed> pytest ...``.
+Run with ``-s`` to see the table of measured logit differences per case.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from exporters.architectures import FAMILIES, MODEL_TYPES  # noqa: E402
+from exporters.export import export  # noqa: E402
+from exporters.verify import FP32_REL_TOL, OnnxDecoder  # noqa: E402
+from portable_infer.manifest import Manifest  # noqa: E402
+
+SEED = int(os.environ.get("PARITY_SEED") or random.SystemRandom().randrange(2**31))
+REL_TOL = 1e-4  # max |onnx - reference| / max |reference|, the exporter's fp32 gate
+GREEDY_STEPS = 16
+PAD_GREEDY_STEPS = 8
+SEQ = 12  # longer than every sliding window below (4)
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16,
+             num_hidden_layers=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    family: str
+    config_class: str
+    kwargs: dict
+    tied: bool
+    expect_tensors: tuple = ()  # checkpoint tensors proving the case exercises its feature
+    window: int | None = None  # sliding window the case must exercise
+
+    def config(self):
+        cls = getattr(transformers, self.config_class)
+        base = {} if self.family == "gpt2" else SMALL
+        return cls(**{**base, **self.kwargs, "tie_word_embeddings": self.tied})
+
+
+L0 = "model.layers.0."
+CASES = (
+    Case("llama-gqa-untied", "llama", "LlamaConfig", dict(num_key_value_heads=2), tied=False),
+    Case("llama-mqa-tied", "llama", "LlamaConfig", dict(num_key_value_heads=1, num_hidden_layers=3), tied=True),
+    Case("llama-rope-llama3", "llama", "LlamaConfig", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+         tied=False),
+    Case("llama-mha-bias", "llama", "LlamaConfig", dict(attention_bias=True, mlp_bias=True), tied=False,
+         expect_tensors=(L0 + "self_attn.o_proj.bias", L0 + "mlp.down_proj.bias")),
+    Case("mistral-sliding4", "mistral", "MistralConfig", dict(num_key_value_heads=2, sliding_window=4),
+         tied=False, window=4),
+    Case("qwen2-qkv-bias", "qwen2", "Qwen2Config", dict(num_key_value_heads=2), tied=False,
+         expect_tensors=tuple(L0 + f"self_attn.{p}_proj.bias" for p in "qkv")),
+    Case("qwen2-sliding-layer", "qwen2", "Qwen2Config",
+         dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+         tied=True, window=4),
+    Case("qwen3-qk-norm", "qwen3", "Qwen3Config", dict(num_key_value_heads=2), tied=False,
+         expect_tensors=(L0 + "self_attn.q_norm.weight", L0 + "self_attn.k_norm.weight")),
+    Case("phi3-fused", "phi3", "Phi3Config", dict(num_key_value_heads=2), tied=False,
+         expect_tensors=(L0 + "self_attn.qkv_proj.weight", L0 + "mlp.gate_up_proj.weight")),
+    Case("phi3-partial-rotary", "phi3", "Phi3Config", dict(partial_rotary_factor=0.5), tied=False,
+         expect_tensors=(L0 + "self_attn.qkv_proj.weight",)),
+    Case("gemma3-sliding-global", "gemma3", "Gemma3TextConfig",
+         dict(num_key_value_heads=2, num_hidden_layers=3, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+         tied=True, expect_tensors=(L0 + "post_feedforward_layernorm.weight",), window=4),
+    Case("gpt2-tied", "gpt2", "GPT2Config",
+         dict(vocab_size=256, n_embd=64, n_head=4, n_layer=2, n_positions=256, bos_token_id=1, eos_token_id=2),
+         tied=True, expect_tensors=("transformer.h.0.attn.c_attn.bias",)),
+)
+
+# case id -> {"max_abs", "max_rel", "scale"} of the full-sequence logits; printed at module end
+MEASURED: dict[str, dict] = {}
+
+
+def case_seed(case: Case) -> int:
+    return SEED + CASES.index(case)
+
+
+def randomize(model, seed: int) -> None:
+    """Random values for every parameter, 1-D ones (norms, biases) included."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 1:
+                p.add_(0.2 * noise)  # norms keep their 1 (or Gemma's 0 for 1 + w) as the centre
+            else:
+                p.copy_(0.08 * noise)
+
+
+def reference_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    mask = np.ones_like(ids) if mask is None else mask
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos), use_cache=False)
+    return out.logits.float().numpy()
+
+
+def rel_diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max abs difference, the same relative to the reference's logit scale)."""
+    d = float(np.abs(a - ref).max())
+    return d, d / max(float(np.abs(ref).max()), 1e-12)
+
+
+def margin(logits: np.ndarray) -> float:
+    """Gap between the two best logits, relative to the logit scale (a near-tie is tiny)."""
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0]) / max(float(np.abs(logits).max()), 1e-12)
+
+
+def first_divergence(ours: list, ref: list, ref_logits: list, what: str) -> int:
+    """Steps agreed; a divergence fails unless the reference itself was a near-tie there."""
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            m = margin(ref_logits[step])
+            assert m < REL_TOL, (f"{what}: greedy diverged at step {step} ({a} vs reference {b}) although "
+                                 f"the reference's top-2 margin {m:.2e} is no tie; ours {ours} ref {ref}")
+            return step
+    return len(ref)
+
+
+@dataclass
+class Exported:
+    case: Case
+    seed: int
+    model: object
+    source: Path
+    package: Path
+    manifest: Manifest
+    dec: OnnxDecoder
+    vocab: int = field(init=False)
+
+    def __post_init__(self):
+        self.vocab = self.manifest.model.vocab_size
+
+    def ids(self, rng, shape) -> np.ndarray:
+        return rng.integers(1, self.vocab, shape, dtype=np.int64)  # never 0 (the pad id)
+
+    def tag(self) -> str:
+        return f"[{self.case.id}, PARITY_SEED={SEED}, case seed {self.seed}]"
+
+
+def build_source(case: Case, folder: Path):
+    seed = case_seed(case)
+    torch.manual_seed(seed)
+    config = case.config()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id)
+def exported(request, tmp_path_factory) -> Exported:
+    case = request.param
+    root = tmp_path_factory.mktemp(case.id)
+    model = build_source(case, root / "hf")
+    pkg = export(root / "hf", root / "pkg", precision="fp32", verify=False)
+    manifest = Manifest.load(pkg)
+    v = manifest.variants[0]
+    return Exported(case, case_seed(case), model, root / "hf", pkg, manifest, OnnxDecoder(pkg / v.file, v))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def measured_table():
+    yield
+    if not MEASURED:
+        return
+    lines = [f"\nfp32 full-sequence logits, onnx vs transformers (PARITY_SEED={SEED})",
+             f"{'case':24} {'family':8} {'max |diff|':>11} {'logit scale':>12} {'relative':>10}"]
+    for cid, m in MEASURED.items():
+        lines.append(f"{cid:24} {m['family']:8} {m['max_abs']:11.3e} {m['scale']:12.3f} {m['max_rel']:10.3e}")
+    print("\n".join(lines))
+
+
+# --- the guard -------------------------------------------------------------------------------------
+def test_every_registered_family_has_a_parity_case():
+    covered = {c.family for c in CASES}
+    assert set(FAMILIES) == covered, (
+        f"families without a parity case: {sorted(set(FAMILIES) - covered)}; add a Case to CASES "
+        f"(unknown families here: {sorted(covered - set(FAMILIES))})")
+
+
+def test_cases_cover_the_features_they_claim():
+    by_family = {(c.family, c.tied) for c in CASES}
+    assert {("llama", True), ("llama", False), ("gpt2", True), ("gemma3", True)} <= by_family
+    for c in CASES:
+        cfg = c.config()
+        assert MODEL_TYPES[cfg.model_type] == c.family, c.id
+    llama_kv = {c.kwargs.get("num_key_value_heads", SMALL["num_attention_heads"]) for c in CASES if c.family == "llama"}
+    assert 1 in llama_kv and any(1 < k < SMALL["num_attention_heads"] for k in llama_kv), "llama MQA and GQA"
+
+
+# --- per case ---------------------------------------------------------------------------------------
+def test_checkpoint_and_manifest_describe_the_case(exported: Exported):
+    case, m = exported.case, exported.manifest.model
+    names = set(_safetensors_keys(exported.source))
+    missing = [n for n in case.expect_tensors if n not in names]
+    assert not missing, f"{exported.tag()} checkpoint lacks {missing}: the case does not test its feature"
+    assert m.architecture == case.family and m.tie_word_embeddings == case.tied, exported.tag()
+    # a tied package has no lm_head of its own; an untied one must not reuse the embedding
+    graph = onnx.load(str(exported.package / exported.manifest.variants[0].file), load_external_data=False)
+    has_head = any(i.name.startswith("lm_head") for i in graph.graph.initializer)
+    assert has_head == (not case.tied), f"{exported.tag()} lm_head initializer present: {has_head}"
+    if case.window:
+        assert m.sliding_window == case.window and "sliding_attention" in m.layer_types, exported.tag()
+
+
+def test_full_sequence_logits_match_transformers(exported: Exported):
+    rng = np.random.default_rng(exported.seed)
+    ids = exported.ids(rng, (2, SEQ))
+    mask = np.ones_like(ids)
+    ref = reference_logits(exported.model, ids, mask)
+    ours, _ = exported.dec.run(ids, mask, exported.dec.empty_past(2))
+    assert ours.shape == ref.shape == (2, SEQ, exported.vocab)
+    max_abs, max_rel = rel_diff(ours, ref)
+    MEASURED[exported.case.id] = {"family": exported.case.family, "max_abs": max_abs, "max_rel": max_rel,
+                                  "scale": float(np.abs(ref).max())}
+    assert max_rel <= REL_TOL, f"{exported.tag()} logits differ: max abs {max_abs:.3e}, relative {max_rel:.3e}"
+
+
+def test_cached_decode_equals_full_recompute(exported: Exported):
+    dec, d = exported.dec, exported.manifest.model
+    rng = np.random.default_rng(exported.seed + 1)
+    ids = exported.ids(rng, (2, SEQ))
+    mask = np.ones_like(ids)
+    full, _ = dec.run(ids, mask, dec.empty_past(2))
+    ref = reference_logits(exported.model, ids, mask)
+
+    prefill = 3  # decode most of the sequence, across every sliding window
+    logits, past = dec.run(ids[:, :prefill], mask[:, :prefill], dec.empty_past(2))
+    steps = [logits]
+    for t in range(prefill, SEQ):
+        logits, past = dec.run(ids[:, t:t + 1], mask[:, :t + 1], past)
+        steps.append(logits)
+        for k, v in past:  # present.*: [batch, kv_heads, total, head_dim], kv_heads not heads
+            assert k.shape == v.shape == (2, d.num_kv_heads, t + 1, d.head_dim), exported.tag()
+    cached = np.concatenate(steps, axis=1)
+    _, rel_full = rel_diff(cached, full)
+    _, rel_ref = rel_diff(cached, ref)
+    assert rel_full <= REL_TOL and rel_ref <= REL_TOL, (
+        f"{exported.tag()} cached decode differs: vs onnx full {rel_full:.3e}, vs transformers {rel_ref:.3e}")
+
+
+def test_present_key_has_kv_heads(exported: Exported):
+    d, v = exported.manifest.model, exported.manifest.variants[0]
+    outputs = {o.name: o.shape for o in v.outputs}
+    for key, value in v.kv.present:
+        assert outputs[key][1] == outputs[value][1] == d.num_kv_heads == v.kv.num_kv_heads, exported.tag()
+    expected_kv = exported.case.kwargs.get("num_key_value_heads", d.num_heads)
+    assert d.num_kv_heads == expected_kv, exported.tag()
+
+
+def test_left_padded_batch_equals_each_sequence_alone(exported: Exported):
+    dec, pad = exported.dec, 3
+    rng = np.random.default_rng(exported.seed + 2)
+    a, b = exported.ids(rng, (1, SEQ)), exported.ids(rng, (1, SEQ - pad))
+    ids = np.concatenate([a, np.concatenate([np.zeros((1, pad), np.int64), b], axis=1)])
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+
+    batch_logits, past = dec.run(ids, mask, dec.empty_past(2))
+    alone = [dec.run(x, np.ones_like(x), dec.empty_past(1)) for x in (a, b)]
+    for row, (logits, _) in enumerate(alone):
+        _, rel = rel_diff(batch_logits[row, mask[row].astype(bool)], logits[0])
+        assert rel <= REL_TOL, f"{exported.tag()} row {row} of the padded batch differs from alone: {rel:.3e}"
+
+    # 8 greedy steps, batched through the cache, vs each sequence decoded alone
+    batch_tokens, batch_steps = [[], []], [[], []]
+    logits = batch_logits[:, -1]
+    for _ in range(PAD_GREEDY_STEPS):
+        nxt = logits.argmax(-1)
+        for row in range(2):
+            batch_tokens[row].append(int(nxt[row]))
+            batch_steps[row].append(logits[row])
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        out, past = dec.run(nxt[:, None].astype(np.int64), mask, past)
+        logits = out[:, -1]
+    for row, (logits, past1) in enumerate(alone):
+        tokens, step_logits = _greedy_onnx(dec, logits[0, -1], past1, SEQ - pad * row, PAD_GREEDY_STEPS)
+        agreed = first_divergence(batch_tokens[row], tokens, step_logits, f"{exported.tag()} padded row {row}")
+        _, rel = rel_diff(np.stack(batch_steps[row][:agreed + 1]), np.stack(step_logits[:agreed + 1]))
+        assert rel <= REL_TOL, f"{exported.tag()} row {row} greedy-step logits differ from alone: {rel:.3e}"
+
+
+def test_greedy_tokens_match_transformers(exported: Exported):
+    rng = np.random.default_rng(exported.seed + 3)
+    prompt = exported.ids(rng, (1, 8))
+    logits, past = exported.dec.run(prompt, np.ones_like(prompt), exported.dec.empty_past(1))
+    ours, _ = _greedy_onnx(exported.dec, logits[0, -1], past, prompt.shape[1], GREEDY_STEPS)
+    seq, ref, ref_logits = prompt, [], []
+    for _ in range(GREEDY_STEPS):
+        last = reference_logits(exported.model, seq)[0, -1]
+        ref.append(int(last.argmax()))
+        ref_logits.append(last)
+        seq = np.concatenate([seq, [[ref[-1]]]], axis=1)
+    first_divergence(ours, ref, ref_logits, exported.tag())
+
+
+def test_sliding_window_is_exercised(exported: Exported):
+    """The window must change the reference's logits on these lengths, or the parity proves nothing."""
+    if not exported.case.window:
+        pytest.skip("no sliding window in this case")
+    rng = np.random.default_rng(exported.seed + 4)
+    ids = exported.ids(rng, (1, SEQ))
+    windowed = reference_logits(exported.model, ids)
+    unwindowed_model = copy.deepcopy(exported.model)
+    unwindowed_model.config.sliding_window = 4096
+    unwindowed = reference_logits(unwindowed_model, ids)
+    w = exported.case.window
+    _, early = rel_diff(unwindowed[:, :w], windowed[:, :w])
+    _, late = rel_diff(unwindowed[:, w:], windowed[:, w:])
+    assert early <= REL_TOL, f"{exported.tag()} positions inside the window changed: {early:.3e}"
+    assert late > 100 * REL_TOL, f"{exported.tag()} the window does not change the logits ({late:.3e})"
+
+
+def test_export_with_verification_passes(exported: Exported, tmp_path):
+    pkg = export(exported.source, tmp_path / "verified", precision="fp32", verify=True)
+    report = Manifest.load(pkg).verification["portable"]
+    worst = max(report["full"]["max_rel"], report["cached"]["max_rel"])
+    assert worst <= FP32_REL_TOL, f"{exported.tag()} {report}"
+    assert report["greedy"]["steps"] == GREEDY_STEPS, report
+
+
+# --- precisions (one llama) -------------------------------------------------------------------------
+PRECISION_CASE = CASES[0]
+
+
+@pytest.fixture(scope="module")
+def precisions(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("precisions")
+    model = build_source(PRECISION_CASE, root / "hf")
+    out = {"model": model}
+    for p in ("fp32", "fp16", "int8", "int4"):
+        pkg = export(root / "hf", root / p, precision=p, verify=True)
+        manifest = Manifest.load(pkg)
+        v = manifest.variants[0]
+        out[p] = (pkg, manifest, OnnxDecoder(pkg / v.file, v))
+    return out
+
+
+def _package_bytes(manifest: Manifest) -> int:
+    return sum(f.size for f in manifest.files if f.path.startswith("model.onnx"))
+
+
+def test_fp16_logits_close_and_greedy_mostly_equal(precisions):
+    pkg, manifest, dec = precisions["fp16"]
+    assert manifest.variants[0].kv.dtype == "float16"
+    rng = np.random.default_rng(case_seed(PRECISION_CASE) + 5)
+    ids = rng.integers(1, manifest.model.vocab_size, (1, 48), dtype=np.int64)
+    ref = reference_logits(precisions["model"], ids)
+    ours, _ = dec.run(ids, np.ones_like(ids), dec.empty_past(1))
+    _, rel = rel_diff(ours, ref)
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+    tag = f"[fp16, PARITY_SEED={SEED}]"
+    assert rel <= 1e-2, f"{tag} fp16 logits relative difference {rel:.3e}"
+    assert agree >= 0.9, f"{tag} fp16 top-1 agrees with fp32 transformers on {agree:.0%} of positions"
+    q = manifest.verification["portable"]["quality"]
+    assert q["top1_agreement"] >= 0.9, f"{tag} {q}"
+
+
+@pytest.mark.parametrize("precision, floor", [("int8", 0.9), ("int4", 0.75)])
+def test_quantized_quality_and_size(precisions, precision, floor):
+    _, manifest, _ = precisions[precision]
+    q = manifest.verification["portable"]["quality"]
+    tag = f"[{precision}, PARITY_SEED={SEED}]"
+    assert q["top1_agreement"] >= floor, f"{tag} teacher-forced top-1 agreement {q['top1_agree_steps']}: {q}"
+    size, fp32 = _package_bytes(manifest), _package_bytes(precisions["fp32"][1])
+    assert size < fp32, f"{tag} package is {size} bytes, fp32's is {fp32}"
+    print(f"\n{precision}: top-1 agreement {q['top1_agree_steps']}, perplexity {q['perplexity']:.2f} "
+          f"(reference {q['perplexity_reference']:.2f}), graph+weights {size} bytes vs fp32 {fp32}")
+
+
+def test_int4_is_smaller_than_int8(precisions):
+    assert _package_bytes(precisions["int4"][1]) < _package_bytes(precisions["int8"][1])
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+def _greedy_onnx(dec: OnnxDecoder, logits: np.ndarray, past: list, length: int, steps: int):
+    """Greedy tokens through the cache, from the last prompt position's logits."""
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        tok = int(logits.argmax())
+        tokens.append(tok)
+        step_logits.append(logits)
+        length += 1
+        out, past = dec.run(np.array([[tok]], np.int64), np.ones((1, length), np.int64), past)
+        logits = out[0, -1]
+    return tokens, step_logits
+
+
+def _safetensors_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            keys.extend(st.keys())
+    return keys
