@@ -36,6 +36,8 @@ PROJECT_PYTHON = setup.REPO / ".venv" / "bin" / "python"
 DEFAULT_PACKAGE = setup.BENCH / "packages" / "smollm2"
 BASELINE = "portable_infer"
 RUNNER_TIMEOUT_S = 3600
+# A runner uses `threads` cores; a load average well above that means someone else is running.
+BUSY_LOADAVG = 2.5
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,12 @@ def markdown_table(results: list[dict], threads: int, runs: int) -> str:
                  "/ runtime's, and runtime's TTFT / portable_infer's: above 1x, portable_infer "
                  "is faster. top-1 agree = teacher-forced argmax equal to the fp32 transformers "
                  "reference.")
+    busy = [f"{r['runtime']} {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f}"
+            for r in results if max(r.get("loadavg", [0.0])) > BUSY_LOADAVG]
+    if busy:
+        lines += ["", f"Warning: other work was running (1-min load average above {BUSY_LOADAVG} "
+                      f"on {os.cpu_count()} cores, before->after): {', '.join(busy)}. Numbers "
+                      "taken on a busy machine are not comparable; rerun when it is idle."]
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines)

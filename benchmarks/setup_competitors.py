@@ -65,8 +65,11 @@ VENVS: dict[str, Venv] = {
         ("torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "gguf==0.19.0",
          "safetensors==0.8.0", "numpy"),
     )),
+    # onnxruntime pinned to the project's own version, so optimum and portable_infer run on the
+    # same engine; transformers to what optimum-onnx 0.1.0 resolves to (<4.58).
     "optimum": Venv((
-        ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "numpy"),
+        ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "onnxruntime==1.31.1",
+         "transformers==4.57.6", "numpy"),
     )),
     "ortgenai": Venv((
         ("torch==2.13.0", "transformers==5.23.0", "onnxruntime-genai==0.18.0", "onnx",

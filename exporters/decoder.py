@@ -33,6 +33,9 @@ I64 = TensorProto.INT64
 
 
 class DecoderBuilder:
+    logits_positions = "sequence"  # logits for every position (teacher forcing, verification)
+    head_accuracy: int | None = None  # MatMulNBits accuracy of the lm_head (None: the store's)
+
     def __init__(self, layout: DecoderLayout, store: WeightStore):
         self.L = layout
         self.d = layout.dims
@@ -53,14 +56,14 @@ class DecoderBuilder:
         h = self.embed(ids, pos)
         masks = {t: self.attention_mask(ids, mask, t) for t in set(d.layer_types)}
         ropes = {t: self.rope_tables(pos, t) for t in set(d.layer_types)} if self.L.positions == "rope" else {}
-        presents = []
+        presents, delta = [], None
         for i in range(d.num_layers):
             t = d.layer_types[i]
-            h, k, v = self.layer(i, h, pasts[i], masks[t], ropes.get(t))
+            h, delta, k, v = self.layer(i, h, delta, pasts[i], masks[t], ropes.get(t))
             presents.append((k, v))
             if on_layer is not None:
                 on_layer(1)
-        g.output(self.head(h), mf.LOGITS, F32, ["batch", "sequence", d.vocab_size])
+        g.output(self.head(h, delta), mf.LOGITS, F32, ["batch", self.logits_positions, d.vocab_size])
         out_shape = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
         for i, kv in enumerate(presents):
             for value, name in zip(kv, mf.present_names(i)):
@@ -91,13 +94,13 @@ class DecoderBuilder:
         # Embedding / lm_head tables are large and quality-sensitive: 8 bits at int4.
         return None if self.w.precision in ("fp32", "fp16") else 8
 
-    def head(self, h: str) -> str:
+    def head(self, h: str, delta: str) -> str:
         g = self.g
-        h = self.norm(h, "final_norm")
+        h, _ = self.add_norm(h, delta, "final_norm")
         lm = self.name("lm_head")
         if self.d.tie_word_embeddings or lm is None:
             lm = self.req("embed")
-        logits = self.w.linear(h, lm, bits=self._embed_bits())
+        logits = self.w.linear(h, lm, bits=self._embed_bits(), accuracy=self.head_accuracy)
         if self.dtype != np.float32:
             logits = g.cast(logits, F32)
         if self.L.final_logit_softcap:
@@ -106,6 +109,12 @@ class DecoderBuilder:
         return logits
 
     # --- norms --------------------------------------------------------------------------------
+    def add_norm(self, h: str, delta: str | None, role: str, i: int | None = None) -> tuple[str, str]:
+        """(norm(h + delta), h + delta): the residual add and the norm that follows it."""
+        if delta is not None:
+            h = self.g.add(h, delta)
+        return self.norm(h, role, i), h
+
     def norm(self, x: str, role: str, i: int | None = None) -> str:
         """RMSNorm (in float32, as transformers computes it) or LayerNorm."""
         g = self.g
@@ -172,10 +181,12 @@ class DecoderBuilder:
         return self.g.transpose(self.g.reshape(x, [0, 0, n, self.d.head_dim]), [0, 2, 1, 3])
 
     # --- one layer ----------------------------------------------------------------------------
-    def layer(self, i: int, h: str, past: tuple, mask: str, rope: tuple | None):
+    def layer(self, i: int, h: str, delta: str | None, past: tuple, mask: str, rope: tuple | None):
+        """One block. The residual add of the previous block's output (``delta``) happens here,
+        next to the norm that follows it, so the fused variant can make it one op."""
         g, d, w, L = self.g, self.d, self.w, self.L
         H, KVH, D = d.num_heads, d.num_kv_heads, d.head_dim
-        x = self.norm(h, "attn_norm", i)
+        x, h = self.add_norm(h, delta, "attn_norm", i)
         if self.name("qkv", i):
             qkv = w.linear(x, self.req("qkv", i), self.name("qkv_bias", i))
             q, k, v = g.split(qkv, [H * D, KVH * D, KVH * D], axis=-1)
@@ -193,11 +204,11 @@ class DecoderBuilder:
         attn = w.linear(attn, self.req("o", i), self.name("o_bias", i))
         if L.sandwich_norm:
             attn = self.norm(attn, "post_attn_norm", i)
-        h = g.add(h, attn)
-        m = self.mlp(self.norm(h, "mlp_norm", i), i)
+        x, h = self.add_norm(h, attn, "mlp_norm", i)
+        m = self.mlp(x, i)
         if L.sandwich_norm:
             m = self.norm(m, "post_mlp_norm", i)
-        return g.add(h, m), k, v
+        return h, m, k, v
 
     def attention(self, q: str, k: str, v: str, allowed: str) -> str:
         """Grouped-query attention without repeating K/V.

@@ -28,7 +28,8 @@ PRECISION_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
 class WeightStore:
     """Fetches source tensors, converts them to the package precision and emits them."""
 
-    def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False):
+    def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False,
+                 nbits_accuracy: int | None = None):
         self.g = g
         self.source = source
         self.precision = precision
@@ -36,6 +37,9 @@ class WeightStore:
         self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
         self.transposed = transposed  # GPT-2 Conv1D: source stores [in, out]
         self._emitted: dict[str, dict] = {}
+        # Fused variant: block weights go to com.microsoft MatMulNBits with this accuracy level
+        # (None = portable DequantizeLinear + MatMul).
+        self.nbits_accuracy = nbits_accuracy
 
     # --- small float tensors (norms, biases) --------------------------------------------------
     def vector(self, name: str, dtype=None, add: float = 0.0) -> str:
@@ -43,9 +47,12 @@ class WeightStore:
         return self.g.weight(_init_name(name, "f" if add == 0 else "f1"), w.astype(dtype or self.dtype))
 
     # --- linear layers ------------------------------------------------------------------------
-    def linear(self, x: str, name: str, bias: str | None = None, bits: int | None = -1) -> str:
+    def linear(self, x: str, name: str, bias: str | None = None, bits: int | None = -1,
+               accuracy: int | None = None) -> str:
         """y = x @ W^T (+ b) for the HF weight ``name`` of shape [out, in]."""
         bits = PRECISION_BITS[self.precision] if bits == -1 else bits
+        if self.nbits_accuracy is not None and bits is not None:
+            return self._matmul_nbits(x, name, bits, bias, accuracy or self.nbits_accuracy)
         t = self._emit(name, bits)
         if t["kind"] == "dense":
             y = self.g.matmul(x, t["w"])
@@ -58,6 +65,64 @@ class WeightStore:
         if bias is not None:
             y = self.g.add(y, self.vector(bias))
         return y
+
+    def _nbits(self, name: str, bits: int) -> dict:
+        """Emit (once) a weight in MatMulNBits layout: B [N, blocks, blob] uint8, scales, zero points.
+
+        ``bits`` 8 also holds 4-bit blocks (values 0..15 in bytes), so the tied embedding can
+        gather rows from the same initializers as the lm_head.
+        """
+        key = name + "#nbits"
+        if key in self._emitted:
+            return self._emitted[key]
+        g, base = self.g, _init_name(name, "nbits")
+        w = self.source.get(name)
+        if self.transposed and not isinstance(w, Blocks):
+            w = w.T
+        if not isinstance(w, Blocks):
+            w = quantize(w, bits)
+        n_out, n_in = w.shape
+        nb = n_in // w.block
+        # MatMulNBits is fastest without a zero-point input (implicit 8 for 4 bits, 128 for 8).
+        # Any other zero point z, and Q4_1's offset m, become one exact per-block offset:
+        #     s*(q - z) + m  =  s*(q - default) + [m + s*(default - z)]
+        bits_out = 4 if (bits == 4 and w.bits == 4) else 8
+        default = 8 if bits_out == 4 else 128
+        q = w.q.astype(np.int16) + (128 if w.q.dtype == np.int8 else 0)  # signed int8 -> uint8
+        z = (w.zero.astype(np.float32) if w.zero is not None else 0.0) + (128 if w.q.dtype == np.int8 else 0)
+        offset = (w.offset if w.offset is not None else 0.0) + w.scale * (default - z)
+        offset = offset if np.any(offset != 0) else None
+        q = q.astype(np.uint8).reshape(n_out, nb, w.block)
+        blob = pack_uint4(q).reshape(n_out, nb, w.block // 2) if bits_out == 4 else q
+        t = {"B": g.weight(base + ".B", blob), "scale": g.weight(base + ".scale", w.scale.astype(self.dtype)),
+             "n_in": n_in, "n_out": n_out, "bits": bits_out, "block": w.block, "default_zp": default,
+             "offset": None if offset is None else g.weight(base + ".offset", offset.T.astype(self.dtype)),
+             "offset_rows": None}
+        if offset is not None and bits_out == 8:  # the embedding gathers offsets by row
+            t["offset_rows"] = g.weight(base + ".offset_rows", offset.astype(self.dtype))
+        self._emitted[key] = t
+        return t
+
+    def _matmul_nbits(self, x: str, name: str, bits: int, bias: str | None, accuracy: int) -> str:
+        """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b)."""
+        g, t = self.g, self._nbits(name, bits)
+        y = g.op("MatMulNBits", [x, t["B"], t["scale"]], domain="com.microsoft", K=t["n_in"],
+                 N=t["n_out"], bits=t["bits"], block_size=t["block"], accuracy_level=accuracy)
+        if t["offset"]:
+            y = g.add(y, g.matmul(self.block_sums(x, t["n_in"], t["block"]), t["offset"]))
+        if bias is not None:
+            y = g.add(y, self.vector(bias))
+        return y
+
+    def _embedding_nbits(self, ids: str, name: str) -> str:
+        """Rows of an 8-bit MatMulNBits table: (B[ids] - zp[ids]) * scale[ids] (+ offset[ids])."""
+        g, t = self.g, self._nbits(name, 8)
+        q = g.cast(g.gather(t["B"], ids), self.onnx_dtype)  # [B, S, blocks, block]
+        q = g.sub(q, g.const(t["default_zp"], self.dtype))
+        w = g.mul(q, g.unsqueeze(g.gather(t["scale"], ids), [-1]))
+        if t["offset_rows"]:
+            w = g.add(w, g.unsqueeze(g.gather(t["offset_rows"], ids), [-1]))
+        return g.reshape(w, [0, 0, t["n_in"]])
 
     def block_sums(self, x: str, n_in: int, block: int) -> str:
         #  x [.., in] -> [.., in/block, block] -> ReduceSum(-1) -> [.., in/block]
@@ -72,7 +137,7 @@ class WeightStore:
         along axis 1 and dequantized block-wise after the gather.
         """
         bits = PRECISION_BITS[self.precision] if bits == -1 else bits
-        t = self._emit(name, bits, packed4=False)
+        t = self._emit(name, bits, packed4=False, table=True)
         g = self.g
         if t["kind"] == "dense":
             return g.transpose(g.gather(t["w"], ids, axis=1), [1, 2, 0])
@@ -93,11 +158,12 @@ class WeightStore:
     def _dense(self, w) -> np.ndarray:
         return w.dequantize() if isinstance(w, Blocks) else np.asarray(w, dtype=np.float32)
 
-    def _emit(self, name: str, bits: int | None, packed4: bool = True) -> dict:
+    def _emit(self, name: str, bits: int | None, packed4: bool = True, table: bool = False) -> dict:
         if name in self._emitted:
             return self._emitted[name]
         w = self.source.get(name)
-        if self.transposed and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
+        # Embedding tables (GPT-2 wte and wpe) are [rows, hidden] even where linears are Conv1D.
+        if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
             w = w.T
         n_out, n_in = w.shape
         if bits is not None and n_in % BLOCK:

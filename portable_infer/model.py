@@ -99,13 +99,25 @@ class Model:
     def batch_generate_ids(self, prompts, *, truncate: bool = False, **sampling) -> list:
         """Generated ids for several prompts, decoded together with left padding."""
         params = self.params(**sampling)
+        if params.stop:  # silently ignoring them would run on past the user's stop
+            raise InvalidArgumentError(f"stop strings match text, and generate_ids works on token ids (got "
+                                       f"stop={list(params.stop)}); use stop_token_ids, or generate / "
+                                       f"stream_generate for stop strings")
         return self._decoder([self._ids(p) for p in prompts], params, truncate).run()
 
     def forward_logits(self, ids) -> np.ndarray:
-        """Logits [len, vocab] for every position of ``ids`` (teacher forcing, one pass)."""
+        """Logits [len, vocab] for every position of ``ids`` (teacher forcing).
+
+        One pass; token by token through the cache on graphs that return the last position only.
+        """
         ids = check_prompt(self._ids(ids), self.max_context + 1, truncate=False)
         arr = np.asarray([ids], dtype=np.int64)
-        return self.engine.forward(arr, np.ones_like(arr), self.engine.new_cache(1), all_logits=True)[0]
+        cache = self.engine.new_cache(1)
+        if self.engine.variant.logits == "all":
+            return self.engine.forward(arr, np.ones_like(arr), cache, all_logits=True)[0]
+        # this graph returns the last position's logits only: feed the tokens one by one
+        return np.stack([self.engine.forward(arr[:, t:t + 1], np.ones((1, t + 1), np.int64), cache)[0]
+                         for t in range(arr.shape[1])])
 
     # --- streaming layer ------------------------------------------------------------------------
     def stream_generate(self, prompt, *, truncate: bool = False, **sampling) -> Iterator[Response]:
@@ -121,6 +133,8 @@ class Model:
         yield from self._stream(ids, params, truncate)
 
     def _stream(self, ids: list, params: SamplingParams, truncate: bool) -> Iterator[Response]:
+        if params.stop:
+            self._need_tokenizer()  # stop strings are matched on text
         start = time.perf_counter()
         dec = self._decoder([ids], params, truncate)
         text = TextStream(self.tokenizer, params.stop)
@@ -153,6 +167,7 @@ class Model:
     # --- text layer -----------------------------------------------------------------------------
     def generate(self, prompt, **kwargs) -> str:
         """The completion of ``prompt`` as text."""
+        self._need_tokenizer()  # without one every piece would be "" (use generate_ids)
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
     def chat(self, messages: list, **kwargs) -> str:
@@ -163,6 +178,7 @@ class Model:
         """Completions for several prompts, decoded together (left padding)."""
         if isinstance(prompts, str):
             raise InvalidArgumentError("batch_generate takes a list of prompts; use generate for one")
+        self._need_tokenizer()
         params = self.params(**sampling)
         dec = self._decoder([self._ids(p) for p in prompts], params, truncate)
         streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]

@@ -141,6 +141,7 @@ def measure(rt: Runtime, runs: int, reference: dict) -> dict:
     if tuple(prompt) != PROMPT_IDS or len(ref) != NEW_TOKENS:
         raise RuntimeError("reference.json does not match common.PROMPT_IDS / NEW_TOKENS; "
                            "delete .bench/reference.json and rerun setup")
+    load_before = os.getloadavg()[0]
     load_s, model = timed(rt.load)
 
     single = [prompt]
@@ -178,6 +179,9 @@ def measure(rt: Runtime, runs: int, reference: dict) -> dict:
         "greedy_prefix": leading_matches(warm[0], ref),
         "batch_row0_equals_single": outb[0] == warm[0],
         "runs": runs,
+        # Other work on the machine skews every number: the 1-minute load average before and
+        # after, to compare with the core count.
+        "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "raw": {"ttft_s": ttft, "decode_tok_s": decode, "batch8_tok_s": batch_rates},
         "versions": rt.versions,
         "notes": rt.notes,
