@@ -25,9 +25,6 @@ _MAX_ROPE_CACHE_BYTES = 64 << 20
 
 class FusedDecoderBuilder(DecoderBuilder):
     logits_positions = 1
-    # The 8-bit lm_head is ~40x slower at accuracy 1 than at 4 on CPU; int8 activations there
-    # cost little quality (see exporters.export.DEFAULT_NBITS_ACCURACY).
-    head_accuracy = 4
 
     def add_norm(self, h: str, delta: str | None, role: str, i: int | None = None) -> tuple[str, str]:
         if delta is None:

@@ -40,6 +40,7 @@ class WeightStore:
         # Fused variant: block weights go to com.microsoft MatMulNBits with this accuracy level
         # (None = portable DequantizeLinear + MatMul).
         self.nbits_accuracy = nbits_accuracy
+        self.split8 = nbits_accuracy == 1
 
     # --- small float tensors (norms, biases) --------------------------------------------------
     def vector(self, name: str, dtype=None, add: float = 0.0) -> str:
@@ -90,24 +91,36 @@ class WeightStore:
         default = 8 if bits_out == 4 else 128
         q = w.q.astype(np.int16) + (128 if w.q.dtype == np.int8 else 0)  # signed int8 -> uint8
         z = (w.zero.astype(np.float32) if w.zero is not None else 0.0) + (128 if w.q.dtype == np.int8 else 0)
-        offset = (w.offset if w.offset is not None else 0.0) + w.scale * (default - z)
-        offset = offset if np.any(offset != 0) else None
+        offset0 = (w.offset if w.offset is not None else 0.0) + w.scale * (default - z)
         q = q.astype(np.uint8).reshape(n_out, nb, w.block)
-        blob = pack_uint4(q).reshape(n_out, nb, w.block // 2) if bits_out == 4 else q
-        t = {"B": g.weight(base + ".B", blob), "scale": g.weight(base + ".scale", w.scale.astype(self.dtype)),
-             "n_in": n_in, "n_out": n_out, "bits": bits_out, "block": w.block, "default_zp": default,
-             "offset": None if offset is None else g.weight(base + ".offset", offset.T.astype(self.dtype)),
-             "offset_rows": None}
-        if offset is not None and bits_out == 8:  # the embedding gathers offsets by row
-            t["offset_rows"] = g.weight(base + ".offset_rows", offset.astype(self.dtype))
+        t = {"n_in": n_in, "n_out": n_out, "block": w.block, "default_zp": default, "split": False,
+             "scale": g.weight(base + ".scale", w.scale.astype(self.dtype)), "offset_rows": None}
+        offset = offset0
+        if bits_out == 4:
+            t.update(bits=4, B=g.weight(base + ".B", pack_uint4(q).reshape(n_out, nb, w.block // 2)))
+        elif self.split8:
+            # ORT's 8-bit kernel at accuracy 1 is ~100x slower than its 4-bit one, so an exact
+            # 8-bit matrix runs as two 4-bit halves:  u - 128 = 16(hi - 8) + (lo - 8) + 8
+            hi, lo = q >> 4, q & 0x0F
+            t.update(bits=4, split=True, B=g.weight(base + ".Bhi", pack_uint4(hi).reshape(n_out, nb, w.block // 2)),
+                     B_lo=g.weight(base + ".Blo", pack_uint4(lo).reshape(n_out, nb, w.block // 2)))
+            offset = offset0 + 8.0 * w.scale
+        else:
+            t.update(bits=8, B=g.weight(base + ".B", q))
+        t["offset"] = g.weight(base + ".offset", offset.T.astype(self.dtype)) if np.any(offset != 0) else None
+        if bits_out == 8 and np.any(offset0 != 0):  # the embedding gathers offsets by row
+            t["offset_rows"] = g.weight(base + ".offset_rows", np.asarray(offset0).astype(self.dtype))
         self._emitted[key] = t
         return t
 
     def _matmul_nbits(self, x: str, name: str, bits: int, bias: str | None, accuracy: int) -> str:
         """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b)."""
         g, t = self.g, self._nbits(name, bits)
-        y = g.op("MatMulNBits", [x, t["B"], t["scale"]], domain="com.microsoft", K=t["n_in"],
-                 N=t["n_out"], bits=t["bits"], block_size=t["block"], accuracy_level=accuracy)
+        mm = lambda b: g.op("MatMulNBits", [x, b, t["scale"]], domain="com.microsoft", K=t["n_in"],  # noqa: E731
+                            N=t["n_out"], bits=t["bits"], block_size=t["block"], accuracy_level=accuracy)
+        y = mm(t["B"])
+        if t["split"]:
+            y = g.add(g.mul(y, g.const(16.0, self.dtype)), mm(t["B_lo"]))
         if t["offset"]:
             y = g.add(y, g.matmul(self.block_sums(x, t["n_in"], t["block"]), t["offset"]))
         if bias is not None:
@@ -117,12 +130,25 @@ class WeightStore:
     def _embedding_nbits(self, ids: str, name: str) -> str:
         """Rows of an 8-bit MatMulNBits table: (B[ids] - zp[ids]) * scale[ids] (+ offset[ids])."""
         g, t = self.g, self._nbits(name, 8)
-        q = g.cast(g.gather(t["B"], ids), self.onnx_dtype)  # [B, S, blocks, block]
+        if t["split"]:  # u = 16 * hi + lo, each gathered as packed nibbles
+            u = g.add(g.mul(self._unpack4(g.gather(t["B"], ids), t), g.const(16, np.uint8)),
+                      self._unpack4(g.gather(t["B_lo"], ids), t))
+        else:
+            u = g.gather(t["B"], ids)
+        q = g.cast(u, self.onnx_dtype)  # [B, S, blocks, block]
         q = g.sub(q, g.const(t["default_zp"], self.dtype))
         w = g.mul(q, g.unsqueeze(g.gather(t["scale"], ids), [-1]))
         if t["offset_rows"]:
             w = g.add(w, g.unsqueeze(g.gather(t["offset_rows"], ids), [-1]))
         return g.reshape(w, [0, 0, t["n_in"]])
+
+    def _unpack4(self, packed: str, t: dict) -> str:
+        """[B, S, blocks, block/2] packed bytes -> [B, S, blocks, block] values (low nibble first)."""
+        g = self.g
+        lo = g.op("BitwiseAnd", [packed, g.const(0x0F, np.uint8)])
+        hi = g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT")
+        pairs = g.concat([g.unsqueeze(lo, [-1]), g.unsqueeze(hi, [-1])], axis=-1)
+        return g.reshape(pairs, [0, 0, t["n_in"] // t["block"], t["block"]])
 
     def block_sums(self, x: str, n_in: int, block: int) -> str:
         #  x [.., in] -> [.., in/block, block] -> ReduceSum(-1) -> [.., in/block]
