@@ -198,8 +198,10 @@ class DecoderBuilder:
         q, k, v = self.heads(q, H), self.heads(k, KVH), self.heads(v, KVH)
         if rope is not None:
             q, k = self.rope(q, rope), self.rope(k, rope)
-        k = g.concat([past[0], k], axis=2)
-        v = g.concat([past[1], v], axis=2)
+        # The concatenations are the present outputs themselves (no Identity copy of the cache).
+        k_name, v_name = mf.present_names(i)
+        k = g.op("Concat", [past[0], k], name=k_name, axis=2)
+        v = g.op("Concat", [past[1], v], name=v_name, axis=2)
         attn = self.attention(q, k, v, mask)
         attn = w.linear(attn, self.req("o", i), self.name("o_bias", i))
         if L.sandwich_norm:

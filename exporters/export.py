@@ -22,6 +22,7 @@ from portable_infer import manifest as mf
 from portable_infer.errors import ExportError, InvalidArgumentError
 
 from .architectures import family_for
+from .architectures.common import check_shapes
 from .decoder import DecoderBuilder
 from .fused import FusedDecoderBuilder
 from .graph import ExternalDataWriter, GraphBuilder
@@ -78,6 +79,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     src = open_source(source)
     family = family_for(src.config.get("model_type"))
     layout = family.layout(src.config)
+    check_shapes(layout, src)
     precision = precision or ("int4" if src.kind == "gguf" else "fp32")
     variants = tuple(variants)
     if not variants or set(variants) - set(VARIANTS):

@@ -82,6 +82,7 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        """Declare a graph output; a value computed under another name gets an Identity."""
         if value != name:
             self.op("Identity", [value], name=name)
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))

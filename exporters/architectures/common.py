@@ -149,6 +149,52 @@ def uniform_window(cfg: dict, enabled: bool = True) -> tuple[tuple, int | None]:
     return (("sliding_attention" if window else "full_attention"),) * n, window
 
 
+def _role_shapes(d: ModelDims) -> dict:
+    """Role -> the [out, in] (or [n]) shape config.json implies for its HF tensor."""
+    E, I, Dh = d.hidden_size, d.intermediate_size, d.head_dim
+    q, kv = d.num_heads * Dh, d.num_kv_heads * Dh
+    vectors = ("final_norm", "final_norm_bias", "attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias",
+               "post_attn_norm", "post_mlp_norm", "o_bias", "down_bias")
+    return {
+        "embed": (d.vocab_size, E), "lm_head": (d.vocab_size, E), "pos_embed": (d.max_context, E),
+        "q": (q, E), "k": (kv, E), "v": (kv, E), "o": (E, q), "qkv": (q + 2 * kv, E),
+        "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "qkv_bias": (q + 2 * kv,),
+        "gate": (I, E), "up": (I, E), "down": (E, I), "gate_up": (2 * I, E), "gate_bias": (I,), "up_bias": (I,),
+        "q_norm": (Dh,), "k_norm": (Dh,), **{r: (E,) for r in vectors},
+    }
+
+
+_TABLES = ("embed", "pos_embed", "lm_head")  # never Conv1D-transposed
+
+
+def check_shapes(layout: DecoderLayout, source) -> None:
+    """Fail before anything is written when a tensor's shape disagrees with config.json.
+
+    Without this a mismatch surfaces as a raw ONNX Runtime or numpy error, or (verify off) as a
+    package that cannot load. Absent tensors are left to the builder, which names them.
+    """
+    want = _role_shapes(layout.dims)
+    bad = []
+    for role, pattern in layout.names.items():
+        for i in range(layout.dims.num_layers) if "{i}" in pattern else (None,):
+            name = pattern.format(i=i)
+            if role not in want or not source.has(name):
+                continue
+            expected = want[role]
+            if layout.transposed_weights and len(expected) == 2 and role not in _TABLES:
+                expected = expected[::-1]  # GPT-2 Conv1D stores [in, out]
+            shape = tuple(int(n) for n in source.shape(name))
+            if shape != expected:
+                bad.append(f"{name} is {list(shape)}, expected {list(expected)}")
+    if bad:
+        raise SourceError(
+            f"{len(bad)} tensor(s) of {source.path} do not match config.json "
+            f"(hidden_size {layout.dims.hidden_size}, heads {layout.dims.num_heads}/{layout.dims.num_kv_heads}, "
+            f"head_dim {layout.dims.head_dim}, intermediate_size {layout.dims.intermediate_size}, vocab_size "
+            f"{layout.dims.vocab_size}): {'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; the weights "
+            f"belong to another model or config.json was edited")
+
+
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
