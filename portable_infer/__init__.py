@@ -1,8 +1,8 @@
 """portable_infer: run LLM model packages through ONNX Runtime on whatever hardware is present."""
 
 from .errors import (  # noqa: F401
-    ChecksumError, ContextLengthError, DependencyError, ExportError, InvalidArgumentError,
-    PackageError, PortableInferError, ProviderError, SchemaVersionError, SourceError,
+    BundleError, ChecksumError, ContextLengthError, DependencyError, ExportError, InvalidArgumentError,
+    PackageError, PortableInferError, ProviderError, SchemaVersionError, SignatureError, SourceError,
     UnsupportedArchitectureError, VerificationError,
 )
 

@@ -30,7 +30,8 @@ def run_bench(ns) -> dict:
     from .loader import load
 
     t = time.perf_counter()
-    model = load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads)
+    model = load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads,
+                 trust=getattr(ns, "trust", None))
     load_s = time.perf_counter() - t
     ids = prompt_ids(model, ns.prompt_tokens)
     model.generate_ids(ids, max_new_tokens=8, ignore_eos=True)  # warm-up

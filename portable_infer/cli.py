@@ -24,6 +24,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="auto", help="auto | cpu | cuda | openvino | ... (or ORT's names)")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to another provider")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+    p.add_argument("--trust", metavar="PUBKEY.pem", default=None,
+                   help="a .pinf bundle must be signed with this Ed25519 key (see docs/edge.md)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,7 @@ def _sampling(ns) -> dict:
 def _load(ns):
     from .loader import load
 
-    return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads)
+    return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust)
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -149,6 +151,35 @@ def cmd_verify(ns) -> int:
     return 0
 
 
+def cmd_pack(ns) -> int:
+    from pathlib import Path
+
+    from .bundle import pack
+    from .home import ensure_default_model
+
+    package = ns.package if ns.package is not None else ensure_default_model(progress=True)
+    out = pack(package, ns.output, sign_key=ns.sign, ort=ns.ort, overwrite=ns.force)
+    print(f"{out} ({Path(out).stat().st_size / 2**20:.1f} MiB{', signed' if ns.sign else ''})")
+    return 0
+
+
+def cmd_serve(ns) -> int:
+    import os
+
+    from .scheduler import Scheduler, SchedulerConfig
+    from .server import ServerConfig, require_serve, serve
+
+    require_serve()  # fail before loading the model
+    sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
+                                kv_budget_tokens=ns.kv_budget_tokens)
+    api_key = ns.api_key or os.environ.get("PORTABLE_INFER_API_KEY") or None
+    server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
+                              max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
+                              max_body_bytes=ns.max_body_bytes)
+    serve(Scheduler(_load(ns), sched_cfg), server_cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="portable-infer", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -181,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=3)
     b.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $PORTABLE_INFER_API_KEY)")
+    s.add_argument("--model-name", default=None, help="the model id clients send (default: package folder name)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    s.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
+    s.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at most (default 2 GiB)")
+    s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
+    s.add_argument("--max-prompt-tokens", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.set_defaults(func=cmd_serve)
+
     e = sub.add_parser("export", help="HF folder / .gguf / default -> model package")
     e.add_argument("source", nargs="?", default="default")
     e.add_argument("-o", "--output", required=True)
@@ -189,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.set_defaults(func=cmd_export)
+
+    k = sub.add_parser("pack", help="package directory -> one .pinf file (stored zip; optionally signed)")
+    k.add_argument("package", nargs="?", default=None, help="package directory (default: the default model)")
+    k.add_argument("-o", "--output", required=True, help="the bundle to write, e.g. model.pinf")
+    k.add_argument("--sign", metavar="KEY.pem", default=None, help="Ed25519 private key: sign the manifest")
+    k.add_argument("--ort", action="store_true",
+                   help="also store ORT-format graph(s) + required_operators.config (minimal ORT builds)")
+    k.add_argument("--force", action="store_true", help="replace an existing output")
+    k.set_defaults(func=cmd_pack)
 
     v = sub.add_parser("verify", help="check a package against its transformers reference")
     v.add_argument("package")

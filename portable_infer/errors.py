@@ -24,6 +24,14 @@ class SchemaVersionError(PackageError):
     """The manifest was written by an exporter this runtime does not understand."""
 
 
+class BundleError(PackageError):
+    """A ``.pinf`` bundle is corrupted, truncated, incomplete or holds an unsafe member name."""
+
+
+class SignatureError(BundleError):
+    """A bundle's Ed25519 signature is missing, malformed or does not match the trusted key."""
+
+
 # --- user input ----------------------------------------------------------------------------------
 class InvalidArgumentError(PortableInferError, ValueError):
     """A parameter is outside its allowed range (sampling values, limits, ...)."""
@@ -36,6 +44,15 @@ class ContextLengthError(InvalidArgumentError):
 # --- execution providers -------------------------------------------------------------------------
 class ProviderError(PortableInferError):
     """An execution provider is unknown, unavailable, or failed to start."""
+
+
+# --- serving -------------------------------------------------------------------------------------
+class CapacityError(PortableInferError):
+    """The scheduler is full (every slot and its waiting queue): try again after ``retry_after`` s."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # --- optional dependencies -----------------------------------------------------------------------

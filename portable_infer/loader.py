@@ -27,15 +27,19 @@ class LoadConfig:
     check: str = "sha256"  # how package files are checked against the manifest
     session: SessionConfig = SessionConfig()
     provider_options: dict | None = None
+    trust: object = None  # bundles only: the Ed25519 public key (PEM path or bytes) it must be signed with
+    max_kv_tokens: int | None = None  # cap on the context (prompt + generated tokens held in the KV cache)
 
 
 def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
          intra_op_threads: int = 0, accuracy_level: int = 1, check: str = "sha256",
-         provider_options: dict | None = None, low_memory: bool = False) -> Model:
+         provider_options: dict | None = None, low_memory: bool = False, trust=None,
+         max_kv_tokens: int | None = None) -> Model:
     """Load a model package on the best (or the named) execution provider.
 
     Args:
-        path: a package directory; None loads the default model (exported on first use).
+        path: a package directory or a ``.pinf`` bundle (checked, then unpacked once into
+            ``$PORTABLE_INFER_HOME/bundles``); None loads the default model (exported on first use).
         providers: "auto", a name ("cuda", "cpu", "openvino", ORT's own names) or a list;
             the PORTABLE_INFER_PROVIDERS environment variable overrides "auto".
         strict: raise instead of falling back when a provider fails.
@@ -43,7 +47,12 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
         accuracy_level: MatMulNBits activation accuracy (1 exact float, 4 int8, faster).
         check: "sha256" (every file hashed), "size" (sizes only) or "none".
         provider_options: {provider name: {option: value}} over the table's defaults.
-        low_memory: no memory arena or pattern planning (lower peak RSS, a little slower).
+        low_memory: no memory arena or pattern planning (lower peak RSS, a little slower);
+            ``.ort`` graphs are memory-mapped and their weights used in place.
+        trust: an Ed25519 public key (PEM path or bytes): a bundle must be signed by it
+            (:class:`SignatureError` otherwise). See ``docs/edge.md``.
+        max_kv_tokens: at most this many tokens (prompt + generated) in the KV cache: caps the
+            context below the model's, bounding the cache's memory.
 
     Returns:
         :class:`Model`; ``model.provider`` says what really runs.
@@ -54,8 +63,9 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
         >>> m.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
     """
     session = SessionConfig(intra_op_threads=intra_op_threads, accuracy_level=accuracy_level,
-                            enable_mem_pattern=not low_memory, enable_cpu_mem_arena=not low_memory)
-    return load_package(path, LoadConfig(providers, strict, check, session, provider_options))
+                            enable_mem_pattern=not low_memory, enable_cpu_mem_arena=not low_memory,
+                            map_weights=low_memory)
+    return load_package(path, LoadConfig(providers, strict, check, session, provider_options, trust, max_kv_tokens))
 
 
 def load_package(path, cfg: LoadConfig) -> Model:
@@ -66,6 +76,10 @@ def load_package(path, cfg: LoadConfig) -> Model:
 
         raise InvalidArgumentError(f"check must be one of {CHECKS}, got {cfg.check!r}")
     pkg = Path(path) if path is not None else ensure_default_model(progress=True)
+    if pkg.is_file() or cfg.trust is not None:  # a .pinf bundle: checked, unpacked once, then a directory
+        from .bundle import open_bundle
+
+        pkg = open_bundle(pkg, trust=cfg.trust)
     if not pkg.exists():
         raise PackageError(f"model package {pkg} does not exist; export one with "
                            f"`portable-infer export SOURCE -o {pkg}` or omit the path for the default model")
@@ -80,7 +94,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
     engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
     tokenizer, template = _tokenizer(pkg, manifest)
     logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
-    return Model(manifest, engine, tokenizer, template, pkg, sel)
+    return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
 
 
 def _tokenizer(pkg: Path, manifest: Manifest):

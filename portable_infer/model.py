@@ -28,7 +28,11 @@ class Model:
     """A model package loaded on an execution provider. Build it with :func:`portable_infer.load`."""
 
     def __init__(self, manifest: Manifest, engine, tokenizer=None, chat_template: ChatTemplate | None = None,
-                 path: Path | None = None, selection=None):
+                 path: Path | None = None, selection=None, max_kv_tokens: int | None = None):
+        if max_kv_tokens is not None and (not isinstance(max_kv_tokens, int) or max_kv_tokens < 2):
+            raise InvalidArgumentError(f"max_kv_tokens must be an int >= 2 (prompt + generated tokens kept in "
+                                       f"the KV cache), got {max_kv_tokens!r}; or None for the model's context")
+        self.max_kv_tokens = max_kv_tokens
         self.manifest = manifest
         self.engine = engine
         self.tokenizer = tokenizer
@@ -51,7 +55,8 @@ class Model:
 
     @property
     def max_context(self) -> int:
-        return self.manifest.model.max_context
+        """The model's context, or ``max_kv_tokens`` when that is smaller (load(max_kv_tokens=...))."""
+        return min(self.manifest.model.max_context, self.max_kv_tokens or self.manifest.model.max_context)
 
     def __repr__(self) -> str:
         m = self.manifest.model

