@@ -168,7 +168,7 @@ def test_auto_picks_cuda_with_fused_variant_and_its_options(package):
     path, eps = ort.created[0]
     assert path == str(root / "model.fused.fp32.onnx")
     assert eps == [(CUDA, {"device_id": 1, "arena_extend_strategy": "kSameAsRequested",
-                           "cudnn_conv_algo_search": "HEURISTIC"}), (CPU_EP, {})]
+                           "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": 0}), (CPU_EP, {})]
 
 
 def test_cuda_portable_when_no_fused(tmp_path):
