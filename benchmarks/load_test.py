@@ -166,7 +166,9 @@ def llamacpp_server(args) -> ServerProcess:
     port = free_port()
     argv = [str(LLAMACPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
             "--port", str(port), "--n_ctx", "2048", "--n_threads", str(args.llamacpp_threads or args.threads),
-            "--n_threads_batch", str(args.llamacpp_threads or args.threads), "--model_alias", "default"]
+            "--n_threads_batch", str(args.llamacpp_threads or args.threads), "--model_alias", "default",
+            # its default lets each new request abort the one streaming: queue them instead
+            "--interrupt_requests", "False"]
     return ServerProcess("llama.cpp", argv, port, "/v1/models")
 
 
@@ -279,9 +281,11 @@ def main() -> None:
                    help="per level: no new request after this; requests still running 50%% later fail")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--time-limit", type=float, default=1800.0, help="no new level after this")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = p.parse_args()
 
     t_end = time.monotonic() + args.time_limit
+    load_start = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     rows, skipped = [], []
     servers = [portable_infer_server] if "portable_infer" in args.servers else []
     if "llamacpp" in args.servers:
@@ -302,13 +306,14 @@ def main() -> None:
                 print(f"# {lv.server} {lv.clients} clients error: {e}", file=sys.stderr)
     print(f"load test: {args.max_tokens} new tokens per request, greedy, {args.threads} threads, "
           f"portable_infer --max-batch {args.max_batch}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPUs, load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(table(rows))
     for s in skipped:
         print(f"skipped: {s}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                   "args": vars(args), "rows": rows, "skipped": skipped}, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
+              "load_average": [load_start, os.getloadavg()[0]], "rows": rows, "skipped": skipped}
+    args.results.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

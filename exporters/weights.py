@@ -78,7 +78,8 @@ class WeightStore:
             return self._emitted[key]
         g, base = self.g, _init_name(name, "nbits")
         w = self.source.get(name)
-        if self.transposed and not isinstance(w, Blocks):
+        # as in _emit: Conv1D linears are [in, out], the (tied) wte table is [vocab, hidden]
+        if self.transposed and not isinstance(w, Blocks) and "wte" not in name:
             w = w.T
         if not isinstance(w, Blocks):
             w = quantize(w, bits)

@@ -200,7 +200,7 @@ class Manifest:
                 files=tuple(FileEntry(**f) for f in d["files"]),
                 verification=dict(d.get("verification", {})),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # ValueError: dict("a string")
             raise PackageError(f"manifest.json is malformed ({exc!r}); re-export the package") from exc
 
     @classmethod

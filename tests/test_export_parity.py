@@ -7,8 +7,13 @@ ONNX Runtime calls:
 * full-sequence logits vs ``model(input_ids, attention_mask, position_ids)``;
 * prefill + one-token decode through ``present -> past`` == full recompute;
 * a left-padded batch of 2 == each sequence alone (logits and 8 greedy steps);
-* 16 greedy tokens identical to transformers.
+* 16 greedy tokens identical to transformers;
+* the fused variant (last-position logits) through prefill + decode == portable == transformers;
+* one ``export(..., verify=True)`` per family passes the exporter's own gate.
 
+Precision (fp16, int8, int4) is checked on one llama with a fixed seed (see ``precisions``).
+
+A greedy divergence is excused only where the reference's top two logits tie within REL_TOL.
 Every parameter is randomized (norm weights and biases too: transformers initializes them to
 1 and 0, which would hide a dropped bias or norm weight). The seed is fresh each run and
 appears in every assertion message; rerun one with ``PARITY_SEED=<seed> pytest ...``.
@@ -17,7 +22,6 @@ Run with ``-s`` to see the table of measured logit differences per case.
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 from dataclasses import dataclass, field
@@ -153,11 +157,22 @@ class Exported:
     source: Path
     package: Path
     manifest: Manifest
-    dec: OnnxDecoder
     vocab: int = field(init=False)
+    _decoders: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.vocab = self.manifest.model.vocab_size
+
+    def decoder(self, variant: str = "portable") -> OnnxDecoder:
+        if variant not in self._decoders:
+            v = self.manifest.variant(variant)
+            self._decoders[variant] = OnnxDecoder(self.package / v.file, v)
+        return self._decoders[variant]
+
+    @property
+    def dec(self) -> OnnxDecoder:
+        """The portable graph: logits for every position."""
+        return self.decoder("portable")
 
     def ids(self, rng, shape) -> np.ndarray:
         return rng.integers(1, self.vocab, shape, dtype=np.int64)  # never 0 (the pad id)
@@ -182,9 +197,7 @@ def exported(request, tmp_path_factory) -> Exported:
     root = tmp_path_factory.mktemp(case.id)
     model = build_source(case, root / "hf")
     pkg = export(root / "hf", root / "pkg", precision="fp32", verify=False)
-    manifest = Manifest.load(pkg)
-    v = manifest.variants[0]
-    return Exported(case, case_seed(case), model, root / "hf", pkg, manifest, OnnxDecoder(pkg / v.file, v))
+    return Exported(case, case_seed(case), model, root / "hf", pkg, Manifest.load(pkg))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -213,8 +226,9 @@ def test_cases_cover_the_features_they_claim():
     for c in CASES:
         cfg = c.config()
         assert MODEL_TYPES[cfg.model_type] == c.family, c.id
-    llama_kv = {c.kwargs.get("num_key_value_heads", SMALL["num_attention_heads"]) for c in CASES if c.family == "llama"}
-    assert 1 in llama_kv and any(1 < k < SMALL["num_attention_heads"] for k in llama_kv), "llama MQA and GQA"
+    heads = SMALL["num_attention_heads"]
+    llama_kv = {c.kwargs.get("num_key_value_heads", heads) for c in CASES if c.family == "llama"}
+    assert 1 in llama_kv and any(1 < k < heads for k in llama_kv), "llama needs an MQA and a GQA case"
 
 
 # --- per case ---------------------------------------------------------------------------------------
@@ -225,7 +239,7 @@ def test_checkpoint_and_manifest_describe_the_case(exported: Exported):
     assert not missing, f"{exported.tag()} checkpoint lacks {missing}: the case does not test its feature"
     assert m.architecture == case.family and m.tie_word_embeddings == case.tied, exported.tag()
     # a tied package has no lm_head of its own; an untied one must not reuse the embedding
-    graph = onnx.load(str(exported.package / exported.manifest.variants[0].file), load_external_data=False)
+    graph = onnx.load(str(exported.package / exported.manifest.variant("portable").file), load_external_data=False)
     has_head = any(i.name.startswith("lm_head") for i in graph.graph.initializer)
     assert has_head == (not case.tied), f"{exported.tag()} lm_head initializer present: {has_head}"
     if case.window:
@@ -269,10 +283,12 @@ def test_cached_decode_equals_full_recompute(exported: Exported):
 
 
 def test_present_key_has_kv_heads(exported: Exported):
-    d, v = exported.manifest.model, exported.manifest.variants[0]
-    outputs = {o.name: o.shape for o in v.outputs}
-    for key, value in v.kv.present:
-        assert outputs[key][1] == outputs[value][1] == d.num_kv_heads == v.kv.num_kv_heads, exported.tag()
+    d = exported.manifest.model
+    for v in exported.manifest.variants:
+        outputs = {o.name: o.shape for o in v.outputs}
+        for key, value in v.kv.present:
+            kv_heads = (outputs[key][1], outputs[value][1], v.kv.num_kv_heads)
+            assert kv_heads == (d.num_kv_heads,) * 3, f"{exported.tag()} {v.name}: {kv_heads}"
     expected_kv = exported.case.kwargs.get("num_key_value_heads", d.num_heads)
     assert d.num_kv_heads == expected_kv, exported.tag()
 
@@ -323,78 +339,166 @@ def test_greedy_tokens_match_transformers(exported: Exported):
     first_divergence(ours, ref, ref_logits, exported.tag())
 
 
-def test_sliding_window_is_exercised(exported: Exported):
-    """The window must change the reference's logits on these lengths, or the parity proves nothing."""
-    if not exported.case.window:
-        pytest.skip("no sliding window in this case")
-    rng = np.random.default_rng(exported.seed + 4)
-    ids = exported.ids(rng, (1, SEQ))
-    windowed = reference_logits(exported.model, ids)
-    unwindowed_model = copy.deepcopy(exported.model)
-    unwindowed_model.config.sliding_window = 4096
-    unwindowed = reference_logits(unwindowed_model, ids)
-    w = exported.case.window
-    _, early = rel_diff(unwindowed[:, :w], windowed[:, :w])
-    _, late = rel_diff(unwindowed[:, w:], windowed[:, w:])
-    assert early <= REL_TOL, f"{exported.tag()} positions inside the window changed: {early:.3e}"
-    assert late > 100 * REL_TOL, f"{exported.tag()} the window does not change the logits ({late:.3e})"
+@pytest.mark.parametrize("case", [c for c in CASES if c.window], ids=lambda c: c.id)
+def test_sliding_window_is_exercised(case: Case):
+    """The window must change the reference's logits at these lengths, or parity proves nothing."""
+    torch.manual_seed(case_seed(case))
+    model = transformers.AutoModelForCausalLM.from_config(case.config()).eval()
+    randomize(model, case_seed(case))
+    ids = np.random.default_rng(case_seed(case)).integers(1, model.config.vocab_size, (1, SEQ))
+    windowed = reference_logits(model, ids)
+    model.config.sliding_window = 4096
+    unwindowed = reference_logits(model, ids)
+    tag = f"[{case.id}, PARITY_SEED={SEED}]"
+    _, early = rel_diff(unwindowed[:, :case.window], windowed[:, :case.window])
+    _, late = rel_diff(unwindowed[:, case.window:], windowed[:, case.window:])
+    assert early <= REL_TOL, f"{tag} positions inside the window changed: {early:.3e}"
+    assert late > 100 * REL_TOL, f"{tag} the window does not change the logits ({late:.3e})"
 
 
+def test_fused_variant_matches_portable_and_transformers(exported: Exported):
+    """The fused graph (last-position logits) through prefill + decode, on a left-padded batch."""
+    names = [v.name for v in exported.manifest.variants]
+    if "fused" not in names:
+        pytest.skip(f"package has no fused variant ({names})")
+    fused, pad, prefill = exported.decoder("fused"), 3, 5
+    rng = np.random.default_rng(exported.seed + 5)
+    ids = exported.ids(rng, (2, SEQ))
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+    full, _ = exported.dec.run(ids, mask, exported.dec.empty_past(2))
+    ref = reference_logits(exported.model, ids, mask)
+    logits, past = fused.run(ids[:, :prefill], mask[:, :prefill], fused.empty_past(2))
+    steps = [logits[:, -1]]
+    for t in range(prefill, SEQ):
+        logits, past = fused.run(ids[:, t:t + 1], mask[:, :t + 1], past)
+        steps.append(logits[:, -1])
+    ours = np.stack(steps, axis=1)  # positions prefill-1 .. SEQ-1, all real in both rows
+    _, rel_portable = rel_diff(ours, full[:, prefill - 1:])
+    _, rel_ref = rel_diff(ours, ref[:, prefill - 1:])
+    assert rel_portable <= REL_TOL and rel_ref <= REL_TOL, (
+        f"{exported.tag()} fused decode differs: vs portable {rel_portable:.3e}, vs transformers {rel_ref:.3e}")
+
+
+FAMILY_CASES = [next(c for c in CASES if c.family == f) for f in dict.fromkeys(c.family for c in CASES)]
+
+
+@pytest.mark.parametrize("exported", FAMILY_CASES, indirect=True, ids=lambda c: c.id)
 def test_export_with_verification_passes(exported: Exported, tmp_path):
+    """One export per family through the exporter's own gate (every variant, fp32: 1e-4 relative)."""
     pkg = export(exported.source, tmp_path / "verified", precision="fp32", verify=True)
-    report = Manifest.load(pkg).verification["portable"]
-    worst = max(report["full"]["max_rel"], report["cached"]["max_rel"])
-    assert worst <= FP32_REL_TOL, f"{exported.tag()} {report}"
-    assert report["greedy"]["steps"] == GREEDY_STEPS, report
+    manifest = Manifest.load(pkg)
+    assert set(manifest.verification) == {v.name for v in manifest.variants}, manifest.verification
+    for name, report in manifest.verification.items():
+        worst = max(report["full"]["max_rel"], report["cached"]["max_rel"])
+        assert worst <= FP32_REL_TOL, f"{exported.tag()} {name}: {report}"
+        assert report["greedy"]["steps"] == GREEDY_STEPS, report
+
+
+@pytest.mark.parametrize("exported", FAMILY_CASES, indirect=True, ids=lambda c: c.id)
+def test_int4_export_of_every_family_runs_and_tracks_the_reference(exported: Exported, tmp_path):
+    """Quantized weight paths differ per family (Conv1D, fused qkv, tied tables): every variant
+    must load, stay near the fp32 reference (random tiny models measured 12-32 % mean int4 noise;
+    a wrong weight layout gives ~100 %), and the variants must agree with each other."""
+    pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False)
+    manifest = Manifest.load(pkg)
+    rng = np.random.default_rng(exported.seed + 6)
+    ids = exported.ids(rng, (1, SEQ))
+    ref = reference_logits(exported.model, ids)[:, -1]
+    last = {}
+    for v in manifest.variants:
+        dec = OnnxDecoder(pkg / v.file, v)
+        last[v.name] = dec.run(ids, np.ones_like(ids), dec.empty_past(1))[0][:, -1]
+    noise = float(np.abs(last["portable"] - ref).mean() / np.abs(ref).mean())
+    assert noise < 0.6, f"{exported.tag()} int4 portable: mean |diff| is {noise:.0%} of the mean |logit|"
+    for name, logits in last.items():
+        _, rel = rel_diff(logits, last["portable"])
+        assert rel <= 1e-3, f"{exported.tag()} int4 {name} differs from portable by {rel:.2e} (relative)"
 
 
 # --- precisions (one llama) -------------------------------------------------------------------------
 PRECISION_CASE = CASES[0]
+PRECISION_SEED = 0
+EMBED_GAIN = 20.0
+QUALITY_FLOOR = {"fp16": 0.9, "int8": 0.85, "int4": 0.75}
 
 
 @pytest.fixture(scope="module")
 def precisions(tmp_path_factory) -> dict:
+    """One llama exported at every precision, each through the exporter's verification.
+
+    Quantization flips the greedy argmax wherever the top two logits nearly tie, and plain random
+    weights tie often: with :func:`randomize` alone int4 agreed on 58-77 % of the teacher-forced
+    steps over 10 seeds (transformers' own init: 54-100 %), so no floor was stable. Here the
+    embedding is multiplied by EMBED_GAIN (the residual stream leans on the token, as in trained
+    models; the layers still change 27 % of the argmaxes) and the seed is fixed. Verification
+    draws a fresh prompt each run: over 150 prompts this model's int4 agreement was 84-100 %
+    (mean 97 %); with a gain of 10 one prompt in 60 fell to 71 %.
+    """
     root = tmp_path_factory.mktemp("precisions")
-    model = build_source(PRECISION_CASE, root / "hf")
+    torch.manual_seed(PRECISION_SEED)
+    model = transformers.AutoModelForCausalLM.from_config(PRECISION_CASE.config()).eval()
+    randomize(model, PRECISION_SEED)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(EMBED_GAIN)
+    model.save_pretrained(root / "hf")
     out = {"model": model}
-    for p in ("fp32", "fp16", "int8", "int4"):
-        pkg = export(root / "hf", root / p, precision=p, verify=True)
+    for p in ("fp32", "fp16", "int8", "int4"):  # fp32 is only the size baseline here
+        pkg = export(root / "hf", root / p, precision=p, verify=p != "fp32")
         manifest = Manifest.load(pkg)
-        v = manifest.variants[0]
+        v = manifest.variant("portable")
         out[p] = (pkg, manifest, OnnxDecoder(pkg / v.file, v))
     return out
 
 
-def _package_bytes(manifest: Manifest) -> int:
-    return sum(f.size for f in manifest.files if f.path.startswith("model.onnx"))
+def _package_bytes(manifest: Manifest, variant: str = "portable") -> int:
+    """Bytes of one variant's graph and weights."""
+    file = manifest.variant(variant).file
+    return sum(f.size for f in manifest.files if f.path in (file, file + ".data"))
 
 
 def test_fp16_logits_close_and_greedy_mostly_equal(precisions):
-    pkg, manifest, dec = precisions["fp16"]
-    assert manifest.variants[0].kv.dtype == "float16"
-    rng = np.random.default_rng(case_seed(PRECISION_CASE) + 5)
-    ids = rng.integers(1, manifest.model.vocab_size, (1, 48), dtype=np.int64)
-    ref = reference_logits(precisions["model"], ids)
-    ours, _ = dec.run(ids, np.ones_like(ids), dec.empty_past(1))
+    _, manifest, dec = precisions["fp16"]
+    model, tag = precisions["model"], "[fp16]"
+    assert manifest.variant("portable").kv.dtype == "float16"
+    rng = np.random.default_rng(PRECISION_SEED)
+    ids = rng.integers(1, manifest.model.vocab_size, (2, 32), dtype=np.int64)
+    ref = reference_logits(model, ids)
+    ours, _ = dec.run(ids, np.ones_like(ids), dec.empty_past(2))
     _, rel = rel_diff(ours, ref)
     agree = float((ours.argmax(-1) == ref.argmax(-1)).mean())
-    tag = f"[fp16, PARITY_SEED={SEED}]"
     assert rel <= 1e-2, f"{tag} fp16 logits relative difference {rel:.3e}"
     assert agree >= 0.9, f"{tag} fp16 top-1 agrees with fp32 transformers on {agree:.0%} of positions"
-    q = manifest.verification["portable"]["quality"]
-    assert q["top1_agreement"] >= 0.9, f"{tag} {q}"
+
+    prompt = ids[:1, :8]
+    logits, past = dec.run(prompt, np.ones_like(prompt), dec.empty_past(1))
+    ours_greedy, _ = _greedy_onnx(dec, logits[0, -1], past, 8, GREEDY_STEPS)
+    seq = prompt
+    for _ in range(GREEDY_STEPS):
+        seq = np.concatenate([seq, [[reference_logits(model, seq)[0, -1].argmax()]]], axis=1)
+    same = int((np.array(ours_greedy) == seq[0, 8:]).sum())
+    assert same >= GREEDY_STEPS * 3 // 4, f"{tag} greedy: ours {ours_greedy}, reference {seq[0, 8:].tolist()}"
+    for name, report in manifest.verification.items():
+        q = report["quality"]
+        assert q["top1_agreement"] >= QUALITY_FLOOR["fp16"], f"{tag} {name}: {q}"
+    agreement = ", ".join(f"{n} {r['quality']['top1_agree_steps']}" for n, r in manifest.verification.items())
+    print(f"\nfp16: logits relative difference {rel:.2e}, greedy {same}/{GREEDY_STEPS} equal, "
+          f"top-1 agreement {agreement}")
 
 
-@pytest.mark.parametrize("precision, floor", [("int8", 0.9), ("int4", 0.75)])
-def test_quantized_quality_and_size(precisions, precision, floor):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_quality_and_size(precisions, precision):
     _, manifest, _ = precisions[precision]
-    q = manifest.verification["portable"]["quality"]
-    tag = f"[{precision}, PARITY_SEED={SEED}]"
-    assert q["top1_agreement"] >= floor, f"{tag} teacher-forced top-1 agreement {q['top1_agree_steps']}: {q}"
-    size, fp32 = _package_bytes(manifest), _package_bytes(precisions["fp32"][1])
-    assert size < fp32, f"{tag} package is {size} bytes, fp32's is {fp32}"
-    print(f"\n{precision}: top-1 agreement {q['top1_agree_steps']}, perplexity {q['perplexity']:.2f} "
-          f"(reference {q['perplexity_reference']:.2f}), graph+weights {size} bytes vs fp32 {fp32}")
+    fp32 = precisions["fp32"][1]
+    tag, floor = f"[{precision}]", QUALITY_FLOOR[precision]
+    assert set(manifest.verification) == {v.name for v in manifest.variants}
+    for name, report in manifest.verification.items():
+        q = report["quality"]
+        assert q["top1_agreement"] >= floor, f"{tag} {name}: top-1 agreement {q['top1_agree_steps']} < {floor}: {q}"
+        size, full = _package_bytes(manifest, name), _package_bytes(fp32, name)
+        assert size < full, f"{tag} {name} graph+weights are {size} bytes, fp32's {full}"
+        print(f"\n{precision} {name}: top-1 agreement {q['top1_agree_steps']}, perplexity {q['perplexity']:.2f} "
+              f"(reference {q['perplexity_reference']:.2f}), graph+weights {size} bytes vs fp32 {full}")
 
 
 def test_int4_is_smaller_than_int8(precisions):

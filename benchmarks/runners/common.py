@@ -147,6 +147,9 @@ def measure(rt: Runtime, runs: int, reference: dict) -> dict:
     single = [prompt]
     warm = rt.generate(model, single, NEW_TOKENS)
     check_shape(warm, 1, NEW_TOKENS, "generate (batch 1)")
+    # All OS threads of the process once generation has run: a check that the thread settings
+    # took (an ORT pool of N intra-op threads adds N - 1 to the main thread, torch's OpenMP too).
+    os_threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
     ttft, decode = [], []
     for _ in range(runs):
         t1, out1 = timed(lambda: rt.generate(model, single, 1))
@@ -179,6 +182,7 @@ def measure(rt: Runtime, runs: int, reference: dict) -> dict:
         "greedy_prefix": leading_matches(warm[0], ref),
         "batch_row0_equals_single": outb[0] == warm[0],
         "runs": runs,
+        "os_threads": os_threads,
         # Other work on the machine skews every number: the 1-minute load average before and
         # after, to compare with the core count.
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
