@@ -21,7 +21,7 @@ from portable_infer import __version__
 from portable_infer import manifest as mf
 from portable_infer.errors import ExportError, InvalidArgumentError
 
-from .architectures import family_for
+from .architectures import MODEL_TYPES, family_for
 from .architectures.common import check_shapes
 from .decoder import DecoderBuilder
 from .fused import FusedDecoderBuilder
@@ -42,11 +42,13 @@ FUSED_OPSET = 21
 # int8 activations in the lm_head alone flipped "Paris" to "L'" on the README's chat prompt.
 DEFAULT_NBITS_ACCURACY = 1
 VARIANTS = ("portable", "fused")
+ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
-           progress: bool = False, variants=VARIANTS, nbits_accuracy: int | None = None) -> Path:
+           progress: bool = False, variants=VARIANTS, nbits_accuracy: int | None = None,
+           route: str = "auto") -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
     Args:
@@ -61,6 +63,9 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         variants: graph variants to write: "portable" (standard ONNX ops, any provider) and/or
             "fused" (com.microsoft kernels of the CPU and CUDA providers).
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
+        route: "direct" (our graph builder, registered model_types), "fallback" (torch.onnx export
+            of the transformers model; HF folders, fp32, portable variant only) or "auto" (direct
+            when the model_type is registered, else fallback for HF folders).
 
     Returns:
         The package directory.
@@ -75,30 +80,48 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         raise InvalidArgumentError(f"max_context must be a positive integer, got {max_context!r}")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
+    if route not in ROUTES:
+        raise InvalidArgumentError(f"route must be one of {ROUTES}, got {route!r}")
     started = time.perf_counter()
     src = open_source(source)
-    family = family_for(src.config.get("model_type"))
-    layout = family.layout(src.config)
-    check_shapes(layout, src)
+    model_type = src.config.get("model_type")
+    if route == "auto":
+        route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
     precision = precision or ("int4" if src.kind == "gguf" else "fp32")
     variants = tuple(variants)
     if not variants or set(variants) - set(VARIANTS):
         raise InvalidArgumentError(f"variants must be a non-empty subset of {VARIANTS}, got {variants!r}")
+    if route == "direct":
+        layout = family_for(model_type).layout(src.config)
+        check_shapes(layout, src)
+    else:
+        from . import fallback
+
+        if src.kind == "gguf":
+            raise InvalidArgumentError("the fallback route exports HF folders only, not GGUF files")
+        if "portable" not in variants:
+            raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}")
+        ref_model = fallback.load_model(src.path)
+        fallback_dims = fallback.dims_of(ref_model.config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         written = []
-        if "portable" in variants:
+        if route == "fallback":
+            proto = fallback.write_portable(tmp, PORTABLE_FILE, ref_model, fallback_dims, precision)
+            written.append(_variant("portable", PORTABLE_FILE, precision, proto, fallback_dims, ("*",)))
+            del ref_model
+        elif "portable" in variants:
             written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
                                         name="portable", providers=("*",), opset=PORTABLE_OPSET))
-        if "fused" in variants:
+        if route == "direct" and "fused" in variants:
             written.append(_write_graph(tmp, FUSED_FILE, FusedDecoderBuilder, layout, src, precision, progress,
                                         name="fused", providers=("cpu", "cuda"), opset=FUSED_OPSET,
                                         nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY))
         tok = _write_tokenizer(tmp, src)
-        dims = layout.dims
+        dims = layout.dims if route == "direct" else fallback_dims
         if max_context:
             dims = _replace(dims, max_context=min(max_context, dims.max_context))
         manifest = mf.Manifest(

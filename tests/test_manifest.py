@@ -175,6 +175,45 @@ def test_malformed_manifest(package, breakage):
         Manifest.from_dict(d)
 
 
+def _paths(node, prefix=()):
+    """Every (container path, key) in a JSON tree."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield prefix, k
+        yield from _paths(v, prefix + (k,))
+
+
+def test_fuzzed_manifests_fail_only_with_package_errors(package):
+    """Random deletions and type swaps anywhere in the tree: a Manifest or a PackageError, never
+    a raw KeyError / TypeError / ValueError / AttributeError."""
+    import random
+
+    seed = random.SystemRandom().randrange(2**31)
+    rng = random.Random(seed)
+    base = Manifest.load(package).to_dict()
+    junk = [None, 0, -1, 2.5, "", "x", [], [1, "a"], {}, {"a": 1}, True]
+    for trial in range(300):
+        d = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            paths = list(_paths(d))
+            if not paths:
+                break
+            prefix, key = rng.choice(paths)
+            parent = d
+            for k in prefix:
+                parent = parent[k]
+            if isinstance(parent, dict) and rng.random() < 0.4:
+                del parent[key]
+            else:
+                parent[key] = copy.deepcopy(rng.choice(junk))
+        try:
+            Manifest.from_dict(d)
+        except PackageError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"seed {seed}, trial {trial}: {type(exc).__name__}: {exc} for {json.dumps(d)[:400]}")
+
+
 @pytest.mark.parametrize("content, match", [
     ("{not json", "not valid JSON"),
     ("[1, 2, 3]", "JSON object"),
