@@ -192,7 +192,8 @@ def main() -> None:
             gdir = work / f"genai-{prec}"
             if not (gdir / "genai_config.json").exists():
                 subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
-                                str(gdir), "-p", prec, "-e", "cuda", "-c", str(work / "genai-cache")], check=False)
+                                str(gdir), "-p", prec, "-e", "cuda", "-c", str(work / "genai-cache")],
+                               check=False, stdout=sys.stderr)
             for b in (1, 16):
                 rows[f"ORT GenAI {prec} b{b}"] = attempt(genai, gdir, b, False)
                 rows[f"ORT GenAI {prec} cuda-graph b{b}"] = attempt(genai, gdir, b, True)

@@ -47,7 +47,9 @@ def load_model(folder: Path):
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, attn_implementation="eager")
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:  # transformers does not know the model_type (or its config)
+        raise _unsupported(_model_type(folder), exc) from exc
+    except OSError as exc:
         raise SourceError(f"the fallback route could not load {folder} with transformers: {exc}") from exc
     return model.eval()
 
@@ -60,7 +62,10 @@ def dims_of(config) -> mf.ModelDims:
     if getattr(config, "sliding_window", None):
         raise ExportError(f"model_type {config.model_type!r} uses a sliding window, which the fallback "
                           f"route does not export (its concat KV cache would outgrow the window)")
-    return model_dims(cfg, f"fallback:{config.model_type}")
+    try:
+        return model_dims(cfg, f"fallback:{config.model_type}")
+    except SourceError as exc:  # no attention heads / layers: not a decoder this route can describe
+        raise _unsupported(config.model_type, exc) from exc
 
 
 def _wrapper(model, num_layers: int):
@@ -136,6 +141,15 @@ def _check_presents(presents, dims: mf.ModelDims, total: int) -> None:
     if len(shapes) != 2 * dims.num_layers or any(sh != expected for sh in shapes):
         raise ExportError(f"expected {dims.num_layers} layers of [batch, kv_heads, seq, head_dim] = {expected} "
                           f"keys and values in the cache, got {shapes}")
+
+
+def _model_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def _unsupported(model_type: str, cause: Exception) -> UnsupportedArchitectureError:
