@@ -135,7 +135,7 @@ def cmd_export(ns) -> int:
 
         raise DependencyError('the exporter is not installed: pip install "portable-infer[export]"') from exc
     out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
-                 verify=not ns.no_verify, overwrite=ns.force, progress=True)
+                 verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route)
     print(out)
     return 0
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-context", type=int, default=None)
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
+    e.add_argument("--route", choices=("auto", "direct", "fallback"), default="auto",
+                   help="direct graph builder, torch.onnx fallback, or auto (direct when the family is registered)")
     e.set_defaults(func=cmd_export)
 
     k = sub.add_parser("pack", help="package directory -> one .pinf file (stored zip; optionally signed)")
