@@ -6,10 +6,9 @@ tokens must equal transformers' on the same GGUF (dequantized to float32) token 
 after ``prompt + ours[:k]`` must be ``ours[k]`` for every k, which holds exactly when greedy
 decoding of the reference yields ``ours`` (by induction on k), at a fraction of the cost.
 
-Parity runs on the portable variant: the fused one (what ``load()`` picks on CPU) runs its 8-bit
-lm_head at MatMulNBits ``accuracy_level=4`` (int8 activations), so it is not float-exact. The
-invariants (batch == single) hold for both, and the user-facing tests (chat, CLI) run on
-whatever ``load()`` picks.
+Parity runs on both graph variants: the fused one (what ``load()`` picks on CPU) keeps float
+activations in every MatMulNBits (accuracy level 1; its 8-bit lm_head runs as two exact 4-bit
+halves), so it is float-exact too. The user-facing tests (chat, CLI) run on what ``load()`` picks.
 """
 
 from __future__ import annotations
@@ -91,9 +90,9 @@ def reference_disagreement(reference, prompt: list, ours: list) -> str | None:
 
 # --- parity ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("question", QUESTIONS[:3])
-def test_greedy_equals_transformers(portable, reference, question):
-    prompt = chat_ids(portable, question)
-    ours = portable.generate_ids(prompt, max_new_tokens=PARITY_TOKENS, ignore_eos=True)
+def test_greedy_equals_transformers(variant_model, reference, question):
+    prompt = chat_ids(variant_model, question)
+    ours = variant_model.generate_ids(prompt, max_new_tokens=PARITY_TOKENS, ignore_eos=True)
     assert len(ours) == PARITY_TOKENS
     problem = reference_disagreement(reference, prompt, ours)
     assert problem is None, f"{question!r}: {problem}"
