@@ -8,7 +8,7 @@ to ``benchmarks/results/cpu.json``. The protocol itself is in ``runners/common.p
 Usage (from the repository root, in the project venv)::
 
     .venv/bin/python benchmarks/compare_cpu.py [--runs 3] [--only NAME ...] [--skip-setup]
-                                               [--package DIR]
+                                               [--package DIR] [--threads 2] [--results FILE]
 """
 
 from __future__ import annotations
@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--package", type=Path, default=DEFAULT_PACKAGE,
                         help=f"portable_infer model package (default {DEFAULT_PACKAGE})")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the JSON goes (default benchmarks/results/cpu.json); point "
+                             "partial --only runs elsewhere to keep the full table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.runs < 1:
@@ -218,8 +221,8 @@ def main() -> None:
     results = [run_runner(name, args.runs, args.threads, args.package) for name in names]
     table = markdown_table(results, args.threads, args.runs)
     print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
@@ -231,7 +234,7 @@ def main() -> None:
         "results": results,
         "table_markdown": table,
     }, indent=2) + "\n")
-    logger.info("wrote %s", RESULTS.relative_to(setup.REPO))
+    logger.info("wrote %s", args.results)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ def build(args) -> common.Runtime:
                 p.n_ctx = batch_ctx_tokens
                 p.n_batch = p.n_ubatch = batch_ctx_tokens
                 p.n_seq_max = len(common.PROMPTS)
+                # One KV buffer for all sequences: llama.h warns that separate per-sequence
+                # buffers (kv_unified = false) can be slow with n_seq_max > 1, and here they are.
+                p.kv_unified = True
                 p.n_threads = p.n_threads_batch = args.threads
                 self._batch_ctx = llama_cpp.llama_init_from_model(self.llm._model.model, p)
                 if not self._batch_ctx:

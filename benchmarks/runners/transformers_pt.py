@@ -1,4 +1,4 @@
-"""transformers + PyTorch, fp32, on the HF folder dequantized from the GGUF (eager, KV cache)."""
+"""transformers + PyTorch, fp32, on the HF folder dequantized from the GGUF (model.generate)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def build(args) -> common.Runtime:
 
     return common.Runtime(
         load=load, generate=generate, teacher_forced=teacher_forced,
-        files=sorted(args.model.glob("*.safetensors")),
+        files=[args.model],
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         notes="model.generate (default attention, DynamicCache)",
     )
