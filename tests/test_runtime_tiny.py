@@ -93,17 +93,19 @@ def test_batch_equals_one_by_one(model, rng):
 
 
 def test_greedy_equals_transformers(model, tiny_llama, rng):
+    """Our greedy tokens are transformers' greedy tokens. Checked teacher-forced on our sequence:
+    at every step the reference's logit for our token must be its maximum, up to 1e-4 (random tiny
+    models have near-ties, where either choice is greedy and the sequences may then part)."""
     hf = tiny_llama.model
-    hf.generation_config.eos_token_id = None  # ours runs with ignore_eos: no early stop there either
     for n in (1, 6, 13):
         ids = prompt(rng, n)
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, n, dtype=torch.long),
-                              max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
-        ref = out[0, n:].tolist()
-        assert len(ref) == STEPS
         ours = model.generate_ids(ids, max_new_tokens=STEPS, ignore_eos=True)
-        assert ours == ref, f"{TAG} prompt {ids}: ours {ours} vs transformers {ref}"
+        assert len(ours) == STEPS
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + ours])).logits[0, n - 1:-1].numpy()
+        gap = logits.max(-1) - logits[np.arange(STEPS), ours]
+        assert gap.max() <= 1e-4, (f"{TAG} prompt {ids}: step {int(gap.argmax())} chose {ours[int(gap.argmax())]}, "
+                                   f"{gap.max():.3g} below transformers' best {int(logits[int(gap.argmax())].argmax())}")
 
 
 def test_forward_logits_match_transformers(model, tiny_llama, rng):
