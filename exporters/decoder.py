@@ -34,7 +34,6 @@ I64 = TensorProto.INT64
 
 class DecoderBuilder:
     logits_positions = "sequence"  # logits for every position (teacher forcing, verification)
-    head_accuracy: int | None = None  # MatMulNBits accuracy of the lm_head (None: the store's)
 
     def __init__(self, layout: DecoderLayout, store: WeightStore):
         self.L = layout
@@ -100,7 +99,7 @@ class DecoderBuilder:
         lm = self.name("lm_head")
         if self.d.tie_word_embeddings or lm is None:
             lm = self.req("embed")
-        logits = self.w.linear(h, lm, bits=self._embed_bits(), accuracy=self.head_accuracy)
+        logits = self.w.linear(h, lm, bits=self._embed_bits())
         if self.dtype != np.float32:
             logits = g.cast(logits, F32)
         if self.L.final_logit_softcap:
@@ -140,8 +139,8 @@ class DecoderBuilder:
         g = self.g
         S = g.shape(ids, 1, 2)
         T = g.shape(mask, 1, 2)
-        kpos = g.op("Range", [self._scalar(0), g.op("Squeeze", [T]), self._scalar(1)])
-        qpos = g.op("Range", [g.op("Squeeze", [g.sub(T, S)]), g.op("Squeeze", [T]), self._scalar(1)])
+        kpos = g.op("Range", [g.const(0), g.op("Squeeze", [T]), g.const(1)])
+        qpos = g.op("Range", [g.op("Squeeze", [g.sub(T, S)]), g.op("Squeeze", [T]), g.const(1)])
         k_row, q_col = g.unsqueeze(kpos, [0]), g.unsqueeze(qpos, [1])
         allowed = g.op("LessOrEqual", [k_row, q_col])  # [S, T]
         window = self.d.sliding_window if layer_type == "sliding_attention" else None
@@ -152,8 +151,6 @@ class DecoderBuilder:
         rep = self.d.num_heads // self.d.num_kv_heads
         return allowed if rep == 1 else g.op("Tile", [allowed, g.const([1, 1, rep, 1])])
 
-    def _scalar(self, v: int) -> str:
-        return self.g.const(v)
 
     def rope_tables(self, pos: str, layer_type: str) -> tuple[str, str]:
         """cos, sin [B, 1, S, rotary_dim] from position_ids and the layer type's frequencies."""

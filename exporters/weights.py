@@ -77,10 +77,7 @@ class WeightStore:
         if key in self._emitted:
             return self._emitted[key]
         g, base = self.g, _init_name(name, "nbits")
-        w = self.source.get(name)
-        # as in _emit: Conv1D linears are [in, out], the (tied) wte table is [vocab, hidden]
-        if self.transposed and not isinstance(w, Blocks) and "wte" not in name:
-            w = w.T
+        w = self._matrix(name)
         if not isinstance(w, Blocks):
             w = quantize(w, bits)
         n_out, n_in = w.shape
@@ -185,13 +182,18 @@ class WeightStore:
     def _dense(self, w) -> np.ndarray:
         return w.dequantize() if isinstance(w, Blocks) else np.asarray(w, dtype=np.float32)
 
+    def _matrix(self, name: str, table: bool = False):
+        """A source matrix in HF Linear layout [out, in]. GPT-2's Conv1D linears are stored
+        [in, out]; its embedding tables (wte, tied to the lm_head, and wpe) are [rows, hidden]."""
+        w = self.source.get(name)
+        if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
+            w = w.T
+        return w
+
     def _emit(self, name: str, bits: int | None, packed4: bool = True, table: bool = False) -> dict:
         if name in self._emitted:
             return self._emitted[name]
-        w = self.source.get(name)
-        # Embedding tables (GPT-2 wte and wpe) are [rows, hidden] even where linears are Conv1D.
-        if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
-            w = w.T
+        w = self._matrix(name, table)
         n_out, n_in = w.shape
         if bits is not None and n_in % BLOCK:
             logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, BLOCK)
