@@ -53,7 +53,7 @@ class DecoderBuilder:
         pasts = [tuple(g.input(n, self.kv_type, kv_shape) for n in mf.past_names(i)) for i in range(d.num_layers)]
 
         h = self.embed(ids, pos)
-        masks = {t: self.attention_mask(ids, mask, t) for t in set(d.layer_types)}
+        masks = {t: self.attention_inputs(ids, mask, t) for t in set(d.layer_types)}
         ropes = {t: self.rope_tables(pos, t) for t in set(d.layer_types)} if self.L.positions == "rope" else {}
         presents, delta = [], None
         for i in range(d.num_layers):
@@ -96,16 +96,20 @@ class DecoderBuilder:
     def head(self, h: str, delta: str) -> str:
         g = self.g
         h, _ = self.add_norm(h, delta, "final_norm")
-        lm = self.name("lm_head")
-        if self.d.tie_word_embeddings or lm is None:
-            lm = self.req("embed")
-        logits = self.w.linear(h, lm, bits=self._embed_bits())
+        logits = self.lm_head(h)
         if self.dtype != np.float32:
             logits = g.cast(logits, F32)
         if self.L.final_logit_softcap:
             cap = g.const(self.L.final_logit_softcap, np.float32)
             logits = g.mul(g.tanh(g.div(logits, cap)), cap)
         return logits
+
+    def lm_head_name(self) -> str:
+        lm = self.name("lm_head")
+        return self.req("embed") if self.d.tie_word_embeddings or lm is None else lm
+
+    def lm_head(self, h: str) -> str:
+        return self.w.linear(h, self.lm_head_name(), bits=self._embed_bits())
 
     # --- norms --------------------------------------------------------------------------------
     def add_norm(self, h: str, delta: str | None, role: str, i: int | None = None) -> tuple[str, str]:
@@ -130,8 +134,14 @@ class DecoderBuilder:
         return y if self.dtype == np.float32 else g.cast(y, self.kv_type)
 
     # --- attention helpers --------------------------------------------------------------------
-    def attention_mask(self, ids: str, mask: str, layer_type: str) -> str:
-        """Boolean [B, 1, rep*S, T]: True where query s may attend to key t.
+    def attention_inputs(self, ids: str, mask: str, layer_type: str) -> str:
+        """What :meth:`attention` takes besides q/k/v: the visibility mask, tiled to [B, 1, rep*S, T]."""
+        rep = self.d.num_heads // self.d.num_kv_heads
+        allowed = self.visible(ids, mask, layer_type)
+        return allowed if rep == 1 else self.g.op("Tile", [allowed, self.g.const([1, 1, rep, 1])])
+
+    def visible(self, ids: str, mask: str, layer_type: str) -> str:
+        """Boolean [B, 1, S, T]: True where query s may attend to key t.
 
         Query s sits at absolute index T - S + s. A key is visible when it is not after the
         query, is not padding, and (sliding layers) lies within the window.
@@ -147,9 +157,7 @@ class DecoderBuilder:
         if window:
             allowed = g.op("And", [allowed, g.op("Greater", [k_row, g.sub(q_col, g.const(window))])])
         pad = g.unsqueeze(g.cast(mask, TensorProto.BOOL), [1, 2])  # [B, 1, 1, T]
-        allowed = g.op("And", [allowed, pad])  # [B, 1, S, T]
-        rep = self.d.num_heads // self.d.num_kv_heads
-        return allowed if rep == 1 else g.op("Tile", [allowed, g.const([1, 1, rep, 1])])
+        return g.op("And", [allowed, pad])  # [B, 1, S, T]
 
 
     def rope_tables(self, pos: str, layer_type: str) -> tuple[str, str]:
@@ -178,28 +186,13 @@ class DecoderBuilder:
         return self.g.transpose(self.g.reshape(x, [0, 0, n, self.d.head_dim]), [0, 2, 1, 3])
 
     # --- one layer ----------------------------------------------------------------------------
-    def layer(self, i: int, h: str, delta: str | None, past: tuple, mask: str, rope: tuple | None):
+    def layer(self, i: int, h: str, delta: str | None, past: tuple, mask, rope: tuple | None):
         """One block. The residual add of the previous block's output (``delta``) happens here,
         next to the norm that follows it, so the fused variant can make it one op."""
-        g, d, w, L = self.g, self.d, self.w, self.L
-        H, KVH, D = d.num_heads, d.num_kv_heads, d.head_dim
+        w, L = self.w, self.L
         x, h = self.add_norm(h, delta, "attn_norm", i)
-        if self.name("qkv", i):
-            qkv = w.linear(x, self.req("qkv", i), self.name("qkv_bias", i))
-            q, k, v = g.split(qkv, [H * D, KVH * D, KVH * D], axis=-1)
-        else:
-            q, k, v = (w.linear(x, self.req(r, i), self.name(r + "_bias", i)) for r in ("q", "k", "v"))
-        if L.qk_norm:
-            q = self.norm(g.reshape(q, [0, 0, H, D]), "q_norm", i)
-            k = self.norm(g.reshape(k, [0, 0, KVH, D]), "k_norm", i)
-        q, k, v = self.heads(q, H), self.heads(k, KVH), self.heads(v, KVH)
-        if rope is not None:
-            q, k = self.rope(q, rope), self.rope(k, rope)
-        # The concatenations are the present outputs themselves (no Identity copy of the cache).
-        k_name, v_name = mf.present_names(i)
-        k = g.op("Concat", [past[0], k], name=k_name, axis=2)
-        v = g.op("Concat", [past[1], v], name=v_name, axis=2)
-        attn = self.attention(q, k, v, mask)
+        q, k, v = self.qkv(x, i)
+        attn, k, v = self.self_attention(i, q, k, v, past, mask, rope)
         attn = w.linear(attn, self.req("o", i), self.name("o_bias", i))
         if L.sandwich_norm:
             attn = self.norm(attn, "post_attn_norm", i)
@@ -208,6 +201,37 @@ class DecoderBuilder:
         if L.sandwich_norm:
             m = self.norm(m, "post_mlp_norm", i)
         return h, m, k, v
+
+    def projections(self, x: str, i: int, roles: tuple, sizes: list) -> list:
+        """Several linears of the same input (q/k/v, gate/up). The portable graph keeps them
+        apart; the fused one stacks their weights into one matmul where the formats agree."""
+        return [self.w.linear(x, self.req(r, i), self.name(r + "_bias", i)) for r in roles]
+
+    def qkv(self, x: str, i: int) -> tuple[str, str, str]:
+        """q [B, S, H*D], k and v [B, S, KVH*D] (q/k normed per head where the model does)."""
+        g, d = self.g, self.d
+        H, KVH, D = d.num_heads, d.num_kv_heads, d.head_dim
+        if self.name("qkv", i):
+            qkv = self.w.linear(x, self.req("qkv", i), self.name("qkv_bias", i))
+            q, k, v = g.split(qkv, [H * D, KVH * D, KVH * D], axis=-1)
+        else:
+            q, k, v = self.projections(x, i, ("q", "k", "v"), [H * D, KVH * D, KVH * D])
+        if self.L.qk_norm:
+            q = g.reshape(self.norm(g.reshape(q, [0, 0, H, D]), "q_norm", i), [0, 0, H * D])
+            k = g.reshape(self.norm(g.reshape(k, [0, 0, KVH, D]), "k_norm", i), [0, 0, KVH * D])
+        return q, k, v
+
+    def self_attention(self, i: int, q: str, k: str, v: str, past: tuple, mask: str, rope: tuple | None):
+        """Attention over past + new keys: (output [B, S, H*D], present key, present value)."""
+        g, d = self.g, self.d
+        q, k, v = self.heads(q, d.num_heads), self.heads(k, d.num_kv_heads), self.heads(v, d.num_kv_heads)
+        if rope is not None:
+            q, k = self.rope(q, rope), self.rope(k, rope)
+        # The concatenations are the present outputs themselves (no Identity copy of the cache).
+        k_name, v_name = mf.present_names(i)
+        k = g.op("Concat", [past[0], k], name=k_name, axis=2)
+        v = g.op("Concat", [past[1], v], name=v_name, axis=2)
+        return self.attention(q, k, v, mask), k, v
 
     def attention(self, q: str, k: str, v: str, allowed: str) -> str:
         """Grouped-query attention without repeating K/V.
@@ -244,6 +268,5 @@ class DecoderBuilder:
         if self.name("gate_up", i):
             gate, up = g.split(w.linear(x, self.req("gate_up", i)), [I, I], axis=-1)
         else:
-            gate = w.linear(x, self.req("gate", i), self.name("gate_bias", i))
-            up = w.linear(x, self.req("up", i), self.name("up_bias", i))
+            gate, up = self.projections(x, i, ("gate", "up"), [I, I])
         return w.linear(g.mul(self.act(gate), up), self.req("down", i), self.name("down_bias", i))

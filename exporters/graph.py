@@ -135,9 +135,11 @@ class GraphBuilder:
         return self._consts[key]
 
     # --- nodes ----------------------------------------------------------------------------
-    def op(self, op_type: str, inputs: list, n_out: int = 1, name: str | None = None,
+    def op(self, op_type: str, inputs: list, n_out: int = 1, name: str | list | None = None,
            domain: str = "", **attrs):
-        outs = [name] if (name and n_out == 1) else [self.fresh(op_type.lower()) for _ in range(n_out)]
+        """One node; ``name`` names its output (a list: its outputs, None entries get fresh names)."""
+        names = name if isinstance(name, list) else [name] * (n_out == 1) or [None] * n_out
+        outs = [n or self.fresh(op_type.lower()) for n in names]
         if domain:
             self.domains.setdefault(domain, 1)
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(op_type),

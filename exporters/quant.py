@@ -55,6 +55,18 @@ class Blocks:
         return Blocks(self.kind, self.q[index], self.scale[index], pick(self.zero),
                       pick(self.offset), self.block)
 
+    @staticmethod
+    def concat_rows(parts: list["Blocks"]) -> "Blocks | None":
+        """Matrices stacked along rows (output features) when their block formats agree, else None."""
+        first = parts[0]
+        same = all(p.kind == first.kind and p.block == first.block and p.q.shape[1] == first.q.shape[1]
+                   and (p.zero is None) == (first.zero is None) and (p.offset is None) == (first.offset is None)
+                   for p in parts)
+        if not same:
+            return None
+        cat = lambda a: None if getattr(first, a) is None else np.concatenate([getattr(p, a) for p in parts])  # noqa: E731
+        return Blocks(first.kind, cat("q"), cat("scale"), cat("zero"), cat("offset"), first.block)
+
     def split_rows(self, sizes: list[int]) -> list["Blocks"]:
         bounds = np.cumsum([0] + list(sizes))
         return [self.take_rows(np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -29,7 +29,7 @@ class WeightStore:
     """Fetches source tensors, converts them to the package precision and emits them."""
 
     def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False,
-                 nbits_accuracy: int | None = None):
+                 nbits_accuracy: int | None = None, head_accuracy: int | None = None):
         self.g = g
         self.source = source
         self.precision = precision
@@ -40,11 +40,32 @@ class WeightStore:
         # Fused variant: block weights go to com.microsoft MatMulNBits with this accuracy level
         # (None = portable DequantizeLinear + MatMul).
         self.nbits_accuracy = nbits_accuracy
-        self.split8 = nbits_accuracy == 1
+        self.head_accuracy = head_accuracy or nbits_accuracy  # the lm_head (and tied table)
+        self.split8 = self.head_accuracy == 1
+        self._stacked: dict[str, object] = {}  # virtual tensors: row-stacked source matrices
+
+    def stack(self, names: list[str], key: str) -> str | None:
+        """Register the row-wise stack of [out, in] weights (or of biases) under ``key``, so one
+        matmul computes q/k/v or gate/up; None when their storage formats differ."""
+        parts = [self._matrix(n) for n in names]
+        if all(isinstance(p, Blocks) for p in parts):
+            w = Blocks.concat_rows(parts)
+        elif not any(isinstance(p, Blocks) for p in parts):
+            w = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        else:
+            w = None
+        if w is None:
+            return None
+        self._stacked[key] = w
+        return key
+
+    def _get(self, name: str):
+        """A source tensor, or a stacked one (handed out once: it is emitted once)."""
+        return self._stacked.pop(name) if name in self._stacked else self.source.get(name)
 
     # --- small float tensors (norms, biases) --------------------------------------------------
     def vector(self, name: str, dtype=None, add: float = 0.0) -> str:
-        w = self._dense(self.source.get(name)) + np.float32(add)
+        w = self._dense(self._get(name)) + np.float32(add)
         return self.g.weight(_init_name(name, "f" if add == 0 else "f1"), w.astype(dtype or self.dtype))
 
     # --- linear layers ------------------------------------------------------------------------
@@ -140,6 +161,19 @@ class WeightStore:
             w = g.add(w, g.unsqueeze(g.gather(t["offset_rows"], ids), [-1]))
         return g.reshape(w, [0, 0, t["n_in"]])
 
+    def refine_top(self, x: str, logits: str, name: str, k: int) -> str:
+        """Float logits for the k best candidates of a head computed with int8 activations, so
+        greedy picks match float arithmetic (near-ties flip otherwise) for k table rows' work::
+
+            logits --TopK--> idx [B, 1, k] --table rows--> [B, k, E] --x·rowsᵀ--> [B, 1, k]
+            ScatterElements(logits, idx, exact)
+        """
+        g = self.g
+        _, idx = g.op("TopK", [logits, g.const([k])], n_out=2, axis=-1)
+        rows = self._embedding_nbits(g.op("Squeeze", [idx, g.const([1])]), name)
+        exact = g.matmul(x, g.transpose(rows, [0, 2, 1]))
+        return g.op("ScatterElements", [logits, idx, exact], axis=-1)
+
     def _unpack4(self, packed: str, t: dict) -> str:
         """[B, S, blocks, block/2] packed bytes -> [B, S, blocks, block] values (low nibble first)."""
         g = self.g
@@ -185,6 +219,8 @@ class WeightStore:
     def _matrix(self, name: str, table: bool = False):
         """A source matrix in HF Linear layout [out, in]. GPT-2's Conv1D linears are stored
         [in, out]; its embedding tables (wte, tied to the lm_head, and wpe) are [rows, hidden]."""
+        if name in self._stacked:
+            return self._stacked.pop(name)
         w = self.source.get(name)
         if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
             w = w.T

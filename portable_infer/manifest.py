@@ -117,6 +117,9 @@ class GraphVariant:
     outputs: tuple
     kv: KVLayout
     logits: str = "all"  # "all" positions or "last" position only
+    # "masked" (MatMul/Softmax, any call shape) or "gqa" (GroupQueryAttention: ONNX Runtime
+    # refuses batch > 1 with several new tokens after a past; the engine splits such calls by row)
+    attention: str = "masked"
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphVariant":
@@ -126,6 +129,7 @@ class GraphVariant:
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             kv=KVLayout.from_dict(d["kv"]), logits=d.get("logits", "all"),
+            attention=d.get("attention", "masked"),
         )
 
 

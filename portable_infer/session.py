@@ -76,6 +76,8 @@ class Engine:
         Returns logits [B, vocab] of the last position ([B, S, vocab] with ``all_logits``).
         """
         s = ids.shape[1]
+        if self.variant.attention == "gqa" and ids.shape[0] > 1 and s > 1 and cache.length:
+            return self._forward_by_row(ids, mask, cache, all_logits)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -s:]
         b = self.session.io_binding()
         b.bind_cpu_input(mf.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
@@ -93,3 +95,20 @@ class Engine:
         cache.update([(presents[2 * i], presents[2 * i + 1]) for i in range(len(presents) // 2)], s)
         logits = out[0].numpy()
         return logits if all_logits else logits[:, -1, :]
+
+    def _forward_by_row(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        """Several new tokens after a past, batch > 1: ONNX Runtime's GroupQueryAttention refuses
+        that call shape, so each row runs on its own and the presents are stacked again."""
+        def value(a):
+            return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+
+        past = [(k.numpy(), v.numpy()) for k, v in cache.values]
+        logits, rows = [], []
+        for b in range(ids.shape[0]):
+            row = KVCache(cache.layout, 1, [(value(k[b:b + 1]), value(v[b:b + 1])) for k, v in past], cache.length)
+            logits.append(self.forward(ids[b:b + 1], mask[b:b + 1], row, all_logits))
+            rows.append([(k.numpy(), v.numpy()) for k, v in row.values])
+        stacked = [(value(np.concatenate([r[i][0] for r in rows])), value(np.concatenate([r[i][1] for r in rows])))
+                   for i in range(len(past))]
+        cache.update(stacked, ids.shape[1])
+        return np.concatenate(logits)
