@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import __version__
 from .errors import DependencyError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION
 
@@ -27,7 +28,8 @@ def home() -> Path:
 
 
 def default_package_dir() -> Path:
-    return home() / "models" / f"{DEFAULT_MODEL}-{DEFAULT_PRECISION}-s{SCHEMA_VERSION}"
+    # Keyed by the library version: a release with better graphs exports the default model anew.
+    return home() / "models" / f"{DEFAULT_MODEL}-{DEFAULT_PRECISION}-s{SCHEMA_VERSION}-v{__version__}"
 
 
 def ensure_default_model(progress: bool = False) -> Path:

@@ -417,6 +417,32 @@ def test_int4_export_of_every_family_runs_and_tracks_the_reference(exported: Exp
         assert rel <= 1e-3, f"{exported.tag()} int4 {name} differs from portable by {rel:.2e} (relative)"
 
 
+HEAD_CASES = [c for c in CASES if c.id in ("llama-gqa-untied", "llama-mqa-tied")]
+
+
+@pytest.mark.parametrize("exported", HEAD_CASES, indirect=True, ids=lambda c: c.id)
+def test_int8_activation_head_refines_its_top_candidates_in_float(exported: Exported, tmp_path):
+    """The default fused int4 head runs with int8 activations and recomputes its top 16 logits in
+    float: those (and so the greedy pick) equal the float-activation head's; the rest stay close."""
+    pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False, variants=("fused",))
+    exact = export(exported.source, tmp_path / "int4-exact", precision="int4", verify=False, variants=("fused",),
+                   head_accuracy=1)
+    rng = np.random.default_rng(exported.seed + 7)
+    ids = exported.ids(rng, (2, SEQ))
+    out = {}
+    for p in (pkg, exact):
+        v = Manifest.load(p).variant("fused")
+        dec = OnnxDecoder(p / v.file, v)
+        out[p] = dec.run(ids, np.ones_like(ids), dec.empty_past(2))[0][:, -1]
+    fast, ref = out[pkg], out[exact]
+    top = np.argsort(-ref, axis=-1)[:, :8]
+    _, rel_top = rel_diff(np.take_along_axis(fast, top, -1), np.take_along_axis(ref, top, -1))
+    assert rel_top <= 1e-5, f"{exported.tag()} refined top logits differ by {rel_top:.2e}"
+    assert (fast.argmax(-1) == ref.argmax(-1)).all(), exported.tag()
+    _, rel_all = rel_diff(fast, ref)
+    assert 0 < rel_all <= 5e-2, f"{exported.tag()} int8-activation head: {rel_all:.2e} from the float one"
+
+
 # --- precisions (one llama) -------------------------------------------------------------------------
 PRECISION_CASE = CASES[0]
 PRECISION_SEED = 0

@@ -129,3 +129,24 @@ def test_stream_generate_without_tokenizer_yields_tokens(model, rng):
     rs = list(model.stream_generate(ids, max_new_tokens=5, ignore_eos=True))
     assert [r.token for r in rs] == model.generate_ids(ids, max_new_tokens=5, ignore_eos=True)
     assert rs[-1].finish_reason == "length" and rs[0].prompt_tokens == 4
+
+
+def test_multi_token_continuation_of_a_left_padded_batch(model, rng):
+    """Several new tokens after a past, batch 2, left padding: what a row gets equals running it
+    alone (the fused graph's GroupQueryAttention refuses this call shape; the engine splits it)."""
+    engine, short, long_ = model.engine, prompt(rng, 4), prompt(rng, 7)
+    more = [prompt(rng, 3), prompt(rng, 3)]
+    pad = len(long_) - len(short)
+    ids = np.asarray([[0] * pad + short, long_], np.int64)
+    mask = np.asarray([[0] * pad + [1] * len(short), [1] * len(long_)], np.int64)
+    cache = engine.new_cache(2)
+    engine.forward(ids, mask, cache)
+    mask2 = np.concatenate([mask, np.ones((2, 3), np.int64)], axis=1)
+    both = engine.forward(np.asarray(more, np.int64), mask2, cache)
+    assert cache.length == len(long_) + 3
+    for row, (p, m) in enumerate(zip((short, long_), more)):
+        alone = model.forward_logits(p + m)[-1]
+        diff = float(np.abs(both[row] - alone).max())
+        assert diff <= LOGIT_TOL, f"{TAG} {model.variant} row {row} differs from running alone by {diff:.2e}"
+    nxt = engine.forward(np.asarray([[5], [6]], np.int64), np.concatenate([mask2, np.ones((2, 1), np.int64)], 1), cache)
+    assert nxt.shape == (2, 256) and np.isfinite(nxt).all()
