@@ -64,11 +64,11 @@ def prompts(batch: int, seed: int = 0) -> list:
     return rng.integers(3, SHAPE["vocab_size"], (batch, PROMPT)).tolist()
 
 
-def ours(pkg: Path, batch: int) -> dict:
+def ours(pkg: Path, batch: int, static_kv: bool = False) -> dict:
     import portable_infer
     from portable_infer.generate import BatchDecoder
 
-    m = portable_infer.load(pkg, providers="cuda", strict=True, check="size")
+    m = portable_infer.load(pkg, providers="cuda", strict=True, check="size", static_kv=static_kv)
     ps = prompts(batch)
     rates, ttft = [], []
     for run in range(RUNS + 1):
@@ -78,8 +78,9 @@ def ours(pkg: Path, batch: int) -> dict:
         if run:  # the first run is the warm-up
             rates.append(batch * dec.timings["decode_steps"] / dec.timings["decode_s"])
             ttft.append(dec.timings["prefill_s"] * 1000)
-    return {"provider": m.provider, "variant": m.variant, "decode_tok_s": statistics.median(rates),
-            "ttft_ms": statistics.median(ttft)}
+    graphs = getattr(m.engine, "cuda_graph", False)
+    return {"provider": m.provider, "variant": m.variant + (" + CUDA graphs" if graphs else ""),
+            "decode_tok_s": statistics.median(rates), "ttft_ms": statistics.median(ttft)}
 
 
 def correctness(pkgs: dict) -> dict:
@@ -99,6 +100,13 @@ def correctness(pkgs: dict) -> dict:
         agree += int((logits[len(p) - 1:-1].argmax(-1) == np.asarray(g)).sum())
         total += len(g)
     out["fp32_gpu_equals_cpu_prompts"] = f"{same}/3"
+    for prec in ("fp32", "fp16"):  # the CUDA-graph decode loop gives the fused graph's tokens
+        st = portable_infer.load(pkgs[prec], providers="cuda", strict=True, check="size", static_kv=True)
+        ref = fp32_gpu if prec == "fp32" else fp16
+        ps = prompts(4, seed=200)
+        out[f"{prec}_static_graph_equals_fused"] = (
+            f"{sum(a == b for a, b in zip(st.batch_generate_ids(ps, max_new_tokens=NEW, ignore_eos=True), ref.batch_generate_ids(ps, max_new_tokens=NEW, ignore_eos=True)))}/4"
+            f" ({'CUDA graphs' if st.engine.cuda_graph else 'no graphs'})")
     out["fp16_top1_agreement"] = f"{agree}/{total} ({agree / total:.1%})"
     return out
 
@@ -171,7 +179,8 @@ def main() -> None:
         pkgs[prec] = work / f"pkg-{prec}"
         if not (pkgs[prec] / "manifest.json").exists():
             t = time.perf_counter()
-            export(hf, pkgs[prec], precision=prec, verify=False, overwrite=True)
+            export(hf, pkgs[prec], precision=prec, verify=False, overwrite=True,
+                   variants=("portable", "fused", "static"))
             log(f"exported {prec} in {time.perf_counter() - t:.1f}s")
 
     results = {"device": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -183,6 +192,7 @@ def main() -> None:
     for prec in ("fp16", "int4"):
         for b in (1, 16):
             rows[f"portable_infer {prec} b{b}"] = attempt(ours, pkgs[prec], b)
+            rows[f"portable_infer {prec} static KV b{b}"] = attempt(ours, pkgs[prec], b, True)
             log(rows)
     results["correctness"] = attempt(correctness, pkgs)
     for b in (1, 16):

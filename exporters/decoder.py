@@ -34,6 +34,9 @@ I64 = TensorProto.INT64
 
 class DecoderBuilder:
     logits_positions = "sequence"  # logits for every position (teacher forcing, verification)
+    position_input = True  # position_ids is a graph input
+    kv_dims = ("past_sequence", "total_sequence")  # past and present lengths: the cache grows
+    kv_growth = "concat"
 
     def __init__(self, layout: DecoderLayout, store: WeightStore):
         self.L = layout
@@ -48,8 +51,8 @@ class DecoderBuilder:
         g, d = self.g, self.d
         ids = g.input(mf.INPUT_IDS, I64, ["batch", "sequence"])
         mask = g.input(mf.ATTENTION_MASK, I64, ["batch", "total_sequence"])
-        pos = g.input(mf.POSITION_IDS, I64, ["batch", "sequence"])
-        kv_shape = ["batch", d.num_kv_heads, "past_sequence", d.head_dim]
+        pos = g.input(mf.POSITION_IDS, I64, ["batch", "sequence"]) if self.position_input else None
+        kv_shape = ["batch", d.num_kv_heads, self.kv_dims[0], d.head_dim]
         pasts = [tuple(g.input(n, self.kv_type, kv_shape) for n in mf.past_names(i)) for i in range(d.num_layers)]
 
         h = self.embed(ids, pos)
@@ -63,7 +66,7 @@ class DecoderBuilder:
             if on_layer is not None:
                 on_layer(1)
         g.output(self.head(h, delta), mf.LOGITS, F32, ["batch", self.logits_positions, d.vocab_size])
-        out_shape = ["batch", d.num_kv_heads, "total_sequence", d.head_dim]
+        out_shape = ["batch", d.num_kv_heads, self.kv_dims[1], d.head_dim]
         for i, kv in enumerate(presents):
             for value, name in zip(kv, mf.present_names(i)):
                 g.output(value, name, self.kv_type, out_shape)

@@ -25,6 +25,7 @@ from .architectures import MODEL_TYPES, family_for
 from .architectures.common import check_shapes
 from .decoder import DecoderBuilder
 from .fused import FusedDecoderBuilder
+from .static import StaticDecoderBuilder
 from .graph import ExternalDataWriter, GraphBuilder
 from .sources import open_source, source_sha256, tokenizer_assets
 from .weights import PRECISION_BITS, WeightStore
@@ -42,13 +43,15 @@ FUSED_OPSET = 21
 # gate; layers at 1 and only the lm_head (Q8_0 table) at 4 -> 127/128, perplexity -0.3 %.
 DEFAULT_NBITS_ACCURACY = 1
 DEFAULT_HEAD_ACCURACY = 4
-VARIANTS = ("portable", "fused")
+VARIANTS = ("portable", "fused", "static")  # static: fixed KV buffers for CUDA graphs (opt-in)
+DEFAULT_VARIANTS = ("portable", "fused")
+STATIC_FILE = "model.static.onnx"
 ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
-           progress: bool = False, variants=VARIANTS, nbits_accuracy: int | None = None,
+           progress: bool = False, variants=DEFAULT_VARIANTS, nbits_accuracy: int | None = None,
            head_accuracy: int | None = None, route: str = "auto") -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
@@ -61,8 +64,10 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         verify: compare against the transformers reference and fail on a mismatch.
         overwrite: replace an existing package at ``out``.
         progress: show a progress bar (layers written) on stderr.
-        variants: graph variants to write: "portable" (standard ONNX ops, any provider) and/or
-            "fused" (com.microsoft kernels of the CPU and CUDA providers).
+        variants: graph variants to write: "portable" (standard ONNX ops, any provider),
+            "fused" (com.microsoft kernels of the CPU and CUDA providers) and/or "static" (the
+            fused ops with fixed-size KV buffers, for CUDA graphs; rotary models without
+            sliding windows; it shares the fused graph's weight file).
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
         route: "direct" (our graph builder, registered model_types), "fallback" (torch.onnx export
             of the transformers model; HF folders, fp32, portable variant only) or "auto" (direct
@@ -117,11 +122,23 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         elif "portable" in variants:
             written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
                                         name="portable", providers=("*",), opset=PORTABLE_OPSET))
-        if route == "direct" and "fused" in variants:
-            written.append(_write_graph(tmp, FUSED_FILE, FusedDecoderBuilder, layout, src, precision, progress,
-                                        name="fused", providers=("cpu", "cuda"), opset=FUSED_OPSET,
-                                        nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY,
-                                        head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY))
+        if route == "direct" and {"fused", "static"} & set(variants):
+            if "static" in variants and not StaticDecoderBuilder.supports(layout):
+                raise InvalidArgumentError(
+                    f"the static variant needs full rotary attention without sliding windows; "
+                    f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead")
+            shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))  # fused + static: weights once
+            try:
+                for name, file, builder in (("fused", FUSED_FILE, FusedDecoderBuilder),
+                                            ("static", STATIC_FILE, StaticDecoderBuilder)):
+                    if name in variants:
+                        written.append(_write_graph(
+                            tmp, file, builder, layout, src, precision, progress, name=name,
+                            providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
+                            nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY,
+                            head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY))
+            finally:
+                shared.close()
         tok = _write_tokenizer(tmp, src)
         dims = layout.dims if route == "direct" else fallback_dims
         if max_context:
@@ -168,8 +185,9 @@ def _replace(obj, **changes):
 
 def _write_graph(tmp: Path, file: str, builder, layout, src, precision: str, progress: bool, *, name: str,
                  providers: tuple, opset: int, nbits_accuracy: int | None = None,
-                 head_accuracy: int | None = None) -> mf.GraphVariant:
-    writer = ExternalDataWriter(tmp / (file + ".data"))
+                 head_accuracy: int | None = None, writer: ExternalDataWriter | None = None) -> mf.GraphVariant:
+    own = writer is None
+    writer = writer or ExternalDataWriter(tmp / (file + ".data"))
     try:
         g = GraphBuilder(f"portable_infer_{name}", writer, opset=opset)
         store = WeightStore(g, src, precision, transposed=layout.transposed_weights, nbits_accuracy=nbits_accuracy,
@@ -177,16 +195,17 @@ def _write_graph(tmp: Path, file: str, builder, layout, src, precision: str, pro
         built = builder(layout, store)
         built.build(_progress_bar(progress, layout.dims.num_layers, name))
     finally:
-        writer.close()
+        if own:
+            writer.close()
     model = g.model(producer=f"portable_infer.exporters {__version__}")
     onnx.save(model, str(tmp / file))
     return _variant(name, file, precision, model, layout.dims, providers,
                     logits="all" if builder.logits_positions == "sequence" else "last",
-                    attention=getattr(built, "attention_op", "masked"))
+                    attention=getattr(built, "attention_op", "masked"), growth=builder.kv_growth)
 
 
 def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims, providers,
-             logits: str = "all", attention: str = "masked") -> mf.GraphVariant:
+             logits: str = "all", attention: str = "masked", growth: str = "concat") -> mf.GraphVariant:
     def spec(v):
         t = v.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
@@ -201,7 +220,7 @@ def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims,
         domains=tuple(sorted(o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx"))),
         providers=tuple(providers), inputs=inputs, outputs=tuple(spec(v) for v in model.graph.output),
         kv=mf.KVLayout(layout="BHSD", dtype=kv_dtype, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
-                       growth="concat", past=tuple(mf.past_names(i) for i in range(n)),
+                       growth=growth, past=tuple(mf.past_names(i) for i in range(n)),
                        present=tuple(mf.present_names(i) for i in range(n))),
         logits=logits, attention=attention,
     )

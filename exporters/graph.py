@@ -10,6 +10,7 @@ memory-map them) and are then dropped: an export holds about one weight tensor a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,14 +33,25 @@ NP_TO_ONNX = {
 
 
 class ExternalDataWriter:
-    """Appends raw tensor bytes to one file and hands back ONNX external-data references."""
+    """Appends raw tensor bytes to one file and hands back ONNX external-data references.
+
+    Identical bytes are stored once: a second graph built on the same writer (the static-KV
+    variant beside the fused one) references the first graph's weights instead of copying them.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._f = open(self.path, "wb")
         self._offset = 0
+        self._seen: dict[bytes, tuple[int, int]] = {}
 
     def write(self, raw: bytes) -> tuple[int, int]:
+        key = hashlib.sha256(raw).digest()
+        if key not in self._seen:
+            self._seen[key] = self._append(raw)
+        return self._seen[key]
+
+    def _append(self, raw: bytes) -> tuple[int, int]:
         pad = (-self._offset) % _ALIGN
         if pad:
             self._f.write(b"\0" * pad)

@@ -26,6 +26,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
     p.add_argument("--trust", metavar="PUBKEY.pem", default=None,
                    help="a .pinf bundle must be signed with this Ed25519 key (see docs/edge.md)")
+    p.add_argument("--static-kv", action="store_true",
+                   help="run the package's static-KV variant (fixed buffers; CUDA graphs on CUDA)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +46,8 @@ def _sampling(ns) -> dict:
 def _load(ns):
     from .loader import load
 
-    return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust)
+    return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
+                static_kv=ns.static_kv)
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -135,7 +138,9 @@ def cmd_export(ns) -> int:
 
         raise DependencyError('the exporter is not installed: pip install "portable-infer[export]"') from exc
     out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
-                 verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route)
+                 verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route,
+                 variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()),
+                 nbits_accuracy=ns.accuracy)
     print(out)
     return 0
 
@@ -232,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
     e.add_argument("--max-context", type=int, default=None)
+    e.add_argument("--variants", default="portable,fused",
+                   help="graphs to write: portable, fused, static (fixed KV buffers for CUDA graphs)")
+    e.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
+                   help="MatMulNBits accuracy of the fused layers: 1 float activations (default, "
+                        "exact), 4 int8 activations (faster on CPU, less exact)")
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("--route", choices=("auto", "direct", "fallback"), default="auto",

@@ -93,7 +93,8 @@ class BatchDecoder:
         for i, r in enumerate(self.rows):
             ids[i, width - len(r.prompt):] = r.prompt
             self.mask[i, width - len(r.prompt):] = 1
-        self.cache = self.engine.new_cache(len(self.rows))
+        longest = width + max(r.params.max_new_tokens for r in self.rows)
+        self.cache = self.engine.new_cache(len(self.rows), capacity=min(self.max_context, longest))
         t = time.perf_counter()
         self.logits = self.engine.forward(ids, self.mask, self.cache)
         self.timings["prefill_s"] = time.perf_counter() - t

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat_template import ChatTemplate
-from .errors import PackageError
+from .errors import PackageError, PortableInferError
 from .home import ensure_default_model
 from .manifest import Manifest
 from .model import Model
@@ -29,12 +29,13 @@ class LoadConfig:
     provider_options: dict | None = None
     trust: object = None  # bundles only: the Ed25519 public key (PEM path or bytes) it must be signed with
     max_kv_tokens: int | None = None  # cap on the context (prompt + generated tokens held in the KV cache)
+    static_kv: bool = False  # run the static-KV variant (fixed buffers; CUDA graphs on CUDA)
 
 
 def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
          intra_op_threads: int = 0, accuracy_level: int = 1, check: str = "sha256",
          provider_options: dict | None = None, low_memory: bool = False, trust=None,
-         max_kv_tokens: int | None = None) -> Model:
+         max_kv_tokens: int | None = None, static_kv: bool = False) -> Model:
     """Load a model package on the best (or the named) execution provider.
 
     Args:
@@ -53,6 +54,10 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
             (:class:`SignatureError` otherwise). See ``docs/edge.md``.
         max_kv_tokens: at most this many tokens (prompt + generated) in the KV cache: caps the
             context below the model's, bounding the cache's memory.
+        static_kv: run the package's ``static`` variant: KV in fixed buffers, and on CUDA each
+            decode step captured once as a CUDA graph and replayed (falls back to plain runs when
+            capture fails). The package must have it (``export --variants portable,fused,static``).
+            For generate/batch_generate; the continuous-batching scheduler needs a growing cache.
 
     Returns:
         :class:`Model`; ``model.provider`` says what really runs.
@@ -65,7 +70,8 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
     session = SessionConfig(intra_op_threads=intra_op_threads, accuracy_level=accuracy_level,
                             enable_mem_pattern=not low_memory, enable_cpu_mem_arena=not low_memory,
                             map_weights=low_memory)
-    return load_package(path, LoadConfig(providers, strict, check, session, provider_options, trust, max_kv_tokens))
+    return load_package(path, LoadConfig(providers, strict, check, session, provider_options, trust, max_kv_tokens,
+                                         static_kv))
 
 
 def load_package(path, cfg: LoadConfig) -> Model:
@@ -86,15 +92,44 @@ def load_package(path, cfg: LoadConfig) -> Model:
     manifest = Manifest.load(pkg)
     if cfg.check != "none":
         manifest.verify_files(pkg, hash_files=cfg.check == "sha256")
-    sel = select_session(manifest.variants, pkg, cfg.providers, strict=cfg.strict,
-                         session_options=cfg.session.session_options(ort),
-                         provider_options=cfg.provider_options, ort=ort)
+    variants = _variants(manifest, pkg, cfg.static_kv)
+    options = cfg.provider_options
+    if cfg.static_kv:  # CUDA graphs for the decode step; plain runs if the session refuses them
+        options = {**(options or {}), "cuda": {**(options or {}).get("cuda", {}), "enable_cuda_graph": "1"}}
+    try:
+        sel = select_session(variants, pkg, cfg.providers, strict=cfg.strict,
+                             session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
+    except PortableInferError as exc:
+        if options is cfg.provider_options:
+            raise
+        logger.warning("session with CUDA graphs failed (%s); trying without", exc)
+        options = cfg.provider_options
+        sel = select_session(variants, pkg, cfg.providers, strict=cfg.strict,
+                             session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
-    engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
+    if sel.variant.kv.growth == "static":
+        from .static_engine import StaticEngine
+
+        context = min(manifest.model.max_context, cfg.max_kv_tokens or manifest.model.max_context)
+        engine = StaticEngine(sel.session, sel.variant, sel.provider.ort_name, ort, max_context=context,
+                              vocab_size=manifest.model.vocab_size, cuda_graph=options is not cfg.provider_options)
+    else:
+        engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
     tokenizer, template = _tokenizer(pkg, manifest)
     logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
     return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
+
+
+def _variants(manifest: Manifest, pkg: Path, static_kv: bool) -> list:
+    """The variants selection may choose from: the static one when asked for, else the others."""
+    static = [v for v in manifest.variants if v.kv.growth == "static"]
+    if not static_kv:
+        return [v for v in manifest.variants if v.kv.growth != "static"]
+    if not static:
+        raise PackageError(f"{pkg} has no static-KV variant; re-export it with "
+                           f"`portable-infer export SOURCE -o {pkg} --variants portable,fused,static`")
+    return static
 
 
 def _tokenizer(pkg: Path, manifest: Manifest):

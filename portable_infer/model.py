@@ -117,7 +117,7 @@ class Model:
         """
         ids = check_prompt(self._ids(ids), self.max_context + 1, truncate=False)
         arr = np.asarray([ids], dtype=np.int64)
-        cache = self.engine.new_cache(1)
+        cache = self.engine.new_cache(1, capacity=len(ids))
         if self.engine.variant.logits == "all":
             return self.engine.forward(arr, np.ones_like(arr), cache, all_logits=True)[0]
         # this graph returns the last position's logits only: feed the tokens one by one

@@ -73,7 +73,9 @@ def _opts(**kw) -> Mapping[str, Any]:
 
 
 _CPU_FIRST = ("int4", "int8", "fp32", "fp16")
-_FUSED_FIRST = ("fused", "portable")  # the fused variant uses com.microsoft contrib ops
+# The fused variant uses com.microsoft contrib ops; "static" (the same ops with fixed KV buffers,
+# for CUDA graphs) comes last: it runs only when asked for (load(..., static_kv=True)).
+_FUSED_FIRST = ("fused", "portable", "static")
 _CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
 _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
 

@@ -67,7 +67,8 @@ class Engine:
                                      f"the package is inconsistent: re-export it")
         self._present = [x for p in variant.kv.present for x in p]
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty cache for ``batch`` rows (it grows as needed: ``capacity`` is only a hint)."""
         return KVCache.empty(self.variant.kv, batch, self.ort)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:

@@ -52,7 +52,7 @@ class FakeEngine:
     def calls(self) -> int:
         return len(self.fed)
 
-    def new_cache(self, batch: int) -> FakeCache:
+    def new_cache(self, batch: int, capacity: int | None = None) -> FakeCache:
         return FakeCache(batch)
 
     def forward(self, ids, mask, cache, all_logits=False):

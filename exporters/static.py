@@ -1,0 +1,69 @@
+"""The static-KV decoder variant: fixed-size cache buffers shared by past and present (CUDA graphs).
+
+The fused graph's ops, with one change of contract: the cache is a preallocated buffer
+``[B, KVH, capacity, D]`` that ``past_key_values.i.*`` and ``present.i.*`` name together (the
+runtime binds both to the same memory), and every row holds its own tokens from index 0 up
+(right-aligned rows, no padding inside)::
+
+    input_ids [B, S]                 the new tokens (a shorter prompt in a batched prefill is
+                                     padded on the right)
+    attention_mask [B, T]            row b: ones over its n_b tokens so far, new ones included,
+                                     zeros after; T = S at prefill, T = capacity afterwards
+    past/present [B, KVH, capacity, D]   one buffer per name pair; GroupQueryAttention writes
+                                     the new keys at [n_b - S, n_b) and reads [0, n_b)
+
+No position_ids: positions are the row's own indices, which GroupQueryAttention's rotary
+(``do_rotary``, cached cos/sin tables) derives from the lengths. Logits come for each row's last
+real new token. A decode step therefore has the same shapes on every call, which is what CUDA
+graph capture needs. The runtime builds these for rotary models without sliding windows only.
+"""
+
+from __future__ import annotations
+
+from portable_infer import manifest as mf
+
+from .fused import _MAX_ROPE_CACHE_BYTES, I32, MS, FusedDecoderBuilder
+
+
+class StaticDecoderBuilder(FusedDecoderBuilder):
+    position_input = False
+    kv_dims = ("kv_capacity", "kv_capacity")
+    kv_growth = "static"
+
+    @staticmethod
+    def supports(layout) -> bool:
+        """Rotary models whose tables fit the cache, without sliding-window layers."""
+        d = layout.dims
+        return (layout.positions == "rope" and layout.rotary_dim == d.head_dim
+                and set(d.layer_types) == {"full_attention"}
+                and d.max_context * layout.rotary_dim * 4 <= _MAX_ROPE_CACHE_BYTES)
+
+    def attention_inputs(self, ids: str, mask: str, layer_type: str):
+        #  mask [B, T] -> ReduceSum - 1 = seqlens_k [B] (index of each row's last token) ; T = total
+        g = self.g
+        lengths = g.reduce_sum(mask, [1], keepdims=0)
+        seqlens = g.cast(g.sub(lengths, g.const(1)), I32)
+        total = g.cast(g.op("Squeeze", [g.shape(mask, 1, 2)]), I32)
+        return seqlens, total, lengths
+
+    def self_attention(self, i: int, q: str, k: str, v: str, past: tuple, mask, rope):
+        d, (seqlens, total, _) = self.d, mask
+        _, cos, sin, _ = rope
+        out, k, v = self.g.op(
+            "GroupQueryAttention", [q, k, v, past[0], past[1], seqlens, total, cos, sin],
+            n_out=3, name=[None, *mf.present_names(i)], domain=MS, num_heads=d.num_heads,
+            kv_num_heads=d.num_kv_heads, scale=float(self.L.attn_scale), do_rotary=1, rotary_interleaved=0)
+        return out, k, v
+
+    def head(self, h: str, delta: str) -> str:
+        #  row b's last real new token: min(n_b - 1, S - 1)  (prefill: n_b - 1; later steps: S - 1)
+        g = self.g
+        lengths = self._lengths()
+        S = g.shape(h, 1, 2)
+        idx = g.op("Min", [g.sub(lengths, g.const(1)), g.sub(g.op("Squeeze", [S]), g.const(1))])
+        where = g.op("Expand", [g.unsqueeze(idx, [1, 2]), g.concat([g.shape(h, 0, 1), g.const([1]), g.shape(h, 2, 3)], 0)])
+        pick = lambda t: g.op("GatherElements", [t, where], axis=1)  # noqa: E731  [B, 1, E]
+        return super(FusedDecoderBuilder, self).head(pick(h), pick(delta))
+
+    def _lengths(self) -> str:
+        return self.g.reduce_sum(mf.ATTENTION_MASK, [1], keepdims=0)

@@ -1,0 +1,184 @@
+"""The engine for ``growth: static`` graphs: fixed KV buffers, and CUDA graphs for decode steps.
+
+Callers see the same verbs as :class:`~portable_infer.session.Engine` (``new_cache``,
+``forward(ids, mask, cache)`` with the left-padded, growing mask of the decode loop). Inside,
+each row keeps its tokens from index 0 of a preallocated buffer ``[B, KVH, capacity, D]`` that
+is bound as both past and present, so a decode step (batch B, one token per row, mask of width
+``capacity``) has the same shapes and addresses every time. On CUDA that step is captured once
+as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the host, no
+allocations. Buffers belong to the engine and are reused by the next cache of the same shape
+(a graph replays on the memory it was captured with); a second cache alive at the same time
+gets its own buffers and runs without a graph. When capture is refused or fails, the engine
+logs why and runs every step as a plain ONNX Runtime call.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import manifest as mf
+from .errors import CapacityError, InvalidArgumentError, PortableInferError
+
+logger = logging.getLogger(__name__)
+
+CAPACITY_STEP = 256  # buffer rows are rounded up to this, so graphs are reused across requests
+_DEVICE = {"CUDAExecutionProvider": "cuda"}
+
+
+@dataclass
+class StaticCache:
+    """Per-layer (key, value) buffers and how many tokens each row holds."""
+
+    layout: mf.KVLayout
+    batch: int
+    capacity: int
+    values: list  # [(key OrtValue, value OrtValue)] [B, KVH, capacity, D]
+    rows: np.ndarray = None  # tokens held per row
+    length: int = 0  # caller-facing: columns of the (left-padded) mask seen so far
+    graph_id: int = -1  # the CUDA graph this cache's buffers belong to (-1: none)
+    _slot: object = field(default=None, repr=False)
+
+    @property
+    def offset(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        per = self.layout.num_kv_heads * self.layout.head_dim * np.dtype(self.layout.dtype).itemsize
+        return 2 * len(self.layout.past) * self.batch * self.capacity * per
+
+
+@dataclass
+class _Slot:
+    """Engine-owned buffers for one (batch, capacity), and the graph captured on them."""
+
+    values: list
+    ids: object  # device [B, 1] int64 (graph input)
+    mask: object  # device [B, capacity] int64
+    logits: object  # device [B, 1, vocab] float32 (graph output)
+    graph_id: int
+    busy: bool = False
+    captured: bool = False
+
+
+class StaticEngine:
+    """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them."""
+
+    def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int,
+                 vocab_size: int, cuda_graph: bool = False):
+        if variant.kv.growth != "static":
+            raise PortableInferError(f"variant {variant.name} grows its KV ({variant.kv.growth}); "
+                                     f"use Engine, not StaticEngine")
+        self.session, self.variant, self.provider, self.ort = session, variant, provider, ort
+        self.device = _DEVICE.get(provider, "cpu")
+        self.max_context, self.vocab = max_context, vocab_size
+        self.cuda_graph = cuda_graph and self.device == "cuda"
+        self._slots: dict[tuple, _Slot] = {}
+        self._present = [x for p in variant.kv.present for x in p]
+
+    # --- caches -----------------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:
+        """Buffers for ``batch`` rows of ``capacity`` tokens (rounded up; default: the context)."""
+        want = self.max_context if capacity is None else int(capacity)
+        if want < 1:
+            raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
+        cap = min(self.max_context, -(-want // CAPACITY_STEP) * CAPACITY_STEP)
+        key = (batch, cap)
+        slot = self._slots.get(key)
+        if slot is None or slot.busy:
+            fresh = self._allocate(batch, cap, graph_id=len(self._slots) + 1 if slot is None else -1)
+            if slot is None:
+                self._slots[key] = slot = fresh
+            else:
+                slot = fresh  # the shared buffers are taken: private ones, no graph
+        slot.busy = True
+        cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
+                            graph_id=slot.graph_id, _slot=slot)
+        weakref.finalize(cache, _release, slot)
+        return cache
+
+    def _allocate(self, batch: int, cap: int, graph_id: int) -> _Slot:
+        kv = self.variant.kv
+        shape = [batch, kv.num_kv_heads, cap, kv.head_dim]
+        new = lambda shp, dt: self.ort.OrtValue.ortvalue_from_shape_and_type(shp, dt, self.device, 0)  # noqa: E731
+        values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
+        return _Slot(values, new([batch, 1], np.int64), new([batch, cap], np.int64),
+                     new([batch, 1, self.vocab], np.float32), graph_id)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, all_logits: bool = False) -> np.ndarray:
+        """``ids`` [B, S] new tokens, ``mask`` [B, past + S] (left padding, as for growing
+        graphs). Returns the logits [B, vocab] of each row's last new token."""
+        B, S = ids.shape
+        new = np.asarray(mask[:, -S:], dtype=np.int64)
+        rows = cache.rows + new.sum(axis=1)
+        if rows.max() > cache.capacity:
+            raise CapacityError(f"the KV buffer holds {cache.capacity} tokens per row and a row "
+                                f"needs {int(rows.max())}; make the cache with a larger capacity")
+        if cache.rows.max() == 0:  # prefill: real tokens right-aligned in the input -> row starts
+            lens = new.sum(axis=1)
+            ids_r = np.zeros((B, S), np.int64)
+            mask_r = (np.arange(S)[None, :] < lens[:, None]).astype(np.int64)
+            for b in range(B):
+                ids_r[b, :lens[b]] = ids[b, S - lens[b]:]
+        else:
+            if S > 1 and B > 1:
+                raise InvalidArgumentError(
+                    "a static-KV graph takes several new tokens after a prefill one row at a time "
+                    "(GroupQueryAttention's limit); feed batch 1, or one token per row")
+            ids_r = np.asarray(ids, np.int64)
+            mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
+        if S == 1 and cache.rows.max() > 0 and self.cuda_graph and cache.graph_id > 0:
+            logits = self._replay(ids_r, mask_r, cache)
+        else:
+            logits = self._run(ids_r, mask_r, cache)
+        cache.rows = rows
+        cache.length = mask.shape[1]
+        return logits
+
+    def _bind_cache(self, b, cache: StaticCache) -> None:
+        for (kn, vn), (pk, pv), (k, v) in zip(self.variant.kv.past, self.variant.kv.present, cache.values):
+            b.bind_ortvalue_input(kn, k)
+            b.bind_ortvalue_input(vn, v)
+            b.bind_ortvalue_output(pk, k)  # present = past: the same memory
+            b.bind_ortvalue_output(pv, v)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> np.ndarray:
+        b = self.session.io_binding()
+        b.bind_cpu_input(mf.INPUT_IDS, ids)
+        b.bind_cpu_input(mf.ATTENTION_MASK, mask)
+        b.bind_output(mf.LOGITS, "cpu")  # first: get_outputs() follows the binding order
+        self._bind_cache(b, cache)
+        self.session.run_with_iobinding(b, self._run_options(-1))
+        return b.get_outputs()[0].numpy()[:, -1, :]
+
+    def _replay(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> np.ndarray:
+        slot = cache._slot
+        slot.ids.update_inplace(ids)
+        slot.mask.update_inplace(mask)
+        b = self.session.io_binding()
+        b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
+        b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
+        self._bind_cache(b, cache)
+        b.bind_ortvalue_output(mf.LOGITS, slot.logits)
+        try:
+            self.session.run_with_iobinding(b, self._run_options(cache.graph_id))
+        except Exception as exc:  # capture refused (an op without graph support, ...): plain runs
+            logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
+            self.cuda_graph = False
+            return self._run(ids, mask, cache)
+        slot.captured = True
+        return slot.logits.numpy()[:, -1, :]
+
+    def _run_options(self, graph_id: int):
+        ro = self.ort.RunOptions()
+        if self.device == "cuda":
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id if self.cuda_graph else -1))
+        return ro
+
+
+def _release(slot: _Slot) -> None:
+    slot.busy = False

@@ -1,0 +1,116 @@
+"""The static-KV variant (fixed buffers shared by past and present; CUDA graphs on CUDA), on CPU.
+
+Here it runs without CUDA graphs (CPU has none); benchmarks/gpu_bench.py runs it with them on an
+H100. Checked against the fused variant of the same package and against transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import portable_infer  # noqa: E402
+from portable_infer.errors import CapacityError, InvalidArgumentError, PackageError  # noqa: E402
+
+SEED = int(os.environ.get("STATIC_SEED") or random.SystemRandom().randrange(2**31))
+TAG = f"[STATIC_SEED={SEED}]"
+
+
+@pytest.fixture(scope="module")
+def package(tiny_llama, tmp_path_factory):
+    from exporters.export import export
+
+    return export(tiny_llama.source, tmp_path_factory.mktemp("static") / "pkg", precision="fp32", verify=False,
+                  variants=("portable", "fused", "static"))
+
+
+@pytest.fixture(scope="module")
+def static(package):
+    return portable_infer.load(package, "cpu", static_kv=True, intra_op_threads=2)
+
+
+@pytest.fixture(scope="module")
+def fused(package):
+    return portable_infer.load(package, "cpu", intra_op_threads=2)
+
+
+def prompts(rng, lengths):
+    return [rng.integers(3, 256, n).tolist() for n in lengths]
+
+
+def test_package_layout_and_selection(package, static, fused):
+    files = sorted(p.name for p in package.iterdir())
+    assert "model.static.onnx" in files and "model.static.onnx.data" not in files, files  # weights shared
+    assert (static.variant, type(static.engine).__name__) == ("static", "StaticEngine")
+    assert fused.variant == "fused"  # never picked unless asked for
+    v = static.manifest.variant("static")
+    assert v.kv.growth == "static" and "position_ids" not in [t.name for t in v.inputs]
+
+
+def test_batch_of_different_lengths_equals_fused_one_by_one(static, fused, tiny_llama):
+    rng = np.random.default_rng(SEED)
+    ps = prompts(rng, rng.integers(2, 12, 4))
+    batched = static.batch_generate_ids(ps, max_new_tokens=16)
+    alone = [fused.generate_ids(p, max_new_tokens=16) for p in ps]
+    assert batched == alone, f"{TAG} static batch differs from fused one by one"
+    ref = tiny_llama.model.generate(torch.tensor([ps[0]]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert batched[0] == ref[0, len(ps[0]):].tolist(), f"{TAG} static differs from transformers"
+
+
+def test_step_logits_match_the_fused_graph(static, fused):
+    rng = np.random.default_rng(SEED + 1)
+    ids = prompts(rng, [9])[0]
+    diff = float(np.abs(static.forward_logits(ids) - fused.forward_logits(ids)).max())
+    assert diff <= 1e-4, f"{TAG} static logits differ from fused by {diff:.2e}"
+
+
+def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static):
+    e = static.engine
+    a = e.new_cache(2, capacity=10)
+    b = e.new_cache(2, capacity=10)  # a is alive: b gets its own buffers, no graph
+    assert a.capacity == b.capacity == 256 and a.graph_id > 0 and b.graph_id == -1
+    assert a.values[0][0].data_ptr() != b.values[0][0].data_ptr()
+    ptr = a.values[0][0].data_ptr()
+    del a
+    c = e.new_cache(2, capacity=10)
+    assert c.values[0][0].data_ptr() == ptr and c.graph_id > 0
+
+
+def test_capacity_and_call_shape_errors(static):
+    e = static.engine
+    cache = e.new_cache(1, capacity=4)
+    ids = np.asarray([list(range(3, 3 + cache.capacity + 1))], np.int64)
+    with pytest.raises(CapacityError, match="holds 256 tokens"):
+        e.forward(ids, np.ones_like(ids), cache)
+    cache = e.new_cache(2, capacity=8)
+    two = np.asarray([[5, 6], [7, 8]], np.int64)
+    e.forward(two, np.ones_like(two), cache)
+    with pytest.raises(InvalidArgumentError, match="one row at a time"):
+        e.forward(two, np.ones((2, 4), np.int64), cache)
+
+
+def test_static_kv_needs_the_variant_and_a_growing_cache_for_the_scheduler(tiny_llama, static):
+    with pytest.raises(PackageError, match="--variants portable,fused,static"):
+        portable_infer.load(tiny_llama.package, "cpu", static_kv=True)
+    from portable_infer.scheduler import Scheduler
+
+    with pytest.raises(InvalidArgumentError, match="concatenation"):
+        Scheduler(static)
+
+
+def test_static_export_refuses_sliding_windows(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from exporters.export import export
+
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(InvalidArgumentError, match="sliding windows"):
+        export(tmp_path / "hf", tmp_path / "pkg", precision="fp32", verify=False,
+               variants=("fused", "static"))
+    assert not (tmp_path / "pkg").exists()
