@@ -52,7 +52,7 @@ ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the tr
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
            progress: bool = False, variants=DEFAULT_VARIANTS, nbits_accuracy: int | None = None,
-           head_accuracy: int | None = None, route: str = "auto") -> Path:
+           head_accuracy: int | None = None, route: str = "auto", activations: str | None = None) -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
     Args:
@@ -69,6 +69,9 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             fused ops with fixed-size KV buffers, for CUDA graphs; rotary models without
             sliding windows; it shares the fused graph's weight file).
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
+        activations: "fp32" or "fp16": the activation and KV dtype of int4/int8 packages (default
+            fp32; fp16 for CUDA, whose GroupQueryAttention kernels are fp16/bf16 only). fp16
+            packages always run fp16, fp32 packages fp32.
         route: "direct" (our graph builder, registered model_types), "fallback" (torch.onnx export
             of the transformers model; HF folders, fp32, portable variant only) or "auto" (direct
             when the model_type is registered, else fallback for HF folders).
@@ -86,6 +89,8 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         raise InvalidArgumentError(f"max_context must be a positive integer, got {max_context!r}")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
+    if activations not in (None, "fp32", "fp16"):
+        raise InvalidArgumentError(f"activations must be 'fp32' or 'fp16', got {activations!r}")
     if route not in ROUTES:
         raise InvalidArgumentError(f"route must be one of {ROUTES}, got {route!r}")
     started = time.perf_counter()
@@ -121,7 +126,8 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             del ref_model
         elif "portable" in variants:
             written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
-                                        name="portable", providers=("*",), opset=PORTABLE_OPSET))
+                                        name="portable", providers=("*",), opset=PORTABLE_OPSET,
+                                        activations=activations or "fp32"))
         if route == "direct" and {"fused", "static"} & set(variants):
             if "static" in variants and not StaticDecoderBuilder.supports(layout):
                 raise InvalidArgumentError(
@@ -136,7 +142,8 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
                             tmp, file, builder, layout, src, precision, progress, name=name,
                             providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
                             nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY,
-                            head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY))
+                            head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY,
+                            activations=activations or "fp32"))
             finally:
                 shared.close()
         tok = _write_tokenizer(tmp, src)
@@ -185,13 +192,14 @@ def _replace(obj, **changes):
 
 def _write_graph(tmp: Path, file: str, builder, layout, src, precision: str, progress: bool, *, name: str,
                  providers: tuple, opset: int, nbits_accuracy: int | None = None,
-                 head_accuracy: int | None = None, writer: ExternalDataWriter | None = None) -> mf.GraphVariant:
+                 head_accuracy: int | None = None, writer: ExternalDataWriter | None = None,
+                 activations: str = "fp32") -> mf.GraphVariant:
     own = writer is None
     writer = writer or ExternalDataWriter(tmp / (file + ".data"))
     try:
         g = GraphBuilder(f"portable_infer_{name}", writer, opset=opset)
         store = WeightStore(g, src, precision, transposed=layout.transposed_weights, nbits_accuracy=nbits_accuracy,
-                            head_accuracy=head_accuracy)
+                            head_accuracy=head_accuracy, activations=activations)
         built = builder(layout, store)
         built.build(_progress_bar(progress, layout.dims.num_layers, name))
     finally:

@@ -20,6 +20,9 @@ graph capture needs. The runtime builds these for rotary models without sliding 
 
 from __future__ import annotations
 
+import numpy as np
+from onnx import TensorProto
+
 from portable_infer import manifest as mf
 
 from .fused import _MAX_ROPE_CACHE_BYTES, I32, MS, FusedDecoderBuilder
@@ -39,15 +42,17 @@ class StaticDecoderBuilder(FusedDecoderBuilder):
                 and d.max_context * layout.rotary_dim * 4 <= _MAX_ROPE_CACHE_BYTES)
 
     def attention_inputs(self, ids: str, mask: str, layer_type: str):
-        #  mask [B, T] -> ReduceSum - 1 = seqlens_k [B] (index of each row's last token) ; T = total
+        #  mask [B, T] -> float -> ReduceSum - 1 -> int32 = seqlens_k [B] (each row's last token)
+        #  No shape arithmetic: every node stays on the provider (CUDA graphs need that).
         g = self.g
-        lengths = g.reduce_sum(mask, [1], keepdims=0)
-        seqlens = g.cast(g.sub(lengths, g.const(1)), I32)
-        total = g.cast(g.op("Squeeze", [g.shape(mask, 1, 2)]), I32)
-        return seqlens, total, lengths
+        if self._total is None:
+            self._total = g.input(mf.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
+        lengths = g.reduce_sum(g.cast(mask, TensorProto.FLOAT), [1], keepdims=0)
+        seqlens = g.cast(g.sub(lengths, g.const(1.0, np.float32)), I32)
+        return seqlens, self._total
 
     def self_attention(self, i: int, q: str, k: str, v: str, past: tuple, mask, rope):
-        d, (seqlens, total, _) = self.d, mask
+        d, (seqlens, total) = self.d, mask
         _, cos, sin, _ = rope
         out, k, v = self.g.op(
             "GroupQueryAttention", [q, k, v, past[0], past[1], seqlens, total, cos, sin],
@@ -55,15 +60,17 @@ class StaticDecoderBuilder(FusedDecoderBuilder):
             kv_num_heads=d.num_kv_heads, scale=float(self.L.attn_scale), do_rotary=1, rotary_interleaved=0)
         return out, k, v
 
-    def head(self, h: str, delta: str) -> str:
-        #  row b's last real new token: min(n_b - 1, S - 1)  (prefill: n_b - 1; later steps: S - 1)
-        g = self.g
-        lengths = self._lengths()
-        S = g.shape(h, 1, 2)
-        idx = g.op("Min", [g.sub(lengths, g.const(1)), g.sub(g.op("Squeeze", [S]), g.const(1))])
-        where = g.op("Expand", [g.unsqueeze(idx, [1, 2]), g.concat([g.shape(h, 0, 1), g.const([1]), g.shape(h, 2, 3)], 0)])
-        pick = lambda t: g.op("GatherElements", [t, where], axis=1)  # noqa: E731  [B, 1, E]
-        return super(FusedDecoderBuilder, self).head(pick(h), pick(delta))
+    def build(self, on_layer=None) -> None:
+        self._total = None
+        super().build(on_layer)
 
-    def _lengths(self) -> str:
-        return self.g.reduce_sum(mf.ATTENTION_MASK, [1], keepdims=0)
+    def head(self, h: str, delta: str) -> str:
+        #  row b's last real new token: min(n_b, S) - 1  (prefill: n_b - 1; later steps: S - 1),
+        #  S counted on the device (ReduceSum of ones over ids), then GatherND per row -> [B, 1, E]
+        g = self.g
+        n = g.reduce_sum(g.cast(mf.ATTENTION_MASK, TensorProto.FLOAT), [1], keepdims=0)
+        ones = g.cast(g.op("GreaterOrEqual", [mf.INPUT_IDS, g.const(0)]), TensorProto.FLOAT)
+        s = g.reduce_sum(ones, [1], keepdims=0)
+        idx = g.unsqueeze(g.cast(g.sub(g.op("Min", [n, s]), g.const(1.0, np.float32)), TensorProto.INT64), [1])
+        pick = lambda t: g.unsqueeze(g.op("GatherND", [t, idx], batch_dims=1), [1])  # noqa: E731
+        return super(FusedDecoderBuilder, self).head(pick(h), pick(delta))

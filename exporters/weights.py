@@ -29,12 +29,13 @@ class WeightStore:
     """Fetches source tensors, converts them to the package precision and emits them."""
 
     def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False,
-                 nbits_accuracy: int | None = None, head_accuracy: int | None = None):
+                 nbits_accuracy: int | None = None, head_accuracy: int | None = None, activations: str = "fp32"):
         self.g = g
         self.source = source
         self.precision = precision
-        self.dtype = np.float16 if precision == "fp16" else np.float32
-        self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+        half = precision == "fp16" or activations == "fp16"  # int4/int8 weights may run fp16 activations
+        self.dtype = np.float16 if half else np.float32
+        self.onnx_dtype = TensorProto.FLOAT16 if half else TensorProto.FLOAT
         self.transposed = transposed  # GPT-2 Conv1D: source stores [in, out]
         self._emitted: dict[str, dict] = {}
         # Fused variant: block weights go to com.microsoft MatMulNBits with this accuracy level

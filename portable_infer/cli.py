@@ -140,7 +140,7 @@ def cmd_export(ns) -> int:
     out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
                  verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route,
                  variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()),
-                 nbits_accuracy=ns.accuracy)
+                 nbits_accuracy=ns.accuracy, activations=ns.activations)
     print(out)
     return 0
 
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-context", type=int, default=None)
     e.add_argument("--variants", default="portable,fused",
                    help="graphs to write: portable, fused, static (fixed KV buffers for CUDA graphs)")
+    e.add_argument("--activations", choices=("fp32", "fp16"), default=None,
+                   help="activation/KV dtype of int4/int8 packages (fp16 for CUDA)")
     e.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="MatMulNBits accuracy of the fused layers: 1 float activations (default, "
                         "exact), 4 int8 activations (faster on CPU, less exact)")

@@ -41,6 +41,10 @@ class _Row:
         p = self.params
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        return self.params.temperature == 0.0 and not self.penalized
+
 
 def check_prompt(ids: list, max_context: int, truncate: bool) -> list:
     """A prompt that fits the context (at least one token left to generate), or an error."""
@@ -115,6 +119,8 @@ class BatchDecoder:
             return []
         nxt = np.full(len(self.rows), self.pad_id, dtype=np.int64)
         events = []
+        # Plain greedy rows share one vectorized argmax (one call for the batch, not one per row).
+        argmax = self.logits.argmax(axis=-1) if any(r.plain_greedy for r in self.rows) else None
         full = self.cache.length + 1 >= self.max_context  # no room to feed another token
         for i, r in enumerate(self.rows):
             if r.finish_reason is not None:
@@ -122,7 +128,7 @@ class BatchDecoder:
             logits = self.logits[i]
             if r.penalized:
                 logits = apply_penalties(logits, r.prompt, r.output, r.params)
-            tok = int(r.sampler(logits, r.rng))
+            tok = int(argmax[i]) if r.plain_greedy else int(r.sampler(logits, r.rng))
             lp, top = (None, ())
             if r.params.logprobs is not None:
                 lp, top = token_logprobs(logits, tok, r.params.logprobs)

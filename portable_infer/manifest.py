@@ -35,6 +35,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Static-KV graphs only: the mask's width as an int32 scalar on the host (GroupQueryAttention reads
+# it there; computing it from a shape in the graph would put nodes on the CPU and rule out CUDA graphs).
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 
 
 def past_names(layer: int) -> tuple[str, str]:

@@ -61,7 +61,8 @@ class _Slot:
     logits: object  # device [B, 1, vocab] float32 (graph output)
     graph_id: int
     busy: bool = False
-    captured: bool = False
+    binding: object = None  # the IO binding replays reuse (same addresses every step)
+    run_options: object = None
 
 
 class StaticEngine:
@@ -150,6 +151,7 @@ class StaticEngine:
         b = self.session.io_binding()
         b.bind_cpu_input(mf.INPUT_IDS, ids)
         b.bind_cpu_input(mf.ATTENTION_MASK, mask)
+        b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
         b.bind_output(mf.LOGITS, "cpu")  # first: get_outputs() follows the binding order
         self._bind_cache(b, cache)
         self.session.run_with_iobinding(b, self._run_options(-1))
@@ -159,18 +161,20 @@ class StaticEngine:
         slot = cache._slot
         slot.ids.update_inplace(ids)
         slot.mask.update_inplace(mask)
-        b = self.session.io_binding()
-        b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
-        b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
-        self._bind_cache(b, cache)
-        b.bind_ortvalue_output(mf.LOGITS, slot.logits)
+        if slot.binding is None:  # bound once: the captured graph reads and writes these addresses
+            b = self.session.io_binding()
+            b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
+            b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
+            b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
+            self._bind_cache(b, cache)
+            b.bind_ortvalue_output(mf.LOGITS, slot.logits)
+            slot.binding, slot.run_options = b, self._run_options(cache.graph_id)
         try:
-            self.session.run_with_iobinding(b, self._run_options(cache.graph_id))
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
         except Exception as exc:  # capture refused (an op without graph support, ...): plain runs
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
             return self._run(ids, mask, cache)
-        slot.captured = True
         return slot.logits.numpy()[:, -1, :]
 
     def _run_options(self, graph_id: int):
