@@ -7,8 +7,8 @@ is bound as both past and present, so a decode step (batch B, one token per row,
 ``capacity``) has the same shapes and addresses every time. On CUDA that step is captured once
 as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the host, no
 allocations. Buffers belong to the engine and are reused by the next cache of the same shape
-(a graph replays on the memory it was captured with); a second cache alive at the same time
-gets its own buffers and runs without a graph. When capture is refused or fails, the engine
+(a graph replays on the memory it was captured with); caches alive at the same time get buffers
+and graphs of their own, up to GRAPHS_PER_SHAPE per shape, then plain runs. When capture is refused or fails, the engine
 logs why and runs every step as a plain ONNX Runtime call.
 """
 
@@ -26,6 +26,7 @@ from .errors import CapacityError, InvalidArgumentError, PortableInferError
 logger = logging.getLogger(__name__)
 
 CAPACITY_STEP = 256  # buffer rows are rounded up to this, so graphs are reused across requests
+GRAPHS_PER_SHAPE = 4  # caches of one shape alive at once that get a CUDA graph; more run without
 _DEVICE = {"CUDAExecutionProvider": "cuda"}
 
 
@@ -77,7 +78,8 @@ class StaticEngine:
         self.device = _DEVICE.get(provider, "cpu")
         self.max_context, self.vocab = max_context, vocab_size
         self.cuda_graph = cuda_graph and self.device == "cuda"
-        self._slots: dict[tuple, _Slot] = {}
+        self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [_Slot]
+        self._graphs = 0
         self._present = [x for p in variant.kv.present for x in p]
 
     # --- caches -----------------------------------------------------------------------------------
@@ -87,14 +89,14 @@ class StaticEngine:
         if want < 1:
             raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
         cap = min(self.max_context, -(-want // CAPACITY_STEP) * CAPACITY_STEP)
-        key = (batch, cap)
-        slot = self._slots.get(key)
-        if slot is None or slot.busy:
-            fresh = self._allocate(batch, cap, graph_id=len(self._slots) + 1 if slot is None else -1)
-            if slot is None:
-                self._slots[key] = slot = fresh
-            else:
-                slot = fresh  # the shared buffers are taken: private ones, no graph
+        pool = self._slots.setdefault((batch, cap), [])
+        slot = next((s for s in pool if not s.busy), None)
+        if slot is None and len(pool) < GRAPHS_PER_SHAPE:
+            self._graphs += 1
+            slot = self._allocate(batch, cap, graph_id=self._graphs)
+            pool.append(slot)
+        elif slot is None:  # every pooled buffer is in use: private buffers, plain runs
+            slot = self._allocate(batch, cap, graph_id=-1)
         slot.busy = True
         cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
                             graph_id=slot.graph_id, _slot=slot)

@@ -70,15 +70,18 @@ def test_step_logits_match_the_fused_graph(static, fused):
 
 
 def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static):
+    from portable_infer.static_engine import GRAPHS_PER_SHAPE
+
     e = static.engine
-    a = e.new_cache(2, capacity=10)
-    b = e.new_cache(2, capacity=10)  # a is alive: b gets its own buffers, no graph
-    assert a.capacity == b.capacity == 256 and a.graph_id > 0 and b.graph_id == -1
-    assert a.values[0][0].data_ptr() != b.values[0][0].data_ptr()
-    ptr = a.values[0][0].data_ptr()
-    del a
-    c = e.new_cache(2, capacity=10)
-    assert c.values[0][0].data_ptr() == ptr and c.graph_id > 0
+    alive = [e.new_cache(3, capacity=10) for _ in range(GRAPHS_PER_SHAPE + 1)]
+    assert all(c.capacity == 256 for c in alive)
+    ids = [c.graph_id for c in alive]
+    assert len(set(ids[:-1])) == GRAPHS_PER_SHAPE and min(ids[:-1]) > 0 and ids[-1] == -1, ids
+    assert len({c.values[0][0].data_ptr() for c in alive}) == len(alive)  # nothing shared while alive
+    ptr, gid = alive[1].values[0][0].data_ptr(), alive[1].graph_id
+    del alive[1]
+    again = e.new_cache(3, capacity=10)  # the freed buffers, and the graph captured on them
+    assert (again.values[0][0].data_ptr(), again.graph_id) == (ptr, gid)
 
 
 def test_capacity_and_call_shape_errors(static):
