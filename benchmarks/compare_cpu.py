@@ -34,6 +34,7 @@ RUNNERS = HERE / "runners"
 RESULTS = HERE / "results" / "cpu.json"
 PROJECT_PYTHON = setup.REPO / ".venv" / "bin" / "python"
 DEFAULT_PACKAGE = setup.BENCH / "packages" / "smollm2"
+FP32_PACKAGE = setup.BENCH / "packages" / "smollm2-fp32"  # the same GGUF, dequantized
 BASELINE = "portable_infer"
 RUNNER_TIMEOUT_S = 3600
 # A runner uses `threads` cores; a load average well above that means someone else is running.
@@ -52,6 +53,7 @@ class Entry:
 
 RUNTIMES: dict[str, Entry] = {
     "portable_infer": Entry("portable_infer_runner.py", None, "package"),
+    "portable_infer-fp32": Entry("portable_infer_runner.py", None, "package-fp32"),
     "transformers-fp32": Entry("transformers_pt.py", "transformers", "hf"),
     "optimum-ort-fp32": Entry("optimum_ort.py", "optimum", "optimum-fp32"),
     "ortgenai-fp32": Entry("ortgenai.py", "ortgenai", "ortgenai-fp32", ("--precision", "fp32")),
@@ -73,6 +75,8 @@ COLUMNS = (
 def model_path(entry: Entry, package: Path) -> Path:
     if entry.model == "package":
         return package
+    if entry.model == "package-fp32":
+        return FP32_PACKAGE
     if entry.model == "hf":
         return setup.HF_DIR
     if entry.model == "gguf":
@@ -96,18 +100,19 @@ def ensure_package(package: Path) -> None:
 
     A failed export does not stop the comparison: the portable_infer row reports the error.
     """
-    if (package / "manifest.json").is_file():
-        logger.info("portable_infer package: %s exists, skipped", package)
-        return
-    if package != DEFAULT_PACKAGE:
-        return
-    logger.info("portable_infer package: exporting the default model into %s", package)
-    try:
-        setup.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", "default",
-                          "-o", str(package)], "export-portable_infer",
-                         env={"PYTHONPATH": str(setup.REPO)})
-    except SystemExit as exc:
-        logger.warning("portable_infer export failed: %s", str(exc).splitlines()[0])
+    for pkg, precision in ((package, "int4"), (FP32_PACKAGE, "fp32")):
+        if (pkg / "manifest.json").is_file():
+            logger.info("portable_infer package: %s exists, skipped", pkg)
+            continue
+        if pkg not in (DEFAULT_PACKAGE, FP32_PACKAGE):
+            continue
+        logger.info("portable_infer package: exporting the default model (%s) into %s", precision, pkg)
+        try:
+            setup.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", "default",
+                              "-o", str(pkg), "--precision", precision], f"export-portable_infer-{precision}",
+                             env={"PYTHONPATH": str(setup.REPO)})
+        except SystemExit as exc:
+            logger.warning("portable_infer export failed: %s", str(exc).splitlines()[0])
 
 
 def run_runner(name: str, runs: int, threads: int, package: Path) -> dict:
@@ -214,8 +219,8 @@ def main() -> None:
     if not args.skip_setup:
         venvs = sorted({RUNTIMES[n].venv for n in names} - {None})
         setup.setup(venvs)  # the HF folder and reference are always prepared
-        if BASELINE in names:
-            ensure_package(args.package)
+    if BASELINE in names:
+        ensure_package(args.package)  # our packages, exported when missing (also with --skip-setup)
     setup_s = time.perf_counter() - start
 
     results = [run_runner(name, args.runs, args.threads, args.package) for name in names]

@@ -115,7 +115,16 @@ class WeightStore:
         q = q.astype(np.uint8).reshape(n_out, nb, w.block)
         t = {"n_in": n_in, "n_out": n_out, "block": w.block, "default_zp": default, "split": False,
              "scale": g.weight(base + ".scale", w.scale.astype(self.dtype)), "offset_rows": None}
-        offset = offset0
+        offset, t["zp"] = offset0, None
+        if (bits_out == 4 and w.zero is not None and w.offset is None and w.q.dtype != np.int8
+                and np.any(w.zero != default)):
+            # Integer zero points (our asymmetric int4) go in as MatMulNBits' uint8 input: exact,
+            # as fast on CPU, and no correction ops (which cost kernel launches on CUDA).
+            zp = w.zero.astype(np.uint8)
+            if nb % 2:
+                zp = np.concatenate([zp, np.zeros((n_out, 1), np.uint8)], axis=1)
+            t["zp"] = g.weight(base + ".zp", pack_uint4(zp))
+            offset = np.zeros_like(offset0)
         if bits_out == 4:
             t.update(bits=4, B=g.weight(base + ".B", pack_uint4(q).reshape(n_out, nb, w.block // 2)))
         elif self.split8:
@@ -136,7 +145,8 @@ class WeightStore:
     def _matmul_nbits(self, x: str, name: str, bits: int, bias: str | None, accuracy: int) -> str:
         """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b)."""
         g, t = self.g, self._nbits(name, bits)
-        mm = lambda b: g.op("MatMulNBits", [x, b, t["scale"]], domain="com.microsoft", K=t["n_in"],  # noqa: E731
+        zp = [t["zp"]] if t["zp"] and not t["split"] else []
+        mm = lambda b: g.op("MatMulNBits", [x, b, t["scale"], *zp], domain="com.microsoft", K=t["n_in"],  # noqa: E731
                             N=t["n_out"], bits=t["bits"], block_size=t["block"], accuracy_level=accuracy)
         y = mm(t["B"])
         if t["split"]:
