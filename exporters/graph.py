@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-_ALIGN = 64
+_ALIGN = 4096  # page-aligned: ONNX Runtime memory-maps aligned external data instead of copying it
 _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx file
 
 NP_TO_ONNX = {

@@ -206,6 +206,8 @@ class WeightStore:
         along axis 1 and dequantized block-wise after the gather.
         """
         bits = PRECISION_BITS[self.precision] if bits == -1 else bits
+        if self.nbits_accuracy is not None and bits is not None:
+            return self._embedding_nbits(ids, name)  # the lm_head's MatMulNBits table: stored once
         t = self._emit(name, bits, packed4=False, table=True)
         g = self.g
         if t["kind"] == "dense":
