@@ -47,9 +47,20 @@ def ensure_default_model(progress: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock(path.parent / f".{path.name}.lock"):
         if not (path / MANIFEST_NAME).is_file():
+            _remove_leftovers(path)
             logger.warning("exporting the default model %s into %s (first use only)", DEFAULT_MODEL, path)
             export("default", path, precision=DEFAULT_PRECISION, verify=True, progress=progress)
     return path
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Partial exports of ``path`` left by a killed process (an export that fails cleans up after
+    itself; SIGKILL does not). Called under the lock, so none of them is still being written."""
+    import shutil
+
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        logger.warning("removing %s, left by an interrupted export", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class _lock:

@@ -151,6 +151,9 @@ def test_load_without_a_path_exports_the_default_model_once(tmp_path, monkeypatc
     monkeypatch.setattr(exporters.export, "export", export_unverified)
     pkg = default_package_dir()
     assert pkg.parent.parent == tmp_path and not pkg.exists()
+    leftover = pkg.parent / f".{pkg.name}.partial-0badf00d"  # an export killed mid-way (SIGKILL)
+    leftover.mkdir(parents=True)
+    (leftover / "model.onnx.data").write_bytes(b"\0" * 1024)
 
     start = time.perf_counter()
     first = portable_infer.load(intra_op_threads=2)
@@ -158,7 +161,7 @@ def test_load_without_a_path_exports_the_default_model_once(tmp_path, monkeypatc
     assert len(exports) == 1 and first.path == pkg
     manifest_mtime = (pkg / MANIFEST_NAME).stat().st_mtime_ns
     assert sorted(p.name for p in pkg.parent.iterdir() if not p.name.endswith(".lock")) == [pkg.name], \
-        "an export leaves nothing but the package behind"
+        "an export leaves nothing but the package behind (and removes what a killed one left)"
 
     start = time.perf_counter()
     second = portable_infer.load(intra_op_threads=2)
