@@ -357,7 +357,16 @@ class Scheduler:
                 if self._closing:
                     return
                 head = self._prefilling[0] if self._prefilling else None
-            if head is not None:
+                group = self._prefill_group_candidates()
+            if len(group) > 1:
+                try:
+                    self._prefill_group(group)
+                except Exception as exc:  # noqa: BLE001
+                    logger.exception("prefill of %d requests failed", len(group))
+                    for r in group:
+                        self._fail(r, exc)
+                        self._pop_prefilling(r, anywhere=True)
+            elif head is not None:
                 try:
                     self._prefill_chunk(head)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
@@ -373,12 +382,61 @@ class Scheduler:
                         self._fail(r, exc)
                     self._rows, self._cache, self._mask, self._pending = [], None, None, None
 
-    def _pop_prefilling(self, r: _Request) -> None:
+    def _pop_prefilling(self, r: _Request, anywhere: bool = False) -> None:
         with self._lock:
             if self._prefilling and self._prefilling[0] is r:
                 self._prefilling.popleft()
+            elif anywhere and r in self._prefilling:
+                self._prefilling.remove(r)
         if r.state == "done":
             r.cache = None
+
+    def _prefill_group_candidates(self) -> list:
+        """Waiting prompts that each fit one chunk and together at most four chunks, from the
+        head of the queue on (called under the lock): one left-padded forward prefills them all."""
+        group, tokens = [], 0
+        for r in self._prefilling:
+            n = len(r.prompt)
+            if r.prefilled or r.state == "done" or n > self.config.prefill_chunk:
+                break
+            if tokens + n > 4 * self.config.prefill_chunk:
+                break
+            group.append(r)
+            tokens += n
+        return group
+
+    def _prefill_group(self, group: list) -> None:
+        """Prefill several prompts in one forward (left-padded), then join them to the batch."""
+        width = max(len(r.prompt) for r in group)
+        ids = np.zeros((len(group), width), np.int64)
+        mask = np.zeros((len(group), width), np.int64)
+        for i, r in enumerate(group):
+            ids[i, width - len(r.prompt):] = r.prompt
+            mask[i, width - len(r.prompt):] = 1
+        cache = self.engine.new_cache(len(group))
+        logits = self.engine.forward(ids, mask, cache)
+        with self._lock:
+            for r in group:
+                self._prefilling.remove(r)
+                r.prefilled = len(r.prompt)
+            self._counters["prompt_tokens"] += int(mask.sum())
+        first = np.zeros(len(group), np.int64)
+        n = 0
+        for i, r in enumerate(group):
+            if r.state == "done":  # cancelled while prefilling: dropped at the next decode step
+                continue
+            first[i] = self._sample(r, logits[i])
+            n += 1
+            with self._lock:
+                if r.state != "done":
+                    r.state = "running"
+        self._count_step(n)
+        if self._rows:
+            self._cache, self._mask = kvblocks.merge(self._cache, self._mask, cache, mask, self.engine.ort)
+            self._pending = np.concatenate([self._pending, first])
+        else:
+            self._cache, self._mask, self._pending = cache, mask, first
+        self._rows.extend(group)
 
     def _prefill_chunk(self, r: _Request) -> None:
         if r.state == "done":  # cancelled while it waited for its turn

@@ -223,3 +223,34 @@ def test_closed_scheduler_refuses_and_ends_streams(fused):
             tokens(h)
     s = sched.stats()
     assert (s.waiting, s.blocks_used, s.requests_failed) == (0, 0, 2)
+
+
+def test_waiting_prompts_are_prefilled_together_and_equal_single_runs(fused):
+    """Prompts that queue up while the engine is busy go through one left-padded prefill (one
+    forward for all of them) and still give exactly their single runs' greedy tokens."""
+    rng = np.random.default_rng(11)
+    prompts = [prompt(rng, n) for n in (9, 4, 14, 6, 11)]
+    ref = [fused.generate_ids(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+    gate, groups = threading.Event(), []
+
+    class Gated:  # the first forward waits until every request has been submitted
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def forward(self, *a, **k):
+            gate.wait(TIMEOUT_S)
+            return self.engine.forward(*a, **k)
+
+    with Scheduler(fused, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
+        sched.engine = Gated(sched.engine)
+        real = sched._prefill_group
+        sched._prefill_group = lambda group: (groups.append(len(group)), real(group))
+        handles = [sched.submit(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+        wait_for(lambda: sched.stats().prefilling + sched.stats().running == len(prompts), "admission")
+        gate.set()
+        outs = [tokens(h) for h in handles]
+    assert groups and max(groups) >= 3, f"no group prefill happened: {groups}"
+    assert outs == ref
