@@ -102,7 +102,12 @@ def load_package(path, cfg: LoadConfig) -> Model:
     except PortableInferError as exc:
         if options is cfg.provider_options:
             raise
-        logger.warning("session with CUDA graphs failed (%s); trying without", exc)
+        if "graph capture" in str(exc):
+            logger.warning("CUDA graphs refused for this graph: some nodes run off CUDA (fp32 packages: "
+                           "GroupQueryAttention has no fp32 CUDA kernel; export with --precision fp16 or "
+                           "--activations fp16 for graphs); decoding without CUDA graphs")
+        else:
+            logger.warning("session with CUDA graphs failed (%s); trying without", exc)
         options = cfg.provider_options
         sel = select_session(variants, pkg, cfg.providers, strict=cfg.strict,
                              session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
