@@ -47,14 +47,22 @@ class FusedDecoderBuilder(DecoderBuilder):
         """"gqa" (GroupQueryAttention) or "masked" (the portable MatMul/Softmax form)."""
         return "gqa" if self.L.positions != "rope" or self._rope_cache_ok() else "masked"
 
-    def projections(self, x: str, i: int, roles: tuple, sizes: list) -> list:
+    def stacked_linear(self, x: str, i: int, roles: tuple) -> str | None:
+        """One matmul over the row-stacked weights of ``roles`` (same input), or None when their
+        storage formats (or biases) differ."""
         names = [self.req(r, i) for r in roles]
         biases = [self.name(r + "_bias", i) for r in roles]
+        if any(biases) and not all(biases):
+            return None
         key = self.w.stack(names, f"{names[0]}+stacked")
-        if key is None or (any(biases) and not all(biases)):
-            return super().projections(x, i, roles, sizes)
+        if key is None:
+            return None
         bias = self.w.stack(biases, f"{biases[0]}+stacked") if all(biases) else None
-        return self.g.split(self.w.linear(x, key, bias), sizes, axis=-1)
+        return self.w.linear(x, key, bias)
+
+    def projections(self, x: str, i: int, roles: tuple, sizes: list) -> list:
+        y = self.stacked_linear(x, i, roles)
+        return super().projections(x, i, roles, sizes) if y is None else self.g.split(y, sizes, axis=-1)
 
     def attention_inputs(self, ids: str, mask: str, layer_type: str):
         if self.attention_op != "gqa":

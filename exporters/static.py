@@ -51,6 +51,16 @@ class StaticDecoderBuilder(FusedDecoderBuilder):
         seqlens = g.cast(g.sub(lengths, g.const(1.0, np.float32)), I32)
         return seqlens, self._total
 
+    def qkv(self, x: str, i: int):
+        """q, k and v packed in one tensor (GroupQueryAttention splits it itself: no Split node),
+        unless q/k are normed per head in between."""
+        if not self.L.qk_norm:
+            packed = (self.w.linear(x, self.req("qkv", i), self.name("qkv_bias", i)) if self.name("qkv", i)
+                      else self.stacked_linear(x, i, ("q", "k", "v")))
+            if packed is not None:
+                return packed, "", ""
+        return super().qkv(x, i)
+
     def self_attention(self, i: int, q: str, k: str, v: str, past: tuple, mask, rope):
         d, (seqlens, total) = self.d, mask
         _, cos, sin, _ = rope
