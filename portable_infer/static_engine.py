@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 CAPACITY_STEP = 256  # buffer rows are rounded up to this, so graphs are reused across requests
 GRAPHS_PER_SHAPE = 4  # caches of one shape alive at once that get a CUDA graph; more run without
+MAX_GRAPHS = 16  # pooled buffers (and captured graphs) kept in all; later shapes run without graphs
 _DEVICE = {"CUDAExecutionProvider": "cuda"}
 
 
@@ -80,7 +81,6 @@ class StaticEngine:
         self.cuda_graph = cuda_graph and self.device == "cuda"
         self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [_Slot]
         self._graphs = 0
-        self._present = [x for p in variant.kv.present for x in p]
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:
@@ -91,11 +91,11 @@ class StaticEngine:
         cap = min(self.max_context, -(-want // CAPACITY_STEP) * CAPACITY_STEP)
         pool = self._slots.setdefault((batch, cap), [])
         slot = next((s for s in pool if not s.busy), None)
-        if slot is None and len(pool) < GRAPHS_PER_SHAPE:
+        if slot is None and len(pool) < GRAPHS_PER_SHAPE and self._graphs < MAX_GRAPHS:
             self._graphs += 1
             slot = self._allocate(batch, cap, graph_id=self._graphs)
             pool.append(slot)
-        elif slot is None:  # every pooled buffer is in use: private buffers, plain runs
+        elif slot is None:  # pooled buffers all in use (or the pool is full): private ones, plain runs
             slot = self._allocate(batch, cap, graph_id=-1)
         slot.busy = True
         cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
@@ -114,7 +114,8 @@ class StaticEngine:
     # --- one step ---------------------------------------------------------------------------------
     def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, all_logits: bool = False) -> np.ndarray:
         """``ids`` [B, S] new tokens, ``mask`` [B, past + S] (left padding, as for growing
-        graphs). Returns the logits [B, vocab] of each row's last new token."""
+        graphs). Returns the logits [B, vocab] of each row's last new token (the graph computes
+        no others, so ``all_logits`` changes nothing; it is there for Engine's signature)."""
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], dtype=np.int64)
         rows = cache.rows + new.sum(axis=1)
