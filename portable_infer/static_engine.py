@@ -8,8 +8,9 @@ is bound as both past and present, so a decode step (batch B, one token per row,
 as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the host, no
 allocations. Buffers belong to the engine and are reused by the next cache of the same shape
 (a graph replays on the memory it was captured with); caches alive at the same time get buffers
-and graphs of their own, up to GRAPHS_PER_SHAPE per shape and MAX_GRAPHS in all, then plain runs. When capture is refused or fails, the engine
-logs why and runs every step as a plain ONNX Runtime call.
+and graphs of their own, up to GRAPHS_PER_SHAPE per shape and MAX_GRAPHS in all, then plain
+runs. When capture is refused or fails, the engine logs why and runs every step as a plain ONNX
+Runtime call.
 """
 
 from __future__ import annotations
