@@ -10,7 +10,7 @@ not values), exports it with our exporter (fp32, fp16, int4), and measures, in t
   - portable_infer on CUDAExecutionProvider (fused variant, IO binding, KV on the device);
   - ONNX Runtime GenAI (its own builder on the same HF folder), default and CUDA-graph mode;
   - transformers fp16 eager generate.
-Prompt 32 tokens, 128 new tokens, greedy, decode tokens/s over all sequences, median of 3.
+Prompt 32 tokens, 128 new tokens, greedy, decode tokens/s over all sequences, median of 3 after 2 warm-up runs.
 Correctness: fp32 greedy tokens on CUDA == CPU; fp16 top-1 agreement with fp32 over 128 steps.
 """
 
@@ -34,6 +34,7 @@ SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_
              num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
              rms_norm_eps=1e-5, max_position_embeddings=2048)
 PROMPT, NEW, RUNS = 32, 128, 3
+WARMUP = 2  # every runtime gets the same warm-up runs
 
 
 def log(*a):
@@ -71,11 +72,11 @@ def ours(pkg: Path, batch: int, static_kv: bool = False) -> dict:
     m = portable_infer.load(pkg, providers="cuda", strict=True, check="size", static_kv=static_kv)
     ps = prompts(batch)
     rates, ttft = [], []
-    for run in range(RUNS + 1):
+    for run in range(WARMUP + RUNS):
         dec = BatchDecoder(m.engine, ps, [m.params(max_new_tokens=NEW, ignore_eos=True)] * batch,
                            max_context=m.max_context, pad_id=0)
         dec.run()
-        if run:  # the first run is the warm-up
+        if run >= WARMUP:  # the first runs are warm-up (CUDA graph capture, GPU clocks)
             rates.append(batch * dec.timings["decode_steps"] / dec.timings["decode_s"])
             ttft.append(dec.timings["prefill_s"] * 1000)
     graphs = getattr(m.engine, "cuda_graph", False)
@@ -128,13 +129,13 @@ def transformers_fp16(folder: Path, batch: int) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).cuda().eval()
     ids = torch.tensor(prompts(batch), device="cuda")
     rates = []
-    for run in range(RUNS + 1):
+    for run in range(WARMUP + RUNS):
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
             model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
-        if run:
+        if run >= WARMUP:
             rates.append(batch * NEW / (time.perf_counter() - t))
     return {"decode_tok_s": statistics.median(rates), "note": "whole generate() incl. prefill"}
 
@@ -150,7 +151,7 @@ def genai(model_dir: Path, batch: int, cuda_graph: bool) -> dict:
     model = og.Model(config)
     ps = np.asarray(prompts(batch), dtype=np.int32)
     rates = []
-    for run in range(RUNS + 1):
+    for run in range(WARMUP + RUNS):
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=PROMPT + NEW, min_length=PROMPT + NEW,
                                   batch_size=batch)
@@ -159,7 +160,7 @@ def genai(model_dir: Path, batch: int, cuda_graph: bool) -> dict:
         t = time.perf_counter()
         for _ in range(NEW - 1):
             gen.generate_next_token()
-        if run:
+        if run >= WARMUP:
             rates.append(batch * (NEW - 1) / (time.perf_counter() - t))
     return {"decode_tok_s": statistics.median(rates)}
 
