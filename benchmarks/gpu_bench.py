@@ -85,41 +85,27 @@ def ours(pkg: Path, batch: int, static_kv: bool = False) -> dict:
 
 
 def correctness(pkgs: dict) -> dict:
+    """fp32 greedy on CUDA == CPU; top-1 agreement with the fp32 greedy sequence, teacher-forced,
+    of the fp16 fused graph and of the fp16 CUDA-graph decode loop (static KV; random weights have
+    many near-ties, so free-running fp16 sequences drift apart where fp32 itself is ambiguous)."""
     import portable_infer
 
-    out = {}
-    fp32_gpu = portable_infer.load(pkgs["fp32"], providers="cuda", strict=True, check="size")
+    load = lambda pkg, **kw: portable_infer.load(pkg, providers="cuda", strict=True, check="size", **kw)  # noqa: E731
+    fp32_gpu, fp16, static = load(pkgs["fp32"]), load(pkgs["fp16"]), load(pkgs["fp16"], static_kv=True)
     fp32_cpu = portable_infer.load(pkgs["fp32"], providers="cpu", check="size")
-    fp16 = portable_infer.load(pkgs["fp16"], providers="cuda", strict=True, check="size")
-    same, agree, total = 0, 0, 0
+    same, total, agree = 0, 0, {"fp16": 0, "static": 0}
     for seed in range(3):
         p = prompts(1, seed=100 + seed)[0]
         g = fp32_gpu.generate_ids(p, max_new_tokens=NEW, ignore_eos=True)
-        c = fp32_cpu.generate_ids(p, max_new_tokens=NEW, ignore_eos=True)
-        same += int(g == c)
-        logits = fp16.forward_logits(p + g)  # teacher-forced on the fp32 greedy sequence
-        agree += int((logits[len(p) - 1:-1].argmax(-1) == np.asarray(g)).sum())
+        same += int(g == fp32_cpu.generate_ids(p, max_new_tokens=NEW, ignore_eos=True))
+        for name, m in (("fp16", fp16), ("static", static)):  # static: every step after the first replays
+            logits = m.forward_logits(p + g)
+            agree[name] += int((logits[len(p) - 1:-1].argmax(-1) == np.asarray(g)).sum())
         total += len(g)
-    out["fp32_gpu_equals_cpu_prompts"] = f"{same}/3"
-    # The CUDA-graph decode loop (static KV, fp16): teacher-forced top-1 agreement of its steps
-    # with the fp32 greedy sequence, like the fp16 check (random weights have many near-ties, so
-    # free-running fp16 sequences drift apart where fp32 itself is ambiguous).
-    st = portable_infer.load(pkgs["fp16"], providers="cuda", strict=True, check="size", static_kv=True)
-    agree = total = 0
-    for seed in range(3):
-        p = prompts(1, seed=100 + seed)[0]
-        g = fp32_gpu.generate_ids(p, max_new_tokens=NEW, ignore_eos=True)
-        cache = st.engine.new_cache(1, capacity=len(p) + len(g))
-        seq = p + g
-        logits = [st.engine.forward(np.asarray([p]), np.ones((1, len(p)), np.int64), cache)[0]]
-        for t in range(len(p), len(seq) - 1):
-            logits.append(st.engine.forward(np.asarray([[seq[t]]]), np.ones((1, t + 1), np.int64), cache)[0])
-        agree += int((np.stack(logits).argmax(-1) == np.asarray(g)).sum())
-        total += len(g)
-    out["fp16_static_cuda_graph_top1_agreement"] = (
-        f"{agree}/{total} ({agree / total:.1%}; {'CUDA graphs' if st.engine.cuda_graph else 'no graphs'})")
-    out["fp16_top1_agreement"] = f"{agree}/{total} ({agree / total:.1%})"
-    return out
+    graphs = "CUDA graphs" if static.engine.cuda_graph else "no graphs"
+    return {"fp32_gpu_equals_cpu_prompts": f"{same}/3",
+            "fp16_top1_agreement": f"{agree['fp16']}/{total} ({agree['fp16'] / total:.1%})",
+            "fp16_static_cuda_graph_top1_agreement": f"{agree['static']}/{total} ({agree['static'] / total:.1%}; {graphs})"}
 
 
 def transformers_fp16(folder: Path, batch: int) -> dict:

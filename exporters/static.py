@@ -47,9 +47,14 @@ class StaticDecoderBuilder(FusedDecoderBuilder):
         g = self.g
         if self._total is None:
             self._total = g.input(mf.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
-        lengths = g.reduce_sum(g.cast(mask, TensorProto.FLOAT), [1], keepdims=0)
-        seqlens = g.cast(g.sub(lengths, g.const(1.0, np.float32)), I32)
+        seqlens = g.cast(g.sub(self._lengths(), g.const(1.0, np.float32)), I32)
         return seqlens, self._total
+
+    def _lengths(self) -> str:
+        """Tokens per row (float [B]): ReduceSum of the mask, built once per graph."""
+        if self._n is None:
+            self._n = self.g.reduce_sum(self.g.cast(mf.ATTENTION_MASK, TensorProto.FLOAT), [1], keepdims=0)
+        return self._n
 
     def qkv(self, x: str, i: int):
         """q, k and v packed in one tensor (GroupQueryAttention splits it itself: no Split node),
@@ -71,14 +76,14 @@ class StaticDecoderBuilder(FusedDecoderBuilder):
         return out, k, v
 
     def build(self, on_layer=None) -> None:
-        self._total = None
+        self._total = self._n = None
         super().build(on_layer)
 
     def head(self, h: str, delta: str) -> str:
         #  row b's last real new token: min(n_b, S) - 1  (prefill: n_b - 1; later steps: S - 1),
         #  S counted on the device (ReduceSum of ones over ids), then GatherND per row -> [B, 1, E]
         g = self.g
-        n = g.reduce_sum(g.cast(mf.ATTENTION_MASK, TensorProto.FLOAT), [1], keepdims=0)
+        n = self._lengths()
         ones = g.cast(g.op("GreaterOrEqual", [mf.INPUT_IDS, g.const(0)]), TensorProto.FLOAT)
         s = g.reduce_sum(ones, [1], keepdims=0)
         idx = g.unsqueeze(g.cast(g.sub(g.op("Min", [n, s]), g.const(1.0, np.float32)), TensorProto.INT64), [1])

@@ -60,13 +60,9 @@ class WeightStore:
         self._stacked[key] = w
         return key
 
-    def _get(self, name: str):
-        """A source tensor, or a stacked one (handed out once: it is emitted once)."""
-        return self._stacked.pop(name) if name in self._stacked else self.source.get(name)
-
     # --- small float tensors (norms, biases) --------------------------------------------------
     def vector(self, name: str, dtype=None, add: float = 0.0) -> str:
-        w = self._dense(self._get(name)) + np.float32(add)
+        w = self._dense(self._matrix(name)) + np.float32(add)
         return self.g.weight(_init_name(name, "f" if add == 0 else "f1"), w.astype(dtype or self.dtype))
 
     # --- linear layers ------------------------------------------------------------------------

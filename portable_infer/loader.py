@@ -93,24 +93,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
     if cfg.check != "none":
         manifest.verify_files(pkg, hash_files=cfg.check == "sha256")
     variants = _variants(manifest, pkg, cfg.static_kv)
-    options = cfg.provider_options
-    if cfg.static_kv:  # CUDA graphs for the decode step; plain runs if the session refuses them
-        options = {**(options or {}), "cuda": {**(options or {}).get("cuda", {}), "enable_cuda_graph": "1"}}
-    try:
-        sel = select_session(variants, pkg, cfg.providers, strict=cfg.strict,
-                             session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
-    except PortableInferError as exc:
-        if options is cfg.provider_options:
-            raise
-        if "graph capture" in str(exc):
-            logger.warning("CUDA graphs refused for this graph: some nodes run off CUDA (fp32 packages: "
-                           "GroupQueryAttention has no fp32 CUDA kernel; export with --precision fp16 or "
-                           "--activations fp16 for graphs); decoding without CUDA graphs")
-        else:
-            logger.warning("session with CUDA graphs failed (%s); trying without", exc)
-        options = cfg.provider_options
-        sel = select_session(variants, pkg, cfg.providers, strict=cfg.strict,
-                             session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
+    sel, graphs = _select(variants, pkg, cfg, ort)
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
     if sel.variant.kv.growth == "static":
@@ -118,12 +101,34 @@ def load_package(path, cfg: LoadConfig) -> Model:
 
         context = min(manifest.model.max_context, cfg.max_kv_tokens or manifest.model.max_context)
         engine = StaticEngine(sel.session, sel.variant, sel.provider.ort_name, ort, max_context=context,
-                              vocab_size=manifest.model.vocab_size, cuda_graph=options is not cfg.provider_options)
+                              vocab_size=manifest.model.vocab_size, cuda_graph=graphs)
     else:
         engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
     tokenizer, template = _tokenizer(pkg, manifest)
     logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
     return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
+
+
+def _select(variants: list, pkg: Path, cfg: LoadConfig, ort):
+    """(selection, CUDA graphs on). With ``static_kv`` the session first asks for CUDA graphs;
+    if that session cannot start (e.g. nodes placed off CUDA), it is made again without them."""
+    def select(options):
+        return select_session(variants, pkg, cfg.providers, strict=cfg.strict,
+                              session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
+
+    if not cfg.static_kv:
+        return select(cfg.provider_options), False
+    base = cfg.provider_options or {}
+    try:
+        return select({**base, "cuda": {**base.get("cuda", {}), "enable_cuda_graph": "1"}}), True
+    except PortableInferError as exc:
+        if "graph capture" in str(exc):
+            logger.warning("CUDA graphs refused for this graph: some nodes run off CUDA (fp32 packages: "
+                           "GroupQueryAttention has no fp32 CUDA kernel; export with --precision fp16 or "
+                           "--activations fp16 for graphs); decoding without CUDA graphs")
+        else:
+            logger.warning("session with CUDA graphs failed (%s); trying without", exc)
+        return select(cfg.provider_options), False
 
 
 def _variants(manifest: Manifest, pkg: Path, static_kv: bool) -> list:

@@ -431,12 +431,16 @@ class Scheduler:
                 if r.state != "done":
                     r.state = "running"
         self._count_step(n)
+        self._join(group, cache, mask, first)
+
+    def _join(self, rows: list, cache, mask: np.ndarray, first: np.ndarray) -> None:
+        """Stack prefilled rows (their KV, mask and first tokens) under the running batch."""
         if self._rows:
             self._cache, self._mask = kvblocks.merge(self._cache, self._mask, cache, mask, self.engine.ort)
             self._pending = np.concatenate([self._pending, first])
         else:
             self._cache, self._mask, self._pending = cache, mask, first
-        self._rows.extend(group)
+        self._rows.extend(rows)
 
     def _prefill_chunk(self, r: _Request) -> None:
         if r.state == "done":  # cancelled while it waited for its turn
@@ -465,13 +469,7 @@ class Scheduler:
                 r.cache = None
                 return
             r.state = "running"
-        mask = np.ones((1, r.cache.length), np.int64)
-        if self._rows:
-            self._cache, self._mask = kvblocks.merge(self._cache, self._mask, r.cache, mask, self.engine.ort)
-            self._pending = np.concatenate([self._pending, [tok]])
-        else:
-            self._cache, self._mask, self._pending = r.cache, mask, np.asarray([tok], np.int64)
-        self._rows.append(r)
+        self._join([r], r.cache, np.ones((1, r.cache.length), np.int64), np.asarray([tok], np.int64))
         r.cache = None
 
     def _drop_done_rows(self) -> None:

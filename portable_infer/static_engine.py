@@ -82,6 +82,7 @@ class StaticEngine:
         self.cuda_graph = cuda_graph and self.device == "cuda"
         self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [_Slot]
         self._graphs = 0
+        self._plain = self._run_options(-1)  # for every step that does not replay a graph
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:
@@ -123,7 +124,8 @@ class StaticEngine:
         if rows.max() > cache.capacity:
             raise CapacityError(f"the KV buffer holds {cache.capacity} tokens per row and a row "
                                 f"needs {int(rows.max())}; make the cache with a larger capacity")
-        if cache.rows.max() == 0:  # prefill: real tokens right-aligned in the input -> row starts
+        prefill = not cache.rows.any()
+        if prefill:  # prefill: real tokens right-aligned in the input -> row starts
             lens = new.sum(axis=1)
             ids_r = np.zeros((B, S), np.int64)
             mask_r = (np.arange(S)[None, :] < lens[:, None]).astype(np.int64)
@@ -136,7 +138,7 @@ class StaticEngine:
                     "(GroupQueryAttention's limit); feed batch 1, or one token per row")
             ids_r = np.asarray(ids, np.int64)
             mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
-        if S == 1 and cache.rows.max() > 0 and self.cuda_graph and cache.graph_id > 0:
+        if S == 1 and not prefill and self.cuda_graph and cache.graph_id > 0:
             logits = self._replay(ids_r, mask_r, cache)
         else:
             logits = self._run(ids_r, mask_r, cache)
@@ -158,7 +160,7 @@ class StaticEngine:
         b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
         b.bind_output(mf.LOGITS, "cpu")  # first: get_outputs() follows the binding order
         self._bind_cache(b, cache)
-        self.session.run_with_iobinding(b, self._run_options(-1))
+        self.session.run_with_iobinding(b, self._plain)
         return b.get_outputs()[0].numpy()[:, -1, :]
 
     def _replay(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> np.ndarray:
@@ -184,7 +186,7 @@ class StaticEngine:
     def _run_options(self, graph_id: int):
         ro = self.ort.RunOptions()
         if self.device == "cuda":
-            ro.add_run_config_entry("gpu_graph_id", str(graph_id if self.cuda_graph else -1))
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))  # -1: run without a graph
         return ro
 
 
