@@ -178,15 +178,21 @@ def markdown_table(results: list[dict], threads: int, runs: int) -> str:
                  "decode tok/s / the runtime's, and the runtime's TTFT / portable_infer's: above "
                  "1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
                  "fp32 transformers reference's next token.")
-    busy = [f"{r['runtime']} {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f}"
-            for r in results if max(r.get("loadavg", [0.0])) > BUSY_LOADAVG]
-    if busy:
-        lines += ["", f"Warning: other work was running (1-min load average above {BUSY_LOADAVG} "
-                      f"on {os.cpu_count()} cores, before->after): {', '.join(busy)}. Numbers "
-                      "taken on a busy machine are not comparable; rerun when it is idle."]
+    lines += busy_warning(results, "runtime")
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines)
+
+
+def busy_warning(results: list, key: str) -> list:
+    """Lines naming the rows during which other work ran (1-min load average above BUSY_LOADAVG)."""
+    busy = [f"{r[key]} {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f}"
+            for r in results if max(r.get("loadavg", [0.0])) > BUSY_LOADAVG]
+    if not busy:
+        return []
+    return ["", f"Warning: other work was running (1-min load average above {BUSY_LOADAVG} "
+                f"on {os.cpu_count()} cores, before->after): {', '.join(busy)}. Numbers "
+                "taken on a busy machine are not comparable; rerun when it is idle."]
 
 
 def machine() -> dict:

@@ -26,7 +26,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -41,7 +40,6 @@ PACKAGES = REPO / ".bench" / "packages" / "openvino"
 WORK = REPO / ".bench" / "openvino"
 RESULTS = HERE / "results" / "openvino.json"
 RUNNER_TIMEOUT_S = 1800
-BUSY_LOADAVG = 2.5  # the runner uses 2 cores; well above that, someone else is running
 
 logger = logging.getLogger("openvino_bench")
 
@@ -77,6 +75,7 @@ ROWS = (
 def runner_main() -> None:
     sys.path.insert(0, str(RUNNERS))
     import common
+    from portable_infer_runner import generate, teacher_forced
 
     parser = common.arg_parser("portable_infer on one provider")
     parser.add_argument("runner")
@@ -99,16 +98,6 @@ def runner_main() -> None:
             if model.provider != want:
                 raise RuntimeError(f"ran on {model.provider}, not {want}")
             return model
-
-        def generate(model, prompts, n):
-            kw = dict(max_new_tokens=n, temperature=0.0, ignore_eos=True)
-            if len(prompts) == 1:
-                return [list(model.generate_ids(list(prompts[0]), **kw))]
-            return [list(r) for r in model.batch_generate_ids([list(p) for p in prompts], **kw)]
-
-        def teacher_forced(model, prompt, continuation):
-            logits = model.forward_logits(list(prompt) + list(continuation[:-1]))
-            return logits[len(prompt) - 1:].argmax(-1).tolist()
 
         from importlib import metadata
 
@@ -215,21 +204,12 @@ def markdown_table(results: list[dict], threads: int, runs: int, ov_version: str
                   f"tokens. vs CPU: decode tok/s ratio and TTFT ratio to the CPU row of the same package "
                   f"(decode above 1x and TTFT below 1x: OpenVINO faster)."]
     lines += [f"- {n}" for n in notes]
-    busy = [f"{r['row']} {r['loadavg'][0]:.1f}->{r['loadavg'][1]:.1f}"
-            for r in results if max(r.get("loadavg", [0.0])) > BUSY_LOADAVG]
-    if busy:
-        lines += ["", f"Warning: other work was running (1-min load average above {BUSY_LOADAVG} on "
-                      f"{os.cpu_count()} cores, before->after): {', '.join(busy)}."]
+    from compare_cpu import busy_warning
+
+    lines += busy_warning(results, "row")
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def main() -> None:
@@ -260,11 +240,13 @@ def main() -> None:
     print(table)
     import onnxruntime
 
+    import compare_cpu
+
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": compare_cpu.machine(),
         "versions": {"onnxruntime-openvino": info["ort_version"], "onnxruntime": onnxruntime.__version__},
         "protocol": {"prompt_tokens": 32, "new_tokens": 128, "batch": 8, "greedy": True, "threads": args.threads,
                      "runs": args.runs, "reference": json.loads(reference.read_text())["source"]},

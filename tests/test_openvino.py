@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _decode import greedy_steps
 
 pytestmark = pytest.mark.openvino
 
@@ -161,22 +162,6 @@ def ensure_openvino_venv(venv: Path = VENV) -> tuple[Path, dict]:
 
 
 # --- running on OpenVINO ---------------------------------------------------------------------
-def greedy_steps(model, ids, steps):
-    """Greedy decoding through the engine's KV cache: (tokens, last-position logits [steps, vocab])."""
-    import numpy as np
-
-    engine = model.engine
-    cache = engine.new_cache(1)
-    arr = np.asarray([ids], np.int64)
-    logits = [engine.forward(arr, np.ones_like(arr), cache)[0]]
-    seq = list(ids)
-    for _ in range(steps - 1):
-        seq.append(int(np.argmax(logits[-1])))
-        logits.append(engine.forward(np.asarray([[seq[-1]]], np.int64), np.ones((1, len(seq)), np.int64), cache)[0])
-    seq.append(int(np.argmax(logits[-1])))
-    return seq[len(ids):], np.stack(logits)
-
-
 # Runs in the OpenVINO venv: job JSON in (argv[1]), result JSON out (argv[2]).
 SCRIPT = textwrap.dedent("""
     import json, sys

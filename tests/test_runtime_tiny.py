@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 import pytest
+from _decode import greedy_steps
 
 torch = pytest.importorskip("torch")
 
@@ -54,16 +55,9 @@ def test_cached_decode_equals_full_recompute(model, rng):
     ids = prompt(rng, 11)
     engine = model.engine
     cache = engine.new_cache(1)
-    arr = np.asarray([ids], np.int64)
-    step_logits = [engine.forward(arr, np.ones_like(arr), cache)[0]]
-    seq = list(ids)
-    for _ in range(STEPS - 1):
-        seq.append(int(np.argmax(step_logits[-1])))
-        mask = np.ones((1, len(seq)), np.int64)
-        step_logits.append(engine.forward(np.asarray([[seq[-1]]], np.int64), mask, cache)[0])
-    assert cache.length == len(seq)
-    seq.append(int(np.argmax(step_logits[-1])))
-    cached = np.stack(step_logits)
+    tokens, cached = greedy_steps(model, ids, STEPS, cache)
+    seq = ids + tokens
+    assert cache.length == len(seq) - 1  # every token but the last was fed
 
     # full recompute, no cache reuse: a fresh prefill of every prefix
     fresh = []

@@ -9,6 +9,20 @@ LOAD_API = "portable_infer.load(package_dir, providers='cpu', intra_op_threads=N
 MODEL_API = ("generate_ids", "batch_generate_ids", "forward_logits")
 
 
+def generate(model, prompts, n):
+    """Greedy ids for each prompt (batch 1: generate_ids; more: batch_generate_ids)."""
+    kw = dict(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    if len(prompts) == 1:
+        return [list(model.generate_ids(list(prompts[0]), **kw))]
+    return [list(row) for row in model.batch_generate_ids([list(p) for p in prompts], **kw)]
+
+
+def teacher_forced(model, prompt, continuation):
+    """The model's argmax after each token of prompt + continuation (but the last)."""
+    logits = model.forward_logits(list(prompt) + list(continuation[:-1]))
+    return logits[len(prompt) - 1:].argmax(-1).tolist()
+
+
 def build(args) -> common.Runtime:
     import portable_infer
 
@@ -26,16 +40,6 @@ def build(args) -> common.Runtime:
             raise RuntimeError(f"portable_infer API not there yet: the loaded model has no "
                                f"{', '.join(missing)}")
         return model
-
-    def generate(model, prompts, n):
-        kw = dict(max_new_tokens=n, temperature=0.0, ignore_eos=True)
-        if len(prompts) == 1:
-            return [list(model.generate_ids(list(prompts[0]), **kw))]
-        return [list(row) for row in model.batch_generate_ids([list(p) for p in prompts], **kw)]
-
-    def teacher_forced(model, prompt, continuation):
-        logits = model.forward_logits(list(prompt) + list(continuation[:-1]))
-        return logits[len(prompt) - 1:].argmax(-1).tolist()
 
     import onnxruntime as ort
     return common.Runtime(
