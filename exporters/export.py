@@ -38,9 +38,10 @@ PORTABLE_FILE = "model.onnx"
 FUSED_FILE = "model.fused.onnx"
 FUSED_OPSET = 21
 # MatMulNBits accuracy levels of the fused graph: 1 keeps activations float (exact), 4 quantizes
-# them to int8 per block of 32 (about 2x faster kernels). Measured on SmolLM2 Q4_1 (teacher-forced
-# top-1 vs the dequantized reference, 128 steps): every matmul at 4 -> 123/128, under the 98 %
-# gate; layers at 1 and only the lm_head (Q8_0 table) at 4 -> 127/128, perplexity -0.3 %.
+# them to int8 per block of 32 (about 2x faster kernels: benchmarks/graph_step.py --matmulnbits).
+# On SmolLM2 Q4_1 (teacher-forced top-1 vs the dequantized reference, 128 steps) layers at 4 give
+# 123/128, under the 98 % gate (`portable-infer export default -o X --accuracy 4` is refused); the
+# default, layers at 1 and the lm_head at 4 with its top 16 recomputed in float, gives 128/128.
 DEFAULT_NBITS_ACCURACY = 1
 DEFAULT_HEAD_ACCURACY = 4
 VARIANTS = ("portable", "fused", "static")  # static: fixed KV buffers for CUDA graphs (opt-in)
