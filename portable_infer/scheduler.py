@@ -42,82 +42,13 @@ from .errors import CapacityError, ContextLengthError, InvalidArgumentError, Por
 from .generate import check_prompt
 from .handle import RequestHandle, RequestStats
 from .sampling import SamplingParams, apply_penalties, make_sampler, token_logprobs
+from .scheduler_config import DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats
 from .streaming import Response, TextStream
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_BUDGET_BYTES = 2 << 30
 _RATE_WINDOW_S = 10.0
 _RECENT = 256  # finished requests kept for stats()
-
-# name -> (allowed range in words, predicate); validated in SchedulerConfig
-_CONFIG_RULES = {
-    "max_batch": (">= 1", lambda v: v >= 1),
-    "max_waiting": (">= 0", lambda v: v >= 0),
-    "prefill_chunk": (">= 1", lambda v: v >= 1),
-    "block_size": (">= 1", lambda v: v >= 1),
-    "kv_budget_tokens": ("None or >= 1", lambda v: v >= 1),
-    "kv_budget_bytes": ("None or >= 1", lambda v: v >= 1),
-}
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Sizes of the continuous-batching engine (validated at construction).
-
-    ``kv_budget_tokens`` (or ``kv_budget_bytes``; default 2 GiB of KV) bounds the KV reserved by
-    admitted requests; ``max_waiting`` bounds the queue behind it.
-    """
-
-    max_batch: int = 16
-    max_waiting: int = 64
-    prefill_chunk: int = 128
-    block_size: int = 16
-    kv_budget_tokens: int | None = None
-    kv_budget_bytes: int | None = None
-
-    def __post_init__(self):
-        for name, (allowed, ok) in _CONFIG_RULES.items():
-            v = getattr(self, name)
-            if v is None and name.startswith("kv_budget"):
-                continue
-            if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
-                raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")
-        if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
-            raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    """A snapshot for metrics: occupancy, KV blocks, token counters, recent request timings."""
-
-    running: int  # rows in the decode batch
-    prefilling: int
-    waiting: int
-    max_batch: int
-    max_waiting: int
-    blocks_used: int
-    blocks_total: int
-    block_size: int
-    kv_bytes: int  # KV the batch really holds now (padding included)
-    prompt_tokens: int  # counters since start
-    generation_tokens: int
-    requests_finished: int
-    requests_cancelled: int
-    requests_rejected: int
-    requests_failed: int
-    tokens_per_s: float  # generated tokens per second over the last few seconds
-    recent: tuple = ()  # RequestStats of the last finished requests, oldest first
-
-
-class SchedulerObserver:
-    """Hooks called on the scheduler thread (keep them quick); the defaults do nothing."""
-
-    def first_token(self, ttft_s: float) -> None: ...
-
-    def inter_token(self, seconds: float) -> None: ...
-
-    def finished(self, stats: RequestStats) -> None: ...
 
 
 @dataclass(eq=False)
