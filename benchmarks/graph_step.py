@@ -70,17 +70,17 @@ def graphs(args) -> None:
 def matmulnbits(threads: int) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
-    def model(K, N, acc, zp, corr):
+    def model(K, N, acc, zp, corr, bits=4):
         nb = K // 32
         rng = np.random.default_rng(0)
-        inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 16), dtype=np.uint8), "B"),
+        inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 4 * bits), dtype=np.uint8), "B"),
                  numpy_helper.from_array((rng.random(N * nb) * 0.01).astype(np.float32), "S")]
         ins = ["x", "B", "S"]
         if zp:
-            inits.append(numpy_helper.from_array(rng.integers(0, 255, N * ((nb + 1) // 2), dtype=np.uint8), "Z"))
+            inits.append(numpy_helper.from_array(rng.integers(0, 255, N * (nb if bits == 8 else (nb + 1) // 2), dtype=np.uint8), "Z"))
             ins.append("Z")
         nodes = [helper.make_node("MatMulNBits", ins, ["y0" if corr else "y"], domain="com.microsoft",
-                                  K=K, N=N, bits=4, block_size=32, accuracy_level=acc)]
+                                  K=K, N=N, bits=bits, block_size=32, accuracy_level=acc)]
         if corr:  # y = y0 + blocksum(x) @ offset
             inits += [numpy_helper.from_array(np.array([0, 0, nb, 32], np.int64), "shape"),
                       numpy_helper.from_array(np.array([-1], np.int64), "axis"),
@@ -95,13 +95,14 @@ def matmulnbits(threads: int) -> None:
         return m.SerializeToString()
 
     cases = [("acc 1", 1, 0, 0), ("acc 1 + Q4_1 correction", 1, 0, 1), ("acc 1 + zero points", 1, 1, 0),
-             ("acc 4", 4, 0, 0), ("acc 4 + Q4_1 correction", 4, 0, 1), ("acc 4 + zero points", 4, 1, 0)]
+             ("acc 4", 4, 0, 0), ("acc 4 + Q4_1 correction", 4, 0, 1), ("acc 4 + zero points", 4, 1, 0),
+             ("8-bit acc 4 + zero points", 4, 1, 0, 8)]
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
     print("| K x N | " + " | ".join(c[0] for c in cases) + " |\n|---|" + "---:|" * len(cases))
     for K, N in shapes:
         cells = []
-        for _, acc, zp, corr in cases:
-            s = session(model(K, N, acc, zp, corr), threads, [])
+        for _, acc, zp, corr, *bits in cases:
+            s = session(model(K, N, acc, zp, corr, *bits), threads, [])
             x = {"x": np.random.default_rng(1).standard_normal((1, 1, K)).astype(np.float32)}
             for _ in range(20):
                 s.run(None, x)

@@ -14,7 +14,8 @@ runtime binds both to the same memory), and every row holds its own tokens from 
 
 No position_ids: positions are the row's own indices, which GroupQueryAttention's rotary
 (``do_rotary``, cached cos/sin tables) derives from the lengths. Logits come for each row's last
-real new token. A decode step therefore has the same shapes on every call, which is what CUDA
+real new token, and ``next_token`` [B, 1] their argmax (greedy decoding then copies one id per
+row to the host, not the logits). A decode step therefore has the same shapes on every call, which is what CUDA
 graph capture needs. The runtime builds these for rotary models without sliding windows only.
 """
 
@@ -78,6 +79,9 @@ class StaticDecoderBuilder(FusedDecoderBuilder):
     def build(self, on_layer=None) -> None:
         self._total = self._n = None
         super().build(on_layer)
+        #  greedy on the device: ArgMax of the logits (first index on ties, like numpy's argmax)
+        token = self.g.op("ArgMax", [mf.LOGITS], axis=-1, keepdims=0, select_last_index=0)
+        self.g.output(token, mf.NEXT_TOKEN, TensorProto.INT64, ["batch", 1])
 
     def head(self, h: str, delta: str) -> str:
         #  row b's last real new token: min(n_b, S) - 1  (prefill: n_b - 1; later steps: S - 1),

@@ -76,6 +76,12 @@ class BatchDecoder:
             stop = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(eos_ids))
             self.rows.append(_Row(ids, p, np.random.default_rng(p.seed), make_sampler(p), stop))
         self._pending: np.ndarray | None = None
+        # All rows plain greedy and the graph has a next_token output (static-KV graphs): the
+        # argmax runs on the device and only the ids come back; self.logits stays None.
+        self._device_greedy = getattr(engine, "greedy_on_device", False) and all(
+            r.plain_greedy and r.params.logprobs is None for r in self.rows)
+        self.tokens: np.ndarray | None = None
+        self.logits: np.ndarray | None = None
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         self._prefill()
 
@@ -100,13 +106,19 @@ class BatchDecoder:
         longest = width + max(r.params.max_new_tokens for r in self.rows)
         self.cache = self.engine.new_cache(len(self.rows), capacity=min(self.max_context, longest))
         t = time.perf_counter()
-        self.logits = self.engine.forward(ids, self.mask, self.cache)
+        self._forward(ids)
         self.timings["prefill_s"] = time.perf_counter() - t
+
+    def _forward(self, ids: np.ndarray) -> None:
+        if self._device_greedy:
+            self.tokens = self.engine.forward(ids, self.mask, self.cache, greedy=True)
+        else:
+            self.logits = self.engine.forward(ids, self.mask, self.cache)
 
     def _advance(self) -> None:
         t = time.perf_counter()
         self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
-        self.logits = self.engine.forward(self._pending[:, None], self.mask, self.cache)
+        self._forward(self._pending[:, None])
         self.timings["decode_s"] += time.perf_counter() - t
         self.timings["decode_steps"] += 1
         self._pending = None
@@ -120,12 +132,15 @@ class BatchDecoder:
         nxt = np.full(len(self.rows), self.pad_id, dtype=np.int64)
         events = []
         # Plain greedy rows share one vectorized argmax (one call for the batch, not one per row).
-        argmax = self.logits.argmax(axis=-1) if any(r.plain_greedy for r in self.rows) else None
+        if self._device_greedy:
+            argmax = self.tokens
+        else:
+            argmax = self.logits.argmax(axis=-1) if any(r.plain_greedy for r in self.rows) else None
         full = self.cache.length + 1 >= self.max_context  # no room to feed another token
         for i, r in enumerate(self.rows):
             if r.finish_reason is not None:
                 continue
-            logits = self.logits[i]
+            logits = None if self._device_greedy else self.logits[i]
             if r.penalized:
                 logits = apply_penalties(logits, r.prompt, r.output, r.params)
             tok = int(argmax[i]) if r.plain_greedy else int(r.sampler(logits, r.rng))

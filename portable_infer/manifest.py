@@ -38,6 +38,9 @@ LOGITS = "logits"
 # Static-KV graphs only: the mask's width as an int32 scalar on the host (GroupQueryAttention reads
 # it there; computing it from a shape in the graph would put nodes on the CPU and rule out CUDA graphs).
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# Static-KV graphs (exporter 0.2.1 on): the argmax of each row's logits, int64 [B, 1], so greedy
+# decoding on a GPU copies one id per row to the host instead of the whole vocabulary's logits.
+NEXT_TOKEN = "next_token"
 
 
 def past_names(layer: int) -> tuple[str, str]:

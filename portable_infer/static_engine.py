@@ -62,6 +62,7 @@ class _Slot:
     ids: object  # device [B, 1] int64 (graph input)
     mask: object  # device [B, capacity] int64
     logits: object  # device [B, 1, vocab] float32 (graph output)
+    token: object  # device [B, 1] int64 (graph output next_token; None when the graph lacks it)
     graph_id: int
     busy: bool = False
     binding: object = None  # the IO binding replays reuse (same addresses every step)
@@ -83,6 +84,8 @@ class StaticEngine:
         self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [_Slot]
         self._graphs = 0
         self._plain = self._run_options(-1)  # for every step that does not replay a graph
+        # Graphs with a next_token output can decode greedily on the device (one id per row back).
+        self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:
@@ -110,14 +113,21 @@ class StaticEngine:
         shape = [batch, kv.num_kv_heads, cap, kv.head_dim]
         new = lambda shp, dt: self.ort.OrtValue.ortvalue_from_shape_and_type(shp, dt, self.device, 0)  # noqa: E731
         values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
+        token = new([batch, 1], np.int64) if self.greedy_on_device else None
         return _Slot(values, new([batch, 1], np.int64), new([batch, cap], np.int64),
-                     new([batch, 1, self.vocab], np.float32), graph_id)
+                     new([batch, 1, self.vocab], np.float32), token, graph_id)
 
     # --- one step ---------------------------------------------------------------------------------
-    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, all_logits: bool = False,
+                greedy: bool = False) -> np.ndarray:
         """``ids`` [B, S] new tokens, ``mask`` [B, past + S] (left padding, as for growing
         graphs). Returns the logits [B, vocab] of each row's last new token (the graph computes
-        no others, so ``all_logits`` changes nothing; it is there for Engine's signature)."""
+        no others, so ``all_logits`` changes nothing; it is there for Engine's signature).
+        ``greedy`` (graphs with ``greedy_on_device``): return each row's argmax token [B] instead,
+        leaving the logits on the device."""
+        if greedy and not self.greedy_on_device:
+            raise InvalidArgumentError(f"graph {self.variant.file} has no {mf.NEXT_TOKEN} output; "
+                                       f"re-export the package for greedy decoding on the device")
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], dtype=np.int64)
         rows = cache.rows + new.sum(axis=1)
@@ -139,12 +149,12 @@ class StaticEngine:
             ids_r = np.asarray(ids, np.int64)
             mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
         if S == 1 and not prefill and self.cuda_graph and cache.graph_id > 0:
-            logits = self._replay(ids_r, mask_r, cache)
+            out = self._replay(ids_r, mask_r, cache, greedy)
         else:
-            logits = self._run(ids_r, mask_r, cache)
+            out = self._run(ids_r, mask_r, cache, greedy)
         cache.rows = rows
         cache.length = mask.shape[1]
-        return logits
+        return out
 
     def _bind_cache(self, b, cache: StaticCache) -> None:
         for (kn, vn), (pk, pv), (k, v) in zip(self.variant.kv.past, self.variant.kv.present, cache.values):
@@ -153,17 +163,21 @@ class StaticEngine:
             b.bind_ortvalue_output(pk, k)  # present = past: the same memory
             b.bind_ortvalue_output(pv, v)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
         b = self.session.io_binding()
         b.bind_cpu_input(mf.INPUT_IDS, ids)
         b.bind_cpu_input(mf.ATTENTION_MASK, mask)
         b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
-        b.bind_output(mf.LOGITS, "cpu")  # first: get_outputs() follows the binding order
+        # first: get_outputs() follows the binding order; the other output stays on the device
+        b.bind_output(mf.NEXT_TOKEN if greedy else mf.LOGITS, "cpu")
+        if self.greedy_on_device:
+            b.bind_output(mf.LOGITS if greedy else mf.NEXT_TOKEN, self.device)
         self._bind_cache(b, cache)
         self.session.run_with_iobinding(b, self._plain)
-        return b.get_outputs()[0].numpy()[:, -1, :]
+        out = b.get_outputs()[0].numpy()
+        return out[:, 0] if greedy else out[:, -1, :]
 
-    def _replay(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> np.ndarray:
+    def _replay(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
         slot = cache._slot
         slot.ids.update_inplace(ids)
         slot.mask.update_inplace(mask)
@@ -174,14 +188,16 @@ class StaticEngine:
             b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
             self._bind_cache(b, cache)
             b.bind_ortvalue_output(mf.LOGITS, slot.logits)
+            if slot.token is not None:
+                b.bind_ortvalue_output(mf.NEXT_TOKEN, slot.token)
             slot.binding, slot.run_options = b, self._run_options(cache.graph_id)
         try:
             self.session.run_with_iobinding(slot.binding, slot.run_options)
         except Exception as exc:  # capture refused (an op without graph support, ...): plain runs
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
-            return self._run(ids, mask, cache)
-        return slot.logits.numpy()[:, -1, :]
+            return self._run(ids, mask, cache, greedy)
+        return slot.token.numpy()[:, 0] if greedy else slot.logits.numpy()[:, -1, :]
 
     def _run_options(self, graph_id: int):
         ro = self.ort.RunOptions()

@@ -117,3 +117,32 @@ def test_static_export_refuses_sliding_windows(tmp_path):
         export(tmp_path / "hf", tmp_path / "pkg", precision="fp32", verify=False,
                variants=("fused", "static"))
     assert not (tmp_path / "pkg").exists()
+
+
+def test_greedy_on_the_device_returns_the_logits_argmax(static, fused, monkeypatch):
+    e = static.engine
+    assert e.greedy_on_device  # the static graph has a next_token output
+    rng = np.random.default_rng(SEED + 2)
+    ps = prompts(rng, [6, 3, 9])
+    width = 9
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for i, p in enumerate(ps):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    by_id, by_logits = e.new_cache(3, capacity=32), e.new_cache(3, capacity=32)
+    for _ in range(6):  # prefill, then decode steps fed with the device's choice
+        tok = e.forward(ids, mask, by_id, greedy=True)
+        logits = e.forward(ids, mask, by_logits)
+        assert tok.dtype == np.int64 and tok.shape == (3,)
+        assert tok.tolist() == logits.argmax(-1).tolist(), f"{TAG} next_token differs from the logits' argmax"
+        ids, mask = tok[:, None], np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+
+    calls = []
+    forward = e.forward
+    monkeypatch.setattr(e, "forward", lambda *a, **k: calls.append(k.get("greedy", False)) or forward(*a, **k))
+    greedy = static.batch_generate_ids(ps, max_new_tokens=8)
+    assert calls and all(calls), "plain greedy rows did not decode on the device"
+    assert greedy == [fused.generate_ids(p, max_new_tokens=8) for p in ps], f"{TAG} device greedy differs from fused"
+    calls.clear()  # a row that needs the logits (sampling, logprobs) takes them for the whole batch
+    static.batch_generate_ids(ps[:2], max_new_tokens=4, temperature=0.7, seed=1)
+    assert calls and not any(calls)
