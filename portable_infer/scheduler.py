@@ -5,7 +5,8 @@
     submit() ─> waiting (FIFO, bounded; full -> CapacityError)
                   │ a free slot and KV blocks for prompt + max_new_tokens
                   v
-                prefilling: alone (batch 1), at most prefill_chunk tokens per step
+                prefilling: from a cached prompt prefix when one matches (prefix_cache.py);
+                  │ short prompts together, long ones alone at most prefill_chunk tokens per step
                   │ first token sampled
                   v
                 running batch (left-padded, one forward per step for every row)
@@ -38,9 +39,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kvblocks
+from .cache import KVCache
 from .errors import CapacityError, ContextLengthError, InvalidArgumentError, PortableInferError
 from .generate import check_prompt
 from .handle import RequestHandle, RequestStats
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, apply_penalties, make_sampler, token_logprobs
 from .scheduler_config import DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats
 from .streaming import Response, TextStream
@@ -66,6 +69,7 @@ class _Request:
     output: list = field(default_factory=list)
     cache: object = None  # its own batch-1 cache while prefilling
     prefilled: int = 0
+    prefix_checked: bool = False  # looked up in the prefix cache
     submitted: float = 0.0
     admitted: float | None = None
     first_token: float | None = None
@@ -101,6 +105,7 @@ class Scheduler:
         self._token_bytes = kvblocks.bytes_per_token(kv)
         budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // self._token_bytes
         self.pool = kvblocks.BlockPool(budget // config.block_size, config.block_size)
+        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -179,7 +184,9 @@ class Scheduler:
                 max_batch=self.config.max_batch, max_waiting=self.config.max_waiting,
                 blocks_used=self.pool.used, blocks_total=self.pool.total, block_size=self.pool.block_size,
                 kv_bytes=(cache.batch * cache.length * self._token_bytes) if cache is not None else 0,
-                tokens_per_s=tokens / max(span, 1.0), recent=tuple(self._recent), **self._counters)
+                tokens_per_s=tokens / max(span, 1.0), recent=tuple(self._recent),
+                prefix_cache_hits=self.prefixes.hits, prefix_cache_tokens=self.prefixes.tokens_reused,
+                prefix_cache_bytes=self.prefixes.nbytes, **self._counters)
 
     def has_capacity(self) -> bool:
         """Whether a new request would be accepted now (running, or queued behind the batch)."""
@@ -287,6 +294,9 @@ class Scheduler:
                     self._wake.wait()
                 if self._closing:
                     return
+                fresh = [r for r in self._prefilling if not r.prefix_checked]
+            self._reuse_prefixes(fresh)
+            with self._lock:
                 head = self._prefilling[0] if self._prefilling else None
                 group = self._prefill_group_candidates()
             if len(group) > 1:
@@ -322,6 +332,28 @@ class Scheduler:
         if r.state == "done":
             r.cache = None
 
+    def _reuse_prefixes(self, fresh: list) -> None:
+        """Start requests whose prompt begins with a cached prefix from that prefix's KV."""
+        for r in fresh:
+            r.prefix_checked = True
+            if r.prefilled or not self.prefixes.enabled:
+                continue
+            n, arrays = self.prefixes.lookup(r.prompt)
+            if n:
+                ort = self.engine.ort
+                values = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays]
+                r.cache, r.prefilled = KVCache(self.engine.variant.kv, 1, values, n), n
+
+    def _remember(self, prompts: list, cache) -> None:
+        """Offer prefilled prompts' KV (row i of ``cache`` holds ``prompts[i]`` right-aligned) to
+        the prefix cache."""
+        if not self.prefixes.enabled or max(len(p) for p in prompts) < self.prefixes.block_size:
+            return
+        arrays = [(k.numpy(), v.numpy()) for k, v in cache.values]  # one host copy for all rows
+        for i, p in enumerate(prompts):
+            start = cache.length - len(p)
+            self.prefixes.store(p, [(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in arrays])
+
     def _prefill_group_candidates(self) -> list:
         """Waiting prompts that each fit one chunk and together at most four chunks, from the
         head of the queue on (called under the lock): one left-padded forward prefills them all."""
@@ -346,6 +378,7 @@ class Scheduler:
             mask[i, width - len(r.prompt):] = 1
         cache = self.engine.new_cache(len(group))
         logits = self.engine.forward(ids, mask, cache)
+        self._remember([r.prompt for r in group], cache)
         with self._lock:
             for r in group:
                 self._prefilling.remove(r)
@@ -387,6 +420,7 @@ class Scheduler:
         r.prefilled = end
         if end < len(r.prompt):
             return
+        self._remember([r.prompt], r.cache)
         self._pop_prefilling(r)
         if r.state == "done":
             return

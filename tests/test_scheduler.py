@@ -254,3 +254,40 @@ def test_waiting_prompts_are_prefilled_together_and_equal_single_runs(fused):
         outs = [tokens(h) for h in handles]
     assert groups and max(groups) >= 3, f"no group prefill happened: {groups}"
     assert outs == ref
+
+
+def test_a_shared_prompt_prefix_is_prefilled_once_and_outputs_stay_exact(fused):
+    """Requests that start like an earlier one (a system prompt) start from its cached KV: they
+    prefill only the rest, and still give their single runs' greedy tokens."""
+    rng = np.random.default_rng()
+    shared = prompt(rng, 37)  # two whole blocks of 16 reusable (plus 5 tokens)
+    prompts = [shared + prompt(rng, n) for n in (6, 3, 11)]
+    ref = [fused.generate_ids(p, max_new_tokens=8, ignore_eos=True) for p in prompts]
+    fed = []
+
+    class Spy:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def forward(self, ids, mask, cache, *a, **k):
+            if ids.shape[1] > 1:
+                fed.append(ids.shape[1])
+            return self.engine.forward(ids, mask, cache, *a, **k)
+
+    cfg = SchedulerConfig(max_batch=4, prefill_chunk=256, block_size=16)
+    with Scheduler(fused, cfg) as sched:
+        sched.engine = Spy(sched.engine)
+        outs = [tokens(sched.submit(p, max_new_tokens=8, ignore_eos=True)) for p in prompts]  # one by one
+        s = sched.stats()
+    assert outs == ref
+    assert fed == [len(prompts[0]), len(prompts[1]) - 32, len(prompts[2]) - 32], fed
+    assert (s.prefix_cache_hits, s.prefix_cache_tokens) == (2, 64) and s.prefix_cache_bytes > 0
+    assert s.prompt_tokens == len(prompts[0]) + len(prompts[1]) + len(prompts[2]) - 64
+
+    with Scheduler(fused, SchedulerConfig(max_batch=4, block_size=16, prefix_cache_bytes=0)) as sched:
+        outs = [tokens(sched.submit(p, max_new_tokens=8, ignore_eos=True)) for p in prompts]
+        s = sched.stats()
+    assert outs == ref and (s.prefix_cache_hits, s.prefix_cache_bytes) == (0, 0)

@@ -195,6 +195,12 @@ def test_metrics_after_traffic(client, server):
     assert metric(server, "portable_infer_inter_token_latency_seconds_count") >= 3
     assert metric(server, "portable_infer_kv_blocks_total") > 0
     assert metric(server, "portable_infer_tokens_per_second") >= 0
+    system = "You are a careful assistant. Answer briefly, never invent facts. "  # ~1 token a char here
+    before = metric(server, "portable_infer_prefix_cache_hits_total")
+    for question in ("Why is the sky blue?", "What is two plus two?"):
+        client.completions.create(model=NAME, prompt=system + question, max_tokens=2)
+    assert metric(server, "portable_infer_prefix_cache_hits_total") >= before + 1  # the second reused the first
+    assert metric(server, "portable_infer_prefix_cache_tokens_total") >= 16
 
 
 # --- errors --------------------------------------------------------------------------------------

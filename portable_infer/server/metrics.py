@@ -8,6 +8,9 @@ Names (the HPA in deploy/k8s scales on ``portable_infer_requests_waiting``)::
     portable_infer_kv_cache_bytes              gauge      KV the batch holds now
     portable_infer_tokens_per_second           gauge      generated tokens/s, last 10 s
     portable_infer_prompt_tokens_total         counter    tokens in
+    portable_infer_prefix_cache_hits_total     counter    requests started from a cached prompt prefix
+    portable_infer_prefix_cache_tokens_total   counter    prompt tokens those did not prefill
+    portable_infer_prefix_cache_bytes          gauge      host memory the cached prefixes hold
     portable_infer_generation_tokens_total     counter    tokens out
     portable_infer_requests_total{outcome}     counter    finished | cancelled | rejected | failed
     portable_infer_time_to_first_token_seconds histogram
@@ -33,10 +36,14 @@ GAUGES = {
     "kv_cache_bytes": ("KV bytes the running batch holds, padding included", lambda s: s.kv_bytes),
     "tokens_per_second": ("Generated tokens per second over the last 10 s", lambda s: s.tokens_per_s),
     "max_batch": ("Requests that may run at once", lambda s: s.max_batch),
+    "prefix_cache_bytes": ("Host memory the cached prompt prefixes hold", lambda s: s.prefix_cache_bytes),
 }
 COUNTERS = {
     "prompt_tokens": ("Prompt tokens prefilled", lambda s: s.prompt_tokens),
     "generation_tokens": ("Tokens generated", lambda s: s.generation_tokens),
+    "prefix_cache_hits": ("Requests that started from a cached prompt prefix", lambda s: s.prefix_cache_hits),
+    "prefix_cache_tokens": ("Prompt tokens reused from cached prefixes (not prefilled)",
+                            lambda s: s.prefix_cache_tokens),
 }
 OUTCOMES = {"finished": "requests_finished", "cancelled": "requests_cancelled",
             "rejected": "requests_rejected", "failed": "requests_failed"}
