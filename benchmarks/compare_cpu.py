@@ -53,6 +53,7 @@ class Entry:
 
 RUNTIMES: dict[str, Entry] = {
     "portable_infer": Entry("portable_infer_runner.py", None, "package"),
+    "portable_infer-int8act": Entry("portable_infer_runner.py", None, "package", ("--accuracy", "4")),
     "portable_infer-fp32": Entry("portable_infer_runner.py", None, "package-fp32"),
     "transformers-fp32": Entry("transformers_pt.py", "transformers", "hf"),
     "optimum-ort-fp32": Entry("optimum_ort.py", "optimum", "optimum-fp32"),
@@ -220,6 +221,7 @@ def main() -> None:
     if args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs}")
     names = select(args.only)
+    args.package = args.package.resolve()  # runners start in benchmarks/runners
 
     start = time.perf_counter()
     if not args.skip_setup:

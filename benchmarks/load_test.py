@@ -15,7 +15,7 @@ request times out, the whole run stops starting levels after ``--time-limit``. S
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/load_test.py [--model PKG] [--clients 1 4 16 64] [--max-tokens 64]
-        [--threads 2] [--max-batch 16] [--servers portable_infer llamacpp] [--level-timeout S]
+        [--threads 2] [--max-batch 16] [--accuracy 1|4] [--servers portable_infer llamacpp] [--level-timeout S]
 
 The llama.cpp server venv (reusing the llama-cpp-python 0.3.36 wheel built for the CPU
 comparison)::
@@ -147,7 +147,7 @@ def portable_infer_server(args) -> ServerProcess:
     exe = Path(sys.executable).parent / "portable-infer"
     argv = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--threads", str(args.threads),
             "--max-batch", str(args.max_batch), "--max-waiting", str(max(args.clients) * 2),
-            "--model-name", "default"]
+            "--model-name", "default", "--accuracy", str(args.accuracy)]
     if args.model:
         argv += ["--model", args.model]
     return ServerProcess("portable_infer", argv, port, "/ready", {"PORTABLE_INFER_PROVIDERS": "cpu"})
@@ -273,6 +273,8 @@ def main() -> None:
     p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 client too)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
+                   help="portable_infer: 4 serves the package's fused-int8 graph (int8 activations)")
     p.add_argument("--servers", nargs="+", choices=("portable_infer", "llamacpp"),
                    default=["portable_infer", "llamacpp"])
     p.add_argument("--llamacpp-threads", type=int, default=None, help="default: --threads")

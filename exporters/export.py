@@ -42,17 +42,22 @@ FUSED_OPSET = 21
 # On SmolLM2 Q4_1 (teacher-forced top-1 vs the dequantized reference, 128 steps) layers at 4 give
 # 123/128, under the 98 % gate (`portable-infer export default -o X --accuracy 4` is refused); the
 # default, layers at 1 and the lm_head at 4 with its top 16 recomputed in float, gives 128/128.
+# The layers-at-4 graph ships as the opt-in fused-int8 variant (gated at 90 %, numbers recorded).
 DEFAULT_NBITS_ACCURACY = 1
 DEFAULT_HEAD_ACCURACY = 4
-VARIANTS = ("portable", "fused", "static")  # static: fixed KV buffers for CUDA graphs (opt-in)
-DEFAULT_VARIANTS = ("portable", "fused")
+# fused-int8: the fused graph with its 4-bit layers at accuracy 4 (int8 activations), run only when
+# load(..., accuracy_level=4) asks for it; static: fixed KV buffers for CUDA graphs (opt-in).
+VARIANTS = ("portable", "fused", "fused-int8", "static")
+DEFAULT_VARIANTS = ("portable", "fused", "fused-int8")  # fused-int8 only where layers are 4-bit
 STATIC_FILE = "model.static.onnx"
+FUSED_INT8_FILE = "model.fused-int8.onnx"
+INT8_ACCURACY = 4
 ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
-           progress: bool = False, variants=DEFAULT_VARIANTS, nbits_accuracy: int | None = None,
+           progress: bool = False, variants=None, nbits_accuracy: int | None = None,
            head_accuracy: int | None = None, route: str = "auto", activations: str | None = None) -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
@@ -66,9 +71,12 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         overwrite: replace an existing package at ``out``.
         progress: show a progress bar (layers written) on stderr.
         variants: graph variants to write: "portable" (standard ONNX ops, any provider),
-            "fused" (com.microsoft kernels of the CPU and CUDA providers) and/or "static" (the
-            fused ops with fixed-size KV buffers, for CUDA graphs; rotary models without
-            sliding windows; it shares the fused graph's weight file).
+            "fused" (com.microsoft kernels of the CPU and CUDA providers), "fused-int8" (int4
+            packages: the fused graph with int8 activations in its layers, faster on CPU and less
+            exact, run by ``load(..., accuracy_level=4)``) and/or "static" (the fused ops with
+            fixed-size KV buffers, for CUDA graphs; rotary models without sliding windows). The
+            fused variants share one weight file. Default: portable, fused, and fused-int8 for
+            int4 packages with fp32 activations.
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
         activations: "fp32" or "fp16": the activation and KV dtype of int4/int8 packages (default
             fp32; fp16 for CUDA, whose GroupQueryAttention kernels are fp16/bf16 only). fp16
@@ -100,9 +108,17 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     if route == "auto":
         route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
     precision = precision or ("int4" if src.kind == "gguf" else "fp32")
+    four_bit = precision == "int4" and (activations or "fp32") == "fp32"  # CPU MatMulNBits layers
+    if variants is None:  # the defaults; fused-int8 only where it differs from fused
+        variants = tuple(v for v in DEFAULT_VARIANTS if four_bit or v != "fused-int8")
     variants = tuple(variants)
     if not variants or set(variants) - set(VARIANTS):
         raise InvalidArgumentError(f"variants must be a non-empty subset of {VARIANTS}, got {variants!r}")
+    if "fused-int8" in variants and not four_bit:
+        raise InvalidArgumentError(
+            f"the fused-int8 variant runs 4-bit layers with int8 activations on CPU; this export is "
+            f"{precision} with {activations or 'fp32'} activations: use --precision int4 (fp32 "
+            f"activations) or leave fused-int8 out of --variants")
     if route == "direct":
         layout = family_for(model_type).layout(src.config)
         check_shapes(layout, src)
@@ -129,21 +145,24 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
                                         name="portable", providers=("*",), opset=PORTABLE_OPSET,
                                         activations=activations or "fp32"))
-        if route == "direct" and {"fused", "static"} & set(variants):
+        if route == "direct" and {"fused", "fused-int8", "static"} & set(variants):
             if "static" in variants and not StaticDecoderBuilder.supports(layout):
                 raise InvalidArgumentError(
                     f"the static variant needs full rotary attention without sliding windows; "
                     f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead")
-            shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))  # fused + static: weights once
+            # fused, fused-int8 and static share one data file: the writer stores equal tensors once
+            shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))
+            layers = nbits_accuracy or DEFAULT_NBITS_ACCURACY
             try:
-                for name, file, builder in (("fused", FUSED_FILE, FusedDecoderBuilder),
-                                            ("static", STATIC_FILE, StaticDecoderBuilder)):
+                for name, file, builder, accuracy in (
+                        ("fused", FUSED_FILE, FusedDecoderBuilder, layers),
+                        ("fused-int8", FUSED_INT8_FILE, FusedDecoderBuilder, INT8_ACCURACY),
+                        ("static", STATIC_FILE, StaticDecoderBuilder, layers)):
                     if name in variants:
                         written.append(_write_graph(
                             tmp, file, builder, layout, src, precision, progress, name=name,
                             providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
-                            nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY,
-                            head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY,
+                            nbits_accuracy=accuracy, head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY,
                             activations=activations or "fp32"))
             finally:
                 shared.close()

@@ -7,7 +7,8 @@ Checks, on fresh random token ids each run:
   4. teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text
      (the quality gate for quantized packages).
 At fp32 a relative difference above 1e-4 fails the export; a GGUF import (blocks kept exactly)
-fails below 98 % agreement with its dequantized reference.
+fails below 98 % agreement with its dequantized reference (the opt-in fused-int8 variant, whose
+activations are int8, below 90 %: its numbers are recorded in the manifest and reported).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 FP32_REL_TOL = 1e-4
 MIN_AGREEMENT = {"gguf": 0.98}
+# Opt-in variants that trade exactness for speed (int8 activations): their quality is measured and
+# recorded like every variant's, and gated only against breakage, not at the exact variants' bar.
+APPROXIMATE_FLOOR = {"fused-int8": 0.90}
 AGREEMENT_STEPS = 128
 FIXED_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -210,6 +214,10 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
                 f"was not written. Report this with the source's config.json, or pass --no-verify to "
                 f"inspect the graph anyway")
         floor = MIN_AGREEMENT.get(src.kind)
+        if floor and v.name in APPROXIMATE_FLOOR:
+            floor = min(floor, APPROXIMATE_FLOOR[v.name])
+            logger.info("verify %s (int8 activations, opt-in): top-1 agreement %s, perplexity %+.2f %%", v.name,
+                        r["quality"]["top1_agree_steps"], 100 * r["quality"]["perplexity_delta"])
         if floor and "quality" in r and r["quality"]["top1_agreement"] < floor:
             raise VerificationError(
                 f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "

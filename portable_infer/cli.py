@@ -28,6 +28,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a .pinf bundle must be signed with this Ed25519 key (see docs/edge.md)")
     p.add_argument("--static-kv", action="store_true",
                    help="run the package's static-KV variant (fixed buffers; CUDA graphs on CUDA)")
+    p.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
+                   help="MatMulNBits activations: 1 float (exact, default), 4 int8 (the package's "
+                        "fused-int8 graph: faster on CPU, less exact)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +50,7 @@ def _load(ns):
     from .loader import load
 
     return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
-                static_kv=ns.static_kv)
+                static_kv=ns.static_kv, accuracy_level=ns.accuracy)
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def cmd_export(ns) -> int:
         raise DependencyError('the exporter is not installed: pip install "portable-infer[export]"') from exc
     out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
                  verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route,
-                 variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()),
+                 variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()) if ns.variants else None,
                  nbits_accuracy=ns.accuracy, activations=ns.activations)
     print(out)
     return 0
@@ -239,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
     e.add_argument("--max-context", type=int, default=None)
-    e.add_argument("--variants", default="portable,fused",
-                   help="graphs to write: portable, fused, static (fixed KV buffers for CUDA graphs)")
+    e.add_argument("--variants", default=None,
+                   help="graphs to write: portable, fused, fused-int8 (int8 activations, faster on CPU, "
+                        "less exact), static (fixed KV buffers for CUDA graphs); default: portable,fused "
+                        "and fused-int8 for int4")
     e.add_argument("--activations", choices=("fp32", "fp16"), default=None,
                    help="activation/KV dtype of int4/int8 packages (fp16 for CUDA)")
     e.add_argument("--accuracy", type=int, choices=(1, 4), default=None,

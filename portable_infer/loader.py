@@ -45,7 +45,9 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
             the PORTABLE_INFER_PROVIDERS environment variable overrides "auto".
         strict: raise instead of falling back when a provider fails.
         intra_op_threads: ONNX Runtime threads (0 = its default).
-        accuracy_level: MatMulNBits activation accuracy (1 exact float, 4 int8, faster).
+        accuracy_level: MatMulNBits activations: 1 float (exact); 4 int8 (faster on CPU, less
+            exact): runs the package's ``fused-int8`` graph in place of ``fused`` (int4 packages
+            export it by default), and ONNX Runtime fuses the portable graph's QDQ pairs at 4.
         check: "sha256" (every file hashed), "size" (sizes only) or "none".
         provider_options: {provider name: {option: value}} over the table's defaults.
         low_memory: no memory arena or pattern planning (lower peak RSS, a little slower);
@@ -92,7 +94,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
     manifest = Manifest.load(pkg)
     if cfg.check != "none":
         manifest.verify_files(pkg, hash_files=cfg.check == "sha256")
-    variants = _variants(manifest, pkg, cfg.static_kv)
+    variants = _variants(manifest, pkg, cfg.static_kv, cfg.session.accuracy_level)
     sel, graphs = _select(variants, pkg, cfg, ort)
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
@@ -131,11 +133,27 @@ def _select(variants: list, pkg: Path, cfg: LoadConfig, ort):
         return select(cfg.provider_options), False
 
 
-def _variants(manifest: Manifest, pkg: Path, static_kv: bool) -> list:
-    """The variants selection may choose from: the static one when asked for, else the others."""
+INT8 = "fused-int8"  # the fused graph with int8 activations (``-ort``: its ORT-format copy)
+
+
+def _variants(manifest: Manifest, pkg: Path, static_kv: bool, accuracy_level: int = 1) -> list:
+    """The variants selection may choose from: the static one when asked for; else fused-int8 in
+    place of fused with ``accuracy_level=4``, and the others without it."""
     static = [v for v in manifest.variants if v.kv.growth == "static"]
     if not static_kv:
-        return [v for v in manifest.variants if v.kv.growth != "static"]
+        rest = [v for v in manifest.variants if v.kv.growth != "static"]
+        int8 = [v for v in rest if v.name.startswith(INT8)]
+        if accuracy_level != 4:
+            return [v for v in rest if v not in int8]
+        if int8:  # in place of fused, and ahead of the portable graph's ORT-format copy
+            return [v for v in rest if v.name not in ("fused", "fused-ort", "portable-ort")]
+        if any(v.name.startswith("fused") for v in rest):
+            raise PackageError(
+                f"accuracy_level=4 asks for int8 activations, and {pkg} has no fused-int8 graph (its fused "
+                f"graph keeps the accuracy it was exported with); re-export it with `portable-infer export "
+                f"SOURCE -o {pkg} --precision int4` (fused-int8 is a default variant since 0.3.0) or load "
+                f"it with accuracy_level=1")
+        return rest  # portable only: ONNX Runtime fuses its QDQ pairs at accuracy 4
     if not static:
         raise PackageError(f"{pkg} has no static-KV variant; re-export it with "
                            f"`portable-infer export SOURCE -o {pkg} --variants portable,fused,static`")

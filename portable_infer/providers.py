@@ -73,9 +73,10 @@ def _opts(**kw) -> Mapping[str, Any]:
 
 
 _CPU_FIRST = ("int4", "int8", "fp32", "fp16")
-# The fused variant uses com.microsoft contrib ops; "static" (the same ops with fixed KV buffers,
-# for CUDA graphs) comes last: it runs only when asked for (load(..., static_kv=True)).
-_FUSED_FIRST = ("fused", "portable", "static")
+# The fused variant uses com.microsoft contrib ops; "fused-int8" (the same graph, int8 activations)
+# runs only when asked for (load(..., accuracy_level=4)), and "static" (fixed KV buffers, for CUDA
+# graphs) only with load(..., static_kv=True): the loader leaves them out of the choice otherwise.
+_FUSED_FIRST = ("fused", "fused-int8", "portable", "static")
 _CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
 _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
 
@@ -119,7 +120,7 @@ PROVIDERS: tuple = (
                  f'{_swap("onnxruntime-webgpu")}'),
     ProviderSpec("cpu", "CPUExecutionProvider", 100, "CPU",
                  "every ONNX Runtime build includes it; reinstall onnxruntime if it is missing",
-                 variants=("fused-ort", "portable-ort", *_FUSED_FIRST), precisions=_CPU_FIRST),  # *-ort: pack --ort
+                 variants=("fused-ort", "fused-int8-ort", "portable-ort", *_FUSED_FIRST), precisions=_CPU_FIRST),  # *-ort: pack --ort
 )
 CPU = next(s for s in PROVIDERS if s.key == "cpu")
 

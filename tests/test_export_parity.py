@@ -412,9 +412,11 @@ def test_int4_export_of_every_family_runs_and_tracks_the_reference(exported: Exp
         last[v.name] = dec.run(ids, np.ones_like(ids), dec.empty_past(1))[0][:, -1]
     noise = float(np.abs(last["portable"] - ref).mean() / np.abs(ref).mean())
     assert noise < 0.6, f"{exported.tag()} int4 portable: mean |diff| is {noise:.0%} of the mean |logit|"
+    assert "fused-int8" in last  # a default variant of int4 exports
     for name, logits in last.items():
         _, rel = rel_diff(logits, last["portable"])
-        assert rel <= 1e-3, f"{exported.tag()} int4 {name} differs from portable by {rel:.2e} (relative)"
+        bound = 5e-2 if name == "fused-int8" else 1e-3  # int8 activations: near, not equal
+        assert rel <= bound, f"{exported.tag()} int4 {name} differs from portable by {rel:.2e} (relative)"
 
 
 HEAD_CASES = [c for c in CASES if c.id in ("llama-gqa-untied", "llama-mqa-tied")]
@@ -441,6 +443,46 @@ def test_int8_activation_head_refines_its_top_candidates_in_float(exported: Expo
     assert (fast.argmax(-1) == ref.argmax(-1)).all(), exported.tag()
     _, rel_all = rel_diff(fast, ref)
     assert 0 < rel_all <= 5e-2, f"{exported.tag()} int8-activation head: {rel_all:.2e} from the float one"
+
+
+@pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
+def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported: Exported, tmp_path):
+    """fused-int8 = the fused graph with its 4-bit layers at MatMulNBits accuracy 4 (int8
+    activations), sharing the fused weights; the runtime runs it only for accuracy_level=4."""
+    import onnx
+
+    import portable_infer
+    from portable_infer.errors import InvalidArgumentError, PackageError
+
+    pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False)
+    manifest = Manifest.load(pkg)
+    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8"]
+    assert not (pkg / "model.fused-int8.onnx.data").exists()  # weights stored once, in the fused file
+    levels = {}
+    for name in ("fused", "fused-int8"):
+        g = onnx.load(str(pkg / manifest.variant(name).file), load_external_data=False).graph
+        levels[name] = {(a.i, n.input[1]) for n in g.node if n.op_type == "MatMulNBits"
+                        for a in n.attribute if a.name == "accuracy_level"
+                        if next(b.i for b in n.attribute if b.name == "bits") == 4}
+        assert {d for _, d in levels[name]} == {d for _, d in levels["fused"]}  # same weights
+    assert {i for i, _ in levels["fused"]} == {1} and {i for i, _ in levels["fused-int8"]} == {4}
+
+    exact = portable_infer.load(pkg, "cpu", intra_op_threads=2)
+    fast = portable_infer.load(pkg, "cpu", intra_op_threads=2, accuracy_level=4)
+    assert (exact.variant, fast.variant) == ("fused", "fused-int8")
+    rng = np.random.default_rng(exported.seed + 8)
+    ids = exported.ids(rng, (1, SEQ))[0].tolist()
+    a, b = exact.forward_logits(ids), fast.forward_logits(ids)
+    _, rel = rel_diff(b, a)
+    assert 0 < rel <= 5e-2, f"{exported.tag()} fused-int8 is {rel:.2e} from fused (relative)"
+
+    fp32 = export(exported.source, tmp_path / "fp32", precision="fp32", verify=False)
+    assert [v.name for v in Manifest.load(fp32).variants] == ["portable", "fused"]
+    with pytest.raises(PackageError, match="no fused-int8 graph"):
+        portable_infer.load(fp32, "cpu", accuracy_level=4)
+    with pytest.raises(InvalidArgumentError, match="fused-int8"):
+        export(exported.source, tmp_path / "bad", precision="fp32", verify=False, variants=("fused-int8",))
+    assert not (tmp_path / "bad").exists()
 
 
 # --- precisions (one llama) -------------------------------------------------------------------------
@@ -522,6 +564,8 @@ def test_quantized_quality_and_size(precisions, precision):
     for name, report in manifest.verification.items():
         q = report["quality"]
         assert q["top1_agreement"] >= floor, f"{tag} {name}: top-1 agreement {q['top1_agree_steps']} < {floor}: {q}"
+        if name == "fused-int8":  # fp32 has none to compare with; shares the fused weights
+            continue
         size, full = _package_bytes(manifest, name), _package_bytes(fp32, name)
         assert size < full, f"{tag} {name} graph+weights are {size} bytes, fp32's {full}"
         print(f"\n{precision} {name}: top-1 agreement {q['top1_agree_steps']}, perplexity {q['perplexity']:.2f} "

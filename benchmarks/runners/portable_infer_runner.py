@@ -34,7 +34,7 @@ def build(args) -> common.Runtime:
 
     def load():
         model = portable_infer.load(str(args.model), providers="cpu",
-                                    intra_op_threads=args.threads)
+                                    intra_op_threads=args.threads, accuracy_level=args.accuracy)
         missing = [name for name in MODEL_API if not callable(getattr(model, name, None))]
         if missing:
             raise RuntimeError(f"portable_infer API not there yet: the loaded model has no "
@@ -45,9 +45,12 @@ def build(args) -> common.Runtime:
     return common.Runtime(
         load=load, generate=generate, teacher_forced=teacher_forced, files=[args.model],
         versions={"portable_infer": portable_infer.__version__, "onnxruntime": ort.__version__},
-        notes="generate_ids / batch_generate_ids, temperature 0, ignore_eos",
+        notes=f"generate_ids / batch_generate_ids, temperature 0, ignore_eos, accuracy_level={args.accuracy}",
     )
 
 
 if __name__ == "__main__":
-    common.main("portable_infer", build, common.arg_parser("portable_infer runner"))
+    parser = common.arg_parser("portable_infer runner")
+    parser.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
+                        help="4: the package's fused-int8 graph (int8 activations)")
+    common.main("portable_infer", build, parser)
