@@ -15,6 +15,10 @@ zero rows that the attention mask hides::
 
 Positions come from ``cumsum(mask) - 1``, so padding changes nothing for the real tokens. When
 rows leave, columns that are padding in every remaining row are cut off again.
+
+Caches of ``growth: static`` graphs (fixed buffers, rows from index 0) have the same verbs in
+:mod:`portable_infer.kvstatic`; ``merge``, ``take``, ``prompt_kv`` and ``from_prefix`` here
+hand those over.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 
 import numpy as np
 
+from . import kvstatic
 from .cache import KVCache
 from .errors import InvalidArgumentError
 
@@ -74,11 +79,18 @@ def _wrap(cache: KVCache, arrays: list, batch: int, length: int, ort) -> KVCache
     return KVCache(cache.layout, batch, values, length)
 
 
-def merge(a: KVCache, a_mask: np.ndarray, b: KVCache, b_mask: np.ndarray, ort) -> tuple:
+def _static(cache) -> bool:
+    return not isinstance(cache, KVCache)
+
+
+def merge(a, a_mask: np.ndarray, b, b_mask: np.ndarray, engine) -> tuple:
     """Stack the rows of ``b`` under those of ``a``, left-padding the shorter one.
 
     Returns ``(cache, mask)``; the inputs are left unchanged.
     """
+    if _static(a):
+        return kvstatic.merge(engine, a, a_mask, b, b_mask)
+    ort = engine.ort
     width = max(a.length, b.length)
     rows = a.batch + b.batch
     mask = np.zeros((rows, width), np.int64)
@@ -96,14 +108,36 @@ def merge(a: KVCache, a_mask: np.ndarray, b: KVCache, b_mask: np.ndarray, ort) -
     return _wrap(a, out, rows, width, ort), mask
 
 
-def take(cache: KVCache, mask: np.ndarray, keep: list, ort) -> tuple:
+def take(cache, mask: np.ndarray, keep: list, engine) -> tuple:
     """Keep the rows ``keep`` (in that order) and cut the columns that are padding in all of them.
 
     Returns ``(cache, mask)``.
     """
+    if _static(cache):
+        return kvstatic.take(engine, cache, mask, keep)
+    ort = engine.ort
     sub = mask[keep]
     live = np.flatnonzero(sub.any(axis=0))
     start = int(live[0]) if live.size else sub.shape[1]
     idx = np.asarray(keep, np.int64)
     arrays = [tuple(np.ascontiguousarray(x[idx, :, start:]) for x in pair) for pair in _arrays(cache)]
     return _wrap(cache, arrays, len(keep), cache.length - start, ort), np.ascontiguousarray(sub[:, start:])
+
+
+def prompt_kv(cache, prompts: list) -> list:
+    """Per prompt (row i of ``cache`` holds ``prompts[i]``, right-aligned): [(k, v)] host arrays
+    ``[1, kv_heads, len(prompt), head_dim]`` per layer (for the prefix cache)."""
+    if _static(cache):
+        return kvstatic.prompt_kv(cache, prompts)
+    arrays = _arrays(cache)  # one host copy for all rows
+    return [[(k[i:i + 1, :, cache.length - len(p):], v[i:i + 1, :, cache.length - len(p):]) for k, v in arrays]
+            for i, p in enumerate(prompts)]
+
+
+def from_prefix(engine, arrays: list, n: int, capacity: int):
+    """A batch-1 cache holding ``n`` prefix tokens (``arrays`` [(k, v)] per layer, host), with
+    room for ``capacity`` tokens where the cache is fixed-size."""
+    cache = engine.new_cache(1, capacity=capacity)
+    if _static(cache):
+        return kvstatic.fill_prefix(cache, arrays, n)
+    return _wrap(cache, arrays, 1, n, engine.ort)

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kvblocks
-from .cache import KVCache
 from .errors import CapacityError, ContextLengthError, InvalidArgumentError, PortableInferError
 from .generate import check_prompt
 from .handle import RequestHandle, RequestStats
@@ -93,9 +92,10 @@ class Scheduler:
 
     def __init__(self, model, config: SchedulerConfig = SchedulerConfig(), *, observer=None):
         kv = model.engine.variant.kv
-        if kv.growth != "concat" or kv.layout != "BHSD":
-            raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation in "
-                                       f"BHSD layout; this one is {kv.growth}/{kv.layout}: re-export the package")
+        if kv.growth not in ("concat", "static") or kv.layout != "BHSD":
+            raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation or "
+                                       f"lives in fixed buffers, in BHSD layout; this one is {kv.growth}/"
+                                       f"{kv.layout}: re-export the package")
         self.model = model
         self.engine = model.engine
         self.config = config
@@ -183,7 +183,7 @@ class Scheduler:
                 running=running, prefilling=self._active - running, waiting=len(self._waiting),
                 max_batch=self.config.max_batch, max_waiting=self.config.max_waiting,
                 blocks_used=self.pool.used, blocks_total=self.pool.total, block_size=self.pool.block_size,
-                kv_bytes=(cache.batch * cache.length * self._token_bytes) if cache is not None else 0,
+                kv_bytes=cache.nbytes() if cache is not None else 0,
                 tokens_per_s=tokens / max(span, 1.0), recent=tuple(self._recent),
                 prefix_cache_hits=self.prefixes.hits, prefix_cache_tokens=self.prefixes.tokens_reused,
                 prefix_cache_bytes=self.prefixes.nbytes, **self._counters)
@@ -340,19 +340,19 @@ class Scheduler:
                 continue
             n, arrays = self.prefixes.lookup(r.prompt)
             if n:
-                ort = self.engine.ort
-                values = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)) for k, v in arrays]
-                r.cache, r.prefilled = KVCache(self.engine.variant.kv, 1, values, n), n
+                r.cache, r.prefilled = kvblocks.from_prefix(self.engine, arrays, n, self._capacity([r])), n
 
     def _remember(self, prompts: list, cache) -> None:
         """Offer prefilled prompts' KV (row i of ``cache`` holds ``prompts[i]`` right-aligned) to
         the prefix cache."""
         if not self.prefixes.enabled or max(len(p) for p in prompts) < self.prefixes.block_size:
             return
-        arrays = [(k.numpy(), v.numpy()) for k, v in cache.values]  # one host copy for all rows
-        for i, p in enumerate(prompts):
-            start = cache.length - len(p)
-            self.prefixes.store(p, [(k[i:i + 1, :, start:], v[i:i + 1, :, start:]) for k, v in arrays])
+        for p, arrays in zip(prompts, kvblocks.prompt_kv(cache, prompts)):
+            self.prefixes.store(p, arrays)
+
+    def _capacity(self, rows: list) -> int:
+        """KV tokens the rows may need (fixed-size caches are allocated for it)."""
+        return min(self.max_context, max(len(r.prompt) + r.params.max_new_tokens for r in rows))
 
     def _prefill_group_candidates(self) -> list:
         """Waiting prompts that each fit one chunk and together at most four chunks, from the
@@ -376,7 +376,7 @@ class Scheduler:
         for i, r in enumerate(group):
             ids[i, width - len(r.prompt):] = r.prompt
             mask[i, width - len(r.prompt):] = 1
-        cache = self.engine.new_cache(len(group))
+        cache = self.engine.new_cache(len(group), capacity=self._capacity(group))
         logits = self.engine.forward(ids, mask, cache)
         self._remember([r.prompt for r in group], cache)
         with self._lock:
@@ -400,7 +400,7 @@ class Scheduler:
     def _join(self, rows: list, cache, mask: np.ndarray, first: np.ndarray) -> None:
         """Stack prefilled rows (their KV, mask and first tokens) under the running batch."""
         if self._rows:
-            self._cache, self._mask = kvblocks.merge(self._cache, self._mask, cache, mask, self.engine.ort)
+            self._cache, self._mask = kvblocks.merge(self._cache, self._mask, cache, mask, self.engine)
             self._pending = np.concatenate([self._pending, first])
         else:
             self._cache, self._mask, self._pending = cache, mask, first
@@ -411,7 +411,7 @@ class Scheduler:
             self._pop_prefilling(r)
             return
         if r.cache is None:
-            r.cache = self.engine.new_cache(1)
+            r.cache = self.engine.new_cache(1, capacity=self._capacity([r]))
         end = min(r.prefilled + self.config.prefill_chunk, len(r.prompt))
         ids = np.asarray([r.prompt[r.prefilled:end]], np.int64)
         logits = self.engine.forward(ids, np.ones((1, end), np.int64), r.cache)
@@ -444,7 +444,7 @@ class Scheduler:
         if not keep:
             self._rows, self._cache, self._mask, self._pending = [], None, None, None
             return
-        self._cache, self._mask = kvblocks.take(self._cache, self._mask, keep, self.engine.ort)
+        self._cache, self._mask = kvblocks.take(self._cache, self._mask, keep, self.engine)
         self._rows = [self._rows[i] for i in keep]
         self._pending = self._pending[keep]
 

@@ -9,7 +9,9 @@ as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the 
 allocations. Buffers belong to the engine and are reused by the next cache of the same shape
 (a graph replays on the memory it was captured with); caches alive at the same time get buffers
 and graphs of their own, up to GRAPHS_PER_SHAPE per shape and MAX_GRAPHS in all, then plain
-runs. When capture is refused or fails, the engine logs why and runs every step as a plain ONNX
+runs. Without CUDA graphs (CPU, or capture refused) nothing is pooled: a cache's buffers are
+freed with it. The continuous-batching scheduler moves rows between these caches with
+:mod:`portable_infer.kvstatic`. When capture is refused or fails, the engine logs why and runs every step as a plain ONNX
 Runtime call.
 """
 
@@ -94,6 +96,9 @@ class StaticEngine:
         if want < 1:
             raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
         cap = min(self.max_context, -(-want // CAPACITY_STEP) * CAPACITY_STEP)
+        if not self.cuda_graph:  # no graph to replay on them: buffers live and die with the cache
+            slot = self._allocate(batch, cap, graph_id=-1)
+            return StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64), _slot=slot)
         pool = self._slots.setdefault((batch, cap), [])
         slot = next((s for s in pool if not s.busy), None)
         if slot is None and len(pool) < GRAPHS_PER_SHAPE and self._graphs < MAX_GRAPHS:

@@ -69,10 +69,13 @@ def test_step_logits_match_the_fused_graph(static, fused):
     assert diff <= 1e-4, f"{TAG} static logits differ from fused by {diff:.2e}"
 
 
-def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static):
+def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static, monkeypatch):
     from portable_infer.static_engine import GRAPHS_PER_SHAPE
 
     e = static.engine
+    plain = [e.new_cache(3, capacity=10) for _ in range(2)]  # no CUDA graphs: nothing pooled
+    assert [c.graph_id for c in plain] == [-1, -1] and plain[0].values[0][0].data_ptr() != plain[1].values[0][0].data_ptr()
+    monkeypatch.setattr(e, "cuda_graph", True)  # what CUDA does: buffers pooled per shape for graphs
     alive = [e.new_cache(3, capacity=10) for _ in range(GRAPHS_PER_SHAPE + 1)]
     assert all(c.capacity == 256 for c in alive)
     ids = [c.graph_id for c in alive]
@@ -97,13 +100,39 @@ def test_capacity_and_call_shape_errors(static):
         e.forward(two, np.ones((2, 4), np.int64), cache)
 
 
-def test_static_kv_needs_the_variant_and_a_growing_cache_for_the_scheduler(tiny_llama, static):
+def test_static_kv_needs_the_variant(tiny_llama):
     with pytest.raises(PackageError, match="--variants portable,fused,static"):
         portable_infer.load(tiny_llama.package, "cpu", static_kv=True)
-    from portable_infer.scheduler import Scheduler
 
-    with pytest.raises(InvalidArgumentError, match="concatenation"):
-        Scheduler(static)
+
+def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused):
+    """Continuous batching with the static graph: rows join (prefill groups, chunked prefill, a
+    cached prefix) and leave a batch whose KV lives in fixed buffers; every request still gives
+    its single run's greedy tokens, and no decode step copies KV."""
+    from portable_infer.cache import KVCache
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.static_engine import StaticCache
+
+    rng = np.random.default_rng(SEED + 3)
+    shared = prompts(rng, [20])[0]
+    ps = prompts(rng, [5, 17, 40, 3]) + [shared + prompts(rng, [4])[0], shared + prompts(rng, [7])[0]]
+    news = [30, 12, 20, 25, 9, 14]
+    ref = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=8, block_size=16)) as sched:
+        first = sched.submit(ps[0], max_new_tokens=news[0], ignore_eos=True)
+        head = [first.get(30).token for _ in range(3)]  # running before the others come
+        kinds = {type(sched._cache)}
+        handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[1:5], news[1:5])]
+        outs = [head + [r.token for r in first if r.token is not None]]
+        outs += [[r.token for r in h if r.token is not None] for h in handles]
+        last = sched.submit(ps[5], max_new_tokens=news[5], ignore_eos=True)  # after ps[4]: its prefix is cached
+        outs.append([r.token for r in last if r.token is not None])
+        stats = sched.stats()
+    assert kinds == {StaticCache} and KVCache not in kinds
+    for i, (got, want) in enumerate(zip(outs, ref)):
+        assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
+    assert stats.prefix_cache_hits >= 1 and stats.prefix_cache_tokens >= 16
+    assert stats.blocks_used == 0 and stats.requests_finished == len(ps)
 
 
 def test_static_export_refuses_sliding_windows(tmp_path):

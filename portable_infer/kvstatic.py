@@ -1,0 +1,108 @@
+"""Rows joining and leaving a batch whose KV lives in fixed buffers (``growth: static`` graphs).
+
+The continuous-batching scheduler's verbs of :mod:`portable_infer.kvblocks`, for
+:class:`~portable_infer.static_engine.StaticCache`. Each row keeps its tokens from index 0 of a
+``[batch, kv_heads, capacity, head_dim]`` buffer and its own length (``cache.rows``); the graph
+writes each new token in place (past and present are one buffer), so a decode step copies no KV
+at all, where a growing cache copies all of it every step. Joining or leaving copies the rows
+that stay into buffers of the new batch size, once::
+
+    batch (capacity 256)           newcomer              merged (capacity 256)
+    row 0: t t t t . . .           row: t t . . .   ->   row 0: t t t t . . .
+    row 1: t t t t t t .                                 row 1: t t t t t t .
+                                                         row 2: t t . . . . .
+
+The scheduler's left-padded mask is kept as it is for its width (what the engine's callers see);
+the engine reads each row's length from ``cache.rows``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+
+def _view(value, dtype) -> np.ndarray | None:
+    """A writable numpy view of a CPU OrtValue's memory (no copy); None on other devices."""
+    if value.device_name() != "cpu":
+        return None
+    shape = value.shape()
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(value.data_ptr()), dtype=dtype).reshape(shape)
+
+
+def _write(value, dtype, fill) -> None:
+    """``fill(array)`` writes into ``value``: in place on the CPU, through a host copy elsewhere."""
+    view = _view(value, dtype)
+    if view is not None:
+        fill(view)
+        return
+    out = np.zeros(value.shape(), dtype=dtype)
+    fill(out)
+    value.update_inplace(out)
+
+
+def _read(value, dtype) -> np.ndarray:
+    view = _view(value, dtype)
+    return view if view is not None else value.numpy()
+
+
+def _copy_rows(dst, parts: list) -> None:
+    """Write ``parts`` [(cache, row indices)] one after another into ``dst``'s rows: tokens
+    ``[0, rows)`` of each (what the graph reads; the rest of a row is never read)."""
+    n = int(max((int(c.rows[idx].max()) if len(idx) else 0) for c, idx in parts))
+    dtype = np.dtype(dst.layout.dtype)
+    for layer, pair in enumerate(dst.values):
+        for j, d in enumerate(pair):
+            def fill(out, layer=layer, j=j):
+                at = 0
+                for c, idx in parts:
+                    out[at:at + len(idx), :, :n] = _read(c.values[layer][j], dtype)[idx, :, :n]
+                    at += len(idx)
+            _write(d, dtype, fill)
+
+
+def merge(engine, a, a_mask: np.ndarray, b, b_mask: np.ndarray) -> tuple:
+    """Rows of ``b`` under those of ``a`` in new buffers of the larger capacity; ``(cache, mask)``."""
+    width = max(a.length, b.length)
+    mask = np.zeros((a.batch + b.batch, width), np.int64)
+    mask[:a.batch, width - a.length:] = a_mask
+    mask[a.batch:, width - b.length:] = b_mask
+    out = engine.new_cache(a.batch + b.batch, capacity=max(a.capacity, b.capacity))
+    _copy_rows(out, [(a, np.arange(a.batch)), (b, np.arange(b.batch))])
+    out.rows = np.concatenate([a.rows, b.rows])
+    out.length = width
+    return out, mask
+
+
+def take(engine, cache, mask: np.ndarray, keep: list) -> tuple:
+    """Rows ``keep`` (in that order) in new buffers; mask columns that are padding in all of
+    them cut off. Returns ``(cache, mask)``."""
+    sub = mask[keep]
+    live = np.flatnonzero(sub.any(axis=0))
+    start = int(live[0]) if live.size else sub.shape[1]
+    idx = np.asarray(keep, np.int64)
+    out = engine.new_cache(len(keep), capacity=cache.capacity)
+    _copy_rows(out, [(cache, idx)])
+    out.rows = cache.rows[idx].copy()
+    out.length = cache.length - start
+    return out, np.ascontiguousarray(sub[:, start:])
+
+
+def prompt_kv(cache, prompts: list) -> list:
+    """Per prompt (row i of ``cache`` holds ``prompts[i]`` from token 0): [(k, v)] host arrays."""
+    dtype = np.dtype(cache.layout.dtype)
+    arrays = [(_read(k, dtype), _read(v, dtype)) for k, v in cache.values]  # the prefix cache copies
+    return [[(k[i:i + 1, :, :len(p)], v[i:i + 1, :, :len(p)]) for k, v in arrays] for i, p in enumerate(prompts)]
+
+
+def fill_prefix(cache, arrays: list, n: int):
+    """``cache`` (batch 1, fresh) holding the ``n`` prefix tokens ``arrays`` [(k, v)] per layer."""
+    dtype = np.dtype(cache.layout.dtype)
+    for (dk, dv), (k, v) in zip(cache.values, arrays):
+        for d, x in ((dk, k), (dv, v)):
+            _write(d, dtype, lambda out, x=x: out.__setitem__((slice(None), slice(None), slice(0, n)), x))
+    cache.rows = np.array([n], np.int64)
+    cache.length = n
+    return cache
