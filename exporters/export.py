@@ -48,7 +48,8 @@ DEFAULT_HEAD_ACCURACY = 4
 # fused-int8: the fused graph with its 4-bit layers at accuracy 4 (int8 activations), run only when
 # load(..., accuracy_level=4) asks for it; static: fixed KV buffers for CUDA graphs (opt-in).
 VARIANTS = ("portable", "fused", "fused-int8", "static")
-DEFAULT_VARIANTS = ("portable", "fused", "fused-int8")  # fused-int8 only where layers are 4-bit
+# fused-int8 only where layers are 4-bit; static only for rotary models without sliding windows
+DEFAULT_VARIANTS = ("portable", "fused", "fused-int8", "static")
 STATIC_FILE = "model.static.onnx"
 FUSED_INT8_FILE = "model.fused-int8.onnx"
 INT8_ACCURACY = 4
@@ -109,7 +110,8 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
     precision = precision or ("int4" if src.kind == "gguf" else "fp32")
     four_bit = precision == "int4" and (activations or "fp32") == "fp32"  # CPU MatMulNBits layers
-    if variants is None:  # the defaults; fused-int8 only where it differs from fused
+    defaults = variants is None
+    if defaults:  # fused-int8 only where it differs from fused (static: checked below)
         variants = tuple(v for v in DEFAULT_VARIANTS if four_bit or v != "fused-int8")
     variants = tuple(variants)
     if not variants or set(variants) - set(VARIANTS):
@@ -122,7 +124,10 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     if route == "direct":
         layout = family_for(model_type).layout(src.config)
         check_shapes(layout, src)
+        if defaults and not StaticDecoderBuilder.supports(layout):
+            variants = tuple(v for v in variants if v != "static")
     else:
+        variants = tuple(v for v in variants if v == "portable") if defaults else variants
         from . import fallback
 
         if src.kind == "gguf":

@@ -85,6 +85,37 @@ class OnnxDecoder:
         return res[mf.LOGITS], [(res[k], res[v]) for k, v in self.v.kv.present]
 
 
+class StaticDecoder(OnnxDecoder):
+    """A ``growth: static`` graph behind OnnxDecoder's verbs: ``past`` is a fixed-buffer cache and
+    the runtime's StaticEngine turns the left-padded, growing mask into the graph's right-aligned
+    rows, so every check below runs on it unchanged."""
+
+    CAPACITY = 512  # tokens per row: the longest check (prompt + 128 steps, or the fixed text)
+
+    def __init__(self, path: Path, variant: mf.GraphVariant, threads: int = 2, max_context: int = 2048,
+                 vocab_size: int = 0):
+        import onnxruntime as ort
+
+        from portable_infer.static_engine import StaticEngine
+
+        super().__init__(path, variant, threads)
+        self.engine = StaticEngine(self.session, variant, "CPUExecutionProvider", ort,
+                                   max_context=max_context, vocab_size=vocab_size)
+
+    def empty_past(self, batch: int):
+        return self.engine.new_cache(batch, capacity=min(self.CAPACITY, self.engine.max_context))
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, past) -> tuple[np.ndarray, object]:
+        return self.engine.forward(ids, mask, past)[:, None, :], past
+
+
+def decoder(path: Path, variant: mf.GraphVariant, manifest: mf.Manifest) -> OnnxDecoder:
+    if variant.kv.growth == "static":
+        return StaticDecoder(path, variant, max_context=manifest.model.max_context,
+                             vocab_size=manifest.model.vocab_size)
+    return OnnxDecoder(path, variant)
+
+
 def all_logits(dec: OnnxDecoder, seq: np.ndarray) -> np.ndarray:
     """Logits [1, len, vocab] at every position: one pass, or token by token through the cache
     for graphs that return the last position only."""
@@ -199,7 +230,7 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
     for v in manifest.variants:
         if only and v.name not in only:
             continue
-        dec = OnnxDecoder(package / v.file, v)
+        dec = decoder(package / v.file, v, manifest)
         r = compare(model, dec, manifest.model.vocab_size, rng)
         if v.precision != "fp32" or src.kind == "gguf":
             prompt, text = _text_ids(package, manifest)

@@ -26,8 +26,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
     p.add_argument("--trust", metavar="PUBKEY.pem", default=None,
                    help="a .pinf bundle must be signed with this Ed25519 key (see docs/edge.md)")
-    p.add_argument("--static-kv", action="store_true",
-                   help="run the package's static-KV variant (fixed buffers; CUDA graphs on CUDA)")
+    p.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None,
+                   help="the package's static-KV variant (fixed buffers; CUDA graphs on CUDA): "
+                        "default when the package has it; --no-static-kv: the growing-KV graphs")
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
                    help="MatMulNBits activations: 1 float (exact, default), 4 int8 (the package's "
                         "fused-int8 graph: faster on CPU, less exact)")

@@ -11,7 +11,7 @@ from .chat_template import ChatTemplate
 from .errors import PackageError, PortableInferError
 from .home import ensure_default_model
 from .manifest import Manifest
-from .model import Model
+from .model import Model, check_max_kv_tokens
 from .providers import select_session
 from .session import Engine, SessionConfig
 
@@ -29,13 +29,13 @@ class LoadConfig:
     provider_options: dict | None = None
     trust: object = None  # bundles only: the Ed25519 public key (PEM path or bytes) it must be signed with
     max_kv_tokens: int | None = None  # cap on the context (prompt + generated tokens held in the KV cache)
-    static_kv: bool = False  # run the static-KV variant (fixed buffers; CUDA graphs on CUDA)
+    static_kv: bool | None = None  # the static-KV variant: None = when the package has it (see load)
 
 
 def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
          intra_op_threads: int = 0, accuracy_level: int = 1, check: str = "sha256",
          provider_options: dict | None = None, low_memory: bool = False, trust=None,
-         max_kv_tokens: int | None = None, static_kv: bool = False) -> Model:
+         max_kv_tokens: int | None = None, static_kv: bool | None = None) -> Model:
     """Load a model package on the best (or the named) execution provider.
 
     Args:
@@ -56,10 +56,12 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
             (:class:`SignatureError` otherwise). See ``docs/edge.md``.
         max_kv_tokens: at most this many tokens (prompt + generated) in the KV cache: caps the
             context below the model's, bounding the cache's memory.
-        static_kv: run the package's ``static`` variant: KV in fixed buffers, and on CUDA each
-            decode step captured once as a CUDA graph and replayed (falls back to plain runs when
-            capture fails). The package must have it (``export --variants portable,fused,static``).
-            For generate/batch_generate; the continuous-batching scheduler needs a growing cache.
+        static_kv: run the package's ``static`` variant: KV in fixed buffers that the graph writes
+            in place (no per-step copy of the cache), and on CUDA each decode step captured once
+            as a CUDA graph and replayed (falls back to plain runs when capture fails). None (the
+            default): when the package has it (exports of rotary models without sliding windows
+            do, since 0.3.0), unless ``accuracy_level=4`` or the package carries ORT-format
+            graphs; False: never; True: required.
 
     Returns:
         :class:`Model`; ``model.provider`` says what really runs.
@@ -83,6 +85,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
         from .errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"check must be one of {CHECKS}, got {cfg.check!r}")
+    check_max_kv_tokens(cfg.max_kv_tokens)  # before any session is made
     pkg = Path(path) if path is not None else ensure_default_model(progress=True)
     if pkg.is_file() or cfg.trust is not None:  # a .pinf bundle: checked, unpacked once, then a directory
         from .bundle import open_bundle
@@ -94,8 +97,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
     manifest = Manifest.load(pkg)
     if cfg.check != "none":
         manifest.verify_files(pkg, hash_files=cfg.check == "sha256")
-    variants = _variants(manifest, pkg, cfg.static_kv, cfg.session.accuracy_level)
-    sel, graphs = _select(variants, pkg, cfg, ort)
+    sel, graphs = _select_auto(manifest, pkg, cfg, ort)
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
     if sel.variant.kv.growth == "static":
@@ -109,6 +111,28 @@ def load_package(path, cfg: LoadConfig) -> Model:
     tokenizer, template = _tokenizer(pkg, manifest)
     logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
     return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
+
+
+def _auto_static(manifest: Manifest, cfg: LoadConfig) -> bool:
+    """static_kv=None: the static variant when the package has one, unless the caller asked for
+    int8 activations (fused-int8) or the package carries ORT-format graphs (packed for them)."""
+    names = [v.name for v in manifest.variants]
+    return ("static" in names and cfg.session.accuracy_level != 4
+            and not any(n.endswith("-ort") for n in names))
+
+
+def _select_auto(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort):
+    """(selection, CUDA graphs on), trying the static variant first when ``static_kv`` is None
+    and it applies; a provider that cannot run it (OpenVINO, DirectML, ...) gets the others."""
+    if cfg.static_kv is not None or not _auto_static(manifest, cfg):
+        return _select(_variants(manifest, pkg, bool(cfg.static_kv), cfg.session.accuracy_level), pkg, cfg, ort)
+    import dataclasses
+
+    try:
+        return _select(_variants(manifest, pkg, True), pkg, dataclasses.replace(cfg, static_kv=True), ort)
+    except PortableInferError as exc:
+        logger.info("static-KV variant not used (%s); selecting among the others", exc)
+        return _select(_variants(manifest, pkg, False, cfg.session.accuracy_level), pkg, cfg, ort)
 
 
 def _select(variants: list, pkg: Path, cfg: LoadConfig, ort):

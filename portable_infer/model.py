@@ -24,14 +24,19 @@ from .streaming import Response, TextStream
 logger = logging.getLogger(__name__)
 
 
+def check_max_kv_tokens(max_kv_tokens) -> None:
+    if max_kv_tokens is not None and (not isinstance(max_kv_tokens, int) or isinstance(max_kv_tokens, bool)
+                                      or max_kv_tokens < 2):
+        raise InvalidArgumentError(f"max_kv_tokens must be an int >= 2 (prompt + generated tokens kept in "
+                                   f"the KV cache), got {max_kv_tokens!r}; or None for the model's context")
+
+
 class Model:
     """A model package loaded on an execution provider. Build it with :func:`portable_infer.load`."""
 
     def __init__(self, manifest: Manifest, engine, tokenizer=None, chat_template: ChatTemplate | None = None,
                  path: Path | None = None, selection=None, max_kv_tokens: int | None = None):
-        if max_kv_tokens is not None and (not isinstance(max_kv_tokens, int) or max_kv_tokens < 2):
-            raise InvalidArgumentError(f"max_kv_tokens must be an int >= 2 (prompt + generated tokens kept in "
-                                       f"the KV cache), got {max_kv_tokens!r}; or None for the model's context")
+        check_max_kv_tokens(max_kv_tokens)
         self.max_kv_tokens = max_kv_tokens
         self.manifest = manifest
         self.engine = engine

@@ -36,7 +36,7 @@ transformers = pytest.importorskip("transformers")
 
 from exporters.architectures import FAMILIES, MODEL_TYPES  # noqa: E402
 from exporters.export import export  # noqa: E402
-from exporters.verify import FP32_REL_TOL, OnnxDecoder  # noqa: E402
+from exporters.verify import FP32_REL_TOL, OnnxDecoder, decoder  # noqa: E402
 from portable_infer.manifest import Manifest  # noqa: E402
 
 SEED = int(os.environ.get("PARITY_SEED") or random.SystemRandom().randrange(2**31))
@@ -166,7 +166,7 @@ class Exported:
     def decoder(self, variant: str = "portable") -> OnnxDecoder:
         if variant not in self._decoders:
             v = self.manifest.variant(variant)
-            self._decoders[variant] = OnnxDecoder(self.package / v.file, v)
+            self._decoders[variant] = decoder(self.package / v.file, v, self.manifest)
         return self._decoders[variant]
 
     @property
@@ -408,7 +408,7 @@ def test_int4_export_of_every_family_runs_and_tracks_the_reference(exported: Exp
     ref = reference_logits(exported.model, ids)[:, -1]
     last = {}
     for v in manifest.variants:
-        dec = OnnxDecoder(pkg / v.file, v)
+        dec = decoder(pkg / v.file, v, manifest)
         last[v.name] = dec.run(ids, np.ones_like(ids), dec.empty_past(1))[0][:, -1]
     noise = float(np.abs(last["portable"] - ref).mean() / np.abs(ref).mean())
     assert noise < 0.6, f"{exported.tag()} int4 portable: mean |diff| is {noise:.0%} of the mean |logit|"
@@ -456,7 +456,7 @@ def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported
 
     pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False)
     manifest = Manifest.load(pkg)
-    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8"]
+    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8", "static"]
     assert not (pkg / "model.fused-int8.onnx.data").exists()  # weights stored once, in the fused file
     levels = {}
     for name in ("fused", "fused-int8"):
@@ -467,9 +467,10 @@ def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported
         assert {d for _, d in levels[name]} == {d for _, d in levels["fused"]}  # same weights
     assert {i for i, _ in levels["fused"]} == {1} and {i for i, _ in levels["fused-int8"]} == {4}
 
-    exact = portable_infer.load(pkg, "cpu", intra_op_threads=2)
-    fast = portable_infer.load(pkg, "cpu", intra_op_threads=2, accuracy_level=4)
+    exact = portable_infer.load(pkg, "cpu", intra_op_threads=2, static_kv=False)
+    fast = portable_infer.load(pkg, "cpu", intra_op_threads=2, accuracy_level=4)  # not static: int8 asked for
     assert (exact.variant, fast.variant) == ("fused", "fused-int8")
+    assert portable_infer.load(pkg, "cpu", intra_op_threads=2).variant == "static"
     rng = np.random.default_rng(exported.seed + 8)
     ids = exported.ids(rng, (1, SEQ))[0].tolist()
     a, b = exact.forward_logits(ids), fast.forward_logits(ids)
@@ -477,7 +478,7 @@ def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported
     assert 0 < rel <= 5e-2, f"{exported.tag()} fused-int8 is {rel:.2e} from fused (relative)"
 
     fp32 = export(exported.source, tmp_path / "fp32", precision="fp32", verify=False)
-    assert [v.name for v in Manifest.load(fp32).variants] == ["portable", "fused"]
+    assert [v.name for v in Manifest.load(fp32).variants] == ["portable", "fused", "static"]
     with pytest.raises(PackageError, match="no fused-int8 graph"):
         portable_infer.load(fp32, "cpu", accuracy_level=4)
     with pytest.raises(InvalidArgumentError, match="fused-int8"):
@@ -564,7 +565,7 @@ def test_quantized_quality_and_size(precisions, precision):
     for name, report in manifest.verification.items():
         q = report["quality"]
         assert q["top1_agreement"] >= floor, f"{tag} {name}: top-1 agreement {q['top1_agree_steps']} < {floor}: {q}"
-        if name == "fused-int8":  # fp32 has none to compare with; shares the fused weights
+        if name in ("fused-int8", "static"):  # their weights are the fused graph's (compared there)
             continue
         size, full = _package_bytes(manifest, name), _package_bytes(fp32, name)
         assert size < full, f"{tag} {name} graph+weights are {size} bytes, fp32's {full}"

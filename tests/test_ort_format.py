@@ -39,8 +39,8 @@ def test_bundle_holds_ort_graphs_and_the_operator_config(ort_bundle):
 
 
 def test_cpu_prefers_the_ort_graph_with_the_same_greedy_tokens(tiny_llama, ort_bundle, load_variant):
-    onnx = portable_infer.load(tiny_llama.package, "cpu", intra_op_threads=1)
-    model = portable_infer.load(ort_bundle, "cpu", intra_op_threads=1)
+    onnx = portable_infer.load(tiny_llama.package, "cpu", intra_op_threads=1, static_kv=False)
+    model = portable_infer.load(ort_bundle, "cpu", intra_op_threads=1)  # packed for ORT: no static by default
     assert (onnx.variant, model.variant) == ("fused", "fused-ort")
     want = onnx.generate_ids(PROMPT, max_new_tokens=16)
     assert model.generate_ids(PROMPT, max_new_tokens=16) == want

@@ -36,7 +36,7 @@ def static(package):
 
 @pytest.fixture(scope="module")
 def fused(package):
-    return portable_infer.load(package, "cpu", intra_op_threads=2)
+    return portable_infer.load(package, "cpu", intra_op_threads=2, static_kv=False)
 
 
 def prompts(rng, lengths):
@@ -47,7 +47,8 @@ def test_package_layout_and_selection(package, static, fused):
     files = sorted(p.name for p in package.iterdir())
     assert "model.static.onnx" in files and "model.static.onnx.data" not in files, files  # weights shared
     assert (static.variant, type(static.engine).__name__) == ("static", "StaticEngine")
-    assert fused.variant == "fused"  # never picked unless asked for
+    assert fused.variant == "fused"  # static_kv=False
+    assert portable_infer.load(package, "cpu").variant == "static"  # the default where the package has it
     v = static.manifest.variant("static")
     assert v.kv.growth == "static" and "position_ids" not in [t.name for t in v.inputs]
 
@@ -100,9 +101,13 @@ def test_capacity_and_call_shape_errors(static):
         e.forward(two, np.ones((2, 4), np.int64), cache)
 
 
-def test_static_kv_needs_the_variant(tiny_llama):
+def test_static_kv_needs_the_variant(tiny_llama, tmp_path):
+    from exporters.export import export
+
+    older = export(tiny_llama.source, tmp_path / "pkg", precision="fp32", verify=False, variants=("portable", "fused"))
+    assert portable_infer.load(older, "cpu").variant == "fused"  # auto: what the package has
     with pytest.raises(PackageError, match="--variants portable,fused,static"):
-        portable_infer.load(tiny_llama.package, "cpu", static_kv=True)
+        portable_infer.load(older, "cpu", static_kv=True)
 
 
 def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused):
