@@ -67,19 +67,22 @@ def scheduler_check(pkg, prec: str, prompts: list, provider: str = "cuda") -> No
     import portable_infer
     from portable_infer.scheduler import Scheduler, SchedulerConfig
 
-    m = portable_infer.load(pkg, provider, strict=True)
-    news = [30, 12, 25, 8]
-    ref = [m.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, news)]
-    with Scheduler(m, SchedulerConfig(max_batch=4, prefill_chunk=8)) as sched:
-        first = sched.submit(prompts[0], max_new_tokens=news[0], ignore_eos=True)
-        head = [first.get(30).token for _ in range(3)]
-        rest = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts[1:], news[1:])]
-        outs = [head + [r.token for r in first if r.token is not None]]
-        outs += [[r.token for r in h if r.token is not None] for h in rest]
-        stats = sched.stats()
-    same = sum(a == b for a, b in zip(outs, ref))
-    print(f"{prec} scheduler on {m.provider} ({m.variant}): {same}/4 requests equal their single runs; "
-          f"blocks used at the end {stats.blocks_used}, finished {stats.requests_finished}", flush=True)
+    for static in (False, True):  # growing KV; fixed buffers (+ CUDA graphs where capture works)
+        m = portable_infer.load(pkg, provider, strict=True, static_kv=static)
+        news = [30, 12, 25, 8]
+        ref = [m.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, news)]
+        with Scheduler(m, SchedulerConfig(max_batch=4, prefill_chunk=8)) as sched:
+            first = sched.submit(prompts[0], max_new_tokens=news[0], ignore_eos=True)
+            head = [first.get(30).token for _ in range(3)]
+            rest = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts[1:], news[1:])]
+            outs = [head + [r.token for r in first if r.token is not None]]
+            outs += [[r.token for r in h if r.token is not None] for h in rest]
+            stats = sched.stats()
+        same = sum(a == b for a, b in zip(outs, ref))
+        graphs = getattr(m.engine, "cuda_graph", False)
+        print(f"{prec} scheduler on {m.provider} ({m.variant}{', CUDA graphs' if graphs else ''}): {same}/4 "
+              f"requests equal their single runs; blocks used at the end {stats.blocks_used}, finished "
+              f"{stats.requests_finished}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the 
 allocations. Buffers belong to the engine and are reused by the next cache of the same shape
 (a graph replays on the memory it was captured with); caches alive at the same time get buffers
 and graphs of their own, up to GRAPHS_PER_SHAPE per shape and MAX_GRAPHS in all, then plain
-runs. Without CUDA graphs (CPU, or capture refused) nothing is pooled: a cache's buffers are
-freed with it. The continuous-batching scheduler moves rows between these caches with
+runs. Without CUDA graphs (CPU, or capture refused) a dead cache's buffers wait, up to
+SPARE_BYTES in all, for the next cache of the same shape (the scheduler makes one at every join
+and leave: fresh memory would be faulted in each time). The continuous-batching scheduler moves rows between these caches with
 :mod:`portable_infer.kvstatic`. When capture is refused or fails, the engine logs why and runs every step as a plain ONNX
 Runtime call.
 """
@@ -18,6 +19,7 @@ Runtime call.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 CAPACITY_STEP = 256  # buffer rows are rounded up to this, so graphs are reused across requests
 GRAPHS_PER_SHAPE = 4  # caches of one shape alive at once that get a CUDA graph; more run without
 MAX_GRAPHS = 16  # pooled buffers (and captured graphs) kept in all; later shapes run without graphs
+SPARE_BYTES = 256 << 20  # without graphs: buffers of dead caches kept for the next cache of their shape
 _DEVICE = {"CUDAExecutionProvider": "cuda"}
 
 
@@ -84,6 +87,9 @@ class StaticEngine:
         self.max_context, self.vocab = max_context, vocab_size
         self.cuda_graph = cuda_graph and self.device == "cuda"
         self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [_Slot]
+        self._spare: dict[tuple, list] = {}  # without graphs: (batch, capacity) -> free buffers
+        self._spare_bytes = 0
+        self._spare_lock = threading.Lock()  # finalizers run on whichever thread drops a cache
         self._graphs = 0
         self._plain = self._run_options(-1)  # for every step that does not replay a graph
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
@@ -96,9 +102,16 @@ class StaticEngine:
         if want < 1:
             raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
         cap = min(self.max_context, -(-want // CAPACITY_STEP) * CAPACITY_STEP)
-        if not self.cuda_graph:  # no graph to replay on them: buffers live and die with the cache
-            slot = self._allocate(batch, cap, graph_id=-1)
-            return StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64), _slot=slot)
+        if not self.cuda_graph:  # no graph to replay: a spare of the shape, or new buffers
+            with self._spare_lock:
+                spare = self._spare.get((batch, cap))
+                slot = spare.pop() if spare else None
+                if slot is not None:
+                    self._spare_bytes -= self._slot_bytes(slot)
+            slot = slot or self._allocate(batch, cap, graph_id=-1)
+            cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64), _slot=slot)
+            weakref.finalize(cache, self._keep_spare, (batch, cap), slot)
+            return cache
         pool = self._slots.setdefault((batch, cap), [])
         slot = next((s for s in pool if not s.busy), None)
         if slot is None and len(pool) < GRAPHS_PER_SHAPE and self._graphs < MAX_GRAPHS:
@@ -112,6 +125,17 @@ class StaticEngine:
                             graph_id=slot.graph_id, _slot=slot)
         weakref.finalize(cache, _release, slot)
         return cache
+
+    def _slot_bytes(self, slot: _Slot) -> int:
+        return 2 * len(slot.values) * int(np.prod(slot.values[0][0].shape())) * np.dtype(self.variant.kv.dtype).itemsize
+
+    def _keep_spare(self, key: tuple, slot: _Slot) -> None:
+        """A dead cache's buffers (no graph on them): kept for the next cache of their shape."""
+        size = self._slot_bytes(slot)
+        with self._spare_lock:
+            if self._spare_bytes + size <= SPARE_BYTES:
+                self._spare.setdefault(key, []).append(slot)
+                self._spare_bytes += size
 
     def _allocate(self, batch: int, cap: int, graph_id: int) -> _Slot:
         kv = self.variant.kv

@@ -76,6 +76,9 @@ def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static, monkeyp
     e = static.engine
     plain = [e.new_cache(3, capacity=10) for _ in range(2)]  # no CUDA graphs: nothing pooled
     assert [c.graph_id for c in plain] == [-1, -1] and plain[0].values[0][0].data_ptr() != plain[1].values[0][0].data_ptr()
+    ptr = plain[0].values[0][0].data_ptr()
+    del plain[0]  # its buffers wait for the next cache of the shape
+    assert e.new_cache(3, capacity=10).values[0][0].data_ptr() == ptr
     monkeypatch.setattr(e, "cuda_graph", True)  # what CUDA does: buffers pooled per shape for graphs
     alive = [e.new_cache(3, capacity=10) for _ in range(GRAPHS_PER_SHAPE + 1)]
     assert all(c.capacity == 256 for c in alive)
