@@ -59,8 +59,13 @@ PEAK_RSS = textwrap.dedent("""
     ids = prompt_ids(m, 32)
     m.generate_ids(ids, max_new_tokens=128, ignore_eos=True)
     d = m.manifest.model
-    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * 4 * (32 + 128)  # fp32 cache, 160 tokens
-    weights = sum(e.size for e in m.manifest.files if e.path.startswith(m.engine.variant.file))
+    # fp32 cache of 160 tokens; fixed buffers hold their whole capacity (160 rounded up to 256)
+    tokens = m.engine.new_cache(1, capacity=160).capacity if m.engine.variant.kv.growth == "static" else 160
+    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * 4 * tokens
+    # the graph and its data file; fused-int8 and static read the fused graph's
+    graph = m.engine.variant.file
+    data = "model.fused.onnx.data" if m.variant in ("static", "fused-int8") else graph + ".data"
+    weights = sum(e.size for e in m.manifest.files if e.path in (graph, data))
     print(json.dumps({"variant": m.variant, "import_rss": base, "loaded_rss": loaded["VmRSS"], **status(),
                       "kv_mib": kv / 2**20, "weights_mib": weights / 2**20}))
 """)
@@ -74,10 +79,14 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
 
 
 def make_venv(root: Path, minimal: bool, fresh: bool) -> Path:
+    """The venv with its dependencies (made once, or again with ``fresh``) and this checkout's
+    portable_infer (installed again on every run, so the numbers are of the code here)."""
     python = root / "bin" / "python"
-    if python.exists() and not fresh:
-        return python
-    shutil.rmtree(root, ignore_errors=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--only-binary", ":all:"]
+    made = python.exists() and not fresh
+    if not made:
+        shutil.rmtree(root, ignore_errors=True)
+        run([sys.executable, "-m", "venv", "--without-pip", str(root)])
     with tempfile.TemporaryDirectory() as tmp:  # build from a copy: no build/ or egg-info in the repo
         src = Path(tmp) / "src"
         src.mkdir()
@@ -85,9 +94,9 @@ def make_venv(root: Path, minimal: bool, fresh: bool) -> Path:
             shutil.copy(REPO / name, src / name)
         for pkg in ("portable_infer", "exporters"):
             shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-        run([sys.executable, "-m", "venv", "--without-pip", str(root)])
-        pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--only-binary", ":all:"]
-        run([*pip[:-2], "--no-deps", str(src)])
+        run([*pip[:-2], "--no-deps", "--force-reinstall", str(src)])
+        if made:
+            return python
         if minimal:
             run([*pip, "--no-deps", "tokenizers"])
             run([*pip, *[p for p in CORE if p != "tokenizers"]])
