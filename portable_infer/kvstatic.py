@@ -51,13 +51,13 @@ def _read(value, dtype) -> np.ndarray:
 def _copy_rows(dst, parts: list) -> None:
     """Write ``parts`` [(cache, row indices)] one after another into ``dst``'s rows: tokens
     ``[0, rows)`` of each (what the graph reads; the rest of a row is never read)."""
-    n = int(max((int(c.rows[idx].max()) if len(idx) else 0) for c, idx in parts))
+    used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
     dtype = np.dtype(dst.layout.dtype)
     for layer, pair in enumerate(dst.values):
         for j, d in enumerate(pair):
             def fill(out, layer=layer, j=j):
                 at = 0
-                for c, idx in parts:
+                for (c, idx), n in zip(parts, used):
                     out[at:at + len(idx), :, :n] = _read(c.values[layer][j], dtype)[idx, :, :n]
                     at += len(idx)
             _write(d, dtype, fill)

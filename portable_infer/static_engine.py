@@ -9,8 +9,9 @@ as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the 
 allocations. Buffers belong to the engine and are reused by the next cache of the same shape
 (a graph replays on the memory it was captured with); caches alive at the same time get buffers
 and graphs of their own, up to GRAPHS_PER_SHAPE per shape and MAX_GRAPHS in all, then plain
-runs. Without CUDA graphs (CPU, or capture refused) a dead cache's buffers wait, up to
-SPARE_BYTES in all, for the next cache of the same shape (the scheduler makes one at every join
+runs. Without CUDA graphs (CPU, or capture refused) capacities are rounded to
+PLAIN_CAPACITY_STEP only, and a dead cache's buffers wait, up to SPARE_BYTES in all, for the
+next cache of the same shape (the scheduler makes one at every join
 and leave: fresh memory would be faulted in each time). The continuous-batching scheduler moves rows between these caches with
 :mod:`portable_infer.kvstatic`. When capture is refused or fails, the engine logs why and runs every step as a plain ONNX
 Runtime call.
@@ -31,9 +32,10 @@ from .errors import CapacityError, InvalidArgumentError, PortableInferError
 logger = logging.getLogger(__name__)
 
 CAPACITY_STEP = 256  # buffer rows are rounded up to this, so graphs are reused across requests
+PLAIN_CAPACITY_STEP = 32  # without CUDA graphs: less rounding, less memory (spares still match)
 GRAPHS_PER_SHAPE = 4  # caches of one shape alive at once that get a CUDA graph; more run without
 MAX_GRAPHS = 16  # pooled buffers (and captured graphs) kept in all; later shapes run without graphs
-SPARE_BYTES = 256 << 20  # without graphs: buffers of dead caches kept for the next cache of their shape
+SPARE_BYTES = 64 << 20  # without graphs: buffers of dead caches kept for the next cache of their shape
 _DEVICE = {"CUDAExecutionProvider": "cuda"}
 
 
@@ -101,7 +103,8 @@ class StaticEngine:
         want = self.max_context if capacity is None else int(capacity)
         if want < 1:
             raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
-        cap = min(self.max_context, -(-want // CAPACITY_STEP) * CAPACITY_STEP)
+        step = CAPACITY_STEP if self.cuda_graph else PLAIN_CAPACITY_STEP
+        cap = min(self.max_context, -(-want // step) * step)
         if not self.cuda_graph:  # no graph to replay: a spare of the shape, or new buffers
             with self._spare_lock:
                 spare = self._spare.get((batch, cap))

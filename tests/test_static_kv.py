@@ -75,6 +75,7 @@ def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static, monkeyp
 
     e = static.engine
     plain = [e.new_cache(3, capacity=10) for _ in range(2)]  # no CUDA graphs: nothing pooled
+    assert plain[0].capacity == 32  # rounded to PLAIN_CAPACITY_STEP only (CUDA graphs: 256)
     assert [c.graph_id for c in plain] == [-1, -1] and plain[0].values[0][0].data_ptr() != plain[1].values[0][0].data_ptr()
     ptr = plain[0].values[0][0].data_ptr()
     del plain[0]  # its buffers wait for the next cache of the shape
@@ -95,7 +96,7 @@ def test_capacity_and_call_shape_errors(static):
     e = static.engine
     cache = e.new_cache(1, capacity=4)
     ids = np.asarray([list(range(3, 3 + cache.capacity + 1))], np.int64)
-    with pytest.raises(CapacityError, match="holds 256 tokens"):
+    with pytest.raises(CapacityError, match="holds 32 tokens"):
         e.forward(ids, np.ones_like(ids), cache)
     cache = e.new_cache(2, capacity=8)
     two = np.asarray([[5, 6], [7, 8]], np.int64)
