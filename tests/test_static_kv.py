@@ -184,3 +184,35 @@ def test_greedy_on_the_device_returns_the_logits_argmax(static, fused, monkeypat
     calls.clear()  # a row that needs the logits (sampling, logprobs) takes them for the whole batch
     static.batch_generate_ids(ps[:2], max_new_tokens=4, temperature=0.7, seed=1)
     assert calls and not any(calls)
+
+
+def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_split(static):
+    from portable_infer import kvstatic
+
+    e = static.engine
+    rng = np.random.default_rng(SEED + 4)
+    a, b = e.new_cache(1, capacity=50), e.new_cache(2, capacity=10)  # capacities 64 and 32
+    a.rows, b.rows = np.array([45]), np.array([7, 30])
+    a.length, b.length = 45, 30
+    dtype = np.dtype(a.layout.dtype)
+    data = {}
+    for c in (a, b):
+        for layer, pair in enumerate(c.values):
+            for j, v in enumerate(pair):
+                x = rng.standard_normal(v.shape()).astype(dtype)
+                kvstatic._write(v, dtype, lambda out, x=x: out.__setitem__(Ellipsis, x))
+                data[id(c), layer, j] = x
+    mask_a, mask_b = np.ones((1, 45), np.int64), np.zeros((2, 30), np.int64)
+    mask_b[0, -7:], mask_b[1, :] = 1, 1
+    merged, mask = kvstatic.merge(e, a, mask_a, b, mask_b)
+    assert (merged.batch, merged.capacity, merged.rows.tolist(), mask.shape) == (3, 64, [45, 7, 30], (3, 45))
+    keep_rows = [(a, 0, 45), (b, 0, 7), (b, 1, 30)]
+    for layer, pair in enumerate(merged.values):
+        for j, v in enumerate(pair):
+            got = v.numpy()
+            for i, (c, row, n) in enumerate(keep_rows):
+                np.testing.assert_array_equal(got[i, :, :n], data[id(c), layer, j][row, :, :n])
+    left, mask2 = kvstatic.take(e, merged, mask, [2, 0])
+    assert left.rows.tolist() == [30, 45] and mask2.shape == (2, 45)
+    np.testing.assert_array_equal(left.values[0][1].numpy()[0, :, :30], data[id(b), 0, 1][1, :, :30])
+    np.testing.assert_array_equal(left.values[0][1].numpy()[1, :, :45], data[id(a), 0, 1][0, :, :45])
