@@ -80,6 +80,11 @@ class _Request:
         p = self.params
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Its token is the logits' argmax and nothing else reads the logits."""
+        return self.params.temperature == 0.0 and not self.penalized and self.params.logprobs is None
+
 
 class Scheduler:
     """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
@@ -453,13 +458,17 @@ class Scheduler:
         if not self._rows:
             return
         self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
-        logits = self.engine.forward(self._pending[:, None], self._mask, self._cache)
+        # every row plain greedy on a graph with next_token: the argmax runs on the device and
+        # only the ids come back (the logits stay there)
+        greedy = getattr(self.engine, "greedy_on_device", False) and all(
+            r.plain_greedy for r in self._rows if r.state != "done")
+        out = self.engine.forward(self._pending[:, None], self._mask, self._cache, **({"greedy": True} if greedy else {}))
         nxt = np.array(self._pending)
         n = 0
         for i, r in enumerate(self._rows):
             if r.state == "done":  # cancelled during the forward
                 continue
-            nxt[i] = self._sample(r, logits[i])
+            nxt[i] = self._sample(r, None, int(out[i])) if greedy else self._sample(r, out[i])
             n += 1
         self._pending = nxt
         self._count_step(n)
@@ -475,12 +484,14 @@ class Scheduler:
         while self._rate and self._rate[0][0] < now - _RATE_WINDOW_S:
             self._rate.popleft()
 
-    def _sample(self, r: _Request, logits: np.ndarray) -> int:
-        """Pick ``r``'s next token, stream it, and end ``r`` when a stop rule says so."""
+    def _sample(self, r: _Request, logits: np.ndarray | None, tok: int | None = None) -> int:
+        """Pick ``r``'s next token (``tok``: already picked on the device, plain greedy rows),
+        stream it, and end ``r`` when a stop rule says so."""
         p = r.params
-        if r.penalized:
-            logits = apply_penalties(logits, r.prompt, r.output, p)
-        tok = int(r.sampler(logits, r.rng))
+        if tok is None:
+            if r.penalized:
+                logits = apply_penalties(logits, r.prompt, r.output, p)
+            tok = int(r.sampler(logits, r.rng))
         lp, top = (None, ())
         if p.logprobs is not None:
             lp, top = token_logprobs(logits, tok, p.logprobs)

@@ -216,3 +216,26 @@ def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_sp
     assert left.rows.tolist() == [30, 45] and mask2.shape == (2, 45)
     np.testing.assert_array_equal(left.values[0][1].numpy()[0, :, :30], data[id(b), 0, 1][1, :, :30])
     np.testing.assert_array_equal(left.values[0][1].numpy()[1, :, :45], data[id(a), 0, 1][0, :, :45])
+
+
+def test_scheduler_decodes_greedy_batches_on_the_device(static, fused, monkeypatch):
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 5)
+    ps = prompts(rng, [6, 9, 4])
+    ref = [fused.generate_ids(p, max_new_tokens=10, ignore_eos=True) for p in ps]
+    e, calls = static.engine, []
+    forward = e.forward
+    monkeypatch.setattr(e, "forward", lambda ids, *a, **k: calls.append((ids.shape[1], k.get("greedy", False)))
+                        or forward(ids, *a, **k))
+    with Scheduler(static, SchedulerConfig(max_batch=4)) as sched:
+        outs = [[r.token for r in h if r.token is not None]
+                for h in [sched.submit(p, max_new_tokens=10, ignore_eos=True) for p in ps]]
+    decode = [g for s, g in calls if s == 1]
+    assert outs == ref and decode and all(decode), f"{TAG} {calls}"
+    calls.clear()  # a sampled row in the batch: the logits come back for every row
+    with Scheduler(static, SchedulerConfig(max_batch=4)) as sched:
+        hs = [sched.submit(ps[0], max_new_tokens=6, ignore_eos=True),
+              sched.submit(ps[1], max_new_tokens=6, ignore_eos=True, temperature=0.8, seed=3)]
+        [[r.token for r in h] for h in hs]
+    assert not any(g for s, g in calls if s == 1)
