@@ -234,20 +234,28 @@ def main() -> None:
     results = [run_runner(name, args.runs, args.threads, args.package) for name in names]
     table = markdown_table(results, args.threads, args.runs)
     print(table)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
+    write_results(args.results, args, setup.REFERENCE if setup.REFERENCE.is_file() else None,
+                  setup_s, results, table)
+
+
+def write_results(path: Path, args, reference: Path | None, setup_s: float, results: list, table: str,
+                  **extra) -> None:
+    """The JSON beside a table: when, the command, the machine, the protocol, every row (also
+    used by openvino_bench.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
+        **extra,
         "protocol": {"prompt_tokens": 32, "new_tokens": 128, "batch": 8, "greedy": True,
                      "threads": args.threads, "runs": args.runs,
-                     "reference": json.loads(setup.REFERENCE.read_text())["source"]
-                     if setup.REFERENCE.is_file() else None},
+                     "reference": json.loads(reference.read_text())["source"] if reference else None},
         "setup_s": round(setup_s, 1),
         "results": results,
         "table_markdown": table,
     }, indent=2) + "\n")
-    logger.info("wrote %s", args.results)
+    logger.info("wrote %s", path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Usage (from the repository root, in the project venv)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -242,20 +241,10 @@ def main() -> None:
 
     import compare_cpu
 
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": compare_cpu.machine(),
-        "versions": {"onnxruntime-openvino": info["ort_version"], "onnxruntime": onnxruntime.__version__},
-        "protocol": {"prompt_tokens": 32, "new_tokens": 128, "batch": 8, "greedy": True, "threads": args.threads,
-                     "runs": args.runs, "reference": json.loads(reference.read_text())["source"]},
-        "packages": {k: str(v) for k, v in packages.items()},
-        "setup_s": round(setup_s, 1),
-        "results": results,
-        "table_markdown": table,
-    }, indent=2) + "\n")
-    logger.info("wrote %s", args.results)
+    compare_cpu.write_results(
+        args.results, args, reference, setup_s, results, table,
+        versions={"onnxruntime-openvino": info["ort_version"], "onnxruntime": onnxruntime.__version__},
+        packages={k: str(v) for k, v in packages.items()})
 
 
 if __name__ == "__main__":

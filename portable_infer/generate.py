@@ -36,15 +36,6 @@ class _Row:
     output: list = field(default_factory=list)
     finish_reason: str | None = None
 
-    @property
-    def penalized(self) -> bool:
-        p = self.params
-        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-    @property
-    def plain_greedy(self) -> bool:
-        return self.params.temperature == 0.0 and not self.penalized
-
 
 def check_prompt(ids: list, max_context: int, truncate: bool) -> list:
     """A prompt that fits the context (at least one token left to generate), or an error."""
@@ -79,7 +70,7 @@ class BatchDecoder:
         # All rows plain greedy and the graph has a next_token output (static-KV graphs): the
         # argmax runs on the device and only the ids come back; self.logits stays None.
         self._device_greedy = getattr(engine, "greedy_on_device", False) and all(
-            r.plain_greedy and r.params.logprobs is None for r in self.rows)
+            r.params.plain_greedy for r in self.rows)
         self.tokens: np.ndarray | None = None
         self.logits: np.ndarray | None = None
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
@@ -135,15 +126,15 @@ class BatchDecoder:
         if self._device_greedy:
             argmax = self.tokens
         else:
-            argmax = self.logits.argmax(axis=-1) if any(r.plain_greedy for r in self.rows) else None
+            argmax = self.logits.argmax(axis=-1) if any(r.params.plain_greedy for r in self.rows) else None
         full = self.cache.length + 1 >= self.max_context  # no room to feed another token
         for i, r in enumerate(self.rows):
             if r.finish_reason is not None:
                 continue
             logits = None if self._device_greedy else self.logits[i]
-            if r.penalized:
+            if r.params.penalized:
                 logits = apply_penalties(logits, r.prompt, r.output, r.params)
-            tok = int(argmax[i]) if r.plain_greedy else int(r.sampler(logits, r.rng))
+            tok = int(argmax[i]) if r.params.plain_greedy else int(r.sampler(logits, r.rng))
             lp, top = (None, ())
             if r.params.logprobs is not None:
                 lp, top = token_logprobs(logits, tok, r.params.logprobs)

@@ -129,7 +129,7 @@ def prompt_kv(cache, prompts: list) -> list:
     ``[1, kv_heads, len(prompt), head_dim]`` per layer (for the prefix cache)."""
     if _static(cache):
         return kvstatic.prompt_kv(cache, prompts)
-    arrays = _arrays(cache)  # one host copy for all rows
+    arrays = _arrays(cache)  # views on the CPU; the prefix cache copies what it keeps
     return [[(k[i:i + 1, :, cache.length - len(p):], v[i:i + 1, :, cache.length - len(p):]) for k, v in arrays]
             for i, p in enumerate(prompts)]
 

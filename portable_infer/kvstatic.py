@@ -18,34 +18,20 @@ the engine reads each row's length from ``cache.rows``.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
-
-def _view(value, dtype) -> np.ndarray | None:
-    """A writable numpy view of a CPU OrtValue's memory (no copy); None on other devices."""
-    if value.device_name() != "cpu":
-        return None
-    shape = value.shape()
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer((ctypes.c_char * nbytes).from_address(value.data_ptr()), dtype=dtype).reshape(shape)
+# OrtValue.numpy() is a view of the value's memory on the CPU (writable, no copy) and a host
+# copy on other devices.
 
 
-def _write(value, dtype, fill) -> None:
+def write(value, dtype, fill) -> None:
     """``fill(array)`` writes into ``value``: in place on the CPU, through a host copy elsewhere."""
-    view = _view(value, dtype)
-    if view is not None:
-        fill(view)
+    if value.device_name() == "cpu":
+        fill(value.numpy())
         return
     out = np.zeros(value.shape(), dtype=dtype)
     fill(out)
     value.update_inplace(out)
-
-
-def _read(value, dtype) -> np.ndarray:
-    view = _view(value, dtype)
-    return view if view is not None else value.numpy()
 
 
 def _copy_rows(dst, parts: list) -> None:
@@ -58,9 +44,9 @@ def _copy_rows(dst, parts: list) -> None:
             def fill(out, layer=layer, j=j):
                 at = 0
                 for (c, idx), n in zip(parts, used):
-                    out[at:at + len(idx), :, :n] = _read(c.values[layer][j], dtype)[idx, :, :n]
+                    out[at:at + len(idx), :, :n] = c.values[layer][j].numpy()[idx, :, :n]
                     at += len(idx)
-            _write(d, dtype, fill)
+            write(d, dtype, fill)
 
 
 def merge(engine, a, a_mask: np.ndarray, b, b_mask: np.ndarray) -> tuple:
@@ -92,8 +78,7 @@ def take(engine, cache, mask: np.ndarray, keep: list) -> tuple:
 
 def prompt_kv(cache, prompts: list) -> list:
     """Per prompt (row i of ``cache`` holds ``prompts[i]`` from token 0): [(k, v)] host arrays."""
-    dtype = np.dtype(cache.layout.dtype)
-    arrays = [(_read(k, dtype), _read(v, dtype)) for k, v in cache.values]  # the prefix cache copies
+    arrays = [(k.numpy(), v.numpy()) for k, v in cache.values]  # the prefix cache copies what it keeps
     return [[(k[i:i + 1, :, :len(p)], v[i:i + 1, :, :len(p)]) for k, v in arrays] for i, p in enumerate(prompts)]
 
 
@@ -102,7 +87,7 @@ def fill_prefix(cache, arrays: list, n: int):
     dtype = np.dtype(cache.layout.dtype)
     for (dk, dv), (k, v) in zip(cache.values, arrays):
         for d, x in ((dk, k), (dv, v)):
-            _write(d, dtype, lambda out, x=x: out.__setitem__((slice(None), slice(None), slice(0, n)), x))
+            write(d, dtype, lambda out, x=x: out.__setitem__((slice(None), slice(None), slice(0, n)), x))
     cache.rows = np.array([n], np.int64)
     cache.length = n
     return cache

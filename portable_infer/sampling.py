@@ -102,6 +102,17 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise InvalidArgumentError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
+    @property
+    def penalized(self) -> bool:
+        """Repetition, presence or frequency penalties change the logits before sampling."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The token is the logits' argmax and nothing else reads them (no penalty, no logprobs):
+        the argmax may run anywhere, e.g. on the device."""
+        return self.temperature == 0.0 and not self.penalized and self.logprobs is None
+
     @classmethod
     def from_kwargs(cls, defaults: SamplingParams | None = None, **kw) -> SamplingParams:
         """``defaults`` (or the class defaults) with the fields in ``kw`` replaced.

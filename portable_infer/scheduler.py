@@ -75,22 +75,13 @@ class _Request:
     last_token: float | None = None
     gaps: list = field(default_factory=list)
 
-    @property
-    def penalized(self) -> bool:
-        p = self.params
-        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Its token is the logits' argmax and nothing else reads the logits."""
-        return self.params.temperature == 0.0 and not self.penalized and self.params.logprobs is None
 
 
 class Scheduler:
     """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
 
     Args:
-        model: a loaded model (its engine must grow the KV by concatenation, layout BHSD).
+        model: a loaded model (KV growing by concatenation or in fixed buffers, layout BHSD).
         config: :class:`SchedulerConfig`.
         observer: optional :class:`SchedulerObserver` (metrics).
     """
@@ -461,7 +452,7 @@ class Scheduler:
         # every row plain greedy on a graph with next_token: the argmax runs on the device and
         # only the ids come back (the logits stay there)
         greedy = getattr(self.engine, "greedy_on_device", False) and all(
-            r.plain_greedy for r in self._rows if r.state != "done")
+            r.params.plain_greedy for r in self._rows if r.state != "done")
         out = self.engine.forward(self._pending[:, None], self._mask, self._cache, **({"greedy": True} if greedy else {}))
         nxt = np.array(self._pending)
         n = 0
@@ -489,7 +480,7 @@ class Scheduler:
         stream it, and end ``r`` when a stop rule says so."""
         p = r.params
         if tok is None:
-            if r.penalized:
+            if p.penalized:
                 logits = apply_penalties(logits, r.prompt, r.output, p)
             tok = int(r.sampler(logits, r.rng))
         lp, top = (None, ())

@@ -4,17 +4,18 @@ Callers see the same verbs as :class:`~portable_infer.session.Engine` (``new_cac
 ``forward(ids, mask, cache)`` with the left-padded, growing mask of the decode loop). Inside,
 each row keeps its tokens from index 0 of a preallocated buffer ``[B, KVH, capacity, D]`` that
 is bound as both past and present, so a decode step (batch B, one token per row, mask of width
-``capacity``) has the same shapes and addresses every time. On CUDA that step is captured once
-as a CUDA graph per (batch, capacity) and replayed: no kernel launches from the host, no
-allocations. Buffers belong to the engine and are reused by the next cache of the same shape
+``capacity``) has the same shapes and addresses every time: it runs on an IO binding made once
+per buffer set, its inputs written in place (on the CPU, no allocation per token). On CUDA that
+step is captured once as a CUDA graph per (batch, capacity) and replayed: no kernel launches
+from the host. Buffers belong to the engine and are reused by the next cache of the same shape
 (a graph replays on the memory it was captured with); caches alive at the same time get buffers
 and graphs of their own, up to GRAPHS_PER_SHAPE per shape and MAX_GRAPHS in all, then plain
 runs. Without CUDA graphs (CPU, or capture refused) capacities are rounded to
 PLAIN_CAPACITY_STEP only, and a dead cache's buffers wait, up to SPARE_BYTES in all, for the
-next cache of the same shape (the scheduler makes one at every join
-and leave: fresh memory would be faulted in each time). The continuous-batching scheduler moves rows between these caches with
-:mod:`portable_infer.kvstatic`. When capture is refused or fails, the engine logs why and runs every step as a plain ONNX
-Runtime call.
+next cache of the same shape (the scheduler makes one at every join and leave: fresh memory
+would be faulted in each time). The continuous-batching scheduler moves rows between these
+caches with :mod:`portable_infer.kvstatic`. When capture is refused or fails, the engine logs
+why and runs every step without a graph.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import manifest as mf
+from .kvstatic import write
 from .errors import CapacityError, InvalidArgumentError, PortableInferError
 
 logger = logging.getLogger(__name__)
@@ -63,17 +65,19 @@ class StaticCache:
 
 @dataclass
 class _Slot:
-    """Engine-owned buffers for one (batch, capacity), and the graph captured on them."""
+    """Engine-owned buffers for one (batch, capacity): the KV, the decode step's inputs and
+    outputs, the binding made once over them, and the CUDA graph captured on them (if any)."""
 
     values: list
-    ids: object  # device [B, 1] int64 (graph input)
-    mask: object  # device [B, capacity] int64
-    logits: object  # device [B, 1, vocab] float32 (graph output)
-    token: object  # device [B, 1] int64 (graph output next_token; None when the graph lacks it)
-    graph_id: int
+    ids: object  # [B, 1] int64 (graph input)
+    mask: object  # [B, capacity] int64
+    logits: object  # [B, 1, vocab] float32 (graph output)
+    token: object  # [B, 1] int64 (graph output next_token; None when the graph lacks it)
+    graph_id: int  # -1: no graph
     busy: bool = False
-    binding: object = None  # the IO binding replays reuse (same addresses every step)
-    run_options: object = None
+    binding: object = None  # the decode steps' IO binding (same addresses every step)
+    run_options: object = None  # its graph's run options
+    positions: np.ndarray = None  # arange(capacity): the decode mask is positions < row lengths
 
 
 class StaticEngine:
@@ -105,29 +109,35 @@ class StaticEngine:
             raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
         step = CAPACITY_STEP if self.cuda_graph else PLAIN_CAPACITY_STEP
         cap = min(self.max_context, -(-want // step) * step)
-        if not self.cuda_graph:  # no graph to replay: a spare of the shape, or new buffers
-            with self._spare_lock:
-                spare = self._spare.get((batch, cap))
-                slot = spare.pop() if spare else None
-                if slot is not None:
-                    self._spare_bytes -= self._slot_bytes(slot)
-            slot = slot or self._allocate(batch, cap, graph_id=-1)
-            cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64), _slot=slot)
-            weakref.finalize(cache, self._keep_spare, (batch, cap), slot)
-            return cache
+        slot, done = self._graph_slot(batch, cap) if self.cuda_graph else self._spare_slot(batch, cap)
+        cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
+                            graph_id=slot.graph_id, _slot=slot)
+        weakref.finalize(cache, *done)
+        return cache
+
+    def _graph_slot(self, batch: int, cap: int) -> tuple:
+        """A pooled slot (its graph replays on its buffers), or private buffers when the pool is
+        full; and what to call when the cache dies."""
         pool = self._slots.setdefault((batch, cap), [])
         slot = next((s for s in pool if not s.busy), None)
         if slot is None and len(pool) < GRAPHS_PER_SHAPE and self._graphs < MAX_GRAPHS:
             self._graphs += 1
             slot = self._allocate(batch, cap, graph_id=self._graphs)
             pool.append(slot)
-        elif slot is None:  # pooled buffers all in use (or the pool is full): private ones, plain runs
+        elif slot is None:  # pooled buffers all in use (or the pool is full): private ones, no graph
             slot = self._allocate(batch, cap, graph_id=-1)
         slot.busy = True
-        cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
-                            graph_id=slot.graph_id, _slot=slot)
-        weakref.finalize(cache, _release, slot)
-        return cache
+        return slot, (_release, slot)
+
+    def _spare_slot(self, batch: int, cap: int) -> tuple:
+        """No graphs: a dead cache's buffers of the shape, or new ones; kept as a spare after."""
+        with self._spare_lock:
+            spare = self._spare.get((batch, cap))
+            slot = spare.pop() if spare else None
+            if slot is not None:
+                self._spare_bytes -= self._slot_bytes(slot)
+        slot = slot or self._allocate(batch, cap, graph_id=-1)
+        return slot, (self._keep_spare, (batch, cap), slot)
 
     def _slot_bytes(self, slot: _Slot) -> int:
         return 2 * len(slot.values) * int(np.prod(slot.values[0][0].shape())) * np.dtype(self.variant.kv.dtype).itemsize
@@ -179,9 +189,11 @@ class StaticEngine:
                     "a static-KV graph takes several new tokens after a prefill one row at a time "
                     "(GroupQueryAttention's limit); feed batch 1, or one token per row")
             ids_r = np.asarray(ids, np.int64)
-            mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
-        if S == 1 and not prefill and self.cuda_graph and cache.graph_id > 0:
-            out = self._replay(ids_r, mask_r, cache, greedy)
+            mask_r = None  # S == 1: _step writes it into the slot; S > 1 (batch 1): below
+            if S > 1:
+                mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
+        if S == 1 and not prefill:
+            out = self._step(ids_r, rows, cache, greedy)
         else:
             out = self._run(ids_r, mask_r, cache, greedy)
         cache.rows = rows
@@ -209,27 +221,34 @@ class StaticEngine:
         out = b.get_outputs()[0].numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
-    def _replay(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
+        """One token per row on the slot's own inputs, outputs and binding (made once): replayed
+        as a CUDA graph where the cache has one, a plain run otherwise."""
         slot = cache._slot
-        slot.ids.update_inplace(ids)
-        slot.mask.update_inplace(mask)
-        if slot.binding is None:  # bound once: the captured graph reads and writes these addresses
+        if slot.binding is None:  # a captured graph reads and writes these addresses
             b = self.session.io_binding()
             b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
             b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
-            b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
+            b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, np.int32))
             self._bind_cache(b, cache)
             b.bind_ortvalue_output(mf.LOGITS, slot.logits)
             if slot.token is not None:
                 b.bind_ortvalue_output(mf.NEXT_TOKEN, slot.token)
-            slot.binding, slot.run_options = b, self._run_options(cache.graph_id)
+            slot.binding, slot.positions = b, np.arange(cache.capacity)
+            slot.run_options = self._run_options(cache.graph_id) if cache.graph_id > 0 else self._plain
+        write(slot.ids, np.int64, lambda a: a.__setitem__(Ellipsis, ids))
+        write(slot.mask, np.int64, lambda a: np.less(slot.positions, rows[:, None], out=a, casting="unsafe"))
+        graph = self.cuda_graph and cache.graph_id > 0
         try:
-            self.session.run_with_iobinding(slot.binding, slot.run_options)
-        except Exception as exc:  # capture refused (an op without graph support, ...): plain runs
+            self.session.run_with_iobinding(slot.binding, slot.run_options if graph else self._plain)
+        except Exception as exc:  # noqa: BLE001 - capture refused (an op without graph support, ...)
+            if not graph:
+                raise
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
-            return self._run(ids, mask, cache, greedy)
-        return slot.token.numpy()[:, 0] if greedy else slot.logits.numpy()[:, -1, :]
+            self.session.run_with_iobinding(slot.binding, self._plain)
+        # copies: on the CPU numpy() shares the slot's memory, which the next step overwrites
+        return np.array(slot.token.numpy()[:, 0]) if greedy else np.array(slot.logits.numpy()[:, -1, :])
 
     def _run_options(self, graph_id: int):
         ro = self.ort.RunOptions()

@@ -200,7 +200,7 @@ def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_sp
         for layer, pair in enumerate(c.values):
             for j, v in enumerate(pair):
                 x = rng.standard_normal(v.shape()).astype(dtype)
-                kvstatic._write(v, dtype, lambda out, x=x: out.__setitem__(Ellipsis, x))
+                kvstatic.write(v, dtype, lambda out, x=x: out.__setitem__(Ellipsis, x))
                 data[id(c), layer, j] = x
     mask_a, mask_b = np.ones((1, 45), np.int64), np.zeros((2, 30), np.int64)
     mask_b[0, -7:], mask_b[1, :] = 1, 1
