@@ -1,0 +1,72 @@
+"""The continuous-batching engine alone (no HTTP): N client threads against 1, same requests.
+
+    .venv/bin/python benchmarks/scheduler_scaling.py [PKG] [--clients 16] [--requests 32] [--rounds 2]
+        [--static-kv | --no-static-kv]
+
+Each client thread submits requests one after another through ``Scheduler.submit`` (24 random
+prompt tokens, 64 new tokens, greedy, ignore_eos) until the level's requests are done. Prints
+aggregate generated tokens/s for 1 client (8 requests) and for N, and their ratio, per round.
+Compare with ``load_test.py`` (the same through the HTTP server) to see what serving costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import portable_infer  # noqa: E402
+from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+
+def level(model, prompts: list, clients: int, requests: int) -> float:
+    with Scheduler(model, SchedulerConfig(max_batch=16)) as sched:
+        todo, lock, tokens = list(range(requests)), threading.Lock(), [0]
+
+        def client():
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                h = sched.submit(prompts[i % len(prompts)], max_new_tokens=64, ignore_eos=True)
+                n = sum(1 for r in h if r.token is not None)
+                with lock:
+                    tokens[0] += n
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return tokens[0] / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("package", nargs="?", default=None, help="default: the default model")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None)
+    args = ap.parse_args()
+    model = portable_infer.load(args.package, "cpu", intra_op_threads=args.threads, static_kv=args.static_kv,
+                                check="size")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, model.manifest.model.vocab_size, 24).tolist() for _ in range(32)]
+    print(f"| variant | round | 1 client tok/s | {args.clients} clients tok/s | ratio |\n|---|---:|---:|---:|---:|")
+    for r in range(args.rounds):
+        one, many = level(model, prompts, 1, 8), level(model, prompts, args.clients, args.requests)
+        print(f"| {model.variant} | {r + 1} | {one:.1f} | {many:.1f} | {many / one:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
