@@ -247,8 +247,9 @@ class StaticEngine:
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
             self.session.run_with_iobinding(slot.binding, self._plain)
-        # copies: on the CPU numpy() shares the slot's memory, which the next step overwrites
-        return np.array(slot.token.numpy()[:, 0]) if greedy else np.array(slot.logits.numpy()[:, -1, :])
+        out = slot.token.numpy()[:, 0] if greedy else slot.logits.numpy()[:, -1, :]
+        # on the CPU numpy() is a view of the slot's memory, which the next step overwrites
+        return out.copy() if self.device == "cpu" else out
 
     def _run_options(self, graph_id: int):
         ro = self.ort.RunOptions()

@@ -117,7 +117,7 @@ def test_static_kv_needs_the_variant(tiny_llama, tmp_path):
 def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused):
     """Continuous batching with the static graph: rows join (prefill groups, chunked prefill, a
     cached prefix) and leave a batch whose KV lives in fixed buffers; every request still gives
-    its single run's greedy tokens, and no decode step copies KV."""
+    its single run's greedy tokens."""
     from portable_infer.cache import KVCache
     from portable_infer.scheduler import Scheduler, SchedulerConfig
     from portable_infer.static_engine import StaticCache
