@@ -92,6 +92,10 @@ class StaticEngine:
         self.device = _DEVICE.get(provider, "cpu")
         self.max_context, self.vocab = max_context, vocab_size
         self.cuda_graph = cuda_graph and self.device == "cuda"
+        # A binding made once is only right when every node runs where the buffers are: ONNX
+        # Runtime copies an input bound on another device when it is bound, not at each run. That
+        # holds on the CPU, and in a session that accepted CUDA graphs (all nodes on CUDA).
+        self._bind_once = self.device == "cpu" or self.cuda_graph
         self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [_Slot]
         self._spare: dict[tuple, list] = {}  # without graphs: (batch, capacity) -> free buffers
         self._spare_bytes = 0
@@ -223,7 +227,10 @@ class StaticEngine:
 
     def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
         """One token per row on the slot's own inputs, outputs and binding (made once): replayed
-        as a CUDA graph where the cache has one, a plain run otherwise."""
+        as a CUDA graph where the cache has one, a plain run otherwise. Sessions with nodes off
+        the buffers' device bind afresh each step."""
+        if not self._bind_once:  # nodes off the buffers' device (e.g. fp32 attention on the CPU)
+            return self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, greedy)
         slot = cache._slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
             b = self.session.io_binding()
