@@ -147,7 +147,7 @@ def portable_infer_server(args) -> ServerProcess:
     exe = Path(sys.executable).parent / "portable-infer"
     argv = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--threads", str(args.threads),
             "--max-batch", str(args.max_batch), "--max-waiting", str(max(args.clients) * 2),
-            "--model-name", "default", "--accuracy", str(args.accuracy)]
+            "--model-name", "default"] + (["--accuracy", str(args.accuracy)] if args.accuracy else [])
     if args.model:
         argv += ["--model", args.model]
     return ServerProcess("portable_infer", argv, port, "/ready", {"PORTABLE_INFER_PROVIDERS": "cpu"})
@@ -273,8 +273,8 @@ def main() -> None:
     p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 client too)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
-                   help="portable_infer: 4 serves the package's fused-int8 graph (int8 activations)")
+    p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
+                   help="portable_infer: default the loader's choice (int8 graphs where present); 1 exact, 4 int8")
     p.add_argument("--servers", nargs="+", choices=("portable_infer", "llamacpp"),
                    default=["portable_infer", "llamacpp"])
     p.add_argument("--llamacpp-threads", type=int, default=None, help="default: --threads")

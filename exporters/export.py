@@ -37,21 +37,23 @@ PORTABLE_OPSET = 21  # blocked DequantizeLinear (int4/int8 weights) needs opset 
 PORTABLE_FILE = "model.onnx"
 FUSED_FILE = "model.fused.onnx"
 FUSED_OPSET = 21
-# MatMulNBits accuracy levels of the fused graph: 1 keeps activations float (exact), 4 quantizes
-# them to int8 per block of 32 (about 2x faster kernels: benchmarks/graph_step.py --matmulnbits).
-# On SmolLM2 Q4_1 (teacher-forced top-1 vs the dequantized reference, 128 steps) layers at 4 give
-# 123/128, under the 98 % gate (`portable-infer export default -o X --accuracy 4` is refused); the
-# default, layers at 1 and the lm_head at 4 with its top 16 recomputed in float, gives 128/128.
-# The layers-at-4 graph ships as the opt-in fused-int8 variant (gated at 90 %, numbers recorded).
+# MatMulNBits accuracy levels of the fused graph: 1 keeps activations float, 4 quantizes them to
+# int8 per block of 32 (about 2x faster kernels on CPU: benchmarks/graph_step.py --matmulnbits).
+# Int4 packages carry both: fused/static at 1 and their "-int8" twins at 4, sharing one copy of
+# the weights. The lm_head runs at 4 in both, with its top 16 recomputed in float.
 DEFAULT_NBITS_ACCURACY = 1
 DEFAULT_HEAD_ACCURACY = 4
-# fused-int8: the fused graph with its 4-bit layers at accuracy 4 (int8 activations), run only when
-# load(..., accuracy_level=4) asks for it; static: fixed KV buffers for CUDA graphs (opt-in).
-VARIANTS = ("portable", "fused", "fused-int8", "static")
-# fused-int8 only where layers are 4-bit; static only for rotary models without sliding windows
-DEFAULT_VARIANTS = ("portable", "fused", "fused-int8", "static")
+# fused-int8 / static-int8: the fused / static graph with its 4-bit layers at accuracy 4. Dropped
+# below verify.INT8_MIN_AGREEMENT (broken); the runtime prefers them only where verification
+# measured 98 % agreement or more (SmolLM2: 123/128 on the gate's text, 97.1 % over six others:
+# opt-in there); static: fixed KV buffers written in place.
+VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8")
+INT8_VARIANTS = ("fused-int8", "static-int8")  # only where layers are 4-bit with float activations
+STATIC_VARIANTS = ("static", "static-int8")  # only for rotary models without sliding windows
+DEFAULT_VARIANTS = VARIANTS
 STATIC_FILE = "model.static.onnx"
 FUSED_INT8_FILE = "model.fused-int8.onnx"
+STATIC_INT8_FILE = "model.static-int8.onnx"
 INT8_ACCURACY = 4
 ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 
@@ -111,21 +113,21 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     precision = precision or ("int4" if src.kind == "gguf" else "fp32")
     four_bit = precision == "int4" and (activations or "fp32") == "fp32"  # CPU MatMulNBits layers
     defaults = variants is None
-    if defaults:  # fused-int8 only where it differs from fused (static: checked below)
-        variants = tuple(v for v in DEFAULT_VARIANTS if four_bit or v != "fused-int8")
+    if defaults:  # int8 twins only where they differ from fused/static (static: checked below)
+        variants = tuple(v for v in DEFAULT_VARIANTS if four_bit or v not in INT8_VARIANTS)
     variants = tuple(variants)
     if not variants or set(variants) - set(VARIANTS):
         raise InvalidArgumentError(f"variants must be a non-empty subset of {VARIANTS}, got {variants!r}")
-    if "fused-int8" in variants and not four_bit:
+    if set(INT8_VARIANTS) & set(variants) and not four_bit:
         raise InvalidArgumentError(
-            f"the fused-int8 variant runs 4-bit layers with int8 activations on CPU; this export is "
-            f"{precision} with {activations or 'fp32'} activations: use --precision int4 (fp32 "
-            f"activations) or leave fused-int8 out of --variants")
+            f"the {'/'.join(INT8_VARIANTS)} variants run 4-bit layers with int8 activations on CPU; this "
+            f"export is {precision} with {activations or 'fp32'} activations: use --precision int4 (fp32 "
+            f"activations) or leave them out of --variants")
     if route == "direct":
         layout = family_for(model_type).layout(src.config)
         check_shapes(layout, src)
         if defaults and not StaticDecoderBuilder.supports(layout):
-            variants = tuple(v for v in variants if v != "static")
+            variants = tuple(v for v in variants if v not in STATIC_VARIANTS)
     else:
         variants = tuple(v for v in variants if v == "portable") if defaults else variants
         from . import fallback
@@ -150,8 +152,8 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
                                         name="portable", providers=("*",), opset=PORTABLE_OPSET,
                                         activations=activations or "fp32"))
-        if route == "direct" and {"fused", "fused-int8", "static"} & set(variants):
-            if "static" in variants and not StaticDecoderBuilder.supports(layout):
+        if route == "direct" and set(VARIANTS[1:]) & set(variants):
+            if set(STATIC_VARIANTS) & set(variants) and not StaticDecoderBuilder.supports(layout):
                 raise InvalidArgumentError(
                     f"the static variant needs full rotary attention without sliding windows; "
                     f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead")
@@ -162,7 +164,8 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
                 for name, file, builder, accuracy in (
                         ("fused", FUSED_FILE, FusedDecoderBuilder, layers),
                         ("fused-int8", FUSED_INT8_FILE, FusedDecoderBuilder, INT8_ACCURACY),
-                        ("static", STATIC_FILE, StaticDecoderBuilder, layers)):
+                        ("static", STATIC_FILE, StaticDecoderBuilder, layers),
+                        ("static-int8", STATIC_INT8_FILE, StaticDecoderBuilder, INT8_ACCURACY)):
                     if name in variants:
                         written.append(_write_graph(
                             tmp, file, builder, layout, src, precision, progress, name=name,
@@ -185,7 +188,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             from .verify import verify_package
 
             report = verify_package(tmp, manifest, src)
-            manifest = _replace(manifest, verification=report)
+            manifest = _drop_failed_int8(tmp, manifest, report)
         manifest = _replace(manifest, files=mf.file_entries(tmp))
         manifest.save(tmp)
         if out.exists():
@@ -196,6 +199,16 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         raise
     logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, precision, time.perf_counter() - started)
     return out
+
+
+def _drop_failed_int8(tmp: Path, manifest: mf.Manifest, report: dict) -> mf.Manifest:
+    """Leave out the int8-activation twins that missed the quality gate (their exact twins stay)."""
+    dropped = [name for name, r in report.items() if r.get("dropped")]
+    for name in dropped:
+        logger.warning("%s left out of the package: %s", name, report[name]["dropped"])
+        (tmp / manifest.variant(name).file).unlink()
+    kept = tuple(v for v in manifest.variants if v.name not in dropped)
+    return _replace(manifest, variants=kept, verification=report)
 
 
 def _progress_bar(enabled: bool, total: int, desc: str = "layers"):

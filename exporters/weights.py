@@ -3,9 +3,13 @@
 Linear weights are stored transposed, ``[in, out]``, so ``y = x @ W`` is a plain MatMul and the
 block-quantized form is ``DequantizeLinear(q, scale, zero, axis=0, block_size=32)`` (which ONNX
 Runtime's CPU provider may fuse into MatMulNBits). An offset term (GGUF Q4_1: ``w = d*q + m``)
-becomes an exact correction::
+becomes an exact correction in the portable graph::
 
     y = x @ DQ(q, d)  +  blocksum(x) @ m        blocksum(x)[.., b] = sum of x over block b
+
+The fused graphs fold it into the MatMulNBits itself (integer zero points, and the remainder as
+4-bit rows that multiply the block sums: see ``WeightStore._augmented``), except with fp16
+activations, which keep the correction ops.
 
 Each source tensor is written once: the tied embedding and lm_head share initializers.
 """
@@ -23,6 +27,7 @@ from .quant import BLOCK, Blocks, pack_uint4, quantize
 logger = logging.getLogger(__name__)
 
 PRECISION_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
+AUGMENT_STAGES = 2  # 4-bit stages that carry a Q4_1 block's offset remainder (WeightStore._augmented)
 
 
 class WeightStore:
@@ -43,6 +48,9 @@ class WeightStore:
         self.nbits_accuracy = nbits_accuracy
         self.head_accuracy = head_accuracy or nbits_accuracy  # the lm_head (and tied table)
         self.split8 = self.head_accuracy == 1
+        # Q4_1 offsets folded into MatMulNBits (extra rows) instead of float correction ops; fp16
+        # activations (CUDA) keep the ops, whose launches CUDA graphs absorb
+        self.augment_offsets = not half
         self._stacked: dict[str, object] = {}  # virtual tensors: row-stacked source matrices
 
     def stack(self, names: list[str], key: str) -> str | None:
@@ -110,7 +118,8 @@ class WeightStore:
         offset0 = (w.offset if w.offset is not None else 0.0) + w.scale * (default - z)
         q = q.astype(np.uint8).reshape(n_out, nb, w.block)
         t = {"n_in": n_in, "n_out": n_out, "block": w.block, "default_zp": default, "split": False,
-             "scale": g.weight(base + ".scale", w.scale.astype(self.dtype)), "offset_rows": None}
+             "offset_rows": None}
+        scale = w.scale
         offset, t["zp"] = offset0, None
         if (bits_out == 4 and w.zero is not None and w.offset is None and w.q.dtype != np.int8
                 and np.any(w.zero != default)):
@@ -121,8 +130,11 @@ class WeightStore:
                 zp = np.concatenate([zp, np.zeros((n_out, 1), np.uint8)], axis=1)
             t["zp"] = g.weight(base + ".zp", pack_uint4(zp))
             offset = np.zeros_like(offset0)
+        if bits_out == 4 and w.offset is not None and self.augment_offsets:
+            q, scale, offset = self._augmented(t, w, q, base)
+        t["scale"] = g.weight(base + ".scale", scale.astype(self.dtype))
         if bits_out == 4:
-            t.update(bits=4, B=g.weight(base + ".B", pack_uint4(q).reshape(n_out, nb, w.block // 2)))
+            t.update(bits=4, B=g.weight(base + ".B", pack_uint4(q).reshape(n_out, q.shape[1], w.block // 2)))
         elif self.split8:
             # ORT's 8-bit kernel at accuracy 1 is ~100x slower than its 4-bit one, so an exact
             # 8-bit matrix runs as two 4-bit halves:  u - 128 = 16(hi - 8) + (lo - 8) + 8
@@ -138,11 +150,46 @@ class WeightStore:
         self._emitted[key] = t
         return t
 
+    def _augmented(self, t: dict, w: Blocks, q: np.ndarray, base: str) -> tuple:
+        """Q4_1 in one MatMulNBits: integer zero points, and the remainder of each block's offset as
+        extra input rows that multiply the block sums (4-bit, in blocks of their own)::
+
+            d*q + m = d*(q - z) + r,   z = round(-m/d) in 0..15,   |r| <= d/2 unless z clips
+            r = r1 + r2 + e,           r1 = quant4(r), r2 = quant4(r - r1): |e| ~ range(r) / 900
+            y = MatMulNBits([x, bs, bs], [[q], [r1], [r2]])     bs = blocksum(x), zero-padded
+
+        No correction ops, and the remainders are read as 4-bit values, not as a float matrix.
+        One 4-bit stage alone (range/30 off) flipped a greedy token whose margin was 0.13 on
+        SmolLM2; two stages keep the remainder about as exact as the GGUF's fp16 offsets.
+        """
+        n_out, nb, block = q.shape
+        z = np.clip(np.rint(-w.offset / w.scale), 0, 15)
+        r = (w.offset + w.scale * z).astype(np.float32)
+        width = nb + (-nb) % block  # whole blocks: some providers want K a multiple of the block
+        rest = np.concatenate([r, np.zeros((n_out, width - nb), np.float32)], axis=1)
+        qs, scales, zps = [q], [w.scale], [z.astype(np.uint8)]
+        for _ in range(AUGMENT_STAGES):
+            rq = quantize(rest, 4, block)
+            qs.append(rq.q.reshape(n_out, -1, block))
+            scales.append(rq.scale)
+            zps.append(rq.zero)
+            rest = rest - rq.dequantize()
+        zp = np.concatenate(zps, axis=1)
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((n_out, 1), np.uint8)], axis=1)
+        t.update(augment=width, zp=self.g.weight(base + ".zp", pack_uint4(zp)))
+        return np.concatenate(qs, axis=1), np.concatenate(scales, axis=1), np.zeros((n_out, nb), np.float32)
+
     def _matmul_nbits(self, x: str, name: str, bits: int, bias: str | None, accuracy: int) -> str:
         """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b)."""
         g, t = self.g, self._nbits(name, bits)
         zp = [t["zp"]] if t["zp"] and not t["split"] else []
-        mm = lambda b: g.op("MatMulNBits", [x, b, t["scale"], *zp], domain="com.microsoft", K=t["n_in"],  # noqa: E731
+        k = t["n_in"]
+        if t.get("augment"):
+            sums = self._block_sum_matrix(t["n_in"], t["block"], t["augment"], AUGMENT_STAGES)
+            x = g.concat([x, g.matmul(x, sums)], axis=-1)
+            k += t["augment"] * AUGMENT_STAGES
+        mm = lambda b: g.op("MatMulNBits", [x, b, t["scale"], *zp], domain="com.microsoft", K=k,  # noqa: E731
                             N=t["n_out"], bits=t["bits"], block_size=t["block"], accuracy_level=accuracy)
         y = mm(t["B"])
         if t["split"]:
@@ -188,6 +235,16 @@ class WeightStore:
         hi = g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT")
         pairs = g.concat([g.unsqueeze(lo, [-1]), g.unsqueeze(hi, [-1])], axis=-1)
         return g.reshape(pairs, [0, 0, t["n_in"] // t["block"], t["block"]])
+
+    def _block_sum_matrix(self, n_in: int, block: int, width: int, copies: int) -> str:
+        """[n_in, copies * width] ones/zeros: x @ S = the block sums of x, zero-padded to ``width``,
+        ``copies`` times."""
+        name = f"blocksum.{n_in}x{width}x{copies}"
+        if name not in self._emitted:
+            s = np.zeros((n_in, width), self.dtype)
+            s[np.arange(n_in), np.arange(n_in) // block] = 1
+            self._emitted[name] = self.g.weight(name, np.tile(s, (1, copies)))
+        return self._emitted[name]
 
     def block_sums(self, x: str, n_in: int, block: int) -> str:
         #  x [.., in] -> [.., in/block, block] -> ReduceSum(-1) -> [.., in/block]

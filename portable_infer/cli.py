@@ -29,9 +29,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None,
                    help="the package's static-KV variant (fixed buffers; CUDA graphs on CUDA): "
                         "default when the package has it; --no-static-kv: the growing-KV graphs")
-    p.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
-                   help="MatMulNBits activations: 1 float (exact, default), 4 int8 (the package's "
-                        "fused-int8 graph: faster on CPU, less exact)")
+    p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
+                   help="MatMulNBits activations: 4 int8 (the package's static-int8/fused-int8 graphs: "
+                        "faster on CPU, less exact), 1 float (the exact graphs); default: int8 where its "
+                        "export verification measured at least 98%% top-1 agreement, else float")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -244,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
     e.add_argument("--max-context", type=int, default=None)
     e.add_argument("--variants", default=None,
-                   help="graphs to write: portable, fused, fused-int8 (int8 activations, faster on CPU, "
-                        "less exact), static (fixed KV buffers for CUDA graphs); default: portable,fused "
-                        "and fused-int8 for int4")
+                   help="graphs to write: portable, fused, static (fixed KV buffers written in place; "
+                        "CUDA graphs), fused-int8 and static-int8 (int8 activations, faster on CPU, less "
+                        "exact); default: all that apply")
     e.add_argument("--activations", choices=("fp32", "fp16"), default=None,
                    help="activation/KV dtype of int4/int8 packages (fp16 for CUDA)")
     e.add_argument("--accuracy", type=int, choices=(1, 4), default=None,

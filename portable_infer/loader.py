@@ -33,7 +33,7 @@ class LoadConfig:
 
 
 def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
-         intra_op_threads: int = 0, accuracy_level: int = 1, check: str = "sha256",
+         intra_op_threads: int = 0, accuracy_level: int | None = None, check: str = "sha256",
          provider_options: dict | None = None, low_memory: bool = False, trust=None,
          max_kv_tokens: int | None = None, static_kv: bool | None = None) -> Model:
     """Load a model package on the best (or the named) execution provider.
@@ -45,9 +45,11 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
             the PORTABLE_INFER_PROVIDERS environment variable overrides "auto".
         strict: raise instead of falling back when a provider fails.
         intra_op_threads: ONNX Runtime threads (0 = its default).
-        accuracy_level: MatMulNBits activations: 1 float (exact); 4 int8 (faster on CPU, less
-            exact): runs the package's ``fused-int8`` graph in place of ``fused`` (int4 packages
-            export it by default), and ONNX Runtime fuses the portable graph's QDQ pairs at 4.
+        accuracy_level: MatMulNBits activations. None (default): int8 where the package has
+            int8-activation graphs (``static-int8``/``fused-int8``) whose export verification
+            measured at least 98 % top-1 agreement with the float reference, else float. 1: float
+            (the exact graphs). 4: int8 (required: an int4 package without them is refused);
+            ONNX Runtime then also fuses the portable graph's QDQ pairs at 4.
         check: "sha256" (every file hashed), "size" (sizes only) or "none".
         provider_options: {provider name: {option: value}} over the table's defaults.
         low_memory: no memory arena or pattern planning (lower peak RSS, a little slower);
@@ -60,8 +62,8 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
             in place (no per-step copy of the cache), and on CUDA each decode step captured once
             as a CUDA graph and replayed (falls back to plain runs when capture fails). None (the
             default): when the package has it (exports of rotary models without sliding windows
-            do, since 0.3.0), unless ``accuracy_level=4`` or the package carries ORT-format
-            graphs; False: never; True: required.
+            do, since 0.3.0; ``static-int8`` with int8 activations), unless the package carries
+            ORT-format graphs; False: never; True: required.
 
     Returns:
         :class:`Model`; ``model.provider`` says what really runs.
@@ -113,26 +115,43 @@ def load_package(path, cfg: LoadConfig) -> Model:
     return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
 
 
+def _is_int8(v) -> bool:
+    """An int8-activation graph: fused-int8, static-int8 (or their ``-ort`` copies)."""
+    return v.name.removesuffix("-ort").endswith(INT8_SUFFIX)
+
+
+def _passed_gate(manifest: Manifest, v) -> bool:
+    """Export verification recorded the variant's agreement at PREFERRED_AGREEMENT or more."""
+    report = (manifest.verification or {}).get(v.name.removesuffix("-ort"), {})
+    return report.get("quality", {}).get("top1_agreement", 0.0) >= PREFERRED_AGREEMENT
+
+
+def _int8_wanted(cfg: LoadConfig) -> bool | None:
+    """accuracy_level 4: int8 activations required; 1: float; None: int8 where a twin passed the gate."""
+    return {4: True, 1: False}.get(cfg.session.accuracy_level)
+
+
 def _auto_static(manifest: Manifest, cfg: LoadConfig) -> bool:
-    """static_kv=None: the static variant when the package has one, unless the caller asked for
-    int8 activations (fused-int8) or the package carries ORT-format graphs (packed for them)."""
-    names = [v.name for v in manifest.variants]
-    return ("static" in names and cfg.session.accuracy_level != 4
-            and not any(n.endswith("-ort") for n in names))
+    """static_kv=None: a static variant of the asked-for activations when the package has one,
+    unless it carries ORT-format graphs (packed for them)."""
+    int8 = _int8_wanted(cfg)
+    return (any(v.kv.growth == "static" and int8 in (None, _is_int8(v)) for v in manifest.variants)
+            and not any(v.name.endswith("-ort") for v in manifest.variants))
 
 
 def _select_auto(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort):
     """(selection, CUDA graphs on), trying the static variant first when ``static_kv`` is None
     and it applies; a provider that cannot run it (OpenVINO, DirectML, ...) gets the others."""
+    int8 = _int8_wanted(cfg)
     if cfg.static_kv is not None or not _auto_static(manifest, cfg):
-        return _select(_variants(manifest, pkg, bool(cfg.static_kv), cfg.session.accuracy_level), pkg, cfg, ort)
+        return _select(_variants(manifest, pkg, bool(cfg.static_kv), int8), pkg, cfg, ort)
     import dataclasses
 
     try:
-        return _select(_variants(manifest, pkg, True), pkg, dataclasses.replace(cfg, static_kv=True), ort)
+        return _select(_variants(manifest, pkg, True, int8), pkg, dataclasses.replace(cfg, static_kv=True), ort)
     except PortableInferError as exc:
         logger.info("static-KV variant not used (%s); selecting among the others", exc)
-        return _select(_variants(manifest, pkg, False, cfg.session.accuracy_level), pkg, cfg, ort)
+        return _select(_variants(manifest, pkg, False, int8), pkg, cfg, ort)
 
 
 def _select(variants: list, pkg: Path, cfg: LoadConfig, ort):
@@ -157,31 +176,35 @@ def _select(variants: list, pkg: Path, cfg: LoadConfig, ort):
         return select(cfg.provider_options), False
 
 
-INT8 = "fused-int8"  # the fused graph with int8 activations (``-ort``: its ORT-format copy)
+INT8_SUFFIX = "-int8"  # fused-int8, static-int8: their exact twins with int8 activations
+# accuracy_level None runs an int8 twin only when export verification measured at least this
+# teacher-forced top-1 agreement with the float reference (the quality gate of int4 packages)
+PREFERRED_AGREEMENT = 0.98
+EXACT_TWINS = ("fused", "fused-ort", "portable-ort", "static")  # what an int8 variant replaces
 
 
-def _variants(manifest: Manifest, pkg: Path, static_kv: bool, accuracy_level: int = 1) -> list:
-    """The variants selection may choose from: the static one when asked for; else fused-int8 in
-    place of fused with ``accuracy_level=4``, and the others without it."""
-    static = [v for v in manifest.variants if v.kv.growth == "static"]
-    if not static_kv:
-        rest = [v for v in manifest.variants if v.kv.growth != "static"]
-        int8 = [v for v in rest if v.name.startswith(INT8)]
-        if accuracy_level != 4:
-            return [v for v in rest if v not in int8]
-        if int8:  # in place of fused, and ahead of the portable graph's ORT-format copy
-            return [v for v in rest if v.name not in ("fused", "fused-ort", "portable-ort")]
-        if any(v.name.startswith("fused") for v in rest):
-            raise PackageError(
-                f"accuracy_level=4 asks for int8 activations, and {pkg} has no fused-int8 graph (its fused "
-                f"graph keeps the accuracy it was exported with); re-export it with `portable-infer export "
-                f"SOURCE -o {pkg} --precision int4` (fused-int8 is a default variant since 0.3.0) or load "
-                f"it with accuracy_level=1")
-        return rest  # portable only: ONNX Runtime fuses its QDQ pairs at accuracy 4
-    if not static:
+def _variants(manifest: Manifest, pkg: Path, static_kv: bool, int8: bool | None = False) -> list:
+    """The variants selection may choose from: the static ones or the others; with ``int8`` the
+    int8-activation graph in place of its exact twin (and ahead of the portable graph's ORT-format
+    copy), else the exact ones; ``int8`` None: the int8 graph where the pool has one."""
+    pool = [v for v in manifest.variants if (v.kv.growth == "static") == static_kv]
+    if static_kv and not pool:
         raise PackageError(f"{pkg} has no static-KV variant; re-export it with "
                            f"`portable-infer export SOURCE -o {pkg} --variants portable,fused,static`")
-    return static
+    eight = [v for v in pool if _is_int8(v)]
+    if int8 is None:
+        int8 = bool(eight) and all(_passed_gate(manifest, v) for v in eight)
+    if not int8:
+        return [v for v in pool if v not in eight]
+    if eight:
+        return [v for v in pool if v.name not in EXACT_TWINS]
+    if not static_kv and any(v.name.startswith("fused") for v in pool):
+        raise PackageError(
+            f"accuracy_level=4 asks for int8 activations, and {pkg} has no fused-int8 graph (int4 exports "
+            f"keep it when it passes the quality gate; its fused graph keeps the accuracy it was exported "
+            f"with); re-export it with `portable-infer export SOURCE -o {pkg} --precision int4` or load it "
+            f"with accuracy_level=1")
+    return pool  # static without an int8 twin, or portable only (ONNX Runtime fuses QDQ pairs at 4)
 
 
 def _tokenizer(pkg: Path, manifest: Manifest):

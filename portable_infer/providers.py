@@ -73,11 +73,12 @@ def _opts(**kw) -> Mapping[str, Any]:
 
 
 _CPU_FIRST = ("int4", "int8", "fp32", "fp16")
-# The fused variant uses com.microsoft contrib ops; "fused-int8" (the same graph, int8 activations)
-# runs only when asked for (load(..., accuracy_level=4)); "static" (fixed KV buffers written in
-# place; CUDA graphs on CUDA) is tried first by the loader when the package has it, then the
-# others for providers that cannot run it: the loader hands this list one group at a time.
-_FUSED_FIRST = ("fused", "fused-int8", "portable", "static")
+# The fused variant uses com.microsoft contrib ops; "*-int8" (the same graphs, int8 activations)
+# replace their twins when the loader asks for int8 activations (see loader._variants); "static"
+# (fixed KV buffers written in place; CUDA graphs on CUDA) is tried first by the loader when the
+# package has it, then the others for providers that cannot run it: the loader hands this list
+# one group at a time.
+_FUSED_FIRST = ("fused", "fused-int8", "portable", "static", "static-int8")
 _CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
 _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
 

@@ -28,8 +28,8 @@ class SessionConfig:
 
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
     # MatMulNBits activation accuracy: 1 keeps float activations (exact GGUF imports),
-    # 4 quantizes them to int8 (faster on CPUs with int8 dot products).
-    accuracy_level: int = 1
+    # 4 quantizes them to int8 (faster on CPUs with int8 dot products); None: the loader decides.
+    accuracy_level: int | None = 1
     enable_mem_pattern: bool = True
     enable_cpu_mem_arena: bool = True
     log_severity: int = 3
@@ -44,7 +44,7 @@ class SessionConfig:
         so.enable_mem_pattern = self.enable_mem_pattern
         so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
         so.log_severity_level = self.log_severity
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level or 1))
         if self.map_weights:
             so.add_session_config_entry("session.use_memory_mapped_ort_model", "1")
             so.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")

@@ -415,7 +415,7 @@ def test_int4_export_of_every_family_runs_and_tracks_the_reference(exported: Exp
     assert "fused-int8" in last  # a default variant of int4 exports
     for name, logits in last.items():
         _, rel = rel_diff(logits, last["portable"])
-        bound = 5e-2 if name == "fused-int8" else 1e-3  # int8 activations: near, not equal
+        bound = 5e-2 if name.endswith("-int8") else 1e-3  # int8 activations: near, not equal
         assert rel <= bound, f"{exported.tag()} int4 {name} differs from portable by {rel:.2e} (relative)"
 
 
@@ -446,9 +446,10 @@ def test_int8_activation_head_refines_its_top_candidates_in_float(exported: Expo
 
 
 @pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
-def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported: Exported, tmp_path):
-    """fused-int8 = the fused graph with its 4-bit layers at MatMulNBits accuracy 4 (int8
-    activations), sharing the fused weights; the runtime runs it only for accuracy_level=4."""
+def test_int8_twins_are_their_graphs_at_accuracy_4_and_preferred(exported: Exported, tmp_path):
+    """fused-int8 / static-int8 = the fused / static graphs with their 4-bit layers at MatMulNBits
+    accuracy 4 (int8 activations), sharing the weights; accuracy_level=4 runs them, the default
+    only where verification recorded them at the gate (see the next test)."""
     import onnx
 
     import portable_infer
@@ -456,21 +457,25 @@ def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported
 
     pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False)
     manifest = Manifest.load(pkg)
-    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8", "static"]
-    assert not (pkg / "model.fused-int8.onnx.data").exists()  # weights stored once, in the fused file
+    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8", "static", "static-int8"]
+    assert sorted(p.name for p in pkg.glob("*.data")) == ["model.fused.onnx.data", "model.onnx.data"]
     levels = {}
-    for name in ("fused", "fused-int8"):
+    for name in ("fused", "fused-int8", "static", "static-int8"):
         g = onnx.load(str(pkg / manifest.variant(name).file), load_external_data=False).graph
         levels[name] = {(a.i, n.input[1]) for n in g.node if n.op_type == "MatMulNBits"
                         for a in n.attribute if a.name == "accuracy_level"
                         if next(b.i for b in n.attribute if b.name == "bits") == 4}
         assert {d for _, d in levels[name]} == {d for _, d in levels["fused"]}  # same weights
-    assert {i for i, _ in levels["fused"]} == {1} and {i for i, _ in levels["fused-int8"]} == {4}
+    for name, acc in (("fused", 1), ("fused-int8", 4), ("static", 1), ("static-int8", 4)):
+        assert {i for i, _ in levels[name]} == {acc}, name
 
-    exact = portable_infer.load(pkg, "cpu", intra_op_threads=2, static_kv=False)
-    fast = portable_infer.load(pkg, "cpu", intra_op_threads=2, accuracy_level=4)  # not static: int8 asked for
+    def variant(**kw):
+        return portable_infer.load(pkg, "cpu", intra_op_threads=2, **kw)
+
+    assert variant().variant == "static"  # unverified twins are not preferred
+    assert variant(accuracy_level=4).variant == "static-int8"
+    exact, fast = variant(static_kv=False), variant(static_kv=False, accuracy_level=4)
     assert (exact.variant, fast.variant) == ("fused", "fused-int8")
-    assert portable_infer.load(pkg, "cpu", intra_op_threads=2).variant == "static"
     rng = np.random.default_rng(exported.seed + 8)
     ids = exported.ids(rng, (1, SEQ))[0].tolist()
     a, b = exact.forward_logits(ids), fast.forward_logits(ids)
@@ -479,10 +484,11 @@ def test_fused_int8_variant_is_the_fused_graph_at_accuracy_4_and_opt_in(exported
 
     fp32 = export(exported.source, tmp_path / "fp32", precision="fp32", verify=False)
     assert [v.name for v in Manifest.load(fp32).variants] == ["portable", "fused", "static"]
+    assert portable_infer.load(fp32, "cpu").variant == "static"  # no int8 twins: float activations
     with pytest.raises(PackageError, match="no fused-int8 graph"):
-        portable_infer.load(fp32, "cpu", accuracy_level=4)
-    with pytest.raises(InvalidArgumentError, match="fused-int8"):
-        export(exported.source, tmp_path / "bad", precision="fp32", verify=False, variants=("fused-int8",))
+        portable_infer.load(fp32, "cpu", accuracy_level=4, static_kv=False)
+    with pytest.raises(InvalidArgumentError, match="fused-int8/static-int8"):
+        export(exported.source, tmp_path / "bad", precision="fp32", verify=False, variants=("static-int8",))
     assert not (tmp_path / "bad").exists()
 
 
@@ -558,19 +564,49 @@ def test_fp16_logits_close_and_greedy_mostly_equal(precisions):
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_quality_and_size(precisions, precision):
-    _, manifest, _ = precisions[precision]
+    pkg, manifest, _ = precisions[precision]
     fp32 = precisions["fp32"][1]
     tag, floor = f"[{precision}]", QUALITY_FLOOR[precision]
-    assert set(manifest.verification) == {v.name for v in manifest.variants}
+    kept = {v.name for v in manifest.variants}
+    dropped = {n for n, r in manifest.verification.items() if r.get("dropped")}
+    assert set(manifest.verification) == kept | dropped and not kept & dropped
+    for name in dropped:  # int8 twins below their gate: reported, not shipped
+        assert name in ("fused-int8", "static-int8") and manifest.verification[name]["quality"]["top1_agreement"] < 0.98
+        assert not list(pkg.glob(f"model.{name}.*"))
     for name, report in manifest.verification.items():
         q = report["quality"]
+        if name in dropped:
+            continue
         assert q["top1_agreement"] >= floor, f"{tag} {name}: top-1 agreement {q['top1_agree_steps']} < {floor}: {q}"
-        if name in ("fused-int8", "static"):  # their weights are the fused graph's (compared there)
+        if name in ("fused-int8", "static", "static-int8"):  # their weights are the fused graph's
             continue
         size, full = _package_bytes(manifest, name), _package_bytes(fp32, name)
         assert size < full, f"{tag} {name} graph+weights are {size} bytes, fp32's {full}"
         print(f"\n{precision} {name}: top-1 agreement {q['top1_agree_steps']}, perplexity {q['perplexity']:.2f} "
               f"(reference {q['perplexity_reference']:.2f}), graph+weights {size} bytes vs fp32 {full}")
+
+
+@pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
+def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(exported: Exported, tmp_path, monkeypatch):
+    """An int8-activation twin below its floor is dropped from the package (its graph file too),
+    its report kept, and the export succeeds; the loader's default prefers a twin only when its
+    recorded agreement reaches PREFERRED_AGREEMENT, else runs the exact graph."""
+    import portable_infer
+    from exporters import verify
+    from portable_infer import loader
+
+    monkeypatch.setattr(verify, "INT8_MIN_AGREEMENT", {"fused-int8": 1.01, "static-int8": 0.0})
+    pkg = export(exported.source, tmp_path / "int4", precision="int4")
+    manifest = Manifest.load(pkg)
+    assert [v.name for v in manifest.variants] == ["portable", "fused", "static", "static-int8"]
+    assert "below the 101% floor" in manifest.verification["fused-int8"]["dropped"]
+    assert not (pkg / "model.fused-int8.onnx").exists() and manifest.verify_files(pkg) is None
+    assert portable_infer.load(pkg, "cpu", static_kv=False).variant == "fused"
+    measured = manifest.verification["static-int8"]["quality"]["top1_agreement"]
+    monkeypatch.setattr(loader, "PREFERRED_AGREEMENT", measured)
+    assert portable_infer.load(pkg, "cpu").variant == "static-int8"
+    monkeypatch.setattr(loader, "PREFERRED_AGREEMENT", measured + 1e-6)
+    assert portable_infer.load(pkg, "cpu").variant == "static"
 
 
 def test_int4_is_smaller_than_int8(precisions):

@@ -6,9 +6,11 @@ tokens must equal transformers' on the same GGUF (dequantized to float32) token 
 after ``prompt + ours[:k]`` must be ``ours[k]`` for every k, which holds exactly when greedy
 decoding of the reference yields ``ours`` (by induction on k), at a fraction of the cost.
 
-Parity runs on both graph variants: the fused one (what ``load()`` picks on CPU) keeps float
-activations in every MatMulNBits (accuracy level 1; its 8-bit lm_head runs as two exact 4-bit
-halves), so it is float-exact too. The user-facing tests (chat, CLI) run on what ``load()`` picks.
+Parity runs on two graph variants: the portable one (bit-faithful to the blocks) and the fused
+one, which keeps float activations in its layers (accuracy level 1) and carries each Q4_1 block's
+offset as an integer zero point plus a two-stage 4-bit remainder (about 1/900 of its range off:
+``exporters.weights.WeightStore._augmented``); its lm_head runs int8 activations with the top 16
+logits recomputed in float. The user-facing tests (chat, CLI) run on what ``load()`` picks.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def build(args) -> common.Runtime:
 
 if __name__ == "__main__":
     parser = common.arg_parser("portable_infer runner")
-    parser.add_argument("--accuracy", type=int, choices=(1, 4), default=1,
-                        help="4: the package's fused-int8 graph (int8 activations)")
+    parser.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
+                        help="default: the loader's choice (int8 activations where the package has them); "
+                             "1: the exact graphs; 4: int8 activations required")
     common.main("portable_infer", build, parser)
