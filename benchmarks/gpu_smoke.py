@@ -4,7 +4,8 @@
 
 Exports a 4-layer llama (fp32, fp16, int4; fused and static variants), runs greedy decoding on
 CUDA with each variant (static: CUDA graphs) and prints whether the tokens agree with the fp32
-CPU run of the fused graph, and the decode rate.
+CPU run of the fused graph, and the decode rate. Also one GGUF Q4_1 linear layer as the fused
+graphs emit it (offsets folded into MatMulNBits) on CUDA against the dequantized float matmul.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 1024, n).tolist() for n in (7, 12, 3, 9)]
     ref = None
+    try:
+        q4_1_linear_check()
+    except Exception as exc:
+        print(f"Q4_1 linear: FAILED {type(exc).__name__}: {str(exc)[:600]}", flush=True)
     for prec in ("fp32", "fp16", "int4"):
         pkg = export(work / "hf", work / prec, precision=prec, verify=False, overwrite=True,
                      variants=("portable", "fused", "static"))
@@ -59,6 +64,24 @@ def main() -> None:
             scheduler_check(pkg, prec, prompts)
         except Exception as exc:
             print(f"{prec} scheduler: FAILED {type(exc).__name__}: {str(exc)[:600]}", flush=True)
+
+
+def q4_1_linear_check() -> None:
+    """The Q4_1 form of the fused graphs (integer zero points, remainder rows over the block sums)
+    on CUDA, fp32 and fp16 activations, against x @ dequantized weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _quant import q4_1, run_linear
+
+    rng = np.random.default_rng(1)
+    for n_in in (576, 1536):
+        w = rng.standard_normal((192, n_in)).astype(np.float32) * 0.05
+        blocks, x = q4_1(w), rng.standard_normal((1, 5, n_in)).astype(np.float32)
+        ref = x @ blocks.dequantize().T
+        for dtype in (np.float32, np.float16):
+            y, ops = run_linear(blocks, x, 4, "CUDAExecutionProvider", dtype)
+            rel = np.abs(y - ref).max() / np.abs(ref).max()
+            print(f"Q4_1 linear {n_in} in, {np.dtype(dtype).name} on CUDA ({'+'.join(sorted(set(ops)))}): "
+                  f"max |diff| {rel:.1e} of max |y|", flush=True)
 
 
 def scheduler_check(pkg, prec: str, prompts: list, provider: str = "cuda") -> None:
