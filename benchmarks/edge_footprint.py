@@ -64,7 +64,7 @@ PEAK_RSS = textwrap.dedent("""
     kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * 4 * tokens
     # the graph and its data file; fused-int8 and static read the fused graph's
     graph = m.engine.variant.file
-    data = "model.fused.onnx.data" if m.variant in ("static", "fused-int8") else graph + ".data"
+    data = "model.fused.onnx.data" if m.variant in ("static", "fused-int8", "static-int8") else graph + ".data"
     weights = sum(e.size for e in m.manifest.files if e.path in (graph, data))
     print(json.dumps({"variant": m.variant, "import_rss": base, "loaded_rss": loaded["VmRSS"], **status(),
                       "kv_mib": kv / 2**20, "weights_mib": weights / 2**20}))
