@@ -587,13 +587,14 @@ def test_quantized_quality_and_size(precisions, precision):
 
 
 @pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
-def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(exported: Exported, tmp_path, monkeypatch):
+def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(exported: Exported, tmp_path, monkeypatch,
+                                                                          capsys):
     """An int8-activation twin below its floor is dropped from the package (its graph file too),
     its report kept, and the export succeeds; the loader's default prefers a twin only when its
     recorded agreement reaches PREFERRED_AGREEMENT, else runs the exact graph."""
     import portable_infer
     from exporters import verify
-    from portable_infer import loader
+    from portable_infer import cli, loader
 
     monkeypatch.setattr(verify, "INT8_MIN_AGREEMENT", {"fused-int8": 1.01, "static-int8": 0.0})
     pkg = export(exported.source, tmp_path / "int4", precision="int4")
@@ -605,8 +606,14 @@ def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(export
     measured = manifest.verification["static-int8"]["quality"]["top1_agreement"]
     monkeypatch.setattr(loader, "PREFERRED_AGREEMENT", measured)
     assert portable_infer.load(pkg, "cpu").variant == "static-int8"
+    assert cli.main(["inspect", str(pkg)]) == 0
+    shown = capsys.readouterr().out
+    assert "fused-int8: " in shown and "left out of the package: top-1 agreement" in shown
+    assert "static-int8: " in shown and "runs by default" in shown
     monkeypatch.setattr(loader, "PREFERRED_AGREEMENT", measured + 1e-6)
     assert portable_infer.load(pkg, "cpu").variant == "static"
+    assert cli.main(["inspect", str(pkg)]) == 0
+    assert "runs only with --accuracy 4" in capsys.readouterr().out
 
 
 def test_int4_is_smaller_than_int8(precisions):
