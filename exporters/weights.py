@@ -181,7 +181,8 @@ class WeightStore:
         return np.concatenate(qs, axis=1), np.concatenate(scales, axis=1), np.zeros((n_out, nb), np.float32)
 
     def _matmul_nbits(self, x: str, name: str, bits: int, bias: str | None, accuracy: int) -> str:
-        """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b)."""
+        """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b); Q4_1 in the fused form:
+        MatMulNBits([x, x @ S], B with the remainder rows) (see :meth:`_augmented`)."""
         g, t = self.g, self._nbits(name, bits)
         zp = [t["zp"]] if t["zp"] and not t["split"] else []
         k = t["n_in"]

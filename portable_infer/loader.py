@@ -18,6 +18,7 @@ from .session import Engine, SessionConfig
 logger = logging.getLogger(__name__)
 
 CHECKS = ("sha256", "size", "none")
+ACCURACY_LEVELS = (None, 1, 4)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ def load_package(path, cfg: LoadConfig) -> Model:
 
         raise InvalidArgumentError(f"check must be one of {CHECKS}, got {cfg.check!r}")
     check_max_kv_tokens(cfg.max_kv_tokens)  # before any session is made
+    if cfg.session.accuracy_level not in ACCURACY_LEVELS:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"accuracy_level must be one of {ACCURACY_LEVELS} (None: int8 activations where the package's "
+            f"int8 graphs passed the quality gate; 1: float; 4: int8), got {cfg.session.accuracy_level!r}")
     pkg = Path(path) if path is not None else ensure_default_model(progress=True)
     if pkg.is_file() or cfg.trust is not None:  # a .pinf bundle: checked, unpacked once, then a directory
         from .bundle import open_bundle

@@ -116,6 +116,12 @@ def test_unknown_check_mode(tiny_llama):
         portable_infer.load(tiny_llama.package, check="md5")
 
 
+@pytest.mark.parametrize("level", [0, 2, 3, "4"])
+def test_unknown_accuracy_level(tiny_llama, level):
+    with pytest.raises(InvalidArgumentError, match=r"accuracy_level must be one of \(None, 1, 4\)"):
+        portable_infer.load(tiny_llama.package, accuracy_level=level)
+
+
 # --- sampling and prompts -----------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, name, says", [
     ({"temperature": -1}, "temperature", ">= 0"),
