@@ -125,9 +125,15 @@ class Model:
         cache = self.engine.new_cache(1, capacity=len(ids))
         if self.engine.variant.logits == "all":
             return self.engine.forward(arr, np.ones_like(arr), cache, all_logits=True)[0]
-        # this graph returns the last position's logits only: feed the tokens one by one
-        return np.stack([self.engine.forward(arr[:, t:t + 1], np.ones((1, t + 1), np.int64), cache)[0]
-                         for t in range(arr.shape[1])])
+        # this graph returns the last position's logits only: feed the tokens one by one, into one
+        # array (stacking a list of rows held the logits twice at the end: +31 MB for 160 tokens)
+        out = None
+        for t in range(arr.shape[1]):
+            row = self.engine.forward(arr[:, t:t + 1], np.ones((1, t + 1), np.int64), cache)[0]
+            if out is None:
+                out = np.empty((arr.shape[1], *row.shape), row.dtype)
+            out[t] = row
+        return out
 
     # --- streaming layer ------------------------------------------------------------------------
     def stream_generate(self, prompt, *, truncate: bool = False, **sampling) -> Iterator[Response]:
