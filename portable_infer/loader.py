@@ -199,9 +199,14 @@ def _variants(manifest: Manifest, pkg: Path, static_kv: bool, int8: bool | None 
         raise PackageError(f"{pkg} has no static-KV variant; re-export it with "
                            f"`portable-infer export SOURCE -o {pkg} --variants portable,fused,static`")
     eight = [v for v in pool if _is_int8(v)]
-    if int8 is None:
-        int8 = bool(eight) and all(_passed_gate(manifest, v) for v in eight)
+    if int8 is None:  # a twin below the gate runs only when it has no exact twin in the pool
+        int8 = bool(eight) and (all(_passed_gate(manifest, v) for v in eight) or len(eight) == len(pool))
     if not int8:
+        if all(_is_int8(v) for v in manifest.variants):
+            raise PackageError(
+                f"accuracy_level=1 asks for float activations, and {pkg} has only int8-activation graphs "
+                f"({', '.join(v.name for v in manifest.variants)}); load it with accuracy_level=4 (or None), or re-export "
+                f"it with the exact variants: `portable-infer export SOURCE -o {pkg} --precision int4`")
         return [v for v in pool if v not in eight]
     if eight:
         return [v for v in pool if v.name not in EXACT_TWINS]

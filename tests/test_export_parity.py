@@ -482,6 +482,11 @@ def test_int8_twins_are_their_graphs_at_accuracy_4_and_preferred(exported: Expor
     _, rel = rel_diff(b, a)
     assert 0 < rel <= 5e-2, f"{exported.tag()} fused-int8 is {rel:.2e} from fused (relative)"
 
+    only = export(exported.source, tmp_path / "only-int8", precision="int4", verify=False, variants=("static-int8",))
+    assert portable_infer.load(only, "cpu").variant == "static-int8"  # no exact twin to prefer
+    with pytest.raises(PackageError, match="only int8-activation graphs"):
+        portable_infer.load(only, "cpu", accuracy_level=1)
+
     fp32 = export(exported.source, tmp_path / "fp32", precision="fp32", verify=False)
     assert [v.name for v in Manifest.load(fp32).variants] == ["portable", "fused", "static"]
     assert portable_infer.load(fp32, "cpu").variant == "static"  # no int8 twins: float activations
