@@ -74,12 +74,14 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         overwrite: replace an existing package at ``out``.
         progress: show a progress bar (layers written) on stderr.
         variants: graph variants to write: "portable" (standard ONNX ops, any provider),
-            "fused" (com.microsoft kernels of the CPU and CUDA providers), "fused-int8" (int4
-            packages: the fused graph with int8 activations in its layers, faster on CPU and less
-            exact, run by ``load(..., accuracy_level=4)``) and/or "static" (the fused ops with
-            fixed-size KV buffers, for CUDA graphs; rotary models without sliding windows). The
-            fused variants share one weight file. Default: portable, fused, and fused-int8 for
-            int4 packages with fp32 activations.
+            "fused" (com.microsoft kernels of the CPU and CUDA providers), "static" (the fused ops
+            with fixed-size KV buffers written in place, CUDA graphs; rotary models without
+            sliding windows), and "fused-int8" / "static-int8" (int4 packages with fp32
+            activations: those graphs with int8 activations in their layers, faster on CPU and
+            less exact; dropped below verify.INT8_MIN_AGREEMENT, run by default only where
+            verification recorded 98 % agreement, else by ``load(..., accuracy_level=4)``). The
+            non-portable variants share one weight file. Default (None): every variant that
+            applies.
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
         activations: "fp32" or "fp16": the activation and KV dtype of int4/int8 packages (default
             fp32; fp16 for CUDA, whose GroupQueryAttention kernels are fp16/bf16 only). fp16

@@ -12,6 +12,7 @@ from .errors import PackageError, PortableInferError
 from .home import ensure_default_model
 from .manifest import Manifest
 from .model import Model, check_max_kv_tokens
+from .ort_format import ORT_SUFFIX
 from .providers import select_session
 from .session import Engine, SessionConfig
 
@@ -124,12 +125,12 @@ def load_package(path, cfg: LoadConfig) -> Model:
 
 def _is_int8(v) -> bool:
     """An int8-activation graph: fused-int8, static-int8 (or their ``-ort`` copies)."""
-    return v.name.removesuffix("-ort").endswith(INT8_SUFFIX)
+    return v.name.removesuffix(ORT_SUFFIX).endswith(INT8_SUFFIX)
 
 
 def _passed_gate(manifest: Manifest, v) -> bool:
     """Export verification recorded the variant's agreement at PREFERRED_AGREEMENT or more."""
-    report = (manifest.verification or {}).get(v.name.removesuffix("-ort"), {})
+    report = (manifest.verification or {}).get(v.name.removesuffix(ORT_SUFFIX), {})
     return report.get("quality", {}).get("top1_agreement", 0.0) >= PREFERRED_AGREEMENT
 
 
@@ -143,7 +144,7 @@ def _auto_static(manifest: Manifest, cfg: LoadConfig) -> bool:
     unless it carries ORT-format graphs (packed for them)."""
     int8 = _int8_wanted(cfg)
     return (any(v.kv.growth == "static" and int8 in (None, _is_int8(v)) for v in manifest.variants)
-            and not any(v.name.endswith("-ort") for v in manifest.variants))
+            and not any(v.name.endswith(ORT_SUFFIX) for v in manifest.variants))
 
 
 def _select_auto(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort):
@@ -201,19 +202,19 @@ def _variants(manifest: Manifest, pkg: Path, static_kv: bool, int8: bool | None 
     eight = [v for v in pool if _is_int8(v)]
     if int8 is None:  # a twin below the gate runs only when it has no exact twin in the pool
         int8 = bool(eight) and (all(_passed_gate(manifest, v) for v in eight) or len(eight) == len(pool))
+    elif not int8 and all(_is_int8(v) for v in manifest.variants):  # accuracy_level=1 asked for
+        raise PackageError(
+            f"accuracy_level=1 asks for float activations, and {pkg} has only int8-activation graphs "
+            f"({', '.join(v.name for v in manifest.variants)}); load it with accuracy_level=4 (or None), "
+            f"or re-export it with the exact variants: `portable-infer export SOURCE -o {pkg} --precision int4`")
     if not int8:
-        if all(_is_int8(v) for v in manifest.variants):
-            raise PackageError(
-                f"accuracy_level=1 asks for float activations, and {pkg} has only int8-activation graphs "
-                f"({', '.join(v.name for v in manifest.variants)}); load it with accuracy_level=4 (or None), or re-export "
-                f"it with the exact variants: `portable-infer export SOURCE -o {pkg} --precision int4`")
         return [v for v in pool if v not in eight]
     if eight:
         return [v for v in pool if v.name not in EXACT_TWINS]
     if not static_kv and any(v.name.startswith("fused") for v in pool):
         raise PackageError(
             f"accuracy_level=4 asks for int8 activations, and {pkg} has no fused-int8 graph (int4 exports "
-            f"keep it when it passes the quality gate; its fused graph keeps the accuracy it was exported "
+            f"keep it unless it falls below the 90 % agreement floor; its fused graph keeps the accuracy it was exported "
             f"with); re-export it with `portable-infer export SOURCE -o {pkg} --precision int4` or load it "
             f"with accuracy_level=1")
     return pool  # static without an int8 twin, or portable only (ONNX Runtime fuses QDQ pairs at 4)

@@ -76,7 +76,6 @@ class _Request:
     gaps: list = field(default_factory=list)
 
 
-
 class Scheduler:
     """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import manifest as mf
-from .kvstatic import write
 from .errors import CapacityError, InvalidArgumentError, PortableInferError
 
 logger = logging.getLogger(__name__)
@@ -76,8 +75,10 @@ class _Slot:
     graph_id: int  # -1: no graph
     busy: bool = False
     binding: object = None  # the decode steps' IO binding (same addresses every step)
-    run_options: object = None  # its graph's run options
+    run_options: object = None  # its CUDA graph's run options (None: no graph)
     positions: np.ndarray = None  # arange(capacity): the decode mask is positions < row lengths
+    host_ids: np.ndarray = None  # the step's inputs on the host (views of ids/mask on the CPU)
+    host_mask: np.ndarray = None
 
 
 class StaticEngine:
@@ -242,10 +243,18 @@ class StaticEngine:
             if slot.token is not None:
                 b.bind_ortvalue_output(mf.NEXT_TOKEN, slot.token)
             slot.binding, slot.positions = b, np.arange(cache.capacity)
-            slot.run_options = self._run_options(cache.graph_id) if cache.graph_id > 0 else self._plain
-        write(slot.ids, np.int64, lambda a: a.__setitem__(Ellipsis, ids))
-        write(slot.mask, np.int64, lambda a: np.less(slot.positions, rows[:, None], out=a, casting="unsafe"))
-        graph = self.cuda_graph and cache.graph_id > 0
+            slot.run_options = self._run_options(cache.graph_id) if cache.graph_id > 0 else None
+            # host side of the step's inputs, made once: the buffers themselves on the CPU (numpy()
+            # is a view there), staging arrays copied over on other devices
+            on_cpu = self.device == "cpu"
+            slot.host_ids = slot.ids.numpy() if on_cpu else np.empty(slot.ids.shape(), np.int64)
+            slot.host_mask = slot.mask.numpy() if on_cpu else np.empty(slot.mask.shape(), np.int64)
+        slot.host_ids[...] = ids
+        np.less(slot.positions, rows[:, None], out=slot.host_mask, casting="unsafe")
+        if self.device != "cpu":
+            slot.ids.update_inplace(slot.host_ids)
+            slot.mask.update_inplace(slot.host_mask)
+        graph = self.cuda_graph and slot.run_options is not None
         try:
             self.session.run_with_iobinding(slot.binding, slot.run_options if graph else self._plain)
         except Exception as exc:  # noqa: BLE001 - capture refused (an op without graph support, ...)

@@ -55,3 +55,11 @@ def run_linear(blocks: Blocks, x: np.ndarray, accuracy: int, provider: str = "CP
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=[provider])
     assert sess.get_providers()[0] == provider
     return sess.run(None, {"x": x.astype(dtype)})[0].astype(np.float32), [n.op_type for n in model.graph.node]
+
+
+def linear_error(blocks: Blocks, x: np.ndarray, accuracy: int, provider: str = "CPUExecutionProvider",
+                 dtype=np.float32) -> tuple[float, list]:
+    """(max |y - x @ dequantized|ᵀ / max |x @ dequantized|ᵀ, the graph's op types) of one layer."""
+    ref = x @ blocks.dequantize().T
+    y, ops = run_linear(blocks, x, accuracy, provider, dtype)
+    return float(np.abs(y - ref).max() / np.abs(ref).max()), ops

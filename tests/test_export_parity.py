@@ -446,7 +446,7 @@ def test_int8_activation_head_refines_its_top_candidates_in_float(exported: Expo
 
 
 @pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
-def test_int8_twins_are_their_graphs_at_accuracy_4_and_preferred(exported: Exported, tmp_path):
+def test_int8_twins_are_their_graphs_at_accuracy_4_and_opt_in_unverified(exported: Exported, tmp_path):
     """fused-int8 / static-int8 = the fused / static graphs with their 4-bit layers at MatMulNBits
     accuracy 4 (int8 activations), sharing the weights; accuracy_level=4 runs them, the default
     only where verification recorded them at the gate (see the next test)."""
