@@ -4,8 +4,9 @@ N concurrent streaming clients (default 1, 4, 16, 64) each send completions one 
 until the level's requests are done; every level sends the same prompts (greedy, fixed
 max_tokens). The 1-client level is the "one at a time" baseline: the same requests served
 sequentially. Reported per level: aggregate generated tokens/s, its ratio to 1 client, TTFT
-p50/p99 (request sent -> first text), inter-token latency p99 (gaps between streamed chunks) and
-errors. llama-cpp-python's server (``python -m llama_cpp.server``, one request at a time) runs on
+p50/p99 (request sent -> first text), inter-token latency p99 (gaps between streamed chunks),
+errors, and the cores the server process and this load generator kept busy (CPU seconds / wall
+seconds: both share the machine with the engine). llama-cpp-python's server (``python -m llama_cpp.server``, one request at a time) runs on
 the same GGUF the default package was exported from, when its venv exists.
 
 Everything is bounded: each level stops starting requests after ``--level-timeout`` seconds, each
@@ -83,6 +84,8 @@ class Level:
     ttft_s: list = field(default_factory=list)
     itl_s: list = field(default_factory=list)
     error_samples: list = field(default_factory=list)
+    client_cpu_s: float = 0.0  # CPU time of this load-test process during the level
+    server_cpu_s: float = 0.0  # CPU time of the server process (all its threads) during the level
 
     @property
     def tok_s(self) -> float:
@@ -93,7 +96,9 @@ class Level:
         return {"server": self.server, "clients": self.clients, "requests": self.requests, "ok": self.ok,
                 "errors": self.errors, "wall_s": self.wall_s, "tokens": self.tokens, "tok_s": self.tok_s,
                 "x_vs_1": self.tok_s / base if base else float("nan"), "ttft_p50_ms": pct(self.ttft_s, 50),
-                "ttft_p99_ms": pct(self.ttft_s, 99), "itl_p99_ms": pct(self.itl_s, 99)}
+                "ttft_p99_ms": pct(self.ttft_s, 99), "itl_p99_ms": pct(self.itl_s, 99),
+                "client_cores": self.client_cpu_s / self.wall_s if self.wall_s else float("nan"),
+                "server_cores": self.server_cpu_s / self.wall_s if self.wall_s else float("nan")}
 
 
 # --- servers ----------------------------------------------------------------------------------------
@@ -130,6 +135,14 @@ class ServerProcess:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} was not ready within {timeout_s} s; see {self.log_path}")
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (user + system, all threads; Linux)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -242,7 +255,9 @@ def bench_server(make, args, t_end: float) -> list:
             if time.monotonic() > t_end:
                 print(f"# time limit reached: {server.name} skips {c} clients", file=sys.stderr)
                 continue
+            cpu0, own0 = server.cpu_s(), time.process_time()
             level = asyncio.run(run_level(server.url, server.name, c, args))
+            level.server_cpu_s, level.client_cpu_s = server.cpu_s() - cpu0, time.process_time() - own0
             print(f"# {server.name:15s} {c:3d} clients: {level.tok_s:7.1f} tok/s, {level.ok} ok, "
                   f"{level.errors} errors, {level.wall_s:.1f} s", file=sys.stderr, flush=True)
             levels.append(level)
@@ -254,7 +269,7 @@ def bench_server(make, args, t_end: float) -> list:
 # --- report ------------------------------------------------------------------------------------------
 COLUMNS = (("server", "{}"), ("clients", "{}"), ("requests", "{}"), ("errors", "{}"), ("wall_s", "{:.1f}"),
            ("tok_s", "{:.1f}"), ("x_vs_1", "{:.2f}"), ("ttft_p50_ms", "{:.0f}"), ("ttft_p99_ms", "{:.0f}"),
-           ("itl_p99_ms", "{:.0f}"))
+           ("itl_p99_ms", "{:.0f}"), ("server_cores", "{:.2f}"), ("client_cores", "{:.2f}"))
 
 
 def table(rows: list) -> str:

@@ -189,7 +189,8 @@ def cmd_serve(ns) -> int:
 
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
-                                kv_budget_tokens=ns.kv_budget_tokens, prefix_cache_bytes=ns.prefix_cache_mib << 20)
+                                kv_budget_tokens=ns.kv_budget_tokens, prefix_cache_bytes=ns.prefix_cache_mib << 20,
+                                prefix_min_tokens=ns.prefix_min_tokens)
     api_key = ns.api_key or os.environ.get("PORTABLE_INFER_API_KEY") or None
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
                               max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
     s.add_argument("--prefix-cache-mib", type=int, default=64,
                    help="host memory for the KV of prompt prefixes reused across requests (0: off)")
+    s.add_argument("--prefix-min-tokens", type=int, default=None,
+                   help="requests prefilled together reuse cached prefixes of at least this many tokens "
+                        "(default: --prefill-chunk on GPUs, 0 on the CPU)")
     s.add_argument("--max-prompt-tokens", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)

@@ -59,9 +59,26 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
+    def match(self, prompt) -> int:
+        """How many tokens of ``prompt`` a :meth:`lookup` would reuse now (no side effects)."""
+        return self._find(prompt)[0]
+
     def lookup(self, prompt) -> tuple[int, list | None]:
         """The longest stored prefix of ``prompt`` shorter than it: ``(tokens, [(k, v)] copies)``,
         or ``(0, None)``."""
+        if not self.enabled:
+            return 0, None
+        n, entry = self._find(prompt)
+        if entry is None:
+            self.misses += 1
+            return 0, None
+        self._entries.move_to_end(id(entry))
+        self.hits += 1
+        self.tokens_reused += n
+        return n, [(np.array(k[:, :, :n]), np.array(v[:, :, :n]))  # copies, always
+                   for k, v in entry.arrays]
+
+    def _find(self, prompt) -> tuple[int, _Entry | None]:
         if not self.enabled:
             return 0, None
         usable = (len(prompt) - 1) // self.block_size  # leave one token to prefill
@@ -72,14 +89,8 @@ class PrefixCache:
             # the tokens themselves decide: a hash collision never hands over another prompt's KV
             entry = next((e for e, _ in reversed(self._index.get(hashes[i], ())) if np.array_equal(e.tokens[:n], want)),
                          None)
-            if entry is None:
-                continue
-            self._entries.move_to_end(id(entry))
-            self.hits += 1
-            self.tokens_reused += n
-            return n, [(np.array(k[:, :, :n]), np.array(v[:, :, :n]))  # copies, always
-                       for k, v in entry.arrays]
-        self.misses += 1
+            if entry is not None:
+                return n, entry
         return 0, None
 
     def store(self, prompt, arrays: list) -> None:
@@ -92,10 +103,10 @@ class PrefixCache:
             return
         hashes = block_hashes(prompt[:n], self.block_size)
         tokens = np.asarray(prompt[:n], np.int64)
-        for e, covered in self._index.get(hashes[-1], ()):
-            if covered == n and np.array_equal(e.tokens, tokens):  # stored already
-                self._entries.move_to_end(id(e))
-                return
+        stored = self._stored(hashes[-1], tokens)
+        if stored is not None:
+            self._entries.move_to_end(id(stored))
+            return
         kept = [(np.array(k[:, :, :n]), np.array(v[:, :, :n])) for k, v in arrays]
         size = sum(k.nbytes + v.nbytes for k, v in kept)
         if size > self.max_bytes:
@@ -107,6 +118,23 @@ class PrefixCache:
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             self._evict()
+
+    def wants(self, prompt) -> bool:
+        """Whether :meth:`store` would keep anything of ``prompt`` (so its KV is worth fetching);
+        where it is stored already, that entry counts as just used (least recently used order)."""
+        n = len(prompt) // self.block_size * self.block_size
+        if not self.enabled or n == 0:
+            return False
+        tokens = np.asarray(prompt[:n], np.int64)
+        stored = self._stored(block_hashes(tokens, self.block_size)[-1], tokens)
+        if stored is not None:
+            self._entries.move_to_end(id(stored))
+        return stored is None
+
+    def _stored(self, last_hash, tokens: np.ndarray) -> _Entry | None:
+        """The entry holding exactly ``tokens`` (whole blocks), if any."""
+        return next((e for e, covered in self._index.get(last_hash, ())
+                     if covered == len(tokens) and np.array_equal(e.tokens, tokens)), None)
 
     def _evict(self) -> None:
         _, old = self._entries.popitem(last=False)

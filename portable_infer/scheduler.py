@@ -69,6 +69,7 @@ class _Request:
     cache: object = None  # its own batch-1 cache while prefilling
     prefilled: int = 0
     prefix_checked: bool = False  # looked up in the prefix cache
+    short_prefix: int = 0  # cached prefix tokens left unused unless it is prefilled alone
     submitted: float = 0.0
     admitted: float | None = None
     first_token: float | None = None
@@ -101,6 +102,14 @@ class Scheduler:
         budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // self._token_bytes
         self.pool = kvblocks.BlockPool(budget // config.block_size, config.block_size)
         self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
+        # Rows that finish stay in a static (fixed-buffer) batch off the CPU, masked, until half
+        # the batch has finished or a request joins: moving the KV of the rest into a smaller
+        # batch is a host round trip there, and each new batch size captures a new CUDA graph;
+        # an idle row costs a GPU step next to nothing. On the CPU a row's compute is not free.
+        self._defer_leave = kv.growth == "static" and self.engine.device != "cpu"
+        self._prefix_min = config.prefix_min_tokens
+        if self._prefix_min is None:
+            self._prefix_min = 0 if self.engine.device == "cpu" else config.prefill_chunk
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -304,6 +313,8 @@ class Scheduler:
                         self._pop_prefilling(r, anywhere=True)
             elif head is not None:
                 try:
+                    if head.short_prefix and head.state != "done":  # alone after all: its prefix saves work now
+                        self._start_from_prefix(head)
                     self._prefill_chunk(head)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                     logger.exception("prefill of %s failed", head.id)
@@ -328,22 +339,33 @@ class Scheduler:
             r.cache = None
 
     def _reuse_prefixes(self, fresh: list) -> None:
-        """Start requests whose prompt begins with a cached prefix from that prefix's KV."""
+        """Start requests whose prompt begins with a cached prefix of at least ``prefix_min_tokens``
+        from that prefix's KV; note shorter hits, used if the request is prefilled alone."""
         for r in fresh:
             r.prefix_checked = True
             if r.prefilled or not self.prefixes.enabled:
                 continue
-            n, arrays = self.prefixes.lookup(r.prompt)
-            if n:
-                r.cache, r.prefilled = kvblocks.from_prefix(self.engine, arrays, n, self._capacity([r])), n
+            n = self.prefixes.match(r.prompt)
+            if n and n >= self._prefix_min:
+                self._start_from_prefix(r)
+            else:
+                r.short_prefix = n
+
+    def _start_from_prefix(self, r: _Request) -> None:
+        r.short_prefix = 0
+        n, arrays = self.prefixes.lookup(r.prompt)
+        if n:
+            r.cache, r.prefilled = kvblocks.from_prefix(self.engine, arrays, n, self._capacity([r])), n
 
     def _remember(self, prompts: list, cache) -> None:
         """Offer prefilled prompts' KV (row i of ``cache`` holds ``prompts[i]`` right-aligned) to
         the prefix cache."""
-        if not self.prefixes.enabled or max(len(p) for p in prompts) < self.prefixes.block_size:
+        new = [i for i, p in enumerate(prompts) if self.prefixes.wants(p)]
+        if not new:  # nothing to keep: spare the KV's copy to the host (a device round trip on GPUs)
             return
-        for p, arrays in zip(prompts, kvblocks.prompt_kv(cache, prompts)):
-            self.prefixes.store(p, arrays)
+        arrays = kvblocks.prompt_kv(cache, prompts)
+        for i in new:
+            self.prefixes.store(prompts[i], arrays[i])
 
     def _capacity(self, rows: list) -> int:
         """KV tokens the rows may need (fixed-size caches are allocated for it)."""
@@ -394,6 +416,7 @@ class Scheduler:
 
     def _join(self, rows: list, cache, mask: np.ndarray, first: np.ndarray) -> None:
         """Stack prefilled rows (their KV, mask and first tokens) under the running batch."""
+        self._drop_done_rows(compact=True)
         if self._rows:
             self._cache, self._mask = kvblocks.merge(self._cache, self._mask, cache, mask, self.engine)
             self._pending = np.concatenate([self._pending, first])
@@ -432,12 +455,16 @@ class Scheduler:
         self._join([r], r.cache, np.ones((1, r.cache.length), np.int64), np.asarray([tok], np.int64))
         r.cache = None
 
-    def _drop_done_rows(self) -> None:
+    def _drop_done_rows(self, compact: bool = False) -> None:
+        """Slice finished rows out of the batch (``compact``: even where they may stay, see
+        ``_defer_leave``)."""
         keep = [i for i, r in enumerate(self._rows) if r.state != "done"]
         if len(keep) == len(self._rows):
             return
         if not keep:
             self._rows, self._cache, self._mask, self._pending = [], None, None, None
+            return
+        if self._defer_leave and not compact and 2 * len(keep) > len(self._rows):
             return
         self._cache, self._mask = kvblocks.take(self._cache, self._mask, keep, self.engine)
         self._rows = [self._rows[i] for i in keep]
@@ -447,7 +474,9 @@ class Scheduler:
         self._drop_done_rows()
         if not self._rows:
             return
-        self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), np.int64)], axis=1)
+        # a finished row still in the batch (see _defer_leave) gets a padding column: it holds still
+        live = np.array([[r.state != "done"] for r in self._rows], np.int64)
+        self._mask = np.concatenate([self._mask, live], axis=1)
         # every row plain greedy on a graph with next_token: the argmax runs on the device and
         # only the ids come back (the logits stay there)
         greedy = getattr(self.engine, "greedy_on_device", False) and all(

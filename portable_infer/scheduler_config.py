@@ -19,6 +19,7 @@ _CONFIG_RULES = {
     "kv_budget_tokens": ("None or >= 1", lambda v: v >= 1),
     "kv_budget_bytes": ("None or >= 1", lambda v: v >= 1),
     "prefix_cache_bytes": (">= 0", lambda v: v >= 0),
+    "prefix_min_tokens": ("None or >= 0", lambda v: v >= 0),
 }
 
 
@@ -40,11 +41,19 @@ class SchedulerConfig:
     # Host memory for the KV of prompt prefixes kept for reuse (0: no prefix caching); apart from
     # the KV budget. Default 64 MiB: ~1,400 tokens of SmolLM2-135M's fp32 KV.
     prefix_cache_bytes: int = 64 << 20
+    # A request that can be prefilled in one forward with other waiting requests reuses a cached
+    # prefix only when it covers at least this many tokens; shorter ones are computed again
+    # inside that batched forward, which costs less than a forward of the request's own plus
+    # moving its KV into the batch where a forward's cost hardly depends on its tokens (GPUs). A
+    # request prefilled alone always reuses its cached prefix. None: ``prefill_chunk`` on GPUs,
+    # 0 (every hit reused) on the CPU, where a batched prefill of whole prompts stalls the
+    # running streams longer (docs/serving.md has the measurements).
+    prefix_min_tokens: int | None = None
 
     def __post_init__(self):
         for name, (allowed, ok) in _CONFIG_RULES.items():
             v = getattr(self, name)
-            if v is None and name.startswith("kv_budget"):
+            if v is None and (name.startswith("kv_budget") or name == "prefix_min_tokens"):
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
                 raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")

@@ -96,3 +96,18 @@ def test_disabled_or_too_small_keeps_nothing(rng):
     tiny = pc.PrefixCache(BLOCK, entry_bytes(8) - 1)
     tiny.store(a, kv(rng, 9))
     assert len(tiny) == 0 and tiny.nbytes == 0
+
+
+def test_match_and_wants_have_no_side_effects_but_lru(rng):
+    cache = pc.PrefixCache(BLOCK, entry_bytes(8) + entry_bytes(4))
+    a, b = rng.integers(0, 1000, 10).tolist(), rng.integers(0, 1000, 6).tolist()
+    assert cache.wants(a) and not cache.wants(a[:3])  # under one block: nothing to keep
+    cache.store(a, kv(rng, 10))
+    cache.store(b, kv(rng, 6))
+    assert cache.match(a[:8] + [1]) == 8 and cache.match([a[0] + 1] + a[1:]) == 0
+    assert (cache.hits, cache.misses, cache.tokens_reused) == (0, 0, 0)  # match() counts nothing
+    assert not cache.wants(a) and not cache.wants(a[:9])  # its whole blocks are held already
+    assert cache.wants(a[:4] + [a[4] + 1] + a[5:])
+    cache.store(rng.integers(0, 1000, 4).tolist(), kv(rng, 4))  # over budget: the oldest entry goes
+    assert cache.match(b + [1]) == 0 and cache.match(a[:8] + [1]) == 8  # wants(a) made a the newest
+    assert not pc.PrefixCache(BLOCK, 0).wants(a)

@@ -291,3 +291,77 @@ def test_a_shared_prompt_prefix_is_prefilled_once_and_outputs_stay_exact(fused):
         outs = [tokens(sched.submit(p, max_new_tokens=8, ignore_eos=True)) for p in prompts]
         s = sched.stats()
     assert outs == ref and (s.prefix_cache_hits, s.prefix_cache_bytes) == (0, 0)
+
+
+@pytest.mark.parametrize("min_tokens", [32, 0])
+def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, min_tokens):
+    """Requests that arrive together are prefilled in one forward in full when their cached
+    prefix is shorter than ``prefix_min_tokens`` (the default on GPUs), rather than one forward
+    each on top of the prefix; ``prefix_min_tokens=0`` (the CPU's default) reuses every hit. A
+    request prefilled alone reuses its short prefix either way. Greedy tokens equal single runs
+    in every case."""
+    rng = np.random.default_rng()
+    shared = prompt(rng, 20)  # one reusable block of 16
+    seed, *burst, alone = [shared + prompt(rng, n) for n in (5, 7, 4, 9, 6)]
+    ref = [fused.generate_ids(p, max_new_tokens=6, ignore_eos=True) for p in burst + [alone]]
+    hold, held, fed = threading.Event(), threading.Event(), []
+
+    class Spy:  # records prefill widths; a decode step waits while ``hold`` is set
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def forward(self, ids, mask, cache, *a, **k):
+            if ids.shape[1] > 1:
+                fed.append(ids.shape)
+            elif hold.is_set():
+                held.set()
+                wait_for(lambda: not hold.is_set(), "release")
+            return self.engine.forward(ids, mask, cache, *a, **k)
+
+    cfg = SchedulerConfig(max_batch=8, prefill_chunk=64, block_size=16, prefix_min_tokens=min_tokens)
+    with Scheduler(fused, cfg) as sched:
+        sched.engine = Spy(sched.engine)
+        tokens(sched.submit(seed, max_new_tokens=2, ignore_eos=True))  # stores the shared block
+        busy = sched.submit(prompt(rng, 4), max_new_tokens=60, ignore_eos=True)
+        wait_for(lambda: sched.stats().running == 1, "a running request")
+        hold.set()
+        wait_for(held.is_set, "the loop inside a decode step")
+        handles = [sched.submit(p, max_new_tokens=6, ignore_eos=True) for p in burst]
+        wait_for(lambda: sched.stats().prefilling == len(burst), "admission")
+        fed.clear()
+        hold.clear()
+        outs = [tokens(h) for h in handles]
+        grouped = list(fed)
+        tokens(busy)
+        fed.clear()
+        outs.append(tokens(sched.submit(alone, max_new_tokens=6, ignore_eos=True)))
+        s = sched.stats()
+    assert outs == ref
+    if min_tokens:  # one forward over the whole prompts, then the lone request on its prefix
+        assert grouped == [(len(burst), max(map(len, burst)))], grouped
+        assert fed == [(1, len(alone) - 16)], fed
+        assert (s.prefix_cache_hits, s.prefix_cache_tokens) == (1, 16)
+    else:  # every hit reused: one forward per request over the rest of its prompt
+        assert sorted(grouped) == sorted((1, len(p) - 16) for p in burst), grouped
+        assert (s.prefix_cache_hits, s.prefix_cache_tokens) == (len(burst) + 1, 16 * (len(burst) + 1))
+
+
+def test_prefix_min_tokens_default_depends_on_the_device_and_is_validated(fused):
+    class OnGpu:
+        def __init__(self, model):
+            self.engine = type("E", (), {"device": "cuda", "variant": model.engine.variant})()
+
+        def __getattr__(self, name):
+            return getattr(fused, name)
+
+    with Scheduler(fused, SchedulerConfig(prefill_chunk=48)) as cpu:
+        assert cpu._prefix_min == 0
+    with Scheduler(OnGpu(fused), SchedulerConfig(prefill_chunk=48)) as gpu:
+        assert gpu._prefix_min == 48
+    with Scheduler(OnGpu(fused), SchedulerConfig(prefix_min_tokens=7)) as gpu:
+        assert gpu._prefix_min == 7
+    with pytest.raises(InvalidArgumentError, match="prefix_min_tokens"):
+        SchedulerConfig(prefix_min_tokens=-1)

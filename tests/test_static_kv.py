@@ -239,3 +239,34 @@ def test_scheduler_decodes_greedy_batches_on_the_device(static, fused, monkeypat
               sched.submit(ps[1], max_new_tokens=6, ignore_eos=True, temperature=0.8, seed=3)]
         [[r.token for r in h] for h in hs]
     assert not any(g for s, g in calls if s == 1)
+
+
+def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused, monkeypatch):
+    """Off the CPU, rows that finish stay in a fixed-buffer batch, masked so they hold still, until
+    half the batch has finished or a request joins (no KV round trip and no new CUDA graph per
+    leave). Forced on here: a long prompt finishes first and waits ~30 steps (it would outgrow
+    the buffers if it kept moving), a late request joins, and every request still gives its
+    single run's tokens with far fewer compactions than rows finishing."""
+    from portable_infer import kvblocks
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 7)
+    ps = prompts(rng, [40, 6, 9, 4, 12, 7, 5, 8])
+    news = [2, 40, 42, 44, 45, 41, 43, 9]  # buffers of 64 tokens: 40 + 2 + 30 idle steps would not fit
+    ref = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+    takes, real_take = [], kvblocks.take
+    monkeypatch.setattr(kvblocks, "take", lambda *a: (takes.append(len(a[2])), real_take(*a))[1])
+    with Scheduler(static, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
+        sched._defer_leave = True
+        handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[:7], news[:7])]
+        outs = [[r.token for r in handles[0] if r.token is not None]]
+        second = [handles[1].get(30).token for _ in range(32)]
+        assert not takes and sched._cache.capacity == 64, (takes, sched._cache.capacity)
+        handles.append(sched.submit(ps[7], max_new_tokens=news[7], ignore_eos=True))  # joins: compacts
+        outs.append(second + [r.token for r in handles[1] if r.token is not None])
+        outs += [[r.token for r in h if r.token is not None] for h in handles[2:]]
+        stats = sched.stats()
+    for i, (got, want) in enumerate(zip(outs, ref)):
+        assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
+    assert stats.blocks_used == 0 and stats.requests_finished == len(ps) and stats.running == 0
+    assert 1 <= len(takes) < len(ps) - 2, f"{TAG} compactions: {takes}"
