@@ -7,6 +7,9 @@ Each client thread submits requests one after another through ``Scheduler.submit
 prompt tokens, 64 new tokens, greedy, ignore_eos) until the level's requests are done. Prints
 aggregate generated tokens/s for 1 client (8 requests) and for N, and their ratio, per round.
 Compare with ``load_test.py`` (the same through the HTTP server) to see what serving costs.
+Also the median gap between a request's tokens at each level (one decode step: at 1 client a
+batch-1 step, at N a batch-N step) and the ratio that step times alone allow, N x gap(1) /
+gap(N): prefill and the scheduler's own work only take from it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import portable_infer  # noqa: E402
 from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 
-def level(model, prompts: list, clients: int, requests: int) -> float:
+def level(model, prompts: list, clients: int, requests: int) -> tuple:
+    """Aggregate generated tokens/s, and the median gap between a request's tokens (s)."""
     with Scheduler(model, SchedulerConfig(max_batch=16)) as sched:
-        todo, lock, tokens = list(range(requests)), threading.Lock(), [0]
+        todo, lock, tokens, gaps = list(range(requests)), threading.Lock(), [0], []
 
         def client():
             while True:
@@ -39,6 +43,7 @@ def level(model, prompts: list, clients: int, requests: int) -> float:
                 n = sum(1 for r in h if r.token is not None)
                 with lock:
                     tokens[0] += n
+                    gaps.extend(h.stats.inter_token_s)
 
         t = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -46,7 +51,7 @@ def level(model, prompts: list, clients: int, requests: int) -> float:
             th.start()
         for th in threads:
             th.join()
-        return tokens[0] / (time.perf_counter() - t)
+        return tokens[0] / (time.perf_counter() - t), float(np.median(gaps))
 
 
 def main() -> None:
@@ -62,10 +67,13 @@ def main() -> None:
                                 check="size")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, model.manifest.model.vocab_size, 24).tolist() for _ in range(32)]
-    print(f"| variant | round | 1 client tok/s | {args.clients} clients tok/s | ratio |\n|---|---:|---:|---:|---:|")
+    n = args.clients
+    print(f"| variant | round | 1 client tok/s | {n} clients tok/s | ratio | step ms at 1 | step ms at {n} "
+          f"| ratio the steps allow |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in range(args.rounds):
-        one, many = level(model, prompts, 1, 8), level(model, prompts, args.clients, args.requests)
-        print(f"| {model.variant} | {r + 1} | {one:.1f} | {many:.1f} | {many / one:.2f}x |", flush=True)
+        (one, g1), (many, gn) = level(model, prompts, 1, 8), level(model, prompts, n, args.requests)
+        print(f"| {model.variant} | {r + 1} | {one:.1f} | {many:.1f} | {many / one:.2f}x | {g1 * 1e3:.1f} | "
+              f"{gn * 1e3:.1f} | {n * g1 / gn:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
