@@ -12,6 +12,7 @@ that stay into buffers of the new batch size, once::
     row 1: t t t t t t .                                 row 1: t t t t t t .
                                                          row 2: t t . . . . .
 
+Off the CPU the rows move on the device (:mod:`portable_infer.kvmove`), not through the host.
 The scheduler's left-padded mask is kept as it is for its width (what the engine's callers see);
 the engine reads each row's length from ``cache.rows``.
 """
@@ -34,9 +35,20 @@ def write(value, dtype, fill) -> None:
     value.update_inplace(out)
 
 
-def _copy_rows(dst, parts: list) -> None:
+def _copy_rows(engine, dst, parts: list) -> None:
     """Write ``parts`` [(cache, row indices)] one after another into ``dst``'s rows: tokens
-    ``[0, rows)`` of each (what the graph reads; the rest of a row is never read)."""
+    ``[0, rows)`` of each (what the graph reads; the rest of a row is never read). On the
+    engine's device where it has a row mover (GPUs), else through numpy."""
+    mover = engine.row_mover()
+    if mover is not None:
+        for layer, pair in enumerate(dst.values):
+            for j, d in enumerate(pair):
+                at = 0
+                for c, idx in parts:
+                    if len(idx):
+                        mover.copy(c.values[layer][j], idx, d, at)
+                    at += len(idx)
+        return
     used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
     dtype = np.dtype(dst.layout.dtype)
     for layer, pair in enumerate(dst.values):
@@ -56,7 +68,7 @@ def merge(engine, a, a_mask: np.ndarray, b, b_mask: np.ndarray) -> tuple:
     mask[:a.batch, width - a.length:] = a_mask
     mask[a.batch:, width - b.length:] = b_mask
     out = engine.new_cache(a.batch + b.batch, capacity=max(a.capacity, b.capacity))
-    _copy_rows(out, [(a, np.arange(a.batch)), (b, np.arange(b.batch))])
+    _copy_rows(engine, out, [(a, np.arange(a.batch)), (b, np.arange(b.batch))])
     out.rows = np.concatenate([a.rows, b.rows])
     out.length = width
     return out, mask
@@ -70,7 +82,7 @@ def take(engine, cache, mask: np.ndarray, keep: list) -> tuple:
     start = int(live[0]) if live.size else sub.shape[1]
     idx = np.asarray(keep, np.int64)
     out = engine.new_cache(len(keep), capacity=cache.capacity)
-    _copy_rows(out, [(cache, idx)])
+    _copy_rows(engine, out, [(cache, idx)])
     out.rows = cache.rows[idx].copy()
     out.length = cache.length - start
     return out, np.ascontiguousarray(sub[:, start:])

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import manifest as mf
 from .errors import CapacityError, InvalidArgumentError, PortableInferError
+from .kvmove import RowMover
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,20 @@ class StaticEngine:
         self._plain = self._run_options(-1)  # for every step that does not replay a graph
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
         self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
+        self._row_mover = False  # made on first use: row_mover()
+
+    def row_mover(self):
+        """What moves KV rows between this engine's buffers on their device (a
+        :class:`~portable_infer.kvmove.RowMover`), or None where numpy moves them: on the CPU, or
+        where its graph cannot run on the device (logged once; the host path still works)."""
+        if self._row_mover is False:
+            self._row_mover = None
+            if self.device != "cpu":
+                try:
+                    self._row_mover = RowMover(self.session, self.ort, self.variant.kv.dtype)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("KV rows move through the host (%s: %s)", type(exc).__name__, exc)
+        return self._row_mover
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:

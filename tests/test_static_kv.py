@@ -241,14 +241,24 @@ def test_scheduler_decodes_greedy_batches_on_the_device(static, fused, monkeypat
     assert not any(g for s, g in calls if s == 1)
 
 
-def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused, monkeypatch):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused, monkeypatch, on_device):
     """Off the CPU, rows that finish stay in a fixed-buffer batch, masked so they hold still, until
     half the batch has finished or a request joins (no KV round trip and no new CUDA graph per
     leave). Forced on here: a long prompt finishes first and waits ~30 steps (it would outgrow
     the buffers if it kept moving), a late request joins, and every request still gives its
-    single run's tokens with far fewer compactions than rows finishing."""
+    single run's tokens with far fewer compactions than rows finishing. ``on_device``: rows move
+    through the RowMover graph (as on GPUs) instead of numpy."""
     from portable_infer import kvblocks
+    from portable_infer.kvmove import RowMover
     from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    assert static.engine.row_mover() is None  # the CPU moves rows with numpy
+    if on_device:
+        mover = RowMover(static.engine.session, static.engine.ort, static.engine.variant.kv.dtype)
+        moved = []
+        monkeypatch.setattr(mover, "copy", lambda *a, real=mover.copy: (moved.append(1), real(*a))[1])
+        monkeypatch.setattr(static.engine, "row_mover", lambda: mover)
 
     rng = np.random.default_rng(SEED + 7)
     ps = prompts(rng, [40, 6, 9, 4, 12, 7, 5, 8])
@@ -270,3 +280,4 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
         assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
     assert stats.blocks_used == 0 and stats.requests_finished == len(ps) and stats.running == 0
     assert 1 <= len(takes) < len(ps) - 2, f"{TAG} compactions: {takes}"
+    assert not on_device or moved

@@ -1,0 +1,49 @@
+"""Rows of fixed KV buffers moved on their own device, for the scheduler's joins and leaves.
+
+:mod:`portable_infer.kvstatic` moves rows between a static batch's buffers. On the CPU that is a
+numpy copy; on a GPU, through the host, it would copy every buffer out and back in (~19 ms per
+leave for SmolLM2 at batch 16 on an H100). :class:`RowMover` runs the shipped graph
+``graphs/kv_rows.<dtype>.onnx`` (``y = Pad(Gather(x, rows), pads)``, built by
+``exporters/runtime_graphs.py``) on the buffers' device, its output bound inside the destination
+buffer, so rows move device to device. Each run synchronizes its stream before returning
+(ONNX Runtime's default), so the model's next run sees the moved rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+GRAPHS = Path(__file__).resolve().parent / "graphs"
+_NO_GRAPH_CAPTURE = {"enable_cuda_graph"}  # its output addresses change every run
+
+
+class RowMover:
+    """Copies rows of one ``[B, H, C, D]`` buffer into consecutive rows of another, on the
+    device both live on (``C`` may grow: the tail is zeros)."""
+
+    def __init__(self, session, ort, dtype):
+        name = np.dtype(dtype).name
+        path = GRAPHS / f"kv_rows.{name}.onnx"
+        options = session.get_provider_options()
+        providers = [(p, {k: v for k, v in options.get(p, {}).items() if k not in _NO_GRAPH_CAPTURE})
+                     for p in session.get_providers()]
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.dtype = np.dtype(dtype)
+
+    def copy(self, src, rows, dst, at: int) -> None:
+        """``dst[at:at + len(rows), :, :C_src] = src[rows]`` (OrtValues on one device)."""
+        (_, h, c_src, d), (_, h2, c_dst, d2) = src.shape(), dst.shape()
+        if (h, d) != (h2, d2) or c_dst < c_src:
+            raise ValueError(f"cannot move rows of a {src.shape()} buffer into a {dst.shape()} one")
+        rows = np.asarray(rows, np.int64)
+        b = self.session.io_binding()
+        b.bind_ortvalue_input("x", src)
+        b.bind_cpu_input("rows", rows)
+        b.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, c_dst - c_src, 0], np.int64))
+        row_bytes = h * c_dst * d * self.dtype.itemsize
+        b.bind_output("y", dst.device_name(), 0, self.dtype, [len(rows), h, c_dst, d], dst.data_ptr() + at * row_bytes)
+        self.session.run_with_iobinding(b)
