@@ -101,7 +101,8 @@ def scheduler_check(pkg, prec: str, prompts: list, provider: str = "cuda") -> No
             stats = sched.stats()
         same = sum(a == b for a, b in zip(outs, ref))
         graphs = getattr(m.engine, "cuda_graph", False)
-        print(f"{prec} scheduler on {m.provider} ({m.variant}{', CUDA graphs' if graphs else ''}): {same}/4 "
+        moves = ", KV rows moved on the device" if static and m.engine.row_mover() is not None else ""
+        print(f"{prec} scheduler on {m.provider} ({m.variant}{', CUDA graphs' if graphs else ''}{moves}): {same}/4 "
               f"requests equal their single runs; blocks used at the end {stats.blocks_used}, finished "
               f"{stats.requests_finished}", flush=True)
 
