@@ -124,14 +124,14 @@ def take(cache, mask: np.ndarray, keep: list, engine) -> tuple:
     return _wrap(cache, arrays, len(keep), cache.length - start, ort), np.ascontiguousarray(sub[:, start:])
 
 
-def prompt_kv(cache, prompts: list) -> list:
-    """Per prompt (row i of ``cache`` holds ``prompts[i]``, right-aligned): [(k, v)] host arrays
-    ``[1, kv_heads, len(prompt), head_dim]`` per layer (for the prefix cache)."""
+def prompt_kv(cache, prompts: list, rows: list, engine) -> list:
+    """Per row i in ``rows`` (row i of ``cache`` holds ``prompts[i]``, right-aligned): [(k, v)]
+    host arrays ``[1, kv_heads, len(prompts[i]), head_dim]`` per layer (for the prefix cache)."""
     if _static(cache):
-        return kvstatic.prompt_kv(cache, prompts)
+        return kvstatic.prompt_kv(engine, cache, prompts, rows)
     arrays = _arrays(cache)  # views on the CPU; the prefix cache copies what it keeps
-    return [[(k[i:i + 1, :, cache.length - len(p):], v[i:i + 1, :, cache.length - len(p):]) for k, v in arrays]
-            for i, p in enumerate(prompts)]
+    start = [cache.length - len(prompts[i]) for i in rows]
+    return [[(k[i:i + 1, :, s:], v[i:i + 1, :, s:]) for k, v in arrays] for i, s in zip(rows, start)]
 
 
 def from_prefix(engine, arrays: list, n: int, capacity: int):

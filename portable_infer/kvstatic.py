@@ -88,10 +88,18 @@ def take(engine, cache, mask: np.ndarray, keep: list) -> tuple:
     return out, np.ascontiguousarray(sub[:, start:])
 
 
-def prompt_kv(cache, prompts: list) -> list:
-    """Per prompt (row i of ``cache`` holds ``prompts[i]`` from token 0): [(k, v)] host arrays."""
+def prompt_kv(engine, cache, prompts: list, rows: list) -> list:
+    """Per row i in ``rows`` (holding ``prompts[i]`` from token 0): [(k, v)] host arrays
+    ``[1, kv_heads, len(prompts[i]), head_dim]`` per layer. Off the CPU only those rows' prompt
+    tokens leave the device."""
+    mover = engine.row_mover()
+    if mover is not None:
+        keep = max(len(prompts[i]) for i in rows)
+        fetched = [tuple(mover.fetch(x, rows, keep) for x in pair) for pair in cache.values]
+        return [[(k[j:j + 1, :, :len(prompts[i])], v[j:j + 1, :, :len(prompts[i])]) for k, v in fetched]
+                for j, i in enumerate(rows)]
     arrays = [(k.numpy(), v.numpy()) for k, v in cache.values]  # the prefix cache copies what it keeps
-    return [[(k[i:i + 1, :, :len(p)], v[i:i + 1, :, :len(p)]) for k, v in arrays] for i, p in enumerate(prompts)]
+    return [[(k[i:i + 1, :, :len(prompts[i])], v[i:i + 1, :, :len(prompts[i])]) for k, v in arrays] for i in rows]
 
 
 def fill_prefix(cache, arrays: list, n: int):

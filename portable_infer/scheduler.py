@@ -363,9 +363,8 @@ class Scheduler:
         new = [i for i, p in enumerate(prompts) if self.prefixes.wants(p)]
         if not new:  # nothing to keep: spare the KV's copy to the host (a device round trip on GPUs)
             return
-        arrays = kvblocks.prompt_kv(cache, prompts)
-        for i in new:
-            self.prefixes.store(prompts[i], arrays[i])
+        for i, arrays in zip(new, kvblocks.prompt_kv(cache, prompts, new, self.engine)):
+            self.prefixes.store(prompts[i], arrays)
 
     def _capacity(self, rows: list) -> int:
         """KV tokens the rows may need (fixed-size caches are allocated for it)."""

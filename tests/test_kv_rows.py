@@ -41,3 +41,4 @@ def test_rows_land_in_place_and_the_rest_is_untouched(dtype):
     assert (out[[0, 3, 4]] == 7).all()  # rows outside the target keep their values
     with pytest.raises(ValueError, match="cannot move rows"):
         mover.copy(dst_v, [0], src_v, 0)  # into a smaller capacity
+    np.testing.assert_array_equal(mover.fetch(src_v, [1, 2], 5), src[[1, 2], :, :5])  # to the host, cropped

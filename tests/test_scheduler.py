@@ -56,6 +56,20 @@ def wait_for(cond, what: str) -> None:
         time.sleep(0.002)
 
 
+class EngineSpy:
+    """Stands in for a scheduler's engine: ``before(ids)`` runs before every forward."""
+
+    def __init__(self, engine, before):
+        self.engine, self.before = engine, before
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward(self, ids, *a, **k):
+        self.before(ids)
+        return self.engine.forward(ids, *a, **k)
+
+
 class RunningAtJoin(SchedulerObserver):
     """Records how many rows were running when each request produced its first token."""
 
@@ -233,19 +247,8 @@ def test_waiting_prompts_are_prefilled_together_and_equal_single_runs(fused):
     ref = [fused.generate_ids(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
     gate, groups = threading.Event(), []
 
-    class Gated:  # the first forward waits until every request has been submitted
-        def __init__(self, engine):
-            self.engine = engine
-
-        def __getattr__(self, name):
-            return getattr(self.engine, name)
-
-        def forward(self, *a, **k):
-            gate.wait(TIMEOUT_S)
-            return self.engine.forward(*a, **k)
-
     with Scheduler(fused, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
-        sched.engine = Gated(sched.engine)
+        sched.engine = EngineSpy(sched.engine, lambda ids: gate.wait(TIMEOUT_S))  # until all are submitted
         real = sched._prefill_group
         sched._prefill_group = lambda group: (groups.append(len(group)), real(group))
         handles = [sched.submit(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
@@ -264,22 +267,9 @@ def test_a_shared_prompt_prefix_is_prefilled_once_and_outputs_stay_exact(fused):
     prompts = [shared + prompt(rng, n) for n in (6, 3, 11)]
     ref = [fused.generate_ids(p, max_new_tokens=8, ignore_eos=True) for p in prompts]
     fed = []
-
-    class Spy:
-        def __init__(self, engine):
-            self.engine = engine
-
-        def __getattr__(self, name):
-            return getattr(self.engine, name)
-
-        def forward(self, ids, mask, cache, *a, **k):
-            if ids.shape[1] > 1:
-                fed.append(ids.shape[1])
-            return self.engine.forward(ids, mask, cache, *a, **k)
-
     cfg = SchedulerConfig(max_batch=4, prefill_chunk=256, block_size=16)
     with Scheduler(fused, cfg) as sched:
-        sched.engine = Spy(sched.engine)
+        sched.engine = EngineSpy(sched.engine, lambda ids: ids.shape[1] > 1 and fed.append(ids.shape[1]))
         outs = [tokens(sched.submit(p, max_new_tokens=8, ignore_eos=True)) for p in prompts]  # one by one
         s = sched.stats()
     assert outs == ref
@@ -306,24 +296,16 @@ def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, 
     ref = [fused.generate_ids(p, max_new_tokens=6, ignore_eos=True) for p in burst + [alone]]
     hold, held, fed = threading.Event(), threading.Event(), []
 
-    class Spy:  # records prefill widths; a decode step waits while ``hold`` is set
-        def __init__(self, engine):
-            self.engine = engine
-
-        def __getattr__(self, name):
-            return getattr(self.engine, name)
-
-        def forward(self, ids, mask, cache, *a, **k):
-            if ids.shape[1] > 1:
-                fed.append(ids.shape)
-            elif hold.is_set():
-                held.set()
-                wait_for(lambda: not hold.is_set(), "release")
-            return self.engine.forward(ids, mask, cache, *a, **k)
+    def before(ids):  # records prefill shapes; a decode step waits while ``hold`` is set
+        if ids.shape[1] > 1:
+            fed.append(ids.shape)
+        elif hold.is_set():
+            held.set()
+            wait_for(lambda: not hold.is_set(), "release")
 
     cfg = SchedulerConfig(max_batch=8, prefill_chunk=64, block_size=16, prefix_min_tokens=min_tokens)
     with Scheduler(fused, cfg) as sched:
-        sched.engine = Spy(sched.engine)
+        sched.engine = EngineSpy(sched.engine, before)
         tokens(sched.submit(seed, max_new_tokens=2, ignore_eos=True))  # stores the shared block
         busy = sched.submit(prompt(rng, 4), max_new_tokens=60, ignore_eos=True)
         wait_for(lambda: sched.stats().running == 1, "a running request")

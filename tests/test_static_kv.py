@@ -114,13 +114,26 @@ def test_static_kv_needs_the_variant(tiny_llama, tmp_path):
         portable_infer.load(older, "cpu", static_kv=True)
 
 
-def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused):
+def use_row_mover(engine, monkeypatch) -> None:
+    """Move KV rows with the RowMover graph, as on GPUs (the CPU engine uses numpy)."""
+    from portable_infer.kvmove import RowMover
+
+    mover = RowMover(engine.session, engine.ort, engine.variant.kv.dtype)
+    monkeypatch.setattr(engine, "row_mover", lambda: mover)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatch, on_device):
     """Continuous batching with the static graph: rows join (prefill groups, chunked prefill, a
     cached prefix) and leave a batch whose KV lives in fixed buffers; every request still gives
-    its single run's greedy tokens."""
+    its single run's greedy tokens. ``on_device``: KV rows move and reach the prefix cache
+    through the RowMover graph (as on GPUs) instead of numpy."""
     from portable_infer.cache import KVCache
     from portable_infer.scheduler import Scheduler, SchedulerConfig
     from portable_infer.static_engine import StaticCache
+
+    if on_device:
+        use_row_mover(static.engine, monkeypatch)
 
     rng = np.random.default_rng(SEED + 3)
     shared = prompts(rng, [20])[0]
@@ -254,11 +267,10 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     from portable_infer.scheduler import Scheduler, SchedulerConfig
 
     assert static.engine.row_mover() is None  # the CPU moves rows with numpy
+    moved = []
     if on_device:
-        mover = RowMover(static.engine.session, static.engine.ort, static.engine.variant.kv.dtype)
-        moved = []
-        monkeypatch.setattr(mover, "copy", lambda *a, real=mover.copy: (moved.append(1), real(*a))[1])
-        monkeypatch.setattr(static.engine, "row_mover", lambda: mover)
+        monkeypatch.setattr(RowMover, "copy", lambda *a, real=RowMover.copy: (moved.append(1), real(*a))[1])
+        use_row_mover(static.engine, monkeypatch)
 
     rng = np.random.default_rng(SEED + 7)
     ps = prompts(rng, [40, 6, 9, 4, 12, 7, 5, 8])
