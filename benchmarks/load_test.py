@@ -17,6 +17,7 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/load_test.py [--model PKG] [--clients 1 4 16 64] [--max-tokens 64]
         [--threads 2] [--max-batch 16] [--accuracy 1|4] [--servers portable_infer llamacpp] [--level-timeout S]
+        [--provider cpu|cuda]
 
 The llama.cpp server venv (reusing the llama-cpp-python 0.3.36 wheel built for the CPU
 comparison)::
@@ -157,13 +158,15 @@ class ServerProcess:
 
 def portable_infer_server(args) -> ServerProcess:
     port = free_port()
-    exe = Path(sys.executable).parent / "portable-infer"
-    argv = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--threads", str(args.threads),
+    exe = Path(sys.executable).parent / "portable-infer"  # else the package is on PYTHONPATH (the GPU machine)
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "portable_infer.cli"]
+    argv = cli + ["serve", "--host", "127.0.0.1", "--port", str(port), "--threads", str(args.threads),
             "--max-batch", str(args.max_batch), "--max-waiting", str(max(args.clients) * 2),
             "--model-name", "default"] + (["--accuracy", str(args.accuracy)] if args.accuracy else [])
     if args.model:
         argv += ["--model", args.model]
-    return ServerProcess("portable_infer", argv, port, "/ready", {"PORTABLE_INFER_PROVIDERS": "cpu"})
+    argv += ["--provider", args.provider, "--strict"]
+    return ServerProcess("portable_infer", argv, port, "/ready", {"PORTABLE_INFER_PROVIDERS": args.provider})
 
 
 def gguf_path() -> Path:
@@ -287,6 +290,7 @@ def main() -> None:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 client too)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--provider", default="cpu", help="portable_infer's (cuda on the GPU machine)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="portable_infer: default the loader's choice (int8 graphs where present); 1 exact, 4 int8")
@@ -321,7 +325,7 @@ def main() -> None:
         for lv in levels:
             for e in lv.error_samples:
                 print(f"# {lv.server} {lv.clients} clients error: {e}", file=sys.stderr)
-    print(f"load test: {args.max_tokens} new tokens per request, greedy, {args.threads} threads, "
+    print(f"load test: {args.max_tokens} new tokens per request, greedy, {args.threads} threads, {args.provider}, "
           f"portable_infer --max-batch {args.max_batch}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(table(rows))
