@@ -307,9 +307,8 @@ def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, 
     with Scheduler(fused, cfg) as sched:
         sched.engine = EngineSpy(sched.engine, before)
         tokens(sched.submit(seed, max_new_tokens=2, ignore_eos=True))  # stores the shared block
-        busy = sched.submit(prompt(rng, 4), max_new_tokens=60, ignore_eos=True)
-        wait_for(lambda: sched.stats().running == 1, "a running request")
         hold.set()
+        busy = sched.submit(prompt(rng, 4), max_new_tokens=60, ignore_eos=True)
         wait_for(held.is_set, "the loop inside a decode step")
         handles = [sched.submit(p, max_new_tokens=6, ignore_eos=True) for p in burst]
         wait_for(lambda: sched.stats().prefilling == len(burst), "admission")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -114,6 +116,15 @@ def test_static_kv_needs_the_variant(tiny_llama, tmp_path):
         portable_infer.load(older, "cpu", static_kv=True)
 
 
+def _released(event) -> bool:
+    """Wait (bounded) until ``event`` is cleared."""
+    deadline = time.monotonic() + 30
+    while event.is_set():
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.001)
+    return True
+
+
 def use_row_mover(engine, monkeypatch) -> None:
     """Move KV rows with the RowMover graph, as on GPUs (the CPU engine uses numpy)."""
     from portable_infer.kvmove import RowMover
@@ -134,6 +145,8 @@ def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatc
 
     if on_device:
         use_row_mover(static.engine, monkeypatch)
+    made, real_new = [], static.engine.new_cache
+    monkeypatch.setattr(static.engine, "new_cache", lambda *a, **k: made.append(real_new(*a, **k)) or made[-1])
 
     rng = np.random.default_rng(SEED + 3)
     shared = prompts(rng, [20])[0]
@@ -143,14 +156,14 @@ def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatc
     with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=8, block_size=16)) as sched:
         first = sched.submit(ps[0], max_new_tokens=news[0], ignore_eos=True)
         head = [first.get(30).token for _ in range(3)]  # running before the others come
-        kinds = {type(sched._cache)}
         handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[1:5], news[1:5])]
         outs = [head + [r.token for r in first if r.token is not None]]
         outs += [[r.token for r in h if r.token is not None] for h in handles]
         last = sched.submit(ps[5], max_new_tokens=news[5], ignore_eos=True)  # after ps[4]: its prefix is cached
         outs.append([r.token for r in last if r.token is not None])
         stats = sched.stats()
-    assert kinds == {StaticCache} and KVCache not in kinds
+    kinds = {type(c) for c in made}
+    assert kinds == {StaticCache} and KVCache not in kinds, kinds
     for i, (got, want) in enumerate(zip(outs, ref)):
         assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
     assert stats.prefix_cache_hits >= 1 and stats.prefix_cache_tokens >= 16
@@ -259,7 +272,7 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     """Off the CPU, rows that finish stay in a fixed-buffer batch, masked so they hold still, until
     half the batch has finished or a request joins (no KV round trip and no new CUDA graph per
     leave). Forced on here: a long prompt finishes first and waits ~30 steps (it would outgrow
-    the buffers if it kept moving), a late request joins, and every request still gives its
+    the buffers if it kept moving), then a late request joins, and every request still gives its
     single run's tokens with far fewer compactions than rows finishing. ``on_device``: rows move
     through the RowMover graph (as on GPUs) instead of numpy."""
     from portable_infer import kvblocks
@@ -273,23 +286,48 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
         use_row_mover(static.engine, monkeypatch)
 
     rng = np.random.default_rng(SEED + 7)
-    ps = prompts(rng, [40, 6, 9, 4, 12, 7, 5, 8])
-    news = [2, 40, 42, 44, 45, 41, 43, 9]  # buffers of 64 tokens: 40 + 2 + 30 idle steps would not fit
+    # request 1 finishes first; the first submitted may be prefilled alone, the rest join it at once
+    ps = prompts(rng, [6, 40, 9, 4, 12, 7, 5, 8])
+    news = [40, 2, 42, 44, 45, 41, 43, 9]  # buffers of 64 tokens: 40 + 2 + 23 idle steps would not fit
     ref = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
     takes, real_take = [], kvblocks.take
     monkeypatch.setattr(kvblocks, "take", lambda *a: (takes.append(len(a[2])), real_take(*a))[1])
+    start, hold, held, batches = threading.Event(), threading.Event(), threading.Event(), []
+
+    class Paced:  # forwards wait for every submit; decode step 30 waits while ``hold`` is set
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def forward(self, ids, mask, cache, *a, **k):
+            start.wait(30)
+            if ids.shape[1] == 1:
+                batches.append((ids.shape[0], cache.capacity))
+                if len(batches) == 30 and hold.is_set():
+                    held.set()
+                    _released(hold)
+            return self.engine.forward(ids, mask, cache, *a, **k)
+
     with Scheduler(static, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
         sched._defer_leave = True
+        sched.engine = Paced(sched.engine)
+        hold.set()
         handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[:7], news[:7])]
-        outs = [[r.token for r in handles[0] if r.token is not None]]
-        second = [handles[1].get(30).token for _ in range(32)]
-        assert not takes and sched._cache.capacity == 64, (takes, sched._cache.capacity)
+        start.set()
+        assert held.wait(30), "decode step 30 never came"
         handles.append(sched.submit(ps[7], max_new_tokens=news[7], ignore_eos=True))  # joins: compacts
-        outs.append(second + [r.token for r in handles[1] if r.token is not None])
-        outs += [[r.token for r in h if r.token is not None] for h in handles[2:]]
+        while sched.stats().prefilling == 0 and not handles[7].done:
+            time.sleep(0.001)
+        hold.clear()
+        outs = [[r.token for r in h if r.token is not None] for h in handles]
         stats = sched.stats()
     for i, (got, want) in enumerate(zip(outs, ref)):
         assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
     assert stats.blocks_used == 0 and stats.requests_finished == len(ps) and stats.running == 0
+    # the row that finished at its first step stayed (masked) through step 30: no compaction
+    seven = batches.index((7, 64))
+    assert seven <= 1 and batches[seven:30] == [(7, 64)] * (30 - seven), f"{TAG} {batches[:30]}"
     assert 1 <= len(takes) < len(ps) - 2, f"{TAG} compactions: {takes}"
     assert not on_device or moved
