@@ -24,12 +24,14 @@ class RowMover:
     """Copies rows of one ``[B, H, C, D]`` buffer into consecutive rows of another, on the
     device both live on (``C`` may grow: the tail is zeros)."""
 
-    def __init__(self, session, ort, dtype):
+    def __init__(self, session, ort, dtype, provider: str | None = None):
         name = np.dtype(dtype).name
         path = GRAPHS / f"kv_rows.{name}.onnx"
         options = session.get_provider_options()
+        # the buffers' provider (and the CPU for the small index inputs), with its device options
+        names = [provider, "CPUExecutionProvider"] if provider else session.get_providers()
         providers = [(p, {k: v for k, v in options.get(p, {}).items() if k not in _NO_GRAPH_CAPTURE})
-                     for p in session.get_providers()]
+                     for p in dict.fromkeys(names)]
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), so, providers=providers)

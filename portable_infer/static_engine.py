@@ -116,7 +116,7 @@ class StaticEngine:
             self._row_mover = None
             if self.device != "cpu":
                 try:
-                    self._row_mover = RowMover(self.session, self.ort, self.variant.kv.dtype)
+                    self._row_mover = RowMover(self.session, self.ort, self.variant.kv.dtype, self.provider)
                 except Exception as exc:  # noqa: BLE001
                     logger.warning("KV rows move through the host (%s: %s)", type(exc).__name__, exc)
         return self._row_mover

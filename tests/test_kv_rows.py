@@ -33,7 +33,7 @@ def test_rows_land_in_place_and_the_rest_is_untouched(dtype):
     src = rng.standard_normal((3, 2, 8, 4)).astype(dtype)
     dst = np.full((5, 2, 16, 4), 7.0, dtype)
     src_v, dst_v = ort.OrtValue.ortvalue_from_numpy(src), ort.OrtValue.ortvalue_from_numpy(dst)
-    mover = RowMover(CpuSession(), ort, dtype)
+    mover = RowMover(CpuSession(), ort, dtype, "CPUExecutionProvider")
     mover.copy(src_v, [2, 0], dst_v, 1)
     out = dst_v.numpy()
     np.testing.assert_array_equal(out[1:3, :, :8], src[[2, 0]])
