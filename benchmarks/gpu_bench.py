@@ -159,6 +159,24 @@ def attempt(fn, *a) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
+def package(work: Path, prec: str) -> Path:
+    """``work/pkg-<prec>``: the SmolLM2-shaped random model (``work/hf``) exported at ``prec`` with
+    the portable, fused and static variants; made when missing."""
+    from exporters.export import export
+
+    hf, pkg = work / "hf", work / f"pkg-{prec}"
+    if (pkg / "manifest.json").exists():
+        return pkg
+    if not (hf / "config.json").exists():
+        make_hf(hf)
+    t = time.perf_counter()
+    # int4 weights with fp16 activations: CUDA's GroupQueryAttention is fp16/bf16 only
+    export(hf, pkg, precision=prec, verify=False, overwrite=True, variants=("portable", "fused", "static"),
+           activations="fp16" if prec == "int4" else None)
+    log(f"exported {prec} in {time.perf_counter() - t:.1f}s")
+    return pkg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/gpubench")
@@ -168,19 +186,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = work / "hf"
-    if not (hf / "config.json").exists():
-        make_hf(hf)
-    from exporters.export import export
-
-    pkgs = {}
-    for prec in ("fp32", "fp16", "int4"):
-        pkgs[prec] = work / f"pkg-{prec}"
-        if not (pkgs[prec] / "manifest.json").exists():
-            t = time.perf_counter()
-            # int4 weights with fp16 activations: CUDA's GroupQueryAttention is fp16/bf16 only
-            export(hf, pkgs[prec], precision=prec, verify=False, overwrite=True,
-                   variants=("portable", "fused", "static"), activations="fp16" if prec == "int4" else None)
-            log(f"exported {prec} in {time.perf_counter() - t:.1f}s")
+    pkgs = {prec: package(work, prec) for prec in ("fp32", "fp16", "int4")}
 
     results = {"device": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                         capture_output=True, text=True).stdout.strip()}

@@ -63,17 +63,15 @@ class Breakdown:
 
 
 def ensure_package(pkg: Path) -> Path:
+    """``pkg`` as it is, or gpu_bench.py's fp16 package when the default is missing."""
     if (pkg / "manifest.json").exists():
         return pkg
+    if pkg.name != "pkg-fp16":
+        raise SystemExit(f"{pkg} is not a package (only gpu_bench.py's pkg-fp16 is made when missing)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_bench import make_hf
+    from gpu_bench import package
 
-    from exporters.export import export
-
-    hf = pkg.parent / "hf"
-    if not (hf / "config.json").exists():
-        make_hf(hf)
-    return export(hf, pkg, precision="fp16", verify=False, overwrite=True, variants=("portable", "fused", "static"))
+    return package(pkg.parent, "fp16")
 
 
 def main() -> None:

@@ -119,14 +119,14 @@ def cmd_inspect(ns) -> int:
                      f"providers {list(v.providers)}, KV {v.kv.layout} {v.kv.dtype} ({v.kv.growth})")
     size = sum(f.size for f in m.files)
     lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
-    from .loader import PREFERRED_AGREEMENT
+    from .loader import INT8_SUFFIX, PREFERRED_AGREEMENT
 
     for name, r in m.verification.items():
         q = r.get("quality", {})
         note = ""
         if r.get("dropped"):
             note = f"; left out of the package: {r['dropped']}"
-        elif name.endswith("-int8") and q:
+        elif name.endswith(INT8_SUFFIX) and q:
             note = ("; runs by default" if q["top1_agreement"] >= PREFERRED_AGREEMENT else
                     f"; below the {PREFERRED_AGREEMENT:.0%} gate: runs only with --accuracy 4")
         lines.append(f"verified     {name}: max rel diff {r['full']['max_rel']:.2e}, greedy "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat_template import ChatTemplate
-from .errors import PackageError, PortableInferError
+from .errors import InvalidArgumentError, PackageError, PortableInferError
 from .home import ensure_default_model
 from .manifest import Manifest
 from .model import Model, check_max_kv_tokens
@@ -86,13 +86,9 @@ def load_package(path, cfg: LoadConfig) -> Model:
     import onnxruntime as ort
 
     if cfg.check not in CHECKS:
-        from .errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"check must be one of {CHECKS}, got {cfg.check!r}")
     check_max_kv_tokens(cfg.max_kv_tokens)  # before any session is made
     if cfg.session.accuracy_level not in ACCURACY_LEVELS:
-        from .errors import InvalidArgumentError
-
         raise InvalidArgumentError(
             f"accuracy_level must be one of {ACCURACY_LEVELS} (None: int8 activations where the package's "
             f"int8 graphs passed the quality gate; 1: float; 4: int8), got {cfg.session.accuracy_level!r}")

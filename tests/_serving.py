@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: the tiny llama package with a tokenizer and a chat template.
+"""Helpers for the serving tests: the tiny llama package with a tokenizer and a chat template,
+and engine wrappers that record, pace or slow a decode loop.
 
 The tiny package of conftest.py has no tokenizer; the server speaks text. This copies it and adds
 a character-level ``tokenizers`` BPE (no merges, 256 ids: 4 specials and 252 characters, so every
@@ -44,20 +45,26 @@ def add_tokenizer(package: Path, out: Path) -> Path:
     return out
 
 
-class SlowEngine:
-    """An engine that sleeps ``delay_s`` per forward, so streams last long enough to interrupt."""
+class EngineSpy:
+    """Stands in for an engine: ``before(ids, mask, cache, ...)`` runs before every forward (to
+    record, pace or slow the caller's decode loop)."""
 
-    def __init__(self, engine, delay_s: float):
-        self._engine, self.delay_s = engine, delay_s
+    def __init__(self, engine, before):
+        self.engine, self.before = engine, before
 
     def __getattr__(self, name):
-        return getattr(self._engine, name)
+        return getattr(self.engine, name)
 
-    def forward(self, *args, **kwargs):
-        import time
+    def forward(self, ids, *args, **kwargs):
+        self.before(ids, *args)
+        return self.engine.forward(ids, *args, **kwargs)
 
-        time.sleep(self.delay_s)
-        return self._engine.forward(*args, **kwargs)
+
+def SlowEngine(engine, delay_s: float) -> EngineSpy:  # noqa: N802 - reads as the engine it makes
+    """An engine that sleeps ``delay_s`` per forward, so streams last long enough to interrupt."""
+    import time
+
+    return EngineSpy(engine, lambda *_: time.sleep(delay_s))
 
 
 def with_engine(model, engine):

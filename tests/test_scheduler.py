@@ -21,6 +21,8 @@ from portable_infer.errors import (  # noqa: E402
 )
 from portable_infer.scheduler import Scheduler, SchedulerConfig, SchedulerObserver  # noqa: E402
 
+from _serving import EngineSpy  # noqa: E402
+
 VARIANTS = ("portable", "fused")
 TIMEOUT_S = 30  # every wait in this file is bounded
 
@@ -54,20 +56,6 @@ def wait_for(cond, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.002)
-
-
-class EngineSpy:
-    """Stands in for a scheduler's engine: ``before(ids)`` runs before every forward."""
-
-    def __init__(self, engine, before):
-        self.engine, self.before = engine, before
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def forward(self, ids, *a, **k):
-        self.before(ids)
-        return self.engine.forward(ids, *a, **k)
 
 
 class RunningAtJoin(SchedulerObserver):
@@ -248,7 +236,7 @@ def test_waiting_prompts_are_prefilled_together_and_equal_single_runs(fused):
     gate, groups = threading.Event(), []
 
     with Scheduler(fused, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
-        sched.engine = EngineSpy(sched.engine, lambda ids: gate.wait(TIMEOUT_S))  # until all are submitted
+        sched.engine = EngineSpy(sched.engine, lambda *_: gate.wait(TIMEOUT_S))  # until all are submitted
         real = sched._prefill_group
         sched._prefill_group = lambda group: (groups.append(len(group)), real(group))
         handles = [sched.submit(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
@@ -269,7 +257,7 @@ def test_a_shared_prompt_prefix_is_prefilled_once_and_outputs_stay_exact(fused):
     fed = []
     cfg = SchedulerConfig(max_batch=4, prefill_chunk=256, block_size=16)
     with Scheduler(fused, cfg) as sched:
-        sched.engine = EngineSpy(sched.engine, lambda ids: ids.shape[1] > 1 and fed.append(ids.shape[1]))
+        sched.engine = EngineSpy(sched.engine, lambda ids, *_: ids.shape[1] > 1 and fed.append(ids.shape[1]))
         outs = [tokens(sched.submit(p, max_new_tokens=8, ignore_eos=True)) for p in prompts]  # one by one
         s = sched.stats()
     assert outs == ref
@@ -296,7 +284,7 @@ def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, 
     ref = [fused.generate_ids(p, max_new_tokens=6, ignore_eos=True) for p in burst + [alone]]
     hold, held, fed = threading.Event(), threading.Event(), []
 
-    def before(ids):  # records prefill shapes; a decode step waits while ``hold`` is set
+    def before(ids, *_):  # records prefill shapes; a decode step waits while ``hold`` is set
         if ids.shape[1] > 1:
             fed.append(ids.shape)
         elif hold.is_set():

@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import portable_infer  # noqa: E402
+from _serving import EngineSpy  # noqa: E402
 from portable_infer.errors import CapacityError, InvalidArgumentError, PackageError  # noqa: E402
 
 SEED = int(os.environ.get("STATIC_SEED") or random.SystemRandom().randrange(2**31))
@@ -294,25 +295,17 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     monkeypatch.setattr(kvblocks, "take", lambda *a: (takes.append(len(a[2])), real_take(*a))[1])
     start, hold, held, batches = threading.Event(), threading.Event(), threading.Event(), []
 
-    class Paced:  # forwards wait for every submit; decode step 30 waits while ``hold`` is set
-        def __init__(self, engine):
-            self.engine = engine
-
-        def __getattr__(self, name):
-            return getattr(self.engine, name)
-
-        def forward(self, ids, mask, cache, *a, **k):
-            start.wait(30)
-            if ids.shape[1] == 1:
-                batches.append((ids.shape[0], cache.capacity))
-                if len(batches) == 30 and hold.is_set():
-                    held.set()
-                    _released(hold)
-            return self.engine.forward(ids, mask, cache, *a, **k)
+    def paced(ids, mask, cache, *_):  # forwards wait for every submit; decode step 30 while ``hold``
+        start.wait(30)
+        if ids.shape[1] == 1:
+            batches.append((ids.shape[0], cache.capacity))
+            if len(batches) == 30 and hold.is_set():
+                held.set()
+                _released(hold)
 
     with Scheduler(static, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
         sched._defer_leave = True
-        sched.engine = Paced(sched.engine)
+        sched.engine = EngineSpy(sched.engine, paced)
         hold.set()
         handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[:7], news[:7])]
         start.set()
