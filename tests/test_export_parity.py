@@ -22,6 +22,7 @@ Run with ``-s`` to see the table of measured logit differences per case.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -446,13 +447,14 @@ def test_int8_activation_head_refines_its_top_candidates_in_float(exported: Expo
 
 
 @pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
-def test_int8_twins_are_their_graphs_at_accuracy_4_and_opt_in_unverified(exported: Exported, tmp_path):
+def test_int8_twins_are_their_graphs_at_accuracy_4_and_opt_in_unverified(exported: Exported, tmp_path, capsys):
     """fused-int8 / static-int8 = the fused / static graphs with their 4-bit layers at MatMulNBits
     accuracy 4 (int8 activations), sharing the weights; accuracy_level=4 runs them, the default
     only where verification recorded them at the gate (see the next test)."""
     import onnx
 
     import portable_infer
+    from portable_infer import cli
     from portable_infer.errors import InvalidArgumentError, PackageError
 
     pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False)
@@ -476,6 +478,11 @@ def test_int8_twins_are_their_graphs_at_accuracy_4_and_opt_in_unverified(exporte
     assert variant(accuracy_level=4).variant == "static-int8"
     exact, fast = variant(static_kv=False), variant(static_kv=False, accuracy_level=4)
     assert (exact.variant, fast.variant) == ("fused", "fused-int8")
+    for flags, name in (([], "static"), (["--accuracy", "4"], "static-int8"),
+                        (["--no-static-kv", "--accuracy", "4"], "fused-int8")):  # `bench` honours them
+        assert cli.main(["bench", "--model", str(pkg), "--provider", "cpu", "--threads", "2", "--runs", "1",
+                         "--prompt-tokens", "4", "--new-tokens", "2", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["variant"] == name, flags
     rng = np.random.default_rng(exported.seed + 8)
     ids = exported.ids(rng, (1, SEQ))[0].tolist()
     a, b = exact.forward_logits(ids), fast.forward_logits(ids)
