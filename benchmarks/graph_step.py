@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/graph_step.py PKG/model.fused.onnx OTHER/model.fused.onnx ...
         [--threads 2] [--past 40] [--config session.disable_prepacking=1]
     .venv/bin/python benchmarks/graph_step.py --matmulnbits     # the MatMulNBits kernel variants
+    .venv/bin/python benchmarks/graph_step.py --matmulnbits --rows 1 2 4 8 16 32   # by row count
 
 Graphs: batch 1, one new token after ``--past`` random KV rows; the graphs take turns, 9 rounds
 of 10 steps, median and min per graph (the machine's noise hits all of them alike). Also prints the
@@ -67,33 +68,38 @@ def graphs(args) -> None:
         print(f"| {path} | {' '.join(args.config) or '-'} | {np.median(times):.2f} | {min(times):.2f} | {mib:.0f} |")
 
 
-def matmulnbits(threads: int) -> None:
+def nbits_model(K, N, acc, zp, corr, bits=4, dense=False):
+    """One MatMulNBits (or, with ``dense``, a float MatMul of the same shape) over x [1, rows, K]."""
     from onnx import TensorProto, helper, numpy_helper
 
-    def model(K, N, acc, zp, corr, bits=4):
-        nb = K // 32
-        rng = np.random.default_rng(0)
-        inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 4 * bits), dtype=np.uint8), "B"),
-                 numpy_helper.from_array((rng.random(N * nb) * 0.01).astype(np.float32), "S")]
-        ins = ["x", "B", "S"]
-        if zp:
-            inits.append(numpy_helper.from_array(rng.integers(0, 255, N * (nb if bits == 8 else (nb + 1) // 2), dtype=np.uint8), "Z"))
-            ins.append("Z")
-        nodes = [helper.make_node("MatMulNBits", ins, ["y0" if corr else "y"], domain="com.microsoft",
-                                  K=K, N=N, bits=bits, block_size=32, accuracy_level=acc)]
-        if corr:  # y = y0 + blocksum(x) @ offset
-            inits += [numpy_helper.from_array(np.array([0, 0, nb, 32], np.int64), "shape"),
-                      numpy_helper.from_array(np.array([-1], np.int64), "axis"),
-                      numpy_helper.from_array(rng.random((nb, N)).astype(np.float32), "offset")]
-            nodes += [helper.make_node("Reshape", ["x", "shape"], ["xb"]),
-                      helper.make_node("ReduceSum", ["xb", "axis"], ["bs"], keepdims=0),
-                      helper.make_node("MatMul", ["bs", "offset"], ["c"]), helper.make_node("Add", ["y0", "c"], ["y"])]
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, N])], inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-        m.ir_version = 10
-        return m.SerializeToString()
+    nb = K // 32
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 4 * bits), dtype=np.uint8), "B"),
+             numpy_helper.from_array((rng.random(N * nb) * 0.01).astype(np.float32), "S")]
+    ins = ["x", "B", "S"]
+    if zp:
+        inits.append(numpy_helper.from_array(rng.integers(0, 255, N * (nb if bits == 8 else (nb + 1) // 2), dtype=np.uint8), "Z"))
+        ins.append("Z")
+    if dense:
+        inits, ins = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "W")], ["x", "W"]
+    nodes = [helper.make_node("MatMul", ins, ["y"])] if dense else [
+             helper.make_node("MatMulNBits", ins, ["y0" if corr else "y"], domain="com.microsoft",
+                              K=K, N=N, bits=bits, block_size=32, accuracy_level=acc)]
+    if corr:  # y = y0 + blocksum(x) @ offset
+        inits += [numpy_helper.from_array(np.array([0, 0, nb, 32], np.int64), "shape"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+                  numpy_helper.from_array(rng.random((nb, N)).astype(np.float32), "offset")]
+        nodes += [helper.make_node("Reshape", ["x", "shape"], ["xb"]),
+                  helper.make_node("ReduceSum", ["xb", "axis"], ["bs"], keepdims=0),
+                  helper.make_node("MatMul", ["bs", "offset"], ["c"]), helper.make_node("Add", ["y0", "c"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "rows", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "rows", N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    return m.SerializeToString()
 
+
+def matmulnbits(threads: int) -> None:
     cases = [("acc 1", 1, 0, 0), ("acc 1 + Q4_1 correction", 1, 0, 1), ("acc 1 + zero points", 1, 1, 0),
              ("acc 4", 4, 0, 0), ("acc 4 + Q4_1 correction", 4, 0, 1), ("acc 4 + zero points", 4, 1, 0),
              ("8-bit acc 4 + zero points", 4, 1, 0, 8)]
@@ -102,7 +108,7 @@ def matmulnbits(threads: int) -> None:
     for K, N in shapes:
         cells = []
         for _, acc, zp, corr, *bits in cases:
-            s = session(model(K, N, acc, zp, corr, *bits), threads, [])
+            s = session(nbits_model(K, N, acc, zp, corr, *bits), threads, [])
             x = {"x": np.random.default_rng(1).standard_normal((1, 1, K)).astype(np.float32)}
             for _ in range(20):
                 s.run(None, x)
@@ -116,6 +122,27 @@ def matmulnbits(threads: int) -> None:
         print(f"| {K} x {N} | " + " | ".join(cells) + " |  (µs per matvec)")
 
 
+def by_rows(threads: int, rows: list) -> None:
+    """A 576x3072 weight by row count: float and int8 activations, and the dense float MatMul.
+    Above one row, MatMulNBits' float path dequantizes the weight into fp32 panels on every call."""
+    cases = [("acc 1 + zero points", dict(acc=1, zp=1)), ("acc 4 + zero points", dict(acc=4, zp=1)),
+             ("dense fp32 MatMul", dict(acc=1, zp=0, dense=True))]
+    sessions = [session(nbits_model(576, 3072, corr=0, **kw), threads, []) for _, kw in cases]
+    print("| rows | " + " | ".join(c[0] for c in cases) + " |\n|---:|" + "---:|" * len(cases))
+    for m in rows:
+        x = {"x": np.random.default_rng(1).standard_normal((1, m, 576)).astype(np.float32)}
+        times = [[] for _ in sessions]
+        for s in sessions:
+            s.run(None, x)
+        for _ in range(7):  # the kernels take turns: the machine's noise hits them alike
+            for s, t_list in zip(sessions, times):
+                t = time.perf_counter()
+                for _ in range(20):
+                    s.run(None, x)
+                t_list.append((time.perf_counter() - t) / 20 * 1e6)
+        print(f"| {m} | " + " | ".join(f"{np.median(t):.0f}" for t in times) + " |  (µs per call)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("graphs", nargs="*")
@@ -124,9 +151,11 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64, help="for graphs whose KV head dim is symbolic")
     ap.add_argument("--config", action="append", default=[], help="session config entry key=value")
     ap.add_argument("--matmulnbits", action="store_true")
+    ap.add_argument("--rows", type=int, nargs="+", default=None,
+                    help="with --matmulnbits: time a 576x3072 weight at these row counts instead")
     args = ap.parse_args()
     if args.matmulnbits:
-        matmulnbits(args.threads)
+        by_rows(args.threads, args.rows) if args.rows else matmulnbits(args.threads)
     if args.graphs:
         graphs(args)
 
