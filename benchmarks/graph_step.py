@@ -74,17 +74,19 @@ def nbits_model(K, N, acc, zp, corr, bits=4, dense=False):
 
     nb = K // 32
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 4 * bits), dtype=np.uint8), "B"),
-             numpy_helper.from_array((rng.random(N * nb) * 0.01).astype(np.float32), "S")]
-    ins = ["x", "B", "S"]
-    if zp:
-        inits.append(numpy_helper.from_array(rng.integers(0, 255, N * (nb if bits == 8 else (nb + 1) // 2), dtype=np.uint8), "Z"))
-        ins.append("Z")
     if dense:
-        inits, ins = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "W")], ["x", "W"]
-    nodes = [helper.make_node("MatMul", ins, ["y"])] if dense else [
-             helper.make_node("MatMulNBits", ins, ["y0" if corr else "y"], domain="com.microsoft",
-                              K=K, N=N, bits=bits, block_size=32, accuracy_level=acc)]
+        inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "W")]
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    else:
+        inits = [numpy_helper.from_array(rng.integers(0, 255, (N, nb, 4 * bits), dtype=np.uint8), "B"),
+                 numpy_helper.from_array((rng.random(N * nb) * 0.01).astype(np.float32), "S")]
+        ins = ["x", "B", "S"]
+        if zp:
+            inits.append(numpy_helper.from_array(
+                rng.integers(0, 255, N * (nb if bits == 8 else (nb + 1) // 2), dtype=np.uint8), "Z"))
+            ins.append("Z")
+        nodes = [helper.make_node("MatMulNBits", ins, ["y0" if corr else "y"], domain="com.microsoft",
+                                  K=K, N=N, bits=bits, block_size=32, accuracy_level=acc)]
     if corr:  # y = y0 + blocksum(x) @ offset
         inits += [numpy_helper.from_array(np.array([0, 0, nb, 32], np.int64), "shape"),
                   numpy_helper.from_array(np.array([-1], np.int64), "axis"),

@@ -10,12 +10,14 @@ greedy tokens. The residual of that rounding can ride as a second row of the sam
     e = (xb*inv - Round(xb*inv)) / inv            (x minus what the kernel will round x to)
     y = Split(MatMulNBits(Concat([x, e], axis 0)))  ->  y0 + y1 = W·x up to int8(e)'s rounding
 
-so one extra row (three stages: two) gives nearly float results from the int8 kernel. This script
-rewrites the package's static-int8 graph that way (a temporary package of hard links, nothing in
-PKG changes) and measures, in one process: top-1 agreement with the exact static graph over
-``--tokens`` teacher-forced positions of README.md, and decode tok/s at batch 1 and ``--batch``
-against the exact and plain int8 graphs. Session 6's finding: exact agreement, no speed gain (the
-ten extra nodes per matmul cost what the kernel saves), so the exporter does not emit it.
+so one extra row (three stages: two) gives nearly float results from the int8 kernel. First, on one
+576x3072 MatMulNBits node (weights in cache): the error of 1, 2 and 3 stages against the float
+kernel, and the time of one float row against two int8 rows. Then the package's static-int8 graph is
+rewritten that way (a temporary package of hard links, nothing in PKG changes) and measured in one
+process: top-1 agreement with the exact static graph over ``--tokens`` teacher-forced positions of
+README.md, and tok/s at batch 1 and ``--batch`` against the exact and plain int8 graphs. Session 6's
+finding: exact agreement, no speed gain (13 extra nodes per matmul cost what the kernel saves), so
+the exporter does not emit it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def rewrite(graph: onnx.GraphProto, stages: int, vocab: int) -> int:
     consts = {"res_shape4": np.array([0, 0, -1, 32], np.int64), "res_axes": np.array([-1], np.int64),
               "res_tiny": np.float32(1e-30), "res_127": np.float32(127)}
     graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items())
-    nodes, count = [], 0
+    nodes, count, shapes = [], 0, set()
     for n in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type != "MatMulNBits" or attrs.get("accuracy_level") != 4 or attrs["N"] == vocab:
@@ -54,7 +56,8 @@ def rewrite(graph: onnx.GraphProto, stages: int, vocab: int) -> int:
         p, k = f"res{count}", attrs["K"]
         count += 1
         shape3 = f"res_shape3_{k}"
-        if not any(i.name == shape3 for i in graph.initializer):
+        if shape3 not in shapes:
+            shapes.add(shape3)
             graph.initializer.append(numpy_helper.from_array(np.array([0, 0, k], np.int64), shape3))
         parts, cur = [n.input[0]], n.input[0]
         for s in range(stages - 1):
@@ -84,6 +87,52 @@ def rewrite(graph: onnx.GraphProto, stages: int, vocab: int) -> int:
     return count
 
 
+def residual(x: np.ndarray) -> np.ndarray:
+    """x minus its per-block int8 rounding as MatMulNBits at accuracy 4 does it (numpy twin of rewrite)."""
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    inv = np.float32(127) / np.maximum(np.abs(xb).max(-1, keepdims=True), np.float32(1e-30))
+    t = xb * inv
+    return ((t - np.round(t)) / inv).reshape(x.shape).astype(np.float32)
+
+
+def kernel_check(threads: int) -> None:
+    """One 576x3072 4-bit MatMulNBits: float kernel vs int8 kernel with 1, 2, 3 stages."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    k, n, rng = 576, 3072, np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8), "B"),
+             numpy_helper.from_array(((rng.random(n * k // 32) + 0.5) * 0.01).astype(np.float32), "S"),
+             numpy_helper.from_array(rng.integers(0, 256, n * k // 64, dtype=np.uint8), "Z")]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = {}
+    for acc in (1, 4):
+        node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=k, N=n,
+                                bits=4, block_size=32, accuracy_level=acc)
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        sess[acc] = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = (rng.standard_normal((1, k)) * np.exp(rng.standard_normal((1, k)))).astype(np.float32)
+    ref = sess[1].run(None, {"A": x})[0][0]
+    rows = [x]
+    print("| int8 rows | max error / max abs(y) |\n|---:|---:|")
+    for stages in (1, 2, 3):
+        y = sess[4].run(None, {"A": np.concatenate(rows)})[0].sum(0)
+        print(f"| {stages} | {np.abs(y - ref).max() / np.abs(ref).max():.1e} |")
+        rows.append(residual(rows[-1]))
+    times = {"float kernel, 1 row": (sess[1], x), "int8 kernel, 2 rows": (sess[4], np.concatenate(rows[:2]))}
+    t_us = {name: [] for name in times}
+    for _ in range(9):
+        for name, (s, a) in times.items():
+            t = time.perf_counter()
+            for _ in range(50):
+                s.run(None, {"A": a})
+            t_us[name].append((time.perf_counter() - t) / 50 * 1e6)
+    print("\n" + "; ".join(f"{name}: {np.median(v):.1f} us" for name, v in t_us.items()) + "\n")
+
+
 def residual_package(pkg: Path, stages: int, into: Path) -> Path:
     """A copy of ``pkg`` (hard links) whose static-int8 graph carries the residual rows."""
     for f in pkg.iterdir():
@@ -109,6 +158,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    kernel_check(2)
     exact = portable_infer.load(args.package, "cpu", intra_op_threads=2, accuracy_level=1)
     with tempfile.TemporaryDirectory(dir=exact.path.parent) as tmp:  # same filesystem: hard links
         models = {"exact (static)": exact,

@@ -1,14 +1,15 @@
 """The memory-bandwidth ceiling of fp32 decoding on this machine, measured, next to the fp32 rows of
 the last CPU comparison (``benchmarks/results/cpu.json``).
 
-    .venv/bin/python benchmarks/roofline.py [--threads 2] [--runs 7] [--results benchmarks/results/cpu.json]
+    .venv/bin/python benchmarks/roofline.py [--threads 2] [--runs 15] [--results benchmarks/results/cpu.json]
 
 A batch-1 decode step of an fp32 model reads every weight it multiplies once: SmolLM2-135M's 30
-layers (q, k, v, o, gate, up, down) and its tied lm_head, 537 MB (512 MiB), more than any cache
-here. The script builds exactly that set of fp32 MatMuls (random weights: speed depends on shapes)
-as one ONNX Runtime graph, times it with the runtimes' thread count, and reports the bytes per
-second ONNX Runtime's own fp32 kernels reach (plus numpy's single-thread read for scale). The
-ceiling for any fp32 runtime of this model is that bandwidth divided by the bytes a token reads:
+layers (q, k, v, o, gate, up, down) and its tied lm_head, 538 MB, more than any cache here. The
+script builds exactly that set of fp32 MatMuls (random weights: speed depends on shapes) as one
+ONNX Runtime graph, times it with the runtimes' thread count, and reports the bytes per second
+ONNX Runtime's own fp32 kernels reach, and those of plain numpy sums over 512 MiB on as many
+threads (best of ``--runs`` each: a ceiling is the best the machine gives). The ceiling for any
+fp32 runtime of this model is the faster of the two divided by the bytes a token reads:
 no fp32 decode loop can beat it by more than what attention, norms and the host loop cost on top.
 """
 

@@ -26,10 +26,10 @@ def peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def run_bench(ns, load_model) -> dict:
-    """Time ``load_model()`` (the CLI's loader, so every model flag applies), then generate."""
+def run_bench(ns, load) -> dict:
+    """Time ``load(ns)`` (the CLI's loader, so every model flag applies), then generate."""
     t = time.perf_counter()
-    model = load_model()
+    model = load(ns)
     load_s = time.perf_counter() - t
     ids = prompt_ids(model, ns.prompt_tokens)
     model.generate_ids(ids, max_new_tokens=8, ignore_eos=True)  # warm-up

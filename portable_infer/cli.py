@@ -139,7 +139,7 @@ def cmd_inspect(ns) -> int:
 def cmd_bench(ns) -> int:
     from .bench import run_bench
 
-    print(json.dumps(run_bench(ns, lambda: _load(ns)), indent=2))
+    print(json.dumps(run_bench(ns, _load), indent=2))
     return 0
 
 
