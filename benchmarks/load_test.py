@@ -6,7 +6,10 @@ max_tokens). The 1-client level is the "one at a time" baseline: the same reques
 sequentially. Reported per level: aggregate generated tokens/s, its ratio to 1 client, TTFT
 p50/p99 (request sent -> first text), inter-token latency p99 (gaps between streamed chunks),
 errors, and the cores the server process and this load generator kept busy (CPU seconds / wall
-seconds: both share the machine with the engine). llama-cpp-python's server (``python -m llama_cpp.server``, one request at a time) runs on
+seconds: both share the machine with the engine). Every level runs ``--rounds`` times (default 3;
+``--llamacpp-rounds``, default 1, for llama.cpp's server, whose levels are long) on one server, each round starting with its own 1-client level: tok/s is the median over rounds,
+``x_vs_1`` the median of each round's ratio to its own 1-client level (``x_min``/``x_max`` their
+range), latencies are pooled over rounds and errors summed. llama-cpp-python's server (``python -m llama_cpp.server``, one request at a time) runs on
 the same GGUF the default package was exported from, when its venv exists.
 
 Everything is bounded: each level stops starting requests after ``--level-timeout`` seconds, each
@@ -15,7 +18,7 @@ request times out, the whole run stops starting levels after ``--time-limit``. S
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/load_test.py [--model PKG] [--clients 1 4 16 64] [--max-tokens 64]
+    .venv/bin/python benchmarks/load_test.py [--model PKG] [--clients 1 4 16 64] [--max-tokens 64] [--rounds 3]
         [--threads 2] [--max-batch 16] [--accuracy 1|4] [--servers portable_infer llamacpp] [--level-timeout S]
         [--provider cpu|cuda]
 
@@ -92,14 +95,30 @@ class Level:
     def tok_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
-    def summary(self, base: float | None) -> dict:
-        pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
-        return {"server": self.server, "clients": self.clients, "requests": self.requests, "ok": self.ok,
-                "errors": self.errors, "wall_s": self.wall_s, "tokens": self.tokens, "tok_s": self.tok_s,
-                "x_vs_1": self.tok_s / base if base else float("nan"), "ttft_p50_ms": pct(self.ttft_s, 50),
-                "ttft_p99_ms": pct(self.ttft_s, 99), "itl_p99_ms": pct(self.itl_s, 99),
-                "client_cores": self.client_cpu_s / self.wall_s if self.wall_s else float("nan"),
-                "server_cores": self.server_cpu_s / self.wall_s if self.wall_s else float("nan")}
+
+def pct(xs: list, q: float) -> float:
+    return float(np.percentile(xs, q)) * 1e3 if xs else float("nan")
+
+
+def summarize(rounds: list) -> dict:
+    """One row for one (server, clients) level over its rounds: median tok/s, the median of each
+    round's ratio to that round's 1-client level (``ratios``: (level, its 1-client level) per
+    round), latencies pooled over all rounds, errors summed."""
+    levels = [lv for lv, _ in rounds]
+    first = levels[0]
+    ratios = [lv.tok_s / base.tok_s if base and base.tok_s else float("nan") for lv, base in rounds]
+    ttft = [t for lv in levels for t in lv.ttft_s]
+    itl = [t for lv in levels for t in lv.itl_s]
+    wall = sum(lv.wall_s for lv in levels)
+    return {"server": first.server, "clients": first.clients, "rounds": len(levels),
+            "requests": sum(lv.requests for lv in levels), "ok": sum(lv.ok for lv in levels),
+            "errors": sum(lv.errors for lv in levels), "wall_s": float(np.median([lv.wall_s for lv in levels])),
+            "tokens": sum(lv.tokens for lv in levels), "tok_s": float(np.median([lv.tok_s for lv in levels])),
+            "tok_s_rounds": [lv.tok_s for lv in levels], "x_vs_1": float(np.median(ratios)),
+            "x_vs_1_rounds": ratios, "x_min": min(ratios), "x_max": max(ratios),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p99_ms": pct(itl, 99),
+            "client_cores": sum(lv.client_cpu_s for lv in levels) / wall if wall else float("nan"),
+            "server_cores": sum(lv.server_cpu_s for lv in levels) / wall if wall else float("nan")}
 
 
 # --- servers ----------------------------------------------------------------------------------------
@@ -247,31 +266,48 @@ async def run_level(url: str, name: str, clients: int, args) -> Level:
     return level
 
 
-def bench_server(make, args, t_end: float) -> list:
+def bench_server(make, args, t_end: float, n_rounds: int) -> list:
+    """Rounds of every level on one server (after a 1-request warm-up); each round starts with
+    its own 1-client level, so that ratios pair runs made minutes, not a whole run, apart.
+    Returns [[Level per --clients] per round]."""
     server = make(args)
-    levels = []
+    rounds = []
     try:
         server.wait_ready(args.start_timeout)
         asyncio.run(run_level(server.url, server.name, 1, argparse.Namespace(**{**vars(args), "min_requests": 1,
                                                                                "requests_per_client": 1})))
-        for c in args.clients:
-            if time.monotonic() > t_end:
-                print(f"# time limit reached: {server.name} skips {c} clients", file=sys.stderr)
-                continue
-            cpu0, own0 = server.cpu_s(), time.process_time()
-            level = asyncio.run(run_level(server.url, server.name, c, args))
-            level.server_cpu_s, level.client_cpu_s = server.cpu_s() - cpu0, time.process_time() - own0
-            print(f"# {server.name:15s} {c:3d} clients: {level.tok_s:7.1f} tok/s, {level.ok} ok, "
-                  f"{level.errors} errors, {level.wall_s:.1f} s", file=sys.stderr, flush=True)
-            levels.append(level)
+        for r in range(n_rounds):
+            levels = []
+            for c in args.clients:
+                if time.monotonic() > t_end:
+                    print(f"# time limit reached: {server.name} skips {c} clients in round {r + 1}", file=sys.stderr)
+                    continue
+                cpu0, own0 = server.cpu_s(), time.process_time()
+                level = asyncio.run(run_level(server.url, server.name, c, args))
+                level.server_cpu_s, level.client_cpu_s = server.cpu_s() - cpu0, time.process_time() - own0
+                print(f"# {server.name:15s} round {r + 1} {c:3d} clients: {level.tok_s:7.1f} tok/s, {level.ok} ok, "
+                      f"{level.errors} errors, {level.wall_s:.1f} s", file=sys.stderr, flush=True)
+                levels.append(level)
+            rounds.append(levels)
     finally:
         server.stop()
-    return levels
+    return rounds
+
+
+def rows_of(rounds: list) -> list:
+    """Summary rows per clients level; a round's ratio is against that round's 1-client level."""
+    by_clients: dict = {}
+    for levels in rounds:
+        base = next((lv for lv in levels if lv.clients == 1), None)
+        for lv in levels:
+            by_clients.setdefault(lv.clients, []).append((lv, base))
+    return [summarize(pairs) for _, pairs in sorted(by_clients.items())]
 
 
 # --- report ------------------------------------------------------------------------------------------
-COLUMNS = (("server", "{}"), ("clients", "{}"), ("requests", "{}"), ("errors", "{}"), ("wall_s", "{:.1f}"),
-           ("tok_s", "{:.1f}"), ("x_vs_1", "{:.2f}"), ("ttft_p50_ms", "{:.0f}"), ("ttft_p99_ms", "{:.0f}"),
+COLUMNS = (("server", "{}"), ("clients", "{}"), ("rounds", "{}"), ("requests", "{}"), ("errors", "{}"),
+           ("wall_s", "{:.1f}"), ("tok_s", "{:.1f}"), ("x_vs_1", "{:.2f}"), ("x_min", "{:.2f}"), ("x_max", "{:.2f}"),
+           ("ttft_p50_ms", "{:.0f}"), ("ttft_p99_ms", "{:.0f}"),
            ("itl_p99_ms", "{:.0f}"), ("server_cores", "{:.2f}"), ("client_cores", "{:.2f}"))
 
 
@@ -287,6 +323,10 @@ def main() -> None:
     p.add_argument("--model", default=None, help="package (default: the default model)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="every level this many times per server; tok/s and ratios are medians over rounds")
+    p.add_argument("--llamacpp-rounds", type=int, default=1,
+                   help="rounds for llama.cpp's server (one request at a time: long levels, ratio ~1)")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=8, help="requests per level at least (1 client too)")
     p.add_argument("--threads", type=int, default=2)
@@ -309,6 +349,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     rows, skipped = [], []
     servers = [portable_infer_server] if "portable_infer" in args.servers else []
+    if min(args.rounds, args.llamacpp_rounds) < 1 or 1 not in args.clients:
+        p.error("--rounds must be at least 1 and --clients must include 1 (the baseline of the ratios)")
     if "llamacpp" in args.servers:
         if LLAMACPP_PYTHON.exists():
             servers.append(llamacpp_server)
@@ -316,16 +358,16 @@ def main() -> None:
             skipped.append(f"llama.cpp: {LLAMACPP_PYTHON} missing (see the docstring)")
     for make in servers:
         try:
-            levels = bench_server(make, args, t_end)
+            rounds = bench_server(make, args, t_end, args.rounds if make is portable_infer_server else args.llamacpp_rounds)
         except (RuntimeError, FileNotFoundError) as exc:
             skipped.append(f"{make.__name__}: {exc}")
             continue
-        base = next((lv.tok_s for lv in levels if lv.clients == 1), None)
-        rows += [lv.summary(base) for lv in levels]
-        for lv in levels:
+        rows += rows_of(rounds)
+        for lv in (lv for levels in rounds for lv in levels):
             for e in lv.error_samples:
                 print(f"# {lv.server} {lv.clients} clients error: {e}", file=sys.stderr)
     print(f"load test: {args.max_tokens} new tokens per request, greedy, {args.threads} threads, {args.provider}, "
+          f"{args.rounds} rounds ({args.llamacpp_rounds} for llama.cpp; medians; x_vs_1: median of each round's ratio to its own 1-client level), "
           f"portable_infer --max-batch {args.max_batch}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(table(rows))
