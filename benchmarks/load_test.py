@@ -6,11 +6,13 @@ max_tokens). The 1-client level is the "one at a time" baseline: the same reques
 sequentially. Reported per level: aggregate generated tokens/s, its ratio to 1 client, TTFT
 p50/p99 (request sent -> first text), inter-token latency p99 (gaps between streamed chunks),
 errors, and the cores the server process and this load generator kept busy (CPU seconds / wall
-seconds: both share the machine with the engine). Every level runs ``--rounds`` times (default 3;
-``--llamacpp-rounds``, default 1, for llama.cpp's server, whose levels are long) on one server, each round starting with its own 1-client level: tok/s is the median over rounds,
+seconds: both share the machine with the engine). Every level runs ``--rounds`` times (default
+3; ``--llamacpp-rounds``, default 1, for llama.cpp's server, whose levels are long) on one
+server, each round starting with its own 1-client level: tok/s is the median over rounds,
 ``x_vs_1`` the median of each round's ratio to its own 1-client level (``x_min``/``x_max`` their
-range), latencies are pooled over rounds and errors summed. llama-cpp-python's server (``python -m llama_cpp.server``, one request at a time) runs on
-the same GGUF the default package was exported from, when its venv exists.
+range), latencies are pooled over rounds and errors summed. llama-cpp-python's server (``python
+-m llama_cpp.server``, one request at a time) runs on the same GGUF the default package was
+exported from, when its venv exists.
 
 Everything is bounded: each level stops starting requests after ``--level-timeout`` seconds, each
 request times out, the whole run stops starting levels after ``--time-limit``. Servers bind
@@ -100,13 +102,14 @@ def pct(xs: list, q: float) -> float:
     return float(np.percentile(xs, q)) * 1e3 if xs else float("nan")
 
 
-def summarize(rounds: list) -> dict:
-    """One row for one (server, clients) level over its rounds: median tok/s, the median of each
-    round's ratio to that round's 1-client level (``ratios``: (level, its 1-client level) per
-    round), latencies pooled over all rounds, errors summed."""
-    levels = [lv for lv, _ in rounds]
+def summarize(pairs: list) -> dict:
+    """One row for one (server, clients) level over its rounds, from (level, that round's
+    1-client level) pairs: median tok/s, the median of the rounds' ratios (a round whose 1-client
+    level was skipped has none), latencies pooled over all rounds, errors summed."""
+    levels = [lv for lv, _ in pairs]
     first = levels[0]
-    ratios = [lv.tok_s / base.tok_s if base and base.tok_s else float("nan") for lv, base in rounds]
+    ratios = [lv.tok_s / base.tok_s for lv, base in pairs if base is not None and base.tok_s]
+    nan = float("nan")
     ttft = [t for lv in levels for t in lv.ttft_s]
     itl = [t for lv in levels for t in lv.itl_s]
     wall = sum(lv.wall_s for lv in levels)
@@ -114,11 +117,11 @@ def summarize(rounds: list) -> dict:
             "requests": sum(lv.requests for lv in levels), "ok": sum(lv.ok for lv in levels),
             "errors": sum(lv.errors for lv in levels), "wall_s": float(np.median([lv.wall_s for lv in levels])),
             "tokens": sum(lv.tokens for lv in levels), "tok_s": float(np.median([lv.tok_s for lv in levels])),
-            "tok_s_rounds": [lv.tok_s for lv in levels], "x_vs_1": float(np.median(ratios)),
-            "x_vs_1_rounds": ratios, "x_min": min(ratios), "x_max": max(ratios),
+            "tok_s_rounds": [lv.tok_s for lv in levels], "x_vs_1": float(np.median(ratios)) if ratios else nan,
+            "x_vs_1_rounds": ratios, "x_min": min(ratios, default=nan), "x_max": max(ratios, default=nan),
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p99_ms": pct(itl, 99),
-            "client_cores": sum(lv.client_cpu_s for lv in levels) / wall if wall else float("nan"),
-            "server_cores": sum(lv.server_cpu_s for lv in levels) / wall if wall else float("nan")}
+            "client_cores": sum(lv.client_cpu_s for lv in levels) / wall if wall else nan,
+            "server_cores": sum(lv.server_cpu_s for lv in levels) / wall if wall else nan}
 
 
 # --- servers ----------------------------------------------------------------------------------------
@@ -280,13 +283,14 @@ def bench_server(make, args, t_end: float, n_rounds: int) -> list:
             levels = []
             for c in args.clients:
                 if time.monotonic() > t_end:
-                    print(f"# time limit reached: {server.name} skips {c} clients in round {r + 1}", file=sys.stderr)
+                    print(f"# time limit reached: {server.name} skips {c} clients in round {r + 1}",
+                          file=sys.stderr)
                     continue
                 cpu0, own0 = server.cpu_s(), time.process_time()
                 level = asyncio.run(run_level(server.url, server.name, c, args))
                 level.server_cpu_s, level.client_cpu_s = server.cpu_s() - cpu0, time.process_time() - own0
-                print(f"# {server.name:15s} round {r + 1} {c:3d} clients: {level.tok_s:7.1f} tok/s, {level.ok} ok, "
-                      f"{level.errors} errors, {level.wall_s:.1f} s", file=sys.stderr, flush=True)
+                print(f"# {server.name:15s} round {r + 1} {c:3d} clients: {level.tok_s:7.1f} tok/s, "
+                      f"{level.ok} ok, {level.errors} errors, {level.wall_s:.1f} s", file=sys.stderr, flush=True)
                 levels.append(level)
             rounds.append(levels)
     finally:
@@ -344,13 +348,13 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=1800.0, help="no new level after this")
     p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = p.parse_args()
+    if min(args.rounds, args.llamacpp_rounds) < 1 or 1 not in args.clients:
+        p.error("--rounds must be at least 1 and --clients must include 1 (the baseline of the ratios)")
 
     t_end = time.monotonic() + args.time_limit
     load_start = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     rows, skipped = [], []
     servers = [portable_infer_server] if "portable_infer" in args.servers else []
-    if min(args.rounds, args.llamacpp_rounds) < 1 or 1 not in args.clients:
-        p.error("--rounds must be at least 1 and --clients must include 1 (the baseline of the ratios)")
     if "llamacpp" in args.servers:
         if LLAMACPP_PYTHON.exists():
             servers.append(llamacpp_server)
@@ -358,7 +362,8 @@ def main() -> None:
             skipped.append(f"llama.cpp: {LLAMACPP_PYTHON} missing (see the docstring)")
     for make in servers:
         try:
-            rounds = bench_server(make, args, t_end, args.rounds if make is portable_infer_server else args.llamacpp_rounds)
+            n_rounds = args.rounds if make is portable_infer_server else args.llamacpp_rounds
+            rounds = bench_server(make, args, t_end, n_rounds)
         except (RuntimeError, FileNotFoundError) as exc:
             skipped.append(f"{make.__name__}: {exc}")
             continue
@@ -367,7 +372,8 @@ def main() -> None:
             for e in lv.error_samples:
                 print(f"# {lv.server} {lv.clients} clients error: {e}", file=sys.stderr)
     print(f"load test: {args.max_tokens} new tokens per request, greedy, {args.threads} threads, {args.provider}, "
-          f"{args.rounds} rounds ({args.llamacpp_rounds} for llama.cpp; medians; x_vs_1: median of each round's ratio to its own 1-client level), "
+          f"{args.rounds} rounds ({args.llamacpp_rounds} for llama.cpp; medians; x_vs_1: median of each round's "
+          f"ratio to its own 1-client level), "
           f"portable_infer --max-batch {args.max_batch}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(table(rows))
