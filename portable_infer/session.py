@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import host
 from . import manifest as mf
 from .cache import KVCache
 from .errors import PortableInferError
@@ -26,7 +27,7 @@ _OUTPUT_DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": 
 class SessionConfig:
     """How ONNX Runtime sessions are made (frozen; passed down, not **kwargs)."""
 
-    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per physical core)
+    intra_op_threads: int = 0  # 0 = host.cpu_budget(): physical cores in the affinity mask, within the cgroup quota
     # MatMulNBits activation accuracy: 1 keeps float activations (exact GGUF imports),
     # 4 quantizes them to int8 (faster on CPUs with int8 dot products); None: the loader decides.
     accuracy_level: int | None = 1
@@ -39,8 +40,8 @@ class SessionConfig:
 
     def session_options(self, ort):
         so = ort.SessionOptions()
-        if self.intra_op_threads:
-            so.intra_op_num_threads = self.intra_op_threads
+        # 0 = the real CPU budget (affinity, physical cores, cgroup quota), not the host's cores
+        so.intra_op_num_threads = self.intra_op_threads or host.cpu_budget().threads
         so.enable_mem_pattern = self.enable_mem_pattern
         so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
         so.log_severity_level = self.log_severity
