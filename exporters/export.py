@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from portable_infer import __version__
+from portable_infer._version import __version__
 from portable_infer import manifest as mf
 from portable_infer.errors import ExportError, InvalidArgumentError
 

@@ -6,7 +6,7 @@ from .errors import (  # noqa: F401
     UnsupportedArchitectureError, VerificationError,
 )
 
-__version__ = "0.3.0"
+from ._version import __version__  # noqa: F401
 
 from .loader import load  # noqa: E402,F401
 from .model import Model  # noqa: E402,F401

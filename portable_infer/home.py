@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import DependencyError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION
 
