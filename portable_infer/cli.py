@@ -57,6 +57,9 @@ def _load(ns):
 
 # --- commands --------------------------------------------------------------------------------------
 def cmd_generate(ns) -> int:
+    from .prompts import check_text
+
+    check_text(ns.prompt)  # a non-UTF-8 argument (bytes escaped to U+DC80..U+DCFF): say so before loading
     model = _load(ns)
     kw = _sampling(ns)
     stream = model.stream_chat([{"role": "user", "content": ns.prompt}], **kw) if ns.chat else \
@@ -92,7 +95,7 @@ def cmd_chat(ns) -> int:
 
 
 def cmd_doctor(ns) -> int:
-    from .providers import doctor_report, format_doctor
+    from .doctor import doctor_report, format_doctor
 
     report = doctor_report()
     print(json.dumps(report, indent=2, default=str) if ns.json else format_doctor(report))
@@ -100,39 +103,9 @@ def cmd_doctor(ns) -> int:
 
 
 def cmd_inspect(ns) -> int:
-    from .manifest import Manifest
+    from .package_info import describe
 
-    m = Manifest.load(ns.package)
-    d = m.model
-    lines = [
-        f"package      {ns.package}",
-        f"model        {d.model_type} (family {d.architecture}), {d.num_layers} layers, hidden {d.hidden_size}",
-        f"attention    {d.num_heads} heads, {d.num_kv_heads} kv heads, head_dim {d.head_dim}, "
-        f"rope theta {d.rope_theta}" + (f", sliding window {d.sliding_window}" if d.sliding_window else ""),
-        f"vocab        {d.vocab_size}, max context {d.max_context}, tied embeddings {d.tie_word_embeddings}",
-        f"precision    {m.precision}",
-        f"source       {m.source.get('kind')} {m.source.get('path')}",
-        f"exporter     {m.exporter_version}, schema {m.schema_version}",
-    ]
-    for v in m.variants:
-        lines.append(f"variant      {v.name}: {v.file}, opset {v.opset}, domains {list(v.domains) or ['ai.onnx']}, "
-                     f"providers {list(v.providers)}, KV {v.kv.layout} {v.kv.dtype} ({v.kv.growth})")
-    size = sum(f.size for f in m.files)
-    lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
-    from .loader import INT8_SUFFIX, PREFERRED_AGREEMENT
-
-    for name, r in m.verification.items():
-        q = r.get("quality", {})
-        note = ""
-        if r.get("dropped"):
-            note = f"; left out of the package: {r['dropped']}"
-        elif name.endswith(INT8_SUFFIX) and q:
-            note = ("; runs by default" if q["top1_agreement"] >= PREFERRED_AGREEMENT else
-                    f"; below the {PREFERRED_AGREEMENT:.0%} gate: runs only with --accuracy 4")
-        lines.append(f"verified     {name}: max rel diff {r['full']['max_rel']:.2e}, greedy "
-                     f"{r['greedy']['identical_prefix']}/{r['greedy']['steps']}"
-                     + (f", top-1 {q['top1_agree_steps']}, ppl {q['perplexity']:.3f}" if q else "") + note)
-    print("\n".join(lines))
+    print(describe(ns.package, trust=ns.trust))  # a package directory or a .pinf bundle (not unpacked)
     return 0
 
 
@@ -181,6 +154,28 @@ def cmd_pack(ns) -> int:
     return 0
 
 
+# ServerConfig field -> (type, help) of `serve`'s flag (--shutdown-timeout for shutdown_timeout_s...)
+SERVE_LIMITS = {
+    "shutdown_timeout_s": (float, "seconds requests in flight get on SIGTERM; keep it at most the pod's "
+                                  "terminationGracePeriodSeconds"),
+    "keep_alive_timeout_s": (float, "seconds a connection without a request stays open"),
+    "read_timeout_s": (float, "seconds a request's head and body may take to arrive (else 408)"),
+    "write_timeout_s": (float, "seconds a client may read nothing of its response before it is dropped"),
+    "max_connections": (int, "open connections at most (then 503)"),
+    "max_prompt_chars": (int, "prompt or message characters at most, checked before tokenizing "
+                              "(default: 32 per --max-prompt-tokens)"),
+    "max_messages": (int, "messages per chat request at most"),
+    "tokenizer_threads": (int, "threads that tokenize prompts, off the event loop"),
+    "max_tokenizing": (int, "requests waiting to be tokenized at most (then 429)"),
+}
+
+
+def _serve_default(name: str):
+    from .server import ServerConfig
+
+    return ServerConfig.__dataclass_fields__[name].default
+
+
 def cmd_serve(ns) -> int:
     import os
 
@@ -192,9 +187,10 @@ def cmd_serve(ns) -> int:
                                 kv_budget_tokens=ns.kv_budget_tokens, prefix_cache_bytes=ns.prefix_cache_mib << 20,
                                 prefix_min_tokens=ns.prefix_min_tokens)
     api_key = ns.api_key or os.environ.get("PORTABLE_INFER_API_KEY") or None
+    limits = {name: getattr(ns, name) for name in SERVE_LIMITS if getattr(ns, name) is not None}
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
                               max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
-                              max_body_bytes=ns.max_body_bytes)
+                              max_body_bytes=ns.max_body_bytes, **limits)
     serve(Scheduler(_load(ns), sched_cfg), server_cfg)
     return 0
 
@@ -220,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 
-    i = sub.add_parser("inspect", help="the manifest of a package in human terms")
-    i.add_argument("package")
+    i = sub.add_parser("inspect", help="the manifest of a package or .pinf bundle in human terms")
+    i.add_argument("package", help="a package directory or a .pinf bundle")
+    i.add_argument("--trust", metavar="PUBKEY.pem", default=None,
+                   help="a bundle must be signed with this Ed25519 key (checked, as load does)")
     i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", help="TTFT, decode tokens/s and peak RSS as JSON")
@@ -249,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    for name, (kind, help_) in SERVE_LIMITS.items():
+        flag = "--" + name.removesuffix("_s").replace("_", "-")
+        default = _serve_default(name)
+        s.add_argument(flag, dest=name, type=kind, default=None, metavar="S" if kind is float else "N",
+                       help=help_ if default is None else f"{help_} (default {default:g})")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="HF folder / .gguf / default -> model package")

@@ -24,6 +24,22 @@ class SchemaVersionError(PackageError):
     """The manifest was written by an exporter this runtime does not understand."""
 
 
+class ManifestError(PackageError):
+    """A manifest field has the wrong type or value; ``field`` names it (e.g. ``variants[0].file``)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class UnsafePathError(ManifestError):
+    """A path named by a package leaves it: absolute, ``..``, a drive letter, a symlink out, unlisted."""
+
+    def __init__(self, message: str, field: str | None = None, path: str | None = None):
+        super().__init__(message, field)
+        self.path = path
+
+
 class BundleError(PackageError):
     """A ``.pinf`` bundle is corrupted, truncated, incomplete or holds an unsafe member name."""
 
@@ -34,16 +50,43 @@ class SignatureError(BundleError):
 
 # --- user input ----------------------------------------------------------------------------------
 class InvalidArgumentError(PortableInferError, ValueError):
-    """A parameter is outside its allowed range (sampling values, limits, ...)."""
+    """A parameter is outside its allowed range (sampling values, limits, ...).
+
+    ``param`` names the offending argument (``"temperature"``, ``"prompt"``...) where one does,
+    so callers (the server's 400s) need not parse the message.
+    """
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidArgumentError):
     """A prompt (plus the tokens asked for) does not fit the model's context."""
 
 
+class GenerationError(PortableInferError):
+    """One request's generation failed while it ran (NaN or infinite logits from the model, a
+    tokenizer error...). The scheduler ends that request with it; the others in its step go on.
+    ``reason`` names the cause (``"nan_logits"``, ``"inf_logits"``, ``"no_candidates"``,
+    ``"detokenize"``...)."""
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
+
+
 # --- execution providers -------------------------------------------------------------------------
 class ProviderError(PortableInferError):
-    """An execution provider is unknown, unavailable, or failed to start."""
+    """An execution provider is unknown, unavailable, or failed to start.
+
+    ``provider`` is the table key of the provider at fault (``"openvino"``) where one is, and
+    ``reason`` what happened (``"no suitable variant"``, ``"not available"``, ``"failed"``).
+    """
+
+    def __init__(self, message: str = "", *, provider: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.provider, self.reason = provider, reason
 
 
 # --- serving -------------------------------------------------------------------------------------

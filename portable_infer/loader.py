@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import measure
 from .chat_template import ChatTemplate
-from .errors import InvalidArgumentError, PackageError, PortableInferError
+from .errors import InvalidArgumentError, PackageError
 from .home import ensure_default_model
 from .manifest import Manifest
 from .model import Model, check_max_kv_tokens
 from .ort_format import ORT_SUFFIX
-from .providers import select_session
-from .session import Engine, SessionConfig
+from .package_paths import check_package
+from .providers import Selection, select_session
+from .session import SessionConfig
+from .variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static  # noqa: F401  (INT8_SUFFIX: cli reads it here)
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +36,15 @@ class LoadConfig:
     trust: object = None  # bundles only: the Ed25519 public key (PEM path or bytes) it must be signed with
     max_kv_tokens: int | None = None  # cap on the context (prompt + generated tokens held in the KV cache)
     static_kv: bool | None = None  # the static-KV variant: None = when the package has it (see load)
+    prefer: str = "speed"  # "speed": any variant past its quality gate, fastest measured; "exact": exact only
+    tune_batch: int = 1  # the batch size the caller expects, timed beside batch 1 when variants are measured
 
 
 def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
          intra_op_threads: int = 0, accuracy_level: int | None = None, check: str = "sha256",
          provider_options: dict | None = None, low_memory: bool = False, trust=None,
-         max_kv_tokens: int | None = None, static_kv: bool | None = None) -> Model:
+         max_kv_tokens: int | None = None, static_kv: bool | None = None, prefer: str = "speed",
+         tune_batch: int = 1) -> Model:
     """Load a model package on the best (or the named) execution provider.
 
     Args:
@@ -63,9 +70,19 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
         static_kv: run the package's ``static`` variant: KV in fixed buffers that the graph writes
             in place (no per-step copy of the cache), and on CUDA each decode step captured once
             as a CUDA graph and replayed (falls back to plain runs when capture fails). None (the
-            default): when the package has it (exports of rotary models without sliding windows
-            do, since 0.3.0; ``static-int8`` with int8 activations), unless the package carries
-            ORT-format graphs; False: never; True: required.
+            default): on providers that run it (CUDA, CPU) when the package has it (exports of
+            rotary models without sliding windows do, since 0.3.0; ``static-int8`` with int8
+            activations), unless the package carries ORT-format graphs; the others (OpenVINO,
+            DirectML, ...) run their own variant of the package (``docs/providers.md``). False:
+            never; True: required (a provider that cannot run it is skipped).
+
+        prefer: "speed" (default): of the variants the provider runs at the chosen KV growth, the
+            exact ones and those whose recorded agreement passed the quality gate compete, timed
+            for a few decode steps on this host the first time (the choice is cached per package,
+            CPU, ISA flags, ONNX Runtime version, provider and threads; ``portable-infer tune``
+            measures eagerly; ``PORTABLE_INFER_TUNE=0`` keeps the rules); "exact": only the exact
+            variants (float activations on the source's own weights).
+        tune_batch: the batch size the caller expects; measured beside batch 1 when above 1.
 
     Returns:
         :class:`Model`; ``model.provider`` says what really runs.
@@ -79,7 +96,7 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
                             enable_mem_pattern=not low_memory, enable_cpu_mem_arena=not low_memory,
                             map_weights=low_memory)
     return load_package(path, LoadConfig(providers, strict, check, session, provider_options, trust, max_kv_tokens,
-                                         static_kv))
+                                         static_kv, prefer, tune_batch))
 
 
 def load_package(path, cfg: LoadConfig) -> Model:
@@ -88,40 +105,35 @@ def load_package(path, cfg: LoadConfig) -> Model:
     if cfg.check not in CHECKS:
         raise InvalidArgumentError(f"check must be one of {CHECKS}, got {cfg.check!r}")
     check_max_kv_tokens(cfg.max_kv_tokens)  # before any session is made
+    _check_preference(cfg)
     if cfg.session.accuracy_level not in ACCURACY_LEVELS:
         raise InvalidArgumentError(
             f"accuracy_level must be one of {ACCURACY_LEVELS} (None: int8 activations where the package's "
             f"int8 graphs passed the quality gate; 1: float; 4: int8), got {cfg.session.accuracy_level!r}")
     pkg = Path(path) if path is not None else ensure_default_model(progress=True)
+    checked = False
     if pkg.is_file() or cfg.trust is not None:  # a .pinf bundle: checked, unpacked once, then a directory
         from .bundle import open_bundle
 
-        pkg = open_bundle(pkg, trust=cfg.trust)
+        pkg = open_bundle(pkg, trust=cfg.trust, check=cfg.check)  # its files checked there, at this level
+        checked = True
     if not pkg.exists():
         raise PackageError(f"model package {pkg} does not exist; export one with "
                            f"`portable-infer export SOURCE -o {pkg}` or omit the path for the default model")
     manifest = Manifest.load(pkg)
-    if cfg.check != "none":
-        manifest.verify_files(pkg, hash_files=cfg.check == "sha256")
-    sel, graphs = _select_auto(manifest, pkg, cfg, ort)
+    check_package(manifest, pkg, "none" if checked else cfg.check)  # every level confines paths (package_paths)
+    sel = _select(manifest, pkg, cfg, ort)
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
-    if sel.variant.kv.growth == "static":
-        from .static_engine import StaticEngine
-
-        context = min(manifest.model.max_context, cfg.max_kv_tokens or manifest.model.max_context)
-        engine = StaticEngine(sel.session, sel.variant, sel.provider.ort_name, ort, max_context=context,
-                              vocab_size=manifest.model.vocab_size, cuda_graph=graphs)
-    else:
-        engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
+    engine = measure.make_engine(sel, manifest, ort, cfg.max_kv_tokens)
     tokenizer, template = _tokenizer(pkg, manifest)
     logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
     return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
 
 
-def _is_int8(v) -> bool:
-    """An int8-activation graph: fused-int8, static-int8 (or their ``-ort`` copies)."""
-    return v.name.removesuffix(ORT_SUFFIX).endswith(INT8_SUFFIX)
+# accuracy_level None runs an int8 twin only when export verification measured at least this
+# teacher-forced top-1 agreement with the float reference (the quality gate of int4 packages)
+PREFERRED_AGREEMENT = 0.98
 
 
 def _passed_gate(manifest: Manifest, v) -> bool:
@@ -131,89 +143,50 @@ def _passed_gate(manifest: Manifest, v) -> bool:
 
 
 def _int8_wanted(cfg: LoadConfig) -> bool | None:
-    """accuracy_level 4: int8 activations required; 1: float; None: int8 where a twin passed the gate."""
-    return {4: True, 1: False}.get(cfg.session.accuracy_level)
+    """accuracy_level 4: int8 activations required; 1 or prefer="exact": float; None: where gated."""
+    return {4: True, 1: False}.get(cfg.session.accuracy_level, False if cfg.prefer == "exact" else None)
 
 
-def _auto_static(manifest: Manifest, cfg: LoadConfig) -> bool:
-    """static_kv=None: a static variant of the asked-for activations when the package has one,
-    unless it carries ORT-format graphs (packed for them)."""
-    int8 = _int8_wanted(cfg)
-    return (any(v.kv.growth == "static" and int8 in (None, _is_int8(v)) for v in manifest.variants)
-            and not any(v.name.endswith(ORT_SUFFIX) for v in manifest.variants))
+def _check_preference(cfg: LoadConfig) -> None:
+    if cfg.prefer not in measure.PREFERENCES:
+        raise InvalidArgumentError(f"prefer must be one of {measure.PREFERENCES}, got {cfg.prefer!r}",
+                                   param="prefer")
+    if cfg.prefer == "exact" and cfg.session.accuracy_level == 4:
+        raise InvalidArgumentError('prefer="exact" runs float activations, and accuracy_level=4 asks for int8 '
+                                   'ones; drop one of them', param="prefer")
+    if isinstance(cfg.tune_batch, bool) or not isinstance(cfg.tune_batch, int) or not 1 <= cfg.tune_batch <= 4096:
+        raise InvalidArgumentError(f"tune_batch must be an int in [1, 4096], got {cfg.tune_batch!r}",
+                                   param="tune_batch")
 
 
-def _select_auto(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort):
-    """(selection, CUDA graphs on), trying the static variant first when ``static_kv`` is None
-    and it applies; a provider that cannot run it (OpenVINO, DirectML, ...) gets the others."""
-    int8 = _int8_wanted(cfg)
-    if cfg.static_kv is not None or not _auto_static(manifest, cfg):
-        return _select(_variants(manifest, pkg, bool(cfg.static_kv), int8), pkg, cfg, ort)
-    import dataclasses
-
-    try:
-        return _select(_variants(manifest, pkg, True, int8), pkg, dataclasses.replace(cfg, static_kv=True), ort)
-    except PortableInferError as exc:
-        logger.info("static-KV variant not used (%s); selecting among the others", exc)
-        return _select(_variants(manifest, pkg, False, int8), pkg, cfg, ort)
+def _choice(manifest: Manifest, pkg: Path, cfg: LoadConfig) -> VariantChoice:
+    """The user's variant choices and the package's gate, refused up front when no provider could
+    honour them; each provider then picks from the whole package (``variant_choice``)."""
+    gated = frozenset(v.name for v in manifest.variants if is_int8(v) and _passed_gate(manifest, v))
+    choice = VariantChoice(static_kv=cfg.static_kv, int8=_int8_wanted(cfg), gated=gated)
+    choice.check(manifest.variants, pkg)
+    return choice
 
 
-def _select(variants: list, pkg: Path, cfg: LoadConfig, ort):
-    """(selection, CUDA graphs on). With ``static_kv`` the session first asks for CUDA graphs;
-    if that session cannot start (e.g. nodes placed off CUDA), it is made again without them."""
-    def select(options):
-        return select_session(variants, pkg, cfg.providers, strict=cfg.strict,
-                              session_options=cfg.session.session_options(ort), provider_options=options, ort=ort)
+def _select(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort) -> Selection:
+    """The session: the first provider (by ``cfg.providers``) that runs a variant it may and really
+    starts; a static-KV graph on CUDA asks for CUDA graphs first (``Selection.graph_capture``).
+    Then, where several variants may run there, the one measured fastest on this host (``measure``)."""
+    choice = _choice(manifest, pkg, cfg)
+    sel = select_session(manifest.variants, pkg, cfg.providers, strict=cfg.strict,
+                         session_options=cfg.session.session_options(ort), provider_options=cfg.provider_options,
+                         choice=choice, ort=ort)
 
-    if not cfg.static_kv:
-        return select(cfg.provider_options), False
-    base = cfg.provider_options or {}
-    try:
-        return select({**base, "cuda": {**base.get("cuda", {}), "enable_cuda_graph": "1"}}), True
-    except PortableInferError as exc:
-        if "graph capture" in str(exc):
-            logger.warning("CUDA graphs refused for this graph: some nodes run off CUDA (fp32 packages: "
-                           "GroupQueryAttention has no fp32 CUDA kernel; export with --precision fp16 or "
-                           "--activations fp16 for graphs); decoding without CUDA graphs")
-        else:
-            logger.warning("session with CUDA graphs failed (%s); trying without", exc)
-        return select(cfg.provider_options), False
+    def reselect(variant) -> Selection:  # one variant on the provider that runs
+        only = VariantChoice(static_kv=is_static(variant), int8=is_int8(variant), gated=frozenset([variant.name]))
+        return select_session([variant], pkg, sel.provider.key, strict=True,
+                              session_options=cfg.session.session_options(ort),
+                              provider_options=cfg.provider_options, choice=only, ort=ort)
 
-
-INT8_SUFFIX = "-int8"  # fused-int8, static-int8: their exact twins with int8 activations
-# accuracy_level None runs an int8 twin only when export verification measured at least this
-# teacher-forced top-1 agreement with the float reference (the quality gate of int4 packages)
-PREFERRED_AGREEMENT = 0.98
-EXACT_TWINS = ("fused", "fused-ort", "portable-ort", "static")  # what an int8 variant replaces
-
-
-def _variants(manifest: Manifest, pkg: Path, static_kv: bool, int8: bool | None = False) -> list:
-    """The variants selection may choose from: the static ones or the others; with ``int8`` the
-    int8-activation graph in place of its exact twin (and ahead of the portable graph's ORT-format
-    copy), else the exact ones; ``int8`` None: the int8 graph where the pool has one."""
-    pool = [v for v in manifest.variants if (v.kv.growth == "static") == static_kv]
-    if static_kv and not pool:
-        raise PackageError(f"{pkg} has no static-KV variant; re-export it with "
-                           f"`portable-infer export SOURCE -o {pkg} --variants portable,fused,static`")
-    eight = [v for v in pool if _is_int8(v)]
-    if int8 is None:  # a twin below the gate runs only when it has no exact twin in the pool
-        int8 = bool(eight) and (all(_passed_gate(manifest, v) for v in eight) or len(eight) == len(pool))
-    elif not int8 and all(_is_int8(v) for v in manifest.variants):  # accuracy_level=1 asked for
-        raise PackageError(
-            f"accuracy_level=1 asks for float activations, and {pkg} has only int8-activation graphs "
-            f"({', '.join(v.name for v in manifest.variants)}); load it with accuracy_level=4 (or None), "
-            f"or re-export it with the exact variants: `portable-infer export SOURCE -o {pkg} --precision int4`")
-    if not int8:
-        return [v for v in pool if v not in eight]
-    if eight:
-        return [v for v in pool if v.name not in EXACT_TWINS]
-    if not static_kv and any(v.name.startswith("fused") for v in pool):
-        raise PackageError(
-            f"accuracy_level=4 asks for int8 activations, and {pkg} has no fused-int8 graph (int4 exports "
-            f"keep it unless it falls below the 90 % agreement floor; its fused graph keeps the accuracy it was exported "
-            f"with); re-export it with `portable-infer export SOURCE -o {pkg} --precision int4` or load it "
-            f"with accuracy_level=1")
-    return pool  # static without an int8 twin, or portable only (ONNX Runtime fuses QDQ pairs at 4)
+    batches = (1,) if cfg.tune_batch == 1 else (1, cfg.tune_batch)
+    picked = measure.tuned(sel, manifest, pkg, choice, reselect, ort, threads=cfg.session.intra_op_threads,
+                           prefer=cfg.prefer, batches=batches, max_kv_tokens=cfg.max_kv_tokens)
+    return picked if picked is sel else dataclasses.replace(picked, skipped=sel.skipped)
 
 
 def _tokenizer(pkg: Path, manifest: Manifest):
@@ -230,7 +203,13 @@ def _tokenizer(pkg: Path, manifest: Manifest):
         specials = {}
         if tokenizer is not None:
             for key, tid in (("bos_token", info.bos_token_id), ("eos_token", (info.eos_token_ids or (None,))[0])):
-                if tid is not None:
-                    specials[key] = tokenizer.id_to_token(tid)
-        template = ChatTemplate((pkg / info.chat_template_file).read_text(encoding="utf-8"), specials)
+                token = tokenizer.id_to_token(tid) if tid is not None else None
+                if token is not None:  # None: an id the tokenizer does not have
+                    specials[key] = token
+        path = pkg / info.chat_template_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PackageError(f"{path} could not be read as UTF-8 text ({exc}); re-export the package") from exc
+        template = ChatTemplate(text, specials)
     return tokenizer, template

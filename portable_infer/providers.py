@@ -1,9 +1,13 @@
-"""Execution providers: the table, name resolution, session selection with fallback, ``doctor``.
+"""Execution providers: the table, name resolution, session selection with fallback.
 
 Everything that differs between providers (ONNX Runtime's name, default options, install hint,
-which graph variant and precision it runs best) is a row of :data:`PROVIDERS`; the functions below
-only read the table. :func:`select_session` checks what actually ran: ONNX Runtime silently falls
-back to CPU when a provider's libraries fail to load, and lists providers it cannot use.
+which graph variants and precisions it runs, in its order of preference) is a row of
+:data:`PROVIDERS`; the functions below only read the table. Which variant of a package each
+provider runs is decided by one rule, :func:`portable_infer.variant_choice.choose_variant`, from
+the whole package and the user's choices (``static_kv``, ``accuracy_level``).
+:func:`select_session` checks what actually ran: ONNX Runtime silently falls back to CPU when a
+provider's libraries fail to load, and lists providers it cannot use. ``portable-infer doctor``
+reads the same table (``doctor.py``).
 
 Requested providers are ``"auto"``, a key or alias (``"cuda"``, ``"amd"``), ONNX Runtime's name
 (``"CUDAExecutionProvider"``), a comma-separated string of those, or a list. The environment
@@ -25,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import InvalidArgumentError, PackageError, ProviderError
 from .manifest import GraphVariant
+from .variant_choice import VariantChoice, choose_variant, pick_variant  # noqa: F401  (pick_variant: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +51,19 @@ class ProviderSpec:
     precisions: tuple = ("fp16", "int4", "int8", "fp32")  # accepted precisions, preferred first
     explicit_only: str = ""  # why "auto" never picks it; "" = auto may pick it
     companions: tuple = ()  # ORT names placed between it and CPU for the nodes it cannot run
+    # options added for a static-KV graph (CUDA graphs); a session that refuses them is made without
+    graph_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     min_ort: str | None = None  # first ONNX Runtime version that has it
     max_ort: str | None = None  # first ONNX Runtime version without it
 
     def names(self) -> set:
         """Every name that means this provider, normalised (lower case, "-" -> "_")."""
         return {_norm(n) for n in (self.key, self.ort_name, *self.aliases)}
+
+    def accepts(self, v: GraphVariant) -> bool:
+        """It runs variant ``v``: a name and precision it takes, and ``v`` targets it ("*" or none = any)."""
+        targets = not v.providers or "*" in v.providers or any(_norm(p) in self.names() for p in v.providers)
+        return v.name in self.variants and v.precision in self.precisions and targets
 
     def unsupported_reason(self, ort_version: str) -> str | None:
         """Why this ONNX Runtime version cannot have the provider, or None."""
@@ -74,18 +86,18 @@ def _opts(**kw) -> Mapping[str, Any]:
 
 _CPU_FIRST = ("int4", "int8", "fp32", "fp16")
 # The fused variant uses com.microsoft contrib ops; "*-int8" (the same graphs, int8 activations)
-# replace their twins when the loader asks for int8 activations (see loader._variants); "static"
-# (fixed KV buffers written in place; CUDA graphs on CUDA) is tried first by the loader when the
-# package has it, then the others for providers that cannot run it: the loader hands this list
-# one group at a time.
-_FUSED_FIRST = ("fused", "fused-int8", "portable", "static", "static-int8")
+# replace their twins when int8 activations are asked for, as do "*-q4" (int8 activations on 4-bit
+# weights in MatMulNBits' integer form, ONNX Runtime's fastest CPU kernels); "static" (fixed KV buffers written in
+# place; CUDA graphs on CUDA) comes first by default because variant_choice tries the static tier
+# before the growing one, not by its place here (the order within a tier).
+_FUSED_FIRST = ("fused", "fused-int8", "fused-q4", "portable", "static", "static-int8", "static-q4")
 _CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
 _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
 
 PROVIDERS: tuple = (
     ProviderSpec("cuda", "CUDAExecutionProvider", 10, "NVIDIA GPU (CUDA)",
                  f'{_swap("onnxruntime-gpu")} {_CUDA_LIBS}',
-                 aliases=("nvidia",), variants=_FUSED_FIRST,
+                 aliases=("nvidia",), variants=_FUSED_FIRST, graph_options=_opts(enable_cuda_graph="1"),
                  # use_tf32=0: ORT's CUDA EP rounds fp32 MatMuls to TF32 by default, which made fp32
                  # greedy tokens differ from the CPU's on an H100 (1 of 3 prompts, 128 tokens).
                  default_options=_opts(device_id=0, arena_extend_strategy="kSameAsRequested",
@@ -206,16 +218,6 @@ def resolve(requested: str | Sequence[str] = "auto", ort_version: str | None = N
     return _resolve(requested, ort_version or _default_ort().__version__)[0]
 
 
-def pick_variant(spec: ProviderSpec, variants: Sequence[GraphVariant]) -> GraphVariant | None:
-    """The variant ``spec`` prefers (name first, then precision), among those it accepts."""
-    def targets(v: GraphVariant) -> bool:  # a variant's providers: "*" (or none listed) = any
-        return not v.providers or "*" in v.providers or any(_norm(p) in spec.names() for p in v.providers)
-
-    ok = [v for v in variants if v.name in spec.variants and v.precision in spec.precisions and targets(v)]
-    return min(ok, key=lambda v: (spec.variants.index(v.name), spec.precisions.index(v.precision)),
-               default=None)
-
-
 @dataclass(frozen=True)
 class Selection:
     """The session that runs, which provider and graph variant it uses, and what was passed over."""
@@ -224,6 +226,7 @@ class Selection:
     provider: ProviderSpec
     variant: GraphVariant
     skipped: tuple = ()  # ((provider key, reason), ...)
+    graph_capture: bool = False  # the session took the row's graph_options (CUDA graphs)
 
 
 def _option_overrides(provider_options: Mapping | None, ort_version: str) -> dict:
@@ -240,7 +243,7 @@ def _option_overrides(provider_options: Mapping | None, ort_version: str) -> dic
 def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathLike,
                    requested: str | Sequence[str] = "auto", *, strict: bool = False,
                    session_options: Any = None, provider_options: Mapping | None = None,
-                   ort: Any = None) -> Selection:
+                   choice: VariantChoice = VariantChoice(), ort: Any = None) -> Selection:
     """Create an ONNX Runtime session on the best provider that really works.
 
     Args:
@@ -251,13 +254,15 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
             provider fails to start, instead of warning and trying the next (then CPU).
         session_options: an ``onnxruntime.SessionOptions`` (default: a fresh one per attempt).
         provider_options: {provider name: {option: value}} merged over the table's defaults.
+        choice: the user's variant choices and the package's int8 gate: each provider runs the variant it
+            prefers under them (:func:`~portable_infer.variant_choice.choose_variant`), or is skipped.
         ort: the onnxruntime module (tests pass a fake).
     Returns:
         :class:`Selection`; ``skipped`` says why each provider tried before it was passed over.
     Example:
         >>> sel = select_session(manifest.variants, "pkg/", "cuda")
         >>> sel.provider.key, sel.variant.name
-        ('cuda', 'fused')
+        ('cuda', 'static')
     """
     ort = ort if ort is not None else _default_ort()
     specs, explicit = _resolve(requested, ort.__version__)
@@ -268,7 +273,8 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
 
     def give_up(spec: ProviderSpec, reason: str, detail: str) -> None:
         if strict:
-            raise ProviderError(f"{spec.key} ({spec.ort_name}) {detail}; to fix: {spec.install_hint}")
+            raise ProviderError(f"{spec.key} ({spec.ort_name}) {detail}; to fix: {spec.install_hint}",
+                                provider=spec.key, reason=reason.split(":", 1)[0])
         logger.warning("%s (%s) %s; trying the next provider", spec.key, spec.ort_name, detail)
         skipped.append((spec.key, reason))
 
@@ -284,35 +290,29 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
                         f"is not in this ONNX Runtime build ({ort.__version__}, providers: "
                         f"{', '.join(available)})" + (f"; {conflict}" if conflict else ""))
             continue
-        variant = pick_variant(spec, variants)
+        variant, why = choose_variant(spec, variants, choice)
         if variant is None:
-            have = ", ".join(f"{v.name}/{v.precision}" for v in variants) or "none"
-            reason = (f"no suitable variant: it takes {'/'.join(spec.variants)} in "
-                      f"{'/'.join(spec.precisions)}, the package has {have}")
+            reason = f"no suitable variant: {why}"
             if explicit and strict:
-                raise ProviderError(f"{spec.key}: {reason}; re-export the package with such a variant")
+                raise ProviderError(f"{spec.key}: {reason}; re-export the package with a variant it runs, or "
+                                    f"load it without the choices that rule them out", provider=spec.key,
+                                    reason="no suitable variant")
             (logger.warning if explicit else logger.info)("%s skipped: %s", spec.key, reason)
             skipped.append((spec.key, reason))
             continue
         path = package_dir / variant.file
         if not path.is_file():
-            raise PackageError(f"{path} (variant {variant.name!r}) is missing; "
-                               f"re-copy or re-export the package")
-        options = {**spec.default_options, **overrides.get(spec.key, {})}
-        providers = ([(spec.ort_name, options)] + [(n, {}) for n in spec.companions if n in available]
-                     + ([] if spec is CPU else [(CPU.ort_name, {})]))
-        sess_options = session_options if session_options is not None else ort.SessionOptions()
+            raise PackageError(f"{path} (variant {variant.name!r}) is missing; re-copy or re-export the package")
         try:
-            session = ort.InferenceSession(str(path), sess_options, providers=providers)
+            session, graphs = _start(ort, spec, variant, path, overrides.get(spec.key, {}), available, session_options)
         except Exception as exc:  # ORT raises many types (Fail, RuntimeError, ...) for a broken EP
             give_up(spec, f"failed: {type(exc).__name__}: {exc}",
                     f"failed to start on {variant.file}: {type(exc).__name__}: {exc}")
             continue
         actual = list(session.get_providers())
         if actual[:1] == [spec.ort_name]:
-            logger.info("running %s (%s variant, %s) on %s", variant.file, variant.name,
-                        variant.precision, spec.ort_name)
-            return Selection(session, spec, variant, tuple(skipped))
+            logger.info("running %s (%s, %s) on %s", variant.file, variant.name, variant.precision, spec.ort_name)
+            return Selection(session, spec, variant, tuple(skipped), graphs)
         got = actual[0] if actual else "no provider"
         give_up(spec, f"failed: session fell back to {got}",
                 f"was listed but the session runs on {got} (its libraries did not load; "
@@ -322,7 +322,32 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
                         f"{', '.join(s.key for s in specs)}): {tried}; run `portable-infer doctor`")
 
 
-# --- installed builds and doctor -----------------------------------------------------------------
+def _start(ort: Any, spec: ProviderSpec, variant: GraphVariant, path: Path, user: Mapping, available: list,
+           sess_options: Any) -> tuple:
+    """(session, graph capture on). A static-KV graph first asks for the row's ``graph_options``
+    (CUDA graphs) unless the user's options say otherwise; a session that refuses them (e.g. nodes
+    placed off the device) is made again without them."""
+    sess_options = sess_options if sess_options is not None else ort.SessionOptions()
+    tail = ([(n, {}) for n in spec.companions if n in available]
+            + ([] if spec is CPU else [(CPU.ort_name, {})]))
+
+    def make(options: Mapping):
+        return ort.InferenceSession(str(path), sess_options, providers=[(spec.ort_name, dict(options))] + tail)
+
+    graph = {**spec.default_options, **spec.graph_options, **user}
+    if (variant.kv.growth == "static" and spec.graph_options
+            and all(graph.get(k) == v for k, v in spec.graph_options.items())):
+        try:
+            return make(graph), True
+        except Exception as exc:  # noqa: BLE001  (then the plain session says what is wrong, if anything)
+            hint = (" (fp32 packages: GroupQueryAttention has no fp32 CUDA kernel; export with --precision "
+                    "fp16 or --activations fp16 for graphs)" if "graph capture" in str(exc) else "")
+            logger.warning("%s refused graph capture for %s: %s: %s%s; running it without",
+                           spec.key, variant.file, type(exc).__name__, exc, hint)
+    return make({**spec.default_options, **user}), False
+
+
+# --- installed builds (``portable-infer doctor`` is doctor.py) ---------------------------------------
 ORT_DISTRIBUTIONS = (
     "onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn",
     "onnxruntime-rocm", "onnxruntime-migraphx", "onnxruntime-training", "onnxruntime-webgpu",
@@ -351,79 +376,3 @@ def build_conflict_warning(builds: Sequence[tuple]) -> str | None:
             f"and overwrite each other's files, so which providers work depends on install order. "
             f"Keep one build per virtualenv: pip uninstall -y {' '.join(names)}, then "
             f"pip install the one for your hardware")
-
-
-def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = None) -> dict:
-    """Plain data about the ONNX Runtime install and what ``auto`` would pick, without sessions.
-
-    Returns:
-        dict with ort_version, builds, build_conflict, available, unused_available, env_override,
-        auto ({provider, ort_name, device, variant} or {error}), and providers: one row per
-        table entry with key, ort_name, device, status ("picked"/"fallback"/"skipped"), reason
-        and install_hint.
-    """
-    ort = ort if ort is not None else _default_ort()
-    version, available = ort.__version__, list(ort.get_available_providers())
-    builds = installed_builds()
-    try:
-        specs, explicit = _resolve("auto", version)
-        error = None
-    except (ProviderError, InvalidArgumentError) as exc:
-        specs, explicit, error = [], True, str(exc)
-    order = specs + ([CPU] if explicit and CPU not in specs else [])  # select_session's fallback
-    reasons = {}
-    for spec in PROVIDERS:
-        reason = spec.unsupported_reason(version)
-        if reason is None and spec.ort_name not in available:
-            reason = "not in this ONNX Runtime build"
-        if reason is None and spec not in order:
-            reason = f"not in {ENV_VAR}" if explicit else spec.explicit_only
-        if reason is None and variants is not None and pick_variant(spec, variants) is None:
-            reason = "no suitable variant in the package"
-        reasons[spec.key] = reason
-    usable = [s for s in order if reasons[s.key] is None]
-    picked = usable[0] if usable else None
-    rows = [{"key": s.key, "ort_name": s.ort_name, "device": s.device, "reason": reasons[s.key],
-             "status": "picked" if s is picked else "fallback" if s in usable else "skipped",
-             "install_hint": s.install_hint}
-            for s in usable + [s for s in PROVIDERS if s not in usable]]
-    variant = pick_variant(picked, variants) if picked and variants is not None else None
-    auto = ({"error": error} if error else {"error": "no usable provider"} if picked is None else
-            {"provider": picked.key, "ort_name": picked.ort_name, "device": picked.device,
-             "variant": variant.name if variant else None})
-    known = {s.ort_name for s in PROVIDERS}
-    return {
-        "ort_version": version, "ort_device": getattr(ort, "get_device", lambda: None)(),
-        "builds": [list(b) for b in builds],
-        "build_conflict": build_conflict_warning(builds), "available": available,
-        "unused_available": [p for p in available if p not in known],
-        "env_override": os.environ.get(ENV_VAR) or None,
-        "auto": auto, "providers": rows,
-    }
-
-
-def format_doctor(report: dict) -> str:
-    """Human-readable text of :func:`doctor_report` for ``portable-infer doctor``."""
-    builds = ", ".join(f"{n} {v}" for n, v in report["builds"]) or "none found by pip metadata"
-    auto = report["auto"]
-    device = f", device {report['ort_device']}" if report.get("ort_device") else ""
-    lines = [f"ONNX Runtime {report['ort_version']}{device} (installed builds: {builds})"]
-    if report["build_conflict"]:
-        lines.append(f"WARNING: {report['build_conflict']}")
-    lines.append(f"available providers: {', '.join(report['available'])}")
-    if report["env_override"]:
-        lines.append(f"{ENV_VAR}={report['env_override']} replaces the auto choice")
-    if "error" in auto:
-        lines.append(f"auto: ERROR {auto['error']}")
-    else:
-        variant = f", {auto['variant']} variant" if auto.get("variant") else ""
-        lines.append(f"auto picks: {auto['provider']} ({auto['ort_name']}, {auto['device']}{variant})")
-    lines.append("providers:")
-    for row in report["providers"]:
-        text = row["reason"] or ("used by auto" if row["status"] == "picked" else "auto's next choice")
-        if row["reason"] == "not in this ONNX Runtime build":
-            text += f"; to get it: {row['install_hint']}"
-        lines.append(f"  {row['key']:<14}{row['status']:<10}{row['device']:<34}{text}")
-    if report["unused_available"]:
-        lines.append(f"not used by portable_infer: {', '.join(report['unused_available'])}")
-    return "\n".join(lines)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+def pytest_configure(config):
+    """Variant choice by the rules in every test (subprocesses too): measuring on the host would make
+    which variant runs depend on the machine. tests/test_tune*.py turn measuring on where they test it."""
+    os.environ["PORTABLE_INFER_TUNE"] = "0"
+
 
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, num_hidden_layers=2, max_position_embeddings=256,

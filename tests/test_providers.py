@@ -10,9 +10,9 @@ import pytest
 from portable_infer import providers
 from portable_infer.errors import InvalidArgumentError, PackageError, ProviderError
 from portable_infer.manifest import GraphVariant, KVLayout
+from portable_infer.doctor import doctor_report, format_doctor
 from portable_infer.providers import (
-    ENV_VAR, PROVIDERS, ProviderSpec, build_conflict_warning, doctor_report, format_doctor,
-    installed_builds, pick_variant, resolve, select_session,
+    ENV_VAR, PROVIDERS, ProviderSpec, build_conflict_warning, installed_builds, pick_variant, resolve, select_session,
 )
 
 CUDA, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -50,7 +50,7 @@ class FakeOrt:
 
 
 def variant(name, precision="fp32", providers=("*",)):
-    kv = KVLayout("BHSD", "float32", 1, 4, "concat", (), ())
+    kv = KVLayout("BHSD", "float32", 1, 4, "static" if name.startswith("static") else "concat", (), ())
     return GraphVariant(name=name, file=f"model.{name}.{precision}.onnx", precision=precision, opset=17,
                         domains=("com.microsoft",) if name == "fused" else (), providers=providers,
                         inputs=(), outputs=(), kv=kv)
@@ -258,6 +258,20 @@ def test_provider_without_acceptable_variant_is_skipped(tmp_path):
         select_session([fused], tmp_path, "openvino", strict=True, ort=ort)
 
 
+def test_strict_errors_name_the_provider_and_the_reason(tmp_path):
+    fused = variant("fused")
+    (tmp_path / fused.file).write_bytes(b"")
+    with pytest.raises(ProviderError) as err:
+        select_session([fused], tmp_path, "openvino", strict=True, ort=FakeOrt(["OpenVINOExecutionProvider", CPU_EP]))
+    assert (err.value.provider, err.value.reason) == ("openvino", "no suitable variant")
+    with pytest.raises(ProviderError) as err:
+        select_session([fused], tmp_path, "cuda", strict=True, ort=FakeOrt([CUDA, CPU_EP], fail=[CUDA]))
+    assert (err.value.provider, err.value.reason) == ("cuda", "failed")
+    with pytest.raises(ProviderError) as err:
+        select_session([fused], tmp_path, "cuda", strict=True, ort=FakeOrt([CPU_EP]))
+    assert (err.value.provider, err.value.reason) == ("cuda", "not available")
+
+
 def test_nothing_works_raises_with_every_reason(package):
     variants, root = package
     with pytest.raises(ProviderError, match=r"cuda: failed.*cpu: failed"):
@@ -309,6 +323,19 @@ def test_doctor_report(monkeypatch):
     text = format_doctor(report)
     assert "auto picks: cuda" in text and "onnxruntime-gpu 1.31.1" in text
     assert 'pip install onnxruntime-openvino' in text
+
+
+def test_doctor_reports_each_providers_own_variant(monkeypatch):
+    """doctor uses the loader's rule: with a static graph in the package OpenVINO still has portable."""
+    monkeypatch.setattr(providers, "installed_builds", lambda: [("onnxruntime-openvino", "1.24.1")])
+    ort = FakeOrt(["OpenVINOExecutionProvider", CPU_EP])
+    report = doctor_report(ort, variants=[variant(n) for n in ("portable", "fused", "static")])
+    assert report["auto"] == {"provider": "openvino", "ort_name": "OpenVINOExecutionProvider",
+                              "device": spec("openvino").device, "variant": "portable"}
+    report = doctor_report(ort, variants=[variant("fused"), variant("static")])
+    rows = {r["key"]: r for r in report["providers"]}
+    assert report["auto"]["provider"] == "cpu" and report["auto"]["variant"] == "static"
+    assert rows["openvino"]["reason"].startswith("no suitable variant: it takes portable")
 
 
 def test_doctor_with_env_override(monkeypatch):

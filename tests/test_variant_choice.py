@@ -1,0 +1,271 @@
+"""Which variant every provider of the table runs from one package, through the loader's selection,
+on a fake onnxruntime that lists one provider (plus the CPU's).
+
+The package is an int4 export's full set (portable, fused, fused-int8, static, static-int8). Each
+case is a row of expectations: CUDA and the CPU take the static (or int8, or growing) graph the
+user's choices ask for; OpenVINO and every other portable-only provider take ``portable`` from the
+same package, whatever the static-KV default, and are skipped when a choice rules it out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pytest
+
+from portable_infer import loader
+from portable_infer.errors import PackageError, ProviderError
+from portable_infer.loader import LoadConfig
+from portable_infer.manifest import GraphVariant, KVLayout
+from portable_infer.providers import CPU, ENV_VAR, PROVIDERS, VariantChoice, choose_variant, select_session
+from portable_infer.session import SessionConfig
+
+CPU_EP, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+FULL = ("portable", "fused", "fused-int8", "static", "static-int8")
+
+
+class FakeOrt:
+    """The onnxruntime names the loader's selection uses. ``refuse_graphs``: a session asking for
+    CUDA graphs fails as ORT's does when nodes sit off CUDA."""
+
+    class SessionOptions:
+        def add_session_config_entry(self, key, value):
+            pass
+
+    def __init__(self, available, version="1.31.1", refuse_graphs=False):
+        self.__version__, self.available, self.refuse_graphs = version, list(available), refuse_graphs
+        self.created = []  # (file name, [(provider, options), ...]) per session
+
+    def get_available_providers(self):
+        return list(self.available)
+
+    def InferenceSession(self, path, sess_options, providers):
+        self.created.append((path.rsplit("/", 1)[-1], providers))
+        if self.refuse_graphs and providers[0][1].get("enable_cuda_graph") == "1":
+            raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
+        return FakeSession([p for p, _ in providers])
+
+
+@dataclass
+class FakeSession:
+    providers: list
+
+    def get_providers(self):
+        return list(self.providers)
+
+
+@dataclass
+class FakeManifest:
+    """What the selection reads of a manifest: the variants and the export's verification."""
+
+    variants: tuple
+    verification: dict = field(default_factory=dict)
+
+
+def variant(name: str, precision: str = "int4", providers=("*",)) -> GraphVariant:
+    growth = "static" if name.startswith("static") else "concat"
+    kv = KVLayout("BHSD", "float32", 1, 4, growth, (), ())
+    return GraphVariant(name=name, file=f"model.{name}.onnx", precision=precision, opset=21,
+                        domains=() if name.startswith("portable") else ("com.microsoft",), providers=providers,
+                        inputs=(), outputs=(), kv=kv)
+
+
+def package(tmp_path, names=FULL, verification=None, extra=()) -> FakeManifest:
+    variants = tuple(variant(n) for n in names) + tuple(extra)
+    for v in variants:
+        (tmp_path / v.file).write_bytes(b"")
+    return FakeManifest(variants, verification or {})
+
+
+def passed(*names, agreement=0.99) -> dict:
+    return {n: {"quality": {"top1_agreement": agreement}} for n in names}
+
+
+def select(manifest, tmp_path, ort, providers="auto", strict=False, static_kv=None, accuracy=None, options=None):
+    cfg = LoadConfig(providers=providers, strict=strict, static_kv=static_kv, provider_options=options,
+                     session=SessionConfig(intra_op_threads=1, accuracy_level=accuracy))
+    return loader._select(manifest, tmp_path, cfg, ort)
+
+
+def ort_for(spec) -> FakeOrt:
+    """An ONNX Runtime build that has ``spec`` (and the CPU provider), of a version that has it."""
+    return FakeOrt([spec.ort_name, CPU_EP] if spec is not CPU else [CPU_EP],
+                   version="1.22.0" if spec.max_ort else "1.31.1")
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+# (load arguments, verification, what CUDA and the CPU run, what every portable-only provider runs)
+CASES = {
+    "default": (dict(), None, "static", "portable"),
+    "static_kv=False": (dict(static_kv=False), None, "fused", "portable"),
+    "static_kv=True": (dict(static_kv=True), None, "static", None),
+    "accuracy_level=4": (dict(accuracy=4), None, "static-int8", "portable"),
+    "accuracy_level=4, static_kv=False": (dict(accuracy=4, static_kv=False), None, "fused-int8", "portable"),
+    "accuracy_level=1": (dict(accuracy=1), passed("static-int8", "fused-int8"), "static", "portable"),
+    "int8 twins at the gate": (dict(), passed("static-int8", "fused-int8"), "static-int8", "portable"),
+    "int8 twins below the gate": (dict(), passed("static-int8", "fused-int8", agreement=0.97), "static", "portable"),
+    "gated, static_kv=False": (dict(static_kv=False), passed("fused-int8"), "fused-int8", "portable"),
+}
+STATIC_PROVIDERS = {"cuda", "cpu"}
+
+
+def expected(spec, case: str) -> str | None:
+    _, _, static, portable = CASES[case]
+    return static if spec.key in STATIC_PROVIDERS else portable
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("spec", PROVIDERS, ids=lambda s: s.key)
+def test_each_provider_explicit(spec, case, tmp_path):
+    """Asked for by name (strict): the provider runs its own variant, or fails closed."""
+    kwargs, verification, _, _ = CASES[case]
+    manifest, ort, want = package(tmp_path, verification=verification), ort_for(spec), expected(spec, case)
+    if want is None:
+        with pytest.raises(ProviderError, match=f"{spec.key}: no suitable variant.*static_kv=True"):
+            select(manifest, tmp_path, ort, spec.key, strict=True, **kwargs)
+        return
+    sel = select(manifest, tmp_path, ort, spec.key, strict=True, **kwargs)
+    assert (sel.provider.key, sel.variant.name) == (spec.key, want), case
+    assert sel.session.get_providers()[0] == spec.ort_name and sel.skipped == ()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("spec", PROVIDERS, ids=lambda s: s.key)
+def test_each_provider_auto(spec, case, tmp_path):
+    """``auto`` on a build that has the provider: it runs its own variant (the static-KV default never
+    hands it a pool without one); one that auto never picks leaves it to the CPU."""
+    kwargs, verification, _, _ = CASES[case]
+    manifest, ort = package(tmp_path, verification=verification), ort_for(spec)
+    sel = select(manifest, tmp_path, ort, **kwargs)
+    want = expected(spec, case)
+    if spec.explicit_only or want is None:
+        assert (sel.provider.key, sel.variant.name) == ("cpu", expected(CPU, case)), case
+        if want is None and not spec.explicit_only:
+            assert sel.skipped[0][0] == spec.key and "no suitable variant" in sel.skipped[0][1]
+    else:
+        assert (sel.provider.key, sel.variant.name, sel.skipped) == (spec.key, want, ()), case
+
+
+@pytest.mark.parametrize("spec", [s for s in PROVIDERS if s.key not in STATIC_PROVIDERS], ids=lambda s: s.key)
+def test_portable_only_provider_named_without_strict_runs_portable(spec, tmp_path, caplog):
+    """The regression: with the static-KV default, ``load(pkg, providers="openvino")`` skipped OpenVINO
+    ("it takes portable ..., the package has static/fp32") and fell back to the CPU."""
+    manifest = package(tmp_path, names=("portable", "fused", "static"))
+    with caplog.at_level(logging.WARNING):
+        sel = select(manifest, tmp_path, ort_for(spec), spec.key)
+    assert (sel.provider.key, sel.variant.name, sel.skipped) == (spec.key, "portable", ())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_openvino_with_static_kv_true_warns_and_falls_back_to_cpu(tmp_path, caplog):
+    manifest, ov = package(tmp_path), next(s for s in PROVIDERS if s.key == "openvino")
+    with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+        sel = select(manifest, tmp_path, ort_for(ov), "openvino", static_kv=True)
+    assert (sel.provider.key, sel.variant.name) == ("cpu", "static")
+    assert sel.skipped[0][0] == "openvino" and "none fits static_kv=True" in sel.skipped[0][1]
+    assert any("openvino skipped" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("spec", [s for s in PROVIDERS if s.key not in STATIC_PROVIDERS], ids=lambda s: s.key)
+def test_package_without_a_portable_graph(spec, tmp_path):
+    """Nothing it runs: explicit + strict raises, explicit falls back to CPU, auto skips it quietly."""
+    manifest, ort = package(tmp_path, names=("fused", "static")), ort_for(spec)
+    with pytest.raises(ProviderError, match=rf"{spec.key}: no suitable variant: it takes portable.*static/int4"):
+        select(manifest, tmp_path, ort, spec.key, strict=True)
+    sel = select(manifest, tmp_path, ort, spec.key)
+    assert (sel.provider.key, sel.variant.name) == ("cpu", "static") and sel.skipped[0][0] == spec.key
+    if not spec.explicit_only:
+        sel = select(manifest, tmp_path, ort)
+        assert (sel.provider.key, sel.variant.name) == ("cpu", "static")
+
+
+def test_ort_format_package_keeps_cpu_on_its_ort_graph_and_others_on_theirs(tmp_path):
+    """pack --ort adds ``*-ort`` copies for the CPU: by default no static tier then; CUDA takes fused."""
+    fused_ort = variant("fused-ort", providers=("cpu",))
+    manifest = package(tmp_path, extra=(fused_ort,))
+    assert select(manifest, tmp_path, FakeOrt([CPU_EP])).variant.name == "fused-ort"
+    assert select(manifest, tmp_path, FakeOrt([CUDA, CPU_EP]), "cuda").variant.name == "fused"
+    assert select(manifest, tmp_path, FakeOrt([CPU_EP]), static_kv=True).variant.name == "static"
+    assert select(manifest, tmp_path, FakeOrt(["DmlExecutionProvider", CPU_EP])).variant.name == "portable"
+
+
+# --- CUDA graphs: asked for with a static graph, dropped when refused ----------------------------
+def test_cuda_static_asks_for_cuda_graphs(tmp_path):
+    ort = FakeOrt([CUDA, CPU_EP])
+    sel = select(package(tmp_path), tmp_path, ort, "cuda", strict=True)
+    assert (sel.variant.name, sel.graph_capture) == ("static", True)
+    assert ort.created[0][1][0][1]["enable_cuda_graph"] == "1" and len(ort.created) == 1
+
+
+def test_cuda_refusing_graphs_runs_static_without_them_even_when_not_strict(tmp_path, caplog):
+    """The retry is the provider's own: not a fallback to the CPU (auto) nor an error (strict)."""
+    for strict in (True, False):
+        ort = FakeOrt([CUDA, CPU_EP], refuse_graphs=True)
+        with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+            sel = select(package(tmp_path), tmp_path, ort, "auto", strict=strict)
+        assert (sel.provider.key, sel.variant.name, sel.graph_capture) == ("cuda", "static", False)
+        assert [opts[0][1].get("enable_cuda_graph") for _, opts in ort.created] == ["1", None]
+        assert any("refused graph capture" in r.getMessage() and "--activations fp16" in r.getMessage()
+                   for r in caplog.records)
+
+
+def test_user_options_win_over_graph_options(tmp_path):
+    ort = FakeOrt([CUDA, CPU_EP])
+    sel = select(package(tmp_path), tmp_path, ort, "cuda", options={"cuda": {"enable_cuda_graph": "0"}})
+    assert (sel.variant.name, sel.graph_capture) == ("static", False)
+    assert [opts[0][1]["enable_cuda_graph"] for _, opts in ort.created] == ["0"]
+
+
+def test_growing_graph_never_asks_for_cuda_graphs(tmp_path):
+    ort = FakeOrt([CUDA, CPU_EP])
+    sel = select(package(tmp_path), tmp_path, ort, "cuda", static_kv=False)
+    assert (sel.variant.name, sel.graph_capture) == ("fused", False)
+    assert "enable_cuda_graph" not in ort.created[0][1][0][1]
+
+
+# --- choices no provider could honour: refused up front ------------------------------------------
+@pytest.mark.parametrize("names, kwargs, match", [
+    (("portable", "fused"), dict(static_kv=True), "has no static-KV variant"),
+    (("static-int8",), dict(accuracy=1), "only int8-activation graphs"),
+    (("portable", "fused", "static"), dict(accuracy=4), "no fused-int8 graph"),
+    (("portable", "fused", "static", "static-int8"), dict(accuracy=4, static_kv=False), "no fused-int8 graph"),
+])
+def test_impossible_choices_are_package_errors(tmp_path, names, kwargs, match):
+    with pytest.raises(PackageError, match=match):
+        select(package(tmp_path, names=names), tmp_path, FakeOrt([CPU_EP]), "cpu", **kwargs)
+
+
+def test_int8_only_package_runs_its_twin_by_default(tmp_path):
+    """No exact twin to prefer: the ungated int8 graph runs (and only it)."""
+    sel = select(package(tmp_path, names=("static-int8",)), tmp_path, FakeOrt([CPU_EP]))
+    assert sel.variant.name == "static-int8"
+
+
+def test_accuracy_4_keeps_static_int8_where_fused_int8_was_dropped(tmp_path):
+    """fused-int8 left out at export (below its floor): CPU/CUDA run static-int8, OpenVINO portable."""
+    manifest = package(tmp_path, names=("portable", "fused", "static", "static-int8"))
+    assert select(manifest, tmp_path, FakeOrt([CPU_EP]), accuracy=4).variant.name == "static-int8"
+    sel = select(manifest, tmp_path, FakeOrt(["OpenVINOExecutionProvider", CPU_EP]), "openvino", strict=True,
+                 accuracy=4)
+    assert sel.variant.name == "portable"
+
+
+def test_choose_variant_reason_names_what_it_runs_and_the_choice():
+    ov = next(s for s in PROVIDERS if s.key == "openvino")
+    variants = [variant(n) for n in FULL]
+    v, why = choose_variant(ov, variants, VariantChoice(static_kv=True))
+    assert v is None and "of those it runs portable" in why and "static_kv=True" in why
+    assert choose_variant(ov, variants)[0].name == "portable"
+
+
+def test_select_session_default_choice_is_the_loaders_default(tmp_path):
+    """Direct callers (tests, tools) get the same rule: static first for the CPU, portable for OpenVINO."""
+    variants = package(tmp_path).variants
+    assert select_session(variants, tmp_path, "cpu", ort=FakeOrt([CPU_EP])).variant.name == "static"
+    ort = FakeOrt(["OpenVINOExecutionProvider", CPU_EP])
+    assert select_session(variants, tmp_path, "openvino", ort=ort).variant.name == "portable"
