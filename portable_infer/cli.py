@@ -29,6 +29,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None,
                    help="the package's static-KV variant (fixed buffers; CUDA graphs on CUDA): "
                         "default when the package has it; --no-static-kv: the growing-KV graphs")
+    p.add_argument("--prefer", choices=("speed", "exact"), default="speed",
+                   help="speed: the fastest variant measured on this host among those past their quality "
+                        "gate (cached); exact: only the exact variants")
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="MatMulNBits activations: 4 int8 (the package's static-int8/fused-int8 graphs: "
                         "faster on CPU, less exact), 1 float (the exact graphs); default: int8 where its "
@@ -52,7 +55,8 @@ def _load(ns):
     from .loader import load
 
     return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
-                static_kv=ns.static_kv, accuracy_level=ns.accuracy)
+                static_kv=ns.static_kv, accuracy_level=ns.accuracy, prefer=ns.prefer,
+                tune_batch=getattr(ns, "batch", 1))
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -106,6 +110,21 @@ def cmd_inspect(ns) -> int:
     from .package_info import describe
 
     print(describe(ns.package, trust=ns.trust))  # a package directory or a .pinf bundle (not unpacked)
+    return 0
+
+
+def cmd_tune(ns) -> int:
+    """Measure the package's competing variants on this host now (the cached choice is replaced)."""
+    import os
+
+    from . import tune
+    from .measure import tune_cache_dir
+
+    os.environ[tune.TUNE_ENV] = tune.FORCE
+    model = _load(ns)
+    decisions = [d for d in tune.cached_decisions(tune_cache_dir(), model.path)
+                 if d["key"]["provider"] == model.provider]
+    print(json.dumps({"variant": model.variant, "provider": model.provider, "decisions": decisions}, indent=2))
     return 0
 
 
@@ -221,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust", metavar="PUBKEY.pem", default=None,
                    help="a bundle must be signed with this Ed25519 key (checked, as load does)")
     i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("tune", help="time the package's competing variants on this host; cache and print the choice")
+    _model_args(t)
+    t.add_argument("--batch", type=int, default=1, help="the batch size to time beside batch 1")
+    t.set_defaults(func=cmd_tune)
 
     b = sub.add_parser("bench", help="TTFT, decode tokens/s and peak RSS as JSON")
     _model_args(b)

@@ -51,7 +51,17 @@ def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = Non
             {"provider": picked.key, "ort_name": picked.ort_name, "device": picked.device,
              "variant": variant.name if variant else None})
     known = {s.ort_name for s in P.PROVIDERS}
+    from . import host
+    from .measure import tune_cache_dir
+    from .tune import cached_decisions
+
+    budget = host.cpu_budget()
     return {
+        "cpu": host.cpu_model(), "isa": list(host.isa_flags()),
+        "cpu_budget": {"affinity": budget.affinity, "physical": budget.physical, "quota": budget.quota,
+                       "threads": budget.threads},
+        "tuned": [{"chosen": d["chosen"], "timings_ms": d["timings_ms"], **d["key"]}
+                  for d in cached_decisions(tune_cache_dir())],
         "ort_version": version, "ort_device": getattr(ort, "get_device", lambda: None)(),
         "builds": [list(b) for b in builds],
         "build_conflict": P.build_conflict_warning(builds), "available": available,
@@ -67,6 +77,16 @@ def format_doctor(report: dict) -> str:
     auto = report["auto"]
     device = f", device {report['ort_device']}" if report.get("ort_device") else ""
     lines = [f"ONNX Runtime {report['ort_version']}{device} (installed builds: {builds})"]
+    if "cpu" in report:
+        b = report["cpu_budget"]
+        lines.append(f"CPU: {report['cpu']}; ISA: {' '.join(report['isa']) or 'unknown'}; "
+                     f"{b['affinity']} CPUs, {b['physical']} cores, cgroup quota "
+                     f"{'none' if b['quota'] is None else b['quota']} -> {b['threads']} threads")
+    for t in report.get("tuned", []):
+        lines.append(f"measured choice: {t['chosen']} on {t['provider']} ({t['threads']} threads, ORT {t['ort']}, "
+                     f"package {t['package'][:12]}): " + ", ".join(
+                         f"{n} " + "/".join(f"{ms:.2f}" for ms in by_b.values()) + " ms"
+                         for n, by_b in t["timings_ms"].items()))
     if report["build_conflict"]:
         lines.append(f"WARNING: {report['build_conflict']}")
     lines.append(f"available providers: {', '.join(report['available'])}")

@@ -88,7 +88,7 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
         s = sel if name == sel.variant.name else reselect(by_name[name])
         return step_seconds(make_engine(s, manifest, ort, max_kv_tokens), manifest.model.vocab_size, batch)
 
-    decision = tune.choose(candidates, time_variant, key, tune_cache_dir())
+    decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
     if decision.measured:
         logger.info("variant %s chosen on this host by measurement (ms per step: %s)", decision.chosen,
                     decision.timings_ms)

@@ -72,8 +72,15 @@ class Decision:
     measured: bool = True  # False: taken from the cache
 
 
+FORCE = "force"  # PORTABLE_INFER_TUNE=force: measure again even where a decision is cached
+
+
 def enabled() -> bool:
     return os.environ.get(TUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def forced() -> bool:
+    return os.environ.get(TUNE_ENV, "").strip().lower() == FORCE
 
 
 def host_key(package_dir: Path, provider: str, threads: int, batches: Sequence[int], prefer: str,

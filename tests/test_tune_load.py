@@ -121,3 +121,22 @@ def test_real_timing_chooses_a_candidate(int4_package, monkeypatch, tmp_path):
     assert len(cached) == 1 and cached[0]["chosen"] == m.variant
     assert set(cached[0]["timings_ms"]) == set(static_names(int4_package))
     assert all(ms["1"] > 0 for ms in cached[0]["timings_ms"].values())
+
+
+def test_tune_command_measures_again_and_doctor_shows_it(int4_package, tuning, capsys):
+    from portable_infer.cli import main
+
+    times, calls = tuning
+    times.update({n: 0.010 for n in static_names(int4_package)})
+    times["static"] = 0.002
+    assert main(["tune", "--model", str(int4_package), "--provider", "cpu"]) == 0
+    n = len(calls)
+    assert n == len(static_names(int4_package))
+    out = json.loads(capsys.readouterr().out)
+    assert out["variant"] == "static" and out["decisions"][0]["chosen"] == "static"
+    assert main(["tune", "--model", str(int4_package), "--provider", "cpu"]) == 0
+    assert len(calls) == 2 * n  # tune always measures, the cache notwithstanding
+    capsys.readouterr()
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert "ISA:" in text and "measured choice: static on CPUExecutionProvider" in text
