@@ -122,6 +122,20 @@ def test_deployment_runs_the_image_cmd_with_matching_probes(k8s, container, serv
     assert int(annotations["prometheus.io/port"]) == port["containerPort"]
 
 
+def test_shutdown_period_matches_the_grace_period(k8s, container):
+    """The server drains within its --shutdown-timeout (ServerConfig's default unless the command sets
+    it); Kubernetes SIGKILLs after terminationGracePeriodSeconds: the first must fit the second, and
+    the default is the shipped Deployment's, so neither drifts alone."""
+    from portable_infer.server import ServerConfig
+
+    grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    command = container["command"]
+    default = ServerConfig().shutdown_timeout_s
+    period = float(flag(command, "--shutdown-timeout")) if "--shutdown-timeout" in command else default
+    assert period <= grace, f"--shutdown-timeout {period} outlasts terminationGracePeriodSeconds {grace}"
+    assert default == grace, "ServerConfig.shutdown_timeout_s and the Deployment's grace period drifted apart"
+
+
 def test_service_targets_the_container(k8s, container):
     svc = k8s["Service"]["spec"]
     assert svc["selector"].items() <= k8s["Deployment"]["spec"]["template"]["metadata"]["labels"].items()

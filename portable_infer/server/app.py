@@ -11,25 +11,33 @@
 
 ``/v1/*`` needs ``Authorization: Bearer KEY`` when a key is configured. A streaming client that
 disconnects cancels its request, which gives back its slot and KV blocks at once.
+
+Completions are :mod:`.generation`'s: a request is checked for size and capacity before its
+prompt is tokenized, and tokenized on a thread pool (:mod:`.admission`), so the event loop always
+answers ``/health`` at once. On
+shutdown ``/ready`` turns 503 and requests in flight finish or end with an error
+(:mod:`.lifecycle`); connection timeouts and limits are :mod:`.connections`'.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hmac
-import json
 import logging
-import math
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import CapacityError, PortableInferError
-from . import protocol
+from . import errorguard, jsonbody, protocol
+from .admission import Admission
+from .connections import ConnectionGuard
+from .generation import Generation
+from .lifecycle import Lifecycle
 from .metrics import Metrics
-from .protocol import APIError, Limits, Reply
+from .protocol import APIError, Limits
+from .ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +47,22 @@ def build_app(scheduler, config) -> FastAPI:
     served = config.served_name(model)
     limits = Limits(config.max_prompt_tokens or model.max_context - 1,
                     config.max_new_tokens or model.max_context - 1)
-    metrics = Metrics(scheduler)
+    ratelog = RateLimitedLog(logger)
+    lifecycle = Lifecycle(config.shutdown_timeout_s)
+    guard = ConnectionGuard(config, ratelog)  # runner.py gives it to uvicorn's protocol
+    admission = Admission(scheduler, config, limits.max_prompt_tokens)
+    metrics = Metrics(scheduler, lifecycle=lifecycle, connections=guard, admission=admission)
     started = int(time.time())
-    app = FastAPI(title="portable-infer", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        admission.close()
+        ratelog.flush()
+
+    app = FastAPI(title="portable-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
+    app.state.lifecycle, app.state.connections = lifecycle, guard
 
     # --- errors, all in OpenAI's shape ----------------------------------------------------------
     @app.exception_handler(APIError)
@@ -54,13 +74,13 @@ def build_app(scheduler, config) -> FastAPI:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # ServerErrorMiddleware's handler: its JSON 500, then errorguard
     async def unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(),
-                            status_code=500)
+        return JSONResponse(errorguard.internal_error(exc).body(), status_code=500)
 
-    app.add_middleware(_CountResponses, counter=metrics.http)
+    # outermost, around ServerErrorMiddleware: the connection survives a 500 and the counter sees it
+    errorguard.install(app, lambda inner: _CountResponses(inner, metrics.http))
 
     # --- helpers ------------------------------------------------------------------------------
     def authorize(request: Request) -> None:
@@ -73,65 +93,20 @@ def build_app(scheduler, config) -> FastAPI:
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                            param=None, code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict:
-        limit = config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+    async def read_json(request: Request) -> dict:  # bounded: size, depth, digits, finite, Unicode
+        return await jsonbody.read_request(request, config.max_body_bytes)
 
-    def submit(parsed: protocol.ParsedRequest):
-        try:
-            return scheduler.submit_ids(parsed.prompt_ids, parsed.params)
-        except CapacityError as exc:
-            retry = max(1, math.ceil(exc.retry_after))
-            raise APIError(429, f"{exc}", type="rate_limit_error", code="server_overloaded",
-                           headers={"Retry-After": str(retry)}) from exc
-        except PortableInferError as exc:
-            raise protocol.from_engine_error(exc) from exc
-
-    async def generate(request: Request, parse, chat: bool):
-        authorize(request)
-        body = await read_json(request)
-        protocol.check_model(body, served)
-        parsed = parse(body, model, limits)
-        handle = submit(parsed)
-        reply = Reply(chat, served)
-        if parsed.stream:
-            return StreamingResponse(sse(handle, reply, parsed.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
-        try:
-            text, last = [], None
-            async for r in handle:
-                text.append(r.text)
-                last = r
-        except PortableInferError as exc:
-            raise APIError(500, f"generation failed: {exc}", "server_error") from exc
-        finally:
-            watcher.cancel()
-            if not handle.done:
-                handle.cancel()
-        return reply.full("".join(text), last.finish_reason, handle.prompt_tokens, last.generation_tokens)
+    generation = Generation(scheduler, config, served, limits, admission, lifecycle, ratelog, read_json)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(request, protocol.parse_completion, chat=False)
+        authorize(request)
+        return await generation(request, protocol.parse_completion, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, protocol.parse_chat, chat=True)
+        authorize(request)
+        return await generation(request, protocol.parse_chat, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -139,6 +114,13 @@ def build_app(scheduler, config) -> FastAPI:
         entry = {"id": served, "object": "model", "created": started, "owned_by": "portable-infer",
                  "max_model_len": model.max_context}
         return {"object": "list", "data": [entry]}
+
+    _probes(app, scheduler, lifecycle, metrics, served)
+    return app
+
+
+def _probes(app: FastAPI, scheduler, lifecycle: Lifecycle, metrics: Metrics, served: str) -> None:
+    """/health (liveness), /ready (readiness: 503 when full or shutting down), /metrics."""
 
     @app.get("/health")
     async def health():
@@ -148,6 +130,8 @@ def build_app(scheduler, config) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
+        if lifecycle.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         if not scheduler.has_capacity():
             return JSONResponse({"status": "busy"}, status_code=503)
         return {"status": "ready", "model": served}
@@ -156,8 +140,6 @@ def build_app(scheduler, config) -> FastAPI:
     async def prometheus():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
-
-    return app
 
 
 KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
@@ -179,38 +161,3 @@ class _CountResponses:
                 self.counter.labels(path, str(message["status"])).inc()
             await send(message)
         await self.app(scope, receive, counting_send)
-
-
-def _event(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-async def sse(handle, reply: Reply, include_usage: bool):
-    """Server-sent events of one request; cancelling (client gone) cancels the request."""
-    try:
-        if reply.chat:
-            yield _event(reply.chunk(None, None, role=True))
-        last = None
-        try:
-            async for r in handle:
-                last = r
-                if r.text or r.finish_reason is not None:
-                    yield _event(reply.chunk(r.text, r.finish_reason))
-        except PortableInferError as exc:
-            yield _event(APIError(500, f"generation failed: {exc}", "server_error").body())
-            return
-        if include_usage and last is not None:
-            yield _event(reply.usage_chunk(handle.prompt_tokens, last.generation_tokens))
-        yield "data: [DONE]\n\n"
-    finally:
-        if not handle.done:
-            handle.cancel()
-
-
-async def cancel_on_disconnect(request: Request, handle) -> None:
-    """Wait for the client to go away, then cancel ``handle`` (for non-streaming requests)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            handle.cancel()
-            return

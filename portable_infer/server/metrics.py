@@ -17,6 +17,11 @@ Names (the HPA in deploy/k8s scales on ``portable_infer_requests_waiting``)::
     portable_infer_inter_token_latency_seconds histogram
     portable_infer_request_duration_seconds    histogram
     portable_infer_http_responses_total{path,status} counter
+    portable_infer_http_requests_in_flight     gauge      /v1 requests admitted and not yet answered
+    portable_infer_shutting_down               gauge      1 from SIGTERM until exit (/ready answers 503)
+    portable_infer_http_connections            gauge      open client connections
+    portable_infer_http_connections_dropped_total{reason} counter  idle | slow_request | slow_reader
+                                                          | evicted | over_limit (server/connections.py)
 """
 
 from __future__ import annotations
@@ -50,10 +55,10 @@ OUTCOMES = {"finished": "requests_finished", "cancelled": "requests_cancelled",
 
 
 class _StatsCollector:
-    """Reads the scheduler's stats at each scrape."""
+    """Reads the scheduler's stats at each scrape (and the server's own capacity 429s, ``admission``)."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, admission=None):
+        self.scheduler, self.admission = scheduler, admission
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -65,14 +70,40 @@ class _StatsCollector:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=read(s))
         requests = CounterMetricFamily(f"{PREFIX}_requests", "Requests by outcome", labels=["outcome"])
         for outcome, field in OUTCOMES.items():
-            requests.add_metric([outcome], getattr(s, field))
+            extra = self.admission.rejected if outcome == "rejected" and self.admission is not None else 0
+            requests.add_metric([outcome], getattr(s, field) + extra)
         yield requests
 
 
-class Metrics(SchedulerObserver):
-    """A registry of its own (several apps may live in one process) fed by the scheduler."""
+class _ServerCollector:
+    """Reads the HTTP side at each scrape: requests in flight, shutdown, connections."""
 
-    def __init__(self, scheduler):
+    def __init__(self, lifecycle, connections):
+        self.lifecycle, self.connections = lifecycle, connections
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        if self.lifecycle is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_http_requests_in_flight", "/v1 requests admitted and not yet "
+                                    "answered", value=self.lifecycle.in_flight)
+            yield GaugeMetricFamily(f"{PREFIX}_shutting_down", "1 while the server drains before exiting",
+                                    value=int(self.lifecycle.draining))
+        if self.connections is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_http_connections", "Open client connections",
+                                    value=self.connections.open)
+            dropped = CounterMetricFamily(f"{PREFIX}_http_connections_dropped", "Connections the server closed "
+                                          "for a limit or timeout, by reason", labels=["reason"])
+            for reason in ("idle", "slow_request", "slow_reader", "evicted", "over_limit"):
+                dropped.add_metric([reason], self.connections.closed[reason])
+            yield dropped
+
+
+class Metrics(SchedulerObserver):
+    """A registry of its own (several apps may live in one process) fed by the scheduler, and
+    optionally by the server's :class:`~.lifecycle.Lifecycle` and :class:`~.connections.ConnectionGuard`."""
+
+    def __init__(self, scheduler, *, lifecycle=None, connections=None, admission=None):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -84,7 +115,9 @@ class Metrics(SchedulerObserver):
                                   buckets=DURATION_BUCKETS, registry=self.registry)
         self.http = Counter(f"{PREFIX}_http_responses", "HTTP responses by path and status",
                             ["path", "status"], registry=self.registry)
-        self.registry.register(_StatsCollector(scheduler))
+        self.registry.register(_StatsCollector(scheduler, admission))
+        if lifecycle is not None or connections is not None:
+            self.registry.register(_ServerCollector(lifecycle, connections))
         scheduler.add_observer(self)
 
     def first_token(self, ttft_s: float) -> None:

@@ -1,7 +1,9 @@
 """OpenAI's wire format: request bodies -> (prompt ids, SamplingParams), and the response objects.
 
-No web framework here: plain dicts in and out, so the rules are testable alone. Errors are
-:class:`APIError`, rendered as OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+No web framework here: plain dicts in and out, so the rules are testable alone. Every key of a body
+goes through the field table first (:mod:`.fields`: unknown, wrongly typed or unsupported -> 400
+naming it); the JSON itself was bounded by :mod:`.jsonbody`. Errors are :class:`APIError`,
+rendered as OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from dataclasses import dataclass
 
 from ..errors import ContextLengthError, InvalidArgumentError, PortableInferError
 from ..sampling import SamplingParams
+from . import fields
+from .apierror import APIError, bad, show
+from .fields import CHAT, COMPLETIONS
+
+__all__ = ["APIError", "Limits", "ParsedRequest", "Reply", "check_model", "parse_chat", "parse_completion"]
 
 # OpenAI body key -> SamplingParams field (the extra keys are vLLM's)
 SAMPLING_KEYS = {
@@ -21,28 +28,6 @@ SAMPLING_KEYS = {
     "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
     "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
 }
-# key -> (values accepted, why others are not)
-UNSUPPORTED = {
-    "n": ((None, 1), "only n=1 is supported"),
-    "best_of": ((None, 1), "only best_of=1 is supported"),
-    "echo": ((None, False), "echo is not supported"),
-    "suffix": ((None, ""), "suffix is not supported"),
-    "logprobs": ((None, False), "logprobs are not supported by this server yet"),
-    "top_logprobs": ((None, 0), "logprobs are not supported by this server yet"),
-    "tools": ((None, []), "tools are not supported"),
-}
-
-class APIError(Exception):
-    """An HTTP error with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -60,26 +45,27 @@ class ParsedRequest:
     chat: bool
 
 
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
 def check_model(body: dict, served: str) -> None:
+    """A 400 when ``model`` is not a string, a 404 when it names another model; absent is fine."""
     name = body.get("model")
-    if name is not None and name != served:
-        raise APIError(404, f"The model `{name}` does not exist; this server serves `{served}` (see /v1/models)",
+    if name is None:
+        return
+    fields.check_type(fields.TABLES[("body", COMPLETIONS)]["model"], name, "model")
+    if name != served:
+        raise APIError(404, f"The model {show(name)} does not exist; this server serves `{served}` (see /v1/models)",
                        param="model", code="model_not_found")
 
 
 def sampling_params(body: dict, defaults: SamplingParams, limits: Limits) -> SamplingParams:
-    """SamplingParams from the body's OpenAI keys over the model's defaults (OpenAI names in errors)."""
-    for key, (accepted, why) in UNSUPPORTED.items():
-        if body.get(key) not in accepted:
-            raise _bad(f"{why} (got {key}={body[key]!r})", param=key)
-    kw = {}
-    for key, field in SAMPLING_KEYS.items():
-        if body.get(key) is not None:
-            kw[field] = body[key]
+    """SamplingParams from the body's OpenAI keys over the model's defaults (OpenAI names in errors).
+
+    The body's keys were checked against the field table; SamplingParams checks the ranges."""
+    given = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
+    if len(given) == 2 and body["max_tokens"] != body["max_completion_tokens"]:
+        raise bad(f"max_tokens ({body['max_tokens']}) and max_completion_tokens ({body['max_completion_tokens']}) "
+                  "differ; send one of them", param="max_completion_tokens")
+    limit_key = given[-1] if given else "max_tokens"
+    kw = {field: body[key] for key, field in SAMPLING_KEYS.items() if body.get(key) is not None}
     if isinstance(kw.get("stop"), str):
         kw["stop"] = [kw["stop"]]
     if "max_new_tokens" not in kw:
@@ -87,94 +73,116 @@ def sampling_params(body: dict, defaults: SamplingParams, limits: Limits) -> Sam
     try:
         params = SamplingParams.from_kwargs(defaults, **kw)
     except InvalidArgumentError as exc:
-        field = str(exc).split(" ", 1)[0]
-        param = next((k for k, f in SAMPLING_KEYS.items() if f == field and k in body), field)
-        raise _bad(str(exc).replace("max_new_tokens", "max_tokens"), param=param) from exc
+        field = getattr(exc, "param", None) or str(exc).split(" ", 1)[0]
+        key = limit_key if field == "max_new_tokens" else next(
+            (k for k, f in SAMPLING_KEYS.items() if f == field and k in body), field)
+        raise bad(str(exc).replace("max_new_tokens", key), param=key) from exc
     if params.max_new_tokens > limits.max_new_tokens:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        raise _bad(f"{key} is {params.max_new_tokens}, this server allows at most {limits.max_new_tokens}",
-                   param=key)
+        raise bad(f"{limit_key} is {params.max_new_tokens}, this server allows at most {limits.max_new_tokens}",
+                  param=limit_key)
     return params
 
 
-def _flags(body: dict) -> tuple:
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad(f"stream must be true or false, got {stream!r}", param="stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise _bad("stream_options must be an object", param="stream_options")
-    return stream, bool(opts.get("include_usage", False))
+def _flags(body: dict, endpoint: str) -> tuple:
+    stream = body.get("stream") is True
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise bad("stream_options is only allowed with stream: true; leave it out", param="stream_options")
+    fields.check(opts, "stream_options", endpoint, "stream_options")
+    return stream, opts.get("include_usage") is True
 
 
 def _check_length(ids: list, limits: Limits, param: str) -> list:
     if not ids:
-        raise _bad("the prompt is empty", param=param)
+        raise bad("the prompt is empty", param=param)
     if len(ids) > limits.max_prompt_tokens:
-        raise _bad(f"the prompt has {len(ids)} tokens, this server allows at most {limits.max_prompt_tokens}; "
-                   f"shorten it", param=param, code="context_length_exceeded")
+        raise bad(f"the prompt has {len(ids)} tokens, this server allows at most {limits.max_prompt_tokens}; "
+                  f"shorten it", param=param, code="context_length_exceeded")
     return ids
 
 
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
 def parse_completion(body: dict, model, limits: Limits) -> ParsedRequest:
-    """``/v1/completions``: one prompt (text, or token ids)."""
+    """``/v1/completions``: one prompt (text, or token ids). Checks that need no tokenizer come first."""
+    fields.check(body, "body", COMPLETIONS)
+    stream, usage = _flags(body, COMPLETIONS)
+    params = sampling_params(body, model.defaults, limits)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
         vocab = model.manifest.model.vocab_size
         if not all(0 <= t < vocab for t in prompt):
-            raise _bad(f"token ids must lie in [0, {vocab})", param="prompt")
+            raise bad(f"token ids must lie in [0, {vocab})", param="prompt")
         ids = list(prompt)
     elif isinstance(prompt, str):
         ids = _encode(model, lambda: model.encode(prompt), "prompt")
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad(f"prompt holds {len(prompt)} prompts; this server takes one per request: send them as "
+                  "separate requests", param="prompt", code="unsupported_parameter")
     else:
-        raise _bad("prompt must be a string, or a list of token ids (one prompt per request)", param="prompt")
-    stream, usage = _flags(body)
-    return ParsedRequest(_check_length(ids, limits, "prompt"), sampling_params(body, model.defaults, limits),
-                         stream, usage, chat=False)
+        got = "nothing" if prompt is None else show(prompt)
+        raise bad(f"prompt must be a string, or a non-empty list of token ids (one prompt per request); got {got}",
+                  param="prompt")
+    return ParsedRequest(_check_length(ids, limits, "prompt"), params, stream, usage, chat=False)
 
 
 def parse_chat(body: dict, model, limits: Limits) -> ParsedRequest:
     """``/v1/chat/completions``: messages rendered with the package's chat template."""
+    fields.check(body, "body", CHAT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages must be a non-empty list of {role, content} objects", param="messages")
-    plain = []
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
-            raise _bad(f"messages[{i}] must be an object with a string role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise _bad(f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise _bad(f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        plain.append({"role": m["role"], "content": content})
+        raise bad("messages must be a non-empty list of {role, content} objects", param="messages")
+    plain = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    stream, usage = _flags(body, CHAT)
+    params = sampling_params(body, model.defaults, limits)  # before the template: no CPU on a bad request
     ids = _encode(model, lambda: model._chat_ids(plain), "messages")
-    stream, usage = _flags(body)
-    return ParsedRequest(_check_length(ids, limits, "messages"), sampling_params(body, model.defaults, limits),
-                         stream, usage, chat=True)
+    return ParsedRequest(_check_length(ids, limits, "messages"), params, stream, usage, chat=True)
+
+
+def _message(m: dict, where: str) -> dict:
+    """{role, content} of one message; content parts joined (only text parts exist here)."""
+    fields.check(m, "message", CHAT, where)
+    role = m.get("role")
+    if not isinstance(role, str) or not role:
+        raise bad(f"{where}.role must be a non-empty string", param=f"{where}.role")
+    content = m.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        texts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            fields.check(part, "content_part", CHAT, at)
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f'{at}: only text parts {{"type": "text", "text": "..."}} are supported, got {show(part)}',
+                          param=at, code="unsupported_parameter")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise bad(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+    return {"role": role, "content": content}
 
 
 def _encode(model, fn, param: str) -> list:
     try:
         return fn()
     except InvalidArgumentError as exc:
-        raise _bad(str(exc), param=param) from exc
+        raise bad(str(exc), param=param) from exc
     except PortableInferError as exc:  # no tokenizer or no chat template in the package
-        raise _bad(str(exc), param=param, code="unsupported") from exc
+        raise bad(str(exc), param=param, code="unsupported") from exc
 
 
 def from_engine_error(exc: Exception) -> APIError:
     """The HTTP error for an error the scheduler raised at submission."""
     if isinstance(exc, ContextLengthError):
-        return _bad(str(exc), param="max_tokens" if "KV blocks" in str(exc) else "prompt",
-                    code="context_length_exceeded")
+        return bad(str(exc), param="max_tokens" if "KV blocks" in str(exc) else "prompt",
+                   code="context_length_exceeded")
     if isinstance(exc, InvalidArgumentError):
-        return _bad(str(exc))
+        return bad(str(exc), param=getattr(exc, "param", None))
     return APIError(503, str(exc), type="server_error", code="unavailable")
 
 

@@ -1,31 +1,78 @@
-"""Running the app: in the foreground (the CLI), or on a background thread (tests, benchmarks)."""
+"""Running the app: in the foreground (the CLI), or on a background thread (tests, benchmarks).
+
+Both take the app's :class:`ServerConfig` to uvicorn: the connection guard (timeouts, bound on
+open connections: :mod:`.connections`) as its HTTP protocol, and a server that drains before it
+stops (:mod:`.lifecycle`): on SIGTERM/SIGINT uvicorn only sets ``should_exit``; each 0.1 s tick
+then advances the drain, and the listener closes once every request ended or the period ran out.
+uvicorn's own ``timeout_graceful_shutdown`` is the last reserve of that period, for stragglers.
+A second Ctrl+C forces the exit at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import socket
 import threading
 import time
 
 from . import ServerConfig, create_app, require_serve
+from .ratelog import loop_exception_handler
 
 logger = logging.getLogger(__name__)
 
 
 def run(scheduler, config: ServerConfig, *, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM; the scheduler is closed afterwards."""
+    """Serve until SIGINT/SIGTERM (then drain, see the module doc); the scheduler is closed afterwards."""
     require_serve()
-    import uvicorn
-
     app = create_app(scheduler, config)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: reachable from other machines%s", config.host,
                        "" if config.api_key else " and without an API key")
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5,
-                    access_log=False)
+        uvicorn_server(app, log_level=log_level, host=config.host, port=config.port).run()
     finally:
         scheduler.close()
+
+
+def uvicorn_server(app, *, log_level: str = "info", **where):
+    """A ``uvicorn.Server`` for an app from :func:`create_app`, with its config's timeouts, connection
+    guard and drain; ``where``: uvicorn's ``host``/``port`` (or pass sockets to ``run``)."""
+    import uvicorn
+
+    from .h11guard import guarded_protocol
+
+    config, lifecycle, guard = app.state.config, app.state.lifecycle, app.state.connections
+    uv = uvicorn.Config(app, log_level=log_level, access_log=False, http=guarded_protocol(guard),
+                        timeout_keep_alive=config.keep_alive_timeout_s,
+                        timeout_graceful_shutdown=lifecycle.reserve_s, **where)
+    return _draining_server_class()(uv, lifecycle, guard.log)
+
+
+@functools.cache
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, draining (``lifecycle.step``) between the signal and the shutdown."""
+
+        def __init__(self, config, lifecycle, log):
+            super().__init__(config)
+            self.lifecycle, self.log = lifecycle, log
+
+        async def startup(self, sockets=None) -> None:
+            # EMFILE on accept() and broken connections: one line per interval, not a traceback each
+            asyncio.get_running_loop().set_exception_handler(loop_exception_handler(self.log))
+            await super().startup(sockets=sockets)
+
+        async def on_tick(self, counter: int) -> bool:
+            stop = await super().on_tick(counter)
+            if stop and self.should_exit and not self.force_exit:
+                return self.lifecycle.step()
+            return stop
+
+    return DrainingServer
 
 
 class BackgroundServer:
@@ -35,21 +82,20 @@ class BackgroundServer:
 
         with BackgroundServer(create_app(scheduler, config)) as server:
             httpx.get(f"{server.url}/health")
+            server.shutdown()    # what SIGTERM does: drain, then stop (the exit waits for it)
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0):
         require_serve()
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn_server(app, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="portable-infer-http", daemon=True)
         self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = app.state.config.shutdown_timeout_s + 10
 
     @property
     def url(self) -> str:
@@ -64,7 +110,11 @@ class BackgroundServer:
             time.sleep(0.01)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def shutdown(self) -> None:
+        """Begin the graceful shutdown, as SIGTERM does; returns at once."""
         self.server.should_exit = True
-        self.thread.join(10)
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.thread.join(self.stop_timeout_s)
         self.sock.close()
