@@ -16,8 +16,6 @@ import json
 import os
 import random
 import re
-import socket
-import types
 from collections import Counter
 
 import pytest
@@ -30,7 +28,7 @@ from _fuzz_bodies import mutated  # noqa: E402
 from _serving import add_tokenizer  # noqa: E402
 from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from portable_infer.server import ServerConfig, create_app, fields  # noqa: E402
-from portable_infer.server import protocol, runner  # noqa: E402
+from portable_infer.server import protocol  # noqa: E402
 from portable_infer.server.runner import BackgroundServer  # noqa: E402
 
 SEED = int(os.environ.get("SERVER_FUZZ_SEED") or 20261116)
@@ -59,24 +57,11 @@ def server(tiny_llama, tmp_path_factory):
     config = ServerConfig(api_key=KEY, model_name=NAME, max_prompt_tokens=64, max_new_tokens=2,
                           max_body_bytes=256 << 10)
     app = create_app(scheduler, config)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "socket", TCP_SOCKETS)
-        srv = BackgroundServer(app)
+    srv = BackgroundServer(app)
     with srv:
         srv.app = app
         yield srv
     scheduler.close()
-
-
-def _tcp_socket(family=socket.AF_INET, type=socket.SOCK_STREAM, proto=0, *args):
-    return socket.socket(family, type, proto or socket.IPPROTO_TCP, *args)
-
-
-# BackgroundServer's listener, made with proto IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted
-# connections only then, and without it each response waits ~40 ms for the client's delayed ACK
-# (8,000 exchanges: 6 minutes instead of about one). uvicorn.run(host, port) is not affected.
-TCP_SOCKETS = types.SimpleNamespace(**{k: getattr(socket, k) for k in dir(socket) if k.isupper()},
-                                    socket=_tcp_socket)
 
 
 class Connection:

@@ -260,3 +260,12 @@ def test_a_stream_cut_off_by_the_shutdown_ends_with_its_error_and_done():
     events = collect(FakeHandle([Response("Hi", 5, None), Response("", None, "cancelled")]), flight)
     assert events[-1] == "data: [DONE]\n\n" and "server_shutting_down" in events[-2] and "7 s" in events[-2]
     assert len(events) == 3  # the token, the error, [DONE]: no "cancelled" chunk
+
+
+def test_generation_errors_from_the_clients_values_are_400s():
+    from portable_infer.errors import InvalidArgumentError, PortableInferError
+    from portable_infer.server.generation import generation_error
+
+    bad = generation_error(InvalidArgumentError("repetition_penalty overflows the logits", param="repetition_penalty"))
+    assert bad.status == 400 and bad.body()["error"]["param"] == "repetition_penalty"
+    assert generation_error(PortableInferError("engine broke")).status == 500

@@ -20,7 +20,7 @@ import math
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..errors import CapacityError, PortableInferError
+from ..errors import CapacityError, InvalidArgumentError, PortableInferError
 from . import protocol
 from .lifecycle import Lifecycle
 from .protocol import APIError, Reply
@@ -50,6 +50,8 @@ class Generation:
         try:
             body = await self.read_json(request)
             protocol.check_model(body, self.served)
+            # the field table first (cheap): a bad request is a 400 whatever the load
+            protocol.fields.check(body, "body", protocol.CHAT if chat else protocol.COMPLETIONS)
             self.admission.check(body, chat)  # sizes and capacity, before any tokenizing
             # the tokenizer and the chat template run off the event loop
             parsed = await self.admission.run(parse, body, self.scheduler.model, self.limits)
@@ -74,7 +76,7 @@ class Generation:
                 text.append(r.text)
                 last = r
         except PortableInferError as exc:
-            raise APIError(500, f"generation failed: {exc}", "server_error") from exc
+            raise generation_error(exc) from exc
         finally:
             watcher.cancel()
             if not handle.done:
@@ -82,6 +84,14 @@ class Generation:
         if flight.aborted and last.finish_reason == "cancelled":
             raise shutting_down(self.config, unfinished=True)
         return reply.full("".join(text), last.finish_reason, handle.prompt_tokens, last.generation_tokens)
+
+
+def generation_error(exc: PortableInferError) -> APIError:
+    """A request that failed while generating: its own bad values (an InvalidArgumentError, e.g. a
+    penalty that overflows the logits) are the client's error (400 naming the param); the rest 500."""
+    if isinstance(exc, InvalidArgumentError):
+        return protocol.bad(f"{exc}", param=getattr(exc, "param", None))
+    return APIError(500, f"generation failed: {exc}", "server_error")
 
 
 def _event(obj) -> str:
@@ -119,7 +129,7 @@ async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=Non
                 if r.text or r.finish_reason is not None:
                     yield _event(reply.chunk(r.text, r.finish_reason))
         except PortableInferError as exc:
-            yield _event(APIError(500, f"generation failed: {exc}", "server_error").body())
+            yield _event(generation_error(exc).body())
             yield DONE
             return
         if include_usage and last is not None:
