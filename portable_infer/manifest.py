@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ChecksumError, PackageError, SchemaVersionError
+from .errors import ChecksumError, PackageError
+from .manifest_schema import SCHEMA_VERSION, validate
+from .package_paths import check_listed, open_regular, resolve_inside
 
-SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20
 
 # Names shared with ONNX Runtime GenAI and optimum.
 INPUT_IDS = "input_ids"
@@ -188,46 +190,41 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"manifest schema_version is {version!r}, this portable_infer reads version "
-                f"{SCHEMA_VERSION}; re-export the model with this version's exporter "
-                f"(portable-infer export ...) or install the matching portable-infer release"
-            )
-        try:
-            m = d["model"]
-            return cls(
-                schema_version=version,
-                exporter_version=d["exporter_version"],
-                source=dict(d["source"]),
-                model=ModelDims(**{**m, "layer_types": tuple(m.get("layer_types", ()))}),
-                precision=d["precision"],
-                variants=tuple(GraphVariant.from_dict(v) for v in d["variants"]),
-                tokenizer=TokenizerInfo(**{**d["tokenizer"],
-                                           "eos_token_ids": tuple(d["tokenizer"]["eos_token_ids"])}),
-                generation=GenerationDefaults(**d["generation"]),
-                files=tuple(FileEntry(**f) for f in d["files"]),
-                verification=dict(d.get("verification", {})),
-            )
-        except (KeyError, TypeError, ValueError) as exc:  # ValueError: dict("a string")
-            raise PackageError(f"manifest.json is malformed ({exc!r}); re-export the package") from exc
+        """A Manifest from parsed JSON, after :func:`~portable_infer.manifest_schema.validate`:
+        a malformed one raises ManifestError (SchemaVersionError, UnsafePathError), a PackageError."""
+        validate(d)
+        m, t = d["model"], d["tokenizer"]
+        manifest = cls(
+            schema_version=d["schema_version"],
+            exporter_version=d["exporter_version"],
+            source=dict(d["source"]),
+            model=ModelDims(**{**m, "layer_types": tuple(m.get("layer_types", ()))}),
+            precision=d["precision"],
+            variants=tuple(GraphVariant.from_dict(v) for v in d["variants"]),
+            tokenizer=TokenizerInfo(**{**t, "eos_token_ids": tuple(t.get("eos_token_ids", ()))}),
+            generation=GenerationDefaults(**d["generation"]),
+            files=tuple(FileEntry(**f) for f in d["files"]),
+            verification=dict(d.get("verification", {})),
+        )
+        check_listed(manifest)
+        return manifest
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str, error=PackageError) -> "Manifest":
+        """Parse manifest bytes read from ``where``; unreadable JSON raises ``error``."""
+        return cls.from_dict(parse_json(data, where, error))
 
     @classmethod
     def load(cls, package_dir: str | os.PathLike) -> "Manifest":
-        path = Path(package_dir) / MANIFEST_NAME
+        path = resolve_inside(Path(package_dir), MANIFEST_NAME, MANIFEST_NAME)
         if not path.is_file():
             raise PackageError(
                 f"{path} not found: {package_dir} is not a model package; create one with "
                 f"`portable-infer export SOURCE -o {package_dir}`"
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PackageError(f"{path} is not valid JSON ({exc}); the package is corrupted, re-export it") from exc
-        if not isinstance(data, dict):
-            raise PackageError(f"{path} does not hold a JSON object; the package is corrupted, re-export it")
-        return cls.from_dict(data)
+        with open_regular(path, MANIFEST_NAME) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        return cls.from_bytes(data, str(path))
 
     def save(self, package_dir: str | os.PathLike) -> None:
         Path(package_dir, MANIFEST_NAME).write_text(self.to_json(), encoding="utf-8")
@@ -240,30 +237,62 @@ class Manifest:
         raise PackageError(f"package has no graph variant {name!r}; it has {[v.name for v in self.variants]}")
 
     def verify_files(self, package_dir: str | os.PathLike, *, hash_files: bool = True) -> None:
-        """Check that every listed file exists with its size (and sha256 when ``hash_files``)."""
-        for entry in self.files:
-            path = Path(package_dir) / entry.path
-            if not path.is_file():
-                raise PackageError(f"{path} is missing from the package; re-export or re-copy the package")
-            size = path.stat().st_size
-            if size != entry.size:
-                raise ChecksumError(
-                    f"{path} is {size} bytes, the manifest says {entry.size}: the file is truncated "
-                    f"or replaced; re-copy or re-export the package"
-                )
-            if hash_files and sha256_file(path) != entry.sha256:
-                raise ChecksumError(
-                    f"{path} does not match the sha256 in manifest.json: the file is corrupted; "
-                    f"re-copy or re-export the package"
-                )
+        """Check that every listed file exists with its size (and sha256 when ``hash_files``).
+
+        Each path is first confined to the package (``package_paths.resolve_inside``): a listed
+        file that resolves outside it is refused before anything about it is read."""
+        for i, entry in enumerate(self.files):
+            field = f"files[{i}].path"
+            path = resolve_inside(Path(package_dir), entry.path, field)
+            with open_regular(path, field) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.size:
+                    raise ChecksumError(
+                        f"{path} is {size} bytes, the manifest says {entry.size}: the file is truncated "
+                        f"or replaced; re-copy or re-export the package"
+                    )
+                if hash_files and sha256_stream(f) != entry.sha256:
+                    raise ChecksumError(
+                        f"{path} does not match the sha256 in manifest.json: the file is corrupted; "
+                        f"re-copy or re-export the package"
+                    )
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return sha256_stream(f, chunk)
+
+
+def sha256_stream(f, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def parse_json(data: bytes, where: str, error=PackageError) -> dict:
+    """``data`` as a JSON object, or ``error``: too large, not UTF-8, not JSON, nested too deep,
+    an integer too long, NaN/Infinity, a key given twice (parsers disagree on which one wins)."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise error(f"{where}: {MANIFEST_NAME} is over {MAX_MANIFEST_BYTES >> 20} MiB; the package is corrupted")
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(items)
+
+    def constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise error(f"{where} is not valid JSON ({reason}); the package is corrupted, re-export it") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where} does not hold a JSON object; the package is corrupted, re-export it")
+    return obj
 
 
 def file_entries(package_dir: str | os.PathLike) -> tuple:

@@ -40,9 +40,19 @@ def ort_file(onnx_file: str) -> str:
     return (onnx_file[:-5] if onnx_file.endswith(".onnx") else onnx_file) + ".ort"
 
 
-def _graph_bytes(manifest: Manifest, file: str) -> int:
-    """The graph file plus its external data files (``<file>.data`` and the like)."""
-    return sum(e.size for e in manifest.files if e.path == file or e.path.startswith(file + "."))
+def _external_data(graph: Path) -> list:
+    """The external-data locations ``graph`` names (relative to its directory), read from the graph
+    itself (``onnx_refs``); ``pack`` has confined and listed them (``package_paths``) before this."""
+    from .onnx_refs import graph_refs
+
+    with open(graph, "rb") as f:
+        return sorted(graph_refs(f, graph.name))
+
+
+def _graph_bytes(package: Path, file: str) -> int:
+    """The graph file plus the external data files it references."""
+    graph = package / file
+    return graph.stat().st_size + sum((graph.parent / loc).stat().st_size for loc in _external_data(graph))
 
 
 def default_sources(manifest: Manifest) -> list:
@@ -54,7 +64,7 @@ def default_sources(manifest: Manifest) -> list:
 
 
 def convert(onnx_paths: list, out_dir: Path) -> None:
-    """Run ONNX Runtime's converter on ``onnx_paths`` (graphs with their .data beside them).
+    """Run ONNX Runtime's converter on ``onnx_paths`` (graphs with the external data they name).
 
     Writes ``out_dir/<name>.ort`` for each and one ``out_dir/required_operators.config``.
     """
@@ -64,8 +74,11 @@ def convert(onnx_paths: list, out_dir: Path) -> None:
     src = out_dir / "src"
     src.mkdir(parents=True)
     for p in onnx_paths:  # one folder of graphs -> one operator config for all of them
-        for f in [p, *sorted(p.parent.glob(p.name + ".*"))]:
-            _link(f, src / f.name)
+        _link(p, src / p.name)
+        for loc in _external_data(p):
+            if not (src / loc).exists():  # graphs may share one data file (static and fused do)
+                (src / loc).parent.mkdir(parents=True, exist_ok=True)
+                _link(p.parent / loc, src / loc)
     cmd = [sys.executable, "-m", CONVERTER, str(src), "--output_dir", str(out_dir), "--optimization_style", "Fixed"]
     env = {**os.environ, "ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL": "all"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -108,7 +121,7 @@ def add_ort_variants(manifest: Manifest, package: Path, work: Path, which=True) 
     for v in sources:
         if v.name + ORT_SUFFIX in have:
             raise InvalidArgumentError(f"the package already has an ORT-format variant {v.name + ORT_SUFFIX!r}")
-        size = _graph_bytes(manifest, v.file)
+        size = _graph_bytes(package, v.file)
         if size >= FLATBUFFER_LIMIT:
             raise ExportError(f"variant {v.name!r} holds {size / 2**30:.2f} GiB of weights; the ORT format stores "
                               f"weights inside one flatbuffer, limited to 2 GiB: pack it without --ort")

@@ -19,7 +19,7 @@ import pytest
 import portable_infer
 from portable_infer.bundle import ALIGN, SIGNATURE_NAME, pack, write_keypair
 from portable_infer.cli import main
-from portable_infer.errors import BundleError, ChecksumError, SignatureError
+from portable_infer.errors import BundleError, SignatureError
 
 pytest.importorskip("cryptography")
 
@@ -62,7 +62,7 @@ def _load(path, **kw):
 
 def _nothing_unpacked(home: Path) -> bool:
     bundles = home / "bundles"
-    return not bundles.exists() or not any(bundles.iterdir())
+    return not bundles.exists() or not any(p.name != ".lock" for p in bundles.iterdir())  # .lock: the unpack lock
 
 
 def _zip(dst: Path, members: dict) -> Path:
@@ -105,17 +105,19 @@ def test_second_load_reuses_the_unpacked_directory(unsigned, home):
     second = _load(unsigned).path
     assert second == first
     assert {p: p.stat().st_mtime_ns for p in [first, *first.iterdir()]} == stamps
-    assert [p.name for p in (home / "bundles").iterdir()] == [first.name]  # no partial directories left
+    assert sorted(p.name for p in (home / "bundles").iterdir()) == [".lock", first.name]  # no partials left
 
 
-def test_unpacked_directory_is_checked_like_any_package(unsigned):
+def test_unpacked_directory_is_checked_and_unpacked_again_when_damaged(unsigned):
     path = _load(unsigned).path
     data = path / "model.onnx.data"
-    blob = bytearray(data.read_bytes())
+    good = data.read_bytes()
+    blob = bytearray(good)
     blob[100] ^= 0xFF
+    data.chmod(0o644)  # unpacked files are read-only
     data.write_bytes(bytes(blob))
-    with pytest.raises(ChecksumError):
-        _load(unsigned)
+    assert _load(unsigned).path == path  # the damaged copy is found and replaced from the bundle
+    assert data.read_bytes() == good
 
 
 def test_cli_pack_then_load_with_trust(tiny_llama, keys, tmp_path, reference, capsys):
@@ -248,12 +250,12 @@ def test_not_a_zip_is_an_error(tmp_path):
 
 
 def test_interrupted_unpack_leaves_nothing_usable(unsigned, home, monkeypatch):
-    import portable_infer.bundle as bundle
+    import portable_infer.bundle_cache as bundle_cache
 
-    def boom(tmp, dest, manifest_bytes):
+    def boom(tmp, dest):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle, "_publish", boom)
+    monkeypatch.setattr(bundle_cache, "_publish", boom)
     with pytest.raises(KeyboardInterrupt):
         _load(unsigned)
     assert _nothing_unpacked(home)

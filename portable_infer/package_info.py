@@ -1,0 +1,69 @@
+"""``portable-infer inspect``: what a package directory or ``.pinf`` bundle holds, in human terms.
+
+A bundle is checked as ``load`` checks it before unpacking (member names, manifest schema and
+paths, members == files[], the signature when ``trust`` is given) and is not unpacked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import Manifest
+
+
+def describe(path, trust=None) -> str:
+    """The lines ``portable-infer inspect PATH`` prints (raises PackageError on a bad package)."""
+    path = Path(path)
+    head = []
+    if path.is_file() or trust is not None:
+        from .bundle import inspect_bundle
+
+        info = inspect_bundle(path, trust)
+        m = info.manifest
+        signed = ("signed, signature checked" if trust is not None else
+                  "signed, signature not checked (pass --trust)" if info.signed else "unsigned")
+        head.append(f"bundle       {path} ({signed}), unpacks to bundles/{info.key[:16]}...")
+    else:
+        m = Manifest.load(path)
+        head.append(f"package      {path}")
+    d = m.model
+    lines = head + [
+        f"model        {d.model_type} (family {d.architecture}), {d.num_layers} layers, hidden {d.hidden_size}",
+        f"attention    {d.num_heads} heads, {d.num_kv_heads} kv heads, head_dim {d.head_dim}, "
+        f"rope theta {d.rope_theta}" + (f", sliding window {d.sliding_window}" if d.sliding_window else ""),
+        f"vocab        {d.vocab_size}, max context {d.max_context}, tied embeddings {d.tie_word_embeddings}",
+        f"precision    {m.precision}",
+        f"source       {m.source.get('kind')} {m.source.get('path')}",
+        f"exporter     {m.exporter_version}, schema {m.schema_version}",
+    ]
+    for v in m.variants:
+        lines.append(f"variant      {v.name}: {v.file}, opset {v.opset}, domains {list(v.domains) or ['ai.onnx']}, "
+                     f"providers {list(v.providers)}, KV {v.kv.layout} {v.kv.dtype} ({v.kv.growth})")
+    size = sum(f.size for f in m.files)
+    lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
+    lines += [_verified(name, r) for name, r in m.verification.items()]
+    return "\n".join(lines)
+
+
+def _verified(name: str, r: dict) -> str:
+    """One ``verified`` line from the export report; the schema typed each field read here,
+    and any of them may be absent."""
+    from .loader import INT8_SUFFIX, PREFERRED_AGREEMENT
+
+    full, greedy, q = r.get("full", {}), r.get("greedy", {}), r.get("quality", {})
+    parts = []
+    if "max_rel" in full:
+        parts.append(f"max rel diff {full['max_rel']:.2e}")
+    if "identical_prefix" in greedy and "steps" in greedy:
+        parts.append(f"greedy {greedy['identical_prefix']}/{greedy['steps']}")
+    if "top1_agree_steps" in q:
+        parts.append(f"top-1 {q['top1_agree_steps']}")
+    if "perplexity" in q:
+        parts.append(f"ppl {q['perplexity']:.3f}")
+    note = ""
+    if r.get("dropped"):
+        note = f"; left out of the package: {r['dropped']}"
+    elif name.endswith(INT8_SUFFIX) and "top1_agreement" in q:
+        note = ("; runs by default" if q["top1_agreement"] >= PREFERRED_AGREEMENT else
+                f"; below the {PREFERRED_AGREEMENT:.0%} gate: runs only with --accuracy 4")
+    return f"verified     {name}: {', '.join(parts) or 'no measurements'}{note}"
