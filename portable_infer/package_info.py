@@ -42,7 +42,25 @@ def describe(path, trust=None) -> str:
     size = sum(f.size for f in m.files)
     lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
     lines += [_verified(name, r) for name, r in m.verification.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + _measured(path))
+
+
+def _measured(path: Path) -> list:
+    """This host (CPU, ISA flags) and the variant choices measured on it for this package."""
+    from . import host
+    from .measure import tune_cache_dir
+    from .tune import cached_decisions
+
+    lines = [f"host         {host.describe()}"]
+    for d in cached_decisions(tune_cache_dir(), path) if path.is_dir() else []:
+        k = d["key"]
+        times = ", ".join(f"{n} " + "/".join(f"{ms:.2f}" for ms in t.values()) + " ms"
+                          for n, t in d["timings_ms"].items())
+        lines.append(f"measured     {d['chosen']} on {k['provider']} ({k['threads']} threads, batches "
+                     f"{k['batches']}, prefer {k['prefer']}, ORT {k['ort']}): {times}")
+    if len(lines) == 1:
+        lines.append("measured     no variant choice cached on this host (`portable-infer tune` measures)")
+    return lines
 
 
 def _verified(name: str, r: dict) -> str:

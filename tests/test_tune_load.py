@@ -140,3 +140,16 @@ def test_tune_command_measures_again_and_doctor_shows_it(int4_package, tuning, c
     assert main(["doctor"]) == 0
     text = capsys.readouterr().out
     assert "ISA:" in text and "measured choice: static on CPUExecutionProvider" in text
+
+
+def test_inspect_shows_the_host_and_the_measured_choice(int4_package, tuning):
+    from portable_infer.package_info import describe
+
+    assert "no variant choice cached" in describe(int4_package)
+    times, _ = tuning
+    times.update({n: 0.010 for n in static_names(int4_package)})
+    times["static"] = 0.002
+    portable_infer.load(int4_package, "cpu")
+    text = describe(int4_package)
+    assert "host " in text and "ISA:" in text
+    assert "measured     static on CPUExecutionProvider" in text
