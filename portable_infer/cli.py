@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=3)
     b.set_defaults(func=cmd_bench)
 
+    _serve_parser(sub)
+    _package_parsers(sub)
+    return p
+
+
+def _serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
@@ -278,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=help_ if default is None else f"{help_} (default {default:g})")
     s.set_defaults(func=cmd_serve)
 
+
+def _package_parsers(sub) -> None:
+    """export, pack and verify: the commands that make and check packages."""
     e = sub.add_parser("export", help="HF folder / .gguf / default -> model package")
     e.add_argument("source", nargs="?", default="default")
     e.add_argument("-o", "--output", required=True)
@@ -311,7 +320,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("package")
     v.add_argument("--reference", default=None, help="HF folder (default: the package's recorded source)")
     v.set_defaults(func=cmd_verify)
-    return p
 
 
 def main(argv=None) -> int:
