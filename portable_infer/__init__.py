@@ -1,9 +1,9 @@
 """portable_infer: run LLM model packages through ONNX Runtime on whatever hardware is present."""
 
 from .errors import (  # noqa: F401
-    BundleError, ChecksumError, ContextLengthError, DependencyError, ExportError, InvalidArgumentError,
-    PackageError, PortableInferError, ProviderError, SchemaVersionError, SignatureError, SourceError,
-    UnsupportedArchitectureError, VerificationError,
+    BundleError, ChecksumError, ContextLengthError, DependencyError, ExportError, GenerationError,
+    InvalidArgumentError, PackageError, PortableInferError, ProviderError, SchemaVersionError, SignatureError,
+    SourceError, UnsupportedArchitectureError, VerificationError,
 )
 
 from ._version import __version__  # noqa: F401

@@ -141,11 +141,12 @@ def cmd_export(ns) -> int:
     except ImportError as exc:
         from .errors import DependencyError
 
-        raise DependencyError('the exporter is not installed: pip install "portable-infer[export]"') from exc
+        raise DependencyError('the exporter is not installed: pip install "portable-infer[lean]" (add '
+                              '[export] for the check against transformers and the torch.onnx fallback)') from exc
     out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
                  verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route,
                  variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()) if ns.variants else None,
-                 nbits_accuracy=ns.accuracy, activations=ns.activations)
+                 nbits_accuracy=ns.accuracy, activations=ns.activations, revision=ns.revision)
     print(out)
     return 0
 
@@ -287,8 +288,11 @@ def _serve_parser(sub) -> None:
 
 def _package_parsers(sub) -> None:
     """export, pack and verify: the commands that make and check packages."""
-    e = sub.add_parser("export", help="HF folder / .gguf / default -> model package")
-    e.add_argument("source", nargs="?", default="default")
+    e = sub.add_parser("export", help="HF folder / .gguf / Hub id / default -> model package")
+    e.add_argument("source", nargs="?", default="default",
+                   help="HF model folder, .gguf file, Hugging Face Hub id (org/name, or org/name:Q4_K_M for "
+                        "one GGUF file of a repo; HF_TOKEN and HF_HUB_OFFLINE apply), or default")
+    e.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id (default: main)")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
     e.add_argument("--max-context", type=int, default=None)

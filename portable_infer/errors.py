@@ -109,7 +109,14 @@ class ExportError(PortableInferError):
 
 
 class SourceError(ExportError):
-    """The source model is missing, truncated or inconsistent (config, tensors, shapes)."""
+    """The source model is missing, truncated or inconsistent (config, tensors, shapes).
+
+    ``param`` names the setting at fault where one does (``"desc_act"``, ``"revision"``...) and
+    ``reason`` what is wrong (``"unsupported"``, ``"offline"``, ``"not_found"``...)."""
+
+    def __init__(self, message: str = "", *, param: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.param, self.reason = param, reason
 
 
 class UnsupportedArchitectureError(ExportError):

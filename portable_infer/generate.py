@@ -1,20 +1,28 @@
 """The decode loop, on token ids: prefill, then one token per step reusing the KV cache.
 
 :class:`BatchDecoder` runs any number of sequences in lock step (left-padded into one batch).
-Each :meth:`BatchDecoder.step` samples one token for every running sequence; the forward pass
-for those tokens runs lazily at the start of the next step, so a caller that stops a sequence in
-between (a stop string, a cancelled stream) never pays for a wasted step.
+Each :meth:`BatchDecoder.step` samples one token for every running sequence (the per-token rule
+of :class:`~portable_infer.sequence.Sequence`); the forward pass for those tokens runs lazily at
+the start of the next step, so a caller that stops a sequence in between (a stop string, a
+cancelled stream) never pays for a wasted step. The grammar masks of constrained rows are filled
+together, while that forward pass runs.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .constraints import MaskFill
 from .errors import ContextLengthError, InvalidArgumentError
-from .sampling import SamplingParams, apply_penalties, make_sampler, token_logprobs
+from .sequence import Sequence
+
+# batch_generate's sub-batch size: rows x min(context, longest prompt + max_new_tokens) KV tokens
+# at most (~375 MB of fp32 KV for SmolLM2-135M). One padded batch of every prompt grew without
+# bound: 200 prompts of 1-345 tokens peaked at 7.7 GB.
+DEFAULT_BATCH_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -24,17 +32,6 @@ class StepToken:
     finish_reason: str | None  # None while running; "stop" | "length"
     logprob: float | None = None
     top_logprobs: tuple = ()
-
-
-@dataclass
-class _Row:
-    prompt: list
-    params: SamplingParams
-    rng: np.random.Generator
-    sampler: object
-    stop_ids: frozenset
-    output: list = field(default_factory=list)
-    finish_reason: str | None = None
 
 
 def check_prompt(ids: list, max_context: int, truncate: bool) -> list:
@@ -51,21 +48,54 @@ def check_prompt(ids: list, max_context: int, truncate: bool) -> list:
         f"{max_context - 1} tokens")
 
 
+def check_batch_tokens(max_batch_tokens) -> int:
+    """``max_batch_tokens`` (None: :data:`DEFAULT_BATCH_TOKENS`) checked to be an int >= 1."""
+    if max_batch_tokens is None:
+        return DEFAULT_BATCH_TOKENS
+    if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
+        raise InvalidArgumentError(f"max_batch_tokens must be an int >= 1 (KV tokens per sub-batch: rows x "
+                                   f"(longest prompt + max_new_tokens)), got {max_batch_tokens!r}; or None for "
+                                   f"{DEFAULT_BATCH_TOKENS}", param="max_batch_tokens")
+    return max_batch_tokens
+
+
+def plan_batches(lengths: list, max_new_tokens: int, max_context: int, budget: int) -> list:
+    """Prompt indices in sub-batches, each holding at most ``budget`` KV tokens when done: rows x
+    min(max_context, longest prompt + max_new_tokens). All prompts in their order when they fit
+    one batch; else shortest first (least padding). A prompt over the budget alone runs alone.
+
+    Example: ``plan_batches([5, 1, 9], 3, 100, 16)`` is ``[[1, 0], [2]]`` (2 x 8 = 16; 9 + 3 alone).
+    """
+    if lengths and len(lengths) * min(max_context, max(lengths) + max_new_tokens) <= budget:
+        return [list(range(len(lengths)))]
+    batches, current = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # stable: ties keep their order
+        width = min(max_context, lengths[i] + max_new_tokens)  # sorted: the newest row is the longest
+        if current and (len(current) + 1) * width > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 class BatchDecoder:
-    """Lock-step decoding of several prompts; greedy rows equal their one-by-one runs."""
+    """Lock-step decoding of several prompts; greedy rows equal their one-by-one runs.
+
+    ``guide`` (a :class:`~portable_infer.constraints.Guide`) is needed by rows with a
+    constraint; ``vocab_size`` checks logit biases before anything runs.
+    """
 
     def __init__(self, engine, prompts: list, params: list, *, eos_ids=(), max_context: int,
-                 pad_id: int = 0, truncate: bool = False):
+                 pad_id: int = 0, truncate: bool = False, guide=None, vocab_size: int | None = None):
         if len(prompts) != len(params) or not prompts:
             raise InvalidArgumentError("give one SamplingParams per prompt, and at least one prompt")
         self.engine = engine
         self.max_context = max_context
         self.pad_id = pad_id
-        self.rows = []
-        for ids, p in zip(prompts, params):
-            ids = check_prompt(ids, max_context, truncate)
-            stop = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(eos_ids))
-            self.rows.append(_Row(ids, p, np.random.default_rng(p.seed), make_sampler(p), stop))
+        self.rows = [Sequence(check_prompt(ids, max_context, truncate), p, eos_ids=eos_ids, vocab_size=vocab_size,
+                              guide=guide) for ids, p in zip(prompts, params)]
         self._pending: np.ndarray | None = None
         # All rows plain greedy and the graph has a next_token output (static-KV graphs): the
         # argmax runs on the device and only the ids come back; self.logits stays None.
@@ -85,6 +115,14 @@ class BatchDecoder:
         """End a sequence from outside (a stop string matched, a client went away)."""
         if self.rows[row].finish_reason is None:
             self.rows[row].finish_reason = reason
+            if self.done:
+                self._release()
+
+    def _release(self) -> None:
+        """All rows done: drop the KV now, and let the engine give a large cache's memory back."""
+        if self.cache is not None:
+            held, self.cache = self.cache.nbytes(), None
+            self.engine.trim(held)
 
     # --- steps --------------------------------------------------------------------------------
     def _prefill(self) -> None:
@@ -114,10 +152,17 @@ class BatchDecoder:
         self.timings["decode_steps"] += 1
         self._pending = None
 
+    def _start_masks(self) -> MaskFill:
+        """The grammar masks of the running constrained rows, filled while the forward runs."""
+        matchers = {i: r.matcher for i, r in enumerate(self.rows) if r.matcher is not None and r.finish_reason is None}
+        return MaskFill(matchers, len(self.rows), max(r.mask_vocab for r in self.rows))
+
     def step(self) -> list:
         """Sample one token for every running sequence; returns their :class:`StepToken`."""
+        fill = self._start_masks()
         if self._pending is not None and not self.done:
             self._advance()
+        masks = fill.result()
         if self.done:
             return []
         nxt = np.full(len(self.rows), self.pad_id, dtype=np.int64)
@@ -132,21 +177,14 @@ class BatchDecoder:
             if r.finish_reason is not None:
                 continue
             logits = None if self._device_greedy else self.logits[i]
-            if r.params.penalized:
-                logits = apply_penalties(logits, r.prompt, r.output, r.params)
-            tok = int(argmax[i]) if r.params.plain_greedy else int(r.sampler(logits, r.rng))
-            lp, top = (None, ())
-            if r.params.logprobs is not None:
-                lp, top = token_logprobs(logits, tok, r.params.logprobs)
-                top = tuple(top)
-            r.output.append(tok)
-            if tok in r.stop_ids:
-                r.finish_reason = "stop"
-            elif len(r.output) >= r.params.max_new_tokens or full:
-                r.finish_reason = "length"
-            nxt[i] = tok
-            events.append(StepToken(i, tok, r.finish_reason, lp, top))
+            tok = int(argmax[i]) if r.params.plain_greedy else None
+            pick = r.step(logits, tok, None if masks is None or r.matcher is None else masks[i],
+                          max_context=self.max_context, full=full)
+            nxt[i] = pick.token
+            events.append(StepToken(i, pick.token, pick.finish_reason, pick.logprob, pick.top_logprobs))
         self._pending = nxt
+        if self.done:
+            self._release()
         return events
 
     def run(self) -> list:

@@ -50,6 +50,7 @@ def _copy_rows(engine, dst, parts: list) -> None:
                     at += len(idx)
         return
     used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
+    dst.mark_written(np.repeat(used, [len(idx) for _, idx in parts]))
     dtype = np.dtype(dst.layout.dtype)
     for layer, pair in enumerate(dst.values):
         for j, d in enumerate(pair):
@@ -110,4 +111,5 @@ def fill_prefix(cache, arrays: list, n: int):
             write(d, dtype, lambda out, x=x: out.__setitem__((slice(None), slice(None), slice(0, n)), x))
     cache.rows = np.array([n], np.int64)
     cache.length = n
+    cache.mark_written(cache.rows)
     return cache

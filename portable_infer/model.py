@@ -3,6 +3,11 @@
     generate_ids / batch_generate_ids   token ids in, token ids out (bring your own tokenizer)
     stream_generate / stream_chat       yield :class:`Response` pieces
     generate / batch_generate / chat    return text
+
+Prompts, token ids and messages are checked first (:mod:`portable_infer.prompts`): a wrong type,
+invalid Unicode, a bool or an id outside the vocabulary is an :class:`InvalidArgumentError`.
+The batch calls run their prompts in sub-batches of at most ``max_batch_tokens`` KV tokens
+(:func:`portable_infer.generate.plan_batches`), so memory stays bounded for any number of prompts.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .chat_template import ChatTemplate
+from .constraints import Guide
 from .errors import InvalidArgumentError, PackageError
-from .generate import BatchDecoder, check_prompt
+from .generate import BatchDecoder, check_batch_tokens, check_prompt, plan_batches
 from .manifest import Manifest
+from .prompts import check_messages, check_text, token_ids
 from .sampling import SamplingParams
 from .streaming import Response, TextStream
 
@@ -44,6 +51,7 @@ class Model:
         self.chat_template = chat_template
         self.path = path
         self.selection = selection
+        self._guide: Guide | None = None
         g = manifest.generation
         self.defaults = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                                        top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
@@ -76,21 +84,31 @@ class Model:
         return self.tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list:
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(text).__name__}")
-        return self._need_tokenizer().encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text`` (valid Unicode; InvalidArgumentError names a bad character)."""
+        check_text(text)
+        # encode_batch releases the GIL while it runs, encode does not: a long prompt tokenized on
+        # the server's thread pool would otherwise still stall its event loop (same ids either way)
+        return self._need_tokenizer().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._need_tokenizer().decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = token_ids(ids, self.manifest.model.vocab_size, "ids")
+        return self._need_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _ids(self, prompt) -> list:
+    def _ids(self, prompt, what: str = "prompt") -> list:
+        """Text (encoded) or token ids (checked) -> a list of token ids."""
         if isinstance(prompt, str):
+            check_text(prompt, what)
             return self.encode(prompt)
-        ids = list(prompt)
-        vocab = self.manifest.model.vocab_size
-        if not all(isinstance(i, (int, np.integer)) and 0 <= i < vocab for i in ids):
-            raise InvalidArgumentError(f"token ids must be ints in [0, {vocab}); got {ids[:8]}...")
-        return ids
+        return token_ids(prompt, self.manifest.model.vocab_size, what)
+
+    @property
+    def guide(self) -> Guide:
+        """Compiles this model's constraints (response_format, constraint=): llguidance's view of
+        the tokenizer is built on first use (about a second for a 50k vocabulary)."""
+        if self._guide is None:
+            tok = self.manifest.tokenizer
+            self._guide = Guide(self._need_tokenizer(), self.manifest.model.vocab_size, tok.eos_token_ids)
+        return self._guide
 
     def params(self, **sampling) -> SamplingParams:
         return SamplingParams.from_kwargs(self.defaults, **sampling)
@@ -99,21 +117,49 @@ class Model:
         tok = self.manifest.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_ids or (0,))[0]
         return BatchDecoder(self.engine, prompts, [params] * len(prompts), eos_ids=tok.eos_token_ids,
-                            max_context=self.max_context, pad_id=pad, truncate=truncate)
+                            max_context=self.max_context, pad_id=pad, truncate=truncate,
+                            guide=self.guide if params.constraint is not None else None,
+                            vocab_size=self.manifest.model.vocab_size)
 
     # --- token-level layer ----------------------------------------------------------------------
     def generate_ids(self, prompt_ids, *, truncate: bool = False, **sampling) -> list:
         """Generated token ids for one prompt given as ids (stop strings need text: use generate)."""
-        return self.batch_generate_ids([prompt_ids], truncate=truncate, **sampling)[0]
+        if isinstance(prompt_ids, str):
+            raise InvalidArgumentError("generate_ids takes token ids; use generate for text", param="prompt")
+        return self._batch_ids([prompt_ids], truncate, None, sampling, names="prompt")[0]
 
-    def batch_generate_ids(self, prompts, *, truncate: bool = False, **sampling) -> list:
-        """Generated ids for several prompts, decoded together with left padding."""
+    def batch_generate_ids(self, prompts, *, truncate: bool = False, max_batch_tokens: int | None = None,
+                           **sampling) -> list:
+        """Generated ids for several prompts, in their order; decoded with left padding in
+        sub-batches of at most ``max_batch_tokens`` KV tokens (see :meth:`batch_generate`)."""
+        return self._batch_ids(prompts, truncate, max_batch_tokens, sampling)
+
+    def _batch_ids(self, prompts, truncate: bool, max_batch_tokens, sampling: dict, names: str = "prompts[{}]"):
         params = self.params(**sampling)
         if params.stop:  # silently ignoring them would run on past the user's stop
             raise InvalidArgumentError(f"stop strings match text, and generate_ids works on token ids (got "
                                        f"stop={list(params.stop)}); use stop_token_ids, or generate / "
-                                       f"stream_generate for stop strings")
-        return self._decoder([self._ids(p) for p in prompts], params, truncate).run()
+                                       f"stream_generate for stop strings", param="stop")
+        out = [None] * len(prompts) if isinstance(prompts, (list, tuple)) else []
+        for rows, dec in self._sub_batches(prompts, params, truncate, max_batch_tokens, names):
+            for i, ids in zip(rows, dec.run()):
+                out[i] = ids
+        return out
+
+    def _sub_batches(self, prompts, params: SamplingParams, truncate: bool, max_batch_tokens,
+                     names: str = "prompts[{}]"):
+        """Yield ``(prompt indices, BatchDecoder)`` per sub-batch, each made (and prefilled) only
+        when the one before is done; every prompt is checked (errors call prompt i ``names``)
+        before the first runs."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise InvalidArgumentError(f"prompts must be a list of prompts, got {type(prompts).__name__}; "
+                                       f"use generate for one", param="prompt")
+        if not prompts:
+            raise InvalidArgumentError("prompts is empty: give at least one prompt", param="prompt")
+        budget = check_batch_tokens(max_batch_tokens)
+        ids = [check_prompt(self._ids(p, names.format(i)), self.max_context, truncate) for i, p in enumerate(prompts)]
+        for rows in plan_batches([len(x) for x in ids], params.max_new_tokens, self.max_context, budget):
+            yield rows, self._decoder([ids[i] for i in rows], params, truncate)
 
     def forward_logits(self, ids) -> np.ndarray:
         """Logits [len, vocab] for every position of ``ids`` (teacher forcing).
@@ -176,13 +222,16 @@ class Model:
         yield from self._stream(self._chat_ids(messages), self.params(**sampling), truncate)
 
     def _chat_ids(self, messages: list) -> list:
+        check_messages(messages)  # an empty conversation, a missing role, invalid text: typed errors
         if self.chat_template is None:
             raise PackageError("this package has no chat template; use generate() with a plain prompt")
         return self.encode(self.chat_template.render(messages, add_generation_prompt=True), add_special_tokens=False)
 
     # --- text layer -----------------------------------------------------------------------------
     def generate(self, prompt, **kwargs) -> str:
-        """The completion of ``prompt`` as text."""
+        """The completion of ``prompt`` (a str, or a list of token ids) as text."""
+        if not isinstance(prompt, str):
+            self._ids(prompt)  # a wrong type is an InvalidArgumentError before the missing tokenizer
         self._need_tokenizer()  # without one every piece would be "" (use generate_ids)
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
@@ -190,19 +239,26 @@ class Model:
         """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
         return "".join(r.text for r in self.stream_chat(messages, **kwargs))
 
-    def batch_generate(self, prompts: list, *, truncate: bool = False, **sampling) -> list:
-        """Completions for several prompts, decoded together (left padding)."""
-        if isinstance(prompts, str):
-            raise InvalidArgumentError("batch_generate takes a list of prompts; use generate for one")
+    def batch_generate(self, prompts: list, *, truncate: bool = False, max_batch_tokens: int | None = None,
+                       **sampling) -> list:
+        """Completions for several prompts, in their order.
+
+        The prompts run in sub-batches, shortest first, each left-padded into one batch of at
+        most ``max_batch_tokens`` (default :data:`~portable_infer.generate.DEFAULT_BATCH_TOKENS`,
+        8192) KV tokens: rows x min(context, longest prompt + max_new_tokens); a longer prompt
+        runs alone. Results equal one-by-one runs (each row has its own seeded generator).
+        """
         self._need_tokenizer()
         params = self.params(**sampling)
-        dec = self._decoder([self._ids(p) for p in prompts], params, truncate)
-        streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
-        texts = [""] * len(prompts)
-        while not dec.done:
-            for ev in dec.step():
-                piece, hit = streams[ev.row].push(ev.token)
-                texts[ev.row] += piece
-                if hit:
-                    dec.finish(ev.row, "stop")
-        return [t + s.close() for t, s in zip(texts, streams)]
+        texts = [""] * len(prompts) if isinstance(prompts, (list, tuple)) else []
+        for rows, dec in self._sub_batches(prompts, params, truncate, max_batch_tokens):
+            streams = [TextStream(self.tokenizer, params.stop) for _ in rows]
+            while not dec.done:
+                for ev in dec.step():
+                    piece, hit = streams[ev.row].push(ev.token)
+                    texts[rows[ev.row]] += piece
+                    if hit:
+                        dec.finish(ev.row, "stop")
+            for i, s in zip(rows, streams):
+                texts[i] += s.close()
+        return texts

@@ -107,10 +107,10 @@ class PrefixCache:
         if stored is not None:
             self._entries.move_to_end(id(stored))
             return
-        kept = [(np.array(k[:, :, :n]), np.array(v[:, :, :n])) for k, v in arrays]
-        size = sum(k.nbytes + v.nbytes for k, v in kept)
-        if size > self.max_bytes:
+        size = sum(k[:, :, :n].nbytes + v[:, :, :n].nbytes for k, v in arrays)  # views: no copy yet
+        if size > self.max_bytes:  # never copied: a prompt larger than the cache left no garbage
             return
+        kept = [(np.array(k[:, :, :n]), np.array(v[:, :, :n])) for k, v in arrays]
         entry = _Entry(tokens, kept, size, hashes)
         for i, h in enumerate(hashes):
             self._index.setdefault(h, []).append((entry, (i + 1) * self.block_size))

@@ -8,6 +8,11 @@ The pipeline, with vLLM / OpenAI semantics::
 Each filter takes a 1-D float array and returns an array whose dropped entries are ``-inf``; a
 filter that is switched off returns its input unchanged (never mutated). The random generator is
 always passed in, so a seed reproduces a run exactly.
+
+Logits that cannot be sampled (NaN, +inf, or every one -inf) raise :class:`GenerationError`
+naming the cause; values the request chose that overflow float32 raise
+:class:`InvalidArgumentError` naming the parameter. Neither is an ``assert``: the scheduler ends
+that one request with the error and the others in its step go on.
 """
 
 from __future__ import annotations
@@ -16,14 +21,24 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import GenerationError, InvalidArgumentError
+from .processors import check_logit_bias, openai_spellings
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
 
 MAX_LOGPROBS = 20
 _TOP_P_CANDIDATES = 1024  # top_p sorts only these best tokens when they hold >= top_p of the mass
 _DRAW_BLOCK = 256  # draw() picks a block of this many tokens, then a token in it
+# Temperatures below this are greedy decoding (stored as 0.0), as in vLLM: logits / 1e-300
+# overflows float32, and below 1e-5 sampling is argmax in all but name.
+MIN_TEMPERATURE = 1e-5
+# Repetition penalties outside this range overflow (or flatten) float32 logits and mean nothing.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 Sampler = Callable[[np.ndarray, np.random.Generator], int]
 
@@ -32,7 +47,9 @@ _FLOAT_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
     "temperature": (">= 0", lambda v: v >= 0, "use 0 for greedy decoding"),
     "top_p": ("in (0, 1]", lambda v: 0 < v <= 1, "use 1 to turn top-p off"),
     "min_p": ("in [0, 1)", lambda v: 0 <= v < 1, "use 0 to turn min-p off"),
-    "repetition_penalty": ("> 0", lambda v: v > 0, "use 1 to turn it off"),
+    "repetition_penalty": (f"in [{REPETITION_PENALTY_RANGE[0]}, {REPETITION_PENALTY_RANGE[1]:g}]",
+                           lambda v: REPETITION_PENALTY_RANGE[0] <= v <= REPETITION_PENALTY_RANGE[1],
+                           "use 1 to turn it off"),
     "presence_penalty": ("in [-2, 2]", lambda v: -2 <= v <= 2, "use 0 to turn it off"),
     "frequency_penalty": ("in [-2, 2]", lambda v: -2 <= v <= 2, "use 0 to turn it off"),
 }
@@ -58,10 +75,20 @@ def _is_int(x) -> bool:
 class SamplingParams:
     """How to pick each next token; validated at construction.
 
-    ``temperature == 0`` is greedy decoding. ``top_k == 0``, ``top_p == 1``, ``min_p == 0`` and
-    neutral penalties switch those steps off. ``logprobs``: None = off, 0 = the chosen token's
-    log-probability only, k = also the k most likely alternatives (at most 20). ``stop`` holds stop
-    strings and ``stop_token_ids`` extra end tokens; lists are accepted and stored as tuples.
+    ``temperature == 0`` is greedy decoding, and so is any temperature below
+    :data:`MIN_TEMPERATURE` (1e-5): it is stored as 0.0, the same rule for the Python API and the
+    server (which builds its SamplingParams here), because ``logits / temperature`` overflows
+    float32 for tiny values and sampling below 1e-5 is an argmax anyway. ``top_k == 0``,
+    ``top_p == 1``, ``min_p == 0`` and neutral penalties switch those steps off;
+    ``repetition_penalty`` is in [0.01, 100] (further out it overflows or flattens the logits),
+    presence and frequency penalties in [-2, 2]. ``logprobs``: None = off, 0 = the chosen token's
+    log-probability only, k = also the k most likely alternatives (at most 20). ``stop`` holds
+    stop strings and ``stop_token_ids`` extra end tokens; lists are accepted and stored as tuples.
+    ``constraint``: a :class:`~portable_infer.constraints.Constraint` (JSON schema, JSON object,
+    regex, Lark grammar; or a dict such as ``{"regex": "[0-9]+"}``, or an OpenAI response_format)
+    that the output must follow; ``logit_bias``: ``{token id: bias in [-100, 100]}`` added to the
+    logits (stored as sorted pairs). ``from_kwargs`` also takes OpenAI's spellings
+    ``response_format=`` and ``logprobs=True, top_logprobs=k``.
     Example: ``SamplingParams(temperature=0.7, top_p=0.9, seed=0, stop=["\\n\\n"])``.
     """
 
@@ -78,29 +105,38 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     ignore_eos: bool = False
+    constraint: Constraint | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name, (allowed, ok, fix) in _FLOAT_RULES.items():
             value = getattr(self, name)
             real = _is_int(value) or isinstance(value, (float, np.floating))
             if not (real and math.isfinite(value) and ok(value)):
-                raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}; {fix}")
+                raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}; {fix}", param=name)
             object.__setattr__(self, name, float(value))
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # greedy: see the class docstring
         for name, (allowed, ok, fix, optional) in _INT_RULES.items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
             if not (_is_int(value) and ok(value)):
                 none = "None or " if optional else ""
-                raise InvalidArgumentError(f"{name} must be {none}an int {allowed}, got {value!r}; {fix}")
+                raise InvalidArgumentError(f"{name} must be {none}an int {allowed}, got {value!r}; {fix}",
+                                           param=name)
             object.__setattr__(self, name, int(value))
         for name, (ok, what, convert) in _TUPLE_RULES.items():
             value = getattr(self, name)
             if not (isinstance(value, (list, tuple)) and all(ok(v) for v in value)):
-                raise InvalidArgumentError(f"{name} must be a tuple or list of {what}, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a tuple or list of {what}, got {value!r}", param=name)
             object.__setattr__(self, name, tuple(convert(v) for v in value))
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidArgumentError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            raise InvalidArgumentError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", param="ignore_eos")
+        from .constraints import Constraint  # no llguidance import: that waits for the first matcher
+
+        object.__setattr__(self, "constraint", Constraint.coerce(self.constraint))
+        object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
 
     @property
     def penalized(self) -> bool:
@@ -109,9 +145,12 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """The token is the logits' argmax and nothing else reads them (no penalty, no logprobs):
-        the argmax may run anywhere, e.g. on the device."""
-        return self.temperature == 0.0 and not self.penalized and self.logprobs is None
+        """The token is the logits' argmax and nothing else reads them (no penalty, no logprobs,
+        no constraint, no logit bias):
+        the argmax may run anywhere, e.g. on the device. A constraint or a logit bias changes
+        the logits first, so those rows take the host's logits."""
+        return (self.temperature == 0.0 and not self.penalized and self.logprobs is None
+                and self.constraint is None and not self.logit_bias)
 
     @classmethod
     def from_kwargs(cls, defaults: SamplingParams | None = None, **kw) -> SamplingParams:
@@ -122,11 +161,12 @@ class SamplingParams:
         """
         if defaults is not None and not isinstance(defaults, SamplingParams):
             raise InvalidArgumentError(f"defaults must be a SamplingParams or None, got {type(defaults).__name__}")
+        kw = openai_spellings(kw)
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kw) - set(valid))
         if unknown:
             raise InvalidArgumentError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
-                                       f"valid ones are: {', '.join(valid)}")
+                                       f"valid ones are: {', '.join(valid)}", param=unknown[0])
         return dataclasses.replace(defaults if defaults is not None else cls(), **kw)
 
 
@@ -137,11 +177,33 @@ def _as_logits(logits) -> np.ndarray:
     return x
 
 
+def unsampleable(top: float) -> GenerationError:
+    """The error for logits whose maximum ``top`` is not finite: NaN anywhere makes the max NaN,
+    +inf anywhere makes it +inf, and it is -inf only when every logit is."""
+    if np.isnan(top):
+        return GenerationError("the model's logits hold NaN: its output is broken for this input, not the "
+                               "request's values; check the package (re-export it, or try another variant "
+                               "or precision)", reason="nan_logits")
+    if top > 0:
+        return GenerationError("the model's logits hold +inf (an overflow in the graph, e.g. fp16 "
+                               "activations): try an fp32 or int4 package or another variant",
+                               reason="inf_logits")
+    return GenerationError("every logit is -inf: no token is left to choose (all of them were "
+                           "filtered out)", reason="no_candidates")
+
+
 def _finite_max(x: np.ndarray) -> float:
     top = x.max()
     if not np.isfinite(top):
-        raise InvalidArgumentError(f"logits must have a finite maximum, got {top}; check the model output")
+        raise unsampleable(top)
     return top
+
+
+def check_pick(value) -> None:
+    """Raise :func:`unsampleable`'s error when a greedy pick (an argmax) landed on a non-finite
+    logit: NumPy's argmax returns the first NaN, and +inf or an all -inf row mean no real choice."""
+    if not np.isfinite(value):
+        raise unsampleable(value)
 
 
 def _as_ids(ids, vocab: int, name: str) -> np.ndarray:
@@ -171,7 +233,13 @@ def apply_penalties(logits: np.ndarray, prompt_ids: Sequence[int], output_ids: S
     if params.repetition_penalty != 1.0:
         seen = np.unique(np.concatenate((_as_ids(prompt_ids, vocab, "prompt_ids"), output)))
         values = out[seen]
-        out[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        with np.errstate(over="ignore"):
+            penalized = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        if np.isinf(penalized).any() and not np.isinf(values).any():
+            raise InvalidArgumentError(
+                f"repetition_penalty {params.repetition_penalty} overflows these logits (largest "
+                f"{np.abs(values).max():.4g}) past float32; use a value closer to 1", param="repetition_penalty")
+        out[seen] = penalized
     if (params.presence_penalty or params.frequency_penalty) and output.size:
         ids, counts = np.unique(output, return_counts=True)
         out[ids] -= params.presence_penalty + params.frequency_penalty * counts
@@ -256,24 +324,41 @@ def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
     return block * _DRAW_BLOCK + _pick(np.cumsum(inner, dtype=np.float64), inner, u)
 
 
+def _overflow(x: np.ndarray, temperature: float) -> Exception:
+    """Why ``x / temperature`` has no finite maximum: the logits themselves, or the division."""
+    top = x.max()
+    if not np.isfinite(top):
+        return unsampleable(top)
+    return InvalidArgumentError(f"temperature {temperature!r} is too small for these logits (largest {top:.4g}): "
+                                f"logits / temperature overflows float32; use a larger temperature or 0 "
+                                f"(greedy)", param="temperature")
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     """Return ``sampler(logits, rng) -> token id`` for ``params`` (penalties are applied before).
 
-    Greedy (``temperature == 0``) is an argmax and does not touch ``rng``.
+    Greedy (``temperature == 0``) is an argmax and does not touch ``rng``. NaN or +inf logits, or
+    a row that is all -inf, raise :class:`GenerationError` (see :func:`unsampleable`).
     Example: ``make_sampler(SamplingParams(temperature=0.7))(logits, np.random.default_rng(0))``.
     """
     if not isinstance(params, SamplingParams):
         raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
     if params.temperature == 0.0:
         def greedy(logits: np.ndarray, rng: np.random.Generator) -> int:
-            return int(np.argmax(_as_logits(logits)))
+            x = _as_logits(logits)
+            i = int(np.argmax(x))
+            check_pick(x[i])
+            return i
         return greedy
 
     temperature, top_k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
 
     def sampler(logits: np.ndarray, rng: np.random.Generator) -> int:
-        x = apply_temperature(_as_logits(logits), temperature)
-        _finite_max(x)  # NaN or all -inf logits would otherwise fail obscurely in the filters
+        raw = _as_logits(logits)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            x = apply_temperature(raw, temperature)
+        if not np.isfinite(x.max()):  # NaN, inf or all -inf would fail obscurely in the filters
+            raise _overflow(raw, temperature)
         x = apply_min_p(apply_top_p(apply_top_k(x, top_k), top_p), min_p)
         return draw(x, rng)
     return sampler

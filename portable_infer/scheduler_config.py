@@ -73,7 +73,12 @@ class SchedulerStats:
     blocks_used: int
     blocks_total: int
     block_size: int
-    kv_bytes: int  # KV the batch really holds now (padding included)
+    # KV memory the running batch really holds now: a growing cache's rows x width (padding
+    # included); fixed buffers on the CPU count the positions written (pages are committed on
+    # first write), not their virtual rows x capacity; on a GPU the whole buffers (allocated at
+    # once). Spare buffers kept for reuse (static_engine.SPARE_BYTES) and the prefix cache
+    # (prefix_cache_bytes) are not in it.
+    kv_bytes: int
     prompt_tokens: int  # counters since start
     generation_tokens: int
     requests_finished: int

@@ -7,6 +7,7 @@ left on the provider's device (ORT allocates them) and handed to the KV cache as
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -21,6 +22,48 @@ logger = logging.getLogger(__name__)
 
 # ORT device names by provider, for binding outputs where the provider computes them.
 _OUTPUT_DEVICE = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+# A call that brings at least this many new tokens (batch x sequence: a prefill, a prefill
+# chunk) ends by giving the CPU arena's free chunks back to the OS (ONNX Runtime's arena
+# shrinkage): without it the arena keeps the peak of the largest call's activations for the
+# life of the process. Decode steps (one token per row) leave the arena alone: shrinking every
+# step would free and fault in the same memory again every token.
+SHRINK_MIN_TOKENS = 64
+# A growing cache's KV lives in that arena too (ONNX Runtime allocates the presents): when one of
+# at least this many bytes is dropped, Engine.trim gives its memory back (see there).
+TRIM_MIN_BYTES = 16 << 20
+_SHRINK_KEY = "memory.enable_memory_arena_shrinkage"
+
+
+def release_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc's ``malloc_trim``; a no-op where the
+    C library has none). Large buffers freed after glibc raised its mmap threshold stay in the
+    heap otherwise: a dropped 93 MB static KV cache kept the process 97 MB above its rest."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError, TypeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None  # resolved on first use
+
+
+def shrink_run_options(session, ort):
+    """RunOptions that shrink the CPU arena at the end of a run, or None when the session has no
+    CPU arena (``low_memory``: nothing to shrink, and ONNX Runtime refuses the option then)."""
+    try:
+        arena = session.get_session_options().enable_cpu_mem_arena
+    except Exception:  # noqa: BLE001 - a session stand-in (tests) without options: no shrinking
+        return None
+    if not arena:
+        return None
+    ro = ort.RunOptions()
+    ro.add_run_config_entry(_SHRINK_KEY, "cpu:0")
+    return ro
 
 
 @dataclass(frozen=True)
@@ -67,10 +110,48 @@ class Engine:
             raise PortableInferError(f"graph {variant.file} lacks outputs {missing[:3]} named in the manifest; "
                                      f"the package is inconsistent: re-export it")
         self._present = [x for p in variant.kv.present for x in p]
+        self._shrink = shrink_run_options(session, ort) if self.device == "cpu" else None  # large calls
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         """An empty cache for ``batch`` rows (it grows as needed: ``capacity`` is only a hint)."""
         return KVCache.empty(self.variant.kv, batch, self.ort)
+
+    def trim(self, dropped_bytes: int) -> None:
+        """A cache of ``dropped_bytes`` was dropped: its KV went back to the CPU arena, which keeps
+        it. ONNX Runtime shrinks an arena only at the end of a run, so when it was at least
+        TRIM_MIN_BYTES this runs one token with shrinkage (a few ms, once per long generation)."""
+        if dropped_bytes < TRIM_MIN_BYTES:
+            return
+        if self._shrink is not None:
+            self._shrink_run()
+        release_heap()  # after the run: arena regions it freed, and KV rows the scheduler moved in numpy
+
+    def _shrink_run(self) -> None:
+        one = np.ones((1, 1), np.int64)
+        b = self.session.io_binding()
+        b.bind_cpu_input(mf.INPUT_IDS, one)
+        b.bind_cpu_input(mf.ATTENTION_MASK, one)
+        b.bind_cpu_input(mf.POSITION_IDS, np.zeros((1, 1), np.int64))
+        for (kn, vn), (k, v) in zip(self.variant.kv.past, KVCache.empty(self.variant.kv, 1, self.ort).values):
+            b.bind_ortvalue_input(kn, k)
+            b.bind_ortvalue_input(vn, v)
+        self._bind_trim_outputs(b)
+        self.session.run_with_iobinding(b, self._shrink)
+
+    def _bind_trim_outputs(self, b) -> None:
+        """The trim run's outputs in buffers of their own: outputs that ONNX Runtime allocates
+        live in the arena at the end of the run and would pin the region they land in."""
+        logits = next(o for o in self.session.get_outputs() if o.name == mf.LOGITS)
+        kv, vocab = self.variant.kv, logits.shape[-1]
+        if not isinstance(vocab, int):
+            for name in (mf.LOGITS, *self._present):
+                b.bind_output(name, "cpu")
+            return
+        new = self.ort.OrtValue.ortvalue_from_shape_and_type
+        dtype = np.float16 if "float16" in logits.type else np.float32
+        b.bind_ortvalue_output(mf.LOGITS, new([1, 1, vocab], dtype, "cpu", 0))
+        for name in self._present:
+            b.bind_ortvalue_output(name, new([1, kv.num_kv_heads, 1, kv.head_dim], np.dtype(kv.dtype), "cpu", 0))
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run one step. ``ids`` [B, S] new tokens, ``mask`` [B, past + S] over everything.
@@ -91,7 +172,7 @@ class Engine:
         b.bind_output(mf.LOGITS, "cpu")
         for name in self._present:
             b.bind_output(name, self.device)
-        self.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(b, self._shrink if ids.size >= SHRINK_MIN_TOKENS else None)
         out = b.get_outputs()
         presents = out[1:]
         cache.update([(presents[2 * i], presents[2 * i + 1]) for i in range(len(presents) // 2)], s)

@@ -30,6 +30,7 @@ import numpy as np
 from . import manifest as mf
 from .errors import CapacityError, InvalidArgumentError, PortableInferError
 from .kvmove import RowMover
+from .session import SHRINK_MIN_TOKENS, TRIM_MIN_BYTES, release_heap, shrink_run_options
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,29 @@ class StaticCache:
     def offset(self) -> int:
         return self.length
 
+    def _token_bytes(self) -> int:
+        return 2 * len(self.layout.past) * self.layout.num_kv_heads * self.layout.head_dim * \
+            np.dtype(self.layout.dtype).itemsize
+
+    def reserved_nbytes(self) -> int:
+        """The buffers' size: batch x capacity tokens (virtual memory on the CPU)."""
+        return self.batch * self.capacity * self._token_bytes()
+
     def nbytes(self) -> int:
-        per = self.layout.num_kv_heads * self.layout.head_dim * np.dtype(self.layout.dtype).itemsize
-        return 2 * len(self.layout.past) * self.batch * self.capacity * per
+        """KV bytes the buffers really hold. On the CPU a fresh buffer's pages are committed when
+        first written, so this counts the positions written so far per row (in these buffers by
+        any cache that used them): what the resident memory grew by, not the virtual
+        ``reserved_nbytes`` (a 2.8 GiB reservation held 41 MB). Device allocators commit the whole
+        buffer at once: there it is ``reserved_nbytes``."""
+        if self._slot is None or self._slot.written is None:
+            return self.reserved_nbytes()
+        return int(self._slot.written.sum()) * self._token_bytes()
+
+    def mark_written(self, upto) -> None:
+        """Rows' positions ``[0, upto)`` now hold data (``upto``: per row, or one int for all)."""
+        slot = self._slot
+        if slot is not None and slot.written is not None:
+            np.maximum(slot.written, np.minimum(upto, self.capacity), out=slot.written)
 
 
 @dataclass
@@ -77,6 +98,7 @@ class _Slot:
     busy: bool = False
     binding: object = None  # the decode steps' IO binding (same addresses every step)
     run_options: object = None  # its CUDA graph's run options (None: no graph)
+    written: np.ndarray = None  # CPU: positions ever written per row (pages committed); None: all
     positions: np.ndarray = None  # arange(capacity): the decode mask is positions < row lengths
     host_ids: np.ndarray = None  # the step's inputs on the host (views of ids/mask on the CPU)
     host_mask: np.ndarray = None
@@ -104,6 +126,7 @@ class StaticEngine:
         self._spare_lock = threading.Lock()  # finalizers run on whichever thread drops a cache
         self._graphs = 0
         self._plain = self._run_options(-1)  # for every step that does not replay a graph
+        self._shrink = shrink_run_options(session, ort) if self.device == "cpu" else None  # large prefills
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
         self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
         self._row_mover = False  # made on first use: row_mover()
@@ -120,6 +143,13 @@ class StaticEngine:
                 except Exception as exc:  # noqa: BLE001
                     logger.warning("KV rows move through the host (%s: %s)", type(exc).__name__, exc)
         return self._row_mover
+
+    def trim(self, dropped_bytes: int) -> None:
+        """A cache that held ``dropped_bytes`` was dropped: its buffers (not in ONNX Runtime's arena,
+        which large prefills already shrink) go back to the OS from the C heap when it was at
+        least TRIM_MIN_BYTES (buffers of up to SPARE_BYTES are kept for the next cache)."""
+        if dropped_bytes >= TRIM_MIN_BYTES and self.device == "cpu":
+            release_heap()
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:
@@ -177,7 +207,8 @@ class StaticEngine:
         values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
         token = new([batch, 1], np.int64) if self.greedy_on_device else None
         return _Slot(values, new([batch, 1], np.int64), new([batch, cap], np.int64),
-                     new([batch, 1, self.vocab], np.float32), token, graph_id)
+                     new([batch, 1, self.vocab], np.float32), token, graph_id,
+                     written=np.zeros(batch, np.int64) if self.device == "cpu" else None)
 
     # --- one step ---------------------------------------------------------------------------------
     def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, all_logits: bool = False,
@@ -218,6 +249,7 @@ class StaticEngine:
             out = self._run(ids_r, mask_r, cache, greedy)
         cache.rows = rows
         cache.length = mask.shape[1]
+        cache.mark_written(np.maximum(rows, S) if prefill else rows)  # a prefill writes all S positions
         return out
 
     def _bind_cache(self, b, cache: StaticCache) -> None:
@@ -237,7 +269,8 @@ class StaticEngine:
         if self.greedy_on_device:
             b.bind_output(mf.LOGITS if greedy else mf.NEXT_TOKEN, self.device)
         self._bind_cache(b, cache)
-        self.session.run_with_iobinding(b, self._plain)
+        big = self._shrink is not None and ids.size >= SHRINK_MIN_TOKENS
+        self.session.run_with_iobinding(b, self._shrink if big else self._plain)
         out = b.get_outputs()[0].numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 

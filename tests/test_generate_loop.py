@@ -30,6 +30,9 @@ class FakeCache:
         self.length = 0
         self.prefill = 0  # width of the prefill call
 
+    def nbytes(self) -> int:
+        return 0
+
 
 class FakeEngine:
     """Engine.forward's contract with scripted logits.
@@ -54,6 +57,9 @@ class FakeEngine:
 
     def new_cache(self, batch: int, capacity: int | None = None) -> FakeCache:
         return FakeCache(batch)
+
+    def trim(self, dropped_bytes: int) -> None:
+        pass
 
     def forward(self, ids, mask, cache, all_logits=False):
         b, s = ids.shape
