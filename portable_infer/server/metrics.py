@@ -38,7 +38,8 @@ GAUGES = {
     "requests_waiting": ("Requests queued for a slot or KV blocks", lambda s: s.waiting),
     "kv_blocks_used": ("KV blocks reserved by admitted requests", lambda s: s.blocks_used),
     "kv_blocks_total": ("KV blocks in the budget", lambda s: s.blocks_total),
-    "kv_cache_bytes": ("KV bytes the running batch holds, padding included", lambda s: s.kv_bytes),
+    "kv_cache_bytes": ("KV bytes the running batch really holds (CPU static buffers: positions written; "
+                       "GPU: whole buffers; padding included)", lambda s: s.kv_bytes),
     "tokens_per_second": ("Generated tokens per second over the last 10 s", lambda s: s.tokens_per_s),
     "max_batch": ("Requests that may run at once", lambda s: s.max_batch),
     "prefix_cache_bytes": ("Host memory the cached prompt prefixes hold", lambda s: s.prefix_cache_bytes),
