@@ -8,6 +8,7 @@ from .errors import (  # noqa: F401
 
 from ._version import __version__  # noqa: F401
 
+from .constraints import Constraint  # noqa: E402,F401
 from .loader import load  # noqa: E402,F401
 from .model import Model  # noqa: E402,F401
 from .sampling import SamplingParams  # noqa: E402,F401

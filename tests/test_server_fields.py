@@ -32,7 +32,8 @@ EXAMPLES = {
     "frequency_penalty": 0.4, "repetition_penalty": 1.1, "seed": 42, "stop": ["\n"], "stop_token_ids": [5],
     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "user": "u1",
     "metadata": {"k": "v"}, "safety_identifier": "s1", "prompt_cache_key": "p1", "role": "system", "content": "x",
-    "type": "text", "text": "x", "include_usage": True,
+    "type": "text", "text": "x", "include_usage": True, "top_logprobs": 0, "logit_bias": {"5": 1.5},
+    "response_format": {"type": "json_object"}, ("logprobs", COMPLETIONS): 2, ("logprobs", CHAT): True,
 }
 # one value of each JSON type; "integer" fields also get true and 1.0 (booleans and floats are not ints)
 OF_TYPE = {"string": ["5"], "integer": [5], "number": [1.5], "boolean": [True], "array": [[1]], "object": [{"a": 1}]}
@@ -47,12 +48,24 @@ KINDS = ("body", "message", "content_part", "stream_options")
 class FakeModel:
     defaults = SamplingParams(max_new_tokens=16)
     manifest = SimpleNamespace(model=SimpleNamespace(vocab_size=256))
+    guide = None  # compiles response_format: a real one over the serving tests' tokenizer (below)
 
     def encode(self, text):
         return [ord(c) % 256 for c in text]
 
     def _chat_ids(self, messages):
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
+
+
+def _guide():
+    from _serving import char_tokenizer
+
+    from portable_infer.constraints import Guide
+
+    return Guide(char_tokenizer(), 256, [2])
+
+
+FakeModel.guide = _guide()
 
 
 def base(endpoint: str) -> dict:
@@ -128,7 +141,7 @@ def test_every_unsupported_field_says_why_and_typed_fields_name_types():
 # --- walking it ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,endpoint,field", cases((IMPLEMENTED, IGNORED)))
 def test_implemented_and_ignored_fields_accept_their_example(kind, endpoint, field):
-    body, _ = placed(kind, endpoint, field.name, EXAMPLES[field.name])
+    body, _ = placed(kind, endpoint, field.name, EXAMPLES.get((field.name, endpoint), EXAMPLES.get(field.name)))
     parsed = parse(endpoint, body)
     key = protocol.SAMPLING_KEYS.get(field.name) if kind == "body" else None
     if key is not None:  # the value reached SamplingParams
@@ -184,11 +197,17 @@ def test_null_means_not_sent():
     (COMPLETIONS, {"n": True}, "n", "invalid_type"),  # accepted before: True == 1
     (CHAT, {"n": 1.0}, "n", "invalid_type"),  # accepted before: 1.0 == 1
     (CHAT, {"logprobs": 0}, "logprobs", "invalid_type"),  # accepted before: 0 == False
-    (COMPLETIONS, {"logprobs": 0}, "logprobs", "unsupported_parameter"),
+    (COMPLETIONS, {"logprobs": 21}, "logprobs", None),  # 0..20
+    (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+    (CHAT, {"logprobs": False, "top_logprobs": 2}, "top_logprobs", None),
     (COMPLETIONS, {"max_tokens": "5"}, "max_tokens", "invalid_type"),
-    (CHAT, {"response_format": {"type": "bogus"}}, "response_format", "unsupported_parameter"),  # 200 before
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
-    (COMPLETIONS, {"logit_bias": {"5": -100}}, "logit_bias", "unsupported_parameter"),  # 200 before
+    (CHAT, {"response_format": {"type": "bogus"}}, "response_format", None),  # 200 before
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}},
+     "response_format", None),  # a schema llguidance cannot compile
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", None),
+    (COMPLETIONS, {"logit_bias": {"5": -101}}, "logit_bias", None),  # [-100, 100]
+    (COMPLETIONS, {"logit_bias": {"256": 1}}, "logit_bias", None),  # outside the vocabulary
+    (CHAT, {"logit_bias": {"x": 1}}, "logit_bias", None),
     (CHAT, {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
     (CHAT, {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     (CHAT, {"function_call": "auto"}, "function_call", "unsupported_parameter"),

@@ -10,7 +10,7 @@ each content part and ``stream_options`` before it reads them) and walked by
                   labels for OpenAI's own dashboards (``user``, ``metadata``, ``safety_identifier``)
     unsupported   a 400 naming it (code ``unsupported_parameter``), unless it holds a value that asks
                   for nothing beyond what the server does anyway: ``n: 1``, ``tools: []``,
-                  ``response_format: {"type": "text"}``
+                  ``tool_choice: "none"``
 
 A key in no table is a 400 naming it (``unknown_parameter``), and so is a value of the wrong JSON
 type (``invalid_type``: ``n: true``, ``n: 1.0``, ``max_tokens: "5"``, ``{"model": 123}``; booleans
@@ -30,7 +30,7 @@ IMPLEMENTED, IGNORED, UNSUPPORTED = "implemented", "ignored", "unsupported"
 ANY = ("string", "integer", "number", "boolean", "array", "object")
 
 TOOLS = "tool and function calling is not supported yet"
-GUIDED = "structured output (guided decoding) is not supported yet"
+GUIDED = "vLLM's guided decoding fields are not supported: send response_format (json_schema or json_object)"
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,12 @@ BODY = (
     _implemented("ignore_eos", BOOLEAN),
     _implemented("stream", BOOLEAN),
     _implemented("stream_options", ("object",)),  # its keys: STREAM_OPTIONS
+    # what comes back besides text, and what the output must be (protocol.py, SamplingParams)
+    _implemented("logprobs", INTEGER, (COMPLETIONS,)),  # the k best alternatives too
+    _implemented("logprobs", BOOLEAN, (CHAT,)),
+    _implemented("top_logprobs", INTEGER, (CHAT,)),
+    _implemented("logit_bias", ("object",)),
+    _implemented("response_format", ("object",), (CHAT,)),  # text | json_object | json_schema
     # no effect by definition
     Field("user", IGNORED, STRING),
     Field("metadata", IGNORED, ("object",), (CHAT,)),
@@ -86,12 +92,6 @@ BODY = (
     _unsupported("best_of", "only best_of=1 is supported", INTEGER, (1,), (COMPLETIONS,)),
     _unsupported("echo", "echo is not supported", BOOLEAN, (False,), (COMPLETIONS,)),
     _unsupported("suffix", "suffix (insertion) is not supported", STRING, ("",), (COMPLETIONS,)),
-    _unsupported("logprobs", "logprobs are not supported by this server yet", INTEGER, (), (COMPLETIONS,)),
-    _unsupported("logprobs", "logprobs are not supported by this server yet", BOOLEAN, (False,), (CHAT,)),
-    _unsupported("top_logprobs", "logprobs are not supported by this server yet", INTEGER, (0,), (CHAT,)),
-    _unsupported("logit_bias", "logit_bias is not supported yet", ("object",), ({},)),
-    _unsupported("response_format", 'only text output is supported yet (response_format {"type": "text"}); '
-                 "JSON mode and JSON schemas are not", ("object",), ({"type": "text"},), (CHAT,)),
     _unsupported("tools", TOOLS, ("array",), ([],), (CHAT,)),
     _unsupported("tool_choice", TOOLS, ("string", "object"), ("none",), (CHAT,)),
     _unsupported("functions", TOOLS, ("array",), ([],), (CHAT,)),

@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from ..errors import CapacityError, InvalidArgumentError, PortableInferError
 from . import protocol
 from .lifecycle import Lifecycle
+from .logprobs import TokenNames
 from .protocol import APIError, Reply
 
 
@@ -58,7 +59,8 @@ class Generation:
             if flight.aborted:
                 raise shutting_down(self.config)
             flight.handle = handle = self.submit(parsed)
-            reply = Reply(chat, self.served)
+            names = TokenNames(self.scheduler.model) if parsed.params.logprobs is not None else None
+            reply = Reply(chat, self.served, names=names)
             if parsed.stream:  # the stream ends the flight when it is sent (or abandoned)
                 stream = sse(handle, reply, parsed.include_usage, flight, self.config, self.log)
                 response, flight = _FlightStream(stream, self.lifecycle, flight), None
@@ -71,10 +73,12 @@ class Generation:
     async def complete(self, request: Request, handle, reply: Reply, flight):
         watcher = asyncio.create_task(cancel_on_disconnect(request, handle, self.log))
         try:
-            text, last = [], None
+            text, last, pieces = [], None, []
             async for r in handle:
                 text.append(r.text)
                 last = r
+                if r.logprob is not None:
+                    pieces.append(r)
         except PortableInferError as exc:
             raise generation_error(exc) from exc
         finally:
@@ -83,7 +87,7 @@ class Generation:
                 handle.cancel()
         if flight.aborted and last.finish_reason == "cancelled":
             raise shutting_down(self.config, unfinished=True)
-        return reply.full("".join(text), last.finish_reason, handle.prompt_tokens, last.generation_tokens)
+        return reply.full("".join(text), last.finish_reason, handle.prompt_tokens, last.generation_tokens, pieces)
 
 
 def generation_error(exc: PortableInferError) -> APIError:
@@ -118,7 +122,7 @@ async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=Non
     try:
         if reply.chat:
             yield _event(reply.chunk(None, None, role=True))
-        last = None
+        last, pieces = None, []  # pieces: tokens whose logprobs go out with the next chunk
         try:
             async for r in handle:
                 last = r
@@ -126,8 +130,11 @@ async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=Non
                     yield _event(shutting_down(config, unfinished=True).body())
                     yield DONE
                     return
+                if r.logprob is not None:
+                    pieces.append(r)
                 if r.text or r.finish_reason is not None:
-                    yield _event(reply.chunk(r.text, r.finish_reason))
+                    yield _event(reply.chunk(r.text, r.finish_reason, pieces=pieces))
+                    pieces = []
         except PortableInferError as exc:
             yield _event(generation_error(exc).body())
             yield DONE

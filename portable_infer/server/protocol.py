@@ -13,8 +13,10 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import ContextLengthError, InvalidArgumentError, PortableInferError
+from ..processors import LogitBias
 from ..sampling import SamplingParams
 from . import fields
+from . import logprobs as lp
 from .apierror import APIError, bad, show
 from .fields import CHAT, COMPLETIONS
 
@@ -28,6 +30,10 @@ SAMPLING_KEYS = {
     "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
     "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
 }
+# OpenAI keys SamplingParams.from_kwargs reads as they are spelled (chat's logprobs is a bool, with
+# top_logprobs; completions' an int; response_format becomes the constraint; logit_bias keys are
+# decimal strings)
+SPELLED_KEYS = ("logit_bias", "logprobs", "top_logprobs", "response_format")
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ def sampling_params(body: dict, defaults: SamplingParams, limits: Limits) -> Sam
                   "differ; send one of them", param="max_completion_tokens")
     limit_key = given[-1] if given else "max_tokens"
     kw = {field: body[key] for key, field in SAMPLING_KEYS.items() if body.get(key) is not None}
+    kw.update({key: body[key] for key in SPELLED_KEYS if body.get(key) is not None})
     if isinstance(kw.get("stop"), str):
         kw["stop"] = [kw["stop"]]
     if "max_new_tokens" not in kw:
@@ -74,6 +81,8 @@ def sampling_params(body: dict, defaults: SamplingParams, limits: Limits) -> Sam
         params = SamplingParams.from_kwargs(defaults, **kw)
     except InvalidArgumentError as exc:
         field = getattr(exc, "param", None) or str(exc).split(" ", 1)[0]
+        if field == "logprobs" and body.get("top_logprobs") is not None:
+            field = "top_logprobs"  # chat: the count is top_logprobs
         key = limit_key if field == "max_new_tokens" else next(
             (k for k, f in SAMPLING_KEYS.items() if f == field and k in body), field)
         raise bad(str(exc).replace("max_new_tokens", key), param=key) from exc
@@ -81,6 +90,23 @@ def sampling_params(body: dict, defaults: SamplingParams, limits: Limits) -> Sam
         raise bad(f"{limit_key} is {params.max_new_tokens}, this server allows at most {limits.max_new_tokens}",
                   param=limit_key)
     return params
+
+
+def prepare(model, params: SamplingParams) -> None:
+    """Check logit_bias's ids against the vocabulary, compile the request's constraint (a bad
+    schema is a 400 naming response_format) and build what naming logprob tokens needs: here, on
+    the tokenizer pool, not at submission on the event loop (llguidance's tokenizer takes about a
+    second the first time; a schema may take milliseconds). The scheduler reuses the grammar."""
+    try:
+        LogitBias(params.logit_bias, model.manifest.model.vocab_size)  # its ids in the vocabulary
+        if params.constraint is not None:
+            model.guide.matcher(params.constraint)
+        if params.logprobs is not None:
+            lp.TokenNames(model).warm()
+    except InvalidArgumentError as exc:
+        raise bad(str(exc), param=getattr(exc, "param", None) or "response_format") from exc
+    except PortableInferError as exc:  # no tokenizer, llguidance missing
+        raise bad(str(exc), param="response_format", code="unsupported") from exc
 
 
 def _flags(body: dict, endpoint: str) -> tuple:
@@ -129,7 +155,9 @@ def parse_completion(body: dict, model, limits: Limits) -> ParsedRequest:
         got = "nothing" if prompt is None else show(prompt)
         raise bad(f"prompt must be a string, or a non-empty list of token ids (one prompt per request); got {got}",
                   param="prompt")
-    return ParsedRequest(_check_length(ids, limits, "prompt"), params, stream, usage, chat=False)
+    ids = _check_length(ids, limits, "prompt")
+    prepare(model, params)
+    return ParsedRequest(ids, params, stream, usage, chat=False)
 
 
 def parse_chat(body: dict, model, limits: Limits) -> ParsedRequest:
@@ -141,8 +169,9 @@ def parse_chat(body: dict, model, limits: Limits) -> ParsedRequest:
     plain = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
     stream, usage = _flags(body, CHAT)
     params = sampling_params(body, model.defaults, limits)  # before the template: no CPU on a bad request
-    ids = _encode(model, lambda: model._chat_ids(plain), "messages")
-    return ParsedRequest(_check_length(ids, limits, "messages"), params, stream, usage, chat=True)
+    ids = _check_length(_encode(model, lambda: model._chat_ids(plain), "messages"), limits, "messages")
+    prepare(model, params)
+    return ParsedRequest(ids, params, stream, usage, chat=True)
 
 
 def _message(m: dict, where: str) -> dict:
@@ -195,6 +224,17 @@ class Reply:
     model: str
     id: str = ""
     created: int = 0
+    names: lp.TokenNames | None = None  # set when the request asked for logprobs
+    offset: int = 0  # completions' text_offset of the next token
+
+    def _logprobs(self, pieces) -> dict | None:
+        """The choice's ``logprobs`` for the tokens of ``pieces`` (None: not asked for)."""
+        if self.names is None:
+            return None
+        if self.chat:
+            return lp.chat(pieces, self.names)
+        out, self.offset = lp.completion(pieces, self.names, self.offset)
+        return out
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
@@ -203,24 +243,27 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None, role: bool = False, pieces=()) -> dict:
+        """One stream chunk; ``pieces``: the Responses whose tokens it reports logprobs of."""
+        logprobs = None if role else self._logprobs(pieces)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, prompt: int, completion: int) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage(prompt, completion)}
 
-    def full(self, text: str, finish_reason: str, prompt: int, completion: int) -> dict:
+    def full(self, text: str, finish_reason: str, prompt: int, completion: int, pieces=()) -> dict:
+        logprobs = self._logprobs(pieces)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish_reason}
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage(prompt, completion)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage(prompt, completion)}
 
 

@@ -1,0 +1,276 @@
+"""Constrained decoding, logit bias and logprobs end to end, on the tiny text package (random
+weights, one token per byte): through the Python API (BatchDecoder) and the scheduler, with
+constrained and free rows in one batch.
+
+The tiny tokenizer's end token (2) is also the byte "#", so these requests pass
+``ignore_eos=True``: a JSON schema's grammar ends the row itself once the value is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+
+import portable_infer
+from portable_infer.errors import GenerationError, InvalidArgumentError
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+SEED = int(os.environ.get("CONSTRAINED_SEED") or random.SystemRandom().randrange(2**31))
+TAG = f"[CONSTRAINED_SEED={SEED}]"
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "pet": {"enum": ["cat", "dog", None]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "pet", "tags"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+REGEX = r"[a-f]{3}-[0-9]{2,4}\."
+
+
+@pytest.fixture(scope="module")
+def model(tiny_text_package):
+    return portable_infer.load(tiny_text_package, "cpu", intra_op_threads=2)
+
+
+def texts(rng, n):
+    alphabet = "abcdefghijklmnopqrstuvwxyz ,.!?"
+    return ["".join(rng.choice(list(alphabet), int(rng.integers(3, 20)))) for _ in range(n)]
+
+
+def test_schema_outputs_validate_at_temperature(model):
+    rng = np.random.default_rng(SEED)
+    print(TAG)
+    prompts = texts(rng, 24)
+    outs = model.batch_generate(prompts, response_format=RESPONSE_FORMAT, temperature=0.7, seed=SEED % 1000,
+                                ignore_eos=True, max_new_tokens=120)
+    for p, out in zip(prompts[:6], outs):  # and one by one, streamed
+        pieces = list(model.stream_generate(p, response_format=RESPONSE_FORMAT, temperature=0.7, ignore_eos=True,
+                                            max_new_tokens=120, seed=int(rng.integers(1000))))
+        assert pieces[-1].finish_reason == "stop", f"{TAG} {pieces[-1]}"
+        outs.append("".join(r.text for r in pieces))
+    for out in outs:
+        jsonschema.validate(json.loads(out), SCHEMA)
+
+
+def test_unconstrained_outputs_are_not_json(model):
+    """The check above can fail: free text from this model is no JSON."""
+    rng = np.random.default_rng(SEED + 1)
+    print(TAG)
+    outs = model.batch_generate(texts(rng, 8), temperature=0.7, seed=1, ignore_eos=True, max_new_tokens=40)
+    assert not any(o.startswith("{") and o.endswith("}") for o in outs), outs
+
+
+def test_json_object_and_regex_and_grammar(model):
+    rng = np.random.default_rng(SEED + 2)
+    print(TAG)
+    stopped = 0
+    for p in texts(rng, 6):
+        seed = int(rng.integers(1000))
+        out = model.generate(p, constraint={"regex": REGEX}, temperature=0.7, seed=seed, ignore_eos=True)
+        assert re.fullmatch(REGEX, out), f"{TAG} {out!r}"
+        out = model.generate(p, constraint={"grammar": 'start: ("yes" | "no") "!"'}, temperature=0.7, seed=seed,
+                             ignore_eos=True)
+        assert out in ("yes!", "no!"), f"{TAG} {out!r}"
+        pieces = list(model.stream_generate(p, response_format={"type": "json_object"}, temperature=0.7, seed=seed,
+                                            ignore_eos=True, max_new_tokens=200,
+                                            logit_bias={model.tokenizer.token_to_id('"'): 3.0}))
+        out = "".join(r.text for r in pieces)
+        if pieces[-1].finish_reason == "stop":
+            assert isinstance(json.loads(out), dict), f"{TAG} {out!r}"
+            stopped += 1
+        else:  # out of tokens inside an unbounded object: what there is starts one
+            assert out.startswith("{"), f"{TAG} {out!r}"
+    assert stopped >= 3, TAG
+
+
+def test_logit_bias_forces_and_bans(model):
+    rng = np.random.default_rng(SEED + 3)
+    print(TAG)
+    prompt = rng.integers(3, 256, 8).tolist()
+    free = model.generate_ids(prompt, max_new_tokens=12, ignore_eos=True)
+    token = int(rng.integers(3, 256))
+    assert model.generate_ids(prompt, max_new_tokens=12, ignore_eos=True, logit_bias={token: 100}) == [token] * 12
+    banned = free[0]
+    out = model.generate_ids(prompt, max_new_tokens=12, ignore_eos=True, temperature=0.9, seed=5,
+                             logit_bias={banned: -100})
+    assert banned not in out, f"{TAG} {out}"
+    with pytest.raises(InvalidArgumentError) as e:
+        model.generate_ids(prompt, logit_bias={256: 1.0})
+    assert e.value.param == "logit_bias"
+
+
+def test_logprobs_equal_the_forward_pass(model):
+    """logprobs=True, top_logprobs=k: the chosen token's log-probability under the model (teacher
+    forcing of prompt + output), and the k best."""
+    from portable_infer.sampling import log_softmax
+
+    rng = np.random.default_rng(SEED + 4)
+    print(TAG)
+    prompt = texts(rng, 1)[0]
+    pieces = list(model.stream_generate(prompt, logprobs=True, top_logprobs=3, temperature=0.8, seed=7,
+                                        ignore_eos=True, max_new_tokens=10))
+    ids = model.encode(prompt) + [r.token for r in pieces]
+    logits = model.forward_logits(ids)
+    for i, r in enumerate(pieces):
+        lp = log_softmax(logits[len(ids) - len(pieces) - 1 + i])
+        assert r.logprob == pytest.approx(lp[r.token], abs=1e-4)
+        assert [t for t, _ in r.top_logprobs] == list(np.argsort(-lp)[:3])
+
+
+@pytest.mark.parametrize("bad, param", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}), "response_format"),
+    (dict(constraint={"regex": "a(b"}), "constraint"),
+    (dict(constraint={"grammar": "start: nope"}), "constraint"),
+    (dict(response_format={"type": "yaml"}), "response_format"),
+    (dict(logprobs=False, top_logprobs=2), "top_logprobs"),
+])
+def test_bad_constraints_are_typed_errors(model, bad, param):
+    with pytest.raises(InvalidArgumentError) as e:
+        model.generate("hello", **bad)
+    assert e.value.param == param
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    with Scheduler(model, SchedulerConfig(max_batch=2)) as sched, pytest.raises(InvalidArgumentError) as e:
+        sched.submit("hello", **bad)
+    assert e.value.param == param
+
+
+def test_batch_decoder_mixes_constrained_and_free_rows(model):
+    from portable_infer.generate import BatchDecoder
+    from portable_infer.sampling import SamplingParams
+
+    rng = np.random.default_rng(SEED + 7)
+    print(TAG)
+    prompts = [model.encode(p) for p in texts(rng, 4)]
+    free = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    regex = SamplingParams(max_new_tokens=10, ignore_eos=True, constraint={"regex": REGEX}, temperature=0.7, seed=3)
+    dec = BatchDecoder(model.engine, prompts, [free, regex, free, regex], max_context=model.max_context,
+                       guide=model.guide, vocab_size=256)
+    outs = dec.run()
+    for i in (0, 2):
+        assert outs[i] == model.generate_ids(prompts[i], max_new_tokens=10, ignore_eos=True), TAG
+    for i in (1, 3):
+        assert re.fullmatch(REGEX, model.decode(outs[i])), f"{TAG} {model.decode(outs[i])!r}"
+
+
+# --- on-device greedy (static KV graphs): constrained rows take the host's logits -----------------
+@pytest.fixture(scope="module")
+def static(tiny_llama, tiny_text_package, tmp_path_factory):
+    import dataclasses
+    import shutil
+
+    from exporters.export import export
+    from portable_infer import manifest as mf
+
+    out = export(tiny_llama.source, tmp_path_factory.mktemp("static_text") / "pkg", precision="fp32", verify=False,
+                 variants=("fused", "static"))
+    shutil.copy(tiny_text_package / "tokenizer.json", out / "tokenizer.json")
+    m = mf.Manifest.load(out)
+    info = dataclasses.replace(m.tokenizer, file="tokenizer.json", config_file=None)
+    dataclasses.replace(m, tokenizer=info, files=mf.file_entries(out)).save(out)
+    model = portable_infer.load(out, "cpu", static_kv=True, intra_op_threads=2)
+    assert model.engine.greedy_on_device
+    return model
+
+
+def test_device_greedy_falls_back_for_constrained_rows(static, model, monkeypatch):
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 8)
+    print(TAG)
+    prompts = texts(rng, 2)
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    assert re.fullmatch(REGEX, static.generate(prompts[0], constraint={"regex": REGEX}, **kw)), TAG
+    assert static.generate(prompts[0], logit_bias={65: 100}, **kw) == "b" * 12  # token 65 is "b"
+    ref = static.generate(prompts[1], max_new_tokens=5, ignore_eos=True)  # ends before the regex can
+    calls = []
+    forward = static.engine.forward
+    monkeypatch.setattr(static.engine, "forward", lambda ids, *a, **k: calls.append(k.get("greedy", False))
+                        or forward(ids, *a, **k))
+    with Scheduler(static, SchedulerConfig(max_batch=4)) as sched:
+        hs = [sched.submit(prompts[0], constraint={"regex": REGEX}, **kw), sched.submit(prompts[1], max_new_tokens=5, ignore_eos=True)]
+        (text, _, _), (free, _, _) = _collect(hs[0]), _collect(hs[1])
+    assert re.fullmatch(REGEX, text) and free == ref, f"{TAG} {text!r}"
+    assert not any(calls), "a constrained row in the batch: every decode step returns logits"
+
+
+# --- continuous batching --------------------------------------------------------------------------
+def _collect(handle):
+    pieces = list(handle)
+    return "".join(r.text for r in pieces), [r.token for r in pieces if r.token is not None], pieces[-1].finish_reason
+
+
+def test_scheduler_mixes_constrained_and_free_rows(model):
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 5)
+    print(TAG)
+    prompts = texts(rng, 8)
+    free_ref = {i: model.generate_ids(model.encode(p), max_new_tokens=16, ignore_eos=True)
+                for i, p in enumerate(prompts) if i % 2}
+    with Scheduler(model, SchedulerConfig(max_batch=8)) as sched:
+        handles = [sched.submit(p, max_new_tokens=16, ignore_eos=True) if i % 2 else
+                   sched.submit(p, response_format=RESPONSE_FORMAT, temperature=0.7, seed=i, ignore_eos=True,
+                                max_new_tokens=120)
+                   for i, p in enumerate(prompts)]
+        results = [_collect(h) for h in handles]
+    for i, (text, ids, reason) in enumerate(results):
+        if i % 2:
+            assert ids == free_ref[i], f"{TAG} row {i}"
+        else:
+            assert reason == "stop", f"{TAG} {text!r}"
+            jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_a_broken_matcher_ends_its_row_only(model, monkeypatch):
+    """A row whose grammar fails mid-run (here its matcher refuses its 4th token) ends with a
+    GenerationError; the free and constrained rows beside it finish as they do alone."""
+    from portable_infer import sequence
+    from portable_infer.constraints import Constraint
+    from portable_infer.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 6)
+    print(TAG)
+    prompts = texts(rng, 3)
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    alone = [model.generate(prompts[0], **kw), model.generate(prompts[1], constraint={"regex": REGEX}, **kw)]
+    doomed_regex = REGEX.replace(".", "!")
+    doomed, consumed = set(), []
+    make, consume = model.guide.matcher, sequence.consume
+
+    def matcher(constraint):  # remember the matchers of the doomed request's constraint
+        m = make(constraint)
+        if constraint == Constraint.regex(doomed_regex):
+            doomed.add(id(m))
+        return m
+
+    def flaky(m, token):
+        if id(m) in doomed:
+            if len(consumed) == 3:
+                raise GenerationError("the grammar broke", reason="grammar")
+            consumed.append(token)
+        consume(m, token)
+
+    monkeypatch.setattr(model.guide, "matcher", matcher)
+    monkeypatch.setattr(sequence, "consume", flaky)
+    with Scheduler(model, SchedulerConfig(max_batch=4)) as sched:
+        handles = [sched.submit(prompts[0], **kw), sched.submit(prompts[1], constraint={"regex": REGEX}, **kw),
+                   sched.submit(prompts[2], constraint={"regex": doomed_regex}, **kw)]
+        free, ok = _collect(handles[0])[0], _collect(handles[1])[0]
+        with pytest.raises(GenerationError) as e:
+            _collect(handles[2])
+    assert e.value.reason == "grammar" and len(consumed) == 3
+    assert [free, ok] == alone
