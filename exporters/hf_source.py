@@ -2,6 +2,8 @@
 
 Tensors are read lazily, one at a time, straight from a memory map of the file, so an export
 never holds the whole checkpoint. bf16 is widened to float32 here (numpy has no bfloat16).
+AWQ/GPTQ checkpoints (a quantization_config) present each quantized linear ``X`` as ``X.weight``
+in 4-bit :class:`~exporters.quant.Blocks`, read exactly from its packed parts (``awq_gptq.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from portable_infer.errors import SourceError
+
+from . import awq_gptq
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -57,16 +61,45 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The shards model.safetensors.index.json lists where there is one (a folder may hold other
+    *.safetensors too, e.g. Mistral's consolidated.safetensors), else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise SourceError(f"{index} is not a valid safetensors index ({exc}); fix or re-download it") from exc
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise SourceError(f"{folder} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}, listed in "
+                          f"{index.name}; the download is incomplete: fetch it again")
+    return [folder / n for n in names]
+
+
 class HFSource:
     """A Hugging Face folder as a lazy tensor store plus its config."""
 
     kind = "hf"
+    CONV1D_TYPES = ("gpt2",)  # families whose float linears are stored [in, out]
 
-    def __init__(self, folder: Path, config: dict, entries: dict[str, _Entry]):
+    def __init__(self, folder: Path, config: dict, entries: dict[str, _Entry],
+                 quantization: awq_gptq.QuantSpec | None = None):
         self.path = folder
         self.config = config
         self._entries = entries
         self._maps: dict[Path, np.memmap] = {}
+        self.quantization = quantization  # AWQ/GPTQ settings, None for a float checkpoint
+        self._quantized: dict[str, tuple] = {}  # "X.weight" -> its float shape, read from X's parts
+        self._packed: dict[str, _Entry] = {}  # X.qweight, X.qzeros, X.scales, X.g_idx
+        if quantization is not None:
+            shapes = {n: e.shape for n, e in entries.items()}
+            self._quantized = awq_gptq.quantized_weights(
+                quantization, shapes, conv1d=config.get("model_type") in self.CONV1D_TYPES)
+            packed = {f"{w.removesuffix('.weight')}.{p}" for w in self._quantized for p in awq_gptq.PARTS}
+            self._entries = {n: e for n, e in entries.items() if n not in packed}
+            self._packed = {n: e for n, e in entries.items() if n in packed}
 
     @classmethod
     def open(cls, folder: str | Path) -> "HFSource":
@@ -79,27 +112,47 @@ class HFSource:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise SourceError(f"{cfg_path} is not valid JSON ({exc}); fix or re-download it") from exc
-        files = sorted(folder.glob("*.safetensors"))
+        files = _weight_files(folder)
         if not files:
             raise SourceError(f"{folder} has no *.safetensors weights (PyTorch .bin files are not "
                               f"read: re-save the model with save_pretrained(safe_serialization=True))")
         entries: dict[str, _Entry] = {}
         for f in files:
             entries.update(_read_header(f))
-        return cls(folder, config, entries)
+        return cls(folder, config, entries, awq_gptq.quant_spec(folder, config))
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """The safetensors files the tensors come from, sorted."""
+        return sorted({e.file for e in (*self._entries.values(), *self._packed.values())})
+
+    @property
+    def default_precision(self) -> str:
+        """int4 for AWQ/GPTQ checkpoints (their blocks kept as they are), fp32 for float ones."""
+        return "fp32" if self.quantization is None else "int4"
 
     def names(self) -> set[str]:
-        return set(self._entries)
+        return set(self._entries) | set(self._quantized)
 
     def has(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._quantized
 
     def shape(self, name: str) -> tuple:
+        if name in self._quantized:
+            return self._quantized[name]
         return self._entry(name).shape
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 (or its integer dtype), read from the memory map."""
-        e = self._entry(name)
+    def get(self, name: str):
+        """The tensor as float32 (or its integer dtype), read from the memory map; a quantized
+        linear's weight as int4 Blocks [out, in]."""
+        if name in self._quantized:
+            prefix = name.removesuffix(".weight")
+            parts = {p: self._read(self._packed[f"{prefix}.{p}"]) for p in awq_gptq.PARTS
+                     if f"{prefix}.{p}" in self._packed}
+            return awq_gptq.read_weight(self.quantization, parts, prefix)
+        return self._read(self._entry(name))
+
+    def _read(self, e: _Entry) -> np.ndarray:
         if e.file not in self._maps:
             self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
         raw = self._maps[e.file][e.start:e.end]

@@ -4,11 +4,15 @@ One representation covers every format, per block of ``block`` input elements::
 
     w = scale * (q - zero) + offset
 
-    GGUF Q4_0   q in 0..15, zero = 8, offset = 0          (exact as signed int4: q - 8)
-    GGUF Q4_1   q in 0..15, zero = 0, offset = m          (the offset needs a correction term)
-    GGUF Q8_0   q in -128..127, zero = 0, offset = 0
-    int4 (ours) q in 0..15, zero in 0..15 (asymmetric, uint8 zero points)
-    int8 (ours) q in -127..127, zero = 0 (symmetric)
+    q4_0   q in 0..15, zero per block (GGUF: 8)   GGUF Q4_0, Q3_K (block 16), TQ2_0 (block 256)
+    q4_1   q in 0..15, offset per block           GGUF Q4_1, Q4_K, Q2_K (block 16)
+    q8_0   q int8, zero = 0                       GGUF Q8_0, Q5_0, Q6_K (block 16), IQ4_NL, IQ4_XS
+    q8_1   q uint8, offset per block              GGUF Q5_1, Q5_K
+    int4   q in 0..15, zero in 0..15 (ours: asymmetric, uint8 zero points)
+    int8   q in -127..127, zero = 0 (ours: symmetric)
+
+(``exporters/gguf_blocks.py`` maps each ggml type onto these forms exactly.) An offset needs a
+correction term in the graph (``weights.py``).
 
 Arrays keep the Hugging Face Linear layout: rows are output features, blocks run along a row.
 """
@@ -23,13 +27,52 @@ BLOCK = 32
 
 
 @dataclass
+class Factored:
+    """A per-block array kept as the source stores it: ``value = per_block * per_group`` (each
+    group of ``group`` consecutive blocks sharing one ``per_group`` entry), both cast to float32.
+
+    GGUF K-quants store a block's scale as a small integer times a super-block's fp16 scale, and
+    the other types as an fp16: a few bits per block instead of a float32. Their fp32 product is
+    exact, so a graph that multiplies the factors computes the very scale :class:`Blocks` holds.
+    """
+
+    per_block: np.ndarray  # [out, nb] uint8 | int8 | float16
+    per_group: np.ndarray | None = None  # [out, nb // group] float32; None: value = per_block
+    group: int = 1
+
+    def value(self) -> np.ndarray:
+        v = self.per_block.astype(np.float32)
+        if self.per_group is None:
+            return v
+        out, nb = v.shape
+        return (v.reshape(out, nb // self.group, self.group) * self.per_group[..., None]).reshape(out, nb)
+
+    def take_rows(self, index: np.ndarray) -> "Factored":
+        return Factored(self.per_block[index], None if self.per_group is None else self.per_group[index], self.group)
+
+    @staticmethod
+    def concat_rows(parts: list) -> "Factored | None":
+        """Stacked rows, or None when a part is missing or the parts' layouts differ."""
+        first = parts[0]
+        if any(p is None or p.group != first.group or p.per_block.dtype != first.per_block.dtype
+               or (p.per_group is None) != (first.per_group is None) for p in parts):
+            return None
+        group = None if first.per_group is None else np.concatenate([p.per_group for p in parts])
+        return Factored(np.concatenate([p.per_block for p in parts]), group, first.group)
+
+
+@dataclass
 class Blocks:
-    kind: str  # "q4_0" | "q4_1" | "q8_0" | "int4" | "int8"
-    q: np.ndarray  # [out, in] uint8 (4-bit kinds, 0..15) or int8 (8-bit kinds)
+    kind: str  # "q4_0" | "q4_1" | "q8_0" | "q8_1" | "int4" | "int8" (the module docstring)
+    q: np.ndarray  # [out, in] uint8 (4-bit kinds, 0..15; q8_1) or int8 (q8_0, int8)
     scale: np.ndarray  # [out, in // block] float32
-    zero: np.ndarray | None = None  # [out, in // block] uint8, 4-bit asymmetric only
-    offset: np.ndarray | None = None  # [out, in // block] float32, Q4_1 only
+    zero: np.ndarray | None = None  # [out, in // block] uint8, 4-bit kinds only
+    offset: np.ndarray | None = None  # [out, in // block] float32, q4_1 and q8_1 only
     block: int = BLOCK
+    # the same scale / offset as the source stores them (GGUF), when it is more compact; an
+    # emitter may write these instead (weights.py), and must get scale / offset back exactly
+    scale_parts: Factored | None = None
+    offset_parts: Factored | None = None
 
     @property
     def bits(self) -> int:
@@ -52,8 +95,9 @@ class Blocks:
     def take_rows(self, index: np.ndarray) -> "Blocks":
         """Rows permuted or selected (exact: blocks run along rows)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return Blocks(self.kind, self.q[index], self.scale[index], pick(self.zero),
-                      pick(self.offset), self.block)
+        part = lambda f: None if f is None else f.take_rows(index)  # noqa: E731
+        return Blocks(self.kind, self.q[index], self.scale[index], pick(self.zero), pick(self.offset), self.block,
+                      part(self.scale_parts), part(self.offset_parts))
 
     @staticmethod
     def concat_rows(parts: list["Blocks"]) -> "Blocks | None":
@@ -65,7 +109,9 @@ class Blocks:
         if not same:
             return None
         cat = lambda a: None if getattr(first, a) is None else np.concatenate([getattr(p, a) for p in parts])  # noqa: E731
-        return Blocks(first.kind, cat("q"), cat("scale"), cat("zero"), cat("offset"), first.block)
+        factored = lambda a: None if getattr(first, a) is None else Factored.concat_rows([getattr(p, a) for p in parts])  # noqa: E731
+        return Blocks(first.kind, cat("q"), cat("scale"), cat("zero"), cat("offset"), first.block,
+                      factored("scale_parts"), factored("offset_parts"))
 
     def split_rows(self, sizes: list[int]) -> list["Blocks"]:
         bounds = np.cumsum([0] + list(sizes))
@@ -73,29 +119,14 @@ class Blocks:
 
 
 # --- GGUF block decoding -------------------------------------------------------------------------
-def _f16(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    # ggml packs element j in the low nibble and element j+16 in the high nibble of byte j.
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
 def from_gguf(kind: str, data: np.ndarray, rows: int, cols: int) -> Blocks:
-    """Decode raw GGUF block bytes ([rows, bytes_per_row] uint8) into :class:`Blocks`."""
-    nb = cols // BLOCK
-    b = data.reshape(rows, nb, -1)
-    if kind == "q8_0":
-        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, cols)
-        return Blocks("q8_0", q, _f16(b[..., 0:2]))
-    if kind == "q4_0":
-        return Blocks("q4_0", _nibbles(b[..., 2:]).reshape(rows, cols), _f16(b[..., 0:2]),
-                      zero=np.full((rows, nb), 8, np.uint8))
-    if kind == "q4_1":
-        return Blocks("q4_1", _nibbles(b[..., 4:]).reshape(rows, cols), _f16(b[..., 0:2]),
-                      offset=_f16(b[..., 2:4]))
-    raise ValueError(f"unsupported GGUF block type {kind}")
+    """Decode raw GGUF block bytes ([rows, bytes_per_row] uint8) into :class:`Blocks`.
+
+    ``kind`` is a ggml type name (``"Q4_K"``) or, as before, ``"q4_0"`` / ``"q4_1"`` / ``"q8_0"``
+    (see :func:`exporters.gguf_blocks.decode`)."""
+    from .gguf_blocks import decode
+
+    return decode(kind.upper(), data, rows, cols)
 
 
 # --- our quantizer -------------------------------------------------------------------------------

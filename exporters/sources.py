@@ -1,4 +1,4 @@
-"""Open an export source (HF folder, .gguf file, or the embedded default) and its tokenizer side.
+"""Open an export source (HF folder, .gguf file, Hub id, or the embedded default) and its tokenizer side.
 
 A source exposes ``kind``, ``path``, ``config`` (HF-style dict), ``has(name)``, ``get(name)``
 (HF tensor names) and ``sha256()``; :func:`tokenizer_assets` gives the files and special-token
@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from portable_infer.errors import SourceError
+from portable_infer.errors import InvalidArgumentError, SourceError
 from portable_infer.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -20,14 +20,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_SOURCES = (None, "", "default")
 
 
-def open_source(source: str | Path | None):
-    """HFSource or GGUFSource for a folder, a .gguf file, or None/"default"."""
+def open_source(source: str | Path | None, revision: str | None = None):
+    """HFSource or GGUFSource for a folder, a .gguf file, a Hugging Face Hub id (``org/name``, or
+    ``org/name:QUANT`` for one GGUF file of the repo; fetched or taken from the local cache at
+    ``revision``), or None/"default". An existing local path always means the path."""
     from .gguf_source import GGUFSource, default_gguf_path
     from .hf_source import HFSource
+    from .hub import parse_id, resolve
 
-    if source in DEFAULT_SOURCES:
+    if source in DEFAULT_SOURCES and revision is None:
         return GGUFSource.open(default_gguf_path())
-    path = Path(source)
+    path = Path(source or "default")
+    if not path.exists() and isinstance(source, str) and parse_id(source):
+        path = resolve(source, revision)
+    elif revision is not None:
+        raise InvalidArgumentError(f"revision applies to Hugging Face Hub ids only, not to {source!r}",
+                                   param="revision")
     if path.is_dir():
         return HFSource.open(path)
     if path.suffix.lower() == ".gguf":
@@ -36,7 +44,8 @@ def open_source(source: str | Path | None):
         return GGUFSource.open(path)
     if not path.exists():
         raise SourceError(f"source {path} does not exist; give a Hugging Face model folder, a .gguf "
-                          f"file, or 'default' for the embedded SmolLM2-135M-Instruct")
+                          f"file, a Hub id (org/name, or org/name:QUANT for a GGUF repo), or 'default' for "
+                          f"the embedded SmolLM2-135M-Instruct")
     raise SourceError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
 
 
@@ -47,7 +56,7 @@ def source_sha256(src) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(src.path.glob("*.safetensors")) + [src.path / "config.json"]:
+    for f in src.weight_files + [src.path / "config.json"]:
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()

@@ -7,9 +7,10 @@ Checks, on fresh random token ids each run:
   4. teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text
      (the quality gate for quantized packages).
 At fp32 a relative difference above 1e-4 fails the export; a GGUF import fails below 98 %
-agreement with its dequantized reference. The int8-activation twins (fused-int8, static-int8) are
-left out of the package (not failing it) below 90 %; the runtime prefers them only at 98 % or
-more (``portable_infer.loader.PREFERRED_AGREEMENT``), and runs them on request otherwise.
+agreement with its dequantized reference. The int8-activation graphs (fused-int8, static-int8, and
+fused-q4, static-q4 with their fitted int4 weights) are left out of the package (not failing it)
+below 90 %; the runtime prefers the -int8 twins only at 98 % or more
+(``portable_infer.loader.PREFERRED_AGREEMENT``), and runs them on request otherwise.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from portable_infer.errors import SourceError, VerificationError, require
 logger = logging.getLogger(__name__)
 
 FP32_REL_TOL = 1e-4
-MIN_AGREEMENT = {"gguf": 0.98}
+MIN_AGREEMENT = {"gguf": 0.98, "awq": 0.98, "gptq": 0.98}  # pre-quantized sources: exact blocks
 # Variants that trade exactness for speed (int8 activations): below this floor they are broken,
 # not merely approximate, and are dropped from the package (their exact twins stay).
-INT8_MIN_AGREEMENT = {"fused-int8": 0.90, "static-int8": 0.90}
+INT8_MIN_AGREEMENT = {"fused-int8": 0.90, "static-int8": 0.90, "fused-q4": 0.90, "static-q4": 0.90}
 AGREEMENT_STEPS = 128
 FIXED_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -44,10 +45,15 @@ def load_reference(src):
     transformers = require("transformers")
     kwargs = {"dtype": torch.float32}
     try:
+        if src.kind == "hf" and src.quantization is not None:  # AWQ/GPTQ: float model, dequantized weights
+            from .awq_gptq import reference_model
+
+            return reference_model(src)
         if src.kind == "gguf":
             require("accelerate")
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(src.path.parent), gguf_file=src.path.name, **kwargs)
+            model = src.align_reference(model)  # what transformers' GGUF loader leaves out (gguf_source.py)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path), **kwargs)
     except (OSError, ValueError) as exc:
@@ -253,7 +259,7 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
                 r["dropped"] = (f"top-1 agreement {q['top1_agree_steps']} is below the "
                                 f"{INT8_MIN_AGREEMENT[v.name]:.0%} floor for int8 activations")
             continue
-        floor = MIN_AGREEMENT.get(src.kind)
+        floor = MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
         if floor and "quality" in r and r["quality"]["top1_agreement"] < floor:
             raise VerificationError(
                 f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "

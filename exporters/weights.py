@@ -21,12 +21,21 @@ import logging
 import numpy as np
 from onnx import TensorProto
 
+from .block_scales import emit_transposed
 from .graph import GraphBuilder
+from .int4_fit import FitCache, fit_int4
 from .quant import BLOCK, Blocks, pack_uint4, quantize
 
 logger = logging.getLogger(__name__)
 
 PRECISION_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
+# lm_head forms of the fused graphs (with int8-activation heads): 8-bit table with its top 16
+# candidates recomputed in float, 8-bit alone, 4-bit (fitted, -q4 graphs), or a float MatMul
+HEAD_FORMS = ("int8-top16", "int8", "int4", "fp32")
+# Width of the -q4 graphs' Q4_1 layers: 4 (fitted into integer zero points: a second rounding)
+# or 8 (MatMulNBits' 8-bit form holds a Q4_1 block to ~d/32); measured in docs/benchmarks.md
+Q4_1_FIT_BITS = 4
+GGUF_UINT8_KINDS = ("q4_0", "q4_1", "q8_1")  # unsigned codes of exporters/gguf_blocks.py forms
 AUGMENT_STAGES = 2  # 4-bit stages that carry a Q4_1 block's offset remainder (WeightStore._augmented)
 
 
@@ -34,7 +43,8 @@ class WeightStore:
     """Fetches source tensors, converts them to the package precision and emits them."""
 
     def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False,
-                 nbits_accuracy: int | None = None, head_accuracy: int | None = None, activations: str = "fp32"):
+                 nbits_accuracy: int | None = None, head_accuracy: int | None = None, activations: str = "fp32",
+                 int4_fit: bool = False, head_form: str = "int8-top16", fit_cache: FitCache | None = None):
         self.g = g
         self.source = source
         self.precision = precision
@@ -52,6 +62,14 @@ class WeightStore:
         # activations (CUDA) keep the ops, whose launches CUDA graphs absorb
         self.augment_offsets = not half
         self._stacked: dict[str, object] = {}  # virtual tensors: row-stacked source matrices
+        # The -q4 variants: 4-bit layers in MatMulNBits' integer form (uint8 zero points, no
+        # correction rows), fitted to the source blocks (int4_fit.fit_int4)
+        self.int4_fit = int4_fit
+        self.fit_cache = fit_cache if int4_fit else None  # the fit done once per export
+        if head_form not in HEAD_FORMS:
+            raise ValueError(f"head_form must be one of {HEAD_FORMS}, got {head_form!r}")
+        self.head_form = head_form  # the fused graphs' lm_head (FusedDecoderBuilder.lm_head)
+        self.fit_8bit: set[str] = set()  # 8-bit tables fitted to 4 bits all the same (an int4 lm_head)
 
     def stack(self, names: list[str], key: str) -> str | None:
         """Register the row-wise stack of [out, in] weights (or of biases) under ``key``, so one
@@ -99,12 +117,26 @@ class WeightStore:
         ``bits`` 8 also holds 4-bit blocks (values 0..15 in bytes), so the tied embedding can
         gather rows from the same initializers as the lm_head.
         """
-        key = name + "#nbits"
+        key = f"{name}#nbits{bits}"
         if key in self._emitted:
             return self._emitted[key]
-        g, base = self.g, _init_name(name, "nbits")
+        if self.fit_cache is not None:  # -q4 graphs: fitted once per export
+            return self.fit_cache.emit(self, key, name, lambda: self._emit_nbits(name, bits, key))
+        return self._emit_nbits(name, bits, key)
+
+    def _emit_nbits(self, name: str, bits: int, key: str) -> dict:
+        twin = f"{name}#nbits{12 - bits}" in self._emitted  # the tied table at the other width
+        g, base = self.g, _init_name(name, f"nbits{bits}" if twin else "nbits")
         w = self._matrix(name)
-        if not isinstance(w, Blocks):
+        # every 4-bit linear of a -q4 graph; exact 8-bit GGUF blocks (Q5_x, Q6_K, Q8_0) stay 8-bit
+        # layers there: fitting them to 4 bits would round them a second time (gguf_blocks.py)
+        eight = isinstance(w, Blocks) and w.bits == 8
+        if self.int4_fit and bits == 4 and (not eight or name in self.fit_8bit):
+            source = w.dequantize() if eight else w
+            w = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
+            if self.fit_cache is not None:
+                self.fit_cache.add(source, w)
+        elif not isinstance(w, Blocks):
             w = quantize(w, bits)
         n_out, n_in = w.shape
         nb = n_in // w.block
@@ -130,6 +162,18 @@ class WeightStore:
                 zp = np.concatenate([zp, np.zeros((n_out, 1), np.uint8)], axis=1)
             t["zp"] = g.weight(base + ".zp", pack_uint4(zp))
             offset = np.zeros_like(offset0)
+        if bits_out == 8 and w.kind == "uint8" and not self.split8:
+            # fitted 8-bit codes with integer zero points (int4_fit, bits=8): MatMulNBits' own form
+            t["zp"] = g.weight(base + ".zp", w.zero.astype(np.uint8))
+            offset = np.zeros_like(offset0)
+        if bits_out == 8 and w.q.dtype == np.uint8 and w.kind in GGUF_UINT8_KINDS and not self.split8:
+            # unsigned GGUF codes at 8 bits (Q5_1, Q5_K; 4-bit blocks read as an 8-bit table):
+            # their own zero points (0 without one) keep s*(q - z) exact and small, and the offset
+            # term carries m alone (s*(q - 128) + [m + s*(128 - z)] cancels, and int8
+            # activations' error would scale with q - 128)
+            zero = w.zero if w.zero is not None else np.zeros(w.scale.shape, np.uint8)
+            t["zp"] = g.weight(base + ".zp", np.ascontiguousarray(zero, np.uint8))
+            offset = w.offset if w.offset is not None else np.zeros_like(offset0)
         if bits_out == 4 and w.offset is not None and self.augment_offsets:
             q, scale, offset = self._augmented(t, w, q, base)
         t["scale"] = g.weight(base + ".scale", scale.astype(self.dtype))
@@ -145,7 +189,7 @@ class WeightStore:
         else:
             t.update(bits=8, B=g.weight(base + ".B", q))
         t["offset"] = g.weight(base + ".offset", offset.T.astype(self.dtype)) if np.any(offset != 0) else None
-        if bits_out == 8 and np.any(offset0 != 0):  # the embedding gathers offsets by row
+        if bits_out == 8 and w.kind != "uint8" and np.any(offset0 != 0):  # the embedding gathers offsets by row
             t["offset_rows"] = g.weight(base + ".offset_rows", np.asarray(offset0).astype(self.dtype))
         self._emitted[key] = t
         return t
@@ -314,7 +358,7 @@ class WeightStore:
 
     def _emit_blocks(self, name: str, b: Blocks, packed4: bool) -> dict:
         g, base = self.g, _init_name(name, "")
-        qT, sT = b.q.T, b.scale.T.astype(self.dtype)
+        qT = b.q.T
         zT = None if b.zero is None else b.zero.T
         four = b.bits == 4 and packed4
         if four:
@@ -325,8 +369,10 @@ class WeightStore:
             z = None if zT is None else g.weight(base + "z8", np.ascontiguousarray(zT).astype(qT.dtype))
         return {
             "kind": b.kind, "block": b.block, "q": q, "zero": z,
-            "scale": g.weight(base + "scale", sT),
-            "offset": None if b.offset is None else g.weight(base + "offset", b.offset.T.astype(self.dtype)),
+            # GGUF scales / offsets as stored (a byte or an fp16 per block), multiplied in the graph
+            "scale": emit_transposed(g, base + "scale", b.scale, b.scale_parts, self.dtype),
+            "offset": None if b.offset is None else emit_transposed(g, base + "offset", b.offset, b.offset_parts,
+                                                                    self.dtype),
         }
 
 

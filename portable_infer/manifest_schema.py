@@ -230,6 +230,9 @@ VERIFICATION = MapOf(Record({
     "quality": _opt(Record({"top1_agreement": _opt(Num(0, max=1)), "top1_agree_steps": _opt(Str()),
                             "perplexity": _opt(Num())}, open=True)),
     "dropped": _opt(Json()),
+    # lean verification (exporters/lean_verify.py): graphs run token by token, shipped logits
+    "agreement": _opt(Record({"top1_agree_steps": _opt(Str())}, open=True)),
+    "reference_logits": _opt(Record({"max_rel": _opt(Num())}, open=True)),
 }, open=True))
 MANIFEST = Record({
     "schema_version": _req(Int()), "exporter_version": _req(Str()), "source": _req(Json(obj=True)),

@@ -76,6 +76,10 @@ def _verified(name: str, r: dict) -> str:
         parts.append(f"greedy {greedy['identical_prefix']}/{greedy['steps']}")
     if "top1_agree_steps" in q:
         parts.append(f"top-1 {q['top1_agree_steps']}")
+    if "top1_agree_steps" in r.get("agreement", {}):  # lean verification, token by token
+        parts.append(f"top-1 {r['agreement']['top1_agree_steps']} (lean)")
+    if "max_rel" in r.get("reference_logits", {}):  # lean verification: shipped top-k logits
+        parts.append(f"max rel diff {r['reference_logits']['max_rel']:.2e} vs shipped logits")
     if "perplexity" in q:
         parts.append(f"ppl {q['perplexity']:.3f}")
     note = ""

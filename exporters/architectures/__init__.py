@@ -1,6 +1,7 @@
 """The architecture registry: HF ``model_type`` -> family module.
 
-Every family module exposes ``FAMILY``, ``MODEL_TYPES`` and ``layout(config) -> DecoderLayout``.
+Every family module exposes ``FAMILY``, ``MODEL_TYPES``, ``layout(config) -> DecoderLayout`` and
+``GGUF`` (how llama.cpp lays the family out: ``gguf_spec.GGUFSpec``).
 """
 
 from __future__ import annotations
@@ -23,3 +24,19 @@ def family_for(model_type: str | None) -> ModuleType:
             f"{', '.join(sorted(MODEL_TYPES))}"
         )
     return FAMILIES[MODEL_TYPES[model_type]]
+
+
+# GGUF general.architecture -> its families, the ones with a ``matches`` test first (Mistral is
+# llama.cpp's "llama" architecture with a Mistral name)
+GGUF_ARCHES: dict[str, list] = {}
+for _m in sorted(FAMILIES.values(), key=lambda m: m.GGUF.matches is None):
+    GGUF_ARCHES.setdefault(_m.GGUF.arch, []).append(_m)
+
+
+def gguf_family_for(arch: str | None, view) -> ModuleType:
+    """The family module for a GGUF file's architecture (``view``: a ``gguf_spec.GGUFView``)."""
+    for module in GGUF_ARCHES.get(arch, ()):
+        if module.GGUF.matches is None or module.GGUF.matches(view):
+            return module
+    raise UnsupportedArchitectureError(
+        f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHES))}")

@@ -128,8 +128,14 @@ def inv_freq(params: dict, rotary_dim: int) -> np.ndarray:
         smooth = (old / wavelen - lo) / (hi - lo)
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+    if kind == "freq_factors":  # GGUF: llama3 scaling stored as per-frequency divisors (rope_freqs)
+        factors = np.asarray(params["factors"], dtype=np.float64)
+        if factors.shape != freq.shape:
+            raise SourceError(f"rope frequency factors have {factors.size} values; rotary dimension "
+                              f"{rotary_dim} needs {freq.size}")
+        return (freq / factors).astype(np.float32)
     raise UnsupportedArchitectureError(
-        f"rope_type {kind!r} is not supported; supported: default, linear, llama3")
+        f"rope_type {kind!r} is not supported; supported: default, linear, llama3, freq_factors")
 
 
 def rotary(cfg: dict, head_dim: int, layer_types: tuple) -> tuple[int, dict]:

@@ -1,6 +1,7 @@
 """Mistral: the Llama block with an optional sliding window on every layer."""
 
 from .common import LLAMA_NAMES, DecoderLayout, activation, model_dims, rotary, uniform_window
+from .gguf_spec import LLAMA_GGUF, GGUFSpec, GGUFView, llama_like_config
 
 FAMILY = "mistral"
 MODEL_TYPES = ("mistral",)
@@ -15,3 +16,17 @@ def layout(cfg: dict) -> DecoderLayout:
         activation=activation(cfg.get("hidden_act", "silu")),
         rotary_dim=rotary_dim, inv_freq=freqs, attn_scale=dims.head_dim ** -0.5,
     )
+
+
+# --- GGUF: llama.cpp converts Mistral to its "llama" architecture (Q/K rows permuted); the file's
+# general.name tells them apart, as transformers' GGUF loader does. llama.cpp runs it without a
+# sliding window unless the metadata gives one.
+def gguf_config(v: GGUFView) -> dict:
+    cfg = llama_like_config(v, "mistral")
+    cfg["head_dim"] = v.key("attention.key_length", v.key("rope.dimension_count", cfg["head_dim"]))
+    cfg["sliding_window"] = v.key("attention.sliding_window") or None
+    return cfg
+
+
+GGUF = GGUFSpec(arch="llama", names=dict(LLAMA_GGUF), config=gguf_config, permuted_qk=True,
+                matches=lambda v: "mistral" in str(v.meta.get("general.name", "")).lower())

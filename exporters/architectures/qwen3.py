@@ -2,6 +2,7 @@
 
 from .common import (ATTN_BIAS_NAMES, LLAMA_NAMES, QK_NORM_NAMES, DecoderLayout, activation, model_dims,
                      rotary, uniform_window)
+from .gguf_spec import ATTN_BIAS_GGUF, LLAMA_GGUF, QK_NORM_GGUF, GGUFSpec, GGUFView, llama_like_config
 
 FAMILY = "qwen3"
 MODEL_TYPES = ("qwen3",)
@@ -19,3 +20,15 @@ def layout(cfg: dict) -> DecoderLayout:
         activation=activation(cfg.get("hidden_act", "silu")),
         rotary_dim=rotary_dim, inv_freq=freqs, attn_scale=dims.head_dim ** -0.5,
     )
+
+
+# --- GGUF: the Llama tensor names with per-head q/k norms; head_dim from attention.key_length
+def gguf_config(v: GGUFView) -> dict:
+    cfg = llama_like_config(v, "qwen3")
+    cfg["attention_bias"] = v.has("blk.0.attn_q.bias")
+    return cfg
+
+
+GGUF = GGUFSpec(arch="qwen3", names={**LLAMA_GGUF, **QK_NORM_GGUF, **ATTN_BIAS_GGUF,
+                                     "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias"},
+                config=gguf_config)

@@ -1,0 +1,192 @@
+"""Verification without torch: shipped reference logits, and the package's graphs against each other.
+
+``verify_export`` runs the full check (``verify.py``, against transformers) when torch and
+transformers are installed, and this one otherwise, so a first run needs only the ``[lean]`` extra.
+
+    source with shipped references          any other source
+    (reference_logits.py, by sha256)        (no reference outside the package)
+    ----------------------------------      ---------------------------------------------
+    the reference's greedy continuation     the portable graph's greedy continuation
+    (verify.quality's 128 steps), the       (LAST_STEPS), the others teacher-forced on it
+    fixed text's perplexity and top-k
+    logits at every position
+
+Graphs with logits for every position (portable) are checked on the whole reference in one pass:
+teacher-forced top-1 agreement and perplexity ("quality", the numbers the full check records) and
+top-k logits. Graphs that return the last position only run token by token, so they are checked
+on the prompt and the first LAST_STEPS greedy steps ("agreement": never read by the runtime, which
+prefers an int8 graph only on a full "quality" record). Every exact graph also passes two
+invariants that need no reference: prefill + cached decode equals one pass, and a left-padded row
+equals the same tokens alone. Gates as in the full check: an exact variant that misses more than
+2 % of the steps (at least one allowed) fails the export; an int8-activation one below its floor
+is dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from portable_infer import manifest as mf
+from portable_infer.errors import VerificationError
+
+from . import verify
+from .reference_logits import load_all
+
+logger = logging.getLogger(__name__)
+
+MIN_AGREEMENT = 0.98  # the full check's gate for sources verified against a dequantized reference
+LAST_STEPS = 32  # greedy steps checked on graphs that return the last position only (token by token)
+CONSISTENCY_REL_TOL = 1e-3  # exact graphs: cached vs one pass, padded vs alone (same graph, same weights)
+# exact graphs' logits at the reference's top-k ids; the fused graphs' lm_head runs int8
+# activations (top 16 recomputed in float): SmolLM2 measured 2.7e-6 portable, 1.1e-3 fused
+REFERENCE_REL_TOL = 5e-3
+
+
+def full_check_available() -> bool:
+    """torch and transformers are importable (the ``[export]`` extra)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def verify_export(package: Path, manifest: mf.Manifest, src) -> dict:
+    """The export's verification: against transformers when it is installed, else :func:`verify_lean`."""
+    if full_check_available():
+        return verify.verify_package(package, manifest, src)
+    return verify_lean(package, manifest, src)
+
+
+def verify_lean(package: Path, manifest: mf.Manifest, src=None, rng: np.random.Generator | None = None) -> dict:
+    """Check every variant without torch; raise VerificationError when a gate fails.
+
+    Returns the report per variant (as ``verify.verify_package``'s, with ``"reference"`` naming
+    what it was compared with)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    shipped = load_all().get(manifest.source.get("sha256"))
+    names = [v.name for v in manifest.variants]
+    base = "portable" if "portable" in names else names[0]
+    base_dec = verify.decoder(package / manifest.variant(base).file, manifest.variant(base), manifest)
+    if shipped is not None:
+        logger.info("verifying against the shipped reference logits %s (no torch needed)", shipped["file"])
+        ref = _shipped(shipped)
+    else:
+        logger.warning("torch/transformers are not installed and the project ships no reference logits "
+                       "for this source: its graphs are checked against each other only; "
+                       'pip install "portable-infer[export]" for the check against transformers')
+        ref = _own(base_dec, base, package, manifest)
+    report = {}
+    for v in manifest.variants:  # one session at a time (each holds its own copy of the weights)
+        dec = base_dec if v.name == base else verify.decoder(package / v.file, v, manifest)
+        exact = v.name not in verify.INT8_MIN_AGREEMENT
+        r = {"reference": ref["name"]}
+        if exact:
+            r["consistency"] = consistency(dec, manifest.model.vocab_size, rng)
+        whole = v.logits == "all" and ref["external"]
+        seq = ref["seq"] if whole else ref["seq"][:ref["n_prompt"] + LAST_STEPS]
+        seq_logits = verify.all_logits(dec, seq[None])[0]
+        text_logits = verify.all_logits(dec, ref["text"][None])[0] if whole else None
+        r["quality" if whole else "agreement"] = _quality(seq_logits, seq, text_logits, ref)
+        if "top_k" in ref:
+            r["reference_logits"] = _top_k_diff(seq_logits, text_logits, ref["top_k"])
+        report[v.name] = r
+        logger.info("verify (lean) %s: %s", v.name, r)
+        _gate(v.name, r, ref["name"])
+        del dec
+    return report
+
+
+def consistency(dec, vocab: int, rng: np.random.Generator) -> dict:
+    """Max relative differences of a graph against itself: prefill + 4 cached steps vs one pass of
+    the whole sequence, and a left-padded row (batch of 2) vs the same tokens alone."""
+    ids = rng.integers(1, vocab, (2, 12), dtype=np.int64)
+    one = dec.run(ids[:1], np.ones((1, 12), np.int64), dec.empty_past(1))[0][0, -1]
+    logits, past = dec.run(ids[:1, :8], np.ones((1, 8), np.int64), dec.empty_past(1))
+    for t in range(8, 12):
+        logits, past = dec.run(ids[:1, t:t + 1], np.ones((1, t + 1), np.int64), past)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    padded = dec.run(ids, mask, dec.empty_past(2))[0][1, -1]
+    alone = dec.run(ids[1:, 3:], np.ones((1, 9), np.int64), dec.empty_past(1))[0][0, -1]
+    return {"cached": verify._diff(logits[0, -1], one), "padded": verify._diff(padded, alone)}
+
+
+def _shipped(data: dict) -> dict:
+    prompt = np.asarray(data["prompt_ids"], np.int64)
+    return {"name": f"shipped reference logits ({data['file']})", "external": True, "n_prompt": len(prompt),
+            "seq": np.concatenate([prompt, np.asarray(data["greedy_ids"], np.int64)]),
+            "text": np.asarray(data["text_ids"], np.int64), "ppl": data["perplexity_reference"],
+            "top_k": data["top_k"]}
+
+
+def _own(dec, name: str, package: Path, manifest: mf.Manifest) -> dict:
+    """The reference a package gives itself: ``name``'s greedy continuation of the prompt."""
+    prompt, text = verify._text_ids(package, manifest)
+    steps = min(LAST_STEPS, manifest.model.max_context - len(prompt))
+    seq = np.asarray([prompt], np.int64)
+    logits, past = dec.run(seq, np.ones_like(seq), dec.empty_past(1))
+    for _ in range(steps):
+        seq = np.concatenate([seq, [[int(logits[0, -1].argmax())]]], axis=1)
+        logits, past = dec.run(seq[:, -1:], np.ones_like(seq), past)
+    return {"name": f"{name} graph (no reference outside the package)", "external": False,
+            "n_prompt": len(prompt), "seq": seq[0], "text": np.asarray(text, np.int64)}
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    return float(-np.take_along_axis(verify._log_softmax(logits[:-1]), ids[1:, None], -1).mean())
+
+
+def _quality(seq_logits: np.ndarray, seq: np.ndarray, text_logits: np.ndarray | None, ref: dict) -> dict:
+    """verify.quality's numbers: teacher-forced top-1 agreement (and perplexity where measured)."""
+    n = ref["n_prompt"]
+    steps = len(seq) - n
+    agree = int((seq_logits[n - 1:-1].argmax(-1) == seq[n:]).sum())
+    q = {"top1_agreement": agree / steps, "top1_agree_steps": f"{agree}/{steps}"}
+    if text_logits is not None:
+        ppl = float(np.exp(_nll(text_logits, ref["text"])))
+        q.update(perplexity=ppl, perplexity_reference=ref["ppl"], perplexity_delta=ppl / ref["ppl"] - 1)
+    return q
+
+
+def _top_k_diff(seq_logits: np.ndarray, text_logits: np.ndarray | None, top_k: dict) -> dict:
+    """Our logits at the reference's top-k ids, at every position we have."""
+    worst, scale = 0.0, 0.0
+    for ours, part in ((seq_logits, top_k["sequence"]), (text_logits, top_k["text"])):
+        if ours is None:
+            continue
+        ids = np.asarray(part["ids"])[:len(ours)]
+        want = np.asarray(part["logits"], np.float32)[:len(ours)]
+        got = np.take_along_axis(ours, ids, -1)
+        worst = max(worst, float(np.abs(got - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    return {"max_abs": worst, "max_rel": worst / max(scale, 1e-12)}
+
+
+def _allowed_misses(steps: int) -> int:
+    """Steps an exact graph may disagree on: 2 % (the full check's 98 % gate), at least one."""
+    return max(1, int((1 - MIN_AGREEMENT) * steps))
+
+
+def _gate(name: str, r: dict, ref_name: str) -> None:
+    q = r.get("quality") or r["agreement"]
+    steps = int(q["top1_agree_steps"].split("/")[1])
+    if name in verify.INT8_MIN_AGREEMENT:
+        if q["top1_agreement"] < verify.INT8_MIN_AGREEMENT[name]:
+            r["dropped"] = (f"top-1 agreement {q['top1_agree_steps']} with the {ref_name} is below the "
+                            f"{verify.INT8_MIN_AGREEMENT[name]:.0%} floor for int8 activations")
+        return
+    bad = {k: d["max_rel"] for k, d in r["consistency"].items() if d["max_rel"] > CONSISTENCY_REL_TOL}
+    if bad:
+        raise VerificationError(
+            f"{name} graph disagrees with itself ({bad}: cached decode vs one pass, or a left-padded row vs "
+            f"the same tokens alone, above {CONSISTENCY_REL_TOL:.0e}); the export was not written. Report "
+            f"this with the source's config, or pass --no-verify to inspect the graph anyway")
+    if steps - round(q["top1_agreement"] * steps) > _allowed_misses(steps):
+        raise VerificationError(f"{name} graph agrees with the {ref_name} on {q['top1_agree_steps']} teacher-forced "
+                                f"steps, below the {MIN_AGREEMENT:.0%} gate; the export was not written")
+    diff = r.get("reference_logits")
+    if diff is not None and diff["max_rel"] > REFERENCE_REL_TOL:
+        raise VerificationError(
+            f"{name} graph's logits differ from the {ref_name} by {diff['max_rel']:.2e} (relative) > "
+            f"{REFERENCE_REL_TOL:.0e}; the export was not written")

