@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from portable_infer.bundle import pack, write_keypair
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ["onnxruntime", "numpy", "tokenizers", "jinja2"]  # pyproject's [project] dependencies
+# pyproject's [project] dependencies, read from it so the two cannot drift apart
+CORE = [d.split(";")[0].strip() for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
 NETWORK_HINTS = ("No matching distribution", "Could not find a version", "NewConnectionError",
                  "Failed to establish", "Network is unreachable", "Temporary failure in name resolution")
 
