@@ -49,9 +49,10 @@ DEFAULT_HEAD_ACCURACY = 4
 # measured 98 % agreement or more (SmolLM2: 123/128 on the gate's text, 97.1 % over six others:
 # opt-in there); static: fixed KV buffers written in place.
 # fused-q4 / static-q4: ONNX Runtime's fastest CPU form (one MatMulNBits per linear, int8
-# activations, uint8 zero points, block 32): 4-bit layers fitted into integer zero points
-# (exporters/int4_fit.py; exact for Q4_0, approximate for Q4_1 and float sources), so no
-# correction rows; their own weight copy. Quality floors and records as for the -int8 twins.
+# activations, uint8 zero points, block 32): layers fitted into integer zero points
+# (exporters/int4_fit.py: Q4_0 exact at 4 bits, Q4_1 within ~d/32 at 8 bits, float sources at 4
+# bits by an error-minimising search), so no correction rows; their own weight copy. Quality
+# floors and records as for the -int8 twins.
 VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8", "fused-q4", "static-q4")
 Q4_VARIANTS = ("fused-q4", "static-q4")
 INT8_VARIANTS = ("fused-int8", "static-int8", *Q4_VARIANTS)  # only where layers are 4-bit, float activations
@@ -102,9 +103,10 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             less exact; dropped below verify.INT8_MIN_AGREEMENT, run by default only where
             verification recorded 98 % agreement, else by ``load(..., accuracy_level=4)``), and
             "fused-q4" / "static-q4" (int4 packages with fp32 activations: ONNX Runtime's fastest
-            CPU form, one int8-activation MatMulNBits per linear with uint8 zero points, the 4-bit
-            layers fitted to that form: exact from Q4_0, approximate from Q4_1 and float; their
-            agreement is recorded, and below verify.INT8_MIN_AGREEMENT they are dropped). The
+            CPU form, one int8-activation MatMulNBits per linear with uint8 zero points, the layers
+            fitted to that form: Q4_0 exactly, Q4_1 at 8 bits within ~d/32, float sources at 4
+            bits; their agreement is recorded, and below verify.INT8_MIN_AGREEMENT they are
+            dropped). The
             non-portable variants share one weight file. Default (None): every variant that
             applies.
         nbits_accuracy: MatMulNBits accuracy level of the fused variant (1 float, 4 int8).
@@ -240,16 +242,16 @@ def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progr
 
 
 def _record_fit(manifest: mf.Manifest, fit: dict | None) -> mf.Manifest:
-    """verification[<-q4 variant>]["int4_fit"]: the form of its weights and how far they are from
+    """verification[<-q4 variant>]["weight_fit"]: the form of its weights and how far they are from
     the source's (int4_fit.FitCache.summary), beside the agreement verification measured."""
     if not fit:
         return manifest
-    record = {"form": "MatMulNBits 4-bit, block 32, uint8 zero points, int8 activations (accuracy 4)",
+    record = {"form": "one MatMulNBits per linear, uint8 zero points, int8 activations (accuracy 4)",
               "lm_head": Q4_HEAD, **fit}
     report = dict(manifest.verification)
     for name in {v.name for v in manifest.variants} | set(report):  # dropped ones keep their record
         if name in Q4_VARIANTS:
-            report[name] = {**report.get(name, {}), "int4_fit": record}
+            report[name] = {**report.get(name, {}), "weight_fit": record}
     return _replace(manifest, verification=report)
 
 

@@ -55,12 +55,13 @@ def _low_high(qs: np.ndarray, width: int) -> np.ndarray:
     return (g & 0x0F).reshape(n, -1)
 
 
-def _bits(packed: np.ndarray, width: int, shifts: int, mask: int) -> np.ndarray:
-    """Groups of ``width`` bytes, each read ``shifts`` times (bit fields of ``8 // shifts`` bits)."""
+def _bits(packed: np.ndarray, width: int, shifts: int) -> np.ndarray:
+    """Groups of ``width`` bytes, each read ``shifts`` times: its bit fields of ``8 // shifts``
+    bits, lowest first, each pass over the whole group."""
     n = packed.shape[0]
     step = 8 // shifts
     g = packed.reshape(n, -1, 1, width) >> np.arange(0, 8, step, dtype=np.uint8).reshape(1, 1, shifts, 1)
-    return (g & mask).reshape(n, -1)
+    return (g & ((1 << step) - 1)).reshape(n, -1)
 
 
 def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +87,13 @@ def _times(small: np.ndarray, raw_d: np.ndarray, negate: bool = False) -> Factor
     return Factored(np.ascontiguousarray(small), -d if negate else d, small.shape[1])
 
 
-def _fours(n: int, per_row: int = 1) -> np.ndarray:
+def _eights(n: int, per_row: int = 1) -> np.ndarray:
     return np.full((n, per_row), 8, np.uint8)
 
 
 def _q4_0(b):
     d, qs = _split(b, 2)
-    return "q4_0", _low_high(qs, 16), _fp16(d), _fours(len(b)), None, 32
+    return "q4_0", _low_high(qs, 16), _fp16(d), _eights(len(b)), None, 32
 
 
 def _q4_1(b):
@@ -123,19 +124,19 @@ def _q8_0(b):
 
 def _q2_k(b):
     scales, qs, d, dmin = _split(b, 16, 64, 2)
-    q = _bits(qs, 32, 4, 3)  # 2-bit fields: four passes over each 32 bytes
+    q = _bits(qs, 32, 4)  # 2-bit fields: four passes over each 32 bytes
     return "q4_1", q, _times(scales & 0x0F, d), None, _times(scales >> 4, dmin, negate=True), 16
 
 
 def _q3_k(b):
     hmask, qs, scales, d = _split(b, 32, 64, 12)
-    low = _bits(qs, 32, 4, 3)
-    high = _bits(hmask, 32, 8, 1) ^ 1  # a set bit means no -4
+    low = _bits(qs, 32, 4)
+    high = _bits(hmask, 32, 8) ^ 1  # a set bit means no -4
     sc_lo = _low_high(scales[:, :8], 8)  # 16 low nibbles
-    sc_hi = _bits(scales[:, 8:], 4, 4, 3)  # 16 two-bit fields
+    sc_hi = _bits(scales[:, 8:], 4, 4)  # 16 two-bit fields
     sc = (sc_lo | (sc_hi << 4)).astype(np.int8) - 32
     q = low.astype(np.int8) - (high << 2).astype(np.int8)  # -4..3
-    return "q4_0", (q + 8).astype(np.uint8), _times(sc, d), _fours(len(b), QK_K // 16), None, 16
+    return "q4_0", (q + 8).astype(np.uint8), _times(sc, d), _eights(len(b), QK_K // 16), None, 16
 
 
 def _q4_k(b):
@@ -147,13 +148,13 @@ def _q4_k(b):
 def _q5_k(b):
     d, dmin, scales, qh, qs = _split(b, 2, 2, 12, 32)
     sc, mn = _k_scales(scales)
-    q = _low_high(qs, 32) | (_bits(qh, 32, 8, 1) << 4)
+    q = _low_high(qs, 32) | (_bits(qh, 32, 8) << 4)
     return "q8_1", q, _times(sc, d), None, _times(mn, dmin, negate=True), 32
 
 
 def _q6_k(b):
     ql, qh, scales, d = _split(b, 128, 64, 16)
-    q = _low_high(ql, 64) | (_bits(qh, 32, 4, 3) << 4)
+    q = _low_high(ql, 64) | (_bits(qh, 32, 4) << 4)
     return "q8_0", q.astype(np.int8) - 32, _times(np.ascontiguousarray(scales).view(np.int8), d), None, None, 16
 
 
@@ -173,8 +174,8 @@ def _iq4_xs(b):
 
 def _tq2_0(b):
     qs, d = _split(b, 64)
-    q = _bits(qs, 32, 4, 3)  # 0..2 for -1..1
-    return "q4_0", (q + 7).astype(np.uint8), _fp16(d), _fours(len(b)), None, QK_K
+    q = _bits(qs, 32, 4)  # 0..2 for -1..1
+    return "q4_0", (q + 7).astype(np.uint8), _fp16(d), _eights(len(b)), None, QK_K
 
 
 def _constant_blocks(q: np.ndarray, scale: Factored, offset: Factored, block: int) -> tuple:

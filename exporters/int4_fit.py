@@ -1,8 +1,8 @@
-"""4-bit blocks in MatMulNBits' integer form, fitted to the source's own values.
+"""Blocks in MatMulNBits' integer form (4-bit; 8-bit for Q4_1), fitted to the source's own values.
 
 ONNX Runtime's fastest CPU path for MatMulNBits (int8 activations, ``accuracy_level`` 4, block
 32, uint8 zero points) computes ``w = s * (c - z)`` per block, with ``c`` and ``z`` in 0..15. The
-``-q4`` variants store every 4-bit linear layer in that form, chosen per block::
+``-q4`` variants store every linear layer in that form, chosen per block::
 
     GGUF Q4_0   d * (q - 8)          exact: c = q, z = 8, s = d (and q4_0-form blocks: any z)
     GGUF Q4_1   d * q + m            fitted: the values d*j + m (j = 0..15) weighted by how often
@@ -10,9 +10,10 @@ ONNX Runtime's fastest CPU path for MatMulNBits (int8 activations, ``accuracy_le
                                      reads the source block itself, never a rounded copy of it
     float       w                    fitted to the block's 32 values
 
-The fit searches scales around the block's range (``FIT_SCALES`` times (max - min) / 15) and, per
-scale, the two zero points nearest the block's minimum; codes are rounded, the scale is re-fitted
-by least squares, and the candidate with the smallest error wins::
+The fit searches scales around the block's range (``FIT_SCALES`` times (max - min) / 15, the range
+holding 0; / 255 at 8 bits) and, per scale, the two zero points nearest the block's minimum; codes
+are rounded, the scale is re-fitted by least squares, and the candidate with the smallest error
+wins::
 
     error = sum(e²) + MEAN_WEIGHT * (sum(e))² / n        e = s*(c - z) - w over the block
 
@@ -20,6 +21,11 @@ The second term charges a shift of the whole block: it multiplies the block's ac
 which in a transformer's hidden state is far from zero. Keeping Q4_1's codes with the integer
 zero point nearest ``-m/d`` (what rounding a dequantized copy gives) shifts every element of a
 block by the same remainder, up to d/2: that is the error this fit avoids.
+
+Q4_1 cannot be held at 4 bits in this form: unless m/d is an integer, every block moves by up to
+half a step (a second rounding; SmolLM2 lost a quarter of its top-1 agreement). ``bits=8`` fits it
+to MatMulNBits' 8-bit form instead (codes and zero points in 0..255: about d/32 from the source),
+which is what the -q4 graphs use for Q4_1 layers (``weights.Q4_1_FIT_BITS``).
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import numpy as np
 
 from .quant import BLOCK, Blocks
 
-# Scale candidates, as multiples of (max - min) / 15: below 1 clips a block's extremes (cheap
-# when they are rare), above 1 slides the grid against the source's so the errors spread.
-FIT_SCALES = tuple(np.round(np.concatenate([np.linspace(0.90, 1.00, 6)[:-1], np.linspace(1.0, 1.16, 17)]), 4))
+# Scale candidates, as multiples of (max - min) / levels: below 1 clips a block's extremes (cheap
+# when they are rare), above 1 slides the grid against the source's so the errors spread. Eight
+# reach 0.895 of round-to-nearest's error on SmolLM2-shaped float weights; 22 reach 0.887 in twice
+# the time.
+FIT_SCALES = (0.94, 1.0, 1.02, 1.04, 1.07, 1.1, 1.13, 1.16)
 MEAN_WEIGHT = 1.0  # see the module docstring; measured choice (docs/benchmarks.md, int4 forms)
-_CHUNK = 1 << 15  # blocks per vectorised step: bounds the temporary arrays (~tens of MB)
+_CHUNK = 1 << 12  # blocks per vectorised step: the temporary arrays stay in cache
 
 
 def fit_int4(w: Blocks | np.ndarray, block: int = BLOCK, mean_weight: float | None = None, bits: int = 4) -> Blocks:
@@ -48,7 +56,8 @@ def fit_int4(w: Blocks | np.ndarray, block: int = BLOCK, mean_weight: float | No
             "uint8"), which holds a Q4_1 block to about d/32.
 
     Returns:
-        ``Blocks("int4", ...)`` with ``zero`` set: ``w ≈ scale * (q - zero)`` per block.
+        ``Blocks("int4", ...)`` (``"uint8"`` at 8 bits) with ``zero`` set: ``w ≈ scale * (q - zero)``
+        per block.
 
     Example:
         >>> b = fit_int4(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
@@ -56,7 +65,9 @@ def fit_int4(w: Blocks | np.ndarray, block: int = BLOCK, mean_weight: float | No
         ('int4', (4, 64), (4, 2))
     """
     mean_weight = MEAN_WEIGHT if mean_weight is None else mean_weight
-    levels = {4: 15, 8: 255}[bits]
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    levels = 2 ** bits - 1
     if isinstance(w, Blocks):
         if w.kind == "int4" and bits == 4:
             return w
@@ -96,12 +107,12 @@ def _fit_q4_1(w: Blocks, mean_weight: float, levels: int = 15) -> Blocks:
     q = w.q.reshape(-1, w.block)
     d, m = w.scale.reshape(-1, 1).astype(np.float32), w.offset.reshape(-1, 1).astype(np.float32)
     grid = d * np.arange(16, dtype=np.float32) + m  # the exact values the block can hold (fp32, as ggml)
-    counts = np.zeros((len(q), 16), np.float32)
-    np.add.at(counts, (np.arange(len(q))[:, None], q), 1.0)
     scale, zero, codes = np.empty(len(q), np.float32), np.empty(len(q), np.uint8), np.empty(q.shape, np.uint8)
     for a in range(0, len(q), _CHUNK):
         part = slice(a, a + _CHUNK)
-        scale[part], zero[part], table = _search(grid[part], counts[part], mean_weight, levels)
+        rows = np.arange(len(q[part]))[:, None] * 16
+        counts = np.bincount((rows + q[part]).ravel(), minlength=16 * len(rows)).reshape(-1, 16).astype(np.float32)
+        scale[part], zero[part], table = _search(grid[part], counts, mean_weight, levels)
         codes[part] = np.take_along_axis(table, q[part].astype(np.intp), axis=1)
     return Blocks(_kind(levels), codes.reshape(out, n), scale.reshape(out, nb), zero=zero.reshape(out, nb),
                   block=w.block)
@@ -113,31 +124,35 @@ def _search(x: np.ndarray, counts: np.ndarray | None, mean_weight: float, levels
 
     The range always holds 0 (``s * (c - z)`` with z in 0..15 does), so a block far from zero gets
     a coarser step; round-to-nearest over that range (scale factor 1, the nearest zero point, no
-    refit) is one of the candidates, so no block ends worse than rounding would leave it.
+    refit) is one of the candidates, so no block ends worse than rounding would leave it. With the
+    codes u = c - z of a candidate fixed, its error for any scale s' follows from three sums::
+
+        sum(e²) = s'² Suu - 2 s' Sux + Sxx        sum(e) = s' Su - Sx        (e = s' u - x)
     """
+    wsum = (lambda a: a.sum(1, keepdims=True)) if counts is None else (lambda a: (a * counts).sum(1, keepdims=True))
     used = np.ones_like(x, dtype=bool) if counts is None else counts > 0
-    cw = np.ones_like(x) if counts is None else counts
-    total = cw.sum(1, keepdims=True)
+    total, sx, sxx = wsum(np.ones_like(x)), wsum(x), wsum(x * x)
     lo = np.minimum(np.where(used, x, np.inf).min(1, keepdims=True), 0)
     hi = np.maximum(np.where(used, x, -np.inf).max(1, keepdims=True), 0)
     span = np.maximum(hi - lo, np.float32(1e-30))
     best = np.full((len(x), 1), np.inf, np.float32)
-    b_scale, b_zero, codes = np.ones_like(best), np.zeros_like(best), np.zeros(x.shape, np.float32)
+    b_scale, b_step, b_zero = np.ones_like(best), np.ones_like(best), np.zeros_like(best)
     for f in FIT_SCALES:
         s = span * np.float32(f / levels)
         z0 = np.rint(-lo / s)
+        inv = 1.0 / s
         for dz in (0.0, -1.0) if f >= 1.0 else (0.0, -1.0, 1.0):
             z = np.clip(z0 + dz, 0, levels)
-            c = np.clip(np.rint(x / s) + z, 0, levels)
-            u = c - z
-            s_ls = (cw * u * x).sum(1, keepdims=True) / np.maximum((cw * u * u).sum(1, keepdims=True), 1e-30)
+            u = np.clip(np.rint(x * inv) + z, 0, levels) - z
+            suu, sux, su = wsum(u * u), wsum(u * x), wsum(u)
+            s_ls = sux / np.maximum(suu, 1e-30)
             for sc in (s, np.where(s_ls > 0, s_ls, s)):
-                e = sc * u - x
-                err = (cw * e * e).sum(1, keepdims=True) + mean_weight * (cw * e).sum(1, keepdims=True) ** 2 / total
+                err = sc * sc * suu - 2 * sc * sux + sxx + mean_weight * (sc * su - sx) ** 2 / total
                 better = err < best
                 best = np.where(better, err, best)
-                b_scale, b_zero = np.where(better, sc, b_scale), np.where(better, z, b_zero)
-                codes = np.where(better, c, codes)
+                b_scale, b_step = np.where(better, sc, b_scale), np.where(better, s, b_step)
+                b_zero = np.where(better, z, b_zero)
+    codes = np.clip(np.rint(x / b_step) + b_zero, 0, levels)  # the winning candidate's codes
     b_scale, b_zero = b_scale[:, 0], b_zero[:, 0]
     flat = (hi - lo)[:, 0] <= 1e-30  # all zero: any scale, code = zero point
     b_scale[flat] = 1.0
@@ -165,6 +180,7 @@ class FitCache:
         self._n = 0
         self._abs = self._shift = self._value = 0.0
         self._max = self._max_rel = 0.0
+        self._bits = {4: 0, 8: 0}  # weights fitted at each width
 
     def emit(self, store, key: str, name: str, make) -> dict:
         """``store``'s MatMulNBits record of ``key``: made by ``make()`` the first time, else the
@@ -186,6 +202,7 @@ class FitCache:
         e = fitted.dequantize() - exact
         step = np.repeat(source.scale if isinstance(source, Blocks) else fitted.scale, fitted.block, axis=1)
         self._n += e.size
+        self._bits[fitted.bits] += e.size
         self._abs += float(np.abs(e).sum())
         self._shift += float(np.abs(e.reshape(-1, fitted.block).mean(1)).sum()) * fitted.block
         self._value += float(np.abs(exact).sum())
@@ -197,5 +214,5 @@ class FitCache:
         absolute and in steps of the source block (GGUF: its d; float: the fitted scale)."""
         n = max(self._n, 1)
         value = self._value / n or 1.0
-        return {"weights": self._n, "mean_abs_rel": self._abs / n / value, "mean_shift_rel": self._shift / n / value,
-                "max_abs": self._max, "max_steps": self._max_rel}
+        return {"weights": self._n, "weights_8bit": self._bits[8], "mean_abs_rel": self._abs / n / value,
+                "mean_shift_rel": self._shift / n / value, "max_abs": self._max, "max_steps": self._max_rel}

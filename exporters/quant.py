@@ -108,10 +108,11 @@ class Blocks:
                    for p in parts)
         if not same:
             return None
-        cat = lambda a: None if getattr(first, a) is None else np.concatenate([getattr(p, a) for p in parts])  # noqa: E731
-        factored = lambda a: None if getattr(first, a) is None else Factored.concat_rows([getattr(p, a) for p in parts])  # noqa: E731
+        def cat(field: str, join=np.concatenate):
+            return None if getattr(first, field) is None else join([getattr(p, field) for p in parts])
+
         return Blocks(first.kind, cat("q"), cat("scale"), cat("zero"), cat("offset"), first.block,
-                      factored("scale_parts"), factored("offset_parts"))
+                      cat("scale_parts", Factored.concat_rows), cat("offset_parts", Factored.concat_rows))
 
     def split_rows(self, sizes: list[int]) -> list["Blocks"]:
         bounds = np.cumsum([0] + list(sizes))

@@ -8,8 +8,8 @@ Checks, on fresh random token ids each run:
      (the quality gate for quantized packages).
 At fp32 a relative difference above 1e-4 fails the export; a GGUF import fails below 98 %
 agreement with its dequantized reference. The int8-activation graphs (fused-int8, static-int8, and
-fused-q4, static-q4 with their fitted int4 weights) are left out of the package (not failing it)
-below 90 %; the runtime prefers the -int8 twins only at 98 % or more
+fused-q4, static-q4 with their fitted weights) are left out of the package (not failing it)
+below 90 %; the runtime prefers them only at 98 % or more
 (``portable_infer.loader.PREFERRED_AGREEMENT``), and runs them on request otherwise.
 """
 

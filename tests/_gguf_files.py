@@ -6,8 +6,8 @@ gguf-py's own ``TensorNameMap`` (what ``convert_hf_to_gguf.py`` uses), Q/K rows 
 llama architecture (Llama, Mistral), +1 on Gemma 3's norm weights, GPT-2's Conv1D weights
 transposed to [out, in], Llama 3 RoPE scaling as a ``rope_freqs`` tensor, metadata keys per family.
 Weights of the types ``gguf.quants`` can quantize (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ*) are
-quantized from the model's float weights; the others (K-quants, IQ4_*) are random valid blocks
-built bytewise. Either way the reference is ``gguf.quants.dequantize`` of the file, mapped back
+quantized from the model's float weights, Q2_K/Q4_K/Q5_K/Q6_K by a plain quantizer here; the
+others (Q3_K, IQ4_*) are random valid blocks built bytewise. Either way the reference is ``gguf.quants.dequantize`` of the file, mapped back
 to HF names and layouts and loaded into ``AutoModelForCausalLM.from_config``.
 """
 
@@ -92,12 +92,17 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([lo, mid, hi], axis=1).astype(np.uint8)
 
 
+K_QUANTIZED = ("Q2_K", "Q4_K", "Q5_K", "Q6_K")  # quantize_k makes these from float weights
+
+
 def quantize_k(x: np.ndarray, qtype: str) -> np.ndarray:
-    """A plain (non-searching) Q4_K / Q5_K / Q6_K quantizer of float rows [rows, cols], laid out as
+    """A plain (non-searching) Q2_K / Q4_K / Q5_K / Q6_K quantizer of float rows [rows, cols], laid out as
     ggml lays the blocks out: realistic codes, where random bytes would give clipped zero points."""
     rows, cols = x.shape
     if qtype == "Q6_K":
         return _quantize_q6_k(x)
+    if qtype == "Q2_K":
+        return _quantize_q2_k(x)
     top = 15 if qtype == "Q4_K" else 31
     sub = x.reshape(-1, 8, 32).astype(np.float32)
     lo = np.minimum(sub.min(-1), 0)
@@ -115,6 +120,25 @@ def quantize_k(x: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "Q5_K":
         parts.append(np.bitwise_or.reduce((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1))
     return np.concatenate(parts + [qs], axis=1).reshape(rows, -1)
+
+
+def _quantize_q2_k(x: np.ndarray) -> np.ndarray:
+    """Q2_K: 2-bit codes, 4-bit scales and mins per 16 weights, fp16 d and dmin per 256."""
+    rows, cols = x.shape
+    sub = x.reshape(-1, 16, 16).astype(np.float32)
+    lo = np.minimum(sub.min(-1), 0)
+    step = (sub.max(-1) - lo) / 3
+    d = (step.max(-1) / 15).astype(np.float16)
+    dmin = (-lo.min(-1) / 15).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(step / np.where(df > 0, df, 1)), 0, 15).astype(np.uint8)
+    mn = np.clip(np.rint(-lo / np.where(dminf > 0, dminf, 1)), 0, 15).astype(np.uint8)
+    s = df * sc
+    q = np.clip(np.rint((sub + (dminf * mn)[..., None]) / np.where(s > 0, s, 1)[..., None]), 0, 3).astype(np.uint8)
+    fields = q.reshape(-1, 2, 4, 32)  # [super, 128-element half, shift, 32 bytes]
+    qs = np.bitwise_or.reduce(fields << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None], axis=2)
+    return np.concatenate([sc | (mn << 4), qs.reshape(-1, 64), d[:, None].view(np.uint8), dmin[:, None].view(np.uint8)],
+                          axis=1).reshape(rows, -1)
 
 
 def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -136,10 +160,10 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 def encode(data: np.ndarray, qtype: str, rng: np.random.Generator) -> np.ndarray:
     """``data`` [rows, cols] as ``qtype`` bytes: quantized by gguf where it can, by
-    :func:`quantize_k` for Q4_K/Q5_K/Q6_K, else random valid blocks."""
+    :func:`quantize_k` for Q2_K/Q4_K/Q5_K/Q6_K, else random valid blocks."""
     if qtype in QUANTIZABLE:
         return gguf.quants.quantize(np.ascontiguousarray(data, np.float32), T[qtype])
-    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
+    if qtype in K_QUANTIZED:
         return quantize_k(data, qtype)
     return random_blocks(qtype, *data.shape, rng)
 
