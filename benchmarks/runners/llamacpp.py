@@ -1,4 +1,4 @@
-"""llama.cpp through llama-cpp-python, on the same Q4_1 GGUF the other runtimes start from.
+"""llama.cpp through llama-cpp-python, on a GGUF (SmolLM2: the Q4_1 GGUF the other runtimes start from).
 
 Batch 1 goes through the high-level ``Llama.generate`` (greedy sampler), as a user would.
 ``Llama`` serves one sequence per context, so batch 8 uses llama.cpp's own batched decoding
@@ -25,6 +25,18 @@ def build(args) -> common.Runtime:
                              n_gpu_layers=0, seed=0, verbose=False)
             self.n_vocab = self.llm.n_vocab()
             self._batch_ctx = None
+            self._quality_llm = None
+
+        def quality_llm(self):
+            """A second context for --quality that keeps the logits of every position
+            (``logits_all``), as llama.cpp's perplexity tool does; made after peak RSS is taken."""
+            if self._quality_llm is None:
+                self._quality_llm = Llama(
+                    model_path=str(args.model), n_ctx=common.QUALITY_TOKENS,
+                    n_batch=common.QUALITY_TOKENS, n_threads=args.threads,
+                    n_threads_batch=args.threads, n_gpu_layers=0, seed=0, logits_all=True,
+                    verbose=False)
+            return self._quality_llm
 
         def last_logits_argmax(self, ctx, i: int) -> int:
             row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i),
@@ -103,8 +115,14 @@ def build(args) -> common.Runtime:
             argmaxes.append(model.last_logits_argmax(ctx, -1))
         return argmaxes
 
+    def logits(model: Model, ids):
+        llm = model.quality_llm()
+        llm.reset()
+        llm.eval(list(ids))  # one batch: logits for every position (logits_all)
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
     return common.Runtime(
-        load=Model, generate=generate, teacher_forced=teacher_forced, files=[args.model],
+        load=Model, generate=generate, teacher_forced=teacher_forced, files=[args.model], logits=logits,
         versions={"llama-cpp-python": llama_cpp.__version__},
         notes="batch 1: Llama.generate greedy; batch 8: llama_decode over 8 sequences "
               "(low-level bindings); mmap, flash attention off (Llama's default)",
@@ -112,4 +130,5 @@ def build(args) -> common.Runtime:
 
 
 if __name__ == "__main__":
-    common.main("llamacpp-q4_1", build, common.arg_parser("llama-cpp-python runner"))
+    common.main(lambda a: f"llamacpp-{a.model.stem.rsplit('.', 1)[-1].lower()}", build,
+                common.arg_parser("llama-cpp-python runner"))

@@ -35,8 +35,13 @@ def build(args) -> common.Runtime:
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         return logits[0, len(prompt) - 1:].argmax(-1).tolist()
 
+    def logits(model, ids):
+        x = torch.tensor([list(ids)])
+        with torch.inference_mode():
+            return model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float().numpy()
+
     return common.Runtime(
-        load=load, generate=generate, teacher_forced=teacher_forced,
+        load=load, generate=generate, teacher_forced=teacher_forced, logits=logits,
         files=[args.model],
         versions={"optimum-onnx": _version("optimum-onnx"), "onnxruntime": ort.__version__,
                   "transformers": transformers.__version__,

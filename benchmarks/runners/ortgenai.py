@@ -47,8 +47,18 @@ def build(args) -> common.Runtime:
             argmaxes.append(last_argmax(gen))
         return argmaxes
 
+    def logits(model, ids):
+        # One token per call: the generator hands back the last position's logits only.
+        gen = new_generator(model, 1, len(ids))
+        rows = []
+        for tok in ids:
+            gen.append_tokens(np.asarray([[tok]], dtype=np.int32))
+            x = np.asarray(gen.get_logits())
+            rows.append(x.reshape(-1, x.shape[-1])[-1].copy())
+        return np.stack(rows)
+
     return common.Runtime(
-        load=load, generate=generate, teacher_forced=teacher_forced, files=[args.model],
+        load=load, generate=generate, teacher_forced=teacher_forced, files=[args.model], logits=logits,
         versions={"onnxruntime-genai": og.__version__},
         notes=f"model builder -p {args.precision} -e cpu; Generator loop, greedy",
     )

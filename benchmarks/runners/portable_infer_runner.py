@@ -23,6 +23,11 @@ def teacher_forced(model, prompt, continuation):
     return logits[len(prompt) - 1:].argmax(-1).tolist()
 
 
+def logits(model, ids):
+    """The next-token logits after every prefix of ``ids``, one forward over the whole text."""
+    return model.forward_logits(list(ids))
+
+
 def build(args) -> common.Runtime:
     import portable_infer
 
@@ -43,7 +48,7 @@ def build(args) -> common.Runtime:
 
     import onnxruntime as ort
     return common.Runtime(
-        load=load, generate=generate, teacher_forced=teacher_forced, files=[args.model],
+        load=load, generate=generate, teacher_forced=teacher_forced, files=[args.model], logits=logits,
         versions={"portable_infer": portable_infer.__version__, "onnxruntime": ort.__version__},
         notes=f"generate_ids / batch_generate_ids, temperature 0, ignore_eos, accuracy_level={args.accuracy}",
     )

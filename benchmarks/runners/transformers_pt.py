@@ -32,8 +32,12 @@ def build(args) -> common.Runtime:
             logits = model(ids).logits[0, len(prompt) - 1:]
         return logits.argmax(-1).tolist()
 
+    def logits(model, ids):
+        with torch.inference_mode():
+            return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
     return common.Runtime(
-        load=load, generate=generate, teacher_forced=teacher_forced,
+        load=load, generate=generate, teacher_forced=teacher_forced, logits=logits,
         files=[args.model],
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         notes="model.generate (default attention, DynamicCache)",
