@@ -132,7 +132,7 @@ class FusedDecoderBuilder(DecoderBuilder):
     def lm_head(self, h: str) -> str:
         name, bits, acc = self.lm_head_name(), self._embed_bits(), self.w.head_accuracy
         form = self.w.head_form if bits is not None else "fp32"
-        if form == "int4":  # the table fitted to 4 bits, whatever the source's width
+        if form == "int4":  # the table at 4 bits, whatever the source's width
             self.w.fit_8bit.add(name)
         if form in ("fp32", "int4"):
             return self.w.linear(h, name, bits=None if form == "fp32" else 4, accuracy=acc)

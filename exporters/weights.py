@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 PRECISION_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
 # lm_head forms of the fused graphs (with int8-activation heads): 8-bit table with its top 16
-# candidates recomputed in float, 8-bit alone, 4-bit (fitted, -q4 graphs), or a float MatMul
+# candidates recomputed in float, 8-bit alone, 4-bit (the table in the -q4 graphs' 4-bit form), or
+# a float MatMul
 HEAD_FORMS = ("int8-top16", "int8", "int4", "fp32")
 # Width of the -q4 graphs' Q4_1 layers (d*q + m; Q4_K has the same form). At 4 bits the fit into
 # integer zero points is a second rounding: SmolLM2 agreed with its reference on 74.4 % of 636

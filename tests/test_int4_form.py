@@ -411,8 +411,8 @@ def q4_0_gguf(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("head", ["int4", "fp32", "int8"])
 def test_lm_head_forms(q4_0_gguf, head, tmp_path, monkeypatch, seed):
-    """The -q4 graphs' lm_head: the tied table fitted to 4 bits, a float MatMul, or the 8-bit table;
-    the embedding gathers from the 8-bit table in every form."""
+    """The -q4 graphs' lm_head: the tied table at 4 bits, a float MatMul, or the 8-bit table; the
+    embedding gathers from the 8-bit table in every form."""
     from exporters import export as ex
 
     monkeypatch.setattr(ex, "Q4_HEAD", head)
