@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from portable_infer import manifest as mf
-from portable_infer.bundle import SIGNATURE_NAME
+import portable_infer
+from portable_infer.bundle import SIGNATURE_NAME, write_keypair
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -73,3 +74,16 @@ def package_files(pkg: Path, d: dict) -> dict:
         if p.is_file() and not p.is_symlink():
             out[f["path"]] = p.read_bytes()
     return out
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """An Ed25519 key pair (key.pem, key.pub.pem) for signed bundles."""
+    d = tmp_path_factory.mktemp("keys")
+    write_keypair(d / "key.pem", d / "key.pub.pem")
+    return d
+
+
+def load_cpu(path, check="sha256", **kw):
+    """load() on the CPU, one thread, at the given check level."""
+    return portable_infer.load(path, "cpu", intra_op_threads=1, check=check, **kw)

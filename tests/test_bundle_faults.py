@@ -29,7 +29,7 @@ from portable_infer.bundle import ALIGN, pack, write_keypair
 from portable_infer.cli import main
 from portable_infer.errors import BundleError, PortableInferError
 
-from _trust import full_package, make_bundle, manifest_dict, package_files  # noqa: F401
+from _trust import full_package, make_bundle, manifest_dict, package_files, keys, load_cpu as _load  # noqa: F401
 
 pytest.importorskip("cryptography")
 
@@ -46,17 +46,6 @@ def home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="module")
 def bundle(full_package, tmp_path_factory) -> Path:
     return pack(full_package, tmp_path_factory.mktemp("b") / "tiny.pinf")
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    write_keypair(d / "key.pem", d / "key.pub.pem")
-    return d
-
-
-def _load(path, check="sha256", **kw):
-    return portable_infer.load(path, "cpu", intra_op_threads=1, check=check, **kw)
 
 
 def _outcome(fn):

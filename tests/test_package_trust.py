@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import portable_infer
 from portable_infer import manifest as mf
-from portable_infer.bundle import pack, write_keypair
+from portable_infer.bundle import pack
 from portable_infer.errors import PackageError, UnsafePathError
 from portable_infer.onnx_refs import graph_refs
 
-from _trust import copy_package, full_package, make_bundle, manifest_dict, package_files, write_manifest  # noqa: F401
+from _trust import copy_package, full_package, make_bundle, manifest_dict, package_files, write_manifest, keys, load_cpu as _load  # noqa: F401
 
 pytest.importorskip("cryptography")
 
@@ -41,17 +40,6 @@ def secret(tmp_path) -> Path:
     p.parent.mkdir()
     p.write_text(SECRET * 37)
     return p
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    write_keypair(d / "key.pem", d / "key.pub.pem")
-    return d
-
-
-def _load(path, check="sha256", **kw):
-    return portable_infer.load(path, "cpu", intra_op_threads=1, check=check, **kw)
 
 
 def _nothing_unpacked(home: Path) -> bool:
