@@ -114,7 +114,9 @@ def test_fused_graphs_match_on_the_top_candidates(exported):
         rel = float(np.abs(got[top] - expected[top]).max() / np.abs(expected[top]).max())
         MEASURED.setdefault(f"{family}-{mix}", {})[v.name] = rel
         assert rel <= FUSED_TOL, f"GGUF_SEED={SEED} {family} {mix} {v.name}: top-8 max rel {rel:.2e}"
-        assert got.argmax() == expected.argmax(), f"GGUF_SEED={SEED} {family} {mix} {v.name}"
+        # The fused pick is the reference's top token or a tie within both graphs' tolerance.
+        gap = float(expected.max() - expected[got.argmax()]) / np.abs(expected[top]).max()
+        assert gap <= 2 * FUSED_TOL, f"GGUF_SEED={SEED} {family} {mix} {v.name}: picked {got.argmax()}, gap {gap:.2e}"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
