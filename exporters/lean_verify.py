@@ -15,7 +15,9 @@ Graphs with logits for every position (portable) are checked on the whole refere
 teacher-forced top-1 agreement and perplexity ("quality", the numbers the full check records) and
 top-k logits. Graphs that return the last position only run token by token, so they are checked
 on the prompt and the first LAST_STEPS greedy steps ("agreement": never read by the runtime, which
-prefers an int8 graph only on a full "quality" record). Every exact graph also passes two
+prefers an int8 graph only on a full "quality" record), except the int8-activation ones, which run
+the whole reference token by token so that their "quality" record can pass the runtime's gate
+(``portable_infer.variant_choice.passes_gate``). Every exact graph also passes two
 invariants that need no reference: prefill + cached decode equals one pass, and a left-padded row
 equals the same tokens alone. Gates as in the full check: an exact variant that misses more than
 2 % of the steps (at least one allowed) fails the export; an int8-activation one below its floor
@@ -83,7 +85,9 @@ def verify_lean(package: Path, manifest: mf.Manifest, src=None, rng: np.random.G
         r = {"reference": ref["name"]}
         if exact:
             r["consistency"] = consistency(dec, manifest.model.vocab_size, rng)
-        whole = v.logits == "all" and ref["external"]
+        # The whole reference: in one pass where the graph returns every position; token by token
+        # for int8-activation graphs too, whose full "quality" record the runtime's gate reads.
+        whole = ref["external"] and (v.logits == "all" or not exact)
         seq = ref["seq"] if whole else ref["seq"][:ref["n_prompt"] + LAST_STEPS]
         seq_logits = verify.all_logits(dec, seq[None])[0]
         text_logits = verify.all_logits(dec, ref["text"][None])[0] if whole else None

@@ -18,7 +18,7 @@ from .ort_format import ORT_SUFFIX
 from .package_paths import check_package
 from .providers import Selection, select_session
 from .session import SessionConfig
-from .variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static  # noqa: F401  (INT8_SUFFIX: cli reads it here)
+from .variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static, passes_gate  # noqa: F401  (INT8_SUFFIX: cli reads it here)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
         strict: raise instead of falling back when a provider fails.
         intra_op_threads: ONNX Runtime threads (0 = its default).
         accuracy_level: MatMulNBits activations. None (default): int8 where the package has
-            int8-activation graphs (``static-int8``/``fused-int8``) whose export verification
-            measured at least 98 % top-1 agreement with the float reference, else float. 1: float
+            int8-activation graphs (``static-int8``/``fused-int8``/``-q4``) whose export verification
+            measured at least 95 % top-1 agreement with the float reference and perplexity within
+            1 % of its (``variant_choice.passes_gate``), else float. 1: float
             (the exact graphs). 4: int8 (required: an int4 package without them is refused);
             ONNX Runtime then also fuses the portable graph's QDQ pairs at 4.
         check: "sha256" (every file hashed), "size" (sizes only) or "none".
@@ -131,15 +132,9 @@ def load_package(path, cfg: LoadConfig) -> Model:
     return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
 
 
-# accuracy_level None runs an int8 twin only when export verification measured at least this
-# teacher-forced top-1 agreement with the float reference (the quality gate of int4 packages)
-PREFERRED_AGREEMENT = 0.98
-
-
 def _passed_gate(manifest: Manifest, v) -> bool:
-    """Export verification recorded the variant's agreement at PREFERRED_AGREEMENT or more."""
-    report = (manifest.verification or {}).get(v.name.removesuffix(ORT_SUFFIX), {})
-    return report.get("quality", {}).get("top1_agreement", 0.0) >= PREFERRED_AGREEMENT
+    """Export verification recorded the variant past the quality gate (variant_choice.passes_gate)."""
+    return passes_gate((manifest.verification or {}).get(v.name.removesuffix(ORT_SUFFIX), {}))
 
 
 def _int8_wanted(cfg: LoadConfig) -> bool | None:

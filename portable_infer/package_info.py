@@ -66,7 +66,7 @@ def _measured(path: Path) -> list:
 def _verified(name: str, r: dict) -> str:
     """One ``verified`` line from the export report; the schema typed each field read here,
     and any of them may be absent."""
-    from .loader import INT8_SUFFIX, PREFERRED_AGREEMENT
+    from .variant_choice import INT8_SUFFIX, Q4_SUFFIX, gate_text, passes_gate
 
     full, greedy, q = r.get("full", {}), r.get("greedy", {}), r.get("quality", {})
     parts = []
@@ -85,7 +85,7 @@ def _verified(name: str, r: dict) -> str:
     note = ""
     if r.get("dropped"):
         note = f"; left out of the package: {r['dropped']}"
-    elif name.endswith(INT8_SUFFIX) and "top1_agreement" in q:
-        note = ("; runs by default" if q["top1_agreement"] >= PREFERRED_AGREEMENT else
-                f"; below the {PREFERRED_AGREEMENT:.0%} gate: runs only with --accuracy 4")
+    elif name.endswith((INT8_SUFFIX, Q4_SUFFIX)) and "top1_agreement" in q:
+        note = ("; runs by default" if passes_gate(r) else
+                f"; below the quality gate ({gate_text()}): runs only with --accuracy 4")
     return f"verified     {name}: {', '.join(parts) or 'no measurements'}{note}"

@@ -9,7 +9,7 @@ Every provider (a row of :data:`portable_infer.providers.PROVIDERS`) chooses fro
    (``pack --ort`` packed it for those); ``True``: only static; ``False``: only growing. Within a
    tier, the activations: an int8-activation graph (``static-int8``, ``fused-int8``, their ``-ort``
    copies) takes the place of its exact twin when ``accuracy_level=4`` asks for int8, or by default
-   when export verification recorded it at the quality gate (``loader.PREFERRED_AGREEMENT``), or
+   when export verification recorded it past the quality gate (:func:`passes_gate`), or
    when the provider has nothing else in that tier; ``accuracy_level=1`` never runs one. At
    ``accuracy_level=4`` the default static tier counts only when it holds an int8 graph.
 3. **What it prefers**: from the first tier with something left, the variant earliest in the row's
@@ -42,6 +42,30 @@ EXACT_TWINS = ("fused", "fused-ort", "portable-ort", "static")  # what an int8 v
 def is_int8(v: GraphVariant) -> bool:
     """An int8-activation graph: fused-int8, static-int8, fused-q4, static-q4 (or their ``-ort`` copies)."""
     return v.name.removesuffix(ORT_SUFFIX).endswith((INT8_SUFFIX, Q4_SUFFIX))
+
+
+# The quality gate: an int8-activation graph competes by default (prefer="speed") only when export
+# verification recorded, against the float reference, teacher-forced top-1 agreement of at least
+# GATE_AGREEMENT over the gate's text (verify.quality's 128 steps) and a perplexity at most
+# GATE_PPL_INCREASE above the reference's. The bar is the quality class users accept from llama.cpp's
+# default 4-bit files: its Q4_1 SmolLM2 agrees on 612/636 = 96.2 % of compare_cpu.py's positions
+# (docs/benchmarks.md), so a graph within a point of that, at under 1 % perplexity, passes.
+GATE_AGREEMENT = 0.95
+GATE_PPL_INCREASE = 0.01
+
+
+def passes_gate(report: dict) -> bool:
+    """Export verification's record of one variant (``manifest.verification[name]``) clears the
+    quality gate: a full ``quality`` record with agreement and perplexity, both within the bar."""
+    q = report.get("quality") or {}
+    agreement, ppl = q.get("top1_agreement"), q.get("perplexity_delta")
+    if agreement is None or ppl is None:
+        return False  # no full record (e.g. an old lean check): never preferred by default
+    return agreement >= GATE_AGREEMENT and ppl <= GATE_PPL_INCREASE
+
+
+def gate_text() -> str:
+    return f"{GATE_AGREEMENT:.0%} top-1 agreement and perplexity within {GATE_PPL_INCREASE:.0%}"
 
 
 def is_static(v: GraphVariant) -> bool:

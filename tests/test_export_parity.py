@@ -603,10 +603,10 @@ def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(export
                                                                           capsys):
     """An int8-activation twin below its floor is dropped from the package (its graph file too),
     its report kept, and the export succeeds; the loader's default prefers a twin only when its
-    recorded agreement reaches PREFERRED_AGREEMENT, else runs the exact graph."""
+    recorded quality passes variant_choice.passes_gate, else runs the exact graph."""
     import portable_infer
     from exporters import verify
-    from portable_infer import cli, loader
+    from portable_infer import cli, variant_choice
 
     monkeypatch.setattr(verify, "INT8_MIN_AGREEMENT", {"fused-int8": 1.01, "static-int8": 0.0})
     pkg = export(exported.source, tmp_path / "int4", precision="int4")
@@ -616,13 +616,14 @@ def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(export
     assert not (pkg / "model.fused-int8.onnx").exists() and manifest.verify_files(pkg) is None
     assert portable_infer.load(pkg, "cpu", static_kv=False).variant == "fused"
     measured = manifest.verification["static-int8"]["quality"]["top1_agreement"]
-    monkeypatch.setattr(loader, "PREFERRED_AGREEMENT", measured)
+    monkeypatch.setattr(variant_choice, "GATE_AGREEMENT", measured)
+    monkeypatch.setattr(variant_choice, "GATE_PPL_INCREASE", 1.0)
     assert portable_infer.load(pkg, "cpu").variant == "static-int8"
     assert cli.main(["inspect", str(pkg)]) == 0
     shown = capsys.readouterr().out
     assert "fused-int8: " in shown and "left out of the package: top-1 agreement" in shown
     assert "static-int8: " in shown and "runs by default" in shown
-    monkeypatch.setattr(loader, "PREFERRED_AGREEMENT", measured + 1e-6)
+    monkeypatch.setattr(variant_choice, "GATE_AGREEMENT", measured + 1e-6)
     assert portable_infer.load(pkg, "cpu").variant == "static"
     assert cli.main(["inspect", str(pkg)]) == 0
     assert "runs only with --accuracy 4" in capsys.readouterr().out

@@ -100,3 +100,45 @@ def test_inspect_shows_lean_measurements():
     line = _verified("fused", {"reference": "shipped reference logits (x.json)", "agreement": {
         "top1_agreement": 1.0, "top1_agree_steps": "32/32"}, "reference_logits": {"max_abs": 0.04, "max_rel": 1.4e-3}})
     assert "top-1 32/32 (lean)" in line and "1.40e-03 vs shipped logits" in line
+
+
+def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_package, monkeypatch):
+    """With reference logits shipped for the source, the int8-activation graphs (last-position
+    logits only) run the whole reference token by token, so their record carries agreement over
+    every greedy step and perplexity: what the runtime's quality gate reads. The exact
+    last-position graphs keep the short token-by-token check."""
+    from portable_infer import variant_choice
+
+    manifest = mf.Manifest.load(int4_package)
+    rng = np.random.default_rng(SEED)
+    vocab = manifest.model.vocab_size
+    portable = lean_verify.verify.decoder(int4_package / manifest.variant("portable").file,
+                                          manifest.variant("portable"), manifest)
+    prompt = rng.integers(3, vocab, 8).tolist()
+    text = rng.integers(3, vocab, 24).tolist()
+    seq = np.asarray([prompt], np.int64)  # the portable graph's own greedy continuation stands in
+    for _ in range(20):
+        logits = lean_verify.verify.all_logits(portable, seq)[0, -1]
+        seq = np.concatenate([seq, [[int(logits.argmax())]]], axis=1)
+    seq_logits = lean_verify.verify.all_logits(portable, seq)[0]
+    text_logits = lean_verify.verify.all_logits(portable, np.asarray([text], np.int64))[0]
+
+    def top(lg):
+        ids = np.argsort(-lg, -1)[:, :4]
+        return {"ids": ids.tolist(), "logits": np.take_along_axis(lg, ids, -1).tolist()}
+
+    nll = lean_verify._nll(text_logits, np.asarray(text))
+    shipped = {"file": "fake.json", "prompt_ids": prompt, "greedy_ids": seq[0, 8:].tolist(), "text_ids": text,
+               "perplexity_reference": float(np.exp(nll)),
+               "top_k": {"sequence": top(seq_logits), "text": top(text_logits)}}
+    monkeypatch.setattr(lean_verify, "load_all", lambda: {manifest.source.get("sha256"): shipped})
+    report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
+    for name in ("fused-int8", "static-int8"):
+        q = report[name]["quality"]
+        assert q["top1_agree_steps"].endswith("/20") and "perplexity_delta" in q, (SEED, name, q)
+        assert variant_choice.passes_gate(report[name]) == (
+            q["top1_agreement"] >= variant_choice.GATE_AGREEMENT
+            and q["perplexity_delta"] <= variant_choice.GATE_PPL_INCREASE)
+    assert "quality" not in report["fused"] and report["fused"]["agreement"]["top1_agree_steps"].endswith(
+        f"/{min(lean_verify.LAST_STEPS, 20)}")
+    assert report["portable"]["quality"]["top1_agreement"] == 1.0

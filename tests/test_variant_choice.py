@@ -78,8 +78,8 @@ def package(tmp_path, names=FULL, verification=None, extra=()) -> FakeManifest:
     return FakeManifest(variants, verification or {})
 
 
-def passed(*names, agreement=0.99) -> dict:
-    return {n: {"quality": {"top1_agreement": agreement}} for n in names}
+def passed(*names, agreement=0.99, ppl=0.002) -> dict:
+    return {n: {"quality": {"top1_agreement": agreement, "perplexity_delta": ppl}} for n in names}
 
 
 def select(manifest, tmp_path, ort, providers="auto", strict=False, static_kv=None, accuracy=None, options=None):
@@ -108,7 +108,8 @@ CASES = {
     "accuracy_level=4, static_kv=False": (dict(accuracy=4, static_kv=False), None, "fused-int8", "portable"),
     "accuracy_level=1": (dict(accuracy=1), passed("static-int8", "fused-int8"), "static", "portable"),
     "int8 twins at the gate": (dict(), passed("static-int8", "fused-int8"), "static-int8", "portable"),
-    "int8 twins below the gate": (dict(), passed("static-int8", "fused-int8", agreement=0.97), "static", "portable"),
+    "int8 twins below the gate": (dict(), passed("static-int8", "fused-int8", agreement=0.94), "static", "portable"),
+    "int8 twins above the perplexity bar": (dict(), passed("static-int8", "fused-int8", ppl=0.02), "static", "portable"),
     "gated, static_kv=False": (dict(static_kv=False), passed("fused-int8"), "fused-int8", "portable"),
 }
 STATIC_PROVIDERS = {"cuda", "cpu"}
@@ -269,3 +270,20 @@ def test_select_session_default_choice_is_the_loaders_default(tmp_path):
     assert select_session(variants, tmp_path, "cpu", ort=FakeOrt([CPU_EP])).variant.name == "static"
     ort = FakeOrt(["OpenVINOExecutionProvider", CPU_EP])
     assert select_session(variants, tmp_path, "openvino", ort=ort).variant.name == "portable"
+
+
+def test_the_quality_gate_needs_agreement_and_perplexity_within_the_bar():
+    """variant_choice.passes_gate: both numbers recorded and within the bar; a record without
+    perplexity (the lean check's short "agreement") or a missing record never passes."""
+    from portable_infer.variant_choice import GATE_AGREEMENT, GATE_PPL_INCREASE, passes_gate
+
+    def rec(agreement, ppl):
+        return {"quality": {"top1_agreement": agreement, "perplexity_delta": ppl}}
+
+    assert passes_gate(rec(GATE_AGREEMENT, GATE_PPL_INCREASE))
+    assert passes_gate(rec(123 / 128, -0.0003))  # SmolLM2's int8 twins at export
+    assert not passes_gate(rec(GATE_AGREEMENT - 1e-6, 0.0))
+    assert not passes_gate(rec(1.0, GATE_PPL_INCREASE + 1e-6))
+    assert not passes_gate({"quality": {"top1_agreement": 1.0}})
+    assert not passes_gate({"agreement": {"top1_agreement": 1.0, "top1_agree_steps": "32/32"}})
+    assert not passes_gate({})
