@@ -1,15 +1,17 @@
-"""One request inside the continuous-batching scheduler: its state, and the rule for each token.
+"""One request inside the continuous-batching scheduler: its state, and its tokens turned into text.
 
-Every token of a scheduled request goes through :meth:`Request.take_token`::
+Every token of a scheduled request is picked by its :class:`~portable_infer.sequence.Sequence`
+(the per-token rule ``BatchDecoder`` uses too) inside the running batch, then made a
+:class:`~portable_infer.streaming.Response` here::
 
     logits ─ Sequence.step (penalties, logit bias, grammar mask, sampler, logprobs,
-             │              stop id / grammar complete / max_new_tokens / context)
-             └─ detokenize + stop strings ─> Response
-
-:class:`~portable_infer.sequence.Sequence` is the per-token rule ``BatchDecoder`` uses too.
+             │              stop id / grammar complete / max_new_tokens / context)   running_batch.py
+             └─ Pick ─ Request.emit: detokenize + stop strings, timings ─> Response   (the loop)
 
 What fails in there (NaN logits, a grammar error, a detokenizer error) belongs to this request alone: the
-scheduler ends it with that error and the other rows of its step go on.
+scheduler ends it with that error and the other rows of its step go on. The planner
+(:mod:`portable_infer.scheduler_plan`) reads a request through its ``id``, ``state``,
+``prompt_len``, ``max_new_tokens``, ``blocks`` and prefill progress.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .handle import RequestHandle, RequestStats
 from .sampling import SamplingParams
-from .sequence import Sequence
+from .sequence import Pick, Sequence
 from .streaming import Response, TextStream
 
 
@@ -37,8 +37,7 @@ class Request:
     handle: RequestHandle = None
     seq: Sequence = None  # its sampling state and output
     state: str = "waiting"  # waiting | prefilling | running | done
-    cache: object = None  # its own batch-1 cache while prefilling
-    prefilled: int = 0
+    prefilled: int = 0  # prompt tokens whose KV is computed (or taken from the prefix cache)
     prefix_checked: bool = False  # looked up in the prefix cache
     alone: bool = False  # prefilled by itself (a grouped prefill with it failed)
     short_prefix: int = 0  # cached prefix tokens left unused unless it is prefilled alone
@@ -53,13 +52,19 @@ class Request:
         """The token ids generated so far."""
         return self.seq.output
 
-    def take_token(self, logits: np.ndarray | None, tok: int | None, max_context: int,
-                   mask: np.ndarray | None = None) -> Response:
-        """Pick the next token from ``logits`` (``tok``: already picked on the device, plain
-        greedy rows; ``mask``: its grammar bitmask from the step's batched fill), record it, and
-        return its :class:`Response` (``finish_reason`` set when a stop rule ends the request)."""
-        pick = self.seq.step(logits, tok, mask, max_context=max_context)
-        tok, reason, lp, top = pick.token, pick.finish_reason, pick.logprob, pick.top_logprobs
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    def emit(self, pick: Pick) -> Response:
+        """The :class:`Response` for the token ``pick`` (already recorded by ``seq.step``): its
+        text through the detokenizer and stop strings (``finish_reason`` "stop" on a stop string),
+        and the request's timings."""
+        tok, reason = pick.token, pick.finish_reason
         piece, hit = self.text.push(tok)
         if hit:
             reason = "stop"
@@ -72,7 +77,7 @@ class Request:
             self.gaps.append(now - self.last_token)
         self.last_token = now
         decode_s = now - self.first_token
-        return Response(piece, tok, reason, lp, top, prompt_tokens=len(self.prompt),
+        return Response(piece, tok, reason, pick.logprob, pick.top_logprobs, prompt_tokens=len(self.prompt),
                         generation_tokens=len(self.output), ttft_s=self.first_token - self.submitted,
                         decode_tokens_per_s=(len(self.output) - 1) / decode_s if decode_s > 0 else 0.0)
 

@@ -14,20 +14,23 @@
                   v
                 row sliced out, slot and blocks given back
 
-One background thread runs the steps; ``submit`` and ``RequestHandle.cancel`` may be called from
-any thread. Each step: drop finished rows, run one prefill chunk (a request whose prompt is done
-samples its first token and merges into the batch), then one decode forward for the batch and
-one token per row. Padding is exact (positions are ``cumsum(mask) - 1``), so greedy outputs
-equal single-request runs.
+In three parts, along vLLM v1's seams: the planner (``scheduler_plan.py``) turns the queues and
+budgets into a plain-data :class:`~portable_infer.scheduler_plan.StepPlan` and calls no model;
+the running batch (``running_batch.py``) owns the KV cache and mask and runs the forwards; this
+loop asks for a plan, hands it to the batch, and turns what each row produced into text and
+handle pieces. The queues, slots and blocks shared with ``submit`` and ``cancel`` (any thread)
+are ``scheduler_queues.py``; the counters ``scheduler_meter.py``.
+
+One background thread runs the steps. Each step: finished rows leave, waiting prompts start
+from cached prefixes, one prefill forward (a request whose prompt is done samples its first
+token and joins the batch), then one decode forward for the batch and one token per row.
+Padding is exact (positions are ``cumsum(mask) - 1``), so greedy outputs equal single-request
+runs.
 
 Requests are isolated: what fails for one row (its sampling — NaN logits —, its detokenizer)
 ends that request with the error and leaves the others in its decode step or prefill group
-running; a grouped prefill whose forward fails is retried one request at a time, so only the
-request that fails alone is failed. Only a failure of a shared decode forward ends every row.
-
-Where things are: this module keeps the queues, admission and the loop; the prefill half is
-``scheduler_prefill.py``, the decode half ``scheduler_decode.py`` (both mixed into
-:class:`Scheduler`), the rule for each token ``request.py``, the counters ``scheduler_meter.py``.
+running; a grouped prefill that fails is retried one request at a time, so only the request
+that fails alone is failed. Only a failure of a shared decode forward ends every row.
 
 Example::
 
@@ -38,32 +41,34 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
 import time
-from collections import deque
 
 from . import kvblocks
-from .errors import CapacityError, ContextLengthError, GenerationError, InvalidArgumentError, PortableInferError
+from .errors import ContextLengthError, InvalidArgumentError, PortableInferError
 from .generate import check_prompt
 from .handle import RequestHandle
 from .prefix_cache import PrefixCache
 from .prompts import token_ids
 from .request import Request
+from .running_batch import RunningBatch
 from .sampling import SamplingParams
-from .scheduler_config import DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats
-from .scheduler_decode import DecodeSteps
+from .scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
+    DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats,
+)
 from .scheduler_meter import Meter
-from .scheduler_prefill import PrefillSteps
+from .scheduler_plan import Planner, StepPlan
+from .scheduler_queues import RequestQueues
 from .sequence import Sequence
-from .streaming import Response, TextStream
+from .streaming import TextStream
 
 logger = logging.getLogger(__name__)
 
 
-
-class Scheduler(PrefillSteps, DecodeSteps):
+class Scheduler:
     """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
 
     Args:
@@ -73,41 +78,33 @@ class Scheduler(PrefillSteps, DecodeSteps):
     """
 
     def __init__(self, model, config: SchedulerConfig = SchedulerConfig(), *, observer=None):
-        kv = model.engine.variant.kv
+        engine = model.engine
+        kv = engine.variant.kv
         if kv.growth not in ("concat", "static") or kv.layout != "BHSD":
             raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation or "
                                        f"lives in fixed buffers, in BHSD layout; this one is {kv.growth}/"
                                        f"{kv.layout}: re-export the package")
         self.model = model
-        self.engine = model.engine
         self.config = config
-        self.meter = Meter(observer)  # counters: changed under self._lock
+        self.meter = Meter(observer)  # counters: changed under the queues' lock
         self.max_context = model.max_context
         self._eos = frozenset(model.manifest.tokenizer.eos_token_ids)
-        self._token_bytes = kvblocks.bytes_per_token(kv)
-        budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // self._token_bytes
+        budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // \
+            kvblocks.bytes_per_token(kv)
         self.pool = kvblocks.BlockPool(budget // config.block_size, config.block_size)
         self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
+        prefix_min = config.prefix_min_tokens
+        if prefix_min is None:
+            prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
         # Rows that finish stay in a static (fixed-buffer) batch off the CPU, masked, until half
         # the batch has finished or a request joins: moving the KV of the rest into a smaller
         # batch is a host round trip there, and each new batch size captures a new CUDA graph;
         # an idle row costs a GPU step next to nothing. On the CPU a row's compute is not free.
-        self._defer_leave = kv.growth == "static" and self.engine.device != "cpu"
-        self._prefix_min = config.prefix_min_tokens
-        if self._prefix_min is None:
-            self._prefix_min = 0 if self.engine.device == "cpu" else config.prefill_chunk
+        self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,
+                               self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu")
+        self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
+        self.batch = RunningBatch(engine, self.prefixes, self.max_context)  # loop thread only
         self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._waiting: deque = deque()
-        self._prefilling: deque = deque()
-        self._active = 0  # admitted and not done (prefilling + running)
-        self._closing = False
-        # the batch: touched by the loop thread only
-        self._rows: list = []
-        self._cache = None
-        self._mask = None
-        self._pending = None
         self._thread = threading.Thread(target=self._loop, name="portable-infer-scheduler", daemon=True)
         self._thread.start()
 
@@ -143,62 +140,52 @@ class Scheduler(PrefillSteps, DecodeSteps):
                        guide=self.model.guide if params.constraint is not None else None)
         r = Request(f"req-{next(self._ids)}", ids, params, blocks, TextStream(self.model.tokenizer, params.stop),
                     seq=seq, submitted=time.perf_counter())
-        r.handle = RequestHandle(r.id, len(ids), self._cancel_request, r)
-        with self._lock:
-            if self._closing or not self._thread.is_alive():
+        r.handle = RequestHandle(r.id, len(ids), self.queues.cancel, r)
+        with self.queues.lock:
+            if self.queues.closing or not self._thread.is_alive():
                 raise PortableInferError("the scheduler is closed; create a new one")
-            self._waiting.append(r)
-            self._admit()
-            if len(self._waiting) > self.config.max_waiting:
-                self._waiting.pop()
-                self.meter.count("requests_rejected")
-                retry = self.meter.retry_after(len(self._waiting), self.config.max_batch)
-                raise CapacityError(f"the server is at capacity ({self._active} running, {len(self._waiting)} "
-                                    f"waiting); retry later", retry_after=retry)
-            self._wake.notify_all()
+            self.queues.push(r)
         return r.handle
 
     def stats(self) -> SchedulerStats:
         """A consistent snapshot of occupancy, KV blocks, counters and recent request timings."""
-        with self._lock:
-            running = sum(1 for r in self._rows if r.state == "running")
-            cache = self._cache
+        q = self.queues
+        with q.lock:
+            running = sum(1 for r in self.batch.rows if r.state == "running")
             return SchedulerStats(
-                running=running, prefilling=self._active - running, waiting=len(self._waiting),
+                running=running, prefilling=q.active - running, waiting=len(q.waiting),
                 max_batch=self.config.max_batch, max_waiting=self.config.max_waiting,
                 blocks_used=self.pool.used, blocks_total=self.pool.total, block_size=self.pool.block_size,
-                kv_bytes=cache.nbytes() if cache is not None else 0,
-                tokens_per_s=self.meter.tokens_per_s(), recent=tuple(self.meter.recent),
+                kv_bytes=self.batch.nbytes(), tokens_per_s=self.meter.tokens_per_s(), recent=tuple(self.meter.recent),
                 prefix_cache_hits=self.prefixes.hits, prefix_cache_tokens=self.prefixes.tokens_reused,
                 prefix_cache_bytes=self.prefixes.nbytes, **self.meter.counters)
 
     def has_capacity(self) -> bool:
         """Whether a new request would be accepted now (running, or queued behind the batch)."""
-        with self._lock:
-            alive = self._thread.is_alive() and not self._closing
-            slot = not self._waiting and self._active < self.config.max_batch
-            return alive and (slot or len(self._waiting) < self.config.max_waiting)
+        q = self.queues
+        with q.lock:
+            alive = self._thread.is_alive() and not q.closing
+            slot = not q.waiting and q.active < self.config.max_batch
+            return alive and (slot or len(q.waiting) < self.config.max_waiting)
 
     def add_observer(self, observer: SchedulerObserver) -> None:
         """Also call ``observer``'s hooks (e.g. the server's metrics)."""
-        with self._lock:
+        with self.queues.lock:
             self.meter.observers = [*self.meter.observers, observer]  # a new list: readers iterate the old one
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closing
+        return self._thread.is_alive() and not self.queues.closing
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the step loop; requests still queued or running end with an error."""
-        with self._lock:
-            self._closing = True
-            self._wake.notify_all()
+        with self.queues.lock:
+            self.queues.closing = True
+            self.queues.wake.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        with self._lock:
-            left = list(self._waiting) + list(self._prefilling) + [r for r in self._rows if r.state != "done"]
-        for r in left:
-            self._fail(r, PortableInferError("the scheduler was closed before this request finished"))
+        for r in self.queues.unfinished(self.batch.rows):
+            self.queues.fail(r, PortableInferError("the scheduler was closed before this request finished"))
 
     def __enter__(self):
         return self
@@ -206,99 +193,122 @@ class Scheduler(PrefillSteps, DecodeSteps):
     def __exit__(self, *exc):
         self.close()
 
-    # --- bookkeeping (under the lock) -----------------------------------------------------------
-    def _admit(self) -> None:
-        while self._waiting and self._active < self.config.max_batch and not self._closing:
-            r = self._waiting[0]
-            if not self.pool.try_reserve(r.blocks):
-                break  # FIFO: a big request at the head is not overtaken (no starvation)
-            self._waiting.popleft()
-            r.state, r.admitted = "prefilling", time.perf_counter()
-            self._active += 1
-            self._prefilling.append(r)
+    @property
+    def engine(self):
+        """The engine the running batch runs (settable: tests wrap it to record or pace forwards)."""
+        return self.batch.engine
 
-    def _release(self, r: Request) -> bool:
-        """Mark ``r`` done and give back its slot and blocks; False if it already was."""
-        if r.state == "done":
-            return False
-        if r.state == "waiting":
-            self._waiting.remove(r)
-        else:
-            self._active -= 1
-            self.pool.release(r.blocks)
-        r.state = "done"
-        self._admit()
-        self._wake.notify_all()
-        return True
+    @engine.setter
+    def engine(self, engine) -> None:
+        self.batch.engine = engine
 
-    def _cancel_request(self, r: Request) -> None:
-        with self._lock:
-            if not self._release(r):
-                return
-            self.meter.count("requests_cancelled")
-        self._record(r, "cancelled")
-        r.handle._put(Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=len(r.output)))
+    # test seams: what the tests read or force of the batch and the plan
+    _rows = property(lambda self: self.batch.rows)
+    _cache = property(lambda self: self.batch.cache)
+    _prefix_min = property(lambda self: self.planner.prefix_min)
 
-    def _fail(self, r: Request, exc: Exception) -> None:
-        with self._lock:
-            if not self._release(r):
-                return
-            self.meter.count("requests_failed")
-        self._record(r, "error")
-        if not isinstance(exc, PortableInferError):  # readers catch one hierarchy (the server's error events)
-            typed = GenerationError(f"request {r.id} failed: {type(exc).__name__}: {exc}", reason="internal")
-            typed.__cause__ = exc
-            exc = typed
-        r.handle._put(exc)
+    @property
+    def _defer_leave(self) -> bool:
+        return self.planner.defer_leave
 
-    def _fail_row(self, r: Request, exc: Exception) -> None:
-        """``r``'s own failure (its sampling, its text): it ends with ``exc``, its step goes on."""
-        logger.warning("request %s failed: %s: %s", r.id, type(exc).__name__, exc,
-                       exc_info=not isinstance(exc, PortableInferError))
-        self._fail(r, exc)
-
-    def _record(self, r: Request, reason: str) -> None:
-        s = r.stats(reason)
-        r.handle.stats = s
-        with self._lock:
-            self.meter.recent.append(s)
-        self.meter.finished(s)
+    @_defer_leave.setter
+    def _defer_leave(self, on: bool) -> None:
+        self.planner = self.queues.planner = dataclasses.replace(self.planner, defer_leave=on)
 
     # --- the step loop (scheduler thread) -------------------------------------------------------
     def _loop(self) -> None:
+        q = self.queues
         while True:
-            with self._lock:
-                while not (self._closing or self._prefilling or self._rows):
-                    self._wake.wait()
-                if self._closing:
+            with q.lock:
+                while not (q.closing or q.prefilling or self.batch.rows):
+                    q.wake.wait()
+                if q.closing:
                     return
-                fresh = [r for r in self._prefilling if not r.prefix_checked]
-            self._reuse_prefixes(fresh)
-            with self._lock:
-                head = self._prefilling[0] if self._prefilling else None
-                group = self._prefill_group_candidates()
-            if len(group) > 1:
+                plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
+                q.apply(plan)
+                named = {r.id: r for r in q.prefilling}
+            self._step(plan, named)
+
+    def _step(self, plan: StepPlan, named: dict) -> None:
+        """Run ``plan`` (``named``: its prefilling requests by id) through the running batch."""
+        batch = self.batch
+        batch.forget(plan.drop)
+        if plan.leave:
+            try:
+                batch.leave(plan.leave)
+            except Exception as exc:  # noqa: BLE001 - the batch's KV is in doubt: every row ends
+                self._fail_batch("rows leaving the batch failed", exc)
+        for s in plan.from_prefix:
+            r = named[s.request]
+            try:
+                batch.start_from_prefix(r, s.tokens, s.capacity)
+                r.prefilled, r.short_prefix = s.tokens, 0
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                self._fail_prefill([r], exc)
+        step = plan.prefill
+        if step is not None:
+            rows = [named[s.request] for s in step.slices]
+            if step.grouped:
                 try:
-                    self._prefill_group(group)
+                    self._prefill_group(rows, step)
                 except Exception as exc:  # noqa: BLE001
-                    logger.exception("prefill of %d requests failed", len(group))
-                    for r in group:
-                        self._fail(r, exc)
-                        self._pop_prefilling(r, anywhere=True)
-            elif head is not None:
+                    self._fail_prefill(rows, exc)
+            elif rows[0].state == "done":  # cancelled while it waited for its turn
+                self._fail_prefill(rows, None)
+            else:
                 try:
-                    if head.short_prefix and head.state != "done":  # alone after all: its prefix saves work now
-                        self._start_from_prefix(head)
-                    self._prefill_chunk(head)
+                    self._prefill_chunk(rows[0], step)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-                    logger.exception("prefill of %s failed", head.id)
-                    self._fail(head, exc)
-                    self._pop_prefilling(head)
-            if self._rows:
-                try:
-                    self._decode()
-                except Exception as exc:  # noqa: BLE001
-                    logger.exception("decode step failed; failing the %d running requests", len(self._rows))
-                    for r in self._rows:
-                        self._fail(r, exc)
-                    self._rows, self._cache, self._mask, self._pending = [], None, None, None
+                    self._fail_prefill(rows, exc)
+        if plan.decode and batch.rows:
+            try:
+                self.queues.deliver(batch.decode())
+            except Exception as exc:  # noqa: BLE001
+                self._fail_batch("decode step failed", exc)
+
+    def _prefill_group(self, rows: list, step) -> None:
+        """Several whole prompts in one forward; if it fails, each is prefilled alone later."""
+        try:
+            done = self.batch.prefill(rows, step)
+        except Exception:  # noqa: BLE001 - maybe one request's doing: each is prefilled alone next
+            logger.warning("prefill of %d requests together failed; prefilling them one at a time", len(rows),
+                           exc_info=True)
+            for r in rows:
+                r.alone = True
+            return
+        self._prefilled(rows, step, done)
+
+    def _prefill_chunk(self, r: Request, step) -> None:
+        done = self.batch.prefill([r], step)
+        r.prefilled = step.slices[0].end
+        if done is None:
+            with self.queues.lock:
+                self.meter.count("prompt_tokens", step.tokens)
+            return
+        self._prefilled([r], step, done)
+
+    def _prefilled(self, rows: list, step, done) -> None:
+        """Prompts done: out of the prefilling queue, first tokens out, rows into the batch."""
+        with self.queues.lock:
+            self.queues.leave_prefilling(rows)
+            for r in rows:
+                r.prefilled = len(r.prompt)
+            self.meter.count("prompt_tokens", step.tokens)
+        self.queues.deliver(done.results)
+        self.batch.join(done)
+
+    def _fail_prefill(self, rows: list, exc: Exception | None) -> None:
+        """``rows`` leave the prefilling queue, failed with ``exc`` (None: they had ended)."""
+        if exc is not None:
+            logger.error("prefill of %s failed", ", ".join(r.id for r in rows), exc_info=exc)
+            for r in rows:
+                self.queues.fail(r, exc)
+        with self.queues.lock:
+            self.queues.leave_prefilling(rows)
+        self.batch.forget([r.id for r in rows])
+
+    def _fail_batch(self, what: str, exc: Exception) -> None:
+        logger.exception("%s; failing the %d running requests", what, len(self.batch.rows))
+        for r in self.batch.rows:
+            self.queues.fail(r, exc)
+        self.batch.reset()

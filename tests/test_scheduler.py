@@ -238,7 +238,7 @@ def test_waiting_prompts_are_prefilled_together_and_equal_single_runs(fused):
     with Scheduler(fused, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
         sched.engine = EngineSpy(sched.engine, lambda *_: gate.wait(TIMEOUT_S))  # until all are submitted
         real = sched._prefill_group
-        sched._prefill_group = lambda group: (groups.append(len(group)), real(group))
+        sched._prefill_group = lambda group, step: (groups.append(len(group)), real(group, step))
         handles = [sched.submit(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
         wait_for(lambda: sched.stats().prefilling + sched.stats().running == len(prompts), "admission")
         gate.set()
