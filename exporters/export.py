@@ -19,49 +19,30 @@ import onnx
 
 from portable_infer._version import __version__
 from portable_infer import manifest as mf
-from portable_infer.errors import ExportError, InvalidArgumentError
+from portable_infer.errors import ExportError
 
-from .architectures import MODEL_TYPES, family_for
-from .architectures.common import check_shapes
 from .decoder import DecoderBuilder
+from .export_plan import Q4_VARIANTS, ExportPlan, check_options, plan_export
 from .fused import FusedDecoderBuilder
 from .static import StaticDecoderBuilder
 from .graph import ExternalDataWriter, GraphBuilder
 from .int4_fit import FitCache
+from .shared_weights import SharedWeights
 from .sources import open_source, source_sha256, tokenizer_assets
-from .weights import PRECISION_BITS, WeightStore
+from .weights import WeightStore
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = tuple(PRECISION_BITS)
 PORTABLE_OPSET = 21  # blocked DequantizeLinear (int4/int8 weights) needs opset 21
 PORTABLE_FILE = "model.onnx"
 FUSED_FILE = "model.fused.onnx"
 FUSED_OPSET = 21
-# MatMulNBits accuracy levels of the fused graph: 1 keeps activations float, 4 quantizes them to
-# int8 per block of 32 (about 2x faster kernels on CPU: benchmarks/graph_step.py --matmulnbits).
-# Int4 packages carry both: fused/static at 1 and their "-int8" twins at 4, sharing one copy of
-# the weights. The lm_head runs at 4 in both, with its top 16 recomputed in float.
-DEFAULT_NBITS_ACCURACY = 1
-DEFAULT_HEAD_ACCURACY = 4
-# fused-int8 / static-int8: the fused / static graph with its 4-bit layers at accuracy 4. Dropped
-# below verify.INT8_MIN_AGREEMENT (broken); the runtime prefers them only where verification
-# measured 98 % agreement or more (SmolLM2: 123/128 on the gate's text, 97.1 % over six others:
-# opt-in there); static: fixed KV buffers written in place.
-# fused-q4 / static-q4: ONNX Runtime's fastest CPU form (one MatMulNBits per linear, int8
-# activations, uint8 zero points, block 32): layers fitted into integer zero points
-# (exporters/int4_fit.py: Q4_0 exact at 4 bits, Q4_1 within ~d/32 at 8 bits, float sources at 4
-# bits by an error-minimising search), so no correction rows; their own weight copy. Quality
-# floors and records as for the -int8 twins.
-VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8", "fused-q4", "static-q4")
-Q4_VARIANTS = ("fused-q4", "static-q4")
-INT8_VARIANTS = ("fused-int8", "static-int8", *Q4_VARIANTS)  # only where layers are 4-bit, float activations
-STATIC_VARIANTS = ("static", "static-int8", "static-q4")  # only for rotary models without sliding windows
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in Q4_VARIANTS)  # -q4: on request (--variants)
+# The variant names, precisions and routes, and the checks of the options against each other and
+# the source, are in export_plan.py (plan_export); this module writes the plan.
 STATIC_FILE = "model.static.onnx"
 FUSED_INT8_FILE = "model.fused-int8.onnx"
 STATIC_INT8_FILE = "model.static-int8.onnx"
-INT8_ACCURACY = 4
+INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
 Q4_HEAD = "int8"  # the -q4 graphs' lm_head form (weights.HEAD_FORMS); measured in docs/benchmarks.md
 # The graphs that share the fused weight file: name -> (file, builder, layer accuracy (None: the
 # export's nbits_accuracy), layers fitted to integer zero points)
@@ -73,7 +54,6 @@ _SHARED = {
     "fused-q4": ("model.fused-q4.onnx", FusedDecoderBuilder, INT8_ACCURACY, True),
     "static-q4": ("model.static-q4.onnx", StaticDecoderBuilder, INT8_ACCURACY, True),
 }
-ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
@@ -125,82 +105,34 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         >>> export("default", "smollm2-int4")  # doctest: +SKIP
     """
     out = Path(out)
-    if precision is not None and precision not in PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
-        raise InvalidArgumentError(f"max_context must be a positive integer, got {max_context!r}")
+    check_options(precision, max_context, activations, route)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
-    if activations not in (None, "fp32", "fp16"):
-        raise InvalidArgumentError(f"activations must be 'fp32' or 'fp16', got {activations!r}")
-    if route not in ROUTES:
-        raise InvalidArgumentError(f"route must be one of {ROUTES}, got {route!r}")
     started = time.perf_counter()
     src = open_source(source, revision=revision)
-    model_type = src.config.get("model_type")
-    if route == "auto":
-        route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
-    precision = precision or ("int4" if src.kind == "gguf" else src.default_precision)  # AWQ/GPTQ: int4
-    four_bit = precision == "int4" and (activations or "fp32") == "fp32"  # CPU MatMulNBits layers
-    defaults = variants is None
-    if defaults:  # int8 twins only where they differ from fused/static (static: checked below)
-        variants = tuple(v for v in DEFAULT_VARIANTS if four_bit or v not in INT8_VARIANTS)
-    variants = tuple(variants)
-    if not variants or set(variants) - set(VARIANTS):
-        raise InvalidArgumentError(f"variants must be a non-empty subset of {VARIANTS}, got {variants!r}")
-    if set(INT8_VARIANTS) & set(variants) and not four_bit:
-        raise InvalidArgumentError(
-            f"the {'/'.join(INT8_VARIANTS)} variants run 4-bit layers with int8 activations on CPU; this "
-            f"export is {precision} with {activations or 'fp32'} activations: use --precision int4 (fp32 "
-            f"activations) or leave them out of --variants")
-    if route == "direct":
-        layout = family_for(model_type).layout(src.config)
-        check_shapes(layout, src)
-        if defaults and not StaticDecoderBuilder.supports(layout):
-            variants = tuple(v for v in variants if v not in STATIC_VARIANTS)
-    else:
-        variants = tuple(v for v in variants if v == "portable") if defaults else variants
-        from . import fallback
+    plan = plan_export(src, precision=precision, variants=variants, route=route, activations=activations,
+                       nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, max_context=max_context)
+    _write_package(plan, src, out, verify=verify, progress=progress)
+    logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, plan.precision, time.perf_counter() - started)
+    return out
 
-        if src.kind == "gguf":
-            raise InvalidArgumentError("the fallback route exports HF folders only, not GGUF files")
-        if "portable" not in variants:
-            raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}")
-        ref_model = fallback.load_model(src.path)
-        fallback_dims = fallback.dims_of(ref_model.config)
 
+def _write_package(plan: ExportPlan, src, out: Path, *, verify: bool, progress: bool) -> None:
+    """Write ``plan`` into a hidden directory beside ``out``, verify it, then rename it to ``out``
+    (nothing is left at ``out`` when any step fails)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        written = []
-        if route == "fallback":
-            proto = fallback.write_portable(tmp, PORTABLE_FILE, ref_model, fallback_dims, precision)
-            written.append(_variant("portable", PORTABLE_FILE, precision, proto, fallback_dims, ("*",)))
-            del ref_model
-        elif "portable" in variants:
-            written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, precision, progress,
-                                        name="portable", providers=("*",), opset=PORTABLE_OPSET,
-                                        activations=activations or "fp32"))
-        fitted = None  # the -q4 graphs' weight fit, recorded in the manifest
-        if route == "direct" and set(VARIANTS[1:]) & set(variants):
-            if set(STATIC_VARIANTS) & set(variants) and not StaticDecoderBuilder.supports(layout):
-                raise InvalidArgumentError(
-                    f"the static variant needs full rotary attention without sliding windows; "
-                    f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead")
-            shared, fitted = _write_shared(tmp, variants, layout, src, precision, progress,
-                                           nbits_accuracy or DEFAULT_NBITS_ACCURACY,
-                                           head_accuracy or DEFAULT_HEAD_ACCURACY, activations or "fp32")
-            written += shared
+        written, dims, fitted = _write_graphs(tmp, plan, src, progress)
         tok = _write_tokenizer(tmp, src)
-        dims = layout.dims if route == "direct" else fallback_dims
-        if max_context:
-            dims = _replace(dims, max_context=min(max_context, dims.max_context))
+        if plan.max_context:
+            dims = _replace(dims, max_context=min(plan.max_context, dims.max_context))
         manifest = mf.Manifest(
             schema_version=mf.SCHEMA_VERSION, exporter_version=__version__,
             source={"kind": src.kind, "path": str(src.path), "sha256": source_sha256(src)},
-            model=dims, precision=precision, variants=tuple(written), tokenizer=tok,
-            generation=mf.GenerationDefaults(),
+            model=dims, precision=plan.precision, variants=tuple(written), tokenizer=tok,
+            generation=plan.generation,
         )
         if verify:  # against transformers when installed, else without torch (lean_verify.py)
             from .lean_verify import verify_export
@@ -216,9 +148,27 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, precision, time.perf_counter() - started)
-    return out
 
+
+def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool) -> tuple[list, object, dict | None]:
+    """The plan's graphs: (their manifest entries, the model's dims, the -q4 weights' fit or None)."""
+    if plan.route == "fallback":
+        from . import fallback
+
+        ref_model = fallback.load_model(src.path)
+        dims = fallback.dims_of(ref_model.config)
+        proto = fallback.write_portable(tmp, PORTABLE_FILE, ref_model, dims, plan.precision)
+        return [_variant("portable", PORTABLE_FILE, plan.precision, proto, dims, ("*",))], dims, None
+    layout, written, fitted = plan.layout, [], None
+    if "portable" in plan.variants:
+        written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, plan.precision, progress,
+                                    name="portable", providers=("*",), opset=PORTABLE_OPSET,
+                                    activations=plan.activations))
+    if plan.shared_variants:
+        shared, fitted = _write_shared(tmp, plan.variants, layout, src, plan.precision, progress,
+                                       plan.nbits_accuracy, plan.head_accuracy, plan.activations)
+        written += shared
+    return written, layout.dims, fitted
 
 def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progress: bool, layers: int,
                   head_accuracy: int, activations: str) -> tuple[list, dict | None]:
@@ -226,7 +176,8 @@ def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progr
     once: the -int8 twins add only their graphs, the -q4 ones their fitted layers), and the -q4
     weights' fit error (None without them)."""
     shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))
-    written, fits = [], FitCache()
+    # each weight converted once: for the exact graphs and their -int8 twins, and for the -q4 ones
+    written, fits, plain = [], FitCache(), SharedWeights()
     try:
         for name, (file, builder, accuracy, fitted) in _SHARED.items():
             if name in variants:
@@ -235,7 +186,7 @@ def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progr
                     providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
                     nbits_accuracy=accuracy or layers, head_accuracy=head_accuracy,
                     activations=activations, int4_fit=fitted, head_form=Q4_HEAD if fitted else "int8-top16",
-                    fit_cache=fits))
+                    shared=fits if fitted else plain))
     finally:
         shared.close()
     return written, (fits.summary() if set(Q4_VARIANTS) & set(variants) else None)
@@ -286,14 +237,14 @@ def _write_graph(tmp: Path, file: str, builder, layout, src, precision: str, pro
                  providers: tuple, opset: int, nbits_accuracy: int | None = None,
                  head_accuracy: int | None = None, writer: ExternalDataWriter | None = None,
                  activations: str = "fp32", int4_fit: bool = False, head_form: str = "int8-top16",
-                 fit_cache: dict | None = None) -> mf.GraphVariant:
+                 shared: SharedWeights | None = None) -> mf.GraphVariant:
     own = writer is None
     writer = writer or ExternalDataWriter(tmp / (file + ".data"))
     try:
         g = GraphBuilder(f"portable_infer_{name}", writer, opset=opset)
         store = WeightStore(g, src, precision, transposed=layout.transposed_weights, nbits_accuracy=nbits_accuracy,
                             head_accuracy=head_accuracy, activations=activations, int4_fit=int4_fit,
-                            head_form=head_form, fit_cache=fit_cache)
+                            head_form=head_form, shared=shared)
         built = builder(layout, store)
         built.build(_progress_bar(progress, layout.dims.num_layers, name))
     finally:

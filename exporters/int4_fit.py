@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .parallel import for_each, row_chunks
 from .quant import BLOCK, Blocks
+from .shared_weights import SharedWeights
 
 # Scale candidates, as multiples of (max - min) / levels: below 1 clips a block's extremes (cheap
 # when they are rare), above 1 slides the grid against the source's so the errors spread. Eight
@@ -40,7 +42,7 @@ from .quant import BLOCK, Blocks
 # the time.
 FIT_SCALES = (0.94, 1.0, 1.02, 1.04, 1.07, 1.1, 1.13, 1.16)
 MEAN_WEIGHT = 1.0  # see the module docstring; measured choice (docs/benchmarks.md, int4 forms)
-_CHUNK = 1 << 12  # blocks per vectorised step: the temporary arrays stay in cache
+_CHUNK = 1 << 12  # blocks per vectorised step (on exporters.parallel's threads): its arrays stay in cache
 
 
 def fit_int4(w: Blocks | np.ndarray, block: int = BLOCK, mean_weight: float | None = None, bits: int = 4) -> Blocks:
@@ -92,9 +94,12 @@ def _fit_values(w: np.ndarray, block: int, mean_weight: float, levels: int) -> B
         raise ValueError(f"input dimension {n} is not a multiple of the block size {block}")
     x = w.reshape(-1, block)
     scale, zero, codes = np.empty(len(x), np.float32), np.empty(len(x), np.uint8), np.empty(x.shape, np.uint8)
-    for a in range(0, len(x), _CHUNK):
-        part = slice(a, a + _CHUNK)
-        scale[part], zero[part], codes[part] = _search(x[part], None, mean_weight, levels)
+
+    def part(blocks: slice) -> None:  # a block per column: the sums over a block are sums of rows
+        scale[blocks], zero[blocks], c = _search(np.ascontiguousarray(x[blocks].T), None, mean_weight, levels)
+        codes[blocks] = c.T
+
+    for_each(part, row_chunks(len(x), 1, _CHUNK))
     nb = n // block
     return Blocks(_kind(levels), codes.reshape(out, n), scale.reshape(out, nb), zero=zero.reshape(out, nb),
                   block=block)
@@ -105,46 +110,77 @@ def _fit_q4_1(w: Blocks, mean_weight: float, levels: int = 15) -> Blocks:
     out, n = w.q.shape
     nb = n // w.block
     q = w.q.reshape(-1, w.block)
-    d, m = w.scale.reshape(-1, 1).astype(np.float32), w.offset.reshape(-1, 1).astype(np.float32)
-    grid = d * np.arange(16, dtype=np.float32) + m  # the exact values the block can hold (fp32, as ggml)
+    d, m = w.scale.reshape(1, -1).astype(np.float32), w.offset.reshape(1, -1).astype(np.float32)
     scale, zero, codes = np.empty(len(q), np.float32), np.empty(len(q), np.uint8), np.empty(q.shape, np.uint8)
-    for a in range(0, len(q), _CHUNK):
-        part = slice(a, a + _CHUNK)
-        rows = np.arange(len(q[part]))[:, None] * 16
-        counts = np.bincount((rows + q[part]).ravel(), minlength=16 * len(rows)).reshape(-1, 16).astype(np.float32)
-        scale[part], zero[part], table = _search(grid[part], counts, mean_weight, levels)
-        codes[part] = np.take_along_axis(table, q[part].astype(np.intp), axis=1)
+
+    def part(blocks: slice) -> None:
+        grid = np.arange(16, dtype=np.float32)[:, None] * d[:, blocks] + m[:, blocks]  # [16, k]: a block's values
+        rows = np.arange(len(q[blocks]))[:, None] * 16
+        counts = np.bincount((rows + q[blocks]).ravel(), minlength=16 * len(rows)).reshape(-1, 16).astype(np.float32)
+        scale[blocks], zero[blocks], table = _search(grid, np.ascontiguousarray(counts.T), mean_weight, levels)
+        codes[blocks] = np.take_along_axis(table.T, q[blocks].astype(np.intp), axis=1)
+
+    for_each(part, row_chunks(len(q), 1, _CHUNK))
     return Blocks(_kind(levels), codes.reshape(out, n), scale.reshape(out, nb), zero=zero.reshape(out, nb),
                   block=w.block)
 
 
+def _rowsum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 of ``a`` [n, k] -> [1, k] (n <= 128), adding in the order numpy's pairwise
+    summation adds a contiguous row of n (eight interleaved partial sums, then a tree, then the
+    rest): the same sums to the bit as ``a.T.sum(1)``, at elementwise speed (numpy reduces a short
+    contiguous axis an element at a time)."""
+    n = len(a)
+    if n < 8:
+        return a.sum(0, keepdims=True)
+    whole = n - n % 8
+    r = a[0:8].copy()
+    for i in range(8, whole, 8):
+        r += a[i:i + 8]
+    out = ((r[0:1] + r[1:2]) + (r[2:3] + r[3:4])) + ((r[4:5] + r[5:6]) + (r[6:7] + r[7:8]))
+    for i in range(whole, n):
+        out += a[i:i + 1]
+    return out
+
+
 def _search(x: np.ndarray, counts: np.ndarray | None, mean_weight: float, levels: int = 15) -> tuple:
-    """Best (scale [k], zero [k], codes [k, n]) for k blocks of values ``x`` [k, n], each value
-    weighted by ``counts`` (None: 1). See the module docstring for the error.
+    """Best (scale [k], zero [k], codes [n, k]) for k blocks of n values ``x`` [n, k] (a block per
+    column: sums over a block are sums of rows), each value weighted by ``counts`` [n, k] (None: 1).
+    See the module docstring for the error.
 
     The range always holds 0 (``s * (c - z)`` with z in 0..15 does), so a block far from zero gets
-    a coarser step; round-to-nearest over that range (scale factor 1, the nearest zero point, no
-    refit) is one of the candidates, so no block ends worse than rounding would leave it. With the
-    codes u = c - z of a candidate fixed, its error for any scale s' follows from three sums::
+    a coarser step. With the codes u = c - z of a candidate fixed, its error for any scale s'
+    follows from three sums::
 
         sum(e²) = s'² Suu - 2 s' Sux + Sxx        sum(e) = s' Su - Sx        (e = s' u - x)
+
+    Every candidate is scored for all k blocks at once; per scale factor the rounded values
+    r = rint(x / s) are shared by its zero points (u = clip(r, -z, levels - z)). The three-sum
+    form cancels in float32 (to ~1e-5 of the error), so the winner is checked at the end against
+    round-to-nearest (``quant.quantize``'s scale and zero point) on the error of the values
+    themselves, in float64: no block ends worse than rounding would leave it.
     """
-    wsum = (lambda a: a.sum(1, keepdims=True)) if counts is None else (lambda a: (a * counts).sum(1, keepdims=True))
-    used = np.ones_like(x, dtype=bool) if counts is None else counts > 0
-    total, sx, sxx = wsum(np.ones_like(x)), wsum(x), wsum(x * x)
-    lo = np.minimum(np.where(used, x, np.inf).min(1, keepdims=True), 0)
-    hi = np.maximum(np.where(used, x, -np.inf).max(1, keepdims=True), 0)
+    wsum = _rowsum if counts is None else (lambda a: _rowsum(a * counts))
+    # sums of whole numbers below 2**24 (codes times counts) are exact in any order: one matmul
+    ones = np.ones((1, len(x)), np.float32)
+    isum = (lambda a: ones @ a) if counts is None else (lambda a: ones @ (a * counts))
+    used = None if counts is None else counts > 0
+    total = np.full((1, x.shape[1]), np.float32(len(x))) if counts is None else _rowsum(counts)
+    sx, sxx = wsum(x), wsum(x * x)
+    lo = np.minimum((x if used is None else np.where(used, x, np.inf)).min(0, keepdims=True), 0)
+    hi = np.maximum((x if used is None else np.where(used, x, -np.inf)).max(0, keepdims=True), 0)
     span = np.maximum(hi - lo, np.float32(1e-30))
-    best = np.full((len(x), 1), np.inf, np.float32)
+    best = np.full((1, x.shape[1]), np.inf, np.float32)
     b_scale, b_step, b_zero = np.ones_like(best), np.ones_like(best), np.zeros_like(best)
+    r, u = np.empty_like(x), np.empty_like(x)
     for f in FIT_SCALES:
         s = span * np.float32(f / levels)
         z0 = np.rint(-lo / s)
-        inv = 1.0 / s
+        np.rint(np.multiply(x, 1.0 / s, out=r), out=r)
         for dz in (0.0, -1.0) if f >= 1.0 else (0.0, -1.0, 1.0):
             z = np.clip(z0 + dz, 0, levels)
-            u = np.clip(np.rint(x * inv) + z, 0, levels) - z
-            suu, sux, su = wsum(u * u), wsum(u * x), wsum(u)
+            np.minimum(np.maximum(r, -z, out=u), levels - z, out=u)  # = clip(r + z, 0, levels) - z
+            suu, sux, su = isum(u * u), wsum(u * x), isum(u)
             s_ls = sux / np.maximum(suu, 1e-30)
             for sc in (s, np.where(s_ls > 0, s_ls, s)):
                 err = sc * sc * suu - 2 * sc * sux + sxx + mean_weight * (sc * su - sx) ** 2 / total
@@ -153,10 +189,27 @@ def _search(x: np.ndarray, counts: np.ndarray | None, mean_weight: float, levels
                 b_scale, b_step = np.where(better, sc, b_scale), np.where(better, s, b_step)
                 b_zero = np.where(better, z, b_zero)
     codes = np.clip(np.rint(x / b_step) + b_zero, 0, levels)  # the winning candidate's codes
-    b_scale, b_zero = b_scale[:, 0], b_zero[:, 0]
-    flat = (hi - lo)[:, 0] <= 1e-30  # all zero: any scale, code = zero point
-    b_scale[flat] = 1.0
-    return b_scale.astype(np.float32), b_zero.astype(np.uint8), codes.astype(np.uint8)
+    flat = (hi - lo) <= 1e-30  # all zero: any scale, code = zero point
+    b_scale = np.where(flat, np.float32(1.0), b_scale)
+    # round-to-nearest as quant.quantize computes it
+    step = (hi - lo) / np.float32(levels)
+    step[step == 0] = 1.0
+    z_rtn = np.clip(np.rint(-lo / step), 0, levels)
+    rtn = np.clip(np.rint(x / step) + z_rtn, 0, levels)
+    worse = _error64(codes, b_zero, b_scale, x, counts, mean_weight) > _error64(rtn, z_rtn, step, x, counts, mean_weight)
+    if worse.any():
+        codes = np.where(worse, rtn, codes)
+        b_scale, b_zero = np.where(worse, step, b_scale), np.where(worse, z_rtn, b_zero)
+    return b_scale[0].astype(np.float32), b_zero[0].astype(np.uint8), codes.astype(np.uint8)
+
+
+def _error64(codes, zero, scale, x, counts, mean_weight: float) -> np.ndarray:
+    """[1, k] sum(e²) + mean_weight * sum(e)² / n per block in float64, e = (codes - zero) * scale - x
+    computed in float32 as ``Blocks.dequantize`` does (weighted by ``counts`` where given)."""
+    e = ((codes - zero) * scale - x).astype(np.float64)
+    if counts is None:
+        return (e * e).sum(0, keepdims=True) + mean_weight * e.sum(0, keepdims=True) ** 2 / len(e)
+    return (e * e * counts).sum(0, keepdims=True) + mean_weight * (e * counts).sum(0, keepdims=True) ** 2 / counts.sum(0, keepdims=True)
 
 
 def fit_error(source: Blocks | np.ndarray, fitted: Blocks) -> dict:
@@ -171,30 +224,17 @@ def fit_error(source: Blocks | np.ndarray, fitted: Blocks) -> dict:
             "mean_abs_rel": float(np.abs(e).mean()) / scale}
 
 
-class FitCache:
+class FitCache(SharedWeights):
     """What the -q4 graphs of one export share: each weight fitted once (the second graph reuses
-    the first one's initializers) and the fit's error over the whole model, for the manifest."""
+    the first one's initializers: ``SharedWeights``) and the fit's error over the whole model, for
+    the manifest."""
 
     def __init__(self):
-        self.emitted: dict = {}  # WeightStore key -> (emitted record, initializers)
+        super().__init__()
         self._n = 0
         self._abs = self._shift = self._value = 0.0
         self._max = self._max_rel = 0.0
         self._bits = {4: 0, 8: 0}  # weights fitted at each width
-
-    def emit(self, store, key: str, name: str, make) -> dict:
-        """``store``'s MatMulNBits record of ``key``: made by ``make()`` the first time, else the
-        first graph's initializers added to this graph (the shared data file holds them once)."""
-        if key in self.emitted:
-            store._stacked.pop(name, None)  # the stacked source matrix is not needed again
-            record, protos = self.emitted[key]
-            store.g.initializers.extend(protos)
-            store._emitted[key] = record
-            return record
-        start = len(store.g.initializers)
-        record = make()
-        self.emitted[key] = (record, store.g.initializers[start:])
-        return record
 
     def add(self, source: Blocks | np.ndarray, fitted: Blocks) -> None:
         """Count one fitted matrix: its error against the source's exact values."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .parallel import for_each, row_chunks
+
 BLOCK = 32
 
 
@@ -135,27 +137,47 @@ def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
     """Round-to-nearest block quantization of a float [out, in] matrix.
 
     int4 is asymmetric (scale and uint8 zero point per block: the CPU MatMulNBits kernel is fast
-    for uint8 zero points), int8 is symmetric.
+    for uint8 zero points), int8 is symmetric. Rows are quantized in chunks on a few threads
+    (``exporters.parallel``): the same values as one pass over the matrix, without its temporaries.
     """
     out, n = w.shape
     if n % block:
         raise ValueError(f"input dimension {n} is not a multiple of the block size {block}")
-    x = w.astype(np.float32).reshape(out, n // block, block)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    nb = n // block
+    q = np.empty((out, n), np.int8 if bits == 8 else np.uint8)
+    scale = np.empty((out, nb), np.float32)
+    zero = np.empty((out, nb), np.uint8) if bits == 4 else None
+
+    def part(rows: slice) -> None:
+        x = np.asarray(w[rows], dtype=np.float32).reshape(-1, nb, block)
+        # per-block min / max along the rows of the transposed copy: elementwise, not a reduction
+        # over each block's 32 values one at a time (numpy's slow case)
+        xt = np.ascontiguousarray(x.reshape(-1, block).T)
+        lo, hi = xt.min(0).reshape(-1, nb), xt.max(0).reshape(-1, nb)
+        if bits == 8:
+            s = np.maximum(hi, -lo) / 127.0  # the largest |x| of the block
+            s[s == 0] = 1.0
+            y = np.divide(x, s[..., None])
+            np.clip(np.rint(y, out=y), -127, 127, out=y)
+        else:
+            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+            s = (hi - lo) / 15.0
+            s[s == 0] = 1.0
+            z = np.clip(np.rint(-lo / s), 0, 15)
+            y = np.divide(x, s[..., None])
+            np.rint(y, out=y)
+            y += z[..., None]
+            np.clip(y, 0, 15, out=y)
+            zero[rows] = z
+        q[rows] = y.reshape(-1, n)
+        scale[rows] = s
+
+    for_each(part, row_chunks(out, n * 4))
     if bits == 8:
-        scale = np.abs(x).max(-1) / 127.0
-        scale[scale == 0] = 1.0
-        q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
-        return Blocks("int8", q.reshape(out, n), scale.astype(np.float32), block=block)
-    if bits == 4:
-        lo = np.minimum(x.min(-1), 0.0)
-        hi = np.maximum(x.max(-1), 0.0)
-        scale = (hi - lo) / 15.0
-        scale[scale == 0] = 1.0
-        zero = np.clip(np.rint(-lo / scale), 0, 15)
-        q = np.clip(np.rint(x / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
-        return Blocks("int4", q.reshape(out, n), scale.astype(np.float32), zero=zero.astype(np.uint8),
-                      block=block)
-    raise ValueError(f"bits must be 4 or 8, got {bits}")
+        return Blocks("int8", q, scale, block=block)
+    return Blocks("int4", q, scale, zero=zero, block=block)
 
 
 def pack_uint4(values: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ Checks, on fresh random token ids each run:
   3. greedy decoding for ``greedy_steps`` tokens, cached ONNX vs the reference;
   4. teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text
      (the quality gate for quantized packages).
+The reference runs once per input (``Reference``, ``QualityReference``): every variant of a package
+is compared with the same results, one ONNX session at a time.
 At fp32 a relative difference above 1e-4 fails the export; a GGUF import fails below 98 %
 agreement with its dequantized reference. The int8-activation graphs (fused-int8, static-int8, and
 fused-q4, static-q4 with their fitted weights) are left out of the package (not failing it)
@@ -15,7 +17,9 @@ below 90 %; the runtime prefers them only at 98 % or more
 
 from __future__ import annotations
 
+import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,19 +158,58 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greedy_steps: int = 16) -> dict:
-    """Checks 1-3 on random ids; returns the report (differences and greedy agreement)."""
+@dataclass(frozen=True)
+class Reference:
+    """What the transformers reference gives for the random inputs of checks 1-3, computed once
+    and compared with every variant (:func:`reference`)."""
+
+    ids: np.ndarray  # [2, length] random ids; row 1 left-padded by ``mask``
+    mask: np.ndarray
+    logits: np.ndarray  # the reference's logits for ``ids`` at every position
+    prompt: np.ndarray  # [1, 8] random ids: the greedy check's prompt
+    greedy: np.ndarray  # [greedy_steps] the reference's greedy continuation (full recompute)
+
+
+@dataclass(frozen=True)
+class QualityReference:
+    """What the reference gives for check 4 (:func:`quality_reference`), computed once."""
+
+    seq: np.ndarray  # [1, prompt + steps] the prompt and the reference's greedy continuation
+    prompt_len: int
+    steps: int
+    text: np.ndarray  # [1, n] the fixed text's ids
+    perplexity: float  # the reference's perplexity on ``text``
+
+
+def reference(model, vocab: int, rng: np.random.Generator, greedy_steps: int = 16) -> Reference:
+    """Draw the random inputs of checks 1-3 and run the reference on them once."""
     length = 12
     ids = rng.integers(0, vocab, (2, length), dtype=np.int64)
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # row 1 is left-padded
-    ref = _reference_logits(model, ids, mask)
+    logits = _reference_logits(model, ids, mask)
+    prompt = rng.integers(0, vocab, (1, 8), dtype=np.int64)
+    seq = prompt.copy()
+    for _ in range(greedy_steps):  # recomputing the full sequence: the reference keeps no cache
+        nxt = _reference_logits(model, seq, np.ones_like(seq))[0, -1].argmax()
+        seq = np.concatenate([seq, [[nxt]]], axis=1)
+    return Reference(ids, mask, logits, prompt, seq[0, prompt.shape[1]:])
+
+
+def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greedy_steps: int = 16,
+            ref: Reference | None = None) -> dict:
+    """Checks 1-3 on random ids; returns the report (differences and greedy agreement).
+
+    ``ref``: the reference's results (:func:`reference`), shared by the variants of one package;
+    None draws the ids from ``rng`` and runs ``model`` on them here."""
+    ref = ref if ref is not None else reference(model, vocab, rng, greedy_steps)
+    ids, mask, length = ref.ids, ref.mask, ref.ids.shape[1]
     full, _ = dec.run(ids, mask, dec.empty_past(2))
     if dec.v.logits == "all":
         real = mask.astype(bool)
-        report = {"full": _diff(full[real], ref[real])}
+        report = {"full": _diff(full[real], ref.logits[real])}
     else:  # last position only
-        report = {"full": _diff(full[:, -1], ref[:, -1])}
+        report = {"full": _diff(full[:, -1], ref.logits[:, -1])}
 
     # prefill all but 4 tokens, then decode them one by one through the cache
     split = length - 4
@@ -176,43 +219,51 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
         logits, past = dec.run(ids[:, t:t + 1], mask[:, :t + 1], past)
         steps.append(logits[:, -1])
     cached = np.stack(steps[:-1], axis=1)
-    report["cached"] = _diff(cached, ref[:, split - 1:length - 1])
+    report["cached"] = _diff(cached, ref.logits[:, split - 1:length - 1])
 
     # greedy: ONNX through the cache vs the reference recomputing the full sequence
-    prompt = rng.integers(0, vocab, (1, 8), dtype=np.int64)
-    seq_ref, seq_onnx = prompt.copy(), prompt.copy()
-    logits, past = dec.run(prompt, np.ones_like(prompt), dec.empty_past(1))
-    for _ in range(greedy_steps):
-        nxt = _reference_logits(model, seq_ref, np.ones_like(seq_ref))[0, -1].argmax()
-        seq_ref = np.concatenate([seq_ref, [[nxt]]], axis=1)
+    seq_onnx = ref.prompt.copy()
+    logits, past = dec.run(ref.prompt, np.ones_like(ref.prompt), dec.empty_past(1))
+    for _ in range(len(ref.greedy)):
         tok = logits[0, -1].argmax()
         seq_onnx = np.concatenate([seq_onnx, [[tok]]], axis=1)
         logits, past = dec.run(np.array([[tok]]), np.ones_like(seq_onnx), past)
-    same = seq_ref[0, 8:] == seq_onnx[0, 8:]
-    report["greedy"] = {"steps": greedy_steps, "identical_prefix": int(np.argmin(same)) if not same.all() else greedy_steps}
+    same = ref.greedy == seq_onnx[0, ref.prompt.shape[1]:]
+    n = len(ref.greedy)
+    report["greedy"] = {"steps": n, "identical_prefix": int(np.argmin(same)) if not same.all() else n}
     return report
 
 
-def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_context: int) -> dict:
-    """Teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text."""
+def quality_reference(model, prompt_ids: list, text_ids: list, max_context: int) -> QualityReference:
+    """The reference's greedy continuation of the prompt (128 steps) and perplexity on the text."""
     torch = require("torch")
     steps = min(AGREEMENT_STEPS, max_context - len(prompt_ids))
-    text_ids = text_ids[:max_context]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=steps, do_sample=False,
                              min_new_tokens=steps, pad_token_id=0)
     seq = out[0].numpy()[None].astype(np.int64)
-    n = len(prompt_ids)
-    ours = all_logits(dec, seq)
-    agree = int((ours[0, n - 1:-1].argmax(-1) == seq[0, n:]).sum())
+    text = np.asarray([text_ids[:max_context]], dtype=np.int64)
+    ppl = float(np.exp(_nll(_reference_logits(model, text, np.ones_like(text)), text)))
+    return QualityReference(seq, len(prompt_ids), steps, text, ppl)
 
-    text = np.asarray([text_ids], dtype=np.int64)
-    ref = _reference_logits(model, text, np.ones_like(text))
-    ours = all_logits(dec, text)
-    nll = lambda lg: float(-np.take_along_axis(_log_softmax(lg[0, :-1]), text[0, 1:, None], -1).mean())  # noqa: E731
-    ppl_ref, ppl = float(np.exp(nll(ref))), float(np.exp(nll(ours)))
+
+def _nll(logits: np.ndarray, text: np.ndarray) -> float:
+    return float(-np.take_along_axis(_log_softmax(logits[0, :-1]), text[0, 1:, None], -1).mean())
+
+
+def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_context: int,
+            ref: QualityReference | None = None) -> dict:
+    """Teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text.
+
+    ``ref``: the reference's results (:func:`quality_reference`), shared by the variants of one
+    package; None runs ``model`` here."""
+    ref = ref if ref is not None else quality_reference(model, prompt_ids, text_ids, max_context)
+    n, steps = ref.prompt_len, ref.steps
+    ours = all_logits(dec, ref.seq)
+    agree = int((ours[0, n - 1:-1].argmax(-1) == ref.seq[0, n:]).sum())
+    ppl = float(np.exp(_nll(all_logits(dec, ref.text), ref.text)))
     return {"top1_agreement": agree / steps, "top1_agree_steps": f"{agree}/{steps}",
-            "perplexity": ppl, "perplexity_reference": ppl_ref, "perplexity_delta": ppl / ppl_ref - 1}
+            "perplexity": ppl, "perplexity_reference": ref.perplexity, "perplexity_delta": ppl / ref.perplexity - 1}
 
 
 def _text_ids(package: Path, manifest: mf.Manifest) -> tuple[list, list]:
@@ -229,42 +280,59 @@ def _text_ids(package: Path, manifest: mf.Manifest) -> tuple[list, list]:
     return fixed.integers(0, vocab, 16).tolist(), fixed.integers(0, vocab, 64).tolist()
 
 
-def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=()) -> dict:
-    """Run every check on every variant; raise VerificationError when a gate fails."""
+def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(),
+                   rng: np.random.Generator | None = None) -> dict:
+    """Run every check on every variant; raise VerificationError when a gate fails.
+
+    The reference runs once per input: the random ids are drawn once (from ``rng``, default a
+    fresh generator) and every variant is compared with the same reference results. One ONNX
+    session at a time (each holds its weights)."""
     model = model if model is not None else load_reference(src)
-    rng = np.random.default_rng()
-    report = {}
+    rng = rng if rng is not None else np.random.default_rng()
+    ref, quality_ref, report = None, None, {}
     for v in manifest.variants:
         if only and v.name not in only:
             continue
+        ref = ref or reference(model, manifest.model.vocab_size, rng)
         dec = decoder(package / v.file, v, manifest)
-        r = compare(model, dec, manifest.model.vocab_size, rng)
-        if v.precision != "fp32" or src.kind == "gguf":
-            prompt, text = _text_ids(package, manifest)
-            r["quality"] = quality(model, dec, prompt, text, manifest.model.max_context)
+        try:
+            r = compare(model, dec, manifest.model.vocab_size, rng, ref=ref)
+            if v.precision != "fp32" or src.kind == "gguf":
+                quality_ref = quality_ref or quality_reference(model, *_text_ids(package, manifest),
+                                                               manifest.model.max_context)
+                r["quality"] = quality(model, dec, [], [], manifest.model.max_context, ref=quality_ref)
+        finally:
+            del dec  # free this session before the next one starts
+            gc.collect()
         report[v.name] = r
         logger.info("verify %s: %s", v.name, r)
-        worst = max(r["full"]["max_rel"], r["cached"]["max_rel"])
-        if v.precision == "fp32" and worst > FP32_REL_TOL:
-            raise VerificationError(
-                f"{v.name} graph differs from the transformers reference: max relative difference "
-                f"{worst:.2e} > {FP32_REL_TOL:.0e} (full {r['full']}, cached {r['cached']}); the export "
-                f"was not written. Report this with the source's config.json, or pass --no-verify to "
-                f"inspect the graph anyway")
-        if v.name in INT8_MIN_AGREEMENT and "quality" in r:
-            q = r["quality"]
-            logger.info("verify %s (int8 activations): top-1 agreement %s, perplexity %+.2f %%", v.name,
-                        q["top1_agree_steps"], 100 * q["perplexity_delta"])
-            if q["top1_agreement"] < INT8_MIN_AGREEMENT[v.name]:
-                r["dropped"] = (f"top-1 agreement {q['top1_agree_steps']} is below the "
-                                f"{INT8_MIN_AGREEMENT[v.name]:.0%} floor for int8 activations")
-            continue
-        floor = MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
-        if floor and "quality" in r and r["quality"]["top1_agreement"] < floor:
-            raise VerificationError(
-                f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "
-                f"teacher-forced steps, below the {floor:.0%} gate; the export was not written")
+        _gate(v, r, src)
     return report
+
+
+def _gate(v: mf.GraphVariant, r: dict, src) -> None:
+    """Raise VerificationError where ``v`` fails its gate; mark an int8-activation variant below
+    its floor as dropped (``r["dropped"]``)."""
+    worst = max(r["full"]["max_rel"], r["cached"]["max_rel"])
+    if v.precision == "fp32" and worst > FP32_REL_TOL:
+        raise VerificationError(
+            f"{v.name} graph differs from the transformers reference: max relative difference "
+            f"{worst:.2e} > {FP32_REL_TOL:.0e} (full {r['full']}, cached {r['cached']}); the export "
+            f"was not written. Report this with the source's config.json, or pass --no-verify to "
+            f"inspect the graph anyway")
+    if v.name in INT8_MIN_AGREEMENT and "quality" in r:
+        q = r["quality"]
+        logger.info("verify %s (int8 activations): top-1 agreement %s, perplexity %+.2f %%", v.name,
+                    q["top1_agree_steps"], 100 * q["perplexity_delta"])
+        if q["top1_agreement"] < INT8_MIN_AGREEMENT[v.name]:
+            r["dropped"] = (f"top-1 agreement {q['top1_agree_steps']} is below the "
+                            f"{INT8_MIN_AGREEMENT[v.name]:.0%} floor for int8 activations")
+        return
+    floor = MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
+    if floor and "quality" in r and r["quality"]["top1_agreement"] < floor:
+        raise VerificationError(
+            f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "
+            f"teacher-forced steps, below the {floor:.0%} gate; the export was not written")
 
 
 def verify_existing(package, reference=None) -> dict:

@@ -8,8 +8,9 @@ becomes an exact correction in the portable graph::
     y = x @ DQ(q, d)  +  blocksum(x) @ m        blocksum(x)[.., b] = sum of x over block b
 
 The fused graphs fold it into the MatMulNBits itself (integer zero points, and the remainder as
-4-bit rows that multiply the block sums: see ``WeightStore._augmented``), except with fp16
-activations, which keep the correction ops.
+4-bit rows that multiply the block sums: see ``weight_ops.WeightOps.augment``), except with fp16
+activations, which keep the correction ops. The initializers and the ops that read them, in either
+form, are written by ``weight_ops.WeightOps``; this module picks the tensor, precision and form.
 
 Each source tensor is written once: the tied embedding and lm_head share initializers.
 """
@@ -21,10 +22,11 @@ import logging
 import numpy as np
 from onnx import TensorProto
 
-from .block_scales import emit_transposed
 from .graph import GraphBuilder
-from .int4_fit import FitCache, fit_int4
+from .int4_fit import fit_int4
 from .quant import BLOCK, Blocks, pack_uint4, quantize
+from .shared_weights import SharedWeights
+from .weight_ops import WeightOps
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ Q4_1_FIT_BITS = 8
 # the reference (66.2 % against 67.1 % of 636 positions, perplexity +41 % against +35 %).
 FLOAT_FIT = False
 GGUF_UINT8_KINDS = ("q4_0", "q4_1", "q8_1")  # unsigned codes of exporters/gguf_blocks.py forms
-AUGMENT_STAGES = 2  # 4-bit stages that carry a Q4_1 block's offset remainder (WeightStore._augmented)
 
 
 class WeightStore:
@@ -51,13 +52,14 @@ class WeightStore:
 
     def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False,
                  nbits_accuracy: int | None = None, head_accuracy: int | None = None, activations: str = "fp32",
-                 int4_fit: bool = False, head_form: str = "int8-top16", fit_cache: FitCache | None = None):
+                 int4_fit: bool = False, head_form: str = "int8-top16", shared: SharedWeights | None = None):
         self.g = g
         self.source = source
         self.precision = precision
         half = precision == "fp16" or activations == "fp16"  # int4/int8 weights may run fp16 activations
         self.dtype = np.float16 if half else np.float32
         self.onnx_dtype = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+        self.ops = WeightOps(g, self.dtype, self.onnx_dtype)  # initializers and the ops over them
         self.transposed = transposed  # GPT-2 Conv1D: source stores [in, out]
         self._emitted: dict[str, dict] = {}
         # Fused variant: block weights go to com.microsoft MatMulNBits with this accuracy level
@@ -72,7 +74,10 @@ class WeightStore:
         # The -q4 variants: 4-bit layers in MatMulNBits' integer form (uint8 zero points, no
         # correction rows), fitted to the source blocks (int4_fit.fit_int4)
         self.int4_fit = int4_fit
-        self.fit_cache = fit_cache if int4_fit else None  # the fit done once per export
+        # MatMulNBits weights emitted once for the graphs of one data file (shared_weights.py);
+        # for the -q4 graphs an int4_fit.FitCache, which also counts the fit's error
+        self.shared = shared
+        self.fit_cache = shared if int4_fit else None
         if head_form not in HEAD_FORMS:
             raise ValueError(f"head_form must be one of {HEAD_FORMS}, got {head_form!r}")
         self.head_form = head_form  # the fused graphs' lm_head (FusedDecoderBuilder.lm_head)
@@ -80,18 +85,28 @@ class WeightStore:
 
     def stack(self, names: list[str], key: str) -> str | None:
         """Register the row-wise stack of [out, in] weights (or of biases) under ``key``, so one
-        matmul computes q/k/v or gate/up; None when their storage formats differ."""
+        matmul computes q/k/v or gate/up; None when their storage formats differ. Where an earlier
+        graph of the shared data file decided it, the parts are read only if this graph needs them
+        (it does not when that graph emitted the stack already)."""
+        known = None if self.shared is None else self.shared.stacks.get(key)
+        if known is None:
+            w = self._concat(names)
+            known = w is not None
+            if self.shared is not None:
+                self.shared.stacks[key] = known
+            if known:
+                self._stacked[key] = w
+        elif known:
+            self._stacked[key] = lambda: self._concat(names)
+        return key if known else None
+
+    def _concat(self, names: list[str]):
         parts = [self._matrix(n) for n in names]
         if all(isinstance(p, Blocks) for p in parts):
-            w = Blocks.concat_rows(parts)
-        elif not any(isinstance(p, Blocks) for p in parts):
-            w = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
-        else:
-            w = None
-        if w is None:
-            return None
-        self._stacked[key] = w
-        return key
+            return Blocks.concat_rows(parts)
+        if not any(isinstance(p, Blocks) for p in parts):
+            return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        return None
 
     # --- small float tensors (norms, biases) --------------------------------------------------
     def vector(self, name: str, dtype=None, add: float = 0.0) -> str:
@@ -104,16 +119,9 @@ class WeightStore:
         """y = x @ W^T (+ b) for the HF weight ``name`` of shape [out, in]."""
         bits = PRECISION_BITS[self.precision] if bits == -1 else bits
         if self.nbits_accuracy is not None and bits is not None:
-            return self._matmul_nbits(x, name, bits, bias, accuracy or self.nbits_accuracy)
-        t = self._emit(name, bits)
-        if t["kind"] == "dense":
-            y = self.g.matmul(x, t["w"])
+            y = self.ops.nbits_matmul(x, self._nbits(name, bits), accuracy or self.nbits_accuracy)
         else:
-            w = self.g.op("DequantizeLinear", [t["q"], t["scale"]] + ([t["zero"]] if t["zero"] else []),
-                          axis=0, block_size=t["block"])
-            y = self.g.matmul(x, w)
-            if t["offset"]:
-                y = self.g.add(y, self.g.matmul(self.block_sums(x, t["in"], t["block"]), t["offset"]))
+            y = self.ops.dequant_matmul(x, self._emit(name, bits))
         if bias is not None:
             y = self.g.add(y, self.vector(bias))
         return y
@@ -127,8 +135,8 @@ class WeightStore:
         key = f"{name}#nbits{bits}"
         if key in self._emitted:
             return self._emitted[key]
-        if self.fit_cache is not None:  # -q4 graphs: fitted once per export
-            return self.fit_cache.emit(self, key, name, lambda: self._emit_nbits(name, bits, key))
+        if self.shared is not None:  # converted (-q4: fitted) once per export
+            return self.shared.emit(self, key, name, lambda: self._emit_nbits(name, bits, key))
         return self._emit_nbits(name, bits, key)
 
     def _emit_nbits(self, name: str, bits: int, key: str) -> dict:
@@ -155,10 +163,10 @@ class WeightStore:
         #     s*(q - z) + m  =  s*(q - default) + [m + s*(default - z)]
         bits_out = 4 if (bits == 4 and w.bits == 4) else 8
         default = 8 if bits_out == 4 else 128
-        q = w.q.astype(np.int16) + (128 if w.q.dtype == np.int8 else 0)  # signed int8 -> uint8
+        q = w.q.view(np.uint8) ^ np.uint8(0x80) if w.q.dtype == np.int8 else w.q  # signed int8 + 128, as uint8
         z = (w.zero.astype(np.float32) if w.zero is not None else 0.0) + (128 if w.q.dtype == np.int8 else 0)
         offset0 = (w.offset if w.offset is not None else 0.0) + w.scale * (default - z)
-        q = q.astype(np.uint8).reshape(n_out, nb, w.block)
+        q = q.astype(np.uint8, copy=False).reshape(n_out, nb, w.block)
         t = {"n_in": n_in, "n_out": n_out, "block": w.block, "default_zp": default, "split": False,
              "offset_rows": None}
         scale = w.scale
@@ -186,7 +194,7 @@ class WeightStore:
             t["zp"] = g.weight(base + ".zp", np.ascontiguousarray(zero, np.uint8))
             offset = w.offset if w.offset is not None else np.zeros_like(offset0)
         if bits_out == 4 and w.offset is not None and self.augment_offsets:
-            q, scale, offset = self._augmented(t, w, q, base)
+            q, scale, offset = self.ops.augment(t, w, q, base)
         t["scale"] = g.weight(base + ".scale", scale.astype(self.dtype))
         if bits_out == 4:
             t.update(bits=4, B=g.weight(base + ".B", pack_uint4(q).reshape(n_out, q.shape[1], w.block // 2)))
@@ -205,72 +213,6 @@ class WeightStore:
         self._emitted[key] = t
         return t
 
-    def _augmented(self, t: dict, w: Blocks, q: np.ndarray, base: str) -> tuple:
-        """Q4_1 in one MatMulNBits: integer zero points, and the remainder of each block's offset as
-        extra input rows that multiply the block sums (4-bit, in blocks of their own)::
-
-            d*q + m = d*(q - z) + r,   z = round(-m/d) in 0..15,   |r| <= d/2 unless z clips
-            r = r1 + r2 + e,           r1 = quant4(r), r2 = quant4(r - r1): |e| ~ range(r) / 900
-            y = MatMulNBits([x, bs, bs], [[q], [r1], [r2]])     bs = blocksum(x), zero-padded
-
-        No correction ops, and the remainders are read as 4-bit values, not as a float matrix.
-        One 4-bit stage alone (range/30 off) flipped a greedy token whose margin was 0.13 on
-        SmolLM2; two stages keep the remainder about as exact as the GGUF's fp16 offsets.
-        """
-        n_out, nb, block = q.shape
-        z = np.clip(np.rint(-w.offset / w.scale), 0, 15)
-        r = (w.offset + w.scale * z).astype(np.float32)
-        width = nb + (-nb) % block  # whole blocks: some providers want K a multiple of the block
-        rest = np.concatenate([r, np.zeros((n_out, width - nb), np.float32)], axis=1)
-        qs, scales, zps = [q], [w.scale], [z.astype(np.uint8)]
-        for _ in range(AUGMENT_STAGES):
-            rq = quantize(rest, 4, block)
-            qs.append(rq.q.reshape(n_out, -1, block))
-            scales.append(rq.scale)
-            zps.append(rq.zero)
-            rest = rest - rq.dequantize()
-        zp = np.concatenate(zps, axis=1)
-        if zp.shape[1] % 2:
-            zp = np.concatenate([zp, np.zeros((n_out, 1), np.uint8)], axis=1)
-        t.update(augment=width, zp=self.g.weight(base + ".zp", pack_uint4(zp)))
-        return np.concatenate(qs, axis=1), np.concatenate(scales, axis=1), np.zeros((n_out, nb), np.float32)
-
-    def _matmul_nbits(self, x: str, name: str, bits: int, bias: str | None, accuracy: int) -> str:
-        """y = MatMulNBits(x, B) (+ blocksum(x) @ offset) (+ b); Q4_1 in the fused form:
-        MatMulNBits([x, x @ S], B with the remainder rows) (see :meth:`_augmented`)."""
-        g, t = self.g, self._nbits(name, bits)
-        zp = [t["zp"]] if t["zp"] and not t["split"] else []
-        k = t["n_in"]
-        if t.get("augment"):
-            sums = self._block_sum_matrix(t["n_in"], t["block"], t["augment"], AUGMENT_STAGES)
-            x = g.concat([x, g.matmul(x, sums)], axis=-1)
-            k += t["augment"] * AUGMENT_STAGES
-        mm = lambda b: g.op("MatMulNBits", [x, b, t["scale"], *zp], domain="com.microsoft", K=k,  # noqa: E731
-                            N=t["n_out"], bits=t["bits"], block_size=t["block"], accuracy_level=accuracy)
-        y = mm(t["B"])
-        if t["split"]:
-            y = g.add(g.mul(y, g.const(16.0, self.dtype)), mm(t["B_lo"]))
-        if t["offset"]:
-            y = g.add(y, g.matmul(self.block_sums(x, t["n_in"], t["block"]), t["offset"]))
-        if bias is not None:
-            y = g.add(y, self.vector(bias))
-        return y
-
-    def _embedding_nbits(self, ids: str, name: str) -> str:
-        """Rows of an 8-bit MatMulNBits table: (B[ids] - zp[ids]) * scale[ids] (+ offset[ids])."""
-        g, t = self.g, self._nbits(name, 8)
-        if t["split"]:  # u = 16 * hi + lo, each gathered as packed nibbles
-            u = g.add(g.mul(self._unpack4(g.gather(t["B"], ids), t), g.const(16, np.uint8)),
-                      self._unpack4(g.gather(t["B_lo"], ids), t))
-        else:
-            u = g.gather(t["B"], ids)
-        q = g.cast(u, self.onnx_dtype)  # [B, S, blocks, block]
-        q = g.sub(q, g.const(t["default_zp"], self.dtype))
-        w = g.mul(q, g.unsqueeze(g.gather(t["scale"], ids), [-1]))
-        if t["offset_rows"]:
-            w = g.add(w, g.unsqueeze(g.gather(t["offset_rows"], ids), [-1]))
-        return g.reshape(w, [0, 0, t["n_in"]])
-
     def refine_top(self, x: str, logits: str, name: str, k: int) -> str:
         """Float logits for the k best candidates of a head computed with int8 activations, so
         greedy picks match float arithmetic (near-ties flip otherwise) for k table rows' work::
@@ -280,32 +222,10 @@ class WeightStore:
         """
         g = self.g
         _, idx = g.op("TopK", [logits, g.const([k])], n_out=2, axis=-1)
-        rows = self._embedding_nbits(g.op("Squeeze", [idx, g.const([1])]), name)
+        ids = g.op("Squeeze", [idx, g.const([1])])
+        rows = self.ops.nbits_rows(ids, self._nbits(name, 8))
         exact = g.matmul(x, g.transpose(rows, [0, 2, 1]))
         return g.op("ScatterElements", [logits, idx, exact], axis=-1)
-
-    def _unpack4(self, packed: str, t: dict) -> str:
-        """[B, S, blocks, block/2] packed bytes -> [B, S, blocks, block] values (low nibble first)."""
-        g = self.g
-        lo = g.op("BitwiseAnd", [packed, g.const(0x0F, np.uint8)])
-        hi = g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT")
-        pairs = g.concat([g.unsqueeze(lo, [-1]), g.unsqueeze(hi, [-1])], axis=-1)
-        return g.reshape(pairs, [0, 0, t["n_in"] // t["block"], t["block"]])
-
-    def _block_sum_matrix(self, n_in: int, block: int, width: int, copies: int) -> str:
-        """[n_in, copies * width] ones/zeros: x @ S = the block sums of x, zero-padded to ``width``,
-        ``copies`` times."""
-        name = f"blocksum.{n_in}x{width}x{copies}"
-        if name not in self._emitted:
-            s = np.zeros((n_in, width), self.dtype)
-            s[np.arange(n_in), np.arange(n_in) // block] = 1
-            self._emitted[name] = self.g.weight(name, np.tile(s, (1, copies)))
-        return self._emitted[name]
-
-    def block_sums(self, x: str, n_in: int, block: int) -> str:
-        #  x [.., in] -> [.., in/block, block] -> ReduceSum(-1) -> [.., in/block]
-        parts = self.g.reshape(x, [0, 0, n_in // block, block])
-        return self.g.reduce_sum(parts, [-1], keepdims=0)
 
     # --- embeddings ---------------------------------------------------------------------------
     def embedding(self, ids: str, name: str, bits: int | None = -1) -> str:
@@ -315,24 +235,9 @@ class WeightStore:
         along axis 1 and dequantized block-wise after the gather.
         """
         bits = PRECISION_BITS[self.precision] if bits == -1 else bits
-        if self.nbits_accuracy is not None and bits is not None:
-            return self._embedding_nbits(ids, name)  # the lm_head's MatMulNBits table: stored once
-        t = self._emit(name, bits, packed4=False, table=True)
-        g = self.g
-        if t["kind"] == "dense":
-            return g.transpose(g.gather(t["w"], ids, axis=1), [1, 2, 0])
-        #  q [in, vocab] --gather--> [in, B, S] -> [nb, block, B, S] ; scale [nb, vocab] -> [nb, 1, B, S]
-        nb = t["in"] // t["block"]
-        bs = g.shape(ids)
-        q = g.reshape(g.cast(g.gather(t["q"], ids, axis=1), self.onnx_dtype),
-                      g.concat([g.const([nb, t["block"]]), bs], axis=0))
-        if t["zero"]:
-            z = g.cast(g.gather(t["zero"], ids, axis=1), self.onnx_dtype)
-            q = g.sub(q, g.unsqueeze(z, [1]))
-        w = g.mul(q, g.unsqueeze(g.gather(t["scale"], ids, axis=1), [1]))
-        if t["offset"]:
-            w = g.add(w, g.unsqueeze(g.gather(t["offset"], ids, axis=1), [1]))
-        return g.transpose(g.reshape(w, g.concat([g.const([t["in"]]), bs], axis=0)), [1, 2, 0])
+        if self.nbits_accuracy is not None and bits is not None:  # the lm_head's MatMulNBits table: stored once
+            return self.ops.nbits_rows(ids, self._nbits(name, 8))
+        return self.ops.dequant_rows(ids, self._emit(name, bits, packed4=False, table=True))
 
     # --- conversion ---------------------------------------------------------------------------
     def _dense(self, w) -> np.ndarray:
@@ -342,7 +247,8 @@ class WeightStore:
         """A source matrix in HF Linear layout [out, in]. GPT-2's Conv1D linears are stored
         [in, out]; its embedding tables (wte, tied to the lm_head, and wpe) are [rows, hidden]."""
         if name in self._stacked:
-            return self._stacked.pop(name)
+            w = self._stacked.pop(name)
+            return w() if callable(w) else w  # a stack an earlier graph decided (see stack)
         w = self.source.get(name)
         if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
             w = w.T
@@ -362,29 +268,10 @@ class WeightStore:
         else:
             if not isinstance(w, Blocks):
                 w = quantize(w, bits)
-            t = self._emit_blocks(name, w, packed4)
+            t = self.ops.emit_blocks(_init_name(name, ""), w, packed4)
         t["in"] = n_in
         self._emitted[name] = t
         return t
-
-    def _emit_blocks(self, name: str, b: Blocks, packed4: bool) -> dict:
-        g, base = self.g, _init_name(name, "")
-        qT = b.q.T
-        zT = None if b.zero is None else b.zero.T
-        four = b.bits == 4 and packed4
-        if four:
-            q = g.packed_weight(base + "q4", pack_uint4(qT), qT.shape, TensorProto.UINT4)
-            z = None if zT is None else g.packed_weight(base + "z4", pack_uint4(zT), zT.shape, TensorProto.UINT4)
-        else:
-            q = g.weight(base + "q8", np.ascontiguousarray(qT))
-            z = None if zT is None else g.weight(base + "z8", np.ascontiguousarray(zT).astype(qT.dtype))
-        return {
-            "kind": b.kind, "block": b.block, "q": q, "zero": z,
-            # GGUF scales / offsets as stored (a byte or an fp16 per block), multiplied in the graph
-            "scale": emit_transposed(g, base + "scale", b.scale, b.scale_parts, self.dtype),
-            "offset": None if b.offset is None else emit_transposed(g, base + "offset", b.offset, b.offset_parts,
-                                                                    self.dtype),
-        }
 
 
 def _init_name(hf_name: str, suffix: str) -> str:

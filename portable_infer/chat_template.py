@@ -105,7 +105,8 @@ class ChatTemplate:
             PackageError: the template failed while rendering (unsafe access, undefined name...).
         """
         _check_messages(messages)
-        context = {**self.special_tokens, **extra,
+        # transformers always defines tools and documents (None when not given); templates test them
+        context = {"tools": None, "documents": None, **self.special_tokens, **extra,
                    "messages": messages, "add_generation_prompt": bool(add_generation_prompt)}
         try:
             return self._template.render(**context)

@@ -211,7 +211,7 @@ def cmd_serve(ns) -> int:
     limits = {name: getattr(ns, name) for name in SERVE_LIMITS if getattr(ns, name) is not None}
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
                               max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
-                              max_body_bytes=ns.max_body_bytes, **limits)
+                              max_body_bytes=ns.max_body_bytes, tool_parser=ns.tool_parser, **limits)
     serve(Scheduler(_load(ns), sched_cfg), server_cfg)
     return 0
 
@@ -279,6 +279,10 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    from .tool_calls import FORMATS
+
+    s.add_argument("--tool-parser", default=None, choices=tuple(FORMATS),
+                   help="the tool-call format of the model's replies (default: read from its chat template)")
     for name, (kind, help_) in SERVE_LIMITS.items():
         flag = "--" + name.removesuffix("_s").replace("_", "-")
         default = _serve_default(name)

@@ -20,11 +20,11 @@ def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = Non
         table entry with key, ort_name, device, status ("picked"/"fallback"/"skipped"), reason
         and install_hint.
     """
-    ort = ort if ort is not None else P._default_ort()
+    ort = ort if ort is not None else P.default_ort()
     version, available = ort.__version__, list(ort.get_available_providers())
     builds = P.installed_builds()
     try:
-        specs, explicit = P._resolve("auto", version)
+        specs, explicit = P.resolve_request("auto", version)
         error = None
     except (ProviderError, InvalidArgumentError) as exc:
         specs, explicit, error = [], True, str(exc)

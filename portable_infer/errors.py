@@ -62,7 +62,13 @@ class InvalidArgumentError(PortableInferError, ValueError):
 
 
 class ContextLengthError(InvalidArgumentError):
-    """A prompt (plus the tokens asked for) does not fit the model's context."""
+    """A prompt (plus the tokens asked for) does not fit the model's context.
+
+    ``param`` is what to lower: ``"prompt"`` (the default: the prompt alone leaves nothing to
+    generate) or ``"max_new_tokens"`` (the prompt fits, the tokens asked for do not)."""
+
+    def __init__(self, message: str = "", *, param: str | None = "prompt"):
+        super().__init__(message, param=param)
 
 
 class GenerationError(PortableInferError):

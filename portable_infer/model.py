@@ -27,6 +27,7 @@ from .manifest import Manifest
 from .prompts import check_messages, check_text, token_ids
 from .sampling import SamplingParams
 from .streaming import Response, TextStream
+from .tool_specs import chat_with_tools, template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Model:
                 f"variant={self.variant}, provider={self.provider})")
 
     # --- tokens ---------------------------------------------------------------------------------
-    def _need_tokenizer(self):
+    def require_tokenizer(self):
+        """The package's tokenizer, or PackageError when it has none (token ids only)."""
         if self.tokenizer is None:
             raise PackageError("this package has no tokenizer.json: pass token ids (generate_ids) "
                                "or re-export from a source that ships tokenizer files")
@@ -88,14 +90,14 @@ class Model:
         check_text(text)
         # encode_batch releases the GIL while it runs, encode does not: a long prompt tokenized on
         # the server's thread pool would otherwise still stall its event loop (same ids either way)
-        return self._need_tokenizer().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.require_tokenizer().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = token_ids(ids, self.manifest.model.vocab_size, "ids")
-        return self._need_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _ids(self, prompt, what: str = "prompt") -> list:
-        """Text (encoded) or token ids (checked) -> a list of token ids."""
+    def as_ids(self, prompt, what: str = "prompt") -> list:
+        """Text (encoded) or token ids (checked) -> a list of token ids; ``what`` names it in errors."""
         if isinstance(prompt, str):
             check_text(prompt, what)
             return self.encode(prompt)
@@ -107,7 +109,7 @@ class Model:
         the tokenizer is built on first use (about a second for a 50k vocabulary)."""
         if self._guide is None:
             tok = self.manifest.tokenizer
-            self._guide = Guide(self._need_tokenizer(), self.manifest.model.vocab_size, tok.eos_token_ids)
+            self._guide = Guide(self.require_tokenizer(), self.manifest.model.vocab_size, tok.eos_token_ids)
         return self._guide
 
     def params(self, **sampling) -> SamplingParams:
@@ -157,7 +159,7 @@ class Model:
         if not prompts:
             raise InvalidArgumentError("prompts is empty: give at least one prompt", param="prompt")
         budget = check_batch_tokens(max_batch_tokens)
-        ids = [check_prompt(self._ids(p, names.format(i)), self.max_context, truncate) for i, p in enumerate(prompts)]
+        ids = [check_prompt(self.as_ids(p, names.format(i)), self.max_context, truncate) for i, p in enumerate(prompts)]
         for rows in plan_batches([len(x) for x in ids], params.max_new_tokens, self.max_context, budget):
             yield rows, self._decoder([ids[i] for i in rows], params, truncate)
 
@@ -166,7 +168,7 @@ class Model:
 
         One pass; token by token through the cache on graphs that return the last position only.
         """
-        ids = check_prompt(self._ids(ids), self.max_context + 1, truncate=False)
+        ids = check_prompt(self.as_ids(ids), self.max_context + 1, truncate=False)
         arr = np.asarray([ids], dtype=np.int64)
         cache = self.engine.new_cache(1, capacity=len(ids))
         if self.engine.variant.logits == "all":
@@ -190,13 +192,14 @@ class Model:
             truncate: keep the prompt's last tokens when it is longer than the context.
             **sampling: :class:`SamplingParams` fields (temperature, top_p, stop, seed, ...).
         """
-        ids = self._ids(prompt)
+        ids = self.as_ids(prompt)
         params = self.params(**sampling)
-        yield from self._stream(ids, params, truncate)
+        yield from self.stream_tokens(ids, params, truncate)
 
-    def _stream(self, ids: list, params: SamplingParams, truncate: bool) -> Iterator[Response]:
+    def stream_tokens(self, ids: list, params: SamplingParams, truncate: bool) -> Iterator[Response]:
+        """:meth:`stream_generate` for checked token ids and built SamplingParams."""
         if params.stop:
-            self._need_tokenizer()  # stop strings are matched on text
+            self.require_tokenizer()  # stop strings are matched on text
         start = time.perf_counter()
         dec = self._decoder([ids], params, truncate)
         text = TextStream(self.tokenizer, params.stop)
@@ -219,25 +222,35 @@ class Model:
 
     def stream_chat(self, messages: list, *, truncate: bool = False, **sampling) -> Iterator[Response]:
         """Like :meth:`stream_generate` for chat messages rendered with the package's template."""
-        yield from self._stream(self._chat_ids(messages), self.params(**sampling), truncate)
+        yield from self.stream_tokens(self.chat_ids(messages), self.params(**sampling), truncate)
 
-    def _chat_ids(self, messages: list) -> list:
-        check_messages(messages)  # an empty conversation, a missing role, invalid text: typed errors
+    def chat_ids(self, messages: list, tools: list | None = None) -> list:
+        """Token ids of ``messages`` rendered with the package's chat template (and ``tools``)."""
+        messages = check_messages(template_messages(messages))  # typed errors; tool calls' arguments as objects
         if self.chat_template is None:
             raise PackageError("this package has no chat template; use generate() with a plain prompt")
-        return self.encode(self.chat_template.render(messages, add_generation_prompt=True), add_special_tokens=False)
+        text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)  # as transformers
+        return self.encode(text, add_special_tokens=False)
 
     # --- text layer -----------------------------------------------------------------------------
     def generate(self, prompt, **kwargs) -> str:
         """The completion of ``prompt`` (a str, or a list of token ids) as text."""
         if not isinstance(prompt, str):
-            self._ids(prompt)  # a wrong type is an InvalidArgumentError before the missing tokenizer
-        self._need_tokenizer()  # without one every piece would be "" (use generate_ids)
+            self.as_ids(prompt)  # a wrong type is an InvalidArgumentError before the missing tokenizer
+        self.require_tokenizer()  # without one every piece would be "" (use generate_ids)
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
-    def chat(self, messages: list, **kwargs) -> str:
-        """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...])."""
-        return "".join(r.text for r in self.stream_chat(messages, **kwargs))
+    def chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None, tool_parser=None,
+             **kwargs):
+        """The assistant's reply to ``messages`` ([{"role": ..., "content": ...}, ...]) as text.
+
+        With ``tools`` (OpenAI's function definitions; ``tool_choice`` "auto", "required", "none" or
+        ``{"type": "function", "function": {"name": ...}}``; ``parallel_tool_calls``; ``tool_parser``
+        to name the call format): a :class:`~portable_infer.tool_specs.ChatMessage` with ``content``
+        and parsed ``tool_calls`` (see docs/serving.md, *Tool calling*)."""
+        if tools is None and tool_choice is None and parallel_tool_calls is None and tool_parser is None:
+            return "".join(r.text for r in self.stream_chat(messages, **kwargs))
+        return chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser, **kwargs)
 
     def batch_generate(self, prompts: list, *, truncate: bool = False, max_batch_tokens: int | None = None,
                        **sampling) -> list:
@@ -248,7 +261,7 @@ class Model:
         8192) KV tokens: rows x min(context, longest prompt + max_new_tokens); a longer prompt
         runs alone. Results equal one-by-one runs (each row has its own seeded generator).
         """
-        self._need_tokenizer()
+        self.require_tokenizer()
         params = self.params(**sampling)
         texts = [""] * len(prompts) if isinstance(prompts, (list, tuple)) else []
         for rows, dec in self._sub_batches(prompts, params, truncate, max_batch_tokens):
@@ -262,3 +275,10 @@ class Model:
             for i, s in zip(rows, streams):
                 texts[i] += s.close()
         return texts
+
+    # The former private names, still called by scheduler.py, server/protocol.py and tool_specs.py
+    # until they switch to the public ones (issue #17); remove with their last caller.
+    _need_tokenizer = require_tokenizer
+    _ids = as_ids
+    _chat_ids = chat_ids
+    _stream = stream_tokens

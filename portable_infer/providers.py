@@ -151,7 +151,8 @@ def _version_tuple(version: str) -> tuple:
     return tuple(int(m.group()) for m in parts if m)
 
 
-def _default_ort():
+def default_ort():
+    """The installed onnxruntime module (imported on first use)."""
     import onnxruntime
 
     return onnxruntime
@@ -185,8 +186,9 @@ def _lookup(name: str, ort_version: str, source: str = "") -> list:
     return sorted(usable, key=lambda s: s.priority)
 
 
-def _resolve(requested: str | Sequence[str], ort_version: str) -> tuple:
-    """(specs, explicit): explicit is False only for auto without the environment override."""
+def resolve_request(requested: str | Sequence[str], ort_version: str) -> tuple:
+    """(specs, explicit) for :func:`resolve`'s ``requested``; explicit is False only for auto
+    without the environment override."""
     names, source = _split(requested), ""
     if names == ["auto"] and os.environ.get(ENV_VAR, "").strip():
         names, source = _split(os.environ[ENV_VAR]), f" (from {ENV_VAR})"
@@ -215,7 +217,7 @@ def resolve(requested: str | Sequence[str] = "auto", ort_version: str | None = N
         >>> [s.key for s in resolve("amd,cpu", "1.22.0")]
         ['rocm_legacy', 'migraphx', 'cpu']
     """
-    return _resolve(requested, ort_version or _default_ort().__version__)[0]
+    return resolve_request(requested, ort_version or default_ort().__version__)[0]
 
 
 @dataclass(frozen=True)
@@ -264,8 +266,8 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
         >>> sel.provider.key, sel.variant.name
         ('cuda', 'static')
     """
-    ort = ort if ort is not None else _default_ort()
-    specs, explicit = _resolve(requested, ort.__version__)
+    ort = ort if ort is not None else default_ort()
+    specs, explicit = resolve_request(requested, ort.__version__)
     overrides = _option_overrides(provider_options, ort.__version__)
     available = list(ort.get_available_providers())
     package_dir = Path(package_dir)
@@ -341,7 +343,7 @@ def _start(ort: Any, spec: ProviderSpec, variant: GraphVariant, path: Path, user
             return make(graph), True
         except Exception as exc:  # noqa: BLE001  (then the plain session says what is wrong, if anything)
             hint = (" (fp32 packages: GroupQueryAttention has no fp32 CUDA kernel; export with --precision "
-                    "fp16 or --activations fp16 for graphs)" if "graph capture" in str(exc) else "")
+                    "fp16 or --activations fp16 for graphs)" if variant.kv.dtype == "float32" else "")
             logger.warning("%s refused graph capture for %s: %s: %s%s; running it without",
                            spec.key, variant.file, type(exc).__name__, exc, hint)
     return make({**spec.default_options, **user}), False

@@ -34,6 +34,9 @@ EXAMPLES = {
     "metadata": {"k": "v"}, "safety_identifier": "s1", "prompt_cache_key": "p1", "role": "system", "content": "x",
     "type": "text", "text": "x", "include_usage": True, "top_logprobs": 0, "logit_bias": {"5": 1.5},
     "response_format": {"type": "json_object"}, ("logprobs", COMPLETIONS): 2, ("logprobs", CHAT): True,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "auto", "parallel_tool_calls": False, "tool_call_id": "call_1",
+    "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
 }
 # one value of each JSON type; "integer" fields also get true and 1.0 (booleans and floats are not ints)
 OF_TYPE = {"string": ["5"], "integer": [5], "number": [1.5], "boolean": [True], "array": [[1]], "object": [{"a": 1}]}
@@ -49,11 +52,13 @@ class FakeModel:
     defaults = SamplingParams(max_new_tokens=16)
     manifest = SimpleNamespace(model=SimpleNamespace(vocab_size=256))
     guide = None  # compiles response_format: a real one over the serving tests' tokenizer (below)
+    chat_template = SimpleNamespace(source="{{ tools }} <tool_call>")  # Hermes' tool-call format
+    tokenizer = None
 
     def encode(self, text):
         return [ord(c) % 256 for c in text]
 
-    def _chat_ids(self, messages):
+    def _chat_ids(self, messages, tools=None):
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
 
 
@@ -81,8 +86,9 @@ def placed(kind: str, endpoint: str, name: str, value) -> tuple:
         return body, name
     if kind == "stream_options":
         return {**base(endpoint), "stream": True, "stream_options": {name: value}}, f"stream_options.{name}"
-    if kind == "message":
-        return {"messages": [{"role": "user", "content": "hi", name: value}]}, f"messages[0].{name}"
+    if kind == "message":  # tool calls are an assistant's, a tool_call_id a tool result's
+        role = {"tool_calls": "assistant", "tool_call_id": "tool"}.get(name, "user")
+        return {"messages": [{"role": role, "content": "hi", name: value}]}, f"messages[0].{name}"
     part = {"type": "text", "text": "hi", name: value}
     return {"messages": [{"role": "user", "content": [part]}]}, f"messages[0].content[0].{name}"
 
@@ -208,11 +214,11 @@ def test_null_means_not_sent():
     (COMPLETIONS, {"logit_bias": {"5": -101}}, "logit_bias", None),  # [-100, 100]
     (COMPLETIONS, {"logit_bias": {"256": 1}}, "logit_bias", None),  # outside the vocabulary
     (CHAT, {"logit_bias": {"x": 1}}, "logit_bias", None),
-    (CHAT, {"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    (CHAT, {"tool_choice": "required"}, "tool_choice", None),  # no tools to call
     (CHAT, {"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     (CHAT, {"function_call": "auto"}, "function_call", "unsupported_parameter"),
-    (CHAT, {"parallel_tool_calls": False}, "parallel_tool_calls", "unsupported_parameter"),
-    (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    (CHAT, {"parallel_tool_calls": 1}, "parallel_tool_calls", "invalid_type"),
+    (CHAT, {"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", None),
     (COMPLETIONS, {"guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
     (COMPLETIONS, {"frobnicate": 1}, "frobnicate", "unknown_parameter"),  # 200 before
     (COMPLETIONS, {"model": 123}, "model", "invalid_type"),  # a 404 before
@@ -257,7 +263,9 @@ def test_prompt_shapes():
 
 @pytest.mark.parametrize("message,param,code", [
     ({"role": "user", "content": "x", "name": "bob"}, "messages[0].name", "unsupported_parameter"),
-    ({"role": "assistant", "content": "x", "tool_calls": []}, "messages[0].tool_calls", "unsupported_parameter"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": "{x"}}]}, "messages[0].tool_calls[0].function.arguments", None),
+    ({"role": "tool", "content": "4"}, "messages[0].tool_call_id", None),
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}, "messages[0].content[0]",
      "unknown_parameter"),
     ({"role": "user", "content": [{"type": "image", "text": "x"}]}, "messages[0].content[0]", "unsupported_parameter"),

@@ -46,6 +46,10 @@ class ServerConfig:
     of its first byte (else 408 and close); a client that reads nothing of its response for
     ``write_timeout_s`` is dropped (its request cancelled).
 
+    ``tool_parser`` names the tool-call format of the model's replies (``hermes``,
+    ``llama3_json``, ``mistral``: :data:`portable_infer.tool_calls.FORMATS`); None reads it from
+    the chat template.
+
     Shutdown (SIGTERM/SIGINT): ``/ready`` turns 503 and new requests get a 503 at once; the
     requests in flight get ``shutdown_timeout_s`` minus a small reserve to finish, then end
     with an OpenAI error (an error event and ``[DONE]`` on streams); the process exits within
@@ -68,6 +72,7 @@ class ServerConfig:
     read_timeout_s: float = 30.0
     write_timeout_s: float = 30.0
     shutdown_timeout_s: float = 30.0
+    tool_parser: str | None = None
 
     def __post_init__(self):
         for name in _COUNTS:
@@ -80,6 +85,10 @@ class ServerConfig:
                 raise InvalidArgumentError(f"{name} must be a finite number of seconds > 0, got {v!r}", param=name)
         if not (isinstance(self.port, int) and 0 <= self.port < 65536):
             raise InvalidArgumentError(f"port must be in [0, 65535], got {self.port!r}", param="port")
+        if self.tool_parser is not None:
+            from ..tool_calls import detect_format
+
+            detect_format(None, self.tool_parser)  # an unknown name: InvalidArgumentError listing the known ones
         if self.api_key is not None and not self.api_key:
             raise InvalidArgumentError("api_key must not be empty; leave it unset to turn authentication off",
                                        param="api_key")

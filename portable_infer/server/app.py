@@ -22,6 +22,7 @@ shutdown ``/ready`` turns 503 and requests in flight finish or end with an error
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -97,6 +98,7 @@ def build_app(scheduler, config) -> FastAPI:
         return await jsonbody.read_request(request, config.max_body_bytes)
 
     generation = Generation(scheduler, config, served, limits, admission, lifecycle, ratelog, read_json)
+    parse_chat = functools.partial(protocol.parse_chat, tool_parser=config.tool_parser)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -106,7 +108,7 @@ def build_app(scheduler, config) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        return await generation(request, protocol.parse_chat, chat=True)
+        return await generation(request, parse_chat, chat=True)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -9,8 +9,8 @@ each content part and ``stream_options`` before it reads them) and walked by
     ignored       type-checked and otherwise without effect, by its definition: an end-user id or
                   labels for OpenAI's own dashboards (``user``, ``metadata``, ``safety_identifier``)
     unsupported   a 400 naming it (code ``unsupported_parameter``), unless it holds a value that asks
-                  for nothing beyond what the server does anyway: ``n: 1``, ``tools: []``,
-                  ``tool_choice: "none"``
+                  for nothing beyond what the server does anyway: ``n: 1``, ``functions: []``,
+                  ``function_call: "none"``
 
 A key in no table is a 400 naming it (``unknown_parameter``), and so is a value of the wrong JSON
 type (``invalid_type``: ``n: true``, ``n: 1.0``, ``max_tokens: "5"``, ``{"model": 123}``; booleans
@@ -29,7 +29,7 @@ ROUTES = {COMPLETIONS: "/v1/completions", CHAT: "/v1/chat/completions"}
 IMPLEMENTED, IGNORED, UNSUPPORTED = "implemented", "ignored", "unsupported"
 ANY = ("string", "integer", "number", "boolean", "array", "object")
 
-TOOLS = "tool and function calling is not supported yet"
+FUNCTIONS = "the deprecated functions / function_call fields are not supported: send tools and tool_choice"
 GUIDED = "vLLM's guided decoding fields are not supported: send response_format (json_schema or json_object)"
 
 
@@ -82,6 +82,10 @@ BODY = (
     _implemented("top_logprobs", INTEGER, (CHAT,)),
     _implemented("logit_bias", ("object",)),
     _implemented("response_format", ("object",), (CHAT,)),  # text | json_object | json_schema
+    # tool calling (tool_specs.py checks the values; server/tools.py)
+    _implemented("tools", ("array",), (CHAT,), items="object"),
+    _implemented("tool_choice", ("string", "object"), (CHAT,)),  # none | auto | required | a named function
+    _implemented("parallel_tool_calls", BOOLEAN, (CHAT,)),
     # no effect by definition
     Field("user", IGNORED, STRING),
     Field("metadata", IGNORED, ("object",), (CHAT,)),
@@ -92,11 +96,8 @@ BODY = (
     _unsupported("best_of", "only best_of=1 is supported", INTEGER, (1,), (COMPLETIONS,)),
     _unsupported("echo", "echo is not supported", BOOLEAN, (False,), (COMPLETIONS,)),
     _unsupported("suffix", "suffix (insertion) is not supported", STRING, ("",), (COMPLETIONS,)),
-    _unsupported("tools", TOOLS, ("array",), ([],), (CHAT,)),
-    _unsupported("tool_choice", TOOLS, ("string", "object"), ("none",), (CHAT,)),
-    _unsupported("functions", TOOLS, ("array",), ([],), (CHAT,)),
-    _unsupported("function_call", TOOLS, ("string", "object"), ("none",), (CHAT,)),
-    _unsupported("parallel_tool_calls", TOOLS, BOOLEAN, (), (CHAT,)),
+    _unsupported("functions", FUNCTIONS, ("array",), ([],), (CHAT,)),
+    _unsupported("function_call", FUNCTIONS, ("string", "object"), ("none",), (CHAT,)),
     _unsupported("modalities", "only text output is supported", ("array",), (["text"],), (CHAT,), "string"),
     _unsupported("audio", "only text output is supported", ("object",), (), (CHAT,)),
     _unsupported("prediction", "predicted outputs are not supported", ("object",), (), (CHAT,)),
@@ -113,7 +114,9 @@ MESSAGE = (  # one element of "messages"
     _implemented("role", STRING),
     _implemented("content", ("string", "array"), items="object"),  # str | text parts: CONTENT_PART
     _unsupported("name", "participant names are not supported; put the name into the content"),
-    *(_unsupported(name, TOOLS) for name in ("tool_calls", "tool_call_id", "function_call")),
+    _implemented("tool_calls", ("array",), items="object"),  # assistant: the calls it made (tool_specs.py)
+    _implemented("tool_call_id", STRING),  # tool: the call its content answers
+    _unsupported("function_call", FUNCTIONS),
     _unsupported("refusal", "refusal messages are not supported"),
     _unsupported("audio", "only text content is supported"),
 )

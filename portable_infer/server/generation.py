@@ -25,6 +25,7 @@ from . import protocol
 from .lifecycle import Lifecycle
 from .logprobs import TokenNames
 from .protocol import APIError, Reply
+from .tools import ToolReplies
 
 
 class Generation:
@@ -61,22 +62,25 @@ class Generation:
             flight.handle = handle = self.submit(parsed)
             names = TokenNames(self.scheduler.model) if parsed.params.logprobs is not None else None
             reply = Reply(chat, self.served, names=names)
+            tools = None if parsed.tools is None else ToolReplies(parsed.tools, self.scheduler.model, parsed.params)
             if parsed.stream:  # the stream ends the flight when it is sent (or abandoned)
-                stream = sse(handle, reply, parsed.include_usage, flight, self.config, self.log)
+                stream = sse(handle, reply, parsed.include_usage, flight, self.config, self.log, tools)
                 response, flight = _FlightStream(stream, self.lifecycle, flight), None
                 return response
-            return await self.complete(request, handle, reply, flight)
+            return await self.complete(request, handle, reply, flight, tools)
         finally:
             if flight is not None:
                 self.lifecycle.done(flight)
 
-    async def complete(self, request: Request, handle, reply: Reply, flight):
+    async def complete(self, request: Request, handle, reply: Reply, flight, tools: ToolReplies | None = None):
         watcher = asyncio.create_task(cancel_on_disconnect(request, handle, self.log))
         try:
             text, last, pieces = [], None, []
             async for r in handle:
                 text.append(r.text)
                 last = r
+                if tools is not None:
+                    tools.push(r)
                 if r.logprob is not None:
                     pieces.append(r)
         except PortableInferError as exc:
@@ -87,6 +91,9 @@ class Generation:
                 handle.cancel()
         if flight.aborted and last.finish_reason == "cancelled":
             raise shutting_down(self.config, unfinished=True)
+        if tools is not None:
+            return reply.full("", tools.finish_reason(last.finish_reason), handle.prompt_tokens,
+                              last.generation_tokens, pieces, message=tools.message())
         return reply.full("".join(text), last.finish_reason, handle.prompt_tokens, last.generation_tokens, pieces)
 
 
@@ -116,12 +123,14 @@ def shutting_down(config, unfinished: bool = False) -> APIError:
                     headers={"Connection": "close", "Retry-After": "1"})
 
 
-async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=None, log=None):
+async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=None, log=None, tools=None):
     """Server-sent events of one request, ending in ``[DONE]``, after an error event if it failed
-    or was cut off by the shutdown; cancelling (client gone) cancels the request."""
+    or was cut off by the shutdown; cancelling (client gone) cancels the request. ``tools``: the
+    :class:`~.tools.ToolReplies` that shape a reply with tool calls."""
     try:
-        if reply.chat:
-            yield _event(reply.chunk(None, None, role=True))
+        if reply.chat:  # with tools the content may stay null (only calls): it starts null, as OpenAI's
+            yield _event(reply.chunk(None, None, role=True, delta=None if tools is None else
+                                     {"role": "assistant", "content": None}))
         last, pieces = None, []  # pieces: tokens whose logprobs go out with the next chunk
         try:
             async for r in handle:
@@ -132,8 +141,13 @@ async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=Non
                     return
                 if r.logprob is not None:
                     pieces.append(r)
-                if r.text or r.finish_reason is not None:
-                    yield _event(reply.chunk(r.text, r.finish_reason, pieces=pieces))
+                if tools is not None:
+                    chunks = tools.chunks(r, reply, pieces)
+                else:
+                    chunks = [reply.chunk(r.text, r.finish_reason, pieces=pieces)] if r.text or r.finish_reason else []
+                for chunk in chunks:
+                    yield _event(chunk)
+                if chunks:
                     pieces = []
         except PortableInferError as exc:
             yield _event(generation_error(exc).body())

@@ -19,6 +19,7 @@ from . import fields
 from . import logprobs as lp
 from .apierror import APIError, bad, show
 from .fields import CHAT, COMPLETIONS
+from .tools import apply_plan, chat_messages, parse_tools
 
 __all__ = ["APIError", "Limits", "ParsedRequest", "Reply", "check_model", "parse_chat", "parse_completion"]
 
@@ -49,6 +50,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     chat: bool
+    tools: object = None  # chat: the ToolPlan (tool_specs) of a request that offers tools
 
 
 def check_model(body: dict, served: str) -> None:
@@ -106,7 +108,8 @@ def prepare(model, params: SamplingParams) -> None:
     except InvalidArgumentError as exc:
         raise bad(str(exc), param=getattr(exc, "param", None) or "response_format") from exc
     except PortableInferError as exc:  # no tokenizer, llguidance missing
-        raise bad(str(exc), param="response_format", code="unsupported") from exc
+        param = params.constraint.param if params.constraint is not None else "response_format"
+        raise bad(str(exc), param=param, code="unsupported") from exc
 
 
 def _flags(body: dict, endpoint: str) -> tuple:
@@ -160,22 +163,26 @@ def parse_completion(body: dict, model, limits: Limits) -> ParsedRequest:
     return ParsedRequest(ids, params, stream, usage, chat=False)
 
 
-def parse_chat(body: dict, model, limits: Limits) -> ParsedRequest:
-    """``/v1/chat/completions``: messages rendered with the package's chat template."""
+def parse_chat(body: dict, model, limits: Limits, tool_parser: str | None = None) -> ParsedRequest:
+    """``/v1/chat/completions``: messages rendered with the package's chat template, with the
+    request's tools (``tool_parser``: the server's --tool-parser, else the template's format)."""
     fields.check(body, "body", CHAT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {role, content} objects", param="messages")
-    plain = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    plain = chat_messages([_message(m, f"messages[{i}]") for i, m in enumerate(messages)])
     stream, usage = _flags(body, CHAT)
-    params = sampling_params(body, model.defaults, limits)  # before the template: no CPU on a bad request
-    ids = _check_length(_encode(model, lambda: model._chat_ids(plain), "messages"), limits, "messages")
+    plan = parse_tools(body, model, tool_parser)
+    params = apply_plan(plan, sampling_params(body, model.defaults, limits), model)  # before the template
+    tools = plan.template_tools if plan is not None else None
+    ids = _check_length(_encode(model, lambda: model._chat_ids(plain, tools=tools), "messages"), limits, "messages")
     prepare(model, params)
-    return ParsedRequest(ids, params, stream, usage, chat=True)
+    return ParsedRequest(ids, params, stream, usage, chat=True, tools=plan)
 
 
 def _message(m: dict, where: str) -> dict:
-    """{role, content} of one message; content parts joined (only text parts exist here)."""
+    """{role, content} of one message, and its tool_calls or tool_call_id; content parts joined
+    (only text parts exist here); an assistant message with calls may have a null content."""
     fields.check(m, "message", CHAT, where)
     role = m.get("role")
     if not isinstance(role, str) or not role:
@@ -191,9 +198,13 @@ def _message(m: dict, where: str) -> dict:
                           param=at, code="unsupported_parameter")
             texts.append(part["text"])
         content = "".join(texts)
+    if content is None and m.get("tool_calls") is not None:
+        content = ""
     if not isinstance(content, str):
         raise bad(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    out.update({key: m[key] for key in ("tool_calls", "tool_call_id") if m.get(key) is not None})
+    return out
 
 
 def _encode(model, fn, param: str) -> list:
@@ -243,11 +254,14 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str | None, finish_reason: str | None, role: bool = False, pieces=()) -> dict:
-        """One stream chunk; ``pieces``: the Responses whose tokens it reports logprobs of."""
+    def chunk(self, text: str | None, finish_reason: str | None, role: bool = False, pieces=(),
+              delta: dict | None = None) -> dict:
+        """One stream chunk; ``pieces``: the Responses whose tokens it reports logprobs of;
+        ``delta``: a chat delta other than text (tool calls)."""
         logprobs = None if role else self._logprobs(pieces)
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -257,11 +271,13 @@ class Reply:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage(prompt, completion)}
 
-    def full(self, text: str, finish_reason: str, prompt: int, completion: int, pieces=()) -> dict:
+    def full(self, text: str, finish_reason: str, prompt: int, completion: int, pieces=(),
+             message: dict | None = None) -> dict:
+        """The whole response; ``message``: a chat message other than text (with tool calls)."""
         logprobs = self._logprobs(pieces)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish_reason}
+            message = message or {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage(prompt, completion)}
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage(prompt, completion)}

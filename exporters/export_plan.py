@@ -1,0 +1,121 @@
+"""What an export will write, decided before anything is written: ``plan_export(src, ...)``.
+
+The options are checked against each other and against the source (its config, its tensors'
+shapes: no weights are read) and come back as a frozen ``ExportPlan``; ``export.py`` writes it.
+Every refusal is an ``InvalidArgumentError`` naming the option (``param``) and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from portable_infer import manifest as mf
+from portable_infer.errors import InvalidArgumentError
+
+from .architectures import MODEL_TYPES, family_for
+from .architectures.common import check_shapes
+from .generation_defaults import generation_defaults
+from .static import StaticDecoderBuilder
+from .weights import PRECISION_BITS
+
+PRECISIONS = tuple(PRECISION_BITS)
+# fused-int8 / static-int8: the fused / static graph with its 4-bit layers at accuracy 4. Dropped
+# below verify.INT8_MIN_AGREEMENT (broken); the runtime prefers them only where verification
+# measured 98 % agreement or more (SmolLM2: 123/128 on the gate's text, 97.1 % over six others:
+# opt-in there); static: fixed KV buffers written in place.
+# fused-q4 / static-q4: ONNX Runtime's fastest CPU form (one MatMulNBits per linear, int8
+# activations, uint8 zero points, block 32): layers fitted into integer zero points
+# (exporters/int4_fit.py: Q4_0 exact at 4 bits, Q4_1 within ~d/32 at 8 bits, float sources at 4
+# bits by an error-minimising search), so no correction rows; their own weight copy. Quality
+# floors and records as for the -int8 twins.
+VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8", "fused-q4", "static-q4")
+Q4_VARIANTS = ("fused-q4", "static-q4")
+INT8_VARIANTS = ("fused-int8", "static-int8", *Q4_VARIANTS)  # only where layers are 4-bit, float activations
+STATIC_VARIANTS = ("static", "static-int8", "static-q4")  # only for rotary models without sliding windows
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in Q4_VARIANTS)  # -q4: on request (--variants)
+ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
+# MatMulNBits accuracy levels of the fused graph: 1 keeps activations float, 4 quantizes them to
+# int8 per block of 32 (about 2x faster kernels on CPU: benchmarks/graph_step.py --matmulnbits).
+# Int4 packages carry both: fused/static at 1 and their "-int8" twins at 4, sharing one copy of
+# the weights. The lm_head runs at 4 in both, with its top 16 recomputed in float.
+DEFAULT_NBITS_ACCURACY = 1
+DEFAULT_HEAD_ACCURACY = 4
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything ``export()`` writes, as plain data."""
+
+    route: str  # "direct" (our graph builder) or "fallback" (torch.onnx export of the transformers model)
+    precision: str  # one of PRECISIONS
+    activations: str  # "fp32" or "fp16"
+    variants: tuple[str, ...]  # the graph variants to write
+    layout: object | None  # the direct route's architectures.DecoderLayout; None for the fallback
+    nbits_accuracy: int  # MatMulNBits accuracy level of the fused / static layers
+    head_accuracy: int  # and of their lm_head
+    max_context: int | None  # cap on the manifest's context (None: the model's)
+    generation: mf.GenerationDefaults  # the source's sampling defaults (generation_defaults.py)
+
+    @property
+    def shared_variants(self) -> tuple[str, ...]:
+        """The fused-family variants, written into one shared weight file (direct route)."""
+        return tuple(v for v in self.variants if v != "portable") if self.route == "direct" else ()
+
+
+def check_options(precision, max_context, activations, route) -> None:
+    """The options that need no source: each against its allowed values."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}", param="precision")
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+        raise InvalidArgumentError(f"max_context must be a positive integer, got {max_context!r}",
+                                   param="max_context")
+    if activations not in (None, "fp32", "fp16"):
+        raise InvalidArgumentError(f"activations must be 'fp32' or 'fp16', got {activations!r}", param="activations")
+    if route not in ROUTES:
+        raise InvalidArgumentError(f"route must be one of {ROUTES}, got {route!r}", param="route")
+
+
+def plan_export(src, *, precision: str | None = None, variants=None, route: str = "auto",
+                activations: str | None = None, nbits_accuracy: int | None = None,
+                head_accuracy: int | None = None, max_context: int | None = None) -> ExportPlan:
+    """The plan for exporting the opened source ``src`` (sources.open_source) with these options
+    (as ``export()`` takes them). Raises InvalidArgumentError when they do not fit together."""
+    check_options(precision, max_context, activations, route)
+    model_type = src.config.get("model_type")
+    if route == "auto":
+        route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
+    precision = precision or ("int4" if src.kind == "gguf" else src.default_precision)  # AWQ/GPTQ: int4
+    four_bit = precision == "int4" and (activations or "fp32") == "fp32"  # CPU MatMulNBits layers
+    defaults = variants is None
+    if defaults:  # int8 twins only where they differ from fused/static (static: checked below)
+        variants = tuple(v for v in DEFAULT_VARIANTS if four_bit or v not in INT8_VARIANTS)
+    variants = tuple(variants)
+    if not variants or set(variants) - set(VARIANTS):
+        raise InvalidArgumentError(f"variants must be a non-empty subset of {VARIANTS}, got {variants!r}",
+                                   param="variants")
+    if set(INT8_VARIANTS) & set(variants) and not four_bit:
+        raise InvalidArgumentError(
+            f"the {'/'.join(INT8_VARIANTS)} variants run 4-bit layers with int8 activations on CPU; this "
+            f"export is {precision} with {activations or 'fp32'} activations: use --precision int4 (fp32 "
+            f"activations) or leave them out of --variants", param="variants")
+    layout = None
+    if route == "direct":
+        layout = family_for(model_type).layout(src.config)
+        check_shapes(layout, src)
+        if defaults and not StaticDecoderBuilder.supports(layout):
+            variants = tuple(v for v in variants if v not in STATIC_VARIANTS)
+        if set(STATIC_VARIANTS) & set(variants) and not StaticDecoderBuilder.supports(layout):
+            raise InvalidArgumentError(
+                f"the static variant needs full rotary attention without sliding windows; "
+                f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead", param="variants")
+    else:
+        variants = tuple(v for v in variants if v == "portable") if defaults else variants
+        if src.kind == "gguf":
+            raise InvalidArgumentError("the fallback route exports HF folders only, not GGUF files", param="route")
+        if "portable" not in variants:
+            raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}",
+                                       param="variants")
+    return ExportPlan(route=route, precision=precision, activations=activations or "fp32", variants=variants,
+                      layout=layout, nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY,
+                      head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY, max_context=max_context,
+                      generation=generation_defaults(src))

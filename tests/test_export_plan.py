@@ -1,0 +1,54 @@
+"""export_plan.plan_export: the export's decisions as plain data, before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporters.export_plan import DEFAULT_VARIANTS, ExportPlan, check_options, plan_export
+from exporters.sources import open_source
+from portable_infer.errors import InvalidArgumentError
+from portable_infer.manifest import GenerationDefaults
+
+
+def _tree(path):
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*"))
+
+
+def test_plan_of_an_hf_folder_writes_nothing(tiny_llama):
+    before = _tree(tiny_llama.source)
+    plan = plan_export(open_source(tiny_llama.source))
+    assert isinstance(plan, ExportPlan)
+    assert (plan.route, plan.precision, plan.activations) == ("direct", "fp32", "fp32")
+    assert plan.variants == ("portable", "fused", "static")  # fp32: no int8 twins; llama: static applies
+    assert set(plan.variants) <= set(DEFAULT_VARIANTS) and plan.shared_variants == ("fused", "static")
+    assert plan.layout is not None and plan.generation == GenerationDefaults()
+    assert _tree(tiny_llama.source) == before
+
+
+def test_int4_defaults_add_the_int8_twins(tiny_llama):
+    plan = plan_export(open_source(tiny_llama.source), precision="int4")
+    assert plan.variants == ("portable", "fused", "fused-int8", "static", "static-int8")
+    assert (plan.nbits_accuracy, plan.head_accuracy) == (1, 4)
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(variants=("fused-int8",)), "variants"),  # fp32: no 4-bit layers
+    (dict(variants=()), "variants"),
+    (dict(variants=("fused", "nope")), "variants"),
+    (dict(route="fallback", variants=("fused",)), "variants"),
+])
+def test_refusals_name_the_option(tiny_llama, kwargs, param):
+    with pytest.raises(InvalidArgumentError) as info:
+        plan_export(open_source(tiny_llama.source), **kwargs)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(precision="fp8"), "precision"), (dict(max_context=0), "max_context"),
+    (dict(activations="bf16"), "activations"), (dict(route="onnx"), "route"),
+])
+def test_options_without_a_source(kwargs, param):
+    args = dict(precision=None, max_context=None, activations=None, route="auto") | kwargs
+    with pytest.raises(InvalidArgumentError) as info:
+        check_options(**args)
+    assert info.value.param == param
