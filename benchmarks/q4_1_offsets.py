@@ -8,7 +8,7 @@ holds ``w = s * (q - z)`` with an integer zero point z, so a Q4_1 block fits it 
             docs/benchmarks.md), for the kernel's own cost
     plain8  8-bit codes 16 q + c with scale d / 16 (within d / 32 of the source: the -q4 form)
     aug     4-bit, K augmented with the block sums of x (MatMul by a block indicator + Concat):
-            the exact form of static-int8 / fused-int8 (weights.WeightStore._augmented)
+            the exact form of static-int8 / fused-int8 (weight_ops.WeightOps.augment)
     sep     4-bit + ReduceSum block sums, MatMul by the offsets, Add
     sep_mm  as sep, block sums by MatMul
     gemm    as sep, Gemm(sums, offsets, C = MatMulNBits(x))

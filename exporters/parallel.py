@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 CHUNK_BYTES = 1 << 20  # float32 input per chunk: its temporaries stay in the CPU's cache (1 MiB: 3x faster than 4)
 
 
@@ -39,3 +41,17 @@ def for_each(fn, parts: list, workers: int | None = None) -> None:
     with ThreadPoolExecutor(max_workers=min(workers, len(parts))) as pool:
         for _ in pool.map(fn, parts):  # consumed, so an exception in a part is raised
             pass
+
+
+def transposed(a: np.ndarray, strip: int = 256) -> np.ndarray:
+    """``np.ascontiguousarray(a.T)`` for a 2-D array, copied in strips of ``strip`` source rows
+    (on :func:`threads`): numpy's own copy walks the source across whole rows for every output
+    row, 5x slower on an embedding table."""
+    rows, cols = a.shape
+    out = np.empty((cols, rows), a.dtype)
+
+    def part(r: slice) -> None:
+        out[:, r] = a[r].T
+
+    for_each(part, [slice(i, min(i + strip, rows)) for i in range(0, rows, strip)])
+    return out

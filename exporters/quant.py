@@ -182,7 +182,10 @@ def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
 
 def pack_uint4(values: np.ndarray) -> np.ndarray:
     """Pack 0..15 values two per byte, element 2i in the low nibble (ONNX INT4/UINT4 order)."""
-    flat = values.reshape(-1).astype(np.uint8)
+    flat = np.asarray(values, dtype=np.uint8).reshape(-1)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)
+    pairs = flat.reshape(-1, 2)
+    out = np.left_shift(pairs[:, 1], 4)  # a uint8 shift drops the high nibble: (v & 15) << 4
+    out |= pairs[:, 0] & 0x0F
+    return out

@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from .block_scales import emit_transposed
 from .graph import GraphBuilder
+from .parallel import transposed
 from .quant import Blocks, pack_uint4, quantize
 
 AUGMENT_STAGES = 2  # 4-bit stages that carry a Q4_1 block's offset remainder (WeightOps.augment)
@@ -37,7 +38,7 @@ class WeightOps:
     def emit_blocks(self, base: str, b: Blocks, packed4: bool) -> dict:
         """Initializers of ``b`` transposed to [in, out]: 4-bit codes packed (``packed4``) or bytes."""
         g = self.g
-        qT = b.q.T
+        qT = transposed(b.q)  # contiguous [in, out], copied in cache-sized strips
         zT = None if b.zero is None else b.zero.T
         four = b.bits == 4 and packed4
         if four:

@@ -14,7 +14,7 @@ The portable graph computes with the dequantized weights to fp32 rounding (``REL
 logits, left padding and the KV cache included, 16 greedy tokens identical). The fused graphs'
 lm_head runs int8 activations except for its top 16 candidates, so they are compared on the
 reference's top 8 of the last position; their Q4_1-form layers (Q4_1, Q4_K) carry the block
-offsets as 4-bit remainder rows (weights.WeightStore._augmented), hence ``FUSED_TOL``.
+offsets as 4-bit remainder rows (weight_ops.WeightOps.augment), hence ``FUSED_TOL``.
 Run with ``-s`` for the measured differences. Seeds are fixed per family (files are built once);
 the prompts come from ``GGUF_SEED`` (printed; set it to replay).
 """

@@ -113,7 +113,7 @@ def graph_weights(b: Blocks, fused: bool, int4_fit: bool = False) -> np.ndarray:
 @pytest.mark.parametrize("qtype", EXACT_TYPES)
 def test_graphs_compute_with_the_gguf_weights(qtype, seed):
     """Portable: bit for bit. Fused: bit for bit, except Q4_1-form blocks, whose offsets the fused
-    graph folds into two stages of 4-bit remainder rows (weights.WeightStore._augmented), which
+    graph folds into two stages of 4-bit remainder rows (weight_ops.WeightOps.augment), which
     hold each row's remainders to a fraction of its largest step: within 1/100 of it (measured: about 1/500)."""
     rng = np.random.default_rng(seed)
     raw = realistic(qtype, 64, 512, rng)
