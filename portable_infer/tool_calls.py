@@ -55,12 +55,12 @@ class ToolFormat:
     args: str = "arguments"
     detect: tuple = ()
     id_prefix: str = "call_"
-    id_alphabet: str = "0123456789abcdef"
+    id_alphabet: str | None = None  # None: hex digits of a uuid4
     id_length: int = 24
 
     def new_id(self) -> str:
         """A fresh call id (``call_`` and 24 hex digits; 9 letters or digits for Mistral)."""
-        if self.id_alphabet == "0123456789abcdef":
+        if self.id_alphabet is None:
             return self.id_prefix + uuid.uuid4().hex[: self.id_length]
         return self.id_prefix + "".join(secrets.choice(self.id_alphabet) for _ in range(self.id_length))
 
@@ -253,7 +253,8 @@ class CallParser:
     # --- one call segment -> ToolCalls, or None (it stays content) ----------------------------------
     def _calls(self, raw: str) -> list | None:
         fmt = self.fmt
-        body = raw[len(fmt.open):] if raw.startswith(fmt.open) else raw
+        body = raw.lstrip()  # a bare reply may start with whitespace
+        body = body[len(fmt.open):] if body.startswith(fmt.open) else body
         if fmt.close and body.endswith(fmt.close):
             body = body[: -len(fmt.close)]
         values = _decode_objects(body, fmt.sep if fmt.layout == "bare" else "")

@@ -164,7 +164,8 @@ def plan_tools(tools, tool_choice=None, parallel_tool_calls=None, template_sourc
     specs = check_tools(tools) if tools is not None else ()
     choice, function = _choice(tool_choice, specs)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
-        raise _bad(f"parallel_tool_calls must be true or false, got {_show(parallel_tool_calls)}", "parallel_tool_calls")
+        raise _bad(f"parallel_tool_calls must be true or false, got {_show(parallel_tool_calls)}",
+                   "parallel_tool_calls")
     if tool_parser is not None:
         detect_format(None, tool_parser)  # a bad name is an error even when no tools are sent
     if choice == "none" or not specs:
@@ -211,7 +212,8 @@ def call_grammar(fmt: ToolFormat, tools: list, parallel: bool, special: dict | N
     one = {"anyOf": alternatives}  # llguidance: one %json with anyOf, not alternatives of several
     if fmt.layout == "array":
         body = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-        return f"start: {lit(fmt.open)} %json {json.dumps({**body, 'x-guidance': JSON_OPTIONS})}\n"
+        # Mistral's models write "[TOOL_CALLS] [" as often as "[TOOL_CALLS]["
+        return f"start: {lit(fmt.open)} \" \"? %json {json.dumps({**body, 'x-guidance': JSON_OPTIONS})}\n"
     call = f"%json {json.dumps({**one, 'x-guidance': JSON_OPTIONS})}"
     if fmt.layout == "tagged":
         call = " ".join(p for p in (lit(fmt.open), lit(fmt.pad), call, lit(fmt.pad), lit(fmt.close)) if p)
@@ -302,14 +304,14 @@ def chat_with_tools(model, messages, tools=None, tool_choice=None, parallel_tool
     prompt, enforce a required or named call with a grammar, parse the reply."""
     source = model.chat_template.source if model.chat_template is not None else None
     plan = plan_tools(tools, tool_choice, parallel_tool_calls, source, tool_parser)
-    ids = model._chat_ids(template_messages(messages), tools=plan.template_tools if plan else None)
+    ids = model.chat_ids(template_messages(messages), tools=plan.template_tools if plan else None)
     params = model.params(**sampling)
     stream = None
     if plan is not None:
         params = plan.apply(params, model.tokenizer)
         stream = plan.stream(model.tokenizer, params, model.manifest.tokenizer.eos_token_ids)
     events, reason = [], None
-    for r in model._stream(ids, params, truncate):
+    for r in model.stream_tokens(ids, params, truncate):
         events += stream.push(r) if stream is not None else [r.text]
         reason = r.finish_reason
     return ChatMessage.from_events(events, stream.finish_reason(reason) if stream is not None else reason)

@@ -58,7 +58,7 @@ class FakeModel:
     def encode(self, text):
         return [ord(c) % 256 for c in text]
 
-    def _chat_ids(self, messages, tools=None):
+    def chat_ids(self, messages, tools=None):
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
 
 

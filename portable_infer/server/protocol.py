@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..errors import ContextLengthError, InvalidArgumentError, PortableInferError
 from ..processors import LogitBias
 from ..sampling import SamplingParams
+from ..tool_specs import ToolPlan
 from . import fields
 from . import logprobs as lp
 from .apierror import APIError, bad, show
@@ -50,7 +51,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     chat: bool
-    tools: object = None  # chat: the ToolPlan (tool_specs) of a request that offers tools
+    tools: ToolPlan | None = None  # chat: what a request that offers tools lets the model do
 
 
 def check_model(body: dict, served: str) -> None:
@@ -175,7 +176,7 @@ def parse_chat(body: dict, model, limits: Limits, tool_parser: str | None = None
     plan = parse_tools(body, model, tool_parser)
     params = apply_plan(plan, sampling_params(body, model.defaults, limits), model)  # before the template
     tools = plan.template_tools if plan is not None else None
-    ids = _check_length(_encode(model, lambda: model._chat_ids(plain, tools=tools), "messages"), limits, "messages")
+    ids = _check_length(_encode(model, lambda: model.chat_ids(plain, tools=tools), "messages"), limits, "messages")
     prepare(model, params)
     return ParsedRequest(ids, params, stream, usage, chat=True, tools=plan)
 
