@@ -5,7 +5,8 @@ import numpy as np
 import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from portable_infer.manifest import Manifest
-from portable_infer.session import Engine, SessionConfig
+from portable_infer.engine.growing import GrowingEngine
+from portable_infer.engine.session import SessionConfig
 from portable_infer.generate import BatchDecoder
 from portable_infer.sampling import SamplingParams
 
@@ -13,7 +14,7 @@ pkg = Path(sys.argv[1]); batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 m = Manifest.load(pkg); v = m.variant("fused")
 so = SessionConfig().session_options(ort); so.enable_profiling = True; so.profile_file_prefix = "/tmp/prof"
 s = ort.InferenceSession(str(pkg / v.file), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-eng = Engine(s, v, "CUDAExecutionProvider", ort)
+eng = GrowingEngine(s, v, "CUDAExecutionProvider", ort, max_context=m.model.max_context)
 ps = np.random.default_rng(0).integers(3, 49152, (batch, 32)).tolist()
 dec = BatchDecoder(eng, ps, [SamplingParams(max_new_tokens=64, ignore_eos=True)] * batch, max_context=2048)
 t = time.perf_counter(); dec.run(); wall = time.perf_counter() - t

@@ -27,12 +27,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import portable_infer  # noqa: E402
-from portable_infer import kvblocks  # noqa: E402
+from portable_infer.engine.kv_growing import GrowingCache  # noqa: E402
+from portable_infer.engine.kv_static import StaticCache  # noqa: E402
 from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 # (owner, attribute, label): the scheduler thread's phases, timed by wrapping them
-PHASES = ((kvblocks, "merge", "KV join"), (kvblocks, "take", "KV leave"), (kvblocks, "prompt_kv", "prefix store"),
-          (kvblocks, "from_prefix", "prefix reuse"))
+PHASES = tuple((cache, attr, label) for cache in (GrowingCache, StaticCache)
+               for attr, label in (("merge", "KV join"), ("take", "KV leave"), ("prompt_kv", "prefix store"),
+                                   ("fill_prefix", "prefix reuse")))
 
 
 class Breakdown:

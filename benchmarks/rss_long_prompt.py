@@ -28,11 +28,10 @@ def rss_mb() -> float:
 
 def run_case(package: str, mode: str, variant: str, how: str, tokens: int) -> str:
     import portable_infer
-    from portable_infer import session, static_engine
+    from portable_infer.engine import memory
 
     if how == "old":
-        session.SHRINK_MIN_TOKENS = static_engine.SHRINK_MIN_TOKENS = 1 << 60
-        session.TRIM_MIN_BYTES = static_engine.TRIM_MIN_BYTES = 1 << 60
+        memory.SHRINK_MIN_TOKENS = memory.TRIM_MIN_BYTES = 1 << 60  # both engines read them at each call
     model = portable_infer.load(package, "cpu", static_kv=variant == "static")
     ids = model.encode(TEXT * (tokens // 8 + 1))[:tokens]
     model.generate_ids(ids[:16], max_new_tokens=4)

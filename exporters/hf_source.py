@@ -1,6 +1,6 @@
-"""Read a Hugging Face model folder: config.json, *.safetensors (memory-mapped), tokenizer files.
+"""Read a Hugging Face model folder: config.json, *.safetensors, tokenizer files.
 
-Tensors are read lazily, one at a time, straight from a memory map of the file, so an export
+Tensors are read lazily, one at a time, straight from the file at their offset, so an export
 never holds the whole checkpoint. bf16 is widened to float32 here (numpy has no bfloat16).
 AWQ/GPTQ checkpoints (a quantization_config) present each quantized linear ``X`` as ``X.weight``
 in 4-bit :class:`~exporters.quant.Blocks`, read exactly from its packed parts (``awq_gptq.py``).
@@ -89,7 +89,6 @@ class HFSource:
         self.path = folder
         self.config = config
         self._entries = entries
-        self._maps: dict[Path, np.memmap] = {}
         self.quantization = quantization  # AWQ/GPTQ settings, None for a float checkpoint
         self._quantized: dict[str, tuple] = {}  # "X.weight" -> its float shape, read from X's parts
         self._packed: dict[str, _Entry] = {}  # X.qweight, X.qzeros, X.scales, X.g_idx
@@ -153,15 +152,16 @@ class HFSource:
         return self._read(self._entry(name))
 
     def _read(self, e: _Entry) -> np.ndarray:
-        if e.file not in self._maps:
-            self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        raw = self._maps[e.file][e.start:e.end]
-        arr = raw.view(_DTYPES[e.dtype]).reshape(e.shape)
+        # A plain read into a fresh array, not a slice of a memory map: a mapped file's pages stay
+        # in the process's resident set while mapped (the whole checkpoint by the end of an export)
+        dtype = np.dtype(_DTYPES[e.dtype])
+        arr = np.fromfile(e.file, dtype=dtype, count=(e.end - e.start) // dtype.itemsize,
+                          offset=e.start).reshape(e.shape)
         if e.dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         if arr.dtype in (np.float16, np.float64):
             return arr.astype(np.float32)
-        return np.array(arr)
+        return arr
 
     def _entry(self, name: str) -> _Entry:
         try:

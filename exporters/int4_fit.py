@@ -237,17 +237,32 @@ class FitCache(SharedWeights):
         self._bits = {4: 0, 8: 0}  # weights fitted at each width
 
     def add(self, source: Blocks | np.ndarray, fitted: Blocks) -> None:
-        """Count one fitted matrix: its error against the source's exact values."""
-        exact = source.dequantize() if isinstance(source, Blocks) else np.asarray(source, np.float32)
-        e = fitted.dequantize() - exact
-        step = np.repeat(source.scale if isinstance(source, Blocks) else fitted.scale, fitted.block, axis=1)
-        self._n += e.size
-        self._bits[fitted.bits] += e.size
-        self._abs += float(np.abs(e).sum())
-        self._shift += float(np.abs(e.reshape(-1, fitted.block).mean(1)).sum()) * fitted.block
-        self._value += float(np.abs(exact).sum())
-        self._max = max(self._max, float(np.abs(e).max()))
-        self._max_rel = max(self._max_rel, float((np.abs(e) / np.maximum(step, 1e-30)).max()))
+        """Count one fitted matrix: its error against the source's exact values (in row chunks on
+        exporters.parallel's threads, summed in float64 in chunk order)."""
+        parts = row_chunks(fitted.shape[0], fitted.shape[1] * 4)
+        stats = [None] * len(parts)
+
+        def part(i: int) -> None:
+            rows = parts[i]
+            src = source.take_rows(rows) if isinstance(source, Blocks) else source[rows]
+            exact = src.dequantize() if isinstance(src, Blocks) else np.asarray(src, np.float32)
+            e = fitted.take_rows(rows).dequantize() - exact
+            shift = np.abs(e.reshape(-1, fitted.block).mean(1, dtype=np.float64))  # |mean error| of each block
+            e = np.abs(e, out=e)
+            step = (src.scale if isinstance(src, Blocks) else fitted.scale[rows])[..., None]
+            ratio = e.reshape(*step.shape[:2], -1) / np.maximum(step, 1e-30)
+            stats[i] = (e.size, e.sum(dtype=np.float64), shift.sum() * fitted.block,
+                        np.abs(exact).sum(dtype=np.float64), float(e.max(initial=0.0)), float(ratio.max(initial=0.0)))
+
+        for_each(part, list(range(len(parts))))
+        for n, abs_e, shift, value, top, top_rel in stats:
+            self._n += n
+            self._bits[fitted.bits] += n
+            self._abs += float(abs_e)
+            self._shift += float(shift)
+            self._value += float(value)
+            self._max = max(self._max, top)
+            self._max_rel = max(self._max_rel, top_rel)
 
     def summary(self) -> dict:
         """Mean |error| and mean |block shift| relative to the mean |weight|; the largest error,

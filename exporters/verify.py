@@ -107,7 +107,7 @@ class StaticDecoder(OnnxDecoder):
                  vocab_size: int = 0):
         import onnxruntime as ort
 
-        from portable_infer.static_engine import StaticEngine
+        from portable_infer.engine.static import StaticEngine
 
         super().__init__(path, variant, threads)
         self.engine = StaticEngine(self.session, variant, "CPUExecutionProvider", ort,

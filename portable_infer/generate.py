@@ -83,6 +83,7 @@ def plan_batches(lengths: list, max_new_tokens: int, max_context: int, budget: i
 class BatchDecoder:
     """Lock-step decoding of several prompts; greedy rows equal their one-by-one runs.
 
+    ``engine`` is an :class:`~portable_infer.engine.protocols.Engine`.
     ``guide`` (a :class:`~portable_infer.constraints.Guide`) is needed by rows with a
     constraint; ``vocab_size`` checks logit biases before anything runs.
     """
@@ -99,7 +100,7 @@ class BatchDecoder:
         self._pending: np.ndarray | None = None
         # All rows plain greedy and the graph has a next_token output (static-KV graphs): the
         # argmax runs on the device and only the ids come back; self.logits stays None.
-        self._device_greedy = getattr(engine, "greedy_on_device", False) and all(
+        self._device_greedy = engine.greedy_on_device and all(
             r.params.plain_greedy for r in self.rows)
         self.tokens: np.ndarray | None = None
         self.logits: np.ndarray | None = None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import measure
 from .chat_template import ChatTemplate
+from .engine.session import SessionConfig
 from .errors import InvalidArgumentError, PackageError
 from .home import ensure_default_model
 from .manifest import Manifest
@@ -17,7 +18,6 @@ from .model import Model, check_max_kv_tokens
 from .ort_format import ORT_SUFFIX
 from .package_paths import check_package
 from .providers import Selection, select_session
-from .session import SessionConfig
 from .variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static, passes_gate  # noqa: F401  (INT8_SUFFIX: cli reads it here)
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from . import tune
+from .engine.session import make_engine
 from .home import home
-from .session import Engine
 from .variant_choice import VariantChoice, is_int8, is_static
 
 logger = logging.getLogger(__name__)
@@ -43,17 +43,6 @@ def tuning_pool(spec, variants: Sequence, choice: VariantChoice, chosen) -> list
     else:
         pool = [v for v in pool if not is_int8(v) or v.name in choice.gated]
     return pool if chosen in pool else [chosen, *pool]
-
-
-def make_engine(sel, manifest, ort, max_kv_tokens: int | None = None):
-    """The engine for a selection: the static one for static-KV graphs, else the growing one."""
-    if sel.variant.kv.growth == "static":
-        from .static_engine import StaticEngine
-
-        context = min(manifest.model.max_context, max_kv_tokens or manifest.model.max_context)
-        return StaticEngine(sel.session, sel.variant, sel.provider.ort_name, ort, max_context=context,
-                            vocab_size=manifest.model.vocab_size, cuda_graph=sel.graph_capture)
-    return Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
 
 
 def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS) -> float:

@@ -8,8 +8,9 @@ calls those verbs::
     prefill             one forward: whole prompts left-padded together, or one prompt's next
                         chunk on its own batch-1 cache; a prompt that ends here is offered to
                         the prefix cache and its first token is picked
-    join                those rows stacked under the batch (KV merged by kvblocks)
-    leave               finished rows sliced out (columns of padding in every row cut off)
+    join                those rows stacked under the batch (the cache's merge)
+    leave               finished rows sliced out (the cache's take: columns of padding in every
+                        row cut off)
     decode              one forward for the batch, one token per live row
 
 Each row's token goes through :meth:`Sequence.step <portable_infer.sequence.Sequence.step>`
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kvblocks
 from .constraints import MaskFill
 from .sequence import Pick
 
@@ -68,7 +68,8 @@ class RunningBatch:
     pending) and the batch-1 caches of prompts part-way through a chunked prefill.
 
     Args:
-        engine: the model's engine (``new_cache``, ``forward``, ``trim``).
+        engine: the model's :class:`~portable_infer.engine.protocols.Engine`; its caches
+            (:class:`~portable_infer.engine.protocols.KVCache`) do the row operations.
         prefixes: the :class:`~portable_infer.prefix_cache.PrefixCache` prompts are offered to.
         max_context: the model's context (a row ends when it is full).
     """
@@ -94,7 +95,9 @@ class RunningBatch:
         n, arrays = self.prefixes.lookup(r.prompt)
         if n != tokens:  # the plan read the same cache moments ago: a bug, not the request's doing
             raise RuntimeError(f"the prefix cache holds {n} tokens of request {r.id}'s prompt, the plan said {tokens}")
-        self._partial[r.id] = kvblocks.from_prefix(self.engine, arrays, n, capacity)
+        cache = self.engine.new_cache(1, capacity=capacity)
+        cache.fill_prefix(arrays, n)
+        self._partial[r.id] = cache
 
     def forget(self, ids) -> None:
         """Drop the partial prefill KV of requests that ended."""
@@ -143,7 +146,7 @@ class RunningBatch:
         if not new:  # nothing to keep: spare the KV's copy to the host (a device round trip on GPUs)
             return
         try:
-            for i, arrays in zip(new, kvblocks.prompt_kv(cache, prompts, new, self.engine)):
+            for i, arrays in zip(new, cache.prompt_kv(prompts, new)):
                 self.prefixes.store(prompts[i], arrays)
         except Exception:  # noqa: BLE001 - a cache that could not keep a prefix fails no request
             logger.warning("prompt prefixes not cached", exc_info=True)
@@ -158,11 +161,11 @@ class RunningBatch:
             return
         cache, mask = done.cache, done.mask
         if len(keep) < len(done.rows):
-            cache, mask = kvblocks.take(cache, mask, keep, self.engine)
+            cache, mask = cache.take(mask, keep)
         rows = [done.rows[i] for i in keep]
         tokens = np.array([first[id(r)] for r in rows], np.int64)
         if self.rows:
-            self.cache, self.mask = kvblocks.merge(self.cache, self.mask, cache, mask, self.engine)
+            self.cache, self.mask = self.cache.merge(self.mask, cache, mask)
             self.pending = np.concatenate([self.pending, tokens])
         else:
             self.cache, self.mask, self.pending = cache, mask, tokens
@@ -179,7 +182,7 @@ class RunningBatch:
             self.reset()
             self.engine.trim(held)  # the batch is gone: a large one's memory goes back to the OS
             return
-        self.cache, self.mask = kvblocks.take(self.cache, self.mask, keep, self.engine)
+        self.cache, self.mask = self.cache.take(self.mask, keep)
         self.rows = [self.rows[i] for i in keep]
         self.pending = self.pending[keep]
 
@@ -197,7 +200,7 @@ class RunningBatch:
         self.mask = np.concatenate([self.mask, live], axis=1)
         # every row plain greedy on a graph with next_token: the argmax runs on the device and
         # only the ids come back (the logits stay there)
-        greedy = getattr(self.engine, "greedy_on_device", False) and all(
+        greedy = self.engine.greedy_on_device and all(
             r.params.plain_greedy for r in rows if r.state != "done")
         extra = {"greedy": True} if greedy else {}
         # the grammar masks of the constrained rows: one batched fill, while the forward runs

@@ -47,10 +47,11 @@ import logging
 import threading
 import time
 
-from . import kvblocks
+from .engine.memory import bytes_per_token
 from .errors import ContextLengthError, InvalidArgumentError, PortableInferError
 from .generate import check_prompt
 from .handle import RequestHandle
+from .kvblocks import BlockPool
 from .prefix_cache import PrefixCache
 from .prompts import token_ids
 from .request import Request
@@ -90,8 +91,8 @@ class Scheduler:
         self.max_context = model.max_context
         self._eos = frozenset(model.manifest.tokenizer.eos_token_ids)
         budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // \
-            kvblocks.bytes_per_token(kv)
-        self.pool = kvblocks.BlockPool(budget // config.block_size, config.block_size)
+            bytes_per_token(kv)
+        self.pool = BlockPool(budget // config.block_size, config.block_size)
         self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:

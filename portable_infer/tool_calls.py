@@ -1,108 +1,43 @@
-"""Tool calls in a model's output: the format table, and the parser that turns text into content
-and calls, whole or streamed.
+"""Tool calls in a model's output: the parser that turns a reply into content and calls, whole or
+streamed (the formats are :mod:`portable_infer.tool_formats`).
 
 ::
 
-    FORMATS        name -> ToolFormat: how a family writes its calls, and the text of a chat
-                   template that shows it uses that way
-      hermes       <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>   (Qwen 2.5/3, Hermes)
-      llama3_json  {"name": "f", "parameters": {...}}; {...}    the whole reply   (Llama 3.1-3.3)
-      mistral      [TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]          (Mistral v0.3)
-    detect_format  the format of a chat template's text, or the one a caller names
-    CallParser     text in (all at once, or piece by piece) -> events: str (content) | ToolCall
+    CallParser     text in (all at once, or piece by piece) -> events:
+                     str            content
+                     ToolCall       a whole, valid call
+                     ToolCallDelta  (deltas=True) a call's head once its name is read, then its
+                                    arguments as they are written (tool_scan.CallTracker)
     CallStream     the same over the engine's Responses (with the special-token text a marker
                    that is a special token needs)
 
 A call is kept only when its JSON parses into ``{"name": <an offered tool>, "arguments" (or
 "parameters"): {...}}``; anything else, a malformed call included, stays content: what a model
-writes is never an error. Whitespace next to a call is dropped (the newlines between Hermes tags);
-other text is kept as written. A tail of text that may be the start of a marker is held back until
-the next piece settles it, so a stream never shows half a marker as content. The grammars that
-enforce ``tool_choice: "required"`` or a named function are :mod:`portable_infer.tool_specs`'.
+writes is never an error. A call's ``arguments`` are the object's text as the model wrote it (so
+the streamed pieces join into it exactly); arguments written as a JSON string are read and
+written out as an object. Only the whitespace the format itself puts around a call (Hermes' one
+newline before ``<tool_call>`` and after ``</tool_call>``) is dropped; the rest of the text is
+content as written, except whitespace alone beside calls (a reply of calls has no content).
+Whitespace is held until the next text shows what it is, and a tail that may start a marker
+until the next piece settles it, so a stream never shows half a marker as content.
+
+Streamed pieces cannot be taken back: a call whose head went out and that then turns out
+malformed (or is cut off by max_new_tokens) is content in the whole reply, and in the stream a
+call with the arguments sent so far plus the same content.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import string
-import uuid
-from dataclasses import dataclass
 
-from .errors import InvalidArgumentError
 from .streaming import TextStream
+from .tool_formats import FORMATS, ToolCall, ToolCallDelta, ToolFormat, detect_format
+from .tool_scan import CALL_ID, CallTracker
+
+__all__ = ["FORMATS", "CallParser", "CallStream", "ToolCall", "ToolCallDelta", "ToolFormat", "detect_format",
+           "special_markers"]
 
 _DECODER = json.JSONDecoder()
-
-
-@dataclass(frozen=True)
-class ToolFormat:
-    """How one family writes tool calls.
-
-    ``layout``: ``tagged`` (each call between ``open`` and ``close``, ``pad`` inside the tags),
-    ``array`` (``open`` then one JSON array of calls) or ``bare`` (the reply is the calls, JSON
-    objects joined by ``sep``, optionally after ``open``). ``args``: the key of the arguments.
-    ``detect``: strings that all appear in a chat template of this format. ``id_alphabet`` /
-    ``id_length``: a call id's random part (Mistral's templates take 9 letters or digits only).
-    """
-
-    name: str
-    layout: str
-    open: str
-    close: str = ""
-    pad: str = ""
-    sep: str = ""
-    args: str = "arguments"
-    detect: tuple = ()
-    id_prefix: str = "call_"
-    id_alphabet: str | None = None  # None: hex digits of a uuid4
-    id_length: int = 24
-
-    def new_id(self) -> str:
-        """A fresh call id (``call_`` and 24 hex digits; 9 letters or digits for Mistral)."""
-        if self.id_alphabet is None:
-            return self.id_prefix + uuid.uuid4().hex[: self.id_length]
-        return self.id_prefix + "".join(secrets.choice(self.id_alphabet) for _ in range(self.id_length))
-
-
-FORMATS = {  # the first whose ``detect`` strings are all in the template wins
-    "hermes": ToolFormat("hermes", "tagged", "<tool_call>", "</tool_call>", pad="\n", sep="\n",
-                         detect=("<tool_call>",)),
-    "mistral": ToolFormat("mistral", "array", "[TOOL_CALLS]", detect=("[TOOL_CALLS]",), id_prefix="",
-                          id_alphabet=string.ascii_letters + string.digits, id_length=9),
-    "llama3_json": ToolFormat("llama3_json", "bare", "<|python_tag|>", sep="; ", args="parameters",
-                              detect=('"parameters"', "ipython")),
-}
-
-
-def detect_format(template_source: str | None, override: str | None = None) -> ToolFormat:
-    """The tool-call format: ``override`` (a name of :data:`FORMATS`) or the one the chat template
-    shows; :class:`InvalidArgumentError` (param ``tools``) when neither gives one."""
-    names = ", ".join(FORMATS)
-    if override is not None:
-        if override not in FORMATS:
-            raise InvalidArgumentError(f"tool_parser must be one of {names}, got {override!r}", param="tool_parser")
-        return FORMATS[override]
-    for fmt in FORMATS.values():
-        if template_source and all(s in template_source for s in fmt.detect):
-            return fmt
-    raise InvalidArgumentError(f"this model's chat template shows none of the tool-call formats this library "
-                               f"parses ({names}), so calls in its output could not be read; leave tools out, or "
-                               f"name the format the model was trained on (tool_parser=..., or `portable-infer "
-                               f"serve --tool-parser NAME`)", param="tools")
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One parsed call: ``arguments`` is a JSON object as text, as in OpenAI's API."""
-
-    id: str
-    name: str
-    arguments: str
-
-    def to_dict(self) -> dict:
-        """OpenAI's ``tool_calls[]`` entry."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 def _partial(text: str, marker: str) -> int:
@@ -132,12 +67,21 @@ def _decode_objects(text: str, sep: str) -> list | None:
         pos = len(text) - len(rest) + len(sep)
 
 
+def _cut_head(text: str, ws: str) -> str:
+    return text[len(ws):] if ws and text.startswith(ws) else text
+
+
+def _cut_tail(text: str, ws: str) -> str:
+    return text[:-len(ws)] if ws and text.endswith(ws) else text
+
+
 class CallParser:
     """Splits a reply into content and calls, fed whole or in pieces (see the module doc).
 
     Args:
         fmt: the :class:`ToolFormat`.
         names: the offered tools' names; a call of another name is content.
+        deltas: also give :class:`ToolCallDelta` pieces (for a stream) among the events.
 
     Example:
         >>> p = CallParser(FORMATS["hermes"], {"f"})
@@ -146,54 +90,94 @@ class CallParser:
         ('Sure.', 'f')
     """
 
-    def __init__(self, fmt: ToolFormat, names):
-        self.fmt, self.names = fmt, frozenset(names)
+    def __init__(self, fmt: ToolFormat, names, deltas: bool = False):
+        self.fmt, self.names, self.deltas = fmt, frozenset(names), deltas
         self._buf = ""
-        self._ws = ""  # trailing whitespace held until the next text shows it is not before a call
-        self._after_call = False  # drop the whitespace that follows a call
+        self._ws = ""  # whitespace held until the next text shows whether it is content
+        self._after_call = False  # the format's whitespace after a call comes next
+        self._content = self._called = False  # content (not only whitespace) / a call went out
         self._bare = None  # bare layout: None undecided, True the reply is calls, False it is text
+        self._track = None  # the CallTracker of the call segment that starts _buf, while it grows
+        self._index = 0  # the next streamed call's index
 
     def feed(self, text: str) -> list:
-        """Events (str content pieces and :class:`ToolCall` objects) decided by ``text`` so far."""
+        """Events (str content, :class:`ToolCall`, and with ``deltas`` :class:`ToolCallDelta`)
+        decided by ``text`` so far."""
         self._buf += text
         return self._emit(False)
 
     def close(self) -> list:
         """The events left at the end of the reply (a held marker start, an unclosed call)."""
         events = self._emit(True)
-        if self._ws:
+        if self._ws and (self._content or not self._called):
             events.append(self._ws)
-            self._ws = ""
+        self._ws = ""
         return events
 
+    def _next_index(self) -> int:
+        self._index += 1
+        return self._index - 1
+
     def _emit(self, final: bool) -> list:
-        scan = {"tagged": self._scan_tagged, "array": self._scan_array, "bare": self._scan_bare}[self.fmt.layout]
-        items, used = scan(final)
+        scan = self._scan_bare if self.fmt.layout == "bare" else self._scan_marked
+        items, used, pending = scan(final)
         self._buf = self._buf[used:]
         events = []
         for kind, raw in items:
-            calls = self._calls(raw) if kind == "call" else None
-            if calls is None:
+            if kind == "text":
                 self._text(raw, events)
-            else:
-                self._ws, self._after_call = "", True
-                events.extend(calls)
+                continue
+            track, self._track = self._track or CallTracker(self.fmt), None
+            track.advance(raw)
+            self._stream(track.pending(self.names, self._next_index), events)
+            calls = self._parse(raw, track)
+            if calls is None:  # malformed: content (pieces of it already streamed stay sent)
+                self._text(raw, events)
+                continue
+            self._finish(track, calls, events)
+            self._ws = _cut_tail(self._ws, self.fmt.around)  # the format's whitespace before a call
+            self._after_call = self._called = True
+            events.extend(calls)
+        if pending:  # a call segment still growing at the start of the buffer
+            self._track = self._track or CallTracker(self.fmt)
+            self._track.advance(self._buf)
+            self._stream(self._track.pending(self.names, self._next_index), events)
         return events
 
+    def _stream(self, deltas: list, events: list) -> None:
+        if self.deltas:
+            events.extend(deltas)
+
     def _text(self, text: str, events: list) -> None:
-        if self._after_call:
-            text = text.lstrip()
-            if not text:
-                return
+        if self._after_call and text:
+            text = _cut_head(text, self.fmt.around)  # the format's whitespace after a call
             self._after_call = False
         text = self._ws + text
         kept = text.rstrip()
         self._ws = text[len(kept):]
         if kept:
             events.append(kept)
+            self._content = True
 
-    # --- where calls are, per layout: (items, characters of the buffer decided) ---------------------
-    def _scan_tagged(self, final: bool) -> tuple:
+    def _finish(self, track: CallTracker, calls: list, events: list) -> None:
+        """The rest of each whole call's pieces: what of its arguments was not streamed (all of
+        them when they were written as a JSON string, ``{}`` when left out), or the whole call
+        when the tracker never saw it start."""
+        tracked = {t.id: t for t in track.calls if t.id is not None}
+        for call in calls:
+            t = tracked.get(call.id)
+            if t is None:
+                index = self._next_index()
+                self._stream([ToolCallDelta(index, id=call.id, name=call.name), ToolCallDelta(index, call.arguments)],
+                             events)
+                continue
+            sent = track.sent(t)
+            if len(call.arguments) > len(sent) and call.arguments.startswith(sent):
+                self._stream([ToolCallDelta(t.index, call.arguments[len(sent):])], events)
+
+    # --- where call segments are: (items, characters of the buffer decided, a segment pending) ------
+    def _scan_marked(self, final: bool) -> tuple:
+        """Layouts whose calls start at the ``open`` marker (tagged, array, named)."""
         buf, fmt, items, pos = self._buf, self.fmt, [], 0
         while True:
             start = buf.find(fmt.open, pos)
@@ -201,40 +185,37 @@ class CallParser:
                 end = len(buf) if final else len(buf) - _partial(buf[pos:], fmt.open)
                 if end > pos:
                     items.append(("text", buf[pos:end]))
-                return items, max(end, pos)
+                return items, max(end, pos), False
             if start > pos:
                 items.append(("text", buf[pos:start]))
-            stop = buf.find(fmt.close, start + len(fmt.open))
-            if stop < 0:  # an unclosed call: a call if its JSON is whole at the end, else content
+            end = self._segment_end(buf, start)
+            if end is None:  # not whole yet, or never: a call if its JSON is whole at the end, else content
                 if final:
                     items.append(("call", buf[start:]))
-                    return items, len(buf)
-                return items, start
-            pos = stop + len(fmt.close)
-            items.append(("call", buf[start:pos]))
+                    return items, len(buf), False
+                return items, start, True
+            items.append(("call", buf[start:end]))
+            pos = end
 
-    def _scan_array(self, final: bool) -> tuple:
-        buf, fmt, items, pos = self._buf, self.fmt, [], 0
-        while True:
-            start = buf.find(fmt.open, pos)
-            if start < 0:
-                end = len(buf) if final else len(buf) - _partial(buf[pos:], fmt.open)
-                if end > pos:
-                    items.append(("text", buf[pos:end]))
-                return items, max(end, pos)
-            if start > pos:
-                items.append(("text", buf[pos:start]))
-            body = start + len(fmt.open)
-            while body < len(buf) and buf[body].isspace():
-                body += 1
-            try:
-                _, pos = _DECODER.raw_decode(buf, body)
-            except ValueError:  # not whole yet, or never: decided at the end
-                if final:
-                    items.append(("call", buf[start:]))
-                    return items, len(buf)
-                return items, start
-            items.append(("call", buf[start:pos]))
+    def _segment_end(self, buf: str, start: int) -> int | None:
+        """Where the call segment starting at ``start`` ends (None: not known yet)."""
+        fmt, body = self.fmt, start + len(self.fmt.open)
+        if fmt.layout == "tagged":
+            stop = buf.find(fmt.close, body)
+            return None if stop < 0 else stop + len(fmt.close)
+        if fmt.layout == "named":
+            mid, nxt = buf.find(fmt.mid, body), buf.find(fmt.open, body)
+            if nxt >= 0 and (mid < 0 or nxt < mid):
+                return nxt  # another call starts before this one's arguments: malformed
+            if mid < 0:
+                return None
+            body = mid + len(fmt.mid)
+        while body < len(buf) and buf[body].isspace():
+            body += 1
+        try:
+            return _DECODER.raw_decode(buf, body)[1]
+        except ValueError:
+            return None
 
     def _scan_bare(self, final: bool) -> tuple:
         buf, fmt = self._buf, self.fmt
@@ -245,20 +226,26 @@ class CallParser:
             elif head and not fmt.open.startswith(head):
                 self._bare = False
             elif not final:
-                return [], 0
+                return [], 0, False
         if self._bare:
-            return ([("call", buf)], len(buf)) if final else ([], 0)
-        return ([("text", buf)] if buf else []), len(buf)
+            return ([("call", buf)], len(buf), False) if final else ([], 0, True)
+        return ([("text", buf)] if buf else []), len(buf), False
 
     # --- one call segment -> ToolCalls, or None (it stays content) ----------------------------------
-    def _calls(self, raw: str) -> list | None:
+    def _parse(self, raw: str, track: CallTracker) -> list | None:
         fmt = self.fmt
         body = raw.lstrip()  # a bare reply may start with whitespace
         body = body[len(fmt.open):] if body.startswith(fmt.open) else body
-        if fmt.close and body.endswith(fmt.close):
-            body = body[: -len(fmt.close)]
-        values = _decode_objects(body, fmt.sep if fmt.layout == "bare" else "")
-        if values is None or not values:
+        if fmt.layout == "named":
+            name, found, args = body.partition(fmt.mid)
+            values = _decode_objects(args, "") if found else None
+            if values is not None:
+                values = [{"name": name.split(CALL_ID)[0].strip(), fmt.args: values[0]}] if len(values) == 1 else None
+        else:
+            if fmt.close and body.endswith(fmt.close):
+                body = body[: -len(fmt.close)]
+            values = _decode_objects(body, fmt.sep if fmt.layout == "bare" else "")
+        if not values:
             return None
         if fmt.layout == "array":
             if len(values) != 1 or not isinstance(values[0], list) or not values[0]:
@@ -266,24 +253,38 @@ class CallParser:
             values = values[0]
         elif fmt.layout == "tagged" and len(values) != 1:
             return None
-        calls = [self._call(v) for v in values]
+        tracked = track.calls if len(track.calls) == len(values) else [None] * len(values)
+        calls = [self._call(v, t, track) for v, t in zip(values, tracked)]
         return None if any(c is None for c in calls) else calls
 
-    def _call(self, obj) -> ToolCall | None:
+    def _call(self, obj, tracked, track: CallTracker) -> ToolCall | None:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in self.names:
             return None
         keys = set(obj) - {"name"}
         if len(keys) > 1 or not keys <= {"arguments", "parameters"}:
             return None
         args = obj[keys.pop()] if keys else {}
+        as_written = None
         if isinstance(args, str):  # some models write the arguments as a JSON string
             try:
                 args = json.loads(args)
             except ValueError:
                 return None
+        elif tracked is not None and tracked.name == obj["name"]:
+            as_written = track.span(tracked)
         if not isinstance(args, dict):
             return None
-        return ToolCall(self.fmt.new_id(), obj["name"], json.dumps(args, ensure_ascii=False))
+        if not _same_json(as_written, args):  # the tracker only reads: its span must hold these arguments
+            as_written = json.dumps(args, ensure_ascii=False)
+        same = tracked is not None and tracked.id is not None and tracked.name == obj["name"]
+        return ToolCall(tracked.id if same else self.fmt.new_id(), obj["name"], as_written)
+
+
+def _same_json(text: str | None, value) -> bool:
+    try:
+        return text is not None and _DECODER.decode(text) == value
+    except ValueError:
+        return False
 
 
 def special_markers(fmt: ToolFormat, tokenizer) -> dict:
@@ -292,7 +293,7 @@ def special_markers(fmt: ToolFormat, tokenizer) -> dict:
     if tokenizer is None:
         return {}
     added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-    return {m: added[m] for m in (fmt.open, fmt.close) if m and m in added}
+    return {m: added[m] for m in fmt.markers if m in added}
 
 
 class CallStream:
@@ -304,8 +305,8 @@ class CallStream:
     token that ended it.
     """
 
-    def __init__(self, fmt: ToolFormat, names, tokenizer=None, stop=(), end_ids=()):
-        self.parser = CallParser(fmt, names)
+    def __init__(self, fmt: ToolFormat, names, tokenizer=None, stop=(), end_ids=(), deltas: bool = False):
+        self.parser = CallParser(fmt, names, deltas)
         self.calls = 0
         self._text = TextStream(tokenizer, stop, skip_special_tokens=False) if special_markers(fmt, tokenizer) else None
         self._end_ids = frozenset(end_ids)

@@ -64,7 +64,8 @@ def load_variant():
         import portable_infer
         from portable_infer.model import Model
         from portable_infer.providers import select_session
-        from portable_infer.session import Engine, SessionConfig
+        from portable_infer.engine.growing import GrowingEngine
+        from portable_infer.engine.session import SessionConfig
 
         base = portable_infer.load(package, "cpu", intra_op_threads=threads)  # checks files, reads tokenizer
         if base.variant == name:
@@ -73,7 +74,7 @@ def load_variant():
             pytest.skip(f"{package} has no {name} variant")
         sel = select_session([base.manifest.variant(name)], package, "cpu",
                              session_options=SessionConfig(intra_op_threads=threads).session_options(ort))
-        engine = Engine(sel.session, sel.variant, sel.provider.ort_name, ort)
+        engine = GrowingEngine(sel.session, sel.variant, sel.provider.ort_name, ort, max_context=base.max_context)
         return Model(base.manifest, engine, base.tokenizer, base.chat_template, base.path, sel)
     return load
 

@@ -176,3 +176,21 @@ def test_shared_graphs_write_the_bytes_they_wrote_unshared(tiny_llama, tmp_path,
         if name == "manifest.json":  # the source path is the same; the files' digests must be too
             a, b = a.replace(str(shared).encode(), b""), b.replace(str(apart).encode(), b"")
         assert a == b, name
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_reading_a_checkpoint_maps_none_of_it(tiny_llama):
+    """Tensors are read into fresh arrays, not sliced from a memory map that the source keeps: a
+    mapped file's pages count in the process's resident set until it is unmapped (the whole
+    checkpoint, by the end of an export)."""
+    from exporters.hf_source import HFSource
+
+    src = HFSource.open(tiny_llama.source)
+    tensors = {name: src.get(name) for name in sorted(src.names())}
+    files = {str(f.resolve()) for f in src.weight_files}
+    with open("/proc/self/maps") as f:
+        mapped = [line for line in f if any(path in line for path in files)]
+    assert not mapped, mapped
+    torch_state = tiny_llama.model.state_dict()
+    for name, value in tensors.items():  # the same values as the model they were saved from
+        np.testing.assert_array_equal(value, torch_state[name].numpy())

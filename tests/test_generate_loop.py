@@ -42,6 +42,7 @@ class FakeEngine:
     """
 
     provider = "FakeExecutionProvider"
+    greedy_on_device = False  # the loop reads it off every engine (Engine protocol)
     variant = SimpleNamespace(name="fake")
 
     def __init__(self, rule, vocab: int = VOCAB, capacity: int | None = None):

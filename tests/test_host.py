@@ -88,7 +88,7 @@ def test_isa_flags_and_model(tmp_path):
 
 def test_sessions_use_the_budget(monkeypatch):
     ort = pytest.importorskip("onnxruntime")
-    from portable_infer.session import SessionConfig
+    from portable_infer.engine.session import SessionConfig
 
     monkeypatch.setattr(host, "cpu_budget", lambda root="/": host.CpuBudget(8, 8, 3.0))
     assert SessionConfig().session_options(ort).intra_op_num_threads == 3

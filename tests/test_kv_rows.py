@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from portable_infer.kvmove import GRAPHS, RowMover
+from portable_infer.engine.rows import GRAPHS, RowMover
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

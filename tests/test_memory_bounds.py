@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 
 import portable_infer  # noqa: E402
 from _serving import EngineSpy  # noqa: E402
-from portable_infer import session as session_mod  # noqa: E402
+from portable_infer.engine import memory  # noqa: E402
 from portable_infer.errors import InvalidArgumentError  # noqa: E402
 from portable_infer.generate import DEFAULT_BATCH_TOKENS, plan_batches  # noqa: E402
 from portable_infer.model import Model  # noqa: E402
@@ -126,7 +126,7 @@ def test_large_prefills_shrink_the_arena_and_decode_steps_do_not(fused, static, 
     model = fused if kind == "fused" else static
     rec = RecordingSession(model.engine.session)
     monkeypatch.setattr(model.engine, "session", rec)
-    long, short = make_prompts(3, (session_mod.SHRINK_MIN_TOKENS + 10, 5))
+    long, short = make_prompts(3, (memory.SHRINK_MIN_TOKENS + 10, 5))
     model.generate_ids(long, max_new_tokens=3, ignore_eos=True)
     model.generate_ids(short, max_new_tokens=2, ignore_eos=True)
     assert rec.runs == ["cpu:0", None, None, None, None], f"{TAG} {rec.runs}"
@@ -135,7 +135,7 @@ def test_large_prefills_shrink_the_arena_and_decode_steps_do_not(fused, static, 
 def test_a_dropped_large_cache_is_given_back_after_the_generation(fused, monkeypatch):
     rec = RecordingSession(fused.engine.session)
     monkeypatch.setattr(fused.engine, "session", rec)
-    monkeypatch.setattr(session_mod, "TRIM_MIN_BYTES", 1)  # the tiny model's KV counts as large
+    monkeypatch.setattr(memory, "TRIM_MIN_BYTES", 1)  # the tiny model's KV counts as large
     fused.generate_ids(make_prompts(4, (6,))[0], max_new_tokens=3, ignore_eos=True)
     assert rec.runs == [None, None, None, "cpu:0"], f"{TAG} {rec.runs}"  # 3 forwards, then the trim run
 
@@ -144,7 +144,7 @@ def test_without_an_arena_nothing_asks_for_shrinkage(tiny_llama):
     model = portable_infer.load(tiny_llama.package, "cpu", static_kv=False, low_memory=True, intra_op_threads=2)
     rec = RecordingSession(model.engine.session)
     model.engine.session = rec
-    out = model.generate_ids(make_prompts(5, (session_mod.SHRINK_MIN_TOKENS + 1,))[0], max_new_tokens=2)
+    out = model.generate_ids(make_prompts(5, (memory.SHRINK_MIN_TOKENS + 1,))[0], max_new_tokens=2)
     assert out and rec.runs and set(rec.runs) == {None}, rec.runs
 
 

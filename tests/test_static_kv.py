@@ -74,7 +74,7 @@ def test_step_logits_match_the_fused_graph(static, fused):
 
 
 def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static, monkeypatch):
-    from portable_infer.static_engine import GRAPHS_PER_SHAPE
+    from portable_infer.engine.static import GRAPHS_PER_SHAPE
 
     e = static.engine
     plain = [e.new_cache(3, capacity=10) for _ in range(2)]  # no CUDA graphs: nothing pooled
@@ -128,7 +128,7 @@ def _released(event) -> bool:
 
 def use_row_mover(engine, monkeypatch) -> None:
     """Move KV rows with the RowMover graph, as on GPUs (the CPU engine uses numpy)."""
-    from portable_infer.kvmove import RowMover
+    from portable_infer.engine.rows import RowMover
 
     mover = RowMover(engine.session, engine.ort, engine.variant.kv.dtype)
     monkeypatch.setattr(engine, "row_mover", lambda: mover)
@@ -140,9 +140,9 @@ def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatc
     cached prefix) and leave a batch whose KV lives in fixed buffers; every request still gives
     its single run's greedy tokens. ``on_device``: KV rows move and reach the prefix cache
     through the RowMover graph (as on GPUs) instead of numpy."""
-    from portable_infer.cache import KVCache
+    from portable_infer.engine.kv_growing import GrowingCache
+    from portable_infer.engine.kv_static import StaticCache
     from portable_infer.scheduler import Scheduler, SchedulerConfig
-    from portable_infer.static_engine import StaticCache
 
     if on_device:
         use_row_mover(static.engine, monkeypatch)
@@ -164,7 +164,7 @@ def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatc
         outs.append([r.token for r in last if r.token is not None])
         stats = sched.stats()
     kinds = {type(c) for c in made}
-    assert kinds == {StaticCache} and KVCache not in kinds, kinds
+    assert kinds == {StaticCache} and GrowingCache not in kinds, kinds
     for i, (got, want) in enumerate(zip(outs, ref)):
         assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
     assert stats.prefix_cache_hits >= 1 and stats.prefix_cache_tokens >= 16
@@ -214,7 +214,7 @@ def test_greedy_on_the_device_returns_the_logits_argmax(static, fused, monkeypat
 
 
 def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_split(static):
-    from portable_infer import kvstatic
+    from portable_infer.engine.kv_static import write
 
     e = static.engine
     rng = np.random.default_rng(SEED + 4)
@@ -227,11 +227,11 @@ def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_sp
         for layer, pair in enumerate(c.values):
             for j, v in enumerate(pair):
                 x = rng.standard_normal(v.shape()).astype(dtype)
-                kvstatic.write(v, dtype, lambda out, x=x: out.__setitem__(Ellipsis, x))
+                write(v, dtype, lambda out, x=x: out.__setitem__(Ellipsis, x))
                 data[id(c), layer, j] = x
     mask_a, mask_b = np.ones((1, 45), np.int64), np.zeros((2, 30), np.int64)
     mask_b[0, -7:], mask_b[1, :] = 1, 1
-    merged, mask = kvstatic.merge(e, a, mask_a, b, mask_b)
+    merged, mask = a.merge(mask_a, b, mask_b)
     assert (merged.batch, merged.capacity, merged.rows.tolist(), mask.shape) == (3, 64, [45, 7, 30], (3, 45))
     keep_rows = [(a, 0, 45), (b, 0, 7), (b, 1, 30)]
     for layer, pair in enumerate(merged.values):
@@ -239,7 +239,7 @@ def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_sp
             got = v.numpy()
             for i, (c, row, n) in enumerate(keep_rows):
                 np.testing.assert_array_equal(got[i, :, :n], data[id(c), layer, j][row, :, :n])
-    left, mask2 = kvstatic.take(e, merged, mask, [2, 0])
+    left, mask2 = merged.take(mask, [2, 0])
     assert left.rows.tolist() == [30, 45] and mask2.shape == (2, 45)
     np.testing.assert_array_equal(left.values[0][1].numpy()[0, :, :30], data[id(b), 0, 1][1, :, :30])
     np.testing.assert_array_equal(left.values[0][1].numpy()[1, :, :45], data[id(a), 0, 1][0, :, :45])
@@ -276,8 +276,8 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     the buffers if it kept moving), then a late request joins, and every request still gives its
     single run's tokens with far fewer compactions than rows finishing. ``on_device``: rows move
     through the RowMover graph (as on GPUs) instead of numpy."""
-    from portable_infer import kvblocks
-    from portable_infer.kvmove import RowMover
+    from portable_infer.engine.kv_static import StaticCache
+    from portable_infer.engine.rows import RowMover
     from portable_infer.scheduler import Scheduler, SchedulerConfig
 
     assert static.engine.row_mover() is None  # the CPU moves rows with numpy
@@ -291,8 +291,9 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     ps = prompts(rng, [6, 40, 9, 4, 12, 7, 5, 8])
     news = [40, 2, 42, 44, 45, 41, 43, 9]  # buffers of 64 tokens: 40 + 2 + 23 idle steps would not fit
     ref = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
-    takes, real_take = [], kvblocks.take
-    monkeypatch.setattr(kvblocks, "take", lambda *a: (takes.append(len(a[2])), real_take(*a))[1])
+    takes, real_take = [], StaticCache.take
+    monkeypatch.setattr(StaticCache, "take",
+                        lambda c, mask, keep: (takes.append(len(keep)), real_take(c, mask, keep))[1])
     start, hold, held, batches = threading.Event(), threading.Event(), threading.Event(), []
 
     def paced(ids, mask, cache, *_):  # forwards wait for every submit; decode step 30 while ``hold``

@@ -143,7 +143,7 @@ def test_auto_and_none_give_text(client, model):
                                           max_tokens=20, seed=3, temperature=0.7)
     assert auto.choices[0].message.tool_calls is None and isinstance(auto.choices[0].message.content, str)
     assert auto.choices[0].finish_reason in ("stop", "length")
-    assert auto.usage.prompt_tokens == len(model._chat_ids(messages, tools=TOOLS)) > plain.usage.prompt_tokens
+    assert auto.usage.prompt_tokens == len(model.chat_ids(messages, tools=TOOLS)) > plain.usage.prompt_tokens
     assert none.usage.prompt_tokens == plain.usage.prompt_tokens
     assert none.choices[0].message.content == plain.choices[0].message.content  # same prompt, same seed
 
@@ -213,3 +213,24 @@ def test_python_api(model):
     with pytest.raises(portable_infer.InvalidArgumentError) as e:
         model.chat(messages, tools=TOOLS, tool_choice="required", tool_parser="xml")
     assert e.value.param == "tool_parser"
+
+
+def test_rest_of_the_request_surface(client):
+    """Issue 19, item 3 beside tools: n > 1 is a 400; seed, max_completion_tokens, stop,
+    stream_options.include_usage and user work (with tools too)."""
+    base = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], user="u-1")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(n=2, **base)
+    assert e.value.body["param"] == "n"
+    one, two, other = (client.chat.completions.create(temperature=1.0, seed=s, max_completion_tokens=12,
+                                                      extra_body={"ignore_eos": True}, **base) for s in (7, 7, 8))
+    assert one.choices[0].message.content == two.choices[0].message.content != other.choices[0].message.content
+    assert one.usage.completion_tokens == 12 and one.choices[0].finish_reason == "length"
+    forced = dict(logit_bias={"38": 100}, max_completion_tokens=5, extra_body={"ignore_eos": True}, **base)  # "B"
+    assert client.chat.completions.create(**forced).choices[0].message.content == "BBBBB"
+    stopped = client.chat.completions.create(stop=["BB"], **forced)
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, tools=TOOLS,
+                                                 tool_choice=NAMED, max_completion_tokens=300, **base))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"

@@ -27,6 +27,7 @@ HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"ci
           '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
 LLAMA = '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "f", "parameters": {}}'
 MISTRAL = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "f", "arguments": {}}]'
+MISTRAL11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]f[ARGS]{}'
 TWO_CALLS = [("get_weather", '{"city": "Paris"}'), ("f", "{}")]
 
 
@@ -43,8 +44,11 @@ def parse(fmt: str, text: str, cuts=None) -> tuple:
     ("hermes", HERMES, "Let me check."),
     ("llama3_json", LLAMA, ""),
     ("llama3_json", "<|python_tag|>" + LLAMA, ""),
+    ("llama3_json", " \n<|python_tag|>" + LLAMA, ""),
     ("mistral", MISTRAL, ""),
-    ("mistral", "Sure: " + MISTRAL + " done", "Sure:done"),  # whitespace next to a call goes
+    ("mistral", "Sure: " + MISTRAL + " done", "Sure:  done"),  # the content's own whitespace stays
+    ("mistral_v11", MISTRAL11, ""),
+    ("mistral_v11", "Sure: " + MISTRAL11 + "\n", "Sure: \n"),
 ])
 def test_each_format_parses_whole_and_streamed(fmt, text, content):
     """The calls and content, whole and cut into random pieces (one character each, too)."""
@@ -155,7 +159,8 @@ FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "obje
     ([{"type": "function", "function": {"name": "a b"}}], "tools[0].function.name"),
     ([{"type": "function", "function": {"name": "x" * 65}}], "tools[0].function.name"),
     ([FN, FN], "tools[1].function.name"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], "tools[0].function.parameters"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+     "tools[0].function.parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "(["}}}}}], "tools[0].function.parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {

@@ -19,7 +19,7 @@ from portable_infer.errors import PackageError, ProviderError
 from portable_infer.loader import LoadConfig
 from portable_infer.manifest import GraphVariant, KVLayout
 from portable_infer.providers import CPU, ENV_VAR, PROVIDERS, VariantChoice, choose_variant, select_session
-from portable_infer.session import SessionConfig
+from portable_infer.engine.session import SessionConfig
 
 CPU_EP, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 FULL = ("portable", "fused", "fused-int8", "static", "static-int8")

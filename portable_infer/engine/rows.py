@@ -1,7 +1,7 @@
 """Rows of fixed KV buffers moved on their own device, for the scheduler's joins and leaves.
 
-:mod:`portable_infer.kvstatic` moves rows between a static batch's buffers. On the CPU that is a
-numpy copy; on a GPU, through the host, it would copy every buffer out and back in (~19 ms per
+:class:`~portable_infer.engine.kv_static.StaticCache` moves rows between a static batch's buffers.
+On the CPU that is a numpy copy; on a GPU, through the host, it would copy every buffer out and back in (~19 ms per
 leave for SmolLM2 at batch 16 on an H100). :class:`RowMover` runs the shipped graph
 ``graphs/kv_rows.<dtype>.onnx`` (``y = Slice(Pad(Gather(x, rows), pads), :keep)``, built by
 ``exporters/runtime_graphs.py``) on the buffers' device, its output bound inside the destination
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-GRAPHS = Path(__file__).resolve().parent / "graphs"
+GRAPHS = Path(__file__).resolve().parent.parent / "graphs"  # portable_infer/graphs (package data)
 _NO_GRAPH_CAPTURE = {"enable_cuda_graph"}  # its output addresses change every run
 
 

@@ -1,7 +1,8 @@
 """The engine for ``growth: static`` graphs: fixed KV buffers, and CUDA graphs for decode steps.
 
-Callers see the same verbs as :class:`~portable_infer.session.Engine` (``new_cache``,
-``forward(ids, mask, cache)`` with the left-padded, growing mask of the decode loop). Inside,
+It implements the same :class:`~portable_infer.engine.protocols.Engine` as the growing engine
+(``new_cache``, ``forward(ids, mask, cache)`` with the left-padded, growing mask of the decode
+loop), with :class:`~portable_infer.engine.kv_static.StaticCache` for its caches. Inside,
 each row keeps its tokens from index 0 of a preallocated buffer ``[B, KVH, capacity, D]`` that
 is bound as both past and present, so a decode step (batch B, one token per row, mask of width
 ``capacity``) has the same shapes and addresses every time: it runs on an IO binding made once
@@ -14,7 +15,7 @@ runs. Without CUDA graphs (CPU, or capture refused) capacities are rounded to
 PLAIN_CAPACITY_STEP only, and a dead cache's buffers wait, up to SPARE_BYTES in all, for the
 next cache of the same shape (the scheduler makes one at every join and leave: fresh memory
 would be faulted in each time). The continuous-batching scheduler moves rows between these
-caches with :mod:`portable_infer.kvstatic`. When capture is refused or fails, the engine logs
+caches with the caches' own row operations. When capture is refused or fails, the engine logs
 why and runs every step without a graph.
 """
 
@@ -23,14 +24,17 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import manifest as mf
-from .errors import CapacityError, InvalidArgumentError, PortableInferError
-from .kvmove import RowMover
-from .session import SHRINK_MIN_TOKENS, TRIM_MIN_BYTES, release_heap, shrink_run_options
+from .. import manifest as mf
+from ..errors import InvalidArgumentError, PortableInferError
+from . import memory
+from .checks import check_call, check_capacity, checked_capacity
+from .devices import device_of
+from .kv_static import StaticCache
+from .rows import RowMover
 
 logger = logging.getLogger(__name__)
 
@@ -39,49 +43,6 @@ PLAIN_CAPACITY_STEP = 32  # without CUDA graphs: less rounding, less memory (spa
 GRAPHS_PER_SHAPE = 4  # caches of one shape alive at once that get a CUDA graph; more run without
 MAX_GRAPHS = 16  # pooled buffers (and captured graphs) kept in all; later shapes run without graphs
 SPARE_BYTES = 64 << 20  # without graphs: buffers of dead caches kept for the next cache of their shape
-_DEVICE = {"CUDAExecutionProvider": "cuda"}
-
-
-@dataclass
-class StaticCache:
-    """Per-layer (key, value) buffers and how many tokens each row holds."""
-
-    layout: mf.KVLayout
-    batch: int
-    capacity: int
-    values: list  # [(key OrtValue, value OrtValue)] [B, KVH, capacity, D]
-    rows: np.ndarray = None  # tokens held per row
-    length: int = 0  # caller-facing: columns of the (left-padded) mask seen so far
-    graph_id: int = -1  # the CUDA graph this cache's buffers belong to (-1: none)
-    _slot: object = field(default=None, repr=False)
-
-    @property
-    def offset(self) -> int:
-        return self.length
-
-    def _token_bytes(self) -> int:
-        return 2 * len(self.layout.past) * self.layout.num_kv_heads * self.layout.head_dim * \
-            np.dtype(self.layout.dtype).itemsize
-
-    def reserved_nbytes(self) -> int:
-        """The buffers' size: batch x capacity tokens (virtual memory on the CPU)."""
-        return self.batch * self.capacity * self._token_bytes()
-
-    def nbytes(self) -> int:
-        """KV bytes the buffers really hold. On the CPU a fresh buffer's pages are committed when
-        first written, so this counts the positions written so far per row (in these buffers by
-        any cache that used them): what the resident memory grew by, not the virtual
-        ``reserved_nbytes`` (a 2.8 GiB reservation held 41 MB). Device allocators commit the whole
-        buffer at once: there it is ``reserved_nbytes``."""
-        if self._slot is None or self._slot.written is None:
-            return self.reserved_nbytes()
-        return int(self._slot.written.sum()) * self._token_bytes()
-
-    def mark_written(self, upto) -> None:
-        """Rows' positions ``[0, upto)`` now hold data (``upto``: per row, or one int for all)."""
-        slot = self._slot
-        if slot is not None and slot.written is not None:
-            np.maximum(slot.written, np.minimum(upto, self.capacity), out=slot.written)
 
 
 @dataclass
@@ -105,7 +66,10 @@ class _Slot:
 
 
 class StaticEngine:
-    """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them."""
+    """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them.
+
+    Implements :class:`~portable_infer.engine.protocols.Engine`.
+    """
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int,
                  vocab_size: int, cuda_graph: bool = False):
@@ -113,7 +77,7 @@ class StaticEngine:
             raise PortableInferError(f"variant {variant.name} grows its KV ({variant.kv.growth}); "
                                      f"use Engine, not StaticEngine")
         self.session, self.variant, self.provider, self.ort = session, variant, provider, ort
-        self.device = _DEVICE.get(provider, "cpu")
+        self.device = device_of(provider)
         self.max_context, self.vocab = max_context, vocab_size
         self.cuda_graph = cuda_graph and self.device == "cuda"
         # A binding made once is only right when every node runs where the buffers are: ONNX
@@ -126,14 +90,14 @@ class StaticEngine:
         self._spare_lock = threading.Lock()  # finalizers run on whichever thread drops a cache
         self._graphs = 0
         self._plain = self._run_options(-1)  # for every step that does not replay a graph
-        self._shrink = shrink_run_options(session, ort) if self.device == "cpu" else None  # large prefills
+        self._shrink = memory.shrink_run_options(session, ort) if self.device == "cpu" else None  # large prefills
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
         self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
         self._row_mover = False  # made on first use: row_mover()
 
     def row_mover(self):
         """What moves KV rows between this engine's buffers on their device (a
-        :class:`~portable_infer.kvmove.RowMover`), or None where numpy moves them: on the CPU, or
+        :class:`~portable_infer.engine.rows.RowMover`), or None where numpy moves them: on the CPU, or
         where its graph cannot run on the device (logged once; the host path still works)."""
         if self._row_mover is False:
             self._row_mover = None
@@ -148,20 +112,18 @@ class StaticEngine:
         """A cache that held ``dropped_bytes`` was dropped: its buffers (not in ONNX Runtime's arena,
         which large prefills already shrink) go back to the OS from the C heap when it was at
         least TRIM_MIN_BYTES (buffers of up to SPARE_BYTES are kept for the next cache)."""
-        if dropped_bytes >= TRIM_MIN_BYTES and self.device == "cpu":
-            release_heap()
+        if dropped_bytes >= memory.TRIM_MIN_BYTES and self.device == "cpu":
+            memory.release_heap()
 
     # --- caches -----------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int | None = None) -> StaticCache:
         """Buffers for ``batch`` rows of ``capacity`` tokens (rounded up; default: the context)."""
-        want = self.max_context if capacity is None else int(capacity)
-        if want < 1:
-            raise InvalidArgumentError(f"capacity must be at least 1, got {capacity}")
+        want = checked_capacity(capacity, self.max_context)
         step = CAPACITY_STEP if self.cuda_graph else PLAIN_CAPACITY_STEP
         cap = min(self.max_context, -(-want // step) * step)
         slot, done = self._graph_slot(batch, cap) if self.cuda_graph else self._spare_slot(batch, cap)
         cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
-                            graph_id=slot.graph_id, _slot=slot)
+                            graph_id=slot.graph_id, _slot=slot, engine=self)
         weakref.finalize(cache, *done)
         return cache
 
@@ -190,7 +152,8 @@ class StaticEngine:
         return slot, (self._keep_spare, (batch, cap), slot)
 
     def _slot_bytes(self, slot: _Slot) -> int:
-        return 2 * len(slot.values) * int(np.prod(slot.values[0][0].shape())) * np.dtype(self.variant.kv.dtype).itemsize
+        batch, _, cap, _ = slot.values[0][0].shape()
+        return batch * cap * memory.bytes_per_token(self.variant.kv)
 
     def _keep_spare(self, key: tuple, slot: _Slot) -> None:
         """A dead cache's buffers (no graph on them): kept for the next cache of their shape."""
@@ -211,22 +174,18 @@ class StaticEngine:
                      written=np.zeros(batch, np.int64) if self.device == "cpu" else None)
 
     # --- one step ---------------------------------------------------------------------------------
-    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, all_logits: bool = False,
-                greedy: bool = False) -> np.ndarray:
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, *, greedy: bool = False,
+                all_logits: bool = False) -> np.ndarray:
         """``ids`` [B, S] new tokens, ``mask`` [B, past + S] (left padding, as for growing
-        graphs). Returns the logits [B, vocab] of each row's last new token (the graph computes
-        no others, so ``all_logits`` changes nothing; it is there for Engine's signature).
-        ``greedy`` (graphs with ``greedy_on_device``): return each row's argmax token [B] instead,
-        leaving the logits on the device."""
-        if greedy and not self.greedy_on_device:
-            raise InvalidArgumentError(f"graph {self.variant.file} has no {mf.NEXT_TOKEN} output; "
-                                       f"re-export the package for greedy decoding on the device")
+        graphs). Returns the logits [B, vocab] of each row's last new token. ``greedy`` (graphs
+        with ``greedy_on_device``): return each row's argmax token [B] instead, leaving the logits
+        on the device. ``all_logits`` is refused: the graph computes the last position only
+        (``logits: last``)."""
+        check_call(self, greedy, all_logits)
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], dtype=np.int64)
         rows = cache.rows + new.sum(axis=1)
-        if rows.max() > cache.capacity:
-            raise CapacityError(f"the KV buffer holds {cache.capacity} tokens per row and a row "
-                                f"needs {int(rows.max())}; make the cache with a larger capacity")
+        check_capacity(rows, cache.capacity)
         prefill = not cache.rows.any()
         if prefill:  # prefill: real tokens right-aligned in the input -> row starts
             lens = new.sum(axis=1)
@@ -269,7 +228,7 @@ class StaticEngine:
         if self.greedy_on_device:
             b.bind_output(mf.LOGITS if greedy else mf.NEXT_TOKEN, self.device)
         self._bind_cache(b, cache)
-        big = self._shrink is not None and ids.size >= SHRINK_MIN_TOKENS
+        big = self._shrink is not None and ids.size >= memory.SHRINK_MIN_TOKENS
         self.session.run_with_iobinding(b, self._shrink if big else self._plain)
         out = b.get_outputs()[0].numpy()
         return out[:, 0] if greedy else out[:, -1, :]

@@ -1,0 +1,148 @@
+"""The KV cache of ``growth: static`` graphs: fixed buffers written in place, and its row operations.
+
+Each row keeps its tokens from index 0 of a ``[batch, kv_heads, capacity, head_dim]`` buffer and
+its own length (``rows``); the graph writes each new token in place (past and present are one
+buffer), so a decode step copies no KV at all, where a growing cache copies all of it every step.
+The buffers belong to the :class:`~portable_infer.engine.static.StaticEngine` that made the cache
+(pooled per shape, CUDA graphs captured on them). Joining or leaving copies the rows that stay into
+buffers of the new batch size, once::
+
+    batch (capacity 256)           newcomer              merged (capacity 256)
+    row 0: t t t t . . .           row: t t . . .   ->   row 0: t t t t . . .
+    row 1: t t t t t t .                                 row 1: t t t t t t .
+                                                         row 2: t t . . . . .
+
+Off the CPU the rows move on the device (:class:`~portable_infer.engine.rows.RowMover`), not
+through the host. The caller's left-padded mask is kept as it is for its width
+(:mod:`~portable_infer.engine.padding`); the engine reads each row's length from ``rows``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..manifest import KVLayout
+from . import padding
+from .memory import bytes_per_token
+
+# OrtValue.numpy() is a view of the value's memory on the CPU (writable, no copy) and a host
+# copy on other devices.
+
+
+def write(value, dtype, fill) -> None:
+    """``fill(array)`` writes into ``value``: in place on the CPU, through a host copy elsewhere."""
+    if value.device_name() == "cpu":
+        fill(value.numpy())
+        return
+    out = np.zeros(value.shape(), dtype=dtype)
+    fill(out)
+    value.update_inplace(out)
+
+
+@dataclass
+class StaticCache:
+    """Per-layer (key, value) buffers and how many tokens each row holds; see
+    :class:`~portable_infer.engine.protocols.KVCache`."""
+
+    layout: KVLayout
+    batch: int
+    capacity: int
+    values: list  # [(key OrtValue, value OrtValue)] [B, KVH, capacity, D]
+    rows: np.ndarray = None  # tokens held per row
+    length: int = 0  # caller-facing: columns of the (left-padded) mask seen so far
+    graph_id: int = -1  # the CUDA graph this cache's buffers belong to (-1: none)
+    _slot: object = field(default=None, repr=False)
+    engine: object = field(default=None, repr=False, compare=False)  # the StaticEngine that made it
+
+    @property
+    def bytes_per_token(self) -> int:
+        return bytes_per_token(self.layout)
+
+    def reserved_nbytes(self) -> int:
+        """The buffers' size: batch x capacity tokens (virtual memory on the CPU)."""
+        return self.batch * self.capacity * self.bytes_per_token
+
+    def nbytes(self) -> int:
+        """KV bytes the buffers really hold. On the CPU a fresh buffer's pages are committed when
+        first written, so this counts the positions written so far per row (in these buffers by
+        any cache that used them): what the resident memory grew by, not the virtual
+        ``reserved_nbytes`` (a 2.8 GiB reservation held 41 MB). Device allocators commit the whole
+        buffer at once: there it is ``reserved_nbytes``."""
+        if self._slot is None or self._slot.written is None:
+            return self.reserved_nbytes()
+        return int(self._slot.written.sum()) * self.bytes_per_token
+
+    def mark_written(self, upto) -> None:
+        """Rows' positions ``[0, upto)`` now hold data (``upto``: per row, or one int for all)."""
+        slot = self._slot
+        if slot is not None and slot.written is not None:
+            np.maximum(slot.written, np.minimum(upto, self.capacity), out=slot.written)
+
+    # --- rows joining and leaving ----------------------------------------------------------------
+    def merge(self, mask: np.ndarray, other: "StaticCache", other_mask: np.ndarray) -> tuple:
+        """Rows of ``other`` under these in new buffers of the larger capacity; ``(cache, mask)``."""
+        out = self.engine.new_cache(self.batch + other.batch, capacity=max(self.capacity, other.capacity))
+        _copy_rows(out, [(self, np.arange(self.batch)), (other, np.arange(other.batch))])
+        out.rows = np.concatenate([self.rows, other.rows])
+        out.length = max(self.length, other.length)
+        return out, padding.stack(mask, self.length, other_mask, other.length)
+
+    def take(self, mask: np.ndarray, keep: list) -> tuple:
+        """Rows ``keep`` (in that order) in new buffers; ``(cache, mask)``."""
+        sub, start = padding.keep_rows(mask, keep)
+        idx = np.asarray(keep, np.int64)
+        out = self.engine.new_cache(len(keep), capacity=self.capacity)
+        _copy_rows(out, [(self, idx)])
+        out.rows = self.rows[idx].copy()
+        out.length = self.length - start
+        return out, sub
+
+    def prompt_kv(self, prompts: list, rows: list) -> list:
+        """Row i holds ``prompts[i]`` from token 0. Off the CPU only those rows' prompt tokens
+        leave the device."""
+        mover = self.engine.row_mover()
+        if mover is not None:
+            keep = max(len(prompts[i]) for i in rows)
+            fetched = [tuple(mover.fetch(x, rows, keep) for x in pair) for pair in self.values]
+            return [[(k[j:j + 1, :, :len(prompts[i])], v[j:j + 1, :, :len(prompts[i])]) for k, v in fetched]
+                    for j, i in enumerate(rows)]
+        arrays = [(k.numpy(), v.numpy()) for k, v in self.values]  # the prefix cache copies what it keeps
+        return [[(k[i:i + 1, :, :len(prompts[i])], v[i:i + 1, :, :len(prompts[i])]) for k, v in arrays] for i in rows]
+
+    def fill_prefix(self, arrays: list, n: int) -> None:
+        dtype = np.dtype(self.layout.dtype)
+        for (dk, dv), (k, v) in zip(self.values, arrays):
+            for d, x in ((dk, k), (dv, v)):
+                write(d, dtype, lambda out, x=x: out.__setitem__((slice(None), slice(None), slice(0, n)), x))
+        self.rows = np.array([n], np.int64)
+        self.length = n
+        self.mark_written(self.rows)
+
+
+def _copy_rows(dst: StaticCache, parts: list) -> None:
+    """Write ``parts`` [(cache, row indices)] one after another into ``dst``'s rows: tokens
+    ``[0, rows)`` of each (what the graph reads; the rest of a row is never read). On the
+    engine's device where it has a row mover (GPUs), else through numpy."""
+    mover = dst.engine.row_mover()
+    if mover is not None:
+        for layer, pair in enumerate(dst.values):
+            for j, d in enumerate(pair):
+                at = 0
+                for c, idx in parts:
+                    if len(idx):
+                        mover.copy(c.values[layer][j], idx, d, at)
+                    at += len(idx)
+        return
+    used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
+    dst.mark_written(np.repeat(used, [len(idx) for _, idx in parts]))
+    dtype = np.dtype(dst.layout.dtype)
+    for layer, pair in enumerate(dst.values):
+        for j, d in enumerate(pair):
+            def fill(out, layer=layer, j=j):
+                at = 0
+                for (c, idx), n in zip(parts, used):
+                    out[at:at + len(idx), :, :n] = c.values[layer][j].numpy()[idx, :, :n]
+                    at += len(idx)
+            write(d, dtype, fill)
