@@ -129,10 +129,14 @@ def functional(pkg: Path, provider: str = "cuda") -> None:
         say(f"- tool_choice={json.dumps(choice)}: finish_reason {msg.get('finish_reason', getattr(reply, 'finish_reason', None))}, call valid: {ok} ({args})")
 
 
+def make8b(assets: Path, work: Path) -> None:
+    if not (work / "llama8b-hf" / "config.json").is_file():
+        make_hf(work / "llama8b-hf", assets, LLAMA8B, "float16")
+
+
 def export8b(assets: Path, work: Path) -> None:
     hf, ours, genai = work / "llama8b-hf", work / "llama8b-ours", work / "llama8b-genai"
-    if not (hf / "config.json").is_file():
-        make_hf(hf, assets, LLAMA8B, "float16")
+    make8b(assets, work)
     cli = [sys.executable, "-m", "portable_infer.cli"]
     rows = {}
     rows["portable_infer (static, --no-verify)"] = timed(
@@ -157,7 +161,7 @@ def main() -> None:
     ap.add_argument("--assets", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--work", type=Path, default=Path("/root/work"))
-    ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "export8b"])
+    ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "make8b", "export8b"])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
@@ -167,11 +171,12 @@ def main() -> None:
     try:
         for part in args.parts:
             t = time.perf_counter()
-            {"constrained": constrained, "export8b": export8b}[part](args.assets, args.work)
+            {"constrained": constrained, "make8b": make8b, "export8b": export8b}[part](args.assets, args.work)
             say(f"\n({part}: {time.perf_counter() - t:.0f} s)\n")
     finally:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_agent_export.md").write_text("\n".join(LINES) + "\n")
+        with open(args.out / "gpu_agent_export.md", "a") as f:
+            f.write("\n".join(LINES) + "\n")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,18 @@ class Guide:
         self._lltokenizer = None
         self._compiled: OrderedDict = OrderedDict()
 
+    def _make(self, llg, source):
+        """llg.LLTokenizer with every EOS id; llguidance releases before list support (1.6 takes
+        one int) get the first, so a grammar still ends on the model's main EOS token."""
+        eos = list(self.eos_ids) or None
+        try:
+            return llg.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
+        except TypeError:
+            if not eos:
+                raise
+            logger.info("this llguidance takes one EOS id: grammars end on %d only", eos[0])
+            return llg.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos[0])
+
     @property
     def lltokenizer(self):
         """llguidance's view of the tokenizer (built once, about a second for a 50k vocabulary):
@@ -189,14 +201,12 @@ class Guide:
         with self._lock:
             if self._lltokenizer is None:
                 llg = _llguidance()
-                eos = self.eos_ids or None
                 try:
-                    self._lltokenizer = llg.LLTokenizer(self.tokenizer.to_str(), n_vocab=self.vocab_size,
-                                                        eos_token=eos)
+                    self._lltokenizer = self._make(llg, self.tokenizer.to_str())
                 except ValueError as exc:
                     logger.info("llguidance cannot read tokenizer.json (%s); using each token's text", exc)
                     wrapper = llg.TokenizerWrapper(_TokenBytes(self.tokenizer, self.vocab_size, self.eos_ids))
-                    self._lltokenizer = llg.LLTokenizer(wrapper, n_vocab=self.vocab_size, eos_token=eos)
+                    self._lltokenizer = self._make(llg, wrapper)
             return self._lltokenizer
 
     def token_bytes(self, token: int) -> bytes:

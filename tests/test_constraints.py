@@ -244,3 +244,29 @@ def test_a_tokenizer_llguidance_cannot_read_is_used_through_its_token_texts():
         assert stopped, text
         jsonschema.validate(json.loads(text), SCHEMA)
     assert g.token_bytes(tok.token_to_id("é")) == "é".encode()
+
+
+def test_llguidance_taking_one_eos_id_gets_the_first(monkeypatch):
+    """Older llguidance releases (1.6, the newest built for some platforms) take ``eos_token`` as
+    one int and raise TypeError on a list: the guide then builds with the first EOS id, and a
+    grammar still ends on it."""
+    import llguidance
+
+    real = llguidance.LLTokenizer
+    seen = []
+
+    def one_eos(source, *, n_vocab=None, eos_token=None):
+        seen.append(eos_token)
+        if isinstance(eos_token, list):
+            raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+        return real(source, n_vocab=n_vocab, eos_token=eos_token)
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", one_eos)
+    g = Guide(byte_tokenizer(), 256, [EOS, EOS - 1])
+    m = g.matcher(Constraint.regex("ab"))
+    assert seen[0] == [EOS, EOS - 1] and seen[-1] == EOS
+    for ch in "ab":
+        tok = next(int(t) for t in np.flatnonzero(m_allowed(g, m)) if g.tokenizer.decode([int(t)]) == ch)
+        consume(m, tok)
+    allowed = m_allowed(g, m)
+    assert allowed[EOS] and not allowed[EOS - 1] and allowed.sum() == 1
