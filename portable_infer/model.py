@@ -27,7 +27,8 @@ from .manifest import Manifest
 from .prompts import check_messages, check_text, token_ids
 from .sampling import SamplingParams
 from .streaming import Response, TextStream
-from .tool_specs import chat_with_tools, template_messages
+from .tool_chat import chat_with_tools, stream_chat_with_tools, wants_tools
+from .tool_specs import template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,15 @@ class Model:
                                decode_tokens_per_s=dec.timings["decode_steps"] / elapsed, **meta)
         logger.debug("generated %d tokens in %.3f s", n, time.perf_counter() - start)
 
-    def stream_chat(self, messages: list, *, truncate: bool = False, **sampling) -> Iterator[Response]:
-        """Like :meth:`stream_generate` for chat messages rendered with the package's template."""
+    def stream_chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None,
+                    tool_parser=None, truncate: bool = False, **sampling) -> Iterator:
+        """Like :meth:`stream_generate` for chat messages rendered with the package's template; with
+        ``tools`` (see :meth:`chat`), one :class:`~portable_infer.tool_stream.ChatDelta` per token instead
+        (content, tool-call pieces), the last with ``finish_reason`` and the whole ``message``."""
+        if wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
+            yield from stream_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
+                                              truncate=truncate, **sampling)
+            return
         yield from self.stream_tokens(self.chat_ids(messages), self.params(**sampling), truncate)
 
     def chat_ids(self, messages: list, tools: list | None = None) -> list:
@@ -246,9 +254,9 @@ class Model:
 
         With ``tools`` (OpenAI's function definitions; ``tool_choice`` "auto", "required", "none" or
         ``{"type": "function", "function": {"name": ...}}``; ``parallel_tool_calls``; ``tool_parser``
-        to name the call format): a :class:`~portable_infer.tool_specs.ChatMessage` with ``content``
+        to name the call format): a :class:`~portable_infer.tool_stream.ChatMessage` with ``content``
         and parsed ``tool_calls`` (see docs/serving.md, *Tool calling*)."""
-        if tools is None and tool_choice is None and parallel_tool_calls is None and tool_parser is None:
+        if not wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
             return "".join(r.text for r in self.stream_chat(messages, **kwargs))
         return chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser, **kwargs)
 

@@ -65,6 +65,7 @@ from .scheduler_plan import Planner, StepPlan
 from .scheduler_queues import RequestQueues
 from .sequence import Sequence
 from .streaming import TextStream
+from .tool_chat import submit_chat_with_tools, wants_tools
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,14 @@ class Scheduler:
         """
         return self.submit_ids(self.model._ids(prompt), self.model.params(**sampling), truncate=truncate)
 
-    def submit_chat(self, messages: list, *, truncate: bool = False, **sampling) -> RequestHandle:
-        """Like :meth:`submit` for chat messages rendered with the package's chat template."""
-        return self.submit_ids(self.model._chat_ids(messages), self.model.params(**sampling), truncate=truncate)
+    def submit_chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None,
+                    tool_parser=None, truncate: bool = False, **sampling):
+        """Like :meth:`submit` for chat messages rendered with the package's chat template; with ``tools``
+        (see ``Model.chat``), a :class:`~portable_infer.tool_chat.ChatHandle` of ChatDelta pieces instead."""
+        if wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
+            return submit_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
+                                          truncate=truncate, **sampling)
+        return self.submit_ids(self.model.chat_ids(messages), self.model.params(**sampling), truncate=truncate)
 
     def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False) -> RequestHandle:
         """Queue a prompt given as token ids with explicit :class:`SamplingParams`."""

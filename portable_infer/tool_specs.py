@@ -10,11 +10,16 @@ named call, and the messages that carry calls and their results back into the ch
                                 around {"name": one of the tools, "arguments": valid under its
                                 parameters schema} (``%json``), one call or, with parallel calls, more
       ToolPlan.stream(...)      the parser of the reply (:class:`~portable_infer.tool_calls.CallStream`)
+    call_grammar(fmt, tools, parallel)  that grammar, for each layout of :data:`~.tool_formats.FORMATS`
     template_messages(messages) OpenAI messages -> the template's: an assistant message's calls with
                                 their arguments as objects (its content "" when null), ``tool`` results
 
 Every violation is an :class:`InvalidArgumentError` whose ``param`` is the path of the value
-(``tools[1].function.parameters``), so the server answers a 400 naming it.
+(``tools[1].function.parameters``), so the server answers a 400 naming it. A parameters schema
+must be a JSON object describing an object; llguidance compiles it only where a grammar enforces
+it (``required``, a named function): in ``auto`` mode nothing is enforced, so a schema llguidance
+cannot compile is accepted there, as vLLM does (its ``parameters`` is any JSON object).
+The Python API over these is :mod:`portable_infer.tool_chat`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, replace
 from .constraints import JSON_OPTIONS, Constraint, _llguidance
 from .errors import InvalidArgumentError
 from .tool_calls import CallStream, ToolFormat, detect_format, special_markers
+from .tool_stream import ChatMessage  # noqa: F401 - re-exported: its former home
 
 CHOICES = ("none", "auto", "required")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -55,6 +61,7 @@ class ToolSpec:
     name: str
     parameters: dict
     definition: dict
+    param: str = "tools"  # where its parameters are in the request, for errors
 
 
 def check_tools(tools) -> tuple:
@@ -86,27 +93,39 @@ def check_tools(tools) -> tuple:
         if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("strict", False), bool):
             key = "description" if not isinstance(fn.get("description", ""), str) else "strict"
             raise _bad(f"{where}.function.{key} has the wrong type", f"{where}.function.{key}")
-        specs.append(ToolSpec(name, _parameters(fn.get("parameters"), f"{where}.function.parameters"), tool))
+        param = f"{where}.function.parameters"
+        specs.append(ToolSpec(name, _parameters(fn.get("parameters"), param), tool, param))
     return tuple(specs)
 
 
 def _parameters(schema, where: str) -> dict:
-    """A tool's parameters schema, checked: an object schema that llguidance compiles."""
+    """A tool's parameters schema, checked: a JSON object describing an object (the arguments)."""
     if schema is None:
         return NO_ARGUMENTS
     if not isinstance(schema, dict):
         raise _bad(f"{where} must be a JSON schema object, got {type(schema).__name__}", where)
+    try:
+        json.dumps(schema, allow_nan=False)  # the chat template writes it out as JSON
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"{where} must be plain JSON (objects, arrays, strings, finite numbers, booleans, null): "
+                   f"{exc}", where) from None
     if schema.get("type", "object") != "object":
         raise _bad(f'{where} must describe an object (type "object": the arguments), got type '
                    f'{_show(schema.get("type"))}', where)
+    return schema
+
+
+def _enforceable(spec: ToolSpec, choice: str) -> None:
+    """A forced call's parameters schema must compile: its grammar enforces the arguments."""
     matcher = _llguidance().LLMatcher  # imported on first use, as for response_format
     try:
-        error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(schema, allow_nan=False)))
+        error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(spec.parameters)))
     except (TypeError, ValueError) as exc:
         error = str(exc)
     if error:
-        raise _bad(f"{where} is not a JSON schema this server can enforce: {error.splitlines()[0]}; fix it", where)
-    return schema
+        raise _bad(f"{spec.param} is not a JSON schema this server can enforce: {error.splitlines()[0]}; "
+                   f"tool_choice {choice} enforces a call's arguments with a grammar, so fix the schema (or send "
+                   f'tool_choice "auto", which enforces nothing)', spec.param)
 
 
 @dataclass(frozen=True)
@@ -146,10 +165,10 @@ class ToolPlan:
                        f"tool call, which response_format cannot also shape; send one of them", "tool_choice")
         return replace(params, constraint=constraint)
 
-    def stream(self, tokenizer=None, params=None, eos_ids=()) -> CallStream:
-        """A parser for one reply to this request."""
+    def stream(self, tokenizer=None, params=None, eos_ids=(), deltas: bool = False) -> CallStream:
+        """A parser for one reply to this request (``deltas``: with the pieces of streamed calls)."""
         ends = () if params is None else (*params.stop_token_ids, *(() if params.ignore_eos else eos_ids))
-        return CallStream(self.fmt, self.names, tokenizer, () if params is None else params.stop, ends)
+        return CallStream(self.fmt, self.names, tokenizer, () if params is None else params.stop, ends, deltas)
 
 
 def plan_tools(tools, tool_choice=None, parallel_tool_calls=None, template_source: str | None = None,
@@ -171,6 +190,9 @@ def plan_tools(tools, tool_choice=None, parallel_tool_calls=None, template_sourc
     if choice == "none" or not specs:
         return None
     fmt = detect_format(template_source, tool_parser)
+    for spec in specs:
+        if choice == "required" or spec.name == function:
+            _enforceable(spec, repr(function) if function else f'"{choice}"')
     return ToolPlan(specs, choice, function, parallel_tool_calls is not False, fmt)
 
 
@@ -207,6 +229,10 @@ def call_grammar(fmt: ToolFormat, tools: list, parallel: bool, special: dict | N
             return ""
         return f"<[{special[text]}]>" if text in special else json.dumps(text)
 
+    if fmt.layout == "named":  # the name is plain text before the arguments: one alternative per tool
+        calls = " | ".join(f"{lit(fmt.open)} {json.dumps(t.name)} {lit(fmt.mid)} %json "
+                           f"{json.dumps({**t.parameters, 'x-guidance': JSON_OPTIONS})}" for t in tools)
+        return f"start: {'call+' if parallel else 'call'}\ncall: {calls}\n"
     alternatives = [{"type": "object", "properties": {"name": {"const": t.name}, fmt.args: t.parameters},
                      "required": ["name", fmt.args], "additionalProperties": False} for t in tools]
     one = {"anyOf": alternatives}  # llguidance: one %json with anyOf, not alternatives of several
@@ -271,47 +297,3 @@ def _template_call(call, where: str) -> dict:
         raise _bad(f"{where}.function.arguments must be a JSON object as text (as the API returned it), got "
                    f"{_show(fn.get('arguments'))}", f"{where}.function.arguments")
     return {"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}}
-
-
-# --- the Python API: Model.chat(messages, tools=...) ----------------------------------------------------
-@dataclass(frozen=True)
-class ChatMessage:
-    """The assistant's reply to a chat with tools: its text (None when it only called tools), its
-    :class:`~portable_infer.tool_calls.ToolCall` objects, and why it ended (``"tool_calls"`` when it
-    ended by itself after calls, else ``"stop"`` or ``"length"``)."""
-
-    content: str | None
-    tool_calls: tuple = ()
-    finish_reason: str | None = None
-
-    @classmethod
-    def from_events(cls, events: list, finish_reason: str | None) -> ChatMessage:
-        calls = tuple(e for e in events if not isinstance(e, str))
-        text = "".join(e for e in events if isinstance(e, str))
-        return cls(text if text or not calls else None, calls, finish_reason)
-
-    def to_dict(self) -> dict:
-        """The message to append to the conversation (OpenAI's form; the template reads it back)."""
-        out = {"role": "assistant", "content": self.content}
-        if self.tool_calls:
-            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
-        return out
-
-
-def chat_with_tools(model, messages, tools=None, tool_choice=None, parallel_tool_calls=None, tool_parser=None, *,
-                    truncate: bool = False, **sampling) -> ChatMessage:
-    """:meth:`Model.chat <portable_infer.model.Model.chat>` with tools: render them into the
-    prompt, enforce a required or named call with a grammar, parse the reply."""
-    source = model.chat_template.source if model.chat_template is not None else None
-    plan = plan_tools(tools, tool_choice, parallel_tool_calls, source, tool_parser)
-    ids = model.chat_ids(template_messages(messages), tools=plan.template_tools if plan else None)
-    params = model.params(**sampling)
-    stream = None
-    if plan is not None:
-        params = plan.apply(params, model.tokenizer)
-        stream = plan.stream(model.tokenizer, params, model.manifest.tokenizer.eos_token_ids)
-    events, reason = [], None
-    for r in model.stream_tokens(ids, params, truncate):
-        events += stream.push(r) if stream is not None else [r.text]
-        reason = r.finish_reason
-    return ChatMessage.from_events(events, stream.finish_reason(reason) if stream is not None else reason)

@@ -27,7 +27,9 @@ from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: E402
 from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from portable_infer.server import ServerConfig, create_app  # noqa: E402
 from portable_infer.server.runner import BackgroundServer  # noqa: E402
+from portable_infer.tool_chat import ChatHandle  # noqa: E402
 from portable_infer.tool_specs import ChatMessage, template_messages  # noqa: E402
+from portable_infer.tool_stream import ChatDelta  # noqa: E402
 
 SEED = int(os.environ.get("TOOLS_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[TOOLS_SEED={SEED}]"
@@ -43,12 +45,16 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    scheduler = Scheduler(model, SchedulerConfig(max_batch=4, max_waiting=16))
+def scheduler(model):
+    with Scheduler(model, SchedulerConfig(max_batch=4, max_waiting=16)) as sched:
+        yield sched
+
+
+@pytest.fixture(scope="module")
+def server(scheduler):
     config = ServerConfig(api_key=KEY, model_name="tiny", max_prompt_tokens=1500, max_new_tokens=400)
     with BackgroundServer(create_app(scheduler, config)) as srv:
         yield srv
-    scheduler.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,14 @@ def streamed(client, **kw):
         return state.get_final_completion(), deltas
     except openai.LengthFinishReasonError:  # the SDK's final completion refuses "length": its snapshot
         return state.current_completion_snapshot, deltas
+
+
+def parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 def check_deltas(deltas, calls):
@@ -119,13 +133,18 @@ def test_parallel_calls_validate(client):
                   logit_bias={EOS: -100 if ban else 3})
         r, deltas = streamed(client, **kw) if i % 2 else (client.chat.completions.create(**kw), None)
         message, reason = r.choices[0].message, r.choices[0].finish_reason
-        calls = message.tool_calls or []
+        calls = whole = message.tool_calls or []
+        if deltas is not None and reason == "length" and calls and not parses(calls[-1].function.arguments):
+            # streamed: the call max_tokens cut went out in part (arguments as generated); its
+            # text is content, as in the whole reply
+            whole = calls[:-1]
+            assert calls[-1].function.arguments in message.content, f"{TAG} {message}"
         if ban:  # 85 to 115 characters a call: 300 tokens hold two whole calls at least
-            assert reason == "length" and len(calls) >= 2 and message.content.startswith("<tool_call>"), \
+            assert reason == "length" and len(whole) >= 2 and message.content.startswith("<tool_call>"), \
                 f"{TAG} {message}"
         else:
             assert reason == "tool_calls" and calls and message.content is None, f"{TAG} {message}"
-        for call in calls:
+        for call in whole:
             check_call(call)
         assert len({c.id for c in calls}) == len(calls)
         if deltas is not None:
@@ -234,3 +253,96 @@ def test_rest_of_the_request_surface(client):
                                                  tool_choice=NAMED, max_completion_tokens=300, **base))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 10
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_streamed_arguments_come_in_pieces(client):
+    """A call's arguments stream as they are generated (after its head), in more than one delta,
+    and the SDK's ChatCompletionStreamState still assembles the call exactly."""
+    rng = np.random.default_rng(SEED + 4)
+    print(TAG)
+    for q in questions(rng, 3):
+        r, deltas = streamed(client, model="tiny", messages=[{"role": "user", "content": q}], tools=TOOLS,
+                             tool_choice=NAMED, temperature=0.7, seed=int(rng.integers(1 << 30)), max_tokens=300)
+        (call,) = r.choices[0].message.tool_calls
+        check_call(call, ("get_weather",))
+        check_deltas(deltas, [call])
+        pieces = [d.function.arguments for d in deltas if d.id is None and d.function.arguments]
+        assert len(pieces) > 5 and "".join(pieces) == call.function.arguments, f"{TAG} {pieces}"
+
+
+def joined(deltas) -> list:
+    """[(id, name, arguments)] of the ToolCallDelta pieces of ChatDeltas."""
+    calls = {}
+    for t in (t for d in deltas for t in d.tool_calls):
+        if t.id is not None:
+            calls[t.index] = [t.id, t.name, ""]
+        calls[t.index][2] += t.arguments
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def test_python_stream_chat_with_tools(model):
+    """Model.stream_chat(messages, tools=...): one ChatDelta per token, the arguments in pieces; the
+    last carries finish_reason "tool_calls" and the whole message, which Model.chat gives too."""
+    messages = [{"role": "user", "content": "weather in rome?"}]
+    kw = dict(tools=TOOLS, tool_choice=NAMED, temperature=0.0, max_new_tokens=300, parallel_tool_calls=False)
+    deltas = list(model.stream_chat(messages, **kw))
+    assert all(isinstance(d, ChatDelta) for d in deltas) and len(deltas) == deltas[-1].response.generation_tokens
+    last = deltas[-1]
+    assert last.finish_reason == "tool_calls" and last.message.content is None
+    assert all(d.finish_reason is None and d.message is None for d in deltas[:-1])
+    (call,) = last.message.tool_calls
+    assert joined(deltas) == [(call.id, "get_weather", call.arguments)]
+    assert sum(1 for d in deltas for t in d.tool_calls if t.id is None and t.arguments) > 5
+    jsonschema.validate(json.loads(call.arguments), PARAMETERS["get_weather"])
+    again = model.chat(messages, **kw)  # greedy: the same reply, whole
+    assert [(c.name, c.arguments) for c in again.tool_calls] == [(call.name, call.arguments)]
+    assert all(hasattr(r, "token") for r in model.stream_chat(messages, max_new_tokens=2))  # no tools: Responses
+    with pytest.raises(portable_infer.InvalidArgumentError) as e:
+        next(model.stream_chat(messages, tools=TOOLS, tool_choice="sometimes"))
+    assert e.value.param == "tool_choice"
+
+
+def test_scheduler_submit_chat_with_tools(model, scheduler):
+    """Scheduler.submit_chat(messages, tools=...): a ChatHandle giving ChatDeltas (sync and async)
+    and the whole message; the same reply as Model.chat (greedy), within continuous batching."""
+    import asyncio
+
+    messages = [{"role": "user", "content": "weather in rome?"}]
+    kw = dict(tools=TOOLS, tool_choice=NAMED, temperature=0.0, max_new_tokens=300, parallel_tool_calls=False)
+    expected = model.chat(messages, **kw)
+    handles = [scheduler.submit_chat(messages, **kw) for _ in range(3)]
+    assert all(isinstance(h, ChatHandle) and h.prompt_tokens > 0 for h in handles)
+    synced = list(handles[0])
+
+    async def read(h):
+        return [d async for d in h]
+
+    asynced = asyncio.run(read(handles[1]))
+    for deltas in (synced, asynced):
+        last = deltas[-1]
+        assert last.finish_reason == "tool_calls" and joined(deltas) == [
+            (c.id, c.name, c.arguments) for c in last.message.tool_calls]
+        assert [(c.name, c.arguments) for c in last.message.tool_calls] == [
+            (c.name, c.arguments) for c in expected.tool_calls]
+    whole = handles[2].message(timeout=60)
+    assert whole.finish_reason == "tool_calls" and [(c.name, c.arguments) for c in whole.tool_calls] == [
+        (c.name, c.arguments) for c in expected.tool_calls]
+    assert handles[2].done and handles[2].message() == whole
+    plain = scheduler.submit_chat(messages, max_new_tokens=3)  # no tools: a RequestHandle of Responses
+    assert not isinstance(plain, ChatHandle) and isinstance(plain.text(timeout=60), str)
+    with pytest.raises(portable_infer.InvalidArgumentError) as e:
+        scheduler.submit_chat(messages, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    assert e.value.param == "tool_choice"
+
+
+def test_a_schema_llguidance_cannot_compile_over_http(client):
+    """Item 5, as vLLM: auto mode enforces no schema, so one llguidance cannot compile is taken
+    (the tools reach the prompt); "required" must compile it: a 400 naming it."""
+    odd = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}}}}]
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=odd, max_tokens=3)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 100
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(tool_choice="required", **kw)
+    assert e.value.body["param"] == "tools[0].function.parameters" and "auto" in e.value.body["message"]

@@ -161,10 +161,8 @@ FN = {"type": "function", "function": {"name": "f", "parameters": {"type": "obje
     ([FN, FN], "tools[1].function.name"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
      "tools[0].function.parameters"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"type": "string", "pattern": "(["}}}}}], "tools[0].function.parameters"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"type": "strnig"}}}}}], "tools[0].function.parameters"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "default": {1, 2}}}}],
+     "tools[0].function.parameters"),  # not JSON
     ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], "tools[0].function.strict"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], "tools[0].function.description"),
     ([{"type": "function", "function": {"name": "f", "params": {}}}], "tools[0].function.params"),
@@ -174,6 +172,27 @@ def test_bad_tools_name_the_field(tools, param):
     with pytest.raises(InvalidArgumentError) as e:
         check_tools(tools)
     assert e.value.param == param, str(e.value)
+
+
+UNENFORCEABLE = [{"type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}},
+                 {"type": "object", "properties": {"a": {"type": "strnig"}}}]
+
+
+@pytest.mark.parametrize("schema", UNENFORCEABLE)
+def test_a_schema_llguidance_cannot_compile_is_refused_only_where_enforced(schema):
+    """As vLLM: in auto mode nothing enforces the parameters (any object schema is taken and shown
+    to the model); "required" and a named call compile them into the grammar, so there it is an
+    error naming the tool's parameters and saying what to do."""
+    pytest.importorskip("llguidance")
+    tools = [FN, {"type": "function", "function": {"name": "g", "parameters": schema}}]
+    assert check_tools(tools)[1].parameters == schema
+    assert plan_tools(tools, "auto", None, QWEN).constraint() is None
+    assert plan_tools(tools, {"type": "function", "function": {"name": "f"}}, None, QWEN).function == "f"
+    for choice in ("required", {"type": "function", "function": {"name": "g"}}):
+        with pytest.raises(InvalidArgumentError) as e:
+            plan_tools(tools, choice, None, QWEN)
+        assert e.value.param == "tools[1].function.parameters", str(e.value)
+        assert "auto" in str(e.value) and "fix the schema" in str(e.value)
 
 
 @pytest.mark.parametrize("choice, parallel, param", [
@@ -267,7 +286,8 @@ def test_call_grammars(guide, fmt):
     specs = check_tools(TOOL_SPECS)
     one = {"hermes": '<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>',
            "llama3_json": '{{"name": "get_weather", "parameters": {args}}}',
-           "mistral": '[TOOL_CALLS][{{"name": "get_weather", "arguments": {args}}}]'}[fmt]
+           "mistral": '[TOOL_CALLS][{{"name": "get_weather", "arguments": {args}}}]',
+           "mistral_v11": '[TOOL_CALLS]get_weather[ARGS]{args}'}[fmt]
     good = one.format(args='{"city": "Paris", "days": 3}')
     single = call_grammar(f, specs, parallel=False)
     assert accepts(guide, single, good) == (True, True, True)  # complete, and nothing may follow
@@ -283,7 +303,7 @@ def test_call_grammars(guide, fmt):
     parallel = call_grammar(f, specs, parallel=True)
     assert accepts(guide, parallel, good)[:2] == (True, True)
     two = {"hermes": good + "\n" + good, "llama3_json": good + "; " + good,
-           "mistral": good[:-1] + ", " + good[len("[TOOL_CALLS]["):]}[fmt]
+           "mistral": good[:-1] + ", " + good[len("[TOOL_CALLS]["):], "mistral_v11": good + good}[fmt]
     assert accepts(guide, parallel, two)[:2] == (True, True) and not accepts(guide, single, two)[0]
     assert len(parse(fmt, two)[1]) == 2
 

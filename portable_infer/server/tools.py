@@ -7,19 +7,22 @@ into a :class:`~portable_infer.tool_specs.ToolPlan` (400s naming the field), and
     whole     message {"role": "assistant", "content": str | null, "tool_calls": [{id, type, function}]}
     streamed  {"delta": {"tool_calls": [{"index": i, "id", "type": "function",
                                          "function": {"name", "arguments": ""}}]}}     a call's first delta
-              {"delta": {"tool_calls": [{"index": i, "function": {"arguments": "..."}}]}}   its arguments
-              ... {"delta": {}, "finish_reason": "tool_calls"}
+              {"delta": {"tool_calls": [{"index": i, "function": {"arguments": "..."}}]}}   more of its
+              ...                                                                      arguments
+              {"delta": {}, "finish_reason": "tool_calls"}
 
-A call goes out once it is whole (its arguments in one piece), so a call that turns out malformed
-is content, never half a call. ``finish_reason`` is ``tool_calls`` when the reply ended by itself
-after at least one call.
+The deltas are :class:`~portable_infer.tool_stream.ChatStream`'s (the library's splitter): a
+call's first delta goes out once its name is read, its arguments as they are generated. A call
+that then turns out malformed is content in the whole reply; the stream, which cannot take back
+what it sent, sends that content too. ``finish_reason`` is ``tool_calls`` when the reply ended by
+itself after at least one whole call.
 """
 
 from __future__ import annotations
 
 from ..errors import InvalidArgumentError
-from ..tool_calls import ToolCall
 from ..tool_specs import ToolPlan, plan_tools, template_messages
+from ..tool_stream import ChatStream
 from .apierror import bad
 
 
@@ -56,50 +59,26 @@ class ToolReplies:
     """The chunks (or the message) of one reply to a request with tools."""
 
     def __init__(self, plan: ToolPlan, model, params):
-        self.stream = plan.stream(model.tokenizer, params, model.manifest.tokenizer.eos_token_ids)
-        self.events: list = []
-        self._index = 0
+        self.stream = ChatStream(plan, model.tokenizer, params, model.manifest.tokenizer.eos_token_ids)
 
-    def push(self, r) -> list:
-        """The events ``r`` (a Response) decides; kept for :meth:`message`."""
-        events = self.stream.push(r)
-        self.events += events
-        return events
+    def push(self, r):
+        """The :class:`~portable_infer.tool_stream.ChatDelta` of ``r`` (a Response)."""
+        return self.stream.push(r)
 
     def message(self) -> dict:
         """The whole reply's assistant message."""
-        calls = [e.to_dict() for e in self.events if isinstance(e, ToolCall)]
-        text = "".join(e for e in self.events if isinstance(e, str))
-        out = {"role": "assistant", "content": text if text or not calls else None}
-        if calls:
-            out["tool_calls"] = calls
-        return out
+        return self.stream.message().to_dict()
 
     def finish_reason(self, reason: str | None) -> str | None:
         return self.stream.finish_reason(reason)
 
     def chunks(self, r, reply, pieces: list) -> list:
-        """The stream chunks for ``r``: content deltas, a call's two deltas, then the finish chunk
+        """The stream chunks for ``r``: its content, each tool-call piece, then the finish chunk
         when ``r`` ends the reply; the logprobs of ``pieces`` ride on the first of them."""
-        out, text = [], []
-        for event in self.push(r):
-            if isinstance(event, str):
-                text.append(event)
-                continue
-            if text:
-                out.append({"content": "".join(text)})
-                text = []
-            head = {"index": self._index, "id": event.id, "type": "function",
-                    "function": {"name": event.name, "arguments": ""}}
-            out += [{"tool_calls": [head]}, {"tool_calls": [{"index": self._index,
-                                                             "function": {"arguments": event.arguments}}]}]
-            self._index += 1
-        if text:
-            out.append({"content": "".join(text)})
-        if r.finish_reason is not None:
+        d = self.push(r)
+        out = [{"content": d.content}] if d.content else []
+        out += [{"tool_calls": [t.to_dict()]} for t in d.tool_calls]
+        if d.finish_reason is not None:
             out.append({})
-        chunks = []
-        for i, delta in enumerate(out):
-            reason = self.finish_reason(r.finish_reason) if i == len(out) - 1 and r.finish_reason else None
-            chunks.append(reply.chunk(None, reason, pieces=pieces if i == 0 else (), delta=delta))
-        return chunks
+        return [reply.chunk(None, d.finish_reason if i == len(out) - 1 else None, pieces=pieces if i == 0 else (),
+                            delta=delta) for i, delta in enumerate(out)]
