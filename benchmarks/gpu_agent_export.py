@@ -109,7 +109,8 @@ def functional(pkg: Path, provider: str = "cuda") -> None:
 
     model = portable_infer.load(str(pkg), provider, strict=True)
     say(f"\n### functional checks on {model.provider} ({model.variant})\n")
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                     "population": {"type": "integer", "maximum": 10**9}},
               "required": ["city", "population"]}
     msgs = [{"role": "user", "content": "Give a city and its population as JSON."}]
     text = model.chat(msgs, max_new_tokens=64, temperature=0.7, seed=7,
@@ -117,7 +118,7 @@ def functional(pkg: Path, provider: str = "cuda") -> None:
     data = json.loads(text)
     say(f"- json_schema reply parses, keys {sorted(data)}: {set(schema['required']) <= set(data)}")
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
         "required": ["city", "unit"]}}}
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         reply = model.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[tool], tool_choice=choice,
@@ -127,6 +128,10 @@ def functional(pkg: Path, provider: str = "cuda") -> None:
         args = json.loads(calls[0]["function"]["arguments"]) if calls else {}
         ok = bool(calls) and calls[0]["function"]["name"] == "get_weather" and {"city", "unit"} <= set(args)
         say(f"- tool_choice={json.dumps(choice)}: finish_reason {msg.get('finish_reason', getattr(reply, 'finish_reason', None))}, call valid: {ok} ({args})")
+
+
+def functional_part(assets: Path, work: Path) -> None:
+    functional(work / "smollm2-fp16")
 
 
 def make8b(assets: Path, work: Path) -> None:
@@ -161,7 +166,7 @@ def main() -> None:
     ap.add_argument("--assets", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--work", type=Path, default=Path("/root/work"))
-    ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "make8b", "export8b"])
+    ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "functional", "make8b", "export8b"])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
@@ -171,7 +176,8 @@ def main() -> None:
     try:
         for part in args.parts:
             t = time.perf_counter()
-            {"constrained": constrained, "make8b": make8b, "export8b": export8b}[part](args.assets, args.work)
+            {"constrained": constrained, "functional": functional_part, "make8b": make8b,
+             "export8b": export8b}[part](args.assets, args.work)
             say(f"\n({part}: {time.perf_counter() - t:.0f} s)\n")
     finally:
         args.out.mkdir(parents=True, exist_ok=True)

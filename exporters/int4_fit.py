@@ -13,9 +13,13 @@ ONNX Runtime's fastest CPU path for MatMulNBits (int8 activations, ``accuracy_le
 The fit searches scales around the block's range (``FIT_SCALES`` times (max - min) / 15, the range
 holding 0; / 255 at 8 bits) and, per scale, the two zero points nearest the block's minimum; codes
 are rounded, the scale is re-fitted by least squares, and the candidate with the smallest error
-wins::
+wins, unless round-to-nearest (``quant.quantize``) does better on the values themselves (checked
+in float64: the search scores candidates in float32, where its sums cancel to ~1e-5 of the error)::
 
     error = sum(e²) + MEAN_WEIGHT * (sum(e))² / n        e = s*(c - z) - w over the block
+
+All blocks of a matrix are searched at once, in chunks of ``_CHUNK`` blocks on a few threads
+(``exporters.parallel``): one Python step per candidate, none per block.
 
 The second term charges a shift of the whole block: it multiplies the block's activation sum,
 which in a transformer's hidden state is far from zero. Keeping Q4_1's codes with the integer

@@ -89,3 +89,29 @@ def test_one_onnx_session_at_a_time(int4_package, tiny_llama, seed, monkeypatch)
     _verify(int4_package, tiny_llama, seed)
     assert len(made) == len(VARIANTS)
     assert alive_at_creation == [0] * len(VARIANTS), alive_at_creation
+
+
+def test_the_reference_model_is_let_go_before_the_first_session(int4_package, tiny_llama, seed, monkeypatch):
+    """The export path (no model passed): the reference's weights are freed once its results are
+    computed, so they are never resident beside an ONNX session."""
+    from exporters import verify
+    from exporters.sources import open_source
+
+    loaded, alive_at_session = [], []
+    real = verify.decoder
+
+    def load_reference(src):
+        model = CountingModel(tiny_llama.model)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def tracking(*args, **kwargs):
+        alive_at_session.append(loaded[0]() is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "load_reference", load_reference)
+    monkeypatch.setattr(verify, "decoder", tracking)
+    report = verify.verify_package(int4_package, mf.Manifest.load(int4_package), open_source(tiny_llama.source),
+                                   rng=np.random.default_rng(seed))
+    assert set(report) == set(VARIANTS) and len(loaded) == 1
+    assert alive_at_session == [False] * len(VARIANTS), alive_at_session
