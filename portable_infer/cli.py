@@ -35,7 +35,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="MatMulNBits activations: 4 int8 (the package's static-int8/fused-int8 graphs: "
                         "faster on CPU, less exact), 1 float (the exact graphs); default: int8 where its "
-                        "export verification measured at least 95%% top-1 agreement and perplexity within 1%% "
+                        "export verification measured at least 98%% top-1 agreement and perplexity within 1%% "
                         "(the quality gate), else float")
 
 

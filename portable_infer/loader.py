@@ -56,7 +56,7 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
         intra_op_threads: ONNX Runtime threads (0 = its default).
         accuracy_level: MatMulNBits activations. None (default): int8 where the package has
             int8-activation graphs (``static-int8``/``fused-int8``/``-q4``) whose export verification
-            measured at least 95 % top-1 agreement with the float reference and perplexity within
+            measured at least 98 % top-1 agreement with the float reference and perplexity within
             1 % of its (``variant_choice.passes_gate``), else float. 1: float
             (the exact graphs). 4: int8 (required: an int4 package without them is refused);
             ONNX Runtime then also fuses the portable graph's QDQ pairs at 4.

@@ -47,10 +47,11 @@ def is_int8(v: GraphVariant) -> bool:
 # The quality gate: an int8-activation graph competes by default (prefer="speed") only when export
 # verification recorded, against the float reference, teacher-forced top-1 agreement of at least
 # GATE_AGREEMENT over the gate's text (verify.quality's 128 steps) and a perplexity at most
-# GATE_PPL_INCREASE above the reference's. The bar is the quality class users accept from llama.cpp's
-# default 4-bit files: its Q4_1 SmolLM2 agrees on 612/636 = 96.2 % of compare_cpu.py's positions
-# (docs/benchmarks.md), so a graph within a point of that, at under 1 % perplexity, passes.
-GATE_AGREEMENT = 0.95
+# GATE_PPL_INCREASE above the reference's. 98 %: at 95 % (llama.cpp's Q4_1 class, 612/636 on
+# compare_cpu.py's texts) SmolLM2's static-int8 (123/128) ran by default and answered README's
+# first-run question wrongly where the exact graph answers it (tests/test_lean_first_run.py), so the
+# default keeps a graph that close to exact; prefer="speed" with accuracy_level=4 asks for more.
+GATE_AGREEMENT = 0.98
 GATE_PPL_INCREASE = 0.01
 
 

@@ -320,8 +320,16 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     for i, (got, want) in enumerate(zip(outs, ref)):
         assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
     assert stats.blocks_used == 0 and stats.requests_finished == len(ps) and stats.running == 0
-    # the row that finished at its first step stayed (masked) through step 30: no compaction
-    seven = batches.index((7, 64))
-    assert seven <= 1 and batches[seven:30] == [(7, 64)] * (30 - seven), f"{TAG} {batches[:30]}"
+    # the row that finished at its first step stayed (masked) through step 30: no compaction.
+    # The planner admits what has been submitted when it plans: on a loaded machine the seven
+    # submits can land in two plans, and the second join compacts the finished row out (a join
+    # compacts by design); then the batch must hold still from that join on.
+    sizes = [b for b, _ in batches[:30]]
+    last_join = max(i for i in range(len(sizes)) if i == 0 or sizes[i] > sizes[i - 1])
+    if (7, 64) in batches[:2]:
+        seven = batches.index((7, 64))
+        assert batches[seven:30] == [(7, 64)] * (30 - seven), f"{TAG} {batches[:30]}"
+    else:
+        assert last_join <= 2 and len(set(batches[last_join:30])) == 1, f"{TAG} {batches[:30]}"
     assert 1 <= len(takes) < len(ps) - 2, f"{TAG} compactions: {takes}"
     assert not on_device or moved
