@@ -16,6 +16,7 @@ holds ``w = s * (q - z)`` with an integer zero point z, so a Q4_1 block fits it 
 
 Each form runs a chain of 2 x LAYERS linears (K -> N -> K, distinct weights, so they stream from
 memory as in a model), int8 activations (accuracy_level 4), batch 1, median of 5 runs of 100.
+Single nodes (weights hot in cache) are ``benchmarks/graph_step.py --matmulnbits``.
 
     .venv/bin/python benchmarks/q4_1_offsets.py [--shape 576 1536] [--threads 2] [--forms ...]
 """

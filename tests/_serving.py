@@ -31,13 +31,14 @@ def char_tokenizer():
     return tok
 
 
-def add_tokenizer(package: Path, out: Path) -> Path:
-    """A copy of ``package`` at ``out`` with tokenizer.json and chat_template.jinja."""
+def add_tokenizer(package: Path, out: Path, tokenizer=None, template: str = CHAT_TEMPLATE) -> Path:
+    """A copy of ``package`` at ``out`` with tokenizer.json (default: :func:`char_tokenizer`) and
+    chat_template.jinja."""
     from portable_infer import manifest as mf
 
     shutil.copytree(package, out)
-    char_tokenizer().save(str(out / "tokenizer.json"))
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    (tokenizer or char_tokenizer()).save(str(out / "tokenizer.json"))
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     m = mf.Manifest.load(out)
     tok = mf.TokenizerInfo(file="tokenizer.json", config_file=None, chat_template_file="chat_template.jinja",
                            bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, add_bos=False)

@@ -5,11 +5,9 @@ Hermes-style chat template that renders ``tools``, assistant ``tool_calls`` and 
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 from pathlib import Path
 
-from _serving import CHARS, SPECIALS
+from _serving import CHARS, SPECIALS, add_tokenizer
 
 TEMPLATE = (
     "{% if tools %}<s>system: You can call these functions:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
@@ -81,16 +79,7 @@ def long_tiny_llama(root: Path) -> Path:
 
 def tool_package(package: Path, out: Path) -> Path:
     """A copy of ``package`` with the newline tokenizer and the Hermes-style template."""
-    from portable_infer import manifest as mf
-
-    shutil.copytree(package, out)
-    newline_tokenizer().save(str(out / "tokenizer.json"))
-    (out / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
-    m = mf.Manifest.load(out)
-    tok = mf.TokenizerInfo(file="tokenizer.json", config_file=None, chat_template_file="chat_template.jinja",
-                           bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, add_bos=False)
-    dataclasses.replace(m, tokenizer=tok, files=mf.file_entries(out)).save(out)
-    return out
+    return add_tokenizer(package, out, newline_tokenizer(), TEMPLATE)
 
 
 def questions(rng, n: int) -> list:
