@@ -229,8 +229,8 @@ def speedups(row: dict, base: dict | None) -> tuple[str, str]:
 
 
 def host_line() -> str:
-    """The CPU model, its kernel-relevant ISA flags and the CPU budget (portable_infer.host)."""
-    from portable_infer import host
+    """The CPU model, its kernel-relevant ISA flags and the CPU budget (portable_infer.engine.host)."""
+    from portable_infer.engine import host
 
     return f"CPU: {host.describe()}"
 
@@ -295,7 +295,7 @@ def busy_warning(results: list, key: str) -> list:
 
 def machine() -> dict:
     """The host as every results file records it: CPU model, ISA flags, CPU budget, Python."""
-    from portable_infer import host
+    from portable_infer.engine import host
 
     budget = host.cpu_budget()
     return {"cpu": host.cpu_model(), "isa_flags": list(host.isa_flags()),

@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portable_infer  # noqa: E402
-from portable_infer import constraints, sequence  # noqa: E402
-from portable_infer.constraints import Constraint  # noqa: E402
-from portable_infer.generate import BatchDecoder  # noqa: E402
+from portable_infer.decode import constraints, sequence  # noqa: E402
+from portable_infer.decode.constraints import Constraint  # noqa: E402
+from portable_infer.decode.generate import BatchDecoder  # noqa: E402
 
 SCHEMA = {
     "type": "object",

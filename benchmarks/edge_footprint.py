@@ -44,7 +44,7 @@ FIRST_TOKEN = textwrap.dedent("""
 PEAK_RSS = textwrap.dedent("""
     import json, sys
     import portable_infer
-    from portable_infer.bench import prompt_ids
+    from portable_infer.engine.bench import prompt_ids
     def status():
         d = {}
         for line in open("/proc/self/status"):
@@ -138,8 +138,8 @@ def peak_rss(python: Path, bundle: Path, home: Path, threads: int, low: bool) ->
 
 def default_bundles(fresh: bool) -> tuple:
     sys.path.insert(0, str(REPO))
-    from portable_infer.bundle import pack
-    from portable_infer.home import ensure_default_model
+    from portable_infer.package.bundle import pack
+    from portable_infer.package.home import ensure_default_model
 
     pkg = ensure_default_model(progress=True)
     out = []

@@ -19,7 +19,7 @@
 Every run is a fresh process tree, started by a small wrapper that reports the tree's wall time
 and peak RSS (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` after it exits: the largest
 resident set of any process in it); commands alternate, ours first. The table names the CPU and
-its ISA flags (``portable_infer.host.describe``); the GenAI comparison is also written to
+its ISA flags (``portable_infer.engine.host.describe``); the GenAI comparison is also written to
 benchmarks/results/export.json (under ``llama1b-int4``, or ``llama1b-<N>l-int4`` for a cut copy).
 Run it on a quiet machine: other processes change both numbers.
 """
@@ -49,7 +49,7 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from exporters.export import export
-from portable_infer.manifest import Manifest
+from portable_infer.package.manifest import Manifest
 out = sys.argv[1]
 t = time.perf_counter()
 export("default", out, precision="fp32", verify=False, variants=tuple(sys.argv[2].split(",")))
@@ -149,7 +149,7 @@ def _size_mib(path: Path) -> float:
 
 
 def genai_comparison(runs: int, layers: int) -> dict:
-    from portable_infer.host import describe
+    from portable_infer.engine.host import describe
 
     if not GENAI_PYTHON.is_file():
         raise SystemExit(f"{GENAI_PYTHON} is missing: run benchmarks/setup_competitors.py --only ortgenai first")

@@ -67,7 +67,7 @@ def prompts(batch: int, seed: int = 0) -> list:
 
 def ours(pkg: Path, batch: int, static_kv: bool = False) -> dict:
     import portable_infer
-    from portable_infer.generate import BatchDecoder
+    from portable_infer.decode.generate import BatchDecoder
 
     m = portable_infer.load(pkg, providers="cuda", strict=True, check="size", static_kv=static_kv)
     ps = prompts(batch)

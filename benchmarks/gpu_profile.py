@@ -4,11 +4,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from portable_infer.manifest import Manifest
+from portable_infer.package.manifest import Manifest
 from portable_infer.engine.growing import GrowingEngine
 from portable_infer.engine.session import SessionConfig
-from portable_infer.generate import BatchDecoder
-from portable_infer.sampling import SamplingParams
+from portable_infer.decode.generate import BatchDecoder
+from portable_infer.decode.sampling import SamplingParams
 
 pkg = Path(sys.argv[1]); batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 m = Manifest.load(pkg); v = m.variant("fused")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import portable_infer  # noqa: E402
 from portable_infer.engine.kv_growing import GrowingCache  # noqa: E402
 from portable_infer.engine.kv_static import StaticCache  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 # (owner, attribute, label): the scheduler thread's phases, timed by wrapping them
 PHASES = tuple((cache, attr, label) for cache in (GrowingCache, StaticCache)

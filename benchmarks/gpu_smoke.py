@@ -86,7 +86,7 @@ def scheduler_check(pkg, prec: str, prompts: list, provider: str = "cuda") -> No
     """Continuous batching on CUDA: requests joining a running batch (chunked prefill, grouped
     prefill, rows leaving) give their single runs' greedy tokens."""
     import portable_infer
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     for static in (False, True):  # growing KV; fixed buffers (+ CUDA graphs where capture works)
         m = portable_infer.load(pkg, provider, strict=True, static_kv=static)

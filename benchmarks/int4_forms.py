@@ -42,7 +42,7 @@ from exporters import int4_fit, weights  # noqa: E402
 from exporters.quant import quantize  # noqa: E402
 from exporters.sources import open_source  # noqa: E402
 from exporters.verify import _log_softmax, _reference_logits, all_logits, decoder, load_reference  # noqa: E402
-from portable_infer import manifest as mf  # noqa: E402
+from portable_infer.package import manifest as mf  # noqa: E402
 
 TEXT_DIR = Path(__file__).resolve().parent / "texts"
 QUALITY_TOKENS = 160  # as runners/common.py: 4 texts x 159 predicted positions

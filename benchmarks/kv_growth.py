@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portable_infer  # noqa: E402
-from portable_infer.generate import BatchDecoder  # noqa: E402
+from portable_infer.decode.generate import BatchDecoder  # noqa: E402
 
 
 def rate(model, prompts: list, new: int) -> float:

@@ -119,7 +119,7 @@ def session(form: str, k: int, n: int, threads: int):
 
 
 def main() -> None:
-    from portable_infer import host
+    from portable_infer.engine import host
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", type=int, nargs=2, default=(576, 1536), metavar=("K", "N"))

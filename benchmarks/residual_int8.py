@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portable_infer  # noqa: E402
-from portable_infer import manifest as mf  # noqa: E402
+from portable_infer.package import manifest as mf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,7 @@ def run_case(package: str, mode: str, variant: str, how: str, tokens: int) -> st
     if mode == "api":
         model.generate_ids(ids, max_new_tokens=4, ignore_eos=True)
     else:
-        from portable_infer.scheduler import Scheduler, SchedulerConfig
+        from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
         with Scheduler(model, SchedulerConfig(max_batch=4)) as sched:
             handle = sched.submit_ids(ids, model.params(max_new_tokens=8, ignore_eos=True))

@@ -1,6 +1,6 @@
 """The portable decoder graph: standard ONNX ops only, one graph for prefill and decode.
 
-Contract (names from :mod:`portable_infer.manifest`)::
+Contract (names from :mod:`portable_infer.package.manifest`)::
 
     input_ids [B, S] int64 ─┐                                   ┌─> logits [B, S, vocab] fp32
     attention_mask [B, T]  ─┤  T = past + S   (left padding:    ├─> present.i.key   [B, KVH, T, D]
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 
 from .architectures.common import DecoderLayout
 from .graph import GraphBuilder

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from portable_infer._version import __version__
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import ExportError
 
 from .decoder import DecoderBuilder

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import InvalidArgumentError
 
 from .architectures import MODEL_TYPES, family_for

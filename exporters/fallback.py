@@ -1,7 +1,7 @@
 """The fallback route: ``torch.onnx`` export of the transformers model, for architectures the
 direct builder does not cover.
 
-The traced graph is renamed to our contract (``portable_infer.manifest`` input/output names,
+The traced graph is renamed to our contract (``portable_infer.package.manifest`` input/output names,
 BHSD concat KV, logits at every position) so the runtime loads it like a direct export:
 
     input_ids [B,S] ─┐
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import (
     ExportError, InvalidArgumentError, SourceError, UnsupportedArchitectureError, require,
 )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 
 from .decoder import DecoderBuilder
 

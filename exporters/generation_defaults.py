@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import SourceError
 
 # transformers' GenerationConfig._get_default_generation_params: what do_sample=True uses when unset

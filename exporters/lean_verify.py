@@ -17,7 +17,7 @@ top-k logits. Graphs that return the last position only run token by token, so t
 on the prompt and the first LAST_STEPS greedy steps ("agreement": never read by the runtime, which
 prefers an int8 graph only on a full "quality" record), except the int8-activation ones, which run
 the whole reference token by token so that their "quality" record can pass the runtime's gate
-(``portable_infer.variant_choice.passes_gate``). Every exact graph also passes two
+(``portable_infer.package.variant_choice.passes_gate``). Every exact graph also passes two
 invariants that need no reference: prefill + cached decode equals one pass, and a left-padded row
 equals the same tokens alone. Gates as in the full check: an exact variant that misses more than
 2 % of the steps (at least one allowed) fails the export; an int8-activation one below its floor
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import VerificationError
 
 from . import verify

@@ -2,7 +2,7 @@
 
 The exporter's quantizers work on one weight matrix at a time; a chunk of rows keeps their
 temporary arrays small (a few MiB, not several copies of the matrix) and independent, so the
-chunks run on the CPUs this process may use (``portable_infer.host.cpu_budget``) and the result
+chunks run on the CPUs this process may use (``portable_infer.engine.host.cpu_budget``) and the result
 is the same, to the bit, on any number of threads.
 """
 
@@ -19,7 +19,7 @@ CHUNK_BYTES = 1 << 20  # float32 input per chunk: its temporaries stay in the CP
 @functools.cache
 def threads() -> int:
     """Worker threads: one per CPU this process may really use (affinity, cgroup quota)."""
-    from portable_infer.host import cpu_budget
+    from portable_infer.engine.host import cpu_budget
 
     return cpu_budget().threads
 

@@ -54,7 +54,7 @@ def generate(source, out: Path) -> dict:
     src = open_source(source)
     model = verify.load_reference(src)
     with tempfile.TemporaryDirectory() as tmp:  # the tokenizer as the package holds it
-        from portable_infer import manifest as mf
+        from portable_infer.package import manifest as mf
 
         pkg = export(source, Path(tmp) / "pkg", verify=False, variants=("portable",))
         prompt, text = verify._text_ids(pkg, mf.Manifest.load(pkg))

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-GRAPHS = Path(__file__).resolve().parents[1] / "portable_infer" / "graphs"
+GRAPHS = Path(__file__).resolve().parents[1] / "portable_infer" / "engine" / "graphs"
 KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 OPSET, IR_VERSION = 18, 8  # loadable by every ONNX Runtime the runtime accepts (>= 1.20)
 

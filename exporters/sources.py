@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portable_infer.errors import InvalidArgumentError, SourceError
-from portable_infer.manifest import sha256_file
+from portable_infer.package.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 
 from .fused import _MAX_ROPE_CACHE_BYTES, I32, MS, FusedDecoderBuilder
 

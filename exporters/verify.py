@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import SourceError, VerificationError, require
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .errors import PortableInferError
+from portable_infer.errors import PortableInferError
 
 logger = logging.getLogger("portable_infer.cli")
 
@@ -53,7 +53,7 @@ def _sampling(ns) -> dict:
 
 
 def _load(ns):
-    from .loader import load
+    from portable_infer.loader import load
 
     return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
                 static_kv=ns.static_kv, accuracy_level=ns.accuracy, prefer=ns.prefer,
@@ -62,7 +62,7 @@ def _load(ns):
 
 # --- commands --------------------------------------------------------------------------------------
 def cmd_generate(ns) -> int:
-    from .prompts import check_text
+    from portable_infer.text.prompts import check_text
 
     check_text(ns.prompt)  # a non-UTF-8 argument (bytes escaped to U+DC80..U+DCFF): say so before loading
     model = _load(ns)
@@ -100,7 +100,7 @@ def cmd_chat(ns) -> int:
 
 
 def cmd_doctor(ns) -> int:
-    from .doctor import doctor_report, format_doctor
+    from portable_infer.engine.doctor import doctor_report, format_doctor
 
     report = doctor_report()
     print(json.dumps(report, indent=2, default=str) if ns.json else format_doctor(report))
@@ -108,7 +108,7 @@ def cmd_doctor(ns) -> int:
 
 
 def cmd_inspect(ns) -> int:
-    from .package_info import describe
+    from portable_infer.package.package_info import describe
 
     print(describe(ns.package, trust=ns.trust))  # a package directory or a .pinf bundle (not unpacked)
     return 0
@@ -118,8 +118,8 @@ def cmd_tune(ns) -> int:
     """Measure the package's competing variants on this host now (the cached choice is replaced)."""
     import os
 
-    from . import tune
-    from .measure import tune_cache_dir
+    from portable_infer.engine import tune
+    from portable_infer.engine.measure import tune_cache_dir
 
     os.environ[tune.TUNE_ENV] = tune.FORCE
     model = _load(ns)
@@ -130,7 +130,7 @@ def cmd_tune(ns) -> int:
 
 
 def cmd_bench(ns) -> int:
-    from .bench import run_bench
+    from portable_infer.engine.bench import run_bench
 
     print(json.dumps(run_bench(ns, _load), indent=2))
     return 0
@@ -140,7 +140,7 @@ def cmd_export(ns) -> int:
     try:
         from exporters.export import export
     except ImportError as exc:
-        from .errors import DependencyError
+        from portable_infer.errors import DependencyError
 
         raise DependencyError('the exporter is not installed: pip install "portable-infer[lean]" (add '
                               '[export] for the check against transformers and the torch.onnx fallback)') from exc
@@ -156,7 +156,7 @@ def cmd_verify(ns) -> int:
     try:
         from exporters.verify import verify_existing
     except ImportError as exc:
-        from .errors import DependencyError
+        from portable_infer.errors import DependencyError
 
         raise DependencyError('verification needs the exporter: pip install "portable-infer[export]"') from exc
     print(json.dumps(verify_existing(ns.package, ns.reference), indent=2))
@@ -166,8 +166,8 @@ def cmd_verify(ns) -> int:
 def cmd_pack(ns) -> int:
     from pathlib import Path
 
-    from .bundle import pack
-    from .home import ensure_default_model
+    from portable_infer.package.bundle import pack
+    from portable_infer.package.home import ensure_default_model
 
     package = ns.package if ns.package is not None else ensure_default_model(progress=True)
     out = pack(package, ns.output, sign_key=ns.sign, ort=ns.ort, overwrite=ns.force)
@@ -192,7 +192,7 @@ SERVE_LIMITS = {
 
 
 def _serve_default(name: str):
-    from .server import ServerConfig
+    from portable_infer.serving.http import ServerConfig
 
     return ServerConfig.__dataclass_fields__[name].default
 
@@ -200,8 +200,8 @@ def _serve_default(name: str):
 def cmd_serve(ns) -> int:
     import os
 
-    from .scheduler import Scheduler, SchedulerConfig
-    from .server import ServerConfig, require_serve, serve
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.http import ServerConfig, require_serve, serve
 
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
@@ -279,7 +279,7 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    from .tool_calls import FORMATS
+    from portable_infer.text.tool_calls import FORMATS
 
     s.add_argument("--tool-parser", default=None, choices=tuple(FORMATS),
                    help="the tool-call format of the model's replies (default: read from its chat template)")

@@ -8,17 +8,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import measure
-from .chat_template import ChatTemplate
-from .engine.session import SessionConfig
-from .errors import InvalidArgumentError, PackageError
-from .home import ensure_default_model
-from .manifest import Manifest
-from .model import Model, check_max_kv_tokens
-from .ort_format import ORT_SUFFIX
-from .package_paths import check_package
-from .providers import Selection, select_session
-from .variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static, passes_gate  # noqa: F401  (INT8_SUFFIX: cli reads it here)
+from portable_infer.engine import measure
+from portable_infer.text.chat_template import ChatTemplate
+from portable_infer.engine.session import SessionConfig
+from portable_infer.errors import InvalidArgumentError, PackageError
+from portable_infer.package.home import ensure_default_model
+from portable_infer.package.manifest import Manifest
+from portable_infer.model import Model, check_max_kv_tokens
+from portable_infer.package.ort_format import ORT_SUFFIX
+from portable_infer.package.package_paths import check_package
+from portable_infer.engine.providers import Selection, select_session
+from portable_infer.package.variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static, passes_gate  # noqa: F401  (INT8_SUFFIX: cli reads it here)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
     pkg = Path(path) if path is not None else ensure_default_model(progress=True)
     checked = False
     if pkg.is_file() or cfg.trust is not None:  # a .pinf bundle: checked, unpacked once, then a directory
-        from .bundle import open_bundle
+        from portable_infer.package.bundle import open_bundle
 
         pkg = open_bundle(pkg, trust=cfg.trust, check=cfg.check)  # its files checked there, at this level
         checked = True

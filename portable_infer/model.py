@@ -4,10 +4,10 @@
     stream_generate / stream_chat       yield :class:`Response` pieces
     generate / batch_generate / chat    return text
 
-Prompts, token ids and messages are checked first (:mod:`portable_infer.prompts`): a wrong type,
+Prompts, token ids and messages are checked first (:mod:`portable_infer.text.prompts`): a wrong type,
 invalid Unicode, a bool or an id outside the vocabulary is an :class:`InvalidArgumentError`.
 The batch calls run their prompts in sub-batches of at most ``max_batch_tokens`` KV tokens
-(:func:`portable_infer.generate.plan_batches`), so memory stays bounded for any number of prompts.
+(:func:`portable_infer.decode.generate.plan_batches`), so memory stays bounded for any number of prompts.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat_template import ChatTemplate
-from .constraints import Guide
-from .errors import InvalidArgumentError, PackageError
-from .generate import BatchDecoder, check_batch_tokens, check_prompt, plan_batches
-from .manifest import Manifest
-from .prompts import check_messages, check_text, token_ids
-from .sampling import SamplingParams
-from .streaming import Response, TextStream
-from .tool_chat import chat_with_tools, stream_chat_with_tools, wants_tools
-from .tool_specs import template_messages
+from portable_infer.text.chat_template import ChatTemplate
+from portable_infer.decode.constraints import Guide
+from portable_infer.errors import InvalidArgumentError, PackageError
+from portable_infer.decode.generate import BatchDecoder, check_batch_tokens, check_prompt, plan_batches
+from portable_infer.package.manifest import Manifest
+from portable_infer.text.prompts import check_messages, check_text, token_ids
+from portable_infer.decode.sampling import SamplingParams
+from portable_infer.text.streaming import Response, TextStream
+from portable_infer.text.tool_chat import chat_with_tools, stream_chat_with_tools, wants_tools
+from portable_infer.text.tool_specs import template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class Model:
     def stream_chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None,
                     tool_parser=None, truncate: bool = False, **sampling) -> Iterator:
         """Like :meth:`stream_generate` for chat messages rendered with the package's template; with
-        ``tools`` (see :meth:`chat`), one :class:`~portable_infer.tool_stream.ChatDelta` per token instead
+        ``tools`` (see :meth:`chat`), one :class:`~portable_infer.text.tool_stream.ChatDelta` per token instead
         (content, tool-call pieces), the last with ``finish_reason`` and the whole ``message``."""
         if wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
             yield from stream_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
@@ -254,7 +254,7 @@ class Model:
 
         With ``tools`` (OpenAI's function definitions; ``tool_choice`` "auto", "required", "none" or
         ``{"type": "function", "function": {"name": ...}}``; ``parallel_tool_calls``; ``tool_parser``
-        to name the call format): a :class:`~portable_infer.tool_stream.ChatMessage` with ``content``
+        to name the call format): a :class:`~portable_infer.text.tool_stream.ChatMessage` with ``content``
         and parsed ``tool_calls`` (see docs/serving.md, *Tool calling*)."""
         if not wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
             return "".join(r.text for r in self.stream_chat(messages, **kwargs))
@@ -265,7 +265,7 @@ class Model:
         """Completions for several prompts, in their order.
 
         The prompts run in sub-batches, shortest first, each left-padded into one batch of at
-        most ``max_batch_tokens`` (default :data:`~portable_infer.generate.DEFAULT_BATCH_TOKENS`,
+        most ``max_batch_tokens`` (default :data:`~portable_infer.decode.generate.DEFAULT_BATCH_TOKENS`,
         8192) KV tokens: rows x min(context, longest prompt + max_new_tokens); a longer prompt
         runs alone. Results equal one-by-one runs (each row has its own seeded generator).
         """

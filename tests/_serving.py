@@ -34,7 +34,7 @@ def char_tokenizer():
 def add_tokenizer(package: Path, out: Path, tokenizer=None, template: str = CHAT_TEMPLATE) -> Path:
     """A copy of ``package`` at ``out`` with tokenizer.json (default: :func:`char_tokenizer`) and
     chat_template.jinja."""
-    from portable_infer import manifest as mf
+    from portable_infer.package import manifest as mf
 
     shutil.copytree(package, out)
     (tokenizer or char_tokenizer()).save(str(out / "tokenizer.json"))

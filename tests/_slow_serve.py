@@ -16,8 +16,8 @@ STEP_DELAY_S = 0.05
 def main() -> None:
     import portable_infer
     from _serving import SlowEngine, with_engine
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
-    from portable_infer.server import ServerConfig, serve
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.http import ServerConfig, serve
 
     package, port, shutdown_timeout_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 import portable_infer
-from portable_infer.bundle import SIGNATURE_NAME, write_keypair
+from portable_infer.package.bundle import SIGNATURE_NAME, write_keypair
 
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
@@ -58,7 +58,7 @@ def make_bundle(dst: Path, manifest: dict | bytes, files: dict, sign_key: Path |
     with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr(mf.MANIFEST_NAME, data)
         if sign_key is not None:
-            from portable_infer.signing import load_private_key
+            from portable_infer.package.signing import load_private_key
 
             zf.writestr(SIGNATURE_NAME, load_private_key(sign_key).sign(data))
         for name, blob in files.items():

@@ -63,7 +63,7 @@ def load_variant():
 
         import portable_infer
         from portable_infer.model import Model
-        from portable_infer.providers import select_session
+        from portable_infer.engine.providers import select_session
         from portable_infer.engine.growing import GrowingEngine
         from portable_infer.engine.session import SessionConfig
 
@@ -87,7 +87,7 @@ def tiny_text_package(tiny_llama, tmp_path_factory) -> Path:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from portable_infer import manifest as mf
+    from portable_infer.package import manifest as mf
 
     out = tmp_path_factory.mktemp("tiny_text") / "pkg"
     shutil.copytree(tiny_llama.package, out)

@@ -14,8 +14,8 @@ import portable_infer  # noqa: E402
 from _serving import EngineSpy, add_tokenizer  # noqa: E402
 from portable_infer.errors import GenerationError, InvalidArgumentError  # noqa: E402
 from portable_infer.model import Model  # noqa: E402
-from portable_infer.sampling import SamplingParams, apply_penalties, make_sampler  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.decode.sampling import SamplingParams, apply_penalties, make_sampler  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = 16016  # fixed: the prompts below are hand-written; this seeds the sampled-logit rows
 IDS = [5, 17, 42, 9]

@@ -198,7 +198,7 @@ def test_export_matches_transformers_on_dequantized_weights(tmp_path, family, me
     from exporters.export import export
     from exporters.quant import quantize
     from exporters.verify import FP32_REL_TOL, all_logits, decoder
-    from portable_infer.manifest import Manifest
+    from portable_infer.package.manifest import Manifest
 
     seed = SEED + CASES.index((family, method, group, v1))
     floats = write_checkpoint(tmp_path / "hf", family, method, group, v1, seed)
@@ -241,7 +241,7 @@ def test_export_verifies_against_dequantized_reference(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from exporters.export import export
-    from portable_infer.manifest import Manifest
+    from portable_infer.package.manifest import Manifest
 
     write_checkpoint(tmp_path / "hf", "llama", "awq", 64, False, SEED)
     pkg = export(tmp_path / "hf", tmp_path / "pkg", variants=("portable", "fused"))

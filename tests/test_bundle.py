@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import portable_infer
-from portable_infer.bundle import ALIGN, SIGNATURE_NAME, pack, write_keypair
+from portable_infer.package.bundle import ALIGN, SIGNATURE_NAME, pack, write_keypair
 from portable_infer.cli import main
 from portable_infer.errors import BundleError, SignatureError
 
@@ -161,7 +161,7 @@ def test_unsigned_bundle_with_trust_is_an_error(unsigned, keys, home, tiny_llama
 
 
 def test_signed_bundle_without_trust_warns(signed, caplog, reference):
-    with caplog.at_level(logging.WARNING, logger="portable_infer.bundle"):
+    with caplog.at_level(logging.WARNING, logger="portable_infer.package.bundle"):
         model = _load(signed)
     assert "signature was not checked" in caplog.text
     assert model.generate_ids(PROMPT, max_new_tokens=12) == reference
@@ -250,7 +250,7 @@ def test_not_a_zip_is_an_error(tmp_path):
 
 
 def test_interrupted_unpack_leaves_nothing_usable(unsigned, home, monkeypatch):
-    import portable_infer.bundle_cache as bundle_cache
+    import portable_infer.package.bundle_cache as bundle_cache
 
     def boom(tmp, dest):
         raise KeyboardInterrupt

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 import portable_infer
-from portable_infer import bundle_cache
-from portable_infer.bundle import ALIGN, pack, write_keypair
+from portable_infer.package import bundle_cache
+from portable_infer.package.bundle import ALIGN, pack, write_keypair
 from portable_infer.cli import main
 from portable_infer.errors import BundleError, PortableInferError
 
@@ -249,7 +249,7 @@ def test_unpack_killed_midway_is_cleaned_up(bundle, home, tmp_path):
     script = textwrap.dedent(f"""
         import time
         import portable_infer
-        from portable_infer import bundle_cache
+        from portable_infer.package import bundle_cache
         real = bundle_cache.copy_member
         def slow(zf, info, entry, dst):
             real(zf, info, entry, dst)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from portable_infer.chat_template import ChatTemplate
+from portable_infer.text.chat_template import ChatTemplate
 from portable_infer.errors import InvalidArgumentError, PackageError
 
 SMOLLM2_TEMPLATE = (

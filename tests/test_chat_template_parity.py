@@ -1,4 +1,4 @@
-"""Our chat-template renderer (portable_infer/chat_template.py) against transformers'
+"""Our chat-template renderer (portable_infer/text/chat_template.py) against transformers'
 ``apply_chat_template``: the same template, messages and special tokens give the same string.
 
 A registered family (exporters/architectures: FAMILIES) is an architecture; the chat template
@@ -20,7 +20,7 @@ import jinja2
 import pytest
 
 from exporters.architectures import FAMILIES
-from portable_infer.chat_template import ChatTemplate
+from portable_infer.text.chat_template import ChatTemplate
 from portable_infer.errors import InvalidArgumentError
 
 from test_chat_template import SMOLLM2_TEMPLATE

@@ -115,7 +115,7 @@ def test_logit_bias_forces_and_bans(model):
 def test_logprobs_equal_the_forward_pass(model):
     """logprobs=True, top_logprobs=k: the chosen token's log-probability under the model (teacher
     forcing of prompt + output), and the k best."""
-    from portable_infer.sampling import log_softmax
+    from portable_infer.decode.sampling import log_softmax
 
     rng = np.random.default_rng(SEED + 4)
     print(TAG)
@@ -141,7 +141,7 @@ def test_bad_constraints_are_typed_errors(model, bad, param):
     with pytest.raises(InvalidArgumentError) as e:
         model.generate("hello", **bad)
     assert e.value.param == param
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     with Scheduler(model, SchedulerConfig(max_batch=2)) as sched, pytest.raises(InvalidArgumentError) as e:
         sched.submit("hello", **bad)
@@ -149,8 +149,8 @@ def test_bad_constraints_are_typed_errors(model, bad, param):
 
 
 def test_batch_decoder_mixes_constrained_and_free_rows(model):
-    from portable_infer.generate import BatchDecoder
-    from portable_infer.sampling import SamplingParams
+    from portable_infer.decode.generate import BatchDecoder
+    from portable_infer.decode.sampling import SamplingParams
 
     rng = np.random.default_rng(SEED + 7)
     print(TAG)
@@ -173,7 +173,7 @@ def static(tiny_llama, tiny_text_package, tmp_path_factory):
     import shutil
 
     from exporters.export import export
-    from portable_infer import manifest as mf
+    from portable_infer.package import manifest as mf
 
     out = export(tiny_llama.source, tmp_path_factory.mktemp("static_text") / "pkg", precision="fp32", verify=False,
                  variants=("fused", "static"))
@@ -187,7 +187,7 @@ def static(tiny_llama, tiny_text_package, tmp_path_factory):
 
 
 def test_device_greedy_falls_back_for_constrained_rows(static, model, monkeypatch):
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     rng = np.random.default_rng(SEED + 8)
     print(TAG)
@@ -214,7 +214,7 @@ def _collect(handle):
 
 
 def test_scheduler_mixes_constrained_and_free_rows(model):
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     rng = np.random.default_rng(SEED + 5)
     print(TAG)
@@ -238,9 +238,9 @@ def test_scheduler_mixes_constrained_and_free_rows(model):
 def test_a_broken_matcher_ends_its_row_only(model, monkeypatch):
     """A row whose grammar fails mid-run (here its matcher refuses its 4th token) ends with a
     GenerationError; the free and constrained rows beside it finish as they do alone."""
-    from portable_infer import sequence
-    from portable_infer.constraints import Constraint
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.decode import sequence
+    from portable_infer.decode.constraints import Constraint
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     rng = np.random.default_rng(SEED + 6)
     print(TAG)

@@ -53,7 +53,7 @@ def messages(who: str) -> list:
 
 
 def test_schema_outputs_validate(model):
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     rng = np.random.default_rng(SEED)
     print(TAG)

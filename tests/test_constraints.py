@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from portable_infer.constraints import Constraint, Guide, MaskFill, allowed_tokens, consume, fill_masks
+from portable_infer.decode.constraints import Constraint, Guide, MaskFill, allowed_tokens, consume, fill_masks
 from portable_infer.errors import GenerationError, InvalidArgumentError
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -70,8 +70,8 @@ def served_app():
 
     from fastapi.testclient import TestClient
 
-    from portable_infer.scheduler import SchedulerStats
-    from portable_infer.server import ServerConfig, create_app
+    from portable_infer.serving.scheduler import SchedulerStats
+    from portable_infer.serving.http import ServerConfig, create_app
 
     stats = SchedulerStats(*([0] * 16))
 
@@ -126,7 +126,7 @@ def test_shutdown_period_matches_the_grace_period(k8s, container):
     """The server drains within its --shutdown-timeout (ServerConfig's default unless the command sets
     it); Kubernetes SIGKILLs after terminationGracePeriodSeconds: the first must fit the second, and
     the default is the shipped Deployment's, so neither drifts alone."""
-    from portable_infer.server import ServerConfig
+    from portable_infer.serving.http import ServerConfig
 
     grace = k8s["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     command = container["command"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from portable_infer.detokenize import StreamingDetokenizer
+from portable_infer.text.detokenize import StreamingDetokenizer
 from portable_infer.errors import InvalidArgumentError
 
 EMOJI = "😀🎉👍🏽"

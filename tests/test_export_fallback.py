@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import InvalidArgumentError
 
 torch = pytest.importorskip("torch")

@@ -39,7 +39,7 @@ from exporters.architectures import FAMILIES, MODEL_TYPES  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.verify import FP32_REL_TOL, OnnxDecoder, decoder  # noqa: E402
 import _parity  # noqa: E402
-from portable_infer.manifest import Manifest  # noqa: E402
+from portable_infer.package.manifest import Manifest  # noqa: E402
 
 SEED = int(os.environ.get("PARITY_SEED") or random.SystemRandom().randrange(2**31))
 REL_TOL = 1e-4  # max |onnx - reference| / max |reference|, the exporter's fp32 gate
@@ -596,7 +596,8 @@ def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(export
     recorded quality passes variant_choice.passes_gate, else runs the exact graph."""
     import portable_infer
     from exporters import verify
-    from portable_infer import cli, variant_choice
+    from portable_infer import cli
+    from portable_infer.package import variant_choice
 
     monkeypatch.setattr(verify, "INT8_MIN_AGREEMENT", {"fused-int8": 1.01, "static-int8": 0.0})
     pkg = export(exported.source, tmp_path / "int4", precision="int4")

@@ -7,7 +7,7 @@ import pytest
 from exporters.export_plan import DEFAULT_VARIANTS, ExportPlan, check_options, plan_export
 from exporters.sources import open_source
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.manifest import GenerationDefaults
+from portable_infer.package.manifest import GenerationDefaults
 
 
 def _tree(path):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import ContextLengthError, InvalidArgumentError
-from portable_infer.generate import BatchDecoder
+from portable_infer.decode.generate import BatchDecoder
 from portable_infer.model import Model
-from portable_infer.sampling import SamplingParams
+from portable_infer.decode.sampling import SamplingParams
 
 VOCAB = 32
 

@@ -12,7 +12,7 @@ import pytest
 
 from exporters.generation_defaults import generation_defaults
 from portable_infer.errors import SourceError
-from portable_infer.manifest import GenerationDefaults
+from portable_infer.package.manifest import GenerationDefaults
 
 GREEDY = GenerationDefaults()
 

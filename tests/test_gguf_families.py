@@ -37,7 +37,7 @@ import _gguf_files as gf  # noqa: E402
 from exporters.architectures import FAMILIES  # noqa: E402
 from exporters.export import export  # noqa: E402
 from exporters.verify import FP32_REL_TOL, compare, decoder  # noqa: E402
-from portable_infer.manifest import Manifest  # noqa: E402
+from portable_infer.package.manifest import Manifest  # noqa: E402
 
 SEED = int(os.environ.get("GGUF_SEED") or random.SystemRandom().randrange(2**31))
 FILE_SEED = {f: 4100 + i for i, f in enumerate(gf.FAMILIES)}

@@ -194,7 +194,7 @@ def test_each_type_exports_to_the_dequantized_logits(qtype, tmp_path, seed):
 
     from exporters.export import export
     from exporters.verify import decoder
-    from portable_infer.manifest import Manifest
+    from portable_infer.package.manifest import Manifest
 
     path = tmp_path / "m.gguf"
     gf.write_gguf(gf.hf_model("llama", 21), "llama", path, lambda n, s: qtype, 21)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from portable_infer import host
+from portable_infer.engine import host
 
 CPUINFO = """processor\t: 0
 model name\t: Fake EPYC 7B13

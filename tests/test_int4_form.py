@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from exporters.int4_fit import fit_error, fit_int4
 from exporters.quant import Blocks, quantize
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 
 gguf = pytest.importorskip("gguf")
 

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("torch")
 
 from portable_infer.errors import GenerationError, PortableInferError  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = int(os.environ.get("ISOLATION_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[ISOLATION_SEED={SEED}]"

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from exporters import lean_verify
 from exporters.reference_logits import REFERENCE_DIR, load_all
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import SourceError, VerificationError
 
 SEED = int(os.environ.get("LEAN_SEED") or random.SystemRandom().randrange(2**31))
@@ -95,7 +95,7 @@ def test_shipped_reference_is_the_installed_default_model():
 
 
 def test_inspect_shows_lean_measurements():
-    from portable_infer.package_info import _verified
+    from portable_infer.package.package_info import _verified
 
     line = _verified("fused", {"reference": "shipped reference logits (x.json)", "agreement": {
         "top1_agreement": 1.0, "top1_agree_steps": "32/32"}, "reference_logits": {"max_abs": 0.04, "max_rel": 1.4e-3}})
@@ -107,7 +107,7 @@ def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_
     logits only) run the whole reference token by token, so their record carries agreement over
     every greedy step and perplexity: what the runtime's quality gate reads. The exact
     last-position graphs keep the short token-by-token check."""
-    from portable_infer import variant_choice
+    from portable_infer.package import variant_choice
 
     manifest = mf.Manifest.load(int4_package)
     rng = np.random.default_rng(SEED)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 from portable_infer.errors import ChecksumError, PackageError, SchemaVersionError
-from portable_infer.manifest import Manifest
+from portable_infer.package.manifest import Manifest
 
 GOLDEN = Path(__file__).parent / "golden" / "manifest_tiny_llama.json"
 SEED = 20240601  # fixed: the golden must not depend on the run

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 import portable_infer
-from portable_infer import manifest as mf
-from portable_infer import manifest_schema as schema
+from portable_infer.package import manifest as mf
+from portable_infer.package import manifest_schema as schema
 from portable_infer.cli import main
 from portable_infer.errors import ManifestError, PackageError, PortableInferError, SchemaVersionError
-from portable_infer.package_info import describe
+from portable_infer.package.package_info import describe
 
 from _trust import copy_package, full_package, manifest_dict  # noqa: F401
 

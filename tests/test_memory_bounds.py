@@ -24,9 +24,9 @@ import portable_infer  # noqa: E402
 from _serving import EngineSpy  # noqa: E402
 from portable_infer.engine import memory  # noqa: E402
 from portable_infer.errors import InvalidArgumentError  # noqa: E402
-from portable_infer.generate import DEFAULT_BATCH_TOKENS, plan_batches  # noqa: E402
+from portable_infer.decode.generate import DEFAULT_BATCH_TOKENS, plan_batches  # noqa: E402
 from portable_infer.model import Model  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = int(os.environ.get("MEMORY_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[MEMORY_SEED={SEED}]"

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import portable_infer
-from portable_infer.bundle import pack
+from portable_infer.package.bundle import pack
 
 
 class NetworkUsed(AssertionError):

@@ -78,7 +78,7 @@ PROBE = textwrap.dedent("""
     import importlib.util, json
     import onnxruntime as ort
     import portable_infer
-    from portable_infer.providers import installed_builds
+    from portable_infer.engine.providers import installed_builds
     print(json.dumps({"ort_version": ort.__version__, "providers": ort.get_available_providers(),
                       "builds": installed_builds(), "portable_infer": portable_infer.__file__,
                       "torch": importlib.util.find_spec("torch") is not None}))
@@ -312,7 +312,7 @@ def test_default_load_runs_on_openvino_with_the_cpus_greedy_tokens(openvino_venv
     the pool to the static graph, then ran on the CPU. OpenVINO must take its portable graph and
     match the greedy tokens of the CPU provider's default load (the static graph) of the same package."""
     import portable_infer
-    from portable_infer.manifest import Manifest
+    from portable_infer.package.manifest import Manifest
 
     names = [v.name for v in Manifest.load(tiny_llama.package).variants]
     assert {"static", "fused", "portable"} <= set(names), names

@@ -7,8 +7,8 @@ import zipfile
 import pytest
 
 import portable_infer
-from portable_infer.bundle import pack
-from portable_infer.ort_format import OPS_CONFIG
+from portable_infer.package.bundle import pack
+from portable_infer.package.ort_format import OPS_CONFIG
 
 pytest.importorskip("onnx")  # ONNX Runtime's converter imports it
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from portable_infer import manifest as mf
-from portable_infer.bundle import pack
+from portable_infer.package import manifest as mf
+from portable_infer.package.bundle import pack
 from portable_infer.errors import PackageError, UnsafePathError
-from portable_infer.onnx_refs import graph_refs
+from portable_infer.package.onnx_refs import graph_refs
 
 from _trust import copy_package, full_package, make_bundle, manifest_dict, package_files, write_manifest, keys, load_cpu as _load  # noqa: F401
 
@@ -328,7 +328,7 @@ def test_scanner_finds_tensors_in_subgraphs_sparse_and_functions(tmp_path):
 
 def test_scanner_field_numbers_match_onnx():
     onnx = pytest.importorskip("onnx")
-    from portable_infer import onnx_refs as r
+    from portable_infer.package import onnx_refs as r
 
     protos = {r.MODEL: onnx.ModelProto, r.GRAPH: onnx.GraphProto, r.NODE: onnx.NodeProto,
               r.ATTR: onnx.AttributeProto, r.TENSOR: onnx.TensorProto, r.SPARSE: onnx.SparseTensorProto,

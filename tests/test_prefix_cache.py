@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from portable_infer import prefix_cache as pc
+from portable_infer.serving import prefix_cache as pc
 
 BLOCK = 4
 

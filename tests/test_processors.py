@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.processors import LogitBias, apply_mask, check_logit_bias
+from portable_infer.decode.processors import LogitBias, apply_mask, check_logit_bias
 
 SEED = 97
 
@@ -68,8 +68,8 @@ def test_apply_mask():
 
 # --- the per-token rule ---------------------------------------------------------------------------
 def _seq(vocab=8, **kw):
-    from portable_infer.sampling import SamplingParams
-    from portable_infer.sequence import Sequence
+    from portable_infer.decode.sampling import SamplingParams
+    from portable_infer.decode.sequence import Sequence
 
     return Sequence([1, 2, 3], SamplingParams(**kw), eos_ids=[0], vocab_size=vocab)
 
@@ -87,7 +87,7 @@ def test_bias_forces_and_bans():
 
 
 def test_logprobs_are_of_the_biased_distribution():
-    from portable_infer.sampling import log_softmax
+    from portable_infer.decode.sampling import log_softmax
 
     x = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
     s = _seq(vocab=4, logit_bias={0: 2.0}, logprobs=2)

@@ -7,11 +7,11 @@ import logging
 import numpy as np
 import pytest
 
-from portable_infer import providers
+from portable_infer.engine import providers
 from portable_infer.errors import InvalidArgumentError, PackageError, ProviderError
-from portable_infer.manifest import GraphVariant, KVLayout
-from portable_infer.doctor import doctor_report, format_doctor
-from portable_infer.providers import (
+from portable_infer.package.manifest import GraphVariant, KVLayout
+from portable_infer.engine.doctor import doctor_report, format_doctor
+from portable_infer.engine.providers import (
     ENV_VAR, PROVIDERS, ProviderSpec, build_conflict_warning, installed_builds, pick_variant, resolve, select_session,
 )
 
@@ -182,7 +182,7 @@ def test_cuda_portable_when_no_fused(tmp_path):
 def test_broken_cuda_falls_back_to_cpu_with_warning(package, caplog, mode):
     variants, root = package
     ort = FakeOrt([CUDA, CPU_EP], **({"fail": [CUDA]} if mode == "raises" else {"ignored": [CUDA]}))
-    with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+    with caplog.at_level(logging.WARNING, logger="portable_infer.engine.providers"):
         sel = select_session(variants, root, ort=ort)
     assert sel.provider.key == "cpu" and sel.session.get_providers() == [CPU_EP]
     assert [k for k, _ in sel.skipped] == ["cuda"]
@@ -216,7 +216,7 @@ def test_explicit_cuda_on_cpu_only_build(package, caplog):
     variants, root = package
     with pytest.raises(ProviderError, match=r"not in this ONNX Runtime build.*onnxruntime-gpu"):
         select_session(variants, root, "cuda", strict=True, ort=FakeOrt([CPU_EP]))
-    with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+    with caplog.at_level(logging.WARNING, logger="portable_infer.engine.providers"):
         sel = select_session(variants, root, "cuda", ort=FakeOrt([CPU_EP]))
     assert sel.provider.key == "cpu"
     assert sel.skipped == (("cuda", "not available: not in this ONNX Runtime build"),)

@@ -19,7 +19,7 @@ from portable_infer.errors import (  # noqa: E402
     ChecksumError, ContextLengthError, InvalidArgumentError, PackageError, PortableInferError, ProviderError,
     SchemaVersionError,
 )
-from portable_infer.providers import ENV_VAR  # noqa: E402
+from portable_infer.engine.providers import ENV_VAR  # noqa: E402
 
 PROMPT = [5, 17, 42, 99]
 

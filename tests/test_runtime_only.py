@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import portable_infer
-from portable_infer.bundle import pack, write_keypair
+from portable_infer.package.bundle import pack, write_keypair
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Pure units for portable_infer.sampling, with hand-computed expectations."""
+"""Pure units for portable_infer.decode.sampling, with hand-computed expectations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from portable_infer.errors import GenerationError, InvalidArgumentError
-from portable_infer.sampling import (
+from portable_infer.decode.sampling import (
     MAX_LOGPROBS, SamplingParams, apply_min_p, apply_penalties, apply_temperature, apply_top_k,
     apply_top_p, draw, log_softmax, make_sampler, sample, token_logprobs,
 )

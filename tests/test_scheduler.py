@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 from portable_infer.errors import (  # noqa: E402
     CapacityError, ContextLengthError, InvalidArgumentError, PortableInferError,
 )
-from portable_infer.scheduler import Scheduler, SchedulerConfig, SchedulerObserver  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig, SchedulerObserver  # noqa: E402
 
 from _serving import EngineSpy  # noqa: E402
 

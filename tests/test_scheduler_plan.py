@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from portable_infer.scheduler_plan import (
+from portable_infer.serving.scheduler_plan import (
     GROUP_CHUNKS, FromPrefix, Planner, Prefill, PrefillSlice, QueueView, StepPlan,
 )
 

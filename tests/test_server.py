@@ -21,9 +21,9 @@ pytest.importorskip("fastapi")
 import portable_infer  # noqa: E402
 from _serving import SlowEngine, add_tokenizer, with_engine  # noqa: E402
 from portable_infer.errors import DependencyError  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from portable_infer.server import ServerConfig, create_app, require_serve  # noqa: E402
-from portable_infer.server.runner import BackgroundServer  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.http import ServerConfig, create_app, require_serve  # noqa: E402
+from portable_infer.serving.http.runner import BackgroundServer  # noqa: E402
 
 KEY = "test-key-123"
 NAME = "tiny"

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from portable_infer.server.errorguard import ErrorGuard, install  # noqa: E402
+from portable_infer.serving.http.errorguard import ErrorGuard, install  # noqa: E402
 
 START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}

@@ -1,6 +1,6 @@
 """The field table of the server (issue 16, item 4): every field of OpenAI's completions and
 chat-completions bodies is implemented, ignored by definition, or a 400 naming it; wrong JSON types
-are 400s naming the field. Walks ``portable_infer.server.fields`` through the real parser
+are 400s naming the field. Walks ``portable_infer.serving.http.fields`` through the real parser
 (``protocol.parse_*``) on a fake model: no server, no ONNX."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from portable_infer.sampling import SamplingParams
-from portable_infer.server import fields, protocol
-from portable_infer.server.apierror import APIError
-from portable_infer.server.fields import ANY, BOTH, CHAT, COMPLETIONS, IGNORED, IMPLEMENTED, UNSUPPORTED
+from portable_infer.decode.sampling import SamplingParams
+from portable_infer.serving.http import fields, protocol
+from portable_infer.serving.http.apierror import APIError
+from portable_infer.serving.http.fields import ANY, BOTH, CHAT, COMPLETIONS, IGNORED, IMPLEMENTED, UNSUPPORTED
 
 # OpenAI's API reference, request bodies (November 2026): the table must cover each of them
 OPENAI = {
@@ -65,7 +65,7 @@ class FakeModel:
 def _guide():
     from _serving import char_tokenizer
 
-    from portable_infer.constraints import Guide
+    from portable_infer.decode.constraints import Guide
 
     return Guide(char_tokenizer(), 256, [2])
 

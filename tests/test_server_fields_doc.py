@@ -1,5 +1,5 @@
 """docs/serving.md's table of every request field agrees with the server's field table
-(``portable_infer/server/fields.py``), row by row: a field added, removed or changed in status in
+(``portable_infer/serving/http/fields.py``), row by row: a field added, removed or changed in status in
 one and not the other fails here."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from portable_infer.server import fields
-from portable_infer.server.apierror import show
+from portable_infer.serving.http import fields
+from portable_infer.serving.http.apierror import show
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 ROW = re.compile(r"^\s*\| (body|message|content part|stream_options) \| `([^`]+)` \| (both|chat|completions) \| (.+) \|$")

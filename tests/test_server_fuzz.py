@@ -26,10 +26,11 @@ pytest.importorskip("fastapi")
 import portable_infer  # noqa: E402
 from _fuzz_bodies import mutated  # noqa: E402
 from _serving import add_tokenizer  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from portable_infer.server import ServerConfig, create_app, fields  # noqa: E402
-from portable_infer.server import protocol  # noqa: E402
-from portable_infer.server.runner import BackgroundServer  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.http import ServerConfig, create_app  # noqa: E402
+from portable_infer.serving.http import fields
+from portable_infer.serving.http import protocol  # noqa: E402
+from portable_infer.serving.http.runner import BackgroundServer  # noqa: E402
 
 SEED = int(os.environ.get("SERVER_FUZZ_SEED") or 20261116)
 TAG = f"[SERVER_FUZZ_SEED={SEED}]"

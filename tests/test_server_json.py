@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from portable_infer.server.apierror import APIError
-from portable_infer.server.jsonbody import MAX_DEPTH, MAX_INT_DIGITS, nesting_depth, parse_object
+from portable_infer.serving.http.apierror import APIError
+from portable_infer.serving.http.jsonbody import MAX_DEPTH, MAX_INT_DIGITS, nesting_depth, parse_object
 
 
 def rejected(raw: bytes) -> APIError:

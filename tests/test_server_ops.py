@@ -25,9 +25,9 @@ import portable_infer  # noqa: E402
 from _ops import (WAIT_S, BlockingTokenizer, Gate, RawConnection, error_of, sse_lines, wait_for,  # noqa: E402
                   wait_idle, with_tokenizer)
 from _serving import EngineSpy, SlowEngine, add_tokenizer, with_engine  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from portable_infer.server import ServerConfig, create_app  # noqa: E402
-from portable_infer.server.runner import BackgroundServer  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.http import ServerConfig, create_app  # noqa: E402
+from portable_infer.serving.http.runner import BackgroundServer  # noqa: E402
 
 LONG = {"max_tokens": 200, "ignore_eos": True}
 

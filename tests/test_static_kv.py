@@ -142,7 +142,7 @@ def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatc
     through the RowMover graph (as on GPUs) instead of numpy."""
     from portable_infer.engine.kv_growing import GrowingCache
     from portable_infer.engine.kv_static import StaticCache
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     if on_device:
         use_row_mover(static.engine, monkeypatch)
@@ -246,7 +246,7 @@ def test_rows_keep_their_tokens_when_caches_of_different_capacities_merge_and_sp
 
 
 def test_scheduler_decodes_greedy_batches_on_the_device(static, fused, monkeypatch):
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     rng = np.random.default_rng(SEED + 5)
     ps = prompts(rng, [6, 9, 4])
@@ -278,7 +278,7 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     through the RowMover graph (as on GPUs) instead of numpy."""
     from portable_infer.engine.kv_static import StaticCache
     from portable_infer.engine.rows import RowMover
-    from portable_infer.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 
     assert static.engine.row_mover() is None  # the CPU moves rows with numpy
     moved = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.stopping import StopMatcher
+from portable_infer.text.stopping import StopMatcher
 
 
 def run(stops, chunks) -> tuple[str, bool, list[str]]:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from portable_infer import providers
+from portable_infer.engine import providers
 from portable_infer.errors import ContextLengthError, InvalidArgumentError, PackageError
-from portable_infer.generate import check_prompt
-from portable_infer.manifest import GraphVariant, KVLayout, Manifest
+from portable_infer.decode.generate import check_prompt
+from portable_infer.package.manifest import GraphVariant, KVLayout, Manifest
 from portable_infer.model import Model
 
 GOLDEN = Path(__file__).parent / "golden" / "manifest_tiny_llama.json"
@@ -69,7 +69,7 @@ def _static(dtype: str, precision: str) -> GraphVariant:
 def test_graph_capture_hint_follows_the_kv_dtype(tmp_path, caplog, dtype, precision, message, hinted):
     variant = _static(dtype, precision)
     (tmp_path / variant.file).write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+    with caplog.at_level(logging.WARNING, logger="portable_infer.engine.providers"):
         sel = providers.select_session([variant], tmp_path, "cuda", ort=_CaptureRefusingOrt(message))
     assert sel.provider.key == "cuda" and not sel.graph_capture
     warned = [r.getMessage() for r in caplog.records if "refused graph capture" in r.getMessage()]

@@ -24,9 +24,9 @@ pytest.importorskip("llguidance")
 
 import portable_infer  # noqa: E402
 from _tools import PARAMETERS, TOOLS, long_tiny_llama, questions, tool_package  # noqa: E402
-from portable_infer.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from portable_infer.server import ServerConfig, create_app  # noqa: E402
-from portable_infer.server.runner import BackgroundServer  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.serving.http import ServerConfig, create_app  # noqa: E402
+from portable_infer.serving.http.runner import BackgroundServer  # noqa: E402
 
 SEED = int(os.environ.get("LITELLM_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[LITELLM_SEED={SEED}]"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.streaming import Response
-from portable_infer.tool_calls import FORMATS, CallParser, CallStream, ToolCall, detect_format
-from portable_infer.tool_specs import (ChatMessage, call_grammar, check_tools, plan_tools,
+from portable_infer.text.streaming import Response
+from portable_infer.text.tool_calls import FORMATS, CallParser, CallStream, ToolCall, detect_format
+from portable_infer.text.tool_specs import (ChatMessage, call_grammar, check_tools, plan_tools,
                                        template_messages)
 
 SEED = int(os.environ.get("TOOLS_PARSER_SEED") or random.SystemRandom().randrange(2**31))
@@ -265,14 +265,14 @@ def guide():
     pytest.importorskip("llguidance")
     from _tools import newline_tokenizer
 
-    from portable_infer.constraints import Guide
+    from portable_infer.decode.constraints import Guide
 
     return Guide(newline_tokenizer(), 256, [2])
 
 
 def accepts(guide, grammar: str, text: str) -> tuple:
     """(every token of ``text`` accepted, the grammar complete after it, only the end may follow)."""
-    from portable_infer.constraints import Constraint
+    from portable_infer.decode.constraints import Constraint
 
     matcher = guide.matcher(Constraint.grammar(grammar))
     ids = guide.tokenizer.encode(text, add_special_tokens=False).ids
@@ -332,8 +332,8 @@ def test_special_markers_are_tokens():
 # --- the HTTP shapes (server/tools.py) ---------------------------------------------------------------
 def replies(text_pieces, choice="auto"):
     pytest.importorskip("fastapi")
-    from portable_infer.server.protocol import Reply
-    from portable_infer.server.tools import ToolReplies
+    from portable_infer.serving.http.protocol import Reply
+    from portable_infer.serving.http.tools import ToolReplies
 
     plan = plan_tools([FN, TOOL_SPECS[0]], choice, None, QWEN)
     model = SimpleNamespace(tokenizer=None, manifest=SimpleNamespace(tokenizer=SimpleNamespace(eos_token_ids=(2,))))

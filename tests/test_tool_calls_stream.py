@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.streaming import Response
-from portable_infer.tool_calls import FORMATS, CallParser, CallStream, ToolCall, ToolCallDelta, detect_format
-from portable_infer.tool_specs import call_grammar, check_tools, plan_tools
-from portable_infer.tool_stream import ChatDelta, ChatMessage, ChatStream
+from portable_infer.text.streaming import Response
+from portable_infer.text.tool_calls import FORMATS, CallParser, CallStream, ToolCall, ToolCallDelta, detect_format
+from portable_infer.text.tool_specs import call_grammar, check_tools, plan_tools
+from portable_infer.text.tool_stream import ChatDelta, ChatMessage, ChatStream
 
 SEED = int(os.environ.get("TOOLS_STREAM_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[TOOLS_STREAM_SEED={SEED}]"
@@ -180,7 +180,7 @@ def test_v11_grammar_without_special_tokens():
     pytest.importorskip("llguidance")
     from _tools import newline_tokenizer
 
-    from portable_infer.constraints import Constraint, Guide
+    from portable_infer.decode.constraints import Constraint, Guide
 
     guide = Guide(newline_tokenizer(), 256, [2])
     specs = check_tools([{"type": "function", "function": {"name": "f", "parameters": {
@@ -237,8 +237,8 @@ def test_server_chunks_assemble_with_the_openai_sdk():
     from openai.lib.streaming.chat import ChatCompletionStreamState
     from openai.types.chat import ChatCompletionChunk
 
-    from portable_infer.server.protocol import Reply
-    from portable_infer.server.tools import ToolReplies
+    from portable_infer.serving.http.protocol import Reply
+    from portable_infer.serving.http.tools import ToolReplies
 
     model = SimpleNamespace(tokenizer=None, manifest=SimpleNamespace(tokenizer=SimpleNamespace(eos_token_ids=(2,))))
     tools = ToolReplies(PLAN, model, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False))

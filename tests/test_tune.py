@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from portable_infer import tune
-from portable_infer.tune import Candidate, TuneKey
+from portable_infer.engine import tune
+from portable_infer.engine.tune import Candidate, TuneKey
 
 EXACT, INT8, Q4 = Candidate("static", True), Candidate("static-int8", False), Candidate("static-q4", False)
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import portable_infer
-from portable_infer import measure, tune
+from portable_infer.engine import measure, tune
 from portable_infer.errors import InvalidArgumentError
 
 
@@ -143,7 +143,7 @@ def test_tune_command_measures_again_and_doctor_shows_it(int4_package, tuning, c
 
 
 def test_inspect_shows_the_host_and_the_measured_choice(int4_package, tuning):
-    from portable_infer.package_info import describe
+    from portable_infer.package.package_info import describe
 
     assert "no variant choice cached" in describe(int4_package)
     times, _ = tuning

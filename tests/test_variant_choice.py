@@ -17,8 +17,8 @@ import pytest
 from portable_infer import loader
 from portable_infer.errors import PackageError, ProviderError
 from portable_infer.loader import LoadConfig
-from portable_infer.manifest import GraphVariant, KVLayout
-from portable_infer.providers import CPU, ENV_VAR, PROVIDERS, VariantChoice, choose_variant, select_session
+from portable_infer.package.manifest import GraphVariant, KVLayout
+from portable_infer.engine.providers import CPU, ENV_VAR, PROVIDERS, VariantChoice, choose_variant, select_session
 from portable_infer.engine.session import SessionConfig
 
 CPU_EP, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -165,7 +165,7 @@ def test_portable_only_provider_named_without_strict_runs_portable(spec, tmp_pat
 
 def test_openvino_with_static_kv_true_warns_and_falls_back_to_cpu(tmp_path, caplog):
     manifest, ov = package(tmp_path), next(s for s in PROVIDERS if s.key == "openvino")
-    with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+    with caplog.at_level(logging.WARNING, logger="portable_infer.engine.providers"):
         sel = select(manifest, tmp_path, ort_for(ov), "openvino", static_kv=True)
     assert (sel.provider.key, sel.variant.name) == ("cpu", "static")
     assert sel.skipped[0][0] == "openvino" and "none fits static_kv=True" in sel.skipped[0][1]
@@ -207,7 +207,7 @@ def test_cuda_refusing_graphs_runs_static_without_them_even_when_not_strict(tmp_
     """The retry is the provider's own: not a fallback to the CPU (auto) nor an error (strict)."""
     for strict in (True, False):
         ort = FakeOrt([CUDA, CPU_EP], refuse_graphs=True)
-        with caplog.at_level(logging.WARNING, logger="portable_infer.providers"):
+        with caplog.at_level(logging.WARNING, logger="portable_infer.engine.providers"):
             sel = select(package(tmp_path), tmp_path, ort, "auto", strict=strict)
         assert (sel.provider.key, sel.variant.name, sel.graph_capture) == ("cuda", "static", False)
         assert [opts[0][1].get("enable_cuda_graph") for _, opts in ort.created] == ["1", None]
@@ -275,7 +275,7 @@ def test_select_session_default_choice_is_the_loaders_default(tmp_path):
 def test_the_quality_gate_needs_agreement_and_perplexity_within_the_bar():
     """variant_choice.passes_gate: both numbers recorded and within the bar; a record without
     perplexity (the lean check's short "agreement") or a missing record never passes."""
-    from portable_infer.variant_choice import GATE_AGREEMENT, GATE_PPL_INCREASE, passes_gate
+    from portable_infer.package.variant_choice import GATE_AGREEMENT, GATE_PPL_INCREASE, passes_gate
 
     def rec(agreement, ppl):
         return {"quality": {"top1_agreement": agreement, "perplexity_delta": ppl}}

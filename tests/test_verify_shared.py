@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 
-from portable_infer import manifest as mf
+from portable_infer.package import manifest as mf
 
 VARIANTS = ("portable", "fused", "fused-int8", "static")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from portable_infer.errors import SourceError, UnsupportedArchitectureError
-from portable_infer.manifest import ModelDims
+from portable_infer.package.manifest import ModelDims
 
 
 @dataclass(frozen=True)

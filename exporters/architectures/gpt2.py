@@ -1,6 +1,6 @@
 """GPT-2: learned positions, LayerNorm with bias, GELU (tanh) MLP, fused c_attn, Conv1D weights."""
 
-from portable_infer.manifest import ModelDims
+from portable_infer.package.manifest import ModelDims
 
 from .common import DecoderLayout, activation, need
 from .gguf_spec import GGUFSpec, GGUFView, vocab_size

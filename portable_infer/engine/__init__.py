@@ -16,6 +16,6 @@ The engine knows token ids, not text. Callers use the two protocols of
     devices      provider -> device
 """
 
-from .protocols import Engine, KVCache
+from portable_infer.engine.protocols import Engine, KVCache
 
 __all__ = ["Engine", "KVCache"]

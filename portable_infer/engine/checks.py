@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import manifest as mf
-from ..errors import CapacityError, InvalidArgumentError
+from portable_infer.package import manifest as mf
+from portable_infer.errors import CapacityError, InvalidArgumentError
 
 
 def checked_capacity(capacity: int | None, max_context: int) -> int:

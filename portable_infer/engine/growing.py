@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import manifest as mf
-from ..errors import PortableInferError
-from . import memory
-from .checks import check_call, check_capacity, checked_capacity
-from .devices import device_of
-from .kv_growing import GrowingCache
+from portable_infer.package import manifest as mf
+from portable_infer.errors import PortableInferError
+from portable_infer.engine import memory
+from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
+from portable_infer.engine.devices import device_of
+from portable_infer.engine.kv_growing import GrowingCache
 
 
 class GrowingEngine:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..manifest import KVLayout
-from . import padding
-from .memory import bytes_per_token
+from portable_infer.package.manifest import KVLayout
+from portable_infer.engine import padding
+from portable_infer.engine.memory import bytes_per_token
 
 # OrtValue.numpy() is a view of the value's memory on the CPU (writable, no copy) and a host
 # copy on other devices.

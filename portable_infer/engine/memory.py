@@ -25,7 +25,7 @@ _SHRINK_KEY = "memory.enable_memory_arena_shrinkage"
 
 
 def bytes_per_token(layout) -> int:
-    """KV bytes one token takes over all layers (keys and values) of a :class:`~portable_infer.manifest.KVLayout`."""
+    """KV bytes one token takes over all layers (keys and values) of a :class:`~portable_infer.package.manifest.KVLayout`."""
     return 2 * len(layout.past) * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
 
 

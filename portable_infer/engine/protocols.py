@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..manifest import GraphVariant, KVLayout
+from portable_infer.package.manifest import GraphVariant, KVLayout
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-GRAPHS = Path(__file__).resolve().parent.parent / "graphs"  # portable_infer/graphs (package data)
+GRAPHS = Path(__file__).resolve().parent / "graphs"  # portable_infer/engine/graphs (package data)
 _NO_GRAPH_CAPTURE = {"enable_cuda_graph"}  # its output addresses change every run
 
 

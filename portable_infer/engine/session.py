@@ -1,6 +1,6 @@
 """How ONNX Runtime sessions are made (:class:`SessionConfig`), and the engine for a selected session.
 
-:func:`portable_infer.providers.select_session` makes the session on the provider that really
+:func:`portable_infer.engine.providers.select_session` makes the session on the provider that really
 works, with :meth:`SessionConfig.session_options`; :func:`make_engine` puts the engine the graph
 needs around it: the static engine for ``growth: static`` graphs, the growing one otherwise.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import host
-from .growing import GrowingEngine
-from .static import StaticEngine
+from portable_infer.engine import host
+from portable_infer.engine.growing import GrowingEngine
+from portable_infer.engine.static import StaticEngine
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class SessionConfig:
 
 
 def make_engine(sel, manifest, ort, max_kv_tokens: int | None = None):
-    """The engine for a :class:`~portable_infer.providers.Selection`: the static one for
+    """The engine for a :class:`~portable_infer.engine.providers.Selection`: the static one for
     static-KV graphs (buffers of at most ``max_kv_tokens`` tokens per row), else the growing one."""
     context = manifest.model.max_context
     if sel.variant.kv.growth == "static":

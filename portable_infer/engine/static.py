@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import manifest as mf
-from ..errors import InvalidArgumentError, PortableInferError
-from . import memory
-from .checks import check_call, check_capacity, checked_capacity
-from .devices import device_of
-from .kv_static import StaticCache
-from .rows import RowMover
+from portable_infer.package import manifest as mf
+from portable_infer.errors import InvalidArgumentError, PortableInferError
+from portable_infer.engine import memory
+from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
+from portable_infer.engine.devices import device_of
+from portable_infer.engine.kv_static import StaticCache
+from portable_infer.engine.rows import RowMover
 
 logger = logging.getLogger(__name__)
 

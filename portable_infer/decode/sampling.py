@@ -1,0 +1,386 @@
+"""Token sampling: pure functions from logits to a token id.
+
+The pipeline, with vLLM / OpenAI semantics::
+
+    logits ── apply_penalties ──┬── temperature == 0 ──────────────────────────── argmax
+                                └── / temperature ─ top_k ─ top_p ─ min_p ─ draw(rng)
+
+Each filter takes a 1-D float array and returns an array whose dropped entries are ``-inf``; a
+filter that is switched off returns its input unchanged (never mutated). The random generator is
+always passed in, so a seed reproduces a run exactly.
+
+Logits that cannot be sampled (NaN, +inf, or every one -inf) raise :class:`GenerationError`
+naming the cause; values the request chose that overflow float32 raise
+:class:`InvalidArgumentError` naming the parameter. Neither is an ``assert``: the scheduler ends
+that one request with the error and the others in its step go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from portable_infer.errors import GenerationError, InvalidArgumentError
+from portable_infer.decode.processors import check_logit_bias, openai_spellings
+
+if TYPE_CHECKING:
+    from portable_infer.decode.constraints import Constraint
+
+MAX_LOGPROBS = 20
+_TOP_P_CANDIDATES = 1024  # top_p sorts only these best tokens when they hold >= top_p of the mass
+_DRAW_BLOCK = 256  # draw() picks a block of this many tokens, then a token in it
+# Temperatures below this are greedy decoding (stored as 0.0), as in vLLM: logits / 1e-300
+# overflows float32, and below 1e-5 sampling is argmax in all but name.
+MIN_TEMPERATURE = 1e-5
+# Repetition penalties outside this range overflow (or flatten) float32 logits and mean nothing.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+Sampler = Callable[[np.ndarray, np.random.Generator], int]
+
+# name -> (allowed range as written in the error, predicate, how to switch it off / fix it)
+_FLOAT_RULES: dict[str, tuple[str, Callable[[float], bool], str]] = {
+    "temperature": (">= 0", lambda v: v >= 0, "use 0 for greedy decoding"),
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1, "use 1 to turn top-p off"),
+    "min_p": ("in [0, 1)", lambda v: 0 <= v < 1, "use 0 to turn min-p off"),
+    "repetition_penalty": (f"in [{REPETITION_PENALTY_RANGE[0]}, {REPETITION_PENALTY_RANGE[1]:g}]",
+                           lambda v: REPETITION_PENALTY_RANGE[0] <= v <= REPETITION_PENALTY_RANGE[1],
+                           "use 1 to turn it off"),
+    "presence_penalty": ("in [-2, 2]", lambda v: -2 <= v <= 2, "use 0 to turn it off"),
+    "frequency_penalty": ("in [-2, 2]", lambda v: -2 <= v <= 2, "use 0 to turn it off"),
+}
+# name -> (allowed, predicate, fix, None allowed)
+_INT_RULES: dict[str, tuple[str, Callable[[int], bool], str, bool]] = {
+    "top_k": (">= 0", lambda v: v >= 0, "use 0 to turn top-k off", False),
+    "max_new_tokens": (">= 1", lambda v: v >= 1, "ask for at least one token", False),
+    "seed": (">= 0", lambda v: v >= 0, "use None for a random seed", True),
+    "logprobs": (f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS, "use None to turn it off", True),
+}
+# name -> (element predicate, what the elements must be, element converter)
+_TUPLE_RULES: dict[str, tuple[Callable[[object], bool], str, type]] = {
+    "stop": (lambda s: isinstance(s, str) and s != "", "non-empty strings", str),
+    "stop_token_ids": (lambda i: _is_int(i) and i >= 0, "ints >= 0", int),
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token; validated at construction.
+
+    ``temperature == 0`` is greedy decoding, and so is any temperature below
+    :data:`MIN_TEMPERATURE` (1e-5): it is stored as 0.0, the same rule for the Python API and the
+    server (which builds its SamplingParams here), because ``logits / temperature`` overflows
+    float32 for tiny values and sampling below 1e-5 is an argmax anyway. ``top_k == 0``,
+    ``top_p == 1``, ``min_p == 0`` and neutral penalties switch those steps off;
+    ``repetition_penalty`` is in [0.01, 100] (further out it overflows or flattens the logits),
+    presence and frequency penalties in [-2, 2]. ``logprobs``: None = off, 0 = the chosen token's
+    log-probability only, k = also the k most likely alternatives (at most 20). ``stop`` holds
+    stop strings and ``stop_token_ids`` extra end tokens; lists are accepted and stored as tuples.
+    ``constraint``: a :class:`~portable_infer.decode.constraints.Constraint` (JSON schema, JSON object,
+    regex, Lark grammar; or a dict such as ``{"regex": "[0-9]+"}``, or an OpenAI response_format)
+    that the output must follow; ``logit_bias``: ``{token id: bias in [-100, 100]}`` added to the
+    logits (stored as sorted pairs). ``from_kwargs`` also takes OpenAI's spellings
+    ``response_format=`` and ``logprobs=True, top_logprobs=k``.
+    Example: ``SamplingParams(temperature=0.7, top_p=0.9, seed=0, stop=["\\n\\n"])``.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    constraint: Constraint | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, (allowed, ok, fix) in _FLOAT_RULES.items():
+            value = getattr(self, name)
+            real = _is_int(value) or isinstance(value, (float, np.floating))
+            if not (real and math.isfinite(value) and ok(value)):
+                raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}; {fix}", param=name)
+            object.__setattr__(self, name, float(value))
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # greedy: see the class docstring
+        for name, (allowed, ok, fix, optional) in _INT_RULES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not (_is_int(value) and ok(value)):
+                none = "None or " if optional else ""
+                raise InvalidArgumentError(f"{name} must be {none}an int {allowed}, got {value!r}; {fix}",
+                                           param=name)
+            object.__setattr__(self, name, int(value))
+        for name, (ok, what, convert) in _TUPLE_RULES.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (list, tuple)) and all(ok(v) for v in value)):
+                raise InvalidArgumentError(f"{name} must be a tuple or list of {what}, got {value!r}", param=name)
+            object.__setattr__(self, name, tuple(convert(v) for v in value))
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidArgumentError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", param="ignore_eos")
+        from portable_infer.decode.constraints import Constraint  # no llguidance import: that waits for the first matcher
+
+        object.__setattr__(self, "constraint", Constraint.coerce(self.constraint))
+        object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
+
+    @property
+    def penalized(self) -> bool:
+        """Repetition, presence or frequency penalties change the logits before sampling."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The token is the logits' argmax and nothing else reads them (no penalty, no logprobs,
+        no constraint, no logit bias):
+        the argmax may run anywhere, e.g. on the device. A constraint or a logit bias changes
+        the logits first, so those rows take the host's logits."""
+        return (self.temperature == 0.0 and not self.penalized and self.logprobs is None
+                and self.constraint is None and not self.logit_bias)
+
+    @classmethod
+    def from_kwargs(cls, defaults: SamplingParams | None = None, **kw) -> SamplingParams:
+        """``defaults`` (or the class defaults) with the fields in ``kw`` replaced.
+
+        Unknown keys raise :class:`InvalidArgumentError` listing the valid ones. Example:
+        ``SamplingParams.from_kwargs(temperature=0.8, top_k=40)``.
+        """
+        if defaults is not None and not isinstance(defaults, SamplingParams):
+            raise InvalidArgumentError(f"defaults must be a SamplingParams or None, got {type(defaults).__name__}")
+        kw = openai_spellings(kw)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kw) - set(valid))
+        if unknown:
+            raise InvalidArgumentError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
+                                       f"valid ones are: {', '.join(valid)}", param=unknown[0])
+        return dataclasses.replace(defaults if defaults is not None else cls(), **kw)
+
+
+def _as_logits(logits) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.ndim != 1 or x.size == 0:
+        raise InvalidArgumentError(f"logits must be a non-empty 1-D array [vocab], got shape {x.shape}")
+    return x
+
+
+def unsampleable(top: float) -> GenerationError:
+    """The error for logits whose maximum ``top`` is not finite: NaN anywhere makes the max NaN,
+    +inf anywhere makes it +inf, and it is -inf only when every logit is."""
+    if np.isnan(top):
+        return GenerationError("the model's logits hold NaN: its output is broken for this input, not the "
+                               "request's values; check the package (re-export it, or try another variant "
+                               "or precision)", reason="nan_logits")
+    if top > 0:
+        return GenerationError("the model's logits hold +inf (an overflow in the graph, e.g. fp16 "
+                               "activations): try an fp32 or int4 package or another variant",
+                               reason="inf_logits")
+    return GenerationError("every logit is -inf: no token is left to choose (all of them were "
+                           "filtered out)", reason="no_candidates")
+
+
+def _finite_max(x: np.ndarray) -> float:
+    top = x.max()
+    if not np.isfinite(top):
+        raise unsampleable(top)
+    return top
+
+
+def check_pick(value) -> None:
+    """Raise :func:`unsampleable`'s error when a greedy pick (an argmax) landed on a non-finite
+    logit: NumPy's argmax returns the first NaN, and +inf or an all -inf row mean no real choice."""
+    if not np.isfinite(value):
+        raise unsampleable(value)
+
+
+def _as_ids(ids, vocab: int, name: str) -> np.ndarray:
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        bad = arr[(arr < 0) | (arr >= vocab)][0]
+        raise InvalidArgumentError(f"{name} must hold token ids in [0, {vocab}), got {bad}")
+    return arr
+
+
+def apply_penalties(logits: np.ndarray, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                    params: SamplingParams) -> np.ndarray:
+    """Return a penalized copy of ``logits`` [vocab] (vLLM semantics).
+
+    The repetition penalty applies to every token seen in the prompt or the output: positive
+    logits are divided by it, negative ones multiplied. Presence and frequency penalties apply to
+    output tokens only: ``logit -= presence * (count > 0) + frequency * count``.
+
+    Example:
+        >>> apply_penalties(np.array([2.0, -1.0, 1.0]), [0], [1], SamplingParams(repetition_penalty=2.0))
+        array([ 1., -2.,  1.])
+    """
+    x = _as_logits(logits)
+    out = x.astype(np.promote_types(x.dtype, np.float32))  # a copy; float32 stays float32
+    vocab = out.shape[0]
+    output = _as_ids(output_ids, vocab, "output_ids")
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.concatenate((_as_ids(prompt_ids, vocab, "prompt_ids"), output)))
+        values = out[seen]
+        with np.errstate(over="ignore"):
+            penalized = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        if np.isinf(penalized).any() and not np.isinf(values).any():
+            raise InvalidArgumentError(
+                f"repetition_penalty {params.repetition_penalty} overflows these logits (largest "
+                f"{np.abs(values).max():.4g}) past float32; use a value closer to 1", param="repetition_penalty")
+        out[seen] = penalized
+    if (params.presence_penalty or params.frequency_penalty) and output.size:
+        ids, counts = np.unique(output, return_counts=True)
+        out[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Numerically stable ``log(softmax(x))`` of a 1-D array as float64; ``-inf`` stays ``-inf``."""
+    x = _as_logits(x)
+    shifted = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)
+    # exp in the input precision (float32 exp is several times faster), the sum in float64
+    return shifted.astype(np.float64) - np.log(np.exp(shifted).sum(dtype=np.float64))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` (> 0; 0 is greedy, handled before), float32 or wider."""
+    x = np.asarray(logits)
+    return x.astype(np.promote_types(x.dtype, np.float32), copy=False) / temperature
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the ``k`` largest logits (ties with the k-th are kept); ``k == 0`` is off."""
+    if k <= 0 or k >= logits.shape[0]:
+        return logits
+    kth = logits[np.argpartition(logits, -k)[-k]]  # O(vocab) selection, no full sort
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability sums to >= ``p`` (at least one).
+
+    ``p == 1`` is off. Tokens already at ``-inf`` are ignored, so after top-k only k values are
+    sorted.
+    """
+    if p >= 1.0:
+        return logits
+    cand = np.flatnonzero(logits > -np.inf)
+    weights = np.exp(logits[cand] - logits[cand].max())
+    total = weights.sum()
+    if cand.size > _TOP_P_CANDIDATES:
+        best = np.argpartition(weights, -_TOP_P_CANDIDATES)[-_TOP_P_CANDIDATES:]
+        if weights[best].sum() >= p * total:  # then the kept set lies inside `best`
+            cand, weights = cand[best], weights[best]
+    order = np.argsort(-weights, kind="stable")
+    cdf = np.cumsum(weights[order]) / total
+    n_keep = min(int(np.searchsorted(cdf, p, side="left")) + 1, cand.size)
+    keep = cand[order[:n_keep]]
+    out = np.full_like(logits, -np.inf)
+    out[keep] = logits[keep]
+    return out
+
+
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens whose probability is below ``min_p`` times the top probability; 0 is off."""
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max() + math.log(min_p)  # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
+    return np.where(logits >= threshold, logits, -np.inf)
+
+
+def _pick(cdf: np.ndarray, weights: np.ndarray, u: float) -> int:
+    """Index ``i`` with ``cdf[i-1] <= u < cdf[i]``, never one of zero weight (u may round up)."""
+    i = int(np.searchsorted(cdf, u, side="right"))
+    return i if i < cdf.size and weights[i] > 0 else int(np.flatnonzero(weights)[-1])
+
+
+def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token id from ``softmax(logits)`` with one uniform number from ``rng``.
+
+    Inverse CDF in two levels (block, then token): a cumsum over the whole vocabulary is
+    sequential and would cost several times the rest of the step.
+    """
+    x = np.asarray(logits)
+    weights = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)
+    np.exp(weights, out=weights)  # in place: one vocab-sized temporary, not two
+    block_sums = np.add.reduceat(weights, np.arange(0, weights.size, _DRAW_BLOCK), dtype=np.float64)
+    block_cdf = np.cumsum(block_sums)
+    u = rng.random() * block_cdf[-1]
+    block = _pick(block_cdf, block_sums, u)
+    u -= block_cdf[block - 1] if block else 0.0
+    inner = weights[block * _DRAW_BLOCK:(block + 1) * _DRAW_BLOCK]
+    return block * _DRAW_BLOCK + _pick(np.cumsum(inner, dtype=np.float64), inner, u)
+
+
+def _overflow(x: np.ndarray, temperature: float) -> Exception:
+    """Why ``x / temperature`` has no finite maximum: the logits themselves, or the division."""
+    top = x.max()
+    if not np.isfinite(top):
+        return unsampleable(top)
+    return InvalidArgumentError(f"temperature {temperature!r} is too small for these logits (largest {top:.4g}): "
+                                f"logits / temperature overflows float32; use a larger temperature or 0 "
+                                f"(greedy)", param="temperature")
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """Return ``sampler(logits, rng) -> token id`` for ``params`` (penalties are applied before).
+
+    Greedy (``temperature == 0``) is an argmax and does not touch ``rng``. NaN or +inf logits, or
+    a row that is all -inf, raise :class:`GenerationError` (see :func:`unsampleable`).
+    Example: ``make_sampler(SamplingParams(temperature=0.7))(logits, np.random.default_rng(0))``.
+    """
+    if not isinstance(params, SamplingParams):
+        raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if params.temperature == 0.0:
+        def greedy(logits: np.ndarray, rng: np.random.Generator) -> int:
+            x = _as_logits(logits)
+            i = int(np.argmax(x))
+            check_pick(x[i])
+            return i
+        return greedy
+
+    temperature, top_k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
+
+    def sampler(logits: np.ndarray, rng: np.random.Generator) -> int:
+        raw = _as_logits(logits)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            x = apply_temperature(raw, temperature)
+        if not np.isfinite(x.max()):  # NaN, inf or all -inf would fail obscurely in the filters
+            raise _overflow(raw, temperature)
+        x = apply_min_p(apply_top_p(apply_top_k(x, top_k), top_p), min_p)
+        return draw(x, rng)
+    return sampler
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick one token id from ``logits`` [vocab]; see :func:`make_sampler` for the pipeline."""
+    return make_sampler(params)(logits, rng)
+
+
+def token_logprobs(logits: np.ndarray, token_id: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of ``token_id`` and the ``k`` most likely ``(id, logprob)``, best first.
+
+    Computed from the raw (penalized) logits, before temperature and filters, like OpenAI.
+    Example: ``token_logprobs(np.log([.1, .2, .3, .4]), 2, 2)`` is ``(log .3, [(3, log .4), (2, log .3)])``.
+    """
+    lp = log_softmax(logits)
+    if not (_is_int(token_id) and 0 <= token_id < lp.size):
+        raise InvalidArgumentError(f"token_id must be an int in [0, {lp.size}), got {token_id!r}")
+    if not (_is_int(k) and 0 <= k <= MAX_LOGPROBS):
+        raise InvalidArgumentError(f"k must be an int in [0, {MAX_LOGPROBS}], got {k!r}")
+    k = min(int(k), lp.size)
+    top = np.argpartition(lp, -k)[-k:] if k else np.empty(0, np.int64)
+    top = top[np.argsort(-lp[top], kind="stable")]
+    return float(lp[token_id]), [(int(i), float(lp[i])) for i in top]

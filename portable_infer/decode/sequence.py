@@ -1,0 +1,122 @@
+"""The per-token rule of one sequence: the one place every decode path picks a token.
+
+``BatchDecoder`` (``generate.py``) and the scheduler (``request.py``) both call
+:meth:`Sequence.step` for each row and each token::
+
+    logits ─ penalties ─ logit_bias ─┬───────────────────────── logprobs (of this distribution)
+                                     └─ grammar mask ─ sampler ─ token   (or the argmax already
+                                                                          taken on the device)
+    token ─ grammar matcher ─ stop id │ grammar complete  -> "stop"
+                                      │ max_new_tokens │ context -> "length"
+
+The context rule: a sequence ends ("length") when its prompt plus output fill ``max_context``
+(its own length; ``full`` lets a caller whose padded batch cache is full end it earlier).
+Logprobs describe the model's distribution after penalties and logit bias, before the grammar
+mask (like vLLM's raw logprobs: a token forced by the grammar keeps the probability the model
+gave it). What fails here (NaN logits, a grammar that refuses every token) raises; the caller
+ends this sequence only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from portable_infer.decode.constraints import allowed_tokens, consume, fill_masks
+from portable_infer.errors import GenerationError, InvalidArgumentError
+from portable_infer.decode.processors import LogitBias, apply_mask
+from portable_infer.decode.sampling import SamplingParams, apply_penalties, check_pick, make_sampler, token_logprobs
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One token chosen by :meth:`Sequence.step`."""
+
+    token: int
+    finish_reason: str | None  # None while running; "stop" | "length"
+    logprob: float | None = None
+    top_logprobs: tuple = ()
+
+
+class Sequence:
+    """A prompt, its sampling state (seeded generator, sampler, stop ids, logit bias, grammar
+    matcher) and its output so far.
+
+    Args:
+        prompt: the prompt's token ids.
+        params: its :class:`SamplingParams`.
+        eos_ids: the model's end tokens (unless ``params.ignore_eos``).
+        vocab_size: the logits' width, to check ``logit_bias`` at once (None: at the first step).
+        guide: a :class:`~portable_infer.decode.constraints.Guide` for the model, needed when
+            ``params.constraint`` is set (its schema or grammar is compiled here: a bad one is an
+            :class:`InvalidArgumentError` before anything runs).
+    """
+
+    def __init__(self, prompt: list, params: SamplingParams, *, eos_ids=(), vocab_size: int | None = None,
+                 guide=None):
+        self.prompt = prompt
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.sampler = make_sampler(params)
+        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
+        self.bias = LogitBias(params.logit_bias, vocab_size) if params.logit_bias else None
+        self.matcher = None
+        self.mask_vocab = 0
+        if params.constraint is not None:
+            if guide is None:
+                raise InvalidArgumentError("constrained decoding needs the package's tokenizer (tokenizer.json); "
+                                           "this model has none", param=params.constraint.param)
+            self.matcher = guide.matcher(params.constraint)
+            self.mask_vocab = guide.vocab_size
+        self.output: list = []
+        self.finish_reason: str | None = None
+
+    def own_mask(self) -> np.ndarray:
+        """This row's allowed tokens, computed alone (callers batch them: :class:`MaskFill`)."""
+        return allowed_tokens(fill_masks({0: self.matcher}, 1, self.mask_vocab)[0], self.mask_vocab)
+
+    def step(self, logits: np.ndarray | None, tok: int | None = None, mask: np.ndarray | None = None, *,
+             max_context: int, full: bool = False) -> Pick:
+        """Pick, record and return the next token.
+
+        Args:
+            logits: this row's logits [vocab] (None when ``tok`` came from the device).
+            tok: a token already picked as the argmax (plain greedy rows only).
+            mask: this row's bitmask row from a batched fill (constrained rows; None: fill it here).
+            max_context: the model's context; the sequence ends when it is full.
+            full: the caller has no room for another token (a padded batch cache).
+        """
+        p = self.params
+        if tok is None:
+            x = logits
+            if p.penalized:
+                x = apply_penalties(x, self.prompt, self.output, p)
+            if self.bias is not None:
+                x = self.bias(x)
+            scored = x
+            if self.matcher is not None:
+                if x.shape[-1] != self.mask_vocab:
+                    raise GenerationError(f"the logits have {x.shape[-1]} entries but the grammar's vocabulary "
+                                          f"{self.mask_vocab}", reason="grammar")
+                allowed = self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
+                x = apply_mask(x, allowed)
+            tok = int(self.sampler(x, self.rng))
+        else:
+            scored = logits
+            if logits is not None:
+                check_pick(logits[tok])  # NaN / inf logits: a typed error, not a silent token
+        lp, top = None, ()
+        if p.logprobs is not None:
+            lp, top = token_logprobs(scored, tok, p.logprobs)
+            top = tuple(top)
+        reason = None
+        if self.matcher is not None:
+            consume(self.matcher, tok)
+        self.output.append(tok)
+        if tok in self.stop_ids or (self.matcher is not None and self.matcher.is_stopped()):
+            reason = "stop"
+        elif len(self.output) >= p.max_new_tokens or full or len(self.prompt) + len(self.output) >= max_context:
+            reason = "length"
+        self.finish_reason = reason
+        return Pick(tok, reason, lp, top)

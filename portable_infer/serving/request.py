@@ -1,0 +1,90 @@
+"""One request inside the continuous-batching scheduler: its state, and its tokens turned into text.
+
+Every token of a scheduled request is picked by its :class:`~portable_infer.decode.sequence.Sequence`
+(the per-token rule ``BatchDecoder`` uses too) inside the running batch, then made a
+:class:`~portable_infer.text.streaming.Response` here::
+
+    logits ─ Sequence.step (penalties, logit bias, grammar mask, sampler, logprobs,
+             │              stop id / grammar complete / max_new_tokens / context)   running_batch.py
+             └─ Pick ─ Request.emit: detokenize + stop strings, timings ─> Response   (the loop)
+
+What fails in there (NaN logits, a grammar error, a detokenizer error) belongs to this request alone: the
+scheduler ends it with that error and the other rows of its step go on. The planner
+(:mod:`portable_infer.serving.scheduler_plan`) reads a request through its ``id``, ``state``,
+``prompt_len``, ``max_new_tokens``, ``blocks`` and prefill progress.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from portable_infer.serving.handle import RequestHandle, RequestStats
+from portable_infer.decode.sampling import SamplingParams
+from portable_infer.decode.sequence import Pick, Sequence
+from portable_infer.text.streaming import Response, TextStream
+
+
+@dataclass(eq=False)
+class Request:
+    """A scheduled request: its prompt, sampling state, progress and timings (loop thread)."""
+
+    id: str
+    prompt: list
+    params: SamplingParams
+    blocks: int
+    text: TextStream
+    handle: RequestHandle = None
+    seq: Sequence = None  # its sampling state and output
+    state: str = "waiting"  # waiting | prefilling | running | done
+    prefilled: int = 0  # prompt tokens whose KV is computed (or taken from the prefix cache)
+    prefix_checked: bool = False  # looked up in the prefix cache
+    alone: bool = False  # prefilled by itself (a grouped prefill with it failed)
+    short_prefix: int = 0  # cached prefix tokens left unused unless it is prefilled alone
+    submitted: float = 0.0
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    gaps: list = field(default_factory=list)
+
+    @property
+    def output(self) -> list:
+        """The token ids generated so far."""
+        return self.seq.output
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    def emit(self, pick: Pick) -> Response:
+        """The :class:`Response` for the token ``pick`` (already recorded by ``seq.step``): its
+        text through the detokenizer and stop strings (``finish_reason`` "stop" on a stop string),
+        and the request's timings."""
+        tok, reason = pick.token, pick.finish_reason
+        piece, hit = self.text.push(tok)
+        if hit:
+            reason = "stop"
+        if reason is not None:
+            piece += self.text.close()
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.gaps.append(now - self.last_token)
+        self.last_token = now
+        decode_s = now - self.first_token
+        return Response(piece, tok, reason, pick.logprob, pick.top_logprobs, prompt_tokens=len(self.prompt),
+                        generation_tokens=len(self.output), ttft_s=self.first_token - self.submitted,
+                        decode_tokens_per_s=(len(self.output) - 1) / decode_s if decode_s > 0 else 0.0)
+
+    def stats(self, reason: str) -> RequestStats:
+        """Its timings, now that it ended with ``reason``."""
+        now = time.perf_counter()
+        return RequestStats(self.id, len(self.prompt), len(self.output), reason,
+                            queue_s=(self.admitted or now) - self.submitted,
+                            ttft_s=None if self.first_token is None else self.first_token - self.submitted,
+                            inter_token_s=tuple(self.gaps), total_s=now - self.submitted)

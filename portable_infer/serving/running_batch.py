@@ -1,0 +1,224 @@
+"""The running batch: the rows being decoded, their KV cache and mask, and every forward.
+
+It does what the planner (:mod:`portable_infer.serving.scheduler_plan`) decided, one verb per part of
+a :class:`~portable_infer.serving.scheduler_plan.StepPlan`, and the loop (:mod:`portable_infer.serving.scheduler`)
+calls those verbs::
+
+    start_from_prefix   a request's batch-1 cache from a copy of a cached prompt prefix
+    prefill             one forward: whole prompts left-padded together, or one prompt's next
+                        chunk on its own batch-1 cache; a prompt that ends here is offered to
+                        the prefix cache and its first token is picked
+    join                those rows stacked under the batch (the cache's merge)
+    leave               finished rows sliced out (the cache's take: columns of padding in every
+                        row cut off)
+    decode              one forward for the batch, one token per live row
+
+Each row's token goes through :meth:`Sequence.step <portable_infer.decode.sequence.Sequence.step>`
+(penalties, grammar mask, sampler, stop/length rules), as everywhere; what it returns per row is
+a :class:`RowResult` (the pick, or that row's own error), which the loop turns into text and
+handle pieces. Padding is exact: positions are ``cumsum(mask) - 1``. Loop thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from portable_infer.decode.constraints import MaskFill
+from portable_infer.decode.sequence import Pick
+
+logger = logging.getLogger("portable_infer.serving.scheduler")
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """What one row produced in a forward: its ``pick``, or the ``error`` that ends it alone
+    (NaN logits, a grammar that refuses every token)."""
+
+    request: object  # the scheduler's Request
+    pick: Pick | None
+    error: BaseException | None = None
+
+
+@dataclass
+class Prefilled:
+    """Rows whose prompts ended in one prefill forward: their cache and mask (to join the batch)
+    and their first tokens' results (rows that ended meanwhile have none)."""
+
+    rows: list
+    cache: object
+    mask: np.ndarray
+    results: list  # [RowResult]
+
+
+def pick_row(r, logits: np.ndarray | None, tok: int | None = None, mask: np.ndarray | None = None, *,
+             max_context: int) -> RowResult:
+    """``r``'s next token through its :class:`~portable_infer.decode.sequence.Sequence`; a failure is
+    this row's (its result carries the error)."""
+    try:
+        return RowResult(r, r.seq.step(logits, tok, mask, max_context=max_context))
+    except Exception as exc:  # noqa: BLE001 - one row's failure ends that request only
+        return RowResult(r, None, exc)
+
+
+class RunningBatch:
+    """The decode batch (rows left-padded into one cache and mask, each with its next token
+    pending) and the batch-1 caches of prompts part-way through a chunked prefill.
+
+    Args:
+        engine: the model's :class:`~portable_infer.engine.protocols.Engine`; its caches
+            (:class:`~portable_infer.engine.protocols.KVCache`) do the row operations.
+        prefixes: the :class:`~portable_infer.serving.prefix_cache.PrefixCache` prompts are offered to.
+        max_context: the model's context (a row ends when it is full).
+    """
+
+    def __init__(self, engine, prefixes, max_context: int):
+        self.engine = engine
+        self.prefixes = prefixes
+        self.max_context = max_context
+        self.rows: list = []  # requests, in row order
+        self.cache = None
+        self.mask = None  # [rows, width] int64, left padding 0
+        self.pending = None  # [rows] int64: each row's last token, fed by the next decode
+        self._partial: dict = {}  # request id -> its batch-1 cache while its prompt is chunked in
+
+    def nbytes(self) -> int:
+        """KV bytes the decode batch holds now."""
+        cache = self.cache
+        return cache.nbytes() if cache is not None else 0
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def start_from_prefix(self, r, tokens: int, capacity: int) -> None:
+        """``r`` continues from a copy of the cached KV of its first ``tokens`` prompt tokens."""
+        n, arrays = self.prefixes.lookup(r.prompt)
+        if n != tokens:  # the plan read the same cache moments ago: a bug, not the request's doing
+            raise RuntimeError(f"the prefix cache holds {n} tokens of request {r.id}'s prompt, the plan said {tokens}")
+        cache = self.engine.new_cache(1, capacity=capacity)
+        cache.fill_prefix(arrays, n)
+        self._partial[r.id] = cache
+
+    def forget(self, ids) -> None:
+        """Drop the partial prefill KV of requests that ended."""
+        for i in ids:
+            self._partial.pop(i, None)
+
+    def prefill(self, rows: list, step) -> Prefilled | None:
+        """Run ``step`` (a :class:`~portable_infer.serving.scheduler_plan.Prefill`; ``rows`` its requests
+        in slice order). Returns the rows whose prompts ended, with first tokens picked for those
+        not ended meanwhile; None while a chunked prompt has more to go."""
+        if step.grouped:
+            cache, mask, logits = self._group_forward(rows, step)
+        else:
+            (r,), (s,) = rows, step.slices
+            cache = self._partial.pop(r.id, None)
+            if cache is None:
+                cache = self.engine.new_cache(1, capacity=step.capacity)
+            if cache.length != s.start:
+                raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; "
+                                   f"the plan prefills from {s.start}")
+            mask = np.ones((1, s.end), np.int64)
+            logits = self.engine.forward(np.asarray([r.prompt[s.start:s.end]], np.int64), mask, cache)
+            if not s.last:
+                self._partial[r.id] = cache
+                return None
+        self._remember([r.prompt for r in rows], cache)
+        results = [pick_row(r, logits[i], max_context=self.max_context)
+                   for i, r in enumerate(rows) if r.state != "done"]  # else: cancelled while prefilling
+        return Prefilled(rows, cache, mask, results)
+
+    def _group_forward(self, rows: list, step) -> tuple:
+        width = max(len(r.prompt) for r in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, (r, s) in enumerate(zip(rows, step.slices)):
+            if (s.start, s.end) != (0, len(r.prompt)):
+                raise RuntimeError(f"a grouped prefill takes whole prompts; request {r.id} got [{s.start}, {s.end})")
+            ids[i, width - len(r.prompt):] = r.prompt
+            mask[i, width - len(r.prompt):] = 1
+        cache = self.engine.new_cache(len(rows), capacity=step.capacity)
+        return cache, mask, self.engine.forward(ids, mask, cache)
+
+    def _remember(self, prompts: list, cache) -> None:
+        """Offer prefilled prompts' KV (row i of ``cache`` holds ``prompts[i]``) to the prefix cache."""
+        new = [i for i, p in enumerate(prompts) if self.prefixes.wants(p)]
+        if not new:  # nothing to keep: spare the KV's copy to the host (a device round trip on GPUs)
+            return
+        try:
+            for i, arrays in zip(new, cache.prompt_kv(prompts, new)):
+                self.prefixes.store(prompts[i], arrays)
+        except Exception:  # noqa: BLE001 - a cache that could not keep a prefix fails no request
+            logger.warning("prompt prefixes not cached", exc_info=True)
+
+    # --- the batch -------------------------------------------------------------------------------
+    def join(self, done: Prefilled) -> None:
+        """Stack the rows of ``done`` that are still live under the batch, each with its first
+        token pending (a row that ended on its first token never joins)."""
+        first = {id(res.request): res.pick.token for res in done.results if res.pick is not None}
+        keep = [i for i, r in enumerate(done.rows) if r.state != "done" and id(r) in first]
+        if not keep:
+            return
+        cache, mask = done.cache, done.mask
+        if len(keep) < len(done.rows):
+            cache, mask = cache.take(mask, keep)
+        rows = [done.rows[i] for i in keep]
+        tokens = np.array([first[id(r)] for r in rows], np.int64)
+        if self.rows:
+            self.cache, self.mask = self.cache.merge(self.mask, cache, mask)
+            self.pending = np.concatenate([self.pending, tokens])
+        else:
+            self.cache, self.mask, self.pending = cache, mask, tokens
+        self.rows = self.rows + rows  # a new list: stats() reads the old one from other threads
+
+    def leave(self, ids) -> None:
+        """Slice the rows of requests ``ids`` out of the batch."""
+        gone = set(ids)
+        keep = [i for i, r in enumerate(self.rows) if r.id not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            held = self.nbytes()
+            self.reset()
+            self.engine.trim(held)  # the batch is gone: a large one's memory goes back to the OS
+            return
+        self.cache, self.mask = self.cache.take(self.mask, keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.pending = self.pending[keep]
+
+    def reset(self) -> None:
+        """Forget the batch (its forward failed, or every row left)."""
+        self.rows, self.cache, self.mask, self.pending = [], None, None, None
+
+    def decode(self) -> list:
+        """One forward for every row and one token per live row; returns their :class:`RowResult`."""
+        rows = self.rows
+        if not any(r.state != "done" for r in rows):
+            return []  # they ended during this step; they leave at the next one
+        # a finished row still in the batch (deferred leave) gets a padding column: it holds still
+        live = np.array([[r.state != "done"] for r in rows], np.int64)
+        self.mask = np.concatenate([self.mask, live], axis=1)
+        # every row plain greedy on a graph with next_token: the argmax runs on the device and
+        # only the ids come back (the logits stay there)
+        greedy = self.engine.greedy_on_device and all(
+            r.params.plain_greedy for r in rows if r.state != "done")
+        extra = {"greedy": True} if greedy else {}
+        # the grammar masks of the constrained rows: one batched fill, while the forward runs
+        matchers = {i: r.seq.matcher for i, r in enumerate(rows) if r.seq.matcher is not None and r.state != "done"}
+        fill = MaskFill(matchers, len(rows), max(r.seq.mask_vocab for r in rows))
+        out = self.engine.forward(self.pending[:, None], self.mask, self.cache, **extra)
+        masks = fill.result()
+        nxt = np.array(self.pending)
+        results = []
+        for i, r in enumerate(rows):
+            if r.state == "done":  # cancelled during the forward
+                continue
+            if greedy:
+                res = pick_row(r, None, int(out[i]), max_context=self.max_context)
+            else:
+                res = pick_row(r, out[i], mask=masks[i] if i in matchers else None, max_context=self.max_context)
+            if res.pick is not None:
+                nxt[i] = res.pick.token
+            results.append(res)
+        self.pending = nxt
+        return results

@@ -1,0 +1,321 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+::
+
+    submit() ─> waiting (FIFO, bounded; full -> CapacityError)
+                  │ a free slot and KV blocks for prompt + max_new_tokens
+                  v
+                prefilling: from a cached prompt prefix when one matches (prefix_cache.py);
+                  │ short prompts together, long ones alone at most prefill_chunk tokens per step
+                  │ first token sampled
+                  v
+                running batch (left-padded, one forward per step for every row)
+                  │ stop id / max tokens / stop string / context / cancel
+                  v
+                row sliced out, slot and blocks given back
+
+In three parts, along vLLM v1's seams: the planner (``scheduler_plan.py``) turns the queues and
+budgets into a plain-data :class:`~portable_infer.serving.scheduler_plan.StepPlan` and calls no model;
+the running batch (``running_batch.py``) owns the KV cache and mask and runs the forwards; this
+loop asks for a plan, hands it to the batch, and turns what each row produced into text and
+handle pieces. The queues, slots and blocks shared with ``submit`` and ``cancel`` (any thread)
+are ``scheduler_queues.py``; the counters ``scheduler_meter.py``.
+
+One background thread runs the steps. Each step: finished rows leave, waiting prompts start
+from cached prefixes, one prefill forward (a request whose prompt is done samples its first
+token and joins the batch), then one decode forward for the batch and one token per row.
+Padding is exact (positions are ``cumsum(mask) - 1``), so greedy outputs equal single-request
+runs.
+
+Requests are isolated: what fails for one row (its sampling — NaN logits —, its detokenizer)
+ends that request with the error and leaves the others in its decode step or prefill group
+running; a grouped prefill that fails is retried one request at a time, so only the request
+that fails alone is failed. Only a failure of a shared decode forward ends every row.
+
+Example::
+
+    with Scheduler(portable_infer.load(), SchedulerConfig(max_batch=8)) as sched:
+        handle = sched.submit("The capital of France is", max_new_tokens=16)
+        print("".join(r.text for r in handle))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+
+from portable_infer.engine.memory import bytes_per_token
+from portable_infer.errors import ContextLengthError, InvalidArgumentError, PortableInferError
+from portable_infer.decode.generate import check_prompt
+from portable_infer.serving.handle import RequestHandle
+from portable_infer.serving.kvblocks import BlockPool
+from portable_infer.serving.prefix_cache import PrefixCache
+from portable_infer.text.prompts import token_ids
+from portable_infer.serving.request import Request
+from portable_infer.serving.running_batch import RunningBatch
+from portable_infer.decode.sampling import SamplingParams
+from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
+    DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats,
+)
+from portable_infer.serving.scheduler_meter import Meter
+from portable_infer.serving.scheduler_plan import Planner, StepPlan
+from portable_infer.serving.scheduler_queues import RequestQueues
+from portable_infer.decode.sequence import Sequence
+from portable_infer.text.streaming import TextStream
+from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
+
+    Args:
+        model: a loaded model (KV growing by concatenation or in fixed buffers, layout BHSD).
+        config: :class:`SchedulerConfig`.
+        observer: optional :class:`SchedulerObserver` (metrics).
+    """
+
+    def __init__(self, model, config: SchedulerConfig = SchedulerConfig(), *, observer=None):
+        engine = model.engine
+        kv = engine.variant.kv
+        if kv.growth not in ("concat", "static") or kv.layout != "BHSD":
+            raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation or "
+                                       f"lives in fixed buffers, in BHSD layout; this one is {kv.growth}/"
+                                       f"{kv.layout}: re-export the package")
+        self.model = model
+        self.config = config
+        self.meter = Meter(observer)  # counters: changed under the queues' lock
+        self.max_context = model.max_context
+        self._eos = frozenset(model.manifest.tokenizer.eos_token_ids)
+        budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // \
+            bytes_per_token(kv)
+        self.pool = BlockPool(budget // config.block_size, config.block_size)
+        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
+        prefix_min = config.prefix_min_tokens
+        if prefix_min is None:
+            prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
+        # Rows that finish stay in a static (fixed-buffer) batch off the CPU, masked, until half
+        # the batch has finished or a request joins: moving the KV of the rest into a smaller
+        # batch is a host round trip there, and each new batch size captures a new CUDA graph;
+        # an idle row costs a GPU step next to nothing. On the CPU a row's compute is not free.
+        self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,
+                               self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu")
+        self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
+        self.batch = RunningBatch(engine, self.prefixes, self.max_context)  # loop thread only
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="portable-infer-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- public API (any thread) ----------------------------------------------------------------
+    def submit(self, prompt, *, truncate: bool = False, **sampling) -> RequestHandle:
+        """Queue a prompt (text or token ids); returns its :class:`RequestHandle` at once.
+
+        Raises:
+            CapacityError: every slot is busy and the waiting queue is full (``retry_after``).
+            ContextLengthError: the prompt does not fit the context, or the KV budget.
+            InvalidArgumentError: bad sampling parameters.
+        """
+        return self.submit_ids(self.model._ids(prompt), self.model.params(**sampling), truncate=truncate)
+
+    def submit_chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None,
+                    tool_parser=None, truncate: bool = False, **sampling):
+        """Like :meth:`submit` for chat messages rendered with the package's chat template; with ``tools``
+        (see ``Model.chat``), a :class:`~portable_infer.text.tool_chat.ChatHandle` of ChatDelta pieces instead."""
+        if wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
+            return submit_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
+                                          truncate=truncate, **sampling)
+        return self.submit_ids(self.model.chat_ids(messages), self.model.params(**sampling), truncate=truncate)
+
+    def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False) -> RequestHandle:
+        """Queue a prompt given as token ids with explicit :class:`SamplingParams`."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop:
+            self.model._need_tokenizer()  # stop strings are matched on text
+        ids = check_prompt(token_ids(ids, self.model.manifest.model.vocab_size), self.max_context, truncate)
+        blocks = self.pool.blocks_for(min(len(ids) + params.max_new_tokens, self.max_context))
+        if blocks > self.pool.total:
+            raise ContextLengthError(
+                f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
+                f"but the whole budget is {self.pool.total}; lower max_new_tokens or raise kv_budget_tokens")
+        # a bad schema or grammar, or a logit bias outside the vocabulary, fails here (a 400)
+        seq = Sequence(ids, params, eos_ids=self._eos, vocab_size=self.model.manifest.model.vocab_size,
+                       guide=self.model.guide if params.constraint is not None else None)
+        r = Request(f"req-{next(self._ids)}", ids, params, blocks, TextStream(self.model.tokenizer, params.stop),
+                    seq=seq, submitted=time.perf_counter())
+        r.handle = RequestHandle(r.id, len(ids), self.queues.cancel, r)
+        with self.queues.lock:
+            if self.queues.closing or not self._thread.is_alive():
+                raise PortableInferError("the scheduler is closed; create a new one")
+            self.queues.push(r)
+        return r.handle
+
+    def stats(self) -> SchedulerStats:
+        """A consistent snapshot of occupancy, KV blocks, counters and recent request timings."""
+        q = self.queues
+        with q.lock:
+            running = sum(1 for r in self.batch.rows if r.state == "running")
+            return SchedulerStats(
+                running=running, prefilling=q.active - running, waiting=len(q.waiting),
+                max_batch=self.config.max_batch, max_waiting=self.config.max_waiting,
+                blocks_used=self.pool.used, blocks_total=self.pool.total, block_size=self.pool.block_size,
+                kv_bytes=self.batch.nbytes(), tokens_per_s=self.meter.tokens_per_s(), recent=tuple(self.meter.recent),
+                prefix_cache_hits=self.prefixes.hits, prefix_cache_tokens=self.prefixes.tokens_reused,
+                prefix_cache_bytes=self.prefixes.nbytes, **self.meter.counters)
+
+    def has_capacity(self) -> bool:
+        """Whether a new request would be accepted now (running, or queued behind the batch)."""
+        q = self.queues
+        with q.lock:
+            alive = self._thread.is_alive() and not q.closing
+            slot = not q.waiting and q.active < self.config.max_batch
+            return alive and (slot or len(q.waiting) < self.config.max_waiting)
+
+    def add_observer(self, observer: SchedulerObserver) -> None:
+        """Also call ``observer``'s hooks (e.g. the server's metrics)."""
+        with self.queues.lock:
+            self.meter.observers = [*self.meter.observers, observer]  # a new list: readers iterate the old one
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.queues.closing
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the step loop; requests still queued or running end with an error."""
+        with self.queues.lock:
+            self.queues.closing = True
+            self.queues.wake.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        for r in self.queues.unfinished(self.batch.rows):
+            self.queues.fail(r, PortableInferError("the scheduler was closed before this request finished"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def engine(self):
+        """The engine the running batch runs (settable: tests wrap it to record or pace forwards)."""
+        return self.batch.engine
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        self.batch.engine = engine
+
+    # test seams: what the tests read or force of the batch and the plan
+    _rows = property(lambda self: self.batch.rows)
+    _cache = property(lambda self: self.batch.cache)
+    _prefix_min = property(lambda self: self.planner.prefix_min)
+
+    @property
+    def _defer_leave(self) -> bool:
+        return self.planner.defer_leave
+
+    @_defer_leave.setter
+    def _defer_leave(self, on: bool) -> None:
+        self.planner = self.queues.planner = dataclasses.replace(self.planner, defer_leave=on)
+
+    # --- the step loop (scheduler thread) -------------------------------------------------------
+    def _loop(self) -> None:
+        q = self.queues
+        while True:
+            with q.lock:
+                while not (q.closing or q.prefilling or self.batch.rows):
+                    q.wake.wait()
+                if q.closing:
+                    return
+                plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
+                q.apply(plan)
+                named = {r.id: r for r in q.prefilling}
+            self._step(plan, named)
+
+    def _step(self, plan: StepPlan, named: dict) -> None:
+        """Run ``plan`` (``named``: its prefilling requests by id) through the running batch."""
+        batch = self.batch
+        batch.forget(plan.drop)
+        if plan.leave:
+            try:
+                batch.leave(plan.leave)
+            except Exception as exc:  # noqa: BLE001 - the batch's KV is in doubt: every row ends
+                self._fail_batch("rows leaving the batch failed", exc)
+        for s in plan.from_prefix:
+            r = named[s.request]
+            try:
+                batch.start_from_prefix(r, s.tokens, s.capacity)
+                r.prefilled, r.short_prefix = s.tokens, 0
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                self._fail_prefill([r], exc)
+        step = plan.prefill
+        if step is not None:
+            rows = [named[s.request] for s in step.slices]
+            if step.grouped:
+                try:
+                    self._prefill_group(rows, step)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail_prefill(rows, exc)
+            elif rows[0].state == "done":  # cancelled while it waited for its turn
+                self._fail_prefill(rows, None)
+            else:
+                try:
+                    self._prefill_chunk(rows[0], step)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                    self._fail_prefill(rows, exc)
+        if plan.decode and batch.rows:
+            try:
+                self.queues.deliver(batch.decode())
+            except Exception as exc:  # noqa: BLE001
+                self._fail_batch("decode step failed", exc)
+
+    def _prefill_group(self, rows: list, step) -> None:
+        """Several whole prompts in one forward; if it fails, each is prefilled alone later."""
+        try:
+            done = self.batch.prefill(rows, step)
+        except Exception:  # noqa: BLE001 - maybe one request's doing: each is prefilled alone next
+            logger.warning("prefill of %d requests together failed; prefilling them one at a time", len(rows),
+                           exc_info=True)
+            for r in rows:
+                r.alone = True
+            return
+        self._prefilled(rows, step, done)
+
+    def _prefill_chunk(self, r: Request, step) -> None:
+        done = self.batch.prefill([r], step)
+        r.prefilled = step.slices[0].end
+        if done is None:
+            with self.queues.lock:
+                self.meter.count("prompt_tokens", step.tokens)
+            return
+        self._prefilled([r], step, done)
+
+    def _prefilled(self, rows: list, step, done) -> None:
+        """Prompts done: out of the prefilling queue, first tokens out, rows into the batch."""
+        with self.queues.lock:
+            self.queues.leave_prefilling(rows)
+            for r in rows:
+                r.prefilled = len(r.prompt)
+            self.meter.count("prompt_tokens", step.tokens)
+        self.queues.deliver(done.results)
+        self.batch.join(done)
+
+    def _fail_prefill(self, rows: list, exc: Exception | None) -> None:
+        """``rows`` leave the prefilling queue, failed with ``exc`` (None: they had ended)."""
+        if exc is not None:
+            logger.error("prefill of %s failed", ", ".join(r.id for r in rows), exc_info=exc)
+            for r in rows:
+                self.queues.fail(r, exc)
+        with self.queues.lock:
+            self.queues.leave_prefilling(rows)
+        self.batch.forget([r.id for r in rows])
+
+    def _fail_batch(self, what: str, exc: Exception) -> None:
+        logger.exception("%s; failing the %d running requests", what, len(self.batch.rows))
+        for r in self.batch.rows:
+            self.queues.fail(r, exc)
+        self.batch.reset()

@@ -1,0 +1,102 @@
+"""The continuous-batching scheduler's public data: its configuration (validated), its stats
+snapshot and its observer hooks. The scheduler itself is :mod:`portable_infer.serving.scheduler`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from portable_infer.errors import InvalidArgumentError
+from portable_infer.serving.handle import RequestStats
+
+DEFAULT_KV_BUDGET_BYTES = 2 << 30
+
+# name -> (allowed range in words, predicate); validated in SchedulerConfig
+_CONFIG_RULES = {
+    "max_batch": (">= 1", lambda v: v >= 1),
+    "max_waiting": (">= 0", lambda v: v >= 0),
+    "prefill_chunk": (">= 1", lambda v: v >= 1),
+    "block_size": (">= 1", lambda v: v >= 1),
+    "kv_budget_tokens": ("None or >= 1", lambda v: v >= 1),
+    "kv_budget_bytes": ("None or >= 1", lambda v: v >= 1),
+    "prefix_cache_bytes": (">= 0", lambda v: v >= 0),
+    "prefix_min_tokens": ("None or >= 0", lambda v: v >= 0),
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Sizes of the continuous-batching engine (validated at construction).
+
+    ``kv_budget_tokens`` (or ``kv_budget_bytes``; default 2 GiB of KV) bounds the KV reserved by
+    admitted requests; ``max_waiting`` bounds the queue behind it; ``prefix_cache_bytes`` bounds
+    the prompt prefixes kept for reuse (:mod:`portable_infer.serving.prefix_cache`).
+    """
+
+    max_batch: int = 16
+    max_waiting: int = 64
+    prefill_chunk: int = 128
+    block_size: int = 16
+    kv_budget_tokens: int | None = None
+    kv_budget_bytes: int | None = None
+    # Host memory for the KV of prompt prefixes kept for reuse (0: no prefix caching); apart from
+    # the KV budget. Default 64 MiB: ~1,400 tokens of SmolLM2-135M's fp32 KV.
+    prefix_cache_bytes: int = 64 << 20
+    # A request that can be prefilled in one forward with other waiting requests reuses a cached
+    # prefix only when it covers at least this many tokens; shorter ones are computed again
+    # inside that batched forward, which costs less than a forward of the request's own plus
+    # moving its KV into the batch where a forward's cost hardly depends on its tokens (GPUs). A
+    # request prefilled alone always reuses its cached prefix. None: ``prefill_chunk`` on GPUs,
+    # 0 (every hit reused) on the CPU, where a batched prefill of whole prompts stalls the
+    # running streams longer (docs/serving.md has the measurements).
+    prefix_min_tokens: int | None = None
+
+    def __post_init__(self):
+        for name, (allowed, ok) in _CONFIG_RULES.items():
+            v = getattr(self, name)
+            if v is None and (name.startswith("kv_budget") or name == "prefix_min_tokens"):
+                continue
+            if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
+                raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")
+        if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
+            raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics: occupancy, KV blocks, token counters, recent request timings."""
+
+    running: int  # rows in the decode batch
+    prefilling: int
+    waiting: int
+    max_batch: int
+    max_waiting: int
+    blocks_used: int
+    blocks_total: int
+    block_size: int
+    # KV memory the running batch really holds now: a growing cache's rows x width (padding
+    # included); fixed buffers on the CPU count the positions written (pages are committed on
+    # first write), not their virtual rows x capacity; on a GPU the whole buffers (allocated at
+    # once). Spare buffers kept for reuse (engine.static.SPARE_BYTES) and the prefix cache
+    # (prefix_cache_bytes) are not in it.
+    kv_bytes: int
+    prompt_tokens: int  # counters since start
+    generation_tokens: int
+    requests_finished: int
+    requests_cancelled: int
+    requests_rejected: int
+    requests_failed: int
+    tokens_per_s: float  # generated tokens per second over the last few seconds
+    recent: tuple = ()  # RequestStats of the last finished requests, oldest first
+    prefix_cache_hits: int = 0  # requests that started from a cached prompt prefix
+    prefix_cache_tokens: int = 0  # prompt tokens those requests did not prefill
+    prefix_cache_bytes: int = 0  # host memory the cached prefixes hold now
+
+
+class SchedulerObserver:
+    """Hooks called on the scheduler thread (keep them quick); the defaults do nothing."""
+
+    def first_token(self, ttft_s: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
+
+    def finished(self, stats: RequestStats) -> None: ...

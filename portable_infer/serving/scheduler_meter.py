@@ -1,0 +1,68 @@
+"""The scheduler's counters, token rate, recent request timings and observers.
+
+Not thread-safe on its own: the scheduler changes the counters under its lock, in the same
+critical section as the state they count (so a stats snapshot is consistent). Observers are
+called outside that lock and may never stop the engine (their errors are logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from portable_infer.serving.handle import RequestStats
+
+logger = logging.getLogger("portable_infer.serving.scheduler")
+
+RATE_WINDOW_S = 10.0  # tokens_per_s is measured over this window
+RECENT = 256  # finished requests kept for stats()
+COUNTERS = ("prompt_tokens", "generation_tokens", "requests_finished", "requests_cancelled",
+            "requests_rejected", "requests_failed")
+
+
+class Meter:
+    """Counters since start, generated tokens over the last RATE_WINDOW_S, the last RECENT
+    requests' timings, and the observer hooks (first_token, inter_token, finished)."""
+
+    def __init__(self, observer=None):
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.observers = [observer] if observer is not None else []
+        self.recent: deque = deque(maxlen=RECENT)
+        self._rate: deque = deque()  # (time, tokens) per step
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def step(self, tokens: int) -> None:
+        """A step generated ``tokens`` tokens."""
+        now = time.perf_counter()
+        self.counters["generation_tokens"] += tokens
+        self._rate.append((now, tokens))
+        self._prune(now)
+
+    def tokens_per_s(self) -> float:
+        now = time.perf_counter()
+        self._prune(now)
+        span = now - self._rate[0][0] if self._rate else 0.0
+        return sum(n for _, n in self._rate) / max(span, 1.0)
+
+    def _prune(self, now: float) -> None:
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def retry_after(self, waiting: int, max_batch: int) -> float:
+        """Seconds until a slot is likely free: recent request durations x the queue ahead."""
+        durations = [s.total_s for s in list(self.recent)[-32:]]
+        per = sum(durations) / len(durations) if durations else 1.0
+        return max(1.0, per * (waiting + 1) / max_batch)
+
+    def observe(self, hook: str, value) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(value)
+            except Exception:  # metrics must never stop the engine
+                logger.exception("scheduler observer %s failed", hook)
+
+    def finished(self, stats: RequestStats) -> None:
+        self.observe("finished", stats)

@@ -1,0 +1,189 @@
+"""The scheduler's shared request state, under one lock (queues, slots, KV blocks), and what
+reaches each request's reader (its pieces, its end).
+
+``submit`` and ``cancel`` (any thread) and the step loop all change it::
+
+    push ─> waiting ─ admit (Planner.admit: FIFO, slots, KV blocks) ─> prefilling ─> running
+                                                                                  │
+    deliver: a row's pick ─ text (Request.emit) ─ piece to its handle             │
+    cancel / fail / finish ─ release: state "done", slot and blocks back, admit ─┘
+                           ─ the request's stats recorded, its last piece (or error) handed over
+
+Admission runs at once whenever a slot or blocks come back, so ``stats()`` right after a
+``cancel()`` already shows the next request admitted. The loop reads a :class:`QueueView` of it
+for the planner and applies the plan's bookkeeping (:meth:`RequestQueues.apply`) in the same
+critical section, so what the planner saw is what the plan changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from portable_infer.errors import CapacityError, GenerationError, PortableInferError
+from portable_infer.serving.scheduler_plan import Planner, QueueView, StepPlan
+from portable_infer.text.streaming import Response
+
+logger = logging.getLogger("portable_infer.serving.scheduler")
+
+class RequestQueues:
+    """Waiting and prefilling queues, slots and KV blocks of one scheduler (see the module doc).
+
+    Args:
+        planner: its admission rule.
+        pool: the :class:`~portable_infer.serving.kvblocks.BlockPool` of the KV budget.
+        meter: the scheduler's counters (changed under ``lock``).
+        max_waiting: requests that may wait behind the batch.
+    """
+
+    def __init__(self, planner: Planner, pool, meter, max_waiting: int):
+        self.planner = planner
+        self.pool = pool
+        self.meter = meter
+        self.max_waiting = max_waiting
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.waiting: deque = deque()
+        self.prefilling: deque = deque()
+        self.active = 0  # admitted and not done (prefilling + running)
+        self.closing = False
+
+    # --- under the lock -------------------------------------------------------------------------
+    def push(self, r) -> None:
+        """Queue ``r`` and admit what fits (call with ``lock`` held).
+
+        Raises:
+            CapacityError: the waiting queue is full (``retry_after``).
+        """
+        self.waiting.append(r)
+        self.admit()
+        if len(self.waiting) > self.max_waiting:
+            self.waiting.pop()
+            self.meter.count("requests_rejected")
+            retry = self.meter.retry_after(len(self.waiting), self.planner.max_batch)
+            raise CapacityError(f"the server is at capacity ({self.active} running, {len(self.waiting)} "
+                                f"waiting); retry later", retry_after=retry)
+        self.wake.notify_all()
+
+    def admit(self) -> None:
+        if self.closing or not self.waiting:
+            return
+        for _ in self.planner.admit(self.waiting, self.active, self.pool.free):
+            self._admit_head()
+
+    def _admit_head(self) -> None:
+        r = self.waiting.popleft()
+        if not self.pool.try_reserve(r.blocks):  # the planner counted the same free blocks
+            raise RuntimeError(f"admitted request {r.id} but its {r.blocks} KV blocks are not free")
+        r.state, r.admitted = "prefilling", time.perf_counter()
+        self.active += 1
+        self.prefilling.append(r)
+
+    def release(self, r) -> bool:
+        """Mark ``r`` done and give back its slot and blocks; False if it already was."""
+        if r.state == "done":
+            return False
+        if r.state == "waiting":
+            self.waiting.remove(r)
+        else:
+            self.active -= 1
+            self.pool.release(r.blocks)
+        r.state = "done"
+        self.admit()
+        self.wake.notify_all()
+        return True
+
+    def view(self, rows: list) -> QueueView:
+        return QueueView(tuple(self.waiting), tuple(self.prefilling), tuple(rows), self.active, self.pool.free)
+
+    def apply(self, plan: StepPlan) -> None:
+        """The plan's bookkeeping: admissions, the ended requests out of the prefilling queue,
+        the prefix-cache notes. Call with ``lock`` held, in the section that made the view."""
+        for rid in plan.admit:
+            if not self.waiting or self.waiting[0].id != rid:
+                raise RuntimeError(f"the plan admits {rid}, not the head of the waiting queue")
+            self._admit_head()
+        if plan.drop:
+            gone = set(plan.drop)
+            self.prefilling = deque(r for r in self.prefilling if r.id not in gone)
+        by_id = {r.id: r for r in self.prefilling}
+        for rid in plan.checked:
+            by_id[rid].prefix_checked = True
+        for rid, n in plan.short_prefix:
+            by_id[rid].short_prefix = n
+
+    def leave_prefilling(self, rows) -> None:
+        """``rows`` are no longer prefilling (their prompt is done, or they failed)."""
+        gone = {id(r) for r in rows}
+        if any(id(r) in gone for r in self.prefilling):
+            self.prefilling = deque(r for r in self.prefilling if id(r) not in gone)
+
+    # --- a request's end (any thread; takes the lock) -------------------------------------------
+    def end(self, r, last, reason: str, counter: str) -> bool:
+        """End ``r`` (release it, count it under ``counter``, record its stats with ``reason``)
+        and hand ``last`` (its final piece, or an exception) to its reader. False, with nothing
+        done, if it had ended already."""
+        with self.lock:
+            if not self.release(r):
+                return False
+            self.meter.count(counter)
+        s = r.stats(reason)
+        r.handle.stats = s
+        with self.lock:
+            self.meter.recent.append(s)
+        self.meter.finished(s)
+        r.handle._put(last)
+        return True
+
+    def deliver(self, results: list) -> None:
+        """What each row of a forward produced (:class:`~portable_infer.serving.running_batch.RowResult`):
+        its text to its reader, the request ended where a stop rule says so, or ended with its
+        own error (the other rows go on)."""
+        n = 0
+        for res in results:
+            r, error = res.request, res.error
+            if error is None:
+                try:
+                    self._emit(r, res.pick)
+                    n += 1
+                    continue
+                except Exception as exc:  # noqa: BLE001 - its detokenizer: this request's failure only
+                    error = exc
+            logger.warning("request %s failed: %s: %s", r.id, type(error).__name__, error,
+                           exc_info=not isinstance(error, PortableInferError))
+            self.fail(r, error)
+        with self.lock:
+            self.meter.step(n)
+
+    def _emit(self, r, pick) -> None:
+        first = r.first_token is None
+        resp = r.emit(pick)
+        if first:
+            self.meter.observe("first_token", r.first_token - r.submitted)
+        else:
+            self.meter.observe("inter_token", r.gaps[-1])
+        if resp.finish_reason is not None:  # if it was cancelled meanwhile, its handle already ended
+            self.end(r, resp, resp.finish_reason, "requests_finished")
+            return
+        with self.lock:
+            if r.state == "prefilling":
+                r.state = "running"
+        r.handle._put(resp)
+
+    def cancel(self, r) -> None:
+        self.end(r, Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=len(r.output)),
+                 "cancelled", "requests_cancelled")
+
+    def fail(self, r, exc: Exception) -> None:
+        if not isinstance(exc, PortableInferError):  # readers catch one hierarchy (the server's error events)
+            typed = GenerationError(f"request {r.id} failed: {type(exc).__name__}: {exc}", reason="internal")
+            typed.__cause__ = exc
+            exc = typed
+        self.end(r, exc, "error", "requests_failed")
+
+    def unfinished(self, rows: list) -> list:
+        """Every request not done: waiting, prefilling, or among ``rows``."""
+        with self.lock:
+            return [*self.waiting, *self.prefilling, *(r for r in rows if r.state != "done")]
