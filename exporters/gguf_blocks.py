@@ -211,7 +211,7 @@ def decode(type_name: str, data: np.ndarray, rows: int, cols: int) -> Blocks:
     """Raw GGUF bytes of one [rows, cols] matrix of a type in :data:`EXACT_TYPES` -> Blocks.
 
     Args:
-        type_name: the ggml type, e.g. ``"Q4_K"``.
+        type_name: the ggml type, e.g. ``"Q4_K"`` (any case: ``"q4_k"`` too).
         data: the tensor's bytes, ``[rows, bytes per row]`` (or flat) uint8, as gguf's reader
             gives them.
         rows, cols: the matrix in Hugging Face Linear layout (rows = output features; ggml's
@@ -226,6 +226,7 @@ def decode(type_name: str, data: np.ndarray, rows: int, cols: int) -> Blocks:
         >>> decode("Q8_0", raw, 2, 32).kind
         'q8_0'
     """
+    type_name = type_name.upper()
     if type_name not in DECODERS:
         raise ValueError(f"ggml type {type_name} has no exact block form; exact: {', '.join(EXACT_TYPES)}")
     import gguf

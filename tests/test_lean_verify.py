@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from exporters import lean_verify
-from exporters.reference_logits import REFERENCE_DIR, load_all
+from exporters.references import REFERENCE_DIR, load_all
 from portable_infer.package import manifest as mf
 from portable_infer.errors import SourceError, VerificationError
 
