@@ -1,5 +1,5 @@
 """`python tests/_slow_serve.py PACKAGE PORT SHUTDOWN_TIMEOUT_S`: the server as `portable-infer serve`
-runs it (runner.run, signals and all), over an engine slowed to 50 ms a step, so that requests are
+runs it (runner.serve, signals and all), over an engine slowed to 50 ms a step, so that requests are
 still running when a test sends SIGTERM (tests/test_server_shutdown.py)."""
 
 from __future__ import annotations

@@ -17,14 +17,27 @@ import socket
 import threading
 import time
 
-from portable_infer.serving.http import ServerConfig, create_app, require_serve
+from portable_infer.serving.http.config import ServerConfig, require_serve
 from portable_infer.serving.http.ratelog import loop_exception_handler
 
 logger = logging.getLogger(__name__)
 
 
-def run(scheduler, config: ServerConfig, *, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (then drain, see the module doc); the scheduler is closed afterwards."""
+def create_app(scheduler, config: ServerConfig | None = None):
+    """The FastAPI app serving ``scheduler``'s model (the caller owns and closes the scheduler).
+
+    Any ASGI server runs it; ``serve`` / ``runner.BackgroundServer`` also apply the config's
+    connection timeouts and bound and the graceful shutdown, which live at the uvicorn level."""
+    require_serve()
+    from portable_infer.serving.http.app import build_app
+
+    return build_app(scheduler, config or ServerConfig())
+
+
+def serve(scheduler, config: ServerConfig | None = None, *, log_level: str = "info") -> None:
+    """Run the app with uvicorn until SIGTERM/SIGINT, drain (``shutdown_timeout_s``, see the module
+    doc), then close the scheduler."""
+    config = config or ServerConfig()
     require_serve()
     app = create_app(scheduler, config)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
