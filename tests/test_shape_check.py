@@ -34,7 +34,7 @@ def _tree(tmp_path: Path) -> Path:
     (pkg / "a.py").write_text("from . import b\n")
     (pkg / "b.py").write_text("import pkg.sub.c\n")
     (pkg / "sub" / "c.py").write_text("from pkg.a import something\n")
-    # imports that do NOT make a circle: inside a function, and under TYPE_CHECKING
+    # imports that do NOT make a circle: one side under TYPE_CHECKING (the other inside a function)
     (pkg / "lazy1.py").write_text("def f():\n    from pkg import lazy2\n")
     (pkg / "lazy2.py").write_text(textwrap.dedent("""\
         from typing import TYPE_CHECKING
@@ -58,6 +58,30 @@ def test_synthetic_tree_reports_each_kind(tmp_path):
     for name in ("edge.py", "fine", "lazy1", "lazy2", " m1 "):
         assert not any(name in line for line in lines), (name, lines)
     assert lines[-1] == "shape_check: 4 problem(s)"
+
+
+def test_a_circle_closed_inside_a_function_is_found(tmp_path):
+    """A function-level import closes a circle when the function runs: reported, marked ``~>``."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "x.py").write_text("import os\n\nclass K:\n    def run(self):\n        from pkg.sub import y\n")
+    (pkg / "sub" / "y.py").write_text("from pkg import x\n")
+    # a package's __init__ initialised on the way is not an edge: z -> pkg.sub.w only
+    (pkg / "sub" / "w.py").write_text("")
+    (pkg / "z.py").write_text("from pkg.sub.w import something\n")
+    out = _run("--root", str(tmp_path), "pkg")
+    print(out.stdout)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == ["cycle     pkg.sub.y -> pkg.x ~> pkg.sub.y", "shape_check: 1 problem(s)"]
+
+
+def test_repository_has_no_import_circle():
+    """portable_infer and exporters import each other in one direction only, lazy imports included."""
+    out = _run()
+    print(out.stdout)
+    assert not [line for line in out.stdout.splitlines() if line.startswith("cycle ")]
 
 
 def test_methods_are_named_with_their_class(tmp_path):

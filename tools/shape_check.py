@@ -18,12 +18,15 @@ A module's length is its number of lines; a function's or a class's is ``end_lin
 of its ``ast`` node (the ``def``/``class`` line to the last line of the body, decorators not
 counted). Methods and nested functions are measured too, named ``Class.method`` / ``outer.inner``.
 
-Import circles use module-level imports only: the statements that run when the module is imported
-(the module body, including ``if``/``try`` blocks and class bodies, but not function bodies nor
-``if TYPE_CHECKING:`` blocks). ``import a.b`` and ``from a import b`` point at the submodule
-``a.b`` when that is a module of the scanned packages, else at ``a`` (its ``__init__``). A parent
-package that is merely being initialised is not an edge: Python has it in ``sys.modules`` already.
-Each strongly connected group of modules is reported once, as one concrete circle through it.
+Import circles count every import statement, at module level or inside a function (a lazy
+import closes a circle as soon as that function runs), except those under ``if TYPE_CHECKING:``.
+``import a.b`` and ``from a import b`` point at the submodule ``a.b`` when that is a module of the
+scanned packages, else at ``a`` (its ``__init__``). Parent packages that Python initialises on the
+way are not edges (``from a.b import c`` is an edge to ``a.b``, not to ``a``). Each strongly
+connected group of modules is reported once, as one concrete circle through it, ``->`` marking a
+module-level import and ``~>`` one made inside a function::
+
+    cycle     pkg.a -> pkg.b ~> pkg.a
 """
 
 from __future__ import annotations
@@ -93,25 +96,25 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def module_level_imports(tree: ast.Module):
-    """The Import/ImportFrom nodes that run when the module is imported."""
+def imports(tree: ast.Module) -> list[tuple[ast.stmt, bool]]:
+    """Every Import/ImportFrom node that can run, with whether it sits inside a function (lazy);
+    ``if TYPE_CHECKING:`` blocks never run and are left out."""
     out = []
 
-    def walk(stmts):
+    def walk(stmts, lazy: bool):
         for node in stmts:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                out.append(node)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                continue
+                out.append((node, lazy))
             elif isinstance(node, ast.If) and _is_type_checking(node.test):
-                walk(node.orelse)
+                walk(node.orelse, lazy)
             else:
+                inner = lazy or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                 for field in ("body", "orelse", "finalbody", "handlers"):
-                    walk(getattr(node, field, []) or [])
+                    walk(getattr(node, field, []) or [], inner)
                 for case in getattr(node, "cases", []) or []:  # match statements
-                    walk(case.body)
+                    walk(case.body, inner)
 
-    walk(tree.body)
+    walk(tree.body, False)
     return out
 
 
@@ -138,16 +141,21 @@ def _resolve(node, this: str, is_package: bool, modules: set[str]) -> set[str]:
     return targets
 
 
-def import_graph(files: list[Path], root: Path, trees: dict[Path, ast.Module]) -> dict[str, set[str]]:
+def import_graph(files: list[Path], root: Path, trees: dict[Path, ast.Module]) -> tuple[dict, set]:
+    """``(graph, lazy)``: module -> the modules it imports, and the edges made only inside functions."""
     names = {p: module_name(p, root) for p in files}
     modules = set(names.values())
-    graph = {}
+    graph, eager = {}, set()
     for path, name in names.items():
         edges = set()
-        for node in module_level_imports(trees[path]):
-            edges |= _resolve(node, name, path.name == "__init__.py", modules)
+        for node, lazy in imports(trees[path]):
+            targets = _resolve(node, name, path.name == "__init__.py", modules)
+            edges |= targets
+            if not lazy:
+                eager |= {(name, t) for t in targets}
         graph[name] = edges
-    return graph
+    lazy_edges = {(a, b) for a, bs in graph.items() for b in bs} - eager
+    return graph, lazy_edges
 
 
 def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -224,9 +232,11 @@ def check(root: Path, packages=DEFAULT_PACKAGES) -> list[Problem]:
             problems.append(Problem("module", rel, "", n))
         trees[path] = ast.parse(text, filename=str(path))
         problems += _sizes(trees[path], rel)
-    graph = import_graph(files, root, trees)
+    graph, lazy = import_graph(files, root, trees)
     for group in _strongly_connected(graph):
-        problems.append(Problem("cycle", " -> ".join(_circle_in(group, graph))))
+        circle = _circle_in(group, graph)
+        text = circle[0] + "".join(f" {'~>' if (a, b) in lazy else '->'} {b}" for a, b in zip(circle, circle[1:]))
+        problems.append(Problem("cycle", text))
     return problems
 
 
