@@ -107,7 +107,7 @@ MODELS: dict[str, BenchModel] = {
         rows={
             "portable_infer": Entry(PI, None, "package"),
             # random weights pass no quality gate, so the int8-activation graphs (what the default
-            # runs on a real model past the gate: variant_choice.passes_gate) are asked for by name
+            # runs on a real model past the gate: variants.passes_gate) are asked for by name
             "portable_infer-int8act": Entry(PI, None, "package", ("--accuracy", "4")),
             "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
             "llamacpp-q4_0": Entry("llamacpp.py", "llamacpp", "gguf-q4_0"),

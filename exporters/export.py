@@ -19,10 +19,12 @@ import onnx
 
 from portable_infer._version import __version__
 from portable_infer.package import manifest as mf
+from portable_infer.package.variants import Q4_VARIANTS
+from portable_infer.package.verification import VariantReport, WeightFit
 from portable_infer.errors import ExportError
 
 from .decoder import DecoderBuilder
-from .export_plan import Q4_VARIANTS, ExportPlan, check_options, plan_export
+from .export_plan import ExportPlan, check_options, plan_export
 from .fused import FusedDecoderBuilder
 from .static import StaticDecoderBuilder
 from .graph import ExternalDataWriter, GraphBuilder
@@ -80,12 +82,12 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             with fixed-size KV buffers written in place, CUDA graphs; rotary models without
             sliding windows), and "fused-int8" / "static-int8" (int4 packages with fp32
             activations: those graphs with int8 activations in their layers, faster on CPU and
-            less exact; dropped below verify.INT8_MIN_AGREEMENT, run by default only where
-            verification recorded 98 % agreement, else by ``load(..., accuracy_level=4)``), and
+            less exact; dropped below variants.INT8_FLOOR, run by default only where
+            verification recorded them past variants.passes_gate, else by ``load(..., accuracy_level=4)``), and
             "fused-q4" / "static-q4" (int4 packages with fp32 activations: ONNX Runtime's fastest
             CPU form, one int8-activation MatMulNBits per linear with uint8 zero points, the layers
             fitted to that form: Q4_0 exactly, Q4_1 at 8 bits within ~d/32, float sources at 4
-            bits; their agreement is recorded, and below verify.INT8_MIN_AGREEMENT they are
+            bits; their agreement is recorded, and below variants.INT8_FLOOR they are
             dropped). The
             non-portable variants share one weight file. Default (None): every variant that
             applies.
@@ -193,24 +195,24 @@ def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progr
 
 
 def _record_fit(manifest: mf.Manifest, fit: dict | None) -> mf.Manifest:
-    """verification[<-q4 variant>]["weight_fit"]: the form of its weights and how far they are from
+    """verification[<-q4 variant>].weight_fit: the form of its weights and how far they are from
     the source's (int4_fit.FitCache.summary), beside the agreement verification measured."""
     if not fit:
         return manifest
-    record = {"form": "one MatMulNBits per linear, uint8 zero points, int8 activations (accuracy 4)",
-              "lm_head": Q4_HEAD, **fit}
+    record = WeightFit(form="one MatMulNBits per linear, uint8 zero points, int8 activations (accuracy 4)",
+                       lm_head=Q4_HEAD, **fit)
     report = dict(manifest.verification)
     for name in {v.name for v in manifest.variants} | set(report):  # dropped ones keep their record
         if name in Q4_VARIANTS:
-            report[name] = {**report.get(name, {}), "weight_fit": record}
+            report[name] = _replace(report.get(name, VariantReport()), weight_fit=record)
     return _replace(manifest, verification=report)
 
 
 def _drop_failed_int8(tmp: Path, manifest: mf.Manifest, report: dict) -> mf.Manifest:
     """Leave out the int8-activation twins that missed the quality gate (their exact twins stay)."""
-    dropped = [name for name, r in report.items() if r.get("dropped")]
+    dropped = [name for name, r in report.items() if r.dropped]
     for name in dropped:
-        logger.warning("%s left out of the package: %s", name, report[name]["dropped"])
+        logger.warning("%s left out of the package: %s", name, report[name].dropped)
         (tmp / manifest.variant(name).file).unlink()
     kept = tuple(v for v in manifest.variants if v.name not in dropped)
     return _replace(manifest, variants=kept, verification=report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from portable_infer.package import manifest as mf
+from portable_infer.package.variants import DEFAULT_VARIANTS, INT8_VARIANTS, PORTABLE, STATIC_VARIANTS, VARIANTS
 from portable_infer.errors import InvalidArgumentError
 
 from .architectures import MODEL_TYPES, family_for
@@ -19,20 +20,16 @@ from .static import StaticDecoderBuilder
 from .weights import PRECISION_BITS
 
 PRECISIONS = tuple(PRECISION_BITS)
-# fused-int8 / static-int8: the fused / static graph with its 4-bit layers at accuracy 4. Dropped
-# below verify.INT8_MIN_AGREEMENT (broken); the runtime prefers them only where verification
-# measured 98 % agreement or more (SmolLM2: 123/128 on the gate's text, 97.1 % over six others:
-# opt-in there); static: fixed KV buffers written in place.
+# The variant names and groups are portable_infer.package.variants' (VARIANTS, DEFAULT_VARIANTS...).
+# fused-int8 / static-int8: the fused / static graph with its 4-bit layers at accuracy 4. Left out
+# below variants.INT8_FLOOR (broken); the runtime prefers them only where verification recorded
+# them past its quality gate (variants.passes_gate; SmolLM2: 123/128 on the gate's text, 97.1 %
+# over six others: opt-in there); static: fixed KV buffers written in place.
 # fused-q4 / static-q4: ONNX Runtime's fastest CPU form (one MatMulNBits per linear, int8
 # activations, uint8 zero points, block 32): layers fitted into integer zero points
 # (exporters/int4_fit.py: Q4_0 exact at 4 bits, Q4_1 within ~d/32 at 8 bits, float sources at 4
 # bits by an error-minimising search), so no correction rows; their own weight copy. Quality
 # floors and records as for the -int8 twins.
-VARIANTS = ("portable", "fused", "fused-int8", "static", "static-int8", "fused-q4", "static-q4")
-Q4_VARIANTS = ("fused-q4", "static-q4")
-INT8_VARIANTS = ("fused-int8", "static-int8", *Q4_VARIANTS)  # only where layers are 4-bit, float activations
-STATIC_VARIANTS = ("static", "static-int8", "static-q4")  # only for rotary models without sliding windows
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in Q4_VARIANTS)  # -q4: on request (--variants)
 ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the transformers model
 # MatMulNBits accuracy levels of the fused graph: 1 keeps activations float, 4 quantizes them to
 # int8 per block of 32 (about 2x faster kernels on CPU: benchmarks/graph_step.py --matmulnbits).
@@ -59,7 +56,7 @@ class ExportPlan:
     @property
     def shared_variants(self) -> tuple[str, ...]:
         """The fused-family variants, written into one shared weight file (direct route)."""
-        return tuple(v for v in self.variants if v != "portable") if self.route == "direct" else ()
+        return tuple(v for v in self.variants if v != PORTABLE) if self.route == "direct" else ()
 
 
 def check_options(precision, max_context, activations, route) -> None:
@@ -109,10 +106,10 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
                 f"the static variant needs full rotary attention without sliding windows; "
                 f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead", param="variants")
     else:
-        variants = tuple(v for v in variants if v == "portable") if defaults else variants
+        variants = tuple(v for v in variants if v == PORTABLE) if defaults else variants
         if src.kind == "gguf":
             raise InvalidArgumentError("the fallback route exports HF folders only, not GGUF files", param="route")
-        if "portable" not in variants:
+        if PORTABLE not in variants:
             raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}",
                                        param="variants")
     return ExportPlan(route=route, precision=precision, activations=activations or "fp32", variants=variants,

@@ -138,19 +138,17 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(-np.take_along_axis(verify._log_softmax(logits[:-1]), ids[1:, None], -1).mean())
 
 
-def _quality(seq_logits: np.ndarray, seq: np.ndarray, text_logits: np.ndarray | None, ref: dict) -> dict:
+def _quality(seq_logits: np.ndarray, seq: np.ndarray, text_logits: np.ndarray | None, ref: dict) -> Quality:
     """verify.quality's numbers: teacher-forced top-1 agreement (and perplexity where measured)."""
     n = ref["n_prompt"]
-    steps = len(seq) - n
     agree = int((seq_logits[n - 1:-1].argmax(-1) == seq[n:]).sum())
-    q = {"top1_agreement": agree / steps, "top1_agree_steps": f"{agree}/{steps}"}
-    if text_logits is not None:
-        ppl = float(np.exp(_nll(text_logits, ref["text"])))
-        q.update(perplexity=ppl, perplexity_reference=ref["ppl"], perplexity_delta=ppl / ref["ppl"] - 1)
-    return q
+    if text_logits is None:
+        return Quality(agreed=agree, steps=len(seq) - n)
+    ppl = float(np.exp(_nll(text_logits, ref["text"])))
+    return Quality(agreed=agree, steps=len(seq) - n, perplexity=ppl, perplexity_reference=ref["ppl"])
 
 
-def _top_k_diff(seq_logits: np.ndarray, text_logits: np.ndarray | None, top_k: dict) -> dict:
+def _top_k_diff(seq_logits: np.ndarray, text_logits: np.ndarray | None, top_k: dict) -> LogitDiff:
     """Our logits at the reference's top-k ids, at every position we have."""
     worst, scale = 0.0, 0.0
     for ours, part in ((seq_logits, top_k["sequence"]), (text_logits, top_k["text"])):
@@ -161,33 +159,38 @@ def _top_k_diff(seq_logits: np.ndarray, text_logits: np.ndarray | None, top_k: d
         got = np.take_along_axis(ours, ids, -1)
         worst = max(worst, float(np.abs(got - want).max()))
         scale = max(scale, float(np.abs(want).max()))
-    return {"max_abs": worst, "max_rel": worst / max(scale, 1e-12)}
+    return LogitDiff(max_abs=worst, max_rel=worst / max(scale, 1e-12))
 
 
 def _allowed_misses(steps: int) -> int:
-    """Steps an exact graph may disagree on: 2 % (the full check's 98 % gate), at least one."""
-    return max(1, int((1 - MIN_AGREEMENT) * steps))
+    """Steps an exact graph may disagree on: what the full check's agreement gate allows, at least one."""
+    return max(1, int((1 - variants.EXACT_MIN_AGREEMENT) * steps))
 
 
-def _gate(name: str, r: dict, ref_name: str) -> None:
-    q = r.get("quality") or r["agreement"]
-    steps = int(q["top1_agree_steps"].split("/")[1])
-    if name in verify.INT8_MIN_AGREEMENT:
-        if q["top1_agreement"] < verify.INT8_MIN_AGREEMENT[name]:
-            r["dropped"] = (f"top-1 agreement {q['top1_agree_steps']} with the {ref_name} is below the "
-                            f"{verify.INT8_MIN_AGREEMENT[name]:.0%} floor for int8 activations")
-        return
-    bad = {k: d["max_rel"] for k, d in r["consistency"].items() if d["max_rel"] > CONSISTENCY_REL_TOL}
+def _gate(name: str, r: VariantReport, ref_name: str) -> VariantReport:
+    """Raise VerificationError where the exact graph ``name`` fails a bar; ``r``, with an
+    int8-activation graph below its floor marked as dropped."""
+    q = r.quality or r.agreement
+    if variants.is_int8_name(name):
+        floor = variants.INT8_FLOOR[name]
+        if q.top1_agreement < floor:
+            return dataclasses.replace(r, dropped=f"top-1 agreement {q.agree_steps} with the {ref_name} is below "
+                                                  f"the {floor:.0%} floor for int8 activations")
+        return r
+    tol = variants.CONSISTENCY_REL_TOL
+    bad = {k: d.max_rel for k, d in (("cached", r.consistency.cached), ("padded", r.consistency.padded))
+           if d.max_rel > tol}
     if bad:
         raise VerificationError(
             f"{name} graph disagrees with itself ({bad}: cached decode vs one pass, or a left-padded row vs "
-            f"the same tokens alone, above {CONSISTENCY_REL_TOL:.0e}); the export was not written. Report "
+            f"the same tokens alone, above {tol:.0e}); the export was not written. Report "
             f"this with the source's config, or pass --no-verify to inspect the graph anyway")
-    if steps - round(q["top1_agreement"] * steps) > _allowed_misses(steps):
-        raise VerificationError(f"{name} graph agrees with the {ref_name} on {q['top1_agree_steps']} teacher-forced "
-                                f"steps, below the {MIN_AGREEMENT:.0%} gate; the export was not written")
-    diff = r.get("reference_logits")
-    if diff is not None and diff["max_rel"] > REFERENCE_REL_TOL:
+    if q.steps - q.agreed > _allowed_misses(q.steps):
+        raise VerificationError(f"{name} graph agrees with the {ref_name} on {q.agree_steps} teacher-forced "
+                                f"steps, below the {variants.EXACT_MIN_AGREEMENT:.0%} gate; the export was not written")
+    diff = r.reference_logits
+    if diff is not None and diff.max_rel > variants.REFERENCE_REL_TOL:
         raise VerificationError(
-            f"{name} graph's logits differ from the {ref_name} by {diff['max_rel']:.2e} (relative) > "
-            f"{REFERENCE_REL_TOL:.0e}; the export was not written")
+            f"{name} graph's logits differ from the {ref_name} by {diff.max_rel:.2e} (relative) > "
+            f"{variants.REFERENCE_REL_TOL:.0e}; the export was not written")
+    return r

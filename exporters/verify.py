@@ -7,16 +7,19 @@ Checks, on fresh random token ids each run:
   4. teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text
      (the quality gate for quantized packages).
 The reference runs once per input (``Reference``, ``QualityReference``): every variant of a package
-is compared with the same results, one ONNX session at a time.
-At fp32 a relative difference above 1e-4 fails the export; a GGUF import fails below 98 %
-agreement with its dequantized reference. The int8-activation graphs (fused-int8, static-int8, and
-fused-q4, static-q4 with their fitted weights) are left out of the package (not failing it)
-below 90 %; the runtime prefers them only at 98 % or more
-(``portable_infer.loader.PREFERRED_AGREEMENT``), and runs them on request otherwise.
+is compared with the same results, one ONNX session at a time. Each variant's results are a
+``VariantReport`` (``portable_infer.package.verification``), recorded in the manifest.
+The bars are in ``portable_infer.package.variants``: at fp32 a relative difference above
+``FP32_REL_TOL`` fails the export; a pre-quantized import (GGUF, AWQ, GPTQ) fails below
+``MIN_AGREEMENT`` with its dequantized reference. The int8-activation graphs (fused-int8,
+static-int8, and fused-q4, static-q4 with their fitted weights) are left out of the package (not
+failing it) below ``INT8_FLOOR``; the runtime prefers them only past its quality gate
+(``variants.passes_gate``), and runs them on request otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -25,15 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from portable_infer.package import manifest as mf
+from portable_infer.package import variants
+from portable_infer.package.verification import GreedyPrefix, LogitDiff, Quality, VariantReport
 from portable_infer.errors import SourceError, VerificationError, require
 
 logger = logging.getLogger(__name__)
 
-FP32_REL_TOL = 1e-4
-MIN_AGREEMENT = {"gguf": 0.98, "awq": 0.98, "gptq": 0.98}  # pre-quantized sources: exact blocks
-# Variants that trade exactness for speed (int8 activations): below this floor they are broken,
-# not merely approximate, and are dropped from the package (their exact twins stay).
-INT8_MIN_AGREEMENT = {"fused-int8": 0.90, "static-int8": 0.90, "fused-q4": 0.90, "static-q4": 0.90}
 AGREEMENT_STEPS = 128
 FIXED_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -148,9 +148,9 @@ def _reference_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def _diff(a: np.ndarray, ref: np.ndarray) -> dict:
+def _diff(a: np.ndarray, ref: np.ndarray) -> LogitDiff:
     abs_diff = float(np.abs(a - ref).max())
-    return {"max_abs": abs_diff, "max_rel": abs_diff / max(float(np.abs(ref).max()), 1e-12)}
+    return LogitDiff(max_abs=abs_diff, max_rel=abs_diff / max(float(np.abs(ref).max()), 1e-12))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -197,7 +197,7 @@ def reference(model, vocab: int, rng: np.random.Generator, greedy_steps: int = 1
 
 
 def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greedy_steps: int = 16,
-            ref: Reference | None = None) -> dict:
+            ref: Reference | None = None) -> VariantReport:
     """Checks 1-3 on random ids; returns the report (differences and greedy agreement).
 
     ``ref``: the reference's results (:func:`reference`), shared by the variants of one package;
@@ -207,9 +207,9 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
     full, _ = dec.run(ids, mask, dec.empty_past(2))
     if dec.v.logits == "all":
         real = mask.astype(bool)
-        report = {"full": _diff(full[real], ref.logits[real])}
+        full_diff = _diff(full[real], ref.logits[real])
     else:  # last position only
-        report = {"full": _diff(full[:, -1], ref.logits[:, -1])}
+        full_diff = _diff(full[:, -1], ref.logits[:, -1])
 
     # prefill all but 4 tokens, then decode them one by one through the cache
     split = length - 4
@@ -219,7 +219,7 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
         logits, past = dec.run(ids[:, t:t + 1], mask[:, :t + 1], past)
         steps.append(logits[:, -1])
     cached = np.stack(steps[:-1], axis=1)
-    report["cached"] = _diff(cached, ref.logits[:, split - 1:length - 1])
+    cached_diff = _diff(cached, ref.logits[:, split - 1:length - 1])
 
     # greedy: ONNX through the cache vs the reference recomputing the full sequence
     seq_onnx = ref.prompt.copy()
@@ -230,8 +230,8 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
         logits, past = dec.run(np.array([[tok]]), np.ones_like(seq_onnx), past)
     same = ref.greedy == seq_onnx[0, ref.prompt.shape[1]:]
     n = len(ref.greedy)
-    report["greedy"] = {"steps": n, "identical_prefix": int(np.argmin(same)) if not same.all() else n}
-    return report
+    greedy = GreedyPrefix(steps=n, identical_prefix=int(np.argmin(same)) if not same.all() else n)
+    return VariantReport(full=full_diff, cached=cached_diff, greedy=greedy)
 
 
 def quality_reference(model, prompt_ids: list, text_ids: list, max_context: int) -> QualityReference:
@@ -252,7 +252,7 @@ def _nll(logits: np.ndarray, text: np.ndarray) -> float:
 
 
 def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_context: int,
-            ref: QualityReference | None = None) -> dict:
+            ref: QualityReference | None = None) -> Quality:
     """Teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text.
 
     ``ref``: the reference's results (:func:`quality_reference`), shared by the variants of one
@@ -262,8 +262,7 @@ def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_conte
     ours = all_logits(dec, ref.seq)
     agree = int((ours[0, n - 1:-1].argmax(-1) == ref.seq[0, n:]).sum())
     ppl = float(np.exp(_nll(all_logits(dec, ref.text), ref.text)))
-    return {"top1_agreement": agree / steps, "top1_agree_steps": f"{agree}/{steps}",
-            "perplexity": ppl, "perplexity_reference": ref.perplexity, "perplexity_delta": ppl / ref.perplexity - 1}
+    return Quality(agreed=agree, steps=steps, perplexity=ppl, perplexity_reference=ref.perplexity)
 
 
 def _text_ids(package: Path, manifest: mf.Manifest) -> tuple[list, list]:
@@ -284,34 +283,35 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
                    rng: np.random.Generator | None = None) -> dict:
     """Run every check on every variant; raise VerificationError when a gate fails.
 
-    The reference runs first and once per input: the random ids are drawn once (from ``rng``,
-    default a fresh generator) and every variant is compared with the same reference results. The
-    reference model is then let go (when loaded here), and the ONNX sessions run one at a time:
-    the process never holds the reference's weights and a session's, nor two sessions, at once."""
-    variants = [v for v in manifest.variants if not only or v.name in only]
-    if not variants:
+    Returns ``{variant name: VariantReport}``. The reference runs first and once per input: the
+    random ids are drawn once (from ``rng``, default a fresh generator) and every variant is
+    compared with the same reference results. The reference model is then let go (when loaded
+    here), and the ONNX sessions run one at a time: the process never holds the reference's
+    weights and a session's, nor two sessions, at once."""
+    checked = [v for v in manifest.variants if not only or v.name in only]
+    if not checked:
         return {}
     rng = rng if rng is not None else np.random.default_rng()
     model = model if model is not None else load_reference(src)
     ref = reference(model, manifest.model.vocab_size, rng)
     quality_ref = None
-    if any(_checks_quality(v, src) for v in variants):
+    if any(_checks_quality(v, src) for v in checked):
         quality_ref = quality_reference(model, *_text_ids(package, manifest), manifest.model.max_context)
     del model
     gc.collect()
     report = {}
-    for v in variants:
+    for v in checked:
         dec = decoder(package / v.file, v, manifest)
         try:
             r = compare(None, dec, manifest.model.vocab_size, rng, ref=ref)
             if _checks_quality(v, src):
-                r["quality"] = quality(None, dec, [], [], manifest.model.max_context, ref=quality_ref)
+                r = dataclasses.replace(r, quality=quality(None, dec, [], [], manifest.model.max_context,
+                                                           ref=quality_ref))
         finally:
             del dec  # free this session before the next one starts
             gc.collect()
-        report[v.name] = r
         logger.info("verify %s: %s", v.name, r)
-        _gate(v, r, src)
+        report[v.name] = _gate(v, r, src)
     return report
 
 
@@ -320,34 +320,37 @@ def _checks_quality(v: mf.GraphVariant, src) -> bool:
     return v.precision != "fp32" or src.kind == "gguf"
 
 
-def _gate(v: mf.GraphVariant, r: dict, src) -> None:
-    """Raise VerificationError where ``v`` fails its gate; mark an int8-activation variant below
-    its floor as dropped (``r["dropped"]``)."""
-    worst = max(r["full"]["max_rel"], r["cached"]["max_rel"])
-    if v.precision == "fp32" and worst > FP32_REL_TOL:
+def _gate(v: mf.GraphVariant, r: VariantReport, src) -> VariantReport:
+    """Raise VerificationError where ``v`` fails its gate; ``r``, with an int8-activation variant
+    below its floor marked as dropped (``dropped`` says why)."""
+    worst = max(r.full.max_rel, r.cached.max_rel)
+    if v.precision == "fp32" and worst > variants.FP32_REL_TOL:
         raise VerificationError(
             f"{v.name} graph differs from the transformers reference: max relative difference "
-            f"{worst:.2e} > {FP32_REL_TOL:.0e} (full {r['full']}, cached {r['cached']}); the export "
+            f"{worst:.2e} > {variants.FP32_REL_TOL:.0e} (full {r.full}, cached {r.cached}); the export "
             f"was not written. Report this with the source's config.json, or pass --no-verify to "
             f"inspect the graph anyway")
-    if v.name in INT8_MIN_AGREEMENT and "quality" in r:
-        q = r["quality"]
+    q = r.quality
+    if variants.is_int8_name(v.name) and q is not None:
         logger.info("verify %s (int8 activations): top-1 agreement %s, perplexity %+.2f %%", v.name,
-                    q["top1_agree_steps"], 100 * q["perplexity_delta"])
-        if q["top1_agreement"] < INT8_MIN_AGREEMENT[v.name]:
-            r["dropped"] = (f"top-1 agreement {q['top1_agree_steps']} is below the "
-                            f"{INT8_MIN_AGREEMENT[v.name]:.0%} floor for int8 activations")
-        return
-    floor = MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
-    if floor and "quality" in r and r["quality"]["top1_agreement"] < floor:
+                    q.agree_steps, 100 * q.perplexity_delta)
+        floor = variants.INT8_FLOOR[v.name]
+        if q.top1_agreement < floor:
+            return dataclasses.replace(r, dropped=f"top-1 agreement {q.agree_steps} is below the {floor:.0%} "
+                                                  f"floor for int8 activations")
+        return r
+    floor = variants.MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
+    if floor and q is not None and q.top1_agreement < floor:
         raise VerificationError(
-            f"{v.name} graph agrees with the reference on {r['quality']['top1_agree_steps']} "
+            f"{v.name} graph agrees with the reference on {q.agree_steps} "
             f"teacher-forced steps, below the {floor:.0%} gate; the export was not written")
+    return r
 
 
 def verify_existing(package, reference=None) -> dict:
     """``portable-infer verify``: the same checks on an existing package, against ``reference``
-    (an HF folder or GGUF file; default: the source recorded in the manifest)."""
+    (an HF folder or GGUF file; default: the source recorded in the manifest); ``{variant name:
+    VariantReport}``."""
     from .sources import open_source
 
     package = Path(package)

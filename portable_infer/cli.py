@@ -8,6 +8,7 @@ import logging
 import sys
 
 from portable_infer.errors import PortableInferError
+from portable_infer.package.variants import gate_text
 
 logger = logging.getLogger("portable_infer.cli")
 
@@ -35,7 +36,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="MatMulNBits activations: 4 int8 (the package's static-int8/fused-int8 graphs: "
                         "faster on CPU, less exact), 1 float (the exact graphs); default: int8 where its "
-                        "export verification measured at least 98%% top-1 agreement and perplexity within 1%% "
+                        f"export verification measured at least {gate_text().replace('%', '%%')} "
                         "(the quality gate), else float")
 
 
@@ -159,7 +160,8 @@ def cmd_verify(ns) -> int:
         from portable_infer.errors import DependencyError
 
         raise DependencyError('verification needs the exporter: pip install "portable-infer[export]"') from exc
-    print(json.dumps(verify_existing(ns.package, ns.reference), indent=2))
+    report = verify_existing(ns.package, ns.reference)
+    print(json.dumps({name: r.to_json() for name, r in report.items()}, indent=2))
     return 0
 
 

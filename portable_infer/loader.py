@@ -15,10 +15,10 @@ from portable_infer.errors import InvalidArgumentError, PackageError
 from portable_infer.package.home import ensure_default_model
 from portable_infer.package.manifest import Manifest
 from portable_infer.model import Model, check_max_kv_tokens
-from portable_infer.package.ort_format import ORT_SUFFIX
 from portable_infer.package.package_paths import check_package
 from portable_infer.engine.providers import Selection, select_session
-from portable_infer.package.variant_choice import INT8_SUFFIX, VariantChoice, is_int8, is_static, passes_gate  # noqa: F401  (INT8_SUFFIX: cli reads it here)
+from portable_infer.package.variant_choice import VariantChoice
+from portable_infer.package.variants import ORT_SUFFIX, is_int8, is_static, passes_gate
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
         accuracy_level: MatMulNBits activations. None (default): int8 where the package has
             int8-activation graphs (``static-int8``/``fused-int8``/``-q4``) whose export verification
             measured at least 98 % top-1 agreement with the float reference and perplexity within
-            1 % of its (``variant_choice.passes_gate``), else float. 1: float
+            1 % of its (``variants.passes_gate``), else float. 1: float
             (the exact graphs). 4: int8 (required: an int4 package without them is refused);
             ONNX Runtime then also fuses the portable graph's QDQ pairs at 4.
         check: "sha256" (every file hashed), "size" (sizes only) or "none".
@@ -133,8 +133,8 @@ def load_package(path, cfg: LoadConfig) -> Model:
 
 
 def _passed_gate(manifest: Manifest, v) -> bool:
-    """Export verification recorded the variant past the quality gate (variant_choice.passes_gate)."""
-    return passes_gate((manifest.verification or {}).get(v.name.removesuffix(ORT_SUFFIX), {}))
+    """Export verification recorded the variant past the quality gate (variants.passes_gate)."""
+    return passes_gate(manifest.verification.get(v.name.removesuffix(ORT_SUFFIX)))
 
 
 def _int8_wanted(cfg: LoadConfig) -> bool | None:

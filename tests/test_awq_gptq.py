@@ -197,8 +197,9 @@ def test_export_matches_transformers_on_dequantized_weights(tmp_path, family, me
     transformers = pytest.importorskip("transformers")
     from exporters.export import export
     from exporters.quant import quantize
-    from exporters.verify import FP32_REL_TOL, all_logits, decoder
+    from exporters.verify import all_logits, decoder
     from portable_infer.package.manifest import Manifest
+    from portable_infer.package.variants import FP32_REL_TOL
 
     seed = SEED + CASES.index((family, method, group, v1))
     floats = write_checkpoint(tmp_path / "hf", family, method, group, v1, seed)
@@ -247,7 +248,7 @@ def test_export_verifies_against_dequantized_reference(tmp_path):
     pkg = export(tmp_path / "hf", tmp_path / "pkg", variants=("portable", "fused"))
     report = Manifest.load(pkg).verification
     for name in ("portable", "fused"):
-        assert report[name]["quality"]["top1_agreement"] >= 0.98, tag(f"{name}: {report[name]['quality']}")
+        assert report[name].quality.top1_agreement >= 0.98, tag(f"{name}: {report[name].quality}")
 
 
 # --- refusals ---------------------------------------------------------------------------------

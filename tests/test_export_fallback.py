@@ -65,7 +65,7 @@ def test_auto_route_exports_and_verifies_an_unregistered_architecture(stablelm):
     assert [t.name for t in v.outputs] == [mf.LOGITS] + [n for i in range(2) for n in mf.present_names(i)]
     assert dict((t.name, t.shape) for t in v.inputs)["past_key_values.0.key"] == ("batch", 2, "past_sequence", 16)
     report = m.verification["portable"]
-    assert report["full"]["max_rel"] < 1e-4 and report["cached"]["max_rel"] < 1e-4
+    assert report.full.max_rel < 1e-4 and report.cached.max_rel < 1e-4
     assert sorted(p.name for p in package.iterdir() if p.name.startswith("model")) == ["model.onnx", "model.onnx.data"]
 
 

@@ -37,7 +37,8 @@ transformers = pytest.importorskip("transformers")
 
 from exporters.architectures import FAMILIES, MODEL_TYPES  # noqa: E402
 from exporters.export import export  # noqa: E402
-from exporters.verify import FP32_REL_TOL, OnnxDecoder, decoder  # noqa: E402
+from exporters.verify import OnnxDecoder, decoder  # noqa: E402
+from portable_infer.package.variants import FP32_REL_TOL  # noqa: E402
 import _parity  # noqa: E402
 from portable_infer.package.manifest import Manifest  # noqa: E402
 
@@ -381,9 +382,9 @@ def test_export_with_verification_passes(exported: Exported, tmp_path):
     manifest = Manifest.load(pkg)
     assert set(manifest.verification) == {v.name for v in manifest.variants}, manifest.verification
     for name, report in manifest.verification.items():
-        worst = max(report["full"]["max_rel"], report["cached"]["max_rel"])
+        worst = max(report.full.max_rel, report.cached.max_rel)
         assert worst <= FP32_REL_TOL, f"{exported.tag()} {name}: {report}"
-        assert report["greedy"]["steps"] == GREEDY_STEPS, report
+        assert report.greedy.steps == GREEDY_STEPS, report
 
 
 @pytest.mark.parametrize("exported", FAMILY_CASES, indirect=True, ids=lambda c: c.id)
@@ -557,9 +558,9 @@ def test_fp16_logits_close_and_greedy_mostly_equal(precisions):
     same = int((np.array(ours_greedy) == seq[0, 8:]).sum())
     assert same >= GREEDY_STEPS * 3 // 4, f"{tag} greedy: ours {ours_greedy}, reference {seq[0, 8:].tolist()}"
     for name, report in manifest.verification.items():
-        q = report["quality"]
-        assert q["top1_agreement"] >= QUALITY_FLOOR["fp16"], f"{tag} {name}: {q}"
-    agreement = ", ".join(f"{n} {r['quality']['top1_agree_steps']}" for n, r in manifest.verification.items())
+        q = report.quality
+        assert q.top1_agreement >= QUALITY_FLOOR["fp16"], f"{tag} {name}: {q}"
+    agreement = ", ".join(f"{n} {r.quality.agree_steps}" for n, r in manifest.verification.items())
     print(f"\nfp16: logits relative difference {rel:.2e}, greedy {same}/{GREEDY_STEPS} equal, "
           f"top-1 agreement {agreement}")
 
@@ -570,22 +571,22 @@ def test_quantized_quality_and_size(precisions, precision):
     fp32 = precisions["fp32"][1]
     tag, floor = f"[{precision}]", QUALITY_FLOOR[precision]
     kept = {v.name for v in manifest.variants}
-    dropped = {n for n, r in manifest.verification.items() if r.get("dropped")}
+    dropped = {n for n, r in manifest.verification.items() if r.dropped}
     assert set(manifest.verification) == kept | dropped and not kept & dropped
     for name in dropped:  # int8 twins below their gate: reported, not shipped
-        assert name in ("fused-int8", "static-int8") and manifest.verification[name]["quality"]["top1_agreement"] < 0.98
+        assert name in ("fused-int8", "static-int8") and manifest.verification[name].quality.top1_agreement < 0.98
         assert not list(pkg.glob(f"model.{name}.*"))
     for name, report in manifest.verification.items():
-        q = report["quality"]
+        q = report.quality
         if name in dropped:
             continue
-        assert q["top1_agreement"] >= floor, f"{tag} {name}: top-1 agreement {q['top1_agree_steps']} < {floor}: {q}"
+        assert q.top1_agreement >= floor, f"{tag} {name}: top-1 agreement {q.agree_steps} < {floor}: {q}"
         if name in ("fused-int8", "static", "static-int8"):  # their weights are the fused graph's
             continue
         size, full = _package_bytes(manifest, name), _package_bytes(fp32, name)
         assert size < full, f"{tag} {name} graph+weights are {size} bytes, fp32's {full}"
-        print(f"\n{precision} {name}: top-1 agreement {q['top1_agree_steps']}, perplexity {q['perplexity']:.2f} "
-              f"(reference {q['perplexity_reference']:.2f}), graph+weights {size} bytes vs fp32 {full}")
+        print(f"\n{precision} {name}: top-1 agreement {q.agree_steps}, perplexity {q.perplexity:.2f} "
+              f"(reference {q.perplexity_reference:.2f}), graph+weights {size} bytes vs fp32 {full}")
 
 
 @pytest.mark.parametrize("exported", HEAD_CASES[:1], indirect=True, ids=lambda c: c.id)
@@ -593,28 +594,27 @@ def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(export
                                                                           capsys):
     """An int8-activation twin below its floor is dropped from the package (its graph file too),
     its report kept, and the export succeeds; the loader's default prefers a twin only when its
-    recorded quality passes variant_choice.passes_gate, else runs the exact graph."""
+    recorded quality passes variants.passes_gate, else runs the exact graph."""
     import portable_infer
-    from exporters import verify
     from portable_infer import cli
-    from portable_infer.package import variant_choice
+    from portable_infer.package import variants
 
-    monkeypatch.setattr(verify, "INT8_MIN_AGREEMENT", {"fused-int8": 1.01, "static-int8": 0.0})
+    monkeypatch.setattr(variants, "INT8_FLOOR", {"fused-int8": 1.01, "static-int8": 0.0})
     pkg = export(exported.source, tmp_path / "int4", precision="int4")
     manifest = Manifest.load(pkg)
     assert [v.name for v in manifest.variants] == ["portable", "fused", "static", "static-int8"]
-    assert "below the 101% floor" in manifest.verification["fused-int8"]["dropped"]
+    assert "below the 101% floor" in manifest.verification["fused-int8"].dropped
     assert not (pkg / "model.fused-int8.onnx").exists() and manifest.verify_files(pkg) is None
     assert portable_infer.load(pkg, "cpu", static_kv=False).variant == "fused"
-    measured = manifest.verification["static-int8"]["quality"]["top1_agreement"]
-    monkeypatch.setattr(variant_choice, "GATE_AGREEMENT", measured)
-    monkeypatch.setattr(variant_choice, "GATE_PPL_INCREASE", 1.0)
+    measured = manifest.verification["static-int8"].quality.top1_agreement
+    monkeypatch.setattr(variants, "GATE_AGREEMENT", measured)
+    monkeypatch.setattr(variants, "GATE_PPL_INCREASE", 1.0)
     assert portable_infer.load(pkg, "cpu").variant == "static-int8"
     assert cli.main(["inspect", str(pkg)]) == 0
     shown = capsys.readouterr().out
     assert "fused-int8: " in shown and "left out of the package: top-1 agreement" in shown
     assert "static-int8: " in shown and "runs by default" in shown
-    monkeypatch.setattr(variant_choice, "GATE_AGREEMENT", measured + 1e-6)
+    monkeypatch.setattr(variants, "GATE_AGREEMENT", measured + 1e-6)
     assert portable_infer.load(pkg, "cpu").variant == "static"
     assert cli.main(["inspect", str(pkg)]) == 0
     assert "runs only with --accuracy 4" in capsys.readouterr().out

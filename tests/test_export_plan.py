@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exporters.export_plan import DEFAULT_VARIANTS, ExportPlan, check_options, plan_export
+from exporters.export_plan import ExportPlan, check_options, plan_export
+from portable_infer.package.variants import DEFAULT_VARIANTS
 from exporters.sources import open_source
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.package.manifest import GenerationDefaults

@@ -36,7 +36,8 @@ import _gguf_files as gf  # noqa: E402
 
 from exporters.architectures import FAMILIES  # noqa: E402
 from exporters.export import export  # noqa: E402
-from exporters.verify import FP32_REL_TOL, compare, decoder  # noqa: E402
+from exporters.verify import compare, decoder  # noqa: E402
+from portable_infer.package.variants import FP32_REL_TOL  # noqa: E402
 from portable_infer.package.manifest import Manifest  # noqa: E402
 
 SEED = int(os.environ.get("GGUF_SEED") or random.SystemRandom().randrange(2**31))
@@ -92,11 +93,11 @@ def test_portable_graph_matches_transformers_on_the_dequantized_weights(exported
     m = Manifest.load(pkg)
     rng = np.random.default_rng(SEED)
     report = compare(ref, decoder(pkg / m.variant("portable").file, m.variant("portable"), m), 256, rng)
-    MEASURED.setdefault(f"{family}-{mix}", {})["portable"] = report["full"]["max_rel"]
+    MEASURED.setdefault(f"{family}-{mix}", {})["portable"] = report.full.max_rel
     msg = f"GGUF_SEED={SEED} {family} {mix}: {report}"
-    assert report["full"]["max_rel"] <= FP32_REL_TOL, msg
-    assert report["cached"]["max_rel"] <= FP32_REL_TOL, msg
-    assert report["greedy"]["identical_prefix"] == report["greedy"]["steps"], msg
+    assert report.full.max_rel <= FP32_REL_TOL, msg
+    assert report.cached.max_rel <= FP32_REL_TOL, msg
+    assert report.greedy.identical_prefix == report.greedy.steps, msg
 
 
 def test_fused_graphs_match_on_the_top_candidates(exported):

@@ -258,10 +258,10 @@ def test_q4_graphs_are_one_int8_matmulnbits_per_linear(tiny_gguf):
     qtype, _, pkg = tiny_gguf
     m = mf.Manifest.load(pkg)
     assert {"fused-q4", "static-q4"} <= {v.name for v in m.variants}
-    fit = m.verification["static-q4"]["weight_fit"]  # the manifest records the weights' form and error
-    assert fit == m.verification["fused-q4"]["weight_fit"] and fit["lm_head"] == "int8", fit
-    assert (fit["max_abs"] == 0) == (qtype == "Q4_0"), fit
-    assert fit["weights_8bit"] == (fit["weights"] if qtype == "Q4_1" else 0), fit  # Q4_1: 8-bit form
+    fit = m.verification["static-q4"].weight_fit  # the manifest records the weights' form and error
+    assert fit == m.verification["fused-q4"].weight_fit and fit.lm_head == "int8", fit
+    assert (fit.max_abs == 0) == (qtype == "Q4_0"), fit
+    assert fit.weights_8bit == (fit.weights if qtype == "Q4_1" else 0), fit  # Q4_1: 8-bit form
     for name in ("fused-q4", "static-q4"):
         model = _graph(pkg, name)
         layer = _layer_nodes(model)
@@ -418,7 +418,7 @@ def test_lm_head_forms(q4_0_gguf, head, tmp_path, monkeypatch, seed):
     monkeypatch.setattr(ex, "Q4_HEAD", head)
     pkg = ex.export(q4_0_gguf, tmp_path / head, variants=("portable", "static-q4"), verify=False)
     model = _graph(pkg, "static-q4")
-    assert mf.Manifest.load(pkg).verification["static-q4"]["weight_fit"]["lm_head"] == head
+    assert mf.Manifest.load(pkg).verification["static-q4"].weight_fit.lm_head == head
     heads = [n for n in _nbits_nodes(model) if "embed_tokens" in n.input[1]]
     dense = [n for n in model.graph.node if n.op_type == "MatMul" and "embed_tokens" in n.input[1]]
     if head == "fp32":
@@ -457,17 +457,17 @@ def test_export_verifies_and_records_the_q4_variants(tiny_llama, tmp_path):
     perplexity, recorded in the manifest beside the fit's error), and keeps or drops them by the
     int8-activation floor."""
     from exporters.export import export
-    from exporters.verify import INT8_MIN_AGREEMENT
+    from portable_infer.package.variants import INT8_FLOOR
 
     pkg = export(tiny_llama.source, tmp_path / "pkg", precision="int4", variants=("portable", "static-q4"))
     m = mf.Manifest.load(pkg)
     r = m.verification["static-q4"]
-    q = r["quality"]
-    print(q, r["weight_fit"])
-    assert {"top1_agreement", "perplexity", "perplexity_delta"} <= set(q) and r["weight_fit"]["weights"] > 0
+    q = r.quality
+    print(q, r.weight_fit)
+    assert q.perplexity_delta is not None and r.weight_fit.weights > 0
     kept = "static-q4" in [v.name for v in m.variants]
-    assert kept == (q["top1_agreement"] >= INT8_MIN_AGREEMENT["static-q4"]), (kept, q)
-    assert kept != bool(r.get("dropped"))
+    assert kept == (q.top1_agreement >= INT8_FLOOR["static-q4"]), (kept, q)
+    assert kept != bool(r.dropped)
 
 
 def test_q4_1_fits_the_8bit_form_within_a_small_fraction_of_its_step(seed):

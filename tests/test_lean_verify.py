@@ -17,6 +17,8 @@ from onnx import numpy_helper
 from exporters import lean_verify
 from exporters.references import REFERENCE_DIR, load_all
 from portable_infer.package import manifest as mf
+from portable_infer.package import variants
+from portable_infer.package.verification import LogitDiff, Quality, VariantReport
 from portable_infer.errors import SourceError, VerificationError
 
 SEED = int(os.environ.get("LEAN_SEED") or random.SystemRandom().randrange(2**31))
@@ -35,13 +37,13 @@ def test_lean_verify_checks_every_variant_against_the_portable_graph(int4_packag
     report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
     assert set(report) == {v.name for v in manifest.variants} >= {"portable", "fused", "fused-int8", "static"}
     for name, r in report.items():
-        assert r["reference"].startswith("portable graph"), (SEED, name)
+        assert r.reference.startswith("portable graph"), (SEED, name)
         # no shipped reference: nothing the runtime reads as a quality record (it would prefer an
         # int8 graph on a measurement against the package itself)
-        assert "quality" not in r and r["agreement"]["top1_agree_steps"].endswith(f"/{lean_verify.LAST_STEPS}")
+        assert r.quality is None and r.agreement.steps == lean_verify.LAST_STEPS
         if name in ("portable", "fused", "static"):
-            assert r["agreement"]["top1_agreement"] >= lean_verify.MIN_AGREEMENT, (SEED, name, r)
-            assert max(d["max_rel"] for d in r["consistency"].values()) < lean_verify.CONSISTENCY_REL_TOL
+            assert r.agreement.top1_agreement >= variants.EXACT_MIN_AGREEMENT, (SEED, name, r)
+            assert max(r.consistency.cached.max_rel, r.consistency.padded.max_rel) < variants.CONSISTENCY_REL_TOL
 
 
 def test_lean_verify_fails_on_a_broken_graph(int4_package, tmp_path):
@@ -97,8 +99,8 @@ def test_shipped_reference_is_the_installed_default_model():
 def test_inspect_shows_lean_measurements():
     from portable_infer.package.package_info import _verified
 
-    line = _verified("fused", {"reference": "shipped reference logits (x.json)", "agreement": {
-        "top1_agreement": 1.0, "top1_agree_steps": "32/32"}, "reference_logits": {"max_abs": 0.04, "max_rel": 1.4e-3}})
+    line = _verified("fused", VariantReport(reference="shipped reference logits (x.json)", agreement=Quality(32, 32),
+                                            reference_logits=LogitDiff(max_abs=0.04, max_rel=1.4e-3)))
     assert "top-1 32/32 (lean)" in line and "1.40e-03 vs shipped logits" in line
 
 
@@ -107,8 +109,6 @@ def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_
     logits only) run the whole reference token by token, so their record carries agreement over
     every greedy step and perplexity: what the runtime's quality gate reads. The exact
     last-position graphs keep the short token-by-token check."""
-    from portable_infer.package import variant_choice
-
     manifest = mf.Manifest.load(int4_package)
     rng = np.random.default_rng(SEED)
     vocab = manifest.model.vocab_size
@@ -134,11 +134,10 @@ def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_
     monkeypatch.setattr(lean_verify, "load_all", lambda: {manifest.source.get("sha256"): shipped})
     report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
     for name in ("fused-int8", "static-int8"):
-        q = report[name]["quality"]
-        assert q["top1_agree_steps"].endswith("/20") and "perplexity_delta" in q, (SEED, name, q)
-        assert variant_choice.passes_gate(report[name]) == (
-            q["top1_agreement"] >= variant_choice.GATE_AGREEMENT
-            and q["perplexity_delta"] <= variant_choice.GATE_PPL_INCREASE)
-    assert "quality" not in report["fused"] and report["fused"]["agreement"]["top1_agree_steps"].endswith(
-        f"/{min(lean_verify.LAST_STEPS, 20)}")
-    assert report["portable"]["quality"]["top1_agreement"] == 1.0
+        q = report[name].quality
+        assert q.steps == 20 and q.perplexity_delta is not None, (SEED, name, q)
+        assert variants.passes_gate(report[name]) == (
+            q.top1_agreement >= variants.GATE_AGREEMENT
+            and q.perplexity_delta <= variants.GATE_PPL_INCREASE)
+    assert report["fused"].quality is None and report["fused"].agreement.steps == min(lean_verify.LAST_STEPS, 20)
+    assert report["portable"].quality.top1_agreement == 1.0

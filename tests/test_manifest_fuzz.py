@@ -1,8 +1,8 @@
 """A malformed manifest is a PackageError, wherever it is read: ``load``, ``inspect``, bundles.
 
-2,000 seeded mutations of a real exported manifest (type swaps, deletions, wrapping, hostile
-paths, and raw-byte damage: truncation, bit flips, deep nesting, huge integers, NaN, duplicate
-keys, non-UTF-8) go through ``portable_infer.load`` and ``portable-infer inspect``; each must load
+2,000 seeded mutations of a real exported manifest, with a verification report in schema 2 or
+schema 1 (type swaps, deletions, wrapping, hostile paths, and raw-byte damage: truncation, bit
+flips, deep nesting, huge integers, NaN, duplicate keys, non-UTF-8) go through ``portable_infer.load`` and ``portable-infer inspect``; each must load
 or raise a PortableInferError. Set PORTABLE_INFER_FUZZ_SEED to replay another run.
 """
 
@@ -20,6 +20,7 @@ import pytest
 import portable_infer
 from portable_infer.package import manifest as mf
 from portable_infer.package import manifest_schema as schema
+from portable_infer.package import verification
 from portable_infer.cli import main
 from portable_infer.errors import ManifestError, PackageError, PortableInferError, SchemaVersionError
 from portable_infer.package.package_info import describe
@@ -49,7 +50,7 @@ def _write(pkg: Path, data) -> None:
 # --- the schema table is the dataclasses ---------------------------------------------------------------
 @pytest.mark.parametrize("name", list(schema.TABLES))
 def test_schema_table_lists_every_dataclass_field(name):
-    cls = getattr(mf, name)
+    cls = getattr(mf, name, None) or getattr(verification, name)
     table = schema.TABLES[name].fields
     fields = {f.name: f for f in dataclasses.fields(cls)}
     assert set(table) == set(fields), f"{name}: the schema table and the dataclass disagree"
@@ -60,8 +61,8 @@ def test_schema_table_lists_every_dataclass_field(name):
 
 
 # --- named cases ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [True, 1.0, "1", 2, 0, None, [1]])
-def test_schema_version_must_be_the_integer_1(full_package, version):
+@pytest.mark.parametrize("version", [True, 1.0, "1", 2.0, "2", schema.SCHEMA_VERSION + 1, 0, None, [1]])
+def test_schema_version_must_be_an_integer_this_runtime_reads(full_package, version):
     d = manifest_dict(full_package)
     d["schema_version"] = version
     with pytest.raises(SchemaVersionError, match="schema_version"):
@@ -71,9 +72,16 @@ def test_schema_version_must_be_the_integer_1(full_package, version):
 ISSUE_CASES = {  # the untyped escapes the issue's fuzz run found, and their kin
     "files[0].path is a list": lambda d: d["files"][0].update(path=[]),
     "variant name is a list": lambda d: d["variants"][1].update(name=["fused"]),
-    "top1_agreement is a dict": lambda d: d.update(verification={"fused-int8": {"quality": {"top1_agreement": {}}}}),
+    "agreed steps is a dict": lambda d: d.update(verification={"fused-int8": {"quality": {"agreed": {}, "steps": 8}}}),
     "verification entry is a string": lambda d: d.update(verification={"fused": "ok"}),
-    "greedy steps is a string": lambda d: d.update(verification={"fused": {"greedy": {"steps": "12"}}}),
+    "greedy steps is a string": lambda d: d.update(verification={"fused": {"greedy": {"steps": "12",
+                                                                                      "identical_prefix": 3}}}),
+    "more agreed steps than steps": lambda d: d.update(verification={"fused": {"agreement": {"agreed": 9, "steps": 8}}}),
+    "perplexity without its reference": lambda d: d.update(
+        verification={"fused": {"quality": {"agreed": 8, "steps": 8, "perplexity": 2.0}}}),
+    "unknown report field": lambda d: d.update(verification={"fused": {"int4_fit": {}}}),
+    "schema-1 quality in a schema-2 manifest": lambda d: d.update(
+        verification={"fused": {"quality": {"top1_agreement": 1.0, "top1_agree_steps": "8/8"}}}),
     "shape holds a dict": lambda d: d["variants"][0]["inputs"][0].update(shape=[{"a": 1}]),
     "kv dtype is not a dtype": lambda d: d["variants"][0]["kv"].update(dtype="floaty"),
     "kv past pair of three": lambda d: d["variants"][0]["kv"]["past"][0].append("x"),
@@ -186,15 +194,24 @@ def _mutate_bytes(raw: bytes, rng: random.Random) -> bytes:
     return raw.replace(b'"precision": ', rng.choice([b'"precision": NaN, "precision": ', b'"precision": 1e999, "x": ']), 1)
 
 
+def _bases(pkg: Path) -> tuple:
+    """The package's manifest with a verification report in every field: in schema 2 (the lean
+    check's, converted) and in schema 1 (the full check's), from tests/golden/manifest_schema1.json."""
+    golden = json.loads((Path(__file__).parent / "golden" / "manifest_schema1.json").read_text())
+    base = manifest_dict(pkg)
+    v2 = mf.Manifest.from_dict({**base, **golden["lean_check"]}).to_dict()
+    return v2, {**base, **golden["full_check"]}
+
+
 def test_fuzzed_manifests_load_or_raise_portable_infer_errors(full_package, tmp_path, capsys):
     print(f"manifest fuzz seed {SEED} (PORTABLE_INFER_FUZZ_SEED={SEED} replays it)")
     rng = random.Random(SEED)
     pkg = copy_package(full_package, tmp_path / "pkg")
-    base = manifest_dict(pkg)
-    raw_base = json.dumps(base).encode()
+    bases = _bases(pkg)
     outcomes = {"loaded": 0, "refused": 0}
     for trial in range(TRIALS):
-        data = (_mutate_bytes(raw_base, rng) if rng.random() < 0.15
+        base = rng.choice(bases)
+        data = (_mutate_bytes(json.dumps(base).encode(), rng) if rng.random() < 0.15
                 else _mutate_tree(copy.deepcopy(base), rng))
         _write(pkg, data)
         check = rng.choice(["size", "none"])

@@ -18,6 +18,7 @@ from portable_infer import loader
 from portable_infer.errors import PackageError, ProviderError
 from portable_infer.loader import LoadConfig
 from portable_infer.package.manifest import GraphVariant, KVLayout
+from portable_infer.package.verification import Quality, VariantReport
 from portable_infer.engine.providers import CPU, ENV_VAR, PROVIDERS, VariantChoice, choose_variant, select_session
 from portable_infer.engine.session import SessionConfig
 
@@ -78,8 +79,11 @@ def package(tmp_path, names=FULL, verification=None, extra=()) -> FakeManifest:
     return FakeManifest(variants, verification or {})
 
 
-def passed(*names, agreement=0.99, ppl=0.002) -> dict:
-    return {n: {"quality": {"top1_agreement": agreement, "perplexity_delta": ppl}} for n in names}
+def passed(*names, agreed=99, ppl=1.002) -> dict:
+    """Verification reports of ``names``: ``agreed`` of 100 steps, perplexity ``ppl`` to the reference's 1.0
+    (by default past the quality gate)."""
+    return {n: VariantReport(quality=Quality(agreed=agreed, steps=100, perplexity=ppl, perplexity_reference=1.0))
+            for n in names}
 
 
 def select(manifest, tmp_path, ort, providers="auto", strict=False, static_kv=None, accuracy=None, options=None):
@@ -108,8 +112,8 @@ CASES = {
     "accuracy_level=4, static_kv=False": (dict(accuracy=4, static_kv=False), None, "fused-int8", "portable"),
     "accuracy_level=1": (dict(accuracy=1), passed("static-int8", "fused-int8"), "static", "portable"),
     "int8 twins at the gate": (dict(), passed("static-int8", "fused-int8"), "static-int8", "portable"),
-    "int8 twins below the gate": (dict(), passed("static-int8", "fused-int8", agreement=0.94), "static", "portable"),
-    "int8 twins above the perplexity bar": (dict(), passed("static-int8", "fused-int8", ppl=0.02), "static", "portable"),
+    "int8 twins below the gate": (dict(), passed("static-int8", "fused-int8", agreed=94), "static", "portable"),
+    "int8 twins above the perplexity bar": (dict(), passed("static-int8", "fused-int8", ppl=1.02), "static", "portable"),
     "gated, static_kv=False": (dict(static_kv=False), passed("fused-int8"), "fused-int8", "portable"),
 }
 STATIC_PROVIDERS = {"cuda", "cpu"}
@@ -273,17 +277,19 @@ def test_select_session_default_choice_is_the_loaders_default(tmp_path):
 
 
 def test_the_quality_gate_needs_agreement_and_perplexity_within_the_bar():
-    """variant_choice.passes_gate: both numbers recorded and within the bar; a record without
+    """variants.passes_gate: both numbers recorded and within the bar; a record without
     perplexity (the lean check's short "agreement") or a missing record never passes."""
-    from portable_infer.package.variant_choice import GATE_AGREEMENT, GATE_PPL_INCREASE, passes_gate
+    from portable_infer.package.variants import GATE_AGREEMENT, GATE_PPL_INCREASE, passes_gate
 
-    def rec(agreement, ppl):
-        return {"quality": {"top1_agreement": agreement, "perplexity_delta": ppl}}
+    def rec(agreed, steps, ppl):  # ppl: the perplexity's increase over the reference's (1.0)
+        return VariantReport(quality=Quality(agreed, steps, perplexity=1.0 + ppl, perplexity_reference=1.0))
 
-    assert passes_gate(rec(GATE_AGREEMENT, GATE_PPL_INCREASE))
-    assert not passes_gate(rec(123 / 128, -0.0003))  # SmolLM2's int8 twins at export: exact runs
-    assert not passes_gate(rec(GATE_AGREEMENT - 1e-6, 0.0))
-    assert not passes_gate(rec(1.0, GATE_PPL_INCREASE + 1e-6))
-    assert not passes_gate({"quality": {"top1_agreement": 1.0}})
-    assert not passes_gate({"agreement": {"top1_agreement": 1.0, "top1_agree_steps": "32/32"}})
-    assert not passes_gate({})
+    million = 10**6  # agreement in steps of 1e-6
+    assert passes_gate(rec(round(GATE_AGREEMENT * million), million, GATE_PPL_INCREASE - 1e-12))
+    assert not passes_gate(rec(123, 128, -0.0003))  # SmolLM2's int8 twins at export: exact runs
+    assert not passes_gate(rec(round(GATE_AGREEMENT * million) - 1, million, 0.0))
+    assert not passes_gate(rec(million, million, GATE_PPL_INCREASE + 1e-6))
+    assert not passes_gate(VariantReport(quality=Quality(128, 128)))
+    assert not passes_gate(VariantReport(agreement=Quality(32, 32)))
+    assert not passes_gate(VariantReport())
+    assert not passes_gate(None)

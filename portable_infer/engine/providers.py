@@ -30,6 +30,8 @@ from typing import Any, Mapping, Sequence
 from portable_infer.errors import InvalidArgumentError, PackageError, ProviderError
 from portable_infer.package.manifest import GraphVariant
 from portable_infer.package.variant_choice import VariantChoice, choose_variant, pick_variant  # noqa: F401  (pick_variant: re-exported)
+from portable_infer.package.variants import (FUSED, FUSED_INT8, FUSED_Q4, ORT_SUFFIX, PORTABLE, STATIC, STATIC_INT8,
+                                             STATIC_Q4)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class ProviderSpec:
     install_hint: str
     aliases: tuple = ()
     default_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
-    variants: tuple = ("portable",)  # accepted GraphVariant names, preferred first
+    variants: tuple = (PORTABLE,)  # accepted GraphVariant names, preferred first
     precisions: tuple = ("fp16", "int4", "int8", "fp32")  # accepted precisions, preferred first
     explicit_only: str = ""  # why "auto" never picks it; "" = auto may pick it
     companions: tuple = ()  # ORT names placed between it and CPU for the nodes it cannot run
@@ -90,7 +92,8 @@ _CPU_FIRST = ("int4", "int8", "fp32", "fp16")
 # weights in MatMulNBits' integer form, ONNX Runtime's fastest CPU kernels); "static" (fixed KV buffers written in
 # place; CUDA graphs on CUDA) comes first by default because variant_choice tries the static tier
 # before the growing one, not by its place here (the order within a tier).
-_FUSED_FIRST = ("fused", "fused-int8", "fused-q4", "portable", "static", "static-int8", "static-q4")
+_FUSED_FIRST = (FUSED, FUSED_INT8, FUSED_Q4, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4)
+_ORT_FIRST = tuple(n + ORT_SUFFIX for n in (FUSED, FUSED_INT8, PORTABLE))  # pack --ort's graphs
 _CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
 _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
 
@@ -134,7 +137,7 @@ PROVIDERS: tuple = (
                  f'{_swap("onnxruntime-webgpu")}'),
     ProviderSpec("cpu", "CPUExecutionProvider", 100, "CPU",
                  "every ONNX Runtime build includes it; reinstall onnxruntime if it is missing",
-                 variants=("fused-ort", "fused-int8-ort", "portable-ort", *_FUSED_FIRST), precisions=_CPU_FIRST),  # *-ort: pack --ort
+                 variants=(*_ORT_FIRST, *_FUSED_FIRST), precisions=_CPU_FIRST),
 )
 CPU = next(s for s in PROVIDERS if s.key == "cpu")
 

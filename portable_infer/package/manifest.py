@@ -28,6 +28,7 @@ from typing import Any
 from portable_infer.errors import ChecksumError, PackageError
 from portable_infer.package.manifest_schema import SCHEMA_VERSION, validate
 from portable_infer.package.package_paths import check_listed, open_regular, resolve_inside
+from portable_infer.package.verification import VariantReport, read_reports
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -179,11 +180,13 @@ class Manifest:
     tokenizer: TokenizerInfo
     generation: GenerationDefaults
     files: tuple = ()
-    verification: dict = field(default_factory=dict)
+    verification: dict[str, VariantReport] = field(default_factory=dict)  # by variant name (verification.py)
 
     # --- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        d = _plain(dataclasses.asdict(dataclasses.replace(self, verification={})))
+        d["verification"] = {name: r.to_json() for name, r in self.verification.items()}
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -191,11 +194,13 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         """A Manifest from parsed JSON, after :func:`~portable_infer.package.manifest_schema.validate`:
-        a malformed one raises ManifestError (SchemaVersionError, UnsafePathError), a PackageError."""
+        a malformed one raises ManifestError (SchemaVersionError, UnsafePathError), a PackageError.
+        A schema-1 manifest is read as the schema-2 one it converts to (its verification report
+        typed: ``verification.from_schema1``); saving it writes schema 2."""
         validate(d)
         m, t = d["model"], d["tokenizer"]
         manifest = cls(
-            schema_version=d["schema_version"],
+            schema_version=SCHEMA_VERSION,
             exporter_version=d["exporter_version"],
             source=dict(d["source"]),
             model=ModelDims(**{**m, "layer_types": tuple(m.get("layer_types", ()))}),
@@ -204,7 +209,7 @@ class Manifest:
             tokenizer=TokenizerInfo(**{**t, "eos_token_ids": tuple(t.get("eos_token_ids", ()))}),
             generation=GenerationDefaults(**d["generation"]),
             files=tuple(FileEntry(**f) for f in d["files"]),
-            verification=dict(d.get("verification", {})),
+            verification=read_reports(d.get("verification", {}), d["schema_version"]),
         )
         check_listed(manifest)
         return manifest

@@ -3,9 +3,15 @@
 ``Manifest.from_dict`` runs :func:`validate` first, so a manifest with a wrong type anywhere (a
 list where a string belongs, a dict where a number does, ``true`` for ``schema_version``) is a
 :class:`ManifestError` naming the field — never a TypeError or KeyError further in. Each record
-table lists the fields of one dataclass of :mod:`portable_infer.package.manifest` (a test keeps them in
-step); ``required`` fields have no default there. Unknown fields are refused: the manifest is the
-contract, and a field this runtime does not read may be one it would need.
+table lists the fields of one dataclass of :mod:`portable_infer.package.manifest` or
+:mod:`~portable_infer.package.verification` (a test keeps them in step); ``required`` fields have
+no default there. Unknown fields are refused: the manifest is the contract, and a field this
+runtime does not read may be one it would need.
+
+Schema 2 (this exporter's) types the verification report; schema 1 (exporters up to 0.3.0) is read
+too: the same tables, with its verification records (``VERIFICATION_V1``: the keys its exporters
+wrote, nothing else) converted by ``verification.from_schema1``. A later schema is refused with a
+SchemaVersionError that says to upgrade.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from dataclasses import dataclass
 from portable_infer.errors import ManifestError, SchemaVersionError, UnsafePathError
 from portable_infer.package.package_paths import check_path
 
-SCHEMA_VERSION = 1
-MAX_DEPTH = 16  # free-form JSON (source, rope_scaling, verification): nesting deeper than this is refused
+SCHEMA_VERSION = 2
+READABLE = (1, 2)  # the schema versions this runtime reads (1: converted on reading)
+MAX_DEPTH = 16  # free-form JSON (source, rope_scaling): nesting deeper than this is refused
 # numpy dtype names the runtime allocates with np.dtype(...)
 DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
           "float16", "float32", "float64")
@@ -39,6 +46,7 @@ def _kind(value) -> str:
 class Str:
     enum: tuple = ()
     nonempty: bool = False
+    pattern: str = ""  # a regular expression the whole string matches
 
     def check(self, v, where):
         if not isinstance(v, str):
@@ -47,6 +55,8 @@ class Str:
             _fail(where, "must not be empty")
         if self.enum and v not in self.enum:
             _fail(where, f"must be one of {list(self.enum)}, got {v!r}")
+        if self.pattern and not re.fullmatch(self.pattern, v):
+            _fail(where, f"must match {self.pattern!r}, got {v[:40]!r}")
 
 
 @dataclass(frozen=True)
@@ -152,10 +162,9 @@ class Json:
 
 @dataclass(frozen=True)
 class Record:
-    """A JSON object with these fields: {name: (spec, required)}; ``open``: other keys allowed (free-form)."""
+    """A JSON object with these fields, {name: (spec, required)}, and no others."""
 
     fields: dict
-    open: bool = False
 
     def check(self, v, where):
         if not isinstance(v, dict):
@@ -166,12 +175,9 @@ class Record:
             elif required:
                 _fail(f"{where}.{name}" if where else name, "is missing")
         extra = [k for k in v if k not in self.fields]
-        if extra and not self.open:
+        if extra:
             _fail(where or "the top level", f"has unknown field(s) {extra[:5]}; this runtime reads "
-                  f"{sorted(self.fields)} (schema {SCHEMA_VERSION})")
-        if extra and self.open:
-            for k in extra:
-                Json().check(v[k], f"{where}.{k}", 1)
+                  f"{sorted(self.fields)} here")
 
 
 @dataclass(frozen=True)
@@ -223,43 +229,64 @@ GENERATION = Record({
     "top_p": _opt(Num(0, above=True, max=1)), "repetition_penalty": _opt(Num(0, above=True)),
 })
 FILE = Record({"path": _req(PathName()), "sha256": _req(Str()), "size": _req(Int(0))})
-# The exporter's verification report is free-form; the parts the runtime reads are typed.
-VERIFICATION = MapOf(Record({
-    "full": _opt(Record({"max_rel": _opt(Num())}, open=True)),
-    "greedy": _opt(Record({"identical_prefix": _opt(Int(0)), "steps": _opt(Int(0))}, open=True)),
-    "quality": _opt(Record({"top1_agreement": _opt(Num(0, max=1)), "top1_agree_steps": _opt(Str()),
-                            "perplexity": _opt(Num())}, open=True)),
-    "dropped": _opt(Json()),
-    # lean verification (exporters/lean_verify.py): graphs run token by token, shipped logits
-    "agreement": _opt(Record({"top1_agree_steps": _opt(Str())}, open=True)),
-    "reference_logits": _opt(Record({"max_rel": _opt(Num())}, open=True)),
-}, open=True))
+# The verification report (verification.py), schema 2: every record closed and typed.
+DIFF = Record({"max_abs": _req(Num(0)), "max_rel": _req(Num(0))})
+GREEDY = Record({"steps": _req(Int(0)), "identical_prefix": _req(Int(0))})
+CONSISTENCY = Record({"cached": _req(DIFF), "padded": _req(DIFF)})
+QUALITY = Record({"agreed": _req(Int(0)), "steps": _req(Int(1)), "perplexity": _opt(Num(0, above=True)),
+                  "perplexity_reference": _opt(Num(0, above=True))})
+WEIGHT_FIT = Record({
+    "form": _req(Str()), "lm_head": _req(Str()), "weights": _req(Int(0)), "weights_8bit": _req(Int(0)),
+    "mean_abs_rel": _req(Num(0)), "mean_shift_rel": _req(Num(0)), "max_abs": _req(Num(0)), "max_steps": _req(Num(0)),
+})
+_REPORT = {"reference": _opt(Str()), "full": _opt(DIFF), "cached": _opt(DIFF), "greedy": _opt(GREEDY),
+           "consistency": _opt(CONSISTENCY), "reference_logits": _opt(DIFF), "weight_fit": _opt(WEIGHT_FIT),
+           "dropped": _opt(Str())}
+REPORT = Record({**_REPORT, "quality": _opt(QUALITY), "agreement": _opt(QUALITY)})
+# Schema 1: the same records, but agreement as a ratio, an "agreed/steps" string and the derived
+# perplexity delta (verification.from_schema1 keeps the measurements, recomputes the rest).
+QUALITY_V1 = Record({
+    "top1_agreement": _req(Num(0, max=1)), "top1_agree_steps": _req(Str(pattern=r"[0-9]{1,9}/[1-9][0-9]{0,8}")),
+    "perplexity": _opt(Num(0, above=True)), "perplexity_reference": _opt(Num(0, above=True)),
+    "perplexity_delta": _opt(Num()),
+})
+REPORT_V1 = Record({**_REPORT, "quality": _opt(QUALITY_V1), "agreement": _opt(QUALITY_V1)})
 MANIFEST = Record({
     "schema_version": _req(Int()), "exporter_version": _req(Str()), "source": _req(Json(obj=True)),
     "model": _req(MODEL), "precision": _req(NAME), "variants": _req(List(VARIANT, min_len=1)),
     "tokenizer": _req(TOKENIZER), "generation": _req(GENERATION), "files": _req(List(FILE)),
-    "verification": _opt(VERIFICATION),
+    "verification": _opt(MapOf(REPORT)),
 })
+MANIFEST_V1 = Record({**MANIFEST.fields, "verification": _opt(MapOf(REPORT_V1))})
 TABLES = {"Manifest": MANIFEST, "ModelDims": MODEL, "GraphVariant": VARIANT, "KVLayout": KV, "TensorSpec": TENSOR,
-          "TokenizerInfo": TOKENIZER, "GenerationDefaults": GENERATION, "FileEntry": FILE}
+          "TokenizerInfo": TOKENIZER, "GenerationDefaults": GENERATION, "FileEntry": FILE,
+          "VariantReport": REPORT, "LogitDiff": DIFF, "GreedyPrefix": GREEDY, "Consistency": CONSISTENCY,
+          "Quality": QUALITY, "WeightFit": WEIGHT_FIT}
 
 
 def check_schema_version(d: dict) -> None:
     version = d.get("schema_version")
-    if type(version) is not int or version != SCHEMA_VERSION:  # true and 1.0 are not 1
+    if type(version) is int and version > SCHEMA_VERSION:
         raise SchemaVersionError(
-            f"manifest schema_version is {version!r}, this portable_infer reads version "
+            f"manifest schema_version is {version}, newer than this portable_infer reads (versions "
+            f"{READABLE[0]} to {SCHEMA_VERSION}): the package was written by a later exporter; upgrade "
+            f"portable-infer (pip install -U portable-infer), or re-export the model with this version's "
+            f"exporter (portable-infer export ...)")
+    if type(version) is not int or version not in READABLE:  # true and 1.0 are not 1
+        raise SchemaVersionError(
+            f"manifest schema_version is {version!r}, this portable_infer reads versions {READABLE[0]} to "
             f"{SCHEMA_VERSION} (an integer); re-export the model with this version's exporter "
             f"(portable-infer export ...) or install the matching portable-infer release")
 
 
 def validate(d) -> None:
     """Raise a :class:`ManifestError` (or SchemaVersionError / UnsafePathError) unless ``d`` is a
-    well-formed schema-1 manifest: types, ranges, safe paths, and every named file listed."""
+    well-formed manifest of a schema this runtime reads: types, ranges, safe paths, and every
+    named file listed."""
     if not isinstance(d, dict):
         _fail("the manifest", f"must be a JSON object, got {_kind(d)}")
     check_schema_version(d)
-    MANIFEST.check(d, "")
+    (MANIFEST_V1 if d["schema_version"] == 1 else MANIFEST).check(d, "")
     _check_consistency(d)
 
 
@@ -285,3 +312,19 @@ def _check_consistency(d: dict) -> None:
         if not SHA256.fullmatch(f["sha256"]):
             _fail(f"{where}.sha256", "must be 64 lowercase hex digits")
         folded.add(f["path"].casefold())
+    _check_agreements(d)
+
+
+def _check_agreements(d: dict) -> None:
+    """Agreement records: no more agreed steps than steps, the two perplexities together."""
+    for name, r in d.get("verification", {}).items():
+        for key in ("quality", "agreement"):
+            q, where = r.get(key), f"verification.{name}.{key}"
+            if q is None:
+                continue
+            agreed, steps = ((q["agreed"], q["steps"]) if "agreed" in q else
+                             (int(n) for n in q["top1_agree_steps"].split("/")))
+            if agreed > steps:
+                _fail(where, f"has {agreed} agreed steps of {steps}")
+            if ("perplexity" in q) != ("perplexity_reference" in q):
+                _fail(where, "must hold both perplexity and perplexity_reference, or neither")

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from portable_infer.errors import DependencyError, ExportError, InvalidArgumentError
 from portable_infer.package.manifest import FileEntry, Manifest, sha256_file
+from portable_infer.package.variants import ORT_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-ORT_SUFFIX = "-ort"
 OPS_CONFIG = "required_operators.config"
 FLATBUFFER_LIMIT = 2 << 30  # bytes: the flatbuffer format's 2 GiB ceiling
 CONVERTER = "onnxruntime.tools.convert_onnx_models_to_ort"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from portable_infer.package.manifest import Manifest
+from portable_infer.package.variants import gate_text, is_int8_name, passes_gate
+from portable_infer.package.verification import VariantReport
 
 
 def describe(path, trust=None) -> str:
@@ -63,29 +65,25 @@ def _measured(path: Path) -> list:
     return lines
 
 
-def _verified(name: str, r: dict) -> str:
-    """One ``verified`` line from the export report; the schema typed each field read here,
-    and any of them may be absent."""
-    from portable_infer.package.variant_choice import INT8_SUFFIX, Q4_SUFFIX, gate_text, passes_gate
-
-    full, greedy, q = r.get("full", {}), r.get("greedy", {}), r.get("quality", {})
+def _verified(name: str, r: VariantReport) -> str:
+    """One ``verified`` line from the export report; any of its records may be absent."""
     parts = []
-    if "max_rel" in full:
-        parts.append(f"max rel diff {full['max_rel']:.2e}")
-    if "identical_prefix" in greedy and "steps" in greedy:
-        parts.append(f"greedy {greedy['identical_prefix']}/{greedy['steps']}")
-    if "top1_agree_steps" in q:
-        parts.append(f"top-1 {q['top1_agree_steps']}")
-    if "top1_agree_steps" in r.get("agreement", {}):  # lean verification, token by token
-        parts.append(f"top-1 {r['agreement']['top1_agree_steps']} (lean)")
-    if "max_rel" in r.get("reference_logits", {}):  # lean verification: shipped top-k logits
-        parts.append(f"max rel diff {r['reference_logits']['max_rel']:.2e} vs shipped logits")
-    if "perplexity" in q:
-        parts.append(f"ppl {q['perplexity']:.3f}")
+    if r.full is not None:
+        parts.append(f"max rel diff {r.full.max_rel:.2e}")
+    if r.greedy is not None:
+        parts.append(f"greedy {r.greedy.identical_prefix}/{r.greedy.steps}")
+    if r.quality is not None:
+        parts.append(f"top-1 {r.quality.agree_steps}")
+    if r.agreement is not None:  # lean verification, token by token
+        parts.append(f"top-1 {r.agreement.agree_steps} (lean)")
+    if r.reference_logits is not None:  # lean verification: shipped top-k logits
+        parts.append(f"max rel diff {r.reference_logits.max_rel:.2e} vs shipped logits")
+    if r.quality is not None and r.quality.perplexity is not None:
+        parts.append(f"ppl {r.quality.perplexity:.3f}")
     note = ""
-    if r.get("dropped"):
-        note = f"; left out of the package: {r['dropped']}"
-    elif name.endswith((INT8_SUFFIX, Q4_SUFFIX)) and "top1_agreement" in q:
+    if r.dropped:
+        note = f"; left out of the package: {r.dropped}"
+    elif is_int8_name(name) and r.quality is not None:
         note = ("; runs by default" if passes_gate(r) else
                 f"; below the quality gate ({gate_text()}): runs only with --accuracy 4")
     return f"verified     {name}: {', '.join(parts) or 'no measurements'}{note}"

@@ -9,7 +9,7 @@ Every provider (a row of :data:`portable_infer.engine.providers.PROVIDERS`) choo
    (``pack --ort`` packed it for those); ``True``: only static; ``False``: only growing. Within a
    tier, the activations: an int8-activation graph (``static-int8``, ``fused-int8``, their ``-ort``
    copies) takes the place of its exact twin when ``accuracy_level=4`` asks for int8, or by default
-   when export verification recorded it past the quality gate (:func:`passes_gate`), or
+   when export verification recorded it past the quality gate (``variants.passes_gate``), or
    when the provider has nothing else in that tier; ``accuracy_level=1`` never runs one. At
    ``accuracy_level=4`` the default static tier counts only when it holds an int8 graph.
 3. **What it prefers**: from the first tier with something left, the variant earliest in the row's
@@ -29,48 +29,10 @@ from typing import TYPE_CHECKING, Sequence
 
 from portable_infer.errors import PackageError
 from portable_infer.package.manifest import GraphVariant
-from portable_infer.package.ort_format import ORT_SUFFIX
+from portable_infer.package.variants import EXACT_TWINS, FUSED, FUSED_INT8, INT8_FLOOR, ORT_SUFFIX, is_int8, is_static
 
 if TYPE_CHECKING:
     from portable_infer.engine.providers import ProviderSpec
-
-INT8_SUFFIX = "-int8"  # fused-int8, static-int8: their exact twins with int8 activations
-Q4_SUFFIX = "-q4"  # fused-q4, static-q4: int8 activations on weights fitted to MatMulNBits' integer form
-EXACT_TWINS = ("fused", "fused-ort", "portable-ort", "static")  # what an int8 variant replaces
-
-
-def is_int8(v: GraphVariant) -> bool:
-    """An int8-activation graph: fused-int8, static-int8, fused-q4, static-q4 (or their ``-ort`` copies)."""
-    return v.name.removesuffix(ORT_SUFFIX).endswith((INT8_SUFFIX, Q4_SUFFIX))
-
-
-# The quality gate: an int8-activation graph competes by default (prefer="speed") only when export
-# verification recorded, against the float reference, teacher-forced top-1 agreement of at least
-# GATE_AGREEMENT over the gate's text (verify.quality's 128 steps) and a perplexity at most
-# GATE_PPL_INCREASE above the reference's. 98 %: at 95 % (llama.cpp's Q4_1 class, 612/636 on
-# compare_cpu.py's texts) SmolLM2's static-int8 (123/128) ran by default and answered README's
-# first-run question wrongly where the exact graph answers it (tests/test_lean_first_run.py), so the
-# default keeps a graph that close to exact; prefer="speed" with accuracy_level=4 asks for more.
-GATE_AGREEMENT = 0.98
-GATE_PPL_INCREASE = 0.01
-
-
-def passes_gate(report: dict) -> bool:
-    """Export verification's record of one variant (``manifest.verification[name]``) clears the
-    quality gate: a full ``quality`` record with agreement and perplexity, both within the bar."""
-    q = report.get("quality") or {}
-    agreement, ppl = q.get("top1_agreement"), q.get("perplexity_delta")
-    if agreement is None or ppl is None:
-        return False  # no full record (e.g. an old lean check): never preferred by default
-    return agreement >= GATE_AGREEMENT and ppl <= GATE_PPL_INCREASE
-
-
-def gate_text() -> str:
-    return f"{GATE_AGREEMENT:.0%} top-1 agreement and perplexity within {GATE_PPL_INCREASE:.0%}"
-
-
-def is_static(v: GraphVariant) -> bool:
-    return v.kv.growth == "static"
 
 
 def pick_variant(spec: ProviderSpec, variants: Sequence[GraphVariant]) -> GraphVariant | None:
@@ -137,11 +99,11 @@ class VariantChoice:
         static_int8 = (self.static_kv is None and True in self.tiers(variants)  # the default tier serves int8
                        and any(is_static(v) and is_int8(v) for v in variants))
         if (self.int8 and self.static_kv is not True and not static_int8 and not any(is_int8(v) for v in growing)
-                and any(v.name.startswith("fused") for v in growing)):
+                and any(v.name.startswith(FUSED) for v in growing)):
             raise PackageError(
-                f"accuracy_level=4 asks for int8 activations, and {pkg} has no fused-int8 graph (int4 exports "
-                f"keep it unless it falls below the 90 % agreement floor; its fused graph keeps the accuracy it "
-                f"was exported with); re-export it with `portable-infer export SOURCE -o {pkg} --precision int4` "
+                f"accuracy_level=4 asks for int8 activations, and {pkg} has no {FUSED_INT8} graph (int4 exports "
+                f"keep it unless it falls below the {INT8_FLOOR[FUSED_INT8]:.0%} agreement floor; its fused graph "
+                f"keeps the accuracy it was exported with); re-export it with `portable-infer export SOURCE -o {pkg} --precision int4` "
                 f"or load it with accuracy_level=1")
 
 

@@ -1,0 +1,98 @@
+"""Graph variant names and every quality bar they are held to: one home for both sides.
+
+The exporter writes variants under these names and applies these gates when it verifies them
+(``exporters/export_plan.py``, ``verify.py``, ``lean_verify.py`` import them: the exporter may
+import the runtime's contract); the runtime chooses among them by the same names and the same
+gate (``variant_choice.py``, ``engine/providers.py``). No module states a name or a bar again.
+
+    portable                standard ONNX ops, any provider
+    fused                   com.microsoft kernels of the CPU and CUDA providers
+    static                  the fused ops with fixed KV buffers written in place (CUDA graphs)
+    <fused|static>-int8     the exact twin with int8 activations in its 4-bit layers (int4 packages)
+    <fused|static>-q4       int8 activations on weights fitted to MatMulNBits' integer form
+    <name>-ort              the same graph in ONNX Runtime's format (``pack --ort``)
+
+Two kinds of bar: the export's, which fail an export or leave a graph out of the package, and
+the runtime's quality gate, under which an int8-activation graph runs only when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portable_infer.package.manifest import GraphVariant
+    from portable_infer.package.verification import VariantReport
+
+# --- names ----------------------------------------------------------------------------------------
+PORTABLE = "portable"
+FUSED = "fused"
+STATIC = "static"
+INT8_SUFFIX = "-int8"  # fused-int8, static-int8: their exact twins with int8 activations
+Q4_SUFFIX = "-q4"  # fused-q4, static-q4: int8 activations on weights fitted to MatMulNBits' integer form
+ORT_SUFFIX = "-ort"  # pack --ort: a variant's graph converted to ORT format
+FUSED_INT8, STATIC_INT8 = FUSED + INT8_SUFFIX, STATIC + INT8_SUFFIX
+FUSED_Q4, STATIC_Q4 = FUSED + Q4_SUFFIX, STATIC + Q4_SUFFIX
+
+VARIANTS = (PORTABLE, FUSED, FUSED_INT8, STATIC, STATIC_INT8, FUSED_Q4, STATIC_Q4)  # what export writes
+Q4_VARIANTS = (FUSED_Q4, STATIC_Q4)
+INT8_VARIANTS = (FUSED_INT8, STATIC_INT8, *Q4_VARIANTS)  # only where layers are 4-bit, float activations
+STATIC_VARIANTS = (STATIC, STATIC_INT8, STATIC_Q4)  # only for rotary models without sliding windows
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in Q4_VARIANTS)  # -q4: on request (--variants)
+EXACT_TWINS = (FUSED, FUSED + ORT_SUFFIX, PORTABLE + ORT_SUFFIX, STATIC)  # what an int8 variant replaces
+
+
+def is_int8_name(name: str) -> bool:
+    """An int8-activation variant's name: fused-int8, static-int8, fused-q4, static-q4 (or their ``-ort`` copies)."""
+    return name.removesuffix(ORT_SUFFIX).endswith((INT8_SUFFIX, Q4_SUFFIX))
+
+
+def is_int8(v: GraphVariant) -> bool:
+    return is_int8_name(v.name)
+
+
+def is_static(v: GraphVariant) -> bool:
+    return v.kv.growth == "static"
+
+
+# --- the export's bars (exporters/verify.py, exporters/lean_verify.py) -----------------------------
+# fp32 graphs against the transformers reference: the largest logit difference relative to the
+# reference's largest |logit|, full sequence and through the KV cache; above it the export fails.
+FP32_REL_TOL = 1e-4
+# Exact graphs of pre-quantized sources (exact blocks) against their dequantized reference, and
+# every exact graph in the lean check: teacher-forced top-1 agreement below this fails the export.
+EXACT_MIN_AGREEMENT = 0.98
+MIN_AGREEMENT = {"gguf": EXACT_MIN_AGREEMENT, "awq": EXACT_MIN_AGREEMENT, "gptq": EXACT_MIN_AGREEMENT}  # by source
+# int8-activation graphs trade exactness for speed: below this floor they are broken, not merely
+# approximate, and are left out of the package (their exact twins stay).
+INT8_FLOOR = {name: 0.90 for name in INT8_VARIANTS}
+# The lean check (no torch): an exact graph against itself (cached decode vs one pass, a
+# left-padded row vs the same tokens alone), and its logits at the shipped reference's top-k ids
+# (the fused graphs' lm_head runs int8 activations, top 16 recomputed in float: SmolLM2 measured
+# 2.7e-6 portable, 1.1e-3 fused).
+CONSISTENCY_REL_TOL = 1e-3
+REFERENCE_REL_TOL = 5e-3
+
+# --- the runtime's quality gate ---------------------------------------------------------------------
+# An int8-activation graph competes by default (prefer="speed") only when export verification
+# recorded, against the float reference, teacher-forced top-1 agreement of at least
+# GATE_AGREEMENT over the gate's text (verify.quality's 128 steps) and a perplexity at most
+# GATE_PPL_INCREASE above the reference's. 98 %: at 95 % (llama.cpp's Q4_1 class, 612/636 on
+# compare_cpu.py's texts) SmolLM2's static-int8 (123/128) ran by default and answered README's
+# first-run question wrongly where the exact graph answers it (tests/test_lean_first_run.py), so the
+# default keeps a graph that close to exact; prefer="speed" with accuracy_level=4 asks for more.
+GATE_AGREEMENT = 0.98
+GATE_PPL_INCREASE = 0.01
+
+
+def passes_gate(report: VariantReport | None) -> bool:
+    """Export verification's record of one variant (``manifest.verification[name]``) clears the
+    quality gate: a full ``quality`` record with agreement and perplexity, both within the bar."""
+    q = report.quality if report is not None else None
+    if q is None or q.perplexity_delta is None:
+        return False  # no full record (e.g. the lean check's short "agreement"): never preferred by default
+    return q.top1_agreement >= GATE_AGREEMENT and q.perplexity_delta <= GATE_PPL_INCREASE
+
+
+def gate_text() -> str:
+    return f"{GATE_AGREEMENT:.0%} top-1 agreement and perplexity within {GATE_PPL_INCREASE:.0%}"
