@@ -1,4 +1,4 @@
-"""Small ONNX graphs the runtime ships as package data (``portable_infer/graphs``).
+"""Small ONNX graphs the runtime ships as package data (``portable_infer/engine/graphs``).
 
 The runtime needs no ``onnx`` package, so these are built here and checked in;
 ``tests/test_kv_rows.py`` checks the shipped files are what this module builds. Regenerate with
@@ -12,14 +12,30 @@ The runtime needs no ``onnx`` package, so these are built here and checked in;
 The static-KV scheduler runs it on the GPU: its output bound inside the destination buffer, so
 rows that join or stay in a batch move device to device instead of through the host; or bound
 to the host with ``keep`` = the tokens wanted, so the prefix cache fetches only those.
+
+``masked_argmax.onnx``: greedy picks under grammar masks where the logits are (the static engine
+runs it on the GPU: a batch's greedy rows bring back token ids, its sampling rows their logits
+with the grammar mask applied already)::
+
+    u       = Mod(Cast(bitmask, int64), 2^32)                        [B, W]  words as unsigned values
+    bits    = Mod(Unsqueeze(u, 2), 2^(i+1)) >= 2^i,  i = 0..31       [B, W, 32]
+    allowed = Slice(Reshape(bits, [B, W * 32]), 0, V, axis=1)        [B, V]  bit v % 32 of word v // 32
+    masked  = Where(allowed, logits, -inf)                           [B, V]
+    token   = ArgMax(masked, axis=1)                                 [B]     first index on ties
+    fetched = Gather(masked, rows, axis=0)                           [n, V]  rows the host samples
+
+Only ops the CUDA execution provider implements (it has no BitShift or BitwiseAnd): the bits come
+out by integer Mod and a comparison. Nothing depends on the vocabulary size: ``V`` is read off
+the logits, so one file serves every model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 GRAPHS = Path(__file__).resolve().parents[1] / "portable_infer" / "engine" / "graphs"
 KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -40,19 +56,60 @@ def kv_rows_model(dtype: str) -> bytes:
          helper.make_tensor_value_info("pads", TensorProto.INT64, [8]),
          helper.make_tensor_value_info("keep", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("y", t, ["n", "heads", "out_capacity", "head_dim"])], consts)
+    return _serialized(graph)
+
+
+def masked_argmax_model() -> bytes:
+    i64, bits = TensorProto.INT64, np.arange(32)
+    consts = [numpy_helper.from_array(np.array([2**32], np.int64), "two_32"),
+              numpy_helper.from_array(2 ** (bits + 1), "above"),  # int64 [32]
+              numpy_helper.from_array(2 ** bits, "bit"),
+              numpy_helper.from_array(np.array([2], np.int64), "axis_2"),
+              numpy_helper.from_array(np.array([0, -1], np.int64), "flat"),
+              numpy_helper.from_array(np.array([0], np.int64), "zero"),
+              numpy_helper.from_array(np.array([1], np.int64), "axis_1"),
+              numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")]
+    nodes = [helper.make_node("Cast", ["bitmask"], ["signed"], to=i64),
+             helper.make_node("Mod", ["signed", "two_32"], ["words"]),
+             helper.make_node("Unsqueeze", ["words", "axis_2"], ["column"]),
+             helper.make_node("Mod", ["column", "above"], ["low"]),
+             helper.make_node("GreaterOrEqual", ["low", "bit"], ["bits"]),
+             helper.make_node("Reshape", ["bits", "flat"], ["padded"]),
+             helper.make_node("Shape", ["logits"], ["vocab"], start=1, end=2),
+             helper.make_node("Slice", ["padded", "zero", "vocab", "axis_1"], ["allowed"]),
+             helper.make_node("Where", ["allowed", "logits", "minus_inf"], ["masked"]),
+             helper.make_node("ArgMax", ["masked"], ["token"], axis=1, keepdims=0, select_last_index=0),
+             helper.make_node("Gather", ["masked", "rows"], ["fetched"], axis=0)]
+    graph = helper.make_graph(
+        nodes, "masked_argmax",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "vocab"]),
+         helper.make_tensor_value_info("bitmask", TensorProto.INT32, ["batch", "words"]),
+         helper.make_tensor_value_info("rows", i64, ["n"])],
+        [helper.make_tensor_value_info("token", i64, ["batch"]),
+         helper.make_tensor_value_info("fetched", TensorProto.FLOAT, ["n", "vocab"])], consts)
+    return _serialized(graph)
+
+
+def _serialized(graph) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="portable_infer")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model.SerializeToString(deterministic=True)
 
 
+def shipped() -> dict:
+    """file name -> the bytes this module builds for it."""
+    out = {f"kv_rows.{dtype}.onnx": kv_rows_model(dtype) for dtype in KV_DTYPES}
+    out["masked_argmax.onnx"] = masked_argmax_model()
+    return out
+
+
 def write() -> list:
     GRAPHS.mkdir(exist_ok=True)
     out = []
-    for dtype in KV_DTYPES:
-        path = GRAPHS / f"kv_rows.{dtype}.onnx"
-        path.write_bytes(kv_rows_model(dtype))
-        out.append(path)
+    for name, data in shipped().items():
+        (GRAPHS / name).write_bytes(data)
+        out.append(GRAPHS / name)
     return out
 
 

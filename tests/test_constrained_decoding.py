@@ -207,6 +207,76 @@ def test_device_greedy_falls_back_for_constrained_rows(static, model, monkeypatc
     assert not any(calls), "a constrained row in the batch: every decode step returns logits"
 
 
+def _mixed(rng, static):
+    """Prompts and params: greedy rows under a regex and a schema (the argmax under the mask on the
+    device), a plain greedy row (all bits set), sampling rows, free and constrained (their logits
+    fetched, masked on the device), and a constrained row reading logprobs (its logits fetched
+    unmasked: the step applies the mask after reading them)."""
+    from portable_infer.decode.constraints import Constraint
+    from portable_infer.decode.sampling import SamplingParams
+
+    prompts = [static.encode(p) for p in texts(rng, 6)]
+    kw = dict(max_new_tokens=60, ignore_eos=True)
+    regex, seed = Constraint.regex(REGEX), lambda: int(rng.integers(1000))
+    params = [SamplingParams(constraint=regex, **kw), SamplingParams(**kw),
+              SamplingParams(constraint=Constraint.json_schema(SCHEMA), max_new_tokens=120, ignore_eos=True),
+              SamplingParams(constraint=regex, temperature=0.8, seed=seed(), **kw),
+              SamplingParams(temperature=0.8, seed=seed(), **kw),
+              SamplingParams(constraint=regex, logprobs=2, temperature=0.8, seed=seed(), **kw)]
+    return prompts, params
+
+
+def _device_calls(engine, monkeypatch, on: bool) -> list:
+    """Turn the device-mask path on or off for ``engine``; returns the list its forward_on_device
+    calls are counted in."""
+    calls = []
+    forward = engine.forward_on_device
+    monkeypatch.setattr(engine, "masks_on_device", on)
+    monkeypatch.setattr(engine, "forward_on_device", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+def test_device_masks_pick_what_the_host_picks_in_batch_decoder(static, monkeypatch):
+    """The static engine on the CPU runs the masked-argmax graph when told to (on GPUs it does by
+    default): every row's tokens equal the host path's, constrained and free, greedy and sampled."""
+    from portable_infer.decode.generate import BatchDecoder
+
+    rng = np.random.default_rng(SEED + 9)
+    print(TAG)
+    prompts, params = _mixed(rng, static)
+    events = {}
+    for on in (False, True):
+        calls = _device_calls(static.engine, monkeypatch, on)
+        dec = BatchDecoder(static.engine, prompts, params, max_context=static.max_context, guide=static.guide,
+                           vocab_size=256)
+        events[on] = []
+        while not dec.done:
+            events[on] += dec.step()
+        assert len(calls) == (dec.timings["decode_steps"] + 1 if on else 0), TAG  # prefill and every step
+    assert events[True] == events[False], TAG  # tokens, finish reasons, logprobs
+    outs = [r.output for r in dec.rows]
+    assert re.fullmatch(REGEX, static.decode(outs[0])) and re.fullmatch(REGEX, static.decode(outs[5])), TAG
+    jsonschema.validate(json.loads(static.decode(outs[2])), SCHEMA)
+
+
+def test_device_masks_pick_what_the_host_picks_in_the_scheduler(static, monkeypatch):
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 10)
+    print(TAG)
+    prompts, params = _mixed(rng, static)
+    outs = {}
+    for on in (False, True):
+        calls = _device_calls(static.engine, monkeypatch, on)
+        with Scheduler(static, SchedulerConfig(max_batch=8)) as sched:
+            handles = [sched.submit(p, **{k: getattr(sp, k) for k in ("max_new_tokens", "ignore_eos", "constraint",
+                                                                        "temperature", "seed", "logprobs")})
+                       for p, sp in zip(prompts, params)]
+            outs[on] = [_collect(h)[1] for h in handles]
+        assert bool(calls) == on, TAG
+    assert outs[True] == outs[False], TAG
+
+
 # --- continuous batching --------------------------------------------------------------------------
 def _collect(handle):
     pieces = list(handle)

@@ -171,6 +171,7 @@ def test_batched_fill_equals_one_by_one(guide):
     for row in range(6):
         alone = m_allowed(guide, matchers[row]) if row in matchers else np.ones(256, bool)
         np.testing.assert_array_equal(allowed_tokens(batched[row], 256), alone)
+    np.testing.assert_array_equal(allowed_tokens(batched, 256), [allowed_tokens(r, 256) for r in batched])  # one call
     assert MaskFill({}, 3, 256).result() is None
 
 

@@ -83,6 +83,7 @@ def test_both_engines_and_both_caches_implement_the_protocols(models):
             assert hasattr(cache, attr), f"{name} cache lacks {attr}"
         # declared attributes have their declared kinds (not just some value)
         assert isinstance(engine.greedy_on_device, bool) and isinstance(engine.device, str), name
+        assert isinstance(engine.masks_on_device, bool), name
         assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu", name
         assert engine.max_context == model.max_context == 256, name
         assert (cache.batch, cache.length, cache.rows.tolist()) == (2, 0, [0, 0]), name
@@ -208,6 +209,14 @@ def test_what_a_graph_cannot_give_is_refused(models):
     with pytest.raises(InvalidArgumentError, match="no next_token output") as err:
         fused.forward(ids, np.ones_like(ids), fused.new_cache(1, capacity=8), greedy=True)
     assert err.value.param == "greedy"
+    with pytest.raises(InvalidArgumentError, match="returns its logits to the host") as err:
+        fused.forward_on_device(ids, np.ones_like(ids), fused.new_cache(1, capacity=8))
+    assert err.value.param == "masks_on_device" and not fused.masks_on_device
+    static = models["static"].engine  # it can (its masked argmax), but on the CPU numpy is faster
+    assert not static.masks_on_device
+    picked = static.forward_on_device(ids, np.ones_like(ids), static.new_cache(1, capacity=8))
+    host = static.forward(ids, np.ones_like(ids), static.new_cache(1, capacity=8))
+    assert picked.pick(None)[0].tolist() == host.argmax(-1).tolist()
     portable = models["portable"].engine  # logits: all -> every position, which the last one ends
     assert portable.variant.logits == "all"
     every = portable.forward(ids, np.ones_like(ids), portable.new_cache(1, capacity=8), all_logits=True)

@@ -1,20 +1,32 @@
-"""The shipped KV row-moving graph (portable_infer/graphs) and RowMover, run here on the CPU
-(the scheduler uses it on GPUs, where rows would otherwise go through the host)."""
+"""The graphs the runtime ships (portable_infer/engine/graphs) and their users, run here on the CPU:
+RowMover (the scheduler moves KV rows with it on GPUs, where they would otherwise go through the
+host) and MaskedArgmax (greedy picks under grammar masks where the logits are), each against numpy.
+Seeds are printed; rerun one with ``KV_ROWS_SEED=<seed>``."""
 
 from __future__ import annotations
+
+import os
+import random
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from portable_infer.engine.rows import GRAPHS, RowMover
+from portable_infer.engine.companion import GRAPHS
+from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
+from portable_infer.engine.rows import RowMover
+
+SEED = int(os.environ.get("KV_ROWS_SEED") or random.SystemRandom().randrange(2**31))
+TAG = f"[KV_ROWS_SEED={SEED}]"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_the_shipped_graphs_are_what_the_exporter_builds(dtype):
+def test_the_shipped_graphs_are_what_the_exporter_builds():
     runtime_graphs = pytest.importorskip("exporters.runtime_graphs")
-    assert (GRAPHS / f"kv_rows.{dtype}.onnx").read_bytes() == runtime_graphs.kv_rows_model(dtype), \
-        "stale: run python -m exporters.runtime_graphs"
+    built = runtime_graphs.shipped()
+    assert {"kv_rows.float32.onnx", "kv_rows.float16.onnx", "masked_argmax.onnx"} <= set(built)
+    assert sorted(p.name for p in GRAPHS.glob("*.onnx")) == sorted(built), "a shipped graph nothing builds"
+    for name, data in built.items():
+        assert (GRAPHS / name).read_bytes() == data, f"{name} is stale: run python -m exporters.runtime_graphs"
 
 
 class CpuSession:
@@ -29,7 +41,8 @@ class CpuSession:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_rows_land_in_place_and_the_rest_is_untouched(dtype):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(SEED)
+    print(TAG)
     src = rng.standard_normal((3, 2, 8, 4)).astype(dtype)
     dst = np.full((5, 2, 16, 4), 7.0, dtype)
     src_v, dst_v = ort.OrtValue.ortvalue_from_numpy(src), ort.OrtValue.ortvalue_from_numpy(dst)
@@ -42,3 +55,34 @@ def test_rows_land_in_place_and_the_rest_is_untouched(dtype):
     with pytest.raises(ValueError, match="cannot move rows"):
         mover.copy(dst_v, [0], src_v, 0)  # into a smaller capacity
     np.testing.assert_array_equal(mover.fetch(src_v, [1, 2], 5), src[[1, 2], :, :5])  # to the host, cropped
+
+
+@pytest.mark.parametrize("vocab", [256, 49152, 70, 33])  # whole words, and a last word part-used
+def test_masked_argmax_equals_numpy(vocab):
+    """Each row's argmax among the tokens its bitmask allows (bit v % 32 of word v // 32), first
+    index on ties, and the fetched rows' masked logits, against numpy; rows all allowed, none
+    allowed, one allowed (bit 31: the sign bit of an int32 word), random."""
+    rng = np.random.default_rng(SEED + vocab)
+    print(TAG)
+    batch, words = 6, -(-vocab // 32)
+    logits = rng.standard_normal((batch, 1, vocab)).astype(np.float32)
+    logits[5, 0, :] = np.round(logits[5, 0, :])  # ties
+    bitmask = rng.integers(-2**31, 2**31, (batch, words)).astype(np.int32)
+    bitmask[0], bitmask[1], bitmask[2] = -1, 0, 0
+    lone = int(rng.integers(0, vocab // 32)) * 32 + 31  # the sign bit of some word
+    bitmask[2, lone // 32] = np.int32(-2**31)
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab, bitorder="little").astype(bool)
+    masked = np.where(allowed, logits[:, 0], -np.inf)
+    want = masked.argmax(axis=1)
+    assert want[2] == lone and want[1] == 0
+    rows = rng.permutation(batch)[:3]
+    picked = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), MaskedArgmax(CpuSession(), ort))
+    token, fetched = picked.pick(bitmask, rows)
+    np.testing.assert_array_equal(token, want, err_msg=TAG)
+    np.testing.assert_array_equal(fetched, masked[rows])
+    token, fetched = picked.pick(None, [4])  # no masks: every token allowed
+    np.testing.assert_array_equal(token, logits[:, 0].argmax(axis=1))
+    np.testing.assert_array_equal(fetched, logits[[4], 0])
+    assert picked.pick(bitmask, [])[1].shape == (0, vocab)
+    with pytest.raises(ValueError, match="bitmask"):
+        picked.pick(bitmask[:, :-1], [])  # a word short

@@ -64,6 +64,8 @@ def test_apply_mask():
         out = apply_mask(x, allowed)
         assert out.dtype == dtype
         np.testing.assert_array_equal(out, np.where(allowed, x, -np.inf))
+        rows = x.reshape(4, 250), allowed.reshape(4, 250)  # a batch's rows in one call
+        np.testing.assert_array_equal(apply_mask(*rows), [apply_mask(r, a) for r, a in zip(*rows)])
 
 
 # --- the per-token rule ---------------------------------------------------------------------------

@@ -310,7 +310,8 @@ class MaskFill:
         return None if self._future is None else self._future.result()
 
 
-def allowed_tokens(mask_row: np.ndarray, vocab_size: int) -> np.ndarray:
-    """One bitmask row as a bool array [vocab]: True where the token may come next."""
-    bits = np.unpackbits(np.ascontiguousarray(mask_row).view(np.uint8), count=vocab_size, bitorder="little")
+def allowed_tokens(mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Bitmask rows ([W] or [n, W] int32) as bools ([vocab] or [n, vocab]): True where the token
+    may come next (bit v % 32 of word v // 32); a batch's rows in one call."""
+    bits = np.unpackbits(np.ascontiguousarray(mask).view(np.uint8), axis=-1, count=vocab_size, bitorder="little")
     return bits.view(np.bool_)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from portable_infer.decode import batch_pick
 from portable_infer.decode.constraints import MaskFill
 from portable_infer.errors import ContextLengthError, InvalidArgumentError
 from portable_infer.decode.sequence import Sequence
@@ -98,12 +99,10 @@ class BatchDecoder:
         self.rows = [Sequence(check_prompt(ids, max_context, truncate), p, eos_ids=eos_ids, vocab_size=vocab_size,
                               guide=guide) for ids, p in zip(prompts, params)]
         self._pending: np.ndarray | None = None
-        # All rows plain greedy and the graph has a next_token output (static-KV graphs): the
-        # argmax runs on the device and only the ids come back; self.logits stays None.
-        self._device_greedy = engine.greedy_on_device and all(
-            r.params.plain_greedy for r in self.rows)
-        self.tokens: np.ndarray | None = None
-        self.logits: np.ndarray | None = None
+        # where the rows' tokens are picked (batch_pick: the graph's argmax, the device under the
+        # grammar masks, or the host), decided once: the rows' parameters do not change
+        self._mode = batch_pick.mode(engine, self.rows)
+        self._out = None  # the last forward's output, for batch_pick.row_inputs
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         self._prefill()
 
@@ -140,10 +139,7 @@ class BatchDecoder:
         self.timings["prefill_s"] = time.perf_counter() - t
 
     def _forward(self, ids: np.ndarray) -> None:
-        if self._device_greedy:
-            self.tokens = self.engine.forward(ids, self.mask, self.cache, greedy=True)
-        else:
-            self.logits = self.engine.forward(ids, self.mask, self.cache)
+        self._out = batch_pick.forward(self.engine, self._mode, ids, self.mask, self.cache)
 
     def _advance(self) -> None:
         t = time.perf_counter()
@@ -168,19 +164,14 @@ class BatchDecoder:
             return []
         nxt = np.full(len(self.rows), self.pad_id, dtype=np.int64)
         events = []
-        # Plain greedy rows share one vectorized argmax (one call for the batch, not one per row).
-        if self._device_greedy:
-            argmax = self.tokens
-        else:
-            argmax = self.logits.argmax(axis=-1) if any(r.params.plain_greedy for r in self.rows) else None
         full = self.cache.length + 1 >= self.max_context  # no room to feed another token
-        for i, r in enumerate(self.rows):
-            if r.finish_reason is not None:
+        live = [r if r.finish_reason is None else None for r in self.rows]
+        inputs = batch_pick.row_inputs(self._mode, self._out, live, masks)
+        self._out = None
+        for i, (r, inp) in enumerate(zip(live, inputs)):
+            if r is None:
                 continue
-            logits = None if self._device_greedy else self.logits[i]
-            tok = int(argmax[i]) if r.params.plain_greedy else None
-            pick = r.step(logits, tok, None if masks is None or r.matcher is None else masks[i],
-                          max_context=self.max_context, full=full)
+            pick = inp.step(r, max_context=self.max_context, full=full)
             nxt[i] = pick.token
             events.append(StepToken(i, pick.token, pick.finish_reason, pick.logprob, pick.top_logprobs))
         self._pending = nxt

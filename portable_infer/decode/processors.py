@@ -1,6 +1,7 @@
 """Logit processors after the penalties: logit bias and the grammar mask (pure functions).
 
-Both take a 1-D float array [vocab] and return a new array; the input is never changed.
+Both take a float array [vocab] (the mask also a batch's rows [n, vocab]) and return a new
+array; the input is never changed.
 """
 
 from __future__ import annotations
@@ -105,14 +106,16 @@ _NEG_INF_BITS = np.array(-np.inf, np.float32).view(np.int32)  # 0xFF800000
 
 
 def apply_mask(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """``logits`` with every token not ``allowed`` (bool [vocab]) at -inf (a copy).
+    """``logits`` with every token not ``allowed`` at -inf (a copy); [vocab] or a batch's rows
+    [n, vocab] at once (``allowed`` bool of the same shape).
 
     float32 logits take a branch-free path: ``np.where`` on a grammar's scattered mask costs
     about ten times more (0.56 ms against 0.05 ms for 49k tokens), every row of every step.
     """
     if logits.dtype != np.float32:
         return np.where(allowed, logits, -np.inf).astype(logits.dtype, copy=False)
-    add = allowed.view(np.uint8).astype(np.int32) - 1  # 0 where allowed, -1 (every bit set) where not
+    add = allowed.view(np.uint8).astype(np.int32)
+    add -= 1  # 0 where allowed, -1 (every bit set) where not; in place: a batch's temporary is MBs
     add &= _NEG_INF_BITS  # the bit patterns of 0.0 and -inf
     out = add.view(np.float32)
     out += logits

@@ -144,13 +144,15 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
+    def argmax_only(self) -> bool:
+        """The token is the argmax of the logits under the grammar mask (if any), and nothing else
+        reads them (no penalty, no logprobs, no logit bias): it may be picked where the logits are."""
+        return self.temperature == 0.0 and not self.penalized and self.logprobs is None and not self.logit_bias
+
+    @property
     def plain_greedy(self) -> bool:
-        """The token is the logits' argmax and nothing else reads them (no penalty, no logprobs,
-        no constraint, no logit bias):
-        the argmax may run anywhere, e.g. on the device. A constraint or a logit bias changes
-        the logits first, so those rows take the host's logits."""
-        return (self.temperature == 0.0 and not self.penalized and self.logprobs is None
-                and self.constraint is None and not self.logit_bias)
+        """:attr:`argmax_only` without a constraint: the graph's own argmax (``next_token``) will do."""
+        return self.argmax_only and self.constraint is None
 
     @classmethod
     def from_kwargs(cls, defaults: SamplingParams | None = None, **kw) -> SamplingParams:

@@ -1,11 +1,12 @@
 """The per-token rule of one sequence: the one place every decode path picks a token.
 
-``BatchDecoder`` (``generate.py``) and the scheduler (``request.py``) both call
+``BatchDecoder`` (``generate.py``) and the scheduler (``running_batch.py``) both call
 :meth:`Sequence.step` for each row and each token::
 
     logits ─ penalties ─ logit_bias ─┬───────────────────────── logprobs (of this distribution)
                                      └─ grammar mask ─ sampler ─ token   (or the argmax already
-                                                                          taken on the device)
+                                                                          taken on the device,
+                                                                          under the grammar mask)
     token ─ grammar matcher ─ stop id │ grammar complete  -> "stop"
                                       │ max_new_tokens │ context -> "length"
 
@@ -15,6 +16,11 @@ Logprobs describe the model's distribution after penalties and logit bias, befor
 mask (like vLLM's raw logprobs: a token forced by the grammar keeps the probability the model
 gave it). What fails here (NaN logits, a grammar that refuses every token) raises; the caller
 ends this sequence only.
+
+Where the grammar mask is a row's first logit processor (:attr:`Sequence.mask_first`), callers
+may apply it beforehand, for a whole batch in one call, or take the argmax under it on the
+device (:mod:`portable_infer.decode.batch_pick`); the row then gets the masked logits
+(``masked=True``) or the token.
 """
 
 from __future__ import annotations
@@ -72,18 +78,27 @@ class Sequence:
         self.output: list = []
         self.finish_reason: str | None = None
 
+    @property
+    def mask_first(self) -> bool:
+        """A constrained row whose logits nothing changes or reads before the grammar mask (no
+        penalty, no logit bias, no logprobs): its mask may be applied to them beforehand."""
+        p = self.params
+        return self.matcher is not None and not p.penalized and self.bias is None and p.logprobs is None
+
     def own_mask(self) -> np.ndarray:
         """This row's allowed tokens, computed alone (callers batch them: :class:`MaskFill`)."""
         return allowed_tokens(fill_masks({0: self.matcher}, 1, self.mask_vocab)[0], self.mask_vocab)
 
-    def step(self, logits: np.ndarray | None, tok: int | None = None, mask: np.ndarray | None = None, *,
-             max_context: int, full: bool = False) -> Pick:
+    def step(self, logits: np.ndarray | None, tok: int | None = None, mask: np.ndarray | None = None,
+             masked: bool = False, *, max_context: int, full: bool = False) -> Pick:
         """Pick, record and return the next token.
 
         Args:
             logits: this row's logits [vocab] (None when ``tok`` came from the device).
-            tok: a token already picked as the argmax (plain greedy rows only).
+            tok: a token already picked as the argmax, under the grammar mask if the row has one
+                (rows whose ``params.argmax_only`` holds).
             mask: this row's bitmask row from a batched fill (constrained rows; None: fill it here).
+            masked: ``logits`` went through this row's grammar mask already (:attr:`mask_first` rows).
             max_context: the model's context; the sequence ends when it is full.
             full: the caller has no room for another token (a padded batch cache).
         """
@@ -99,8 +114,8 @@ class Sequence:
                 if x.shape[-1] != self.mask_vocab:
                     raise GenerationError(f"the logits have {x.shape[-1]} entries but the grammar's vocabulary "
                                           f"{self.mask_vocab}", reason="grammar")
-                allowed = self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
-                x = apply_mask(x, allowed)
+                if not masked:
+                    x = apply_mask(x, self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab))
             tok = int(self.sampler(x, self.rng))
         else:
             scored = logits

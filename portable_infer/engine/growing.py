@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from portable_infer.package import manifest as mf
-from portable_infer.errors import PortableInferError
+from portable_infer.errors import InvalidArgumentError, PortableInferError
 from portable_infer.engine import memory
 from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
 from portable_infer.engine.devices import device_of
@@ -24,6 +24,7 @@ class GrowingEngine:
     """
 
     greedy_on_device = False  # no growing graph has a next_token output: the argmax runs on the host
+    masks_on_device = False  # its logits come to the host: grammar masks are applied there
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int):
         self.session = session
@@ -120,6 +121,11 @@ class GrowingEngine:
         cache.update([(presents[2 * i], presents[2 * i + 1]) for i in range(len(presents) // 2)], s)
         logits = out[0].numpy()
         return logits if all_logits else logits[:, -1, :]
+
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: GrowingCache):
+        """Refused (``masks_on_device`` is False): this engine returns its logits to the host."""
+        raise InvalidArgumentError(f"graph {self.variant.file} returns its logits to the host: call forward() "
+                                   f"(picks on the device need a static-KV graph)", param="masks_on_device")
 
     def _forward_by_row(self, ids: np.ndarray, mask: np.ndarray, cache: GrowingCache, all_logits: bool) -> np.ndarray:
         """Several new tokens after a past, batch > 1: ONNX Runtime's GroupQueryAttention refuses

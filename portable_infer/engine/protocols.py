@@ -74,6 +74,8 @@ class Engine(Protocol):
         variant: the manifest's graph variant.
         device: where its tensors live (:func:`~portable_infer.engine.devices.device_of`).
         greedy_on_device: the graph picks each row's argmax itself (``forward(greedy=True)``).
+        masks_on_device: greedy picks under grammar masks are worth taking where the logits are
+            (:meth:`forward_on_device`): True on GPUs; on the CPU numpy does it faster.
         max_context: tokens a row may hold at most (the default capacity of a cache).
     """
 
@@ -81,6 +83,7 @@ class Engine(Protocol):
     variant: GraphVariant
     device: str
     greedy_on_device: bool
+    masks_on_device: bool
     max_context: int
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
@@ -94,6 +97,12 @@ class Engine(Protocol):
         id [B] instead; with ``all_logits`` (needs the variant's ``logits: all``) the logits of
         every new position [B, S, vocab]. Either asked of a graph without it is an
         ``InvalidArgumentError``."""
+
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache):
+        """:meth:`forward`, the logits left where they were computed: a
+        :class:`~portable_infer.engine.masked_argmax.DeviceLogits` whose ``pick(bitmask, fetch)``
+        gives each row's argmax under a grammar bitmask and the logits of rows ``fetch`` only.
+        An engine whose logits always come to the host refuses (``InvalidArgumentError``)."""
 
     def trim(self, dropped_bytes: int) -> None:
         """A cache that held ``dropped_bytes`` was dropped: give its memory back where it is large."""

@@ -12,12 +12,9 @@ Runtime's default), so the model's next run sees the moved rows.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-GRAPHS = Path(__file__).resolve().parent / "graphs"  # portable_infer/engine/graphs (package data)
-_NO_GRAPH_CAPTURE = {"enable_cuda_graph"}  # its output addresses change every run
+from portable_infer.engine.companion import companion_session
 
 
 class RowMover:
@@ -25,16 +22,7 @@ class RowMover:
     device both live on (``C`` may grow: the tail is zeros)."""
 
     def __init__(self, session, ort, dtype, provider: str | None = None):
-        name = np.dtype(dtype).name
-        path = GRAPHS / f"kv_rows.{name}.onnx"
-        options = session.get_provider_options()
-        # the buffers' provider (and the CPU for the small index inputs), with its device options
-        names = [provider, "CPUExecutionProvider"] if provider else session.get_providers()
-        providers = [(p, {k: v for k, v in options.get(p, {}).items() if k not in _NO_GRAPH_CAPTURE})
-                     for p in dict.fromkeys(names)]
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.session = companion_session(session, ort, f"kv_rows.{np.dtype(dtype).name}.onnx", provider)
         self.dtype = np.dtype(dtype)
 
     def copy(self, src, rows, dst, at: int) -> None:

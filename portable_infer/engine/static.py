@@ -34,6 +34,7 @@ from portable_infer.engine import memory
 from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_static import StaticCache
+from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
 from portable_infer.engine.rows import RowMover
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,16 @@ class StaticEngine:
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
         self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
         self._row_mover = False  # made on first use: row_mover()
+        self._picker = None  # the masked-argmax companion session: masked_argmax()
+        # Grammar-masked greedy picks where the logits live (forward_on_device), on devices only:
+        # on the CPU numpy takes 0.9 ms for batch 16 x 49k tokens, the companion graph 16 ms.
+        self.masks_on_device = False
+        if self.device != "cpu":
+            try:
+                self.masked_argmax()
+                self.masks_on_device = True
+            except Exception as exc:  # noqa: BLE001 - the host path still works
+                logger.warning("grammar masks are applied on the host (%s: %s)", type(exc).__name__, exc)
 
     def row_mover(self):
         """What moves KV rows between this engine's buffers on their device (a
@@ -107,6 +118,12 @@ class StaticEngine:
                 except Exception as exc:  # noqa: BLE001
                     logger.warning("KV rows move through the host (%s: %s)", type(exc).__name__, exc)
         return self._row_mover
+
+    def masked_argmax(self) -> MaskedArgmax:
+        """The companion session that picks under grammar masks on this engine's device (made once)."""
+        if self._picker is None:
+            self._picker = MaskedArgmax(self.session, self.ort, self.provider)
+        return self._picker
 
     def trim(self, dropped_bytes: int) -> None:
         """A cache that held ``dropped_bytes`` was dropped: its buffers (not in ONNX Runtime's arena,
@@ -182,6 +199,17 @@ class StaticEngine:
         on the device. ``all_logits`` is refused: the graph computes the last position only
         (``logits: last``)."""
         check_call(self, greedy, all_logits)
+        return self._forward(ids, mask, cache, "token" if greedy else "logits")
+
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> DeviceLogits:
+        """:meth:`forward`, the logits left on the engine's device: a
+        :class:`~portable_infer.engine.masked_argmax.DeviceLogits` that picks each row's argmax
+        under a grammar bitmask there and fetches only the rows asked for."""
+        return DeviceLogits(self._forward(ids, mask, cache, "device"), self.masked_argmax())
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
+        """One forward; ``want``: "logits" [B, vocab] or "token" [B] on the host, or "device" (the
+        logits OrtValue [B, 1, vocab] where it was computed)."""
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], dtype=np.int64)
         rows = cache.rows + new.sum(axis=1)
@@ -203,9 +231,9 @@ class StaticEngine:
             if S > 1:
                 mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
         if S == 1 and not prefill:
-            out = self._step(ids_r, rows, cache, greedy)
+            out = self._step(ids_r, rows, cache, want)
         else:
-            out = self._run(ids_r, mask_r, cache, greedy)
+            out = self._run(ids_r, mask_r, cache, want)
         cache.rows = rows
         cache.length = mask.shape[1]
         cache.mark_written(np.maximum(rows, S) if prefill else rows)  # a prefill writes all S positions
@@ -218,27 +246,31 @@ class StaticEngine:
             b.bind_ortvalue_output(pk, k)  # present = past: the same memory
             b.bind_ortvalue_output(pv, v)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
         b = self.session.io_binding()
         b.bind_cpu_input(mf.INPUT_IDS, ids)
         b.bind_cpu_input(mf.ATTENTION_MASK, mask)
         b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
         # first: get_outputs() follows the binding order; the other output stays on the device
-        b.bind_output(mf.NEXT_TOKEN if greedy else mf.LOGITS, "cpu")
+        greedy = want == "token"
+        b.bind_output(mf.NEXT_TOKEN if greedy else mf.LOGITS, self.device if want == "device" else "cpu")
         if self.greedy_on_device:
             b.bind_output(mf.LOGITS if greedy else mf.NEXT_TOKEN, self.device)
         self._bind_cache(b, cache)
         big = self._shrink is not None and ids.size >= memory.SHRINK_MIN_TOKENS
         self.session.run_with_iobinding(b, self._shrink if big else self._plain)
-        out = b.get_outputs()[0].numpy()
+        out = b.get_outputs()[0]
+        if want == "device":
+            return out
+        out = out.numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
-    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, greedy: bool = False) -> np.ndarray:
+    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, want: str):
         """One token per row on the slot's own inputs, outputs and binding (made once): replayed
         as a CUDA graph where the cache has one, a plain run otherwise. Sessions with nodes off
         the buffers' device bind afresh each step."""
         if not self._bind_once:  # nodes off the buffers' device (e.g. fp32 attention on the CPU)
-            return self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, greedy)
+            return self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, want)
         slot = cache._slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
             b = self.session.io_binding()
@@ -270,7 +302,9 @@ class StaticEngine:
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
             self.session.run_with_iobinding(slot.binding, self._plain)
-        out = slot.token.numpy()[:, 0] if greedy else slot.logits.numpy()[:, -1, :]
+        if want == "device":
+            return slot.logits  # the next step overwrites it: picked before then
+        out = slot.token.numpy()[:, 0] if want == "token" else slot.logits.numpy()[:, -1, :]
         # on the CPU numpy() is a view of the slot's memory, which the next step overwrites
         return out.copy() if self.device == "cpu" else out
 

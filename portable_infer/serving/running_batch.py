@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from portable_infer.decode import batch_pick
+from portable_infer.decode.batch_pick import RowInput
 from portable_infer.decode.constraints import MaskFill
 from portable_infer.decode.sequence import Pick
 
@@ -53,12 +55,12 @@ class Prefilled:
     results: list  # [RowResult]
 
 
-def pick_row(r, logits: np.ndarray | None, tok: int | None = None, mask: np.ndarray | None = None, *,
-             max_context: int) -> RowResult:
-    """``r``'s next token through its :class:`~portable_infer.decode.sequence.Sequence`; a failure is
-    this row's (its result carries the error)."""
+def pick_row(r, inp: RowInput, *, max_context: int) -> RowResult:
+    """``r``'s next token through its :class:`~portable_infer.decode.sequence.Sequence`, from
+    ``inp`` (what :mod:`~portable_infer.decode.batch_pick` gave the row); a failure is this row's
+    (its result carries the error)."""
     try:
-        return RowResult(r, r.seq.step(logits, tok, mask, max_context=max_context))
+        return RowResult(r, inp.step(r.seq, max_context=max_context))
     except Exception as exc:  # noqa: BLE001 - one row's failure ends that request only
         return RowResult(r, None, exc)
 
@@ -124,7 +126,7 @@ class RunningBatch:
                 self._partial[r.id] = cache
                 return None
         self._remember([r.prompt for r in rows], cache)
-        results = [pick_row(r, logits[i], max_context=self.max_context)
+        results = [pick_row(r, RowInput(logits[i]), max_context=self.max_context)
                    for i, r in enumerate(rows) if r.state != "done"]  # else: cancelled while prefilling
         return Prefilled(rows, cache, mask, results)
 
@@ -198,25 +200,20 @@ class RunningBatch:
         # a finished row still in the batch (deferred leave) gets a padding column: it holds still
         live = np.array([[r.state != "done"] for r in rows], np.int64)
         self.mask = np.concatenate([self.mask, live], axis=1)
-        # every row plain greedy on a graph with next_token: the argmax runs on the device and
-        # only the ids come back (the logits stay there)
-        greedy = self.engine.greedy_on_device and all(
-            r.params.plain_greedy for r in rows if r.state != "done")
-        extra = {"greedy": True} if greedy else {}
+        # where the tokens are picked: the graph's argmax, the device under grammar masks, or the host
+        seqs = [r.seq if r.state != "done" else None for r in rows]
+        how = batch_pick.mode(self.engine, seqs)
         # the grammar masks of the constrained rows: one batched fill, while the forward runs
-        matchers = {i: r.seq.matcher for i, r in enumerate(rows) if r.seq.matcher is not None and r.state != "done"}
+        matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
         fill = MaskFill(matchers, len(rows), max(r.seq.mask_vocab for r in rows))
-        out = self.engine.forward(self.pending[:, None], self.mask, self.cache, **extra)
-        masks = fill.result()
+        out = batch_pick.forward(self.engine, how, self.pending[:, None], self.mask, self.cache)
+        inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
         nxt = np.array(self.pending)
         results = []
         for i, r in enumerate(rows):
-            if r.state == "done":  # cancelled during the forward
+            if r.state == "done" or inputs[i] is None:  # ended before the step, or cancelled during the forward
                 continue
-            if greedy:
-                res = pick_row(r, None, int(out[i]), max_context=self.max_context)
-            else:
-                res = pick_row(r, out[i], mask=masks[i] if i in matchers else None, max_context=self.max_context)
+            res = pick_row(r, inputs[i], max_context=self.max_context)
             if res.pick is not None:
                 nxt[i] = res.pick.token
             results.append(res)

@@ -1,0 +1,112 @@
+"""Where each row of a batch gets its next token: one decision per forward, for ``BatchDecoder``
+and the scheduler's running batch alike.
+
+::
+
+    mode     when                                     the forward, and what comes to the host
+    greedy   every row plain greedy, graph with       forward(greedy=True): one id per row
+             next_token
+    device   engine.masks_on_device, and some row     forward_on_device, then one companion run on the
+             greedy (maybe constrained) or with a     device: the grammar masks applied there, each
+             grammar mask it may take first           row's argmax, and the (masked) logits of the rows
+                                                      that still need theirs: sampling, logprobs,
+                                                      penalties, logit bias
+    host     otherwise                                forward(): every row's logits; the masks of the
+                                                      mask-first rows applied in one numpy call
+
+A row's grammar mask is applied before :meth:`Sequence.step
+<portable_infer.decode.sequence.Sequence.step>` only where it is the row's first logit processor
+(:attr:`Sequence.mask_first <portable_infer.decode.sequence.Sequence.mask_first>`); other
+constrained rows get their logits as they are and their bitmask row. Either way the token goes
+through ``Sequence.step``, the one home of the per-token rule, with the row's :class:`RowInput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from portable_infer.decode.constraints import allowed_tokens
+from portable_infer.decode.processors import apply_mask
+
+GREEDY, DEVICE, HOST = "greedy", "device", "host"
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One row's arguments to :meth:`Sequence.step <portable_infer.decode.sequence.Sequence.step>`."""
+
+    logits: np.ndarray | None = None
+    tok: int | None = None
+    mask: np.ndarray | None = None  # its bitmask row, for the step to apply
+    masked: bool = False  # logits went through its grammar mask already
+
+    def step(self, seq, **kw):
+        """``seq.step`` with these arguments (``kw``: max_context, full)."""
+        return seq.step(self.logits, self.tok, self.mask, self.masked, **kw)
+
+
+def mode(engine, seqs: list) -> str:
+    """How the next forward of rows ``seqs`` runs (None for a row that picks nothing: it ended)."""
+    live = [s for s in seqs if s is not None]
+    if engine.greedy_on_device and all(s.params.plain_greedy for s in live):
+        return GREEDY
+    if engine.masks_on_device and any(s.params.argmax_only or s.mask_first for s in live):
+        return DEVICE
+    return HOST
+
+
+def forward(engine, how: str, ids: np.ndarray, mask: np.ndarray, cache):
+    """The engine's forward for mode ``how``: token ids, device logits, or host logits."""
+    if how == GREEDY:
+        return engine.forward(ids, mask, cache, greedy=True)
+    if how == DEVICE:
+        return engine.forward_on_device(ids, mask, cache)
+    return engine.forward(ids, mask, cache)
+
+
+def row_inputs(how: str, out, seqs: list, masks: np.ndarray | None) -> list:
+    """Each row's :class:`RowInput` from the forward's output ``out`` (None for rows in ``seqs``
+    that are None); ``masks`` the batch's grammar bitmask (None: no row constrained)."""
+    if how == GREEDY:
+        return [None if s is None else RowInput(tok=int(out[i])) for i, s in enumerate(seqs)]
+    if how == DEVICE:
+        return _device_inputs(out, seqs, masks)
+    live = [i for i, s in enumerate(seqs) if s is not None]
+    argmax = out.argmax(axis=-1) if any(seqs[i].params.plain_greedy for i in live) else None
+    first = [i for i in live if seqs[i].mask_first] if masks is not None else []
+    masked = {}
+    if first:  # one call for the batch (every row: no copy of the logits first)
+        rows = out if len(first) == len(out) else out[first]
+        masked = dict(zip(first, apply_mask(rows, allowed_tokens(masks[first], out.shape[-1]))))
+    inputs = [None] * len(seqs)
+    for i in live:
+        s = seqs[i]
+        if s.params.plain_greedy:
+            inputs[i] = RowInput(out[i], int(argmax[i]))
+        elif i in masked:
+            inputs[i] = RowInput(masked[i], masked=True)
+        else:
+            inputs[i] = RowInput(out[i], mask=None if s.matcher is None else masks[i])
+    return inputs
+
+
+def _device_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
+    """DEVICE mode: argmax rows get their token; the others their logits, masked on the device
+    where the mask comes first (the bitmask of other constrained rows goes up as all ones)."""
+    fetch = [i for i, s in enumerate(seqs) if s is not None and not s.params.argmax_only]
+    raw = [i for i in fetch if seqs[i].matcher is not None and not seqs[i].mask_first]
+    upload = masks
+    if raw:
+        upload = masks.copy()
+        upload[raw] = -1
+    tokens, logits = out.pick(upload, fetch)
+    inputs = [None if s is None else RowInput(tok=int(tokens[i])) for i, s in enumerate(seqs)]
+    for k, i in enumerate(fetch):
+        s = seqs[i]
+        if s.mask_first:
+            inputs[i] = RowInput(logits[k], masked=True)
+        else:
+            inputs[i] = RowInput(logits[k], mask=None if s.matcher is None else masks[i])
+    return inputs

@@ -1,0 +1,65 @@
+"""Greedy picks under grammar masks where the logits are, with the shipped ``graphs/masked_argmax.onnx``.
+
+A batch with a constrained row needs more than the graph's own ``next_token`` (the argmax of
+every token): each such row may only take the tokens its grammar allows. Bringing every row's
+logits to the host for that ([16, 49152] float32 per step) and masking them in numpy cost 30 %
+of a batch-16 step on an H200. Here the masks are applied where the logits are: the companion
+graph takes the forward's logits in place, the batch's grammar bitmask (one small upload; rows
+to leave unmasked all ones) and the rows the host still needs (sampling, logprobs, penalties,
+logit bias), and gives back each row's argmax and those rows' masked logits only::
+
+    forward ─ logits [B, 1, V] ─ Where(bitmask, logits, -inf) ─┬─ ArgMax ──────── token [B]
+              (on the device)     bitmask [B, ceil(V/32)] int32 └─ Gather(rows) ── fetched [n, V]
+
+Bit ``v % 32`` of word ``v // 32`` allows token ``v`` (llguidance's layout). Ties go to the first
+index, like numpy's argmax and the graph's ``next_token``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from portable_infer.engine.companion import companion_session
+
+
+class MaskedArgmax:
+    """The companion graph on a model session's device (see the module docstring)."""
+
+    def __init__(self, session, ort, provider: str | None = None):
+        self.session = companion_session(session, ort, "masked_argmax.onnx", provider)
+
+    def run(self, logits, bitmask: np.ndarray, rows) -> tuple:
+        """``logits`` an OrtValue [B, 1, V] float32 (read in place); ``bitmask`` [B, >= V/32]
+        int32 on the host; ``rows`` the rows to fetch. Returns (token [B] int64, the masked
+        logits of ``rows`` [len(rows), V] float32), both on the host."""
+        batch, one, vocab = logits.shape()
+        if one != 1 or bitmask.shape[0] != batch or bitmask.shape[1] * 32 < vocab:
+            raise ValueError(f"masked argmax takes logits [B, 1, V] and a bitmask [B, >= V/32]; got "
+                             f"{logits.shape()} and {bitmask.shape}")
+        b = self.session.io_binding()
+        b.bind_input("logits", logits.device_name(), 0, np.float32, [batch, vocab], logits.data_ptr())
+        b.bind_cpu_input("bitmask", np.ascontiguousarray(bitmask, np.int32))
+        b.bind_cpu_input("rows", np.asarray(rows, np.int64).reshape(-1))
+        b.bind_output("token", "cpu")
+        b.bind_output("fetched", "cpu")
+        self.session.run_with_iobinding(b)
+        token, fetched = b.get_outputs()
+        return token.numpy(), fetched.numpy()
+
+
+class DeviceLogits:
+    """One forward's logits [B, 1, V], left where the engine computed them (valid until the
+    engine's next forward on the same cache: a decode step's buffers are reused)."""
+
+    def __init__(self, value, picker: MaskedArgmax):
+        self.value, self.picker = value, picker
+        self.batch, _, self.vocab = value.shape()
+
+    def pick(self, bitmask: np.ndarray | None, fetch=()) -> tuple:
+        """Each row's argmax among the tokens ``bitmask`` allows ([B, ceil(V/32)] int32; None:
+        every token), and the logits of rows ``fetch`` with the same mask applied (-inf where
+        not allowed). Returns (token [B] int64, logits [len(fetch), V] float32), on the host;
+        nothing else leaves the device."""
+        if bitmask is None:
+            bitmask = np.full((self.batch, -(-self.vocab // 32)), -1, np.int32)
+        return self.picker.run(self.value, bitmask, fetch)
