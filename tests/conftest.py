@@ -75,7 +75,7 @@ def load_variant():
         sel = select_session([base.manifest.variant(name)], package, "cpu",
                              session_options=SessionConfig(intra_op_threads=threads).session_options(ort))
         engine = GrowingEngine(sel.session, sel.variant, sel.provider.ort_name, ort, max_context=base.max_context)
-        return Model(base.manifest, engine, base.tokenizer, base.chat_template, base.path, sel)
+        return Model(base.manifest, engine, base.codec, base.path, sel)
     return load
 
 

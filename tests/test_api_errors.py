@@ -177,8 +177,8 @@ def test_nan_logits_in_a_greedy_batch_are_an_error_not_a_token(model):
         def forward(self, ids, *args, **kwargs):
             return nan_first_row(self.engine.forward(ids, *args, **kwargs))
 
-    broken = Model(model.manifest, NanEngine(model.engine, lambda *_: None), model.tokenizer, model.chat_template,
-                   model.path, model.selection)
+    broken = Model(model.manifest, NanEngine(model.engine, lambda *_: None), model.codec, model.path,
+                   model.selection)
     with pytest.raises(GenerationError, match="NaN") as err:
         broken.batch_generate_ids([IDS, IDS[:3]], max_new_tokens=4)
     assert err.value.reason == "nan_logits"

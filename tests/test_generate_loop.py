@@ -19,6 +19,7 @@ from portable_infer.errors import ContextLengthError, InvalidArgumentError
 from portable_infer.decode.generate import BatchDecoder
 from portable_infer.model import Model
 from portable_infer.decode.sampling import SamplingParams
+from portable_infer.text.codec import TextCodec
 
 VOCAB = 32
 
@@ -304,7 +305,8 @@ def scripted_model(tokenizer, texts: list) -> tuple[Model, FakeEngine]:
     vocab = tokenizer.get_vocab_size()
     scripts = [tokenizer.encode(t).ids for t in texts]
     engine = FakeEngine(scripted(scripts, eos, vocab), vocab=vocab)
-    return Model(fake_manifest(vocab, eos), engine, tokenizer), engine
+    manifest = fake_manifest(vocab, eos)
+    return Model(manifest, engine, TextCodec.from_manifest(manifest, tokenizer)), engine
 
 
 def streamed(model: Model, **kw) -> list:

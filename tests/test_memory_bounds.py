@@ -50,7 +50,7 @@ def make_prompts(offset: int, lengths) -> list:
 
 
 def with_engine(model, engine) -> Model:
-    return Model(model.manifest, engine, model.tokenizer, model.chat_template, model.path, model.selection)
+    return Model(model.manifest, engine, model.codec, model.path, model.selection)
 
 
 # --- sub-batches ---------------------------------------------------------------------------------

@@ -5,8 +5,6 @@ are 400s naming the field. Walks ``portable_infer.serving.http.fields`` through 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from portable_infer.decode.sampling import SamplingParams
@@ -48,11 +46,10 @@ LIMITS = protocol.Limits(max_prompt_tokens=512, max_new_tokens=64)
 KINDS = ("body", "message", "content_part", "stream_options")
 
 
-class FakeModel:
-    defaults = SamplingParams(max_new_tokens=16)
-    manifest = SimpleNamespace(model=SimpleNamespace(vocab_size=256))
-    guide = None  # compiles response_format: a real one over the serving tests' tokenizer (below)
-    chat_template = SimpleNamespace(source="{{ tools }} <tool_call>")  # Hermes' tool-call format
+class FakeCodec:
+    vocab_size = 256
+    eos_ids = (2,)
+    template_source = "{{ tools }} <tool_call>"  # Hermes' tool-call format
     tokenizer = None
 
     def encode(self, text):
@@ -60,6 +57,12 @@ class FakeModel:
 
     def chat_ids(self, messages, tools=None):
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
+
+
+class FakeModel:
+    defaults = SamplingParams(max_new_tokens=16)
+    guide = None  # compiles response_format: a real one over the serving tests' tokenizer (below)
+    codec = FakeCodec()
 
 
 def _guide():

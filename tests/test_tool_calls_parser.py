@@ -336,8 +336,10 @@ def replies(text_pieces, choice="auto"):
     from portable_infer.serving.http.tools import ToolReplies
 
     plan = plan_tools([FN, TOOL_SPECS[0]], choice, None, QWEN)
-    model = SimpleNamespace(tokenizer=None, manifest=SimpleNamespace(tokenizer=SimpleNamespace(eos_token_ids=(2,))))
-    tools, reply = ToolReplies(plan, model, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False)), Reply(
+    from portable_infer.text.codec import TextCodec
+
+    codec = TextCodec(vocab_size=256, eos_ids=(2,))  # no tokenizer: the markers are read in the text
+    tools, reply = ToolReplies(plan, codec, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False)), Reply(
         True, "tiny")
     chunks = []
     for i, piece in enumerate(text_pieces):

@@ -240,8 +240,10 @@ def test_server_chunks_assemble_with_the_openai_sdk():
     from portable_infer.serving.http.protocol import Reply
     from portable_infer.serving.http.tools import ToolReplies
 
-    model = SimpleNamespace(tokenizer=None, manifest=SimpleNamespace(tokenizer=SimpleNamespace(eos_token_ids=(2,))))
-    tools = ToolReplies(PLAN, model, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False))
+    from portable_infer.text.codec import TextCodec
+
+    codec = TextCodec(vocab_size=256, eos_ids=(2,))  # no tokenizer: the markers are read in the text
+    tools = ToolReplies(PLAN, codec, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False))
     reply, state, args = Reply(True, "tiny"), ChatCompletionStreamState(), 0
     state.handle_chunk(ChatCompletionChunk.model_validate(reply.chunk(None, None, role=True, delta={
         "role": "assistant", "content": None})))

@@ -115,3 +115,18 @@ def test_the_reference_model_is_let_go_before_the_first_session(int4_package, ti
                                    rng=np.random.default_rng(seed))
     assert set(report) == set(VARIANTS) and len(loaded) == 1
     assert alive_at_session == [False] * len(VARIANTS), alive_at_session
+
+
+def test_the_verify_command_prints_the_report_in_the_manifest_form(int4_package, capsys):
+    """``portable-infer verify``: the typed report of every variant, as manifest.json holds it."""
+    import json
+
+    from portable_infer import cli
+    from portable_infer.package.verification import VariantReport
+
+    assert cli.main(["verify", str(int4_package)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == set(VARIANTS)
+    for name, d in printed.items():
+        r = VariantReport.from_json(d)
+        assert r.to_json() == d and r.greedy.steps == 16 and r.quality.steps == 128, (name, d)

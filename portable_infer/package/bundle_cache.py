@@ -44,7 +44,7 @@ import zipfile
 from pathlib import Path
 
 from portable_infer.errors import BundleError
-from portable_infer.package.home import HOME_ENV, _lock
+from portable_infer.package.home import HOME_ENV, FileLock
 from portable_infer.package.manifest import MANIFEST_NAME, sha256_file
 from portable_infer.package.package_paths import check_package
 
@@ -143,7 +143,7 @@ def _unpack(zf: zipfile.ZipFile, info, root: Path, dest: Path, damaged: bool) ->
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _lock(root / LOCK) as lock:
+        with FileLock(root / LOCK) as lock:
             if not damaged and _done_meanwhile(info, dest):
                 return dest
             if lock.locked:

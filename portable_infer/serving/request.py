@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from portable_infer.serving.handle import RequestHandle, RequestStats
+from portable_infer.serving.handle import HandleWriter, RequestHandle, RequestStats
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.decode.sequence import Pick, Sequence
 from portable_infer.text.streaming import Response, TextStream
@@ -34,7 +34,8 @@ class Request:
     params: SamplingParams
     blocks: int
     text: TextStream
-    handle: RequestHandle = None
+    handle: RequestHandle = None  # the caller's end
+    writer: HandleWriter = None  # the scheduler's end of the same handle
     seq: Sequence = None  # its sampling state and output
     state: str = "waiting"  # waiting | prefilling | running | done
     prefilled: int = 0  # prompt tokens whose KV is computed (or taken from the prefix cache)

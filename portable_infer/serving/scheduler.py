@@ -50,7 +50,7 @@ import time
 from portable_infer.engine.memory import bytes_per_token
 from portable_infer.errors import ContextLengthError, InvalidArgumentError, PortableInferError
 from portable_infer.decode.generate import check_prompt
-from portable_infer.serving.handle import RequestHandle
+from portable_infer.serving.handle import RequestHandle, open_handle
 from portable_infer.serving.kvblocks import BlockPool
 from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.prompts import token_ids
@@ -64,7 +64,6 @@ from portable_infer.serving.scheduler_meter import Meter
 from portable_infer.serving.scheduler_plan import Planner, StepPlan
 from portable_infer.serving.scheduler_queues import RequestQueues
 from portable_infer.decode.sequence import Sequence
-from portable_infer.text.streaming import TextStream
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
 logger = logging.getLogger(__name__)
@@ -87,10 +86,10 @@ class Scheduler:
                                        f"lives in fixed buffers, in BHSD layout; this one is {kv.growth}/"
                                        f"{kv.layout}: re-export the package")
         self.model = model
+        self.codec = model.codec  # prompts in, text out
         self.config = config
         self.meter = Meter(observer)  # counters: changed under the queues' lock
         self.max_context = model.max_context
-        self._eos = frozenset(model.manifest.tokenizer.eos_token_ids)
         budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // \
             bytes_per_token(kv)
         self.pool = BlockPool(budget // config.block_size, config.block_size)
@@ -119,7 +118,7 @@ class Scheduler:
             ContextLengthError: the prompt does not fit the context, or the KV budget.
             InvalidArgumentError: bad sampling parameters.
         """
-        return self.submit_ids(self.model._ids(prompt), self.model.params(**sampling), truncate=truncate)
+        return self.submit_ids(self.codec.as_ids(prompt), self.model.params(**sampling), truncate=truncate)
 
     def submit_chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None,
                     tool_parser=None, truncate: bool = False, **sampling):
@@ -128,26 +127,27 @@ class Scheduler:
         if wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
             return submit_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
                                           truncate=truncate, **sampling)
-        return self.submit_ids(self.model.chat_ids(messages), self.model.params(**sampling), truncate=truncate)
+        return self.submit_ids(self.codec.chat_ids(messages), self.model.params(**sampling), truncate=truncate)
 
     def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False) -> RequestHandle:
         """Queue a prompt given as token ids with explicit :class:`SamplingParams`."""
         if not isinstance(params, SamplingParams):
             raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.stop:
-            self.model._need_tokenizer()  # stop strings are matched on text
-        ids = check_prompt(token_ids(ids, self.model.manifest.model.vocab_size), self.max_context, truncate)
+            self.codec.require_tokenizer()  # stop strings are matched on text
+        ids = check_prompt(token_ids(ids, self.codec.vocab_size), self.max_context, truncate)
         blocks = self.pool.blocks_for(min(len(ids) + params.max_new_tokens, self.max_context))
         if blocks > self.pool.total:
             raise ContextLengthError(
                 f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
-                f"but the whole budget is {self.pool.total}; lower max_new_tokens or raise kv_budget_tokens")
+                f"but the whole budget is {self.pool.total}; lower max_new_tokens or raise kv_budget_tokens",
+                param="max_new_tokens")
         # a bad schema or grammar, or a logit bias outside the vocabulary, fails here (a 400)
-        seq = Sequence(ids, params, eos_ids=self._eos, vocab_size=self.model.manifest.model.vocab_size,
+        seq = Sequence(ids, params, eos_ids=self.codec.eos_ids, vocab_size=self.codec.vocab_size,
                        guide=self.model.guide if params.constraint is not None else None)
-        r = Request(f"req-{next(self._ids)}", ids, params, blocks, TextStream(self.model.tokenizer, params.stop),
+        r = Request(f"req-{next(self._ids)}", ids, params, blocks, self.codec.text_stream(params.stop),
                     seq=seq, submitted=time.perf_counter())
-        r.handle = RequestHandle(r.id, len(ids), self.queues.cancel, r)
+        r.handle, r.writer = open_handle(r.id, len(ids), self.queues.cancel, r)
         with self.queues.lock:
             if self.queues.closing or not self._thread.is_alive():
                 raise PortableInferError("the scheduler is closed; create a new one")

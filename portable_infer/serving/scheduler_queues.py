@@ -130,11 +130,10 @@ class RequestQueues:
                 return False
             self.meter.count(counter)
         s = r.stats(reason)
-        r.handle.stats = s
         with self.lock:
             self.meter.recent.append(s)
         self.meter.finished(s)
-        r.handle._put(last)
+        r.writer.end(last, s)
         return True
 
     def deliver(self, results: list) -> None:
@@ -170,7 +169,7 @@ class RequestQueues:
         with self.lock:
             if r.state == "prefilling":
                 r.state = "running"
-        r.handle._put(resp)
+        r.writer.put(resp)
 
     def cancel(self, r) -> None:
         self.end(r, Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=len(r.output)),

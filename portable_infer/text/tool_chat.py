@@ -38,13 +38,13 @@ def prepare_chat(model, messages, tools=None, tool_choice=None, parallel_tool_ca
                  **sampling) -> tuple:
     """``(prompt ids, SamplingParams, ChatStream)`` of a chat with tools: the tools checked and
     rendered into the prompt, a required or named call's grammar in the params."""
-    source = model.chat_template.source if model.chat_template is not None else None
-    plan = plan_tools(tools, tool_choice, parallel_tool_calls, source, tool_parser)
-    ids = model.chat_ids(messages, tools=plan.template_tools if plan else None)
+    codec = model.codec
+    plan = plan_tools(tools, tool_choice, parallel_tool_calls, codec.template_source, tool_parser)
+    ids = codec.chat_ids(messages, tools=plan.template_tools if plan else None)
     params = model.params(**sampling)
     if plan is not None:
-        params = plan.apply(params, model.tokenizer)
-    return ids, params, ChatStream(plan, model.tokenizer, params, model.manifest.tokenizer.eos_token_ids)
+        params = plan.apply(params, codec.tokenizer)
+    return ids, params, ChatStream(plan, codec.tokenizer, params, codec.eos_ids)
 
 
 def stream_chat_with_tools(model, messages, tools=None, tool_choice=None, parallel_tool_calls=None,

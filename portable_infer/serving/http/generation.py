@@ -62,7 +62,7 @@ class Generation:
             flight.handle = handle = self.submit(parsed)
             names = TokenNames(self.scheduler.model) if parsed.params.logprobs is not None else None
             reply = Reply(chat, self.served, names=names)
-            tools = None if parsed.tools is None else ToolReplies(parsed.tools, self.scheduler.model, parsed.params)
+            tools = None if parsed.tools is None else ToolReplies(parsed.tools, self.scheduler.codec, parsed.params)
             if parsed.stream:  # the stream ends the flight when it is sent (or abandoned)
                 stream = sse(handle, reply, parsed.include_usage, flight, self.config, self.log, tools)
                 response, flight = _FlightStream(stream, self.lifecycle, flight), None
@@ -101,7 +101,7 @@ def generation_error(exc: PortableInferError) -> APIError:
     """A request that failed while generating: its own bad values (an InvalidArgumentError, e.g. a
     penalty that overflows the logits) are the client's error (400 naming the param); the rest 500."""
     if isinstance(exc, InvalidArgumentError):
-        return protocol.bad(f"{exc}", param=getattr(exc, "param", None))
+        return protocol.bad(f"{exc}", param=exc.param)
     return APIError(500, f"generation failed: {exc}", "server_error")
 
 

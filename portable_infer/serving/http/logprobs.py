@@ -38,7 +38,7 @@ class TokenNames:
             try:
                 raw = self.model.guide.token_bytes(token)
             except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read: the decoded text
-                raw = self.model.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+                raw = self.model.codec.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
             hit = self._cache[token] = (raw.decode("utf-8", errors="backslashreplace"), list(raw))
         return hit
 

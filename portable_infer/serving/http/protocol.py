@@ -83,7 +83,7 @@ def sampling_params(body: dict, defaults: SamplingParams, limits: Limits) -> Sam
     try:
         params = SamplingParams.from_kwargs(defaults, **kw)
     except InvalidArgumentError as exc:
-        field = getattr(exc, "param", None) or str(exc).split(" ", 1)[0]
+        field = exc.param
         if field == "logprobs" and body.get("top_logprobs") is not None:
             field = "top_logprobs"  # chat: the count is top_logprobs
         key = limit_key if field == "max_new_tokens" else next(
@@ -101,13 +101,13 @@ def prepare(model, params: SamplingParams) -> None:
     the tokenizer pool, not at submission on the event loop (llguidance's tokenizer takes about a
     second the first time; a schema may take milliseconds). The scheduler reuses the grammar."""
     try:
-        LogitBias(params.logit_bias, model.manifest.model.vocab_size)  # its ids in the vocabulary
+        LogitBias(params.logit_bias, model.codec.vocab_size)  # its ids in the vocabulary
         if params.constraint is not None:
             model.guide.matcher(params.constraint)
         if params.logprobs is not None:
             lp.TokenNames(model).warm()
     except InvalidArgumentError as exc:
-        raise bad(str(exc), param=getattr(exc, "param", None) or "response_format") from exc
+        raise bad(str(exc), param=exc.param or "response_format") from exc
     except PortableInferError as exc:  # no tokenizer, llguidance missing
         param = params.constraint.param if params.constraint is not None else "response_format"
         raise bad(str(exc), param=param, code="unsupported") from exc
@@ -146,12 +146,12 @@ def parse_completion(body: dict, model, limits: Limits) -> ParsedRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
-        vocab = model.manifest.model.vocab_size
+        vocab = model.codec.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise bad(f"token ids must lie in [0, {vocab})", param="prompt")
         ids = list(prompt)
     elif isinstance(prompt, str):
-        ids = _encode(model, lambda: model.encode(prompt), "prompt")
+        ids = _encode(lambda: model.codec.encode(prompt), "prompt")
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise bad(f"prompt holds {len(prompt)} prompts; this server takes one per request: send them as "
                   "separate requests", param="prompt", code="unsupported_parameter")
@@ -176,7 +176,7 @@ def parse_chat(body: dict, model, limits: Limits, tool_parser: str | None = None
     plan = parse_tools(body, model, tool_parser)
     params = apply_plan(plan, sampling_params(body, model.defaults, limits), model)  # before the template
     tools = plan.template_tools if plan is not None else None
-    ids = _check_length(_encode(model, lambda: model.chat_ids(plain, tools=tools), "messages"), limits, "messages")
+    ids = _check_length(_encode(lambda: model.codec.chat_ids(plain, tools=tools), "messages"), limits, "messages")
     prepare(model, params)
     return ParsedRequest(ids, params, stream, usage, chat=True, tools=plan)
 
@@ -208,7 +208,7 @@ def _message(m: dict, where: str) -> dict:
     return out
 
 
-def _encode(model, fn, param: str) -> list:
+def _encode(fn, param: str) -> list:
     try:
         return fn()
     except InvalidArgumentError as exc:
@@ -219,11 +219,11 @@ def _encode(model, fn, param: str) -> list:
 
 def from_engine_error(exc: Exception) -> APIError:
     """The HTTP error for an error the scheduler raised at submission."""
-    if isinstance(exc, ContextLengthError):
-        return bad(str(exc), param="max_tokens" if "KV blocks" in str(exc) else "prompt",
+    if isinstance(exc, ContextLengthError):  # what to lower: the prompt, or the tokens asked for
+        return bad(str(exc), param="max_tokens" if exc.param == "max_new_tokens" else "prompt",
                    code="context_length_exceeded")
     if isinstance(exc, InvalidArgumentError):
-        return bad(str(exc), param=getattr(exc, "param", None))
+        return bad(str(exc), param=exc.param)
     return APIError(503, str(exc), type="server_error", code="unavailable")
 
 

@@ -28,10 +28,9 @@ from portable_infer.serving.http.apierror import bad
 
 def parse_tools(body: dict, model, tool_parser: str | None) -> ToolPlan | None:
     """The request's :class:`ToolPlan` (None: no tools offered); a 400 naming the bad field."""
-    source = model.chat_template.source if model.chat_template is not None else None
     try:
-        return plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"), source,
-                          tool_parser)
+        return plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
+                          model.codec.template_source, tool_parser)
     except InvalidArgumentError as exc:
         raise bad(str(exc), param=exc.param or "tools") from exc
 
@@ -50,7 +49,7 @@ def apply_plan(plan: ToolPlan | None, params, model):
     if plan is None:
         return params
     try:
-        return plan.apply(params, model.tokenizer)
+        return plan.apply(params, model.codec.tokenizer)
     except InvalidArgumentError as exc:
         raise bad(str(exc), param=exc.param or "tool_choice") from exc
 
@@ -58,8 +57,8 @@ def apply_plan(plan: ToolPlan | None, params, model):
 class ToolReplies:
     """The chunks (or the message) of one reply to a request with tools."""
 
-    def __init__(self, plan: ToolPlan, model, params):
-        self.stream = ChatStream(plan, model.tokenizer, params, model.manifest.tokenizer.eos_token_ids)
+    def __init__(self, plan: ToolPlan, codec, params):
+        self.stream = ChatStream(plan, codec.tokenizer, params, codec.eos_ids)
 
     def push(self, r):
         """The :class:`~portable_infer.text.tool_stream.ChatDelta` of ``r`` (a Response)."""
