@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporters import export as ex  # noqa: E402
 from exporters import int4_fit, weights  # noqa: E402
+from exporters.lowering import spec  # noqa: E402
 from exporters.quant import quantize  # noqa: E402
 from exporters.sources import open_source  # noqa: E402
 from exporters.verify import _log_softmax, _reference_logits, all_logits, decoder, load_reference  # noqa: E402
@@ -148,7 +149,7 @@ class Run:
     """One export: which graphs, and the exporter settings it runs with (module globals)."""
 
     variants: tuple
-    head: str = ex.Q4_HEAD
+    head: str = spec.Q4_HEAD
     mean_weight: float = int4_fit.MEAN_WEIGHT
     scales: tuple = int4_fit.FIT_SCALES
     fit: object = int4_fit.fit_int4
@@ -156,7 +157,7 @@ class Run:
     float_fit: bool = weights.FLOAT_FIT
 
     def apply(self) -> None:
-        ex.Q4_HEAD, int4_fit.MEAN_WEIGHT, int4_fit.FIT_SCALES = self.head, self.mean_weight, self.scales
+        spec.Q4_HEAD, int4_fit.MEAN_WEIGHT, int4_fit.FIT_SCALES = self.head, self.mean_weight, self.scales
         weights.fit_int4, weights.Q4_1_FIT_BITS, weights.FLOAT_FIT = self.fit, self.q4_1_bits, self.float_fit
 
 

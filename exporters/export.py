@@ -19,43 +19,26 @@ import onnx
 
 from portable_infer._version import __version__
 from portable_infer.package import manifest as mf
-from portable_infer.package.variants import Q4_VARIANTS
+from portable_infer.package.variants import FUSED, PORTABLE, Q4_VARIANTS
 from portable_infer.package.verification import VariantReport, WeightFit
 from portable_infer.errors import ExportError
 
 from .decoder import DecoderBuilder
 from .export_plan import ExportPlan, check_options, plan_export
-from .fused import FusedDecoderBuilder
-from .static import StaticDecoderBuilder
 from .graph import ExternalDataWriter, GraphBuilder
 from .int4_fit import FitCache
+from .lowering.spec import VARIANT_FORMS, VariantSpec
 from .shared_weights import SharedWeights
 from .sources import open_source, source_sha256, tokenizer_assets
 from .weights import WeightStore
 
 logger = logging.getLogger(__name__)
 
-PORTABLE_OPSET = 21  # blocked DequantizeLinear (int4/int8 weights) needs opset 21
-PORTABLE_FILE = "model.onnx"
-FUSED_FILE = "model.fused.onnx"
-FUSED_OPSET = 21
+OPSET = 21  # blocked DequantizeLinear (int4/int8 weights) needs opset 21
+PORTABLE_FILE = VARIANT_FORMS[PORTABLE][0]
 # The variant names, precisions and routes, and the checks of the options against each other and
-# the source, are in export_plan.py (plan_export); this module writes the plan.
-STATIC_FILE = "model.static.onnx"
-FUSED_INT8_FILE = "model.fused-int8.onnx"
-STATIC_INT8_FILE = "model.static-int8.onnx"
-INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
-Q4_HEAD = "int8"  # the -q4 graphs' lm_head form (weights.HEAD_FORMS); measured in docs/benchmarks.md
-# The graphs that share the fused weight file: name -> (file, builder, layer accuracy (None: the
-# export's nbits_accuracy), layers fitted to integer zero points)
-_SHARED = {
-    "fused": (FUSED_FILE, FusedDecoderBuilder, None, False),
-    "fused-int8": (FUSED_INT8_FILE, FusedDecoderBuilder, INT8_ACCURACY, False),
-    "static": (STATIC_FILE, StaticDecoderBuilder, None, False),
-    "static-int8": (STATIC_INT8_FILE, StaticDecoderBuilder, INT8_ACCURACY, False),
-    "fused-q4": ("model.fused-q4.onnx", FusedDecoderBuilder, INT8_ACCURACY, True),
-    "static-q4": ("model.static-q4.onnx", StaticDecoderBuilder, INT8_ACCURACY, True),
-}
+# the source, are in export_plan.py (plan_export), each graph's form in lowering/spec.py; this
+# module writes the plan.
 
 
 def export(source=None, out: str | os.PathLike = "model_package", *, precision: str | None = None,
@@ -141,7 +124,7 @@ def _write_package(plan: ExportPlan, src, out: Path, *, verify: bool, progress: 
 
             report = verify_export(tmp, manifest, src)
             manifest = _drop_failed_int8(tmp, manifest, report)
-        manifest = _record_fit(manifest, fitted)
+        manifest = _record_fit(manifest, fitted, next((s.head for s in plan.specs if s.weights.int4_fit), None))
         manifest = _replace(manifest, files=mf.file_entries(tmp))
         manifest.save(tmp)
         if out.exists():
@@ -160,47 +143,38 @@ def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool) -> tuple[lis
         ref_model = fallback.load_model(src.path)
         dims = fallback.dims_of(ref_model.config)
         proto = fallback.write_portable(tmp, PORTABLE_FILE, ref_model, dims, plan.precision)
-        return [_variant("portable", PORTABLE_FILE, plan.precision, proto, dims, ("*",))], dims, None
-    layout, written, fitted = plan.layout, [], None
-    if "portable" in plan.variants:
-        written.append(_write_graph(tmp, PORTABLE_FILE, DecoderBuilder, layout, src, plan.precision, progress,
-                                    name="portable", providers=("*",), opset=PORTABLE_OPSET,
-                                    activations=plan.activations))
-    if plan.shared_variants:
-        shared, fitted = _write_shared(tmp, plan.variants, layout, src, plan.precision, progress,
-                                       plan.nbits_accuracy, plan.head_accuracy, plan.activations)
-        written += shared
-    return written, layout.dims, fitted
+        return [_variant(PORTABLE, PORTABLE_FILE, plan.precision, proto, dims, ("*",))], dims, None
+    written, fitted = [_write_graph(tmp, s, plan.layout, src, progress) for s in plan.specs if s.name == PORTABLE], None
+    shared = tuple(s for s in plan.specs if s.name != PORTABLE)
+    if shared:
+        graphs, fitted = _write_shared(tmp, shared, plan.layout, src, progress)
+        written += graphs
+    return written, plan.layout.dims, fitted
 
-def _write_shared(tmp: Path, variants: tuple, layout, src, precision: str, progress: bool, layers: int,
-                  head_accuracy: int, activations: str) -> tuple[list, dict | None]:
-    """The fused-family graphs of ``variants``, in one data file (the writer stores equal tensors
+
+def _write_shared(tmp: Path, specs: tuple, layout, src, progress: bool) -> tuple[list, dict | None]:
+    """The fused-family graphs of ``specs``, in one data file (the writer stores equal tensors
     once: the -int8 twins add only their graphs, the -q4 ones their fitted layers), and the -q4
     weights' fit error (None without them)."""
-    shared = ExternalDataWriter(tmp / (FUSED_FILE + ".data"))
+    writer = ExternalDataWriter(tmp / (VARIANT_FORMS[FUSED][0] + ".data"))
     # each weight converted once: for the exact graphs and their -int8 twins, and for the -q4 ones
     written, fits, plain = [], FitCache(), SharedWeights()
     try:
-        for name, (file, builder, accuracy, fitted) in _SHARED.items():
-            if name in variants:
-                written.append(_write_graph(
-                    tmp, file, builder, layout, src, precision, progress, name=name,
-                    providers=("cpu", "cuda"), opset=FUSED_OPSET, writer=shared,
-                    nbits_accuracy=accuracy or layers, head_accuracy=head_accuracy,
-                    activations=activations, int4_fit=fitted, head_form=Q4_HEAD if fitted else "int8-top16",
-                    shared=fits if fitted else plain))
+        for spec in specs:
+            written.append(_write_graph(tmp, spec, layout, src, progress, writer=writer,
+                                        shared=fits if spec.weights.int4_fit else plain))
     finally:
-        shared.close()
-    return written, (fits.summary() if set(Q4_VARIANTS) & set(variants) else None)
+        writer.close()
+    return written, (fits.summary() if any(s.weights.int4_fit for s in specs) else None)
 
 
-def _record_fit(manifest: mf.Manifest, fit: dict | None) -> mf.Manifest:
+def _record_fit(manifest: mf.Manifest, fit: dict | None, lm_head: str | None) -> mf.Manifest:
     """verification[<-q4 variant>].weight_fit: the form of its weights and how far they are from
     the source's (int4_fit.FitCache.summary), beside the agreement verification measured."""
     if not fit:
         return manifest
     record = WeightFit(form="one MatMulNBits per linear, uint8 zero points, int8 activations (accuracy 4)",
-                       lm_head=Q4_HEAD, **fit)
+                       lm_head=lm_head, **fit)
     report = dict(manifest.verification)
     for name in {v.name for v in manifest.variants} | set(report):  # dropped ones keep their record
         if name in Q4_VARIANTS:
@@ -235,28 +209,21 @@ def _replace(obj, **changes):
     return dataclasses.replace(obj, **changes)
 
 
-def _write_graph(tmp: Path, file: str, builder, layout, src, precision: str, progress: bool, *, name: str,
-                 providers: tuple, opset: int, nbits_accuracy: int | None = None,
-                 head_accuracy: int | None = None, writer: ExternalDataWriter | None = None,
-                 activations: str = "fp32", int4_fit: bool = False, head_form: str = "int8-top16",
-                 shared: SharedWeights | None = None) -> mf.GraphVariant:
+def _write_graph(tmp: Path, spec: VariantSpec, layout, src, progress: bool, *,
+                 writer: ExternalDataWriter | None = None, shared: SharedWeights | None = None) -> mf.GraphVariant:
     own = writer is None
-    writer = writer or ExternalDataWriter(tmp / (file + ".data"))
+    writer = writer or ExternalDataWriter(tmp / (spec.file + ".data"))
     try:
-        g = GraphBuilder(f"portable_infer_{name}", writer, opset=opset)
-        store = WeightStore(g, src, precision, transposed=layout.transposed_weights, nbits_accuracy=nbits_accuracy,
-                            head_accuracy=head_accuracy, activations=activations, int4_fit=int4_fit,
-                            head_form=head_form, shared=shared)
-        built = builder(layout, store)
-        built.build(_progress_bar(progress, layout.dims.num_layers, name))
+        g = GraphBuilder(f"portable_infer_{spec.name}", writer, opset=OPSET)
+        store = WeightStore(g, src, spec.weights, transposed=layout.transposed_weights, shared=shared)
+        DecoderBuilder(layout, store, spec).build(_progress_bar(progress, layout.dims.num_layers, spec.name))
     finally:
         if own:
             writer.close()
     model = g.model(producer=f"portable_infer.exporters {__version__}")
-    onnx.save(model, str(tmp / file))
-    return _variant(name, file, precision, model, layout.dims, providers,
-                    logits="all" if builder.logits_positions == "sequence" else "last",
-                    attention=getattr(built, "attention_op", "masked"), growth=builder.kv_growth)
+    onnx.save(model, str(tmp / spec.file))
+    return _variant(spec.name, spec.file, spec.weights.precision, model, layout.dims, spec.providers,
+                    logits=spec.manifest_logits, attention=spec.manifest_attention, growth=spec.kv)
 
 
 def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims, providers,

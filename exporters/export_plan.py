@@ -16,7 +16,8 @@ from portable_infer.errors import InvalidArgumentError
 from .architectures import MODEL_TYPES, family_for
 from .architectures.common import check_shapes
 from .generation_defaults import generation_defaults
-from .static import StaticDecoderBuilder
+from .lowering.attention import static_fits
+from .lowering.spec import VariantSpec, variant_spec
 from .weights import PRECISION_BITS
 
 PRECISIONS = tuple(PRECISION_BITS)
@@ -52,6 +53,7 @@ class ExportPlan:
     head_accuracy: int  # and of their lm_head
     max_context: int | None  # cap on the manifest's context (None: the model's)
     generation: mf.GenerationDefaults  # the source's sampling defaults (generation_defaults.py)
+    specs: tuple[VariantSpec, ...] = ()  # the direct route's graphs, in the order they are written
 
     @property
     def shared_variants(self) -> tuple[str, ...]:
@@ -99,9 +101,9 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
     if route == "direct":
         layout = family_for(model_type).layout(src.config)
         check_shapes(layout, src)
-        if defaults and not StaticDecoderBuilder.supports(layout):
+        if defaults and not static_fits(layout):
             variants = tuple(v for v in variants if v not in STATIC_VARIANTS)
-        if set(STATIC_VARIANTS) & set(variants) and not StaticDecoderBuilder.supports(layout):
+        if set(STATIC_VARIANTS) & set(variants) and not static_fits(layout):
             raise InvalidArgumentError(
                 f"the static variant needs full rotary attention without sliding windows; "
                 f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead", param="variants")
@@ -112,7 +114,10 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
         if PORTABLE not in variants:
             raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}",
                                        param="variants")
+    nbits_accuracy, head_accuracy = nbits_accuracy or DEFAULT_NBITS_ACCURACY, head_accuracy or DEFAULT_HEAD_ACCURACY
+    specs = tuple(variant_spec(v, layout, precision=precision, activations=activations or "fp32",
+                               nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy)
+                  for v in VARIANTS if v in variants and route == "direct")
     return ExportPlan(route=route, precision=precision, activations=activations or "fp32", variants=variants,
-                      layout=layout, nbits_accuracy=nbits_accuracy or DEFAULT_NBITS_ACCURACY,
-                      head_accuracy=head_accuracy or DEFAULT_HEAD_ACCURACY, max_context=max_context,
-                      generation=generation_defaults(src))
+                      layout=layout, nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy,
+                      max_context=max_context, generation=generation_defaults(src), specs=specs)

@@ -15,19 +15,17 @@ class SharedWeights:
     """The emitted MatMulNBits records of one shared data file, and which stacks were possible."""
 
     def __init__(self):
-        self.emitted: dict = {}  # WeightStore key -> (emitted record, its initializers)
+        self.emitted: dict = {}  # WeightStore key -> (weight_ops record, its initializers)
         self.stacks: dict[str, bool] = {}  # stacked key -> whether the parts' storage formats agreed
 
-    def emit(self, store, key: str, name: str, make) -> dict:
-        """``store``'s MatMulNBits record of ``key``: made by ``make()`` the first time, else the
-        first graph's initializers added to this graph."""
+    def emit(self, g, key: str, make) -> tuple[object, bool]:
+        """(the MatMulNBits record of ``key``, whether an earlier graph made it): made by ``make()``
+        the first time, else the first graph's record with its initializers added to graph ``g``."""
         if key in self.emitted:
-            store._stacked.pop(name, None)  # the stacked source matrix is not needed again
             record, protos = self.emitted[key]
-            store.g.initializers.extend(protos)
-            store._emitted[key] = record
-            return record
-        start = len(store.g.initializers)
+            g.initializers.extend(protos)
+            return record, True
+        start = len(g.initializers)
         record = make()
-        self.emitted[key] = (record, store.g.initializers[start:])
-        return record
+        self.emitted[key] = (record, g.initializers[start:])
+        return record, False

@@ -18,23 +18,20 @@ Each source tensor is written once: the tied embedding and lm_head share initial
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
 
 from .graph import GraphBuilder
 from .int4_fit import fit_int4
-from .quant import BLOCK, Blocks, pack_uint4, quantize
+from .quant import BLOCK, Blocks, quantize
 from .shared_weights import SharedWeights
-from .weight_ops import WeightOps
+from .weight_ops import BlockWeight, DenseWeight, NBitsWeight, WeightOps
 
 logger = logging.getLogger(__name__)
 
 PRECISION_BITS = {"fp32": None, "fp16": None, "int8": 8, "int4": 4}
-# lm_head forms of the fused graphs (with int8-activation heads): 8-bit table with its top 16
-# candidates recomputed in float, 8-bit alone, 4-bit (the table in the -q4 graphs' 4-bit form), or
-# a float MatMul
-HEAD_FORMS = ("int8-top16", "int8", "int4", "fp32")
 # Width of the -q4 graphs' Q4_1 layers (d*q + m; Q4_K has the same form). At 4 bits the fit into
 # integer zero points is a second rounding: SmolLM2 agreed with its reference on 74.4 % of 636
 # positions (round-to-nearest of the dequantized copy: 70.4 %). MatMulNBits' 8-bit form holds each
@@ -44,44 +41,79 @@ Q4_1_FIT_BITS = 8
 # int4_fit's search lowered SmolLM2-shaped float weights' error 10 % below it yet agreed less with
 # the reference (66.2 % against 67.1 % of 636 positions, perplexity +41 % against +35 %).
 FLOAT_FIT = False
-GGUF_UINT8_KINDS = ("q4_0", "q4_1", "q8_1")  # unsigned codes of exporters/gguf_blocks.py forms
+
+
+@dataclass(frozen=True)
+class WeightForm:
+    """How one graph stores its weights: the knobs of the linear lowering (``lowering/linear.py``)."""
+
+    precision: str  # fp32 | fp16 | int8 | int4: the layers' width (PRECISION_BITS)
+    activations: str = "fp32"  # fp32 | fp16: int4/int8 weights may run fp16 activations
+    # MatMulNBits accuracy level of the layers (1 float, 4 int8 activations); None: the portable
+    # DequantizeLinear + MatMul form
+    nbits_accuracy: int | None = None
+    head_accuracy: int | None = None  # of the lm_head and tied table (None: the layers')
+    # the -q4 graphs: 4-bit layers in MatMulNBits' integer form (uint8 zero points, no correction
+    # rows), fitted to the source blocks (int4_fit.fit_int4)
+    int4_fit: bool = False
+    block: int = BLOCK  # block size of float weights quantized here (source blocks keep theirs)
+
+    @property
+    def dtype(self):
+        """The activation (and KV) dtype."""
+        return np.float16 if "fp16" in (self.precision, self.activations) else np.float32
+
+    @property
+    def onnx_dtype(self) -> int:
+        return TensorProto.FLOAT16 if self.dtype == np.float16 else TensorProto.FLOAT
+
+    @property
+    def layer_bits(self) -> int | None:
+        return PRECISION_BITS[self.precision]
+
+    @property
+    def table_bits(self) -> int | None:
+        """Width of the embedding / lm_head table. It is large and quality-sensitive: 8 bits at
+        int4/int8 with fp32 activations (CPU). With fp16 activations (GPU packages) it stays dense
+        fp16: a GPU reads it in microseconds, while 8-bit MatMulNBits on CUDA dequantizes it every step."""
+        return None if self.layer_bits is None or self.dtype == np.float16 else 8
+
+    @property
+    def table_accuracy(self) -> int | None:
+        """MatMulNBits accuracy level of the lm_head and the tied table."""
+        return self.head_accuracy or self.nbits_accuracy
+
+    @property
+    def split8(self) -> bool:
+        """Exact 8-bit MatMulNBits matrices as two 4-bit halves (ORT's 8-bit kernel at accuracy 1 is slow)."""
+        return self.table_accuracy == 1
+
+    @property
+    def fold_offsets(self) -> bool:
+        """Q4_1 offsets folded into MatMulNBits (extra rows) instead of float correction ops; fp16
+        activations (CUDA) keep the ops, whose launches CUDA graphs absorb."""
+        return self.dtype == np.float32
 
 
 class WeightStore:
-    """Fetches source tensors, converts them to the package precision and emits them."""
+    """Fetches source tensors, converts them to the graph's form (:class:`WeightForm`) and emits
+    them as typed records (``weight_ops``)."""
 
-    def __init__(self, g: GraphBuilder, source, precision: str, transposed: bool = False,
-                 nbits_accuracy: int | None = None, head_accuracy: int | None = None, activations: str = "fp32",
-                 int4_fit: bool = False, head_form: str = "int8-top16", shared: SharedWeights | None = None):
+    def __init__(self, g: GraphBuilder, source, form: WeightForm, transposed: bool = False,
+                 shared: SharedWeights | None = None):
         self.g = g
         self.source = source
-        self.precision = precision
-        half = precision == "fp16" or activations == "fp16"  # int4/int8 weights may run fp16 activations
-        self.dtype = np.float16 if half else np.float32
-        self.onnx_dtype = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+        self.form = form
+        self.dtype = form.dtype
+        self.onnx_dtype = form.onnx_dtype
         self.ops = WeightOps(g, self.dtype, self.onnx_dtype)  # initializers and the ops over them
         self.transposed = transposed  # GPT-2 Conv1D: source stores [in, out]
-        self._emitted: dict[str, dict] = {}
-        # Fused variant: block weights go to com.microsoft MatMulNBits with this accuracy level
-        # (None = portable DequantizeLinear + MatMul).
-        self.nbits_accuracy = nbits_accuracy
-        self.head_accuracy = head_accuracy or nbits_accuracy  # the lm_head (and tied table)
-        self.split8 = self.head_accuracy == 1
-        # Q4_1 offsets folded into MatMulNBits (extra rows) instead of float correction ops; fp16
-        # activations (CUDA) keep the ops, whose launches CUDA graphs absorb
-        self.augment_offsets = not half
+        self._emitted: dict[str, DenseWeight | BlockWeight | NBitsWeight] = {}
         self._stacked: dict[str, object] = {}  # virtual tensors: row-stacked source matrices
-        # The -q4 variants: 4-bit layers in MatMulNBits' integer form (uint8 zero points, no
-        # correction rows), fitted to the source blocks (int4_fit.fit_int4)
-        self.int4_fit = int4_fit
         # MatMulNBits weights emitted once for the graphs of one data file (shared_weights.py);
         # for the -q4 graphs an int4_fit.FitCache, which also counts the fit's error
         self.shared = shared
-        self.fit_cache = shared if int4_fit else None
-        if head_form not in HEAD_FORMS:
-            raise ValueError(f"head_form must be one of {HEAD_FORMS}, got {head_form!r}")
-        self.head_form = head_form  # the fused graphs' lm_head (FusedDecoderBuilder.lm_head)
-        self.fit_8bit: set[str] = set()  # 8-bit tables fitted to 4 bits all the same (an int4 lm_head)
+        self.fit_cache = shared if form.int4_fit else None
 
     def stack(self, names: list[str], key: str) -> str | None:
         """Register the row-wise stack of [out, in] weights (or of biases) under ``key``, so one
@@ -113,131 +145,72 @@ class WeightStore:
         w = self._dense(self._matrix(name)) + np.float32(add)
         return self.g.weight(_init_name(name, "f" if add == 0 else "f1"), w.astype(dtype or self.dtype))
 
-    # --- linear layers ------------------------------------------------------------------------
-    def linear(self, x: str, name: str, bias: str | None = None, bits: int | None = -1,
-               accuracy: int | None = None) -> str:
-        """y = x @ W^T (+ b) for the HF weight ``name`` of shape [out, in]."""
-        bits = PRECISION_BITS[self.precision] if bits == -1 else bits
-        if self.nbits_accuracy is not None and bits is not None:
-            y = self.ops.nbits_matmul(x, self._nbits(name, bits), accuracy or self.nbits_accuracy)
-        else:
-            y = self.ops.dequant_matmul(x, self._emit(name, bits))
-        if bias is not None:
-            y = self.g.add(y, self.vector(bias))
-        return y
-
-    def _nbits(self, name: str, bits: int) -> dict:
-        """Emit (once) a weight in MatMulNBits layout: B [N, blocks, blob] uint8, scales, zero points.
-
-        ``bits`` 8 also holds 4-bit blocks (values 0..15 in bytes), so the tied embedding can
-        gather rows from the same initializers as the lm_head.
-        """
+    # --- records ------------------------------------------------------------------------------
+    def nbits(self, name: str, bits: int, fit_table: bool = False) -> NBitsWeight:
+        """The weight ``name`` in MatMulNBits layout at ``bits``, emitted once (``bits`` 8 also holds
+        4-bit blocks, so the tied embedding gathers rows from the lm_head's initializers).
+        ``fit_table``: an 8-bit source table fitted to 4 bits all the same (the -q4 int4 lm_head)."""
         key = f"{name}#nbits{bits}"
-        if key in self._emitted:
-            return self._emitted[key]
-        if self.shared is not None:  # converted (-q4: fitted) once per export
-            return self.shared.emit(self, key, name, lambda: self._emit_nbits(name, bits, key))
-        return self._emit_nbits(name, bits, key)
+        if key not in self._emitted:
+            make = lambda: self._emit_nbits(name, bits, fit_table)  # noqa: E731
+            if self.shared is None:
+                self._emitted[key] = make()
+            else:  # converted (-q4: fitted) once per export
+                record, reused = self.shared.emit(self.g, key, make)
+                if reused:
+                    self._stacked.pop(name, None)  # the stacked source matrix is not needed again
+                self._emitted[key] = record
+        return self._emitted[key]
 
-    def _emit_nbits(self, name: str, bits: int, key: str) -> dict:
+    def _emit_nbits(self, name: str, bits: int, fit_table: bool) -> NBitsWeight:
         twin = f"{name}#nbits{12 - bits}" in self._emitted  # the tied table at the other width
-        g, base = self.g, _init_name(name, f"nbits{bits}" if twin else "nbits")
         w = self._matrix(name)
         # every 4-bit linear of a -q4 graph; exact 8-bit GGUF blocks (Q5_x, Q6_K, Q8_0) stay 8-bit
         # layers there: fitting them to 4 bits would round them a second time (gguf_blocks.py)
         eight = isinstance(w, Blocks) and w.bits == 8
-        if self.int4_fit and bits == 4 and (not eight or name in self.fit_8bit):
+        if self.form.int4_fit and bits == 4 and (not eight or fit_table):
             source = w.dequantize() if eight else w
             if isinstance(source, Blocks) or FLOAT_FIT:
                 w = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
             else:
-                w = quantize(source, 4)
+                w = quantize(source, 4, self.form.block)
             if self.fit_cache is not None:
                 self.fit_cache.add(source, w)
         elif not isinstance(w, Blocks):
-            w = quantize(w, bits)
+            w = quantize(w, bits, self.form.block)
+        return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin else "nbits"), w, bits,
+                                   self.form.split8, self.form.fold_offsets)
+
+    def blocks(self, name: str, bits: int | None, packed4: bool = True,
+               table: bool = False) -> DenseWeight | BlockWeight:
+        """The weight ``name`` for DequantizeLinear + MatMul at ``bits`` (None: dense float),
+        emitted once; ``table``: an embedding table (GPT-2 stores those untransposed)."""
+        if name in self._emitted:
+            return self._emitted[name]
+        w = self._matrix(name, table)
         n_out, n_in = w.shape
-        nb = n_in // w.block
-        # MatMulNBits is fastest without a zero-point input (implicit 8 for 4 bits, 128 for 8).
-        # Any other zero point z, and Q4_1's offset m, become one exact per-block offset:
-        #     s*(q - z) + m  =  s*(q - default) + [m + s*(default - z)]
-        bits_out = 4 if (bits == 4 and w.bits == 4) else 8
-        default = 8 if bits_out == 4 else 128
-        q = w.q.view(np.uint8) ^ np.uint8(0x80) if w.q.dtype == np.int8 else w.q  # signed int8 + 128, as uint8
-        z = (w.zero.astype(np.float32) if w.zero is not None else 0.0) + (128 if w.q.dtype == np.int8 else 0)
-        offset0 = (w.offset if w.offset is not None else 0.0) + w.scale * (default - z)
-        q = q.astype(np.uint8, copy=False).reshape(n_out, nb, w.block)
-        t = {"n_in": n_in, "n_out": n_out, "block": w.block, "default_zp": default, "split": False,
-             "offset_rows": None}
-        scale = w.scale
-        offset, t["zp"] = offset0, None
-        if (bits_out == 4 and w.zero is not None and w.offset is None and w.q.dtype != np.int8
-                and np.any(w.zero != default)):
-            # Integer zero points (our asymmetric int4) go in as MatMulNBits' uint8 input: exact,
-            # as fast on CPU, and no correction ops (which cost kernel launches on CUDA).
-            zp = w.zero.astype(np.uint8)
-            if nb % 2:
-                zp = np.concatenate([zp, np.zeros((n_out, 1), np.uint8)], axis=1)
-            t["zp"] = g.weight(base + ".zp", pack_uint4(zp))
-            offset = np.zeros_like(offset0)
-        if bits_out == 8 and w.kind == "uint8" and not self.split8:
-            # fitted 8-bit codes with integer zero points (int4_fit, bits=8): MatMulNBits' own form
-            t["zp"] = g.weight(base + ".zp", w.zero.astype(np.uint8))
-            offset = np.zeros_like(offset0)
-        if (bits_out == 8 and w.q.dtype == np.uint8 and w.kind in GGUF_UINT8_KINDS and not self.split8
-                and self.dtype == np.float32):  # CUDA (fp16) packages keep the form they had
-            # unsigned GGUF codes at 8 bits (Q5_1, Q5_K; 4-bit blocks read as an 8-bit table):
-            # their own zero points (0 without one) keep s*(q - z) exact and small, and the offset
-            # term carries m alone (s*(q - 128) + [m + s*(128 - z)] cancels, and int8
-            # activations' error would scale with q - 128)
-            zero = w.zero if w.zero is not None else np.zeros(w.scale.shape, np.uint8)
-            t["zp"] = g.weight(base + ".zp", np.ascontiguousarray(zero, np.uint8))
-            offset = w.offset if w.offset is not None else np.zeros_like(offset0)
-        if bits_out == 4 and w.offset is not None and self.augment_offsets:
-            q, scale, offset = self.ops.augment(t, w, q, base)
-        t["scale"] = g.weight(base + ".scale", scale.astype(self.dtype))
-        if bits_out == 4:
-            t.update(bits=4, B=g.weight(base + ".B", pack_uint4(q).reshape(n_out, q.shape[1], w.block // 2)))
-        elif self.split8:
-            # ORT's 8-bit kernel at accuracy 1 is ~100x slower than its 4-bit one, so an exact
-            # 8-bit matrix runs as two 4-bit halves:  u - 128 = 16(hi - 8) + (lo - 8) + 8
-            hi, lo = q >> 4, q & 0x0F
-            t.update(bits=4, split=True, B=g.weight(base + ".Bhi", pack_uint4(hi).reshape(n_out, nb, w.block // 2)),
-                     B_lo=g.weight(base + ".Blo", pack_uint4(lo).reshape(n_out, nb, w.block // 2)))
-            offset = offset0 + 8.0 * w.scale
+        if bits is not None and n_in % self.form.block:
+            logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, self.form.block)
+            bits = None
+        if bits is None:
+            t = DenseWeight(self.g.weight(_init_name(name, "T"), self._dense(w).T.astype(self.dtype)), n_in)
         else:
-            t.update(bits=8, B=g.weight(base + ".B", q))
-        t["offset"] = g.weight(base + ".offset", offset.T.astype(self.dtype)) if np.any(offset != 0) else None
-        if bits_out == 8 and w.kind != "uint8" and np.any(offset0 != 0):  # the embedding gathers offsets by row
-            t["offset_rows"] = g.weight(base + ".offset_rows", np.asarray(offset0).astype(self.dtype))
-        self._emitted[key] = t
+            if not isinstance(w, Blocks):
+                w = quantize(w, bits, self.form.block)
+            t = self.ops.emit_blocks(_init_name(name, ""), w, packed4)
+        self._emitted[name] = t
         return t
 
-    def refine_top(self, x: str, logits: str, name: str, k: int) -> str:
-        """Float logits for the k best candidates of a head computed with int8 activations, so
-        greedy picks match float arithmetic (near-ties flip otherwise) for k table rows' work::
-
-            logits --TopK--> idx [B, 1, k] --table rows--> [B, k, E] --x·rowsᵀ--> [B, 1, k]
-            ScatterElements(logits, idx, exact)
-        """
-        g = self.g
-        _, idx = g.op("TopK", [logits, g.const([k])], n_out=2, axis=-1)
-        ids = g.op("Squeeze", [idx, g.const([1])])
-        rows = self.ops.nbits_rows(ids, self._nbits(name, 8))
-        exact = g.matmul(x, g.transpose(rows, [0, 2, 1]))
-        return g.op("ScatterElements", [logits, idx, exact], axis=-1)
-
     # --- embeddings ---------------------------------------------------------------------------
-    def embedding(self, ids: str, name: str, bits: int | None = -1) -> str:
+    def embedding(self, ids: str, name: str, bits: int | None) -> str:
         """Rows of the [vocab, hidden] table for ``ids`` [B, S] -> [B, S, hidden].
 
         The table is stored transposed (as the tied lm_head wants it), so rows are gathered
         along axis 1 and dequantized block-wise after the gather.
         """
-        bits = PRECISION_BITS[self.precision] if bits == -1 else bits
-        if self.nbits_accuracy is not None and bits is not None:  # the lm_head's MatMulNBits table: stored once
-            return self.ops.nbits_rows(ids, self._nbits(name, 8))
-        return self.ops.dequant_rows(ids, self._emit(name, bits, packed4=False, table=True))
+        if self.form.nbits_accuracy is not None and bits is not None:  # the lm_head's MatMulNBits table: stored once
+            return self.ops.nbits_rows(ids, self.nbits(name, 8))
+        return self.ops.dequant_rows(ids, self.blocks(name, bits, packed4=False, table=True))
 
     # --- conversion ---------------------------------------------------------------------------
     def _dense(self, w) -> np.ndarray:
@@ -253,25 +226,6 @@ class WeightStore:
         if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
             w = w.T
         return w
-
-    def _emit(self, name: str, bits: int | None, packed4: bool = True, table: bool = False) -> dict:
-        if name in self._emitted:
-            return self._emitted[name]
-        w = self._matrix(name, table)
-        n_out, n_in = w.shape
-        if bits is not None and n_in % BLOCK:
-            logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, BLOCK)
-            bits = None
-        if bits is None:
-            dense = self._dense(w).T.astype(self.dtype)
-            t = {"kind": "dense", "w": self.g.weight(_init_name(name, "T"), dense)}
-        else:
-            if not isinstance(w, Blocks):
-                w = quantize(w, bits)
-            t = self.ops.emit_blocks(_init_name(name, ""), w, packed4)
-        t["in"] = n_in
-        self._emitted[name] = t
-        return t
 
 
 def _init_name(hf_name: str, suffix: str) -> str:

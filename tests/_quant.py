@@ -10,7 +10,8 @@ from onnx import TensorProto
 
 from exporters.graph import GraphBuilder
 from exporters.quant import BLOCK, Blocks
-from exporters.weights import WeightStore
+from exporters.lowering.linear import linear
+from exporters.weights import WeightForm, WeightStore
 
 
 class _Source:
@@ -44,11 +45,11 @@ def run_linear(blocks: Blocks, x: np.ndarray, accuracy: int, provider: str = "CP
                dtype=np.float32) -> tuple[np.ndarray, list]:
     g = GraphBuilder("linear", None)
     half = dtype == np.float16
-    store = WeightStore(g, _Source({"w": blocks}), "int4", nbits_accuracy=accuracy,
-                        activations="fp16" if half else "fp32")
+    form = WeightForm("int4", "fp16" if half else "fp32", nbits_accuracy=accuracy)
+    store = WeightStore(g, _Source({"w": blocks}), form)
     elem = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     g.input("x", elem, [1, "s", blocks.shape[1]])
-    g.output(store.linear("x", "w"), "y", elem, [1, "s", blocks.shape[0]])
+    g.output(linear(store, "x", "w"), "y", elem, [1, "s", blocks.shape[0]])
     model = g.model("test")
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2

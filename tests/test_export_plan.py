@@ -53,3 +53,22 @@ def test_options_without_a_source(kwargs, param):
     with pytest.raises(InvalidArgumentError) as info:
         check_options(**args)
     assert info.value.param == param
+
+
+def test_each_graph_gets_its_spec(tiny_llama):
+    """One frozen spec per variant, in writing order: the form of each op family and of the weights."""
+    plan = plan_export(open_source(tiny_llama.source), precision="int4")
+    specs = {s.name: s for s in plan.specs}
+    assert tuple(specs) == plan.variants
+    forms = {name: (s.attention, s.norm, s.rotary, s.projections, s.kv, s.logits, s.head, s.weights.nbits_accuracy)
+             for name, s in specs.items()}
+    assert forms == {
+        "portable": ("masked", "portable", "computed", "separate", "concat", "all", "int8", None),
+        "fused": ("gqa", "fused", "cached", "stacked", "concat", "last", "int8-top16", 1),
+        "fused-int8": ("gqa", "fused", "cached", "stacked", "concat", "last", "int8-top16", 4),
+        "static": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int8-top16", 1),
+        "static-int8": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int8-top16", 4),
+    }
+    assert not specs["static"].position_ids and specs["static"].next_token and specs["fused"].position_ids
+    assert {s.weights.head_accuracy for n, s in specs.items() if n != "portable"} == {4}
+    assert plan_export(open_source(tiny_llama.source), route="fallback").specs == ()

@@ -153,8 +153,8 @@ def test_shared_graphs_write_the_bytes_they_wrote_unshared(tiny_llama, tmp_path,
     class NoSharing(SharedWeights):
         """Every graph converts every weight itself (as before the shared cache)."""
 
-        def emit(self, store, key, name, make):
-            return make()
+        def emit(self, g, key, make):
+            return make(), False
 
         @property
         def stacks(self):  # forgets every decision

@@ -25,7 +25,8 @@ from _quant import _Source  # noqa: E402
 from exporters.gguf_blocks import EXACT_TYPES, decode  # noqa: E402
 from exporters.graph import GraphBuilder  # noqa: E402
 from exporters.quant import Blocks  # noqa: E402
-from exporters.weights import WeightStore  # noqa: E402
+from exporters.lowering.linear import linear  # noqa: E402
+from exporters.weights import WeightForm, WeightStore  # noqa: E402
 
 OFFSET_FORMS = ("Q4_1", "Q4_K", "Q2_K")  # q4_1 form: fused graphs carry m as 4-bit remainders
 # fp16 scale fields: byte offsets per block (random bytes elsewhere)
@@ -99,10 +100,10 @@ def graph_weights(b: Blocks, fused: bool, int4_fit: bool = False) -> np.ndarray:
 
     n, k = b.shape
     g = GraphBuilder("linear", None)
-    store = WeightStore(g, _Source({"w": b}), "int4", nbits_accuracy=1 if fused else None, head_accuracy=4,
-                        int4_fit=int4_fit)
+    store = WeightStore(g, _Source({"w": b}), WeightForm("int4", nbits_accuracy=1 if fused else None, head_accuracy=4,
+                                                         int4_fit=int4_fit))
     g.input("x", TensorProto.FLOAT, [1, "s", k])
-    g.output(store.linear("x", "w"), "y", TensorProto.FLOAT, [1, "s", n])
+    g.output(linear(store, "x", "w"), "y", TensorProto.FLOAT, [1, "s", n])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # as the runtime

@@ -414,8 +414,9 @@ def test_lm_head_forms(q4_0_gguf, head, tmp_path, monkeypatch, seed):
     """The -q4 graphs' lm_head: the tied table at 4 bits, a float MatMul, or the 8-bit table; the
     embedding gathers from the 8-bit table in every form."""
     from exporters import export as ex
+    from exporters.lowering import spec
 
-    monkeypatch.setattr(ex, "Q4_HEAD", head)
+    monkeypatch.setattr(spec, "Q4_HEAD", head)
     pkg = ex.export(q4_0_gguf, tmp_path / head, variants=("portable", "static-q4"), verify=False)
     model = _graph(pkg, "static-q4")
     assert mf.Manifest.load(pkg).verification["static-q4"].weight_fit.lm_head == head

@@ -1,0 +1,107 @@
+"""One frozen spec per graph variant: which form of each op family the decoder builder asks for.
+
+The builder (``exporters/decoder.py``) walks the layout; each op family's module holds its forms
+side by side and picks one by the spec::
+
+                  portable           fused                         static
+    attention     masked             gqa  (masked: partial rotary)  gqa_static
+    norm          portable           fused                         fused
+    rotary        computed           cached (computed: partial)    cached (inside GroupQueryAttention)
+    projections   separate           stacked                       packed
+    kv            concat             concat                        static  (no position_ids input)
+    logits        all                last                          row_last (+ next_token output)
+    head          int8 | fp32        int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
+    weights       DequantizeLinear   MatMulNBits                   MatMulNBits
+
+The -int8 twins run the fused / static spec with int8 activations in their layers
+(``weights.nbits_accuracy`` 4); the -q4 ones also fit their layers to MatMulNBits' integer form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from portable_infer.package.variants import FUSED, FUSED_INT8, FUSED_Q4, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4
+
+from ..weights import WeightForm
+from . import attention, head, linear, norm, rotary
+
+INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
+Q4_HEAD = "int8"  # the -q4 graphs' lm_head form (head.HEAD_FORMS); measured in docs/benchmarks.md
+# name -> (file, form, layers at int8 activations, layers fitted to MatMulNBits' integer form)
+VARIANT_FORMS = {
+    PORTABLE: ("model.onnx", "portable", False, False),
+    FUSED: ("model.fused.onnx", "fused", False, False),
+    FUSED_INT8: ("model.fused-int8.onnx", "fused", True, False),
+    STATIC: ("model.static.onnx", "static", False, False),
+    STATIC_INT8: ("model.static-int8.onnx", "static", True, False),
+    FUSED_Q4: ("model.fused-q4.onnx", "fused", True, True),
+    STATIC_Q4: ("model.static-q4.onnx", "static", True, True),
+}
+KV_FORMS = ("concat", "static")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """How one graph variant is built: the form of each op family, and its weights' form."""
+
+    name: str  # the manifest's variant name
+    file: str  # its graph file in the package
+    providers: tuple[str, ...]  # the providers the manifest lists for it ("*": any)
+    attention: str  # attention.FORMS
+    norm: str  # norm.FORMS
+    rotary: str  # rotary.FORMS
+    projections: str  # linear.PROJECTIONS
+    kv: str  # KV_FORMS: the cache grows by Concat, or lives in fixed buffers written in place
+    logits: str  # head.POSITION_DIM: which positions get logits
+    head: str  # head.HEAD_FORMS: the lm_head's form
+    weights: WeightForm
+    position_ids: bool = True  # a position_ids input (static graphs derive positions from the lengths)
+    next_token: bool = False  # a next_token output: the argmax of the logits, greedy on the device
+
+    def __post_init__(self):
+        for field, allowed in (("attention", attention.FORMS), ("norm", norm.FORMS), ("rotary", rotary.FORMS),
+                               ("projections", linear.PROJECTIONS), ("kv", KV_FORMS),
+                               ("logits", head.POSITION_DIM), ("head", head.HEAD_FORMS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"VariantSpec.{field} must be one of {tuple(allowed)}, got {getattr(self, field)!r}")
+        if (self.attention == "gqa_static") != (self.kv == "static"):
+            raise ValueError("the gqa_static attention and the static KV go together")
+
+    @property
+    def manifest_attention(self) -> str:
+        """The manifest's ``attention``: "masked" or "gqa"."""
+        return "masked" if self.attention == "masked" else "gqa"
+
+    @property
+    def manifest_logits(self) -> str:
+        """The manifest's ``logits``: "all" or "last"."""
+        return "all" if self.logits == "all" else "last"
+
+
+def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32", nbits_accuracy: int = 1,
+                 head_accuracy: int = 4) -> VariantSpec:
+    """The spec of variant ``name`` for ``layout`` (architectures.DecoderLayout) at these export options
+    (``nbits_accuracy``: the layers' MatMulNBits accuracy level where the variant does not fix it)."""
+    file, form, int8, fitted = VARIANT_FORMS[name]
+    if form == "portable":
+        weights = WeightForm(precision, activations)
+        return VariantSpec(name, file, ("*",), "masked", "portable", "computed", "separate", "concat", "all",
+                           _head(weights, "int8"), weights)
+    weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,
+                         head_accuracy=head_accuracy, int4_fit=fitted)
+    lm_head = _head(weights, Q4_HEAD if fitted else "int8-top16")
+    if form == "static":
+        return VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",
+                           "row_last", lm_head, weights, position_ids=False, next_token=True)
+    cached = rotary.cache_fits(layout)  # else the portable rotary and attention (partial rotary)
+    return VariantSpec(name, file, ("cpu", "cuda"), "gqa" if cached or layout.positions != "rope" else "masked",
+                       "fused", "cached" if cached else "computed", "stacked", "concat", "last", lm_head, weights)
+
+
+def _head(weights: WeightForm, form: str) -> str:
+    """The lm_head form a graph runs: a float table stays a float MatMul; refining the top
+    candidates changes nothing when the head runs float activations (accuracy 1)."""
+    if weights.table_bits is None:
+        return "fp32"
+    return "int8" if form == "int8-top16" and weights.table_accuracy == 1 else form
