@@ -2,8 +2,9 @@
 
 2,000 seeded mutations of a real exported manifest, with a verification report in schema 2 or
 schema 1 (type swaps, deletions, wrapping, hostile paths, and raw-byte damage: truncation, bit
-flips, deep nesting, huge integers, NaN, duplicate keys, non-UTF-8) go through ``portable_infer.load`` and ``portable-infer inspect``; each must load
-or raise a PortableInferError. Set PORTABLE_INFER_FUZZ_SEED to replay another run.
+flips, deep nesting, huge integers, NaN, duplicate keys, non-UTF-8) go through
+``portable_infer.load`` and ``portable-infer inspect``; each must load or raise a
+PortableInferError. Set PORTABLE_INFER_FUZZ_SEED to replay another run.
 """
 
 from __future__ import annotations

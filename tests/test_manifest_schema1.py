@@ -66,11 +66,13 @@ def test_a_schema1_package_loads_with_its_report_typed(int4_package, tmp_path, c
                 assert q.perplexity_delta == d[key].get("perplexity_delta"), (check, name, q)
         for key in ("full", "cached", "reference_logits"):
             diff = getattr(r, key)
-            assert (diff is None and key not in d) or (diff.max_abs, diff.max_rel) == (d[key]["max_abs"], d[key]["max_rel"])
+            want = d.get(key) and (d[key]["max_abs"], d[key]["max_rel"])
+            assert (diff and (diff.max_abs, diff.max_rel)) == want, (check, name, key)
         assert r.reference == d.get("reference") and r.dropped == d.get("dropped")
         assert (r.greedy and (r.greedy.steps, r.greedy.identical_prefix)) == (
             d.get("greedy") and (d["greedy"]["steps"], d["greedy"]["identical_prefix"]))
-        assert (r.consistency and r.consistency.padded.max_rel) == (d.get("consistency") and d["consistency"]["padded"]["max_rel"])
+        want = d.get("consistency") and d["consistency"]["padded"]["max_rel"]
+        assert (r.consistency and r.consistency.padded.max_rel) == want, (check, name)
         assert r.weight_fit == (WeightFit(**d["weight_fit"]) if "weight_fit" in d else None)
     # the quality gate reads the converted report: static-int8 (126/128) passed, fused-int8 (121/128) did not
     assert passes_gate(m.verification["static-int8"]) and not passes_gate(m.verification["fused-int8"])
@@ -89,7 +91,8 @@ def test_inspect_shows_a_schema1_report(int4_package, tmp_path, capsys):
     pkg = as_schema1(int4_package, tmp_path / "pkg", "full_check")
     assert main(["inspect", str(pkg)]) == 0
     out = capsys.readouterr().out
-    assert "verified     static-int8: max rel diff 3.44e-02, greedy 16/16, top-1 126/128, ppl 263.600; runs by default" in out
+    assert ("verified     static-int8: max rel diff 3.44e-02, greedy 16/16, top-1 126/128, ppl 263.600; "
+            "runs by default") in out
     assert "fused-int8: " in out and "below the quality gate" in out
     assert "static-q4: " in out and "left out of the package: top-1 agreement 97/128" in out
 
@@ -97,7 +100,8 @@ def test_inspect_shows_a_schema1_report(int4_package, tmp_path, capsys):
 @pytest.mark.parametrize("breakage, field", [
     (lambda r: r["fused"].update(notes="hand-written"), "verification.fused"),  # a key no exporter wrote
     (lambda r: r["fused"]["quality"].pop("top1_agree_steps"), "verification.fused.quality.top1_agree_steps"),
-    (lambda r: r["fused"]["quality"].update(top1_agree_steps="127 of 128"), "verification.fused.quality.top1_agree_steps"),
+    (lambda r: r["fused"]["quality"].update(top1_agree_steps="127 of 128"),
+     "verification.fused.quality.top1_agree_steps"),
     (lambda r: r["fused"]["quality"].update(top1_agree_steps="129/128"), "verification.fused.quality"),
     (lambda r: r["fused"]["quality"].pop("perplexity_reference"), "verification.fused.quality"),
     (lambda r: r["fused"]["quality"].update(agreed=127, steps=128), "verification.fused.quality"),  # schema 2's keys

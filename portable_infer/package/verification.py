@@ -133,8 +133,8 @@ class VariantReport:
             consistency=_opt(lambda cached, padded: Consistency(LogitDiff(**cached), LogitDiff(**padded)),
                              d.get("consistency")),
             quality=_opt(Quality, d.get("quality")), agreement=_opt(Quality, d.get("agreement")),
-            reference_logits=_opt(LogitDiff, d.get("reference_logits")), weight_fit=_opt(WeightFit, d.get("weight_fit")),
-            dropped=d.get("dropped"),
+            reference_logits=_opt(LogitDiff, d.get("reference_logits")),
+            weight_fit=_opt(WeightFit, d.get("weight_fit")), dropped=d.get("dropped"),
         )
 
 
