@@ -110,7 +110,7 @@ def consistency(dec, vocab: int, rng: np.random.Generator) -> Consistency:
     mask[1, :3] = 0
     padded = dec.run(ids, mask, dec.empty_past(2))[0][1, -1]
     alone = dec.run(ids[1:, 3:], np.ones((1, 9), np.int64), dec.empty_past(1))[0][0, -1]
-    return Consistency(cached=verify._diff(logits[0, -1], one), padded=verify._diff(padded, alone))
+    return Consistency(cached=verify.logit_diff(logits[0, -1], one), padded=verify.logit_diff(padded, alone))
 
 
 def _shipped(data: dict) -> dict:
@@ -123,7 +123,7 @@ def _shipped(data: dict) -> dict:
 
 def _own(dec, name: str, package: Path, manifest: mf.Manifest) -> dict:
     """The reference a package gives itself: ``name``'s greedy continuation of the prompt."""
-    prompt, text = verify._text_ids(package, manifest)
+    prompt, text = verify.verification_ids(package, manifest)
     steps = min(LAST_STEPS, manifest.model.max_context - len(prompt))
     seq = np.asarray([prompt], np.int64)
     logits, past = dec.run(seq, np.ones_like(seq), dec.empty_past(1))
@@ -135,7 +135,7 @@ def _own(dec, name: str, package: Path, manifest: mf.Manifest) -> dict:
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
-    return float(-np.take_along_axis(verify._log_softmax(logits[:-1]), ids[1:, None], -1).mean())
+    return float(-np.take_along_axis(verify.log_softmax(logits[:-1]), ids[1:, None], -1).mean())
 
 
 def _quality(seq_logits: np.ndarray, seq: np.ndarray, text_logits: np.ndarray | None, ref: dict) -> Quality:

@@ -48,16 +48,16 @@ def generate(source, out: Path) -> dict:
         from portable_infer.package import manifest as mf
 
         pkg = export(source, Path(tmp) / "pkg", verify=False, variants=("portable",))
-        prompt, text = verify._text_ids(pkg, mf.Manifest.load(pkg))
+        prompt, text = verify.verification_ids(pkg, mf.Manifest.load(pkg))
         max_context = mf.Manifest.load(pkg).model.max_context
     steps = min(verify.AGREEMENT_STEPS, max_context - len(prompt))
     with torch.no_grad():
         seq = model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps,
                              do_sample=False, pad_token_id=0)[0].numpy().astype(np.int64)
     text = np.asarray(text[:max_context], dtype=np.int64)
-    seq_logits = verify._reference_logits(model, seq[None], np.ones((1, len(seq)), np.int64))[0]
-    text_logits = verify._reference_logits(model, text[None], np.ones((1, len(text)), np.int64))[0]
-    logp = verify._log_softmax(text_logits[:-1])
+    seq_logits = verify.torch_logits(model, seq[None], np.ones((1, len(seq)), np.int64))[0]
+    text_logits = verify.torch_logits(model, text[None], np.ones((1, len(text)), np.int64))[0]
+    logp = verify.log_softmax(text_logits[:-1])
     nll = float(-np.take_along_axis(logp, text[1:, None], -1).mean())
     seq_ids, seq_vals = top_k(seq_logits)
     text_ids, text_vals = top_k(text_logits)

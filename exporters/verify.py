@@ -139,7 +139,8 @@ def all_logits(dec: OnnxDecoder, seq: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
-def _reference_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The transformers model's logits [batch, len, vocab] for left-padded ``ids`` and ``mask``."""
     torch = require("torch")
     pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
@@ -148,12 +149,13 @@ def _reference_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def _diff(a: np.ndarray, ref: np.ndarray) -> LogitDiff:
+def logit_diff(a: np.ndarray, ref: np.ndarray) -> LogitDiff:
+    """The largest absolute difference of ``a`` from ``ref``, and that relative to ``ref``'s largest value."""
     abs_diff = float(np.abs(a - ref).max())
     return LogitDiff(max_abs=abs_diff, max_rel=abs_diff / max(float(np.abs(ref).max()), 1e-12))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
@@ -187,11 +189,11 @@ def reference(model, vocab: int, rng: np.random.Generator, greedy_steps: int = 1
     ids = rng.integers(0, vocab, (2, length), dtype=np.int64)
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # row 1 is left-padded
-    logits = _reference_logits(model, ids, mask)
+    logits = torch_logits(model, ids, mask)
     prompt = rng.integers(0, vocab, (1, 8), dtype=np.int64)
     seq = prompt.copy()
     for _ in range(greedy_steps):  # recomputing the full sequence: the reference keeps no cache
-        nxt = _reference_logits(model, seq, np.ones_like(seq))[0, -1].argmax()
+        nxt = torch_logits(model, seq, np.ones_like(seq))[0, -1].argmax()
         seq = np.concatenate([seq, [[nxt]]], axis=1)
     return Reference(ids, mask, logits, prompt, seq[0, prompt.shape[1]:])
 
@@ -207,9 +209,9 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
     full, _ = dec.run(ids, mask, dec.empty_past(2))
     if dec.v.logits == "all":
         real = mask.astype(bool)
-        full_diff = _diff(full[real], ref.logits[real])
+        full_diff = logit_diff(full[real], ref.logits[real])
     else:  # last position only
-        full_diff = _diff(full[:, -1], ref.logits[:, -1])
+        full_diff = logit_diff(full[:, -1], ref.logits[:, -1])
 
     # prefill all but 4 tokens, then decode them one by one through the cache
     split = length - 4
@@ -219,7 +221,7 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
         logits, past = dec.run(ids[:, t:t + 1], mask[:, :t + 1], past)
         steps.append(logits[:, -1])
     cached = np.stack(steps[:-1], axis=1)
-    cached_diff = _diff(cached, ref.logits[:, split - 1:length - 1])
+    cached_diff = logit_diff(cached, ref.logits[:, split - 1:length - 1])
 
     # greedy: ONNX through the cache vs the reference recomputing the full sequence
     seq_onnx = ref.prompt.copy()
@@ -243,12 +245,12 @@ def quality_reference(model, prompt_ids: list, text_ids: list, max_context: int)
                              min_new_tokens=steps, pad_token_id=0)
     seq = out[0].numpy()[None].astype(np.int64)
     text = np.asarray([text_ids[:max_context]], dtype=np.int64)
-    ppl = float(np.exp(_nll(_reference_logits(model, text, np.ones_like(text)), text)))
+    ppl = float(np.exp(_nll(torch_logits(model, text, np.ones_like(text)), text)))
     return QualityReference(seq, len(prompt_ids), steps, text, ppl)
 
 
 def _nll(logits: np.ndarray, text: np.ndarray) -> float:
-    return float(-np.take_along_axis(_log_softmax(logits[0, :-1]), text[0, 1:, None], -1).mean())
+    return float(-np.take_along_axis(log_softmax(logits[0, :-1]), text[0, 1:, None], -1).mean())
 
 
 def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_context: int,
@@ -265,7 +267,9 @@ def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_conte
     return Quality(agreed=agree, steps=steps, perplexity=ppl, perplexity_reference=ref.perplexity)
 
 
-def _text_ids(package: Path, manifest: mf.Manifest) -> tuple[list, list]:
+def verification_ids(package: Path, manifest: mf.Manifest) -> tuple[list, list]:
+    """``(prompt ids, text ids)`` the quality check runs: the fixed text as the package's tokenizer
+    encodes it (its first 16 tokens the prompt), or fixed random ids without a tokenizer."""
     if manifest.tokenizer.file:
         from tokenizers import Tokenizer
 
@@ -296,7 +300,7 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
     ref = reference(model, manifest.model.vocab_size, rng)
     quality_ref = None
     if any(_checks_quality(v, src) for v in checked):
-        quality_ref = quality_reference(model, *_text_ids(package, manifest), manifest.model.max_context)
+        quality_ref = quality_reference(model, *verification_ids(package, manifest), manifest.model.max_context)
     del model
     gc.collect()
     report = {}

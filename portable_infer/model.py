@@ -162,7 +162,8 @@ class Model:
         if not prompts:
             raise InvalidArgumentError("prompts is empty: give at least one prompt", param="prompt")
         budget = check_batch_tokens(max_batch_tokens)
-        ids = [check_prompt(self.codec.as_ids(p, names.format(i)), self.max_context, truncate) for i, p in enumerate(prompts)]
+        ids = [check_prompt(self.codec.as_ids(p, names.format(i)), self.max_context, truncate)
+               for i, p in enumerate(prompts)]
         for rows in plan_batches([len(x) for x in ids], params.max_new_tokens, self.max_context, budget):
             yield rows, self._decoder([ids[i] for i in rows], params, truncate)
 
