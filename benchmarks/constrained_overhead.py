@@ -1,16 +1,21 @@
 """Per-token cost of constrained decoding (a JSON schema through llguidance) against free decoding.
 
     .venv/bin/python benchmarks/constrained_overhead.py [PKG] [--provider cpu] [--threads 2]
-        [--batches 1 16] [--tokens 64] [--runs 3]
+        [--batches 1 16] [--temperatures 0 0.7] [--tokens 64] [--runs 3] [--device-masks auto]
 
-Each case runs the same chat prompts through the runtime's BatchDecoder twice, at temperature
-0.7: free, and under a JSON schema whose ``minItems`` keeps every row generating for all
+Each case runs the same chat prompts through the runtime's BatchDecoder twice, at one
+temperature: free, and under a JSON schema whose ``minItems`` keeps every row generating for all
 ``--tokens`` steps (so the batch stays full). Free and constrained runs take turns; the table
 gives the median decode step (the forward pass plus one token per row) over the runs after a
 warm-up round, and the overhead, against issue #19's targets (<= 15 % at batch 1, <= 10 % at
-batch 16). A last constrained run is instrumented to split the overhead: the batched mask fill
-(on a worker thread, overlapping the forward pass), the wait for it after the forward, applying
-the masks to the logits, and feeding the sampled tokens to the matchers.
+batch 16). At temperature 0 on a static graph the free rows take the graph's own argmax and the
+constrained ones, on a GPU, the argmax under the grammar masks on the device (only ids come
+back); at 0.7 every row's logits come to the host (on a GPU masked there first). A last
+constrained run is instrumented to split the overhead: the batched mask fill (on a worker
+thread, overlapping the forward pass), the wait for it after the forward, the companion graph's
+run on the device (masks, argmax, fetch), applying masks on the host, and feeding the tokens to
+the matchers. ``--device-masks on`` runs the device path on the CPU too (a dry run of the GPU
+path: slower there than numpy), ``off`` keeps every mask on the host.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portable_infer  # noqa: E402
-from portable_infer.decode import constraints, sequence  # noqa: E402
+from portable_infer.decode import batch_pick, constraints, sequence  # noqa: E402
 from portable_infer.decode.constraints import Constraint  # noqa: E402
 from portable_infer.decode.generate import BatchDecoder  # noqa: E402
+from portable_infer.engine.masked_argmax import MaskedArgmax  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -51,8 +57,9 @@ def prompts(model, batch: int) -> list:
     return out
 
 
-def step_times(model, ids: list, constraint, tokens: int) -> list:
-    params = model.params(temperature=0.7, seed=0, max_new_tokens=tokens, ignore_eos=True, constraint=constraint)
+def step_times(model, ids: list, constraint, tokens: int, temperature: float) -> list:
+    params = model.params(temperature=temperature, seed=0, max_new_tokens=tokens, ignore_eos=True,
+                          constraint=constraint)
     dec = BatchDecoder(model.engine, ids, [params] * len(ids), eos_ids=model.manifest.tokenizer.eos_token_ids,
                        max_context=model.max_context, guide=model.guide, vocab_size=model.manifest.model.vocab_size)
     dec.step()  # the first token comes from the prefill's logits: not a decode step
@@ -86,8 +93,10 @@ class Split:
     def __enter__(self):
         self.wrap(constraints, "fill_masks", "fill (worker thread)")
         self.wrap(constraints.MaskFill, "result", "wait after forward")
-        self.wrap(sequence, "apply_mask", "apply masks")
-        self.wrap(sequence, "allowed_tokens", "apply masks")
+        self.wrap(MaskedArgmax, "run", "device pick")
+        for module in (batch_pick, sequence):
+            self.wrap(module, "apply_mask", "apply masks (host)")
+            self.wrap(module, "allowed_tokens", "apply masks (host)")
         self.wrap(sequence, "consume", "consume tokens")
         return self
 
@@ -102,29 +111,38 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
+    ap.add_argument("--device-masks", choices=["auto", "on", "off"], default="auto",
+                    help="grammar masks on the device: the engine's choice (GPUs), or forced")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     kw = {"intra_op_threads": args.threads} if args.threads else {}
     model = portable_infer.load(args.package, args.provider, **kw)
+    if args.device_masks != "auto":
+        model.engine.masks_on_device = args.device_masks == "on"  # forward_on_device: static graphs only
     schema = Constraint.json_schema(SCHEMA)
     t = time.perf_counter()
     model.guide.matcher(schema)
-    print(f"{model!r}; llguidance tokenizer + schema compiled in {time.perf_counter() - t:.2f} s\n")
-    print("| batch | free step ms | constrained step ms | overhead | target | split of the constrained step (ms) |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print(f"{model!r}; masks on the device: {model.engine.masks_on_device}; llguidance tokenizer + schema "
+          f"compiled in {time.perf_counter() - t:.2f} s\n")
+    print("| batch | temperature | free step ms | constrained step ms | overhead | target | "
+          "split of the constrained step (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for batch in args.batches:
         ids = prompts(model, batch)
-        free, con = [], []
-        for _ in range(args.runs + 1):  # the first round warms up
-            free.append(statistics.median(step_times(model, ids, None, args.tokens)))
-            con.append(statistics.median(step_times(model, ids, schema, args.tokens)))
-        f, c = statistics.median(free[1:]) * 1e3, statistics.median(con[1:]) * 1e3
-        with Split() as split:
-            steps = len(step_times(model, ids, schema, args.tokens)) + 1
-        parts = ", ".join(f"{k} {v * 1e3 / steps:.2f}" for k, v in split.total.items())
-        target = 15 if batch == 1 else 10
-        print(f"| {batch} | {f:.2f} | {c:.2f} | {100 * (c / f - 1):+.1f} % | <= {target} % | {parts} |", flush=True)
+        for temp in args.temperatures:
+            free, con = [], []
+            for _ in range(args.runs + 1):  # the first round warms up
+                free.append(statistics.median(step_times(model, ids, None, args.tokens, temp)))
+                con.append(statistics.median(step_times(model, ids, schema, args.tokens, temp)))
+            f, c = statistics.median(free[1:]) * 1e3, statistics.median(con[1:]) * 1e3
+            with Split() as split:
+                steps = len(step_times(model, ids, schema, args.tokens, temp)) + 1
+            parts = ", ".join(f"{k} {v * 1e3 / steps:.2f}" for k, v in split.total.items())
+            target = 15 if batch == 1 else 10
+            print(f"| {batch} | {temp:g} | {f:.2f} | {c:.2f} | {100 * (c / f - 1):+.1f} % | <= {target} % | {parts} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,20 @@ config.json, tokenizer.json, tokenizer_config.json and chat_template.jinja, carr
 
 ``constrained``: random weights of SmolLM2-135M's shape with its real tokenizer, exported by us at
 fp16 for CUDA (verified against transformers); benchmarks/constrained_overhead.py on CUDA (batch 1
-and 16; issue #19's targets: <= 15 % / <= 10 % over the free step); then, on the same CUDA model,
-a JSON-schema reply and a forced (named) and a ``required`` tool call through ``Model.chat``,
-checked to parse and to carry the schema's keys / the tool's required arguments.
+and 16, greedy and at temperature 0.7; issue #19's targets: <= 15 % / <= 10 % over the free
+step); then the ``functional`` checks on the same CUDA model.
+
+``functional``: JSON-schema replies and ``required`` and named (forced) tool calls through
+``Model.chat`` and ``Model.stream_chat``, greedy (the argmax under the grammar mask on the device)
+and at temperature 0.7 (the masked logits fetched): each must finish ("stop" / "tool_calls") and
+be valid under its schema. The schemas are bounded (enums, integers with a range, booleans,
+strings with maxLength, ``additionalProperties: false``), so the grammar itself must end the
+reply: an object that may take further properties lets a random-weight model add free-form
+keys until max_new_tokens (what the first GPU run's forced calls did). And a batch of greedy
+schema replies with the masks on the device equals the same batch with the masks on the host.
+
+``--dry-run``: the ``constrained`` part on the CPU, on a 2-layer model with SmolLM2's tokenizer
+(fp32, 8 tokens a case, the device-mask path forced on): the CUDA code paths, slowly.
 
 ``export8b``: a random-weight HF folder of Llama-3.1-8B's shape (fp16, made on the GPU), exported
 (a) by us: ``portable-infer export HF --precision fp16 --activations fp16 --variants static
@@ -62,7 +73,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return res
 
 
-def make_hf(folder: Path, assets: Path, overrides: dict, dtype: str) -> None:
+def make_hf(folder: Path, assets: Path, overrides: dict, dtype: str, device: str = "cuda") -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -72,7 +83,7 @@ def make_hf(folder: Path, assets: Path, overrides: dict, dtype: str) -> None:
     config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     torch.manual_seed(20261202)
     t = time.perf_counter()
-    with torch.device("cuda"):
+    with torch.device(device):
         torch.set_default_dtype(getattr(torch, dtype))
         model = AutoModelForCausalLM.from_config(config)
         torch.set_default_dtype(torch.float32)
@@ -81,53 +92,122 @@ def make_hf(folder: Path, assets: Path, overrides: dict, dtype: str) -> None:
         if (assets / name).is_file():
             shutil.copy(assets / name, folder / name)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     say(f"made {folder} ({dtype}) in {time.perf_counter() - t:.0f} s")
 
 
-def constrained(assets: Path, work: Path) -> None:
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16)  # --dry-run: SmolLM2's vocabulary and tokenizer, little else
+
+
+def constrained(assets: Path, work: Path, dry: bool = False) -> None:
     hf, pkg = work / "smollm2-random", work / "smollm2-fp16"
-    make_hf(hf, assets, {}, "float32")
+    make_hf(hf, assets, TINY if dry else {}, "float32", "cpu" if dry else "cuda")
     cli = [sys.executable, "-m", "portable_infer.cli"]
-    res = timed([*cli, "export", str(hf), "-o", str(pkg), "--precision", "fp16", "--activations", "fp16", "--force"])
-    say(f"export SmolLM2 shape fp16: {res}")
+    precision = ["--precision", "fp32", "--no-verify"] if dry else ["--precision", "fp16", "--activations", "fp16"]
+    res = timed([*cli, "export", str(hf), "-o", str(pkg), *precision, "--force"])
+    say(f"export SmolLM2 shape {'(2 layers) fp32' if dry else 'fp16'}: {res}")
     if "error" in res:
         return
+    run = ["--provider", "cpu", "--threads", "2", "--tokens", "8", "--runs", "1", "--device-masks", "on"] if dry else \
+        ["--provider", "cuda", "--tokens", "64", "--runs", "3"]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "constrained_overhead.py"), str(pkg),
-                          "--provider", "cuda", "--batches", "1", "16", "--tokens", "64", "--runs", "3"],
-                         capture_output=True, text=True)
-    say("### constrained_overhead.py on CUDA\n")
+                          "--batches", "1", "16", "--temperatures", "0", "0.7", *run], capture_output=True, text=True)
+    say(f"### constrained_overhead.py on {'the CPU (dry run)' if dry else 'CUDA'}\n")
     for ln in out.stdout.splitlines():
         say(ln)
     if out.returncode:
         say(f"constrained_overhead failed: {out.stderr[-2000:]}")
-    functional(pkg)
+    functional(pkg, "cpu" if dry else "cuda", dry)
 
 
-def functional(pkg: Path, provider: str = "cuda") -> None:
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                           "population": {"type": "integer", "minimum": 0, "maximum": 10**9},
+                                           "capital": {"type": "boolean"}},
+          "required": ["city", "population", "capital"], "additionalProperties": False}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "unit", "days"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"enum": ["utc", "cet", "pst"]}, "seconds": {"type": "boolean"}},
+        "required": ["zone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+
+
+def valid(value, schema: dict) -> bool:
+    """``value`` under the bounded schemas above (object, string maxLength, integer range, boolean,
+    enum); jsonschema need not be installed on the GPU machine."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema["type"]
+    if kind == "object":
+        props = schema["properties"]
+        return (isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(props)
+                and all(valid(v, props[k]) for k, v in value.items()))
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and schema.get("minimum", value) <= value <= schema.get("maximum", value))
+    return kind == "boolean" and isinstance(value, bool)
+
+
+def call_ok(message, finish: str | None, names: set) -> tuple:
+    """(ok, what): one parsed call of a function in ``names``, arguments valid, finish "tool_calls"."""
+    calls = list(message.tool_calls or ())
+    if len(calls) != 1 or finish != "tool_calls" or calls[0].name not in names:
+        return False, f"finish {finish}, calls {[(c.name, c.arguments) for c in calls]}, text {message.content!r:.120}"
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == calls[0].name)
+    args = json.loads(calls[0].arguments)
+    return valid(args, schema), f"{calls[0].name}({calls[0].arguments})"
+
+
+def functional(pkg: Path, provider: str = "cuda", dry: bool = False) -> None:
     import portable_infer
 
     model = portable_infer.load(str(pkg), provider, strict=True)
-    say(f"\n### functional checks on {model.provider} ({model.variant})\n")
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                     "population": {"type": "integer", "maximum": 10**9}},
-              "required": ["city", "population"]}
+    if dry:
+        model.engine.masks_on_device = True  # the GPU's path, on the CPU
+    say(f"\n### functional checks on {model.provider} ({model.variant}, masks on the device: "
+        f"{model.engine.masks_on_device})\n")
+    failed = 0
+    rf = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}
     msgs = [{"role": "user", "content": "Give a city and its population as JSON."}]
-    text = model.chat(msgs, max_new_tokens=64, temperature=0.7, seed=7,
-                      response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
-    data = json.loads(text)
-    say(f"- json_schema reply parses, keys {sorted(data)}: {set(schema['required']) <= set(data)}")
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"]}}}
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        reply = model.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[tool], tool_choice=choice,
-                           tool_parser="hermes", max_new_tokens=96, temperature=0.7, seed=3)
-        msg = reply.to_dict()
-        calls = msg.get("tool_calls") or []
-        args = json.loads(calls[0]["function"]["arguments"]) if calls else {}
-        ok = bool(calls) and calls[0]["function"]["name"] == "get_weather" and {"city", "unit"} <= set(args)
-        say(f"- tool_choice={json.dumps(choice)}: finish_reason {msg.get('finish_reason', getattr(reply, 'finish_reason', None))}, call valid: {ok} ({args})")
+    for temp in (0.0, 0.7):
+        pieces = list(model.stream_chat(msgs, max_new_tokens=96, temperature=temp, seed=7, response_format=rf))
+        text = "".join(r.text for r in pieces)
+        ok = pieces[-1].finish_reason == "stop" and valid(json.loads(text), SCHEMA)
+        failed += not ok
+        say(f"- json_schema, temperature {temp:g}: {pieces[-1].finish_reason}, valid: {ok} ({text})")
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, names in (("required", {"get_weather", "get_time"}), (weather, {"get_weather"})):
+        for temp in (0.0, 0.7):
+            kw = dict(tools=TOOLS, tool_choice=choice, tool_parser="hermes", parallel_tool_calls=False,
+                      max_new_tokens=160, temperature=temp, seed=3)
+            messages = [{"role": "user", "content": "Weather in Paris?"}]
+            reply = model.chat(messages, **kw)
+            last = list(model.stream_chat(messages, **kw))[-1]
+            for how, (ok, what) in (("plain", call_ok(reply, reply.finish_reason, names)),
+                                    ("streamed", call_ok(last.message, last.finish_reason, names))):
+                failed += not ok
+                say(f"- tool_choice={json.dumps(choice)}, temperature {temp:g}, {how}: valid call: {ok} ({what})")
+    failed += not same_on_device_and_host(model, rf)
+    say(f"\nfunctional checks: {'all passed' if not failed else f'{failed} FAILED'}")
+
+
+def same_on_device_and_host(model, rf) -> bool:
+    """A batch of greedy schema replies, masks on the device and on the host: the same text."""
+    prompts = [f"Describe city number {i} as JSON." for i in range(8)]
+    on = model.engine.masks_on_device
+    outs = {}
+    for where in (True, False):
+        model.engine.masks_on_device = where
+        outs[where] = model.batch_generate(prompts, max_new_tokens=96, temperature=0.0, response_format=rf)
+    model.engine.masks_on_device = on
+    same = outs[True] == outs[False]
+    say(f"- batch of 8 greedy schema replies, masks on the device == on the host: {same}")
+    return same
 
 
 def functional_part(assets: Path, work: Path) -> None:
@@ -167,17 +247,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--work", type=Path, default=Path("/root/work"))
     ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "functional", "make8b", "export8b"])
+    ap.add_argument("--dry-run", action="store_true", help="the constrained part on the CPU, small (see above)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
 
-    say(f"# GPU run: {subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'], capture_output=True, text=True).stdout.strip()}, "
-        f"{os.cpu_count()} CPUs, onnxruntime {ort.__version__} {ort.get_available_providers()}\n")
+    gpu = "CPU dry run" if args.dry_run else subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    say(f"# GPU run: {gpu}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__} {ort.get_available_providers()}\n")
+    parts = {"constrained": constrained, "functional": functional_part, "make8b": make8b, "export8b": export8b}
+    if args.dry_run:
+        parts, args.parts = {"constrained (dry run)": lambda a, w: constrained(a, w, dry=True)}, ["constrained (dry run)"]
     try:
         for part in args.parts:
             t = time.perf_counter()
-            {"constrained": constrained, "functional": functional_part, "make8b": make8b,
-             "export8b": export8b}[part](args.assets, args.work)
+            parts[part](args.assets, args.work)
             say(f"\n({part}: {time.perf_counter() - t:.0f} s)\n")
     finally:
         args.out.mkdir(parents=True, exist_ok=True)
