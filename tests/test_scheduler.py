@@ -166,8 +166,9 @@ def test_queue_full_raises_capacity_error(fused):
 
 def test_requests_that_can_never_fit_are_refused(fused):
     with Scheduler(fused, SchedulerConfig(kv_budget_tokens=32)) as sched:
-        with pytest.raises(ContextLengthError, match="KV blocks"):
+        with pytest.raises(ContextLengthError, match="KV blocks") as err:
             sched.submit([5] * 10, max_new_tokens=100)
+        assert err.value.param == "max_new_tokens"  # what to lower, for the server's 400
         with pytest.raises(ContextLengthError, match="context"):
             sched.submit([5] * 300, max_new_tokens=1)
         with pytest.raises(InvalidArgumentError, match="top_p"):

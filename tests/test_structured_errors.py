@@ -27,6 +27,16 @@ def test_context_length_error_names_the_prompt_by_default():
     assert isinstance(info.value, InvalidArgumentError)
 
 
+def test_the_server_names_what_to_lower_from_the_param_not_the_message():
+    from portable_infer.serving.http.protocol import from_engine_error
+
+    kv = ContextLengthError("the request needs 9 KV blocks; lower max_new_tokens", param="max_new_tokens")
+    assert (from_engine_error(kv).param, from_engine_error(kv).code) == ("max_tokens", "context_length_exceeded")
+    worded = ContextLengthError("a message that mentions KV blocks and max_new_tokens")  # param: the prompt
+    assert from_engine_error(worded).param == "prompt"
+    assert from_engine_error(InvalidArgumentError("temperature is bad", param="top_p")).param == "top_p"
+
+
 # --- the graph-capture hint follows the package's KV dtype, whatever ORT's message says -----------
 class _Session:
     def __init__(self, names):
@@ -99,6 +109,9 @@ def test_model_token_helpers_are_public():
         model.require_tokenizer()
     with pytest.raises(PackageError, match="no chat template"):
         model.chat_ids([{"role": "user", "content": "hi"}])
+    assert model.tokenizer is model.codec.tokenizer is None
+    assert model.codec.vocab_size == model.manifest.model.vocab_size
+    assert model.codec.eos_ids == tuple(model.manifest.tokenizer.eos_token_ids)
 
 
 def test_provider_helpers_are_public():
