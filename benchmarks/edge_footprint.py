@@ -138,10 +138,10 @@ def peak_rss(python: Path, bundle: Path, home: Path, threads: int, low: bool) ->
 
 def default_bundles(fresh: bool) -> tuple:
     sys.path.insert(0, str(REPO))
+    from portable_infer.loader import default_model
     from portable_infer.package.bundle import pack
-    from portable_infer.package.home import ensure_default_model
 
-    pkg = ensure_default_model(progress=True)
+    pkg = default_model(progress=True)
     out = []
     for name, ort in (("smollm2-int4.pinf", False), ("smollm2-int4-ort.pinf", True)):
         path = WORK / name
