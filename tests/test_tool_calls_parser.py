@@ -216,6 +216,7 @@ def test_plans():
     assert plan.template_tools == [FN]
     named = plan_tools([FN], {"type": "function", "function": {"name": "f"}}, False, LLAMA31)
     assert (named.choice, named.function, named.parallel, named.fmt.name) == ("function", "f", False, "llama3_json")
+    assert not plan_tools([FN], {"type": "function", "function": {"name": "f"}}, None, LLAMA31).parallel
     assert named.constraint().param == "tool_choice" and named.constraint().kind == "grammar"
     with pytest.raises(InvalidArgumentError) as e:  # a format is needed only once tools are offered
         plan_tools([FN], "auto", None, "{{ messages }}")
@@ -306,6 +307,9 @@ def test_call_grammars(guide, fmt):
            "mistral": good[:-1] + ", " + good[len("[TOOL_CALLS]["):], "mistral_v11": good + good}[fmt]
     assert accepts(guide, parallel, two)[:2] == (True, True) and not accepts(guide, single, two)[0]
     assert len(parse(fmt, two)[1]) == 2
+    forced = plan_tools(TOOL_SPECS, {"type": "function", "function": {"name": "get_weather"}}, True, None, fmt)
+    grammar = forced.constraint().source  # a named function: one call even with parallel_tool_calls true
+    assert accepts(guide, grammar, good) == (True, True, True) and not accepts(guide, grammar, two)[0]
 
 
 def test_special_markers_are_tokens():

@@ -8,7 +8,8 @@ named call, and the messages that carry calls and their results back into the ch
       ToolPlan.template_tools   the tools as the chat template's ``tools`` variable (as transformers)
       ToolPlan.constraint       "required" / a named function: a Lark grammar of the format's markers
                                 around {"name": one of the tools, "arguments": valid under its
-                                parameters schema} (``%json``), one call or, with parallel calls, more
+                                parameters schema} (``%json``); a named function exactly once,
+                                "required" once or, with parallel calls, more
       ToolPlan.stream(...)      the parser of the reply (:class:`~portable_infer.text.tool_calls.CallStream`)
     call_grammar(fmt, tools, parallel)  that grammar, for each layout of :data:`~.tool_formats.FORMATS`
     template_messages(messages) OpenAI messages -> the template's: an assistant message's calls with
@@ -177,9 +178,10 @@ def plan_tools(tools, tool_choice=None, parallel_tool_calls=None, template_sourc
     list, or ``tool_choice: "none"``: the tools are not shown to the model).
 
     ``tool_choice``: "none" | "auto" (the default with tools) | "required" |
-    ``{"type": "function", "function": {"name": ...}}``; ``parallel_tool_calls`` (default True):
-    whether a reply may hold more than one call; ``tool_parser`` names the format (else it is
-    read from the chat template, ``template_source``)."""
+    ``{"type": "function", "function": {"name": ...}}`` (that function, called exactly once);
+    ``parallel_tool_calls`` (default True): whether a reply may hold more than one call (never for
+    a named function); ``tool_parser`` names the format (else it is read from the chat template,
+    ``template_source``)."""
     specs = check_tools(tools) if tools is not None else ()
     choice, function = _choice(tool_choice, specs)
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
@@ -193,7 +195,8 @@ def plan_tools(tools, tool_choice=None, parallel_tool_calls=None, template_sourc
     for spec in specs:
         if choice == "required" or spec.name == function:
             _enforceable(spec, repr(function) if function else f'"{choice}"')
-    return ToolPlan(specs, choice, function, parallel_tool_calls is not False, fmt)
+    # a named function is called exactly once (OpenAI's and vLLM's rule), whatever parallel_tool_calls says
+    return ToolPlan(specs, choice, function, parallel_tool_calls is not False and function is None, fmt)
 
 
 def _choice(tool_choice, specs: tuple) -> tuple:
