@@ -46,6 +46,12 @@ def test_lists_become_tuples_and_params_are_frozen():
         p.temperature = 1.0  # type: ignore[misc]
 
 
+def test_end_ids_are_stop_ids_and_eos_unless_ignored():
+    p = SamplingParams(stop_token_ids=[2, 7])
+    assert p.end_ids((0, 7)) == {0, 2, 7} and p.end_ids() == {2, 7}
+    assert dataclasses.replace(p, ignore_eos=True).end_ids((0,)) == {2, 7}
+
+
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")),
     ("temperature", "hot"), ("temperature", True),

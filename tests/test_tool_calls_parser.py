@@ -9,11 +9,11 @@ import json
 import os
 import random
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.text.streaming import Response
 from portable_infer.text.tool_calls import FORMATS, CallParser, CallStream, ToolCall, detect_format
@@ -343,7 +343,7 @@ def replies(text_pieces, choice="auto"):
     from portable_infer.text.codec import TextCodec
 
     codec = TextCodec(vocab_size=256, eos_ids=(2,))  # no tokenizer: the markers are read in the text
-    tools, reply = ToolReplies(plan, codec, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False)), Reply(
+    tools, reply = ToolReplies(plan, codec, SamplingParams()), Reply(
         True, "tiny")
     chunks = []
     for i, piece in enumerate(text_pieces):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.text.streaming import Response
 from portable_infer.text.tool_calls import FORMATS, CallParser, CallStream, ToolCall, ToolCallDelta, detect_format
@@ -243,7 +243,7 @@ def test_server_chunks_assemble_with_the_openai_sdk():
     from portable_infer.text.codec import TextCodec
 
     codec = TextCodec(vocab_size=256, eos_ids=(2,))  # no tokenizer: the markers are read in the text
-    tools = ToolReplies(PLAN, codec, SimpleNamespace(stop=(), stop_token_ids=(), ignore_eos=False))
+    tools = ToolReplies(PLAN, codec, SamplingParams())
     reply, state, args = Reply(True, "tiny"), ChatCompletionStreamState(), 0
     state.handle_chunk(ChatCompletionChunk.model_validate(reply.chunk(None, None, role=True, delta={
         "role": "assistant", "content": None})))

@@ -143,6 +143,11 @@ class SamplingParams:
         """Repetition, presence or frequency penalties change the logits before sampling."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    def end_ids(self, eos_ids=()) -> frozenset:
+        """The token ids that end a sequence: ``stop_token_ids``, plus the model's ``eos_ids``
+        unless ``ignore_eos``."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
+
     @property
     def argmax_only(self) -> bool:
         """The token is the argmax of the logits under the grammar mask (if any), and nothing else

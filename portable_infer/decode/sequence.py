@@ -65,7 +65,7 @@ class Sequence:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.sampler = make_sampler(params)
-        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
+        self.stop_ids = params.end_ids(eos_ids)
         self.bias = LogitBias(params.logit_bias, vocab_size) if params.logit_bias else None
         self.matcher = None
         self.mask_vocab = 0

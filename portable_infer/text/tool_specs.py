@@ -168,7 +168,7 @@ class ToolPlan:
 
     def stream(self, tokenizer=None, params=None, eos_ids=(), deltas: bool = False) -> CallStream:
         """A parser for one reply to this request (``deltas``: with the pieces of streamed calls)."""
-        ends = () if params is None else (*params.stop_token_ids, *(() if params.ignore_eos else eos_ids))
+        ends = () if params is None else params.end_ids(eos_ids)
         return CallStream(self.fmt, self.names, tokenizer, () if params is None else params.stop, ends, deltas)
 
 
