@@ -139,6 +139,14 @@ def test_bad_grammar_is_invalid_argument(guide, constraint, words):
         guide.matcher(constraint)
     assert e.value.param == constraint.param
     assert "<state>" not in str(e.value)  # llguidance's parser dump stays out of the message
+    error = constraint.compile_error()  # the same check without a tokenizer: one line naming the problem
+    assert words in error and "\n" not in error, error
+
+
+@pytest.mark.parametrize("constraint", [Constraint.regex("[0-9]+"), Constraint.json_object(),
+                                        Constraint.json_schema({"type": "object"}), Constraint.grammar('start: "a"')])
+def test_a_good_constraint_has_no_compile_error(constraint):
+    assert constraint.compile_error() is None
 
 
 def test_json_schema_text_must_be_json():

@@ -160,6 +160,19 @@ class Constraint:
         except ValueError as exc:
             raise InvalidArgumentError(f"the JSON schema cannot be compiled: {exc}", param=self.param) from None
 
+    def compile_error(self) -> str | None:
+        """What llguidance finds wrong with this constraint, checked without a tokenizer (its
+        message's first line and ``error:`` line, not the source it echoes), or None when it compiles."""
+        try:
+            error = _llguidance().LLMatcher.validate_grammar(self.llguidance_grammar())
+        except (TypeError, ValueError) as exc:
+            error = str(exc)
+        if not error:
+            return None
+        head, *rest = [line.strip() for line in _first_line(error).splitlines()]
+        detail = next((line[len("error:"):].strip() for line in rest if line.startswith("error:")), "")
+        return f"{head} {detail}".strip()
+
 
 def _first_line(message: str) -> str:
     """llguidance's error text, without the parser state dump that follows it."""

@@ -29,7 +29,7 @@ import json
 import re
 from dataclasses import dataclass, replace
 
-from portable_infer.decode.constraints import JSON_OPTIONS, Constraint, _llguidance
+from portable_infer.decode.constraints import JSON_OPTIONS, Constraint
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.text.tool_calls import CallStream, ToolFormat, detect_format, special_markers
 from portable_infer.text.tool_stream import ChatMessage  # noqa: F401 - re-exported: its former home
@@ -118,13 +118,9 @@ def _parameters(schema, where: str) -> dict:
 
 def _enforceable(spec: ToolSpec, choice: str) -> None:
     """A forced call's parameters schema must compile: its grammar enforces the arguments."""
-    matcher = _llguidance().LLMatcher  # imported on first use, as for response_format
-    try:
-        error = matcher.validate_grammar(matcher.grammar_from_json_schema(json.dumps(spec.parameters)))
-    except (TypeError, ValueError) as exc:
-        error = str(exc)
+    error = Constraint.json_schema(spec.parameters, param=spec.param).compile_error()
     if error:
-        raise _bad(f"{spec.param} is not a JSON schema this server can enforce: {error.splitlines()[0]}; "
+        raise _bad(f"{spec.param} is not a JSON schema this server can enforce: {error}; "
                    f"tool_choice {choice} enforces a call's arguments with a grammar, so fix the schema (or send "
                    f'tool_choice "auto", which enforces nothing)', spec.param)
 
