@@ -35,7 +35,7 @@ def main() -> None:
             for i in range(n):  # greedy on the device: the id comes back, the logits stay
                 e.forward(ids, np.ones((1, 203 + i), np.int64), cache, greedy=True)
             row["engine.forward greedy ms"] = round((time.perf_counter() - t0) / n * 1e3, 3)
-            slot = cache._slot
+            slot = cache.slot
             ids, msk = np.asarray([[5]], np.int64), (np.arange(cache.capacity)[None] < 40).astype(np.int64)
             for name, fn in (("update_inplace x2", lambda: (slot.ids.update_inplace(ids), slot.mask.update_inplace(msk))),
                              ("run_with_iobinding", lambda: e.session.run_with_iobinding(slot.binding, slot.run_options)),

@@ -53,7 +53,7 @@ class StaticCache:
     rows: np.ndarray = None  # tokens held per row
     length: int = 0  # caller-facing: columns of the (left-padded) mask seen so far
     graph_id: int = -1  # the CUDA graph this cache's buffers belong to (-1: none)
-    _slot: object = field(default=None, repr=False)
+    slot: object = field(default=None, repr=False)  # the engine's buffers, binding and graph this cache runs on
     engine: object = field(default=None, repr=False, compare=False)  # the StaticEngine that made it
 
     @property
@@ -70,13 +70,13 @@ class StaticCache:
         any cache that used them): what the resident memory grew by, not the virtual
         ``reserved_nbytes`` (a 2.8 GiB reservation held 41 MB). Device allocators commit the whole
         buffer at once: there it is ``reserved_nbytes``."""
-        if self._slot is None or self._slot.written is None:
+        if self.slot is None or self.slot.written is None:
             return self.reserved_nbytes()
-        return int(self._slot.written.sum()) * self.bytes_per_token
+        return int(self.slot.written.sum()) * self.bytes_per_token
 
     def mark_written(self, upto) -> None:
         """Rows' positions ``[0, upto)`` now hold data (``upto``: per row, or one int for all)."""
-        slot = self._slot
+        slot = self.slot
         if slot is not None and slot.written is not None:
             np.maximum(slot.written, np.minimum(upto, self.capacity), out=slot.written)
 

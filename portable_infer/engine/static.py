@@ -140,7 +140,7 @@ class StaticEngine:
         cap = min(self.max_context, -(-want // step) * step)
         slot, done = self._graph_slot(batch, cap) if self.cuda_graph else self._spare_slot(batch, cap)
         cache = StaticCache(self.variant.kv, batch, cap, slot.values, np.zeros(batch, np.int64),
-                            graph_id=slot.graph_id, _slot=slot, engine=self)
+                            graph_id=slot.graph_id, slot=slot, engine=self)
         weakref.finalize(cache, *done)
         return cache
 
@@ -271,7 +271,7 @@ class StaticEngine:
         the buffers' device bind afresh each step."""
         if not self._bind_once:  # nodes off the buffers' device (e.g. fp32 attention on the CPU)
             return self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, want)
-        slot = cache._slot
+        slot = cache.slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
             b = self.session.io_binding()
             b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
