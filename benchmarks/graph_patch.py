@@ -1,0 +1,258 @@
+"""Rewrite a copy of one of our exported decode graphs, to time what an exporter change would do
+before anyone changes the exporter.
+
+    .venv/bin/python benchmarks/graph_patch.py PKG VARIANT OUT --patch NAME [--patch NAME ...]
+    .venv/bin/python benchmarks/graph_patch.py --list
+
+``OUT`` (a new folder, never inside the package) gets a copy of ``manifest.json`` and the patched
+``model.<variant>.onnx`` with its weights in one new ``.data`` file, so ``graph_profile.py`` runs
+it as ``--graph LABEL=OUT:VARIANT`` beside the original and GenAI's graph. The package itself is
+only read. The patches (``--list``) are listed in ``PATCHES``; they change speed, and some change
+values (requantized weights: round-to-nearest from the dequantized ones), so a patched graph is
+for timing, not for quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 32
+
+
+# --- MatMulNBits weights: B [N, blocks, block*bits/8] uint8, scales [N, blocks], zero points ----
+def _init(model, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def _set_init(model, name, array) -> str:
+    from onnx import numpy_helper
+
+    g = model.graph
+    old = [t for t in g.initializer if t.name == name]
+    for t in old:
+        g.initializer.remove(t)
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return name
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _set_attr(node, name, value) -> None:
+    from onnx import helper
+
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def dequantize(model, node) -> np.ndarray:
+    """The float weight [N, K] a MatMulNBits node (block 32, 4 or 8 bits) multiplies by."""
+    K, N, bits = _attr(node, "K"), _attr(node, "N"), _attr(node, "bits", 4)
+    blocks = -(-K // BLOCK)
+    B = _init(model, node.input[1]).reshape(N, blocks, -1)
+    if bits == 4:
+        q = np.stack([B & 0x0F, B >> 4], axis=-1).reshape(N, blocks, BLOCK)
+    else:
+        q = B.reshape(N, blocks, BLOCK)
+    scale = _init(model, node.input[2]).reshape(N, blocks, 1).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zp = _init(model, node.input[3]).reshape(N, -1)
+        if bits == 4:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(N, -1)
+        zp = zp[:, :blocks, None].astype(np.float32)
+    else:
+        zp = np.float32(2 ** (bits - 1))
+    return ((q.astype(np.float32) - zp) * scale).reshape(N, blocks * BLOCK)[:, :K]
+
+
+def quantize(w: np.ndarray, bits: int, zero_points: bool) -> tuple:
+    """Round-to-nearest MatMulNBits blocks of ``w`` [N, K]: (B, scales, zero points or None)."""
+    N, K = w.shape
+    blocks = -(-K // BLOCK)
+    wb = np.zeros((N, blocks * BLOCK), np.float32)
+    wb[:, :K] = w
+    wb = wb.reshape(N, blocks, BLOCK)
+    top = 2 ** bits - 1
+    if zero_points:
+        lo, hi = np.minimum(wb.min(-1), 0), np.maximum(wb.max(-1), 0)
+        scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32)
+        zp = np.clip(np.round(-lo / scale), 0, top).astype(np.uint8)
+    else:
+        scale = (np.abs(wb).max(-1) / (2 ** (bits - 1) - 1)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        zp = np.full(scale.shape, 2 ** (bits - 1), np.uint8)
+    q = np.clip(np.round(wb / scale[..., None]) + zp[..., None], 0, top).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+        zp_packed = np.zeros((N, -(-blocks // 2) * 2), np.uint8)
+        zp_packed[:, :blocks] = zp
+        zp = zp_packed[:, 0::2] | (zp_packed[:, 1::2] << 4)
+    return q, scale, (zp if zero_points else None)
+
+
+def requantize(model, node, bits: int, zero_points: bool = True) -> None:
+    """Replace a MatMulNBits node's weights by ``bits``-bit round-to-nearest blocks."""
+    w = dequantize(model, node)
+    B, scale, zp = quantize(w, bits, zero_points)
+    stem = node.name + f".q{bits}"
+    inputs = [node.input[0], _set_init(model, stem + ".B", B), _set_init(model, stem + ".scale", scale)]
+    if zp is not None:
+        inputs.append(_set_init(model, stem + ".zp", zp))
+    del node.input[:]
+    node.input.extend(inputs)
+    _set_attr(node, "bits", bits)
+
+
+# --- the patches: each takes the loaded model (weights included) and rewrites it in place --------
+def _nbits(model) -> list:
+    return [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def _head(model):
+    """The lm_head: the MatMulNBits with the most outputs (the vocabulary)."""
+    return max(_nbits(model), key=lambda n: _attr(n, "N"))
+
+
+def _layers(model) -> list:
+    head = _head(model)
+    return [n for n in _nbits(model) if n is not head]
+
+
+def accuracy(level: int):
+    def patch(model) -> None:
+        for n in _nbits(model):
+            _set_attr(n, "accuracy_level", level)
+    return patch
+
+
+def layers_bits(bits: int, zero_points: bool = True):
+    def patch(model) -> None:
+        for n in _layers(model):
+            requantize(model, n, bits, zero_points)
+    return patch
+
+
+def head_bits(bits: int, zero_points: bool = True):
+    def patch(model) -> None:
+        requantize(model, _head(model), bits, zero_points)
+    return patch
+
+
+def _rows(model, name, start, stop, rows_total):
+    """Rows [start, stop) of a per-output-row initializer of a MatMulNBits with ``rows_total`` rows."""
+    a = _init(model, name)
+    part = a.reshape(rows_total, -1)[start:stop]
+    return part.reshape((stop - start, *a.shape[1:])) if a.shape[0] == rows_total else part.reshape(-1)
+
+
+def split_gate_up(model) -> None:
+    """A packed gate/up MatMulNBits followed by a two-way Split on the last axis becomes two
+    MatMulNBits (the rows of B, scales and zero points cut exactly; no requantization)."""
+    g = model.graph
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for node in _layers(model):
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or not _halves(model, users[0], _attr(node, "N")):
+            continue
+        split, N = users[0], _attr(node, "N")
+        halves = []
+        for k, (lo, hi) in enumerate(((0, N // 2), (N // 2, N))):
+            ins = [node.input[0]] + [_set_init(model, f"{name}.part{k}", _rows(model, name, lo, hi, N))
+                                     for name in node.input[1:] if name]
+            half = copy_node(node, f"{node.name}.part{k}", ins, [split.output[k]])
+            _set_attr(half, "N", N // 2)
+            halves.append(half)
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.remove(split)
+        for k, half in enumerate(halves):
+            g.node.insert(at + k, half)
+
+
+def _halves(model, split, n: int) -> bool:
+    """Whether ``split`` cuts the last axis of an [..., n] tensor into two equal halves."""
+    if split.op_type != "Split" or len(split.output) != 2 or _attr(split, "axis", 0) not in (-1, 2):
+        return False
+    sizes = _init(model, split.input[1]).tolist() if len(split.input) > 1 and split.input[1] else None
+    return sizes is None or sizes == [n // 2, n // 2]
+
+
+def copy_node(node, name, inputs, outputs):
+    from onnx import helper
+
+    out = helper.make_node(node.op_type, inputs, outputs, name=name, domain=node.domain)
+    out.attribute.extend(node.attribute)
+    return out
+
+
+PATCHES = {
+    "acc1": (accuracy(1), "every MatMulNBits at accuracy level 1 (float activations)"),
+    "acc4": (accuracy(4), "every MatMulNBits at accuracy level 4 (int8 activations)"),
+    "layers4": (layers_bits(4), "decoder-layer MatMulNBits requantized to 4 bits, uint8 zero points"),
+    "layers4-sym": (layers_bits(4, False), "decoder-layer MatMulNBits at 4 bits, no zero points"),
+    "layers8": (layers_bits(8), "decoder-layer MatMulNBits requantized to 8 bits, uint8 zero points"),
+    "head4": (head_bits(4), "lm_head MatMulNBits at 4 bits, uint8 zero points"),
+    "head4-sym": (head_bits(4, False), "lm_head MatMulNBits at 4 bits, no zero points"),
+    "head8": (head_bits(8), "lm_head MatMulNBits at 8 bits, uint8 zero points"),
+    "split-gate-up": (split_gate_up, "the packed gate/up MatMulNBits + Split as two MatMulNBits (exact)"),
+}
+
+
+def patch_package(package: Path, variant: str, out: Path, names: list) -> Path:
+    """Write ``out``: the manifest and the patched graph of ``variant``; returns the graph's path."""
+    import onnx
+
+    manifest = json.loads((package / "manifest.json").read_text())
+    entry = next((v for v in manifest["variants"] if v["name"] == variant), None)
+    if entry is None:
+        raise SystemExit(f"{package} has no variant {variant!r}")
+    if out.resolve() == package.resolve() or package.resolve() in out.resolve().parents:
+        raise SystemExit(f"{out} is inside the package; write patched copies elsewhere")
+    out.mkdir(parents=True, exist_ok=False)
+    shutil.copy(package / "manifest.json", out / "manifest.json")
+    model = onnx.load(str(package / entry["file"]))
+    for name in names:
+        PATCHES[name][0](model)
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(t)
+    target = out / entry["file"]
+    onnx.save(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=target.name + ".data", size_threshold=1024)
+    return target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("package", type=Path, nargs="?")
+    ap.add_argument("variant", nargs="?")
+    ap.add_argument("out", type=Path, nargs="?")
+    ap.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES))
+    ap.add_argument("--list", action="store_true", help="list the patches")
+    args = ap.parse_args()
+    if args.list or not args.package:
+        for name, (_, text) in PATCHES.items():
+            print(f"{name:14s} {text}")
+        return
+    if not (args.variant and args.out and args.patch):
+        ap.error("give PKG VARIANT OUT and at least one --patch")
+    print(patch_package(args.package, args.variant, args.out, args.patch))
+
+
+if __name__ == "__main__":
+    main()
