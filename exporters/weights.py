@@ -149,7 +149,7 @@ class WeightStore:
     def nbits(self, name: str, bits: int, fit_table: bool = False) -> NBitsWeight:
         """The weight ``name`` in MatMulNBits layout at ``bits``, emitted once (``bits`` 8 also holds
         4-bit blocks, so the tied embedding gathers rows from the lm_head's initializers).
-        ``fit_table``: an 8-bit source table fitted to 4 bits all the same (the -q4 int4 lm_head)."""
+        ``fit_table``: an 8-bit source table fitted to 4 bits all the same (the int4 lm_head forms)."""
         key = f"{name}#nbits{bits}"
         if key not in self._emitted:
             make = lambda: self._emit_nbits(name, bits, fit_table)  # noqa: E731
@@ -168,7 +168,7 @@ class WeightStore:
         # every 4-bit linear of a -q4 graph; exact 8-bit GGUF blocks (Q5_x, Q6_K, Q8_0) stay 8-bit
         # layers there: fitting them to 4 bits would round them a second time (gguf_blocks.py)
         eight = isinstance(w, Blocks) and w.bits == 8
-        if self.form.int4_fit and bits == 4 and (not eight or fit_table):
+        if (self.form.int4_fit or fit_table) and bits == 4 and (not eight or fit_table):
             source = w.dequantize() if eight else w
             if isinstance(source, Blocks) or FLOAT_FIT:
                 w = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)

@@ -12,6 +12,7 @@ import pytest
 
 from _lowering import context, layout, op_types, run
 from exporters.lowering import head
+from onnx import TensorProto
 from exporters.quant import quantize
 from portable_infer.package import manifest as mf
 
@@ -111,3 +112,35 @@ def test_int4_head_fits_the_table_to_4_bits(seed, monkeypatch):
     np.testing.assert_allclose(got, want, atol=3e-2 * np.abs(want).max())  # int8 activations
     (node,) = [n for n in c.g.nodes if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in node.attribute}["bits"] == 4
+
+
+@pytest.mark.parametrize("variant,constant,accuracy", [("fused-int8", "INT8_HEAD", 4), ("static-q4", "Q4_HEAD", 4),
+                                                       ("fused-int8", "INT8_HEAD", 1)])
+def test_int4_top16_head(variant, constant, accuracy, seed, monkeypatch):
+    """int4-top16: every logit from the table at 4 bits, then the 16 best recomputed from the 8-bit
+    table that the tied embedding gathers its rows from; the graph holds each table once."""
+    from exporters.lowering import spec
+
+    monkeypatch.setattr(spec, constant, "int4-top16")
+    rng = np.random.default_rng(seed)
+    table = (0.1 * rng.standard_normal((V, E))).astype(np.float32)
+    c = context(layout(names={"embed": "embed.weight"}), {"embed.weight": table}, variant, precision="int4",
+                head_accuracy=accuracy)
+    assert c.spec.head == "int4-top16"
+    x = rng.standard_normal((2, 1, E)).astype(np.float32)
+    ids = rng.integers(0, V, (2, 3))
+    rows, got = run(c.g, {"x": x, "ids": ids}, [c.w.embedding("ids", "embed.weight", 8), head.lm_head(c, "x")])
+    q8, q4 = quantize(table, 8).dequantize(), quantize(table, 4).dequantize()
+    np.testing.assert_allclose(rows, q8[ids], rtol=1e-5, atol=1e-6)
+    want8, want4 = x.astype(np.float64) @ q8.T, x.astype(np.float64) @ q4.T
+    scale = np.abs(want8).max()
+    tol = (1e-4 if accuracy == 1 else 3e-2) * scale  # float or int8 activations
+    refined = np.abs(got - want8) <= 1e-4 * scale  # recomputed from the 8-bit table (or equal by chance)
+    np.testing.assert_allclose(got[~refined], want4[~refined], atol=tol)  # the rest: the 4-bit table's
+    # 16 of them among the 4-bit logits' best 16 (up to the activations' rounding)
+    kth = np.sort(want4, -1)[..., -head.REFINE_TOP, None]
+    assert ((refined & (want4 >= kth - 2 * tol)).sum(-1) >= head.REFINE_TOP).all()
+    if accuracy != 1:
+        assert np.abs(got - want4)[~refined].mean() < np.abs(got - want8)[~refined].mean()
+    tables = [t for t in c.g.initializers if t.data_type == TensorProto.UINT8 and np.prod(t.dims) >= V * E // 4]
+    assert sum(int(np.prod(t.dims)) for t in tables) == V * E // 2 + V * E  # one 4-bit table, one 8-bit

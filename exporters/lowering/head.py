@@ -14,7 +14,9 @@
     fp32        a float MatMul
     int8        the 8-bit table (MatMulNBits at the head's accuracy, or DequantizeLinear + MatMul)
     int8-top16  int8 with int8 activations, then its 16 best candidates recomputed in float
-    int4        the table fitted to 4 bits (the -q4 graphs), whatever the source's width
+    int4        the table fitted to 4 bits, whatever the source's width
+    int4-top16  int4 with int8 activations, then its 16 best candidates recomputed in float from the
+                8-bit table (the one the tied embedding gathers its rows from: no second copy)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .attention import row_lengths
 if TYPE_CHECKING:
     from .context import LoweringContext
 
-HEAD_FORMS = ("int8-top16", "int8", "int4", "fp32")
+HEAD_FORMS = ("int4-top16", "int8-top16", "int8", "int4", "fp32")
 # Candidates whose logits the int8-activation lm_head recomputes in float (refine_top).
 REFINE_TOP = 16
 # spec.logits -> the logits output's position dimension
@@ -62,15 +64,17 @@ def lm_head(c: LoweringContext, h: str) -> str:
     name, form, acc = lm_head_name(c), c.spec.head, c.w.form.table_accuracy
     if form == "fp32":
         return linear.project(c.w, h, name, bits=None, accuracy=acc)
-    if form == "int4":
-        return linear.project(c.w, h, name, bits=4, accuracy=acc, fit_table=True)
-    out = linear.project(c.w, h, name, bits=c.w.form.table_bits, accuracy=acc)
-    return refine_top(c, h, out, name, REFINE_TOP) if form == "int8-top16" else out
+    if form in ("int4", "int4-top16"):
+        out = linear.project(c.w, h, name, bits=4, accuracy=acc, fit_table=True)
+    else:
+        out = linear.project(c.w, h, name, bits=c.w.form.table_bits, accuracy=acc)
+    return refine_top(c, h, out, name, REFINE_TOP) if form.endswith("-top16") else out
 
 
 def refine_top(c: LoweringContext, x: str, logits: str, name: str, k: int) -> str:
-    """Float logits for the k best candidates of a head computed with int8 activations, so
-    greedy picks match float arithmetic (near-ties flip otherwise) for k table rows' work::
+    """Float logits for the k best candidates of a head computed with int8 activations (or a 4-bit
+    table), recomputed from the 8-bit table, so greedy picks match float arithmetic over that table
+    (near-ties flip otherwise) for k table rows' work::
 
         logits --TopK--> idx [B, 1, k] --table rows--> [B, k, E] --x·rowsᵀ--> [B, 1, k]
         ScatterElements(logits, idx, exact)

@@ -10,7 +10,7 @@ side by side and picks one by the spec::
     projections   separate           stacked                       packed
     kv            concat             concat                        static  (no position_ids input)
     logits        all                last                          row_last (+ next_token output)
-    head          int8 | fp32        int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
+    head          int8 | fp32        int4-top16 | int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
     weights       DequantizeLinear   MatMulNBits                   MatMulNBits
 
 The -int8 twins run the fused / static spec with int8 activations in their layers
@@ -27,7 +27,11 @@ from ..weights import WeightForm
 from . import attention, head, linear, norm, rotary
 
 INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
-Q4_HEAD = "int8"  # the -q4 graphs' lm_head form (head.HEAD_FORMS); measured in docs/benchmarks.md
+# the lm_head forms (head.HEAD_FORMS) of the -q4 graphs, of the -int8 ones and of the exact ones;
+# measured in docs/benchmarks.md
+Q4_HEAD = "int8"
+INT8_HEAD = "int8-top16"
+EXACT_HEAD = "int8-top16"
 # name -> (file, form, layers at int8 activations, layers fitted to MatMulNBits' integer form)
 VARIANT_FORMS = {
     PORTABLE: ("model.onnx", "portable", False, False),
@@ -90,7 +94,7 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
                            _head(weights, "int8"), weights)
     weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,
                          head_accuracy=head_accuracy, int4_fit=fitted)
-    lm_head = _head(weights, Q4_HEAD if fitted else "int8-top16")
+    lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
     if form == "static":
         return VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",
                            "row_last", lm_head, weights, position_ids=False, next_token=True)
@@ -101,7 +105,7 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
 
 def _head(weights: WeightForm, form: str) -> str:
     """The lm_head form a graph runs: a float table stays a float MatMul; refining the top
-    candidates changes nothing when the head runs float activations (accuracy 1)."""
+    candidates of the 8-bit table changes nothing when it runs float activations (accuracy 1)."""
     if weights.table_bits is None:
         return "fp32"
     return "int8" if form == "int8-top16" and weights.table_accuracy == 1 else form
