@@ -12,7 +12,9 @@ features, ``W[o, i] = (q[o, i] - z[o, g]) * s[o, g]``, with 4-bit q and z packed
 
 :func:`read_weight` turns them into :class:`~exporters.quant.Blocks` (``int4``: uint8 q and zero
 points, float32 scales, block = group size), which the weight store writes to MatMulNBits with
-zero points and to DequantizeLinear unchanged: the graph computes with exactly (q - z) * s.
+zero points and to DequantizeLinear unchanged: the graph computes with exactly (q - z) * s. The
+checkpoint's fp16 embedding and lm_head go in as in every package of its precision (8-bit blocks
+in int4 packages with fp32 activations), and :func:`reference_model` holds them so.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from portable_infer.errors import SourceError, UnsupportedArchitectureError
 
-from .quant import Blocks
+from .quant import Blocks, quantize
 
 METHODS = ("awq", "gptq")
 GROUP_SIZES = (32, 64, 128)
@@ -210,19 +212,31 @@ def unpack_gptq_cols(words: np.ndarray) -> np.ndarray:
     return _nibbles(words).reshape(words.shape[0], -1)
 
 
-def reference_model(src):
+def reference_model(src, table_bits: int | None = None):
     """The transformers float model on the dequantized weights (config.json without its
-    quantization_config; no AWQ/GPTQ kernel package needed): the reference verify compares with."""
+    quantization_config; no AWQ/GPTQ kernel package needed): the reference verify compares with.
+
+    ``table_bits``: the width the package holds the float embedding and lm_head tables at
+    (``weights.WeightForm.table_bits``: 8 in int4 packages with fp32 activations). The reference
+    holds them rounded the same way, so it computes what the package's graphs must compute exactly:
+    the checkpoint's blocks as they are, and its fp16 tables as every int4 package stores them."""
     from portable_infer.errors import require
+
+    from .architectures import family_for
 
     torch, transformers = require("torch"), require("transformers")
     cfg = {k: v for k, v in src.config.items() if k != "quantization_config"}
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = family_for(config.model_type).layout(src.config).names
+    tables = {names.get("embed"), names.get("lm_head")} if table_bits else set()
     state = {}
     for name in sorted(src.names()):
         w = src.get(name)
-        w = w.dequantize() if isinstance(w, Blocks) else w
+        if isinstance(w, Blocks):
+            w = w.dequantize()
+        elif name in tables:  # as weights.WeightStore rounds a float table (quant.quantize)
+            w = quantize(np.asarray(w, dtype=np.float32), table_bits).dequantize()
         state[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()

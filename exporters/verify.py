@@ -11,10 +11,11 @@ is compared with the same results, one ONNX session at a time. Each variant's re
 ``VariantReport`` (``portable_infer.package.verification``), recorded in the manifest.
 The bars are in ``portable_infer.package.variants``: at fp32 a relative difference above
 ``FP32_REL_TOL`` fails the export; a pre-quantized import (GGUF, AWQ, GPTQ) fails below
-``MIN_AGREEMENT`` with its dequantized reference. The int8-activation graphs (fused-int8,
-static-int8, and fused-q4, static-q4 with their fitted weights) are left out of the package (not
-failing it) below ``INT8_FLOOR``; the runtime prefers them only past its quality gate
-(``variants.passes_gate``), and runs them on request otherwise.
+``MIN_AGREEMENT`` with its dequantized reference (AWQ/GPTQ: holding the fp16 embedding and lm_head
+as the package does, :func:`table_bits`, so the exact graphs match it to fp32 rounding). The
+int8-activation graphs (fused-int8, static-int8, and fused-q4, static-q4 with their fitted weights)
+are left out of the package (not failing it) below ``INT8_FLOOR``; the runtime prefers them only
+past its quality gate (``variants.passes_gate``), and runs them on request otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from portable_infer.package import variants
 from portable_infer.package.verification import GreedyPrefix, LogitDiff, Quality, VariantReport
 from portable_infer.errors import SourceError, VerificationError, require
 
+from .weights import PRECISION_BITS, WeightForm
+
 logger = logging.getLogger(__name__)
 
 AGREEMENT_STEPS = 128
@@ -43,8 +46,11 @@ FIXED_TEXT = (
 )
 
 
-def load_reference(src):
-    """The transformers model for a source, in float32 (GGUF: dequantized by transformers)."""
+def load_reference(src, table_bits: int | None = None):
+    """The transformers model for a source, in float32 (GGUF: dequantized by transformers).
+
+    ``table_bits``: the width the package holds float embedding / lm_head tables at
+    (:func:`table_bits`); an AWQ/GPTQ reference holds them so (``awq_gptq.reference_model``)."""
     torch = require("torch")
     transformers = require("transformers")
     kwargs = {"dtype": torch.float32}
@@ -52,7 +58,7 @@ def load_reference(src):
         if src.kind == "hf" and src.quantization is not None:  # AWQ/GPTQ: float model, dequantized weights
             from .awq_gptq import reference_model
 
-            return reference_model(src)
+            return reference_model(src, table_bits)
         if src.kind == "gguf":
             require("accelerate")
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -63,6 +69,15 @@ def load_reference(src):
     except (OSError, ValueError) as exc:
         raise SourceError(f"transformers could not load the reference model from {src.path}: {exc}") from exc
     return model.eval()
+
+
+def table_bits(manifest: mf.Manifest) -> int | None:
+    """The width the package stores a float embedding / lm_head table at (None: as it is), as
+    ``weights.WeightForm.table_bits`` decides it for the package's precision and activations."""
+    if manifest.precision not in PRECISION_BITS:  # a package this exporter did not write
+        return None
+    fp16 = any(v.kv.dtype == "float16" for v in manifest.variants)
+    return WeightForm(manifest.precision, "fp16" if fp16 else "fp32").table_bits
 
 
 class OnnxDecoder:
@@ -179,6 +194,10 @@ class QualityReference:
     seq: np.ndarray  # [1, prompt + steps] the prompt and the reference's greedy continuation
     prompt_len: int
     steps: int
+    # [steps] the reference's own top-1 at each continuation position, teacher-forced on ``seq``:
+    # what the agreement compares with (generate() holds EOS back for all the steps, so a
+    # continuation token is not always the reference's top-1)
+    top1: np.ndarray
     text: np.ndarray  # [1, n] the fixed text's ids
     perplexity: float  # the reference's perplexity on ``text``
 
@@ -237,16 +256,18 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
 
 
 def quality_reference(model, prompt_ids: list, text_ids: list, max_context: int) -> QualityReference:
-    """The reference's greedy continuation of the prompt (128 steps) and perplexity on the text."""
+    """The reference's greedy continuation of the prompt (128 steps), its top-1 along it, and
+    perplexity on the text."""
     torch = require("torch")
     steps = min(AGREEMENT_STEPS, max_context - len(prompt_ids))
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=steps, do_sample=False,
                              min_new_tokens=steps, pad_token_id=0)
     seq = out[0].numpy()[None].astype(np.int64)
+    top1 = torch_logits(model, seq, np.ones_like(seq))[0, len(prompt_ids) - 1:-1].argmax(-1)
     text = np.asarray([text_ids[:max_context]], dtype=np.int64)
     ppl = float(np.exp(_nll(torch_logits(model, text, np.ones_like(text)), text)))
-    return QualityReference(seq, len(prompt_ids), steps, text, ppl)
+    return QualityReference(seq, len(prompt_ids), steps, top1, text, ppl)
 
 
 def _nll(logits: np.ndarray, text: np.ndarray) -> float:
@@ -255,14 +276,15 @@ def _nll(logits: np.ndarray, text: np.ndarray) -> float:
 
 def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_context: int,
             ref: QualityReference | None = None) -> Quality:
-    """Teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text.
+    """Teacher-forced top-1 agreement over 128 steps (with the reference's top-1 on the same
+    tokens) and perplexity on a fixed text.
 
     ``ref``: the reference's results (:func:`quality_reference`), shared by the variants of one
     package; None runs ``model`` here."""
     ref = ref if ref is not None else quality_reference(model, prompt_ids, text_ids, max_context)
     n, steps = ref.prompt_len, ref.steps
     ours = all_logits(dec, ref.seq)
-    agree = int((ours[0, n - 1:-1].argmax(-1) == ref.seq[0, n:]).sum())
+    agree = int((ours[0, n - 1:-1].argmax(-1) == ref.top1).sum())
     ppl = float(np.exp(_nll(all_logits(dec, ref.text), ref.text)))
     return Quality(agreed=agree, steps=steps, perplexity=ppl, perplexity_reference=ref.perplexity)
 
@@ -296,7 +318,7 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
     if not checked:
         return {}
     rng = rng if rng is not None else np.random.default_rng()
-    model = model if model is not None else load_reference(src)
+    model = model if model is not None else load_reference(src, table_bits(manifest))
     ref = reference(model, manifest.model.vocab_size, rng)
     quality_ref = None
     if any(_checks_quality(v, src) for v in checked):

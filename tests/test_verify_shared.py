@@ -100,7 +100,7 @@ def test_the_reference_model_is_let_go_before_the_first_session(int4_package, ti
     loaded, alive_at_session = [], []
     real = verify.decoder
 
-    def load_reference(src):
+    def load_reference(src, table_bits=None):
         model = CountingModel(tiny_llama.model)
         loaded.append(weakref.ref(model))
         return model
