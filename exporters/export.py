@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 
 import onnx
@@ -97,25 +99,28 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
     src = open_source(source, revision=revision)
     plan = plan_export(src, precision=precision, variants=variants, route=route, activations=activations,
                        nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, max_context=max_context)
-    _write_package(plan, src, out, verify=verify, progress=progress)
+    # the source's digest (every weight file read once more) is computed beside the export
+    _write_package(plan, src, out, _in_background(source_sha256, src), verify=verify, progress=progress)
     logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, plan.precision, time.perf_counter() - started)
     return out
 
 
-def _write_package(plan: ExportPlan, src, out: Path, *, verify: bool, progress: bool) -> None:
+def _write_package(plan: ExportPlan, src, out: Path, source_digest: Future, *, verify: bool,
+                   progress: bool) -> None:
     """Write ``plan`` into a hidden directory beside ``out``, verify it, then rename it to ``out``
     (nothing is left at ``out`` when any step fails)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    digests: dict[str, str] = {}  # the weight files' sha256, computed as they were written
     try:
-        written, dims, fitted = _write_graphs(tmp, plan, src, progress)
+        written, dims, fitted = _write_graphs(tmp, plan, src, progress, digests)
         tok = _write_tokenizer(tmp, src)
         if plan.max_context:
             dims = _replace(dims, max_context=min(plan.max_context, dims.max_context))
         manifest = mf.Manifest(
             schema_version=mf.SCHEMA_VERSION, exporter_version=__version__,
-            source={"kind": src.kind, "path": str(src.path), "sha256": source_sha256(src)},
+            source={"kind": src.kind, "path": str(src.path), "sha256": source_digest.result()},
             model=dims, precision=plan.precision, variants=tuple(written), tokenizer=tok,
             generation=plan.generation,
         )
@@ -125,7 +130,7 @@ def _write_package(plan: ExportPlan, src, out: Path, *, verify: bool, progress: 
             report = verify_export(tmp, manifest, src)
             manifest = _drop_failed_int8(tmp, manifest, report)
         manifest = _record_fit(manifest, fitted, next((s.head for s in plan.specs if s.weights.int4_fit), None))
-        manifest = _replace(manifest, files=mf.file_entries(tmp))
+        manifest = _replace(manifest, files=mf.file_entries(tmp, digests))
         manifest.save(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -135,8 +140,9 @@ def _write_package(plan: ExportPlan, src, out: Path, *, verify: bool, progress: 
         raise
 
 
-def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool) -> tuple[list, object, dict | None]:
-    """The plan's graphs: (their manifest entries, the model's dims, the -q4 weights' fit or None)."""
+def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool, digests: dict) -> tuple[list, object, dict | None]:
+    """The plan's graphs: (their manifest entries, the model's dims, the -q4 weights' fit or None);
+    ``digests`` gets the sha256 of each weight file written."""
     if plan.route == "fallback":
         from . import fallback
 
@@ -144,15 +150,16 @@ def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool) -> tuple[lis
         dims = fallback.dims_of(ref_model.config)
         proto = fallback.write_portable(tmp, PORTABLE_FILE, ref_model, dims, plan.precision)
         return [_variant(PORTABLE, PORTABLE_FILE, plan.precision, proto, dims, ("*",))], dims, None
-    written, fitted = [_write_graph(tmp, s, plan.layout, src, progress) for s in plan.specs if s.name == PORTABLE], None
+    written, fitted = [_write_graph(tmp, s, plan.layout, src, progress, digests)
+                       for s in plan.specs if s.name == PORTABLE], None
     shared = tuple(s for s in plan.specs if s.name != PORTABLE)
     if shared:
-        graphs, fitted = _write_shared(tmp, shared, plan.layout, src, progress)
+        graphs, fitted = _write_shared(tmp, shared, plan.layout, src, progress, digests)
         written += graphs
     return written, plan.layout.dims, fitted
 
 
-def _write_shared(tmp: Path, specs: tuple, layout, src, progress: bool) -> tuple[list, dict | None]:
+def _write_shared(tmp: Path, specs: tuple, layout, src, progress: bool, digests: dict) -> tuple[list, dict | None]:
     """The fused-family graphs of ``specs``, in one data file (the writer stores equal tensors
     once: the -int8 twins add only their graphs, the -q4 ones their fitted layers), and the -q4
     weights' fit error (None without them)."""
@@ -161,10 +168,10 @@ def _write_shared(tmp: Path, specs: tuple, layout, src, progress: bool) -> tuple
     written, fits, plain = [], FitCache(), SharedWeights()
     try:
         for spec in specs:
-            written.append(_write_graph(tmp, spec, layout, src, progress, writer=writer,
+            written.append(_write_graph(tmp, spec, layout, src, progress, digests, writer=writer,
                                         shared=fits if spec.weights.int4_fit else plain))
     finally:
-        writer.close()
+        digests[writer.path.name] = writer.close()
     return written, (fits.summary() if any(s.weights.int4_fit for s in specs) else None)
 
 
@@ -203,13 +210,27 @@ def _progress_bar(enabled: bool, total: int, desc: str = "layers"):
     return bar.update
 
 
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` on a daemon thread: a failed export does not wait for it."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to whoever asks for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=fn.__name__, daemon=True).start()
+    return future
+
+
 def _replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
 
 
-def _write_graph(tmp: Path, spec: VariantSpec, layout, src, progress: bool, *,
+def _write_graph(tmp: Path, spec: VariantSpec, layout, src, progress: bool, digests: dict, *,
                  writer: ExternalDataWriter | None = None, shared: SharedWeights | None = None) -> mf.GraphVariant:
     own = writer is None
     writer = writer or ExternalDataWriter(tmp / (spec.file + ".data"))
@@ -219,7 +240,7 @@ def _write_graph(tmp: Path, spec: VariantSpec, layout, src, progress: bool, *,
         DecoderBuilder(layout, store, spec).build(_progress_bar(progress, layout.dims.num_layers, spec.name))
     finally:
         if own:
-            writer.close()
+            digests[writer.path.name] = writer.close()
     model = g.model(producer=f"portable_infer.exporters {__version__}")
     onnx.save(model, str(tmp / spec.file))
     return _variant(spec.name, spec.file, spec.weights.precision, model, layout.dims, spec.providers,

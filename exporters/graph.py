@@ -4,14 +4,18 @@ Each op method appends one node and returns its output name, so model code reads
 
     y = g.mul(g.div(x, g.sqrt(g.add(g.reduce_mean(g.mul(x, x), [-1]), eps))), w)
 
-Weights go to ``<model>.onnx.data`` the moment they are added (aligned, so ONNX Runtime can
-memory-map them) and are then dropped: an export holds about one weight tensor at a time.
+Weights go to ``<model>.onnx.data`` as they are added (aligned, so ONNX Runtime can memory-map
+them), through a writing thread that also hashes the file, and are then dropped: an export holds
+about one weight tensor at a time, plus at most 64 MiB (or one larger weight) waiting to be
+written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 _ALIGN = 4096  # page-aligned: ONNX Runtime memory-maps aligned external data instead of copying it
 _INLINE_BYTES = 1024  # smaller initializers stay inside the .onnx file
+_PENDING_BYTES = 64 << 20  # weight bytes waiting for the writing thread, at most (or one larger weight)
+_SAMPLES, _SAMPLE_BYTES = 64, 1024  # a large weight's dedup key hashes 64 pieces of 1 KiB
 
 NP_TO_ONNX = {
     np.dtype("float32"): TensorProto.FLOAT,
@@ -37,32 +43,120 @@ class ExternalDataWriter:
 
     Identical bytes are stored once: a second graph built on the same writer (the static-KV
     variant beside the fused one) references the first graph's weights instead of copying them.
+    The bytes are written (and hashed, for the manifest) on a background thread in the order they
+    came (:class:`_OrderedFile`), so converting the next weight overlaps writing this one.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._f = open(self.path, "wb")
+        self._file = _OrderedFile(self.path)
         self._offset = 0
-        self._seen: dict[bytes, tuple[int, int]] = {}
+        self._seen: dict[tuple, list[int]] = {}  # dedup key -> offsets of the tensors stored under it
 
-    def write(self, raw: bytes) -> tuple[int, int]:
-        key = hashlib.sha256(raw).digest()
-        if key not in self._seen:
-            self._seen[key] = self._append(raw)
-        return self._seen[key]
-
-    def _append(self, raw: bytes) -> tuple[int, int]:
-        pad = (-self._offset) % _ALIGN
-        if pad:
-            self._f.write(b"\0" * pad)
-            self._offset += pad
-        offset = self._offset
-        self._f.write(raw)
-        self._offset += len(raw)
+    def write(self, array: np.ndarray) -> tuple[int, int]:
+        """(offset, length) of the C-contiguous ``array``'s bytes in the file; the array is written
+        later (:class:`_OrderedFile`) and must not change afterwards."""
+        raw = memoryview(array.reshape(-1).view(np.uint8))
+        key = _dedup_key(raw)
+        for offset in self._seen.get(key, ()):
+            # a small tensor's key is the sha256 of all its bytes; a large one's is checked byte by byte
+            if len(raw) <= _SAMPLES * _SAMPLE_BYTES or self._file.read(offset, len(raw)) == raw:
+                return offset, len(raw)
+        offset = self._append(raw)
+        self._seen.setdefault(key, []).append(offset)
         return offset, len(raw)
 
-    def close(self) -> None:
+    def _append(self, raw: memoryview) -> int:
+        pad = (-self._offset) % _ALIGN
+        if pad:
+            self._file.append(memoryview(bytes(pad)))
+            self._offset += pad
+        offset = self._offset
+        self._file.append(raw)
+        self._offset += len(raw)
+        return offset
+
+    def close(self) -> str:
+        """Write what is still pending and close the file; the file's sha256 (hex)."""
+        return self._file.close()
+
+
+def _dedup_key(raw: memoryview) -> tuple:
+    """(length, sha256 of the bytes): of all of them up to ``_SAMPLES`` pieces' worth, else of
+    ``_SAMPLES`` evenly spread pieces (hashing every byte of every weight cost as much as writing it)."""
+    n = len(raw)
+    if n > _SAMPLES * _SAMPLE_BYTES:
+        starts = np.linspace(0, n - _SAMPLE_BYTES, _SAMPLES).astype(np.int64)
+        raw = b"".join(raw[a:a + _SAMPLE_BYTES] for a in starts.tolist())
+    return n, hashlib.sha256(raw).digest()
+
+
+class _OrderedFile:
+    """A file that background threads write, in the order of :meth:`append`, and hash (on a second
+    thread, beside the writes) as they go: the manifest's sha256 without reading the file again.
+    At most ``pending`` bytes (or one larger buffer) wait, so the memory they hold stays bounded."""
+
+    def __init__(self, path: Path, pending: int = _PENDING_BYTES):
+        self.path = path
+        self._f = open(path, "wb", buffering=0)
+        self._sha = hashlib.sha256()
+        self._cond = threading.Condition()
+        self._limit = pending
+        self._error: BaseException | None = None
+        jobs = (self._write, self._sha.update)
+        self._queues = tuple(queue.SimpleQueue() for _ in jobs)
+        self._pending = [0] * len(jobs)  # bytes each thread has still to take
+        self._threads = [threading.Thread(target=self._run, args=(i, job), name=f"{path.name} {i}", daemon=True)
+                         for i, job in enumerate(jobs)]
+        for t in self._threads:
+            t.start()
+
+    def append(self, raw: memoryview) -> None:
+        with self._cond:
+            while max(self._pending) and max(self._pending) + len(raw) > self._limit and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._pending = [n + len(raw) for n in self._pending]
+        for q in self._queues:
+            q.put(raw)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes already appended (waits until they are written)."""
+        with self._cond:
+            while self._pending[0] and self._error is None:
+                self._cond.wait()
+            self._raise()
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def close(self) -> str:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
         self._f.close()
+        self._raise()
+        return self._sha.hexdigest()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write(self, raw: memoryview) -> None:
+        while raw:
+            raw = raw[self._f.write(raw):]
+
+    def _run(self, i: int, job) -> None:
+        while (raw := self._queues[i].get()) is not None:
+            try:
+                if self._error is None:
+                    job(raw)
+            except BaseException as exc:  # raised in the exporting thread by its next call
+                self._error = exc
+            with self._cond:
+                self._pending[i] -= len(raw)
+                self._cond.notify_all()
 
 
 class GraphBuilder:
@@ -112,7 +206,7 @@ class GraphBuilder:
         tensor.name = name
         tensor.data_type = elem_type if elem_type is not None else NP_TO_ONNX[array.dtype]
         tensor.dims.extend(array.shape)
-        self._store(tensor, array.tobytes())
+        self._store(tensor, array)
         return name
 
     def packed_weight(self, name: str, packed: np.ndarray, shape: tuple, elem_type: int) -> str:
@@ -121,14 +215,16 @@ class GraphBuilder:
         tensor.name = name
         tensor.data_type = elem_type
         tensor.dims.extend(shape)
-        self._store(tensor, np.ascontiguousarray(packed).tobytes())
+        self._store(tensor, np.ascontiguousarray(packed))
         return name
 
-    def _store(self, tensor: TensorProto, raw: bytes) -> None:
-        if self._writer is None or len(raw) <= _INLINE_BYTES:
-            tensor.raw_data = raw
+    def _store(self, tensor: TensorProto, array: np.ndarray) -> None:
+        """``array`` (C-contiguous) inline, or in the data file: written later, so it must not
+        change afterwards (ExternalDataWriter.write)."""
+        if self._writer is None or array.nbytes <= _INLINE_BYTES:
+            tensor.raw_data = array.tobytes()
         else:
-            offset, length = self._writer.write(raw)
+            offset, length = self._writer.write(array)
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in (("location", self._writer.path.name), ("offset", str(offset)),
                                ("length", str(length))):

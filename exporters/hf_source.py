@@ -1,7 +1,8 @@
 """Read a Hugging Face model folder: config.json, *.safetensors, tokenizer files.
 
-Tensors are read lazily, one at a time, straight from the file at their offset, so an export
-never holds the whole checkpoint. bf16 is widened to float32 here (numpy has no bfloat16).
+Tensors are read lazily, one at a time, straight from the file at their offset (a large one in
+chunks on a few threads), so an export never holds the whole checkpoint. float16 stays float16;
+bf16 is widened to float32 here (numpy has no bfloat16).
 AWQ/GPTQ checkpoints (a quantization_config) present each quantized linear ``X`` as ``X.weight``
 in 4-bit :class:`~exporters.quant.Blocks`, read exactly from its packed parts (``awq_gptq.py``).
 """
@@ -18,7 +19,9 @@ import numpy as np
 from portable_infer.errors import SourceError
 
 from . import awq_gptq
+from .parallel import for_each, row_chunks
 
+_READ_CHUNK = 8 << 20  # bytes of a tensor read by one thread at a time
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -142,8 +145,8 @@ class HFSource:
         return self._entry(name).shape
 
     def get(self, name: str):
-        """The tensor as float32 (or its integer dtype), read from the memory map; a quantized
-        linear's weight as int4 Blocks [out, in]."""
+        """The tensor as stored: float32 or float16 (bf16 and float64 widened to float32; numpy
+        has no bfloat16), or its integer dtype; a quantized linear's weight as int4 Blocks [out, in]."""
         if name in self._quantized:
             prefix = name.removesuffix(".weight")
             parts = {p: self._read(self._packed[f"{prefix}.{p}"]) for p in awq_gptq.PARTS
@@ -154,14 +157,26 @@ class HFSource:
     def _read(self, e: _Entry) -> np.ndarray:
         # A plain read into a fresh array, not a slice of a memory map: a mapped file's pages stay
         # in the process's resident set while mapped (the whole checkpoint by the end of an export)
-        dtype = np.dtype(_DTYPES[e.dtype])
-        arr = np.fromfile(e.file, dtype=dtype, count=(e.end - e.start) // dtype.itemsize,
-                          offset=e.start).reshape(e.shape)
+        arr = np.empty(e.shape, _DTYPES[e.dtype])
+        raw = memoryview(arr.reshape(-1).view(np.uint8))
+        if len(raw) != e.end - e.start:
+            raise SourceError(f"{e.file}: a tensor of shape {e.shape} in {e.dtype} takes {len(raw)} bytes, the "
+                              f"header gives it {e.end - e.start}; the file is corrupted: re-download it")
+
+        def part(s: slice) -> None:  # reads release the GIL: large tensors come in on several threads
+            with open(e.file, "rb", buffering=0) as f:
+                f.seek(e.start + s.start)
+                view = raw[s]
+                while view:
+                    n = f.readinto(view)
+                    if not n:
+                        raise SourceError(f"{e.file} ended early (truncated while it was read?); re-download it")
+                    view = view[n:]
+
+        for_each(part, row_chunks(len(raw), 1, _READ_CHUNK))
         if e.dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
-        if arr.dtype in (np.float16, np.float64):
-            return arr.astype(np.float32)
-        return arr
+        return arr.astype(np.float32) if arr.dtype == np.float64 else arr
 
     def _entry(self, name: str) -> _Entry:
         try:

@@ -25,6 +25,7 @@ from onnx import TensorProto
 
 from .graph import GraphBuilder
 from .int4_fit import fit_int4
+from .parallel import transposed
 from .quant import BLOCK, Blocks, quantize
 from .shared_weights import SharedWeights
 from .weight_ops import BlockWeight, DenseWeight, NBitsWeight, WeightOps
@@ -137,7 +138,7 @@ class WeightStore:
         if all(isinstance(p, Blocks) for p in parts):
             return Blocks.concat_rows(parts)
         if not any(isinstance(p, Blocks) for p in parts):
-            return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+            return tuple(parts)  # float parts stay apart until a use joins them (_rows, _matrix)
         return None
 
     # --- small float tensors (norms, biases) --------------------------------------------------
@@ -164,11 +165,13 @@ class WeightStore:
 
     def _emit_nbits(self, name: str, bits: int, fit_table: bool) -> NBitsWeight:
         twin = f"{name}#nbits{12 - bits}" in self._emitted  # the tied table at the other width
-        w = self._matrix(name)
+        parts = self._rows(name)
         # every 4-bit linear of a -q4 graph; exact 8-bit GGUF blocks (Q5_x, Q6_K, Q8_0) stay 8-bit
         # layers there: fitting them to 4 bits would round them a second time (gguf_blocks.py)
-        eight = isinstance(w, Blocks) and w.bits == 8
+        eight = isinstance(parts[0], Blocks) and parts[0].bits == 8
         if (self.form.int4_fit or fit_table) and bits == 4 and (not eight or fit_table):
+            w = _joined(parts)
+            del parts
             source = w.dequantize() if eight else w
             if isinstance(source, Blocks) or FLOAT_FIT:
                 w = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
@@ -176,8 +179,9 @@ class WeightStore:
                 w = quantize(source, 4, self.form.block)
             if self.fit_cache is not None:
                 self.fit_cache.add(source, w)
-        elif not isinstance(w, Blocks):
-            w = quantize(w, bits, self.form.block)
+        else:
+            w = self._quantized(parts, bits)
+            del parts  # the float source goes as soon as it is quantized
         return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin else "nbits"), w, bits,
                                    self.form.split8, self.form.fold_offsets)
 
@@ -185,21 +189,37 @@ class WeightStore:
                table: bool = False) -> DenseWeight | BlockWeight:
         """The weight ``name`` for DequantizeLinear + MatMul at ``bits`` (None: dense float),
         emitted once; ``table``: an embedding table (GPT-2 stores those untransposed)."""
-        if name in self._emitted:
-            return self._emitted[name]
-        w = self._matrix(name, table)
-        n_out, n_in = w.shape
+        if name not in self._emitted:
+            make = lambda: self._emit_blocks(name, bits, packed4, table)  # noqa: E731
+            if self.shared is None:
+                self._emitted[name] = make()
+            else:  # converted once for the graphs of one data file, as nbits()
+                key = f"{name}#blocks{bits}:{int(packed4)}{int(table)}:{np.dtype(self.dtype).name}"
+                self._emitted[name], reused = self.shared.emit(self.g, key, make)
+                if reused:
+                    self._stacked.pop(name, None)
+        return self._emitted[name]
+
+    def _emit_blocks(self, name: str, bits: int | None, packed4: bool, table: bool) -> DenseWeight | BlockWeight:
+        parts = self._rows(name, table)
+        n_in = parts[0].shape[1]
         if bits is not None and n_in % self.form.block:
             logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, self.form.block)
             bits = None
-        if bits is None:
-            t = DenseWeight(self.g.weight(_init_name(name, "T"), self._dense(w).T.astype(self.dtype)), n_in)
-        else:
-            if not isinstance(w, Blocks):
-                w = quantize(w, bits, self.form.block)
-            t = self.ops.emit_blocks(_init_name(name, ""), w, packed4)
-        self._emitted[name] = t
-        return t
+        if bits is None:  # the row parts transposed and cast in one pass, on threads
+            dense = [p.dequantize() if isinstance(p, Blocks) else p for p in parts]
+            return DenseWeight(self.g.weight(_init_name(name, "T"), transposed(dense, self.dtype)), n_in)
+        w = self._quantized(parts, bits)
+        del parts  # the float source goes as soon as it is quantized (an embedding table: 1 GB at 1B)
+        return self.ops.emit_blocks(_init_name(name, ""), w, packed4)
+
+    def _quantized(self, parts: tuple, bits: int) -> Blocks:
+        """Source blocks as they are; float row parts rounded to nearest each alone (the rounding is
+        per row, so these are the values of their stack, without joining the float rows)."""
+        if isinstance(parts[0], Blocks):
+            return parts[0]  # a stack of blocks is joined already (_concat)
+        q = [quantize(p, bits, self.form.block) for p in parts]
+        return q[0] if len(q) == 1 else Blocks.concat_rows(q)
 
     # --- embeddings ---------------------------------------------------------------------------
     def embedding(self, ids: str, name: str, bits: int | None) -> str:
@@ -217,15 +237,25 @@ class WeightStore:
         return w.dequantize() if isinstance(w, Blocks) else np.asarray(w, dtype=np.float32)
 
     def _matrix(self, name: str, table: bool = False):
-        """A source matrix in HF Linear layout [out, in]. GPT-2's Conv1D linears are stored
-        [in, out]; its embedding tables (wte, tied to the lm_head, and wpe) are [rows, hidden]."""
+        """A source matrix in HF Linear layout [out, in] (a stack's float parts joined)."""
+        return _joined(self._rows(name, table))
+
+    def _rows(self, name: str, table: bool = False) -> tuple:
+        """A source matrix in HF Linear layout [out, in], as row blocks: a stack's float parts, or
+        the one matrix. GPT-2's Conv1D linears are stored [in, out]; its embedding tables (wte,
+        tied to the lm_head, and wpe) are [rows, hidden]."""
         if name in self._stacked:
             w = self._stacked.pop(name)
-            return w() if callable(w) else w  # a stack an earlier graph decided (see stack)
+            w = w() if callable(w) else w  # a stack an earlier graph decided (see stack)
+            return w if isinstance(w, tuple) else (w,)
         w = self.source.get(name)
         if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
             w = w.T
-        return w
+        return (w,)
+
+
+def _joined(parts: tuple):
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _init_name(hf_name: str, suffix: str) -> str:

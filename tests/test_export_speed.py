@@ -194,3 +194,70 @@ def test_reading_a_checkpoint_maps_none_of_it(tiny_llama):
     torch_state = tiny_llama.model.state_dict()
     for name, value in tensors.items():  # the same values as the model they were saved from
         np.testing.assert_array_equal(value, torch_state[name].numpy())
+
+
+# --- streaming the weights ---------------------------------------------------------------------
+def test_transposed_parts_equal_numpy(seed, monkeypatch):
+    """parallel.transposed of row parts, cast, in ragged strips and tasks, on 1 and 2 threads, equals
+    numpy's transpose of their concatenation (the dense weights' only copy)."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal((n, 40)).astype(np.float32) for n in (70, 3, 129)]
+    for workers in (1, 2):
+        monkeypatch.setattr(parallel, "threads", lambda: workers)
+        for dtype in (None, np.float16):
+            want = np.ascontiguousarray(np.concatenate(parts).T.astype(dtype or np.float32))
+            got = parallel.transposed(parts, dtype, strip=7, task=30)
+            assert got.dtype == want.dtype and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(parallel.transposed(parts[2].T), parts[2])  # a strided source
+
+
+def test_data_file_stores_equal_bytes_once_and_hashes_what_it_wrote(seed, tmp_path):
+    """The data writer's dedup compares bytes, not only its sampled key (a large tensor's key hashes
+    64 pieces of it), and the digest it returns is the file's sha256, computed while writing."""
+    import hashlib
+
+    from exporters import graph
+
+    rng = np.random.default_rng(seed)
+    big = rng.standard_normal(300_000).astype(np.float32)
+    near = big.copy()
+    near.view(np.uint8)[2000] ^= 1  # outside the sampled pieces: the same key, other bytes
+    assert graph._dedup_key(memoryview(near.view(np.uint8))) == graph._dedup_key(memoryview(big.view(np.uint8)))
+    arrays = [big, rng.standard_normal(500).astype(np.float32), big.copy(), near, np.ones(600, np.float16),
+              np.ones(600, np.float16)]
+    writer = graph.ExternalDataWriter(tmp_path / "w.data")
+    places = [writer.write(a) for a in arrays]
+    digest = writer.close()
+    data = (tmp_path / "w.data").read_bytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert places[2] == places[0] and places[5] == places[4] and places[3] != places[0]
+    for (offset, length), a in zip(places, arrays):
+        assert offset % 4096 == 0 and data[offset:offset + length] == a.tobytes()
+
+
+def test_float16_checkpoint_read_as_stored_in_chunks(seed, tmp_path, monkeypatch):
+    """fp16 tensors come back as float16 (no float32 copy of an fp16 checkpoint), read in chunks on
+    threads that meet at odd offsets; bf16 is widened to float32 exactly."""
+    from safetensors.numpy import save_file
+
+    from exporters import hf_source
+
+    rng = np.random.default_rng(seed)
+    tensors = {"a": rng.standard_normal((33, 65)).astype(np.float16), "b": np.arange(7, dtype=np.int64),
+               "c": rng.standard_normal((5, 3)).astype(np.float32)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(hf_source, "_READ_CHUNK", 97)
+    monkeypatch.setattr(parallel, "threads", lambda: 2)
+    entries = hf_source._read_header(tmp_path / "model.safetensors")
+    src = hf_source.HFSource(tmp_path, {}, entries)
+    for name, want in tensors.items():
+        got = src.get(name)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    bits = (tensors["c"].view(np.uint32) >> 16).astype(np.uint16)  # bf16: the high halves
+    e = entries["c"]
+    bf16 = hf_source._Entry(e.file, "BF16", e.shape, e.start, e.start + bits.nbytes)
+    (tmp_path / "model.safetensors").write_bytes(
+        (tmp_path / "model.safetensors").read_bytes()[:e.start] + bits.tobytes())
+    np.testing.assert_array_equal(src._read(bf16), (bits.astype(np.uint32) << 16).view(np.float32))

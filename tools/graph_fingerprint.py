@@ -12,7 +12,8 @@ fp16 activations; the AWQ/GPTQ checkpoints of ``tests/test_awq_gptq.py``; the GG
 family of ``tests/_gguf_files.py`` in both mixes of ``tests/test_gguf_families.py``. Weights come
 from fixed seeds. Per graph it records the node list (op type, domain, inputs, outputs, attributes,
 name), the graph inputs and outputs, the opsets, each initializer's name, type, shape and sha256, and
-the manifest's entry of the variant. ``--root`` runs another checkout's exporter (e.g. a
+the manifest's entry of the variant; per package the manifest's file digests (every file byte for
+byte) and the source's digest. ``--root`` runs another checkout's exporter (e.g. a
 ``git archive`` of the commit before a refactor). ``--compare`` prints the first differences and
 exits 1 when the fingerprints differ.
 """
@@ -130,7 +131,9 @@ def graph_fingerprint(path: Path) -> dict:
 
 def package_fingerprint(pkg: Path) -> dict:
     manifest = json.loads((pkg / "manifest.json").read_text())
-    out = {"precision": manifest["precision"], "model": manifest["model"]}
+    # every file byte for byte (the manifest's own digests) and the digest of the source
+    out = {"precision": manifest["precision"], "model": manifest["model"], "files": manifest["files"],
+           "source_sha256": manifest["source"]["sha256"]}
     for v in manifest["variants"]:
         out[v["name"]] = {"manifest": v, "graph": graph_fingerprint(pkg / v["file"])}
     return out

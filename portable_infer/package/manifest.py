@@ -300,12 +300,17 @@ def parse_json(data: bytes, where: str, error=PackageError) -> dict:
     return obj
 
 
-def file_entries(package_dir: str | os.PathLike) -> tuple:
-    """FileEntry for every file of a package directory except the manifest itself, sorted."""
+def file_entries(package_dir: str | os.PathLike, known: dict[str, str] | None = None) -> tuple:
+    """FileEntry for every file of a package directory except the manifest itself, sorted.
+
+    ``known``: sha256 digests already computed (by relative path), e.g. by the exporter while it
+    wrote a weight file; the other files are read and hashed here."""
     root = Path(package_dir)
     out = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
-        out.append(FileEntry(path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size))
+        rel = path.relative_to(root).as_posix()
+        digest = (known or {}).get(rel) or sha256_file(path)
+        out.append(FileEntry(rel, digest, path.stat().st_size))
     return tuple(out)
 
 
