@@ -16,7 +16,9 @@ PLAIN_CAPACITY_STEP only, and a dead cache's buffers wait, up to SPARE_BYTES in 
 next cache of the same shape (the scheduler makes one at every join and leave: fresh memory
 would be faulted in each time). The continuous-batching scheduler moves rows between these
 caches with the caches' own row operations. When capture is refused or fails, the engine logs
-why and runs every step without a graph.
+why and runs every step without a graph. ``forward_on_device`` leaves a step's logits in the
+slot's buffer, where the companion graph (:mod:`~portable_infer.engine.masked_argmax`) picks
+under the grammar masks and fetches only the rows the host needs.
 """
 
 from __future__ import annotations
