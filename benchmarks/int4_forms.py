@@ -1,14 +1,16 @@
 """Quality of the int4 forms: top-1 agreement with the float reference over >= 512 positions.
 
     .venv/bin/python benchmarks/int4_forms.py [SOURCE] [--variants static,static-int8,static-q4]
-        [--heads int8-top16,int4,fp32] [--mean-weights 0,4] [--no-clip] [--rtn] [--float-fit]
+        [--heads int8-top16,int4,fp32] [--int8-heads int4-top16,int8] [--mean-weights 0,4] [--no-clip]
+        [--rtn] [--float-fit]
         [--q4-1-bits 4|8]
         [--out DIR] [--json FILE] [--continuations 4]
     .venv/bin/python benchmarks/int4_forms.py --make-float-standin .bench/hf/smollm2 OUT
 
 SOURCE (default: the default SmolLM2 Q4_1 GGUF; for a float source, ``--make-float-standin``) is
-exported once with ``--variants`` (int4, no verification), and once more with the ``static-q4``
-graph alone per alternative asked for (lm_head form, fit weight, no clipping, round-to-nearest
+exported once with ``--variants`` (int4, no verification), once more with the ``static-int8``
+graph alone per ``--int8-heads`` form, and with the ``static-q4`` graph alone per alternative asked
+for (lm_head form, fit weight, no clipping, round-to-nearest
 instead of the fit, the fit for float weights too); each graph then runs two teacher-forced checks against
 transformers' float32 model (the GGUF dequantized, or the HF folder), with ONNX Runtime on the CPU:
 
@@ -42,7 +44,7 @@ from exporters import int4_fit, weights  # noqa: E402
 from exporters.lowering import spec  # noqa: E402
 from exporters.quant import quantize  # noqa: E402
 from exporters.sources import open_source  # noqa: E402
-from exporters.verify import _log_softmax, _reference_logits, all_logits, decoder, load_reference  # noqa: E402
+from exporters.verify import all_logits, decoder, load_reference, log_softmax, torch_logits  # noqa: E402
 from portable_infer.package import manifest as mf  # noqa: E402
 
 TEXT_DIR = Path(__file__).resolve().parent / "texts"
@@ -70,9 +72,9 @@ def reference(model, texts: list, n_cont: int, cache: Path) -> dict:
     ref = {"text": [], "text_nll": [], "cont": []}
     for ids in texts:
         seq = np.asarray([ids], np.int64)
-        logits = _reference_logits(model, seq, np.ones_like(seq))[0][:-1]
+        logits = torch_logits(model, seq, np.ones_like(seq))[0][:-1]
         ref["text"].append(logits.argmax(-1))
-        ref["text_nll"].append(float(-np.take_along_axis(_log_softmax(logits), seq[0, 1:, None], -1).mean()))
+        ref["text_nll"].append(float(-np.take_along_axis(log_softmax(logits), seq[0, 1:, None], -1).mean()))
     for ids in texts[:n_cont]:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids[:PROMPT_TOKENS]]), max_new_tokens=CONT_STEPS, do_sample=False,
@@ -93,7 +95,7 @@ def measure(package: Path, name: str, texts: list, ref: dict) -> dict:
         logits = all_logits(dec, seq)[0][:-1]
         agree += int((logits.argmax(-1) == ref_top).sum())
         total += len(ref_top)
-        nll.append(float(-np.take_along_axis(_log_softmax(logits), seq[0, 1:, None], -1).mean()))
+        nll.append(float(-np.take_along_axis(log_softmax(logits), seq[0, 1:, None], -1).mean()))
     c_agree = c_total = 0
     for seq in ref["cont"]:
         logits = all_logits(dec, seq[None])[0]
@@ -150,6 +152,7 @@ class Run:
 
     variants: tuple
     head: str = spec.Q4_HEAD
+    int8_head: str = spec.INT8_HEAD
     mean_weight: float = int4_fit.MEAN_WEIGHT
     scales: tuple = int4_fit.FIT_SCALES
     fit: object = int4_fit.fit_int4
@@ -158,6 +161,7 @@ class Run:
 
     def apply(self) -> None:
         spec.Q4_HEAD, int4_fit.MEAN_WEIGHT, int4_fit.FIT_SCALES = self.head, self.mean_weight, self.scales
+        spec.INT8_HEAD = self.int8_head
         weights.fit_int4, weights.Q4_1_FIT_BITS, weights.FLOAT_FIT = self.fit, self.q4_1_bits, self.float_fit
 
 
@@ -168,6 +172,8 @@ def plan(args) -> dict:
     runs = {"base": Run(tuple(args.variants.split(",")), q4_1_bits=bits)}
     for head in [h for h in args.heads.split(",") if h]:
         runs[f"q4 head={head}"] = Run(q4, head=head, q4_1_bits=bits)
+    for head in [h for h in args.int8_heads.split(",") if h]:
+        runs[f"int8 head={head}"] = Run(("static-int8",), int8_head=head, q4_1_bits=bits)
     for mw in [float(x) for x in args.mean_weights.split(",") if x]:
         runs[f"q4 mw={mw}"] = Run(q4, mean_weight=mw, q4_1_bits=bits)
     if args.no_clip:
@@ -185,6 +191,7 @@ def main() -> None:
     ap.add_argument("source", nargs="?", default="default")
     ap.add_argument("--variants", default="static,static-int8,static-q4")
     ap.add_argument("--heads", default="", help="extra static-q4 exports, one per lm_head form")
+    ap.add_argument("--int8-heads", default="", help="extra static-int8 exports, one per lm_head form")
     ap.add_argument("--mean-weights", default="", help="extra static-q4 exports, one per fit weight")
     ap.add_argument("--rtn", action="store_true",
                     help="one more static-q4 export whose layers are round-to-nearest of the dequantized "
