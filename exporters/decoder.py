@@ -47,6 +47,13 @@ class DecoderBuilder:
 
     def build(self, on_layer=None) -> None:
         """The whole graph; ``on_layer(1)`` after each layer (a progress bar)."""
+        for _ in self.steps(on_layer):
+            pass
+
+    def steps(self, on_layer=None):
+        """:meth:`build` a step at a time: yields after the embedding and after each layer, so that
+        several graphs can be built side by side (export.py builds the portable graph and the first
+        fused-family one layer by layer: each float weight is read and rounded once for both)."""
         c = self.c
         g, d, spec = c.g, c.dims, c.spec
         ids = g.input(mf.INPUT_IDS, I64, ["batch", "sequence"])
@@ -57,6 +64,7 @@ class DecoderBuilder:
         pasts = [tuple(g.input(n, c.kv_type, kv_shape) for n in mf.past_names(i)) for i in range(d.num_layers)]
 
         h = self.embed(ids, pos)
+        yield
         types = tuple(dict.fromkeys(d.layer_types))  # in first-use order: the graph is the same every run
         masks = {t: attention.inputs(c, ids, mask, t) for t in types}
         ropes = {t: rotary.tables(c, pos, t) for t in types} if c.layout.positions == "rope" else {}
@@ -67,6 +75,7 @@ class DecoderBuilder:
             presents.append((k, v))
             if on_layer is not None:
                 on_layer(1)
+            yield
         logits = head.logits(c, h, delta)
         g.output(logits, mf.LOGITS, F32, ["batch", head.POSITION_DIM[spec.logits], d.vocab_size])
         out_shape = ["batch", d.num_kv_heads, present_dim, d.head_dim]

@@ -7,6 +7,7 @@ nothing at OUT.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from .export_plan import ExportPlan, check_options, plan_export
 from .graph import ExternalDataWriter, GraphBuilder
 from .int4_fit import FitCache
 from .lowering.spec import VARIANT_FORMS, VariantSpec
-from .shared_weights import SharedWeights
+from .shared_weights import Handoff, SharedWeights
 from .sources import open_source, source_sha256, tokenizer_assets
 from .weights import WeightStore
 
@@ -142,7 +143,13 @@ def _write_package(plan: ExportPlan, src, out: Path, source_digest: Future, *, v
 
 def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool, digests: dict) -> tuple[list, object, dict | None]:
     """The plan's graphs: (their manifest entries, the model's dims, the -q4 weights' fit or None);
-    ``digests`` gets the sha256 of each weight file written."""
+    ``digests`` gets the sha256 of each weight file written.
+
+    The portable graph has a data file of its own; the fused-family graphs share one (the writer
+    stores equal tensors once: the -int8 twins add only their graphs, the -q4 ones their fitted
+    layers). The portable graph and the first fused-family one are built side by side, a layer at
+    a time, so each float weight is read and rounded once for both (shared_weights.Handoff); the
+    others follow one by one."""
     if plan.route == "fallback":
         from . import fallback
 
@@ -150,29 +157,38 @@ def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool, digests: dic
         dims = fallback.dims_of(ref_model.config)
         proto = fallback.write_portable(tmp, PORTABLE_FILE, ref_model, dims, plan.precision)
         return [_variant(PORTABLE, PORTABLE_FILE, plan.precision, proto, dims, ("*",))], dims, None
-    written, fitted = [_write_graph(tmp, s, plan.layout, src, progress, digests)
-                       for s in plan.specs if s.name == PORTABLE], None
-    shared = tuple(s for s in plan.specs if s.name != PORTABLE)
-    if shared:
-        graphs, fitted = _write_shared(tmp, shared, plan.layout, src, progress, digests)
-        written += graphs
-    return written, plan.layout.dims, fitted
-
-
-def _write_shared(tmp: Path, specs: tuple, layout, src, progress: bool, digests: dict) -> tuple[list, dict | None]:
-    """The fused-family graphs of ``specs``, in one data file (the writer stores equal tensors
-    once: the -int8 twins add only their graphs, the -q4 ones their fitted layers), and the -q4
-    weights' fit error (None without them)."""
-    writer = ExternalDataWriter(tmp / (VARIANT_FORMS[FUSED][0] + ".data"))
+    specs, writers = plan.specs, {}
+    together = 2 if len(specs) > 1 and specs[0].name == PORTABLE else 1
+    handoff = Handoff() if together == 2 else None
     # each weight converted once: for the exact graphs and their -int8 twins, and for the -q4 ones
-    written, fits, plain = [], FitCache(), SharedWeights()
+    fits, plain = FitCache(), SharedWeights()
+
+    def start(spec: VariantSpec, handoff: Handoff | None) -> tuple:
+        family = PORTABLE if spec.name == PORTABLE else FUSED
+        if family not in writers:
+            writers[family] = ExternalDataWriter(tmp / (VARIANT_FORMS[family][0] + ".data"))
+        g = GraphBuilder(f"portable_infer_{spec.name}", writers[family], opset=OPSET)
+        shared = None if family == PORTABLE else fits if spec.weights.int4_fit else plain
+        store = WeightStore(g, src, spec.weights, transposed=plan.layout.transposed_weights, shared=shared,
+                            handoff=handoff)
+        bar = _progress_bar(progress, plan.layout.dims.num_layers, spec.name)
+        return g, DecoderBuilder(plan.layout, store, spec).steps(bar)
+
     try:
-        for spec in specs:
-            written.append(_write_graph(tmp, spec, layout, src, progress, digests, writer=writer,
-                                        shared=fits if spec.weights.int4_fit else plain))
+        graphs = [start(spec, handoff) for spec in specs[:together]]
+        for _ in itertools.zip_longest(*(steps for _, steps in graphs)):
+            if handoff is not None:
+                handoff.clear()  # what the other graph did not take
+        written = [_save(tmp, spec, g, plan.layout.dims) for spec, (g, _) in zip(specs, graphs)]
+        for spec in specs[together:]:
+            g, steps = start(spec, None)
+            for _ in steps:
+                pass
+            written.append(_save(tmp, spec, g, plan.layout.dims))
     finally:
-        digests[writer.path.name] = writer.close()
-    return written, (fits.summary() if any(s.weights.int4_fit for s in specs) else None)
+        for writer in writers.values():
+            digests[writer.path.name] = writer.close()
+    return written, plan.layout.dims, (fits.summary() if any(s.weights.int4_fit for s in specs) else None)
 
 
 def _record_fit(manifest: mf.Manifest, fit: dict | None, lm_head: str | None) -> mf.Manifest:
@@ -230,20 +246,10 @@ def _replace(obj, **changes):
     return dataclasses.replace(obj, **changes)
 
 
-def _write_graph(tmp: Path, spec: VariantSpec, layout, src, progress: bool, digests: dict, *,
-                 writer: ExternalDataWriter | None = None, shared: SharedWeights | None = None) -> mf.GraphVariant:
-    own = writer is None
-    writer = writer or ExternalDataWriter(tmp / (spec.file + ".data"))
-    try:
-        g = GraphBuilder(f"portable_infer_{spec.name}", writer, opset=OPSET)
-        store = WeightStore(g, src, spec.weights, transposed=layout.transposed_weights, shared=shared)
-        DecoderBuilder(layout, store, spec).build(_progress_bar(progress, layout.dims.num_layers, spec.name))
-    finally:
-        if own:
-            digests[writer.path.name] = writer.close()
+def _save(tmp: Path, spec: VariantSpec, g: GraphBuilder, dims) -> mf.GraphVariant:
     model = g.model(producer=f"portable_infer.exporters {__version__}")
     onnx.save(model, str(tmp / spec.file))
-    return _variant(spec.name, spec.file, spec.weights.precision, model, layout.dims, spec.providers,
+    return _variant(spec.name, spec.file, spec.weights.precision, model, dims, spec.providers,
                     logits=spec.manifest_logits, attention=spec.manifest_attention, growth=spec.kv)
 
 

@@ -27,7 +27,7 @@ from .graph import GraphBuilder
 from .int4_fit import fit_int4
 from .parallel import transposed
 from .quant import BLOCK, Blocks, quantize
-from .shared_weights import SharedWeights
+from .shared_weights import Handoff, SharedWeights
 from .weight_ops import BlockWeight, DenseWeight, NBitsWeight, WeightOps
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class WeightStore:
     them as typed records (``weight_ops``)."""
 
     def __init__(self, g: GraphBuilder, source, form: WeightForm, transposed: bool = False,
-                 shared: SharedWeights | None = None):
+                 shared: SharedWeights | None = None, handoff: Handoff | None = None):
         self.g = g
         self.source = source
         self.form = form
@@ -115,6 +115,7 @@ class WeightStore:
         # for the -q4 graphs an int4_fit.FitCache, which also counts the fit's error
         self.shared = shared
         self.fit_cache = shared if form.int4_fit else None
+        self.handoff = handoff  # float weights rounded once for this graph and one built beside it
 
     def stack(self, names: list[str], key: str) -> str | None:
         """Register the row-wise stack of [out, in] weights (or of biases) under ``key``, so one
@@ -123,7 +124,8 @@ class WeightStore:
         (it does not when that graph emitted the stack already)."""
         known = None if self.shared is None else self.shared.stacks.get(key)
         if known is None:
-            w = self._concat(names)
+            # parts the graph built beside this one rounded already are float: read (taken) on use
+            w = tuple(names) if self.handoff is not None and self.handoff.holds(names) else self._concat(names)
             known = w is not None
             if self.shared is not None:
                 self.shared.stacks[key] = known
@@ -165,25 +167,32 @@ class WeightStore:
 
     def _emit_nbits(self, name: str, bits: int, fit_table: bool) -> NBitsWeight:
         twin = f"{name}#nbits{12 - bits}" in self._emitted  # the tied table at the other width
-        parts = self._rows(name)
-        # every 4-bit linear of a -q4 graph; exact 8-bit GGUF blocks (Q5_x, Q6_K, Q8_0) stay 8-bit
-        # layers there: fitting them to 4 bits would round them a second time (gguf_blocks.py)
-        eight = isinstance(parts[0], Blocks) and parts[0].bits == 8
-        if (self.form.int4_fit or fit_table) and bits == 4 and (not eight or fit_table):
-            w = _joined(parts)
-            del parts
-            source = w.dequantize() if eight else w
-            if isinstance(source, Blocks) or FLOAT_FIT:
-                w = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
-            else:
-                w = quantize(source, 4, self.form.block)
-            if self.fit_cache is not None:
-                self.fit_cache.add(source, w)
+        if (self.form.int4_fit or fit_table) and bits == 4:
+            w = self._fitted(name, fit_table)
         else:
-            w = self._quantized(parts, bits)
-            del parts  # the float source goes as soon as it is quantized
+            w = self._quantized(name, bits)
+            if not isinstance(w, Blocks):  # raises: the input size is not a multiple of the block
+                w = quantize(_joined(w), bits, self.form.block)
         return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin else "nbits"), w, bits,
                                    self.form.split8, self.form.fold_offsets)
+
+    def _fitted(self, name: str, fit_table: bool) -> Blocks:
+        """Every 4-bit linear of a -q4 graph (and a ``fit_table``) in MatMulNBits' integer form;
+        exact 8-bit GGUF blocks (Q5_x, Q6_K, Q8_0) stay 8-bit layers there: fitting them to 4 bits
+        would round them a second time (gguf_blocks.py)."""
+        w = self._matrix(name)
+        eight = isinstance(w, Blocks) and w.bits == 8
+        if eight and not fit_table:
+            return w
+        source = w.dequantize() if eight else w
+        del w  # the float source goes as soon as it is fitted
+        if isinstance(source, Blocks) or FLOAT_FIT:
+            fitted = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
+        else:
+            fitted = quantize(source, 4, self.form.block)
+        if self.fit_cache is not None:
+            self.fit_cache.add(source, fitted)
+        return fitted
 
     def blocks(self, name: str, bits: int | None, packed4: bool = True,
                table: bool = False) -> DenseWeight | BlockWeight:
@@ -201,25 +210,34 @@ class WeightStore:
         return self._emitted[name]
 
     def _emit_blocks(self, name: str, bits: int | None, packed4: bool, table: bool) -> DenseWeight | BlockWeight:
-        parts = self._rows(name, table)
-        n_in = parts[0].shape[1]
-        if bits is not None and n_in % self.form.block:
+        w = self._rows(name, table) if bits is None else self._quantized(name, bits, table)
+        if isinstance(w, Blocks):
+            return self.ops.emit_blocks(_init_name(name, ""), w, packed4)
+        n_in = w[0].shape[1]
+        if bits is not None:
             logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, self.form.block)
-            bits = None
-        if bits is None:  # the row parts transposed and cast in one pass, on threads
-            dense = [p.dequantize() if isinstance(p, Blocks) else p for p in parts]
-            return DenseWeight(self.g.weight(_init_name(name, "T"), transposed(dense, self.dtype)), n_in)
-        w = self._quantized(parts, bits)
-        del parts  # the float source goes as soon as it is quantized (an embedding table: 1 GB at 1B)
-        return self.ops.emit_blocks(_init_name(name, ""), w, packed4)
+        dense = [p.dequantize() if isinstance(p, Blocks) else p for p in w]  # transposed and cast in one pass
+        return DenseWeight(self.g.weight(_init_name(name, "T"), transposed(dense, self.dtype)), n_in)
 
-    def _quantized(self, parts: tuple, bits: int) -> Blocks:
-        """Source blocks as they are; float row parts rounded to nearest each alone (the rounding is
-        per row, so these are the values of their stack, without joining the float rows)."""
-        if isinstance(parts[0], Blocks):
-            return parts[0]  # a stack of blocks is joined already (_concat)
-        q = [quantize(p, bits, self.form.block) for p in parts]
-        return q[0] if len(q) == 1 else Blocks.concat_rows(q)
+    def _quantized(self, name: str, bits: int, table: bool = False) -> Blocks | tuple:
+        """``name`` at ``bits``: source blocks as they are, float row parts rounded to nearest each
+        alone (the rounding is per row: the values of their stack, without joining the float rows),
+        or the row parts as read when their input size is not a multiple of the block. A part that
+        the graph built beside this one rounded already is taken from the handoff, not read again."""
+        parts, out = self._parts(name), []
+        for p in parts:
+            named = isinstance(p, str) and self.handoff is not None
+            key = (p, bits, self.form.block, self._flips(p, table)) if named else None
+            b = self.handoff.take(key) if key else None
+            if b is None:
+                w = self._load(p, table)
+                if w.shape[1] % self.form.block:  # the parts share their input size: the first one tells
+                    return (w, *(self._load(q, table) for q in parts[1:]))
+                b = w if isinstance(w, Blocks) else quantize(w, bits, self.form.block)
+                if key and b is not w:
+                    self.handoff.leave(key, b)
+            out.append(b)
+        return out[0] if len(out) == 1 else Blocks.concat_rows(out)
 
     # --- embeddings ---------------------------------------------------------------------------
     def embedding(self, ids: str, name: str, bits: int | None) -> str:
@@ -241,17 +259,30 @@ class WeightStore:
         return _joined(self._rows(name, table))
 
     def _rows(self, name: str, table: bool = False) -> tuple:
-        """A source matrix in HF Linear layout [out, in], as row blocks: a stack's float parts, or
-        the one matrix. GPT-2's Conv1D linears are stored [in, out]; its embedding tables (wte,
-        tied to the lm_head, and wpe) are [rows, hidden]."""
+        """A source matrix in HF Linear layout [out, in], as row parts (a stack's, or the one matrix)."""
+        return tuple(self._load(p, table) for p in self._parts(name))
+
+    def _parts(self, name: str) -> tuple:
+        """What ``name`` stands for, as row parts: a stack's parts (tensor names, read on use, or
+        values read already; a stack of source blocks is one joined value), else the one tensor."""
         if name in self._stacked:
             w = self._stacked.pop(name)
             w = w() if callable(w) else w  # a stack an earlier graph decided (see stack)
             return w if isinstance(w, tuple) else (w,)
-        w = self.source.get(name)
-        if self.transposed and not table and not isinstance(w, Blocks) and w.ndim == 2 and "wte" not in name:
-            w = w.T
-        return (w,)
+        return (name,)
+
+    def _load(self, part, table: bool = False):
+        """A part as the source holds it, in HF Linear layout [out, in] (a tensor name is read here).
+        GPT-2's Conv1D linears are stored [in, out]; its embedding tables (wte, tied to the
+        lm_head, and wpe) are [rows, hidden]."""
+        if not isinstance(part, str):
+            return part
+        w = self.source.get(part)
+        return w.T if self._flips(part, table) and not isinstance(w, Blocks) and w.ndim == 2 else w
+
+    def _flips(self, name: str, table: bool) -> bool:
+        """Whether the float matrix ``name`` is stored [in, out] (GPT-2's Conv1D linears)."""
+        return self.transposed and not table and "wte" not in name
 
 
 def _joined(parts: tuple):

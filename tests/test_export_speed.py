@@ -144,6 +144,24 @@ def test_shared_graphs_read_and_quantize_each_weight_once(tiny_llama, tmp_path, 
     assert quantized == quant_one, (quantized, quant_one)
 
 
+def test_portable_graph_beside_the_fused_one_reads_and_rounds_each_weight_once(tiny_llama, tmp_path, monkeypatch):
+    """The portable graph is built beside the first fused-family one, a layer at a time, and hands
+    its rounded weights over (shared_weights.Handoff): every linear and the embedding table are read
+    once, rounded as often as by the fused-family graphs alone, and each file is the one that the
+    graphs write when exported apart."""
+    from exporters.export import export
+
+    fused, reads_one, quant_one = _count_export(tiny_llama, tmp_path / "fused", SHARED, monkeypatch)
+    both, reads, quantized = _count_export(tiny_llama, tmp_path / "both", ("portable", *SHARED), monkeypatch)
+    weights = [n for n in reads_one if n.endswith("proj.weight") or "embed" in n]
+    assert weights and {n: reads[n] for n in weights} == {n: 1 for n in weights}, reads
+    assert quantized == quant_one, (quantized, quant_one)
+    portable = export(tiny_llama.source, tmp_path / "portable", precision="int4", verify=False, variants=("portable",))
+    for apart in (portable, fused):
+        names = [p.name for p in apart.iterdir() if p.name.startswith("model.")]
+        assert names and all((both / n).read_bytes() == (apart / n).read_bytes() for n in names), names
+
+
 def test_shared_graphs_write_the_bytes_they_wrote_unshared(tiny_llama, tmp_path, monkeypatch):
     """Sharing the converted weights changes no byte of the package: every file equals the one an
     export that converts each weight in each graph writes."""
