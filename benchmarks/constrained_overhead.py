@@ -121,6 +121,7 @@ def main() -> None:
     model = portable_infer.load(args.package, args.provider, **kw)
     if args.device_masks != "auto":
         model.engine.masks_on_device = args.device_masks == "on"  # forward_on_device: static graphs only
+        batch_pick.DEVICE_MIN_ROWS = 1  # "on" means every batch size, batch 1 included
     schema = Constraint.json_schema(SCHEMA)
     t = time.perf_counter()
     model.guide.matcher(schema)

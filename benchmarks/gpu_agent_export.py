@@ -168,7 +168,10 @@ def functional(pkg: Path, provider: str = "cuda", dry: bool = False) -> None:
 
     model = portable_infer.load(str(pkg), provider, strict=True)
     if dry:
-        model.engine.masks_on_device = True  # the GPU's path, on the CPU
+        from portable_infer.decode import batch_pick
+
+        model.engine.masks_on_device = True  # the GPU's path, on the CPU, at every batch size
+        batch_pick.DEVICE_MIN_ROWS = 1
     say(f"\n### functional checks on {model.provider} ({model.variant}, masks on the device: "
         f"{model.engine.masks_on_device})\n")
     failed = 0

@@ -229,8 +229,11 @@ def _mixed(rng, static):
 def _device_calls(engine, monkeypatch, on: bool) -> list:
     """Turn the device-mask path on or off for ``engine``; returns the list its forward_on_device
     calls are counted in."""
+    from portable_infer.decode import batch_pick
+
     calls = []
     forward = engine.forward_on_device
+    monkeypatch.setattr(batch_pick, "DEVICE_MIN_ROWS", 1)  # every forward, down to the last live row
     monkeypatch.setattr(engine, "masks_on_device", on)
     monkeypatch.setattr(engine, "forward_on_device", lambda *a: calls.append(1) or forward(*a))
     return calls

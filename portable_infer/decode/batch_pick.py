@@ -6,10 +6,10 @@ and the scheduler's running batch alike.
     mode     when                                     the forward, and what comes to the host
     greedy   every row plain greedy, graph with       forward(greedy=True): one id per row
              next_token
-    device   engine.masks_on_device, and some row     forward_on_device, then one companion run on the
-             greedy (maybe constrained) or with a     device: the grammar masks applied there, each
-             grammar mask it may take first           row's argmax, and the (masked) logits of the rows
-                                                      that still need theirs: sampling, logprobs,
+    device   engine.masks_on_device, DEVICE_MIN_ROWS   forward_on_device, then one companion run on the
+             live rows or more, some row greedy       device: the grammar masks applied there, each
+             (maybe constrained) or with a grammar    row's argmax, and the (masked) logits of the rows
+             mask it may take first                   that still need theirs: sampling, logprobs,
                                                       penalties, logit bias
     host     otherwise                                forward(): every row's logits; the masks of the
                                                       mask-first rows applied in one numpy call
@@ -31,6 +31,11 @@ from portable_infer.decode.constraints import allowed_tokens
 from portable_infer.decode.processors import apply_mask
 
 GREEDY, DEVICE, HOST = "greedy", "device", "host"
+# Fewer live rows than this take the host path even where the engine masks on the device: the
+# companion run costs a fixed ~0.15-0.3 ms on CUDA, more than fetching and masking a few rows'
+# logits (H200, SmolLM2 shape, greedy JSON schema: batch 1 host +11 % against device +16-26 %;
+# batch 16 host +129 % against device +31 %; docs/benchmarks.md, Session 10).
+DEVICE_MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ def mode(engine, seqs: list) -> str:
     live = [s for s in seqs if s is not None]
     if engine.greedy_on_device and all(s.params.plain_greedy for s in live):
         return GREEDY
-    if engine.masks_on_device and any(s.params.argmax_only or s.mask_first for s in live):
+    if (engine.masks_on_device and len(live) >= DEVICE_MIN_ROWS
+            and any(s.params.argmax_only or s.mask_first for s in live)):
         return DEVICE
     return HOST
 
