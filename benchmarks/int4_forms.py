@@ -1,7 +1,7 @@
 """Quality of the int4 forms: top-1 agreement with the float reference over >= 512 positions.
 
     .venv/bin/python benchmarks/int4_forms.py [SOURCE] [--variants static,static-int8,static-q4]
-        [--heads int8-top16,int4,fp32] [--int8-heads int4-top16,int8] [--mean-weights 0,4] [--no-clip]
+        [--heads int8-top16,int4,fp32] [--int8-heads int4-top256,int8] [--mean-weights 0,4] [--no-clip]
         [--rtn] [--float-fit]
         [--q4-1-bits 4|8]
         [--out DIR] [--json FILE] [--continuations 4]

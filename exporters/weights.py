@@ -173,7 +173,8 @@ class WeightStore:
             w = self._quantized(name, bits)
             if not isinstance(w, Blocks):  # raises: the input size is not a multiple of the block
                 w = quantize(_joined(w), bits, self.form.block)
-        return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin else "nbits"), w, bits,
+        # a fitted table is named by its width: the 8-bit one of an untied head may share its data file
+        return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin or fit_table else "nbits"), w, bits,
                                    self.form.split8, self.form.fold_offsets)
 
     def _fitted(self, name: str, fit_table: bool) -> Blocks:
@@ -190,7 +191,7 @@ class WeightStore:
             fitted = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
         else:
             fitted = quantize(source, 4, self.form.block)
-        if self.fit_cache is not None:
+        if self.fit_cache is not None and not fit_table:  # the layers' fit (the manifest names the head's form)
             self.fit_cache.add(source, fitted)
         return fitted
 

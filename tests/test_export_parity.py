@@ -458,7 +458,8 @@ def test_int8_twins_are_their_graphs_at_accuracy_4_and_opt_in_unverified(exporte
         levels[name] = {(a.i, n.input[1]) for n in g.node if n.op_type == "MatMulNBits"
                         for a in n.attribute if a.name == "accuracy_level"
                         if next(b.i for b in n.attribute if b.name == "bits") == 4}
-        assert {d for _, d in levels[name]} == {d for _, d in levels["fused"]}  # same weights
+        layers = {d for _, d in levels[name] if ".nbits4." not in d}  # the -int8 lm_head's 4-bit table apart
+        assert layers == {d for _, d in levels["fused"]}  # same weights
     for name, acc in (("fused", 1), ("fused-int8", 4), ("static", 1), ("static-int8", 4)):
         assert {i for i, _ in levels[name]} == {acc}, name
 

@@ -65,9 +65,9 @@ def test_each_graph_gets_its_spec(tiny_llama):
     assert forms == {
         "portable": ("masked", "portable", "computed", "separate", "concat", "all", "int8", None),
         "fused": ("gqa", "fused", "cached", "stacked", "concat", "last", "int8-top16", 1),
-        "fused-int8": ("gqa", "fused", "cached", "stacked", "concat", "last", "int8-top16", 4),
+        "fused-int8": ("gqa", "fused", "cached", "stacked", "concat", "last", "int4-top256", 4),
         "static": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int8-top16", 1),
-        "static-int8": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int8-top16", 4),
+        "static-int8": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int4-top256", 4),
     }
     assert not specs["static"].position_ids and specs["static"].next_token and specs["fused"].position_ids
     assert {s.weights.head_accuracy for n, s in specs.items() if n != "portable"} == {4}

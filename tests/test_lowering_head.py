@@ -88,7 +88,7 @@ def test_lm_head_forms(variant, options, form, seed):
     want = x.astype(np.float64) @ table.T
     scale = np.abs(want).max()
     if form == "int8-top16":
-        top = np.argsort(-got, -1)[..., :head.REFINE_TOP]
+        top = np.argsort(-got, -1)[..., :head.REFINE_TOP[form]]
         np.testing.assert_allclose(np.take_along_axis(got, top, -1), np.take_along_axis(want, top, -1),
                                    rtol=1e-4, atol=1e-4 * scale)
         np.testing.assert_allclose(got, want, atol=3e-2 * scale)  # int8 activations elsewhere
@@ -116,17 +116,18 @@ def test_int4_head_fits_the_table_to_4_bits(seed, monkeypatch):
 
 @pytest.mark.parametrize("variant,constant,accuracy", [("fused-int8", "INT8_HEAD", 4), ("static-q4", "Q4_HEAD", 4),
                                                        ("fused-int8", "INT8_HEAD", 1)])
-def test_int4_top16_head(variant, constant, accuracy, seed, monkeypatch):
-    """int4-top16: every logit from the table at 4 bits, then the 16 best recomputed from the 8-bit
+def test_int4_top256_head(variant, constant, accuracy, seed, monkeypatch):
+    """int4-top256: every logit from the table at 4 bits, then the 256 best recomputed from the 8-bit
     table that the tied embedding gathers its rows from; the graph holds each table once."""
     from exporters.lowering import spec
 
-    monkeypatch.setattr(spec, constant, "int4-top16")
+    monkeypatch.setattr(spec, constant, "int4-top256")
+    V = 640  # more rows than it refines
     rng = np.random.default_rng(seed)
     table = (0.1 * rng.standard_normal((V, E))).astype(np.float32)
-    c = context(layout(names={"embed": "embed.weight"}), {"embed.weight": table}, variant, precision="int4",
+    c = context(layout(names={"embed": "embed.weight"}, vocab=V), {"embed.weight": table}, variant, precision="int4",
                 head_accuracy=accuracy)
-    assert c.spec.head == "int4-top16"
+    assert c.spec.head == "int4-top256"
     x = rng.standard_normal((2, 1, E)).astype(np.float32)
     ids = rng.integers(0, V, (2, 3))
     rows, got = run(c.g, {"x": x, "ids": ids}, [c.w.embedding("ids", "embed.weight", 8), head.lm_head(c, "x")])
@@ -137,9 +138,10 @@ def test_int4_top16_head(variant, constant, accuracy, seed, monkeypatch):
     tol = (1e-4 if accuracy == 1 else 3e-2) * scale  # float or int8 activations
     refined = np.abs(got - want8) <= 1e-4 * scale  # recomputed from the 8-bit table (or equal by chance)
     np.testing.assert_allclose(got[~refined], want4[~refined], atol=tol)  # the rest: the 4-bit table's
-    # 16 of them among the 4-bit logits' best 16 (up to the activations' rounding)
-    kth = np.sort(want4, -1)[..., -head.REFINE_TOP, None]
-    assert ((refined & (want4 >= kth - 2 * tol)).sum(-1) >= head.REFINE_TOP).all()
+    # k of them among the 4-bit logits' best k (up to the activations' rounding)
+    k = head.REFINE_TOP["int4-top256"]
+    kth = np.sort(want4, -1)[..., -k, None]
+    assert ((refined & (want4 >= kth - 2 * tol)).sum(-1) >= k).all()
     if accuracy != 1:
         assert np.abs(got - want4)[~refined].mean() < np.abs(got - want8)[~refined].mean()
     tables = [t for t in c.g.initializers if t.data_type == TensorProto.UINT8 and np.prod(t.dims) >= V * E // 4]

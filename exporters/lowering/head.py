@@ -15,7 +15,7 @@
     int8        the 8-bit table (MatMulNBits at the head's accuracy, or DequantizeLinear + MatMul)
     int8-top16  int8 with int8 activations, then its 16 best candidates recomputed in float
     int4        the table fitted to 4 bits, whatever the source's width
-    int4-top16  int4 with int8 activations, then its 16 best candidates recomputed in float from the
+    int4-top256 int4 with int8 activations, then its 256 best candidates recomputed in float from the
                 8-bit table (the one the tied embedding gathers its rows from: no second copy)
 """
 
@@ -34,9 +34,11 @@ from .attention import row_lengths
 if TYPE_CHECKING:
     from .context import LoweringContext
 
-HEAD_FORMS = ("int4-top16", "int8-top16", "int8", "int4", "fp32")
-# Candidates whose logits the int8-activation lm_head recomputes in float (refine_top).
-REFINE_TOP = 16
+HEAD_FORMS = ("int4-top256", "int8-top16", "int8", "int4", "fp32")
+# form -> candidates whose logits it recomputes in float from the 8-bit table (refine_top): int8
+# activations flip near-ties (16 restore the greedy picks); a 4-bit table also moves the softmax's
+# mass (SmolLM2's perplexity: +2.2 % refining 16, +1.1 % 64, -0.02 % 256; docs/benchmarks.md)
+REFINE_TOP = {"int8-top16": 16, "int4-top256": 256}
 # spec.logits -> the logits output's position dimension
 POSITION_DIM = {"all": "sequence", "last": 1, "row_last": 1}
 
@@ -64,11 +66,12 @@ def lm_head(c: LoweringContext, h: str) -> str:
     name, form, acc = lm_head_name(c), c.spec.head, c.w.form.table_accuracy
     if form == "fp32":
         return linear.project(c.w, h, name, bits=None, accuracy=acc)
-    if form in ("int4", "int4-top16"):
+    if form in ("int4", "int4-top256"):
         out = linear.project(c.w, h, name, bits=4, accuracy=acc, fit_table=True)
     else:
         out = linear.project(c.w, h, name, bits=c.w.form.table_bits, accuracy=acc)
-    return refine_top(c, h, out, name, REFINE_TOP) if form.endswith("-top16") else out
+    k = min(REFINE_TOP.get(form, 0), c.dims.vocab_size)
+    return refine_top(c, h, out, name, k) if k else out
 
 
 def refine_top(c: LoweringContext, x: str, logits: str, name: str, k: int) -> str:

@@ -10,7 +10,7 @@ side by side and picks one by the spec::
     projections   separate           stacked                       packed
     kv            concat             concat                        static  (no position_ids input)
     logits        all                last                          row_last (+ next_token output)
-    head          int8 | fp32        int4-top16 | int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
+    head          int8 | fp32        int4-top256 | int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
     weights       DequantizeLinear   MatMulNBits                   MatMulNBits
 
 The -int8 twins run the fused / static spec with int8 activations in their layers
@@ -29,8 +29,8 @@ from . import attention, head, linear, norm, rotary
 INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
 # the lm_head forms (head.HEAD_FORMS) of the -q4 graphs, of the -int8 ones and of the exact ones;
 # measured in docs/benchmarks.md
-Q4_HEAD = "int8"
-INT8_HEAD = "int8-top16"
+Q4_HEAD = "int4-top256"
+INT8_HEAD = "int4-top256"
 EXACT_HEAD = "int8-top16"
 # name -> (file, form, layers at int8 activations, layers fitted to MatMulNBits' integer form)
 VARIANT_FORMS = {
