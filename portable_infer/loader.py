@@ -17,7 +17,7 @@ from portable_infer.model import Model, check_max_kv_tokens
 from portable_infer.package.package_paths import check_package
 from portable_infer.text.codec import TextCodec
 from portable_infer.engine.providers import Selection, select_session
-from portable_infer.package.variant_choice import VariantChoice
+from portable_infer.engine.variant_choice import VariantChoice
 from portable_infer.package.variants import ORT_SUFFIX, is_int8, is_static, passes_gate
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from portable_infer.engine import providers as P
 from portable_infer.errors import InvalidArgumentError, ProviderError
 from portable_infer.package.manifest import GraphVariant
-from portable_infer.package.variant_choice import choose_variant
+from portable_infer.engine.variant_choice import choose_variant
 
 
 def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = None) -> dict:

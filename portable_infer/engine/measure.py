@@ -20,7 +20,7 @@ import numpy as np
 from portable_infer.engine import tune
 from portable_infer.engine.session import make_engine
 from portable_infer.package.home import home
-from portable_infer.package.variant_choice import VariantChoice
+from portable_infer.engine.variant_choice import VariantChoice
 from portable_infer.package.variants import is_int8, is_static
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Everything that differs between providers (ONNX Runtime's name, default options, install hint,
 which graph variants and precisions it runs, in its order of preference) is a row of
 :data:`PROVIDERS`; the functions below only read the table. Which variant of a package each
-provider runs is decided by one rule, :func:`portable_infer.package.variant_choice.choose_variant`, from
+provider runs is decided by one rule, :func:`portable_infer.engine.variant_choice.choose_variant`, from
 the whole package and the user's choices (``static_kv``, ``accuracy_level``).
 :func:`select_session` checks what actually ran: ONNX Runtime silently falls back to CPU when a
 provider's libraries fail to load, and lists providers it cannot use. ``portable-infer doctor``
@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from portable_infer.errors import InvalidArgumentError, PackageError, ProviderError
 from portable_infer.package.manifest import GraphVariant
-from portable_infer.package.variant_choice import VariantChoice, choose_variant, pick_variant  # noqa: F401  (pick_variant: re-exported)
+from portable_infer.engine.variant_choice import VariantChoice, choose_variant, pick_variant  # noqa: F401  (pick_variant: re-exported)
 from portable_infer.package.variants import (FUSED, FUSED_INT8, FUSED_Q4, ORT_SUFFIX, PORTABLE, STATIC, STATIC_INT8,
                                              STATIC_Q4)
 
@@ -260,7 +260,7 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
         session_options: an ``onnxruntime.SessionOptions`` (default: a fresh one per attempt).
         provider_options: {provider name: {option: value}} merged over the table's defaults.
         choice: the user's variant choices and the package's int8 gate: each provider runs the variant it
-            prefers under them (:func:`~portable_infer.package.variant_choice.choose_variant`), or is skipped.
+            prefers under them (:func:`~portable_infer.engine.variant_choice.choose_variant`), or is skipped.
         ort: the onnxruntime module (tests pass a fake).
     Returns:
         :class:`Selection`; ``skipped`` says why each provider tried before it was passed over.
