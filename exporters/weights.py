@@ -166,7 +166,10 @@ class WeightStore:
         return self._emitted[key]
 
     def _emit_nbits(self, name: str, bits: int, fit_table: bool) -> NBitsWeight:
-        twin = f"{name}#nbits{12 - bits}" in self._emitted  # the tied table at the other width
+        # the table at the other width took the plain name (a fitted one never does: below), so
+        # a name does not depend on which graph of a shared data file emitted the other one
+        twin = self._emitted.get(f"{name}#nbits{12 - bits}")
+        twin = twin is not None and twin.B.startswith(_init_name(name, "nbits") + ".")
         if (self.form.int4_fit or fit_table) and bits == 4:
             w = self._fitted(name, fit_table)
         else:

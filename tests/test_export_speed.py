@@ -136,7 +136,9 @@ def _count_export(tiny_llama, out, variants, monkeypatch):
 
 
 def test_shared_graphs_read_and_quantize_each_weight_once(tiny_llama, tmp_path, monkeypatch):
-    _, reads_one, quant_one = _count_export(tiny_llama, tmp_path / "one", ("fused",), monkeypatch)
+    """The static graphs add no read and no rounding to the fused ones (the -int8 graphs' head
+    fits the table to 4 bits: a conversion of its own, made once for both)."""
+    _, reads_one, quant_one = _count_export(tiny_llama, tmp_path / "one", ("fused", "fused-int8"), monkeypatch)
     _, reads, quantized = _count_export(tiny_llama, tmp_path / "four", SHARED, monkeypatch)
     linear = [n for n in reads_one if n.endswith("proj.weight")]
     assert linear and all(reads_one[n] == 1 for n in linear), reads_one
@@ -146,15 +148,16 @@ def test_shared_graphs_read_and_quantize_each_weight_once(tiny_llama, tmp_path, 
 
 def test_portable_graph_beside_the_fused_one_reads_and_rounds_each_weight_once(tiny_llama, tmp_path, monkeypatch):
     """The portable graph is built beside the first fused-family one, a layer at a time, and hands
-    its rounded weights over (shared_weights.Handoff): every linear and the embedding table are read
-    once, rounded as often as by the fused-family graphs alone, and each file is the one that the
-    graphs write when exported apart."""
+    its rounded weights over (shared_weights.Handoff): it adds no read of a matrix (every linear is
+    read once; norms are read by each graph) and no rounding to the fused-family graphs', and each
+    file is the one that the graphs write when exported apart."""
     from exporters.export import export
 
     fused, reads_one, quant_one = _count_export(tiny_llama, tmp_path / "fused", SHARED, monkeypatch)
     both, reads, quantized = _count_export(tiny_llama, tmp_path / "both", ("portable", *SHARED), monkeypatch)
-    weights = [n for n in reads_one if n.endswith("proj.weight") or "embed" in n]
-    assert weights and {n: reads[n] for n in weights} == {n: 1 for n in weights}, reads
+    matrices = [n for n in reads_one if n.endswith("proj.weight") or "embed" in n or "lm_head" in n]
+    assert matrices and all(reads[n] == 1 for n in matrices if "proj" in n), reads
+    assert {n: reads[n] for n in matrices} == {n: reads_one[n] for n in matrices}, (reads, reads_one)
     assert quantized == quant_one, (quantized, quant_one)
     portable = export(tiny_llama.source, tmp_path / "portable", precision="int4", verify=False, variants=("portable",))
     for apart in (portable, fused):
