@@ -118,7 +118,10 @@ def _shipped(data: dict) -> dict:
     return {"name": f"shipped reference logits ({data['file']})", "external": True, "n_prompt": len(prompt),
             "seq": np.concatenate([prompt, np.asarray(data["greedy_ids"], np.int64)]),
             "text": np.asarray(data["text_ids"], np.int64), "ppl": data["perplexity_reference"],
-            "top_k": data["top_k"]}
+            "top_k": data["top_k"],
+            # the reference's own top-1 after each position from the prompt's last on: what the agreement
+            # compares with (its continuation held EOS back, so a continuation token is not always it)
+            "top1": np.asarray(data["top_k"]["sequence"]["ids"], np.int64)[len(prompt) - 1:-1, 0]}
 
 
 def _own(dec, name: str, package: Path, manifest: mf.Manifest) -> dict:
@@ -131,7 +134,7 @@ def _own(dec, name: str, package: Path, manifest: mf.Manifest) -> dict:
         seq = np.concatenate([seq, [[int(logits[0, -1].argmax())]]], axis=1)
         logits, past = dec.run(seq[:, -1:], np.ones_like(seq), past)
     return {"name": f"{name} graph (no reference outside the package)", "external": False,
-            "n_prompt": len(prompt), "seq": seq[0], "text": np.asarray(text, np.int64)}
+            "n_prompt": len(prompt), "seq": seq[0], "text": np.asarray(text, np.int64), "top1": seq[0, len(prompt):]}
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -141,7 +144,7 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
 def _quality(seq_logits: np.ndarray, seq: np.ndarray, text_logits: np.ndarray | None, ref: dict) -> Quality:
     """verify.quality's numbers: teacher-forced top-1 agreement (and perplexity where measured)."""
     n = ref["n_prompt"]
-    agree = int((seq_logits[n - 1:-1].argmax(-1) == seq[n:]).sum())
+    agree = int((seq_logits[n - 1:-1].argmax(-1) == ref["top1"][:len(seq) - n]).sum())
     if text_logits is None:
         return Quality(agreed=agree, steps=len(seq) - n)
     ppl = float(np.exp(_nll(text_logits, ref["text"])))

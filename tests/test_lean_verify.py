@@ -109,28 +109,7 @@ def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_
     logits only) run the whole reference token by token, so their record carries agreement over
     every greedy step and perplexity: what the runtime's quality gate reads. The exact
     last-position graphs keep the short token-by-token check."""
-    manifest = mf.Manifest.load(int4_package)
-    rng = np.random.default_rng(SEED)
-    vocab = manifest.model.vocab_size
-    portable = lean_verify.verify.decoder(int4_package / manifest.variant("portable").file,
-                                          manifest.variant("portable"), manifest)
-    prompt = rng.integers(3, vocab, 8).tolist()
-    text = rng.integers(3, vocab, 24).tolist()
-    seq = np.asarray([prompt], np.int64)  # the portable graph's own greedy continuation stands in
-    for _ in range(20):
-        logits = lean_verify.verify.all_logits(portable, seq)[0, -1]
-        seq = np.concatenate([seq, [[int(logits.argmax())]]], axis=1)
-    seq_logits = lean_verify.verify.all_logits(portable, seq)[0]
-    text_logits = lean_verify.verify.all_logits(portable, np.asarray([text], np.int64))[0]
-
-    def top(lg):
-        ids = np.argsort(-lg, -1)[:, :4]
-        return {"ids": ids.tolist(), "logits": np.take_along_axis(lg, ids, -1).tolist()}
-
-    nll = lean_verify._nll(text_logits, np.asarray(text))
-    shipped = {"file": "fake.json", "prompt_ids": prompt, "greedy_ids": seq[0, 8:].tolist(), "text_ids": text,
-               "perplexity_reference": float(np.exp(nll)),
-               "top_k": {"sequence": top(seq_logits), "text": top(text_logits)}}
+    manifest, shipped = _shipped_by_portable(int4_package)
     monkeypatch.setattr(lean_verify, "load_all", lambda: {manifest.source.get("sha256"): shipped})
     report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
     for name in ("fused-int8", "static-int8"):
@@ -141,3 +120,44 @@ def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_
             and q.perplexity_delta <= variants.GATE_PPL_INCREASE)
     assert report["fused"].quality is None and report["fused"].agreement.steps == min(lean_verify.LAST_STEPS, 20)
     assert report["portable"].quality.top1_agreement == 1.0
+
+
+def _shipped_by_portable(package: Path, held_back: int | None = None) -> tuple:
+    """Reference logits made by the package's portable graph, as reference_logits.py ships them:
+    its greedy continuation (20 steps) of a random prompt, with the second-best token taken at step
+    ``held_back`` (what generate(min_new_tokens) does where the reference's top-1 is EOS)."""
+    manifest = mf.Manifest.load(package)
+    rng = np.random.default_rng(SEED)
+    vocab = manifest.model.vocab_size
+    portable = lean_verify.verify.decoder(package / manifest.variant("portable").file,
+                                          manifest.variant("portable"), manifest)
+    prompt = rng.integers(3, vocab, 8).tolist()
+    text = rng.integers(3, vocab, 24).tolist()
+    seq = np.asarray([prompt], np.int64)  # the portable graph's own greedy continuation stands in
+    for step in range(20):
+        logits = lean_verify.verify.all_logits(portable, seq)[0, -1]
+        pick = int(np.argsort(-logits)[1]) if step == held_back else int(logits.argmax())
+        seq = np.concatenate([seq, [[pick]]], axis=1)
+    seq_logits = lean_verify.verify.all_logits(portable, seq)[0]
+    text_logits = lean_verify.verify.all_logits(portable, np.asarray([text], np.int64))[0]
+
+    def top(lg):
+        ids = np.argsort(-lg, -1)[:, :4]
+        return {"ids": ids.tolist(), "logits": np.take_along_axis(lg, ids, -1).tolist()}
+
+    nll = lean_verify._nll(text_logits, np.asarray(text))
+    return manifest, {"file": "fake.json", "prompt_ids": prompt, "greedy_ids": seq[0, 8:].tolist(), "text_ids": text,
+                      "perplexity_reference": float(np.exp(nll)),
+                      "top_k": {"sequence": top(seq_logits), "text": top(text_logits)}}
+
+
+def test_agreement_is_with_the_references_own_top1_not_its_continuation(int4_package, monkeypatch):
+    """The shipped continuation holds EOS back (generate's min_new_tokens), so where the reference's
+    top-1 was EOS the continuation has another token: a graph equal to the reference picks EOS there
+    and must count as agreeing. Here the portable graph is the reference, with step 5 held back."""
+    manifest, shipped = _shipped_by_portable(int4_package, held_back=5)
+    monkeypatch.setattr(lean_verify, "load_all", lambda: {manifest.source.get("sha256"): shipped})
+    report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
+    q = report["portable"].quality
+    assert (q.agreed, q.steps) == (20, 20), (SEED, q)
+    assert report["fused"].agreement.agreed == report["fused"].agreement.steps, (SEED, report["fused"])
