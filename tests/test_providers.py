@@ -11,9 +11,11 @@ from portable_infer.engine import providers
 from portable_infer.errors import InvalidArgumentError, PackageError, ProviderError
 from portable_infer.package.manifest import GraphVariant, KVLayout
 from portable_infer.engine.doctor import doctor_report, format_doctor
+from portable_infer.engine.provider_spec import ProviderSpec
 from portable_infer.engine.providers import (
-    ENV_VAR, PROVIDERS, ProviderSpec, build_conflict_warning, installed_builds, pick_variant, resolve, select_session,
+    ENV_VAR, PROVIDERS, build_conflict_warning, installed_builds, resolve, select_session,
 )
+from portable_infer.engine.variant_choice import pick_variant
 
 CUDA, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 

@@ -19,8 +19,9 @@ from portable_infer.errors import PackageError, ProviderError
 from portable_infer.loader import LoadConfig
 from portable_infer.package.manifest import GraphVariant, KVLayout
 from portable_infer.package.verification import Quality, VariantReport
-from portable_infer.engine.providers import CPU, ENV_VAR, PROVIDERS, VariantChoice, choose_variant, select_session
+from portable_infer.engine.providers import CPU, ENV_VAR, PROVIDERS, select_session
 from portable_infer.engine.session import SessionConfig
+from portable_infer.engine.variant_choice import VariantChoice, choose_variant
 
 CPU_EP, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 FULL = ("portable", "fused", "fused-int8", "static", "static-int8")

@@ -2,7 +2,8 @@
 
 Everything that differs between providers (ONNX Runtime's name, default options, install hint,
 which graph variants and precisions it runs, in its order of preference) is a row of
-:data:`PROVIDERS`; the functions below only read the table. Which variant of a package each
+:data:`PROVIDERS` (a :class:`~portable_infer.engine.provider_spec.ProviderSpec`); the functions
+below only read the table. Which variant of a package each
 provider runs is decided by one rule, :func:`portable_infer.engine.variant_choice.choose_variant`, from
 the whole package and the user's choices (``static_kv``, ``accuracy_level``).
 :func:`select_session` checks what actually ran: ONNX Runtime silently falls back to CPU when a
@@ -19,9 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
@@ -29,52 +29,14 @@ from typing import Any, Mapping, Sequence
 
 from portable_infer.errors import InvalidArgumentError, PackageError, ProviderError
 from portable_infer.package.manifest import GraphVariant
-from portable_infer.engine.variant_choice import VariantChoice, choose_variant, pick_variant  # noqa: F401  (pick_variant: re-exported)
+from portable_infer.engine.provider_spec import ProviderSpec, norm_name
+from portable_infer.engine.variant_choice import VariantChoice, choose_variant
 from portable_infer.package.variants import (FUSED, FUSED_INT8, FUSED_Q4, ORT_SUFFIX, PORTABLE, STATIC, STATIC_INT8,
                                              STATIC_Q4)
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "PORTABLE_INFER_PROVIDERS"
-
-
-@dataclass(frozen=True)
-class ProviderSpec:
-    """One execution provider and how portable_infer uses it."""
-
-    key: str  # our name, e.g. "cuda"
-    ort_name: str  # ONNX Runtime's name, e.g. "CUDAExecutionProvider"
-    priority: int  # "auto" tries lower numbers first
-    device: str
-    install_hint: str
-    aliases: tuple = ()
-    default_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
-    variants: tuple = (PORTABLE,)  # accepted GraphVariant names, preferred first
-    precisions: tuple = ("fp16", "int4", "int8", "fp32")  # accepted precisions, preferred first
-    explicit_only: str = ""  # why "auto" never picks it; "" = auto may pick it
-    companions: tuple = ()  # ORT names placed between it and CPU for the nodes it cannot run
-    # options added for a static-KV graph (CUDA graphs); a session that refuses them is made without
-    graph_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
-    min_ort: str | None = None  # first ONNX Runtime version that has it
-    max_ort: str | None = None  # first ONNX Runtime version without it
-
-    def names(self) -> set:
-        """Every name that means this provider, normalised (lower case, "-" -> "_")."""
-        return {_norm(n) for n in (self.key, self.ort_name, *self.aliases)}
-
-    def accepts(self, v: GraphVariant) -> bool:
-        """It runs variant ``v``: a name and precision it takes, and ``v`` targets it ("*" or none = any)."""
-        targets = not v.providers or "*" in v.providers or any(_norm(p) in self.names() for p in v.providers)
-        return v.name in self.variants and v.precision in self.precisions and targets
-
-    def unsupported_reason(self, ort_version: str) -> str | None:
-        """Why this ONNX Runtime version cannot have the provider, or None."""
-        v = _version_tuple(ort_version)
-        if self.max_ort and v >= _version_tuple(self.max_ort):
-            return f"removed in ONNX Runtime {self.max_ort}"
-        if self.min_ort and v < _version_tuple(self.min_ort):
-            return f"needs ONNX Runtime >= {self.min_ort}"
-        return None
 
 
 def _swap(build: str) -> str:
@@ -142,16 +104,7 @@ PROVIDERS: tuple = (
 CPU = next(s for s in PROVIDERS if s.key == "cpu")
 
 
-def _norm(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
-
-
 _BY_NAME = {n: [s for s in PROVIDERS if n in s.names()] for spec in PROVIDERS for n in spec.names()}
-
-
-def _version_tuple(version: str) -> tuple:
-    parts = (re.match(r"\d+", p) for p in str(version).split(".")[:3])
-    return tuple(int(m.group()) for m in parts if m)
 
 
 def default_ort():
@@ -166,7 +119,7 @@ def _split(requested: str | Sequence[str]) -> list:
              else list(requested) if isinstance(requested, (list, tuple)) else [requested])
     if not all(isinstance(i, str) for i in items):
         raise InvalidArgumentError(f"providers must be names (str), got {requested!r}; e.g. 'cuda,cpu'")
-    names = [_norm(i) for i in items if i.strip()]
+    names = [norm_name(i) for i in items if i.strip()]
     if not names:
         raise InvalidArgumentError(f"providers must name at least one provider, got {requested!r}; "
                                    f"use 'auto' or e.g. 'cuda,cpu'")
@@ -176,7 +129,7 @@ def _split(requested: str | Sequence[str]) -> list:
 
 
 def _lookup(name: str, ort_version: str, source: str = "") -> list:
-    specs = _BY_NAME.get(_norm(name))
+    specs = _BY_NAME.get(norm_name(name))
     if specs is None:
         known = sorted({n for s in PROVIDERS for n in (s.key, *s.aliases)})
         raise ProviderError(f"unknown execution provider {name!r}{source}; known names: auto, "

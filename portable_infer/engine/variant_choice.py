@@ -25,14 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
+from portable_infer.engine.provider_spec import ProviderSpec
 from portable_infer.errors import PackageError
 from portable_infer.package.manifest import GraphVariant
 from portable_infer.package.variants import EXACT_TWINS, FUSED, FUSED_INT8, INT8_FLOOR, ORT_SUFFIX, is_int8, is_static
-
-if TYPE_CHECKING:
-    from portable_infer.engine.providers import ProviderSpec
 
 
 def pick_variant(spec: ProviderSpec, variants: Sequence[GraphVariant]) -> GraphVariant | None:
@@ -111,7 +109,7 @@ def choose_variant(spec: ProviderSpec, variants: Sequence[GraphVariant], choice:
     """(the variant ``spec`` runs, "") or (None, why it has none), by the rule in this module's docstring.
 
     Args:
-        spec: a :class:`~portable_infer.engine.providers.ProviderSpec` (its ``accepts``, ``variants``,
+        spec: a :class:`~portable_infer.engine.provider_spec.ProviderSpec` (its ``accepts``, ``variants``,
             ``precisions``).
         variants: the whole package's variants (``Manifest.variants``).
         choice: the user's choices and the package's gate.

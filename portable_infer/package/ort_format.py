@@ -57,7 +57,8 @@ def _graph_bytes(package: Path, file: str) -> int:
 
 def default_sources(manifest: Manifest) -> list:
     """The variant the CPU provider would run (fused when present): the one worth converting."""
-    from portable_infer.engine.providers import CPU, pick_variant
+    from portable_infer.engine.providers import CPU
+    from portable_infer.engine.variant_choice import pick_variant
 
     v = pick_variant(CPU, [v for v in manifest.variants if not v.name.endswith(ORT_SUFFIX)])
     return [v.name] if v is not None else []
