@@ -14,11 +14,11 @@ Each layer::
     ... ──> norm ──> gate/up ──> act(gate)·up ──> down ──(+)──>
 
 Which form each step takes (portable ONNX ops, ONNX Runtime's fused kernels, fixed KV buffers) is
-the variant's ``lowering.spec.VariantSpec``; the forms are in ``exporters/lowering/``. The residual
-add of a block's output happens in the next norm (``norm.add_norm``), so the fused form can make
-the two one op. The static variant (fixed buffers ``[B, KVH, capacity, D]`` shared by past and
-present, every row's tokens from index 0, no ``position_ids``, ``total_sequence_length`` input) is
-described in ``lowering/attention.py`` and ``lowering/head.py``.
+the variant's ``lowering.variant_spec.VariantSpec``; the forms are in ``exporters/lowering/``. The
+residual add of a block's output happens in the next norm (``norm.add_norm``), so the fused form
+can make the two one op. The static variant (fixed buffers ``[B, KVH, capacity, D]`` shared by
+past and present, every row's tokens from index 0, no ``position_ids``, ``total_sequence_length``
+input) is described in ``lowering/attention.py`` and ``lowering/head.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from portable_infer.package import manifest as mf
 from .architectures.common import DecoderLayout
 from .lowering import attention, head, linear, norm, rotary
 from .lowering.context import LoweringContext
-from .lowering.spec import VariantSpec
+from .lowering.variant_spec import VariantSpec
 from .weights import WeightStore
 
 F32 = TensorProto.FLOAT

@@ -30,7 +30,8 @@ from .decoder import DecoderBuilder
 from .export_plan import ExportPlan, check_options, plan_export
 from .graph import ExternalDataWriter, GraphBuilder
 from .int4_fit import FitCache
-from .lowering.spec import VARIANT_FORMS, VariantSpec
+from .lowering.spec import VARIANT_FORMS
+from .lowering.variant_spec import VariantSpec
 from .shared_weights import Handoff, SharedWeights
 from .sources import open_source, source_sha256, tokenizer_assets
 from .weights import WeightStore

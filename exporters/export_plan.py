@@ -17,7 +17,8 @@ from .architectures import MODEL_TYPES, family_for
 from .architectures.common import check_shapes
 from .generation_defaults import generation_defaults
 from .lowering.attention import static_fits
-from .lowering.spec import VariantSpec, variant_spec
+from .lowering.spec import variant_spec
+from .lowering.variant_spec import VariantSpec
 from .weights import PRECISION_BITS
 
 PRECISIONS = tuple(PRECISION_BITS)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from exporters.export_plan import ExportPlan, check_options, plan_export
+from exporters.lowering.spec import checked
 from portable_infer.package.variants import DEFAULT_VARIANTS
 from exporters.sources import open_source
 from portable_infer.errors import InvalidArgumentError
@@ -72,3 +75,17 @@ def test_each_graph_gets_its_spec(tiny_llama):
     assert not specs["static"].position_ids and specs["static"].next_token and specs["fused"].position_ids
     assert {s.weights.head_accuracy for n, s in specs.items() if n != "portable"} == {4}
     assert plan_export(open_source(tiny_llama.source), route="fallback").specs == ()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(attention="flash"), "VariantSpec.attention must be one of"),
+    (dict(head="int3"), "VariantSpec.head must be one of"),
+    (dict(kv="paged"), "VariantSpec.kv must be one of"),
+    (dict(kv="concat"), "gqa_static attention and the static KV go together"),
+])
+def test_a_spec_with_an_unknown_or_mismatched_form_is_refused(tiny_llama, change, match):
+    """spec.checked, which every spec the plan holds went through, refuses what no lowering has."""
+    static = {s.name: s for s in plan_export(open_source(tiny_llama.source)).specs}["static"]
+    assert checked(static) is static
+    with pytest.raises(ValueError, match=match):
+        checked(replace(static, **change))

@@ -1,5 +1,6 @@
 """What every lowering reads: the graph being built, its weights, the model's layout and the
-variant's spec (``spec.VariantSpec``), plus the values a graph builds once and several lowerings share."""
+variant's spec (``variant_spec.VariantSpec``), plus the values a graph builds once and several
+lowerings share."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ if TYPE_CHECKING:
     from ..architectures.common import DecoderLayout
     from ..graph import GraphBuilder
     from ..weights import WeightStore
-    from .spec import VariantSpec
+    from .variant_spec import VariantSpec
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """One frozen spec per graph variant: which form of each op family the decoder builder asks for.
 
-The builder (``exporters/decoder.py``) walks the layout; each op family's module holds its forms
-side by side and picks one by the spec::
+``variant_spec`` makes a variant's ``VariantSpec`` (plain data, in ``variant_spec.py``) and
+``checked`` holds each of its forms against the op family module that has them: an unknown form
+is a ValueError where the spec is made. The builder (``exporters/decoder.py``) walks the layout;
+each op family's module holds its forms side by side and picks one by the spec::
 
                   portable           fused                         static
     attention     masked             gqa  (masked: partial rotary)  gqa_static
@@ -19,12 +21,11 @@ The -int8 twins run the fused / static spec with int8 activations in their layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from portable_infer.package.variants import FUSED, FUSED_INT8, FUSED_Q4, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4
 
 from ..weights import WeightForm
 from . import attention, head, linear, norm, rotary
+from .variant_spec import VariantSpec
 
 INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
 # the lm_head forms (head.HEAD_FORMS) of the -q4 graphs, of the -int8 ones and of the exact ones;
@@ -45,42 +46,20 @@ VARIANT_FORMS = {
 KV_FORMS = ("concat", "static")
 
 
-@dataclass(frozen=True)
-class VariantSpec:
-    """How one graph variant is built: the form of each op family, and its weights' form."""
+# field -> the forms it may take, from the modules that hold them
+ALLOWED = (("attention", attention.FORMS), ("norm", norm.FORMS), ("rotary", rotary.FORMS),
+           ("projections", linear.PROJECTIONS), ("kv", KV_FORMS), ("logits", head.POSITION_DIM),
+           ("head", head.HEAD_FORMS))
 
-    name: str  # the manifest's variant name
-    file: str  # its graph file in the package
-    providers: tuple[str, ...]  # the providers the manifest lists for it ("*": any)
-    attention: str  # attention.FORMS
-    norm: str  # norm.FORMS
-    rotary: str  # rotary.FORMS
-    projections: str  # linear.PROJECTIONS
-    kv: str  # KV_FORMS: the cache grows by Concat, or lives in fixed buffers written in place
-    logits: str  # head.POSITION_DIM: which positions get logits
-    head: str  # head.HEAD_FORMS: the lm_head's form
-    weights: WeightForm
-    position_ids: bool = True  # a position_ids input (static graphs derive positions from the lengths)
-    next_token: bool = False  # a next_token output: the argmax of the logits, greedy on the device
 
-    def __post_init__(self):
-        for field, allowed in (("attention", attention.FORMS), ("norm", norm.FORMS), ("rotary", rotary.FORMS),
-                               ("projections", linear.PROJECTIONS), ("kv", KV_FORMS),
-                               ("logits", head.POSITION_DIM), ("head", head.HEAD_FORMS)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"VariantSpec.{field} must be one of {tuple(allowed)}, got {getattr(self, field)!r}")
-        if (self.attention == "gqa_static") != (self.kv == "static"):
-            raise ValueError("the gqa_static attention and the static KV go together")
-
-    @property
-    def manifest_attention(self) -> str:
-        """The manifest's ``attention``: "masked" or "gqa"."""
-        return "masked" if self.attention == "masked" else "gqa"
-
-    @property
-    def manifest_logits(self) -> str:
-        """The manifest's ``logits``: "all" or "last"."""
-        return "all" if self.logits == "all" else "last"
+def checked(spec: VariantSpec) -> VariantSpec:
+    """``spec`` when each of its forms exists and they fit together, else ValueError."""
+    for field, allowed in ALLOWED:
+        if getattr(spec, field) not in allowed:
+            raise ValueError(f"VariantSpec.{field} must be one of {tuple(allowed)}, got {getattr(spec, field)!r}")
+    if (spec.attention == "gqa_static") != (spec.kv == "static"):
+        raise ValueError("the gqa_static attention and the static KV go together")
+    return spec
 
 
 def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32", nbits_accuracy: int = 1,
@@ -90,17 +69,18 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
     file, form, int8, fitted = VARIANT_FORMS[name]
     if form == "portable":
         weights = WeightForm(precision, activations)
-        return VariantSpec(name, file, ("*",), "masked", "portable", "computed", "separate", "concat", "all",
-                           _head(weights, "int8"), weights)
+        return checked(VariantSpec(name, file, ("*",), "masked", "portable", "computed", "separate", "concat",
+                                   "all", _head(weights, "int8"), weights))
     weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,
                          head_accuracy=head_accuracy, int4_fit=fitted)
     lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
     if form == "static":
-        return VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",
-                           "row_last", lm_head, weights, position_ids=False, next_token=True)
+        return checked(VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",
+                                   "row_last", lm_head, weights, position_ids=False, next_token=True))
     cached = rotary.cache_fits(layout)  # else the portable rotary and attention (partial rotary)
-    return VariantSpec(name, file, ("cpu", "cuda"), "gqa" if cached or layout.positions != "rope" else "masked",
-                       "fused", "cached" if cached else "computed", "stacked", "concat", "last", lm_head, weights)
+    attn = "gqa" if cached or layout.positions != "rope" else "masked"
+    return checked(VariantSpec(name, file, ("cpu", "cuda"), attn, "fused", "cached" if cached else "computed",
+                               "stacked", "concat", "last", lm_head, weights))
 
 
 def _head(weights: WeightForm, form: str) -> str:
