@@ -32,15 +32,16 @@ from pathlib import Path
 
 import llama1b
 import setup_competitors as setup
+import setup_steps as steps
 
 logger = logging.getLogger("compare_cpu")
 
 HERE = Path(__file__).resolve().parent
 RUNNERS = HERE / "runners"
 RESULTS = HERE / "results" / "cpu.json"
-PROJECT_PYTHON = setup.REPO / ".venv" / "bin" / "python"
-DEFAULT_PACKAGE = setup.BENCH / "packages" / "smollm2"
-FP32_PACKAGE = setup.BENCH / "packages" / "smollm2-fp32"  # the same GGUF, dequantized
+PROJECT_PYTHON = steps.REPO / ".venv" / "bin" / "python"
+DEFAULT_PACKAGE = steps.BENCH / "packages" / "smollm2"
+FP32_PACKAGE = steps.BENCH / "packages" / "smollm2-fp32"  # the same GGUF, dequantized
 BASELINE = "portable_infer"
 RUNNER_TIMEOUT_S = 3600
 # A runner uses `threads` cores; a load average well above that means someone else is running.
@@ -174,9 +175,9 @@ def ensure_packages(bm: BenchModel, names: list[str], package: Path | None) -> N
         logger.info("portable_infer package: exporting %s (%s) into %s", pkg.source, pkg.precision, path)
         start = time.perf_counter()
         try:
-            setup.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", pkg.source,
+            steps.run_logged([str(PROJECT_PYTHON), "-m", "portable_infer.cli", "export", pkg.source,
                               "-o", str(path), "--precision", pkg.precision],
-                             f"export-portable_infer-{path.name}", env={"PYTHONPATH": str(setup.REPO)})
+                             f"export-portable_infer-{path.name}", env={"PYTHONPATH": str(steps.REPO)})
         except SystemExit as exc:
             logger.warning("portable_infer export failed: %s", str(exc).splitlines()[0])
         logger.info("portable_infer package %s: %.0f s", path.name, time.perf_counter() - start)
@@ -186,7 +187,7 @@ def run_runner(model: str, name: str, runs: int, threads: int, package: Path | N
                new_tokens: int = 128) -> dict:
     bm = MODELS[model]
     entry = bm.rows[name]
-    python = PROJECT_PYTHON if entry.venv is None else setup.venv_python(entry.venv)
+    python = PROJECT_PYTHON if entry.venv is None else steps.venv_python(entry.venv)
     cmd = [str(python), str(RUNNERS / entry.runner), "--model", str(model_path(bm, entry, package)),
            "--reference", str(bm.reference), "--runs", str(runs), "--threads", str(threads),
            "--new-tokens", str(new_tokens), *entry.extra]
@@ -196,8 +197,8 @@ def run_runner(model: str, name: str, runs: int, threads: int, package: Path | N
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(setup.REPO) if entry.venv is None else ""}
-    log = setup.LOGS / f"run-{model}-{name}.log"
+           "PYTHONPATH": str(steps.REPO) if entry.venv is None else ""}
+    log = steps.LOGS / f"run-{model}-{name}.log"
     logger.info("%s / %s: %s", model, name, " ".join(cmd))
     start = time.perf_counter()
     try:
@@ -207,7 +208,7 @@ def run_runner(model: str, name: str, runs: int, threads: int, package: Path | N
     except subprocess.TimeoutExpired as exc:
         stdout, stderr, rc = exc.stdout or "", f"{exc.stderr or ''}\ntimed out", None
     wall = time.perf_counter() - start
-    setup.LOGS.mkdir(parents=True, exist_ok=True)
+    steps.LOGS.mkdir(parents=True, exist_ok=True)
     log.write_text(stderr if isinstance(stderr, str) else stderr.decode(errors="replace"))
     lines = [ln for ln in (stdout if isinstance(stdout, str) else "").splitlines()
              if ln.startswith("{")]

@@ -23,18 +23,23 @@ tokens up to 128,000 and Llama 3's special-token ids (128000 begin_of_text, 1280
 want one, and is the same in the HF folder and in the GGUFs.
 
 Steps run in the venv that has their libraries (the module itself imports only the standard
-library): ``hf``, ``gguf-*`` and ``reference`` in setup_competitors' ``transformers`` venv,
-``q4_k_m`` in its ``llamacpp`` venv. ``ensure`` (called by setup_competitors.py) drives them.
+library and ``setup_steps.py``): ``hf``, ``gguf-*`` and ``reference`` in setup_competitors'
+``transformers`` venv, ``q4_k_m`` in its ``llamacpp`` venv. ``ensure`` (called by
+setup_competitors.py) drives them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / ".bench"
+from setup_steps import BENCH, MARK, REPO, Export, ensure_export, run_logged, venv_python
+
+logger = logging.getLogger("llama1b")
+
 ROOT = BENCH / "llama1b"
 HF = ROOT / "hf"
 REFERENCE = ROOT / "reference.json"
@@ -278,28 +283,26 @@ def quantize_q4_k_m(src: Path, dst: Path, threads: int = 2) -> None:
 def ensure(competitors: list[str]) -> None:
     """Each step whose output is missing, in the venv it needs (run by setup_competitors.py):
     the HF folder and reference always; the GGUFs for llamacpp; GenAI's int4 export for ortgenai."""
-    import setup_competitors as setup
-
-    py, llama_py = str(setup.venv_python("transformers")), str(setup.venv_python("llamacpp"))
+    py, llama_py = str(venv_python("transformers")), str(venv_python("llamacpp"))
     steps = [("hf", HF / "model.safetensors", py), ("reference", REFERENCE, py)]
     if "llamacpp" in competitors:
         steps += [("gguf-q4_0", gguf_path("Q4_0"), py), ("gguf-f16", gguf_path("F16"), py),
                   ("q4_k_m", gguf_path("Q4_K_M"), llama_py)]
     for step, out, python in steps:
-        done = ROOT / f"{step}{setup.MARK}"
-        if done.is_file() or (step == "gguf-f16" and (ROOT / f"q4_k_m{setup.MARK}").is_file()):
-            setup.logger.info("llama1b %s: done before, skipped", step)
+        done = ROOT / f"{step}{MARK}"
+        if done.is_file() or (step == "gguf-f16" and (ROOT / f"q4_k_m{MARK}").is_file()):
+            logger.info("llama1b %s: done before, skipped", step)
             continue
-        setup.logger.info("llama1b %s: into %s", step, out.relative_to(setup.REPO))
-        setup.run_logged([python, __file__, step], f"llama1b-{step}")
+        logger.info("llama1b %s: into %s", step, out.relative_to(REPO))
+        run_logged([python, __file__, step], f"llama1b-{step}")
         done.write_text("ok\n")
         if step == "q4_k_m":
             gguf_path("F16").unlink(missing_ok=True)  # 2.5 GB, the quantizer's input only
     if "ortgenai" in competitors:
-        setup.ensure_export("ortgenai-int4", {"ortgenai-int4": setup.Export(
-            "ortgenai", GENAI_INT4,
-            ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "int4",
-             "-e", "cpu", "-c", str(BENCH / "cache" / "genai-llama1b-int4")))}, HF, tag="llama1b-")
+        ensure_export(Export("ortgenai", GENAI_INT4,
+                             ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "int4",
+                              "-e", "cpu", "-c", str(BENCH / "cache" / "genai-llama1b-int4"))),
+                      HF, "llama1b-ortgenai-int4")
 
 
 def main() -> None:

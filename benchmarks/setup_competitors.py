@@ -21,6 +21,8 @@ Usage::
 
 Steps 2 and 3 run this same file inside the ``transformers`` venv (``--internal hf-folder``,
 ``--internal reference`` and ``--internal quality``); torch and transformers are imported only there.
+What every step shares (the ``.bench/`` layout, logged commands, exports in a venv, the completion
+mark) is ``setup_steps.py``.
 """
 
 from __future__ import annotations
@@ -32,18 +34,16 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import llama1b  # beside this file, stdlib only at import (its steps run in the venvs)
+from setup_steps import BENCH, MARK, REPO, VENV_ROOT, Export, ensure_export, run_logged, venv_python
+
 logger = logging.getLogger("setup_competitors")
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / ".bench"
-VENV_ROOT = BENCH / "venvs"
-LOGS = BENCH / "logs"
 HF_DIR = BENCH / "hf" / "smollm2"
 MODELS = BENCH / "models"
 REFERENCE = BENCH / "reference.json"
@@ -54,7 +54,6 @@ RUNNERS = Path(__file__).resolve().parent / "runners"
 
 # The real SmolLM2 special tokens; the tokenizer rebuilt from the GGUF says eos = 1 (<|im_start|>).
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
-MARK = ".complete"
 
 
 @dataclass(frozen=True)
@@ -121,15 +120,6 @@ VENVS: dict[str, Venv] = {
 }
 
 
-@dataclass(frozen=True)
-class Export:
-    """A model export run inside a competitor's venv; ``args`` get {hf} and {out} filled in."""
-
-    venv: str
-    out: Path
-    args: tuple[str, ...]
-
-
 EXPORTS: dict[str, Export] = {
     "optimum-fp32": Export(
         "optimum", MODELS / "optimum-fp32",
@@ -163,31 +153,9 @@ def gguf_path() -> Path:
     return path
 
 
-def venv_python(name: str) -> Path:
-    return VENV_ROOT / name / "bin" / "python"
-
-
 def base_python() -> str:
     # A venv made from inside another venv must still point at the real interpreter.
     return getattr(sys, "_base_executable", None) or sys.executable
-
-
-def run_logged(cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
-    """Run ``cmd`` under ``nice -n 5`` with output to ``.bench/logs/<log_name>.log``."""
-    LOGS.mkdir(parents=True, exist_ok=True)
-    log = LOGS / f"{log_name}.log"
-    full_env = {**os.environ, "PIP_CACHE_DIR": str(BENCH / "pip-cache"),
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    logger.info("  $ %s   (log: %s)", " ".join(cmd), log.relative_to(REPO))
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                              env=full_env, cwd=REPO)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                         f"--- {log} ---\n{tail}")
-    logger.info("  done in %.0f s", time.perf_counter() - start)
 
 
 def ensure_venv(name: str) -> None:
@@ -241,20 +209,6 @@ def ensure_quality() -> None:
     run_logged([str(venv_python("transformers")), __file__, "--internal", "quality"], "quality")
 
 
-def ensure_export(name: str, table: dict | None = None, hf: Path = HF_DIR, tag: str = "") -> None:
-    exp = (table or EXPORTS)[name]
-    label = f"{tag}{name}"
-    if (exp.out / MARK).is_file():
-        logger.info("export %s: %s exists, skipped", label, exp.out.relative_to(REPO))
-        return
-    logger.info("export %s: into %s", label, exp.out.relative_to(REPO))
-    if exp.out.exists():
-        shutil.rmtree(exp.out)
-    args = [a.format(hf=hf, out=exp.out) for a in exp.args]
-    run_logged([str(venv_python(exp.venv)), *args], f"export-{label}")
-    (exp.out / MARK).write_text("ok\n")
-
-
 # Which setup steps each runtime of compare_cpu.py needs.
 NEEDS: dict[str, tuple[str, ...]] = {
     "transformers": ("venv:transformers",),
@@ -294,10 +248,8 @@ def setup(only: list[str] | None = None, models: tuple[str, ...] = ("smollm2",))
             for step in NEEDS[name]:
                 kind, target = step.split(":")
                 if kind == "export":
-                    ensure_export(target)
+                    ensure_export(EXPORTS[target], HF_DIR, target)
     if "llama1b" in models:
-        import llama1b  # beside this file; its steps run in the transformers and llamacpp venvs
-
         llama1b.ensure(names)
     logger.info("setup finished in %.0f s", time.perf_counter() - start)
 

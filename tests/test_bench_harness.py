@@ -123,7 +123,7 @@ def test_select_per_model_and_unknown_names():
 
 def test_only_the_selected_rows_packages_are_exported(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(compare_cpu.setup, "run_logged", lambda cmd, *a, **k: calls.append(cmd))
+    monkeypatch.setattr(compare_cpu.steps, "run_logged", lambda cmd, *a, **k: calls.append(cmd))
     bm = compare_cpu.MODELS["smollm2"]
     bm = compare_cpu.BenchModel(title="t", rows=bm.rows, packages=(
         compare_cpu.Package("package", tmp_path / "int4", "default", "int4"),

@@ -1,0 +1,69 @@
+"""What every setup step of the CPU comparison shares (standard library only).
+
+The ``.bench/`` layout, a competitor venv's interpreter, a command run with its output logged, an
+export run inside a venv, and the mark a finished step leaves. ``setup_competitors.py`` prepares
+SmolLM2's files and the venvs with them, ``llama1b.py`` the 1B-shape model's, and ``compare_cpu.py``
+runs its own steps the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("setup_steps")
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / ".bench"
+VENV_ROOT = BENCH / "venvs"
+LOGS = BENCH / "logs"
+MARK = ".complete"  # left in (or beside) a step's output once the step finished
+
+
+@dataclass(frozen=True)
+class Export:
+    """A model export run inside a competitor's venv; ``args`` get {hf} and {out} filled in."""
+
+    venv: str
+    out: Path
+    args: tuple[str, ...]
+
+
+def venv_python(name: str) -> Path:
+    return VENV_ROOT / name / "bin" / "python"
+
+
+def run_logged(cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` under ``nice -n 5`` with output to ``.bench/logs/<log_name>.log``."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / f"{log_name}.log"
+    full_env = {**os.environ, "PIP_CACHE_DIR": str(BENCH / "pip-cache"),
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    logger.info("  $ %s   (log: %s)", " ".join(cmd), log.relative_to(REPO))
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
+                              env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                         f"--- {log} ---\n{tail}")
+    logger.info("  done in %.0f s", time.perf_counter() - start)
+
+
+def ensure_export(exp: Export, hf: Path, label: str) -> None:
+    """Run export ``exp`` of the HF folder ``hf`` unless its output is marked complete."""
+    if (exp.out / MARK).is_file():
+        logger.info("export %s: %s exists, skipped", label, exp.out.relative_to(REPO))
+        return
+    logger.info("export %s: into %s", label, exp.out.relative_to(REPO))
+    if exp.out.exists():
+        shutil.rmtree(exp.out)
+    args = [a.format(hf=hf, out=exp.out) for a in exp.args]
+    run_logged([str(venv_python(exp.venv)), *args], f"export-{label}")
+    (exp.out / MARK).write_text("ok\n")
