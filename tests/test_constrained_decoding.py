@@ -227,15 +227,16 @@ def _mixed(rng, static):
 
 
 def _device_calls(engine, monkeypatch, on: bool) -> list:
-    """Turn the device-mask path on or off for ``engine``; returns the list its forward_on_device
-    calls are counted in."""
+    """Turn the device-mask path on or off for ``engine``; returns the list the masked-argmax
+    companion's runs are counted in."""
     from portable_infer.decode import batch_pick
+    from portable_infer.engine.masked_argmax import MaskedArgmax
 
     calls = []
-    forward = engine.forward_on_device
+    run = MaskedArgmax.run
     monkeypatch.setattr(batch_pick, "DEVICE_MIN_ROWS", 1)  # every forward, down to the last live row
     monkeypatch.setattr(engine, "masks_on_device", on)
-    monkeypatch.setattr(engine, "forward_on_device", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(MaskedArgmax, "run", lambda self, *a: calls.append(1) or run(self, *a))
     return calls
 
 
@@ -260,6 +261,55 @@ def test_device_masks_pick_what_the_host_picks_in_batch_decoder(static, monkeypa
     outs = [r.output for r in dec.rows]
     assert re.fullmatch(REGEX, static.decode(outs[0])) and re.fullmatch(REGEX, static.decode(outs[5])), TAG
     jsonschema.validate(json.loads(static.decode(outs[2])), SCHEMA)
+
+
+def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
+    """Greedy constrained rows take the graph's own argmax where their grammar allows it (check
+    mode) and the argmax under the mask only where it refuses: the same tokens as masking every
+    row first, with the refused rows' masks applied on the host or by the companion graph, which
+    runs only on steps with a refusal."""
+    from portable_infer.decode import batch_pick
+    from portable_infer.decode.constraints import Constraint
+    from portable_infer.decode.generate import BatchDecoder
+    from portable_infer.decode.sampling import SamplingParams
+
+    rng = np.random.default_rng(SEED + 11)
+    print(TAG)
+    prompts = [static.encode(p) for p in texts(rng, 4)]
+    kw = dict(max_new_tokens=40, ignore_eos=True)
+    loose = Constraint.regex(r"[a-z .,]{5,40}")  # most bytes allowed: the argmax often passes
+    params = [SamplingParams(constraint=loose, **kw), SamplingParams(constraint=Constraint.regex(REGEX), **kw),
+              SamplingParams(**kw), SamplingParams(constraint=Constraint.json_schema(SCHEMA), max_new_tokens=80,
+                                                   ignore_eos=True)]
+
+    def run(masks_on, mode=None, check=True):
+        calls = _device_calls(static.engine, monkeypatch, masks_on)
+        if mode is not None:
+            monkeypatch.setattr(batch_pick, "mode", lambda engine, seqs: mode)
+        if not check:
+            monkeypatch.setattr(batch_pick, "allows", lambda mask, token: False)
+        modes = []
+        real = batch_pick.row_inputs
+        monkeypatch.setattr(batch_pick, "row_inputs", lambda how, *a: modes.append(how) or real(how, *a))
+        dec = BatchDecoder(static.engine, prompts, params, max_context=static.max_context, guide=static.guide,
+                           vocab_size=256)
+        outs = dec.run()
+        monkeypatch.undo()
+        return outs, modes, len(calls)
+
+    reference, modes, _ = run(False, mode=batch_pick.HOST, check=False)  # every mask applied first
+    assert set(modes) == {batch_pick.HOST}, TAG
+    host, modes, companion = run(False)
+    assert set(modes) == {batch_pick.CHECK} and companion == 0, TAG
+    device, _, companion = run(True)
+    assert host == reference and device == reference, TAG
+    # the loose row's argmax passed on some steps, and then nothing ran for it
+    passed = run(False, mode=batch_pick.HOST)[0]
+    assert passed == reference, TAG
+    steps = len(modes)
+    assert 0 < companion <= steps, (TAG, companion, steps)
+    assert re.fullmatch(REGEX, static.decode(device[1])), TAG
+    jsonschema.validate(json.loads(static.decode(device[3])), SCHEMA)
 
 
 def test_device_masks_pick_what_the_host_picks_in_the_scheduler(static, monkeypatch):

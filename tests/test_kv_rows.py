@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from portable_infer.decode.constraints import allows
 from portable_infer.engine.companion import GRAPHS
 from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
 from portable_infer.engine.rows import RowMover
@@ -76,13 +77,17 @@ def test_masked_argmax_equals_numpy(vocab):
     want = masked.argmax(axis=1)
     assert want[2] == lone and want[1] == 0
     rows = rng.permutation(batch)[:3]
-    picked = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), MaskedArgmax(CpuSession(), ort))
+    picker = MaskedArgmax(CpuSession(), ort)
+    picked = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), None, lambda: picker, True)
     token, fetched = picked.pick(bitmask, rows)
     np.testing.assert_array_equal(token, want, err_msg=TAG)
     np.testing.assert_array_equal(fetched, masked[rows])
     token, fetched = picked.pick(None, [4])  # no masks: every token allowed
     np.testing.assert_array_equal(token, logits[:, 0].argmax(axis=1))
     np.testing.assert_array_equal(fetched, logits[[4], 0])
+    # the host's one-token test reads the same bits (the sign bit too)
+    assert allows(bitmask[2], lone) and not allows(bitmask[1], int(want[0]))
+    assert all(allows(bitmask[r], t) == allowed[r, t] for r in range(batch) for t in rng.integers(0, vocab, 64))
     assert picked.pick(bitmask, [])[1].shape == (0, vocab)
     with pytest.raises(ValueError, match="bitmask"):
         picked.pick(bitmask[:, :-1], [])  # a word short

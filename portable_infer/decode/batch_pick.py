@@ -6,6 +6,11 @@ and the scheduler's running batch alike.
     mode     when                                     the forward, and what comes to the host
     greedy   every row plain greedy, graph with       forward(greedy=True): one id per row
              next_token
+    check    every row greedy, some constrained        forward_on_device: the graph's own argmax, one
+             (argmax_only), graph with next_token     id per row; a constrained row whose grammar
+                                                      refuses its argmax gets the argmax under its
+                                                      mask: one companion run on the device
+                                                      (masks_on_device) or its logits to the host
     device   engine.masks_on_device, DEVICE_MIN_ROWS   forward_on_device, then one companion run on the
              live rows or more, some row greedy       device: the grammar masks applied there, each
              (maybe constrained) or with a grammar    row's argmax, and the (masked) logits of the rows
@@ -17,7 +22,10 @@ and the scheduler's running batch alike.
 A row's grammar mask is applied before :meth:`Sequence.step
 <portable_infer.decode.sequence.Sequence.step>` only where it is the row's first logit processor
 (:attr:`Sequence.mask_first <portable_infer.decode.sequence.Sequence.mask_first>`); other
-constrained rows get their logits as they are and their bitmask row. Either way the token goes
+constrained rows get their logits as they are and their bitmask row. Greedy rows are checked
+first, as llama.cpp's sampler does: where the grammar allows the plain argmax, that argmax is
+the masked one (the first index among the largest logits either way), so the mask is applied only
+to the rows whose grammar refuses it. Either way the token goes
 through ``Sequence.step``, the one home of the per-token rule, with the row's :class:`RowInput`.
 """
 
@@ -27,10 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from portable_infer.decode.constraints import allowed_tokens
+from portable_infer.decode.constraints import allowed_tokens, allows
 from portable_infer.decode.processors import apply_mask
 
-GREEDY, DEVICE, HOST = "greedy", "device", "host"
+GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"
 # Fewer live rows than this take the host path even where the engine masks on the device: the
 # companion run costs a fixed ~0.15-0.3 ms on CUDA, more than fetching and masking a few rows'
 # logits (H200, SmolLM2 shape, greedy JSON schema: batch 1 host +11 % against device +16-26 %;
@@ -57,6 +65,8 @@ def mode(engine, seqs: list) -> str:
     live = [s for s in seqs if s is not None]
     if engine.greedy_on_device and all(s.params.plain_greedy for s in live):
         return GREEDY
+    if engine.greedy_on_device and all(s.params.argmax_only for s in live):
+        return CHECK
     if (engine.masks_on_device and len(live) >= DEVICE_MIN_ROWS
             and any(s.params.argmax_only or s.mask_first for s in live)):
         return DEVICE
@@ -67,7 +77,7 @@ def forward(engine, how: str, ids: np.ndarray, mask: np.ndarray, cache):
     """The engine's forward for mode ``how``: token ids, device logits, or host logits."""
     if how == GREEDY:
         return engine.forward(ids, mask, cache, greedy=True)
-    if how == DEVICE:
+    if how in (CHECK, DEVICE):
         return engine.forward_on_device(ids, mask, cache)
     return engine.forward(ids, mask, cache)
 
@@ -77,11 +87,16 @@ def row_inputs(how: str, out, seqs: list, masks: np.ndarray | None) -> list:
     that are None); ``masks`` the batch's grammar bitmask (None: no row constrained)."""
     if how == GREEDY:
         return [None if s is None else RowInput(tok=int(out[i])) for i, s in enumerate(seqs)]
+    if how == CHECK:
+        return _checked_inputs(out, seqs, masks)
     if how == DEVICE:
         return _device_inputs(out, seqs, masks)
     live = [i for i, s in enumerate(seqs) if s is not None]
-    argmax = out.argmax(axis=-1) if any(seqs[i].params.plain_greedy for i in live) else None
+    argmax = out.argmax(axis=-1) if any(seqs[i].params.argmax_only for i in live) else None
     first = [i for i in live if seqs[i].mask_first] if masks is not None else []
+    # greedy constrained rows whose grammar allows the plain argmax: that is the masked argmax
+    taken = {i for i in first if seqs[i].params.argmax_only and allows(masks[i], int(argmax[i]))}
+    first = [i for i in first if i not in taken]
     masked = {}
     if first:  # one call for the batch (every row: no copy of the logits first)
         rows = out if len(first) == len(out) else out[first]
@@ -89,12 +104,31 @@ def row_inputs(how: str, out, seqs: list, masks: np.ndarray | None) -> list:
     inputs = [None] * len(seqs)
     for i in live:
         s = seqs[i]
-        if s.params.plain_greedy:
+        if s.params.plain_greedy or i in taken:
             inputs[i] = RowInput(out[i], int(argmax[i]))
         elif i in masked:
             inputs[i] = RowInput(masked[i], masked=True)
         else:
             inputs[i] = RowInput(out[i], mask=None if s.matcher is None else masks[i])
+    return inputs
+
+
+def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
+    """CHECK mode: every row takes the graph's argmax, but a constrained row whose grammar refuses
+    it, which takes the argmax under its mask (on the device where the engine masks there)."""
+    tokens = out.argmax()
+    inputs = [None if s is None else RowInput(tok=int(tokens[i])) for i, s in enumerate(seqs)]
+    constrained = [i for i, s in enumerate(seqs) if s is not None and s.matcher is not None]
+    odd = [i for i in constrained if seqs[i].mask_vocab != out.vocab]
+    for i in odd:  # the logits go to the row's step, which refuses the mismatch (this row only)
+        inputs[i] = RowInput(out.rows([i])[0])
+    refused = [i for i in constrained if i not in odd and not allows(masks[i], int(tokens[i]))]
+    if refused and out.masks_here:  # one companion run; the other rows keep their argmax
+        picked = out.pick(masks)[0]
+    elif refused:
+        picked = dict(zip(refused, apply_mask(out.rows(refused), allowed_tokens(masks[refused], out.vocab)).argmax(-1)))
+    for i in refused:
+        inputs[i] = RowInput(tok=int(picked[i]))
     return inputs
 
 

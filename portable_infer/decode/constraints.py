@@ -323,6 +323,11 @@ class MaskFill:
         return None if self._future is None else self._future.result()
 
 
+def allows(mask: np.ndarray, token: int) -> bool:
+    """Bitmask row ``mask`` ([W] int32) lets ``token`` come next (bit token % 32 of word token // 32)."""
+    return bool((int(mask[token >> 5]) >> (token & 31)) & 1)
+
+
 def allowed_tokens(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """Bitmask rows ([W] or [n, W] int32) as bools ([vocab] or [n, vocab]): True where the token
     may come next (bit v % 32 of word v // 32); a batch's rows in one call."""

@@ -48,12 +48,26 @@ class MaskedArgmax:
 
 
 class DeviceLogits:
-    """One forward's logits [B, 1, V], left where the engine computed them (valid until the
-    engine's next forward on the same cache: a decode step's buffers are reused)."""
+    """One forward's logits [B, 1, V] and its graph's argmax [B, 1], left where the engine computed
+    them (valid until the engine's next forward on the same cache: a decode step's buffers are
+    reused). ``picker``: what makes the :class:`MaskedArgmax` on that device (on first use);
+    ``masks_here``: masks are worth applying there (the engine's ``masks_on_device``), else the
+    rows that need a mask come to the host."""
 
-    def __init__(self, value, picker: MaskedArgmax):
-        self.value, self.picker = value, picker
+    def __init__(self, value, token, picker, masks_here: bool):
+        self.value, self.token, self.picker, self.masks_here = value, token, picker, masks_here
         self.batch, _, self.vocab = value.shape()
+
+    def argmax(self) -> np.ndarray:
+        """Each row's argmax over every token [B] int64 on the host: the graph's ``next_token``
+        (one id per row crosses), else computed from the logits."""
+        if self.token is not None:
+            return self.token.numpy().reshape(-1).copy()
+        return self.pick(None)[0] if self.masks_here else self.rows(range(self.batch)).argmax(-1)
+
+    def rows(self, index) -> np.ndarray:
+        """The logits of rows ``index`` [n, V] float32 on the host, unmasked."""
+        return self.value.numpy()[np.asarray(index, np.int64), 0]
 
     def pick(self, bitmask: np.ndarray | None, fetch=()) -> tuple:
         """Each row's argmax among the tokens ``bitmask`` allows ([B, ceil(V/32)] int32; None:
@@ -62,4 +76,4 @@ class DeviceLogits:
         nothing else leaves the device."""
         if bitmask is None:
             bitmask = np.full((self.batch, -(-self.vocab // 32)), -1, np.int32)
-        return self.picker.run(self.value, bitmask, fetch)
+        return self.picker().run(self.value, bitmask, fetch)

@@ -205,13 +205,15 @@ class StaticEngine:
 
     def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> DeviceLogits:
         """:meth:`forward`, the logits left on the engine's device: a
-        :class:`~portable_infer.engine.masked_argmax.DeviceLogits` that picks each row's argmax
-        under a grammar bitmask there and fetches only the rows asked for."""
-        return DeviceLogits(self._forward(ids, mask, cache, "device"), self.masked_argmax())
+        :class:`~portable_infer.engine.masked_argmax.DeviceLogits` with the graph's own argmax of
+        each row, that picks under grammar bitmasks there (``masks_on_device``; else the rows
+        asked for come to the host) and fetches only the rows asked for."""
+        logits, token = self._forward(ids, mask, cache, "device")
+        return DeviceLogits(logits, token, self.masked_argmax, self.masks_on_device)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
         """One forward; ``want``: "logits" [B, vocab] or "token" [B] on the host, or "device" (the
-        logits OrtValue [B, 1, vocab] where it was computed)."""
+        logits OrtValue [B, 1, vocab] and the next_token OrtValue [B, 1] or None, where they were computed)."""
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], dtype=np.int64)
         rows = cache.rows + new.sum(axis=1)
@@ -261,9 +263,10 @@ class StaticEngine:
         self._bind_cache(b, cache)
         big = self._shrink is not None and ids.size >= memory.SHRINK_MIN_TOKENS
         self.session.run_with_iobinding(b, self._shrink if big else self._plain)
-        out = b.get_outputs()[0]
-        if want == "device":
-            return out
+        outputs = b.get_outputs()
+        out = outputs[0]
+        if want == "device":  # (logits, next_token or None), both where they were computed
+            return out, outputs[1] if self.greedy_on_device else None
         out = out.numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
@@ -305,7 +308,7 @@ class StaticEngine:
             self.cuda_graph = False
             self.session.run_with_iobinding(slot.binding, self._plain)
         if want == "device":
-            return slot.logits  # the next step overwrites it: picked before then
+            return slot.logits, slot.token  # the next step overwrites them: picked before then
         out = slot.token.numpy()[:, 0] if want == "token" else slot.logits.numpy()[:, -1, :]
         # on the CPU numpy() is a view of the slot's memory, which the next step overwrites
         return out.copy() if self.device == "cpu" else out
