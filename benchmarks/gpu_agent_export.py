@@ -53,6 +53,7 @@ LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, 
                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 LINES: list[str] = []
+RUNS = 3  # constrained_overhead.py --runs (--runs here)
 
 
 def say(line: str = "") -> None:
@@ -116,7 +117,7 @@ def constrained(assets: Path, work: Path, dry: bool = False) -> None:
     if "error" in res:
         return
     run = ["--provider", "cpu", "--threads", "2", "--tokens", "8", "--runs", "1", "--device-masks", "on"] if dry else \
-        ["--provider", "cuda", "--tokens", "64", "--runs", "3"]
+        ["--provider", "cuda", "--tokens", "64", "--runs", str(RUNS)]
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "constrained_overhead.py"), str(pkg),
                           "--batches", "1", "16", "--temperatures", "0", "0.7", *run], capture_output=True, text=True)
     say(f"### constrained_overhead.py on {'the CPU (dry run)' if dry else 'CUDA'}\n")
@@ -136,7 +137,7 @@ def constrained_real(assets: Path, work: Path) -> None:
         return
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "constrained_overhead.py"), str(pkg),
                           "--batches", "1", "16", "--temperatures", "0", "0.7", "--provider", "cuda", "--tokens", "64",
-                          "--runs", "3"], capture_output=True, text=True)
+                          "--runs", str(RUNS)], capture_output=True, text=True)
     say("### constrained_overhead.py on CUDA, the default model's real weights\n")
     for ln in out.stdout.splitlines():
         say(ln)
@@ -273,7 +274,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/root/work"))
     ap.add_argument("--parts", nargs="+", default=["constrained", "export8b"], choices=["constrained", "constrained-real", "functional", "make8b", "export8b"])
     ap.add_argument("--dry-run", action="store_true", help="the constrained part on the CPU, small (see above)")
+    ap.add_argument("--runs", type=int, default=3, help="constrained_overhead.py's runs per case (median)")
     args = ap.parse_args()
+    global RUNS
+    RUNS = args.runs
     args.work.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
 
