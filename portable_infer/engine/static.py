@@ -68,6 +68,19 @@ class _Slot:
     host_ids: np.ndarray = None  # the step's inputs on the host (views of ids/mask on the CPU)
     host_mask: np.ndarray = None
 
+    def bind_outputs(self, b) -> None:
+        """Bind the decode step's outputs (those the graph has) to this slot's buffers."""
+        b.bind_ortvalue_output(mf.LOGITS, self.logits)
+        for name, value in ((mf.NEXT_TOKEN, self.token), (mf.TOP_TOKENS, self.top)):
+            if value is not None:
+                b.bind_ortvalue_output(name, value)
+
+    def stage_inputs(self, on_cpu: bool) -> None:
+        """The host side of the step's inputs, made once: the buffers themselves on the CPU
+        (numpy() is a view there), staging arrays copied over on other devices."""
+        self.host_ids = self.ids.numpy() if on_cpu else np.empty(self.ids.shape(), np.int64)
+        self.host_mask = self.mask.numpy() if on_cpu else np.empty(self.mask.shape(), np.int64)
+
 
 class StaticEngine:
     """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them.
@@ -93,7 +106,7 @@ class StaticEngine:
         self._spare_bytes = 0
         self._spare_lock = threading.Lock()  # finalizers run on whichever thread drops a cache
         self._graphs = 0
-        self._plain = self._run_options(-1)  # for every step that does not replay a graph
+        self._plain = _run_options(ort, self.device, -1)  # for every step that does not replay a graph
         self._shrink = memory.shrink_run_options(session, ort) if self.device == "cpu" else None  # large prefills
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
         outputs = {o.name: o for o in session.get_outputs()}
@@ -291,18 +304,10 @@ class StaticEngine:
             b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
             b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, np.int32))
             self._bind_cache(b, cache)
-            b.bind_ortvalue_output(mf.LOGITS, slot.logits)
-            if slot.token is not None:
-                b.bind_ortvalue_output(mf.NEXT_TOKEN, slot.token)
-            if slot.top is not None:
-                b.bind_ortvalue_output(mf.TOP_TOKENS, slot.top)
+            slot.bind_outputs(b)
             slot.binding, slot.positions = b, np.arange(cache.capacity)
-            slot.run_options = self._run_options(cache.graph_id) if cache.graph_id > 0 else None
-            # host side of the step's inputs, made once: the buffers themselves on the CPU (numpy()
-            # is a view there), staging arrays copied over on other devices
-            on_cpu = self.device == "cpu"
-            slot.host_ids = slot.ids.numpy() if on_cpu else np.empty(slot.ids.shape(), np.int64)
-            slot.host_mask = slot.mask.numpy() if on_cpu else np.empty(slot.mask.shape(), np.int64)
+            slot.run_options = _run_options(self.ort, self.device, cache.graph_id) if cache.graph_id > 0 else None
+            slot.stage_inputs(self.device == "cpu")
         slot.host_ids[...] = ids
         np.less(slot.positions, rows[:, None], out=slot.host_mask, casting="unsafe")
         if self.device != "cpu":
@@ -323,11 +328,13 @@ class StaticEngine:
         # on the CPU numpy() is a view of the slot's memory, which the next step overwrites
         return out.copy() if self.device == "cpu" else out
 
-    def _run_options(self, graph_id: int):
-        ro = self.ort.RunOptions()
-        if self.device == "cuda":
-            ro.add_run_config_entry("gpu_graph_id", str(graph_id))  # -1: run without a graph
-        return ro
+
+def _run_options(ort, device: str, graph_id: int):
+    """Run options that replay CUDA graph ``graph_id`` (-1: run without a graph) on CUDA."""
+    ro = ort.RunOptions()
+    if device == "cuda":
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return ro
 
 
 def _release(slot: _Slot) -> None:
