@@ -91,9 +91,12 @@ class WeightForm:
 
     @property
     def fold_offsets(self) -> bool:
-        """Q4_1 offsets folded into MatMulNBits (extra rows) instead of float correction ops; fp16
-        activations (CUDA) keep the ops, whose launches CUDA graphs absorb."""
-        return self.dtype == np.float32
+        """Q4_1 offsets folded into MatMulNBits as 4-bit remainder rows (within ~1/500 of a step, not
+        exact) instead of the float correction ops (exact to fp32 rounding): only where the layers
+        run int8 activations, which are not exact anyway and where the rows run faster than the
+        ops. Float-activation graphs (the exact ones) and fp16 activations (CUDA, whose launches
+        CUDA graphs absorb) keep the ops."""
+        return self.dtype == np.float32 and self.nbits_accuracy is not None and self.nbits_accuracy != 1
 
 
 class WeightStore:

@@ -7,10 +7,9 @@ after ``prompt + ours[:k]`` must be ``ours[k]`` for every k, which holds exactly
 decoding of the reference yields ``ours`` (by induction on k), at a fraction of the cost.
 
 Parity runs on two graph variants: the portable one (bit-faithful to the blocks) and the fused
-one, which keeps float activations in its layers (accuracy level 1) and carries each Q4_1 block's
-offset as an integer zero point plus a two-stage 4-bit remainder (about 1/900 of its range off:
-``exporters.weight_ops.WeightOps.augment``); its lm_head runs int8 activations with the top 16
-logits recomputed in float. The user-facing tests (chat, CLI) run on what ``load()`` picks.
+one, which keeps float activations in its layers (accuracy level 1) and adds each Q4_1 block's
+offset as the float term ``blocksum(x) @ m`` (exact to fp32 rounding; ``WeightForm.fold_offsets``);
+its lm_head runs int8 activations with the top 16 logits recomputed in float. The user-facing tests (chat, CLI) run on what ``load()`` picks.
 """
 
 from __future__ import annotations
