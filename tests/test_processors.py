@@ -115,3 +115,51 @@ def test_bias_id_outside_vocab_fails_at_construction():
     with pytest.raises(InvalidArgumentError) as e:
         _seq(vocab=8, logit_bias={8: 1.0})
     assert e.value.param == "logit_bias"
+
+
+class _Grammar:
+    """A stand-in grammar matcher: every token is fed, none ends it."""
+
+    def consume_token(self, token):
+        return True
+
+    def is_stopped(self):
+        return False
+
+    def is_accepting(self):
+        return False
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_constrained_rows_that_draw_first_sample_the_masked_distribution(temperature, monkeypatch):
+    """A constrained row sampling the whole distribution draws first and applies its mask only when
+    the grammar refuses the draw, then draws again: the tokens follow softmax(logits / T) over the
+    allowed tokens (total variation within sampling noise), no refused token ever comes out, and
+    the mask was applied on some steps only."""
+    from portable_infer.decode import sequence as seq_mod
+    from portable_infer.decode.sampling import SamplingParams
+    from portable_infer.decode.sequence import Sequence
+
+    rng = np.random.default_rng(SEED + int(temperature * 10))
+    vocab, n = 64, 20000
+    logits = (rng.standard_normal(vocab) * 2).astype(np.float32)
+    allowed = rng.random(vocab) < 0.5
+    bitmask = np.packbits(allowed, bitorder="little").view(np.int32)  # bit v % 32 of word v // 32
+    monkeypatch.setattr(seq_mod, "consume", lambda matcher, token: None)
+    applied = []
+    real_apply = seq_mod.apply_mask
+    monkeypatch.setattr(seq_mod, "apply_mask", lambda x, a: applied.append(1) or real_apply(x, a))
+    seq = Sequence([1], SamplingParams(temperature=temperature, seed=int(rng.integers(1000)), max_new_tokens=n + 1))
+    seq.matcher, seq.mask_vocab = _Grammar(), vocab
+    assert seq.draws_first and not seq.mask_first
+    counts = np.zeros(vocab)
+    for _ in range(n):
+        counts[seq.step(logits, mask=bitmask, max_context=10**9).token] += 1
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    want = np.where(allowed, p, 0.0) / p[allowed].sum()
+    assert counts[~allowed].sum() == 0, SEED
+    tvd = 0.5 * np.abs(counts / n - want).sum()
+    assert tvd < 0.03, (SEED, tvd)
+    refused = float(p[~allowed].sum())  # how often the first draw is refused
+    assert 0 < len(applied) < n and abs(len(applied) / n - refused) < 0.03, (SEED, len(applied) / n, refused)

@@ -155,6 +155,13 @@ class SamplingParams:
         return self.temperature == 0.0 and not self.penalized and self.logprobs is None and not self.logit_bias
 
     @property
+    def untruncated(self) -> bool:
+        """Sampling from the whole (tempered) distribution: no top-k, top-p or min-p cut. Then a
+        draw the grammar refuses may be drawn again under the mask: an exact sample of the masked
+        distribution (rejection; ``Sequence.step``)."""
+        return self.temperature > 0.0 and self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
+
+    @property
     def plain_greedy(self) -> bool:
         """:attr:`argmax_only` without a constraint: the graph's own argmax (``next_token``) will do."""
         return self.argmax_only and self.constraint is None

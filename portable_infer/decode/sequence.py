@@ -17,6 +17,10 @@ mask (like vLLM's raw logprobs: a token forced by the grammar keeps the probabil
 gave it). What fails here (NaN logits, a grammar that refuses every token) raises; the caller
 ends this sequence only.
 
+A constrained row that samples the whole distribution (no top-k, top-p or min-p) draws first and
+applies its mask only when the grammar refuses the draw, then draws again under it
+(:attr:`Sequence.draws_first`): rejection sampling, an exact sample of the masked distribution.
+
 Where the grammar mask is a row's first logit processor (:attr:`Sequence.mask_first`), callers
 may apply it beforehand, for a whole batch in one call, or take the argmax under it on the
 device (:mod:`portable_infer.decode.batch_pick`); the row then gets the masked logits
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from portable_infer.decode.constraints import allowed_tokens, consume, fill_masks
+from portable_infer.decode.constraints import allowed_tokens, allows, consume, fill_masks
 from portable_infer.errors import GenerationError, InvalidArgumentError
 from portable_infer.decode.processors import LogitBias, apply_mask
 from portable_infer.decode.sampling import SamplingParams, apply_penalties, check_pick, make_sampler, token_logprobs
@@ -81,9 +85,19 @@ class Sequence:
     @property
     def mask_first(self) -> bool:
         """A constrained row whose logits nothing changes or reads before the grammar mask (no
-        penalty, no logit bias, no logprobs): its mask may be applied to them beforehand."""
+        penalty, no logit bias, no logprobs) and that does not draw first (:attr:`draws_first`):
+        its mask may be applied to them beforehand."""
         p = self.params
-        return self.matcher is not None and not p.penalized and self.bias is None and p.logprobs is None
+        return (self.matcher is not None and not p.penalized and self.bias is None and p.logprobs is None
+                and not self.draws_first)
+
+    @property
+    def draws_first(self) -> bool:
+        """A constrained row sampling the whole distribution (``params.untruncated``): it draws
+        from the unmasked logits and applies its mask only when the grammar refuses the draw,
+        then draws again (rejection sampling: the token is an exact sample of the masked
+        distribution, and the mask is rarely applied)."""
+        return self.matcher is not None and self.params.untruncated
 
     def own_mask(self) -> np.ndarray:
         """This row's allowed tokens, computed alone (callers batch them: :class:`MaskFill`)."""
@@ -114,9 +128,17 @@ class Sequence:
                 if x.shape[-1] != self.mask_vocab:
                     raise GenerationError(f"the logits have {x.shape[-1]} entries but the grammar's vocabulary "
                                           f"{self.mask_vocab}", reason="grammar")
-                if not masked:
+                if self.draws_first and not masked:
+                    tok = int(self.sampler(x, self.rng))
+                    if mask is not None and allows(mask, tok):
+                        x = None  # the draw stands
+                    else:
+                        allowed = self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
+                        x = None if allowed[tok] else apply_mask(x, allowed)
+                elif not masked:
                     x = apply_mask(x, self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab))
-            tok = int(self.sampler(x, self.rng))
+            if x is not None:
+                tok = int(self.sampler(x, self.rng))
         else:
             scored = logits
             if logits is not None:
