@@ -59,7 +59,9 @@ def chat(pieces: list, names: TokenNames) -> dict:
 
 def completion(pieces: list, names: TokenNames, offset: int = 0) -> tuple[dict, int]:
     """The completion choice's ``logprobs`` for ``pieces``, their text offsets counted from
-    ``offset``; and the offset after them (the next stream chunk's)."""
+    ``offset``; and the offset after them (the next stream chunk's). An offset indexes the
+    completion's text: a token adds what it added there (a special token's name is not in the
+    text, so it adds nothing)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for r in pieces:
         text = names(r.token)[0]
@@ -67,5 +69,5 @@ def completion(pieces: list, names: TokenNames, offset: int = 0) -> tuple[dict, 
         out["token_logprobs"].append(_lp(r.logprob))
         out["top_logprobs"].append({names(t)[0]: _lp(lp) for t, lp in r.top_logprobs})
         out["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(r.text)
     return out, offset
