@@ -287,7 +287,8 @@ class StaticEngine:
         outputs = b.get_outputs()
         out = outputs[0]
         if want == "device":  # (logits, next_token or None, top_tokens or None) where they were computed
-            return out, outputs[1] if self.greedy_on_device else None, outputs[-1] if self.top_tokens else None
+            top = outputs[1 + self.greedy_on_device] if self.top_tokens else None  # bound before the KV
+            return out, outputs[1] if self.greedy_on_device else None, top
         out = out.numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
