@@ -86,10 +86,6 @@ class DecoderBuilder:
             #  greedy on the device: ArgMax of the logits (first index on ties, like numpy's argmax)
             token = g.op("ArgMax", [mf.LOGITS], axis=-1, keepdims=0, select_last_index=0)
             g.output(token, mf.NEXT_TOKEN, I64, ["batch", 1])
-        if spec.top_tokens:
-            #  the K best ids, largest first (the lower index first among equal logits, as ArgMax)
-            _, top = g.op("TopK", [mf.LOGITS, g.const([spec.top_tokens])], n_out=2, axis=-1, largest=1, sorted=1)
-            g.output(top, mf.TOP_TOKENS, I64, ["batch", 1, spec.top_tokens])
 
     def embed(self, ids: str, pos: str | None) -> str:
         """Token rows (+ learned position rows) (× the embedding scale)."""

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,78 +184,6 @@ def static(tiny_llama, tiny_text_package, tmp_path_factory):
     model = portable_infer.load(out, "cpu", static_kv=True, intra_op_threads=2)
     assert model.engine.greedy_on_device
     return model
-
-
-@pytest.fixture(scope="module")
-def static_top(static, tiny_llama, tmp_path_factory):
-    """``static``'s package exported again with the top_tokens output the GPU graphs (fp16
-    activations) get, here at fp32 so the CPU runs it."""
-    import shutil
-
-    from exporters.export import export
-    from exporters.lowering import spec
-
-    saved = spec.TOP_TOKENS_FOR
-    spec.TOP_TOKENS_FOR = ("fp16", "fp32")
-    try:
-        out = export(tiny_llama.source, tmp_path_factory.mktemp("static_top") / "pkg", precision="fp32",
-                     verify=False, variants=("static",))
-    finally:
-        spec.TOP_TOKENS_FOR = saved
-    import dataclasses
-
-    from portable_infer.package import manifest as mf
-
-    shutil.copy(Path(static.path) / "tokenizer.json", out / "tokenizer.json")  # as the static fixture does
-    m = mf.Manifest.load(out)
-    info = dataclasses.replace(m.tokenizer, file="tokenizer.json", config_file=None)
-    dataclasses.replace(m, tokenizer=info, files=mf.file_entries(out)).save(out)
-    model = portable_infer.load(out, "cpu", static_kv=True, intra_op_threads=2)
-    assert model.engine.top_tokens == spec.TOP_TOKENS
-    return model
-
-
-def test_top_tokens_are_the_best_ids_in_order(static_top):
-    """The graph's top_tokens: its K largest logits' ids, largest first, the lower id first among
-    equal logits (as its next_token and numpy's argmax)."""
-    rng = np.random.default_rng(SEED + 12)
-    print(TAG)
-    engine = static_top.engine
-    ids = rng.integers(3, 256, (3, 6))
-    cache = engine.new_cache(3, capacity=16)
-    for out in (engine.forward_on_device(ids, np.ones_like(ids), cache),  # prefill (a binding of its own)
-                engine.forward_on_device(rng.integers(3, 256, (3, 1)), np.ones((3, 7), np.int64), cache)):  # a step
-        logits = out.rows(range(3))
-        want = np.argsort(-logits, axis=-1, kind="stable")[:, :engine.top_tokens]
-        np.testing.assert_array_equal(out.candidates(), want, err_msg=TAG)
-        np.testing.assert_array_equal(out.argmax(), want[:, 0], err_msg=TAG)
-
-
-def test_refused_rows_take_the_first_allowed_top_token(static, static_top, monkeypatch):
-    """With top_tokens, a greedy row whose grammar refuses the argmax takes the first of the K best
-    ids it allows: the masked argmax, and the same tokens as the graph without them; the companion
-    graph runs only when none of the K is allowed."""
-    from portable_infer.decode.constraints import Constraint
-    from portable_infer.decode.generate import BatchDecoder
-    from portable_infer.decode.sampling import SamplingParams
-
-    rng = np.random.default_rng(SEED + 13)
-    print(TAG)
-    prompts = [static.encode(p) for p in texts(rng, 4)]
-    kw = dict(max_new_tokens=40, ignore_eos=True)
-    params = [SamplingParams(constraint=Constraint.regex(r"[a-z .,]{5,40}"), **kw),
-              SamplingParams(constraint=Constraint.regex(REGEX), **kw), SamplingParams(**kw),
-              SamplingParams(constraint=Constraint.json_schema(SCHEMA), max_new_tokens=80, ignore_eos=True)]
-    outs, runs = {}, {}
-    for name, m in (("plain", static), ("top", static_top)):
-        calls = _device_calls(m.engine, monkeypatch, True)
-        dec = BatchDecoder(m.engine, prompts, params, max_context=m.max_context, guide=m.guide, vocab_size=256)
-        outs[name], runs[name] = dec.run(), len(calls)
-        monkeypatch.undo()
-    assert outs["top"] == outs["plain"], TAG
-    assert runs["top"] < runs["plain"], (TAG, runs)
-    assert re.fullmatch(REGEX, static.decode(outs["top"][1])), TAG
-    jsonschema.validate(json.loads(static.decode(outs["top"][3])), SCHEMA)
 
 
 def test_device_greedy_falls_back_for_constrained_rows(static, model, monkeypatch):

@@ -33,11 +33,6 @@ INT8_ACCURACY = 4  # the -int8 / -q4 graphs' layers: int8 activations
 Q4_HEAD = "int4-top256"
 INT8_HEAD = "int4-top256"
 EXACT_HEAD = "int8-top16"
-# static graphs for GPUs (fp16 activations) also give the ids of their 8 largest logits: a greedy
-# row whose grammar refuses the argmax takes the first of them it allows, so no mask is applied on
-# the device (batch_pick's check mode); on the CPU the host reads the logits where they are
-TOP_TOKENS = 8
-TOP_TOKENS_FOR = ("fp16",)  # the activations of the graphs that get them
 # name -> (file, form, layers at int8 activations, layers fitted to MatMulNBits' integer form)
 VARIANT_FORMS = {
     PORTABLE: ("model.onnx", "portable", False, False),
@@ -81,8 +76,7 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
     lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
     if form == "static":
         return checked(VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",
-                                   "row_last", lm_head, weights, position_ids=False, next_token=True,
-                                   top_tokens=TOP_TOKENS if activations in TOP_TOKENS_FOR else 0))
+                                   "row_last", lm_head, weights, position_ids=False, next_token=True))
     cached = rotary.cache_fits(layout)  # else the portable rotary and attention (partial rotary)
     attn = "gqa" if cached or layout.positions != "rope" else "masked"
     return checked(VariantSpec(name, file, ("cpu", "cuda"), attn, "fused", "cached" if cached else "computed",

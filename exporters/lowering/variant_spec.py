@@ -26,7 +26,6 @@ class VariantSpec:
     weights: WeightForm
     position_ids: bool = True  # a position_ids input (static graphs derive positions from the lengths)
     next_token: bool = False  # a next_token output: the argmax of the logits, greedy on the device
-    top_tokens: int = 0  # K > 0: a top_tokens output [B, 1, K], the K largest logits' ids, best first
 
     @property
     def manifest_attention(self) -> str:

@@ -115,8 +115,7 @@ def row_inputs(how: str, out, seqs: list, masks: np.ndarray | None) -> list:
 
 def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     """CHECK mode: every row takes the graph's argmax, but a constrained row whose grammar refuses
-    it, which takes the first of the graph's K best ids its grammar allows (graphs with
-    ``top_tokens``), else the argmax under its mask (on the device where the engine masks there)."""
+    it, which takes the argmax under its mask (on the device where the engine masks there)."""
     tokens = out.argmax()
     inputs = [None if s is None else RowInput(tok=int(tokens[i])) for i, s in enumerate(seqs)]
     constrained = [i for i, s in enumerate(seqs) if s is not None and s.matcher is not None]
@@ -124,13 +123,6 @@ def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     for i in odd:  # the logits go to the row's step, which refuses the mismatch (this row only)
         inputs[i] = RowInput(out.rows([i])[0])
     refused = [i for i in constrained if i not in odd and not allows(masks[i], int(tokens[i]))]
-    top = out.candidates() if refused else None
-    if top is not None:  # the best ids in order: the first one allowed is the masked argmax
-        firsts = {i: next((int(t) for t in top[i] if allows(masks[i], int(t))), None) for i in refused}
-        refused = [i for i in refused if firsts[i] is None]
-        for i, t in firsts.items():
-            if t is not None:
-                inputs[i] = RowInput(tok=t)
     if refused and out.masks_here:  # one companion run; the other rows keep their argmax
         picked = out.pick(masks)[0]
     elif refused:

@@ -52,11 +52,10 @@ class DeviceLogits:
     them (valid until the engine's next forward on the same cache: a decode step's buffers are
     reused). ``picker``: what makes the :class:`MaskedArgmax` on that device (on first use);
     ``masks_here``: masks are worth applying there (the engine's ``masks_on_device``), else the
-    rows that need a mask come to the host; ``top``: the graph's ``top_tokens`` [B, 1, K] (its K
-    best ids, best first) or None."""
+    rows that need a mask come to the host."""
 
-    def __init__(self, value, token, picker, masks_here: bool, top=None):
-        self.value, self.token, self.picker, self.masks_here, self.top = value, token, picker, masks_here, top
+    def __init__(self, value, token, picker, masks_here: bool):
+        self.value, self.token, self.picker, self.masks_here = value, token, picker, masks_here
         self.batch, _, self.vocab = value.shape()
 
     def argmax(self) -> np.ndarray:
@@ -65,10 +64,6 @@ class DeviceLogits:
         if self.token is not None:
             return self.token.numpy().reshape(-1).copy()
         return self.pick(None)[0] if self.masks_here else self.rows(range(self.batch)).argmax(-1)
-
-    def candidates(self) -> np.ndarray | None:
-        """Each row's K best ids [B, K] int64 on the host, best first (None: the graph has none)."""
-        return None if self.top is None else self.top.numpy().reshape(self.batch, -1).copy()
 
     def rows(self, index) -> np.ndarray:
         """The logits of rows ``index`` [n, V] float32 on the host, unmasked."""

@@ -58,7 +58,6 @@ class _Slot:
     mask: object  # [B, capacity] int64
     logits: object  # [B, 1, vocab] float32 (graph output)
     token: object  # [B, 1] int64 (graph output next_token; None when the graph lacks it)
-    top: object  # [B, 1, K] int64 (graph output top_tokens; None when the graph lacks it)
     graph_id: int  # -1: no graph
     busy: bool = False
     binding: object = None  # the decode steps' IO binding (same addresses every step)
@@ -71,9 +70,8 @@ class _Slot:
     def bind_outputs(self, b) -> None:
         """Bind the decode step's outputs (those the graph has) to this slot's buffers."""
         b.bind_ortvalue_output(mf.LOGITS, self.logits)
-        for name, value in ((mf.NEXT_TOKEN, self.token), (mf.TOP_TOKENS, self.top)):
-            if value is not None:
-                b.bind_ortvalue_output(name, value)
+        if self.token is not None:
+            b.bind_ortvalue_output(mf.NEXT_TOKEN, self.token)
 
     def stage_inputs(self, on_cpu: bool) -> None:
         """The host side of the step's inputs, made once: the buffers themselves on the CPU
@@ -109,10 +107,7 @@ class StaticEngine:
         self._plain = _run_options(ort, self.device, -1)  # for every step that does not replay a graph
         self._shrink = memory.shrink_run_options(session, ort) if self.device == "cpu" else None  # large prefills
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
-        outputs = {o.name: o for o in session.get_outputs()}
-        self.greedy_on_device = mf.NEXT_TOKEN in outputs
-        # graphs for GPUs also give their K best ids (top_tokens): grammar checks without a mask
-        self.top_tokens = outputs[mf.TOP_TOKENS].shape[-1] if mf.TOP_TOKENS in outputs else 0
+        self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
         self._row_mover = False  # made on first use: row_mover()
         self._picker = None  # the masked-argmax companion session: masked_argmax()
         # Grammar-masked greedy picks where the logits live (forward_on_device), on devices only:
@@ -205,9 +200,8 @@ class StaticEngine:
         new = lambda shp, dt: self.ort.OrtValue.ortvalue_from_shape_and_type(shp, dt, self.device, 0)  # noqa: E731
         values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
         token = new([batch, 1], np.int64) if self.greedy_on_device else None
-        top = new([batch, 1, self.top_tokens], np.int64) if self.top_tokens else None
         return _Slot(values, new([batch, 1], np.int64), new([batch, cap], np.int64),
-                     new([batch, 1, self.vocab], np.float32), token, top, graph_id,
+                     new([batch, 1, self.vocab], np.float32), token, graph_id,
                      written=np.zeros(batch, np.int64) if self.device == "cpu" else None)
 
     # --- one step ---------------------------------------------------------------------------------
@@ -226,13 +220,12 @@ class StaticEngine:
         :class:`~portable_infer.engine.masked_argmax.DeviceLogits` with the graph's own argmax of
         each row, that picks under grammar bitmasks there (``masks_on_device``; else the rows
         asked for come to the host) and fetches only the rows asked for."""
-        logits, token, top = self._forward(ids, mask, cache, "device")
-        return DeviceLogits(logits, token, self.masked_argmax, self.masks_on_device, top)
+        logits, token = self._forward(ids, mask, cache, "device")
+        return DeviceLogits(logits, token, self.masked_argmax, self.masks_on_device)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
         """One forward; ``want``: "logits" [B, vocab] or "token" [B] on the host, or "device" (the
-        logits OrtValue [B, 1, vocab], the next_token [B, 1] and top_tokens [B, 1, K] ones or None, where
-        they were computed)."""
+        logits OrtValue [B, 1, vocab] and the next_token OrtValue [B, 1] or None, where they were computed)."""
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], dtype=np.int64)
         rows = cache.rows + new.sum(axis=1)
@@ -279,16 +272,13 @@ class StaticEngine:
         b.bind_output(mf.NEXT_TOKEN if greedy else mf.LOGITS, self.device if want == "device" else "cpu")
         if self.greedy_on_device:
             b.bind_output(mf.LOGITS if greedy else mf.NEXT_TOKEN, self.device)
-        if self.top_tokens:
-            b.bind_output(mf.TOP_TOKENS, self.device)
         self._bind_cache(b, cache)
         big = self._shrink is not None and ids.size >= memory.SHRINK_MIN_TOKENS
         self.session.run_with_iobinding(b, self._shrink if big else self._plain)
         outputs = b.get_outputs()
         out = outputs[0]
-        if want == "device":  # (logits, next_token or None, top_tokens or None) where they were computed
-            top = outputs[1 + self.greedy_on_device] if self.top_tokens else None  # bound before the KV
-            return out, outputs[1] if self.greedy_on_device else None, top
+        if want == "device":  # (logits, next_token or None), both where they were computed
+            return out, outputs[1] if self.greedy_on_device else None
         out = out.numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
@@ -324,7 +314,7 @@ class StaticEngine:
             self.cuda_graph = False
             self.session.run_with_iobinding(slot.binding, self._plain)
         if want == "device":
-            return slot.logits, slot.token, slot.top  # the next step overwrites them: picked before then
+            return slot.logits, slot.token  # the next step overwrites them: picked before then
         out = slot.token.numpy()[:, 0] if want == "token" else slot.logits.numpy()[:, -1, :]
         # on the CPU numpy() is a view of the slot's memory, which the next step overwrites
         return out.copy() if self.device == "cpu" else out

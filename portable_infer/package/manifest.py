@@ -44,7 +44,6 @@ TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 # Static-KV graphs (exporter 0.2.1 on): the argmax of each row's logits, int64 [B, 1], so greedy
 # decoding on a GPU copies one id per row to the host instead of the whole vocabulary's logits.
 NEXT_TOKEN = "next_token"
-TOP_TOKENS = "top_tokens"  # [B, 1, K] static graphs for GPUs: the K largest logits' ids, best first
 
 
 def past_names(layer: int) -> tuple[str, str]:
