@@ -279,7 +279,7 @@ def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
     kw = dict(max_new_tokens=40, ignore_eos=True)
     loose = Constraint.regex(r"[a-z .,]{5,40}")  # most bytes allowed: the argmax often passes
     params = [SamplingParams(constraint=loose, **kw), SamplingParams(constraint=Constraint.regex(REGEX), **kw),
-              SamplingParams(**kw), SamplingParams(constraint=Constraint.json_schema(SCHEMA), max_new_tokens=80,
+              SamplingParams(**kw), SamplingParams(constraint=Constraint.json_schema(SCHEMA), max_new_tokens=120,
                                                    ignore_eos=True)]
 
     def run(masks_on, mode=None, check=True):
