@@ -96,7 +96,7 @@ class WeightForm:
         run int8 activations, which are not exact anyway and where the rows run faster than the
         ops. Float-activation graphs (the exact ones) and fp16 activations (CUDA, whose launches
         CUDA graphs absorb) keep the ops."""
-        return self.dtype == np.float32 and self.nbits_accuracy is not None and self.nbits_accuracy != 1
+        return self.dtype == np.float32 and self.nbits_accuracy not in (None, 1)
 
 
 class WeightStore:

@@ -128,16 +128,14 @@ class Sequence:
                 if x.shape[-1] != self.mask_vocab:
                     raise GenerationError(f"the logits have {x.shape[-1]} entries but the grammar's vocabulary "
                                           f"{self.mask_vocab}", reason="grammar")
-                if self.draws_first and not masked:
-                    tok = int(self.sampler(x, self.rng))
-                    if mask is not None and allows(mask, tok):
-                        x = None  # the draw stands
-                    else:
+                if not masked:
+                    # draws_first: the draw stands where the grammar allows it (rejection sampling)
+                    tok = int(self.sampler(x, self.rng)) if self.draws_first else None
+                    if tok is None or mask is None or not allows(mask, tok):
                         allowed = self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
-                        x = None if allowed[tok] else apply_mask(x, allowed)
-                elif not masked:
-                    x = apply_mask(x, self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab))
-            if x is not None:
+                        if tok is None or not allowed[tok]:
+                            x, tok = apply_mask(x, allowed), None
+            if tok is None:
                 tok = int(self.sampler(x, self.rng))
         else:
             scored = logits
