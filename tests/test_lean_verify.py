@@ -61,6 +61,48 @@ def test_lean_verify_fails_on_a_broken_graph(int4_package, tmp_path):
         lean_verify.verify_lean(pkg, manifest, rng=np.random.default_rng(SEED))
 
 
+class _Forgetful:
+    """A decoder whose cached steps drop the past (a broken KV cache)."""
+
+    def __init__(self, dec):
+        self.dec, self.empty_past = dec, dec.empty_past
+
+    def run(self, ids, mask, past):
+        return self.dec.run(ids, mask[:, -ids.shape[1]:], self.dec.empty_past(ids.shape[0]))
+
+
+class _Unmasked(_Forgetful):
+    """A decoder that reads padding as tokens (a broken attention mask)."""
+
+    def run(self, ids, mask, past):
+        return self.dec.run(ids, np.ones_like(mask), past)
+
+
+@pytest.mark.parametrize("broken, invariant", [(_Forgetful, "cached"), (_Unmasked, "padded")])
+def test_consistency_catches_a_broken_cache_or_mask(int4_package, broken, invariant):
+    """Each invariant fails on the fault it exists for and passes on the same graph unbroken,
+    though it compares the best CONSISTENCY_TOP tokens only."""
+    manifest = mf.Manifest.load(int4_package)
+    v = manifest.variant("portable")
+    dec = lean_verify.verify.decoder(int4_package / v.file, v, manifest)
+    vocab = manifest.model.vocab_size
+    fine = lean_verify.consistency(dec, vocab, np.random.default_rng(SEED))
+    bad = lean_verify.consistency(broken(dec), vocab, np.random.default_rng(SEED))
+    assert max(fine.cached.max_rel, fine.padded.max_rel) < variants.CONSISTENCY_REL_TOL, (SEED, fine)
+    assert getattr(bad, invariant).max_rel > 10 * variants.CONSISTENCY_REL_TOL, (SEED, bad)
+
+
+def test_consistency_reads_the_best_tokens_only():
+    """Logits outside the reference's best CONSISTENCY_TOP (a refined head's unrefined ones) may move."""
+    rng = np.random.default_rng(SEED)
+    want = rng.standard_normal(1000).astype(np.float32)
+    got = want.copy()
+    got[np.argsort(want)[:-lean_verify.CONSISTENCY_TOP]] += 0.05
+    assert lean_verify._best_diff(got, want).max_abs == 0
+    got[int(want.argmax())] += 0.05
+    assert lean_verify._best_diff(got, want).max_abs == pytest.approx(0.05)
+
+
 def test_allowed_misses_follow_the_98_percent_gate():
     assert [lean_verify._allowed_misses(n) for n in (128, 100, 32, 10)] == [2, 2, 1, 1]
 

@@ -67,9 +67,10 @@ MIN_AGREEMENT = {"gguf": EXACT_MIN_AGREEMENT, "awq": EXACT_MIN_AGREEMENT, "gptq"
 # approximate, and are left out of the package (their exact twins stay).
 INT8_FLOOR = {name: 0.90 for name in INT8_VARIANTS}
 # The lean check (no torch): an exact graph against itself (cached decode vs one pass, a
-# left-padded row vs the same tokens alone), and its logits at the shipped reference's top-k ids
-# (the fused graphs' lm_head runs int8 activations, top 16 recomputed in float: SmolLM2 measured
-# 2.7e-6 portable, 1.1e-3 fused).
+# left-padded row vs the same tokens alone) at the best lean_verify.CONSISTENCY_TOP tokens, and its
+# logits at the shipped reference's top-k ids (the fused graphs' lm_head runs int8 activations, top
+# 16 recomputed in float). SmolLM2, 200 draws: consistency at most 3.2e-6 fused; over all logits
+# it reached 3.0e-3 (int8 rounding of the unrefined ones), which is why only the best are compared.
 CONSISTENCY_REL_TOL = 1e-3
 REFERENCE_REL_TOL = 5e-3
 
