@@ -80,3 +80,41 @@ def test_an_asyncio_reader_is_woken_by_the_writer():
 
     assert asyncio.run(read()) == pieces
     assert handle.text() == "" and handle.done
+
+
+def test_readers_of_one_loop_share_one_wake_up_per_batch_of_pieces(monkeypatch):
+    """Pieces for many handles read in one asyncio loop, written while the loop is busy, schedule
+    one callback on it (not one per handle); every reader still gets every piece, in order."""
+    streams, n = 32, 3
+    pairs = [open_handle(f"req-{i}", 3, lambda _: None, None) for i in range(streams)]
+
+    async def read():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+        monkeypatch.setattr(loop, "call_soon_threadsafe", lambda cb, *a: calls.append(cb) or real(cb, *a))
+        outs = [[] for _ in pairs]
+        ready = [asyncio.Event() for _ in pairs]
+
+        async def consume(i):
+            ready[i].set()
+            async for r in pairs[i][0]:
+                outs[i].append(r)
+
+        tasks = [asyncio.create_task(consume(i)) for i in range(streams)]
+        for e in ready:
+            await e.wait()
+        await asyncio.sleep(0)  # every reader is parked on its event now
+        for step in range(n):  # one "decode step": a piece for every stream, the loop blocked meanwhile
+            written = threading.Thread(target=lambda: [w.put(Response(f"t{step}", step, None)) for _, w in pairs])
+            written.start()
+            written.join()
+            assert len(calls) == step + 1, calls
+            await asyncio.sleep(0.01)
+        for _, w in pairs:
+            w.end(Response("end", n, "stop"), _stats("stop", n + 1))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return outs
+
+    outs = asyncio.run(read())
+    assert all([r.text for r in out] == ["t0", "t1", "t2", "end"] for out in outs)

@@ -8,7 +8,10 @@ or async, or cancel it) and the scheduler's :class:`HandleWriter` (hand it piece
     HandleWriter.end(last | exception, stats)        (the last piece has a finish_reason)
 
 :func:`open_handle` makes the pair over one queue of pieces. A reader is woken through a
-condition, or in an asyncio loop through ``call_soon_threadsafe`` (no thread parked per stream).
+condition, or in an asyncio loop through its :class:`LoopWaker`: the handles of one loop that got
+pieces share one ``call_soon_threadsafe`` until the loop runs it (no thread parked per stream, and
+one wake-up of the loop per decode step rather than one per stream: at 256 streams the per-row
+wake-ups cost the scheduler's thread ~5 ms a step, ``benchmarks/host_overhead.py``).
 The last piece's ``finish_reason`` is "stop", "length" or "cancelled"; a request that failed
 ends with its exception instead, raised to the reader.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -83,7 +87,7 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._items: deque = deque()
         self._ended = False  # the reader has seen the last piece
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waker: LoopWaker | None = None  # of the asyncio loop that reads it, if one does
         self._event: asyncio.Event | None = None
 
     def cancel(self) -> None:
@@ -99,12 +103,9 @@ class RequestHandle:
         with self._cond:
             self._items.append(item)
             self._cond.notify_all()
-            loop, event = self._loop, self._event
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the reader's loop is closed: nobody is listening
-                pass
+            waker, event = self._waker, self._event
+        if waker is not None:
+            waker.wake(event)
 
     # --- consumer side --------------------------------------------------------------------------
     def _take(self, item) -> Response:
@@ -142,8 +143,8 @@ class RequestHandle:
                     return self._take(self._items.popleft())
                 if self._ended:
                     raise StopAsyncIteration
-                if self._loop is None:
-                    self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+                if self._waker is None:
+                    self._waker, self._event = LoopWaker.of(asyncio.get_running_loop()), asyncio.Event()
                 self._event.clear()
             await self._event.wait()
 
@@ -161,3 +162,46 @@ class RequestHandle:
         while not self._ended:
             out.append(self.get(timeout).text)
         return "".join(out)
+
+
+class LoopWaker:
+    """Sets the events of one asyncio loop's readers from other threads, in batches: the first
+    :meth:`wake` schedules one callback on the loop, later ones until it runs join that batch."""
+
+    _wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker]" = weakref.WeakKeyDictionary()
+    _made = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
+        self._events: list = []  # to set when the scheduled callback runs; empty: none scheduled
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "LoopWaker":
+        """The waker of ``loop`` (one per loop)."""
+        with cls._made:
+            waker = cls._wakers.get(loop)
+            if waker is None:
+                waker = cls._wakers[loop] = cls(loop)
+            return waker
+
+    def wake(self, event: asyncio.Event) -> None:
+        """Set ``event`` on the loop soon (any thread)."""
+        with self._lock:
+            self._events.append(event)
+            if len(self._events) > 1:  # a callback is scheduled and has not run: it sets this one too
+                return
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self._fire)
+        except RuntimeError:  # the reader's loop is closed: nobody is listening
+            with self._lock:
+                self._events.clear()
+
+    def _fire(self) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+        for event in events:
+            event.set()

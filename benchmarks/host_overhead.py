@@ -1,0 +1,173 @@
+"""The serving loop's own cost: the scheduler at N streams over an engine that costs nothing.
+
+    .venv/bin/python benchmarks/host_overhead.py [PKG] [--streams 16 64 256] [--prompt 128]
+        [--new 256] [--profile FILE] [--stop-strings] [--sampled]
+
+A GPU step of an 8B model at batch 256 takes ~10-20 ms; whatever the scheduler's thread spends per
+step on top of it (planning, each row's ``Sequence.step``, detokenizing, stop strings, handing
+pieces to the streams) bounds the aggregate tokens/s no matter how fast the card is. This runs
+the real :class:`~portable_infer.serving.scheduler.Scheduler` on PKG's tokenizer and sampling
+rules over ``NullEngine``: forwards return token ids drawn at random from the vocabulary (as the
+graph's device argmax would: no logits come to the host) and caches hold no KV. Each level
+submits N requests at once (random prompt ids, ``--new`` tokens each, ignore_eos) and N client
+coroutines in one asyncio loop read their streams, as the server's handlers do. Printed per level: the host ceiling
+in generated tokens/s, the median step time at full batch, and the scheduler thread's CPU share;
+``--profile`` writes cProfile stats of the scheduler thread for the largest level.
+
+``--sampled`` draws at temperature 0.7 / top-p 0.9 instead, on logits the null engine returns
+(what a host-sampled batch costs: its logits' transfer excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import portable_infer  # noqa: E402
+from portable_infer.engine import padding  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+
+class NullCache:
+    """A cache with the row bookkeeping of a real one and no KV."""
+
+    def __init__(self, layout, batch: int, capacity: int, rows=None, length: int = 0):
+        self.layout, self.batch, self.capacity, self.length = layout, batch, capacity, length
+        self.rows = np.zeros(batch, np.int64) if rows is None else rows
+
+    bytes_per_token = 0
+
+    def nbytes(self) -> int:
+        return 0
+
+    def advance(self, mask: np.ndarray, new: int) -> None:
+        self.rows = self.rows + mask[:, -new:].sum(axis=1)
+        self.length = mask.shape[1]
+
+    def merge(self, mask, other, other_mask):
+        merged = NullCache(self.layout, self.batch + other.batch, max(self.capacity, other.capacity),
+                           np.concatenate([self.rows, other.rows]), max(self.length, other.length))
+        return merged, padding.stack(mask, self.length, other_mask, other.length)
+
+    def take(self, mask, keep):
+        sub, start = padding.keep_rows(mask, keep)
+        return NullCache(self.layout, len(keep), self.capacity, self.rows[np.asarray(keep)], self.length - start), sub
+
+    def prompt_kv(self, prompts, rows):
+        return [[] for _ in rows]
+
+    def fill_prefix(self, arrays, n):
+        self.rows, self.length = np.array([n], np.int64), n
+
+
+class NullEngine:
+    """The model's engine's attributes, forwards that return random ids (or random logits) at once."""
+
+    masks_on_device = False
+
+    def __init__(self, engine, vocab: int, device: str, seed: int):
+        self.provider, self.variant, self.max_context = engine.provider, engine.variant, engine.max_context
+        self.device, self.greedy_on_device, self.vocab = device, True, vocab
+        self.rng = np.random.default_rng(seed)
+        self.steps: list = []  # (batch, seconds since the previous forward)
+        self._last = None
+
+    def new_cache(self, batch, capacity=None):
+        return NullCache(self.variant.kv, batch, capacity or self.max_context)
+
+    def forward(self, ids, mask, cache, *, greedy=False, all_logits=False):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.steps.append((ids.shape[0], ids.shape[1], now - self._last))
+        self._last = now
+        cache.advance(mask, ids.shape[1])
+        if greedy:
+            return self.rng.integers(0, self.vocab, ids.shape[0])
+        return self.rng.standard_normal((ids.shape[0], self.vocab), np.float32)
+
+    def forward_on_device(self, ids, mask, cache):
+        raise NotImplementedError
+
+    def trim(self, dropped_bytes):
+        pass
+
+
+def level(model, streams: int, args, profile: str | None) -> dict:
+    engine = NullEngine(model.engine, model.codec.vocab_size, args.device, args.seed)
+    config = SchedulerConfig(max_batch=streams, max_waiting=streams, kv_budget_tokens=streams * (args.prompt + args.new),
+                             prefill_chunk=args.prefill_chunk)
+    rng = np.random.default_rng(args.seed + streams)
+    sampling = dict(temperature=0.7, top_p=0.9, seed=1) if args.sampled else dict(temperature=0.0)
+    if args.stop_strings:
+        sampling["stop"] = ["\n\n\n\n\n"]
+    counts = [0] * streams
+    with Scheduler(model, config) as sched:
+        sched.engine = engine
+        prof = cProfile.Profile() if profile else None
+        if prof:  # the scheduler thread only: it is the one whose time bounds the steps
+            sched.batch.decode = _profiled(prof, sched.batch.decode)
+            sched.queues.deliver = _profiled(prof, sched.queues.deliver)
+        handles = [sched.submit_ids(rng.integers(100, model.codec.vocab_size, args.prompt).tolist(),
+                                    model.params(max_new_tokens=args.new, ignore_eos=True, **sampling))
+                   for _ in range(streams)]
+        cpu0, t0 = time.thread_time(), time.perf_counter()
+
+        async def read(i):
+            async for _ in handles[i]:
+                counts[i] += 1
+
+        async def read_all():
+            await asyncio.gather(*(read(i) for i in range(streams)))
+
+        asyncio.run(read_all())  # one event loop for every stream, as the server's
+        wall = time.perf_counter() - t0
+        stats = sched.stats()
+    if prof:
+        prof.dump_stats(profile)
+    full = [dt for b, s, dt in engine.steps if b == streams and s == 1]
+    step = statistics.median(full) if full else float("nan")
+    return {"streams": streams, "tokens": stats.completion_tokens if hasattr(stats, "completion_tokens") else sum(counts),
+            "wall_s": wall, "tok_s": streams * args.new / wall, "step_ms": 1e3 * step,
+            "ceiling_tok_s": streams / step if full else float("nan"), "main_cpu": time.thread_time() - cpu0}
+
+
+def _profiled(prof, fn):
+    def run(*a, **kw):
+        return prof.runcall(fn, *a, **kw)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("package", nargs="?", default=None, help="package for the tokenizer and rules (default model)")
+    ap.add_argument("--streams", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--device", default="cuda", help="what the null engine says it runs on (the planner reads it)")
+    ap.add_argument("--sampled", action="store_true")
+    ap.add_argument("--stop-strings", action="store_true")
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    args.seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed {args.seed}")
+    model = portable_infer.load(args.package, providers="cpu")
+    print("| streams | generated tok/s (host ceiling) | step ms at full batch | us per row per step |")
+    print("|---|---|---|---|")
+    for n in args.streams:
+        r = level(model, n, args, args.profile if n == max(args.streams) else None)
+        print(f"| {n} | {r['ceiling_tok_s']:,.0f} | {r['step_ms']:.2f} | {1e3 * r['step_ms'] / n:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
