@@ -37,7 +37,9 @@ class Request:
     handle: RequestHandle = None  # the caller's end
     writer: HandleWriter = None  # the scheduler's end of the same handle
     seq: Sequence = None  # its sampling state and output
-    state: str = "waiting"  # waiting | prefilling | running | done
+    state: str = "waiting"  # waiting | prefilling | running | done (released: slot and blocks back)
+    ended: bool = False  # its reader got its end (last piece or error): nothing more is delivered
+    emitted: int = 0  # tokens made into pieces (the step loop may be a step ahead of them)
     prefilled: int = 0  # prompt tokens whose KV is computed (or taken from the prefix cache)
     prefix_checked: bool = False  # looked up in the prefix cache
     alone: bool = False  # prefilled by itself (a grouped prefill with it failed)
@@ -66,6 +68,7 @@ class Request:
         text through the detokenizer and stop strings (``finish_reason`` "stop" on a stop string),
         and the request's timings."""
         tok, reason = pick.token, pick.finish_reason
+        self.emitted += 1
         piece, hit = self.text.push(tok)
         if hit:
             reason = "stop"
@@ -79,13 +82,13 @@ class Request:
         self.last_token = now
         decode_s = now - self.first_token
         return Response(piece, tok, reason, pick.logprob, pick.top_logprobs, prompt_tokens=len(self.prompt),
-                        generation_tokens=len(self.output), ttft_s=self.first_token - self.submitted,
-                        decode_tokens_per_s=(len(self.output) - 1) / decode_s if decode_s > 0 else 0.0)
+                        generation_tokens=self.emitted, ttft_s=self.first_token - self.submitted,
+                        decode_tokens_per_s=(self.emitted - 1) / decode_s if decode_s > 0 else 0.0)
 
     def stats(self, reason: str) -> RequestStats:
         """Its timings, now that it ended with ``reason``."""
         now = time.perf_counter()
-        return RequestStats(self.id, len(self.prompt), len(self.output), reason,
+        return RequestStats(self.id, len(self.prompt), self.emitted, reason,
                             queue_s=(self.admitted or now) - self.submitted,
                             ttft_s=None if self.first_token is None else self.first_token - self.submitted,
                             inter_token_s=tuple(self.gaps), total_s=now - self.submitted)

@@ -21,9 +21,10 @@ loop asks for a plan, hands it to the batch, and turns what each row produced in
 handle pieces. The queues, slots and blocks shared with ``submit`` and ``cancel`` (any thread)
 are ``scheduler_queues.py``; the counters ``scheduler_meter.py``.
 
-One background thread runs the steps. Each step: finished rows leave, waiting prompts start
-from cached prefixes, one prefill forward (a request whose prompt is done samples its first
-token and joins the batch), then one decode forward for the batch and one token per row.
+One background thread runs the steps (on GPUs a second one makes their text: ``Emitter``). Each
+step: finished rows leave, waiting prompts start from cached prefixes, one prefill forward (a
+request whose prompt is done samples its first token and joins the batch), then one decode
+forward for the batch and one token per row.
 Padding is exact (positions are ``cumsum(mask) - 1``), so greedy outputs equal single-request
 runs.
 
@@ -62,7 +63,7 @@ from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exporte
 )
 from portable_infer.serving.scheduler_meter import Meter
 from portable_infer.serving.scheduler_plan import Planner, StepPlan
-from portable_infer.serving.scheduler_queues import RequestQueues
+from portable_infer.serving.scheduler_queues import Emitter, RequestQueues
 from portable_infer.decode.sequence import Sequence
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
@@ -105,6 +106,8 @@ class Scheduler:
                                self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu")
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
         self.batch = RunningBatch(engine, self.prefixes, self.max_context)  # loop thread only
+        emit = config.emit_thread if config.emit_thread is not None else engine.device != "cpu"
+        self._emitter = Emitter(self.queues) if emit else None
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="portable-infer-scheduler", daemon=True)
         self._thread.start()
@@ -191,6 +194,8 @@ class Scheduler:
             self.queues.wake.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if self._emitter is not None:  # what the last steps produced reaches the readers first
+            self._emitter.close(timeout)
         for r in self.queues.unfinished(self.batch.rows):
             self.queues.fail(r, PortableInferError("the scheduler was closed before this request finished"))
 
@@ -269,9 +274,19 @@ class Scheduler:
                     self._fail_prefill(rows, exc)
         if plan.decode and batch.rows:
             try:
-                self.queues.deliver(batch.decode())
+                results = batch.decode()
             except Exception as exc:  # noqa: BLE001
                 self._fail_batch("decode step failed", exc)
+            else:
+                self._deliver(results)
+
+    def _deliver(self, results: list) -> None:
+        """A forward's results: rows they end released now, their text made here or by the emitter."""
+        self.queues.settle(results)
+        if self._emitter is not None:
+            self._emitter(results)
+        else:
+            self.queues.deliver(results)
 
     def _prefill_group(self, rows: list, step) -> None:
         """Several whole prompts in one forward; if it fails, each is prefilled alone later."""
@@ -301,7 +316,7 @@ class Scheduler:
             for r in rows:
                 r.prefilled = len(r.prompt)
             self.meter.count("prompt_tokens", step.tokens)
-        self.queues.deliver(done.results)
+        self._deliver(done.results)
         self.batch.join(done)
 
     def _fail_prefill(self, rows: list, exc: Exception | None) -> None:

@@ -49,6 +49,10 @@ class SchedulerConfig:
     # 0 (every hit reused) on the CPU, where a batched prefill of whole prompts stalls the
     # running streams longer (docs/serving.md has the measurements).
     prefix_min_tokens: int | None = None
+    # Each step's text (detokenizer, stop strings, the readers' pieces) made on a thread of its
+    # own while the next forward runs (``scheduler_queues.Emitter``). None: on GPUs, whose
+    # forwards leave the host's cores free; on the CPU the forward's threads use them.
+    emit_thread: bool | None = None
 
     def __post_init__(self):
         for name, (allowed, ok) in _CONFIG_RULES.items():
@@ -57,6 +61,8 @@ class SchedulerConfig:
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
                 raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")
+        if not (self.emit_thread is None or isinstance(self.emit_thread, bool)):
+            raise InvalidArgumentError(f"emit_thread must be None, True or False, got {self.emit_thread!r}")
         if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
             raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
 

@@ -126,8 +126,10 @@ class RequestQueues:
         and hand ``last`` (its final piece, or an exception) to its reader. False, with nothing
         done, if it had ended already."""
         with self.lock:
-            if not self.release(r):
+            if r.ended:
                 return False
+            r.ended = True
+            self.release(r)  # the step loop may have released it already (settle)
             self.meter.count(counter)
         s = r.stats(reason)
         with self.lock:
@@ -136,13 +138,29 @@ class RequestQueues:
         r.writer.end(last, s)
         return True
 
+    def settle(self, results: list) -> None:
+        """The step loop's part of a forward's results, before their text is made: a row whose
+        pick ends it (a stop id, its length, the context) or that failed is released now, so the
+        next plan drops it whether or not :meth:`deliver` ran yet; a first token makes a
+        prefilling request running."""
+        with self.lock:
+            for res in results:
+                r = res.request
+                if res.error is not None or res.pick.finish_reason is not None:
+                    self.release(r)
+                elif r.state == "prefilling":
+                    r.state = "running"
+
     def deliver(self, results: list) -> None:
         """What each row of a forward produced (:class:`~portable_infer.serving.running_batch.RowResult`):
         its text to its reader, the request ended where a stop rule says so, or ended with its
-        own error (the other rows go on)."""
+        own error (the other rows go on). A request that ended meanwhile (cancelled, a stop
+        string of an earlier piece) gets nothing more. The step loop or the :class:`Emitter`."""
         n = 0
         for res in results:
             r, error = res.request, res.error
+            if r.ended:
+                continue
             if error is None:
                 try:
                     self._emit(r, res.pick)
@@ -166,13 +184,10 @@ class RequestQueues:
         if resp.finish_reason is not None:  # if it was cancelled meanwhile, its handle already ended
             self.end(r, resp, resp.finish_reason, "requests_finished")
             return
-        with self.lock:
-            if r.state == "prefilling":
-                r.state = "running"
         r.writer.put(resp)
 
     def cancel(self, r) -> None:
-        self.end(r, Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=len(r.output)),
+        self.end(r, Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=r.emitted),
                  "cancelled", "requests_cancelled")
 
     def fail(self, r, exc: Exception) -> None:
@@ -183,6 +198,50 @@ class RequestQueues:
         self.end(r, exc, "error", "requests_failed")
 
     def unfinished(self, rows: list) -> list:
-        """Every request not done: waiting, prefilling, or among ``rows``."""
+        """Every request whose reader has not had its end: waiting, prefilling, or among ``rows``."""
         with self.lock:
-            return [*self.waiting, *self.prefilling, *(r for r in rows if r.state != "done")]
+            return [r for r in (*self.waiting, *self.prefilling, *rows) if not r.ended]
+
+
+class Emitter:
+    """:meth:`RequestQueues.deliver` on a thread of its own: the step loop hands each forward's
+    results over and runs the next forward while their text is made (detokenizer, stop strings,
+    the readers' pieces). ONNX Runtime releases the GIL while a forward runs, so on a GPU this
+    host work hides behind the device's; a stop string then ends its request a step late (the
+    extra token is dropped, as vLLM's detokenizer does). Results are delivered in order."""
+
+    def __init__(self, queues: RequestQueues):
+        self.queues = queues
+        self._todo: deque = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="portable-infer-emitter", daemon=True)
+        self._thread.start()
+
+    def __call__(self, results: list) -> None:
+        """Deliver ``results`` soon (the step loop's thread)."""
+        if results:
+            with self._cond:
+                self._todo.append(results)
+                self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what was handed over, then stop."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._todo or self._closed):
+                    self._cond.wait()
+                if not self._todo:
+                    return
+                results = self._todo.popleft()
+            try:
+                self.queues.deliver(results)
+            except Exception:  # noqa: BLE001 - deliver fails requests itself; this is a bug, logged
+                logger.exception("delivering a step's results failed")
