@@ -53,12 +53,17 @@ def _sampling(ns) -> dict:
     return kw
 
 
+def _load_kwargs(ns) -> dict:
+    """``load()``'s arguments from the model flags (all but the path)."""
+    return dict(providers=ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
+                static_kv=ns.static_kv, accuracy_level=ns.accuracy, prefer=ns.prefer,
+                tune_batch=getattr(ns, "batch", 1))
+
+
 def _load(ns):
     from portable_infer.loader import load
 
-    return load(ns.model, ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
-                static_kv=ns.static_kv, accuracy_level=ns.accuracy, prefer=ns.prefer,
-                tune_batch=getattr(ns, "batch", 1))
+    return load(ns.model, **_load_kwargs(ns))
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -214,7 +219,13 @@ def cmd_serve(ns) -> int:
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
                               max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
                               max_body_bytes=ns.max_body_bytes, tool_parser=ns.tool_parser, **limits)
-    serve(Scheduler(_load(ns), sched_cfg), server_cfg)
+    if ns.engine_process:
+        from portable_infer.serving.engine_process import ProcessScheduler
+
+        scheduler = ProcessScheduler(ns.model, _load_kwargs(ns), sched_cfg)
+    else:
+        scheduler = Scheduler(_load(ns), sched_cfg)
+    serve(scheduler, server_cfg)
     return 0
 
 
@@ -278,6 +289,9 @@ def _serve_parser(sub) -> None:
     s.add_argument("--prefix-min-tokens", type=int, default=None,
                    help="requests prefilled together reuse cached prefixes of at least this many tokens "
                         "(default: --prefill-chunk on GPUs, 0 on the CPU)")
+    s.add_argument("--engine-process", action="store_true",
+                   help="run the model and its scheduler in a process of their own, so HTTP and SSE work "
+                        "does not share their Python thread's time (serving/engine_process.py)")
     s.add_argument("--max-prompt-tokens", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)

@@ -134,6 +134,16 @@ class Scheduler:
 
     def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False) -> RequestHandle:
         """Queue a prompt given as token ids with explicit :class:`SamplingParams`."""
+        return self._queue(ids, params, truncate, None).handle
+
+    def submit_to(self, writer, ids: list, params: SamplingParams, *, truncate: bool = False) -> Request:
+        """:meth:`submit_ids` whose pieces go to ``writer`` (``put(piece)``, ``end(last, stats)``, as a
+        :class:`~portable_infer.serving.handle.HandleWriter`) from the scheduler's threads, with
+        no handle; returns the request (``queues.cancel(request)`` cancels it). The engine
+        process (``engine_process.py``) forwards them so."""
+        return self._queue(ids, params, truncate, writer)
+
+    def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer) -> Request:
         if not isinstance(params, SamplingParams):
             raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.stop:
@@ -150,12 +160,15 @@ class Scheduler:
                        guide=self.model.guide if params.constraint is not None else None)
         r = Request(f"req-{next(self._ids)}", ids, params, blocks, self.codec.text_stream(params.stop),
                     seq=seq, submitted=time.perf_counter())
-        r.handle, r.writer = open_handle(r.id, len(ids), self.queues.cancel, r)
+        if writer is None:
+            r.handle, r.writer = open_handle(r.id, len(ids), self.queues.cancel, r)
+        else:
+            r.writer = writer
         with self.queues.lock:
             if self.queues.closing or not self._thread.is_alive():
                 raise PortableInferError("the scheduler is closed; create a new one")
             self.queues.push(r)
-        return r.handle
+        return r
 
     def stats(self) -> SchedulerStats:
         """A consistent snapshot of occupancy, KV blocks, counters and recent request timings."""

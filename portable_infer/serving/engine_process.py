@@ -1,0 +1,381 @@
+"""The scheduler in a process of its own: the server's asyncio loop (HTTP, JSON, SSE framing) and the
+engine's loop (forwards, each row's pick, detokenizing) stop sharing one GIL, as vLLM v1 splits
+its API server from its engine core::
+
+    API process (the server)                       engine process (spawned)
+    ProcessScheduler.submit_ids ── submit ──────>  Scheduler.submit_to(Forward(rid))
+    RequestHandle <── one message per batch ─────  Forward.put / end (step loop, emitter)
+                      of pieces and ends            -> Outbox: a sender thread
+    handle.cancel() ── cancel ──────────────────>  queues.cancel
+    stats() / has_capacity() ── ask ────────────>  reply
+
+:class:`ProcessScheduler` has the scheduler's public face (``submit``, ``submit_ids``,
+``submit_chat``, ``stats``, ``has_capacity``, ``alive``, ``add_observer``, ``close``, ``model``,
+``codec``), so the server runs over either. Its ``model`` holds the package's manifest, tokenizer,
+chat template and sampling defaults (what requests are parsed and checked with) and no session:
+the weights are loaded once, in the engine process. A request's bad argument is raised by
+``submit_ids`` as in-process (the engine process checks it and answers); errors cross the pipe as
+their class, message and attributes. If the engine process dies, every open request ends with a
+:class:`PortableInferError` naming its exit code, and the scheduler reports itself not alive.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from portable_infer.decode.sampling import SamplingParams
+from portable_infer.errors import InvalidArgumentError, PortableInferError
+from portable_infer.serving.handle import RequestStats, open_handle
+from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
+from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the API process knows of the engine in the other process (``model.engine``)."""
+
+    provider: str
+    variant: object  # the manifest's GraphVariant
+    device: str
+    greedy_on_device: bool
+    masks_on_device: bool
+    max_context: int
+
+
+def pack_error(exc: BaseException) -> tuple:
+    """An exception as plain data: class, message, attributes (its arguments need not pickle)."""
+    attrs = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return type(exc).__module__, type(exc).__qualname__, str(exc), attrs
+
+
+def unpack_error(packed: tuple) -> BaseException:
+    """The exception :func:`pack_error` packed; a class this process cannot import becomes a
+    :class:`PortableInferError` with the same message."""
+    module, name, message, attrs = packed
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(name)
+    except Exception:  # noqa: BLE001 - rebuilt as the base class below
+        return PortableInferError(f"{name}: {message}")
+    exc = cls.__new__(cls)
+    BaseException.__init__(exc, message)
+    exc.__dict__.update(attrs)
+    return exc
+
+
+class ProcessScheduler:
+    """A :class:`~portable_infer.serving.scheduler.Scheduler` run in a spawned process over
+    ``portable_infer.load(path, **load_kwargs)`` (see the module doc).
+
+    Raises what loading raises (rebuilt from the engine process), before it returns."""
+
+    def __init__(self, path, load_kwargs: dict | None = None, config: SchedulerConfig = SchedulerConfig()):
+        from portable_infer.model import Model
+        from portable_infer.package.manifest import Manifest
+        from portable_infer.text.codec import TextCodec
+
+        self.config = config
+        ctx = mp.get_context("spawn")  # a fork would copy ONNX Runtime's and CUDA's state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_engine_main, args=(child, None if path is None else str(path),
+                                                            dict(load_kwargs or {}), config),
+                                 name="portable-infer-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # the tables below
+        self._writers: dict = {}  # rid -> HandleWriter of an open request
+        self._asks: dict = {}  # qid -> [threading.Event, value]
+        self._observers: list = []
+        self._ids = itertools.count()
+        self._closing = False
+        first = self._recv_first()
+        if first[0] == "error":
+            self._proc.join(10)
+            raise unpack_error(first[1])
+        info = first[1]
+        path = Path(info["path"])
+        manifest = Manifest.load(path)
+        engine = EngineInfo(info["provider"], manifest.variant(info["variant"]), info["device"],
+                            info["greedy_on_device"], info["masks_on_device"], info["max_context"])
+        self.model = Model(manifest, engine, TextCodec.from_package(path, manifest), path,
+                           max_kv_tokens=info["max_kv_tokens"])
+        self.codec = self.model.codec
+        self.max_context = self.model.max_context
+        self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
+        self._receiver.start()
+
+    # --- the scheduler's public face ------------------------------------------------------------
+    def submit(self, prompt, *, truncate: bool = False, **sampling):
+        return self.submit_ids(self.codec.as_ids(prompt), self.model.params(**sampling), truncate=truncate)
+
+    def submit_chat(self, messages: list, *, tools=None, tool_choice=None, parallel_tool_calls=None,
+                    tool_parser=None, truncate: bool = False, **sampling):
+        if wants_tools(tools, tool_choice, parallel_tool_calls, tool_parser):
+            return submit_chat_with_tools(self, messages, tools, tool_choice, parallel_tool_calls, tool_parser,
+                                          truncate=truncate, **sampling)
+        return self.submit_ids(self.codec.chat_ids(messages), self.model.params(**sampling), truncate=truncate)
+
+    def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False):
+        """Queue a prompt of token ids in the engine process; its handle reads the pieces here."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        rid = f"req-{next(self._ids)}"
+        handle, writer = open_handle(rid, len(ids), self._cancel, rid)
+        with self._lock:
+            self._writers[rid] = writer  # before the engine can send a piece for it
+        ok, value = self._ask(("submit", rid, list(ids), params, truncate), qid=rid)
+        if not ok:
+            with self._lock:
+                self._writers.pop(rid, None)
+            raise unpack_error(value)
+        handle.prompt_tokens = value  # the prompt's length as admitted (truncate may cut it)
+        return handle
+
+    def stats(self):
+        return self._ask(("stats",))[1]
+
+    def has_capacity(self) -> bool:
+        return self.alive and self._ask(("capacity",))[1]
+
+    def add_observer(self, observer: SchedulerObserver) -> None:
+        """Call ``observer``'s hooks here (on the pipe's reader thread) as the engine's fire."""
+        with self._lock:
+            self._observers = [*self._observers, observer]
+        self._send(("observe",))
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive() and not self._closing
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine process; requests still open end with an error."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self._send(("close",))
+        except (OSError, ValueError):  # it is gone already
+            pass
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout)
+        self._receiver.join(timeout)
+        self._fail_open(PortableInferError("the scheduler was closed before this request finished"))
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- the pipe -------------------------------------------------------------------------------
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _cancel(self, rid: str) -> None:
+        try:
+            self._send(("cancel", rid))
+        except (OSError, ValueError):  # the engine is gone: its requests ended already
+            pass
+
+    def _ask(self, msg, qid=None) -> tuple:
+        """Send ``msg`` and wait for its reply ``(ok, value)``."""
+        qid = qid if qid is not None else f"q-{next(self._ids)}"
+        waiter = [threading.Event(), None]
+        with self._lock:
+            if not self._proc.is_alive() or self._closing:
+                raise PortableInferError("the scheduler is closed; create a new one")
+            self._asks[qid] = waiter
+        self._send(msg if msg[0] == "submit" else (*msg, qid))
+        waiter[0].wait()
+        return waiter[1]
+
+    def _recv_first(self) -> tuple:
+        """The engine's first message: ready (with what it loaded) or the error loading raised."""
+        while not self._conn.poll(0.5):
+            if not self._proc.is_alive():
+                return "error", pack_error(PortableInferError(
+                    f"the engine process exited (code {self._proc.exitcode}) while loading the model"))
+        return self._conn.recv()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "reply":
+                    with self._lock:
+                        waiter = self._asks.pop(msg[1], None)
+                    if waiter is not None:
+                        waiter[1] = msg[2]
+                        waiter[0].set()
+                else:
+                    self._dispatch(msg[1])
+        except (EOFError, OSError):
+            pass
+        self._proc.join(5)
+        why = "the scheduler was closed" if self._closing else \
+            f"the engine process exited (code {self._proc.exitcode})"
+        self._fail_open(PortableInferError(f"{why} before this request finished"))
+
+    def _dispatch(self, events: list) -> None:
+        for ev in events:
+            kind = ev[0]
+            if kind == "obs":
+                for o in self._observers:
+                    getattr(o, ev[1])(ev[2])
+                continue
+            with self._lock:
+                writer = self._writers.get(ev[1]) if kind == "put" else self._writers.pop(ev[1], None)
+            if writer is None:
+                continue
+            if kind == "put":
+                writer.put(ev[2])
+            else:
+                last = unpack_error(ev[2][1]) if ev[2][0] == "error" else ev[2][1]
+                writer.end(last, ev[3])
+
+    def _fail_open(self, exc: Exception) -> None:
+        with self._lock:
+            writers, self._writers = self._writers, {}
+            asks, self._asks = self._asks, {}
+        for waiter in asks.values():
+            waiter[1] = (False, pack_error(exc))
+            waiter[0].set()
+        for rid, writer in writers.items():
+            n = writer._handle.prompt_tokens
+            writer.end(exc, RequestStats(rid, n, 0, "error", queue_s=0.0, ttft_s=None, inter_token_s=(), total_s=0.0))
+
+
+# --- the engine process --------------------------------------------------------------------------
+class Outbox:
+    """What the engine process sends: replies at once, pieces and ends in batches (a sender
+    thread sends whatever piled up while it sent the last batch: about one message per step)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._events: list = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="portable-infer-outbox", daemon=True)
+        self._thread.start()
+
+    def send(self, msg) -> None:
+        with self._send_lock:
+            self.conn.send(msg)
+
+    def add(self, event) -> None:
+        with self._cond:
+            self._events.append(event)
+            if len(self._events) == 1:
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._events or self._closed):
+                    self._cond.wait()
+                events, self._events = self._events, []
+                if not events and self._closed:
+                    return
+            self.send(("batch", events))
+
+
+class Forward:
+    """The writer of one request in the engine process: its pieces and end go to the outbox."""
+
+    def __init__(self, rid: str, outbox: Outbox, requests: dict):
+        self.rid, self.outbox, self.requests = rid, outbox, requests
+
+    def put(self, piece) -> None:
+        self.outbox.add(("put", self.rid, piece))
+
+    def end(self, last, stats) -> None:
+        self.requests.pop(self.rid, None)
+        packed = ("error", pack_error(last)) if isinstance(last, BaseException) else ("piece", last)
+        self.outbox.add(("end", self.rid, packed, stats))
+
+
+class ForwardObserver(SchedulerObserver):
+    """The engine's observer hooks, sent to the API process's observers."""
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+
+    def first_token(self, ttft_s: float) -> None:
+        self.outbox.add(("obs", "first_token", ttft_s))
+
+    def inter_token(self, seconds: float) -> None:
+        self.outbox.add(("obs", "inter_token", seconds))
+
+    def finished(self, stats) -> None:
+        self.outbox.add(("obs", "finished", stats))
+
+
+def _engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None:
+    """The engine process: load, answer ready (or the error), then serve the pipe until closed."""
+    import portable_infer
+    from portable_infer.serving.scheduler import Scheduler
+
+    try:
+        model = portable_infer.load(path, **load_kwargs)
+        sched = Scheduler(model, config)
+    except BaseException as exc:  # noqa: BLE001 - the API process raises it
+        conn.send(("error", pack_error(exc)))
+        return
+    e = model.engine
+    outbox = Outbox(conn)
+    outbox.send(("ready", {"path": str(model.path), "provider": e.provider, "variant": e.variant.name,
+                           "device": e.device, "greedy_on_device": e.greedy_on_device,
+                           "masks_on_device": e.masks_on_device, "max_context": e.max_context,
+                           "max_kv_tokens": model.max_kv_tokens}))
+    requests: dict = {}  # rid -> the scheduler's Request, while open
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the API process is gone
+                break
+            kind = msg[0]
+            if kind == "close":
+                break
+            if kind == "submit":
+                _, rid, ids, params, truncate = msg
+                try:
+                    requests[rid] = r = sched.submit_to(Forward(rid, outbox, requests), ids, params, truncate=truncate)
+                    outbox.send(("reply", rid, (True, len(r.prompt))))
+                except Exception as exc:  # noqa: BLE001 - the request's own error, raised by submit_ids there
+                    outbox.send(("reply", rid, (False, pack_error(exc))))
+            elif kind == "cancel":
+                r = requests.get(msg[1])
+                if r is not None:
+                    sched.queues.cancel(r)
+            elif kind == "stats":
+                outbox.send(("reply", msg[1], (True, sched.stats())))
+            elif kind == "capacity":
+                outbox.send(("reply", msg[1], (True, sched.has_capacity())))
+            elif kind == "observe":
+                sched.add_observer(ForwardObserver(outbox))
+    finally:
+        sched.close()
+        outbox.close()
+        conn.close()
