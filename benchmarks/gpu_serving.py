@@ -1,0 +1,324 @@
+"""GPU serving at scale (issue #21): our server against ONNX Runtime GenAI's continuous-batching Engine,
+same model, same request stream, one run.
+
+    PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_serving.py --assets DIR --out $OUT \\
+        --parts make export genai serve engine [--levels 64 256] [--prompt 128] [--new 256]
+        [--configs inproc engine] [--shape 8b|3b]
+
+``make``: a random-weight HF folder of Llama-3.1-8B's shape (``--shape 3b``: Llama-3.2-3B's, a
+stand-in named as such), fp16, built on the GPU (``gpu_agent_export.make_hf``; the tokenizer from
+``--assets``: decode speed depends on shapes, not values). ``export``: ours,
+``--precision fp16 --activations fp16 --variants static --no-verify``. ``genai``: GenAI 0.18's
+builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same KV budget as ours:
+``--new + --prompt`` tokens for each of the largest level's sequences.
+
+``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
+server's process; ``engine``: ``--engine-process``), ``--max-batch`` the largest level, the KV
+budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
+``--new`` tokens, greedy, ignore_eos), read by client processes (a Python client parsing every
+SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engine`` driven from
+Python with the same token ids, N requests at once. Per row: generated tok/s (completion tokens /
+the level's wall time), TTFT p50/p99, inter-chunk p99, errors, the server's CPU cores (its
+process tree's CPU seconds / wall), the KV bytes its metrics reported at most. Printed and written
+to ``$OUT/gpu_serving.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_agent_export import LINES, LLAMA8B, make_hf, say, timed  # noqa: E402
+
+LLAMA3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+               rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+SHAPES = {"8b": LLAMA8B, "3b": LLAMA3B}
+CLIENT_PROCS = 8
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 20261203) -> list:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1000, min(vocab, 49152), length).tolist() for _ in range(n)]
+
+
+# --- the HTTP clients (child processes) ------------------------------------------------------------
+async def _stream(client, url: str, ids: list, new: int, t0: float) -> dict:
+    body = {"model": "m", "prompt": ids, "max_tokens": new, "stream": True, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    times, tokens, error = [], 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    times.append(time.perf_counter())
+    except Exception as exc:  # noqa: BLE001 - counted as an error of the level
+        error = f"{type(exc).__name__}: {exc}"
+    return {"sent": sent - t0, "times": [t - t0 for t in times], "tokens": tokens, "error": error}
+
+
+def _client_proc(url: str, jobs: list, new: int, start_at: float, out) -> None:
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+            while time.time() < start_at:
+                await asyncio.sleep(0.001)
+            t0 = time.perf_counter() - (time.time() - start_at)
+            return await asyncio.gather(*(_stream(client, url, ids, new, t0) for ids in jobs))
+
+    out.put(asyncio.run(main()))
+
+
+def http_level(url: str, reqs: list, new: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.time() + 3.0  # every client process connected and waiting
+    shares = [reqs[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
+    procs = [ctx.Process(target=_client_proc, args=(url, s, new, start_at, q)) for s in shares if s]
+    for p in procs:
+        p.start()
+    results = [r for _ in procs for r in q.get()]
+    for p in procs:
+        p.join()
+    return summarize(results)
+
+
+def summarize(results: list) -> dict:
+    ok = [r for r in results if not r.get("error") and r["times"]]
+    ttft = [r["times"][0] - r["sent"] for r in ok]
+    gaps = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    start = min(r["sent"] for r in ok) if ok else 0.0
+    end = max(r["times"][-1] for r in ok) if ok else 1.0
+    tokens = sum(r["tokens"] for r in ok)
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    return {"tok_s": tokens / max(end - start, 1e-9), "tokens": tokens, "wall_s": end - start,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p99_ms": pct(gaps, 99),
+            "errors": len(results) - len(ok), "first_error": next((r["error"] for r in results if r.get("error")), None)}
+
+
+# --- our server ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (from /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(k) for k in kids]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / tick
+        except (OSError, IndexError):
+            pass
+    return total
+
+
+def kv_bytes(url: str) -> float:
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except Exception:  # noqa: BLE001
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith("portable_infer_kv_cache_bytes "):
+            return float(line.split()[-1])
+    return float("nan")
+
+
+def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
+                 provider: str = "cuda") -> None:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    budget = max(levels) * (prompt + new)
+    cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
+           "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
+           "--kv-budget-tokens", str(budget), "--prefill-chunk", "512", "--model-name", "m"]
+    if config == "engine":
+        cmd.append("--engine-process")
+    log = open(f"/tmp/serve-{config}.log", "w")
+    srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t = time.perf_counter()
+        while True:
+            if srv.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(1)
+        say(f"server ({config}) ready in {time.perf_counter() - t:.0f} s")
+        http_level(url, prompts(4, prompt, vocab, seed=1), 16)  # warm-up: CUDA graphs, cuBLAS
+        for n in levels:
+            reqs = prompts(n, prompt, vocab)
+            cpu0, peak = tree_cpu_s(srv.pid), [float("nan")]
+            stop = [False]
+
+            def sample():
+                while not stop[0]:
+                    v = kv_bytes(url)
+                    if v == v:
+                        peak[0] = v if peak[0] != peak[0] else max(peak[0], v)
+                    time.sleep(1.0)
+
+            import threading
+
+            th = threading.Thread(target=sample, daemon=True)
+            th.start()
+            w = time.perf_counter()
+            r = http_level(url, reqs, new)
+            wall = time.perf_counter() - w
+            stop[0] = True
+            th.join()
+            r["server_cores"] = (tree_cpu_s(srv.pid) - cpu0) / wall
+            r["kv_gib"] = peak[0] / 2**30
+            rows[(f"portable_infer ({config})", n)] = r
+            say(f"  {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(60)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+
+
+# --- GenAI's Engine --------------------------------------------------------------------------------
+def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict) -> None:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(gen))
+    engine = og.Engine(model)
+    caps = engine.get_capabilities()
+    say(f"GenAI Engine: max batch {caps.configured_max_batch_size}, max scheduled tokens {caps.max_scheduled_tokens}")
+    buf = engine.create_event_buffer(65536)
+    token, failed = int(og.EngineEventFlags.TOKEN.value), int(og.EngineEventFlags.FAILED.value)
+
+    def run(reqs: list) -> dict:
+        t0 = time.perf_counter()
+        sent, times, tokens, ids = {}, {}, {}, {}
+        for i, p in enumerate(reqs):
+            r = engine.create_request()
+            opts = og.TurnOptions(r)
+            opts.set_max_generated_tokens(new)
+            opts.set_min_generated_tokens(new)
+            r.begin_turn(np.asarray(p, np.int32), opts)
+            ids[id(r)], sent[i], times[i], tokens[i] = i, time.perf_counter() - t0, [], 0
+            reqs[i] = r  # keep it alive
+        errors = 0
+        while engine.has_pending_requests():
+            now = None
+            for ev in engine.run(buf):
+                i = ids.get(id(ev.request))
+                if i is None:
+                    continue
+                flags = int(ev.flags.value)
+                if flags & failed:
+                    errors += 1
+                if flags & token:  # the last token comes flagged TOKEN | TURN_FINISHED
+                    now = now or time.perf_counter() - t0
+                    times[i].append(now)
+                    tokens[i] += 1
+        return summarize([{"sent": sent[i], "times": times[i], "tokens": tokens[i],
+                           "error": "failed" if not times[i] else None} for i in sent]) | {"genai_errors": errors}
+
+    run(prompts(4, prompt, vocab, seed=1)[:])  # warm-up
+    for n in levels:
+        r = run(prompts(n, prompt, vocab))
+        rows[("GenAI Engine (paged)", n)] = r
+        say(f"  genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--assets", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--work", type=Path, default=Path("/root/work"))
+    ap.add_argument("--parts", nargs="+", default=["make", "export", "genai", "serve", "engine"])
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="8b")
+    ap.add_argument("--levels", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--configs", nargs="+", default=["inproc", "engine"])
+    ap.add_argument("--provider", default="cuda", help="ours (cpu: a dry run of the script with --package)")
+    ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
+    ap.add_argument("--genai-model", type=Path, default=None, help="drive this GenAI model instead of the build")
+    args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    hf, ours, gen = (args.work / f"llama{args.shape}-{x}" for x in ("hf", "ours", "genai"))
+    ours, gen = args.package or ours, args.genai_model or gen
+    budget = max(args.levels) * (args.prompt + args.new)
+    rows: dict = {}
+    say(f"# GPU serving, Llama {args.shape} shape fp16, {args.prompt}-token prompts, {args.new} new tokens, greedy")
+    if "make" in args.parts and not (hf / "config.json").is_file():
+        make_hf(hf, args.assets, shape, "float16")
+    if "export" in args.parts and not (ours / "manifest.json").is_file():
+        r = timed([sys.executable, "-m", "portable_infer.cli", "export", str(hf), "-o", str(ours), "--precision", "fp16",
+                   "--activations", "fp16", "--variants", "static", "--no-verify", "--force"])
+        say(f"export (ours): {r}")
+    if "genai" in args.parts and not (gen / "genai_config.json").is_file():
+        block = 128
+        extra = [f"use_paged_attention=true", f"max_batch_size={min(256, max(args.levels))}",
+                 f"paged_block_size={block}", f"num_blocks={-(-budget // block) + 8}"]
+        r = timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(gen), "-p", "fp16",
+                   "-e", "cuda", "-c", str(args.work / "genai-cache"), "--extra_options", *extra])
+        say(f"GenAI builder: {r}")
+    vocab = shape["vocab_size"]
+    if "serve" in args.parts:
+        for config in args.configs:
+            try:
+                serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider)
+            except Exception as exc:  # noqa: BLE001 - the other parts still run
+                say(f"serve {config} failed: {type(exc).__name__}: {exc}")
+    if "engine" in args.parts:
+        try:
+            genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows)
+        except Exception as exc:  # noqa: BLE001
+            say(f"GenAI Engine failed: {type(exc).__name__}: {exc}")
+    say(f"\nKV budget: {budget} tokens ({max(args.levels)} x ({args.prompt} + {args.new}))\n")
+    say("| runtime | streams | tok/s | TTFT p50 / p99 ms | inter-chunk p99 ms | errors | server cores | KV GiB (max) |")
+    say("|---|---|---|---|---|---|---|---|")
+    for (name, n), r in rows.items():
+        say(f"| {name} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:,.0f} / {r['ttft_p99_ms']:,.0f} | "
+            f"{r['itl_p99_ms']:.0f} | {r['errors']} | {r.get('server_cores', float('nan')):.2f} | "
+            f"{r.get('kv_gib', float('nan')):.2f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")
+    (args.out / "gpu_serving.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in rows.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
