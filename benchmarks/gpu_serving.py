@@ -297,12 +297,14 @@ def main() -> None:
                    "-e", "cuda", "-c", str(args.work / "genai-cache"), "--extra_options", *extra])
         say(f"GenAI builder: {r}")
     vocab = shape["vocab_size"]
+    args.out.mkdir(parents=True, exist_ok=True)
     if "serve" in args.parts:
         for config in args.configs:
             try:
                 serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
+            (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
     if "engine" in args.parts:
         try:
             genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows)
@@ -315,7 +317,6 @@ def main() -> None:
         say(f"| {name} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:,.0f} / {r['ttft_p99_ms']:,.0f} | "
             f"{r['itl_p99_ms']:.0f} | {r['errors']} | {r.get('server_cores', float('nan')):.2f} | "
             f"{r.get('kv_gib', float('nan')):.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")
     (args.out / "gpu_serving.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in rows.items()}, indent=1))
 
