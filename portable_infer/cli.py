@@ -194,7 +194,7 @@ SERVE_LIMITS = {
                               "(default: 32 per --max-prompt-tokens)"),
     "max_messages": (int, "messages per chat request at most"),
     "tokenizer_threads": (int, "threads that tokenize prompts, off the event loop"),
-    "max_tokenizing": (int, "requests waiting to be tokenized at most (then 429)"),
+    "max_tokenizing": (int, "requests waiting to be tokenized at most (then 429; default: --max-batch + --max-waiting)"),
 }
 
 

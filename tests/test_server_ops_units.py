@@ -269,3 +269,16 @@ def test_generation_errors_from_the_clients_values_are_400s():
     bad = generation_error(InvalidArgumentError("repetition_penalty overflows the logits", param="repetition_penalty"))
     assert bad.status == 400 and bad.body()["error"]["param"] == "repetition_penalty"
     assert generation_error(PortableInferError("engine broke")).status == 500
+
+
+def test_the_tokenizer_queue_takes_what_the_scheduler_takes_by_default():
+    """A burst the engine would admit and queue is not refused before tokenizing: 64 refused part
+    of 256 clients arriving at once on the GPU (docs/benchmarks.md, Session 12)."""
+    from types import SimpleNamespace
+
+    from portable_infer.serving.http.admission import Admission
+    from portable_infer.serving.http.config import ServerConfig
+
+    sched = SimpleNamespace(config=SimpleNamespace(max_batch=256, max_waiting=1024))
+    assert Admission(sched, ServerConfig(), 128).max_queued == 1280
+    assert Admission(sched, ServerConfig(max_tokenizing=3), 128).max_queued == 3

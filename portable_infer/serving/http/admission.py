@@ -7,7 +7,7 @@ on the event loop that stalls every stream and ``/health``. So, in order:
    (``max_messages``, ``max_prompt_chars``) -> 400;
 2. capacity: the scheduler's queue is full -> 429 with ``Retry-After``, before spending CPU;
 3. tokenization on a small thread pool (``tokenizer_threads``), with at most ``max_tokenizing``
-   requests queued for it -> else 429.
+   requests queued for it (default: the scheduler's ``max_batch + max_waiting``) -> else 429.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Admission:
         self.scheduler = scheduler
         self.max_chars = config.max_prompt_chars or CHARS_PER_TOKEN * max_prompt_tokens
         self.max_messages = config.max_messages
-        self.max_queued = config.max_tokenizing
+        self.max_queued = config.max_tokenizing or scheduler.config.max_batch + scheduler.config.max_waiting
         self.threads = config.tokenizer_threads
         self.queued = 0  # requests in or waiting for the pool (event-loop thread only)
         self.rejected = 0  # 429s given here, before the scheduler saw the request (for /metrics)

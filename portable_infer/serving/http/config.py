@@ -25,7 +25,8 @@ class ServerConfig:
     Limits checked before a prompt is tokenized: ``max_body_bytes``, ``max_messages``, and
     ``max_prompt_chars`` (characters of prompt or message text; default 32 per allowed prompt
     token). Tokenization and chat templates run on ``tokenizer_threads`` threads, off the event
-    loop; a request finding ``max_tokenizing`` others already queued there gets a 429.
+    loop; a request finding ``max_tokenizing`` others already queued there gets a 429 (default:
+    as many as the scheduler admits and queues).
 
     Connections: at most ``max_connections`` are open (a new one first evicts the oldest that
     has no request in the app, else gets a 503); one with no request is closed after
@@ -53,7 +54,9 @@ class ServerConfig:
     max_prompt_chars: int | None = None
     max_messages: int = 1024
     tokenizer_threads: int = 2
-    max_tokenizing: int = 64
+    # None: the scheduler's max_batch + max_waiting (a burst the engine would take is never
+    # refused here: 64 refused part of 256 clients arriving at once, docs/serving.md)
+    max_tokenizing: int | None = None
     max_connections: int = 1024
     keep_alive_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
