@@ -143,3 +143,23 @@ def test_the_server_runs_over_the_engine_process(package, remote):
 
     assert value('portable_infer_requests_total{outcome="finished"}') >= 1
     assert value("portable_infer_time_to_first_token_seconds_count") >= 1
+
+
+def test_capacity_is_counted_here_and_a_refusal_there_ends_the_request(package):
+    """has_capacity needs no round trip (requests open here against max_batch + max_waiting); a
+    request the engine still refuses (its queue full) ends with the CapacityError instead."""
+    from portable_infer.errors import CapacityError
+
+    with ProcessScheduler(package, LOAD, SchedulerConfig(max_batch=1, max_waiting=1)) as sched:
+        n = sched.max_context - 3
+        first = sched.submit([5, 6, 7], max_new_tokens=n, ignore_eos=True)
+        assert first.get(timeout=60).token is not None  # running: the slot is taken
+        assert sched.has_capacity()
+        second = sched.submit([5, 6, 8], max_new_tokens=n, ignore_eos=True)  # waits for the slot
+        assert not sched.has_capacity()
+        third = sched.submit([5, 6, 9], max_new_tokens=n, ignore_eos=True)  # past the engine's queue
+        with pytest.raises(CapacityError):
+            list(third)
+        for h in (first, second):
+            h.cancel()
+            assert list(h)[-1].finish_reason == "cancelled"

@@ -4,18 +4,20 @@ its API server from its engine core::
 
     API process (the server)                       engine process (spawned)
     ProcessScheduler.submit_ids ── submit ──────>  Scheduler.submit_to(Forward(rid))
+      (checked here: checked_request)
     RequestHandle <── one message per batch ─────  Forward.put / end (step loop, emitter)
                       of pieces and ends            -> Outbox: a sender thread
     handle.cancel() ── cancel ──────────────────>  queues.cancel
-    stats() / has_capacity() ── ask ────────────>  reply
+    stats() ── ask ─────────────────────────────>  reply
 
 :class:`ProcessScheduler` has the scheduler's public face (``submit``, ``submit_ids``,
 ``submit_chat``, ``stats``, ``has_capacity``, ``alive``, ``add_observer``, ``close``, ``model``,
 ``codec``), so the server runs over either. Its ``model`` holds the package's manifest, tokenizer,
 chat template and sampling defaults (what requests are parsed and checked with) and no session:
 the weights are loaded once, in the engine process. A request's bad argument is raised by
-``submit_ids`` as in-process (the engine process checks it and answers); errors cross the pipe as
-their class, message and attributes. If the engine process dies, every open request ends with a
+``submit_ids`` as in-process (the same checks run here, so a submission waits for no round trip,
+and ``has_capacity`` counts the requests open here); errors cross the pipe as their class,
+message and attributes. If the engine process dies, every open request ends with a
 :class:`PortableInferError` naming its exit code, and the scheduler reports itself not alive.
 """
 
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portable_infer.decode.sampling import SamplingParams
-from portable_infer.errors import InvalidArgumentError, PortableInferError
+from portable_infer.errors import PortableInferError
 from portable_infer.serving.handle import RequestStats, open_handle
+from portable_infer.serving.scheduler import checked_request, kv_pool
 from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
@@ -111,6 +114,7 @@ class ProcessScheduler:
                            max_kv_tokens=info["max_kv_tokens"])
         self.codec = self.model.codec
         self.max_context = self.model.max_context
+        self._pool = kv_pool(config, engine.variant.kv)  # the budget's size, for the checks at submission
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
         self._receiver.start()
 
@@ -126,26 +130,28 @@ class ProcessScheduler:
         return self.submit_ids(self.codec.chat_ids(messages), self.model.params(**sampling), truncate=truncate)
 
     def submit_ids(self, ids: list, params: SamplingParams, *, truncate: bool = False):
-        """Queue a prompt of token ids in the engine process; its handle reads the pieces here."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        """Queue a prompt of token ids in the engine process; its handle reads the pieces here.
+        The request's checks run here (``scheduler.checked_request``: its errors are raised at
+        once) and nothing waits for the engine: a request it still refuses (it closed, its queue
+        filled meanwhile) ends with that error."""
+        ids, _, _ = checked_request(self.model, self._pool, ids, params, truncate)
         rid = f"req-{next(self._ids)}"
         handle, writer = open_handle(rid, len(ids), self._cancel, rid)
         with self._lock:
+            if not self.alive:
+                raise PortableInferError("the scheduler is closed; create a new one")
             self._writers[rid] = writer  # before the engine can send a piece for it
-        ok, value = self._ask(("submit", rid, list(ids), params, truncate), qid=rid)
-        if not ok:
-            with self._lock:
-                self._writers.pop(rid, None)
-            raise unpack_error(value)
-        handle.prompt_tokens = value  # the prompt's length as admitted (truncate may cut it)
+        self._send(("submit", rid, ids, params))
         return handle
 
     def stats(self):
         return self._ask(("stats",))[1]
 
     def has_capacity(self) -> bool:
-        return self.alive and self._ask(("capacity",))[1]
+        """Whether a new request would be accepted: requests open here below what the engine
+        admits and queues (``max_batch + max_waiting``; counted here, no round trip)."""
+        with self._lock:
+            return self.alive and len(self._writers) < self.config.max_batch + self.config.max_waiting
 
     def add_observer(self, observer: SchedulerObserver) -> None:
         """Call ``observer``'s hooks here (on the pipe's reader thread) as the engine's fire."""
@@ -191,15 +197,15 @@ class ProcessScheduler:
         except (OSError, ValueError):  # the engine is gone: its requests ended already
             pass
 
-    def _ask(self, msg, qid=None) -> tuple:
+    def _ask(self, msg) -> tuple:
         """Send ``msg`` and wait for its reply ``(ok, value)``."""
-        qid = qid if qid is not None else f"q-{next(self._ids)}"
+        qid = f"q-{next(self._ids)}"
         waiter = [threading.Event(), None]
         with self._lock:
             if not self._proc.is_alive() or self._closing:
                 raise PortableInferError("the scheduler is closed; create a new one")
             self._asks[qid] = waiter
-        self._send(msg if msg[0] == "submit" else (*msg, qid))
+        self._send((*msg, qid))
         waiter[0].wait()
         return waiter[1]
 
@@ -255,8 +261,12 @@ class ProcessScheduler:
             waiter[1] = (False, pack_error(exc))
             waiter[0].set()
         for rid, writer in writers.items():
-            n = writer._handle.prompt_tokens
-            writer.end(exc, RequestStats(rid, n, 0, "error", queue_s=0.0, ttft_s=None, inter_token_s=(), total_s=0.0))
+            writer.end(exc, failed_stats(rid, writer._handle.prompt_tokens))
+
+
+def failed_stats(rid: str, prompt_tokens: int) -> RequestStats:
+    """The stats of a request that ended with an error before any token."""
+    return RequestStats(rid, prompt_tokens, 0, "error", queue_s=0.0, ttft_s=None, inter_token_s=(), total_s=0.0)
 
 
 # --- the engine process --------------------------------------------------------------------------
@@ -358,21 +368,19 @@ def _engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None
             kind = msg[0]
             if kind == "close":
                 break
-            if kind == "submit":
-                _, rid, ids, params, truncate = msg
+            if kind == "submit":  # checked in the API process already
+                _, rid, ids, params = msg
+                writer = Forward(rid, outbox, requests)
                 try:
-                    requests[rid] = r = sched.submit_to(Forward(rid, outbox, requests), ids, params, truncate=truncate)
-                    outbox.send(("reply", rid, (True, len(r.prompt))))
-                except Exception as exc:  # noqa: BLE001 - the request's own error, raised by submit_ids there
-                    outbox.send(("reply", rid, (False, pack_error(exc))))
+                    requests[rid] = sched.submit_to(writer, ids, params)
+                except Exception as exc:  # noqa: BLE001 - closing, or its queue is full: this request's end
+                    writer.end(exc, failed_stats(rid, len(ids)))
             elif kind == "cancel":
                 r = requests.get(msg[1])
                 if r is not None:
                     sched.queues.cancel(r)
             elif kind == "stats":
                 outbox.send(("reply", msg[1], (True, sched.stats())))
-            elif kind == "capacity":
-                outbox.send(("reply", msg[1], (True, sched.has_capacity())))
             elif kind == "observe":
                 sched.add_observer(ForwardObserver(outbox))
     finally:

@@ -70,6 +70,34 @@ from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 logger = logging.getLogger(__name__)
 
 
+def kv_pool(config: SchedulerConfig, kv) -> BlockPool:
+    """The KV budget of ``config`` (tokens, or bytes of the graph's ``kv`` layout) in blocks."""
+    budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // bytes_per_token(kv)
+    return BlockPool(budget // config.block_size, config.block_size)
+
+
+def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, truncate: bool) -> tuple:
+    """``(ids, blocks, sequence)`` of a request that passes the checks at submission (any thread),
+    else the typed error: the prompt (ids in the vocabulary, within the context, or cut with
+    ``truncate``), its KV blocks within the whole budget, its sampling state (a bad schema or
+    grammar, or a logit bias outside the vocabulary, fails here: a 400)."""
+    codec = model.codec
+    if not isinstance(params, SamplingParams):
+        raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if params.stop:
+        codec.require_tokenizer()  # stop strings are matched on text
+    ids = check_prompt(token_ids(ids, codec.vocab_size), model.max_context, truncate)
+    blocks = pool.blocks_for(min(len(ids) + params.max_new_tokens, model.max_context))
+    if blocks > pool.total:
+        raise ContextLengthError(
+            f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
+            f"but the whole budget is {pool.total}; lower max_new_tokens or raise kv_budget_tokens",
+            param="max_new_tokens")
+    seq = Sequence(ids, params, eos_ids=codec.eos_ids, vocab_size=codec.vocab_size,
+                   guide=model.guide if params.constraint is not None else None)
+    return ids, blocks, seq
+
+
 class Scheduler:
     """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
 
@@ -91,9 +119,7 @@ class Scheduler:
         self.config = config
         self.meter = Meter(observer)  # counters: changed under the queues' lock
         self.max_context = model.max_context
-        budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // \
-            bytes_per_token(kv)
-        self.pool = BlockPool(budget // config.block_size, config.block_size)
+        self.pool = kv_pool(config, kv)
         self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:
@@ -144,20 +170,7 @@ class Scheduler:
         return self._queue(ids, params, truncate, writer)
 
     def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer) -> Request:
-        if not isinstance(params, SamplingParams):
-            raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if params.stop:
-            self.codec.require_tokenizer()  # stop strings are matched on text
-        ids = check_prompt(token_ids(ids, self.codec.vocab_size), self.max_context, truncate)
-        blocks = self.pool.blocks_for(min(len(ids) + params.max_new_tokens, self.max_context))
-        if blocks > self.pool.total:
-            raise ContextLengthError(
-                f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
-                f"but the whole budget is {self.pool.total}; lower max_new_tokens or raise kv_budget_tokens",
-                param="max_new_tokens")
-        # a bad schema or grammar, or a logit bias outside the vocabulary, fails here (a 400)
-        seq = Sequence(ids, params, eos_ids=self.codec.eos_ids, vocab_size=self.codec.vocab_size,
-                       guide=self.model.guide if params.constraint is not None else None)
+        ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate)
         r = Request(f"req-{next(self._ids)}", ids, params, blocks, self.codec.text_stream(params.stop),
                     seq=seq, submitted=time.perf_counter())
         if writer is None:
