@@ -26,7 +26,7 @@ def model(tiny_llama, tmp_path_factory, load_variant):
 
 def _run(model, emit_thread: bool, requests: list) -> tuple:
     with Scheduler(model, SchedulerConfig(max_batch=4, prefill_chunk=8, emit_thread=emit_thread)) as sched:
-        assert (sched._emitter is not None) == emit_thread
+        assert (sched.queues.emitter is not None) == emit_thread
         handles = [sched.submit(p, ignore_eos=True, **kw) for p, kw in requests]
         pieces = [[(r.text, r.token, r.finish_reason, r.generation_tokens) for r in h] for h in handles]
         stats = sched.stats()
@@ -62,10 +62,10 @@ def test_the_emitter_runs_where_forwards_leave_the_cores_free(model):
             return getattr(model, name)
 
     with Scheduler(model, SchedulerConfig()) as cpu:
-        assert cpu._emitter is None
+        assert cpu.queues.emitter is None
     with Scheduler(OnGpu(model), SchedulerConfig()) as gpu:
-        assert gpu._emitter is not None
+        assert gpu.queues.emitter is not None
     with Scheduler(OnGpu(model), SchedulerConfig(emit_thread=False)) as gpu:
-        assert gpu._emitter is None
+        assert gpu.queues.emitter is None
     with pytest.raises(Exception, match="emit_thread"):
         SchedulerConfig(emit_thread=1)

@@ -133,7 +133,7 @@ class Scheduler:
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
         self.batch = RunningBatch(engine, self.prefixes, self.max_context)  # loop thread only
         emit = config.emit_thread if config.emit_thread is not None else engine.device != "cpu"
-        self._emitter = Emitter(self.queues) if emit else None
+        self.queues.emitter = Emitter(self.queues) if emit else None
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="portable-infer-scheduler", daemon=True)
         self._thread.start()
@@ -163,10 +163,8 @@ class Scheduler:
         return self._queue(ids, params, truncate, None).handle
 
     def submit_to(self, writer, ids: list, params: SamplingParams, *, truncate: bool = False) -> Request:
-        """:meth:`submit_ids` whose pieces go to ``writer`` (``put(piece)``, ``end(last, stats)``, as a
-        :class:`~portable_infer.serving.handle.HandleWriter`) from the scheduler's threads, with
-        no handle; returns the request (``queues.cancel(request)`` cancels it). The engine
-        process (``engine_process.py``) forwards them so."""
+        """:meth:`submit_ids` whose pieces go to ``writer`` (a HandleWriter's ``put``/``end``), no handle;
+        returns the request (``queues.cancel(request)`` cancels it): the engine process's way."""
         return self._queue(ids, params, truncate, writer)
 
     def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer) -> Request:
@@ -198,11 +196,7 @@ class Scheduler:
 
     def has_capacity(self) -> bool:
         """Whether a new request would be accepted now (running, or queued behind the batch)."""
-        q = self.queues
-        with q.lock:
-            alive = self._thread.is_alive() and not q.closing
-            slot = not q.waiting and q.active < self.config.max_batch
-            return alive and (slot or len(q.waiting) < self.config.max_waiting)
+        return self.queues.has_capacity(self._thread.is_alive())
 
     def add_observer(self, observer: SchedulerObserver) -> None:
         """Also call ``observer``'s hooks (e.g. the server's metrics)."""
@@ -220,8 +214,8 @@ class Scheduler:
             self.queues.wake.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        if self._emitter is not None:  # what the last steps produced reaches the readers first
-            self._emitter.close(timeout)
+        if self.queues.emitter is not None:  # what the last steps produced reaches the readers first
+            self.queues.emitter.close(timeout)
         for r in self.queues.unfinished(self.batch.rows):
             self.queues.fail(r, PortableInferError("the scheduler was closed before this request finished"))
 
@@ -304,15 +298,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001
                 self._fail_batch("decode step failed", exc)
             else:
-                self._deliver(results)
-
-    def _deliver(self, results: list) -> None:
-        """A forward's results: rows they end released now, their text made here or by the emitter."""
-        self.queues.settle(results)
-        if self._emitter is not None:
-            self._emitter(results)
-        else:
-            self.queues.deliver(results)
+                self.queues.hand_over(results)
 
     def _prefill_group(self, rows: list, step) -> None:
         """Several whole prompts in one forward; if it fails, each is prefilled alone later."""
@@ -342,7 +328,7 @@ class Scheduler:
             for r in rows:
                 r.prefilled = len(r.prompt)
             self.meter.count("prompt_tokens", step.tokens)
-        self._deliver(done.results)
+        self.queues.hand_over(done.results)
         self.batch.join(done)
 
     def _fail_prefill(self, rows: list, exc: Exception | None) -> None:

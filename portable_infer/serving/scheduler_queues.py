@@ -49,6 +49,7 @@ class RequestQueues:
         self.prefilling: deque = deque()
         self.active = 0  # admitted and not done (prefilling + running)
         self.closing = False
+        self.emitter: Emitter | None = None  # makes the text off the step loop (Scheduler sets it)
 
     # --- under the lock -------------------------------------------------------------------------
     def push(self, r) -> None:
@@ -137,6 +138,22 @@ class RequestQueues:
         self.meter.finished(s)
         r.writer.end(last, s)
         return True
+
+    def has_capacity(self, running: bool) -> bool:
+        """Whether a new request would be accepted now (a slot, or room in the waiting queue);
+        ``running``: the step loop lives."""
+        with self.lock:
+            slot = not self.waiting and self.active < self.planner.max_batch
+            return running and not self.closing and (slot or len(self.waiting) < self.max_waiting)
+
+    def hand_over(self, results: list) -> None:
+        """A forward's results from the step loop: :meth:`settle` now, :meth:`deliver` here or
+        on the emitter."""
+        self.settle(results)
+        if self.emitter is not None:
+            self.emitter(results)
+        else:
+            self.deliver(results)
 
     def settle(self, results: list) -> None:
         """The step loop's part of a forward's results, before their text is made: a row whose
