@@ -72,3 +72,15 @@ def with_engine(model, engine):
     from portable_infer.model import Model
 
     return Model(model.manifest, engine, model.codec, model.path, model.selection)
+
+
+class OnGpu:
+    """A model whose engine says it runs on CUDA (its device and variant only): the scheduler's
+    device-dependent defaults, without a GPU. Everything else is the model's."""
+
+    def __init__(self, model):
+        self._model = model
+        self.engine = type("E", (), {"device": "cuda", "variant": model.engine.variant})()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _serving import add_tokenizer  # noqa: E402
+from _serving import OnGpu, add_tokenizer  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = int(os.environ.get("EMITTER_SEED") or random.SystemRandom().randrange(2**31))
@@ -54,13 +54,6 @@ def test_the_emitter_thread_changes_nothing_the_readers_see(model):
 
 
 def test_the_emitter_runs_where_forwards_leave_the_cores_free(model):
-    class OnGpu:
-        def __init__(self, model):
-            self.engine = type("E", (), {"device": "cuda", "variant": model.engine.variant})()
-
-        def __getattr__(self, name):
-            return getattr(model, name)
-
     with Scheduler(model, SchedulerConfig()) as cpu:
         assert cpu.queues.emitter is None
     with Scheduler(OnGpu(model), SchedulerConfig()) as gpu:

@@ -21,7 +21,7 @@ from portable_infer.errors import (  # noqa: E402
 )
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig, SchedulerObserver  # noqa: E402
 
-from _serving import EngineSpy  # noqa: E402
+from _serving import EngineSpy, OnGpu  # noqa: E402
 
 VARIANTS = ("portable", "fused")
 TIMEOUT_S = 30  # every wait in this file is bounded
@@ -320,13 +320,6 @@ def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, 
 
 
 def test_prefix_min_tokens_default_depends_on_the_device_and_is_validated(fused):
-    class OnGpu:
-        def __init__(self, model):
-            self.engine = type("E", (), {"device": "cuda", "variant": model.engine.variant})()
-
-        def __getattr__(self, name):
-            return getattr(fused, name)
-
     with Scheduler(fused, SchedulerConfig(prefill_chunk=48)) as cpu:
         assert cpu._prefix_min == 0
     with Scheduler(OnGpu(fused), SchedulerConfig(prefill_chunk=48)) as gpu:
