@@ -70,13 +70,14 @@ def served_app():
 
     from fastapi.testclient import TestClient
 
-    from portable_infer.serving.scheduler import SchedulerStats
+    from portable_infer.serving.scheduler import SchedulerConfig, SchedulerStats
     from portable_infer.serving.http import ServerConfig, create_app
 
     stats = SchedulerStats(*([0] * 16))
 
     class FakeScheduler:
         model = SimpleNamespace(max_context=64, path=Path("pkg"), manifest=None)
+        config = SchedulerConfig()
         alive = True
 
         def add_observer(self, observer):
