@@ -163,3 +163,33 @@ def test_capacity_is_counted_here_and_a_refusal_there_ends_the_request(package):
         for h in (first, second):
             h.cancel()
             assert list(h)[-1].finish_reason == "cancelled"
+
+
+def test_each_observer_sees_each_event_once_and_a_failing_one_stops_nothing(package):
+    from portable_infer.serving.scheduler import SchedulerObserver
+
+    class Count(SchedulerObserver):
+        def __init__(self):
+            self.firsts, self.ends = 0, 0
+
+        def first_token(self, ttft_s):
+            self.firsts += 1
+
+        def finished(self, stats):
+            self.ends += 1
+
+    class Broken(SchedulerObserver):
+        def first_token(self, ttft_s):
+            raise RuntimeError("a broken metrics hook")
+
+    a, b = Count(), Count()
+    with ProcessScheduler(package, LOAD, CONFIG) as sched:
+        for o in (a, Broken(), b):
+            sched.add_observer(o)
+        handles = [sched.submit([5, 6, k], max_new_tokens=4, ignore_eos=True) for k in (7, 8, 9)]
+        assert [list(h)[-1].finish_reason for h in handles] == ["length"] * 3
+        deadline = time.monotonic() + 30
+        while (a.ends, b.ends) != (3, 3):
+            assert time.monotonic() < deadline, (a.__dict__, b.__dict__)
+            time.sleep(0.01)
+    assert (a.firsts, b.firsts) == (3, 3)

@@ -10,14 +10,11 @@ its API server from its engine core::
     handle.cancel() ── cancel ──────────────────>  queues.cancel
     stats() ── ask ─────────────────────────────>  reply
 
-:class:`ProcessScheduler` has the scheduler's public face (``submit``, ``submit_ids``,
-``submit_chat``, ``stats``, ``has_capacity``, ``alive``, ``add_observer``, ``close``, ``model``,
-``codec``), so the server runs over either. Its ``model`` holds the package's manifest, tokenizer,
-chat template and sampling defaults (what requests are parsed and checked with) and no session:
-the weights are loaded once, in the engine process. A request's bad argument is raised by
-``submit_ids`` as in-process (the same checks run here, so a submission waits for no round trip,
-and ``has_capacity`` counts the requests open here); errors cross the pipe as their class,
-message and attributes. If the engine process dies, every open request ends with a
+:class:`ProcessScheduler` has the scheduler's public face, so the server runs over either. Its
+``model`` holds the package's manifest, tokenizer, template and sampling defaults, no session (the
+weights load once, in the engine process). ``submit_ids`` runs the same checks as in-process and
+waits for no round trip; ``has_capacity`` counts the requests open here; errors cross the pipe as
+their class, message and attributes. If the engine process dies, every open request ends with a
 :class:`PortableInferError` naming its exit code, and the scheduler reports itself not alive.
 """
 
@@ -141,7 +138,12 @@ class ProcessScheduler:
             if not self.alive:
                 raise PortableInferError("the scheduler is closed; create a new one")
             self._writers[rid] = writer  # before the engine can send a piece for it
-        self._send(("submit", rid, ids, params))
+        try:
+            self._send(("submit", rid, ids, params))
+        except (OSError, ValueError) as exc:  # the pipe broke: the engine process is gone
+            with self._lock:
+                self._writers.pop(rid, None)
+            raise PortableInferError("the engine process is gone; the scheduler is closed") from exc
         return handle
 
     def stats(self):
@@ -156,8 +158,10 @@ class ProcessScheduler:
     def add_observer(self, observer: SchedulerObserver) -> None:
         """Call ``observer``'s hooks here (on the pipe's reader thread) as the engine's fire."""
         with self._lock:
+            first = not self._observers
             self._observers = [*self._observers, observer]
-        self._send(("observe",))
+        if first:  # the engine forwards its hooks' events once; every observer here gets each
+            self._send(("observe",))
 
     @property
     def alive(self) -> bool:
@@ -228,7 +232,10 @@ class ProcessScheduler:
                         waiter[1] = msg[2]
                         waiter[0].set()
                 else:
-                    self._dispatch(msg[1])
+                    try:
+                        self._dispatch(msg[1])
+                    except Exception:  # noqa: BLE001 - a bug here must not leave every other stream hanging
+                        logger.exception("handing the engine's pieces to their readers failed")
         except (EOFError, OSError):
             pass
         self._proc.join(5)
@@ -241,7 +248,10 @@ class ProcessScheduler:
             kind = ev[0]
             if kind == "obs":
                 for o in self._observers:
-                    getattr(o, ev[1])(ev[2])
+                    try:
+                        getattr(o, ev[1])(ev[2])
+                    except Exception:  # noqa: BLE001 - metrics must never stop the requests' pieces
+                        logger.exception("scheduler observer %s failed", ev[1])
                 continue
             with self._lock:
                 writer = self._writers.get(ev[1]) if kind == "put" else self._writers.pop(ev[1], None)
