@@ -33,6 +33,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -185,17 +186,13 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         http_level(url, prompts(4, prompt, vocab, seed=1), 16)  # warm-up: CUDA graphs, cuBLAS
         for n in levels:
             reqs = prompts(n, prompt, vocab)
-            cpu0, peak = tree_cpu_s(srv.pid), [float("nan")]
+            cpu0, seen = tree_cpu_s(srv.pid), []
             stop = [False]
 
-            def sample():
+            def sample():  # the KV bytes the server's metrics report, once a second
                 while not stop[0]:
-                    v = kv_bytes(url)
-                    if v == v:
-                        peak[0] = v if peak[0] != peak[0] else max(peak[0], v)
+                    seen.append(kv_bytes(url))
                     time.sleep(1.0)
-
-            import threading
 
             th = threading.Thread(target=sample, daemon=True)
             th.start()
@@ -205,7 +202,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             stop[0] = True
             th.join()
             r["server_cores"] = (tree_cpu_s(srv.pid) - cpu0) / wall
-            r["kv_gib"] = peak[0] / 2**30
+            r["kv_gib"] = np.nanmax(seen) / 2**30 if any(v == v for v in seen) else float("nan")
             rows[(f"portable_infer ({config})", n)] = r
             say(f"  {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
     finally:

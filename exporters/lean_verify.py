@@ -119,10 +119,8 @@ def consistency(dec, vocab: int, rng: np.random.Generator) -> Consistency:
 
 
 def _best_diff(got: np.ndarray, want: np.ndarray) -> LogitDiff:
-    """``got`` against ``want`` at ``want``'s best CONSISTENCY_TOP tokens, relative to ``want``'s largest value."""
-    best = np.argpartition(-want, CONSISTENCY_TOP)[:CONSISTENCY_TOP]
-    worst = float(np.abs(got[best] - want[best]).max())
-    return LogitDiff(max_abs=worst, max_rel=worst / max(float(np.abs(want).max()), 1e-12))
+    """``got`` against ``want`` at ``want``'s best CONSISTENCY_TOP tokens."""
+    return verify.logit_diff(got, want, at=np.argpartition(-want, CONSISTENCY_TOP)[:CONSISTENCY_TOP])
 
 
 def _shipped(data: dict) -> dict:

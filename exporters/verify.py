@@ -164,9 +164,10 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def logit_diff(a: np.ndarray, ref: np.ndarray) -> LogitDiff:
-    """The largest absolute difference of ``a`` from ``ref``, and that relative to ``ref``'s largest value."""
-    abs_diff = float(np.abs(a - ref).max())
+def logit_diff(a: np.ndarray, ref: np.ndarray, at=None) -> LogitDiff:
+    """The largest absolute difference of ``a`` from ``ref`` (at indices ``at`` of the last axis
+    only, where given), and that relative to ``ref``'s largest value."""
+    abs_diff = float(np.abs(a - ref).max() if at is None else np.abs(a[..., at] - ref[..., at]).max())
     return LogitDiff(max_abs=abs_diff, max_rel=abs_diff / max(float(np.abs(ref).max()), 1e-12))
 
 

@@ -6,6 +6,7 @@ KV block back at the end. The default: on for GPUs, off on the CPU."""
 from __future__ import annotations
 
 import os
+import time
 import random
 
 import numpy as np
@@ -62,3 +63,35 @@ def test_the_emitter_runs_where_forwards_leave_the_cores_free(model):
         assert gpu.queues.emitter is None
     with pytest.raises(Exception, match="emit_thread"):
         SchedulerConfig(emit_thread=1)
+
+
+def test_a_drain_thread_hands_over_everything_in_order_and_survives_its_handler():
+    """Items put while the handler runs come in its next call, in order; a handler's exception
+    is logged and the next items still come; close hands over what is left."""
+    import threading
+
+    from portable_infer.serving.drain import DrainThread
+
+    calls, gate = [], threading.Event()
+
+    def handle(items):
+        if not calls:
+            gate.wait(10)  # the first call blocks while more items pile up
+        calls.append(list(items))
+        if 99 in items:
+            raise RuntimeError("a handler bug")
+
+    d = DrainThread(handle, "test-drain")
+    for i in range(5):
+        d.put(i)
+    gate.set()
+    d.put(99)
+    deadline = time.monotonic() + 10
+    while not any(99 in c for c in calls):
+        assert time.monotonic() < deadline, calls
+        time.sleep(0.001)
+    d.put(100)  # after the handler raised
+    d.close()
+    flat = [x for c in calls for x in c]
+    assert flat == [0, 1, 2, 3, 4, 99, 100], calls
+    assert len(calls) < len(flat)  # batched: not one call per item

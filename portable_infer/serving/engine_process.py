@@ -30,6 +30,7 @@ from pathlib import Path
 
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import PortableInferError
+from portable_infer.serving.drain import DrainThread
 from portable_infer.serving.handle import RequestStats, open_handle
 from portable_infer.serving.scheduler import checked_request, kv_pool
 from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
@@ -281,43 +282,24 @@ def failed_stats(rid: str, prompt_tokens: int) -> RequestStats:
 
 # --- the engine process --------------------------------------------------------------------------
 class Outbox:
-    """What the engine process sends: replies at once, pieces and ends in batches (a sender
-    thread sends whatever piled up while it sent the last batch: about one message per step)."""
+    """What the engine process sends: replies at once, pieces and ends in batches (its
+    :class:`DrainThread` sends whatever piled up while it sent the last batch: about one message
+    per step)."""
 
     def __init__(self, conn):
         self.conn = conn
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._events: list = []
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="portable-infer-outbox", daemon=True)
-        self._thread.start()
+        self._sender = DrainThread(lambda events: self.send(("batch", events)), "portable-infer-outbox")
 
     def send(self, msg) -> None:
         with self._send_lock:
             self.conn.send(msg)
 
     def add(self, event) -> None:
-        with self._cond:
-            self._events.append(event)
-            if len(self._events) == 1:
-                self._cond.notify()
+        self._sender.put(event)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._events or self._closed):
-                    self._cond.wait()
-                events, self._events = self._events, []
-                if not events and self._closed:
-                    return
-            self.send(("batch", events))
+        self._sender.close()
 
 
 class Forward:

@@ -21,7 +21,7 @@ loop asks for a plan, hands it to the batch, and turns what each row produced in
 handle pieces. The queues, slots and blocks shared with ``submit`` and ``cancel`` (any thread)
 are ``scheduler_queues.py``; the counters ``scheduler_meter.py``.
 
-One background thread runs the steps (on GPUs a second one makes their text: ``Emitter``). Each
+One background thread runs the steps (on GPUs a second one makes their text: ``scheduler_queues.emitter``). Each
 step: finished rows leave, waiting prompts start from cached prefixes, one prefill forward (a
 request whose prompt is done samples its first token and joins the batch), then one decode
 forward for the batch and one token per row.
@@ -63,7 +63,7 @@ from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exporte
 )
 from portable_infer.serving.scheduler_meter import Meter
 from portable_infer.serving.scheduler_plan import Planner, StepPlan
-from portable_infer.serving.scheduler_queues import Emitter, RequestQueues
+from portable_infer.serving.scheduler_queues import RequestQueues, emitter
 from portable_infer.decode.sequence import Sequence
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
@@ -133,7 +133,7 @@ class Scheduler:
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
         self.batch = RunningBatch(engine, self.prefixes, self.max_context)  # loop thread only
         emit = config.emit_thread if config.emit_thread is not None else engine.device != "cpu"
-        self.queues.emitter = Emitter(self.queues) if emit else None
+        self.queues.emitter = emitter(self.queues) if emit else None
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="portable-infer-scheduler", daemon=True)
         self._thread.start()

@@ -50,7 +50,7 @@ class SchedulerConfig:
     # running streams longer (docs/serving.md has the measurements).
     prefix_min_tokens: int | None = None
     # Each step's text (detokenizer, stop strings, the readers' pieces) made on a thread of its
-    # own while the next forward runs (``scheduler_queues.Emitter``). None: on GPUs, whose
+    # own while the next forward runs (``scheduler_queues.emitter``). None: on GPUs, whose
     # forwards leave the host's cores free; on the CPU the forward's threads use them.
     emit_thread: bool | None = None
 

@@ -23,6 +23,7 @@ import time
 from collections import deque
 
 from portable_infer.errors import CapacityError, GenerationError, PortableInferError
+from portable_infer.serving.drain import DrainThread
 from portable_infer.serving.scheduler_plan import Planner, QueueView, StepPlan
 from portable_infer.text.streaming import Response
 
@@ -49,7 +50,7 @@ class RequestQueues:
         self.prefilling: deque = deque()
         self.active = 0  # admitted and not done (prefilling + running)
         self.closing = False
-        self.emitter: Emitter | None = None  # makes the text off the step loop (Scheduler sets it)
+        self.emitter: DrainThread | None = None  # makes the text off the step loop (Scheduler sets it)
 
     # --- under the lock -------------------------------------------------------------------------
     def push(self, r) -> None:
@@ -150,10 +151,10 @@ class RequestQueues:
         """A forward's results from the step loop: :meth:`settle` now, :meth:`deliver` here or
         on the emitter."""
         self.settle(results)
-        if self.emitter is not None:
-            self.emitter(results)
-        else:
+        if self.emitter is None:
             self.deliver(results)
+        elif results:
+            self.emitter.put(results)
 
     def settle(self, results: list) -> None:
         """The step loop's part of a forward's results, before their text is made: a row whose
@@ -172,7 +173,7 @@ class RequestQueues:
         """What each row of a forward produced (:class:`~portable_infer.serving.running_batch.RowResult`):
         its text to its reader, the request ended where a stop rule says so, or ended with its
         own error (the other rows go on). A request that ended meanwhile (cancelled, a stop
-        string of an earlier piece) gets nothing more. The step loop or the :class:`Emitter`."""
+        string of an earlier piece) gets nothing more. The step loop or the :func:`emitter`."""
         n = 0
         for res in results:
             r, error = res.request, res.error
@@ -220,45 +221,14 @@ class RequestQueues:
             return [r for r in (*self.waiting, *self.prefilling, *rows) if not r.ended]
 
 
-class Emitter:
+def emitter(queues: RequestQueues) -> DrainThread:
     """:meth:`RequestQueues.deliver` on a thread of its own: the step loop hands each forward's
     results over and runs the next forward while their text is made (detokenizer, stop strings,
     the readers' pieces). ONNX Runtime releases the GIL while a forward runs, so on a GPU this
     host work hides behind the device's; a stop string then ends its request a step late (the
     extra token is dropped, as vLLM's detokenizer does). Results are delivered in order."""
+    def deliver_all(steps: list) -> None:
+        for results in steps:
+            queues.deliver(results)
 
-    def __init__(self, queues: RequestQueues):
-        self.queues = queues
-        self._todo: deque = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="portable-infer-emitter", daemon=True)
-        self._thread.start()
-
-    def __call__(self, results: list) -> None:
-        """Deliver ``results`` soon (the step loop's thread)."""
-        if results:
-            with self._cond:
-                self._todo.append(results)
-                self._cond.notify()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Deliver what was handed over, then stop."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._todo or self._closed):
-                    self._cond.wait()
-                if not self._todo:
-                    return
-                results = self._todo.popleft()
-            try:
-                self.queues.deliver(results)
-            except Exception:  # noqa: BLE001 - deliver fails requests itself; this is a bug, logged
-                logger.exception("delivering a step's results failed")
+    return DrainThread(deliver_all, "portable-infer-emitter")
