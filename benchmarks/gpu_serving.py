@@ -3,7 +3,7 @@ same model, same request stream, one run.
 
     PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_serving.py --assets DIR --out $OUT \\
         --parts make export genai serve engine [--levels 64 256] [--prompt 128] [--new 256]
-        [--configs inproc engine] [--shape 8b|3b]
+        [--configs inproc engine inproc-restack engine-restack] [--shape 8b|3b]
 
 ``make``: a random-weight HF folder of Llama-3.1-8B's shape (``--shape 3b``: Llama-3.2-3B's, a
 stand-in named as such), fp16, built on the GPU (``gpu_agent_export.make_hf``; the tokenizer from
@@ -13,7 +13,8 @@ builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same K
 ``--new + --prompt`` tokens for each of the largest level's sequences.
 
 ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
-server's process; ``engine``: ``--engine-process``), ``--max-batch`` the largest level, the KV
+server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
+batch restacked at each join and leave as before the slot batch), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
 ``--new`` tokens, greedy, ignore_eos), read by client processes (a Python client parsing every
 SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engine`` driven from
@@ -167,8 +168,10 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
            "--kv-budget-tokens", str(budget), "--prefill-chunk", "512", "--model-name", "m"]
-    if config == "engine":
+    if config in ("engine", "engine-restack"):
         cmd.append("--engine-process")
+    if config.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
+        cmd += ["--slot-batch", "off"]
     log = open(f"/tmp/serve-{config}.log", "w")
     srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:

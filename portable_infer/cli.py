@@ -213,7 +213,8 @@ def cmd_serve(ns) -> int:
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
                                 kv_budget_tokens=ns.kv_budget_tokens, prefix_cache_bytes=ns.prefix_cache_mib << 20,
-                                prefix_min_tokens=ns.prefix_min_tokens)
+                                prefix_min_tokens=ns.prefix_min_tokens,
+                                slot_batch={"auto": None, "on": True, "off": False}[ns.slot_batch])
     api_key = ns.api_key or os.environ.get("PORTABLE_INFER_API_KEY") or None
     limits = {name: getattr(ns, name) for name in SERVE_LIMITS if getattr(ns, name) is not None}
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
@@ -289,6 +290,10 @@ def _serve_parser(sub) -> None:
     s.add_argument("--prefix-min-tokens", type=int, default=None,
                    help="requests prefilled together reuse cached prefixes of at least this many tokens "
                         "(default: --prefill-chunk on GPUs, 0 on the CPU)")
+    s.add_argument("--slot-batch", choices=("auto", "on", "off"), default="auto",
+                   help="the running batch as fixed slots of one KV buffer: rows join and leave without "
+                        "moving the others, one CUDA graph per bucketed batch size (static-KV graphs; "
+                        "auto: on GPUs)")
     s.add_argument("--engine-process", action="store_true",
                    help="run the model and its scheduler in a process of their own, so HTTP and SSE work "
                         "does not share their Python thread's time (serving/engine_process.py)")

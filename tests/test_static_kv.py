@@ -136,11 +136,13 @@ def use_row_mover(engine, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatch, on_device):
+@pytest.mark.parametrize("slots", [False, True])
+def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatch, on_device, slots):
     """Continuous batching with the static graph: rows join (prefill groups, chunked prefill, a
     cached prefix) and leave a batch whose KV lives in fixed buffers; every request still gives
     its single run's greedy tokens. ``on_device``: KV rows move and reach the prefix cache
-    through the RowMover graph (as on GPUs) instead of numpy."""
+    through the RowMover graph (as on GPUs) instead of numpy. ``slots``: the batch is fixed
+    slots of one buffer (SlotBatch, the default on GPUs), rows prefilled into free slots."""
     from portable_infer.engine.kv_growing import GrowingCache
     from portable_infer.engine.kv_static import StaticCache
     from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
@@ -155,7 +157,9 @@ def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatc
     ps = prompts(rng, [5, 17, 40, 3]) + [shared + prompts(rng, [4])[0], shared + prompts(rng, [7])[0]]
     news = [30, 12, 20, 25, 9, 14]
     ref = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
-    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=8, block_size=16)) as sched:
+    config = SchedulerConfig(max_batch=4, prefill_chunk=8, block_size=16, slot_batch=slots)
+    with Scheduler(static, config) as sched:
+        assert type(sched.batch).__name__ == ("SlotBatch" if slots else "RunningBatch")
         first = sched.submit(ps[0], max_new_tokens=news[0], ignore_eos=True)
         head = [first.get(30).token for _ in range(3)]  # running before the others come
         handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[1:5], news[1:5])]

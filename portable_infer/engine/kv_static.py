@@ -32,11 +32,12 @@ from portable_infer.engine.memory import bytes_per_token
 
 
 def write(value, dtype, fill) -> None:
-    """``fill(array)`` writes into ``value``: in place on the CPU, through a host copy elsewhere."""
+    """``fill(array)`` writes into ``value``: in place on the CPU, through a host copy elsewhere
+    (a fallback: devices move rows with a RowMover)."""
     if value.device_name() == "cpu":
         fill(value.numpy())
         return
-    out = np.zeros(value.shape(), dtype=dtype)
+    out = value.numpy()  # the rows it does not fill (other views' rows) are kept
     fill(out)
     value.update_inplace(out)
 
@@ -55,6 +56,13 @@ class StaticCache:
     graph_id: int = -1  # the CUDA graph this cache's buffers belong to (-1: none)
     slot: object = field(default=None, repr=False)  # the engine's buffers, binding and graph this cache runs on
     engine: object = field(default=None, repr=False, compare=False)  # the StaticEngine that made it
+    start: int = 0  # a view (StaticEngine.view): its rows are rows [start, start + batch) of ``values``
+    owner: object = field(default=None, repr=False, compare=False)  # a view's buffer (kept alive by it)
+
+    @property
+    def whole(self) -> bool:
+        """Whether this cache is all of its buffers' rows (not a view of some of them)."""
+        return self.start == 0 and self.batch == self.values[0][0].shape()[0]
 
     @property
     def bytes_per_token(self) -> int:
@@ -84,7 +92,7 @@ class StaticCache:
     def merge(self, mask: np.ndarray, other: "StaticCache", other_mask: np.ndarray) -> tuple:
         """Rows of ``other`` under these in new buffers of the larger capacity; ``(cache, mask)``."""
         out = self.engine.new_cache(self.batch + other.batch, capacity=max(self.capacity, other.capacity))
-        _copy_rows(out, [(self, np.arange(self.batch)), (other, np.arange(other.batch))])
+        copy_rows(out, [(self, np.arange(self.batch)), (other, np.arange(other.batch))])
         out.rows = np.concatenate([self.rows, other.rows])
         out.length = max(self.length, other.length)
         return out, padding.stack(mask, self.length, other_mask, other.length)
@@ -94,7 +102,7 @@ class StaticCache:
         sub, start = padding.keep_rows(mask, keep)
         idx = np.asarray(keep, np.int64)
         out = self.engine.new_cache(len(keep), capacity=self.capacity)
-        _copy_rows(out, [(self, idx)])
+        copy_rows(out, [(self, idx)])
         out.rows = self.rows[idx].copy()
         out.length = self.length - start
         return out, sub
@@ -103,13 +111,15 @@ class StaticCache:
         """Row i holds ``prompts[i]`` from token 0. Off the CPU only those rows' prompt tokens
         leave the device."""
         mover = self.engine.row_mover()
+        at = self.start
         if mover is not None:
             keep = max(len(prompts[i]) for i in rows)
-            fetched = [tuple(mover.fetch(x, rows, keep) for x in pair) for pair in self.values]
+            fetched = [tuple(mover.fetch(x, [at + i for i in rows], keep) for x in pair) for pair in self.values]
             return [[(k[j:j + 1, :, :len(prompts[i])], v[j:j + 1, :, :len(prompts[i])]) for k, v in fetched]
                     for j, i in enumerate(rows)]
         arrays = [(k.numpy(), v.numpy()) for k, v in self.values]  # the prefix cache copies what it keeps
-        return [[(k[i:i + 1, :, :len(prompts[i])], v[i:i + 1, :, :len(prompts[i])]) for k, v in arrays] for i in rows]
+        return [[(k[at + i:at + i + 1, :, :len(prompts[i])], v[at + i:at + i + 1, :, :len(prompts[i])])
+                 for k, v in arrays] for i in rows]
 
     def fill_prefix(self, arrays: list, n: int) -> None:
         dtype = np.dtype(self.layout.dtype)
@@ -121,18 +131,20 @@ class StaticCache:
         self.mark_written(self.rows)
 
 
-def _copy_rows(dst: StaticCache, parts: list) -> None:
+def copy_rows(dst: StaticCache, parts: list) -> None:
     """Write ``parts`` [(cache, row indices)] one after another into ``dst``'s rows: tokens
-    ``[0, rows)`` of each (what the graph reads; the rest of a row is never read). On the
-    engine's device where it has a row mover (GPUs), else through numpy."""
+    ``[0, rows)`` of each (what the graph reads; the rest of a row is never read). Views (of
+    either side) are rows of their buffers from their ``start``. On the engine's device where it
+    has a row mover (GPUs), else through numpy."""
     mover = dst.engine.row_mover()
+    parts = [(c, np.asarray(idx, np.int64)) for c, idx in parts]
     if mover is not None:
         for layer, pair in enumerate(dst.values):
             for j, d in enumerate(pair):
-                at = 0
+                at = dst.start
                 for c, idx in parts:
                     if len(idx):
-                        mover.copy(c.values[layer][j], idx, d, at)
+                        mover.copy(c.values[layer][j], idx + c.start, d, at)
                     at += len(idx)
         return
     used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
@@ -141,8 +153,8 @@ def _copy_rows(dst: StaticCache, parts: list) -> None:
     for layer, pair in enumerate(dst.values):
         for j, d in enumerate(pair):
             def fill(out, layer=layer, j=j):
-                at = 0
+                at = dst.start
                 for (c, idx), n in zip(parts, used):
-                    out[at:at + len(idx), :, :n] = c.values[layer][j].numpy()[idx, :, :n]
+                    out[at:at + len(idx), :, :n] = c.values[layer][j].numpy()[idx + c.start, :, :n]
                     at += len(idx)
             write(d, dtype, fill)

@@ -158,6 +158,38 @@ class StaticEngine:
         weakref.finalize(cache, *done)
         return cache
 
+    def buffer(self, batch: int, capacity: int) -> StaticCache:
+        """KV buffers of ``batch`` rows and ``capacity`` tokens (rounded up) that only views
+        (:meth:`view`) run on: the scheduler's slot batch. Not pooled (freed with the cache); no
+        step inputs or outputs of its own."""
+        want = checked_capacity(capacity, self.max_context)
+        step = CAPACITY_STEP if self.cuda_graph else PLAIN_CAPACITY_STEP
+        cap = min(self.max_context, -(-want // step) * step)
+        slot = self._allocate(batch, cap, graph_id=-1, io=False)
+        return StaticCache(self.variant.kv, batch, cap, slot.values, np.ones(batch, np.int64), slot=slot, engine=self)
+
+    def view(self, cache: StaticCache, start: int, count: int, *, decode: bool = False) -> StaticCache:
+        """Rows ``[start, start + count)`` of ``cache``'s buffers as a cache of their own: a
+        forward on it reads and writes those rows only (bound by address). ``decode``: it gets
+        the step's inputs and outputs, a binding made once and, under CUDA graphs, a graph of its
+        own (the caller keeps one view per batch size it decodes: each captures once)."""
+        if not (0 <= start and count >= 1 and start + count <= cache.batch):
+            raise InvalidArgumentError(f"rows [{start}, {start + count}) are not rows of a {cache.batch}-row cache")
+        parent = cache.slot
+        written = None if parent.written is None else parent.written[cache.start + start:cache.start + start + count]
+        if decode:
+            graph_id = -1
+            if self.cuda_graph:
+                self._graphs += 1
+                graph_id = self._graphs
+            slot = self._allocate(count, cache.capacity, graph_id, values=parent.values)
+            slot.written = written
+        else:
+            slot = _Slot(parent.values, None, None, None, None, -1, written=written)
+        return StaticCache(self.variant.kv, count, cache.capacity, parent.values, np.zeros(count, np.int64),
+                           graph_id=slot.graph_id, slot=slot, engine=self, start=cache.start + start,
+                           owner=cache.owner or cache)
+
     def _graph_slot(self, batch: int, cap: int) -> tuple:
         """A pooled slot (its graph replays on its buffers), or private buffers when the pool is
         full; and what to call when the cache dies."""
@@ -194,11 +226,17 @@ class StaticEngine:
                 self._spare.setdefault(key, []).append(slot)
                 self._spare_bytes += size
 
-    def _allocate(self, batch: int, cap: int, graph_id: int) -> _Slot:
+    def _allocate(self, batch: int, cap: int, graph_id: int, *, io: bool = True, values=None) -> _Slot:
+        """A slot of ``batch`` rows: new KV buffers (or ``values``: a view's), and the decode
+        step's inputs and outputs unless ``io`` is False."""
         kv = self.variant.kv
         shape = [batch, kv.num_kv_heads, cap, kv.head_dim]
         new = lambda shp, dt: self.ort.OrtValue.ortvalue_from_shape_and_type(shp, dt, self.device, 0)  # noqa: E731
-        values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
+        if values is None:
+            values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
+        if not io:
+            return _Slot(values, None, None, None, None, graph_id,
+                         written=np.zeros(batch, np.int64) if self.device == "cpu" else None)
         token = new([batch, 1], np.int64) if self.greedy_on_device else None
         return _Slot(values, new([batch, 1], np.int64), new([batch, cap], np.int64),
                      new([batch, 1, self.vocab], np.float32), token, graph_id,
@@ -256,11 +294,20 @@ class StaticEngine:
         return out
 
     def _bind_cache(self, b, cache: StaticCache) -> None:
-        for (kn, vn), (pk, pv), (k, v) in zip(self.variant.kv.past, self.variant.kv.present, cache.values):
-            b.bind_ortvalue_input(kn, k)
-            b.bind_ortvalue_input(vn, v)
-            b.bind_ortvalue_output(pk, k)  # present = past: the same memory
-            b.bind_ortvalue_output(pv, v)
+        """Past and present bound to the same memory: the cache's buffers, or a view's rows of them."""
+        kv = self.variant.kv
+        whole = cache.whole
+        shape = [cache.batch, kv.num_kv_heads, cache.capacity, kv.head_dim]
+        dtype = np.dtype(kv.dtype)
+        offset = cache.start * kv.num_kv_heads * cache.capacity * kv.head_dim * dtype.itemsize
+        for (kn, vn), (pk, pv), (k, v) in zip(kv.past, kv.present, cache.values):
+            for past, present, x in ((kn, pk, k), (vn, pv, v)):
+                if whole:
+                    b.bind_ortvalue_input(past, x)
+                    b.bind_ortvalue_output(present, x)
+                else:  # rows [start, start + batch) of x: contiguous, bound by address
+                    b.bind_input(past, x.device_name(), 0, dtype, shape, x.data_ptr() + offset)
+                    b.bind_output(present, x.device_name(), 0, dtype, shape, x.data_ptr() + offset)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
         b = self.session.io_binding()

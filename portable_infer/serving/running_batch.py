@@ -116,7 +116,7 @@ class RunningBatch:
             (r,), (s,) = rows, step.slices
             cache = self._partial.pop(r.id, None)
             if cache is None:
-                cache = self.engine.new_cache(1, capacity=step.capacity)
+                cache = self._prefill_cache(1, step.capacity, s.last)
             if cache.length != s.start:
                 raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; "
                                    f"the plan prefills from {s.start}")
@@ -139,8 +139,12 @@ class RunningBatch:
                 raise RuntimeError(f"a grouped prefill takes whole prompts; request {r.id} got [{s.start}, {s.end})")
             ids[i, width - len(r.prompt):] = r.prompt
             mask[i, width - len(r.prompt):] = 1
-        cache = self.engine.new_cache(len(rows), capacity=step.capacity)
+        cache = self._prefill_cache(len(rows), step.capacity, True)
         return cache, mask, self.engine.forward(ids, mask, cache)
+
+    def _prefill_cache(self, rows: int, capacity: int, joins: bool):
+        """The cache a prefill of ``rows`` prompts writes (``joins``: they all end in this forward)."""
+        return self.engine.new_cache(rows, capacity=capacity)
 
     def _remember(self, prompts: list, cache) -> None:
         """Offer prefilled prompts' KV (row i of ``cache`` holds ``prompts[i]``) to the prefix cache."""

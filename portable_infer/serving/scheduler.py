@@ -57,6 +57,7 @@ from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.prompts import token_ids
 from portable_infer.serving.request import Request
 from portable_infer.serving.running_batch import RunningBatch
+from portable_infer.serving.slot_batch import SlotBatch
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
     DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats,
@@ -124,14 +125,21 @@ class Scheduler:
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:
             prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
-        # Rows that finish stay in a static (fixed-buffer) batch off the CPU, masked, until half
-        # the batch has finished or a request joins: moving the KV of the rest into a smaller
-        # batch is a host round trip there, and each new batch size captures a new CUDA graph;
-        # an idle row costs a GPU step next to nothing. On the CPU a row's compute is not free.
+        # Static (fixed-buffer) KV off the CPU: the batch is fixed slots (SlotBatch; a row that
+        # leaves frees its slot, nothing moves). Without slots there, rows that finish stay in the
+        # batch, masked, until half of it has finished or a request joins: moving the rest into a
+        # smaller batch copies its KV, and each batch size captures a CUDA graph; an idle row
+        # costs a GPU step next to nothing. On the CPU a row's compute is not free.
+        slots = config.slot_batch if config.slot_batch is not None else engine.device != "cpu"
+        slots = slots and kv.growth == "static"
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,
-                               self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu")
+                               self.prefixes.enabled,
+                               defer_leave=kv.growth == "static" and engine.device != "cpu" and not slots)
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
-        self.batch = RunningBatch(engine, self.prefixes, self.max_context)  # loop thread only
+        if slots:  # loop thread only
+            self.batch = SlotBatch(engine, self.prefixes, self.max_context, config.max_batch)
+        else:
+            self.batch = RunningBatch(engine, self.prefixes, self.max_context)
         emit = config.emit_thread if config.emit_thread is not None else engine.device != "cpu"
         self.queues.emitter = emitter(self.queues) if emit else None
         self._ids = itertools.count()

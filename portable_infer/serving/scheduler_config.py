@@ -53,6 +53,11 @@ class SchedulerConfig:
     # own while the next forward runs (``scheduler_queues.emitter``). None: on GPUs, whose
     # forwards leave the host's cores free; on the CPU the forward's threads use them.
     emit_thread: bool | None = None
+    # The running batch as max_batch fixed slots of one KV buffer (``slot_batch.py``): rows join
+    # and leave without moving the others' KV, and decode steps run at a few bucketed batch sizes,
+    # each with one CUDA graph. Static-KV graphs only. None: on GPUs; on the CPU a free slot's
+    # compute is not free, so the batch is restacked at each join and leave instead.
+    slot_batch: bool | None = None
 
     def __post_init__(self):
         for name, (allowed, ok) in _CONFIG_RULES.items():
@@ -61,8 +66,10 @@ class SchedulerConfig:
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
                 raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")
-        if not (self.emit_thread is None or isinstance(self.emit_thread, bool)):
-            raise InvalidArgumentError(f"emit_thread must be None, True or False, got {self.emit_thread!r}")
+        for name in ("emit_thread", "slot_batch"):
+            v = getattr(self, name)
+            if not (v is None or isinstance(v, bool)):
+                raise InvalidArgumentError(f"{name} must be None, True or False, got {v!r}")
         if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
             raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
 

@@ -1,0 +1,196 @@
+"""The running batch as fixed slots of one KV buffer: rows join and leave without moving the others.
+
+:class:`~portable_infer.serving.running_batch.RunningBatch` stacks the rows of a decode batch
+into new buffers of the new batch size at every join and leave (the caches' ``merge`` and
+``take``). On a GPU that copies the whole batch's KV each time and every batch size captures a
+CUDA graph of its own. Here, as vLLM's persistent batch does, the batch is ``max_batch`` slots,
+rows of one buffer (:meth:`StaticEngine.buffer <portable_infer.engine.static.StaticEngine.buffer>`)::
+
+    slot    0    1    2    3    4    5    6    7
+    row     a    b    .    c    d    .    .    .      a decode step runs slots [0, 6): bucket(5) = 6
+                 ^ leaves: its slot is free (no copy)   (one view and one CUDA graph per bucket)
+    prefill of 2 whole prompts -> written straight into free slots 5, 6 (a view of those rows)
+
+- A prefill whose prompts all end in its forward writes into a run of free slots (a view,
+  :meth:`StaticEngine.view <portable_infer.engine.static.StaticEngine.view>`): joining copies
+  nothing. Other prompts (chunked, from a cached prefix, or no free run) are prefilled in caches
+  of their own and their rows copied into free slots when they end.
+- A row that leaves frees its slot; nothing moves. Free slots decode as rows of one token that
+  never advance (their output is not read), so a free slot needs no masking in the graph.
+- A decode step runs the slots up to the highest one in use, rounded up to a bucket
+  (:data:`BUCKETS`): a few batch sizes, each with its own view and CUDA graph, captured once.
+  When the rows in use fit a bucket half the size, the highest rows move down into free
+  slots (one row copy each) so that the steps get smaller.
+- The buffer holds ``max_batch`` rows of the largest capacity asked for so far; a request that
+  needs more moves every row into a larger buffer once.
+
+Same verbs and results as the running batch, so the scheduler's loop is the same (loop thread only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from portable_infer.decode import batch_pick
+from portable_infer.decode.constraints import MaskFill
+from portable_infer.engine.kv_static import copy_rows
+from portable_infer.serving.running_batch import RunningBatch, pick_row
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)  # then multiples of 64
+
+
+def bucket(n: int, limit: int) -> int:
+    """The decode batch size for slots ``[0, n)``: the smallest bucket >= ``n``, at most ``limit``."""
+    size = next((b for b in BUCKETS if b >= n), -(-n // 64) * 64)
+    return min(size, limit)
+
+
+class SlotBatch(RunningBatch):
+    """The running batch on ``max_batch`` slots of one static-KV buffer (engines with ``view``).
+
+    Args:
+        engine: a :class:`~portable_infer.engine.static.StaticEngine`.
+        prefixes, max_context: as for :class:`RunningBatch`.
+        max_batch: the slots (the scheduler's ``max_batch``).
+    """
+
+    def __init__(self, engine, prefixes, max_context: int, max_batch: int):
+        super().__init__(engine, prefixes, max_context)
+        self.max_batch = max_batch
+        self.slots: list = [None] * max_batch  # the request in each slot (None: free)
+        self.lengths = np.ones(max_batch, np.int64)  # KV tokens per slot (a free slot: 1)
+        self.pending = np.zeros(max_batch, np.int64)  # each slot's next input token
+        self._views: dict = {}  # decode batch size -> its view of the buffer
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0
+
+    # --- the buffer and its slots ------------------------------------------------------------------
+    def _buffer(self, capacity: int):
+        """The buffer, with room for ``capacity`` tokens per row (made, or moved to a larger one)."""
+        old = self.cache
+        if old is not None and old.capacity >= capacity:
+            return old
+        new = self.engine.buffer(self.max_batch, capacity)
+        if old is not None:
+            top = self._top()
+            if top:  # every row in use moves once, into the larger rows
+                copy_rows(self.engine.view(new, 0, top), [(old, np.arange(top))])
+        new.rows = self.lengths  # the buffer's rows are the slots' lengths (one array)
+        self.cache, self._views = new, {}
+        return new
+
+    def _top(self) -> int:
+        """One past the highest slot in use (0: none)."""
+        used = [i for i, r in enumerate(self.slots) if r is not None]
+        return used[-1] + 1 if used else 0
+
+    def _free_run(self, count: int) -> int | None:
+        """The first slot of the lowest run of ``count`` free slots, or None."""
+        run = 0
+        for i, r in enumerate(self.slots):
+            run = run + 1 if r is None else 0
+            if run == count:
+                return i - count + 1
+        return None
+
+    def _prefill_cache(self, rows: int, capacity: int, joins: bool):
+        """Prompts that all end in this forward write into a run of free slots; others get a cache of their own."""
+        if joins:
+            buffer = self._buffer(capacity)
+            start = self._free_run(rows)
+            if start is not None:
+                return self.engine.view(buffer, start, rows)
+        return self.engine.new_cache(rows, capacity=capacity)
+
+    def _place(self, slot: int, request, length: int, token: int) -> None:
+        self.slots[slot] = request
+        self.lengths[slot] = length
+        self.pending[slot] = token
+
+    def _free(self, slot: int) -> None:
+        self._place(slot, None, 1, 0)
+
+    def _publish(self) -> None:
+        self.rows = [r for r in self.slots if r is not None]  # a new list: stats() reads it from other threads
+
+    # --- the verbs ---------------------------------------------------------------------------------
+    def join(self, done) -> None:
+        """The rows of ``done`` still live take their slots, each with its first token pending."""
+        first = {id(res.request): res.pick.token for res in done.results if res.pick is not None}
+        live = [i for i, r in enumerate(done.rows) if r.state != "done" and id(r) in first]
+        cache = done.cache
+        if getattr(cache, "owner", None) is self.cache and self.cache is not None:  # prefilled in place
+            for i, r in enumerate(done.rows):
+                if i in live:
+                    self._place(cache.start + i, r, int(cache.rows[i]), first[id(r)])
+                else:
+                    self._free(cache.start + i)
+        else:
+            buffer = self._buffer(cache.capacity)
+            for i in live:
+                slot = self._free_run(1)
+                if slot is None:  # the scheduler admits at most max_batch requests
+                    raise RuntimeError(f"no free slot for request {done.rows[i].id}")
+                copy_rows(self.engine.view(buffer, slot, 1), [(cache, [i])])
+                self._place(slot, done.rows[i], int(cache.rows[i]), first[id(done.rows[i])])
+        self._publish()
+
+    def leave(self, ids) -> None:
+        """The slots of requests ``ids`` are free; when the rows left fit a bucket half the size
+        of the one they decode in, the highest move down."""
+        gone = set(ids)
+        for i, r in enumerate(self.slots):
+            if r is not None and r.id in gone:
+                self._free(i)
+        self._publish()
+        top, count = self._top(), len(self.rows)
+        if count and 2 * bucket(count, self.max_batch) <= bucket(top, self.max_batch):
+            self._compact(count)
+
+    def _compact(self, count: int) -> None:
+        """Rows in slots >= ``count`` move into the free slots below it."""
+        holes = [i for i in range(count) if self.slots[i] is None]
+        high = [i for i in range(count, self.max_batch) if self.slots[i] is not None]
+        for dst, src in zip(holes, high):
+            copy_rows(self.engine.view(self.cache, dst, 1), [(self.cache, [src])])
+            self._place(dst, self.slots[src], int(self.lengths[src]), int(self.pending[src]))
+            self._free(src)
+        self._publish()
+
+    def reset(self) -> None:
+        """Every slot free (the buffer and its views stay)."""
+        for i in range(self.max_batch):
+            self._free(i)
+        self._partial.clear()
+        self._publish()
+
+    def decode(self) -> list:
+        """One forward over the slots up to the highest in use (rounded up to a bucket); one token per live row."""
+        top = self._top()
+        rows = self.slots[:top]
+        if not any(r is not None and r.state != "done" for r in rows):
+            return []
+        size = bucket(top, self.max_batch)
+        view = self._views.get(size)
+        if view is None:
+            view = self._views[size] = self.engine.view(self.cache, 0, size, decode=True)
+        rows = self.slots[:size]
+        seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
+        live = np.array([[s is not None] for s in seqs], np.int64)  # the new column: who advances
+        how = batch_pick.mode(self.engine, seqs)
+        matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
+        fill = MaskFill(matchers, size, max(s.mask_vocab for s in seqs if s is not None))
+        view.rows = self.lengths[:size].copy()
+        out = batch_pick.forward(self.engine, how, self.pending[:size, None], live, view)
+        self.lengths[:size] = view.rows
+        inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
+        results = []
+        for i, r in enumerate(rows):
+            if seqs[i] is None or inputs[i] is None:  # free, ended before the step, or cancelled during it
+                continue
+            res = pick_row(r, inputs[i], max_context=self.max_context)
+            if res.pick is not None:
+                self.pending[i] = res.pick.token
+            results.append(res)
+        return results

@@ -1,0 +1,120 @@
+"""The running batch as fixed slots of one KV buffer (serving/slot_batch.py), on the CPU.
+
+On GPUs it is the scheduler's default for static-KV graphs; here it is forced on
+(``SchedulerConfig(slot_batch=True)``) and checked against single runs of the fused graph:
+rows prefilled straight into free slots, slots freed and reused, the highest rows moved down
+when the batch shrinks, and every row moved once into a larger buffer when a request needs
+more capacity. Rows move with numpy and with the RowMover graph (as on GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import portable_infer  # noqa: E402
+from portable_infer.serving import slot_batch  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+SEED = int(os.environ.get("SLOT_SEED") or random.SystemRandom().randrange(2**31))
+TAG = f"[SLOT_SEED={SEED}]"
+
+
+@pytest.fixture(scope="module")
+def package(tiny_llama, tmp_path_factory):
+    from exporters.export import export
+
+    return export(tiny_llama.source, tmp_path_factory.mktemp("slots") / "pkg", precision="fp32", verify=False,
+                  variants=("portable", "fused", "static"))
+
+
+@pytest.fixture(scope="module")
+def static(package):
+    return portable_infer.load(package, "cpu", static_kv=True, intra_op_threads=2)
+
+
+@pytest.fixture(scope="module")
+def fused(package):
+    return portable_infer.load(package, "cpu", intra_op_threads=2, static_kv=False)
+
+
+def test_buckets():
+    assert [slot_batch.bucket(n, 256) for n in (1, 2, 3, 5, 9, 17, 33, 49, 65, 200, 256)] == \
+        [1, 2, 4, 8, 16, 32, 48, 64, 96, 224, 256]
+    assert slot_batch.bucket(300, 512) == 320 and slot_batch.bucket(20, 12) == 12
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_slots_join_leave_move_down_and_grow_with_single_run_tokens(static, fused, monkeypatch, on_device):
+    if on_device:
+        from portable_infer.engine.rows import RowMover
+
+        mover = RowMover(static.engine.session, static.engine.ort, static.engine.variant.kv.dtype)
+        monkeypatch.setattr(static.engine, "row_mover", lambda: mover)
+    copies, joining, real_copy = [], [], slot_batch.copy_rows
+    monkeypatch.setattr(slot_batch, "copy_rows", lambda dst, parts: copies.append((dst.start, dst.batch, bool(joining)))
+                        or real_copy(dst, parts))
+    real_join = slot_batch.SlotBatch.join
+
+    def join(self, done):
+        joining.append(1)
+        try:
+            return real_join(self, done)
+        finally:
+            joining.pop()
+    monkeypatch.setattr(slot_batch.SlotBatch, "join", join)
+    views, real_view = [], static.engine.view
+    monkeypatch.setattr(static.engine, "view", lambda c, s, n, **k: views.append((s, n, k.get("decode", False)))
+                        or real_view(c, s, n, **k))
+
+    rng = np.random.default_rng(SEED)
+    print(TAG)
+    ps = [rng.integers(3, 256, n).tolist() for n in (5, 9, 4, 7, 6, 8)]
+    news = [3, 4, 3, 2, 24, 20]  # the first four end early: the last two move down
+    ref = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+    late = rng.integers(3, 256, 40).tolist()  # needs a larger buffer than the first six
+    late_ref = fused.generate_ids(late, max_new_tokens=30, ignore_eos=True)
+    with Scheduler(static, SchedulerConfig(max_batch=8, prefill_chunk=16, slot_batch=True)) as sched:
+        batch = sched.batch
+        handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+        outs = [[r.token for r in h if r.token is not None] for h in handles[:4]]
+        capacity = batch.cache.capacity
+        h_late = sched.submit(late, max_new_tokens=30, ignore_eos=True)
+        outs += [[r.token for r in h if r.token is not None] for h in handles[4:]]
+        late_out = [r.token for r in h_late if r.token is not None]
+        stats = sched.stats()
+    for i, (got, want) in enumerate(zip(outs, ref)):
+        assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
+    assert late_out == late_ref, f"{TAG} the request that grew the buffer differs from its single run"
+    assert stats.blocks_used == 0 and stats.requests_finished == 7
+    assert batch.cache.capacity > capacity, "the 70-token request did not move the rows into a larger buffer"
+    prefills = [v for v in views if not v[2]]
+    assert prefills and all(n >= 1 for _, n, _ in prefills), views
+    # joins from in-place prefills copy nothing: only the chunked late prompt (its own cache) is
+    # copied into a slot when it joins; the other copies are moves down (one row each) and the
+    # move into the larger buffer (rows [0, top), once)
+    assert len([c for c in copies if c[2] and c[1] == 1]) == 1, f"joins copied rows: {copies}"
+    assert any(n == 1 and start < 2 for start, n, _ in copies), f"no row moved down: {copies}"
+    assert len([c for c in copies if c[1] > 1]) <= 1, f"rows moved into a larger buffer more than once: {copies}"
+    decode_sizes = sorted({n for _, n, d in views if d})
+    assert set(decode_sizes) <= set(slot_batch.BUCKETS), decode_sizes
+
+
+def test_cancelled_rows_free_their_slots(static, fused):
+    rng = np.random.default_rng(SEED + 1)
+    ps = [rng.integers(3, 256, n).tolist() for n in (6, 6, 6)]
+    ref = fused.generate_ids(ps[2], max_new_tokens=12, ignore_eos=True)
+    with Scheduler(static, SchedulerConfig(max_batch=2, prefill_chunk=16, slot_batch=True)) as sched:
+        a = sched.submit(ps[0], max_new_tokens=200, ignore_eos=True)
+        b = sched.submit(ps[1], max_new_tokens=200, ignore_eos=True)
+        a.get(30), b.get(30)
+        a.cancel()
+        c = sched.submit(ps[2], max_new_tokens=12, ignore_eos=True)
+        out = [r.token for r in c if r.token is not None]
+        b.cancel()
+    assert out == ref, f"{TAG} a request in a reused slot differs from its single run"
