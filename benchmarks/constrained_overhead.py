@@ -5,9 +5,11 @@
 
 Each case runs the same chat prompts through the runtime's BatchDecoder twice, at one
 temperature: free, and under a JSON schema whose ``minItems`` keeps every row generating for all
-``--tokens`` steps (so the batch stays full). Free and constrained runs take turns; the table
-gives the median decode step (the forward pass plus one token per row) over the runs after a
-warm-up round, and the overhead, against issue #19's targets (<= 15 % at batch 1, <= 10 % at
+``--tokens`` steps (so the batch stays full). Free and constrained runs take turns (the order
+flipping every round); the table gives the median decode step (the forward pass plus one token
+per row) over the runs after a warm-up round, the overhead of those medians, and the median (and
+range) of each round's own constrained/free ratio, which a host whose speed drifts between rounds
+moves less, against issue #19's targets (<= 15 % at batch 1, <= 10 % at
 batch 16). At temperature 0 on a static graph the free rows take the graph's own argmax and the
 constrained ones, on a GPU, the argmax under the grammar masks on the device (only ids come
 back); at 0.7 every row's logits come to the host (on a GPU masked there first). Greedy constrained rows take the graph's argmax where their grammar allows it
@@ -140,24 +142,27 @@ def main() -> None:
     model.guide.matcher(schema)
     print(f"{model!r}; masks on the device: {model.engine.masks_on_device}; llguidance tokenizer + schema "
           f"compiled in {time.perf_counter() - t:.2f} s\n")
-    print("| batch | temperature | free step ms | constrained step ms | overhead | target | "
-          "split of the constrained step (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("| batch | temperature | free step ms | constrained step ms | overhead | paired overhead, median (range) "
+          "| target | split of the constrained step (ms) |")
+    print("|---:|---:|---:|---:|---:|---|---:|---|")
     for batch in args.batches:
         ids = prompts(model, batch)
         for temp in args.temperatures:
             free, con = [], []
-            for _ in range(args.runs + 1):  # the first round warms up
-                free.append(statistics.median(step_times(model, ids, None, args.tokens, temp)))
-                con.append(statistics.median(step_times(model, ids, schema, args.tokens, temp)))
+            for i in range(args.runs + 1):  # the first round warms up; the order flips every round
+                for constraint in ((None, schema) if i % 2 else (schema, None)):
+                    (free if constraint is None else con).append(
+                        statistics.median(step_times(model, ids, constraint, args.tokens, temp)))
             f, c = statistics.median(free[1:]) * 1e3, statistics.median(con[1:]) * 1e3
+            paired = sorted(100 * (b / a - 1) for a, b in zip(free[1:], con[1:]))  # each round's own ratio
             with Split() as split:
                 steps = len(step_times(model, ids, schema, args.tokens, temp)) + 1
             parts = ", ".join(f"{k} {v * 1e3 / steps:.2f}" for k, v in split.total.items())
             if split.checks[0]:
                 parts += f"; argmax or first draw refused by the grammar {split.checks[1]} of {split.checks[0]} checks"
             target = 15 if batch == 1 else 10
-            print(f"| {batch} | {temp:g} | {f:.2f} | {c:.2f} | {100 * (c / f - 1):+.1f} % | <= {target} % | {parts} |",
+            print(f"| {batch} | {temp:g} | {f:.2f} | {c:.2f} | {100 * (c / f - 1):+.1f} % | "
+                  f"{statistics.median(paired):+.1f} % ({paired[0]:+.1f} to {paired[-1]:+.1f}) | <= {target} % | {parts} |",
                   flush=True)
 
 
