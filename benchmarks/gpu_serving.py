@@ -159,7 +159,7 @@ def kv_bytes(url: str) -> float:
 
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 provider: str = "cuda") -> None:
+                 provider: str = "cuda", rounds: int = 1) -> None:
     import httpx
 
     port = free_port()
@@ -187,7 +187,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             time.sleep(1)
         say(f"server ({config}) ready in {time.perf_counter() - t:.0f} s")
         http_level(url, prompts(4, prompt, vocab, seed=1), 16)  # warm-up: CUDA graphs, cuBLAS
-        for n in levels:
+        for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
             reqs = prompts(n, prompt, vocab)
             cpu0, seen = tree_cpu_s(srv.pid), []
             stop = [False]
@@ -206,7 +206,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             th.join()
             r["server_cores"] = (tree_cpu_s(srv.pid) - cpu0) / wall
             r["kv_gib"] = np.nanmax(seen) / 2**30 if any(v == v for v in seen) else float("nan")
-            rows[(f"portable_infer ({config})", n)] = r
+            rows[(f"portable_infer ({config})" + (f", round {round_ + 1}" if rounds > 1 else ""), n)] = r
             say(f"  {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
     finally:
         srv.terminate()
@@ -273,6 +273,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--configs", nargs="+", default=["inproc", "engine"])
+    ap.add_argument("--rounds", type=int, default=1, help="each level this many times on one server (round 1: cold)")
     ap.add_argument("--provider", default="cuda", help="ours (cpu: a dry run of the script with --package)")
     ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
     ap.add_argument("--genai-model", type=Path, default=None, help="drive this GenAI model instead of the build")
@@ -301,7 +302,7 @@ def main() -> None:
     if "serve" in args.parts:
         for config in args.configs:
             try:
-                serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider)
+                serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider, args.rounds)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
