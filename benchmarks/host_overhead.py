@@ -19,6 +19,8 @@ is hidden, what it does between forwards is not. ``--emit`` sets ``SchedulerConf
 (auto: on, since the null engine says it runs on cuda). ``--profile`` writes cProfile stats of
 the step loop's thread for the largest level.
 
+``--slots`` sets ``SchedulerConfig.slot_batch`` (default on, as on GPUs for static graphs).
+
 ``--sampled`` draws at temperature 0.7 / top-p 0.9 instead, on logits the null engine returns
 (what a host-sampled batch costs: its logits' transfer excluded).
 """
@@ -39,15 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portable_infer  # noqa: E402
 from portable_infer.engine import padding  # noqa: E402
+from portable_infer.serving import slot_batch  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 
 class NullCache:
     """A cache with the row bookkeeping of a real one and no KV."""
 
-    def __init__(self, layout, batch: int, capacity: int, rows=None, length: int = 0):
+    def __init__(self, layout, batch: int, capacity: int, rows=None, length: int = 0, start: int = 0, owner=None):
         self.layout, self.batch, self.capacity, self.length = layout, batch, capacity, length
         self.rows = np.zeros(batch, np.int64) if rows is None else rows
+        self.start, self.owner = start, owner  # a view's rows of its owner (the slot batch's buffer)
 
     bytes_per_token = 0
 
@@ -90,6 +94,12 @@ class NullEngine:
     def new_cache(self, batch, capacity=None):
         return NullCache(self.variant.kv, batch, capacity or self.max_context)
 
+    def buffer(self, batch, capacity):  # the slot batch's (serving/slot_batch.py)
+        return NullCache(self.variant.kv, batch, capacity, np.ones(batch, np.int64))
+
+    def view(self, cache, start, count, decode=False):
+        return NullCache(self.variant.kv, count, cache.capacity, start=cache.start + start, owner=cache.owner or cache)
+
     def forward(self, ids, mask, cache, *, greedy=False, all_logits=False):
         now = time.perf_counter()
         if self._last is not None:
@@ -113,12 +123,14 @@ def level(model, streams: int, args, profile: str | None) -> dict:
     engine = NullEngine(model.engine, model.codec.vocab_size, args.device, args.seed, args.step_ms / 1e3)
     config = SchedulerConfig(max_batch=streams, max_waiting=streams, kv_budget_tokens=streams * (args.prompt + args.new),
                              prefill_chunk=args.prefill_chunk,
-                             emit_thread={"auto": None, "on": True, "off": False}[args.emit])
+                             emit_thread={"auto": None, "on": True, "off": False}[args.emit],
+                             slot_batch={"auto": None, "on": True, "off": False}[args.slots])
     rng = np.random.default_rng(args.seed + streams)
     sampling = dict(temperature=0.7, top_p=0.9, seed=1) if args.sampled else dict(temperature=0.0)
     if args.stop_strings:
         sampling["stop"] = ["\n\n\n\n\n"]
     counts = [0] * streams
+    slot_batch.copy_rows = lambda dst, parts: None  # null caches hold no KV to move
     with Scheduler(model, config) as sched:
         sched.engine = engine
         prof = cProfile.Profile() if profile else None
@@ -167,6 +179,8 @@ def main() -> None:
                     help="each decode forward sleeps this long with the GIL released (a GPU step's time)")
     ap.add_argument("--emit", choices=("auto", "on", "off"), default="auto",
                     help="SchedulerConfig.emit_thread (auto: on, the null engine says cuda)")
+    ap.add_argument("--slots", choices=("auto", "on", "off"), default="on",
+                    help="SchedulerConfig.slot_batch (on: the GPU default for static graphs; off: restacked)")
     ap.add_argument("--sampled", action="store_true")
     ap.add_argument("--stop-strings", action="store_true")
     ap.add_argument("--profile", default=None)

@@ -139,3 +139,38 @@ def test_add_rejects_non_ids(tokenizer, bad):
 def test_numpy_ids_are_accepted(tokenizer):
     ids = np.array(tokenizer.encode(EMOJI).ids, dtype=np.int64)
     assert "".join(stream(tokenizer, ids)) == EMOJI
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """A SentencePiece-style tokenizer (Metaspace, byte fallback): its decoder's text depends on context."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", EOS], show_progress=False,
+                                  initial_alphabet=[f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_decode_stream_gives_the_window_rules_pieces(tokenizer, kind):
+    """For a tokenizers.Tokenizer each token goes through tokenizers' DecodeStream; its pieces are
+    the window rule's own, piece by piece (random ids, specials kept and skipped)."""
+    tok = tokenizer if kind == "byte-level" else _metaspace_tokenizer()
+    rng = np.random.default_rng(11)
+    for skip in (True, False):
+        ids = rng.integers(0, tok.get_vocab_size(), 300).tolist()
+        fast, rule = StreamingDetokenizer(tok, skip), StreamingDetokenizer(tok, skip)
+        assert fast._stream is not None
+        rule._stream = None
+        a, b = [], []
+        for t in ids:
+            fast.add(t)
+            rule.add(t)
+            a.append(fast.take())
+            b.append(rule.take())
+        assert fast._stream is not None, f"{kind}: DecodeStream failed and the rule took over"
+        a.append(fast.finalize())
+        b.append(rule.finalize())
+        assert a == b, f"{kind}: DecodeStream's pieces differ from the window rule's"
+        assert "".join(a) == tok.decode(ids, skip_special_tokens=skip)

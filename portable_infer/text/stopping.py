@@ -45,6 +45,8 @@ class StopMatcher:
         On a hit the returned text ends just before the stop string, and every later call returns
         ``("", True)``.
         """
+        if not self.stops:  # nothing to match: the text as it comes
+            return text, False
         if self._stopped:
             return "", True
         buffer = self._held + text
