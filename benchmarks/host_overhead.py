@@ -133,6 +133,8 @@ def level(model, streams: int, args, profile: str | None) -> dict:
     slot_batch.copy_rows = lambda dst, parts: None  # null caches hold no KV to move
     with Scheduler(model, config) as sched:
         sched.engine = engine
+        if args.no_overlap:
+            sched.batch.overlap = False
         prof = cProfile.Profile() if profile else None
         if prof:  # the step loop's thread only (the text, with --emit off: hand_over delivers it there)
             sched.batch.decode = _profiled(prof, sched.batch.decode)
@@ -181,6 +183,7 @@ def main() -> None:
                     help="SchedulerConfig.emit_thread (auto: on, the null engine says cuda)")
     ap.add_argument("--slots", choices=("auto", "on", "off"), default="on",
                     help="SchedulerConfig.slot_batch (on: the GPU default for static graphs; off: restacked)")
+    ap.add_argument("--no-overlap", action="store_true", help="slot batch: greedy forwards wait for the host's picks")
     ap.add_argument("--sampled", action="store_true")
     ap.add_argument("--stop-strings", action="store_true")
     ap.add_argument("--profile", default=None)

@@ -118,3 +118,24 @@ def test_cancelled_rows_free_their_slots(static, fused):
         out = [r.token for r in c if r.token is not None]
         b.cancel()
     assert out == ref, f"{TAG} a request in a reused slot differs from its single run"
+
+
+def test_overlapped_greedy_steps_stop_on_a_stop_id_with_nothing_extra(static, fused):
+    """Plain greedy batches start each forward before the host has looked at the last tokens: a
+    row that a stop id ends was fed one more token, which must not reach its reader."""
+    rng = np.random.default_rng(SEED + 2)
+    ps = [rng.integers(3, 256, n).tolist() for n in (5, 8, 11, 6)]
+    refs = [fused.generate_ids(p, max_new_tokens=24, ignore_eos=True) for p in ps]
+    stops = [ref[3 + i] for i, ref in enumerate(refs)]  # each row ends on its own step
+    want = [ref[:ref.index(stop) + 1] for ref, stop in zip(refs, stops)]
+    steps = []
+    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=16, slot_batch=True)) as sched:
+        assert sched.batch.overlap
+        real = sched.batch._overlapped
+        sched.batch._overlapped = lambda *a: steps.append(1) or real(*a)
+        handles = [sched.submit(p, max_new_tokens=24, ignore_eos=True, stop_token_ids=[s]) for p, s in zip(ps, stops)]
+        outs = [[r for r in h] for h in handles]
+    assert steps, "no decode step overlapped"
+    for i, (pieces, w) in enumerate(zip(outs, want)):
+        assert [r.token for r in pieces if r.token is not None] == w, f"{TAG} row {i}: tokens after its stop id"
+        assert pieces[-1].finish_reason == "stop"

@@ -23,15 +23,22 @@ rows of one buffer (:meth:`StaticEngine.buffer <portable_infer.engine.static.Sta
   slots (one row copy each) so that the steps get smaller.
 - The buffer holds ``max_batch`` rows of the largest capacity asked for so far; a request that
   needs more moves every row into a larger buffer once.
+- Plain greedy batches overlap the host with the device (vLLM's async scheduling): each forward
+  starts on the previous one's argmax ids, and the host runs the previous tokens through their
+  rows' rules while it runs (:meth:`SlotBatch._overlapped`). A row those tokens end decodes one
+  more token, which is dropped.
 
 Same verbs and results as the running batch, so the scheduler's loop is the same (loop thread only).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from portable_infer.decode import batch_pick
+from portable_infer.decode.batch_pick import RowInput
 from portable_infer.decode.constraints import MaskFill
 from portable_infer.engine.kv_static import copy_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
@@ -61,6 +68,9 @@ class SlotBatch(RunningBatch):
         self.lengths = np.ones(max_batch, np.int64)  # KV tokens per slot (a free slot: 1)
         self.pending = np.zeros(max_batch, np.int64)  # each slot's next input token
         self._views: dict = {}  # decode batch size -> its view of the buffer
+        self.overlap = True  # plain greedy steps start before the host picks the last one's tokens
+        self._unpicked: list = []  # [(slot, request, token)] of the last overlapped forward
+        self._worker = None  # the thread that runs overlapped forwards
 
     def nbytes(self) -> int:
         return self.cache.nbytes() if self.cache is not None else 0
@@ -152,40 +162,49 @@ class SlotBatch(RunningBatch):
         """Rows in slots >= ``count`` move into the free slots below it."""
         holes = [i for i in range(count) if self.slots[i] is None]
         high = [i for i in range(count, self.max_batch) if self.slots[i] is not None]
-        for dst, src in zip(holes, high):
+        moved = dict(zip(high, holes))
+        for src, dst in moved.items():
             copy_rows(self.engine.view(self.cache, dst, 1), [(self.cache, [src])])
             self._place(dst, self.slots[src], int(self.lengths[src]), int(self.pending[src]))
             self._free(src)
+        self._unpicked = [(moved.get(i, i), r, tok) for i, r, tok in self._unpicked]  # their rows moved
         self._publish()
 
     def reset(self) -> None:
-        """Every slot free (the buffer and its views stay)."""
+        """Every slot free, the overlapped forward's tokens dropped (the buffer and its views stay)."""
         for i in range(self.max_batch):
             self._free(i)
         self._partial.clear()
+        self._unpicked = []
         self._publish()
 
     def decode(self) -> list:
-        """One forward over the slots up to the highest in use (rounded up to a bucket); one token per live row."""
+        """One forward over the slots up to the highest in use (rounded up to a bucket); one
+        token per live row. Plain greedy batches overlap (:meth:`_overlapped`): the results
+        returned are the previous forward's."""
         top = self._top()
         rows = self.slots[:top]
         if not any(r is not None and r.state != "done" for r in rows):
-            return []
+            return self._pick_unpicked()
         size = bucket(top, self.max_batch)
         view = self._views.get(size)
         if view is None:
             view = self._views[size] = self.engine.view(self.cache, 0, size, decode=True)
         rows = self.slots[:size]
         seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
-        live = np.array([[s is not None] for s in seqs], np.int64)  # the new column: who advances
         how = batch_pick.mode(self.engine, seqs)
+        if how == batch_pick.GREEDY and self.overlap:
+            return self._overlapped(view, rows, seqs)
+        results = self._pick_unpicked()  # a batch that needs the host between steps: no overlap
+        seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
+        if not any(s is not None for s in seqs):
+            return results
+        how = batch_pick.mode(self.engine, seqs)
+        live = np.array([[s is not None] for s in seqs], np.int64)  # the new column: who advances
         matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
         fill = MaskFill(matchers, size, max(s.mask_vocab for s in seqs if s is not None))
-        view.rows = self.lengths[:size].copy()
-        out = batch_pick.forward(self.engine, how, self.pending[:size, None], live, view)
-        self.lengths[:size] = view.rows
+        out = self._forward(how, view, live)
         inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
-        results = []
         for i, r in enumerate(rows):
             if seqs[i] is None or inputs[i] is None:  # free, ended before the step, or cancelled during it
                 continue
@@ -194,3 +213,36 @@ class SlotBatch(RunningBatch):
                 self.pending[i] = res.pick.token
             results.append(res)
         return results
+
+    def _forward(self, how: str, view, live: np.ndarray):
+        size = view.batch
+        view.rows = self.lengths[:size].copy()
+        out = batch_pick.forward(self.engine, how, self.pending[:size, None].copy(), live, view)
+        self.lengths[:size] = view.rows
+        return out
+
+    def _overlapped(self, view, rows: list, seqs: list) -> list:
+        """Plain greedy rows, as vLLM's async scheduling: this forward starts on the device's
+        argmax ids of the previous one, before the host has looked at them; while it runs (ONNX
+        Runtime releases the GIL) the previous forward's tokens go through each row's
+        ``Sequence.step`` (stop ids, lengths, the context) here. A row that those tokens end was
+        fed one more token; its pick is dropped, and its KV row is free anyway."""
+        live = np.array([[s is not None] for s in seqs], np.int64)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-forward")
+        step = self._worker.submit(self._forward, batch_pick.GREEDY, view, live)
+        try:
+            results = self._pick_unpicked()
+        finally:
+            tokens = step.result()  # the forward's own failure is raised here, after the picks
+        self._unpicked = [(i, r, int(tokens[i])) for i, r in enumerate(rows) if seqs[i] is not None]
+        for i, _, tok in self._unpicked:
+            self.pending[i] = tok
+        return results
+
+    def _pick_unpicked(self) -> list:
+        """The overlapped forward's tokens through their rows' rules (rows that ended meanwhile, or
+        whose slot another request took, get nothing)."""
+        unpicked, self._unpicked = self._unpicked, []
+        return [pick_row(r, RowInput(tok=tok), max_context=self.max_context) for i, r, tok in unpicked
+                if self.slots[i] is r and r.state != "done"]
