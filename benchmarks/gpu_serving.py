@@ -159,7 +159,7 @@ def kv_bytes(url: str) -> float:
 
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 provider: str = "cuda", rounds: int = 1) -> None:
+                 provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512) -> None:
     import httpx
 
     port = free_port()
@@ -167,7 +167,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     budget = max(levels) * (prompt + new)
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
-           "--kv-budget-tokens", str(budget), "--prefill-chunk", "512", "--model-name", "m"]
+           "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
     if config in ("engine", "engine-restack"):
         cmd.append("--engine-process")
     if config.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
@@ -274,6 +274,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--configs", nargs="+", default=["inproc", "engine"])
     ap.add_argument("--rounds", type=int, default=1, help="each level this many times on one server (round 1: cold)")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="serve --prefill-chunk (a group prefills up to 4x this)")
     ap.add_argument("--provider", default="cuda", help="ours (cpu: a dry run of the script with --package)")
     ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
     ap.add_argument("--genai-model", type=Path, default=None, help="drive this GenAI model instead of the build")
@@ -302,7 +303,7 @@ def main() -> None:
     if "serve" in args.parts:
         for config in args.configs:
             try:
-                serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider, args.rounds)
+                serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
