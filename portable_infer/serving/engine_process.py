@@ -3,12 +3,19 @@ engine's loop (forwards, each row's pick, detokenizing) stop sharing one GIL, as
 its API server from its engine core::
 
     API process (the server)                       engine process (spawned)
-    ProcessScheduler.submit_ids ── submit ──────>  Scheduler.submit_to(Forward(rid))
+    ProcessScheduler.submit_ids ── submit ──────>  Scheduler.submit_to(Forward(rid), text=False)
       (checked here: checked_request)
-    RequestHandle <── one message per batch ─────  Forward.put / end (step loop, emitter)
-                      of pieces and ends            -> Outbox: a sender thread
+    RequestHandle <── text ── _Reader <── one ───  Forward.put / end (step loop, emitter):
+      (detokenizer, stop strings here)   message    token ids, logprobs, finish reasons
+                                         per batch   -> Outbox: a sender thread
+    a stop string in the text ── stop ──────────>  queues.stop
     handle.cancel() ── cancel ──────────────────>  queues.cancel
     stats() ── ask ─────────────────────────────>  reply
+
+The text is made here, as vLLM v1's API server detokenizes: the engine process's GIL is left to the
+steps and each row's rule. A stop string found here ends the request in the engine (one message);
+the tokens the engine made meanwhile are dropped and the reader gets what the in-process scheduler
+gives (the piece that completed the stop string, with finish reason "stop", and its count).
 
 :class:`ProcessScheduler` has the scheduler's public face, so the server runs over either. Its
 ``model`` holds the package's manifest, tokenizer, template and sampling defaults, no session (the
@@ -25,7 +32,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from portable_infer.decode.sampling import SamplingParams
@@ -138,7 +145,7 @@ class ProcessScheduler:
         with self._lock:
             if not self.alive:
                 raise PortableInferError("the scheduler is closed; create a new one")
-            self._writers[rid] = writer  # before the engine can send a piece for it
+            self._writers[rid] = _Reader(writer, self.codec.text_stream(params.stop))  # before any piece
         try:
             self._send(("submit", rid, ids, params))
         except (OSError, ValueError) as exc:  # the pipe broke: the engine process is gone
@@ -255,14 +262,16 @@ class ProcessScheduler:
                         logger.exception("scheduler observer %s failed", ev[1])
                 continue
             with self._lock:
-                writer = self._writers.get(ev[1]) if kind == "put" else self._writers.pop(ev[1], None)
-            if writer is None:
+                reader = self._writers.get(ev[1]) if kind == "put" else self._writers.pop(ev[1], None)
+            if reader is None:
                 continue
             if kind == "put":
-                writer.put(ev[2])
+                if reader.put(ev[2]):  # a stop string: the engine ends it
+                    self._send(("stop", ev[1]))
+            elif ev[2][0] == "error":
+                reader.writer.end(unpack_error(ev[2][1]), ev[3])
             else:
-                last = unpack_error(ev[2][1]) if ev[2][0] == "error" else ev[2][1]
-                writer.end(last, ev[3])
+                reader.end(ev[2][1], ev[3])
 
     def _fail_open(self, exc: Exception) -> None:
         with self._lock:
@@ -271,8 +280,46 @@ class ProcessScheduler:
         for waiter in asks.values():
             waiter[1] = (False, pack_error(exc))
             waiter[0].set()
-        for rid, writer in writers.items():
-            writer.end(exc, failed_stats(rid, writer._handle.prompt_tokens))
+        for rid, reader in writers.items():
+            reader.writer.end(exc, failed_stats(rid, reader.writer._handle.prompt_tokens))
+
+
+class _Reader:
+    """One open request here: its handle's writer, and its text made from the engine's token ids
+    (the detokenizer and stop strings, as ``Request.emit`` makes it in process)."""
+
+    def __init__(self, writer, text):
+        self.writer, self.text = writer, text
+        self.tokens = 0  # pieces taken (the engine may make more before it hears of a stop string)
+        self.stopped = None  # the piece whose text completed a stop string, held for the end
+
+    def put(self, piece) -> bool:
+        """Hand a piece's text to the reader; True when it completes a stop string (the piece is
+        held: it becomes the last one when the engine has ended the request)."""
+        if self.stopped is not None:
+            return False
+        self.tokens += 1
+        text, hit = self.text.push(piece.token)
+        if hit:
+            self.stopped = replace(piece, text=text, finish_reason="stop", generation_tokens=self.tokens)
+            return True
+        self.writer.put(replace(piece, text=text))
+        return False
+
+    def end(self, last, stats) -> None:
+        if self.stopped is not None:  # the engine ended it on our stop: what came after is dropped
+            self.writer.end(self.stopped, replace(stats, generation_tokens=self.tokens, finish_reason="stop"))
+            return
+        if last.token is not None:  # its last token (a stop id, the length, the context)
+            self.tokens += 1
+            text, hit = self.text.push(last.token)
+            if hit:
+                last = replace(last, finish_reason="stop")
+                stats = replace(stats, finish_reason="stop")
+            else:
+                text += self.text.close()
+            last = replace(last, text=text)
+        self.writer.end(last, stats)
 
 
 def failed_stats(rid: str, prompt_tokens: int) -> RequestStats:
@@ -364,13 +411,13 @@ def _engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None
                 _, rid, ids, params = msg
                 writer = Forward(rid, outbox, requests)
                 try:
-                    requests[rid] = sched.submit_to(writer, ids, params)
+                    requests[rid] = sched.submit_to(writer, ids, params, text=False)  # the text is made there
                 except Exception as exc:  # noqa: BLE001 - closing, or its queue is full: this request's end
                     writer.end(exc, failed_stats(rid, len(ids)))
-            elif kind == "cancel":
+            elif kind in ("cancel", "stop"):  # the client left; a stop string in the text
                 r = requests.get(msg[1])
                 if r is not None:
-                    sched.queues.cancel(r)
+                    (sched.queues.cancel if kind == "cancel" else sched.queues.stop)(r)
             elif kind == "stats":
                 outbox.send(("reply", msg[1], (True, sched.stats())))
             elif kind == "observe":

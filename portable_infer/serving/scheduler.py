@@ -55,6 +55,7 @@ from portable_infer.serving.handle import RequestHandle, open_handle
 from portable_infer.serving.kvblocks import BlockPool
 from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.prompts import token_ids
+from portable_infer.text.streaming import TextStream
 from portable_infer.serving.request import Request
 from portable_infer.serving.running_batch import RunningBatch
 from portable_infer.serving.slot_batch import SlotBatch
@@ -170,15 +171,18 @@ class Scheduler:
         """Queue a prompt given as token ids with explicit :class:`SamplingParams`."""
         return self._queue(ids, params, truncate, None).handle
 
-    def submit_to(self, writer, ids: list, params: SamplingParams, *, truncate: bool = False) -> Request:
+    def submit_to(self, writer, ids: list, params: SamplingParams, *, truncate: bool = False,
+                  text: bool = True) -> Request:
         """:meth:`submit_ids` whose pieces go to ``writer`` (a HandleWriter's ``put``/``end``), no handle;
-        returns the request (``queues.cancel(request)`` cancels it): the engine process's way."""
-        return self._queue(ids, params, truncate, writer)
+        returns the request (``queues.cancel(request)`` cancels it, ``queues.stop(request)`` ends it
+        on a stop string found by the writer's side): the engine process's way. ``text=False``: the
+        pieces carry token ids only (no detokenizing, no stop strings here; the reader's side makes the text)."""
+        return self._queue(ids, params, truncate, writer, text)
 
-    def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer) -> Request:
+    def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer, text: bool = True) -> Request:
         ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate)
-        r = Request(f"req-{next(self._ids)}", ids, params, blocks, self.codec.text_stream(params.stop),
-                    seq=seq, submitted=time.perf_counter())
+        stream = self.codec.text_stream(params.stop) if text else TextStream(None)
+        r = Request(f"req-{next(self._ids)}", ids, params, blocks, stream, seq=seq, submitted=time.perf_counter())
         if writer is None:
             r.handle, r.writer = open_handle(r.id, len(ids), self.queues.cancel, r)
         else:

@@ -204,6 +204,12 @@ class RequestQueues:
             return
         r.writer.put(resp)
 
+    def stop(self, r) -> None:
+        """End ``r`` on a stop string its reader's side found in the text (the engine process's
+        API side makes the text): finished, reason "stop"."""
+        self.end(r, Response("", None, "stop", prompt_tokens=len(r.prompt), generation_tokens=r.emitted),
+                 "stop", "requests_finished")
+
     def cancel(self, r) -> None:
         self.end(r, Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=r.emitted),
                  "cancelled", "requests_cancelled")
