@@ -217,6 +217,9 @@ class FakeHandle:
     def cancel(self):
         self.cancelled = True
 
+    def ready(self):  # what a real handle has queued already: here nothing (one piece per read)
+        return []
+
     def __aiter__(self):
         return self
 
@@ -282,3 +285,26 @@ def test_the_tokenizer_queue_takes_what_the_scheduler_takes_by_default():
     sched = SimpleNamespace(config=SimpleNamespace(max_batch=256, max_waiting=1024))
     assert Admission(sched, ServerConfig(), 128).max_queued == 1280
     assert Admission(sched, ServerConfig(max_tokenizing=3), 128).max_queued == 3
+
+
+def test_a_stream_that_fell_behind_sends_what_is_queued_as_one_chunk():
+    """Pieces already queued when the stream reads go out as one SSE chunk: the text joined, the
+    finish reason and usage of the last; what the client assembles is unchanged."""
+    import json
+
+    from portable_infer.serving.handle import RequestStats, open_handle
+    from portable_infer.text.streaming import Response
+
+    handle, writer = open_handle("r", 3, lambda _: None, None)
+    words = ["The", " capital", " of", " France", " is"]
+    for i, w in enumerate(words):
+        writer.put(Response(w, 10 + i, None, generation_tokens=i + 1))
+    writer.end(Response(" Paris.", 20, "length", generation_tokens=6),
+               RequestStats("r", 3, 6, "length", 0.0, 0.1, (), 0.2))
+    events = collect(handle)
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert len(chunks) == 1, chunks  # all six pieces were queued: one chunk
+    assert chunks[0]["choices"][0]["text"] == "".join(words) + " Paris."
+    assert chunks[0]["choices"][0]["finish_reason"] == "length"
+    assert handle.done and handle.stats.generation_tokens == 6

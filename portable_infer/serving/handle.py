@@ -148,6 +148,19 @@ class RequestHandle:
                 self._event.clear()
             await self._event.wait()
 
+    def ready(self) -> list:
+        """The pieces queued now, without waiting (up to an error, which the next read raises;
+        through the last piece): a reader that fell behind takes them together."""
+        out = []
+        with self._cond:
+            while self._items and not isinstance(self._items[0], BaseException):
+                item = self._items.popleft()
+                out.append(item)
+                if item.finish_reason is not None:
+                    self._ended = True
+                    break
+        return out
+
     def __aiter__(self) -> AsyncIterator[Response]:
         return self
 

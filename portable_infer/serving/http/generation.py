@@ -134,17 +134,20 @@ async def sse(handle, reply: Reply, include_usage: bool, flight=None, config=Non
         last, pieces = None, []  # pieces: tokens whose logprobs go out with the next chunk
         try:
             async for r in handle:
-                last = r
+                # a stream that fell behind sends what is queued as one chunk (its text joined, its
+                # tokens' logprobs together): one event per step, not per token, when the loop is busy
+                group = [r] if tools is not None else [r, *handle.ready()]
+                r = last = group[-1]
                 if flight is not None and flight.aborted and r.finish_reason == "cancelled":
                     yield _event(shutting_down(config, unfinished=True).body())
                     yield DONE
                     return
-                if r.logprob is not None:
-                    pieces.append(r)
+                pieces += [p for p in group if p.logprob is not None]
                 if tools is not None:
                     chunks = tools.chunks(r, reply, pieces)
                 else:
-                    chunks = [reply.chunk(r.text, r.finish_reason, pieces=pieces)] if r.text or r.finish_reason else []
+                    text = r.text if len(group) == 1 else "".join(p.text for p in group)
+                    chunks = [reply.chunk(text, r.finish_reason, pieces=pieces)] if text or r.finish_reason else []
                 for chunk in chunks:
                     yield _event(chunk)
                 if chunks:
