@@ -17,7 +17,8 @@ pytest.importorskip("torch")
 from _serving import add_tokenizer  # noqa: E402
 import portable_infer  # noqa: E402
 from portable_infer.errors import ContextLengthError, InvalidArgumentError, PortableInferError  # noqa: E402
-from portable_infer.serving.engine_process import ProcessScheduler, pack_error, unpack_error  # noqa: E402
+from portable_infer.serving.engine_core import pack_error, unpack_error  # noqa: E402
+from portable_infer.serving.engine_process import ProcessScheduler  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = int(os.environ.get("ENGINE_PROCESS_SEED") or random.SystemRandom().randrange(2**31))

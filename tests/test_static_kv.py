@@ -75,7 +75,7 @@ def test_step_logits_match_the_fused_graph(static, fused):
 
 
 def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static, monkeypatch):
-    from portable_infer.engine.static import GRAPHS_PER_SHAPE
+    from portable_infer.engine.static_buffers import GRAPHS_PER_SHAPE
 
     e = static.engine
     plain = [e.new_cache(3, capacity=10) for _ in range(2)]  # no CUDA graphs: nothing pooled

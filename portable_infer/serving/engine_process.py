@@ -27,7 +27,6 @@ their class, message and attributes. If the engine process dies, every open requ
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -37,8 +36,8 @@ from pathlib import Path
 
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import PortableInferError
-from portable_infer.serving.drain import DrainThread
-from portable_infer.serving.handle import RequestStats, open_handle
+from portable_infer.serving.engine_core import engine_main, failed_stats, pack_error, unpack_error
+from portable_infer.serving.handle import open_handle
 from portable_infer.serving.scheduler import checked_request, kv_pool
 from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
@@ -58,28 +57,6 @@ class EngineInfo:
     max_context: int
 
 
-def pack_error(exc: BaseException) -> tuple:
-    """An exception as plain data: class, message, attributes (its arguments need not pickle)."""
-    attrs = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    return type(exc).__module__, type(exc).__qualname__, str(exc), attrs
-
-
-def unpack_error(packed: tuple) -> BaseException:
-    """The exception :func:`pack_error` packed; a class this process cannot import becomes a
-    :class:`PortableInferError` with the same message."""
-    module, name, message, attrs = packed
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-            raise TypeError(name)
-    except Exception:  # noqa: BLE001 - rebuilt as the base class below
-        return PortableInferError(f"{name}: {message}")
-    exc = cls.__new__(cls)
-    BaseException.__init__(exc, message)
-    exc.__dict__.update(attrs)
-    return exc
-
-
 class ProcessScheduler:
     """A :class:`~portable_infer.serving.scheduler.Scheduler` run in a spawned process over
     ``portable_infer.load(path, **load_kwargs)`` (see the module doc).
@@ -94,7 +71,7 @@ class ProcessScheduler:
         self.config = config
         ctx = mp.get_context("spawn")  # a fork would copy ONNX Runtime's and CUDA's state
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_main, args=(child, None if path is None else str(path),
+        self._proc = ctx.Process(target=engine_main, args=(child, None if path is None else str(path),
                                                             dict(load_kwargs or {}), config),
                                  name="portable-infer-engine", daemon=True)
         self._proc.start()
@@ -322,107 +299,3 @@ class _Reader:
         self.writer.end(last, stats)
 
 
-def failed_stats(rid: str, prompt_tokens: int) -> RequestStats:
-    """The stats of a request that ended with an error before any token."""
-    return RequestStats(rid, prompt_tokens, 0, "error", queue_s=0.0, ttft_s=None, inter_token_s=(), total_s=0.0)
-
-
-# --- the engine process --------------------------------------------------------------------------
-class Outbox:
-    """What the engine process sends: replies at once, pieces and ends in batches (its
-    :class:`DrainThread` sends whatever piled up while it sent the last batch: about one message
-    per step)."""
-
-    def __init__(self, conn):
-        self.conn = conn
-        self._send_lock = threading.Lock()
-        self._sender = DrainThread(lambda events: self.send(("batch", events)), "portable-infer-outbox")
-
-    def send(self, msg) -> None:
-        with self._send_lock:
-            self.conn.send(msg)
-
-    def add(self, event) -> None:
-        self._sender.put(event)
-
-    def close(self) -> None:
-        self._sender.close()
-
-
-class Forward:
-    """The writer of one request in the engine process: its pieces and end go to the outbox."""
-
-    def __init__(self, rid: str, outbox: Outbox, requests: dict):
-        self.rid, self.outbox, self.requests = rid, outbox, requests
-
-    def put(self, piece) -> None:
-        self.outbox.add(("put", self.rid, piece))
-
-    def end(self, last, stats) -> None:
-        self.requests.pop(self.rid, None)
-        packed = ("error", pack_error(last)) if isinstance(last, BaseException) else ("piece", last)
-        self.outbox.add(("end", self.rid, packed, stats))
-
-
-class ForwardObserver(SchedulerObserver):
-    """The engine's observer hooks, sent to the API process's observers."""
-
-    def __init__(self, outbox: Outbox):
-        self.outbox = outbox
-
-    def first_token(self, ttft_s: float) -> None:
-        self.outbox.add(("obs", "first_token", ttft_s))
-
-    def inter_token(self, seconds: float) -> None:
-        self.outbox.add(("obs", "inter_token", seconds))
-
-    def finished(self, stats) -> None:
-        self.outbox.add(("obs", "finished", stats))
-
-
-def _engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None:
-    """The engine process: load, answer ready (or the error), then serve the pipe until closed."""
-    import portable_infer
-    from portable_infer.serving.scheduler import Scheduler
-
-    try:
-        model = portable_infer.load(path, **load_kwargs)
-        sched = Scheduler(model, config)
-    except BaseException as exc:  # noqa: BLE001 - the API process raises it
-        conn.send(("error", pack_error(exc)))
-        return
-    e = model.engine
-    outbox = Outbox(conn)
-    outbox.send(("ready", {"path": str(model.path), "provider": e.provider, "variant": e.variant.name,
-                           "device": e.device, "greedy_on_device": e.greedy_on_device,
-                           "masks_on_device": e.masks_on_device, "max_context": e.max_context,
-                           "max_kv_tokens": model.max_kv_tokens}))
-    requests: dict = {}  # rid -> the scheduler's Request, while open
-    try:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):  # the API process is gone
-                break
-            kind = msg[0]
-            if kind == "close":
-                break
-            if kind == "submit":  # checked in the API process already
-                _, rid, ids, params = msg
-                writer = Forward(rid, outbox, requests)
-                try:
-                    requests[rid] = sched.submit_to(writer, ids, params, text=False)  # the text is made there
-                except Exception as exc:  # noqa: BLE001 - closing, or its queue is full: this request's end
-                    writer.end(exc, failed_stats(rid, len(ids)))
-            elif kind in ("cancel", "stop"):  # the client left; a stop string in the text
-                r = requests.get(msg[1])
-                if r is not None:
-                    (sched.queues.cancel if kind == "cancel" else sched.queues.stop)(r)
-            elif kind == "stats":
-                outbox.send(("reply", msg[1], (True, sched.stats())))
-            elif kind == "observe":
-                sched.add_observer(ForwardObserver(outbox))
-    finally:
-        sched.close()
-        outbox.close()
-        conn.close()

@@ -78,6 +78,19 @@ def kv_pool(config: SchedulerConfig, kv) -> BlockPool:
     return BlockPool(budget // config.block_size, config.block_size)
 
 
+def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int):
+    """The running batch for ``engine``: fixed slots (SlotBatch: a row that leaves frees its slot,
+    nothing moves) for static-KV graphs where ``config.slot_batch`` says so (None: off the CPU,
+    where a free slot's compute is not free), else restacked at each join and leave. Restacked
+    static KV off the CPU keeps finished rows, masked, until half the batch has finished or a
+    request joins (the planner's ``defer_leave``): moving the rest copies their KV, each batch
+    size captures a CUDA graph, and an idle row costs a GPU step next to nothing."""
+    slots = config.slot_batch if config.slot_batch is not None else engine.device != "cpu"
+    if slots and engine.variant.kv.growth == "static":
+        return SlotBatch(engine, prefixes, max_context, config.max_batch)
+    return RunningBatch(engine, prefixes, max_context)
+
+
 def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, truncate: bool) -> tuple:
     """``(ids, blocks, sequence)`` of a request that passes the checks at submission (any thread),
     else the typed error: the prompt (ids in the vocabulary, within the context, or cut with
@@ -126,21 +139,12 @@ class Scheduler:
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:
             prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
-        # Static (fixed-buffer) KV off the CPU: the batch is fixed slots (SlotBatch; a row that
-        # leaves frees its slot, nothing moves). Without slots there, rows that finish stay in the
-        # batch, masked, until half of it has finished or a request joins: moving the rest into a
-        # smaller batch copies its KV, and each batch size captures a CUDA graph; an idle row
-        # costs a GPU step next to nothing. On the CPU a row's compute is not free.
-        slots = config.slot_batch if config.slot_batch is not None else engine.device != "cpu"
-        slots = slots and kv.growth == "static"
+        # Restacked static KV off the CPU (--slot-batch off) defers leaves: see Planner.defer_leave
+        self.batch = running_batch(engine, config, self.prefixes, self.max_context)  # loop thread only
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,
-                               self.prefixes.enabled,
-                               defer_leave=kv.growth == "static" and engine.device != "cpu" and not slots)
+                               self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu"
+                               and not isinstance(self.batch, SlotBatch))
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
-        if slots:  # loop thread only
-            self.batch = SlotBatch(engine, self.prefixes, self.max_context, config.max_batch)
-        else:
-            self.batch = RunningBatch(engine, self.prefixes, self.max_context)
         emit = config.emit_thread if config.emit_thread is not None else engine.device != "cpu"
         self.queues.emitter = emitter(self.queues) if emit else None
         self._ids = itertools.count()

@@ -89,7 +89,7 @@ class SchedulerStats:
     # KV memory the running batch really holds now: a growing cache's rows x width (padding
     # included); fixed buffers on the CPU count the positions written (pages are committed on
     # first write), not their virtual rows x capacity; on a GPU the whole buffers (allocated at
-    # once). Spare buffers kept for reuse (engine.static.SPARE_BYTES) and the prefix cache
+    # once). Spare buffers kept for reuse (engine.static_buffers.SPARE_BYTES) and the prefix cache
     # (prefix_cache_bytes) are not in it.
     kv_bytes: int
     prompt_tokens: int  # counters since start
