@@ -17,30 +17,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import portable_infer  # noqa: E402
 from portable_infer.serving import slot_batch  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = int(os.environ.get("SLOT_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[SLOT_SEED={SEED}]"
 
-
-@pytest.fixture(scope="module")
-def package(tiny_llama, tmp_path_factory):
-    from exporters.export import export
-
-    return export(tiny_llama.source, tmp_path_factory.mktemp("slots") / "pkg", precision="fp32", verify=False,
-                  variants=("portable", "fused", "static"))
-
-
-@pytest.fixture(scope="module")
-def static(package):
-    return portable_infer.load(package, "cpu", static_kv=True, intra_op_threads=2)
-
-
-@pytest.fixture(scope="module")
-def fused(package):
-    return portable_infer.load(package, "cpu", intra_op_threads=2, static_kv=False)
+from test_static_kv import fused, package, static  # noqa: E402,F401 - the same tiny model, static and fused
 
 
 def test_buckets():
