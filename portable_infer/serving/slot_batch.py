@@ -171,10 +171,10 @@ class SlotBatch(RunningBatch):
         self._publish()
 
     def reset(self) -> None:
-        """Every slot free, the overlapped forward's tokens dropped (the buffer and its views stay)."""
+        """Every slot free, the overlapped forward's tokens dropped (the buffer and its views stay;
+        prompts part-way through a chunked prefill go on, as in RunningBatch)."""
         for i in range(self.max_batch):
             self._free(i)
-        self._partial.clear()
         self._unpicked = []
         self._publish()
 
