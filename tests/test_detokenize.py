@@ -174,3 +174,13 @@ def test_decode_stream_gives_the_window_rules_pieces(tokenizer, kind):
         b.append(rule.finalize())
         assert a == b, f"{kind}: DecodeStream's pieces differ from the window rule's"
         assert "".join(a) == tok.decode(ids, skip_special_tokens=skip)
+        # taken every 3 ids: the stream steps over each and stays in use
+        every = StreamingDetokenizer(tok, skip)
+        joined = []
+        for n, t in enumerate(ids, 1):
+            every.add(t)
+            if n % 3 == 0:
+                joined.append(every.take())
+        assert every._stream is not None, f"{kind}: a take every 3 ids left DecodeStream"
+        joined.append(every.finalize())
+        assert "".join(joined) == tok.decode(ids, skip_special_tokens=skip)

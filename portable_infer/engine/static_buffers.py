@@ -172,8 +172,6 @@ class StaticBuffers:
                      new([batch, 1, self.vocab], np.float32), token, graph_id,
                      written=np.zeros(batch, np.int64) if self.device == "cpu" else None)
 
-    # --- one step ---------------------------------------------------------------------------------
-
 
 def _release(slot: Slot) -> None:
     slot.busy = False

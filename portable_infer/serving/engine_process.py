@@ -276,9 +276,9 @@ class _Reader:
         if self.stopped is not None:
             return False
         self.tokens += 1
-        text, hit = self.text.push(piece.token)
-        if hit:
-            self.stopped = replace(piece, text=text, finish_reason="stop", generation_tokens=self.tokens)
+        text, reason = self.text.piece(piece.token, None)
+        if reason is not None:  # "stop"
+            self.stopped = replace(piece, text=text, finish_reason=reason, generation_tokens=self.tokens)
             return True
         self.writer.put(replace(piece, text=text))
         return False
@@ -289,13 +289,9 @@ class _Reader:
             return
         if last.token is not None:  # its last token (a stop id, the length, the context)
             self.tokens += 1
-            text, hit = self.text.push(last.token)
-            if hit:
-                last = replace(last, finish_reason="stop")
-                stats = replace(stats, finish_reason="stop")
-            else:
-                text += self.text.close()
-            last = replace(last, text=text)
+            text, reason = self.text.piece(last.token, last.finish_reason)
+            last = replace(last, text=text, finish_reason=reason)
+            stats = replace(stats, finish_reason=reason)
         self.writer.end(last, stats)
 
 

@@ -67,13 +67,9 @@ class Request:
         """The :class:`Response` for the token ``pick`` (already recorded by ``seq.step``): its
         text through the detokenizer and stop strings (``finish_reason`` "stop" on a stop string),
         and the request's timings."""
-        tok, reason = pick.token, pick.finish_reason
+        tok = pick.token
         self.emitted += 1
-        piece, hit = self.text.push(tok)
-        if hit:
-            reason = "stop"
-        if reason is not None:
-            piece += self.text.close()
+        piece, reason = self.text.piece(tok, pick.finish_reason)
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now

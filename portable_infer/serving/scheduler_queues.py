@@ -207,12 +207,15 @@ class RequestQueues:
     def stop(self, r) -> None:
         """End ``r`` on a stop string its reader's side found in the text (the engine process's
         API side makes the text): finished, reason "stop"."""
-        self.end(r, Response("", None, "stop", prompt_tokens=len(r.prompt), generation_tokens=r.emitted),
-                 "stop", "requests_finished")
+        self._end_here(r, "stop", "requests_finished")
 
     def cancel(self, r) -> None:
-        self.end(r, Response("", None, "cancelled", prompt_tokens=len(r.prompt), generation_tokens=r.emitted),
-                 "cancelled", "requests_cancelled")
+        self._end_here(r, "cancelled", "requests_cancelled")
+
+    def _end_here(self, r, reason: str, counter: str) -> None:
+        """End ``r`` from outside the step loop with an empty last piece."""
+        self.end(r, Response("", None, reason, prompt_tokens=len(r.prompt), generation_tokens=r.emitted),
+                 reason, counter)
 
     def fail(self, r, exc: Exception) -> None:
         if not isinstance(exc, PortableInferError):  # readers catch one hierarchy (the server's error events)

@@ -72,9 +72,6 @@ class SlotBatch(RunningBatch):
         self._unpicked: list = []  # [(slot, request, token)] of the last overlapped forward
         self._worker = None  # the thread that runs overlapped forwards
 
-    def nbytes(self) -> int:
-        return self.cache.nbytes() if self.cache is not None else 0
-
     # --- the buffer and its slots ------------------------------------------------------------------
     def _buffer(self, capacity: int):
         """The buffer, with room for ``capacity`` tokens per row (made, or moved to a larger one)."""
@@ -196,10 +193,11 @@ class SlotBatch(RunningBatch):
         if how == batch_pick.GREEDY and self.overlap:
             return self._overlapped(view, rows, seqs)
         results = self._pick_unpicked()  # a batch that needs the host between steps: no overlap
-        seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
-        if not any(s is not None for s in seqs):
-            return results
-        how = batch_pick.mode(self.engine, seqs)
+        if results:  # those picks may have ended rows
+            seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
+            if not any(s is not None for s in seqs):
+                return results
+            how = batch_pick.mode(self.engine, seqs)
         live = np.array([[s is not None] for s in seqs], np.int64)  # the new column: who advances
         matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
         fill = MaskFill(matchers, size, max(s.mask_vocab for s in seqs if s is not None))

@@ -77,20 +77,20 @@ class StreamingDetokenizer:
 
     def take(self) -> str:
         """Text that became final since the last call ("" while a character is incomplete)."""
-        stream = self._stream
-        if stream is not None and len(self._ids) == self._seen + 1:  # one id since the last take
-            self._seen += 1
-            try:  # the same window rule in one call into tokenizers (the hot path of serving)
-                chunk = stream.step(self._tokenizer, self._ids[-1])
-            except Exception:  # noqa: BLE001 - a decoder whose earlier text changes: the rule below
-                self._stream = None
-                return self._advance(final=False)
-            if chunk is None:
-                return ""
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            return chunk
-        self._stream = None  # ids came in some other way: the rule below from here on
-        return self._advance(final=False)
+        if self._stream is None:
+            return self._advance(final=False)
+        out = []
+        try:  # each new id through tokenizers' DecodeStream: the same window rule, one call per id
+            for n in range(self._seen, len(self._ids)):
+                chunk = self._stream.step(self._tokenizer, self._ids[n])
+                self._seen = n + 1
+                if chunk is not None:
+                    self._prefix_offset, self._read_offset = self._read_offset, n + 1
+                    out.append(chunk)
+        except Exception:  # noqa: BLE001 - a decoder whose earlier text changes: the rule here from now on
+            self._stream = None
+            out.append(self._advance(final=False))
+        return "".join(out)
 
     def finalize(self) -> str:
         """All text not yet taken, even an incomplete character (as U+FFFD, like ``decode``)."""

@@ -37,6 +37,16 @@ class TextStream:
         self.detok.add(token)
         return self.stops.feed(self.detok.take())
 
+    def piece(self, token: int, finish_reason: str | None) -> tuple[str, str | None]:
+        """One token's ``(text, finish_reason)``: "stop" where its text completes a stop string, and
+        whatever text remains added when it ends the sequence (``finish_reason`` given or "stop")."""
+        text, hit = self.push(token)
+        if hit:
+            finish_reason = "stop"
+        if finish_reason is not None:
+            text += self.close()
+        return text, finish_reason
+
     def close(self) -> str:
         """Whatever text remains at the end (nothing after a stop string)."""
         if self.detok is None or self.stops.stopped:
