@@ -24,6 +24,7 @@ pytest.importorskip("torch")
 
 from portable_infer.errors import GenerationError, PortableInferError  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from portable_infer.text.streaming import TextStream  # noqa: E402
 
 SEED = int(os.environ.get("ISOLATION_SEED") or random.SystemRandom().randrange(2**31))
 TAG = f"[ISOLATION_SEED={SEED}]"
@@ -146,10 +147,11 @@ def test_a_grouped_prefill_that_fails_is_retried_one_request_at_a_time(fused):
     assert (stats.requests_failed, stats.requests_finished, stats.blocks_used) == (1, 4, 0), f"{TAG} {stats}"
 
 
-class Exploding:
+class Exploding(TextStream):
     """A detokenizer stream that fails on its third token (a tokenizer bug, a bad byte...)."""
 
     def __init__(self):
+        super().__init__(None)
         self.n = 0
 
     def push(self, token):
