@@ -99,6 +99,7 @@ class Split:
         self.wrap(constraints, "fill_masks", "fill (worker thread)")
         self.wrap(constraints.MaskFill, "result", "wait after forward")
         self.wrap(MaskedArgmax, "run", "device pick")
+        self.wrap(MaskedArgmax, "run_rows", "device pick (refused rows)")
         for module in (batch_pick, sequence):
             self.wrap(module, "apply_mask", "apply masks (host)")
             self.wrap(module, "allowed_tokens", "apply masks (host)")

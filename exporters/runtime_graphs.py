@@ -27,6 +27,13 @@ with the grammar mask applied already)::
 Only ops the CUDA execution provider implements (it has no BitShift or BitwiseAnd): the bits come
 out by integer Mod and a comparison. Nothing depends on the vocabulary size: ``V`` is read off
 the logits, so one file serves every model.
+
+``masked_rows.onnx``: the argmax under the grammar mask of a few rows only, their masks unpacked
+on the host (the check mode's rows whose grammar refused the plain argmax: three kernels instead
+of the eleven above, and no work on the other rows)::
+
+    token = ArgMax(Where(allowed, Gather(logits, rows, axis=0), -inf), axis=1)
+        logits [B, V], rows [n] int64, allowed [n, V] bool -> token [n]   first index on ties
 """
 
 from __future__ import annotations
@@ -90,6 +97,20 @@ def masked_argmax_model() -> bytes:
     return _serialized(graph)
 
 
+def masked_rows_model() -> bytes:
+    consts = [numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")]
+    nodes = [helper.make_node("Gather", ["logits", "rows"], ["picked"], axis=0),
+             helper.make_node("Where", ["allowed", "picked", "minus_inf"], ["masked"]),
+             helper.make_node("ArgMax", ["masked"], ["token"], axis=1, keepdims=0, select_last_index=0)]
+    graph = helper.make_graph(
+        nodes, "masked_rows",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "vocab"]),
+         helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"]),
+         helper.make_tensor_value_info("allowed", TensorProto.BOOL, ["n", "vocab"])],
+        [helper.make_tensor_value_info("token", TensorProto.INT64, ["n"])], consts)
+    return _serialized(graph)
+
+
 def _serialized(graph) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="portable_infer")
     model.ir_version = IR_VERSION
@@ -101,6 +122,7 @@ def shipped() -> dict:
     """file name -> the bytes this module builds for it."""
     out = {f"kv_rows.{dtype}.onnx": kv_rows_model(dtype) for dtype in KV_DTYPES}
     out["masked_argmax.onnx"] = masked_argmax_model()
+    out["masked_rows.onnx"] = masked_rows_model()
     return out
 
 

@@ -228,15 +228,16 @@ def _mixed(rng, static):
 
 def _device_calls(engine, monkeypatch, on: bool) -> list:
     """Turn the device-mask path on or off for ``engine``; returns the list the masked-argmax
-    companion's runs are counted in."""
+    companions' runs are counted in ("batch": the whole batch's graph, "rows": the lean one)."""
     from portable_infer.decode import batch_pick
     from portable_infer.engine.masked_argmax import MaskedArgmax
 
     calls = []
-    run = MaskedArgmax.run
     monkeypatch.setattr(batch_pick, "DEVICE_MIN_ROWS", 1)  # every forward, down to the last live row
     monkeypatch.setattr(engine, "masks_on_device", on)
-    monkeypatch.setattr(MaskedArgmax, "run", lambda self, *a: calls.append(1) or run(self, *a))
+    for name, label in (("run", "batch"), ("run_rows", "rows")):
+        real = getattr(MaskedArgmax, name)
+        monkeypatch.setattr(MaskedArgmax, name, lambda self, *a, _r=real, _l=label: calls.append(_l) or _r(self, *a))
     return calls
 
 
@@ -295,6 +296,7 @@ def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
                            vocab_size=256)
         outs = dec.run()
         monkeypatch.undo()
+        assert set(calls) <= {"rows"}, TAG  # greedy rows: the lean companion only
         return outs, modes, len(calls)
 
     reference, modes, _ = run(False, mode=batch_pick.HOST, check=False)  # every mask applied first

@@ -24,7 +24,7 @@ TAG = f"[KV_ROWS_SEED={SEED}]"
 def test_the_shipped_graphs_are_what_the_exporter_builds():
     runtime_graphs = pytest.importorskip("exporters.runtime_graphs")
     built = runtime_graphs.shipped()
-    assert {"kv_rows.float32.onnx", "kv_rows.float16.onnx", "masked_argmax.onnx"} <= set(built)
+    assert {"kv_rows.float32.onnx", "kv_rows.float16.onnx", "masked_argmax.onnx", "masked_rows.onnx"} <= set(built)
     assert sorted(p.name for p in GRAPHS.glob("*.onnx")) == sorted(built), "a shipped graph nothing builds"
     for name, data in built.items():
         assert (GRAPHS / name).read_bytes() == data, f"{name} is stale: run python -m exporters.runtime_graphs"
@@ -91,3 +91,9 @@ def test_masked_argmax_equals_numpy(vocab):
     assert picked.pick(bitmask, [])[1].shape == (0, vocab)
     with pytest.raises(ValueError, match="bitmask"):
         picked.pick(bitmask[:, :-1], [])  # a word short
+    # the lean graph: a few rows (any order), their masks unpacked here
+    some = rng.permutation(batch)[:4]
+    np.testing.assert_array_equal(picked.pick_rows(some, allowed[some]), want[some], err_msg=TAG)
+    assert picked.pick_rows([], allowed[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="allowed"):
+        picked.pick_rows(some, allowed[some, :-1])

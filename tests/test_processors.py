@@ -147,8 +147,8 @@ def test_constrained_rows_that_draw_first_sample_the_masked_distribution(tempera
     bitmask = np.packbits(allowed, bitorder="little").view(np.int32)  # bit v % 32 of word v // 32
     monkeypatch.setattr(seq_mod, "consume", lambda matcher, token: None)
     applied = []
-    real_apply = seq_mod.apply_mask
-    monkeypatch.setattr(seq_mod, "apply_mask", lambda x, a: applied.append(1) or real_apply(x, a))
+    real_allowed = seq_mod.allowed_tokens  # the row's mask is unpacked only for a refused draw
+    monkeypatch.setattr(seq_mod, "allowed_tokens", lambda m, v: applied.append(1) or real_allowed(m, v))
     seq = Sequence([1], SamplingParams(temperature=temperature, seed=int(rng.integers(1000)), max_new_tokens=n + 1))
     seq.matcher, seq.mask_vocab = _Grammar(), vocab
     assert seq.draws_first and not seq.mask_first

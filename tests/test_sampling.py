@@ -11,7 +11,7 @@ import pytest
 from portable_infer.errors import GenerationError, InvalidArgumentError
 from portable_infer.decode.sampling import (
     MAX_LOGPROBS, SamplingParams, apply_min_p, apply_penalties, apply_temperature, apply_top_k,
-    apply_top_p, draw, log_softmax, make_sampler, sample, token_logprobs,
+    apply_top_p, draw, log_softmax, make_sampler, rejection_draw, sample, token_logprobs,
 )
 
 VOCAB = 49152
@@ -265,6 +265,53 @@ def test_sampler_rejects_bad_logits():
         sampler(np.zeros((2, 3)), np.random.default_rng())
     with pytest.raises(GenerationError, match="NaN"):  # the model's output, not the request's values
         sampler(np.array([np.nan, 1.0]), np.random.default_rng())
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.4])
+def test_rejection_draw_samples_the_allowed_tokens_softmax(temperature):
+    """Draw first, and only where the draw is refused again from the same weights with the refused
+    tokens zeroed: the tokens follow softmax(x / T) over the allowed tokens, a refused one never
+    comes out, and the mask is applied as often as the refused tokens' mass says."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(300) * 2).astype(np.float32)  # two draw blocks, the last one short
+    keep = rng.random(300) < 0.3
+    keep[int(np.argmax(x))] = False  # the likeliest token refused: many second draws
+    n, counts, masked = 20_000, np.zeros(300), 0
+    for _ in range(n):
+        tok, applied = rejection_draw(x, temperature, rng, lambda: keep, lambda t: bool(keep[t]))
+        counts[tok] += 1
+        masked += applied
+    p = softmax(x.astype(np.float64) / temperature)
+    want = np.where(keep, p, 0.0) / p[keep].sum()
+    assert counts[~keep].sum() == 0, seed
+    tolerance = 5 * np.sqrt(want * (1 - want) / n) + 1e-3
+    assert np.all(np.abs(counts / n - want) <= tolerance), seed
+    assert abs(masked / n - p[~keep].sum()) < 0.02, seed
+    # without a fast check, allowed() decides: the same tokens from the same seed
+    a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+    assert [rejection_draw(x, temperature, a, lambda: keep)[0] for _ in range(200)] == \
+        [rejection_draw(x, temperature, b, lambda: keep, lambda t: bool(keep[t]))[0] for _ in range(200)]
+
+
+def test_rejection_draw_when_the_allowed_weights_underflow_or_none_is_left():
+    """Allowed tokens far below the best refused one (their float32 weights are 0 beside it) are
+    drawn from their own softmax; no allowed token at all is no_candidates; NaN logits the
+    sampler's own error."""
+    rng = np.random.default_rng()
+    x = np.array([200.0, 0.0, math.log(3.0), -np.inf], np.float32)
+    keep = np.array([False, True, True, False])
+    n = 8000
+    counts = np.bincount([rejection_draw(x, 1.0, rng, lambda: keep)[0] for _ in range(n)], minlength=4)
+    assert counts[0] == counts[3] == 0
+    np.testing.assert_allclose(counts[1:3] / n, [0.25, 0.75], atol=0.03)
+    with pytest.raises(GenerationError, match="no token is left"):
+        rejection_draw(x, 1.0, rng, lambda: np.zeros(4, bool))
+    with pytest.raises(GenerationError, match="NaN"):
+        rejection_draw(np.array([np.nan, 1.0]), 1.0, rng, lambda: np.ones(2, bool))
+    with pytest.raises(InvalidArgumentError, match="temperature"):
+        rejection_draw(np.array([3e38, 1.0], np.float32), 1e-3, rng, lambda: np.ones(2, bool))
 
 
 # --- logprobs ------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ and the scheduler's running batch alike.
     greedy   every row plain greedy, graph with       forward(greedy=True): one id per row
              next_token
     check    every row greedy, some constrained        forward_on_device: the graph's own argmax, one
-             (argmax_only), graph with next_token     id per row; a constrained row whose grammar
-                                                      refuses its argmax gets the argmax under its
-                                                      mask: one companion run on the device
-                                                      (masks_on_device) or its logits to the host
+             (argmax_only), graph with next_token     id per row; the constrained rows whose grammar
+                                                      refuses their argmax get the argmax under their
+                                                      masks: one lean companion run on the device for
+                                                      those rows (masks_on_device), or their logits
+                                                      to the host
     device   engine.masks_on_device, DEVICE_MIN_ROWS   forward_on_device, then one companion run on the
              live rows or more, some row greedy       device: the grammar masks applied there, each
              (maybe constrained) or with a grammar    row's argmax, and the (masked) logits of the rows
@@ -123,12 +124,12 @@ def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     for i in odd:  # the logits go to the row's step, which refuses the mismatch (this row only)
         inputs[i] = RowInput(out.rows([i])[0])
     refused = [i for i in constrained if i not in odd and not allows(masks[i], int(tokens[i]))]
-    if refused and out.masks_here:  # one companion run; the other rows keep their argmax
-        picked = out.pick(masks)[0]
-    elif refused:
-        picked = dict(zip(refused, apply_mask(out.rows(refused), allowed_tokens(masks[refused], out.vocab)).argmax(-1)))
-    for i in refused:
-        inputs[i] = RowInput(tok=int(picked[i]))
+    if refused:  # those rows only: one lean companion run on the device, or their logits here
+        allowed = allowed_tokens(masks[refused], out.vocab)
+        picked = out.pick_rows(refused, allowed) if out.masks_here else \
+            apply_mask(out.rows(refused), allowed).argmax(-1)
+        for i, tok in zip(refused, picked):
+            inputs[i] = RowInput(tok=int(tok))
     return inputs
 
 

@@ -321,16 +321,29 @@ def _pick(cdf: np.ndarray, weights: np.ndarray, u: float) -> int:
 
 
 def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token id from ``softmax(logits)`` with one uniform number from ``rng``.
+    """Draw one token id from ``softmax(logits)`` with one uniform number from ``rng``."""
+    return draw_weighted(softmax_weights(logits), rng)
+
+
+def softmax_weights(logits: np.ndarray) -> np.ndarray:
+    """``exp(logits - max)`` as a new float32 (or wider) array: softmax's weights, unnormalised."""
+    x = np.asarray(logits)
+    weights = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)  # a new array
+    np.exp(weights, out=weights)  # in place: one vocab-sized temporary, not two
+    return weights
+
+
+def draw_weighted(weights: np.ndarray, rng: np.random.Generator) -> int | None:
+    """Draw index ``i`` with probability ``weights[i] / weights.sum()`` (weights >= 0) with one
+    uniform number from ``rng``; None (and ``rng`` untouched) when every weight is 0.
 
     Inverse CDF in two levels (block, then token): a cumsum over the whole vocabulary is
     sequential and would cost several times the rest of the step.
     """
-    x = np.asarray(logits)
-    weights = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)
-    np.exp(weights, out=weights)  # in place: one vocab-sized temporary, not two
     block_sums = np.add.reduceat(weights, np.arange(0, weights.size, _DRAW_BLOCK), dtype=np.float64)
     block_cdf = np.cumsum(block_sums)
+    if not block_cdf[-1] > 0:
+        return None
     u = rng.random() * block_cdf[-1]
     block = _pick(block_cdf, block_sums, u)
     u -= block_cdf[block - 1] if block else 0.0
@@ -376,6 +389,35 @@ def make_sampler(params: SamplingParams) -> Sampler:
         x = apply_min_p(apply_top_p(apply_top_k(x, top_k), top_p), min_p)
         return draw(x, rng)
     return sampler
+
+
+def rejection_draw(logits: np.ndarray, temperature: float, rng: np.random.Generator,
+                   allowed: Callable[[], np.ndarray], accepts: Callable[[int], bool] | None = None) -> tuple:
+    """A draw from ``softmax(logits / temperature)`` over the tokens ``allowed()`` gives (bool
+    [vocab], asked for only when needed), by rejection: a draw from every token stands where
+    ``accepts(token)`` (or, without it, ``allowed()``) takes it; else the same weights, the
+    refused tokens zeroed, give a second draw. Exact for the masked distribution, and the
+    weights (the costly part) are computed once. Returns (token, whether the mask was applied).
+
+    The untruncated sampler's checks hold (``make_sampler``: NaN / inf logits, a temperature
+    that overflows); where every allowed token's weight underflows to 0 beside the best refused
+    one, the allowed tokens are drawn from their own softmax (no_candidates when there is none).
+    """
+    raw = _as_logits(logits)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        x = apply_temperature(raw, temperature)
+    if not np.isfinite(x.max()):
+        raise _overflow(raw, temperature)
+    weights = softmax_weights(x)
+    tok = draw_weighted(weights, rng)
+    if accepts is not None and accepts(tok):
+        return tok, False
+    keep = allowed()
+    if accepts is None and keep[tok]:
+        return tok, False
+    weights *= keep  # refused tokens to 0, in place
+    tok = draw_weighted(weights, rng)
+    return (draw(np.where(keep, x, -np.inf), rng) if tok is None else tok), True
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

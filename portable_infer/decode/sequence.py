@@ -36,7 +36,8 @@ import numpy as np
 from portable_infer.decode.constraints import allowed_tokens, allows, consume, fill_masks
 from portable_infer.errors import GenerationError, InvalidArgumentError
 from portable_infer.decode.processors import LogitBias, apply_mask
-from portable_infer.decode.sampling import SamplingParams, apply_penalties, check_pick, make_sampler, token_logprobs
+from portable_infer.decode.sampling import (SamplingParams, apply_penalties, check_pick, make_sampler, rejection_draw,
+                                            token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,13 @@ class Sequence:
                     raise GenerationError(f"the logits have {x.shape[-1]} entries but the grammar's vocabulary "
                                           f"{self.mask_vocab}", reason="grammar")
                 if not masked:
-                    # draws_first: the draw stands where the grammar allows it (rejection sampling)
-                    tok = int(self.sampler(x, self.rng)) if self.draws_first else None
-                    if tok is None or mask is None or not allows(mask, tok):
-                        allowed = self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
-                        if tok is None or not allowed[tok]:
-                            x, tok = apply_mask(x, allowed), None
+                    def allowed():  # this row's tokens: from the batch's fill, or filled here
+                        return self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
+                    if self.draws_first:  # the draw stands where the grammar allows it
+                        tok = rejection_draw(x, p.temperature, self.rng, allowed,
+                                             None if mask is None else lambda t: allows(mask, t))[0]
+                    else:
+                        x = apply_mask(x, allowed())
             if tok is None:
                 tok = int(self.sampler(x, self.rng))
         else:

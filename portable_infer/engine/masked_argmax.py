@@ -13,6 +13,10 @@ logit bias), and gives back each row's argmax and those rows' masked logits only
 
 Bit ``v % 32`` of word ``v // 32`` allows token ``v`` (llguidance's layout). Ties go to the first
 index, like numpy's argmax and the graph's ``next_token``.
+
+Where only a few rows need the mask (greedy rows whose grammar refused the plain argmax), the
+lean ``graphs/masked_rows.onnx`` gathers just those rows and takes their unpacked masks
+(:meth:`DeviceLogits.pick_rows`): three kernels instead of eleven.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class MaskedArgmax:
 
     def __init__(self, session, ort, provider: str | None = None):
         self.session = companion_session(session, ort, "masked_argmax.onnx", provider)
+        self.rows_session = companion_session(session, ort, "masked_rows.onnx", provider)
 
     def run(self, logits, bitmask: np.ndarray, rows) -> tuple:
         """``logits`` an OrtValue [B, 1, V] float32 (read in place); ``bitmask`` [B, >= V/32]
@@ -45,6 +50,22 @@ class MaskedArgmax:
         self.session.run_with_iobinding(b)
         token, fetched = b.get_outputs()
         return token.numpy(), fetched.numpy()
+
+    def run_rows(self, logits, rows, allowed: np.ndarray) -> np.ndarray:
+        """The argmax of ``logits`` rows ``rows`` ([n] of an OrtValue [B, 1, V], read in place)
+        among the tokens ``allowed`` ([n, V] bool, on the host) gives each: token [n] int64."""
+        batch, one, vocab = logits.shape()
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if one != 1 or allowed.shape != (rows.size, vocab):
+            raise ValueError(f"masked rows take logits [B, 1, V] and allowed [n, V] for n rows; got "
+                             f"{logits.shape()}, {allowed.shape} and {rows.size} rows")
+        b = self.rows_session.io_binding()
+        b.bind_input("logits", logits.device_name(), 0, np.float32, [batch, vocab], logits.data_ptr())
+        b.bind_cpu_input("rows", rows)
+        b.bind_cpu_input("allowed", np.ascontiguousarray(allowed, np.bool_))
+        b.bind_output("token", "cpu")
+        self.rows_session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
 
 
 class DeviceLogits:
@@ -75,3 +96,8 @@ class DeviceLogits:
         if bitmask is None:
             bitmask = np.full((self.batch, -(-self.vocab // 32)), -1, np.int32)
         return self.picker().run(self.value, bitmask, fetch)
+
+    def pick_rows(self, rows, allowed: np.ndarray) -> np.ndarray:
+        """The argmax of rows ``rows`` among the tokens ``allowed`` ([len(rows), V] bool) gives
+        each: token [len(rows)] int64 on the host; nothing else leaves the device."""
+        return self.picker().run_rows(self.value, rows, allowed)
