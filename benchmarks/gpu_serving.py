@@ -3,12 +3,14 @@ same model, same request stream, one run.
 
     PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_serving.py --assets DIR --out $OUT \\
         --parts make export genai serve engine [--levels 64 256] [--prompt 128] [--new 256]
-        [--configs inproc engine inproc-restack engine-restack] [--shape 8b|3b]
+        [--configs inproc engine inproc-restack engine-restack] [--shape 8b|3b] [--precisions fp16 int4]
 
 ``make``: a random-weight HF folder of Llama-3.1-8B's shape (``--shape 3b``: Llama-3.2-3B's, a
 stand-in named as such), fp16, built on the GPU (``gpu_agent_export.make_hf``; the tokenizer from
 ``--assets``: decode speed depends on shapes, not values). ``export``: ours,
-``--precision fp16 --activations fp16 --variants static --no-verify``. ``genai``: GenAI 0.18's
+``--precision fp16 --activations fp16 --variants static --no-verify`` (``--precisions int4``: also, or
+instead, ``--precision int4 --activations fp16``, served the same way; issue #21's target: int4 at
+256 streams no slower than fp16; GenAI stays fp16). ``genai``: GenAI 0.18's
 builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same KV budget as ours:
 ``--new + --prompt`` tokens for each of the largest level's sequences.
 
@@ -168,11 +170,11 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
            "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
-    if config in ("engine", "engine-restack"):
+    if config.split(",")[0] in ("engine", "engine-restack"):
         cmd.append("--engine-process")
-    if config.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
+    if config.split(",")[0].endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
         cmd += ["--slot-batch", "off"]
-    log = open(f"/tmp/serve-{config}.log", "w")
+    log = open(f"/tmp/serve-{config.replace(', ', '-')}.log", "w")
     srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         t = time.perf_counter()
@@ -278,22 +280,25 @@ def main() -> None:
     ap.add_argument("--provider", default="cuda", help="ours (cpu: a dry run of the script with --package)")
     ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
     ap.add_argument("--genai-model", type=Path, default=None, help="drive this GenAI model instead of the build")
+    ap.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16"], help="our packages' precisions")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     hf, ours, gen = (args.work / f"llama{args.shape}-{x}" for x in ("hf", "ours", "genai"))
     ours, gen = args.package or ours, args.genai_model or gen
     budget = max(args.levels) * (args.prompt + args.new)
     rows: dict = {}
-    say(f"# GPU serving, Llama {args.shape} shape fp16, {args.prompt}-token prompts, {args.new} new tokens, greedy")
+    say(f"# GPU serving, Llama {args.shape} shape ({', '.join(args.precisions)} ours; GenAI fp16), {args.prompt}-token prompts, {args.new} new tokens, greedy")
     if "make" in args.parts and not (hf / "config.json").is_file():
         make_hf(hf, args.assets, shape, "float16")
-    if "export" in args.parts and not (ours / "manifest.json").is_file():
-        r = timed([sys.executable, "-m", "portable_infer.cli", "export", str(hf), "-o", str(ours), "--precision", "fp16",
-                   "--activations", "fp16", "--variants", "static", "--no-verify", "--force"])
-        say(f"export (ours): {r}")
+    packages = {prec: ours if prec == "fp16" else ours.with_name(f"{ours.name}-{prec}") for prec in args.precisions}
+    for prec, pkg in packages.items():
+        if "export" in args.parts and not (pkg / "manifest.json").is_file():
+            r = timed([sys.executable, "-m", "portable_infer.cli", "export", str(hf), "-o", str(pkg), "--precision", prec,
+                       "--activations", "fp16", "--variants", "static", "--no-verify", "--force"])
+            say(f"export (ours, {prec}): {r}")
     if "genai" in args.parts and not (gen / "genai_config.json").is_file():
         block = 128
-        extra = [f"use_paged_attention=true", f"max_batch_size={min(256, max(args.levels))}",
+        extra = ["use_paged_attention=true", f"max_batch_size={min(256, max(args.levels))}",
                  f"paged_block_size={block}", f"num_blocks={-(-budget // block) + 8}"]
         r = timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(gen), "-p", "fp16",
                    "-e", "cuda", "-c", str(args.work / "genai-cache"), "--extra_options", *extra])
@@ -301,9 +306,10 @@ def main() -> None:
     vocab = shape["vocab_size"]
     args.out.mkdir(parents=True, exist_ok=True)
     if "serve" in args.parts:
-        for config in args.configs:
+        for config, prec in [(c, p) for p in packages for c in args.configs]:
             try:
-                serve_levels(ours, config, args.levels, args.prompt, args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk)
+                serve_levels(packages[prec], config if prec == "fp16" else f"{config}, {prec}", args.levels, args.prompt,
+                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
