@@ -1,0 +1,135 @@
+"""One linear on CUDA by weight form: fp16 MatMul against MatMulNBits (4-bit, block 32 / 64 / 128,
+uint8 zero points or none), fp16 activations, at the 8B shape's layer sizes and several batch rows
+(issue #21: int4 8B at 256 streams ran slower than fp16; is it the kernel, and which block size
+takes ONNX Runtime's fast path?).
+
+    PYTHONPATH=/root/site python3 benchmarks/gpu_nbits.py [--rows 1 16 64 256] [--iters 100] [--out DIR]
+        [--fpa-intb]
+
+``--fpa-intb``: ONNX Runtime's fpA_intB (CUTLASS mixed-input GEMM and GEMV) path for MatMulNBits,
+which it takes only when asked (``ORT_FPA_INTB_GEMM=1``, or the session option
+``ep.cuda.fpa_intb_gemm`` in newer releases) and only for block 64 / 128 at fp16.
+
+Each case: one session holding a chain of ``--chain`` identical linears (so per-run overhead
+does not hide the kernel), inputs and outputs bound on the device, ``--iters`` runs after a
+warm-up; the median per linear in microseconds and the weight bandwidth it implies. Random
+weights: speed depends on shapes, not values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SHAPES = {"q/k/v packed": (4096, 6144), "o": (4096, 4096), "gate/up packed": (4096, 28672), "down": (14336, 4096)}
+
+
+def model(k: int, n: int, form: str, block: int, chain: int, rng) -> bytes:
+    nodes, inits, x = [], [], "x"
+    for i in range(chain):
+        y = f"y{i}" if i < chain - 1 else "y"
+        if form == "fp16":
+            w = (rng.standard_normal((k, n)) * 0.02).astype(np.float16)
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]))
+        else:
+            blocks = -(-k // block)
+            q = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+            s = (rng.random((n * blocks,)) * 0.01 + 0.001).astype(np.float16)
+            inits += [numpy_helper.from_array(q, f"q{i}"), numpy_helper.from_array(s, f"s{i}")]
+            ins = [x, f"q{i}", f"s{i}"]
+            if form == "nbits-zp":
+                zp = rng.integers(0, 256, (n * ((blocks + 1) // 2),), dtype=np.uint8)
+                inits.append(numpy_helper.from_array(zp, f"z{i}"))
+                ins.append(f"z{i}")
+            nodes.append(helper.make_node("MatMulNBits", ins, [f"m{i}"], domain="com.microsoft", K=k, N=n, bits=4,
+                                          block_size=block))
+        if i < chain - 1:  # back to width k for the next linear: take the first k columns
+            inits.append(numpy_helper.from_array(np.array([0], np.int64), f"st{i}"))
+            inits.append(numpy_helper.from_array(np.array([k], np.int64), f"en{i}"))
+            inits.append(numpy_helper.from_array(np.array([1], np.int64), f"ax{i}"))
+            if n >= k:
+                nodes.append(helper.make_node("Slice", [f"m{i}", f"st{i}", f"en{i}", f"ax{i}"], [y]))
+            else:
+                nodes.append(helper.make_node("Concat", [f"m{i}"] * (-(-k // n)), [f"c{i}"], axis=1))
+                nodes.append(helper.make_node("Slice", [f"c{i}", f"st{i}", f"en{i}", f"ax{i}"], [y]))
+        else:
+            nodes.append(helper.make_node("Identity", [f"m{i}"], [y]))
+        x = y
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["m", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["m", None])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def time_case(ort, data: bytes, rows: int, k: int, iters: int, fpa_intb: bool = False) -> float:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if fpa_intb:
+        so.add_session_config_entry("ep.cuda.fpa_intb_gemm", "1")
+    sess = ort.InferenceSession(data, so, providers=["CUDAExecutionProvider"])
+    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    x = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).standard_normal((rows, k)).astype(np.float16), "cuda", 0)
+    b = sess.io_binding()
+    b.bind_ortvalue_input("x", x)
+    b.bind_output("y", "cuda")
+    for _ in range(10):
+        sess.run_with_iobinding(b)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sess.run_with_iobinding(b)
+        b.synchronize_outputs()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    import onnxruntime as ort
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--chain", type=int, default=8)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--forms", nargs="+", default=["fp16", "nbits-32-zp", "nbits-32", "nbits-64", "nbits-128", "nbits-128-zp"])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--fpa-intb", action="store_true")
+    args = ap.parse_args()
+    if args.fpa_intb:
+        os.environ["ORT_FPA_INTB_GEMM"] = "1"  # read when a session makes its kernels
+    rng = np.random.default_rng(20261203)
+    lines = [f"onnxruntime {ort.__version__}; one linear's median us (chain of {args.chain}), fp16 activations; "
+             f"fpA_intB {'asked for' if args.fpa_intb else 'off'}", "",
+             "| linear (K x N) | form | " + " | ".join(f"{m} rows" for m in args.rows) + " |",
+             "|---|---|" + "---|" * len(args.rows)]
+    print("\n".join(lines), flush=True)
+    for name in args.shapes:
+        k, n = SHAPES[name]
+        for form in args.forms:
+            parts = form.split("-")
+            block = int(parts[1]) if len(parts) > 1 else 0
+            kind = "fp16" if form == "fp16" else ("nbits-zp" if form.endswith("zp") else "nbits")
+            try:
+                data = model(k, n, kind, block, args.chain, rng)
+                cells = [f"{time_case(ort, data, m, k, args.iters, args.fpa_intb) / args.chain * 1e6:,.0f}" for m in args.rows]
+            except Exception as exc:  # noqa: BLE001 - a form ONNX Runtime refuses is a row saying so
+                cells = [f"failed: {type(exc).__name__}: {str(exc)[:80]}"] + [""] * (len(args.rows) - 1)
+            line = f"| {name} ({k} x {n}) | {form} | " + " | ".join(cells) + " |"
+            lines.append(line)
+            print(line, flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"gpu_nbits{'-fpa' if args.fpa_intb else ''}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
