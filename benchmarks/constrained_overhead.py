@@ -114,6 +114,15 @@ class Split:
                 self.checks[1] += not ok
                 return ok
             module.allows = counted
+        allows_each = constraints.allows_each  # the check mode's rows at once
+        self.originals.append((batch_pick, "allows_each", allows_each))
+
+        def counted_each(masks, tokens):
+            ok = allows_each(masks, tokens)
+            self.checks[0] += len(ok)
+            self.checks[1] += int((~ok).sum())
+            return ok
+        batch_pick.allows_each = counted_each
         return self
 
     def __exit__(self, *exc):

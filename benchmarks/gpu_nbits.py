@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 SHAPES = {"q/k/v packed": (4096, 6144), "o": (4096, 4096), "gate/up packed": (4096, 28672), "down": (14336, 4096)}

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from portable_infer.decode.constraints import allows
+from portable_infer.decode.constraints import allows, allows_each
 from portable_infer.engine.companion import GRAPHS
 from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
 from portable_infer.engine.rows import RowMover
@@ -88,6 +88,10 @@ def test_masked_argmax_equals_numpy(vocab):
     # the host's one-token test reads the same bits (the sign bit too)
     assert allows(bitmask[2], lone) and not allows(bitmask[1], int(want[0]))
     assert all(allows(bitmask[r], t) == allowed[r, t] for r in range(batch) for t in rng.integers(0, vocab, 64))
+    for _ in range(8):  # the rows-at-once form (the check mode's): one token per row, any rows
+        rows_, toks = rng.integers(0, batch, 5), rng.integers(0, vocab, 5)
+        np.testing.assert_array_equal(allows_each(bitmask[rows_], toks), allowed[rows_, toks], err_msg=TAG)
+    assert allows_each(bitmask[[2]], [lone]).tolist() == [True] and allows_each(bitmask[:0], []).shape == (0,)
     assert picked.pick(bitmask, [])[1].shape == (0, vocab)
     with pytest.raises(ValueError, match="bitmask"):
         picked.pick(bitmask[:, :-1], [])  # a word short

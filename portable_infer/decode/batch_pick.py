@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from portable_infer.decode.constraints import allowed_tokens, allows
+from portable_infer.decode.constraints import allowed_tokens, allows, allows_each
 from portable_infer.decode.processors import apply_mask
 
 GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"
@@ -123,7 +123,8 @@ def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     odd = [i for i in constrained if seqs[i].mask_vocab != out.vocab]
     for i in odd:  # the logits go to the row's step, which refuses the mismatch (this row only)
         inputs[i] = RowInput(out.rows([i])[0])
-    refused = [i for i in constrained if i not in odd and not allows(masks[i], int(tokens[i]))]
+    checked = np.array([i for i in constrained if i not in odd], np.int64)
+    refused = checked[~allows_each(masks[checked], tokens[checked])].tolist()
     if refused:  # those rows only: one lean companion run on the device, or their logits here
         allowed = allowed_tokens(masks[refused], out.vocab)
         picked = out.pick_rows(refused, allowed) if out.masks_here else \

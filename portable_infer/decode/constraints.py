@@ -328,6 +328,14 @@ def allows(mask: np.ndarray, token: int) -> bool:
     return bool((int(mask[token >> 5]) >> (token & 31)) & 1)
 
 
+def allows_each(masks: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """:func:`allows` for rows at once: bitmask rows ``masks`` [n, W] int32 and one token per row
+    [n] -> bool [n]."""
+    tokens = np.asarray(tokens, np.int64)
+    words = masks[np.arange(len(tokens)), tokens >> 5].astype(np.int64)
+    return ((words >> (tokens & 31)) & 1).astype(bool)
+
+
 def allowed_tokens(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """Bitmask rows ([W] or [n, W] int32) as bools ([vocab] or [n, vocab]): True where the token
     may come next (bit v % 32 of word v // 32); a batch's rows in one call."""
