@@ -117,8 +117,8 @@ class Split:
         allows_each = constraints.allows_each  # the check mode's rows at once
         self.originals.append((batch_pick, "allows_each", allows_each))
 
-        def counted_each(masks, tokens):
-            ok = allows_each(masks, tokens)
+        def counted_each(masks, rows, tokens):
+            ok = allows_each(masks, rows, tokens)
             self.checks[0] += len(ok)
             self.checks[1] += int((~ok).sum())
             return ok

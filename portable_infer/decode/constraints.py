@@ -328,11 +328,11 @@ def allows(mask: np.ndarray, token: int) -> bool:
     return bool((int(mask[token >> 5]) >> (token & 31)) & 1)
 
 
-def allows_each(masks: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """:func:`allows` for rows at once: bitmask rows ``masks`` [n, W] int32 and one token per row
-    [n] -> bool [n]."""
-    tokens = np.asarray(tokens, np.int64)
-    words = masks[np.arange(len(tokens)), tokens >> 5].astype(np.int64)
+def allows_each(masks: np.ndarray, rows, tokens) -> np.ndarray:
+    """:func:`allows` for several rows at once: row ``rows[k]`` of the bitmask ``masks`` [B, W]
+    int32 lets ``tokens[k]`` come next -> bool [len(rows)] (reads one word a row, copies no mask)."""
+    rows, tokens = np.asarray(rows, np.int64), np.asarray(tokens, np.int64)
+    words = masks[rows, tokens >> 5].astype(np.int64)
     return ((words >> (tokens & 31)) & 1).astype(bool)
 
 

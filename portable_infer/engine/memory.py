@@ -22,6 +22,7 @@ SHRINK_MIN_TOKENS = 64
 # (a growing cache's KV lives in the arena: ONNX Runtime allocates the presents).
 TRIM_MIN_BYTES = 16 << 20
 _SHRINK_KEY = "memory.enable_memory_arena_shrinkage"
+GRAPH_ID_KEY = "gpu_graph_id"  # the run option naming the CUDA graph a run captures or replays (-1: none)
 
 
 def bytes_per_token(layout) -> int:
@@ -57,4 +58,5 @@ def shrink_run_options(session, ort):
         return None
     ro = ort.RunOptions()
     ro.add_run_config_entry(_SHRINK_KEY, "cpu:0")
+    ro.add_run_config_entry(GRAPH_ID_KEY, "-1")  # no graph; and a key read on every run (static._run_options)
     return ro
