@@ -6,6 +6,11 @@ takes ONNX Runtime's fast path?).
     PYTHONPATH=/root/site python3 benchmarks/gpu_nbits.py [--rows 1 16 64 256] [--iters 100] [--out DIR]
         [--fpa-intb]
 
+Forms ``dq-32`` / ``dq-fold-32``: the packages' portable weight form (4-bit codes, blocked
+DequantizeLinear, MatMul) as is, and with ``session.disable_quant_qdq`` set, which lets ONNX
+Runtime's constant folding dequantize the weights once at load (fp16 weights in memory, the
+fp16 GEMM's speed: the candidate form for large batches).
+
 ``--fpa-intb``: ONNX Runtime's fpA_intB (CUTLASS mixed-input GEMM and GEMV) path for MatMulNBits,
 which it takes only when asked (``ORT_FPA_INTB_GEMM=1``, or the session option
 ``ep.cuda.fpa_intb_gemm`` in newer releases) and only for block 64 / 128 at fp16.
@@ -38,6 +43,13 @@ def model(k: int, n: int, form: str, block: int, chain: int, rng) -> bytes:
             w = (rng.standard_normal((k, n)) * 0.02).astype(np.float16)
             inits.append(numpy_helper.from_array(w, f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]))
+        elif form == "dq":  # the packages' portable weight form: 4-bit codes, DequantizeLinear, MatMul
+            blocks = k // block
+            inits += [helper.make_tensor(f"q{i}", TensorProto.UINT4, [k, n], rng.integers(0, 16, k * n).tolist()),
+                      numpy_helper.from_array((rng.random((blocks, n)) * 0.01 + 0.001).astype(np.float16), f"s{i}"),
+                      helper.make_tensor(f"z{i}", TensorProto.UINT4, [blocks, n], rng.integers(0, 16, blocks * n).tolist())]
+            nodes += [helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"w{i}"], axis=0, block_size=block),
+                      helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"])]
         else:
             blocks = -(-k // block)
             q = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
@@ -64,16 +76,18 @@ def model(k: int, n: int, form: str, block: int, chain: int, rng) -> bytes:
         x = y
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["m", k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["m", None])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 8
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
     return m.SerializeToString()
 
 
-def time_case(ort, data: bytes, rows: int, k: int, iters: int, fpa_intb: bool = False) -> float:
+def time_case(ort, data: bytes, rows: int, k: int, iters: int, fpa_intb: bool = False, fold: bool = False) -> float:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if fpa_intb:
         so.add_session_config_entry("ep.cuda.fpa_intb_gemm", "1")
+    if fold:  # constant folding then dequantizes DequantizeLinear of initializers at load: fp16 weights
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     sess = ort.InferenceSession(data, so, providers=["CUDAExecutionProvider"])
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
     x = ort.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).standard_normal((rows, k)).astype(np.float16), "cuda", 0)
@@ -116,10 +130,11 @@ def main() -> None:
         for form in args.forms:
             parts = form.split("-")
             block = int(parts[1]) if len(parts) > 1 else 0
-            kind = "fp16" if form == "fp16" else ("nbits-zp" if form.endswith("zp") else "nbits")
+            kind = form.split("-32")[0] if form.startswith("dq") else \
+                "fp16" if form == "fp16" else ("nbits-zp" if form.endswith("zp") else "nbits")
             try:
-                data = model(k, n, kind, block, args.chain, rng)
-                cells = [f"{time_case(ort, data, m, k, args.iters, args.fpa_intb) / args.chain * 1e6:,.0f}" for m in args.rows]
+                data = model(k, n, kind.split("-")[0], block, args.chain, rng)
+                cells = [f"{time_case(ort, data, m, k, args.iters, args.fpa_intb, kind == 'dq-fold') / args.chain * 1e6:,.0f}" for m in args.rows]
             except Exception as exc:  # noqa: BLE001 - a form ONNX Runtime refuses is a row saying so
                 cells = [f"failed: {type(exc).__name__}: {str(exc)[:80]}"] + [""] * (len(args.rows) - 1)
             line = f"| {name} ({k} x {n}) | {form} | " + " | ".join(cells) + " |"
