@@ -129,7 +129,7 @@ def main() -> None:
         k, n = SHAPES[name]
         for form in args.forms:
             parts = form.split("-")
-            block = int(parts[1]) if len(parts) > 1 else 0
+            block = next((int(x) for x in parts if x.isdigit()), 0)
             kind = form.split("-32")[0] if form.startswith("dq") else \
                 "fp16" if form == "fp16" else ("nbits-zp" if form.endswith("zp") else "nbits")
             try:
