@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from portable_infer.errors import GenerationError, InvalidArgumentError
+from portable_infer.decode.draw import apply_temperature, draw, rejection_draw
 from portable_infer.decode.sampling import (
-    MAX_LOGPROBS, SamplingParams, apply_min_p, apply_penalties, apply_temperature, apply_top_k,
-    apply_top_p, draw, log_softmax, make_sampler, rejection_draw, sample, token_logprobs,
+    MAX_LOGPROBS, SamplingParams, apply_min_p, apply_penalties, apply_top_k, apply_top_p, log_softmax,
+    make_sampler, sample, token_logprobs,
 )
 
 VOCAB = 49152

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from portable_infer.errors import GenerationError, InvalidArgumentError
+from portable_infer.errors import InvalidArgumentError
+from portable_infer.decode.draw import apply_temperature, as_logits, check_pick, draw, finite_max, temperature_overflow
 from portable_infer.decode.processors import check_logit_bias, openai_spellings
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 MAX_LOGPROBS = 20
 _TOP_P_CANDIDATES = 1024  # top_p sorts only these best tokens when they hold >= top_p of the mass
-_DRAW_BLOCK = 256  # draw() picks a block of this many tokens, then a token in it
 # Temperatures below this are greedy decoding (stored as 0.0), as in vLLM: logits / 1e-300
 # overflows float32, and below 1e-5 sampling is argmax in all but name.
 MIN_TEMPERATURE = 1e-5
@@ -184,42 +184,6 @@ class SamplingParams:
         return dataclasses.replace(defaults if defaults is not None else cls(), **kw)
 
 
-def _as_logits(logits) -> np.ndarray:
-    x = np.asarray(logits)
-    if x.ndim != 1 or x.size == 0:
-        raise InvalidArgumentError(f"logits must be a non-empty 1-D array [vocab], got shape {x.shape}")
-    return x
-
-
-def unsampleable(top: float) -> GenerationError:
-    """The error for logits whose maximum ``top`` is not finite: NaN anywhere makes the max NaN,
-    +inf anywhere makes it +inf, and it is -inf only when every logit is."""
-    if np.isnan(top):
-        return GenerationError("the model's logits hold NaN: its output is broken for this input, not the "
-                               "request's values; check the package (re-export it, or try another variant "
-                               "or precision)", reason="nan_logits")
-    if top > 0:
-        return GenerationError("the model's logits hold +inf (an overflow in the graph, e.g. fp16 "
-                               "activations): try an fp32 or int4 package or another variant",
-                               reason="inf_logits")
-    return GenerationError("every logit is -inf: no token is left to choose (all of them were "
-                           "filtered out)", reason="no_candidates")
-
-
-def _finite_max(x: np.ndarray) -> float:
-    top = x.max()
-    if not np.isfinite(top):
-        raise unsampleable(top)
-    return top
-
-
-def check_pick(value) -> None:
-    """Raise :func:`unsampleable`'s error when a greedy pick (an argmax) landed on a non-finite
-    logit: NumPy's argmax returns the first NaN, and +inf or an all -inf row mean no real choice."""
-    if not np.isfinite(value):
-        raise unsampleable(value)
-
-
 def _as_ids(ids, vocab: int, name: str) -> np.ndarray:
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() >= vocab):
@@ -240,7 +204,7 @@ def apply_penalties(logits: np.ndarray, prompt_ids: Sequence[int], output_ids: S
         >>> apply_penalties(np.array([2.0, -1.0, 1.0]), [0], [1], SamplingParams(repetition_penalty=2.0))
         array([ 1., -2.,  1.])
     """
-    x = _as_logits(logits)
+    x = as_logits(logits)
     out = x.astype(np.promote_types(x.dtype, np.float32))  # a copy; float32 stays float32
     vocab = out.shape[0]
     output = _as_ids(output_ids, vocab, "output_ids")
@@ -262,16 +226,10 @@ def apply_penalties(logits: np.ndarray, prompt_ids: Sequence[int], output_ids: S
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Numerically stable ``log(softmax(x))`` of a 1-D array as float64; ``-inf`` stays ``-inf``."""
-    x = _as_logits(x)
-    shifted = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)
+    x = as_logits(x)
+    shifted = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - finite_max(x)
     # exp in the input precision (float32 exp is several times faster), the sum in float64
     return shifted.astype(np.float64) - np.log(np.exp(shifted).sum(dtype=np.float64))
-
-
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """``logits / temperature`` (> 0; 0 is greedy, handled before), float32 or wider."""
-    x = np.asarray(logits)
-    return x.astype(np.promote_types(x.dtype, np.float32), copy=False) / temperature
 
 
 def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
@@ -314,53 +272,6 @@ def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(logits >= threshold, logits, -np.inf)
 
 
-def _pick(cdf: np.ndarray, weights: np.ndarray, u: float) -> int:
-    """Index ``i`` with ``cdf[i-1] <= u < cdf[i]``, never one of zero weight (u may round up)."""
-    i = int(np.searchsorted(cdf, u, side="right"))
-    return i if i < cdf.size and weights[i] > 0 else int(np.flatnonzero(weights)[-1])
-
-
-def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token id from ``softmax(logits)`` with one uniform number from ``rng``."""
-    return draw_weighted(softmax_weights(logits), rng)
-
-
-def softmax_weights(logits: np.ndarray) -> np.ndarray:
-    """``exp(logits - max)`` as a new float32 (or wider) array: softmax's weights, unnormalised."""
-    x = np.asarray(logits)
-    weights = x.astype(np.promote_types(x.dtype, np.float32), copy=False) - _finite_max(x)  # a new array
-    np.exp(weights, out=weights)  # in place: one vocab-sized temporary, not two
-    return weights
-
-
-def draw_weighted(weights: np.ndarray, rng: np.random.Generator) -> int | None:
-    """Draw index ``i`` with probability ``weights[i] / weights.sum()`` (weights >= 0) with one
-    uniform number from ``rng``; None (and ``rng`` untouched) when every weight is 0.
-
-    Inverse CDF in two levels (block, then token): a cumsum over the whole vocabulary is
-    sequential and would cost several times the rest of the step.
-    """
-    block_sums = np.add.reduceat(weights, np.arange(0, weights.size, _DRAW_BLOCK), dtype=np.float64)
-    block_cdf = np.cumsum(block_sums)
-    if not block_cdf[-1] > 0:
-        return None
-    u = rng.random() * block_cdf[-1]
-    block = _pick(block_cdf, block_sums, u)
-    u -= block_cdf[block - 1] if block else 0.0
-    inner = weights[block * _DRAW_BLOCK:(block + 1) * _DRAW_BLOCK]
-    return block * _DRAW_BLOCK + _pick(np.cumsum(inner, dtype=np.float64), inner, u)
-
-
-def _overflow(x: np.ndarray, temperature: float) -> Exception:
-    """Why ``x / temperature`` has no finite maximum: the logits themselves, or the division."""
-    top = x.max()
-    if not np.isfinite(top):
-        return unsampleable(top)
-    return InvalidArgumentError(f"temperature {temperature!r} is too small for these logits (largest {top:.4g}): "
-                                f"logits / temperature overflows float32; use a larger temperature or 0 "
-                                f"(greedy)", param="temperature")
-
-
 def make_sampler(params: SamplingParams) -> Sampler:
     """Return ``sampler(logits, rng) -> token id`` for ``params`` (penalties are applied before).
 
@@ -372,7 +283,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
         raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
     if params.temperature == 0.0:
         def greedy(logits: np.ndarray, rng: np.random.Generator) -> int:
-            x = _as_logits(logits)
+            x = as_logits(logits)
             i = int(np.argmax(x))
             check_pick(x[i])
             return i
@@ -381,43 +292,14 @@ def make_sampler(params: SamplingParams) -> Sampler:
     temperature, top_k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
 
     def sampler(logits: np.ndarray, rng: np.random.Generator) -> int:
-        raw = _as_logits(logits)
+        raw = as_logits(logits)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             x = apply_temperature(raw, temperature)
         if not np.isfinite(x.max()):  # NaN, inf or all -inf would fail obscurely in the filters
-            raise _overflow(raw, temperature)
+            raise temperature_overflow(raw, temperature)
         x = apply_min_p(apply_top_p(apply_top_k(x, top_k), top_p), min_p)
         return draw(x, rng)
     return sampler
-
-
-def rejection_draw(logits: np.ndarray, temperature: float, rng: np.random.Generator,
-                   allowed: Callable[[], np.ndarray], accepts: Callable[[int], bool] | None = None) -> tuple:
-    """A draw from ``softmax(logits / temperature)`` over the tokens ``allowed()`` gives (bool
-    [vocab], asked for only when needed), by rejection: a draw from every token stands where
-    ``accepts(token)`` (or, without it, ``allowed()``) takes it; else the same weights, the
-    refused tokens zeroed, give a second draw. Exact for the masked distribution, and the
-    weights (the costly part) are computed once. Returns (token, whether the mask was applied).
-
-    The untruncated sampler's checks hold (``make_sampler``: NaN / inf logits, a temperature
-    that overflows); where every allowed token's weight underflows to 0 beside the best refused
-    one, the allowed tokens are drawn from their own softmax (no_candidates when there is none).
-    """
-    raw = _as_logits(logits)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        x = apply_temperature(raw, temperature)
-    if not np.isfinite(x.max()):
-        raise _overflow(raw, temperature)
-    weights = softmax_weights(x)
-    tok = draw_weighted(weights, rng)
-    if accepts is not None and accepts(tok):
-        return tok, False
-    keep = allowed()
-    if accepts is None and keep[tok]:
-        return tok, False
-    weights *= keep  # refused tokens to 0, in place
-    tok = draw_weighted(weights, rng)
-    return (draw(np.where(keep, x, -np.inf), rng) if tok is None else tok), True
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

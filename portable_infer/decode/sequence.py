@@ -36,8 +36,8 @@ import numpy as np
 from portable_infer.decode.constraints import allowed_tokens, allows, consume, fill_masks
 from portable_infer.errors import GenerationError, InvalidArgumentError
 from portable_infer.decode.processors import LogitBias, apply_mask
-from portable_infer.decode.sampling import (SamplingParams, apply_penalties, check_pick, make_sampler, rejection_draw,
-                                            token_logprobs)
+from portable_infer.decode.draw import check_pick, rejection_draw
+from portable_infer.decode.sampling import SamplingParams, apply_penalties, make_sampler, token_logprobs
 
 
 @dataclass(frozen=True)
