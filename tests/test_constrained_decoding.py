@@ -314,6 +314,34 @@ def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
     jsonschema.validate(json.loads(static.decode(device[3])), SCHEMA)
 
 
+def test_check_mode_goes_on_after_the_last_constrained_row_ends(static, monkeypatch):
+    """A batch in check mode whose constrained rows all end (their grammar complete) while plain
+    greedy rows go on: no masks are filled any more, and the plain rows decode as they do alone."""
+    from portable_infer.decode import batch_pick
+    from portable_infer.decode.constraints import Constraint
+    from portable_infer.decode.generate import BatchDecoder
+    from portable_infer.decode.sampling import SamplingParams
+
+    rng = np.random.default_rng(SEED + 12)
+    print(TAG)
+    prompts = [static.encode(p) for p in texts(rng, 3)]
+    kw = dict(max_new_tokens=24, ignore_eos=True)
+    params = [SamplingParams(constraint=Constraint.regex(r"[a-z]{2}"), **kw), SamplingParams(**kw),
+              SamplingParams(**kw)]
+    for on in (False, True):
+        _device_calls(static.engine, monkeypatch, on)
+        dec = BatchDecoder(static.engine, prompts, params, max_context=static.max_context, guide=static.guide,
+                           vocab_size=256)
+        assert dec._mode == batch_pick.CHECK, TAG
+        outs = dec.run()
+        assert dec.rows[0].finish_reason == "stop" and len(outs[0]) < len(outs[1]) == 24, TAG
+        assert re.fullmatch(r"[a-z]{2}", static.decode(outs[0])), TAG
+        for i in (1, 2):
+            alone = BatchDecoder(static.engine, [prompts[i]], [params[i]], max_context=static.max_context)
+            assert alone.run()[0] == outs[i], TAG
+        monkeypatch.undo()
+
+
 def test_device_masks_pick_what_the_host_picks_in_the_scheduler(static, monkeypatch):
     from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
 

@@ -124,7 +124,8 @@ def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     for i in odd:  # the logits go to the row's step, which refuses the mismatch (this row only)
         inputs[i] = RowInput(out.rows([i])[0])
     checked = np.array([i for i in constrained if i not in odd], np.int64)
-    refused = checked[~allows_each(masks, checked, tokens[checked])].tolist()
+    # no constrained row left (one ended last step): no masks were filled, nothing to check
+    refused = checked[~allows_each(masks, checked, tokens[checked])].tolist() if checked.size else []
     if refused:  # those rows only: one lean companion run on the device, or their logits here
         allowed = allowed_tokens(masks[refused], out.vocab)
         picked = out.pick_rows(refused, allowed) if out.masks_here else \
