@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, head_dim=128,
                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 LINES: list[str] = []
@@ -79,14 +79,34 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     return res
 
 
+def shape_config(assets: Path, overrides: dict) -> dict:
+    """The LlamaConfig fields of a random-weight model: the assets' config.json (SmolLM2's: its
+    vocabulary and tokenizer ids) with ``overrides``. A shape that sets the width or the heads
+    but not ``head_dim`` gets width / heads, not the assets' own (SmolLM2's 64: sessions 12-14's
+    "8B" inherited it, so its attention and KV were half Llama-3.1-8B's)."""
+    cfg = json.loads((assets / "config.json").read_text())
+    cfg.update(overrides)
+    if "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & set(overrides):
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.pop("rope_parameters", None)
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def shape_params(cfg: dict) -> int:
+    """Parameters of a Llama model of config ``cfg`` (norms included; a tied head counted once)."""
+    h, layers, d = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["head_dim"]
+    q, kv, inter, vocab = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d, cfg["intermediate_size"], cfg["vocab_size"]
+    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + layers * layer + h
+
+
 def make_hf(folder: Path, assets: Path, overrides: dict, dtype: str, device: str = "cuda") -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = json.loads((assets / "config.json").read_text())
-    cfg.update(overrides)
-    cfg.pop("rope_parameters", None)
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    cfg = shape_config(assets, overrides)
+    config = LlamaConfig(**cfg)
+    say(f"random-weight model: {shape_params(cfg) / 1e9:.3f} B parameters, head_dim {cfg['head_dim']}")
     torch.manual_seed(20261202)
     t = time.perf_counter()
     with torch.device(device):

@@ -79,6 +79,27 @@ def test_llama1b_shapes_are_llama_3_2_1b():
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (2048, 8192)
 
 
+def test_gpu_shapes_are_the_real_models(tmp_path):
+    """The GPU runs' random-weight shapes over SmolLM2's config.json: Llama-3.1-8B and -3.2-3B's
+    parameter counts, and a shape that names no head_dim gets width / heads (not SmolLM2's 64)."""
+    import json
+
+    import gpu_agent_export as gae
+    import gpu_serving
+
+    assets = tmp_path  # SmolLM2-135M-Instruct's config.json, the fields a shape may inherit
+    (assets / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536, "head_dim": 64,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+        "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 100000.0},
+        "_name_or_path": "x"}))
+    cfg8 = gae.shape_config(assets, gae.LLAMA8B)
+    assert cfg8["head_dim"] == 128 and gae.shape_params(cfg8) == 8_030_261_248  # Llama-3.1-8B
+    assert gae.shape_params(gae.shape_config(assets, gpu_serving.LLAMA3B)) == 3_212_749_824  # Llama-3.2-3B
+    no_dim = {k: v for k, v in gae.LLAMA8B.items() if k != "head_dim"}
+    assert gae.shape_config(assets, no_dim)["head_dim"] == 128
+
+
 def test_trivial_tokenizer_vocab():
     tokens = llama1b.vocab()
     assert len(tokens) == 128256
