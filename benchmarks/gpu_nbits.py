@@ -35,7 +35,15 @@ from onnx import TensorProto, helper, numpy_helper
 SHAPES = {"q/k/v packed": (4096, 6144), "o": (4096, 4096), "gate/up packed": (4096, 28672), "down": (14336, 4096)}
 
 
-def model(k: int, n: int, form: str, block: int, chain: int, rng) -> bytes:
+def parse_form(form: str) -> tuple:
+    """A ``--forms`` name -> (kind, block, zero points, folded at load): ``fp16``,
+    ``nbits-<block>[-zp]`` (MatMulNBits), ``dq[-fold]-<block>`` (DequantizeLinear + MatMul, zero points)."""
+    parts = form.split("-")
+    block = next((int(x) for x in parts if x.isdigit()), 0)
+    return parts[0], block, parts[0] == "dq" or "zp" in parts, "fold" in parts
+
+
+def model(k: int, n: int, form: str, block: int, chain: int, rng, zero_points: bool = False) -> bytes:
     nodes, inits, x = [], [], "x"
     for i in range(chain):
         y = f"y{i}" if i < chain - 1 else "y"
@@ -56,7 +64,7 @@ def model(k: int, n: int, form: str, block: int, chain: int, rng) -> bytes:
             s = (rng.random((n * blocks,)) * 0.01 + 0.001).astype(np.float16)
             inits += [numpy_helper.from_array(q, f"q{i}"), numpy_helper.from_array(s, f"s{i}")]
             ins = [x, f"q{i}", f"s{i}"]
-            if form == "nbits-zp":
+            if zero_points:
                 zp = rng.integers(0, 256, (n * ((blocks + 1) // 2),), dtype=np.uint8)
                 inits.append(numpy_helper.from_array(zp, f"z{i}"))
                 ins.append(f"z{i}")
@@ -128,13 +136,11 @@ def main() -> None:
     for name in args.shapes:
         k, n = SHAPES[name]
         for form in args.forms:
-            parts = form.split("-")
-            block = next((int(x) for x in parts if x.isdigit()), 0)
-            kind = form.split("-32")[0] if form.startswith("dq") else \
-                "fp16" if form == "fp16" else ("nbits-zp" if form.endswith("zp") else "nbits")
+            kind, block, zp, fold = parse_form(form)
             try:
-                data = model(k, n, kind.split("-")[0], block, args.chain, rng)
-                cells = [f"{time_case(ort, data, m, k, args.iters, args.fpa_intb, kind == 'dq-fold') / args.chain * 1e6:,.0f}" for m in args.rows]
+                data = model(k, n, kind, block, args.chain, rng, zp)
+                cells = [f"{time_case(ort, data, m, k, args.iters, args.fpa_intb, fold) / args.chain * 1e6:,.0f}"
+                         for m in args.rows]
             except Exception as exc:  # noqa: BLE001 - a form ONNX Runtime refuses is a row saying so
                 cells = [f"failed: {type(exc).__name__}: {str(exc)[:80]}"] + [""] * (len(args.rows) - 1)
             line = f"| {name} ({k} x {n}) | {form} | " + " | ".join(cells) + " |"

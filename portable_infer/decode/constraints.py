@@ -318,6 +318,14 @@ class MaskFill:
     def __init__(self, matchers: dict, rows: int, vocab_size: int):
         self._future = _shared("thread").submit(fill_masks, matchers, rows, vocab_size) if matchers else None
 
+    @classmethod
+    def of(cls, seqs: list) -> MaskFill:
+        """The fill for a batch's rows: ``seqs`` their :class:`~portable_infer.decode.sequence.Sequence`
+        (None for a row that picks nothing this step); one bitmask row per entry."""
+        live = [s for s in seqs if s is not None]
+        matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
+        return cls(matchers, len(seqs), max((s.mask_vocab for s in live), default=0))
+
     def result(self) -> np.ndarray | None:
         """The bitmasks (None when no row was constrained)."""
         return None if self._future is None else self._future.result()

@@ -112,12 +112,12 @@ def temperature_overflow(x: np.ndarray, temperature: float) -> Exception:
 
 
 def rejection_draw(logits: np.ndarray, temperature: float, rng: np.random.Generator,
-                   allowed: Callable[[], np.ndarray], accepts: Callable[[int], bool] | None = None) -> tuple:
+                   allowed: Callable[[], np.ndarray], accepts: Callable[[int], bool] | None = None) -> int:
     """A draw from ``softmax(logits / temperature)`` over the tokens ``allowed()`` gives (bool
-    [vocab], asked for only when needed), by rejection: a draw from every token stands where
-    ``accepts(token)`` (or, without it, ``allowed()``) takes it; else the same weights, the
-    refused tokens zeroed, give a second draw. Exact for the masked distribution, and the
-    weights (the costly part) are computed once. Returns (token, whether the mask was applied).
+    [vocab]), by rejection: a draw from every token stands where ``accepts(token)`` (or, without
+    it, ``allowed()``) takes it; else the same weights, the refused tokens zeroed, give a second
+    draw. Exact for the masked distribution, and the weights (the costly part) are computed once.
+    With ``accepts``, ``allowed()`` is called only for a refused draw.
 
     The untruncated sampler's checks hold (``make_sampler``: NaN / inf logits, a temperature
     that overflows); where every allowed token's weight underflows to 0 beside the best refused
@@ -131,10 +131,10 @@ def rejection_draw(logits: np.ndarray, temperature: float, rng: np.random.Genera
     weights = softmax_weights(x)
     tok = draw_weighted(weights, rng)
     if accepts is not None and accepts(tok):
-        return tok, False
+        return tok
     keep = allowed()
     if accepts is None and keep[tok]:
-        return tok, False
+        return tok
     weights *= keep  # refused tokens to 0, in place
     tok = draw_weighted(weights, rng)
-    return (draw(np.where(keep, x, -np.inf), rng) if tok is None else tok), True
+    return draw(np.where(keep, x, -np.inf), rng) if tok is None else tok

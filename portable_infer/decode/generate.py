@@ -151,8 +151,7 @@ class BatchDecoder:
 
     def _start_masks(self) -> MaskFill:
         """The grammar masks of the running constrained rows, filled while the forward runs."""
-        matchers = {i: r.matcher for i, r in enumerate(self.rows) if r.matcher is not None and r.finish_reason is None}
-        return MaskFill(matchers, len(self.rows), max(r.mask_vocab for r in self.rows))
+        return MaskFill.of([r if r.finish_reason is None else None for r in self.rows])
 
     def step(self) -> list:
         """Sample one token for every running sequence; returns their :class:`StepToken`."""

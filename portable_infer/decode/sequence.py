@@ -134,7 +134,7 @@ class Sequence:
                         return self.own_mask() if mask is None else allowed_tokens(mask, self.mask_vocab)
                     if self.draws_first:  # the draw stands where the grammar allows it
                         tok = rejection_draw(x, p.temperature, self.rng, allowed,
-                                             None if mask is None else lambda t: allows(mask, t))[0]
+                                             None if mask is None else lambda t: allows(mask, t))
                     else:
                         x = apply_mask(x, allowed())
             if tok is None:

@@ -207,19 +207,23 @@ class RunningBatch:
         # where the tokens are picked: the graph's argmax, the device under grammar masks, or the host
         seqs = [r.seq if r.state != "done" else None for r in rows]
         how = batch_pick.mode(self.engine, seqs)
-        # the grammar masks of the constrained rows: one batched fill, while the forward runs
-        matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
-        fill = MaskFill(matchers, len(rows), max(r.seq.mask_vocab for r in rows))
-        out = batch_pick.forward(self.engine, how, self.pending[:, None], self.mask, self.cache)
+        return self._picks(how, rows, seqs,
+                           lambda: batch_pick.forward(self.engine, how, self.pending[:, None], self.mask, self.cache))
+
+    def _picks(self, how: str, rows: list, seqs: list, forward) -> list:
+        """``forward()`` (picking mode ``how``) while the grammar masks of the constrained rows
+        fill (one batched fill), then one token per live row: ``seqs[i]`` None is a row that picks
+        nothing (free, or ended before the step), and a row cancelled during the forward gets
+        none. Each pick is its row's next pending token."""
+        fill = MaskFill.of(seqs)
+        out = forward()
         inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
-        nxt = np.array(self.pending)
         results = []
         for i, r in enumerate(rows):
-            if r.state == "done" or inputs[i] is None:  # ended before the step, or cancelled during the forward
+            if seqs[i] is None or r.state == "done" or inputs[i] is None:
                 continue
             res = pick_row(r, inputs[i], max_context=self.max_context)
             if res.pick is not None:
-                nxt[i] = res.pick.token
+                self.pending[i] = res.pick.token
             results.append(res)
-        self.pending = nxt
         return results

@@ -39,7 +39,6 @@ import numpy as np
 
 from portable_infer.decode import batch_pick
 from portable_infer.decode.batch_pick import RowInput
-from portable_infer.decode.constraints import MaskFill
 from portable_infer.engine.kv_static import copy_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
 
@@ -199,18 +198,7 @@ class SlotBatch(RunningBatch):
                 return results
             how = batch_pick.mode(self.engine, seqs)
         live = np.array([[s is not None] for s in seqs], np.int64)  # the new column: who advances
-        matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
-        fill = MaskFill(matchers, size, max(s.mask_vocab for s in seqs if s is not None))
-        out = self._forward(how, view, live)
-        inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
-        for i, r in enumerate(rows):
-            if seqs[i] is None or inputs[i] is None:  # free, ended before the step, or cancelled during it
-                continue
-            res = pick_row(r, inputs[i], max_context=self.max_context)
-            if res.pick is not None:
-                self.pending[i] = res.pick.token
-            results.append(res)
-        return results
+        return results + self._picks(how, rows, seqs, lambda: self._forward(how, view, live))
 
     def _forward(self, how: str, view, live: np.ndarray):
         size = view.batch
