@@ -94,7 +94,9 @@ def _client_proc(url: str, jobs: list, new: int, start_at: float, out) -> None:
     out.put(asyncio.run(main()))
 
 
-def http_level(url: str, reqs: list, new: int) -> dict:
+def http_level(url: str, reqs: list, new: int, at_start=None) -> dict:
+    """N streaming requests from client processes that start together; ``at_start()`` is called
+    here when they do (readings of the server taken then exclude the clients' start-up)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start_at = time.time() + 3.0  # every client process connected and waiting
@@ -102,6 +104,9 @@ def http_level(url: str, reqs: list, new: int) -> dict:
     procs = [ctx.Process(target=_client_proc, args=(url, s, new, start_at, q)) for s in shares if s]
     for p in procs:
         p.start()
+    if at_start is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+        at_start()
     results = [r for _ in procs for r in q.get()]
     for p in procs:
         p.join()
@@ -145,6 +150,39 @@ def tree_cpu_s(pid: int) -> float:
         except (OSError, IndexError):
             pass
     return total
+
+
+STEP_LINES = ("portable_infer_engine_seconds_total", "portable_infer_engine_steps_total",
+              "portable_infer_decode_rows_total")
+
+
+def step_clock(url: str) -> dict:
+    """The server's step-loop counters (/metrics: engine seconds by phase and part, steps, rows)."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except Exception:  # noqa: BLE001
+        return {}
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(STEP_LINES)}
+
+
+def step_summary(before: dict, after: dict, wall: float) -> dict:
+    """One level's step loop: decode steps, mean rows a step, ms a decode step waiting on the
+    forward and on the host, prefill steps and seconds, plan and idle seconds, of ``wall``."""
+    d = {k: after.get(k, 0.0) - v for k, v in before.items()}
+
+    def sec(phase, part=""):
+        return d.get(f'portable_infer_engine_seconds_total{{part="{part}",phase="{phase}"}}', float("nan"))
+
+    steps = d.get('portable_infer_engine_steps_total{phase="decode"}', float("nan"))
+    per = 1e3 / steps if steps else float("nan")
+    return {"decode_steps": steps, "rows": d.get("portable_infer_decode_rows_total", float("nan")) / steps if steps else float("nan"),
+            "decode_forward_ms": sec("decode", "forward") * per, "decode_host_ms": sec("decode", "host") * per,
+            "prefill_steps": d.get('portable_infer_engine_steps_total{phase="prefill"}', float("nan")),
+            "prefill_forward_s": sec("prefill", "forward"), "prefill_host_s": sec("prefill", "host"),
+            "plan_s": sec("plan"), "idle_s": sec("idle"), "wall_s": wall}
 
 
 def kv_bytes(url: str) -> float:
@@ -191,7 +229,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         http_level(url, prompts(4, prompt, vocab, seed=1), 16)  # warm-up: CUDA graphs, cuBLAS
         for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
             reqs = prompts(n, prompt, vocab)
-            cpu0, seen = tree_cpu_s(srv.pid), []
+            seen = []
             stop = [False]
 
             def sample():  # the KV bytes the server's metrics report, once a second
@@ -201,12 +239,17 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
 
             th = threading.Thread(target=sample, daemon=True)
             th.start()
-            w = time.perf_counter()
-            r = http_level(url, reqs, new)
-            wall = time.perf_counter() - w
+            start = {}
+
+            def at_start():  # the server's CPU seconds and step clock as the clients start
+                start.update(cpu=tree_cpu_s(srv.pid), clock=step_clock(url), t=time.perf_counter())
+
+            r = http_level(url, reqs, new, at_start)
+            wall = time.perf_counter() - start["t"]
+            r["steps"] = step_summary(start["clock"], step_clock(url), wall)
             stop[0] = True
             th.join()
-            r["server_cores"] = (tree_cpu_s(srv.pid) - cpu0) / wall
+            r["server_cores"] = (tree_cpu_s(srv.pid) - start["cpu"]) / wall
             r["kv_gib"] = np.nanmax(seen) / 2**30 if any(v == v for v in seen) else float("nan")
             rows[(f"portable_infer ({config})" + (f", round {round_ + 1}" if rounds > 1 else ""), n)] = r
             say(f"  {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
@@ -325,6 +368,16 @@ def main() -> None:
         say(f"| {name} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:,.0f} / {r['ttft_p99_ms']:,.0f} | "
             f"{r['itl_p99_ms']:.0f} | {r['errors']} | {r.get('server_cores', float('nan')):.2f} | "
             f"{r.get('kv_gib', float('nan')):.2f} |")
+    clocked = [(k, r["steps"]) for k, r in rows.items() if r.get("steps")]
+    if clocked:
+        say("\nWhere our step loop spent each level (server /metrics, the level's difference):\n")
+        say("| runtime | streams | decode steps | rows a step | decode ms: forward + host | prefill steps | "
+            "prefill s: forward + host | plan s | idle s | level s |")
+        say("|---|---|---|---|---|---|---|---|---|---|")
+        for (name, n), c in clocked:
+            say(f"| {name} | {n} | {c['decode_steps']:.0f} | {c['rows']:.1f} | {c['decode_forward_ms']:.2f} + "
+                f"{c['decode_host_ms']:.2f} | {c['prefill_steps']:.0f} | {c['prefill_forward_s']:.2f} + "
+                f"{c['prefill_host_s']:.2f} | {c['plan_s']:.2f} | {c['idle_s']:.2f} | {c['wall_s']:.2f} |")
     (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")
     (args.out / "gpu_serving.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in rows.items()}, indent=1))
 

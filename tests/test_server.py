@@ -203,6 +203,33 @@ def test_metrics_after_traffic(client, server):
     assert metric(server, "portable_infer_prefix_cache_tokens_total") >= 16
 
 
+def test_step_clock_metrics(client, server):
+    """The step loop's clock: a request of 6 tokens ignoring EOS is one prefill step (its first
+    token) and 5 decode steps of one row; the seconds only grow, forwards took some, and all the
+    loop's seconds together fit in the time it ran."""
+    wait_idle(server)
+    names = [("portable_infer_engine_steps_total", '{phase="prefill"}'),
+             ("portable_infer_engine_steps_total", '{phase="decode"}'),
+             ("portable_infer_decode_rows_total", ""),
+             ("portable_infer_engine_seconds_total", '{part="forward",phase="decode"}'),
+             ("portable_infer_engine_seconds_total", '{part="host",phase="decode"}'),
+             ("portable_infer_engine_seconds_total", '{part="forward",phase="prefill"}')]
+    before = [metric(server, n, lab) for n, lab in names]
+    t = time.perf_counter()
+    client.completions.create(model=NAME, prompt="tick tock", max_tokens=6, extra_body={"ignore_eos": True})
+    wait_idle(server)
+    wall = time.perf_counter() - t
+    after = [metric(server, n, lab) for n, lab in names]
+    d = [a - b for a, b in zip(after, before)]
+    assert d[0] >= 1 and d[1] == 5 and d[2] == 5, d
+    assert d[3] > 0 and d[4] > 0 and d[5] > 0, d
+    assert sum(d[3:]) < wall, (d, wall)
+    steps = server.scheduler.stats().steps
+    assert set(steps) == {"prefill_forward", "prefill_host", "decode_forward", "decode_host", "plan", "idle",
+                          "prefill_steps", "decode_steps", "decode_rows"}
+    assert all(v >= 0 for v in steps.values()), steps
+
+
 # --- errors --------------------------------------------------------------------------------------
 def post(server, path: str, content: bytes, key: str | None = KEY):
     headers = {"Content-Type": "application/json"}

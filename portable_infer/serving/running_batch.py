@@ -22,6 +22,7 @@ handle pieces. Padding is exact: positions are ``cumsum(mask) - 1``. Loop thread
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,15 @@ class RunningBatch:
         self.mask = None  # [rows, width] int64, left padding 0
         self.pending = None  # [rows] int64: each row's last token, fed by the next decode
         self._partial: dict = {}  # request id -> its batch-1 cache while its prompt is chunked in
+        self.forward_s = 0.0  # seconds the loop waited on forwards (the scheduler's StepClock reads it)
+
+    def _wait(self, forward, *args):
+        """``forward(*args)``, its wall time counted in :attr:`forward_s`."""
+        t = time.perf_counter()
+        try:
+            return forward(*args)
+        finally:
+            self.forward_s += time.perf_counter() - t
 
     def nbytes(self) -> int:
         """KV bytes the decode batch holds now."""
@@ -121,7 +131,7 @@ class RunningBatch:
                 raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; "
                                    f"the plan prefills from {s.start}")
             mask = np.ones((1, s.end), np.int64)
-            logits = self.engine.forward(np.asarray([r.prompt[s.start:s.end]], np.int64), mask, cache)
+            logits = self._wait(self.engine.forward, np.asarray([r.prompt[s.start:s.end]], np.int64), mask, cache)
             if not s.last:
                 self._partial[r.id] = cache
                 return None
@@ -140,7 +150,7 @@ class RunningBatch:
             ids[i, width - len(r.prompt):] = r.prompt
             mask[i, width - len(r.prompt):] = 1
         cache = self._prefill_cache(len(rows), step.capacity, True)
-        return cache, mask, self.engine.forward(ids, mask, cache)
+        return cache, mask, self._wait(self.engine.forward, ids, mask, cache)
 
     def _prefill_cache(self, rows: int, capacity: int, joins: bool):
         """The cache a prefill of ``rows`` prompts writes (``joins``: they all end in this forward)."""
@@ -216,7 +226,7 @@ class RunningBatch:
         nothing (free, or ended before the step), and a row cancelled during the forward gets
         none. Each pick is its row's next pending token."""
         fill = MaskFill.of(seqs)
-        out = forward()
+        out = self._wait(forward)
         inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
         results = []
         for i, r in enumerate(rows):

@@ -63,7 +63,7 @@ from portable_infer.decode.sampling import SamplingParams
 from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
     DEFAULT_KV_BUDGET_BYTES, SchedulerConfig, SchedulerObserver, SchedulerStats,
 )
-from portable_infer.serving.scheduler_meter import Meter
+from portable_infer.serving.scheduler_meter import Meter, StepClock
 from portable_infer.serving.scheduler_plan import Planner, StepPlan
 from portable_infer.serving.scheduler_queues import RequestQueues, emitter
 from portable_infer.decode.sequence import Sequence
@@ -133,6 +133,7 @@ class Scheduler:
         self.codec = model.codec  # prompts in, text out
         self.config = config
         self.meter = Meter(observer)  # counters: changed under the queues' lock
+        self.clock = StepClock()  # where the step loop's time goes: loop thread only
         self.max_context = model.max_context
         self.pool = kv_pool(config, kv)
         self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
@@ -208,7 +209,7 @@ class Scheduler:
                 blocks_used=self.pool.used, blocks_total=self.pool.total, block_size=self.pool.block_size,
                 kv_bytes=self.batch.nbytes(), tokens_per_s=self.meter.tokens_per_s(), recent=tuple(self.meter.recent),
                 prefix_cache_hits=self.prefixes.hits, prefix_cache_tokens=self.prefixes.tokens_reused,
-                prefix_cache_bytes=self.prefixes.nbytes, **self.meter.counters)
+                prefix_cache_bytes=self.prefixes.nbytes, steps=self.clock.snapshot(), **self.meter.counters)
 
     def has_capacity(self) -> bool:
         """Whether a new request would be accepted now (running, or queued behind the batch)."""
@@ -265,21 +266,24 @@ class Scheduler:
 
     # --- the step loop (scheduler thread) -------------------------------------------------------
     def _loop(self) -> None:
-        q = self.queues
+        q, clock = self.queues, self.clock
         while True:
+            t = time.perf_counter()
             with q.lock:
                 while not (q.closing or q.prefilling or self.batch.rows):
                     q.wake.wait()
                 if q.closing:
                     return
+                idle = time.perf_counter() - t
                 plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
                 q.apply(plan)
                 named = {r.id: r for r in q.prefilling}
+            clock.add(idle=idle, plan=time.perf_counter() - t - idle)
             self._step(plan, named)
 
     def _step(self, plan: StepPlan, named: dict) -> None:
         """Run ``plan`` (``named``: its prefilling requests by id) through the running batch."""
-        batch = self.batch
+        batch, t = self.batch, time.perf_counter()
         batch.forget(plan.drop)
         if plan.leave:
             try:
@@ -293,8 +297,10 @@ class Scheduler:
                 r.prefilled, r.short_prefix = s.tokens, 0
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                 self._fail_prefill([r], exc)
+        self.clock.add(plan=time.perf_counter() - t)  # leaves, copies from cached prefixes
         step = plan.prefill
         if step is not None:
+            t, waited = time.perf_counter(), batch.forward_s
             rows = [named[s.request] for s in step.slices]
             if step.grouped:
                 try:
@@ -308,13 +314,22 @@ class Scheduler:
                     self._prefill_chunk(rows[0], step)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                     self._fail_prefill(rows, exc)
+            self._clocked("prefill", t, waited)
         if plan.decode and batch.rows:
+            t, waited, rows = time.perf_counter(), batch.forward_s, len(batch.rows)
             try:
                 results = batch.decode()
             except Exception as exc:  # noqa: BLE001
                 self._fail_batch("decode step failed", exc)
             else:
                 self.queues.hand_over(results)
+            self._clocked("decode", t, waited, decode_rows=rows)
+
+    def _clocked(self, phase: str, t: float, waited: float, **counts) -> None:
+        """A step's ``phase`` (prefill, decode) ran since ``t``, the batch's forward_s at ``waited`` then."""
+        forward = self.batch.forward_s - waited
+        self.clock.add(**{f"{phase}_forward": forward, f"{phase}_host": time.perf_counter() - t - forward,
+                          f"{phase}_steps": 1}, **counts)
 
     def _prefill_group(self, rows: list, step) -> None:
         """Several whole prompts in one forward; if it fails, each is prefilled alone later."""

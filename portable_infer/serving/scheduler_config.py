@@ -3,7 +3,7 @@ snapshot and its observer hooks. The scheduler itself is :mod:`portable_infer.se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.serving.handle import RequestStats
@@ -103,6 +103,8 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # requests that started from a cached prompt prefix
     prefix_cache_tokens: int = 0  # prompt tokens those requests did not prefill
     prefix_cache_bytes: int = 0  # host memory the cached prefixes hold now
+    # the step loop's seconds and counts since start (scheduler_meter.STEP_SECONDS, STEP_COUNTS)
+    steps: dict = field(default_factory=dict)
 
 
 class SchedulerObserver:

@@ -3,6 +3,8 @@
 Not thread-safe on its own: the scheduler changes the counters under its lock, in the same
 critical section as the state they count (so a stats snapshot is consistent). Observers are
 called outside that lock and may never stop the engine (their errors are logged).
+
+:class:`StepClock` is where the step loop's time goes (loop thread only; snapshots are copies).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ logger = logging.getLogger("portable_infer.serving.scheduler")
 
 RATE_WINDOW_S = 10.0  # tokens_per_s is measured over this window
 RECENT = 256  # finished requests kept for stats()
+# The step loop's seconds since start, by where they went: the prefill and decode parts of each
+# step, split into the time the loop waited on the engine's forwards ("forward": compute on the
+# CPU, the device's time not hidden on a GPU) and the rest ("host": row rules, picks, copies,
+# hand-over); "plan" (planning, leaves) and "idle" (nothing to do). Steps and decoded rows counted.
+STEP_SECONDS = ("prefill_forward", "prefill_host", "decode_forward", "decode_host", "plan", "idle")
+STEP_COUNTS = ("prefill_steps", "decode_steps", "decode_rows")
 COUNTERS = ("prompt_tokens", "generation_tokens", "requests_finished", "requests_cancelled",
             "requests_rejected", "requests_failed")
 
@@ -66,3 +74,18 @@ class Meter:
 
     def finished(self, stats: RequestStats) -> None:
         self.observe("finished", stats)
+
+
+class StepClock:
+    """Cumulative seconds by :data:`STEP_SECONDS` and counts by :data:`STEP_COUNTS` (loop thread
+    writes, :meth:`snapshot` copies): what bounds the tokens/s, the device or the host."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(STEP_SECONDS + STEP_COUNTS, 0)
+
+    def add(self, **amounts) -> None:
+        for name, value in amounts.items():
+            self.totals[name] += value
+
+    def snapshot(self) -> dict:
+        return dict(self.totals)

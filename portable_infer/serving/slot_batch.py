@@ -220,7 +220,7 @@ class SlotBatch(RunningBatch):
         try:
             results = self._pick_unpicked()
         finally:
-            tokens = step.result()  # the forward's own failure is raised here, after the picks
+            tokens = self._wait(step.result)  # the forward's own failure is raised here, after the picks
         self._unpicked = [(i, r, int(tokens[i])) for i, r in enumerate(rows) if seqs[i] is not None]
         for i, _, tok in self._unpicked:
             self.pending[i] = tok

@@ -13,6 +13,11 @@ Names (the HPA in deploy/k8s scales on ``portable_infer_requests_waiting``)::
     portable_infer_prefix_cache_bytes          gauge      host memory the cached prefixes hold
     portable_infer_generation_tokens_total     counter    tokens out
     portable_infer_requests_total{outcome}     counter    finished | cancelled | rejected | failed
+    portable_infer_engine_seconds_total{phase,part} counter  the step loop's time: phase prefill |
+                                                          decode (part forward: waiting on the engine's
+                                                          forwards; host: the rest), plan | idle
+    portable_infer_engine_steps_total{phase}   counter    prefill | decode steps
+    portable_infer_decode_rows_total           counter    rows decoded, summed over decode steps
     portable_infer_time_to_first_token_seconds histogram
     portable_infer_inter_token_latency_seconds histogram
     portable_infer_request_duration_seconds    histogram
@@ -74,6 +79,28 @@ class _StatsCollector:
             extra = self.admission.rejected if outcome == "rejected" and self.admission is not None else 0
             requests.add_metric([outcome], getattr(s, field) + extra)
         yield requests
+        yield from _step_metrics(s.steps)
+
+
+def _step_metrics(steps: dict):
+    """The step loop's clock (``SchedulerStats.steps``) as counters: mean decode batch = rows /
+    steps, and forward against host seconds say whether the device or the host bounds a step."""
+    from prometheus_client.core import CounterMetricFamily
+
+    seconds = CounterMetricFamily(f"{PREFIX}_engine_seconds", "The step loop's seconds by phase and part",
+                                  labels=["phase", "part"])
+    for phase in ("prefill", "decode"):
+        for part in ("forward", "host"):
+            seconds.add_metric([phase, part], steps.get(f"{phase}_{part}", 0.0))
+    for phase in ("plan", "idle"):
+        seconds.add_metric([phase, ""], steps.get(phase, 0.0))
+    yield seconds
+    count = CounterMetricFamily(f"{PREFIX}_engine_steps", "Steps of the step loop by phase", labels=["phase"])
+    for phase in ("prefill", "decode"):
+        count.add_metric([phase], steps.get(f"{phase}_steps", 0))
+    yield count
+    yield CounterMetricFamily(f"{PREFIX}_decode_rows", "Rows decoded, summed over decode steps",
+                              value=steps.get("decode_rows", 0))
 
 
 class _ServerCollector:
