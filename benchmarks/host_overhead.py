@@ -21,6 +21,11 @@ the step loop's thread for the largest level.
 
 ``--slots`` sets ``SchedulerConfig.slot_batch`` (default on, as on GPUs for static graphs).
 
+``--real PROVIDER`` runs the package's own engine on PROVIDER (e.g. cuda) instead of the null
+one: the whole step loop as the server runs it, in this process; ``--profile`` then profiles each
+step (``Scheduler._step``: leaves, prefills, decodes, hand-over). Printed after each level: the
+step loop's clock (``SchedulerStats.steps``).
+
 ``--sampled`` draws at temperature 0.7 / top-p 0.9 instead, on logits the null engine returns
 (what a host-sampled batch costs: its logits' transfer excluded).
 """
@@ -120,7 +125,8 @@ class NullEngine:
 
 
 def level(model, streams: int, args, profile: str | None) -> dict:
-    engine = NullEngine(model.engine, model.codec.vocab_size, args.device, args.seed, args.step_ms / 1e3)
+    engine = None if args.real else NullEngine(model.engine, model.codec.vocab_size, args.device, args.seed,
+                                               args.step_ms / 1e3)
     config = SchedulerConfig(max_batch=streams, max_waiting=streams, kv_budget_tokens=streams * (args.prompt + args.new),
                              prefill_chunk=args.prefill_chunk,
                              emit_thread={"auto": None, "on": True, "off": False}[args.emit],
@@ -130,15 +136,20 @@ def level(model, streams: int, args, profile: str | None) -> dict:
     if args.stop_strings:
         sampling["stop"] = ["\n\n\n\n\n"]
     counts = [0] * streams
-    slot_batch.copy_rows = lambda dst, parts: None  # null caches hold no KV to move
+    if engine is not None:
+        slot_batch.copy_rows = lambda dst, parts: None  # null caches hold no KV to move
     with Scheduler(model, config) as sched:
-        sched.engine = engine
+        if engine is not None:
+            sched.engine = engine
         if args.no_overlap:
             sched.batch.overlap = False
         prof = cProfile.Profile() if profile else None
-        if prof:  # the step loop's thread only (the text, with --emit off: hand_over delivers it there)
+        if prof and engine is None:  # every step (the loop thread)
+            sched._step = _profiled(prof, sched._step)
+        elif prof:  # the step loop's thread only (the text, with --emit off: hand_over delivers it there)
             sched.batch.decode = _profiled(prof, sched.batch.decode)
             sched.queues.hand_over = _profiled(prof, sched.queues.hand_over)
+        clock0 = sched.stats().steps
         handles = [sched.submit_ids(rng.integers(100, model.codec.vocab_size, args.prompt).tolist(),
                                     model.params(max_new_tokens=args.new, ignore_eos=True, **sampling))
                    for _ in range(streams)]
@@ -153,8 +164,17 @@ def level(model, streams: int, args, profile: str | None) -> dict:
 
         asyncio.run(read_all())  # one event loop for every stream, as the server's
         wall = time.perf_counter() - t0
+        clock = {k: v - clock0[k] for k, v in sched.stats().steps.items()}
+    n = max(clock["decode_steps"], 1)
+    print(f"  {streams} streams, {wall:.2f} s: decode {clock['decode_steps']} steps of {clock['decode_rows'] / n:.1f} rows, "
+          f"{1e3 * clock['decode_forward'] / n:.2f} + {1e3 * clock['decode_host'] / n:.2f} ms (forward + host); "
+          f"prefill {clock['prefill_steps']} steps, {clock['prefill_forward']:.2f} + {clock['prefill_host']:.2f} s; "
+          f"plan {clock['plan']:.2f} s, idle {clock['idle']:.2f} s", flush=True)
     if prof:
         prof.dump_stats(profile)
+    if engine is None:
+        return {"wall_s": wall, "step_ms": 1e3 * (clock["decode_forward"] + clock["decode_host"]) / n,
+                "ceiling_tok_s": streams * args.new / wall, "batch": round(clock["decode_rows"] / n)}
     top = max((b for b, s, _ in engine.steps if s == 1), default=0)  # the full batch (all streams joined)
     full = [dt for b, s, dt in engine.steps if b == top and s == 1]
     step = statistics.median(full) if full else float("nan")
@@ -187,11 +207,12 @@ def main() -> None:
     ap.add_argument("--sampled", action="store_true")
     ap.add_argument("--stop-strings", action="store_true")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--real", default=None, metavar="PROVIDER", help="the package's own engine on PROVIDER")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
     args.seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
     print(f"seed {args.seed}")
-    model = portable_infer.load(args.package, providers="cpu")
+    model = portable_infer.load(args.package, providers=args.real or "cpu")
     print(f"decode forwards sleep {args.step_ms} ms (GIL released); emit thread {args.emit}")
     print("| streams | generated tok/s | step ms at full batch | host us per row per step |")
     print("|---|---|---|---|")

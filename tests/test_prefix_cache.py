@@ -111,3 +111,16 @@ def test_match_and_wants_have_no_side_effects_but_lru(rng):
     cache.store(rng.integers(0, 1000, 4).tolist(), kv(rng, 4))  # over budget: the oldest entry goes
     assert cache.match(b + [1]) == 0 and cache.match(a[:8] + [1]) == 8  # wants(a) made a the newest
     assert not pc.PrefixCache(BLOCK, 0).wants(a)
+
+
+def test_short_prompts_and_prompts_larger_than_the_cache_are_not_fetched(rng):
+    """``min_tokens``: shorter prompts are neither wanted nor stored; ``bytes_per_token``: a
+    prompt whose KV would not fit is not wanted (its KV never leaves the device)."""
+    per_token = entry_bytes(8) // 8
+    cache = pc.PrefixCache(BLOCK, entry_bytes(8), min_tokens=6, bytes_per_token=per_token)
+    short, fits, big = (rng.integers(0, 1000, n).tolist() for n in (5, 9, 13))
+    assert not cache.wants(short) and cache.wants(fits) and not cache.wants(big)
+    cache.store(short, kv(rng, 5))
+    assert len(cache) == 0
+    cache.store(fits, kv(rng, 9))
+    assert len(cache) == 1 and cache.match(fits) == 8

@@ -277,11 +277,12 @@ def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, 
     """Requests that arrive together are prefilled in one forward in full when their cached
     prefix is shorter than ``prefix_min_tokens`` (the default on GPUs), rather than one forward
     each on top of the prefix; ``prefix_min_tokens=0`` (the CPU's default) reuses every hit. A
-    request prefilled alone reuses its short prefix either way. Greedy tokens equal single runs
+    request prefilled alone reuses its short prefix either way (stored as part of a prompt of at
+    least ``prefix_min_tokens``: shorter prompts are not stored). Greedy tokens equal single runs
     in every case."""
     rng = np.random.default_rng()
     shared = prompt(rng, 20)  # one reusable block of 16
-    seed, *burst, alone = [shared + prompt(rng, n) for n in (5, 7, 4, 9, 6)]
+    seed, *burst, alone = [shared + prompt(rng, n) for n in (13, 7, 4, 9, 6)]  # the seed: 33 >= 32 tokens
     ref = [fused.generate_ids(p, max_new_tokens=6, ignore_eos=True) for p in burst + [alone]]
     hold, held, fed = threading.Event(), threading.Event(), []
 

@@ -43,11 +43,22 @@ def block_hashes(tokens, block_size: int) -> list:
 
 
 class PrefixCache:
-    """Block-aligned prompt prefixes -> their KV (host arrays), least recently used out first."""
+    """Block-aligned prompt prefixes -> their KV (host arrays), least recently used out first.
 
-    def __init__(self, block_size: int, max_bytes: int):
+    Args:
+        block_size: tokens a block (prefixes match in whole blocks).
+        max_bytes: host memory the entries may hold (0: no caching).
+        min_tokens: prompts shorter than this are not stored (the scheduler's ``prefix_min``: on
+            a GPU, fetching a short prompt's KV to the host costs more than prefilling it again).
+        bytes_per_token: the KV of one token; prompts whose KV would not fit ``max_bytes`` are
+            not fetched at all (0: unknown, checked when stored).
+    """
+
+    def __init__(self, block_size: int, max_bytes: int, min_tokens: int = 0, bytes_per_token: int = 0):
         self.block_size = block_size
         self.max_bytes = max_bytes
+        self.min_tokens = min_tokens
+        self.bytes_per_token = bytes_per_token
         self.nbytes = 0
         self._entries: OrderedDict = OrderedDict()  # id(entry) -> entry, oldest first
         self._index: dict = {}  # block-boundary hash -> [(entry, tokens covered)], newest last
@@ -99,7 +110,7 @@ class PrefixCache:
         if not self.enabled:
             return
         n = len(prompt) // self.block_size * self.block_size
-        if n == 0:
+        if n == 0 or len(prompt) < self.min_tokens:
             return
         hashes = block_hashes(prompt[:n], self.block_size)
         tokens = np.asarray(prompt[:n], np.int64)
@@ -123,7 +134,7 @@ class PrefixCache:
         """Whether :meth:`store` would keep anything of ``prompt`` (so its KV is worth fetching);
         where it is stored already, that entry counts as just used (least recently used order)."""
         n = len(prompt) // self.block_size * self.block_size
-        if not self.enabled or n == 0:
+        if not self.enabled or n == 0 or len(prompt) < self.min_tokens or n * self.bytes_per_token > self.max_bytes:
             return False
         tokens = np.asarray(prompt[:n], np.int64)
         stored = self._stored(block_hashes(tokens, self.block_size)[-1], tokens)

@@ -70,6 +70,7 @@ from portable_infer.decode.sequence import Sequence
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
 logger = logging.getLogger(__name__)
+IDLE_TICK_S = 0.25  # an idle loop wakes this often to count its idle seconds
 
 
 def kv_pool(config: SchedulerConfig, kv) -> BlockPool:
@@ -136,10 +137,11 @@ class Scheduler:
         self.clock = StepClock()  # where the step loop's time goes: loop thread only
         self.max_context = model.max_context
         self.pool = kv_pool(config, kv)
-        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes)  # loop thread only
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:
             prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
+        # loop thread only; shorter prompts than a grouped request reuses are not stored either
+        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes, prefix_min, bytes_per_token(kv))
         # Restacked static KV off the CPU (--slot-batch off) defers leaves: see Planner.defer_leave
         self.batch = running_batch(engine, config, self.prefixes, self.max_context)  # loop thread only
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,
@@ -268,17 +270,18 @@ class Scheduler:
     def _loop(self) -> None:
         q, clock = self.queues, self.clock
         while True:
-            t = time.perf_counter()
             with q.lock:
                 while not (q.closing or q.prefilling or self.batch.rows):
-                    q.wake.wait()
+                    t = time.perf_counter()
+                    q.wake.wait(IDLE_TICK_S)  # idle seconds counted as they pass, not when work comes
+                    clock.add(idle=time.perf_counter() - t)
                 if q.closing:
                     return
-                idle = time.perf_counter() - t
+                t = time.perf_counter()
                 plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
                 q.apply(plan)
                 named = {r.id: r for r in q.prefilling}
-            clock.add(idle=idle, plan=time.perf_counter() - t - idle)
+            clock.add(plan=time.perf_counter() - t)
             self._step(plan, named)
 
     def _step(self, plan: StepPlan, named: dict) -> None:
