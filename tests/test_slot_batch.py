@@ -39,9 +39,11 @@ def test_slots_join_leave_move_down_and_grow_with_single_run_tokens(static, fuse
 
         mover = RowMover(static.engine.session, static.engine.ort, static.engine.variant.kv.dtype)
         monkeypatch.setattr(static.engine, "row_mover", lambda: mover)
-    copies, joining, real_copy = [], [], slot_batch.copy_rows
+    copies, moves, joining, real_copy, real_move = [], [], [], slot_batch.copy_rows, slot_batch.move_rows
     monkeypatch.setattr(slot_batch, "copy_rows", lambda dst, parts: copies.append((dst.start, dst.batch, bool(joining)))
                         or real_copy(dst, parts))
+    monkeypatch.setattr(slot_batch, "move_rows", lambda dst, src, rows, at: moves.append(
+        (src is dst, list(rows), list(at), bool(joining))) or real_move(dst, src, rows, at))
     real_join, real_prefill_cache = slot_batch.SlotBatch.join, slot_batch.SlotBatch._prefill_cache
     prefilled = []
     monkeypatch.setattr(slot_batch.SlotBatch, "_prefill_cache",
@@ -81,12 +83,15 @@ def test_slots_join_leave_move_down_and_grow_with_single_run_tokens(static, fuse
     assert batch.cache.capacity > capacity, "the 70-token request did not move the rows into a larger buffer"
     in_place = [c.batch for c in prefilled if c.owner is not None]  # prefill caches that are views of the buffer
     assert sum(in_place) == 6, f"the six short prompts were not all prefilled in free slots: {in_place}"
-    # joins from in-place prefills copy nothing: only the chunked late prompt (its own cache) is
-    # copied into a slot when it joins; the other copies are moves down (one row each) and the
-    # move into the larger buffer (rows [0, top), once)
-    assert len([c for c in copies if c[2] and c[1] == 1]) == 1, f"joins copied rows: {copies}"
-    assert any(n == 1 and start < 2 for start, n, _ in copies), f"no row moved down: {copies}"
-    assert len([c for c in copies if c[1] > 1]) <= 1, f"rows moved into a larger buffer more than once: {copies}"
+    # joins from in-place prefills move nothing: only the chunked late prompt (its own cache) is
+    # moved into a slot when it joins; the other moves are moves down (every row of one in one
+    # move) and the copy into the larger buffer (rows [0, top), once)
+    joins = [m for m in moves if m[3]]
+    assert len(joins) == 1 and not joins[0][0] and len(joins[0][1]) == 1, f"joins moved rows: {moves}"
+    down = [m for m in moves if m[0]]
+    assert down and any(min(at) < 2 for _, _, at, _ in down), f"no row moved down: {moves}"
+    assert all(min(rows) > max(at) for _, rows, at, _ in down), f"a move down went up: {moves}"
+    assert len(copies) <= 1 and all(c[1] > 1 for c in copies), f"rows copied other than into a larger buffer: {copies}"
     decode_sizes = sorted({n for _, n, d in views if d})
     assert set(decode_sizes) <= set(slot_batch.BUCKETS), decode_sizes
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from portable_infer.decode import batch_pick
 from portable_infer.decode.batch_pick import RowInput
-from portable_infer.engine.kv_static import copy_rows
+from portable_infer.engine.kv_static import copy_rows, move_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)  # then multiples of 64
@@ -132,13 +132,13 @@ class SlotBatch(RunningBatch):
                     self._place(cache.start + i, r, int(cache.rows[i]), first[id(r)])
                 else:
                     self._free(cache.start + i)
-        else:
+        else:  # every live row into a free slot, in one move
             buffer = self._buffer(cache.capacity)
-            for i in live:
-                slot = self._free_run(1)
-                if slot is None:  # the scheduler admits at most max_batch requests
-                    raise RuntimeError(f"no free slot for request {done.rows[i].id}")
-                copy_rows(self.engine.view(buffer, slot, 1), [(cache, [i])])
+            free = [i for i, r in enumerate(self.slots) if r is None][:len(live)]
+            if len(free) < len(live):  # the scheduler admits at most max_batch requests
+                raise RuntimeError(f"no free slot for requests {', '.join(done.rows[i].id for i in live[len(free):])}")
+            move_rows(buffer, cache, live, free)
+            for i, slot in zip(live, free):
                 self._place(slot, done.rows[i], int(cache.rows[i]), first[id(done.rows[i])])
         self._publish()
 
@@ -159,8 +159,8 @@ class SlotBatch(RunningBatch):
         holes = [i for i in range(count) if self.slots[i] is None]
         high = [i for i in range(count, self.max_batch) if self.slots[i] is not None]
         moved = dict(zip(high, holes))
+        move_rows(self.cache, self.cache, list(moved), list(moved.values()))  # every row in one move
         for src, dst in moved.items():
-            copy_rows(self.engine.view(self.cache, dst, 1), [(self.cache, [src])])
             self._place(dst, self.slots[src], int(self.lengths[src]), int(self.pending[src]))
             self._free(src)
         self._unpicked = [(moved.get(i, i), r, tok) for i, r, tok in self._unpicked]  # their rows moved
