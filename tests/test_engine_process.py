@@ -63,9 +63,9 @@ def test_the_engine_process_gives_what_the_in_process_scheduler_gives(package, r
     assert want[1][2] == "stop", (SEED, want[1])
     assert remote.model.engine.provider == model.provider and remote.model.max_context == model.max_context
     assert remote.stats().blocks_used == 0 and remote.alive
-    # the step loop's clock crosses the pipe: as many decode steps there as here, forwards timed
-    there, here = remote.stats().steps, local.stats().steps
-    assert there["decode_steps"] >= here["decode_steps"] > 0 and there["decode_forward"] > 0, (there, here)
+    # the step loop's clock crosses the pipe (how the requests share steps depends on timing)
+    there = remote.stats().steps
+    assert there["decode_rows"] >= there["decode_steps"] > 0 and there["decode_forward"] > 0, there
 
 
 def test_bad_requests_raise_their_own_errors_here(remote):
