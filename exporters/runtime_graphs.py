@@ -13,17 +13,6 @@ The static-KV scheduler runs it on the GPU: its output bound inside the destinat
 rows that join or stay in a batch move device to device instead of through the host; or bound
 to the host with ``keep`` = the tokens wanted, so the prefix cache fetches only those.
 
-``kv_scatter.<dtype>.onnx``: rows of one buffer into any rows of another (or of the same one), in
-one run whatever the rows::
-
-    y = ScatterND(x, at, Pad(Gather(src, rows, axis=0), pads))
-        x [B, H, C, D], src [B2, H, C2, D], rows [n], at [n, 1] -> y [B, H, C, D]
-
-``y`` is bound to ``x``'s own memory: ONNX Runtime's ScatterND copies its input to its output only
-where they differ, so only the ``at`` rows are written (the Gather reads its rows into a buffer of
-its own first: a row may move within one buffer, onto rows that move too). The slot batch moves a
-whole compaction or join this way: one run per layer's keys and values, not one per row.
-
 ``masked_argmax.onnx``: greedy picks under grammar masks where the logits are (the static engine
 runs it on the GPU: a batch's greedy rows bring back token ids, its sampling rows their logits
 with the grammar mask applied already)::
@@ -74,22 +63,6 @@ def kv_rows_model(dtype: str) -> bytes:
          helper.make_tensor_value_info("pads", TensorProto.INT64, [8]),
          helper.make_tensor_value_info("keep", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("y", t, ["n", "heads", "out_capacity", "head_dim"])], consts)
-    return _serialized(graph)
-
-
-def kv_scatter_model(dtype: str) -> bytes:
-    t, i64 = KV_DTYPES[dtype], TensorProto.INT64
-    nodes = [helper.make_node("Gather", ["src", "rows"], ["picked"], axis=0),
-             helper.make_node("Pad", ["picked", "pads"], ["padded"], mode="constant"),
-             helper.make_node("ScatterND", ["x", "at", "padded"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "kv_scatter",
-        [helper.make_tensor_value_info("x", t, ["batch", "heads", "capacity", "head_dim"]),
-         helper.make_tensor_value_info("src", t, ["src_batch", "heads", "src_capacity", "head_dim"]),
-         helper.make_tensor_value_info("rows", i64, ["n"]),
-         helper.make_tensor_value_info("at", i64, ["n", 1]),
-         helper.make_tensor_value_info("pads", i64, [8])],
-        [helper.make_tensor_value_info("y", t, ["batch", "heads", "capacity", "head_dim"])])
     return _serialized(graph)
 
 
@@ -148,7 +121,6 @@ def _serialized(graph) -> bytes:
 def shipped() -> dict:
     """file name -> the bytes this module builds for it."""
     out = {f"kv_rows.{dtype}.onnx": kv_rows_model(dtype) for dtype in KV_DTYPES}
-    out.update({f"kv_scatter.{dtype}.onnx": kv_scatter_model(dtype) for dtype in KV_DTYPES})
     out["masked_argmax.onnx"] = masked_argmax_model()
     out["masked_rows.onnx"] = masked_rows_model()
     return out

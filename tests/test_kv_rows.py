@@ -24,8 +24,7 @@ TAG = f"[KV_ROWS_SEED={SEED}]"
 def test_the_shipped_graphs_are_what_the_exporter_builds():
     runtime_graphs = pytest.importorskip("exporters.runtime_graphs")
     built = runtime_graphs.shipped()
-    assert {"kv_rows.float32.onnx", "kv_rows.float16.onnx", "kv_scatter.float32.onnx", "kv_scatter.float16.onnx",
-            "masked_argmax.onnx", "masked_rows.onnx"} <= set(built)
+    assert {"kv_rows.float32.onnx", "kv_rows.float16.onnx", "masked_argmax.onnx", "masked_rows.onnx"} <= set(built)
     assert sorted(p.name for p in GRAPHS.glob("*.onnx")) == sorted(built), "a shipped graph nothing builds"
     for name, data in built.items():
         assert (GRAPHS / name).read_bytes() == data, f"{name} is stale: run python -m exporters.runtime_graphs"
@@ -42,46 +41,21 @@ class CpuSession:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_fetch_brings_the_rows_and_tokens_asked_for(dtype):
+def test_rows_land_in_place_and_the_rest_is_untouched(dtype):
     rng = np.random.default_rng(SEED)
     print(TAG)
     src = rng.standard_normal((3, 2, 8, 4)).astype(dtype)
-    src_v = ort.OrtValue.ortvalue_from_numpy(src)
+    dst = np.full((5, 2, 16, 4), 7.0, dtype)
+    src_v, dst_v = ort.OrtValue.ortvalue_from_numpy(src), ort.OrtValue.ortvalue_from_numpy(dst)
     mover = RowMover(CpuSession(), ort, dtype, "CPUExecutionProvider")
-    np.testing.assert_array_equal(mover.fetch(src_v, [1, 2], 5), src[[1, 2], :, :5])  # to the host, cropped
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_scatter_moves_any_rows_in_place_in_one_run_a_buffer(dtype):
-    """RowMover.scatter: rows into any rows of the same buffer, onto rows that move too (a
-    compaction), and from a buffer of smaller capacity (the tail zeros), every buffer of the
-    move; the rows not named keep their values; bad moves are refused before anything runs."""
-    rng = np.random.default_rng(SEED)
-    print(TAG)
-    bufs = [rng.standard_normal((8, 2, 16, 4)).astype(dtype) for _ in range(3)]
-    values = [ort.OrtValue.ortvalue_from_numpy(b.copy()) for b in bufs]
-    mover = RowMover(CpuSession(), ort, dtype, "CPUExecutionProvider")
-    rows, at = rng.permutation([5, 6, 7, 2]), np.array([2, 0, 5, 3])  # 2 -> 3 while 5/6/7 -> 2/0/5
-    mover.scatter([(v, v) for v in values], rows, at)
-    for b, v in zip(bufs, values):
-        want = b.copy()
-        want[at] = b[rows]
-        np.testing.assert_array_equal(v.numpy(), want)
-    small = rng.standard_normal((3, 2, 8, 4)).astype(dtype)
-    src = ort.OrtValue.ortvalue_from_numpy(small)
-    before = values[0].numpy().copy()
-    mover.scatter([(src, values[0])], [2, 0], [7, 1])
-    out = values[0].numpy()
-    np.testing.assert_array_equal(out[[7, 1], :, :8], small[[2, 0]])
-    assert not out[[7, 1], :, 8:].any()
-    keep = [0, 2, 3, 4, 5, 6]
-    np.testing.assert_array_equal(out[keep], before[keep])
-    for bad_rows, bad_at in (([0, 1], [3, 3]), ([0], [8]), ([0, 1], [2])):
-        with pytest.raises(ValueError):
-            mover.scatter([(src, values[0])], bad_rows, bad_at)
+    mover.copy(src_v, [2, 0], dst_v, 1)
+    out = dst_v.numpy()
+    np.testing.assert_array_equal(out[1:3, :, :8], src[[2, 0]])
+    assert not out[1:3, :, 8:].any()  # a grown capacity's tail is zeros
+    assert (out[[0, 3, 4]] == 7).all()  # rows outside the target keep their values
     with pytest.raises(ValueError, match="cannot move rows"):
-        mover.scatter([(values[1], src)], [0], [0])  # into a smaller capacity
-    np.testing.assert_array_equal(values[0].numpy(), out)  # the refused moves wrote nothing
+        mover.copy(dst_v, [0], src_v, 0)  # into a smaller capacity
+    np.testing.assert_array_equal(mover.fetch(src_v, [1, 2], 5), src[[1, 2], :, :5])  # to the host, cropped
 
 
 @pytest.mark.parametrize("vocab", [256, 49152, 70, 33])  # whole words, and a last word part-used

@@ -136,6 +136,51 @@ def use_row_mover(engine, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("on_device", [False, True])
+def test_move_rows_copies_per_run_of_targets_and_refuses_runs_that_overlap(static, monkeypatch, on_device):
+    """kv_static.move_rows within one buffer and from another cache: one copy per run of
+    consecutive target rows (through the RowMover graph, as on GPUs, or numpy); a single run may
+    read its own targets (a compaction's repack), several runs may not; other rows untouched."""
+    from portable_infer.engine import kv_static
+
+    engine = static.engine
+    if on_device:
+        use_row_mover(engine, monkeypatch)
+    copies, real_copy = [], kv_static.copy_rows
+    monkeypatch.setattr(kv_static, "copy_rows", lambda dst, parts: copies.append(
+        (dst.start, dst.batch)) or real_copy(dst, parts))
+    rng = np.random.default_rng(SEED + 11)
+    print(TAG)
+    buf = engine.buffer(8, 64)
+    buf.rows = np.full(8, 64, np.int64)  # every position held (numpy copies the tokens rows hold)
+    for pair in buf.values:
+        for v in pair:
+            kv_static.write(v, np.dtype(buf.layout.dtype), lambda out: out.__setitem__(
+                Ellipsis, rng.standard_normal(out.shape).astype(out.dtype)))
+    before = [[v.numpy().copy() for v in pair] for pair in buf.values]
+
+    def check(rows, at):
+        for pair, old in zip(buf.values, before):
+            for v, o in zip(pair, old):
+                want = o.copy()
+                want[at] = o[rows]
+                np.testing.assert_array_equal(v.numpy(), want, err_msg=TAG)
+                o[...] = want
+
+    kv_static.move_rows(buf, buf, [3, 4, 6, 7], [2, 3, 4, 5])  # one run onto its own rows: a repack
+    check([3, 4, 6, 7], [2, 3, 4, 5])
+    assert copies == [(2, 4)], copies
+    copies.clear()
+    kv_static.move_rows(buf, buf, [6, 0], [7, 1])  # two runs, nothing read is written
+    check([6, 0], [7, 1])
+    assert sorted(copies) == [(1, 1), (7, 1)], copies
+    with pytest.raises(ValueError, match="onto each other"):
+        kv_static.move_rows(buf, buf, [5, 0], [0, 3])  # run [0] writes what run [3] reads
+    with pytest.raises(ValueError, match="one distinct target"):
+        kv_static.move_rows(buf, buf, [1, 2], [4, 4])
+    check([], [])  # refused moves wrote nothing
+
+
+@pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("slots", [False, True])
 def test_scheduler_on_fixed_buffers_equals_single_runs(static, fused, monkeypatch, on_device, slots):
     """Continuous batching with the static graph: rows join (prefill groups, chunked prefill, a
@@ -288,7 +333,7 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     assert static.engine.row_mover() is None  # the CPU moves rows with numpy
     moved = []
     if on_device:
-        monkeypatch.setattr(RowMover, "scatter", lambda *a, real=RowMover.scatter: (moved.append(1), real(*a))[1])
+        monkeypatch.setattr(RowMover, "copy", lambda *a, real=RowMover.copy: (moved.append(1), real(*a))[1])
         use_row_mover(static.engine, monkeypatch)
 
     rng = np.random.default_rng(SEED + 7)

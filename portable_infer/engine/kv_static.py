@@ -131,32 +131,35 @@ class StaticCache:
         self.mark_written(self.rows)
 
 
+def target_runs(at) -> list:
+    """Indices into ``at`` (target rows) grouped into runs of consecutive targets, in target order:
+    each run is one copy per buffer (its output bound to those rows)."""
+    order = np.argsort(at, kind="stable")
+    runs, start = [], 0
+    for k in range(1, len(order) + 1):
+        if k == len(order) or at[order[k]] != at[order[k - 1]] + 1:
+            runs.append(order[start:k])
+            start = k
+    return runs
+
+
 def move_rows(dst: StaticCache, src: StaticCache, rows, at) -> None:
     """Rows ``rows`` of ``src`` into rows ``at`` of ``dst`` (both relative to each cache: views
-    from their ``start``; ``src`` may be ``dst``, a row may move onto one that moves too): every
-    row at once, one run per layer's keys and values on the engine's device where it has a row
-    mover (GPUs), else through numpy. The rows of ``dst`` not named keep their values."""
+    from their ``start``), one copy per buffer for each run of consecutive targets (on the engine's
+    device where it has a row mover: GPUs; else through numpy). ``src`` may be ``dst``: a run reads
+    all its rows before writing any, so one run may overlap its own targets (a compaction moves
+    every live row into ``[0, count)`` in one run), but several runs may not read rows that
+    another writes. The rows of ``dst`` not named keep their values."""
     rows, at = np.asarray(rows, np.int64), np.asarray(at, np.int64)
-    if not len(rows):
-        return
-    mover = dst.engine.row_mover()
-    if mover is not None:
-        pairs = [(s, d) for s_pair, d_pair in zip(src.values, dst.values) for s, d in zip(s_pair, d_pair)]
-        mover.scatter(pairs, rows + src.start, at + dst.start)
-        return
-    if dst.slot is not None and dst.slot.written is not None:  # the CPU's committed positions
-        targets = at + dst.start
-        held = np.minimum(src.rows[rows], dst.capacity)
-        dst.slot.written[targets] = np.maximum(dst.slot.written[targets], held)
-    dtype = np.dtype(dst.layout.dtype)
-    c = src.capacity
-    for s_pair, d_pair in zip(src.values, dst.values):
-        for s_val, d_val in zip(s_pair, d_pair):
-            picked = s_val.numpy()[rows + src.start, :, :c].copy()  # read first: rows may overlap targets
-            def fill(out, picked=picked):
-                out[at + dst.start, :, :c] = picked
-                out[at + dst.start, :, c:] = 0
-            write(d_val, dtype, fill)
+    if rows.shape != at.shape or len(np.unique(at)) != len(at):
+        raise ValueError(f"moving rows {rows.tolist()} into {at.tolist()}: one distinct target a row")
+    runs = target_runs(at)
+    if src.values is dst.values and len(runs) > 1 and (set((rows + src.start).tolist()) & set((at + dst.start).tolist())):
+        raise ValueError(f"rows {rows.tolist()} move onto each other's places in {len(runs)} runs")
+    for run in runs:
+        start = int(at[run[0]])
+        copy_rows(dst.engine.view(dst, start, len(run)) if (start, len(run)) != (0, dst.batch) else dst,
+                  [(src, rows[run])])
 
 
 def copy_rows(dst: StaticCache, parts: list) -> None:
@@ -166,11 +169,14 @@ def copy_rows(dst: StaticCache, parts: list) -> None:
     has a row mover (GPUs), else through numpy."""
     mover = dst.engine.row_mover()
     parts = [(c, np.asarray(idx, np.int64)) for c, idx in parts]
-    if mover is not None:  # one move a part
-        at = 0
-        for c, idx in parts:
-            move_rows(dst, c, idx, np.arange(at, at + len(idx)))
-            at += len(idx)
+    if mover is not None:
+        for layer, pair in enumerate(dst.values):
+            for j, d in enumerate(pair):
+                at = dst.start
+                for c, idx in parts:
+                    if len(idx):
+                        mover.copy(c.values[layer][j], idx + c.start, d, at)
+                    at += len(idx)
         return
     used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
     dst.mark_written(np.repeat(used, [len(idx) for _, idx in parts]))

@@ -19,8 +19,8 @@ rows of one buffer (:meth:`StaticEngine.buffer <portable_infer.engine.static.Sta
   never advance (their output is not read), so a free slot needs no masking in the graph.
 - A decode step runs the slots up to the highest one in use, rounded up to a bucket
   (:data:`BUCKETS`): a few batch sizes, each with its own view and CUDA graph, captured once.
-  When the rows in use fit a bucket half the size, the highest rows move down into free
-  slots (one row copy each) so that the steps get smaller.
+  When the rows in use fit a bucket half the size, they move down to the lowest slots, all in
+  one copy per buffer (kv_static.move_rows), so that the steps get smaller.
 - The buffer holds ``max_batch`` rows of the largest capacity asked for so far; a request that
   needs more moves every row into a larger buffer once.
 - Plain greedy batches overlap the host with the device (vLLM's async scheduling): each forward
@@ -155,14 +155,17 @@ class SlotBatch(RunningBatch):
             self._compact(count)
 
     def _compact(self, count: int) -> None:
-        """Rows in slots >= ``count`` move into the free slots below it."""
-        holes = [i for i in range(count) if self.slots[i] is None]
-        high = [i for i in range(count, self.max_batch) if self.slots[i] is not None]
-        moved = dict(zip(high, holes))
-        move_rows(self.cache, self.cache, list(moved), list(moved.values()))  # every row in one move
-        for src, dst in moved.items():
-            self._place(dst, self.slots[src], int(self.lengths[src]), int(self.pending[src]))
-            self._free(src)
+        """The ``count`` rows in use move down to slots ``[0, count)`` in order: from the first one
+        out of place on, every row in one move (one copy per buffer, not one per row)."""
+        used = [i for i, r in enumerate(self.slots) if r is not None]
+        first = next((k for k, i in enumerate(used) if i != k), count)
+        moved = {i: k for k, i in enumerate(used) if k >= first}
+        move_rows(self.cache, self.cache, list(moved), list(moved.values()))
+        state = {i: (self.slots[i], int(self.lengths[i]), int(self.pending[i])) for i in moved}
+        for i in moved:
+            self._free(i)
+        for i, k in moved.items():
+            self._place(k, *state[i])
         self._unpicked = [(moved.get(i, i), r, tok) for i, r, tok in self._unpicked]  # their rows moved
         self._publish()
 
