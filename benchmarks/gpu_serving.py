@@ -16,7 +16,8 @@ builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same K
 
 ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
-batch restacked at each join and leave as before the slot batch), ``--max-batch`` the largest level, the KV
+batch restacked at each join and leave as before the slot batch; ``+siMS``: an experiment, every
+Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
 ``--new`` tokens, greedy, ignore_eos), read by client processes (a Python client parsing every
 SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engine`` driven from
@@ -208,12 +209,19 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
            "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
-    if config.split(",")[0] in ("engine", "engine-restack"):
+    base, _, switch = config.split(",")[0].partition("+si")
+    if base in ("engine", "engine-restack"):
         cmd.append("--engine-process")
-    if config.split(",")[0].endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
+    if base.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
         cmd += ["--slot-batch", "off"]
+    env = dict(os.environ)
+    if switch:  # an experiment: every Python process of the server switches threads every SWITCH ms
+        site = Path(f"/tmp/switch-{switch}")
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(f"import sys\nsys.setswitchinterval({float(switch) / 1e3})\n")
+        env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
     log = open(f"/tmp/serve-{config.replace(', ', '-')}.log", "w")
-    srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         t = time.perf_counter()
         while True:
