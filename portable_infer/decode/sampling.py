@@ -21,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,7 +139,7 @@ class SamplingParams:
         object.__setattr__(self, "constraint", Constraint.coerce(self.constraint))
         object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias))
 
-    @property
+    @cached_property  # read for every row at every step; the fields never change
     def penalized(self) -> bool:
         """Repetition, presence or frequency penalties change the logits before sampling."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
@@ -148,20 +149,20 @@ class SamplingParams:
         unless ``ignore_eos``."""
         return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
 
-    @property
+    @cached_property
     def argmax_only(self) -> bool:
         """The token is the argmax of the logits under the grammar mask (if any), and nothing else
         reads them (no penalty, no logprobs, no logit bias): it may be picked where the logits are."""
         return self.temperature == 0.0 and not self.penalized and self.logprobs is None and not self.logit_bias
 
-    @property
+    @cached_property
     def untruncated(self) -> bool:
         """Sampling from the whole (tempered) distribution: no top-k, top-p or min-p cut. Then a
         draw the grammar refuses may be drawn again under the mask: an exact sample of the masked
         distribution (rejection; ``Sequence.step``)."""
         return self.temperature > 0.0 and self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
 
-    @property
+    @cached_property
     def plain_greedy(self) -> bool:
         """:attr:`argmax_only` without a constraint: the graph's own argmax (``next_token``) will do."""
         return self.argmax_only and self.constraint is None

@@ -206,8 +206,10 @@ class RunningBatch:
         """Forget the batch (its forward failed, or every row left)."""
         self.rows, self.cache, self.mask, self.pending = [], None, None, None
 
-    def decode(self) -> list:
-        """One forward for every row and one token per live row; returns their :class:`RowResult`."""
+    def decode(self, early=None) -> list:
+        """One forward for every row and one token per live row; returns their :class:`RowResult`
+        (``early``: a batch that has results before its forward ends, the slot batch's
+        overlapped steps, hands them to ``early(results)`` then and returns the rest)."""
         rows = self.rows
         if not any(r.state != "done" for r in rows):
             return []  # they ended during this step; they leave at the next one

@@ -321,7 +321,7 @@ class Scheduler:
         if plan.decode and batch.rows:
             t, waited, rows = time.perf_counter(), batch.forward_s, len(batch.rows)
             try:
-                results = batch.decode()
+                results = batch.decode(self.queues.hand_over)  # overlapped steps hand over early
             except Exception as exc:  # noqa: BLE001
                 self._fail_batch("decode step failed", exc)
             else:

@@ -33,6 +33,7 @@ Same verbs and results as the running batch, so the scheduler's loop is the same
 
 from __future__ import annotations
 
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -177,10 +178,11 @@ class SlotBatch(RunningBatch):
         self._unpicked = []
         self._publish()
 
-    def decode(self) -> list:
+    def decode(self, early=None) -> list:
         """One forward over the slots up to the highest in use (rounded up to a bucket); one
         token per live row. Plain greedy batches overlap (:meth:`_overlapped`): the results
-        returned are the previous forward's."""
+        are the previous forward's, handed to ``early(results)`` while this forward runs where
+        given (else returned)."""
         top = self._top()
         rows = self.slots[:top]
         if not any(r is not None and r.state != "done" for r in rows):
@@ -193,7 +195,7 @@ class SlotBatch(RunningBatch):
         seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
         how = batch_pick.mode(self.engine, seqs)
         if how == batch_pick.GREEDY and self.overlap:
-            return self._overlapped(view, rows, seqs)
+            return self._overlapped(view, rows, seqs, early)
         results = self._pick_unpicked()  # a batch that needs the host between steps: no overlap
         if results:  # those picks may have ended rows
             seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
@@ -210,24 +212,38 @@ class SlotBatch(RunningBatch):
         self.lengths[:size] = view.rows
         return out
 
-    def _overlapped(self, view, rows: list, seqs: list) -> list:
+    def _overlapped(self, view, rows: list, seqs: list, early=None) -> list:
         """Plain greedy rows, as vLLM's async scheduling: this forward starts on the device's
-        argmax ids of the previous one, before the host has looked at them; while it runs (ONNX
-        Runtime releases the GIL) the previous forward's tokens go through each row's
-        ``Sequence.step`` (stop ids, lengths, the context) here. A row that those tokens end was
-        fed one more token; its pick is dropped, and its KV row is free anyway."""
+        argmax ids of the previous one, before the host has looked at them. The step loop's
+        thread runs the forward at once (ONNX Runtime releases the GIL while the device works);
+        meanwhile a worker thread takes the previous forward's tokens through each row's
+        ``Sequence.step`` (stop ids, lengths, the context) and hands them to ``early`` (the
+        scheduler's hand-over: their text is made while the device runs). The other way round,
+        the forward waited for the GIL behind the picks (up to the 5 ms switch interval) before
+        it could start. A row that those tokens end was fed one more token; its pick is dropped,
+        and its KV row is free anyway."""
         live = np.array([[s is not None] for s in seqs], np.int64)
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-forward")
-        step = self._worker.submit(self._forward, batch_pick.GREEDY, view, live)
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-picks")
+        picks = self._worker.submit(self._picks_handed_over, early)
         try:
-            results = self._pick_unpicked()
-        finally:
-            tokens = self._wait(step.result)  # the forward's own failure is raised here, after the picks
+            tokens = self._wait(self._forward, batch_pick.GREEDY, view, live)
+        except BaseException:
+            futures.wait([picks])  # the picks touch the rows: they end before the failure goes up
+            raise
+        results = picks.result()
         self._unpicked = [(i, r, int(tokens[i])) for i, r in enumerate(rows) if seqs[i] is not None]
         for i, _, tok in self._unpicked:
             self.pending[i] = tok
         return results
+
+    def _picks_handed_over(self, early) -> list:
+        """:meth:`_pick_unpicked`, its results given to ``early`` where there is one (then none returned)."""
+        results = self._pick_unpicked()
+        if early is None:
+            return results
+        early(results)
+        return []
 
     def _pick_unpicked(self) -> list:
         """The overlapped forward's tokens through their rows' rules (rows that ended meanwhile, or
