@@ -232,9 +232,10 @@ class SlotBatch(RunningBatch):
             futures.wait([picks])  # the picks touch the rows: they end before the failure goes up
             raise
         results = picks.result()
-        self._unpicked = [(i, r, int(tokens[i])) for i, r in enumerate(rows) if seqs[i] is not None]
-        for i, _, tok in self._unpicked:
-            self.pending[i] = tok
+        live = [i for i, s in enumerate(seqs) if s is not None]
+        ids = np.asarray(tokens)[live]
+        self.pending[live] = ids  # each row's next input: the token just picked on the device
+        self._unpicked = [(i, rows[i], tok) for i, tok in zip(live, ids.tolist())]
         return results
 
     def _picks_handed_over(self, early) -> list:
