@@ -89,7 +89,7 @@ class Poison:
             raise RuntimeError("a kernel failure that this one request causes")
         out = self.engine.forward(ids, mask, cache, **kw)
         if self.where == "decode" and S == 1:
-            rows = [i for i, r in enumerate(self.sched._rows) if r.prompt == self.poisoned and r.state != "done"]
+            rows = [i for i, r in enumerate(self.sched.batch.rows) if r.prompt == self.poisoned and r.state != "done"]
         elif self.where == "group" and grouped:
             rows = rows_of(ids, mask, self.poisoned)
         else:

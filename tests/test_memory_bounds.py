@@ -181,7 +181,7 @@ def test_the_schedulers_kv_bytes_are_what_the_batch_holds(static):
         sched.engine = EngineSpy(sched.engine, before)
         handle = sched.submit(prompt, max_new_tokens=200, ignore_eos=True)
         assert paused.wait(30), TAG
-        held, cache = sched.stats().kv_bytes, sched._cache
+        held, cache = sched.stats().kv_bytes, sched.batch.cache
         resume.set()
         handle.cancel()
     per = cache.reserved_nbytes() // cache.capacity

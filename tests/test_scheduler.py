@@ -322,10 +322,10 @@ def test_a_short_cached_prefix_is_recomputed_in_a_group_but_reused_alone(fused, 
 
 def test_prefix_min_tokens_default_depends_on_the_device_and_is_validated(fused):
     with Scheduler(fused, SchedulerConfig(prefill_chunk=48)) as cpu:
-        assert cpu._prefix_min == 0
+        assert cpu.planner.prefix_min == 0
     with Scheduler(OnGpu(fused), SchedulerConfig(prefill_chunk=48)) as gpu:
-        assert gpu._prefix_min == 48
+        assert gpu.planner.prefix_min == 48
     with Scheduler(OnGpu(fused), SchedulerConfig(prefix_min_tokens=7)) as gpu:
-        assert gpu._prefix_min == 7
+        assert gpu.planner.prefix_min == 7
     with pytest.raises(InvalidArgumentError, match="prefix_min_tokens"):
         SchedulerConfig(prefix_min_tokens=-1)

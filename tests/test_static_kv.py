@@ -6,6 +6,7 @@ H100. Checked against the fused variant of the same package and against transfor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -355,7 +356,7 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
                 _released(hold)
 
     with Scheduler(static, SchedulerConfig(max_batch=8, prefill_chunk=64)) as sched:
-        sched._defer_leave = True
+        sched.planner = sched.queues.planner = dataclasses.replace(sched.planner, defer_leave=True)
         sched.engine = EngineSpy(sched.engine, paced)
         hold.set()
         handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps[:7], news[:7])]

@@ -42,7 +42,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import threading
@@ -253,40 +252,42 @@ class Scheduler:
     def engine(self, engine) -> None:
         self.batch.engine = engine
 
-    # test seams: what the tests read or force of the batch and the plan
-    _rows = property(lambda self: self.batch.rows)
-    _cache = property(lambda self: self.batch.cache)
-    _prefix_min = property(lambda self: self.planner.prefix_min)
-
-    @property
-    def _defer_leave(self) -> bool:
-        return self.planner.defer_leave
-
-    @_defer_leave.setter
-    def _defer_leave(self, on: bool) -> None:
-        self.planner = self.queues.planner = dataclasses.replace(self.planner, defer_leave=on)
-
     # --- the step loop (scheduler thread) -------------------------------------------------------
     def _loop(self) -> None:
         q, clock = self.queues, self.clock
         while True:
             with q.lock:
                 while not (q.closing or q.prefilling or self.batch.rows):
-                    t = time.perf_counter()
-                    q.wake.wait(IDLE_TICK_S)  # idle seconds counted as they pass, not when work comes
-                    clock.add(idle=time.perf_counter() - t)
+                    with clock.timed("idle"):  # counted as it passes, not when work comes
+                        q.wake.wait(IDLE_TICK_S)
                 if q.closing:
                     return
-                t = time.perf_counter()
-                plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
-                q.apply(plan)
+                with clock.timed("plan"):
+                    plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
+                    q.apply(plan)
                 named = {r.id: r for r in q.prefilling}
-            clock.add(plan=time.perf_counter() - t)
             self._step(plan, named)
 
     def _step(self, plan: StepPlan, named: dict) -> None:
         """Run ``plan`` (``named``: its prefilling requests by id) through the running batch."""
-        batch, t = self.batch, time.perf_counter()
+        batch, clock = self.batch, self.clock
+        with clock.timed("plan"):  # leaves, copies from cached prefixes
+            self._leave_and_start(plan, named)
+        step = plan.prefill
+        if step is not None:
+            with clock.phase("prefill", batch):
+                self._prefill(step, named)
+        if plan.decode and batch.rows:
+            with clock.phase("decode", batch, decode_rows=len(batch.rows)):
+                try:
+                    results = batch.decode(self.queues.hand_over)  # overlapped steps hand over early
+                except Exception as exc:  # noqa: BLE001
+                    self._fail_batch("decode step failed", exc)
+                else:
+                    self.queues.hand_over(results)
+
+    def _leave_and_start(self, plan: StepPlan, named: dict) -> None:
+        batch = self.batch
         batch.forget(plan.drop)
         if plan.leave:
             try:
@@ -300,39 +301,21 @@ class Scheduler:
                 r.prefilled, r.short_prefix = s.tokens, 0
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                 self._fail_prefill([r], exc)
-        self.clock.add(plan=time.perf_counter() - t)  # leaves, copies from cached prefixes
-        step = plan.prefill
-        if step is not None:
-            t, waited = time.perf_counter(), batch.forward_s
-            rows = [named[s.request] for s in step.slices]
-            if step.grouped:
-                try:
-                    self._prefill_group(rows, step)
-                except Exception as exc:  # noqa: BLE001
-                    self._fail_prefill(rows, exc)
-            elif rows[0].state == "done":  # cancelled while it waited for its turn
-                self._fail_prefill(rows, None)
-            else:
-                try:
-                    self._prefill_chunk(rows[0], step)
-                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-                    self._fail_prefill(rows, exc)
-            self._clocked("prefill", t, waited)
-        if plan.decode and batch.rows:
-            t, waited, rows = time.perf_counter(), batch.forward_s, len(batch.rows)
-            try:
-                results = batch.decode(self.queues.hand_over)  # overlapped steps hand over early
-            except Exception as exc:  # noqa: BLE001
-                self._fail_batch("decode step failed", exc)
-            else:
-                self.queues.hand_over(results)
-            self._clocked("decode", t, waited, decode_rows=rows)
 
-    def _clocked(self, phase: str, t: float, waited: float, **counts) -> None:
-        """A step's ``phase`` (prefill, decode) ran since ``t``, the batch's forward_s at ``waited`` then."""
-        forward = self.batch.forward_s - waited
-        self.clock.add(**{f"{phase}_forward": forward, f"{phase}_host": time.perf_counter() - t - forward,
-                          f"{phase}_steps": 1}, **counts)
+    def _prefill(self, step, named: dict) -> None:
+        rows = [named[s.request] for s in step.slices]
+        if step.grouped:
+            try:
+                self._prefill_group(rows, step)
+            except Exception as exc:  # noqa: BLE001
+                self._fail_prefill(rows, exc)
+        elif rows[0].state == "done":  # cancelled while it waited for its turn
+            self._fail_prefill(rows, None)
+        else:
+            try:
+                self._prefill_chunk(rows[0], step)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                self._fail_prefill(rows, exc)
 
     def _prefill_group(self, rows: list, step) -> None:
         """Several whole prompts in one forward; if it fails, each is prefilled alone later."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from collections import deque
 
 from portable_infer.serving.handle import RequestStats
@@ -89,3 +90,24 @@ class StepClock:
 
     def snapshot(self) -> dict:
         return dict(self.totals)
+
+    @contextmanager
+    def timed(self, name: str):
+        """The block's seconds added to ``name`` (plan, idle)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] += time.perf_counter() - t
+
+    @contextmanager
+    def phase(self, name: str, batch, **counts):
+        """A step's ``name`` phase (prefill, decode) in the block: its seconds split into the
+        forwards' (``batch.forward_s`` grew by them) and the host's, one step, and ``counts``."""
+        t, waited = time.perf_counter(), batch.forward_s
+        try:
+            yield
+        finally:
+            forward = batch.forward_s - waited
+            self.add(**{f"{name}_forward": forward, f"{name}_host": time.perf_counter() - t - forward,
+                        f"{name}_steps": 1}, **counts)
