@@ -1,7 +1,7 @@
 """The engine process's own Python work per step, over an engine that costs only its device time.
 
     .venv/bin/python benchmarks/engine_process_host.py [PKG] [--streams 64 256] [--prompt 128]
-        [--new 256] [--step-ms 11.8] [--profile FILE] [--seed N]
+        [--new 256] [--step-ms 11.8] [--metrics] [--profile FILE] [--seed N]
 
 ``portable-infer serve --engine-process`` runs the step loop in a process of its own (the API
 process makes the text). On the H200 at the 8B shape, 256 streams, its decode step took ~15.5-18
@@ -12,7 +12,8 @@ on any machine: the real :class:`~portable_infer.serving.engine_process.ProcessS
 engine process, whose engine is ``host_overhead.NullEngine`` (decode forwards sleep ``--step-ms``
 with the GIL released, as a GPU step does; token ids drawn at random, no KV), ``--streams``
 requests of ``--prompt`` random ids and ``--new`` tokens each, read here by coroutines as the
-server's handlers read them. Printed per level: the step loop's clock (decode ms a step waiting on
+server's handlers read them (``--metrics``: with the server's metrics observing every token, as
+``serve`` runs). Printed per level: the step loop's clock (decode ms a step waiting on
 the forward and on the host; the step is bound by the host where it exceeds ``--step-ms``), and
 the tokens/s. ``--profile FILE``: yappi (pip install yappi) profiles every thread of the engine
 process in the largest level by CPU time; FILE gets the functions with the most own time.
@@ -89,6 +90,10 @@ def level(pkg, streams: int, args) -> dict:
     sched = engine_process.ProcessScheduler(pkg, {"providers": "cpu"}, config)
     try:
         model = sched.model
+        if args.metrics:  # the server's Prometheus metrics observe every token, as `serve` does
+            from portable_infer.serving.http.metrics import Metrics
+
+            Metrics(sched)
         rng = np.random.default_rng(args.seed + streams)
         params = model.params(max_new_tokens=args.new, ignore_eos=True, temperature=0.0)
         clock0, cpu0 = sched.stats().steps, cpu_s(sched._proc.pid)
@@ -125,6 +130,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=11.8, help="a decode forward's device time (H200, 8B, batch 256)")
     ap.add_argument("--profile", default=None, metavar="FILE")
+    ap.add_argument("--metrics", action="store_true", help="attach the server's metrics (its observer), as serve does")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
     args.seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
