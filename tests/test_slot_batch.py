@@ -131,3 +131,42 @@ def test_overlapped_greedy_steps_stop_on_a_stop_id_with_nothing_extra(static, fu
     for i, (pieces, w) in enumerate(zip(outs, want)):
         assert [r.token for r in pieces if r.token is not None] == w, f"{TAG} row {i}: tokens after its stop id"
         assert pieces[-1].finish_reason == "stop"
+
+
+def test_a_failed_overlapped_forward_ends_every_open_request_and_the_next_one_runs(static, fused):
+    """Overlapped steps run their forward on the step loop's thread (the previous tokens' picks on
+    a worker): a forward that fails there ends every open request with that error, and the
+    scheduler serves the next request as before."""
+    import threading
+
+    from _serving import EngineSpy
+
+    rng = np.random.default_rng(SEED + 3)
+    print(TAG)
+    ps = [rng.integers(3, 256, n).tolist() for n in (5, 8, 6)]
+    threads, decodes = set(), [0]
+
+    def before(ids, *_):
+        if ids.shape[1] == 1:
+            threads.add(threading.current_thread().name)
+            decodes[0] += 1
+            if decodes[0] == 6:
+                raise RuntimeError("device lost")
+
+    late = rng.integers(3, 256, 7).tolist()
+    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=16, slot_batch=True)) as sched:
+        real, overlapped = sched.engine, []
+        sched.engine = EngineSpy(real, before)
+        step = sched.batch._overlapped
+        sched.batch._overlapped = lambda *a: overlapped.append(1) or step(*a)
+        handles = [sched.submit(p, max_new_tokens=30, ignore_eos=True) for p in ps]
+        for h in handles:
+            with pytest.raises(Exception, match="device lost"):
+                for _ in h:
+                    pass
+        sched.engine = real
+        out = [r.token for r in sched.submit(late, max_new_tokens=5, ignore_eos=True) if r.token is not None]
+        stats = sched.stats()
+    assert overlapped and decodes[0] == 6 and threads == {"portable-infer-scheduler"}, (overlapped, decodes, threads)
+    assert out == fused.generate_ids(late, max_new_tokens=5, ignore_eos=True), TAG
+    assert stats.requests_failed == 3 and stats.blocks_used == 0
