@@ -2,7 +2,7 @@
 same model, same request stream, one run.
 
     PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_serving.py --assets DIR --out $OUT \\
-        --parts make export genai serve engine [--levels 64 256] [--prompt 128] [--new 256]
+        --parts make export genai serve engine steps [--levels 64 256] [--prompt 128] [--new 256]
         [--configs inproc engine inproc-restack engine-restack] [--shape 8b|3b] [--precisions fp16 int4]
 
 ``make``: a random-weight HF folder of Llama-3.1-8B's shape (``--shape 3b``: Llama-3.2-3B's, a
@@ -14,7 +14,9 @@ instead, ``--precision int4 --activations fp16``, served the same way; issue #21
 builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same KV budget as ours:
 ``--new + --prompt`` tokens for each of the largest level's sequences.
 
-``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
+``steps``: the engine alone on this machine (``gpu_batch_steps.py --mix NEW``: decode steps at
+batch 1 and each level, the rows holding the levels' range of contexts), for the server's step
+clock to be read against on the same machine. ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
 batch restacked at each join and leave as before the slot batch; ``+siMS``: an experiment, every
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5), ``--max-batch`` the largest level, the KV
@@ -364,6 +366,15 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
+    if "steps" in args.parts:  # the engine alone on this machine, at the serving levels' contexts
+        for prec, pkg in packages.items():
+            cmd = [sys.executable, str(Path(__file__).with_name("gpu_batch_steps.py")), str(pkg), "--batches", "1",
+                   *map(str, args.levels), "--prompt", str(args.prompt), "--mix", str(args.new),
+                   "--provider", args.provider]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            say(f"\nThe engine alone ({prec}; gpu_batch_steps.py --mix {args.new}):\n")
+            for line in (r.stdout.strip().splitlines() or [f"failed: {r.stderr[-1500:]}"]):
+                say(line)
     if "engine" in args.parts:
         try:
             genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows)
