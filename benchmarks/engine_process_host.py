@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,16 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import portable_infer  # noqa: E402
 from portable_infer.serving import engine_core, engine_process  # noqa: E402
 from portable_infer.serving.scheduler import SchedulerConfig  # noqa: E402
+from gpu_serving import tree_cpu_s  # noqa: E402 - the process's CPU seconds, from /proc
 
 
 def null_engine_main(conn, path, load_kwargs, config, *, step_s: float, seed: int, profile: str | None) -> None:
     """``engine_core.engine_main`` whose scheduler runs ``host_overhead.NullEngine`` (``profile``:
     every thread's CPU time, by yappi, written there when the process ends)."""
-    from host_overhead import NullEngine
+    from host_overhead import NullEngine, null_moves
 
-    from portable_infer.serving import scheduler, slot_batch
+    from portable_infer.serving import scheduler
 
-    slot_batch.copy_rows = slot_batch.move_rows = lambda *a: None  # null caches hold no KV to move
+    null_moves()
     real = scheduler.Scheduler.__init__
 
     def init(self, model, *a, **k):
@@ -75,12 +75,6 @@ def null_engine_main(conn, path, load_kwargs, config, *, step_s: float, seed: in
         Path(profile).write_text("\n".join(lines) + "\n")
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds of process ``pid`` (every thread), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def level(pkg, streams: int, args) -> dict:
     config = SchedulerConfig(max_batch=streams, max_waiting=streams, kv_budget_tokens=streams * (args.prompt + args.new),
                              prefill_chunk=512, slot_batch=True)
@@ -96,7 +90,7 @@ def level(pkg, streams: int, args) -> dict:
             Metrics(sched)
         rng = np.random.default_rng(args.seed + streams)
         params = model.params(max_new_tokens=args.new, ignore_eos=True, temperature=0.0)
-        clock0, cpu0 = sched.stats().steps, cpu_s(sched._proc.pid)
+        clock0, cpu0 = sched.stats().steps, tree_cpu_s(sched._proc.pid)
         t0 = time.perf_counter()
         handles = [sched.submit_ids(rng.integers(100, model.codec.vocab_size, args.prompt).tolist(), params)
                    for _ in range(streams)]
@@ -112,7 +106,7 @@ def level(pkg, streams: int, args) -> dict:
         asyncio.run(read_all())
         wall = time.perf_counter() - t0
         clock = {k: v - clock0[k] for k, v in sched.stats().steps.items()}
-        cores = (cpu_s(sched._proc.pid) - cpu0) / wall
+        cores = (tree_cpu_s(sched._proc.pid) - cpu0) / wall
     finally:
         sched.close()
     n = max(clock["decode_steps"], 1)

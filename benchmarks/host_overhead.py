@@ -124,6 +124,11 @@ class NullEngine:
         pass
 
 
+def null_moves() -> None:
+    """The slot batch moves no KV rows: null caches hold none (its joins and compactions)."""
+    slot_batch.copy_rows = slot_batch.move_rows = lambda *a: None
+
+
 def level(model, streams: int, args, profile: str | None) -> dict:
     engine = None if args.real else NullEngine(model.engine, model.codec.vocab_size, args.device, args.seed,
                                                args.step_ms / 1e3)
@@ -137,7 +142,7 @@ def level(model, streams: int, args, profile: str | None) -> dict:
         sampling["stop"] = ["\n\n\n\n\n"]
     counts = [0] * streams
     if engine is not None:
-        slot_batch.copy_rows = lambda dst, parts: None  # null caches hold no KV to move
+        null_moves()
     with Scheduler(model, config) as sched:
         if engine is not None:
             sched.engine = engine

@@ -101,6 +101,18 @@ def draw_weighted(weights: np.ndarray, rng: np.random.Generator) -> int | None:
     return block * _DRAW_BLOCK + _pick(np.cumsum(inner, dtype=np.float64), inner, u)
 
 
+def tempered(logits, temperature: float) -> np.ndarray:
+    """``logits / temperature`` for a draw, checked: a NaN or +inf in the logits, or every one
+    -inf, is :func:`unsampleable`'s error; a temperature that overflows them
+    :func:`temperature_overflow`'s (checked here: they would fail obscurely in the filters)."""
+    raw = as_logits(logits)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        x = apply_temperature(raw, temperature)
+    if not np.isfinite(x.max()):
+        raise temperature_overflow(raw, temperature)
+    return x
+
+
 def temperature_overflow(x: np.ndarray, temperature: float) -> Exception:
     """Why ``x / temperature`` has no finite maximum: the logits themselves, or the division."""
     top = x.max()
@@ -123,11 +135,7 @@ def rejection_draw(logits: np.ndarray, temperature: float, rng: np.random.Genera
     that overflows); where every allowed token's weight underflows to 0 beside the best refused
     one, the allowed tokens are drawn from their own softmax (no_candidates when there is none).
     """
-    raw = as_logits(logits)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        x = apply_temperature(raw, temperature)
-    if not np.isfinite(x.max()):
-        raise temperature_overflow(raw, temperature)
+    x = tempered(logits, temperature)
     weights = softmax_weights(x)
     tok = draw_weighted(weights, rng)
     if accepts is not None and accepts(tok):

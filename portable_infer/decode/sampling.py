@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.decode.draw import apply_temperature, as_logits, check_pick, draw, finite_max, temperature_overflow
+from portable_infer.decode.draw import as_logits, check_pick, draw, finite_max, tempered
 from portable_infer.decode.processors import check_logit_bias, openai_spellings
 
 if TYPE_CHECKING:
@@ -293,12 +293,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     temperature, top_k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
 
     def sampler(logits: np.ndarray, rng: np.random.Generator) -> int:
-        raw = as_logits(logits)
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            x = apply_temperature(raw, temperature)
-        if not np.isfinite(x.max()):  # NaN, inf or all -inf would fail obscurely in the filters
-            raise temperature_overflow(raw, temperature)
-        x = apply_min_p(apply_top_p(apply_top_k(x, top_k), top_p), min_p)
+        x = apply_min_p(apply_top_p(apply_top_k(tempered(logits, temperature), top_k), top_p), min_p)
         return draw(x, rng)
     return sampler
 

@@ -284,7 +284,8 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001
                     self._fail_batch("decode step failed", exc)
                 else:
-                    self.queues.hand_over(results)
+                    if results:  # what was not handed over early
+                        self.queues.hand_over(results)
 
     def _leave_and_start(self, plan: StepPlan, named: dict) -> None:
         batch = self.batch

@@ -232,10 +232,10 @@ class SlotBatch(RunningBatch):
             futures.wait([picks])  # the picks touch the rows: they end before the failure goes up
             raise
         results = picks.result()
-        live = [i for i, s in enumerate(seqs) if s is not None]
-        ids = np.asarray(tokens)[live]
-        self.pending[live] = ids  # each row's next input: the token just picked on the device
-        self._unpicked = [(i, rows[i], tok) for i, tok in zip(live, ids.tolist())]
+        fed = [i for i, s in enumerate(seqs) if s is not None]  # the rows this forward advanced
+        ids = np.asarray(tokens)[fed]
+        self.pending[fed] = ids  # each row's next input: the token just picked on the device
+        self._unpicked = [(i, rows[i], tok) for i, tok in zip(fed, ids.tolist())]
         return results
 
     def _picks_handed_over(self, early) -> list:
