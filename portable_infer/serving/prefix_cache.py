@@ -107,10 +107,8 @@ class PrefixCache:
     def store(self, prompt, arrays: list) -> None:
         """Keep the KV of ``prompt``'s whole blocks; ``arrays`` [(k, v)] per layer, each
         ``[1, kv_heads, len(prompt), head_dim]`` (copied: the caller's arrays may change)."""
-        if not self.enabled:
-            return
-        n = len(prompt) // self.block_size * self.block_size
-        if n == 0 or len(prompt) < self.min_tokens:
+        n = self._kept(prompt)
+        if n == 0:
             return
         hashes = block_hashes(prompt[:n], self.block_size)
         tokens = np.asarray(prompt[:n], np.int64)
@@ -130,11 +128,19 @@ class PrefixCache:
         while self.nbytes > self.max_bytes:
             self._evict()
 
+    def _kept(self, prompt) -> int:
+        """The tokens of ``prompt`` an entry would hold: its whole blocks, or 0 where nothing is
+        kept (caching off, under a block, shorter than ``min_tokens``, KV larger than the cache)."""
+        n = len(prompt) // self.block_size * self.block_size
+        if not self.enabled or len(prompt) < self.min_tokens or n * self.bytes_per_token > self.max_bytes:
+            return 0
+        return n
+
     def wants(self, prompt) -> bool:
         """Whether :meth:`store` would keep anything of ``prompt`` (so its KV is worth fetching);
         where it is stored already, that entry counts as just used (least recently used order)."""
-        n = len(prompt) // self.block_size * self.block_size
-        if not self.enabled or n == 0 or len(prompt) < self.min_tokens or n * self.bytes_per_token > self.max_bytes:
+        n = self._kept(prompt)
+        if n == 0:
             return False
         tokens = np.asarray(prompt[:n], np.int64)
         stored = self._stored(block_hashes(tokens, self.block_size)[-1], tokens)
