@@ -284,8 +284,7 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001
                     self._fail_batch("decode step failed", exc)
                 else:
-                    if results:  # what was not handed over early
-                        self.queues.hand_over(results)
+                    self.queues.hand_over(results)  # what was not handed over early
 
     def _leave_and_start(self, plan: StepPlan, named: dict) -> None:
         batch = self.batch

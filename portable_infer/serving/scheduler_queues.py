@@ -149,11 +149,13 @@ class RequestQueues:
 
     def hand_over(self, results: list) -> None:
         """A forward's results from the step loop: :meth:`settle` now, :meth:`deliver` here or
-        on the emitter."""
+        on the emitter. No results: nothing to do (an overlapped step handed its own over early)."""
+        if not results:
+            return
         self.settle(results)
         if self.emitter is None:
             self.deliver(results)
-        elif results:
+        else:
             self.emitter.put(results)
 
     def settle(self, results: list) -> None:
