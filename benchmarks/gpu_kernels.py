@@ -1,6 +1,8 @@
 """GPU time per kernel of a static-KV decode step, with and without CUDA graphs (torch.profiler / CUPTI).
 
-    PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_kernels.py /tmp/gpubench/pkg-fp16 [batch] [CUDA options JSON]
+    PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_kernels.py /tmp/gpubench/pkg-fp16 [batches] [CUDA options JSON]
+
+``batches``: one batch size or several, comma-separated (``1,256``), each profiled on the one loaded model.
 
 Prints, per mode: wall time per step, the GPU kernel time summed per step, kernels per step, and
 the kernels taking most time. Kernel time well under the wall time means the step is bound by
@@ -21,12 +23,17 @@ import portable_infer  # noqa: E402
 
 
 def main() -> None:
-    pkg, batch = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    pkg, batches = sys.argv[1], [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "1").split(",")]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     m = portable_infer.load(pkg, "cuda", strict=True, static_kv=True, check="size",
                             provider_options={"cuda": options} if options else None)
-    print(f"\n# {pkg} batch {batch} CUDA options {options}")
-    e = m.engine
+    print(f"\n# {pkg} batches {batches} CUDA options {options}")
+    for batch in batches:
+        profile_batch(m.engine, batch)
+
+
+def profile_batch(e, batch: int) -> None:
+    """Wall and kernel time per decode step at ``batch`` rows, without and with CUDA graphs."""
     for graphs in (False, True):
         e.cuda_graph = graphs
         cache = e.new_cache(batch, capacity=512)
