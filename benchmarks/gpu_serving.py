@@ -19,7 +19,8 @@ batch 1 and each level, the rows holding the levels' range of contexts), for the
 clock to be read against on the same machine. ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
 batch restacked at each join and leave as before the slot batch; ``+siMS``: an experiment, every
-Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5), ``--max-batch`` the largest level, the KV
+Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
+``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
 ``--new`` tokens, greedy, ignore_eos), read by client processes (a Python client parsing every
 SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engine`` driven from
@@ -211,12 +212,14 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
            "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
-    base, _, switch = config.split(",")[0].partition("+si")
+    base, *extras = config.split(",")[0].split("+")
+    switch = next((x[2:] for x in extras if x.startswith("si") and "=" not in x), "")
     if base in ("engine", "engine-restack"):
         cmd.append("--engine-process")
     if base.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
         cmd += ["--slot-batch", "off"]
     env = dict(os.environ)
+    env.update(x.split("=", 1) for x in extras if "=" in x)  # +NAME=VALUE: the server's environment
     if switch:  # an experiment: every Python process of the server switches threads every SWITCH ms
         site = Path(f"/tmp/switch-{switch}")
         site.mkdir(exist_ok=True)
