@@ -57,7 +57,13 @@ def _load_kwargs(ns) -> dict:
     """``load()``'s arguments from the model flags (all but the path)."""
     return dict(providers=ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
                 static_kv=ns.static_kv, accuracy_level=ns.accuracy, prefer=ns.prefer,
-                tune_batch=getattr(ns, "batch", 1))
+                tune_batch=_tune_batch(ns))
+
+
+def _tune_batch(ns) -> int:
+    """The batch size variants are timed at beside 1: ``--batch``, or the server's ``--max-batch``."""
+    batch = getattr(ns, "batch", None) or getattr(ns, "max_batch", None) or 1
+    return min(max(int(batch), 1), 4096)
 
 
 def _load(ns):

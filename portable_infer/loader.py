@@ -188,11 +188,11 @@ def _select(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort) -> Selection:
                          session_options=cfg.session.session_options(ort), provider_options=cfg.provider_options,
                          choice=choice, ort=ort)
 
-    def reselect(variant) -> Selection:  # one variant on the provider that runs
+    def reselect(variant, session_env: str = "") -> Selection:  # one variant on the provider that runs
         only = VariantChoice(static_kv=is_static(variant), int8=is_int8(variant), gated=frozenset([variant.name]))
         return select_session([variant], pkg, sel.provider.key, strict=True,
                               session_options=cfg.session.session_options(ort),
-                              provider_options=cfg.provider_options, choice=only, ort=ort)
+                              provider_options=cfg.provider_options, choice=only, ort=ort, session_env=session_env)
 
     batches = (1,) if cfg.tune_batch == 1 else (1, cfg.tune_batch)
     picked = measure.tuned(sel, manifest, pkg, choice, reselect, ort, threads=cfg.session.intra_op_threads,

@@ -93,3 +93,12 @@ def test_sessions_use_the_budget(monkeypatch):
     monkeypatch.setattr(host, "cpu_budget", lambda root="/": host.CpuBudget(8, 8, 3.0))
     assert SessionConfig().session_options(ort).intra_op_num_threads == 3
     assert SessionConfig(intra_op_threads=5).session_options(ort).intra_op_num_threads == 5
+
+
+def test_gpu_models_from_the_driver(tmp_path):
+    assert host.gpu_models(tmp_path) == ()  # no driver: none
+    for bus, model in (("0000:01:00.0", "NVIDIA H200"), ("0000:02:00.0", "NVIDIA H100 80GB HBM3")):
+        info = tmp_path / "proc/driver/nvidia/gpus" / bus / "information"
+        info.parent.mkdir(parents=True)
+        info.write_text(f"Model: \t\t {model}\nIRQ:   \t\t 42\nGPU UUID: \t GPU-x\n")
+    assert host.gpu_models(tmp_path) == ("NVIDIA H200", "NVIDIA H100 80GB HBM3")

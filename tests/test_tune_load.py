@@ -38,7 +38,7 @@ def tuning(monkeypatch, tmp_path):
     monkeypatch.setenv("PORTABLE_INFER_HOME", str(tmp_path / "home"))
     times, calls = {}, []
 
-    def fake(engine, vocab_size, batch, steps=measure.STEPS):
+    def fake(engine, vocab_size, batch, steps=measure.STEPS, context=measure.PROMPT_TOKENS):
         calls.append((engine.variant.name, batch))
         return times.get(engine.variant.name, 1.0) * (batch ** 0.5)
     monkeypatch.setattr(measure, "step_seconds", fake)

@@ -72,6 +72,17 @@ def isa_flags(root: str | os.PathLike = "/") -> tuple:
     return tuple(f for f in ISA_FLAGS if f in have)
 
 
+def gpu_models(root: str | os.PathLike = "/") -> tuple:
+    """The NVIDIA GPUs' model names the driver lists (/proc/driver/nvidia), () where none or unreadable."""
+    out = []
+    for info in sorted(Path(root, "proc/driver/nvidia/gpus").glob("*/information")):
+        for line in (_read(info) or "").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model":
+                out.append(value.strip())
+    return tuple(out)
+
+
 def _affinity(root: Path) -> list:
     if str(root) == "/" and hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))

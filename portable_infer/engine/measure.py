@@ -7,17 +7,25 @@ and the package's quality gate allow them. Each is timed for a few decode steps 
 (:func:`step_seconds`) and :func:`portable_infer.engine.tune.choose` keeps the fastest (exact within
 5 %), caching the decision. KV growth is not raced: static KV's advantage grows with the context,
 which a few short steps do not show, so the provider rule keeps deciding it.
+
+Kernel switches race the same way: where the provider's row lists ``session_envs`` (CUDA: XQA off,
+cuDNN's attention instead), each static variant is also timed in a session made with each of them
+(a candidate named ``variant+switch``), its rows holding :data:`SWITCH_CONTEXT` tokens so that
+attention's share shows. A switch whose variables the user set is theirs, not raced; one whose
+session does not start (memory, build) drops out with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from portable_infer.engine import tune
+from portable_infer.engine import host, tune
+from portable_infer.engine.devices import device_of
 from portable_infer.engine.session import make_engine
 from portable_infer.package.home import home
 from portable_infer.engine.variant_choice import VariantChoice
@@ -27,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 PREFERENCES = ("speed", "exact")
 PROMPT_TOKENS = 16  # the prefill before the timed steps
+SWITCH_CONTEXT = 128  # the prefill before the timed steps where kernel switches race
 STEPS = 6
+SEP = "+"  # a candidate's name: its variant, then the session environment it was made with, if any
 
 
 def tune_cache_dir() -> Path:
@@ -46,12 +56,26 @@ def tuning_pool(spec, variants: Sequence, choice: VariantChoice, chosen) -> list
     return pool if chosen in pool else [chosen, *pool]
 
 
-def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS) -> float:
-    """Median seconds of one decode step at ``batch`` rows after a short prefill (seeded ids)."""
+def session_envs(spec, variant) -> list:
+    """The session environments ``variant`` races on ``spec``: as is (""), and for static-KV graphs
+    each of the row's ``session_envs`` whose variables the user left unset."""
+    if not is_static(variant):
+        return [""]
+    return ["", *(name for name, values in spec.session_envs.items() if not any(k in os.environ for k in values))]
+
+
+def candidate_name(variant: str, env: str) -> str:
+    return f"{variant}{SEP}{env}" if env else variant
+
+
+def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, context: int = PROMPT_TOKENS) -> float:
+    """Median seconds of one decode step at ``batch`` rows after a prefill of ``context`` tokens
+    (fewer where the engine holds fewer; seeded ids)."""
+    context = max(1, min(context, engine.max_context - steps - 4))
     rng = np.random.default_rng(20261202)
-    ids = rng.integers(3, vocab_size, size=(batch, PROMPT_TOKENS), dtype=np.int64)
+    ids = rng.integers(3, vocab_size, size=(batch, context), dtype=np.int64)
     mask = np.ones_like(ids)
-    cache = engine.new_cache(batch, PROMPT_TOKENS + steps + 4)
+    cache = engine.new_cache(batch, context + steps + 4)
     engine.forward(ids, mask, cache)
     state = {"mask": mask, "tok": ids[:, -1:]}
 
@@ -63,23 +87,34 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS) -> flo
 
 def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, threads: int, prefer: str,
           batches: Sequence[int], max_kv_tokens: int | None = None):
-    """``sel``, or the selection of the variant that measured fastest on this host.
+    """``sel``, or the selection of the candidate that measured fastest on this host.
 
-    ``reselect(variant)`` makes a selection of one variant on ``sel``'s provider.
+    ``reselect(variant, session_env)`` makes a selection of one variant on ``sel``'s provider.
     """
     pool = tuning_pool(sel.provider, manifest.variants, choice, sel.variant)
-    if len(pool) < 2 or not tune.enabled():
+    entries = {candidate_name(v.name, e): (v, e) for v in pool for e in session_envs(sel.provider, v)}
+    if len(entries) < 2 or not tune.enabled():
         return sel
-    candidates = [tune.Candidate(v.name, not is_int8(v)) for v in pool]
-    key = tune.host_key(pkg, sel.provider.ort_name, threads, batches, prefer, candidates, ort.__version__)
-    by_name = {v.name: v for v in pool}
+    candidates = [tune.Candidate(name, not is_int8(v)) for name, (v, _) in entries.items()]
+    device = " / ".join(host.gpu_models()) if device_of(sel.provider.ort_name) == "cuda" else ""
+    key = tune.host_key(pkg, sel.provider.ort_name, threads, batches, prefer, candidates, ort.__version__, device)
+    current = candidate_name(sel.variant.name, sel.session_env)
+    context = SWITCH_CONTEXT if any(e for _, e in entries.values()) else PROMPT_TOKENS
 
     def time_variant(name: str, batch: int) -> float:
-        s = sel if name == sel.variant.name else reselect(by_name[name])
-        return step_seconds(make_engine(s, manifest, ort, max_kv_tokens), manifest.model.vocab_size, batch)
+        def timed() -> float:
+            s = sel if name == current else reselect(*entries[name])
+            return step_seconds(make_engine(s, manifest, ort, max_kv_tokens), manifest.model.vocab_size, batch,
+                                context=context)
+        if not entries[name][1]:
+            return timed()
+        try:
+            return timed()
+        except Exception as exc:  # noqa: BLE001 - ORT raises many types; the switch just does not compete
+            logger.warning("%s did not run on this host (%s: %s); it does not compete", name, type(exc).__name__, exc)
+            return float("inf")
 
     decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
     if decision.measured:
-        logger.info("variant %s chosen on this host by measurement (ms per step: %s)", decision.chosen,
-                    decision.timings_ms)
-    return sel if decision.chosen == sel.variant.name else reselect(by_name[decision.chosen])
+        logger.info("%s chosen on this host by measurement (ms per step: %s)", decision.chosen, decision.timings_ms)
+    return sel if decision.chosen == current else reselect(*entries[decision.chosen])

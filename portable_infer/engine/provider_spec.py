@@ -45,6 +45,10 @@ class ProviderSpec:
     companions: tuple = ()  # ORT names placed between it and CPU for the nodes it cannot run
     # options added for a static-KV graph (CUDA graphs); a session that refuses them is made without
     graph_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
+    # Kernel switches ONNX Runtime reads from the environment while it makes a session, each a named
+    # alternative to making it as is ({name: {variable: value}}): the loader's tuner races them on
+    # static-KV graphs (``measure.py``) unless the user set one of the variables.
+    session_envs: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     min_ort: str | None = None  # first ONNX Runtime version that has it
     max_ort: str | None = None  # first ONNX Runtime version without it
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -63,6 +65,10 @@ PROVIDERS: tuple = (
     ProviderSpec("cuda", "CUDAExecutionProvider", 10, "NVIDIA GPU (CUDA)",
                  f'{_swap("onnxruntime-gpu")} {_CUDA_LIBS}',
                  aliases=("nvidia",), variants=_FUSED_FIRST, graph_options=_opts(enable_cuda_graph="1"),
+                 # GroupQueryAttention's decode kernel: XQA by default; without it cuDNN's SDPA. On an H200
+                 # at the Llama-3.1-8B shape, 256 rows of 256+ tokens, cuDNN's took 2.9 ms a step against
+                 # XQA's 4.0; at one row they were even (docs/benchmarks.md, session 16): raced, not ruled.
+                 session_envs=_opts(**{"xqa-off": _opts(ORT_ENABLE_XQA="0")}),
                  # use_tf32=0: ORT's CUDA EP rounds fp32 MatMuls to TF32 by default, which made fp32
                  # greedy tokens differ from the CPU's on an H100 (1 of 3 prompts, 128 tokens).
                  default_options=_opts(device_id=0, arena_extend_strategy="kSameAsRequested",
@@ -185,6 +191,7 @@ class Selection:
     variant: GraphVariant
     skipped: tuple = ()  # ((provider key, reason), ...)
     graph_capture: bool = False  # the session took the row's graph_options (CUDA graphs)
+    session_env: str = ""  # the provider's session_envs entry it was made with ("": as is)
 
 
 def _option_overrides(provider_options: Mapping | None, ort_version: str) -> dict:
@@ -201,7 +208,7 @@ def _option_overrides(provider_options: Mapping | None, ort_version: str) -> dic
 def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathLike,
                    requested: str | Sequence[str] = "auto", *, strict: bool = False,
                    session_options: Any = None, provider_options: Mapping | None = None,
-                   choice: VariantChoice = VariantChoice(), ort: Any = None) -> Selection:
+                   choice: VariantChoice = VariantChoice(), ort: Any = None, session_env: str = "") -> Selection:
     """Create an ONNX Runtime session on the best provider that really works.
 
     Args:
@@ -215,6 +222,7 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
         choice: the user's variant choices and the package's int8 gate: each provider runs the variant it
             prefers under them (:func:`~portable_infer.engine.variant_choice.choose_variant`), or is skipped.
         ort: the onnxruntime module (tests pass a fake).
+        session_env: an entry of the provider's ``session_envs`` to make the session with ("": as is).
     Returns:
         :class:`Selection`; ``skipped`` says why each provider tried before it was passed over.
     Example:
@@ -261,8 +269,11 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
         path = package_dir / variant.file
         if not path.is_file():
             raise PackageError(f"{path} (variant {variant.name!r}) is missing; re-copy or re-export the package")
+        env = _env_values(spec, session_env)
         try:
-            session, graphs = _start(ort, spec, variant, path, overrides.get(spec.key, {}), available, session_options)
+            with session_env_vars(env):
+                session, graphs = _start(ort, spec, variant, path, overrides.get(spec.key, {}), available,
+                                         session_options)
         except Exception as exc:  # ORT raises many types (Fail, RuntimeError, ...) for a broken EP
             give_up(spec, f"failed: {type(exc).__name__}: {exc}",
                     f"failed to start on {variant.file}: {type(exc).__name__}: {exc}")
@@ -270,7 +281,7 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
         actual = list(session.get_providers())
         if actual[:1] == [spec.ort_name]:
             logger.info("running %s (%s, %s) on %s", variant.file, variant.name, variant.precision, spec.ort_name)
-            return Selection(session, spec, variant, tuple(skipped), graphs)
+            return Selection(session, spec, variant, tuple(skipped), graphs, session_env)
         got = actual[0] if actual else "no provider"
         give_up(spec, f"failed: session fell back to {got}",
                 f"was listed but the session runs on {got} (its libraries did not load; "
@@ -278,6 +289,37 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
     tried = "; ".join(f"{k}: {r}" for k, r in skipped) or "none of them is in this ONNX Runtime build"
     raise ProviderError(f"no execution provider could run {package_dir} (asked for "
                         f"{', '.join(s.key for s in specs)}): {tried}; run `portable-infer doctor`")
+
+
+_ENV_LOCK = threading.Lock()
+
+
+def _env_values(spec: ProviderSpec, name: str) -> Mapping[str, str]:
+    if name and name not in spec.session_envs:
+        raise ValueError(f"{spec.key} has no session environment {name!r} (it has: "
+                         f"{', '.join(spec.session_envs) or 'none'})")
+    return spec.session_envs.get(name, {})
+
+
+@contextmanager
+def session_env_vars(values: Mapping[str, str]):
+    """``values`` in the process environment while a session is made (ONNX Runtime reads some
+    kernel switches there as it builds the kernels), then the environment as it was; one such
+    session at a time."""
+    if not values:
+        yield
+        return
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _start(ort: Any, spec: ProviderSpec, variant: GraphVariant, path: Path, user: Mapping, available: list,

@@ -59,6 +59,7 @@ class TuneKey:
     batches: tuple = (1,)
     prefer: str = "speed"
     candidates: tuple = ()
+    device: str = ""  # the accelerator's model where the provider runs on one ("" on the CPU)
 
     def digest(self) -> str:
         text = json.dumps({"v": CACHE_VERSION, **asdict(self)}, sort_keys=True, default=list)
@@ -84,12 +85,12 @@ def forced() -> bool:
 
 
 def host_key(package_dir: Path, provider: str, threads: int, batches: Sequence[int], prefer: str,
-             candidates: Sequence[Candidate], ort_version: str) -> TuneKey:
+             candidates: Sequence[Candidate], ort_version: str, device: str = "") -> TuneKey:
     manifest = Path(package_dir, "manifest.json").read_bytes()
     return TuneKey(package=hashlib.sha256(manifest).hexdigest(), cpu=host.cpu_model(),
                    isa=host.isa_flags(), ort=ort_version, provider=provider,
                    threads=threads or host.cpu_budget().threads, batches=tuple(batches), prefer=prefer,
-                   candidates=tuple(c.name for c in candidates))
+                   candidates=tuple(c.name for c in candidates), device=device)
 
 
 def score(timings_ms: dict, batches: Sequence[int]) -> dict:
