@@ -97,6 +97,23 @@ def test_caches_reuse_buffers_and_keep_apart_when_alive_together(static, monkeyp
     assert (again.values[0][0].data_ptr(), again.graph_id) == (ptr, gid)
 
 
+def test_engines_over_one_session_never_share_a_cuda_graph_id(static, monkeypatch):
+    """ONNX Runtime keeps captured CUDA graphs per session by id: the tuner's timing engines and
+    then the model's run over one session, and an id one captured would replay its graph (on its
+    buffers) for the other. Found on the H200: the tuner timed a 256-row step at batch 1's 5 ms."""
+    from portable_infer.engine.session import make_engine
+
+    engines = [make_engine(static.selection, static.manifest, static.engine.ort) for _ in range(3)]
+    for e in engines:
+        monkeypatch.setattr(e, "cuda_graph", True)  # what CUDA does
+    assert {e.session for e in engines} == {static.engine.session}
+    caches = [e.new_cache(b, capacity=10) for e in engines for b in (1, 4)]
+    buffer = engines[0].buffer(4, 64)
+    caches.append(engines[0].view(buffer, 0, 2, decode=True))
+    ids = [c.graph_id for c in caches]
+    assert min(ids) > 0 and len(set(ids)) == len(ids), ids
+
+
 def test_capacity_and_call_shape_errors(static):
     e = static.engine
     cache = e.new_cache(1, capacity=4)

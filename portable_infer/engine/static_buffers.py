@@ -12,6 +12,7 @@ one at every join and leave: fresh memory would be faulted in each time).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ PLAIN_CAPACITY_STEP = 32  # without CUDA graphs: less rounding, less memory (spa
 GRAPHS_PER_SHAPE = 4  # caches of one shape alive at once that get a CUDA graph; more run without
 MAX_GRAPHS = 16  # pooled buffers (and captured graphs) kept in all; later shapes run without graphs
 SPARE_BYTES = 64 << 20  # without graphs: buffers of dead caches kept for the next cache of their shape
+
+
+_GRAPH_IDS = itertools.count(1)  # CUDA graph ids, unique in the process (see StaticBuffers._new_graph_id)
+_GRAPH_IDS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -75,6 +80,15 @@ class StaticBuffers:
         self._spare_lock = threading.Lock()  # finalizers run on whichever thread drops a cache
         self._graphs = 0
 
+    def _new_graph_id(self) -> int:
+        """An id for a new CUDA graph, counted against this engine's MAX_GRAPHS. ONNX Runtime keeps
+        captured graphs per session by id, and more than one engine may run over one session (the
+        tuner's timing engines, then the model's): an id another engine captured would replay
+        that engine's graph, on its buffers. So ids are unique in the process, not per engine."""
+        self._graphs += 1
+        with _GRAPH_IDS_LOCK:
+            return next(_GRAPH_IDS)
+
     def _rounded(self, capacity) -> int:
         """``capacity`` checked and rounded up to the step (256 under CUDA graphs), within the context."""
         want = checked_capacity(capacity, self.max_context)
@@ -110,8 +124,7 @@ class StaticBuffers:
         if decode:
             graph_id = -1
             if self.cuda_graph:
-                self._graphs += 1
-                graph_id = self._graphs
+                graph_id = self._new_graph_id()
             slot = self._allocate(count, cache.capacity, graph_id, values=parent.values)
             slot.written = written
         else:
@@ -126,8 +139,7 @@ class StaticBuffers:
         pool = self._slots.setdefault((batch, cap), [])
         slot = next((s for s in pool if not s.busy), None)
         if slot is None and len(pool) < GRAPHS_PER_SHAPE and self._graphs < MAX_GRAPHS:
-            self._graphs += 1
-            slot = self._allocate(batch, cap, graph_id=self._graphs)
+            slot = self._allocate(batch, cap, graph_id=self._new_graph_id())
             pool.append(slot)
         elif slot is None:  # pooled buffers all in use (or the pool is full): private ones, no graph
             slot = self._allocate(batch, cap, graph_id=-1)
