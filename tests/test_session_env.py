@@ -131,3 +131,12 @@ def test_serve_times_its_max_batch():
     assert _load_kwargs(ns)["tune_batch"] == 64
     ns = build_parser().parse_args(["tune", "--batch", "8"])
     assert _load_kwargs(ns)["tune_batch"] == 8
+
+
+def test_a_candidate_session_is_made_once_for_every_batch_size_and_kept_if_it_wins(switched, tiny_llama):
+    made, times, timed = switched
+    times["1"] = 0.004
+    m = portable_infer.load(tiny_llama.package, "cpu", static_kv=True, accuracy_level=1, tune_batch=4)
+    assert sorted((v or "", b) for v, b, _ in timed) == [("", 1), ("", 4), ("1", 1), ("1", 4)]
+    switched_sessions = [k for k, v in made.items() if v == "1"]
+    assert switched_sessions == [id(m.engine.session)]  # made once, timed at 1 and 4, then run

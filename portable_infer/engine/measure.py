@@ -105,11 +105,20 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
     current = candidate_name(sel.variant.name, sel.session_env)
     context = SWITCH_CONTEXT if any(e for _, e in entries.values()) else PROMPT_TOKENS
 
+    last: dict = {}  # the last candidate's selection, kept for its other batch sizes (and if it wins)
+
+    def selection(name: str):
+        if name == current:
+            return sel
+        if name not in last:
+            last.clear()  # one extra session at a time
+            last[name] = reselect(*entries[name])
+        return last[name]
+
     def time_variant(name: str, batch: int) -> float:
         def timed() -> float:
-            s = sel if name == current else reselect(*entries[name])
-            return step_seconds(make_engine(s, manifest, ort, max_kv_tokens), manifest.model.vocab_size, batch,
-                                context=context)
+            return step_seconds(make_engine(selection(name), manifest, ort, max_kv_tokens), manifest.model.vocab_size,
+                                batch, context=context)
         if not entries[name][1]:
             return timed()
         try:
@@ -121,4 +130,6 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
     decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
     if decision.measured:
         logger.info("%s chosen on this host by measurement (ms per step: %s)", decision.chosen, decision.timings_ms)
-    return sel if decision.chosen == current else reselect(*entries[decision.chosen])
+    chosen = selection(decision.chosen)
+    last.clear()
+    return chosen
