@@ -140,3 +140,18 @@ def test_a_candidate_session_is_made_once_for_every_batch_size_and_kept_if_it_wi
     assert sorted((v or "", b) for v, b, _ in timed) == [("", 1), ("", 4), ("1", 1), ("1", 4)]
     switched_sessions = [k for k, v in made.items() if v == "1"]
     assert switched_sessions == [id(m.engine.session)]  # made once, timed at 1 and 4, then run
+
+
+def test_a_cached_switch_that_no_longer_starts_runs_as_is(switched, tiny_llama, monkeypatch, caplog):
+    made, times, _ = switched
+    times["1"] = 0.004
+    assert made[id(load(tiny_llama.package).engine.session)] == "1"  # measured and cached
+    real = providers._start
+
+    def refuse(*args, **kw):
+        if os.environ.get(VAR) == "1":
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kw)
+    monkeypatch.setattr(providers, "_start", refuse)
+    m = load(tiny_llama.package)
+    assert made[id(m.engine.session)] is None and "did not start" in caplog.text

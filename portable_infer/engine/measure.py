@@ -130,6 +130,13 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
     decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
     if decision.measured:
         logger.info("%s chosen on this host by measurement (ms per step: %s)", decision.chosen, decision.timings_ms)
-    chosen = selection(decision.chosen)
+    try:
+        chosen = selection(decision.chosen)
+    except Exception as exc:  # noqa: BLE001 - a cached switch that no longer starts: run as is
+        if not entries[decision.chosen][1]:
+            raise
+        logger.warning("%s, the measured choice, did not start (%s: %s); running %s", decision.chosen,
+                       type(exc).__name__, exc, current)
+        chosen = sel
     last.clear()
     return chosen
