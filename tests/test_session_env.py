@@ -149,7 +149,7 @@ def test_a_cached_switch_that_no_longer_starts_runs_as_is(switched, tiny_llama, 
     real = providers._start
 
     def refuse(*args, **kw):
-        if os.environ.get(VAR) == "1":
+        if args[-1].get(VAR) == "1":  # the environment the session would be made with
             raise RuntimeError("CUDA out of memory")
         return real(*args, **kw)
     monkeypatch.setattr(providers, "_start", refuse)

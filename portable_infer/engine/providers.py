@@ -258,22 +258,15 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
             continue
         variant, why = choose_variant(spec, variants, choice)
         if variant is None:
-            reason = f"no suitable variant: {why}"
-            if explicit and strict:
-                raise ProviderError(f"{spec.key}: {reason}; re-export the package with a variant it runs, or "
-                                    f"load it without the choices that rule them out", provider=spec.key,
-                                    reason="no suitable variant")
-            (logger.warning if explicit else logger.info)("%s skipped: %s", spec.key, reason)
-            skipped.append((spec.key, reason))
+            _no_variant(spec, why, explicit and strict, explicit, skipped)
             continue
         path = package_dir / variant.file
         if not path.is_file():
             raise PackageError(f"{path} (variant {variant.name!r}) is missing; re-copy or re-export the package")
-        env = _env_values(spec, session_env)
+        env = _env_values(spec, session_env)  # an unknown name is refused, not taken for a provider failure
         try:
-            with session_env_vars(env):
-                session, graphs = _start(ort, spec, variant, path, overrides.get(spec.key, {}), available,
-                                         session_options)
+            session, graphs = _start(ort, spec, variant, path, overrides.get(spec.key, {}), available,
+                                     session_options, env)
         except Exception as exc:  # ORT raises many types (Fail, RuntimeError, ...) for a broken EP
             give_up(spec, f"failed: {type(exc).__name__}: {exc}",
                     f"failed to start on {variant.file}: {type(exc).__name__}: {exc}")
@@ -289,6 +282,18 @@ def select_session(variants: Sequence[GraphVariant], package_dir: str | os.PathL
     tried = "; ".join(f"{k}: {r}" for k, r in skipped) or "none of them is in this ONNX Runtime build"
     raise ProviderError(f"no execution provider could run {package_dir} (asked for "
                         f"{', '.join(s.key for s in specs)}): {tried}; run `portable-infer doctor`")
+
+
+def _no_variant(spec: ProviderSpec, why: str, refuse: bool, named: bool, skipped: list) -> None:
+    """A provider left with no variant it may run: refused (``refuse``: named, strict), else
+    skipped with ``why`` (a warning where it was named, else a note)."""
+    reason = f"no suitable variant: {why}"
+    if refuse:
+        raise ProviderError(f"{spec.key}: {reason}; re-export the package with a variant it runs, or "
+                            f"load it without the choices that rule them out", provider=spec.key,
+                            reason="no suitable variant")
+    (logger.warning if named else logger.info)("%s skipped: %s", spec.key, reason)
+    skipped.append((spec.key, reason))
 
 
 _ENV_LOCK = threading.Lock()
@@ -323,16 +328,17 @@ def session_env_vars(values: Mapping[str, str]):
 
 
 def _start(ort: Any, spec: ProviderSpec, variant: GraphVariant, path: Path, user: Mapping, available: list,
-           sess_options: Any) -> tuple:
-    """(session, graph capture on). A static-KV graph first asks for the row's ``graph_options``
-    (CUDA graphs) unless the user's options say otherwise; a session that refuses them (e.g. nodes
-    placed off the device) is made again without them."""
+           sess_options: Any, env: Mapping[str, str]) -> tuple:
+    """(session, graph capture on), made with ``env`` set (:func:`session_env_vars`). A static-KV
+    graph first asks for the row's ``graph_options`` (CUDA graphs) unless the user's options say
+    otherwise; a session that refuses them (e.g. nodes placed off the device) is made again without them."""
     sess_options = sess_options if sess_options is not None else ort.SessionOptions()
     tail = ([(n, {}) for n in spec.companions if n in available]
             + ([] if spec is CPU else [(CPU.ort_name, {})]))
 
     def make(options: Mapping):
-        return ort.InferenceSession(str(path), sess_options, providers=[(spec.ort_name, dict(options))] + tail)
+        with session_env_vars(env):
+            return ort.InferenceSession(str(path), sess_options, providers=[(spec.ort_name, dict(options))] + tail)
 
     graph = {**spec.default_options, **spec.graph_options, **user}
     if (variant.kv.growth == "static" and spec.graph_options
