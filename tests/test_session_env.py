@@ -155,3 +155,30 @@ def test_a_cached_switch_that_no_longer_starts_runs_as_is(switched, tiny_llama, 
     monkeypatch.setattr(providers, "_start", refuse)
     m = load(tiny_llama.package)
     assert made[id(m.engine.session)] is None and "did not start" in caplog.text
+
+
+def test_a_timing_prefill_in_row_groups_is_the_prefill_at_once(tiny_llama, monkeypatch):
+    """Beyond PREFILL_TOKENS the timed rows prefill in groups into one buffer (as the scheduler's
+    chunks): the decode step after it computes what it does after one prefill of every row."""
+    import numpy as np
+
+    m = portable_infer.load(tiny_llama.package, "cpu", static_kv=True, accuracy_level=1)
+    seed = int(np.random.default_rng().integers(1 << 31))
+    print("seed", seed)
+    ids = np.random.default_rng(seed).integers(3, 200, (5, 6))
+    steps = []
+    for limit in (10_000, 12):  # all rows at once; two rows a forward
+        monkeypatch.setattr(measure, "PREFILL_TOKENS", limit)
+        cache, kept = measure._prefilled(m.engine, ids, 16)
+        assert (kept is None) == (limit == 10_000)
+        mask = np.ones((5, 7), np.int64)
+        steps.append(m.engine.forward(ids[:, -1:], mask, cache))
+    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-5, atol=1e-5)
+
+
+def test_when_the_running_session_cannot_be_timed_it_runs_untimed(switched, tiny_llama, caplog):
+    made, times, _ = switched
+    times[None] = None  # timing the session as is raises (out of memory, say)
+    m = load(tiny_llama.package)
+    assert made[id(m.engine.session)] is None and "running it without measuring" in caplog.text
+    assert tune.cached_decisions(measure.tune_cache_dir(), tiny_llama.package) == []  # nothing decided

@@ -40,6 +40,7 @@ PROMPT_TOKENS = 16  # the prefill before the timed steps
 # XQA took 2.5), and served rows hold their prompt and what they generated.
 SWITCH_CONTEXT = 256
 STEPS = 6
+PREFILL_TOKENS = 4096  # a timing prefill's tokens a forward at most (then rows in groups)
 SEP = "+"  # a candidate's name: its variant, then the session environment it was made with, if any
 
 
@@ -57,6 +58,10 @@ def tuning_pool(spec, variants: Sequence, choice: VariantChoice, chosen) -> list
     else:
         pool = [v for v in pool if not is_int8(v) or v.name in choice.gated]
     return pool if chosen in pool else [chosen, *pool]
+
+
+class _Untimed(Exception):
+    """The selection that runs could not be timed."""
 
 
 def session_envs(spec, variant) -> list:
@@ -80,9 +85,8 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, contex
     rng = np.random.default_rng(20261202)
     ids = rng.integers(3, vocab_size, size=(batch, context), dtype=np.int64)
     mask = np.ones_like(ids)
-    cache = engine.new_cache(batch, context + steps + 4)
-    engine.forward(ids, mask, cache)
-    state = {"mask": mask, "tok": ids[:, -1:]}
+    cache, kept = _prefilled(engine, ids, context + steps + 4)
+    state = {"mask": mask, "tok": ids[:, -1:], "kept": kept}  # kept: the buffers of a grouped prefill
 
     greedy = engine.greedy_on_device  # the logits stay where they are: the forward is timed, not a copy of them
 
@@ -90,6 +94,25 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, contex
         state["mask"] = np.concatenate([state["mask"], np.ones((batch, 1), np.int64)], axis=1)
         engine.forward(state["tok"], state["mask"], cache, greedy=greedy)
     return tune.median_step_s(step, steps=steps, warmup=1)
+
+
+def _prefilled(engine, ids: np.ndarray, capacity: int) -> tuple:
+    """(a cache of ``ids``' rows after their prefill, what keeps its buffers). Beyond PREFILL_TOKENS
+    the rows prefill in groups into one buffer (static engines), as the scheduler's chunks do: a
+    prefill of every row at once (65k tokens at 256 rows of 256) would need memory serving never does."""
+    batch, context = ids.shape
+    group = max(1, PREFILL_TOKENS // context)
+    if batch <= group or not hasattr(engine, "view"):
+        cache = engine.new_cache(batch, capacity)
+        engine.forward(ids, np.ones_like(ids), cache)
+        return cache, None
+    whole = engine.buffer(batch, capacity)
+    for start in range(0, batch, group):
+        part = engine.view(whole, start, min(group, batch - start))
+        engine.forward(ids[start:start + part.batch], np.ones((part.batch, context), np.int64), part)
+    cache = engine.view(whole, 0, batch, decode=True)
+    cache.rows = np.full(batch, context, np.int64)
+    return cache, whole
 
 
 def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, threads: int, prefer: str,
@@ -119,18 +142,20 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
         return last[name]
 
     def time_variant(name: str, batch: int) -> float:
-        def timed() -> float:
+        try:
             return step_seconds(make_engine(selection(name), manifest, ort, max_kv_tokens), manifest.model.vocab_size,
                                 batch, context=context)
-        if not entries[name][1]:
-            return timed()
-        try:
-            return timed()
-        except Exception as exc:  # noqa: BLE001 - ORT raises many types; the switch just does not compete
+        except Exception as exc:  # noqa: BLE001 - ORT raises many types (memory, a kernel the build lacks)
+            if name == current:
+                raise _Untimed(f"{type(exc).__name__}: {exc}") from exc
             logger.warning("%s did not run on this host (%s: %s); it does not compete", name, type(exc).__name__, exc)
             return float("inf")
 
-    decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
+    try:
+        decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
+    except _Untimed as exc:  # the session that runs could not be timed (memory?): nothing is decided or cached
+        logger.warning("could not time %s on this host (%s); running it without measuring", current, exc)
+        return sel
     if decision.measured:
         logger.info("%s chosen on this host by measurement (ms per step: %s)", decision.chosen, decision.timings_ms)
     try:
