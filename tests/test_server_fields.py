@@ -21,7 +21,8 @@ OPENAI = {
            "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
            "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
            "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
-           "top_logprobs", "top_p", "user", "verbosity", "web_search_options"},
+           "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+           "moderation", "prompt_cache_options", "prompt_cache_retention"},  # openai 3.57's additions
 }
 # a valid value of every implemented or ignored field
 EXAMPLES = {

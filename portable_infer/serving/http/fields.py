@@ -104,6 +104,11 @@ BODY = (
     _unsupported("reasoning_effort", "this server has no reasoning-effort control", STRING, (), (CHAT,)),
     _unsupported("verbosity", "this server has no verbosity control", STRING, (), (CHAT,)),
     _unsupported("web_search_options", "web search is not supported", ("object",), (), (CHAT,)),
+    _unsupported("moderation", "this server runs no moderation on requests or outputs", ("object",), (), (CHAT,)),
+    _unsupported("prompt_cache_options", "prompt-cache breakpoints and lifetimes cannot be set: prefixes are "
+                 "cached automatically, in memory", ("object",), (), (CHAT,)),
+    _unsupported("prompt_cache_retention", "this server keeps cached prefixes in memory only", STRING,
+                 ("in_memory",), (CHAT,)),
     _unsupported("store", "this server stores no completions", BOOLEAN, (False,), (CHAT,)),
     _unsupported("service_tier", "this server has one service tier", STRING, ("auto", "default"), (CHAT,)),
     *(_unsupported(name, GUIDED) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
