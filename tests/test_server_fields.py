@@ -270,7 +270,9 @@ def test_prompt_shapes():
     ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
         "name": "f", "arguments": "{x"}}]}, "messages[0].tool_calls[0].function.arguments", None),
     ({"role": "tool", "content": "4"}, "messages[0].tool_call_id", None),
-    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}, "messages[0].content[0]",
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+     "messages[0].content[0].image_url", "unsupported_parameter"),
+    ({"role": "user", "content": [{"type": "text", "text": "x", "colour": "red"}]}, "messages[0].content[0].colour",
      "unknown_parameter"),
     ({"role": "user", "content": [{"type": "image", "text": "x"}]}, "messages[0].content[0]", "unsupported_parameter"),
     ({"role": "", "content": "x"}, "messages[0].role", None),
@@ -278,9 +280,9 @@ def test_prompt_shapes():
     ({"role": "user", "content": 5}, "messages[0].content", "invalid_type"),
 ])
 def test_bad_messages(message, param, code):
-    if code == "unknown_parameter":
-        param += ".image_url"
-    rejected(CHAT, {"messages": [message]}, param, code)
+    err = rejected(CHAT, {"messages": [message]}, param, code)
+    if "image_url" in param:  # says what to send instead
+        assert "send text parts" in err.message
 
 
 def test_messages_must_be_objects():

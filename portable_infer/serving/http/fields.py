@@ -128,6 +128,12 @@ MESSAGE = (  # one element of "messages"
 CONTENT_PART = (  # one element of a message's "content" list
     _implemented("type", STRING),  # only "text": protocol.py
     _implemented("text", STRING),
+    _unsupported("image_url", "image inputs are not supported: the server runs text models; send text parts"),
+    _unsupported("input_audio", "audio inputs are not supported: send text parts"),
+    _unsupported("file", "file inputs are not supported: send text parts"),
+    _unsupported("refusal", "refusal parts are not supported"),
+    _unsupported("prompt_cache_breakpoint", "prompt-cache breakpoints cannot be set: prefixes are cached "
+                 "automatically"),
 )
 STREAM_OPTIONS = (
     _implemented("include_usage", BOOLEAN),
