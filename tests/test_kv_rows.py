@@ -54,7 +54,11 @@ def test_rows_land_in_place_and_the_rest_is_untouched(dtype):
     assert not out[1:3, :, 8:].any()  # a grown capacity's tail is zeros
     assert (out[[0, 3, 4]] == 7).all()  # rows outside the target keep their values
     with pytest.raises(ValueError, match="cannot move rows"):
-        mover.copy(dst_v, [0], src_v, 0)  # into a smaller capacity
+        mover.copy(dst_v, [0], src_v, 0)  # into a smaller capacity, the tokens held unknown
+    with pytest.raises(ValueError, match="they hold 9 tokens"):
+        mover.copy(dst_v, [1], src_v, 0, used=9)  # more than the smaller rows take
+    mover.copy(dst_v, [1], src_v, 0, used=8)  # shorter rows that take what the row holds: its first 8 tokens
+    np.testing.assert_array_equal(src_v.numpy()[0], src[2])
     np.testing.assert_array_equal(mover.fetch(src_v, [1, 2], 5), src[[1, 2], :, :5])  # to the host, cropped
 
 

@@ -170,3 +170,40 @@ def test_a_failed_overlapped_forward_ends_every_open_request_and_the_next_one_ru
     assert overlapped and decodes[0] == 6 and threads == {"portable-infer-scheduler"}, (overlapped, decodes, threads)
     assert out == fused.generate_ids(late, max_new_tokens=5, ignore_eos=True), TAG
     assert stats.requests_failed == 3 and stats.blocks_used == 0
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_the_kv_budget_bounds_the_buffer_and_longer_requests_are_refused(static, fused, monkeypatch, on_device):
+    """Slots are max_batch equal rows of one buffer: the budget over max_batch is what a request may
+    hold. A longer one is a ContextLengthError that says so; a chunked prompt prefilled in a longer
+    cache of its own (64 tokens on the CPU) moves into the buffer's 48-token rows."""
+    from portable_infer.errors import ContextLengthError
+
+    if on_device:
+        from portable_infer.engine.rows import RowMover
+
+        mover = RowMover(static.engine.session, static.engine.ort, static.engine.variant.kv.dtype)
+        monkeypatch.setattr(static.engine, "row_mover", lambda: mover)
+    rng = np.random.default_rng(SEED + 3)
+    print(TAG)
+    ps = [rng.integers(3, 256, n).tolist() for n in (30, 7, 9)]  # the first is chunked (prefill_chunk 16)
+    news = [18, 20, 12]
+    refs = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=16, slot_batch=True,
+                                           kv_budget_tokens=4 * 48)) as sched:
+        assert sched.row_limit == 48
+        with pytest.raises(ContextLengthError, match="needs 49 KV tokens .* a slot of the running batch holds 48"):
+            sched.submit(ps[0], max_new_tokens=19, ignore_eos=True)
+        handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+        outs = [[r.token for r in h if r.token is not None] for h in handles]
+        assert sched.batch.cache.capacity == 48  # rounded up to the limit, not past it
+    for i, (got, want) in enumerate(zip(outs, refs)):
+        assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
+
+
+def test_a_budget_without_room_for_a_slot_is_refused(static):
+    from portable_infer.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="leaves each of max_batch=16 slots 1 tokens"):
+        Scheduler(static, SchedulerConfig(max_batch=16, slot_batch=True, kv_budget_tokens=16))
+    assert Scheduler(static, SchedulerConfig(max_batch=16, kv_budget_tokens=16)).row_limit is None  # CPU: restacked

@@ -351,7 +351,7 @@ def test_finished_rows_wait_in_the_batch_where_leaving_is_deferred(static, fused
     assert static.engine.row_mover() is None  # the CPU moves rows with numpy
     moved = []
     if on_device:
-        monkeypatch.setattr(RowMover, "copy", lambda *a, real=RowMover.copy: (moved.append(1), real(*a))[1])
+        monkeypatch.setattr(RowMover, "copy", lambda *a, real=RowMover.copy, **k: (moved.append(1), real(*a, **k))[1])
         use_row_mover(static.engine, monkeypatch)
 
     rng = np.random.default_rng(SEED + 7)

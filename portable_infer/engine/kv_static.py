@@ -169,16 +169,16 @@ def copy_rows(dst: StaticCache, parts: list) -> None:
     has a row mover (GPUs), else through numpy."""
     mover = dst.engine.row_mover()
     parts = [(c, np.asarray(idx, np.int64)) for c, idx in parts]
+    used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
     if mover is not None:
         for layer, pair in enumerate(dst.values):
             for j, d in enumerate(pair):
                 at = dst.start
-                for c, idx in parts:
+                for (c, idx), n in zip(parts, used):
                     if len(idx):
-                        mover.copy(c.values[layer][j], idx + c.start, d, at)
+                        mover.copy(c.values[layer][j], idx + c.start, d, at, used=n)
                     at += len(idx)
         return
-    used = [int(c.rows[idx].max()) if len(idx) else 0 for c, idx in parts]  # tokens held, per part
     dst.mark_written(np.repeat(used, [len(idx) for _, idx in parts]))
     dtype = np.dtype(dst.layout.dtype)
     for layer, pair in enumerate(dst.values):

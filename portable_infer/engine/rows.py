@@ -25,12 +25,14 @@ class RowMover:
         self.session = companion_session(session, ort, f"kv_rows.{np.dtype(dtype).name}.onnx", provider)
         self.dtype = np.dtype(dtype)
 
-    def copy(self, src, rows, dst, at: int) -> None:
-        """``dst[at:at + len(rows), :, :C_src] = src[rows]`` (OrtValues on one device)."""
+    def copy(self, src, rows, dst, at: int, used: int | None = None) -> None:
+        """``dst[at:at + len(rows), :, :C_src] = src[rows]`` (OrtValues on one device); into shorter
+        rows (``C_dst < C_src``) only where the rows hold ``used <= C_dst`` tokens: the first C_dst."""
         (_, h, c_src, d), (_, h2, c_dst, d2) = src.shape(), dst.shape()
-        if (h, d) != (h2, d2) or c_dst < c_src:
-            raise ValueError(f"cannot move rows of a {src.shape()} buffer into a {dst.shape()} one")
-        b = self._binding(src, rows, c_dst - c_src, c_dst)
+        if (h, d) != (h2, d2) or (c_dst < c_src and (used is None or used > c_dst)):
+            raise ValueError(f"cannot move rows of a {src.shape()} buffer into a {dst.shape()} one"
+                             + ("" if used is None else f" (they hold {used} tokens)"))
+        b = self._binding(src, rows, max(0, c_dst - c_src), c_dst)
         row_bytes = h * c_dst * d * self.dtype.itemsize
         b.bind_output("y", dst.device_name(), 0, self.dtype, [len(rows), h, c_dst, d], dst.data_ptr() + at * row_bytes)
         self.session.run_with_iobinding(b)

@@ -104,11 +104,15 @@ class StaticBuffers:
         weakref.finalize(cache, *done)
         return cache
 
-    def buffer(self, batch: int, capacity: int) -> StaticCache:
-        """KV buffers of ``batch`` rows and ``capacity`` tokens (rounded up) that only views
-        (:meth:`view`) run on: the scheduler's slot batch. Not pooled (freed with the cache); no
-        step inputs or outputs of its own."""
+    def buffer(self, batch: int, capacity: int, most: int | None = None) -> StaticCache:
+        """KV buffers of ``batch`` rows and ``capacity`` tokens (rounded up, to ``most`` at most)
+        that only views (:meth:`view`) run on: the scheduler's slot batch. Not pooled (freed with
+        the cache); no step inputs or outputs of its own."""
         cap = self._rounded(capacity)
+        if most is not None:
+            if capacity > most:
+                raise InvalidArgumentError(f"a buffer of {capacity} tokens a row is over its limit of {most}")
+            cap = min(cap, most)
         slot = self._allocate(batch, cap, graph_id=-1, io=False)
         return StaticCache(self.variant.kv, batch, cap, slot.values, np.ones(batch, np.int64), slot=slot, engine=self)
 

@@ -38,7 +38,7 @@ from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import PortableInferError
 from portable_infer.serving.engine_core import engine_main, failed_stats, pack_error, unpack_error
 from portable_infer.serving.handle import open_handle
-from portable_infer.serving.scheduler import checked_request, kv_pool
+from portable_infer.serving.scheduler import checked_request, kv_pool, row_limit
 from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
@@ -97,6 +97,7 @@ class ProcessScheduler:
         self.codec = self.model.codec
         self.max_context = self.model.max_context
         self._pool = kv_pool(config, engine.variant.kv)  # the budget's size, for the checks at submission
+        self._row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
         self._receiver.start()
 
@@ -116,7 +117,7 @@ class ProcessScheduler:
         The request's checks run here (``scheduler.checked_request``: its errors are raised at
         once) and nothing waits for the engine: a request it still refuses (it closed, its queue
         filled meanwhile) ends with that error."""
-        ids, _, _ = checked_request(self.model, self._pool, ids, params, truncate)
+        ids, _, _ = checked_request(self.model, self._pool, ids, params, truncate, self._row_limit)
         rid = f"req-{next(self._ids)}"
         handle, writer = open_handle(rid, len(ids), self._cancel, rid)
         with self._lock:

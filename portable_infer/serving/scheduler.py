@@ -78,20 +78,41 @@ def kv_pool(config: SchedulerConfig, kv) -> BlockPool:
     return BlockPool(budget // config.block_size, config.block_size)
 
 
-def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int):
-    """The running batch for ``engine``: fixed slots (SlotBatch: a row that leaves frees its slot,
-    nothing moves) for static-KV graphs where ``config.slot_batch`` says so (None: off the CPU,
-    where a free slot's compute is not free), else restacked at each join and leave. Restacked
-    static KV off the CPU keeps finished rows, masked, until half the batch has finished or a
-    request joins (the planner's ``defer_leave``): moving the rest copies their KV, each batch
-    size captures a CUDA graph, and an idle row costs a GPU step next to nothing."""
+def slot_rows(engine, config: SchedulerConfig) -> bool:
+    """The running batch is fixed slots (SlotBatch: a row that leaves frees its slot, nothing moves):
+    static-KV graphs where ``config.slot_batch`` says so (None: off the CPU, where a free slot's
+    compute is not free)."""
     slots = config.slot_batch if config.slot_batch is not None else engine.device != "cpu"
-    if slots and engine.variant.kv.growth == "static":
-        return SlotBatch(engine, prefixes, max_context, config.max_batch)
+    return bool(slots) and engine.variant.kv.growth == "static"
+
+
+def row_limit(engine, config: SchedulerConfig, pool: BlockPool) -> int | None:
+    """KV tokens one request may hold where the batch is slots: the slots are ``max_batch`` equal
+    rows of one buffer, and the KV budget bounds that buffer (None: a restacked batch's rows are
+    as long as they need). A budget too small for a slot of two tokens is refused."""
+    if not slot_rows(engine, config):
+        return None
+    limit = pool.total * pool.block_size // config.max_batch
+    if limit < 2:
+        raise InvalidArgumentError(
+            f"the KV budget ({pool.total * pool.block_size} tokens) leaves each of max_batch={config.max_batch} "
+            f"slots {limit} tokens; raise kv_budget_tokens (or kv_budget_bytes) or lower max_batch")
+    return limit
+
+
+def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, limit: int | None = None):
+    """The running batch for ``engine``: slots (:func:`slot_rows`; rows of at most ``limit``
+    tokens), else restacked at each join and leave. Restacked static KV off the CPU keeps finished
+    rows, masked, until half the batch has finished or a request joins (the planner's
+    ``defer_leave``): moving the rest copies their KV, each batch size captures a CUDA graph, and
+    an idle row costs a GPU step next to nothing."""
+    if slot_rows(engine, config):
+        return SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
     return RunningBatch(engine, prefixes, max_context)
 
 
-def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, truncate: bool) -> tuple:
+def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, truncate: bool,
+                    limit: int | None = None) -> tuple:
     """``(ids, blocks, sequence)`` of a request that passes the checks at submission (any thread),
     else the typed error: the prompt (ids in the vocabulary, within the context, or cut with
     ``truncate``), its KV blocks within the whole budget, its sampling state (a bad schema or
@@ -107,6 +128,13 @@ def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, t
         raise ContextLengthError(
             f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
             f"but the whole budget is {pool.total}; lower max_new_tokens or raise kv_budget_tokens",
+            param="max_new_tokens")
+    need = min(len(ids) + params.max_new_tokens, model.max_context)
+    if limit is not None and need > limit:
+        raise ContextLengthError(
+            f"the request needs {need} KV tokens ({len(ids)} prompt + {params.max_new_tokens} new) but a slot of "
+            f"the running batch holds {limit}: the KV budget ({pool.total * pool.block_size} tokens) over "
+            f"max_batch rows of one buffer; lower max_new_tokens, or raise kv_budget_tokens or lower max_batch",
             param="max_new_tokens")
     seq = Sequence(ids, params, eos_ids=codec.eos_ids, vocab_size=codec.vocab_size,
                    guide=model.guide if params.constraint is not None else None)
@@ -141,9 +169,9 @@ class Scheduler:
             prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
         # loop thread only; shorter prompts than a grouped request reuses are not stored either
         self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes, prefix_min, bytes_per_token(kv))
-        # Restacked static KV off the CPU (--slot-batch off) defers leaves: see Planner.defer_leave
-        self.batch = running_batch(engine, config, self.prefixes, self.max_context)  # loop thread only
-        self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,
+        self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
+        self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit)  # loop thread
+        self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,  # defer_leave: see Planner
                                self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu"
                                and not isinstance(self.batch, SlotBatch))
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
@@ -186,7 +214,7 @@ class Scheduler:
         return self._queue(ids, params, truncate, writer, text)
 
     def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer, text: bool = True) -> Request:
-        ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate)
+        ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate, self.row_limit)
         stream = self.codec.text_stream(params.stop) if text else TextStream(None)
         r = Request(f"req-{next(self._ids)}", ids, params, blocks, stream, seq=seq, submitted=time.perf_counter())
         if writer is None:

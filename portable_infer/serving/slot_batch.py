@@ -22,7 +22,8 @@ rows of one buffer (:meth:`StaticEngine.buffer <portable_infer.engine.static.Sta
   When the rows in use fit a bucket half the size, they move down to the lowest slots, all in
   one copy per buffer (kv_static.move_rows), so that the steps get smaller.
 - The buffer holds ``max_batch`` rows of the largest capacity asked for so far; a request that
-  needs more moves every row into a larger buffer once.
+  needs more moves every row into a larger buffer once. The KV budget bounds it: a row holds at
+  most the budget over ``max_batch`` (``row_limit``; the scheduler refuses longer requests).
 - Plain greedy batches overlap the host with the device (vLLM's async scheduling): each forward
   starts on the previous one's argmax ids, and the host runs the previous tokens through their
   rows' rules while it runs (:meth:`SlotBatch._overlapped`). A row those tokens end decodes one
@@ -61,9 +62,10 @@ class SlotBatch(RunningBatch):
         max_batch: the slots (the scheduler's ``max_batch``).
     """
 
-    def __init__(self, engine, prefixes, max_context: int, max_batch: int):
+    def __init__(self, engine, prefixes, max_context: int, max_batch: int, row_limit: int | None = None):
         super().__init__(engine, prefixes, max_context)
         self.max_batch = max_batch
+        self.row_limit = row_limit  # tokens a row may hold: the buffer is never longer (the KV budget's share)
         self.slots: list = [None] * max_batch  # the request in each slot (None: free)
         self.lengths = np.ones(max_batch, np.int64)  # KV tokens per slot (a free slot: 1)
         self.pending = np.zeros(max_batch, np.int64)  # each slot's next input token
@@ -78,7 +80,7 @@ class SlotBatch(RunningBatch):
         old = self.cache
         if old is not None and old.capacity >= capacity:
             return old
-        new = self.engine.buffer(self.max_batch, capacity)
+        new = self.engine.buffer(self.max_batch, capacity, most=self.row_limit)
         if old is not None:
             top = self._top()
             if top:  # every row in use moves once, into the larger rows
@@ -115,6 +117,10 @@ class SlotBatch(RunningBatch):
         self.lengths[slot] = length
         self.pending[slot] = token
 
+    def _needs(self, r) -> int:
+        """KV tokens request ``r`` may need: its prompt and new tokens, within the context."""
+        return min(self.max_context, len(r.prompt) + r.params.max_new_tokens)
+
     def _free(self, slot: int) -> None:
         self._place(slot, None, 1, 0)
 
@@ -133,8 +139,9 @@ class SlotBatch(RunningBatch):
                     self._place(cache.start + i, r, int(cache.rows[i]), first[id(r)])
                 else:
                     self._free(cache.start + i)
-        else:  # every live row into a free slot, in one move
-            buffer = self._buffer(cache.capacity)
+        elif live:  # every live row into a free slot, in one move (room for what the requests need,
+            # which may be less than their cache's rounded rows)
+            buffer = self._buffer(min(cache.capacity, max(self._needs(done.rows[i]) for i in live)))
             free = [i for i, r in enumerate(self.slots) if r is None][:len(live)]
             if len(free) < len(live):  # the scheduler admits at most max_batch requests
                 raise RuntimeError(f"no free slot for requests {', '.join(done.rows[i].id for i in live[len(free):])}")
