@@ -206,4 +206,5 @@ def test_a_budget_without_room_for_a_slot_is_refused(static):
 
     with pytest.raises(InvalidArgumentError, match="leaves each of max_batch=16 slots 1 tokens"):
         Scheduler(static, SchedulerConfig(max_batch=16, slot_batch=True, kv_budget_tokens=16))
-    assert Scheduler(static, SchedulerConfig(max_batch=16, kv_budget_tokens=16)).row_limit is None  # CPU: restacked
+    with Scheduler(static, SchedulerConfig(max_batch=16, kv_budget_tokens=16)) as restacked:  # the CPU's default
+        assert restacked.row_limit is None
