@@ -288,3 +288,18 @@ def test_bad_messages(message, param, code):
 def test_messages_must_be_objects():
     rejected(CHAT, {"messages": ["hi"]}, "messages[0]", "invalid_type")
     rejected(CHAT, {"messages": []}, "messages")
+
+
+@pytest.mark.parametrize("endpoint", BOTH)
+def test_an_omitted_max_tokens_asks_for_what_fits_a_bounded_request(endpoint):
+    """Where the scheduler bounds a request's KV (GPU slots: the budget over max_batch), an omitted
+    max_tokens is cut to what fits beside the prompt, as OpenAI and vLLM cut it to the context; a
+    max_tokens the client sent is kept (the scheduler then refuses it if it does not fit)."""
+    bounded = protocol.Limits(max_prompt_tokens=512, max_new_tokens=64, max_request_tokens=20)
+    body = {"prompt": "hello"} if endpoint == COMPLETIONS else {"messages": [{"role": "user", "content": "hello"}]}
+    parse_with = protocol.parse_completion if endpoint == COMPLETIONS else protocol.parse_chat
+    loose = parse_with(dict(body), FakeModel(), LIMITS)
+    cut = parse_with(dict(body), FakeModel(), bounded)
+    assert loose.params.max_new_tokens > 20 - len(cut.prompt_ids)  # the default would not fit
+    assert cut.params.max_new_tokens == 20 - len(cut.prompt_ids)
+    assert parse_with({**body, "max_tokens": 30}, FakeModel(), bounded).params.max_new_tokens == 30

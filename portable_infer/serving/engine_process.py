@@ -97,7 +97,7 @@ class ProcessScheduler:
         self.codec = self.model.codec
         self.max_context = self.model.max_context
         self._pool = kv_pool(config, engine.variant.kv)  # the budget's size, for the checks at submission
-        self._row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
+        self.row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
         self._receiver.start()
 
@@ -117,7 +117,7 @@ class ProcessScheduler:
         The request's checks run here (``scheduler.checked_request``: its errors are raised at
         once) and nothing waits for the engine: a request it still refuses (it closed, its queue
         filled meanwhile) ends with that error."""
-        ids, _, _ = checked_request(self.model, self._pool, ids, params, truncate, self._row_limit)
+        ids, _, _ = checked_request(self.model, self._pool, ids, params, truncate, self.row_limit)
         rid = f"req-{next(self._ids)}"
         handle, writer = open_handle(rid, len(ids), self._cancel, rid)
         with self._lock:

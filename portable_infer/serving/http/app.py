@@ -47,7 +47,7 @@ def build_app(scheduler, config) -> FastAPI:
     model = scheduler.model
     served = config.served_name(model)
     limits = Limits(config.max_prompt_tokens or model.max_context - 1,
-                    config.max_new_tokens or model.max_context - 1)
+                    config.max_new_tokens or model.max_context - 1, scheduler.row_limit)
     ratelog = RateLimitedLog(logger)
     lifecycle = Lifecycle(config.shutdown_timeout_s)
     guard = ConnectionGuard(config, ratelog)  # runner.py gives it to uvicorn's protocol

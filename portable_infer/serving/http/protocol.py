@@ -8,6 +8,7 @@ rendered as OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ SPELLED_KEYS = ("logit_bias", "logprobs", "top_logprobs", "response_format")
 class Limits:
     max_prompt_tokens: int
     max_new_tokens: int
+    # KV tokens one request may hold where the scheduler bounds them (its slots: the KV budget over
+    # max_batch); None: the context. An omitted max_tokens asks for no more than fit (fitted()).
+    max_request_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def parse_completion(body: dict, model, limits: Limits) -> ParsedRequest:
         raise bad(f"prompt must be a string, or a non-empty list of token ids (one prompt per request); got {got}",
                   param="prompt")
     ids = _check_length(ids, limits, "prompt")
+    params = fitted(params, len(ids), body, limits)
     prepare(model, params)
     return ParsedRequest(ids, params, stream, usage, chat=False)
 
@@ -177,8 +182,20 @@ def parse_chat(body: dict, model, limits: Limits, tool_parser: str | None = None
     params = apply_plan(plan, sampling_params(body, model.defaults, limits), model)  # before the template
     tools = plan.template_tools if plan is not None else None
     ids = _check_length(_encode(lambda: model.codec.chat_ids(plain, tools=tools), "messages"), limits, "messages")
+    params = fitted(params, len(ids), body, limits)
     prepare(model, params)
     return ParsedRequest(ids, params, stream, usage, chat=True, tools=plan)
+
+
+def fitted(params: SamplingParams, prompt_len: int, body: dict, limits: Limits) -> SamplingParams:
+    """``params`` with an omitted max_tokens cut to what fits beside the prompt where the server
+    bounds a request's KV (``limits.max_request_tokens``), as OpenAI and vLLM cut it to the
+    context; a max_tokens the client sent is kept (and refused by the scheduler if it does not fit)."""
+    room = None if limits.max_request_tokens is None else limits.max_request_tokens - prompt_len
+    sent = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
+    if sent or room is None or room < 1 or params.max_new_tokens <= room:
+        return params
+    return dataclasses.replace(params, max_new_tokens=room)
 
 
 def _message(m: dict, where: str) -> dict:
