@@ -79,6 +79,7 @@ def served_app():
         model = SimpleNamespace(max_context=64, path=Path("pkg"), manifest=None)
         config = SchedulerConfig()
         alive = True
+        row_limit = None  # KV tokens a request may hold: unbounded (a restacked batch)
 
         def add_observer(self, observer):
             pass
