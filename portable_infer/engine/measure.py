@@ -106,7 +106,7 @@ def _prefilled(engine, ids: np.ndarray, capacity: int) -> tuple:
         cache = engine.new_cache(batch, capacity)
         engine.forward(ids, np.ones_like(ids), cache)
         return cache, None
-    whole = engine.buffer(batch, capacity)
+    whole = engine.buffer(batch, capacity, most=capacity)  # not rounded up: 256 rows x 512 at 8B are 16 GiB
     for start in range(0, batch, group):
         part = engine.view(whole, start, min(group, batch - start))
         engine.forward(ids[start:start + part.batch], np.ones((part.batch, context), np.int64), part)
