@@ -189,17 +189,18 @@ def step_summary(before: dict, after: dict, wall: float) -> dict:
             "plan_s": sec("plan"), "idle_s": sec("idle"), "wall_s": wall}
 
 
-def kv_bytes(url: str) -> float:
+def server_gauges(url: str) -> tuple:
+    """(KV bytes in use, requests running) from the server's /metrics (NaN where unread)."""
     import httpx
 
     try:
         text = httpx.get(f"{url}/metrics", timeout=5).text
     except Exception:  # noqa: BLE001
-        return float("nan")
-    for line in text.splitlines():
-        if line.startswith("portable_infer_kv_cache_bytes "):
-            return float(line.split()[-1])
-    return float("nan")
+        return float("nan"), float("nan")
+    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(("portable_infer_kv_cache_bytes ", "portable_infer_requests_running "))}
+    return (values.get("portable_infer_kv_cache_bytes", float("nan")),
+            values.get("portable_infer_requests_running", float("nan")))
 
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
@@ -249,10 +250,10 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             seen = []
             stop = [False]
 
-            def sample():  # the KV bytes the server's metrics report, once a second
+            def sample():  # the KV bytes and running requests the server's metrics report, twice a second
                 while not stop[0]:
-                    seen.append(kv_bytes(url))
-                    time.sleep(1.0)
+                    seen.append(server_gauges(url))
+                    time.sleep(0.5)
 
             th = threading.Thread(target=sample, daemon=True)
             th.start()
@@ -267,7 +268,9 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             stop[0] = True
             th.join()
             r["server_cores"] = (tree_cpu_s(srv.pid) - start["cpu"]) / wall
-            r["kv_gib"] = np.nanmax(seen) / 2**30 if any(v == v for v in seen) else float("nan")
+            for key, k, scale in (("kv_gib", 0, 2**30), ("running_max", 1, 1)):
+                got = [v[k] for v in seen if v[k] == v[k]]
+                r[key] = max(got) / scale if got else float("nan")
             rows[(f"portable_infer ({config})" + (f", round {round_ + 1}" if rounds > 1 else ""), n)] = r
             say(f"  {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
     finally:
@@ -279,7 +282,10 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
 
 
 # --- GenAI's Engine --------------------------------------------------------------------------------
-def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict) -> None:
+def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict,
+                 kv_gib: float = float("nan")) -> None:
+    """GenAI's Engine over the same prompts; ``kv_gib``: its paged KV pool as configured (allocated
+    whole at start). Counts the requests decoding at once (a first token out, the turn not over)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(gen))
@@ -288,6 +294,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
     say(f"GenAI Engine: max batch {caps.configured_max_batch_size}, max scheduled tokens {caps.max_scheduled_tokens}")
     buf = engine.create_event_buffer(65536)
     token, failed = int(og.EngineEventFlags.TOKEN.value), int(og.EngineEventFlags.FAILED.value)
+    over = int(og.EngineEventFlags.TURN_FINISHED.value)
 
     def run(reqs: list) -> dict:
         t0 = time.perf_counter()
@@ -300,7 +307,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
             r.begin_turn(np.asarray(p, np.int32), opts)
             ids[id(r)], sent[i], times[i], tokens[i] = i, time.perf_counter() - t0, [], 0
             reqs[i] = r  # keep it alive
-        errors = 0
+        errors, decoding, most = 0, set(), 0
         while engine.has_pending_requests():
             now = None
             for ev in engine.run(buf):
@@ -314,8 +321,13 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
                     now = now or time.perf_counter() - t0
                     times[i].append(now)
                     tokens[i] += 1
+                    decoding.add(i)
+                if flags & (over | failed):
+                    decoding.discard(i)
+            most = max(most, len(decoding))
         return summarize([{"sent": sent[i], "times": times[i], "tokens": tokens[i],
-                           "error": "failed" if not times[i] else None} for i in sent]) | {"genai_errors": errors}
+                           "error": "failed" if not times[i] else None} for i in sent]) | {
+            "genai_errors": errors, "running_max": most, "kv_gib": kv_gib}
 
     run(prompts(4, prompt, vocab, seed=1)[:])  # warm-up
     for n in levels:
@@ -356,10 +368,12 @@ def main() -> None:
             r = timed([sys.executable, "-m", "portable_infer.cli", "export", str(hf), "-o", str(pkg), "--precision", prec,
                        "--activations", "fp16", "--variants", "static", "--no-verify", "--force"])
             say(f"export (ours, {prec}): {r}")
+    block = 128
+    blocks = -(-budget // block) + 8
+    kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * 2  # fp16 K and V
     if "genai" in args.parts and not (gen / "genai_config.json").is_file():
-        block = 128
         extra = ["use_paged_attention=true", f"max_batch_size={min(256, max(args.levels))}",
-                 f"paged_block_size={block}", f"num_blocks={-(-budget // block) + 8}"]
+                 f"paged_block_size={block}", f"num_blocks={blocks}"]
         r = timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(gen), "-p", "fp16",
                    "-e", "cuda", "-c", str(args.work / "genai-cache"), "--extra_options", *extra])
         say(f"GenAI builder: {r}")
@@ -384,16 +398,20 @@ def main() -> None:
                 say(line)
     if "engine" in args.parts:
         try:
-            genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows)
+            genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows, blocks * block * kv_token / 2**30)
         except Exception as exc:  # noqa: BLE001
             say(f"GenAI Engine failed: {type(exc).__name__}: {exc}")
     say(f"\nKV budget: {budget} tokens ({max(args.levels)} x ({args.prompt} + {args.new}))\n")
-    say("| runtime | streams | tok/s | TTFT p50 / p99 ms | inter-chunk p99 ms | errors | server cores | KV GiB (max) |")
-    say("|---|---|---|---|---|---|---|---|")
+    say("| runtime | streams | tok/s | TTFT p50 / p99 ms | inter-chunk p99 ms | errors | server cores | KV GiB (max) "
+        "| running at once (max) |")
+    say("|---|---|---|---|---|---|---|---|---|")
     for (name, n), r in rows.items():
         say(f"| {name} | {n} | {r['tok_s']:,.0f} | {r['ttft_p50_ms']:,.0f} / {r['ttft_p99_ms']:,.0f} | "
             f"{r['itl_p99_ms']:.0f} | {r['errors']} | {r.get('server_cores', float('nan')):.2f} | "
-            f"{r.get('kv_gib', float('nan')):.2f} |")
+            f"{r.get('kv_gib', float('nan')):.2f} | {r.get('running_max', float('nan')):.0f} |")
+    say("\n(KV GiB: ours, the most the server's metrics reported; GenAI's, its paged pool as configured. "
+        "Running at once: ours, the most admitted requests the metrics reported (sampled twice a second); "
+        "GenAI's, the most requests between their first token and the end of their turn.)")
     clocked = [(k, r["steps"]) for k, r in rows.items() if r.get("steps")]
     if clocked:
         say("\nWhere our step loop spent each level (server /metrics, the level's difference):\n")
