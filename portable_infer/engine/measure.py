@@ -24,8 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from portable_infer.engine import host, tune
-from portable_infer.engine.devices import device_of
+from portable_infer.engine import tune
 from portable_infer.engine.session import make_engine
 from portable_infer.package.home import home
 from portable_infer.engine.variant_choice import VariantChoice
@@ -85,8 +84,8 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, contex
     rng = np.random.default_rng(20261202)
     ids = rng.integers(3, vocab_size, size=(batch, context), dtype=np.int64)
     mask = np.ones_like(ids)
-    cache, kept = _prefilled(engine, ids, context + steps + 4)
-    state = {"mask": mask, "tok": ids[:, -1:], "kept": kept}  # kept: the buffers of a grouped prefill
+    cache = _prefilled(engine, ids, context + steps + 4)
+    state = {"mask": mask, "tok": ids[:, -1:]}
 
     greedy = engine.greedy_on_device  # the logits stay where they are: the forward is timed, not a copy of them
 
@@ -96,23 +95,24 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, contex
     return tune.median_step_s(step, steps=steps, warmup=1)
 
 
-def _prefilled(engine, ids: np.ndarray, capacity: int) -> tuple:
-    """(a cache of ``ids``' rows after their prefill, what keeps its buffers). Beyond PREFILL_TOKENS
-    the rows prefill in groups into one buffer (static engines), as the scheduler's chunks do: a
-    prefill of every row at once (65k tokens at 256 rows of 256) would need memory serving never does."""
+def _prefilled(engine, ids: np.ndarray, capacity: int):
+    """A cache of ``ids``' rows after their prefill. Beyond PREFILL_TOKENS the rows prefill in
+    groups into one buffer (static engines), as the scheduler's chunks do, and the cache is a view
+    of all its rows (which keeps the buffer): a prefill of every row at once (65k tokens at 256
+    rows of 256) would need memory serving never does."""
     batch, context = ids.shape
     group = max(1, PREFILL_TOKENS // context)
     if batch <= group or not hasattr(engine, "view"):
         cache = engine.new_cache(batch, capacity)
         engine.forward(ids, np.ones_like(ids), cache)
-        return cache, None
+        return cache
     whole = engine.buffer(batch, capacity, most=capacity)  # not rounded up: 256 rows x 512 at 8B are 16 GiB
     for start in range(0, batch, group):
         part = engine.view(whole, start, min(group, batch - start))
         engine.forward(ids[start:start + part.batch], np.ones((part.batch, context), np.int64), part)
     cache = engine.view(whole, 0, batch, decode=True)
     cache.rows = np.full(batch, context, np.int64)
-    return cache, whole
+    return cache
 
 
 def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, threads: int, prefer: str,
@@ -126,8 +126,7 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
     if len(entries) < 2 or not tune.enabled():
         return sel
     candidates = [tune.Candidate(name, not is_int8(v)) for name, (v, _) in entries.items()]
-    device = " / ".join(host.gpu_models()) if device_of(sel.provider.ort_name) == "cuda" else ""
-    key = tune.host_key(pkg, sel.provider.ort_name, threads, batches, prefer, candidates, ort.__version__, device)
+    key = tune.host_key(pkg, sel.provider.ort_name, threads, batches, prefer, candidates, ort.__version__)
     current = candidate_name(sel.variant.name, sel.session_env)
     context = SWITCH_CONTEXT if any(e for _, e in entries.values()) else PROMPT_TOKENS
 

@@ -67,7 +67,7 @@ PROVIDERS: tuple = (
                  aliases=("nvidia",), variants=_FUSED_FIRST, graph_options=_opts(enable_cuda_graph="1"),
                  # GroupQueryAttention's decode kernel: XQA by default; without it cuDNN's SDPA. On an H200
                  # at the Llama-3.1-8B shape, 256 rows of 256+ tokens, cuDNN's took 2.9 ms a step against
-                 # XQA's 4.0; at one row they were even (docs/benchmarks.md, session 16): raced, not ruled.
+                 # XQA's 4.0; at one row the step was 5.98 ms against 5.72 (docs/benchmarks.md, session 16): raced.
                  session_envs=_opts(**{"xqa-off": _opts(ORT_ENABLE_XQA="0")}),
                  # use_tf32=0: ORT's CUDA EP rounds fp32 MatMuls to TF32 by default, which made fp32
                  # greedy tokens differ from the CPU's on an H100 (1 of 3 prompts, 128 tokens).

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from portable_infer.engine import host
+from portable_infer.engine.devices import device_of
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ def forced() -> bool:
 
 
 def host_key(package_dir: Path, provider: str, threads: int, batches: Sequence[int], prefer: str,
-             candidates: Sequence[Candidate], ort_version: str, device: str = "") -> TuneKey:
+             candidates: Sequence[Candidate], ort_version: str) -> TuneKey:
+    """The key of a choice on this host; ``provider`` ONNX Runtime's name (a GPU's also names its model)."""
     manifest = Path(package_dir, "manifest.json").read_bytes()
+    device = " / ".join(host.gpu_models()) if device_of(provider) == "cuda" else ""
     return TuneKey(package=hashlib.sha256(manifest).hexdigest(), cpu=host.cpu_model(),
                    isa=host.isa_flags(), ort=ort_version, provider=provider,
                    threads=threads or host.cpu_budget().threads, batches=tuple(batches), prefer=prefer,

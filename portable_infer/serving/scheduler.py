@@ -123,13 +123,13 @@ def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, t
     if params.stop:
         codec.require_tokenizer()  # stop strings are matched on text
     ids = check_prompt(token_ids(ids, codec.vocab_size), model.max_context, truncate)
-    blocks = pool.blocks_for(min(len(ids) + params.max_new_tokens, model.max_context))
+    need = min(len(ids) + params.max_new_tokens, model.max_context)  # KV tokens it may hold
+    blocks = pool.blocks_for(need)
     if blocks > pool.total:
         raise ContextLengthError(
             f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
             f"but the whole budget is {pool.total}; lower max_new_tokens or raise kv_budget_tokens",
             param="max_new_tokens")
-    need = min(len(ids) + params.max_new_tokens, model.max_context)
     if limit is not None and need > limit:
         raise ContextLengthError(
             f"the request needs {need} KV tokens ({len(ids)} prompt + {params.max_new_tokens} new) but a slot of "

@@ -35,6 +35,11 @@ from typing import Protocol
 GROUP_CHUNKS = 4  # a grouped prefill holds at most this many chunks of prompt tokens
 
 
+def kv_need(rows: Sequence, max_context: int) -> int:
+    """KV tokens requests ``rows`` may need: their longest prompt + max_new_tokens, within the context."""
+    return min(max_context, max(r.prompt_len + r.max_new_tokens for r in rows))
+
+
 class PlanRequest(Protocol):
     """What the planner reads of a request (the scheduler's :class:`~portable_infer.serving.request.Request`)."""
 
@@ -162,8 +167,8 @@ class Planner:
         return tuple(out)
 
     def capacity(self, rows: Sequence) -> int:
-        """KV tokens ``rows`` may need: their longest prompt + max_new_tokens, within the context."""
-        return min(self.max_context, max(r.prompt_len + r.max_new_tokens for r in rows))
+        """KV tokens ``rows`` may need (:func:`kv_need`)."""
+        return kv_need(rows, self.max_context)
 
     def plan(self, q: QueueView, cached_prefix: Callable[[PlanRequest], int]) -> StepPlan:
         """The next step's :class:`StepPlan`. ``cached_prefix(r)``: how many of ``r``'s prompt

@@ -43,6 +43,7 @@ from portable_infer.decode import batch_pick
 from portable_infer.decode.batch_pick import RowInput
 from portable_infer.engine.kv_static import copy_rows, move_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
+from portable_infer.serving.scheduler_plan import kv_need
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)  # then multiples of 64
 
@@ -117,10 +118,6 @@ class SlotBatch(RunningBatch):
         self.lengths[slot] = length
         self.pending[slot] = token
 
-    def _needs(self, r) -> int:
-        """KV tokens request ``r`` may need: its prompt and new tokens, within the context."""
-        return min(self.max_context, len(r.prompt) + r.params.max_new_tokens)
-
     def _free(self, slot: int) -> None:
         self._place(slot, None, 1, 0)
 
@@ -141,7 +138,7 @@ class SlotBatch(RunningBatch):
                     self._free(cache.start + i)
         elif live:  # every live row into a free slot, in one move (room for what the requests need,
             # which may be less than their cache's rounded rows)
-            buffer = self._buffer(min(cache.capacity, max(self._needs(done.rows[i]) for i in live)))
+            buffer = self._buffer(min(cache.capacity, kv_need([done.rows[i] for i in live], self.max_context)))
             free = [i for i, r in enumerate(self.slots) if r is None][:len(live)]
             if len(free) < len(live):  # the scheduler admits at most max_batch requests
                 raise RuntimeError(f"no free slot for requests {', '.join(done.rows[i].id for i in live[len(free):])}")
