@@ -206,19 +206,16 @@ class Model:
             self.codec.require_tokenizer()  # stop strings are matched on text
         start = time.perf_counter()
         dec = self._decoder([ids], params, truncate)
-        text = self.codec.text_stream(params.stop)
+        text = self.codec.text_stream(params)
         n = 0
         meta = {"prompt_tokens": len(dec.rows[0].prompt)}
         while not dec.done:
             for ev in dec.step():
                 n += 1
-                piece, hit = text.push(ev.token)
-                reason = "stop" if hit else ev.finish_reason
-                if hit:
+                piece, reason = text.piece(ev.token, ev.finish_reason)
+                if reason is not None and ev.finish_reason is None:  # a stop string
                     dec.finish(0, "stop")
                 elapsed = max(dec.timings["decode_s"], 1e-9)
-                if reason is not None:
-                    piece += text.close()
                 yield Response(piece, ev.token, reason, ev.logprob, ev.top_logprobs, generation_tokens=n,
                                ttft_s=dec.timings["prefill_s"],
                                decode_tokens_per_s=dec.timings["decode_steps"] / elapsed, **meta)
@@ -268,13 +265,11 @@ class Model:
         params = self.params(**sampling)
         texts = [""] * len(prompts) if isinstance(prompts, (list, tuple)) else []
         for rows, dec in self._sub_batches(prompts, params, truncate, max_batch_tokens):
-            streams = [self.codec.text_stream(params.stop) for _ in rows]
+            streams = [self.codec.text_stream(params) for _ in rows]
             while not dec.done:
                 for ev in dec.step():
-                    piece, hit = streams[ev.row].push(ev.token)
+                    piece, reason = streams[ev.row].piece(ev.token, ev.finish_reason)
                     texts[rows[ev.row]] += piece
-                    if hit:
+                    if reason is not None and ev.finish_reason is None:  # a stop string
                         dec.finish(ev.row, "stop")
-            for i, s in zip(rows, streams):
-                texts[i] += s.close()
         return texts

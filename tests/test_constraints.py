@@ -191,6 +191,42 @@ def test_refused_token_is_a_generation_error(guide):
     assert e.value.reason == "grammar"
 
 
+def test_a_row_feeds_its_token_with_the_next_fill(guide, monkeypatch):
+    """A constrained row's picked token goes to its matcher with the next step's mask fill, on the
+    worker thread (off the step's path); the fill's mask is the one after that token; a token the
+    grammar refuses there is raised by the row's next step; the row stops on the end token once the
+    grammar is complete, with ignore_eos too."""
+    import threading
+
+    from portable_infer.decode import sequence as seq_mod
+    from portable_infer.decode.sampling import SamplingParams
+    from portable_infer.decode.sequence import Sequence
+
+    tok = byte_tokenizer()
+    digit, letter = tok.token_to_id("7"), tok.token_to_id("a")
+    params = SamplingParams(constraint=Constraint.regex("[0-9]{2}"), ignore_eos=True, max_new_tokens=8)
+    seq = Sequence([1], params, guide=guide)
+    fed_on = []
+    monkeypatch.setattr(seq_mod, "consume", lambda m, t: fed_on.append(threading.current_thread().name) or consume(m, t))
+    logits = np.zeros(256, np.float32)
+    logits[digit] = 5.0
+    assert seq.step(logits, max_context=64).token == digit and fed_on == []  # not fed during its step
+    masks = MaskFill.of([seq]).result()
+    assert fed_on and fed_on[0].startswith("portable-infer-masks"), fed_on
+    assert allowed_tokens(masks[0], 256)[digit] and not allowed_tokens(masks[0], 256)[letter]
+    second = seq.step(logits, mask=masks[0], max_context=64)
+    assert second.token == digit and second.finish_reason is None
+    end = seq.step(logits, mask=MaskFill.of([seq]).result()[0], max_context=64)
+    assert (end.token, end.finish_reason, seq.output) == (EOS, "stop", [digit, digit, EOS])
+
+    broken = Sequence([1], params, guide=guide)
+    broken.step(np.where(np.arange(256) == letter, 5.0, 0.0).astype(np.float32), tok=letter, max_context=64)
+    MaskFill.of([broken]).result()  # fed there: refused, kept for the row's next step
+    with pytest.raises(GenerationError) as e:
+        broken.step(logits, max_context=64)
+    assert e.value.reason == "grammar"
+
+
 # --- random walks: whatever the mask lets through is valid ---------------------------------------
 def _quote_close_ids(tok):
     return [tok.token_to_id(c) for c in ('"', "]", "}", "0")]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from _serving import CHARS, CHAT_TEMPLATE, char_tokenizer
+from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import InvalidArgumentError, PackageError
 from portable_infer.package.manifest import TokenizerInfo
 from portable_infer.text.chat_template import ChatTemplate
@@ -107,10 +108,24 @@ def test_text_stream_holds_back_the_stop_string(package, tok, seed):
     rng = np.random.default_rng(seed)
     before, after = _texts(rng, 2)
     before = before.replace("#", "")
-    stream, out, hit = codec.text_stream(stops=("#",)), "", False
+    stream, out, hit = codec.text_stream(SamplingParams(stop=("#",))), "", False
     for t in tok.encode(before + "#" + after).ids:
         piece, hit = stream.push(t)
         out += piece
         if hit:
             break
     assert hit and out + stream.close() == before
+
+
+def test_an_end_token_that_stops_the_sequence_is_not_text(package, tok, seed):
+    """The token that ends a sequence with "stop" (a stop id, or the model's end token, which
+    also ends a grammar) adds no text, as vLLM leaves stop tokens out; the same token before the
+    end (ignore_eos) is text as any other. Here both are ordinary characters."""
+    eos, stop = tok.token_to_id("q"), tok.token_to_id("z")
+    codec = TextCodec.from_package(package, _manifest(eos_token_ids=(eos,)))
+    ids = tok.encode(_texts(np.random.default_rng(seed), 1)[0]).ids + [eos]
+    for params, end in ((SamplingParams(ignore_eos=True), eos), (SamplingParams(stop_token_ids=[stop]), stop)):
+        stream = codec.text_stream(params)
+        out = "".join(stream.piece(t, None)[0] for t in ids)
+        piece, reason = stream.piece(end, "stop")
+        assert reason == "stop" and out + piece == tok.decode(ids) and out.endswith("q"), (params, end)

@@ -10,8 +10,8 @@
                           on a worker thread so that it runs while the forward pass does
 
 The mask is one of the logit processors of the per-token rule (:mod:`portable_infer.decode.sequence`);
-the sampled token is then fed to the matcher, and the sequence stops ("stop") when the grammar
-is complete. llguidance is imported on first use only.
+the sampled token is fed to the matcher with the next step's fill, and the sequence stops ("stop")
+on the end token once the grammar is complete. llguidance is imported on first use only.
 """
 
 from __future__ import annotations
@@ -310,13 +310,15 @@ def fill_masks(matchers: dict, rows: int, vocab_size: int) -> np.ndarray:
 
 class MaskFill:
     """:func:`fill_masks` started on a worker thread (llguidance releases the GIL, and so does
-    ONNX Runtime's run): start it before the forward pass, take :meth:`result` after it.
+    ONNX Runtime's run): start it before the forward pass, take :meth:`result` after it. ``fed``:
+    sequences whose last token goes to their matcher first (:meth:`Sequence.feed
+    <portable_infer.decode.sequence.Sequence.feed>`), on the same thread: off the step's path too.
 
     The matchers must not be touched until :meth:`result` returns.
     """
 
-    def __init__(self, matchers: dict, rows: int, vocab_size: int):
-        self._future = _shared("thread").submit(fill_masks, matchers, rows, vocab_size) if matchers else None
+    def __init__(self, matchers: dict, rows: int, vocab_size: int, fed=()):
+        self._future = _shared("thread").submit(_feed_and_fill, fed, matchers, rows, vocab_size) if matchers else None
 
     @classmethod
     def of(cls, seqs: list) -> MaskFill:
@@ -324,11 +326,20 @@ class MaskFill:
         (None for a row that picks nothing this step); one bitmask row per entry."""
         live = [s for s in seqs if s is not None]
         matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
-        return cls(matchers, len(seqs), max((s.mask_vocab for s in live), default=0))
+        return cls(matchers, len(seqs), max((s.mask_vocab for s in live), default=0),
+                   [s for s in live if s.matcher is not None])
 
     def result(self) -> np.ndarray | None:
         """The bitmasks (None when no row was constrained)."""
         return None if self._future is None else self._future.result()
+
+
+def _feed_and_fill(fed, matchers: dict, rows: int, vocab_size: int) -> np.ndarray:
+    """Feed each of ``fed`` its last token, then :func:`fill_masks` (a matcher that refused its
+    token keeps every token allowed: its row raises at its step)."""
+    for seq in fed:
+        seq.feed()
+    return fill_masks({i: m for i, m in matchers.items() if not m.is_error()}, rows, vocab_size)
 
 
 def allows(mask: np.ndarray, token: int) -> bool:

@@ -7,8 +7,13 @@
                                      └─ grammar mask ─ sampler ─ token   (or the argmax already
                                                                           taken on the device,
                                                                           under the grammar mask)
-    token ─ grammar matcher ─ stop id │ grammar complete  -> "stop"
-                                      │ max_new_tokens │ context -> "length"
+    token ─ stop id │ the grammar complete before it      -> "stop"
+            │ max_new_tokens │ context (grammar complete: "stop") -> "length"
+            └ grammar matcher: fed with the next step's mask fill, on the worker thread
+
+A grammar is complete when its matcher allows only the end token: that step's token is the end
+token (the model's first EOS, as llama.cpp and vLLM end a constrained reply), whatever the row's
+stop ids, and the row stops there.
 
 The context rule: a sequence ends ("length") when its prompt plus output fill ``max_context``
 (its own length; ``full`` lets a caller whose padded batch cache is full end it earlier).
@@ -80,6 +85,9 @@ class Sequence:
                                            "this model has none", param=params.constraint.param)
             self.matcher = guide.matcher(params.constraint)
             self.mask_vocab = guide.vocab_size
+        self.grammar_end = guide.eos_ids[0] if self.matcher is not None and guide.eos_ids else None
+        self._unfed: int | None = None  # the token picked last, until the matcher is fed it
+        self._broken: GenerationError | None = None  # the matcher refused a token fed on the worker
         self.output: list = []
         self.finish_reason: str | None = None
 
@@ -100,6 +108,18 @@ class Sequence:
         distribution, and the mask is rarely applied)."""
         return self.matcher is not None and self.params.untruncated
 
+    def feed(self) -> None:
+        """Feed the grammar matcher the token this row picked last. The next step's batched mask
+        fill calls it on the worker thread, while the forward runs (:class:`MaskFill`), so the
+        step's own thread does not wait on it; :meth:`step` calls it first in case no fill did. A
+        refusal is kept and raised by the next :meth:`step` (this row only)."""
+        tok, self._unfed = self._unfed, None
+        if tok is not None:
+            try:
+                consume(self.matcher, tok)
+            except GenerationError as exc:
+                self._broken = exc
+
     def own_mask(self) -> np.ndarray:
         """This row's allowed tokens, computed alone (callers batch them: :class:`MaskFill`)."""
         return allowed_tokens(fill_masks({0: self.matcher}, 1, self.mask_vocab)[0], self.mask_vocab)
@@ -118,6 +138,15 @@ class Sequence:
             full: the caller has no room for another token (a padded batch cache).
         """
         p = self.params
+        stopped = False
+        if self.matcher is not None:
+            self.feed()
+            if self._broken is not None:
+                raise self._broken
+            # the grammar was complete with the last token: its mask allows only the end token
+            stopped = self.matcher.is_stopped()
+            if stopped and self.grammar_end is not None:
+                tok = self.grammar_end
         if tok is None:
             x = logits
             if p.penalized:
@@ -148,12 +177,15 @@ class Sequence:
             lp, top = token_logprobs(scored, tok, p.logprobs)
             top = tuple(top)
         reason = None
-        if self.matcher is not None:
-            consume(self.matcher, tok)
         self.output.append(tok)
-        if tok in self.stop_ids or (self.matcher is not None and self.matcher.is_stopped()):
+        if tok in self.stop_ids or stopped:
             reason = "stop"
         elif len(self.output) >= p.max_new_tokens or full or len(self.prompt) + len(self.output) >= max_context:
             reason = "length"
+            if self.matcher is not None:  # the last token: fed now, for a grammar it completes
+                consume(self.matcher, tok)
+                reason = "stop" if self.matcher.is_stopped() else reason
+        elif self.matcher is not None:
+            self._unfed = tok  # fed by the next step's mask fill (or by that step itself)
         self.finish_reason = reason
         return Pick(tok, reason, lp, top)

@@ -123,7 +123,7 @@ class ProcessScheduler:
         with self._lock:
             if not self.alive:
                 raise PortableInferError("the scheduler is closed; create a new one")
-            self._writers[rid] = _Reader(writer, self.codec.text_stream(params.stop))  # before any piece
+            self._writers[rid] = _Reader(writer, self.codec.text_stream(params))  # before any piece
         try:
             self._send(("submit", rid, ids, params))
         except (OSError, ValueError) as exc:  # the pipe broke: the engine process is gone

@@ -215,7 +215,7 @@ class Scheduler:
 
     def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer, text: bool = True) -> Request:
         ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate, self.row_limit)
-        stream = self.codec.text_stream(params.stop) if text else TextStream(None)
+        stream = self.codec.text_stream(params) if text else TextStream(None)
         r = Request(f"req-{next(self._ids)}", ids, params, blocks, stream, seq=seq, submitted=time.perf_counter())
         if writer is None:
             r.handle, r.writer = open_handle(r.id, len(ids), self.queues.cancel, r)

@@ -123,10 +123,14 @@ class TextCodec:
         text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
         return self.encode(text, add_special_tokens=False)
 
-    def text_stream(self, stops=()) -> TextStream:
-        """A :class:`TextStream` for one sequence: its tokens as text, ``stops`` held back (without a
-        tokenizer every piece is empty)."""
-        return TextStream(self.tokenizer, stops)
+    def text_stream(self, params=None) -> TextStream:
+        """A :class:`TextStream` for one sequence sampled with ``params``: its tokens as text, its
+        stop strings held back (without a tokenizer every piece is empty). The token that ends it
+        with "stop" carries no text when it is one of its stop ids or the model's end tokens (which
+        also end a grammar), as vLLM leaves stop tokens out."""
+        if params is None:
+            return TextStream(self.tokenizer)
+        return TextStream(self.tokenizer, params.stop, frozenset(params.stop_token_ids) | frozenset(self.eos_ids))
 
 
 def _template_tokens(tokenizer, info) -> dict:

@@ -26,9 +26,10 @@ class Response:
 class TextStream:
     """Turns one sequence's token ids into safe text, holding back partial stop strings."""
 
-    def __init__(self, tokenizer, stops=(), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stops=(), end_ids=(), skip_special_tokens: bool = True):
         self.detok = StreamingDetokenizer(tokenizer, skip_special_tokens) if tokenizer is not None else None
         self.stops = StopMatcher(stops)
+        self.end_ids = frozenset(end_ids)  # a token of these that ends the sequence ("stop") is not text
 
     def push(self, token: int) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was hit)."""
@@ -39,8 +40,9 @@ class TextStream:
 
     def piece(self, token: int, finish_reason: str | None) -> tuple[str, str | None]:
         """One token's ``(text, finish_reason)``: "stop" where its text completes a stop string, and
-        whatever text remains added when it ends the sequence (``finish_reason`` given or "stop")."""
-        text, hit = self.push(token)
+        whatever text remains added when it ends the sequence (``finish_reason`` given or "stop");
+        an end token (``end_ids``) that stops it adds none of its own."""
+        text, hit = ("", False) if finish_reason == "stop" and token in self.end_ids else self.push(token)
         if hit:
             finish_reason = "stop"
         if finish_reason is not None:
