@@ -18,7 +18,7 @@ and mask only a refused draw (``Sequence.draws_first``): the split counts the re
 constrained run is instrumented to split the overhead: the batched mask fill (on a worker
 thread, overlapping the forward pass), the wait for it after the forward, the companion graph's
 run on the device (masks, argmax, fetch), applying masks on the host, and feeding the tokens to
-the matchers. ``--device-masks on`` runs the device path on the CPU too (a dry run of the GPU
+the matchers (on the worker thread, before the fill, unless a row's own step must feed it). ``--device-masks on`` runs the device path on the CPU too (a dry run of the GPU
 path: slower there than numpy), ``off`` keeps every mask on the host.
 """
 
@@ -103,7 +103,7 @@ class Split:
         for module in (batch_pick, sequence):
             self.wrap(module, "apply_mask", "apply masks (host)")
             self.wrap(module, "allowed_tokens", "apply masks (host)")
-        self.wrap(sequence, "consume", "consume tokens")
+        self.wrap(sequence, "consume", "feed tokens (mostly on the worker thread)")
         allows = constraints.allows
         for module in (batch_pick, sequence):  # greedy rows' argmax; sampled rows' first draw
             self.originals.append((module, "allows", allows))
