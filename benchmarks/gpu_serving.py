@@ -242,8 +242,11 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         say(f"server ({config}) ready in {time.perf_counter() - t:.0f} s")
         from portable_infer.engine import measure, tune
 
-        for d in tune.cached_decisions(measure.tune_cache_dir(), pkg):  # what load() measured and chose
-            say(f"  measured choice: {d['chosen']} (ms a step by batch: {d['timings_ms']})")
+        if "+" in config:  # a variable the config sets is not raced: the cache is another config's
+            say("  (this config sets a kernel switch's variable: the loader does not race it)")
+        else:
+            for d in tune.cached_decisions(measure.tune_cache_dir(), pkg):  # what load() measured and chose
+                say(f"  measured choice: {d['chosen']} (ms a step by batch: {d['timings_ms']})")
         http_level(url, prompts(4, prompt, vocab, seed=1), 16)  # warm-up: CUDA graphs, cuBLAS
         for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
             reqs = prompts(n, prompt, vocab)

@@ -137,7 +137,8 @@ def cmd_tune(ns) -> int:
     model = _load(ns)
     decisions = [d for d in tune.cached_decisions(tune_cache_dir(), model.path)
                  if d["key"]["provider"] == model.provider]
-    print(json.dumps({"variant": model.variant, "provider": model.provider, "decisions": decisions}, indent=2))
+    print(json.dumps({"variant": model.variant, "session_env": model.session_env, "provider": model.provider,
+                      "decisions": decisions}, indent=2))
     return 0
 
 

@@ -128,7 +128,8 @@ def load_package(path, cfg: LoadConfig) -> Model:
         logger.info("provider %s skipped: %s", key, reason)
     engine = measure.make_engine(sel, manifest, ort, cfg.max_kv_tokens)
     codec = TextCodec.from_package(pkg, manifest)
-    logger.info("loaded %s: variant %s on %s", pkg, sel.variant.name, sel.provider.ort_name)
+    logger.info("loaded %s: variant %s%s on %s", pkg, sel.variant.name, f" ({sel.session_env})" if sel.session_env else "",
+                sel.provider.ort_name)
     return Model(manifest, engine, codec, pkg, sel, max_kv_tokens=cfg.max_kv_tokens)
 
 

@@ -74,10 +74,17 @@ class Model:
         """The model's context, or ``max_kv_tokens`` when that is smaller (load(max_kv_tokens=...))."""
         return min(self.manifest.model.max_context, self.max_kv_tokens or self.manifest.model.max_context)
 
+    @property
+    def session_env(self) -> str:
+        """The kernel switch its session was made with (the provider row's ``session_envs`` entry,
+        e.g. CUDA's ``xqa-off``; "" when none)."""
+        return getattr(self.selection, "session_env", "") or ""
+
     def __repr__(self) -> str:
         m = self.manifest.model
+        switch = f"+{self.session_env}" if self.session_env else ""
         return (f"Model({m.model_type}, {m.num_layers} layers, {self.manifest.precision}, "
-                f"variant={self.variant}, provider={self.provider})")
+                f"variant={self.variant}{switch}, provider={self.provider})")
 
     # --- tokens (the codec's) -------------------------------------------------------------------
     @property

@@ -82,6 +82,7 @@ def test_the_faster_switch_runs_and_is_cached(switched, tiny_llama):
     times["1"] = 0.004
     m = load(tiny_llama.package)
     assert m.variant == "static" and made[id(m.engine.session)] == "1"
+    assert m.session_env == "test-switch" and "variant=static+test-switch," in repr(m)  # what runs, named
     assert [v for v, _, _ in timed] == [None, "1"]  # as is, then with the switch
     assert {c for _, _, c in timed} == {measure.SWITCH_CONTEXT}  # long enough for attention to show
     assert os.environ.get(VAR) is None  # only while the session was made
@@ -96,14 +97,14 @@ def test_as_is_wins_when_faster(switched, tiny_llama):
     made, times, _ = switched
     times["1"] = 0.030
     m = load(tiny_llama.package)
-    assert made[id(m.engine.session)] is None
+    assert made[id(m.engine.session)] is None and m.session_env == "" and "variant=static," in repr(m)
 
 
 def test_a_switch_that_fails_does_not_compete(switched, tiny_llama, caplog):
     made, times, _ = switched
     times["1"] = None  # its timing raises
     m = load(tiny_llama.package)
-    assert made[id(m.engine.session)] is None
+    assert made[id(m.engine.session)] is None and m.session_env == "" and "variant=static," in repr(m)
     assert "static+test-switch did not run on this host" in caplog.text
     cached = tune.cached_decisions(measure.tune_cache_dir(), tiny_llama.package)
     assert cached[0]["chosen"] == "static" and cached[0]["timings_ms"]["static+test-switch"]["1"] == float("inf")
