@@ -32,7 +32,7 @@ through ``Sequence.step``, the one home of the per-token rule, with the row's :c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,9 +47,9 @@ GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"
 DEVICE_MIN_ROWS = 4
 
 
-@dataclass(frozen=True)
-class RowInput:
-    """One row's arguments to :meth:`Sequence.step <portable_infer.decode.sequence.Sequence.step>`."""
+class RowInput(NamedTuple):
+    """One row's arguments to :meth:`Sequence.step <portable_infer.decode.sequence.Sequence.step>`
+    (a tuple: every row of every step makes one)."""
 
     logits: np.ndarray | None = None
     tok: int | None = None
@@ -87,7 +87,7 @@ def row_inputs(how: str, out, seqs: list, masks: np.ndarray | None) -> list:
     """Each row's :class:`RowInput` from the forward's output ``out`` (None for rows in ``seqs``
     that are None); ``masks`` the batch's grammar bitmask (None: no row constrained)."""
     if how == GREEDY:
-        return [None if s is None else RowInput(tok=int(out[i])) for i, s in enumerate(seqs)]
+        return [None if s is None else RowInput(tok=t) for s, t in zip(seqs, out.tolist())]
     if how == CHECK:
         return _checked_inputs(out, seqs, masks)
     if how == DEVICE:
@@ -118,13 +118,17 @@ def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     """CHECK mode: every row takes the graph's argmax, but a constrained row whose grammar refuses
     it, which takes the argmax under its mask (on the device where the engine masks there)."""
     tokens = out.argmax()
-    inputs = [None if s is None else RowInput(tok=int(tokens[i])) for i, s in enumerate(seqs)]
-    constrained = [i for i, s in enumerate(seqs) if s is not None and s.matcher is not None]
-    odd = [i for i in constrained if seqs[i].mask_vocab != out.vocab]
-    for i in odd:  # the logits go to the row's step, which refuses the mismatch (this row only)
-        inputs[i] = RowInput(out.rows([i])[0])
-    checked = np.array([i for i in constrained if i not in odd], np.int64)
+    inputs = [None if s is None else RowInput(tok=t) for s, t in zip(seqs, tokens.tolist())]
+    checked = []
+    for i, s in enumerate(seqs):
+        if s is None or s.matcher is None:
+            continue
+        if s.mask_vocab == out.vocab:
+            checked.append(i)
+        else:  # the logits go to the row's step, which refuses the mismatch (this row only)
+            inputs[i] = RowInput(out.rows([i])[0])
     # no constrained row left (one ended last step): no masks were filled, nothing to check
+    checked = np.array(checked, np.int64)
     refused = checked[~allows_each(masks, checked, tokens[checked])].tolist() if checked.size else []
     if refused:  # those rows only: one lean companion run on the device, or their logits here
         allowed = allowed_tokens(masks[refused], out.vocab)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -285,15 +285,36 @@ _executor_lock = threading.Lock()
 _executors: dict = {}
 
 
+class _Worker:
+    """One daemon thread running the calls submitted to it in order; each call's outcome comes
+    back through its own queue. Lighter than a ThreadPoolExecutor's futures: every constrained
+    step submits one, on the step's own path."""
+
+    def __init__(self, name: str):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args, reply = self._tasks.get()
+            try:
+                reply.put((True, fn(*args)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                reply.put((False, exc))
+
+    def submit(self, fn, *args) -> queue.SimpleQueue:
+        """Run ``fn(*args)`` on the thread; its (ok, value or exception) arrives on the queue returned."""
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        self._tasks.put((fn, args, reply))
+        return reply
+
+
 def _shared(kind: str):
     """One llguidance executor (its own thread pool) and one worker thread per process, made on
     first use."""
     with _executor_lock:
         if kind not in _executors:
-            if kind == "llg":
-                _executors[kind] = _llguidance().LLExecutor()
-            else:
-                _executors[kind] = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-masks")
+            _executors[kind] = _llguidance().LLExecutor() if kind == "llg" else _Worker("portable-infer-masks")
         return _executors[kind]
 
 
@@ -318,20 +339,29 @@ class MaskFill:
     """
 
     def __init__(self, matchers: dict, rows: int, vocab_size: int, fed=()):
-        self._future = _shared("thread").submit(_feed_and_fill, fed, matchers, rows, vocab_size) if matchers else None
+        self._reply = _shared("thread").submit(_feed_and_fill, fed, matchers, rows, vocab_size) if matchers else None
+        self._masks = None
 
     @classmethod
     def of(cls, seqs: list) -> MaskFill:
         """The fill for a batch's rows: ``seqs`` their :class:`~portable_infer.decode.sequence.Sequence`
         (None for a row that picks nothing this step); one bitmask row per entry."""
-        live = [s for s in seqs if s is not None]
-        matchers = {i: s.matcher for i, s in enumerate(seqs) if s is not None and s.matcher is not None}
-        return cls(matchers, len(seqs), max((s.mask_vocab for s in live), default=0),
-                   [s for s in live if s.matcher is not None])
+        matchers, fed, vocab = {}, [], 0
+        for i, s in enumerate(seqs):
+            if s is not None and s.matcher is not None:
+                matchers[i] = s.matcher
+                fed.append(s)
+                vocab = max(vocab, s.mask_vocab)
+        return cls(matchers, len(seqs), vocab, fed)
 
     def result(self) -> np.ndarray | None:
         """The bitmasks (None when no row was constrained)."""
-        return None if self._future is None else self._future.result()
+        if self._reply is not None and self._masks is None:
+            ok, value = self._reply.get()
+            if not ok:
+                raise value
+            self._masks = value
+        return self._masks
 
 
 def _feed_and_fill(fed, matchers: dict, rows: int, vocab_size: int) -> np.ndarray:
