@@ -271,6 +271,63 @@ def test_device_masks_pick_what_the_host_picks_in_batch_decoder(static, monkeypa
     jsonschema.validate(json.loads(reply(static, outs[2])), SCHEMA)
 
 
+@pytest.mark.parametrize("mode", ["check", "device"])
+def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, monkeypatch, mode):
+    """Where the engine's run returns before the device is done (``overlaps_host``: CUDA), the
+    grammar masks (and the tokens fed to the matchers) are filled on the step's own thread, between
+    the run, asked not to wait for the device, and the wait for its outputs: no worker thread.
+    The tokens, finish reasons and logprobs equal the worker thread's (on the CPU the run waits
+    anyway: the order and the options are what is shown here; the overlap itself on CUDA)."""
+    import threading
+
+    from portable_infer.decode import batch_pick, constraints
+    from portable_infer.decode.generate import BatchDecoder
+    from portable_infer.engine.static import NO_SYNC_KEY
+
+    rng = np.random.default_rng(SEED + 13)
+    print(TAG)
+    prompts, params = _mixed(rng, static)
+    if mode == "check":  # every row greedy: the graph's argmax, checked
+        prompts, params = prompts[:3], params[:3]
+    events, order = {}, []
+    session = static.engine.session
+    real_run, real_fill = session.run_with_iobinding, constraints._feed_and_fill
+
+    def run(binding, options=None):
+        try:
+            nosync = options.get_run_config_entry(NO_SYNC_KEY) == "1"
+        except (AttributeError, RuntimeError):  # no options, or the key unset
+            nosync = False
+        order.append("run+nosync" if nosync else "run")
+        return real_run(binding, options)
+
+    def fill(*a):
+        order.append("fill" if threading.current_thread() is threading.main_thread() else "fill on a worker")
+        return real_fill(*a)
+
+    monkeypatch.setattr(session, "run_with_iobinding", run)
+    monkeypatch.setattr(constraints, "_feed_and_fill", fill)
+    for overlap in (False, True):
+        _device_calls(static.engine, monkeypatch, mode == "device")
+        monkeypatch.setattr(static.engine, "overlaps_host", overlap)
+        dec = BatchDecoder(static.engine, prompts, params, max_context=static.max_context, guide=static.guide,
+                           vocab_size=256)
+        assert dec._mode == mode, TAG
+        order.clear()
+        events[overlap] = []
+        while not dec.done:
+            events[overlap] += dec.step()
+        steps = [e for e in order if e != "fill on a worker" or not overlap]  # the decode steps (prefill: made)
+        if overlap:
+            # the first token comes from the prefill's logits (a fill, no run); then each step's run, its fill
+            assert steps[:3] == ["fill", "run+nosync", "fill"] and set(steps) <= {"run+nosync", "fill"}, (TAG, steps)
+            assert steps[1::2] == ["run+nosync"] * len(steps[1::2]) and len(steps) > 5, (TAG, steps)
+        else:
+            assert "fill" not in steps and "run+nosync" not in steps and "fill on a worker" in steps, (TAG, steps)
+    assert events[True] == events[False], TAG
+    assert batch_pick.mask_fill(static.engine, batch_pick.HOST, [None])._reply is None  # nothing to fill
+
+
 def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
     """Greedy constrained rows take the graph's own argmax where their grammar allows it (check
     mode) and the argmax under the mask only where it refuses: the same tokens as masking every

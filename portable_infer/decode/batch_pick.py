@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from portable_infer.decode.constraints import allowed_tokens, allows, allows_each
+from portable_infer.decode.constraints import MaskFill, allowed_tokens, allows, allows_each
 from portable_infer.decode.processors import apply_mask
 
 GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"
@@ -74,12 +74,20 @@ def mode(engine, seqs: list) -> str:
     return HOST
 
 
-def forward(engine, how: str, ids: np.ndarray, mask: np.ndarray, cache):
-    """The engine's forward for mode ``how``: token ids, device logits, or host logits."""
+def mask_fill(engine, how: str, seqs: list) -> MaskFill:
+    """The grammar masks of rows ``seqs`` for a forward in mode ``how``: filled while it runs, on
+    the caller's thread where the engine's device computes it meanwhile (check and device modes
+    on an engine that ``overlaps_host``), else on the worker thread."""
+    return MaskFill.of(seqs, inline=how in (CHECK, DEVICE) and getattr(engine, "overlaps_host", False))
+
+
+def forward(engine, how: str, ids: np.ndarray, mask: np.ndarray, cache, fill: MaskFill | None = None):
+    """The engine's forward for mode ``how``: token ids, device logits, or host logits; ``fill``
+    (:func:`mask_fill`) runs while the device computes where it can."""
     if how == GREEDY:
         return engine.forward(ids, mask, cache, greedy=True)
     if how in (CHECK, DEVICE):
-        return engine.forward_on_device(ids, mask, cache)
+        return engine.forward_on_device(ids, mask, cache, meanwhile=None if fill is None else fill.run)
     return engine.forward(ids, mask, cache)
 
 

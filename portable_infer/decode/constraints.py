@@ -330,20 +330,23 @@ def fill_masks(matchers: dict, rows: int, vocab_size: int) -> np.ndarray:
 
 
 class MaskFill:
-    """:func:`fill_masks` started on a worker thread (llguidance releases the GIL, and so does
-    ONNX Runtime's run): start it before the forward pass, take :meth:`result` after it. ``fed``:
+    """:func:`fill_masks` for one step, made before the forward pass and taken (:meth:`result`)
+    after it: started on a worker thread (llguidance releases the GIL, and so does ONNX Runtime's
+    run), or, ``inline``, run by :meth:`run` on the caller's thread while the device computes the
+    forward (an engine that ``overlaps_host``: no thread hand-offs on the step's path). ``fed``:
     sequences whose last token goes to their matcher first (:meth:`Sequence.feed
-    <portable_infer.decode.sequence.Sequence.feed>`), on the same thread: off the step's path too.
+    <portable_infer.decode.sequence.Sequence.feed>`), in the same call: off the step's path too.
 
     The matchers must not be touched until :meth:`result` returns.
     """
 
-    def __init__(self, matchers: dict, rows: int, vocab_size: int, fed=()):
-        self._reply = _shared("thread").submit(_feed_and_fill, fed, matchers, rows, vocab_size) if matchers else None
+    def __init__(self, matchers: dict, rows: int, vocab_size: int, fed=(), inline: bool = False):
+        self._args = (fed, matchers, rows, vocab_size) if matchers else None
+        self._reply = _shared("thread").submit(_feed_and_fill, *self._args) if matchers and not inline else None
         self._masks = None
 
     @classmethod
-    def of(cls, seqs: list) -> MaskFill:
+    def of(cls, seqs: list, inline: bool = False) -> MaskFill:
         """The fill for a batch's rows: ``seqs`` their :class:`~portable_infer.decode.sequence.Sequence`
         (None for a row that picks nothing this step); one bitmask row per entry."""
         matchers, fed, vocab = {}, [], 0
@@ -352,15 +355,24 @@ class MaskFill:
                 matchers[i] = s.matcher
                 fed.append(s)
                 vocab = max(vocab, s.mask_vocab)
-        return cls(matchers, len(seqs), vocab, fed)
+        return cls(matchers, len(seqs), vocab, fed, inline)
+
+    def run(self) -> None:
+        """An inline fill: fill now, on this thread (once; nothing for a started one). A failure
+        is kept for :meth:`result`: the forward this runs inside completes."""
+        if self._args is not None and self._reply is None and self._masks is None:
+            try:
+                self._masks = _feed_and_fill(*self._args)
+            except BaseException as exc:  # noqa: BLE001 - raised by result()
+                self._masks = exc
 
     def result(self) -> np.ndarray | None:
         """The bitmasks (None when no row was constrained)."""
         if self._reply is not None and self._masks is None:
-            ok, value = self._reply.get()
-            if not ok:
-                raise value
-            self._masks = value
+            self._masks = self._reply.get()[1]
+        self.run()
+        if isinstance(self._masks, BaseException):
+            raise self._masks
         return self._masks
 
 

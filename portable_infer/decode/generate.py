@@ -138,26 +138,26 @@ class BatchDecoder:
         self._forward(ids)
         self.timings["prefill_s"] = time.perf_counter() - t
 
-    def _forward(self, ids: np.ndarray) -> None:
-        self._out = batch_pick.forward(self.engine, self._mode, ids, self.mask, self.cache)
+    def _forward(self, ids: np.ndarray, fill: MaskFill | None = None) -> None:
+        self._out = batch_pick.forward(self.engine, self._mode, ids, self.mask, self.cache, fill)
 
-    def _advance(self) -> None:
+    def _advance(self, fill: MaskFill) -> None:
         t = time.perf_counter()
         self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], axis=1)
-        self._forward(self._pending[:, None])
+        self._forward(self._pending[:, None], fill)
         self.timings["decode_s"] += time.perf_counter() - t
         self.timings["decode_steps"] += 1
         self._pending = None
 
     def _start_masks(self) -> MaskFill:
         """The grammar masks of the running constrained rows, filled while the forward runs."""
-        return MaskFill.of([r if r.finish_reason is None else None for r in self.rows])
+        return batch_pick.mask_fill(self.engine, self._mode, [r if r.finish_reason is None else None for r in self.rows])
 
     def step(self) -> list:
         """Sample one token for every running sequence; returns their :class:`StepToken`."""
         fill = self._start_masks()
         if self._pending is not None and not self.done:
-            self._advance()
+            self._advance(fill)
         masks = fill.result()
         if self.done:
             return []

@@ -25,6 +25,7 @@ class GrowingEngine:
 
     greedy_on_device = False  # no growing graph has a next_token output: the argmax runs on the host
     masks_on_device = False  # its logits come to the host: grammar masks are applied there
+    overlaps_host = False  # forward_on_device refuses: nothing runs meanwhile
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int):
         self.session = session
@@ -122,7 +123,7 @@ class GrowingEngine:
         logits = out[0].numpy()
         return logits if all_logits else logits[:, -1, :]
 
-    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: GrowingCache):
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: GrowingCache, meanwhile=None):
         """Refused (``masks_on_device`` is False): this engine returns its logits to the host."""
         raise InvalidArgumentError(f"graph {self.variant.file} returns its logits to the host: call forward() "
                                    f"(picks on the device need a static-KV graph)", param="masks_on_device")

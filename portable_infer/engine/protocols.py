@@ -76,6 +76,8 @@ class Engine(Protocol):
         greedy_on_device: the graph picks each row's argmax itself (``forward(greedy=True)``).
         masks_on_device: greedy picks under grammar masks are worth taking where the logits are
             (:meth:`forward_on_device`): True on GPUs; on the CPU numpy does it faster.
+        overlaps_host: :meth:`forward_on_device`'s ``meanwhile`` runs while the device computes the
+            step (the run returns before the device is done); else after it.
         max_context: tokens a row may hold at most (the default capacity of a cache).
     """
 
@@ -84,6 +86,7 @@ class Engine(Protocol):
     device: str
     greedy_on_device: bool
     masks_on_device: bool
+    overlaps_host: bool
     max_context: int
 
     def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
@@ -98,10 +101,12 @@ class Engine(Protocol):
         every new position [B, S, vocab]. Either asked of a graph without it is an
         ``InvalidArgumentError``."""
 
-    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache):
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache, meanwhile=None):
         """:meth:`forward`, the logits left where they were computed: a
         :class:`~portable_infer.engine.masked_argmax.DeviceLogits` whose ``pick(bitmask, fetch)``
         gives each row's argmax under a grammar bitmask and the logits of rows ``fetch`` only.
+        ``meanwhile()`` (host work of the step: the grammar masks) is called before it returns,
+        while the device computes where ``overlaps_host``.
         An engine whose logits always come to the host refuses (``InvalidArgumentError``)."""
 
     def trim(self, dropped_bytes: int) -> None:

@@ -34,6 +34,7 @@ from portable_infer.engine.rows import RowMover
 from portable_infer.engine.static_buffers import StaticBuffers
 
 logger = logging.getLogger(__name__)
+NO_SYNC_KEY = "disable_synchronize_execution_providers"  # run option: return before the device is done
 
 class StaticEngine(StaticBuffers):
     """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them.
@@ -56,6 +57,10 @@ class StaticEngine(StaticBuffers):
         self._bind_once = self.device == "cpu" or self.cuda_graph
         self._init_buffers()
         self._plain = _run_options(ort, self.device, -1)  # for every step that does not replay a graph
+        # A step whose host work runs while the device computes (forward_on_device's meanwhile):
+        # the run returns before the device is done; the step then waits for its outputs.
+        self.overlaps_host = self.device != "cpu"
+        self._plain_async = _run_options(ort, self.device, -1, sync=False)
         self._shrink = memory.shrink_run_options(session, ort) if self.device == "cpu" else None  # large prefills
         # Graphs with a next_token output can decode greedily on the device (one id per row back).
         self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
@@ -108,15 +113,17 @@ class StaticEngine(StaticBuffers):
         check_call(self, greedy, all_logits)
         return self._forward(ids, mask, cache, "token" if greedy else "logits")
 
-    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache) -> DeviceLogits:
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache,
+                          meanwhile=None) -> DeviceLogits:
         """:meth:`forward`, the logits left on the engine's device: a
         :class:`~portable_infer.engine.masked_argmax.DeviceLogits` with the graph's own argmax of
         each row, that picks under grammar bitmasks there (``masks_on_device``; else the rows
-        asked for come to the host) and fetches only the rows asked for."""
-        logits, token = self._forward(ids, mask, cache, "device")
+        asked for come to the host) and fetches only the rows asked for. ``meanwhile()`` runs
+        while the device computes a decode step (``overlaps_host``), else after the run."""
+        logits, token = self._forward(ids, mask, cache, "device", meanwhile)
         return DeviceLogits(logits, token, self.masked_argmax, self.masks_on_device)
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str, meanwhile=None):
         """One forward; ``want``: "logits" [B, vocab] or "token" [B] on the host, or "device" (the
         logits OrtValue [B, 1, vocab] and the next_token OrtValue [B, 1] or None, where they were computed)."""
         B, S = ids.shape
@@ -140,9 +147,11 @@ class StaticEngine(StaticBuffers):
             if S > 1:
                 mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
         if S == 1 and not prefill:
-            out = self._step(ids_r, rows, cache, want)
+            out = self._step(ids_r, rows, cache, want, meanwhile)
         else:
             out = self._run(ids_r, mask_r, cache, want)
+            if meanwhile is not None:
+                meanwhile()
         cache.rows = rows
         cache.length = mask.shape[1]
         cache.mark_written(np.maximum(rows, S) if prefill else rows)  # a prefill writes all S positions
@@ -184,12 +193,15 @@ class StaticEngine(StaticBuffers):
         out = out.numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
-    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, want: str):
+    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, want: str, meanwhile=None):
         """One token per row on the slot's own inputs, outputs and binding (made once): replayed
         as a CUDA graph where the cache has one, a plain run otherwise. Sessions with nodes off
         the buffers' device bind afresh each step."""
         if not self._bind_once:  # nodes off the buffers' device (e.g. fp32 attention on the CPU)
-            return self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, want)
+            out = self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, want)
+            if meanwhile is not None:
+                meanwhile()
+            return out
         slot = cache.slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
             b = self.session.io_binding()
@@ -200,6 +212,8 @@ class StaticEngine(StaticBuffers):
             slot.bind_outputs(b)
             slot.binding, slot.positions = b, np.arange(cache.capacity)
             slot.run_options = _run_options(self.ort, self.device, cache.graph_id) if cache.graph_id > 0 else None
+            slot.async_options = (_run_options(self.ort, self.device, cache.graph_id, sync=False)
+                                  if cache.graph_id > 0 else None)
             slot.stage_inputs(self.device == "cpu")
         slot.host_ids[...] = ids
         np.less(slot.positions, rows[:, None], out=slot.host_mask, casting="unsafe")
@@ -207,14 +221,22 @@ class StaticEngine(StaticBuffers):
             slot.ids.update_inplace(slot.host_ids)
             slot.mask.update_inplace(slot.host_mask)
         graph = self.cuda_graph and slot.run_options is not None
+        overlap = meanwhile is not None and self.overlaps_host  # the run returns before the device is done
         try:
-            self.session.run_with_iobinding(slot.binding, slot.run_options if graph else self._plain)
+            self.session.run_with_iobinding(slot.binding, (slot.async_options if overlap else slot.run_options)
+                                            if graph else self._plain_async if overlap else self._plain)
         except Exception as exc:  # noqa: BLE001 - capture refused (an op without graph support, ...)
             if not graph:
                 raise
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
-            self.session.run_with_iobinding(slot.binding, self._plain)
+            self.session.run_with_iobinding(slot.binding, self._plain_async if overlap else self._plain)
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            finally:
+                if overlap:  # the step's outputs, and the buffers its next inputs overwrite, are done
+                    slot.binding.synchronize_outputs()
         if want == "device":
             return slot.logits, slot.token  # the next step overwrites them: picked before then
         out = slot.token.numpy()[:, 0] if want == "token" else slot.logits.numpy()[:, -1, :]
@@ -222,11 +244,14 @@ class StaticEngine(StaticBuffers):
         return out.copy() if self.device == "cpu" else out
 
 
-def _run_options(ort, device: str, graph_id: int):
+def _run_options(ort, device: str, graph_id: int, sync: bool = True):
     """Run options that replay CUDA graph ``graph_id`` (-1: run without a graph) on CUDA. Set on
     every device: ONNX Runtime's Python ``run_with_iobinding`` reads the key on each run, and an
     unset key costs a raised and caught exception there (30-75 us a step, ONNX Runtime 1.32);
-    providers without graph capture ignore it."""
+    providers without graph capture ignore it. ``sync=False``: the run returns without waiting
+    for the device (the caller synchronizes the binding's outputs)."""
     ro = ort.RunOptions()
     ro.add_run_config_entry(memory.GRAPH_ID_KEY, str(graph_id if device == "cuda" else -1))
+    if not sync:
+        ro.add_run_config_entry(NO_SYNC_KEY, "1")
     return ro

@@ -50,6 +50,7 @@ class Slot:
     busy: bool = False
     binding: object = None  # the decode steps' IO binding (same addresses every step)
     run_options: object = None  # its CUDA graph's run options (None: no graph)
+    async_options: object = None  # the same, returning before the device is done
     written: np.ndarray = None  # CPU: positions ever written per row (pages committed); None: all
     positions: np.ndarray = None  # arange(capacity): the decode mask is positions < row lengths
     host_ids: np.ndarray = None  # the step's inputs on the host (views of ids/mask on the CPU)

@@ -29,7 +29,6 @@ import numpy as np
 
 from portable_infer.decode import batch_pick
 from portable_infer.decode.batch_pick import RowInput
-from portable_infer.decode.constraints import MaskFill
 from portable_infer.decode.sequence import Pick
 
 logger = logging.getLogger("portable_infer.serving.scheduler")
@@ -220,15 +219,16 @@ class RunningBatch:
         seqs = [r.seq if r.state != "done" else None for r in rows]
         how = batch_pick.mode(self.engine, seqs)
         return self._picks(how, rows, seqs,
-                           lambda: batch_pick.forward(self.engine, how, self.pending[:, None], self.mask, self.cache))
+                           lambda fill: batch_pick.forward(self.engine, how, self.pending[:, None], self.mask, self.cache,
+                                                           fill))
 
     def _picks(self, how: str, rows: list, seqs: list, forward) -> list:
         """``forward()`` (picking mode ``how``) while the grammar masks of the constrained rows
         fill (one batched fill), then one token per live row: ``seqs[i]`` None is a row that picks
         nothing (free, or ended before the step), and a row cancelled during the forward gets
         none. Each pick is its row's next pending token."""
-        fill = MaskFill.of(seqs)
-        out = self._wait(forward)
+        fill = batch_pick.mask_fill(self.engine, how, seqs)
+        out = self._wait(forward, fill)
         inputs = batch_pick.row_inputs(how, out, seqs, fill.result())
         results = []
         for i, r in enumerate(rows):

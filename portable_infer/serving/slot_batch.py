@@ -207,12 +207,12 @@ class SlotBatch(RunningBatch):
                 return results
             how = batch_pick.mode(self.engine, seqs)
         live = np.array([[s is not None] for s in seqs], np.int64)  # the new column: who advances
-        return results + self._picks(how, rows, seqs, lambda: self._forward(how, view, live))
+        return results + self._picks(how, rows, seqs, lambda fill: self._forward(how, view, live, fill))
 
-    def _forward(self, how: str, view, live: np.ndarray):
+    def _forward(self, how: str, view, live: np.ndarray, fill=None):
         size = view.batch
         view.rows = self.lengths[:size].copy()
-        out = batch_pick.forward(self.engine, how, self.pending[:size, None].copy(), live, view)
+        out = batch_pick.forward(self.engine, how, self.pending[:size, None].copy(), live, view, fill)
         self.lengths[:size] = view.rows
         return out
 
