@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/constrained_overhead.py [PKG] [--provider cpu] [--threads 2]
         [--batches 1 16] [--temperatures 0 0.7] [--tokens 64] [--runs 3] [--device-masks auto]
+        [--host-overlap auto]
 
 Each case runs the same chat prompts through the runtime's BatchDecoder twice, at one
 temperature: free, and under a JSON schema whose ``minItems`` keeps every row generating for all
@@ -96,7 +97,7 @@ class Split:
         setattr(module, name, timed)
 
     def __enter__(self):
-        self.wrap(constraints, "fill_masks", "fill (worker thread)")
+        self.wrap(constraints, "fill_masks", "fill (worker thread, or meanwhile)")
         self.wrap(constraints.MaskFill, "result", "wait after forward")
         self.wrap(MaskedArgmax, "run", "device pick")
         self.wrap(MaskedArgmax, "run_rows", "device pick (refused rows)")
@@ -139,6 +140,9 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
     ap.add_argument("--device-masks", choices=["auto", "on", "off"], default="auto",
                     help="grammar masks on the device: the engine's choice (GPUs), or forced")
+    ap.add_argument("--host-overlap", choices=["auto", "off"], default="auto",
+                    help="off: the masks fill on the worker thread even where the device computes the step "
+                         "meanwhile (the engine's overlaps_host; CUDA)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
@@ -147,10 +151,13 @@ def main() -> None:
     if args.device_masks != "auto":
         model.engine.masks_on_device = args.device_masks == "on"  # forward_on_device: static graphs only
         batch_pick.DEVICE_MIN_ROWS = 1  # "on" means every batch size, batch 1 included
+    if args.host_overlap == "off":
+        model.engine.overlaps_host = False
     schema = Constraint.json_schema(SCHEMA)
     t = time.perf_counter()
     model.guide.matcher(schema)
-    print(f"{model!r}; masks on the device: {model.engine.masks_on_device}; llguidance tokenizer + schema "
+    print(f"{model!r}; masks on the device: {model.engine.masks_on_device}; masks filled while the device "
+          f"computes: {model.engine.overlaps_host}; llguidance tokenizer + schema "
           f"compiled in {time.perf_counter() - t:.2f} s\n")
     print("| batch | temperature | free step ms | constrained step ms | overhead | paired overhead, median (range) "
           "| target | split of the constrained step (ms) |")
