@@ -378,6 +378,37 @@ def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
     jsonschema.validate(json.loads(reply(static, device[3])), SCHEMA)
 
 
+def test_a_token_the_grammar_forces_needs_no_device_pick(static, monkeypatch):
+    """A greedy row whose grammar allows one token only takes it without its logits: no companion
+    run, no logits to the host; the tokens equal masking every row first."""
+    from portable_infer.decode import batch_pick
+    from portable_infer.decode.constraints import Constraint
+    from portable_infer.decode.generate import BatchDecoder
+    from portable_infer.decode.sampling import SamplingParams
+
+    rng = np.random.default_rng(SEED + 14)
+    print(TAG)
+    word = "".join(rng.choice(list("abcdefgh"), 6))
+    prompts = [static.encode(p) for p in texts(rng, 3)]
+    params = [SamplingParams(constraint=Constraint.regex(word), max_new_tokens=12, ignore_eos=True),
+              SamplingParams(max_new_tokens=12, ignore_eos=True),
+              SamplingParams(constraint=Constraint.regex(word + "[0-9]{2}"), max_new_tokens=12, ignore_eos=True)]
+    outs = {}
+    for masks_on, mode in ((False, batch_pick.HOST), (True, None)):
+        calls = _device_calls(static.engine, monkeypatch, masks_on)
+        if mode is not None:
+            monkeypatch.setattr(batch_pick, "mode", lambda engine, seqs: mode)
+        dec = BatchDecoder(static.engine, prompts, params, max_context=static.max_context, guide=static.guide,
+                           vocab_size=256)
+        outs[mode] = dec.run()
+        monkeypatch.undo()
+        if mode is None:  # check mode: the word's letters are forced; only the digits need a pick
+            assert dec._mode == batch_pick.CHECK, TAG
+            assert len(calls) <= 2, (TAG, calls)  # the two digits at most
+    assert outs[None] == outs[batch_pick.HOST], TAG
+    assert reply(static, outs[None][0]) == word and re.fullmatch(word + "[0-9]{2}", reply(static, outs[None][2])), TAG
+
+
 def test_check_mode_goes_on_after_the_last_constrained_row_ends(static, monkeypatch):
     """A batch in check mode whose constrained rows all end (their grammar complete) while plain
     greedy rows go on: no masks are filled any more, and the plain rows decode as they do alone."""

@@ -191,6 +191,22 @@ def test_refused_token_is_a_generation_error(guide):
     assert e.value.reason == "grammar"
 
 
+def test_forced_tokens_are_the_rows_that_allow_one_token():
+    from portable_infer.decode.constraints import forced_tokens
+
+    rng = np.random.default_rng(SEED + 3)
+    vocab, n = 49152, 40
+    allowed, want = np.zeros((n, vocab), bool), []
+    for r in range(n):
+        k = int(rng.choice([0, 1, 1, 2, 300]))
+        idx = rng.choice(vocab, k, replace=False)
+        idx[:1] = rng.choice([0, 31, 32, vocab - 1, idx[0]]) if k == 1 else idx[:1]  # word edges too
+        allowed[r, idx] = True
+        want.append(int(idx[0]) if k == 1 else -1)
+    masks = np.packbits(allowed, axis=1, bitorder="little").view(np.int32)  # bit v % 32 of word v // 32
+    assert forced_tokens(masks).tolist() == want
+
+
 def test_a_row_feeds_its_token_with_the_next_fill(guide, monkeypatch):
     """A constrained row's picked token goes to its matcher with the next step's mask fill, on the
     worker thread (off the step's path); the fill's mask is the one after that token; a token the

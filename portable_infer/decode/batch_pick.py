@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from portable_infer.decode.constraints import MaskFill, allowed_tokens, allows, allows_each
+from portable_infer.decode.constraints import MaskFill, allowed_tokens, allows, allows_each, forced_tokens
 from portable_infer.decode.processors import apply_mask
 
 GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"
@@ -138,7 +138,13 @@ def _checked_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     # no constrained row left (one ended last step): no masks were filled, nothing to check
     checked = np.array(checked, np.int64)
     refused = checked[~allows_each(masks, checked, tokens[checked])].tolist() if checked.size else []
-    if refused:  # those rows only: one lean companion run on the device, or their logits here
+    if refused:  # a token the grammar forces is the masked argmax: no logits needed
+        forced = forced_tokens(masks[refused])
+        for i, tok in zip(refused, forced.tolist()):
+            if tok >= 0:
+                inputs[i] = RowInput(tok=tok)
+        refused = [i for i, tok in zip(refused, forced) if tok < 0]
+    if refused:  # the others: one lean companion run on the device, or their logits here
         allowed = allowed_tokens(masks[refused], out.vocab)
         picked = out.pick_rows(refused, allowed) if out.masks_here else \
             apply_mask(out.rows(refused), allowed).argmax(-1)

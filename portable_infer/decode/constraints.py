@@ -397,6 +397,20 @@ def allows_each(masks: np.ndarray, rows, tokens) -> np.ndarray:
     return ((words >> (tokens & 31)) & 1).astype(bool)
 
 
+def forced_tokens(masks: np.ndarray) -> np.ndarray:
+    """For bitmask rows ``masks`` [n, W] int32: the one token each allows, or -1 where it allows
+    more (or none). A token the grammar forces needs no logits: it is the argmax under the mask."""
+    masks = np.ascontiguousarray(masks)
+    nonzero = masks != 0
+    word = nonzero.argmax(axis=1)
+    w = masks[np.arange(len(masks)), word].view(np.uint32).astype(np.int64)
+    single = (nonzero.sum(axis=1) == 1) & ((w & (w - 1)) == 0)
+    bit = np.zeros(len(masks), np.int64)
+    for k in np.flatnonzero(single):  # the few forced rows: their one bit
+        bit[k] = int(w[k]).bit_length() - 1
+    return np.where(single, word * 32 + bit, -1)
+
+
 def allowed_tokens(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """Bitmask rows ([W] or [n, W] int32) as bools ([vocab] or [n, vocab]): True where the token
     may come next (bit v % 32 of word v // 32); a batch's rows in one call."""
