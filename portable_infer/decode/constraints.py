@@ -35,6 +35,11 @@ KINDS = ("json_schema", "json_object", "regex", "grammar")
 # "x-guidance" options override these (llguidance applies defaults -> x-guidance -> overrides).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _COMPILED_CACHE = 64  # compiled grammars kept per model (requests often repeat one schema)
+# llguidance's own pool for a step's masks. Its default (80 % of the CPUs: 12 on a 16-core GPU
+# host) filled 16 JSON-schema rows in 0.46-0.60 ms, 2 threads in 0.30-0.34 ms, and the CUDA step's
+# overhead fell from +8-12 % to +5-8 % (H200, docs/benchmarks.md, session 17): waking many
+# threads costs more than it saves at these sizes.
+MASK_THREADS = 2
 
 
 def _llguidance():
@@ -314,7 +319,8 @@ def _shared(kind: str):
     first use."""
     with _executor_lock:
         if kind not in _executors:
-            _executors[kind] = _llguidance().LLExecutor() if kind == "llg" else _Worker("portable-infer-masks")
+            _executors[kind] = (_llguidance().LLExecutor(num_threads=MASK_THREADS) if kind == "llg"
+                                else _Worker("portable-infer-masks"))
         return _executors[kind]
 
 
