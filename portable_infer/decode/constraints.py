@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -38,8 +39,13 @@ _COMPILED_CACHE = 64  # compiled grammars kept per model (requests often repeat 
 # llguidance's own pool for a step's masks. Its default (80 % of the CPUs: 12 on a 16-core GPU
 # host) filled 16 JSON-schema rows in 0.46-0.60 ms, 2 threads in 0.30-0.34 ms, and the CUDA step's
 # overhead fell from +8-12 % to +5-8 % (H200, docs/benchmarks.md, session 17): waking many
-# threads costs more than it saves at these sizes.
+# threads costs more than it saves at these sizes. Never more than its default (1 on 2 CPUs,
+# where ONNX Runtime's threads compute the forward meanwhile).
 MASK_THREADS = 2
+
+
+def _mask_threads() -> int:
+    return max(1, min(MASK_THREADS, int(0.8 * len(os.sched_getaffinity(0)))))
 
 
 def _llguidance():
@@ -319,7 +325,7 @@ def _shared(kind: str):
     first use."""
     with _executor_lock:
         if kind not in _executors:
-            _executors[kind] = (_llguidance().LLExecutor(num_threads=MASK_THREADS) if kind == "llg"
+            _executors[kind] = (_llguidance().LLExecutor(num_threads=_mask_threads()) if kind == "llg"
                                 else _Worker("portable-infer-masks"))
         return _executors[kind]
 
