@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import portable_infer  # noqa: E402
-from portable_infer.decode import batch_pick, constraints, sequence  # noqa: E402
+from portable_infer.decode import batch_pick, masks, sequence  # noqa: E402
 from portable_infer.decode.constraints import Constraint  # noqa: E402
 from portable_infer.decode.generate import BatchDecoder  # noqa: E402
 from portable_infer.engine.masked_argmax import MaskedArgmax  # noqa: E402
@@ -97,15 +97,15 @@ class Split:
         setattr(module, name, timed)
 
     def __enter__(self):
-        self.wrap(constraints, "fill_masks", "fill (worker thread, or meanwhile)")
-        self.wrap(constraints.MaskFill, "result", "wait after forward")
+        self.wrap(masks, "fill_masks", "fill (worker thread, or meanwhile)")
+        self.wrap(masks.MaskFill, "result", "wait after forward")
         self.wrap(MaskedArgmax, "run", "device pick")
         self.wrap(MaskedArgmax, "run_rows", "device pick (refused rows)")
         for module in (batch_pick, sequence):
             self.wrap(module, "apply_mask", "apply masks (host)")
             self.wrap(module, "allowed_tokens", "apply masks (host)")
         self.wrap(sequence, "consume", "feed tokens (mostly on the worker thread)")
-        allows = constraints.allows
+        allows = masks.allows
         for module in (batch_pick, sequence):  # greedy rows' argmax; sampled rows' first draw
             self.originals.append((module, "allows", allows))
 
@@ -115,7 +115,7 @@ class Split:
                 self.checks[1] += not ok
                 return ok
             module.allows = counted
-        allows_each = constraints.allows_each  # the check mode's rows at once
+        allows_each = masks.allows_each  # the check mode's rows at once
         self.originals.append((batch_pick, "allows_each", allows_each))
 
         def counted_each(masks, rows, tokens):

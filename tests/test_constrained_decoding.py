@@ -280,7 +280,7 @@ def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, mo
     anyway: the order and the options are what is shown here; the overlap itself on CUDA)."""
     import threading
 
-    from portable_infer.decode import batch_pick, constraints
+    from portable_infer.decode import batch_pick, masks
     from portable_infer.decode.generate import BatchDecoder
     from portable_infer.engine.static import NO_SYNC_KEY
 
@@ -291,7 +291,7 @@ def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, mo
         prompts, params = prompts[:3], params[:3]
     events, order = {}, []
     session = static.engine.session
-    real_run, real_fill = session.run_with_iobinding, constraints._feed_and_fill
+    real_run, real_fill = session.run_with_iobinding, masks._feed_and_fill
 
     def run(binding, options=None):
         try:
@@ -306,7 +306,7 @@ def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, mo
         return real_fill(*a)
 
     monkeypatch.setattr(session, "run_with_iobinding", run)
-    monkeypatch.setattr(constraints, "_feed_and_fill", fill)
+    monkeypatch.setattr(masks, "_feed_and_fill", fill)
     for overlap in (False, True):
         _device_calls(static.engine, monkeypatch, mode == "device")
         monkeypatch.setattr(static.engine, "overlaps_host", overlap)

@@ -13,7 +13,8 @@ import re
 import numpy as np
 import pytest
 
-from portable_infer.decode.constraints import Constraint, Guide, MaskFill, allowed_tokens, consume, fill_masks
+from portable_infer.decode.constraints import Constraint, Guide, consume
+from portable_infer.decode.masks import MaskFill, allowed_tokens, fill_masks
 from portable_infer.errors import GenerationError, InvalidArgumentError
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -192,7 +193,7 @@ def test_refused_token_is_a_generation_error(guide):
 
 
 def test_forced_tokens_are_the_rows_that_allow_one_token():
-    from portable_infer.decode.constraints import forced_tokens
+    from portable_infer.decode.masks import forced_tokens
 
     rng = np.random.default_rng(SEED + 3)
     vocab, n = 49152, 40

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from portable_infer.decode.constraints import allows, allows_each
+from portable_infer.decode.masks import allows, allows_each
 from portable_infer.engine.companion import GRAPHS
 from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
 from portable_infer.engine.rows import RowMover

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from portable_infer.decode.constraints import MaskFill, allowed_tokens, allows, allows_each, forced_tokens
+from portable_infer.decode.masks import MaskFill, allowed_tokens, allows, allows_each, forced_tokens
 from portable_infer.decode.processors import apply_mask
 
 GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"

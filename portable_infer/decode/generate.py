@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from portable_infer.decode import batch_pick
-from portable_infer.decode.constraints import MaskFill
+from portable_infer.decode.masks import MaskFill
 from portable_infer.errors import ContextLengthError, InvalidArgumentError
 from portable_infer.decode.sequence import Sequence
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from portable_infer.decode.constraints import allowed_tokens, allows, consume, fill_masks
+from portable_infer.decode.constraints import consume
+from portable_infer.decode.masks import allowed_tokens, allows, fill_masks
 from portable_infer.errors import GenerationError, InvalidArgumentError
 from portable_infer.decode.processors import LogitBias, apply_mask
 from portable_infer.decode.draw import check_pick, rejection_draw
