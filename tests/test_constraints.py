@@ -192,6 +192,22 @@ def test_refused_token_is_a_generation_error(guide):
     assert e.value.reason == "grammar"
 
 
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_fill_that_fails_raises_where_its_result_is_taken(guide, monkeypatch, inline):
+    """On the worker thread or inline (inside the forward), a failing fill is raised by result(),
+    not lost and not raised inside the engine's forward."""
+    from portable_infer.decode import masks
+
+    def broken(*a):
+        raise RuntimeError("llguidance failed")
+
+    monkeypatch.setattr(masks, "fill_masks", broken)
+    fill = MaskFill({0: guide.matcher(Constraint.regex("[0-9]+"))}, 1, 256, inline=inline)
+    fill.run()  # what the engine calls between its run and the wait for its outputs: returns
+    with pytest.raises(RuntimeError, match="llguidance failed"):
+        fill.result()
+
+
 def test_forced_tokens_are_the_rows_that_allow_one_token():
     from portable_infer.decode.masks import forced_tokens
 

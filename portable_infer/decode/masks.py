@@ -32,8 +32,8 @@ MASK_THREADS = 2
 
 
 def _mask_threads() -> int:
+    """The pool's threads: MASK_THREADS, or llguidance's default where that is fewer."""
     return max(1, min(MASK_THREADS, int(0.8 * len(os.sched_getaffinity(0)))))
-
 
 
 _executor_lock = threading.Lock()
@@ -41,9 +41,9 @@ _executors: dict = {}
 
 
 class _Worker:
-    """One daemon thread running the calls submitted to it in order; each call's outcome comes
-    back through its own queue. Lighter than a ThreadPoolExecutor's futures: every constrained
-    step submits one, on the step's own path."""
+    """One daemon thread running the calls submitted to it in order; each call's value (or the
+    exception it raised) comes back through its own queue. Lighter than a ThreadPoolExecutor's
+    futures: every constrained step submits one, on the step's own path."""
 
     def __init__(self, name: str):
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -53,12 +53,13 @@ class _Worker:
         while True:
             fn, args, reply = self._tasks.get()
             try:
-                reply.put((True, fn(*args)))
+                out = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
-                reply.put((False, exc))
+                out = exc
+            reply.put(out)
 
     def submit(self, fn, *args) -> queue.SimpleQueue:
-        """Run ``fn(*args)`` on the thread; its (ok, value or exception) arrives on the queue returned."""
+        """Run ``fn(*args)`` on the thread; its value or exception arrives on the queue returned."""
         reply: queue.SimpleQueue = queue.SimpleQueue()
         self._tasks.put((fn, args, reply))
         return reply
@@ -125,7 +126,7 @@ class MaskFill:
     def result(self) -> np.ndarray | None:
         """The bitmasks (None when no row was constrained)."""
         if self._reply is not None and self._masks is None:
-            self._masks = self._reply.get()[1]
+            self._masks = self._reply.get()
         self.run()
         if isinstance(self._masks, BaseException):
             raise self._masks

@@ -9,7 +9,7 @@
                                                                           under the grammar mask)
     token ─ stop id │ the grammar complete before it      -> "stop"
             │ max_new_tokens │ context (grammar complete: "stop") -> "length"
-            └ grammar matcher: fed with the next step's mask fill, on the worker thread
+            └ grammar matcher: fed with the next step's mask fill, while the forward runs
 
 A grammar is complete when its matcher allows only the end token: that step's token is the end
 token (the model's first EOS, as llama.cpp and vLLM end a constrained reply), whatever the row's
@@ -111,9 +111,9 @@ class Sequence:
 
     def feed(self) -> None:
         """Feed the grammar matcher the token this row picked last. The next step's batched mask
-        fill calls it on the worker thread, while the forward runs (:class:`MaskFill`), so the
-        step's own thread does not wait on it; :meth:`step` calls it first in case no fill did. A
-        refusal is kept and raised by the next :meth:`step` (this row only)."""
+        fill calls it while the forward runs (:class:`~portable_infer.decode.masks.MaskFill`), so
+        the step does not wait on it; :meth:`step` calls it first in case no fill did. A refusal
+        is kept and raised by the next :meth:`step` (this row only)."""
         tok, self._unfed = self._unfed, None
         if tok is not None:
             try:
@@ -122,7 +122,8 @@ class Sequence:
                 self._broken = exc
 
     def own_mask(self) -> np.ndarray:
-        """This row's allowed tokens, computed alone (callers batch them: :class:`MaskFill`)."""
+        """This row's allowed tokens, computed alone (callers batch them:
+        :class:`~portable_infer.decode.masks.MaskFill`)."""
         return allowed_tokens(fill_masks({0: self.matcher}, 1, self.mask_vocab)[0], self.mask_vocab)
 
     def step(self, logits: np.ndarray | None, tok: int | None = None, mask: np.ndarray | None = None,
