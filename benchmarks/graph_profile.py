@@ -19,7 +19,9 @@ turns in a new shuffled order each round, so that the machine's noise hits them 
 
 1. plain step time: ``--rounds`` rounds of ``--steps`` steps per graph; median and min wall ms,
    median process CPU ms, and the median over rounds of each round's ratio to the first graph
-   (wall and CPU). On a busy machine compare those ratios, at ``--threads 1`` the CPU one;
+   (wall and CPU). On a busy machine compare those ratios, at ``--threads 1`` the CPU one,
+   and give the first graph again as a control (``--graph control=SAME:VARIANT``): its ratio is
+   the run's noise (session 17: 0.92x-0.99x for the very same graph on the 2-CPU EPYC);
 2. ONNX Runtime's profiler (``enable_profiling``) on fresh sessions: ``--profile-steps`` steps
    per graph after a warm-up; per op type and per MatMul shape (K x N) the nodes per step and
    µs per step, summed over the nodes of each node's median and, in a second table, of each
