@@ -208,3 +208,34 @@ def test_a_budget_without_room_for_a_slot_is_refused(static):
         Scheduler(static, SchedulerConfig(max_batch=16, slot_batch=True, kv_budget_tokens=16))
     with Scheduler(static, SchedulerConfig(max_batch=16, kv_budget_tokens=16)) as restacked:  # the CPU's default
         assert restacked.row_limit is None
+
+
+def test_an_engine_with_cuda_graphs_makes_every_decode_bucket_ready_before_the_first_request(static, fused,
+                                                                                            monkeypatch):
+    """Where the engine captures CUDA graphs, the scheduler's slot batch runs one step of free
+    slots per decode bucket at startup (the buffer at the row limit): requests then find every
+    view made, the buffer never grows, and the tokens are the single runs' (on the CPU no graph is
+    captured: the order and the views are what is shown here)."""
+    rng = np.random.default_rng(SEED + 5)
+    print(TAG)
+    ps = [rng.integers(3, 256, n).tolist() for n in (11, 5, 8, 3, 6)]
+    news = [9, 14, 6, 12, 10]
+    refs = [fused.generate_ids(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+    made = []
+    real_view = static.engine.view
+    monkeypatch.setattr(static.engine, "view", lambda *a, **k: made.append(k.get("decode", False)) or real_view(*a, **k))
+    monkeypatch.setattr(static.engine, "cuda_graph", True)
+    with Scheduler(static, SchedulerConfig(max_batch=6, prefill_chunk=16, slot_batch=True,
+                                           kv_budget_tokens=6 * 40)) as sched:
+        batch = sched.batch
+        assert sorted(batch._views) == [1, 2, 4, 6] and batch.cache.capacity == 40, (TAG, sorted(batch._views))
+        views, buffer = dict(batch._views), batch.cache
+        made.clear()
+        handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
+        outs = [[r.token for r in h if r.token is not None] for h in handles]
+        assert batch.cache is buffer and batch._views == views, TAG  # nothing regrown or remade
+        assert made and not any(made), TAG  # prefills into free slots made views; no decode view was made
+    assert outs == refs, TAG
+    monkeypatch.setattr(static.engine, "cuda_graph", False)
+    with Scheduler(static, SchedulerConfig(max_batch=6, slot_batch=True, kv_budget_tokens=6 * 40)) as sched:
+        assert sched.batch.cache is None and not sched.batch._views  # no graphs: made on demand

@@ -107,7 +107,10 @@ def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, l
     ``defer_leave``): moving the rest copies their KV, each batch size captures a CUDA graph, and
     an idle row costs a GPU step next to nothing."""
     if slot_rows(engine, config):
-        return SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
+        batch = SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
+        if getattr(engine, "cuda_graph", False):  # before the first request, as vLLM does
+            batch.warm_up()
+        return batch
     return RunningBatch(engine, prefixes, max_context)
 
 

@@ -34,6 +34,8 @@ Same verbs and results as the running batch, so the scheduler's loop is the same
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,6 +47,7 @@ from portable_infer.engine.kv_static import copy_rows, move_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
 from portable_infer.serving.scheduler_plan import kv_need
 
+logger = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)  # then multiples of 64
 
 
@@ -89,6 +92,23 @@ class SlotBatch(RunningBatch):
         new.rows = self.lengths  # the buffer's rows are the slots' lengths (one array)
         self.cache, self._views = new, {}
         return new
+
+    def warm_up(self) -> list:
+        """Every decode bucket's view (and CUDA graph) made before the first request, as vLLM
+        captures its batch sizes at startup: the buffer at the row limit (the KV budget's share,
+        so no later request grows it and drops the views), then one step of free slots per bucket
+        up to ``max_batch``. Returns the sizes run (none without a row limit: the buffer would be
+        ``max_context`` long)."""
+        if self.row_limit is None or self.cache is not None:
+            return []
+        t = time.perf_counter()
+        self._buffer(self.row_limit)
+        sizes = sorted({bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        for size in sizes:  # free slots decode one token that never advances
+            view = self._views[size] = self.engine.view(self.cache, 0, size, decode=True)
+            self._forward(batch_pick.GREEDY, view, np.zeros((size, 1), np.int64))
+        logger.info("decode batch sizes %s made ready in %.1f s", sizes, time.perf_counter() - t)
+        return sizes
 
     def _top(self) -> int:
         """One past the highest slot in use (0: none)."""
