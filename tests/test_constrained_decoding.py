@@ -328,6 +328,37 @@ def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, mo
     assert batch_pick.mask_fill(static.engine, batch_pick.HOST, [None])._reply is None  # nothing to fill
 
 
+@pytest.mark.parametrize("slots", [False, True])
+def test_the_scheduler_fills_masks_inside_the_step_where_the_engine_overlaps_the_host(static, monkeypatch, slots):
+    """The scheduler's running batch (restacked or slots) takes the same inline fill as the
+    BatchDecoder where the engine overlaps the host: constrained and free requests together give
+    the tokens they give with the worker thread."""
+    import threading
+
+    from portable_infer.decode import masks
+    from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
+
+    rng = np.random.default_rng(SEED + 15)
+    print(TAG)
+    prompts = texts(rng, 3)
+    kw = dict(max_new_tokens=14, ignore_eos=True)
+    subs = [dict(constraint={"regex": REGEX}, **kw), dict(**kw), dict(response_format=RESPONSE_FORMAT, **kw)]
+    _device_calls(static.engine, monkeypatch, True)
+    real_fill, threads = masks._feed_and_fill, []
+    monkeypatch.setattr(masks, "_feed_and_fill", lambda *a: threads.append(threading.current_thread().name)
+                        or real_fill(*a))
+    outs = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(static.engine, "overlaps_host", overlap)
+        threads.clear()
+        with Scheduler(static, SchedulerConfig(max_batch=4, slot_batch=slots)) as sched:
+            handles = [sched.submit(p, **k) for p, k in zip(prompts, subs)]
+            outs[overlap] = [[r.token for r in h if r.token is not None] for h in handles]
+        on_loop = {t.startswith("portable-infer-scheduler") for t in threads}
+        assert on_loop == ({True} if overlap else {False}), (TAG, set(threads))
+    assert outs[True] == outs[False], TAG
+
+
 def test_greedy_rows_check_the_argmax_before_masking(static, monkeypatch):
     """Greedy constrained rows take the graph's own argmax where their grammar allows it (check
     mode) and the argmax under the mask only where it refuses: the same tokens as masking every
