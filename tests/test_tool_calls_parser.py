@@ -331,6 +331,13 @@ def test_special_markers_are_tokens():
     assert [(e.name, e.arguments) for e in events] == [("f", "{}")] and stream.finish_reason("stop") == "tool_calls"
     plain = CallStream(FORMATS["hermes"], {"f"}, tok, end_ids=[2])
     assert plain._text is None  # Hermes' markers are plain text in this tokenizer: the Responses' text is read
+    # a plan's parser for a request with ignore_eos: a forced call's grammar still ends on the end
+    # token, which is not part of the reply the parser reads (SamplingParams.silent_end_ids)
+    from portable_infer.decode.sampling import SamplingParams
+
+    plan = plan_tools([FN], "required", None, None, "mistral")
+    ends = plan.stream(tok, SamplingParams(ignore_eos=True), eos_ids=(2,))
+    assert ends._text is not None and 2 in ends._text.end_ids
 
 
 # --- the HTTP shapes (server/tools.py) ---------------------------------------------------------------

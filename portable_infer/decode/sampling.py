@@ -149,6 +149,12 @@ class SamplingParams:
         unless ``ignore_eos``."""
         return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
 
+    def silent_end_ids(self, eos_ids=()) -> frozenset:
+        """The tokens that add no text when they end a sequence ("stop"): ``stop_token_ids`` and
+        the model's ``eos_ids``, ``ignore_eos`` or not (a complete grammar ends on the first one;
+        vLLM leaves stop tokens out of the text)."""
+        return frozenset(self.stop_token_ids) | frozenset(eos_ids)
+
     @cached_property
     def argmax_only(self) -> bool:
         """The token is the argmax of the logits under the grammar mask (if any), and nothing else

@@ -143,10 +143,10 @@ class StaticEngine(StaticBuffers):
                     "a static-KV graph takes several new tokens after a prefill one row at a time "
                     "(GroupQueryAttention's limit); feed batch 1, or one token per row")
             ids_r = np.asarray(ids, np.int64)
-            mask_r = None  # S == 1: _step writes it into the slot; S > 1 (batch 1): below
-            if S > 1:
+            mask_r = None  # a step on the slot's binding writes it into the slot; else below
+            if S > 1 or not self._bind_once:  # several tokens (batch 1), or nodes off the buffers' device
                 mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
-        if S == 1 and not prefill:
+        if mask_r is None:
             out = self._step(ids_r, rows, cache, want, meanwhile)
         else:
             out = self._run(ids_r, mask_r, cache, want)
@@ -195,13 +195,9 @@ class StaticEngine(StaticBuffers):
 
     def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, want: str, meanwhile=None):
         """One token per row on the slot's own inputs, outputs and binding (made once): replayed
-        as a CUDA graph where the cache has one, a plain run otherwise. Sessions with nodes off
-        the buffers' device bind afresh each step."""
-        if not self._bind_once:  # nodes off the buffers' device (e.g. fp32 attention on the CPU)
-            out = self._run(ids, (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64), cache, want)
-            if meanwhile is not None:
-                meanwhile()
-            return out
+        as a CUDA graph where the cache has one, a plain run otherwise (sessions with nodes off the
+        buffers' device bind afresh each step: :meth:`_run`). ``meanwhile()`` runs while the device
+        computes where the engine ``overlaps_host``."""
         slot = cache.slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
             b = self.session.io_binding()
@@ -222,15 +218,16 @@ class StaticEngine(StaticBuffers):
             slot.mask.update_inplace(slot.host_mask)
         graph = self.cuda_graph and slot.run_options is not None
         overlap = meanwhile is not None and self.overlaps_host  # the run returns before the device is done
+        plain = self._plain_async if overlap else self._plain
         try:
             self.session.run_with_iobinding(slot.binding, (slot.async_options if overlap else slot.run_options)
-                                            if graph else self._plain_async if overlap else self._plain)
+                                            if graph else plain)
         except Exception as exc:  # noqa: BLE001 - capture refused (an op without graph support, ...)
             if not graph:
                 raise
             logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
             self.cuda_graph = False
-            self.session.run_with_iobinding(slot.binding, self._plain_async if overlap else self._plain)
+            self.session.run_with_iobinding(slot.binding, plain)
         if meanwhile is not None:
             try:
                 meanwhile()

@@ -105,10 +105,16 @@ class SlotBatch(RunningBatch):
         self._buffer(self.row_limit)
         sizes = sorted({bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
         for size in sizes:  # free slots decode one token that never advances
-            view = self._views[size] = self.engine.view(self.cache, 0, size, decode=True)
-            self._forward(batch_pick.GREEDY, view, np.zeros((size, 1), np.int64))
+            self._forward(batch_pick.GREEDY, self._view(size), np.zeros((size, 1), np.int64))
         logger.info("decode batch sizes %s made ready in %.1f s", sizes, time.perf_counter() - t)
         return sizes
+
+    def _view(self, size: int):
+        """The decode view of slots ``[0, size)`` (one per bucket, made once per buffer)."""
+        view = self._views.get(size)
+        if view is None:
+            view = self._views[size] = self.engine.view(self.cache, 0, size, decode=True)
+        return view
 
     def _top(self) -> int:
         """One past the highest slot in use (0: none)."""
@@ -212,9 +218,7 @@ class SlotBatch(RunningBatch):
         if not any(r is not None and r.state != "done" for r in rows):
             return self._pick_unpicked()
         size = bucket(top, self.max_batch)
-        view = self._views.get(size)
-        if view is None:
-            view = self._views[size] = self.engine.view(self.cache, 0, size, decode=True)
+        view = self._view(size)
         rows = self.slots[:size]
         seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
         how = batch_pick.mode(self.engine, seqs)

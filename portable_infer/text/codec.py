@@ -125,12 +125,11 @@ class TextCodec:
 
     def text_stream(self, params=None) -> TextStream:
         """A :class:`TextStream` for one sequence sampled with ``params``: its tokens as text, its
-        stop strings held back (without a tokenizer every piece is empty). The token that ends it
-        with "stop" carries no text when it is one of its stop ids or the model's end tokens (which
-        also end a grammar), as vLLM leaves stop tokens out."""
+        stop strings held back, the token that ends it silent where it is one of
+        ``params.silent_end_ids`` (without a tokenizer every piece is empty)."""
         if params is None:
             return TextStream(self.tokenizer)
-        return TextStream(self.tokenizer, params.stop, frozenset(params.stop_token_ids) | frozenset(self.eos_ids))
+        return TextStream(self.tokenizer, params.stop, params.silent_end_ids(self.eos_ids))
 
 
 def _template_tokens(tokenizer, info) -> dict:

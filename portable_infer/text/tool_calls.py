@@ -308,18 +308,17 @@ class CallStream:
     def __init__(self, fmt: ToolFormat, names, tokenizer=None, stop=(), end_ids=(), deltas: bool = False):
         self.parser = CallParser(fmt, names, deltas)
         self.calls = 0
-        self._text = TextStream(tokenizer, stop, skip_special_tokens=False) if special_markers(fmt, tokenizer) else None
-        self._end_ids = frozenset(end_ids)
+        self._text = (TextStream(tokenizer, stop, end_ids, skip_special_tokens=False)
+                      if special_markers(fmt, tokenizer) else None)
 
     def push(self, r) -> list:
         """The events that ``r`` (a Response) decides; the last Response closes the parser."""
         text = r.text
         if self._text is not None:
-            text = ""
-            if r.token is not None and not (r.finish_reason == "stop" and r.token in self._end_ids):
-                text, _ = self._text.push(r.token)
-            if r.finish_reason is not None:
-                text += self._text.close()
+            if r.token is not None:  # the token that ended the reply adds no text (TextStream.end_ids)
+                text = self._text.piece(r.token, r.finish_reason)[0]
+            else:
+                text = self._text.close() if r.finish_reason is not None else ""
         events = self.parser.feed(text)
         if r.finish_reason is not None:
             events += self.parser.close()

@@ -164,7 +164,7 @@ class ToolPlan:
 
     def stream(self, tokenizer=None, params=None, eos_ids=(), deltas: bool = False) -> CallStream:
         """A parser for one reply to this request (``deltas``: with the pieces of streamed calls)."""
-        ends = () if params is None else params.end_ids(eos_ids)
+        ends = () if params is None else params.silent_end_ids(eos_ids)
         return CallStream(self.fmt, self.names, tokenizer, () if params is None else params.stop, ends, deltas)
 
 
