@@ -37,6 +37,7 @@ F32 = TensorProto.FLOAT
 I64 = TensorProto.INT64
 # spec.kv -> the KV inputs' and outputs' sequence dimensions
 KV_DIMS = {"concat": ("past_sequence", "total_sequence"), "static": ("kv_capacity", "kv_capacity")}
+PAGED_KV = ["kv_blocks", "block_size"]  # paged: the pool's leading dimensions (then KVH, D)
 
 
 class DecoderBuilder:
@@ -56,11 +57,12 @@ class DecoderBuilder:
         fused-family one layer by layer: each float weight is read and rounded once for both)."""
         c = self.c
         g, d, spec = c.g, c.dims, c.spec
-        ids = g.input(mf.INPUT_IDS, I64, ["batch", "sequence"])
-        mask = g.input(mf.ATTENTION_MASK, I64, ["batch", "total_sequence"])
+        paged = spec.kv == "paged"  # one row of packed tokens, no mask: lowering/paged.py
+        ids = g.input(mf.INPUT_IDS, I64, [1, "tokens"] if paged else ["batch", "sequence"])
+        mask = None if paged else g.input(mf.ATTENTION_MASK, I64, ["batch", "total_sequence"])
         pos = g.input(mf.POSITION_IDS, I64, ["batch", "sequence"]) if spec.position_ids else None
-        past_dim, present_dim = KV_DIMS[spec.kv]
-        kv_shape = ["batch", d.num_kv_heads, past_dim, d.head_dim]
+        past_dim, present_dim = KV_DIMS.get(spec.kv, (None, None))
+        kv_shape = [*PAGED_KV, d.num_kv_heads, d.head_dim] if paged else ["batch", d.num_kv_heads, past_dim, d.head_dim]
         pasts = [tuple(g.input(n, c.kv_type, kv_shape) for n in mf.past_names(i)) for i in range(d.num_layers)]
 
         h = self.embed(ids, pos)
@@ -77,15 +79,16 @@ class DecoderBuilder:
                 on_layer(1)
             yield
         logits = head.logits(c, h, delta)
-        g.output(logits, mf.LOGITS, F32, ["batch", head.POSITION_DIM[spec.logits], d.vocab_size])
-        out_shape = ["batch", d.num_kv_heads, present_dim, d.head_dim]
+        rows = "sequences" if paged else "batch"
+        g.output(logits, mf.LOGITS, F32, [rows, head.POSITION_DIM[spec.logits], d.vocab_size])
+        out_shape = kv_shape if paged else ["batch", d.num_kv_heads, present_dim, d.head_dim]
         for i, kv in enumerate(presents):
             for value, name in zip(kv, mf.present_names(i)):
                 g.output(value, name, c.kv_type, out_shape)
         if spec.next_token:
             #  greedy on the device: ArgMax of the logits (first index on ties, like numpy's argmax)
             token = g.op("ArgMax", [mf.LOGITS], axis=-1, keepdims=0, select_last_index=0)
-            g.output(token, mf.NEXT_TOKEN, I64, ["batch", 1])
+            g.output(token, mf.NEXT_TOKEN, I64, [rows, 1])
 
     def embed(self, ids: str, pos: str | None) -> str:
         """Token rows (+ learned position rows) (× the embedding scale)."""

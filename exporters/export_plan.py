@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from portable_infer.package import manifest as mf
-from portable_infer.package.variants import DEFAULT_VARIANTS, INT8_VARIANTS, PORTABLE, STATIC_VARIANTS, VARIANTS
+from portable_infer.package.variants import DEFAULT_VARIANTS, INT8_VARIANTS, PORTABLE, ROTARY_VARIANTS, STATIC_VARIANTS, VARIANTS
 from portable_infer.errors import InvalidArgumentError
 
 from .architectures import MODEL_TYPES, family_for
@@ -104,9 +104,9 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
         check_shapes(layout, src)
         if defaults and not static_fits(layout):
             variants = tuple(v for v in variants if v not in STATIC_VARIANTS)
-        if set(STATIC_VARIANTS) & set(variants) and not static_fits(layout):
+        if set(ROTARY_VARIANTS) & set(variants) and not static_fits(layout):
             raise InvalidArgumentError(
-                f"the static variant needs full rotary attention without sliding windows; "
+                f"the static and paged variants need full rotary attention without sliding windows; "
                 f"{model_type} does not qualify: export variants {DEFAULT_VARIANTS} instead", param="variants")
     else:
         variants = tuple(v for v in variants if v == PORTABLE) if defaults else variants

@@ -80,8 +80,10 @@ def test_each_graph_gets_its_spec(tiny_llama):
 @pytest.mark.parametrize("change,match", [
     (dict(attention="flash"), "VariantSpec.attention must be one of"),
     (dict(head="int3"), "VariantSpec.head must be one of"),
-    (dict(kv="paged"), "VariantSpec.kv must be one of"),
+    (dict(kv="ring"), "VariantSpec.kv must be one of"),
     (dict(kv="concat"), "gqa_static attention and the static KV go together"),
+    (dict(kv="paged"), "gqa_static attention and the static KV go together"),
+    (dict(kv="paged", attention="paged"), "paged KV and the seq_last logits go together"),
 ])
 def test_a_spec_with_an_unknown_or_mismatched_form_is_refused(tiny_llama, change, match):
     """spec.checked, which every spec the plan holds went through, refuses what no lowering has."""

@@ -12,6 +12,8 @@
     visible [B, 1, S, T] ─> Where(0, hidden) = attention_bias     seqlens_k = T - 1 per row
     (rotary: RotaryEmbedding on q and k) ─> GroupQueryAttention(q, k, v, past, seqlens_k, T, bias)
 
+``paged`` / ``paged_reference``: a pool of KV blocks, the step's tokens packed (``paged.py``).
+
 ``gqa_static`` (fixed KV buffers written in place; every row's tokens from index 0)::
 
     mask [B, T] ─> Cast f32 ─> ReduceSum(1) = n [B] ─> n - 1 ─> Cast i32 = seqlens_k
@@ -31,7 +33,7 @@ from onnx import TensorProto
 
 from portable_infer.package import manifest as mf
 
-from . import rotary
+from . import paged, rotary
 
 if TYPE_CHECKING:
     from .context import LoweringContext
@@ -182,5 +184,6 @@ def static_fits(layout) -> bool:
             and set(layout.dims.layer_types) == {"full_attention"})
 
 
-# spec.attention -> (inputs, attend)
-FORMS = {"masked": (_masked_inputs, _masked), "gqa": (_gqa_inputs, _gqa), "gqa_static": (_static_inputs, _gqa_static)}
+# spec.attention -> (inputs, attend); the paged forms are paged.py's
+FORMS = {"masked": (_masked_inputs, _masked), "gqa": (_gqa_inputs, _gqa), "gqa_static": (_static_inputs, _gqa_static),
+         **paged.FORMS}

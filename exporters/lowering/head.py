@@ -8,6 +8,7 @@
     last       Slice(-1) ─> [B, 1, E]
     row_last   each row's last real new token, min(n_b, S) - 1 (static KV: prefill rows are padded
                on the right), S counted on the device: GatherND per row ─> [B, 1, E]
+    seq_last   paged KV: the tokens ``logits_index`` names, one per sequence ─> [N, 1, E]
 
 ``spec.head``, the lm_head (``HEAD_FORMS``)::
 
@@ -40,7 +41,7 @@ HEAD_FORMS = ("int4-top256", "int8-top16", "int8", "int4", "fp32")
 # mass (SmolLM2's perplexity: +2.2 % refining 16, +1.1 % 64, -0.02 % 256; docs/benchmarks.md)
 REFINE_TOP = {"int8-top16": 16, "int4-top256": 256}
 # spec.logits -> the logits output's position dimension
-POSITION_DIM = {"all": "sequence", "last": 1, "row_last": 1}
+POSITION_DIM = {"all": "sequence", "last": 1, "row_last": 1, "seq_last": 1}
 
 
 def logits(c: LoweringContext, h: str, delta: str) -> str:
@@ -112,4 +113,11 @@ def _row_last(c: LoweringContext, h: str, delta: str) -> tuple[str, str]:
     return pick(h), pick(delta)
 
 
-_POSITIONS = {"all": _all, "last": _last, "row_last": _row_last}
+def _seq_last(c: LoweringContext, h: str, delta: str) -> tuple[str, str]:
+    #  paged: t [1, T, E] ─> Gather(axis 1, logits_index [N]) ─> [1, N, E] ─> Transpose ─> [N, 1, E]
+    g = c.g
+    pick = lambda t: g.transpose(g.gather(t, mf.LOGITS_INDEX, axis=1), [1, 0, 2])  # noqa: E731
+    return pick(h), pick(delta)
+
+
+_POSITIONS = {"all": _all, "last": _last, "row_last": _row_last, "seq_last": _seq_last}

@@ -12,6 +12,9 @@ each op family's module holds its forms side by side and picks one by the spec::
     projections   separate           stacked                       packed
     kv            concat             concat                        static  (no position_ids input)
     logits        all                last                          row_last (+ next_token output)
+
+The paged variant is the static column over a pool of KV blocks: attention ``paged``
+(``paged_reference`` in tests), kv ``paged``, logits ``seq_last`` (lowering/paged.py).
     head          int8 | fp32        int4-top256 | int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
     weights       DequantizeLinear   MatMulNBits                   MatMulNBits
 
@@ -21,7 +24,7 @@ The -int8 twins run the fused / static spec with int8 activations in their layer
 
 from __future__ import annotations
 
-from portable_infer.package.variants import FUSED, FUSED_INT8, FUSED_Q4, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4
+from portable_infer.package.variants import FUSED, FUSED_INT8, FUSED_Q4, PAGED, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4
 
 from ..weights import WeightForm
 from . import attention, head, linear, norm, rotary
@@ -42,8 +45,11 @@ VARIANT_FORMS = {
     STATIC_INT8: ("model.static-int8.onnx", "static", True, False),
     FUSED_Q4: ("model.fused-q4.onnx", "fused", True, True),
     STATIC_Q4: ("model.static-q4.onnx", "static", True, True),
+    PAGED: ("model.paged.onnx", "paged", False, False),
 }
-KV_FORMS = ("concat", "static")
+KV_FORMS = ("concat", "static", "paged")
+# the paged variant's attention: PagedAttention (CUDA); tests build "paged_reference" (standard ops)
+PAGED_ATTENTION = "paged"
 
 
 # field -> the forms it may take, from the modules that hold them
@@ -59,6 +65,8 @@ def checked(spec: VariantSpec) -> VariantSpec:
             raise ValueError(f"VariantSpec.{field} must be one of {tuple(allowed)}, got {getattr(spec, field)!r}")
     if (spec.attention == "gqa_static") != (spec.kv == "static"):
         raise ValueError("the gqa_static attention and the static KV go together")
+    if spec.attention.startswith("paged") != (spec.kv == "paged") or (spec.kv == "paged") != (spec.logits == "seq_last"):
+        raise ValueError("the paged attention forms, the paged KV and the seq_last logits go together")
     return spec
 
 
@@ -74,6 +82,9 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
     weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,
                          head_accuracy=head_accuracy, int4_fit=fitted)
     lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
+    if form == "paged":
+        return checked(VariantSpec(name, file, ("cuda",), PAGED_ATTENTION, "fused", "cached", "packed", "paged",
+                                   "seq_last", lm_head, weights, position_ids=False, next_token=True))
     if form == "static":
         return checked(VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",
                                    "row_last", lm_head, weights, position_ids=False, next_token=True))

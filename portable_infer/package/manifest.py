@@ -44,6 +44,12 @@ TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 # Static-KV graphs (exporter 0.2.1 on): the argmax of each row's logits, int64 [B, 1], so greedy
 # decoding on a GPU copies one id per row to the host instead of the whole vocabulary's logits.
 NEXT_TOKEN = "next_token"
+# Paged-KV graphs (growth "paged"): a step's tokens packed sequence after sequence, the KV in blocks
+# of a pool (exporters/lowering/paged.py describes the contract).
+CUMULATIVE_SEQUENCE_LENGTH = "cumulative_sequence_length"
+PAST_SEQLENS = "past_seqlens"
+BLOCK_TABLE = "block_table"
+LOGITS_INDEX = "logits_index"  # int64 [N]: the token of each sequence whose logits the step returns
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -90,9 +96,11 @@ class ModelDims:
 class KVLayout:
     """How the KV cache travels through the graph.
 
-    ``layout`` "BHSD" means [batch, kv_heads, seq, head_dim]. ``growth`` "concat": the graph
-    returns past+seq rows in ``present`` (the runtime feeds them back); "static": the graph
-    writes in place into a preallocated buffer of ``max_context`` rows.
+    ``layout`` "BHSD" means [batch, kv_heads, seq, head_dim], "blocks" [blocks, block_size,
+    kv_heads, head_dim] (a pool of blocks). ``growth`` "concat": the graph returns past+seq rows
+    in ``present`` (the runtime feeds them back); "static": the graph writes in place into a
+    preallocated buffer of ``max_context`` rows; "paged": into the pool's blocks that each
+    sequence's block table names (layout "blocks").
     """
 
     layout: str

@@ -203,8 +203,8 @@ def _opt(spec):
 NAME = Str(nonempty=True)
 TENSOR = Record({"name": _req(NAME), "dtype": _req(Str(DTYPES)), "shape": _req(List(Either((Int(0), Str()))))})
 PAIR = List(NAME, length=2)
-KV = Record({"layout": _req(Str(("BHSD",))), "dtype": _req(Str(DTYPES)), "num_kv_heads": _req(Int(1)),
-             "head_dim": _req(Int(1)), "growth": _req(Str(("concat", "static"))), "past": _req(List(PAIR)),
+KV = Record({"layout": _req(Str(("BHSD", "blocks"))), "dtype": _req(Str(DTYPES)), "num_kv_heads": _req(Int(1)),
+             "head_dim": _req(Int(1)), "growth": _req(Str(("concat", "static", "paged"))), "past": _req(List(PAIR)),
              "present": _req(List(PAIR))})
 VARIANT = Record({
     "name": _req(NAME), "file": _req(PathName()), "precision": _req(NAME), "opset": _req(Int(1)),

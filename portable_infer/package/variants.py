@@ -10,6 +10,8 @@ gate (``variant_choice.py``, ``engine/providers.py``). No module states a name o
     static                  the fused ops with fixed KV buffers written in place (CUDA graphs)
     <fused|static>-int8     the exact twin with int8 activations in its 4-bit layers (int4 packages)
     <fused|static>-q4       int8 activations on weights fitted to MatMulNBits' integer form
+    paged                   the static graph's ops over a pool of KV blocks, a step's tokens packed
+                            (CUDA's PagedAttention; serving, on request)
     <name>-ort              the same graph in ONNX Runtime's format (``pack --ort``)
 
 Two kinds of bar: the export's, which fail an export or leave a graph out of the package, and
@@ -28,17 +30,19 @@ if TYPE_CHECKING:
 PORTABLE = "portable"
 FUSED = "fused"
 STATIC = "static"
+PAGED = "paged"
 INT8_SUFFIX = "-int8"  # fused-int8, static-int8: their exact twins with int8 activations
 Q4_SUFFIX = "-q4"  # fused-q4, static-q4: int8 activations on weights fitted to MatMulNBits' integer form
 ORT_SUFFIX = "-ort"  # pack --ort: a variant's graph converted to ORT format
 FUSED_INT8, STATIC_INT8 = FUSED + INT8_SUFFIX, STATIC + INT8_SUFFIX
 FUSED_Q4, STATIC_Q4 = FUSED + Q4_SUFFIX, STATIC + Q4_SUFFIX
 
-VARIANTS = (PORTABLE, FUSED, FUSED_INT8, STATIC, STATIC_INT8, FUSED_Q4, STATIC_Q4)  # what export writes
+VARIANTS = (PORTABLE, FUSED, FUSED_INT8, STATIC, STATIC_INT8, FUSED_Q4, STATIC_Q4, PAGED)  # what export writes
 Q4_VARIANTS = (FUSED_Q4, STATIC_Q4)
 INT8_VARIANTS = (FUSED_INT8, STATIC_INT8, *Q4_VARIANTS)  # only where layers are 4-bit, float activations
 STATIC_VARIANTS = (STATIC, STATIC_INT8, STATIC_Q4)  # only for rotary models without sliding windows
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in Q4_VARIANTS)  # -q4: on request (--variants)
+ROTARY_VARIANTS = (*STATIC_VARIANTS, PAGED)  # only for rotary models without sliding windows
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in (*Q4_VARIANTS, PAGED))  # -q4, paged: on request (--variants)
 EXACT_TWINS = (FUSED, FUSED + ORT_SUFFIX, PORTABLE + ORT_SUFFIX, STATIC)  # what an int8 variant replaces
 
 
@@ -53,6 +57,10 @@ def is_int8(v: GraphVariant) -> bool:
 
 def is_static(v: GraphVariant) -> bool:
     return v.kv.growth == "static"
+
+
+def is_paged(v: GraphVariant) -> bool:
+    return v.kv.growth == "paged"
 
 
 # --- the export's bars (exporters/verify.py, exporters/lean_verify.py) -----------------------------
