@@ -18,7 +18,7 @@ from portable_infer.package.package_paths import check_package
 from portable_infer.text.codec import TextCodec
 from portable_infer.engine.providers import Selection, select_session
 from portable_infer.engine.variant_choice import VariantChoice
-from portable_infer.package.variants import ORT_SUFFIX, is_int8, is_static, passes_gate
+from portable_infer.package.variants import ORT_SUFFIX, is_int8, is_paged, is_static, passes_gate
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +38,14 @@ class LoadConfig:
     static_kv: bool | None = None  # the static-KV variant: None = when the package has it (see load)
     prefer: str = "speed"  # "speed": any variant past its quality gate, fastest measured; "exact": exact only
     tune_batch: int = 1  # the batch size the caller expects, timed beside batch 1 when variants are measured
+    paged_kv: bool = False  # the paged variant (KV in a pool of blocks): serving's mixed prefill and decode steps
 
 
 def load(path: str | os.PathLike | None = None, providers="auto", *, strict: bool = False,
          intra_op_threads: int = 0, accuracy_level: int | None = None, check: str = "sha256",
          provider_options: dict | None = None, low_memory: bool = False, trust=None,
          max_kv_tokens: int | None = None, static_kv: bool | None = None, prefer: str = "speed",
-         tune_batch: int = 1) -> Model:
+         tune_batch: int = 1, paged_kv: bool = False) -> Model:
     """Load a model package on the best (or the named) execution provider.
 
     Args:
@@ -84,6 +85,10 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
             measures eagerly; ``PORTABLE_INFER_TUNE=0`` keeps the rules); "exact": only the exact
             variants (float activations on the source's own weights).
         tune_batch: the batch size the caller expects; measured beside batch 1 when above 1.
+        paged_kv: run the package's ``paged`` variant (exported on request: ``--variants
+            static,paged``; ONNX Runtime's PagedAttention, CUDA): the KV in a pool of blocks that
+            rows take as they grow, and forwards that pack prefills and decodes of any lengths
+            together (the scheduler's mixed steps). False (default): never.
 
     Returns:
         :class:`Model`; ``model.provider`` says what really runs.
@@ -97,7 +102,7 @@ def load(path: str | os.PathLike | None = None, providers="auto", *, strict: boo
                             enable_mem_pattern=not low_memory, enable_cpu_mem_arena=not low_memory,
                             map_weights=low_memory)
     return load_package(path, LoadConfig(providers, strict, check, session, provider_options, trust, max_kv_tokens,
-                                         static_kv, prefer, tune_batch))
+                                         static_kv, prefer, tune_batch, paged_kv))
 
 
 def load_package(path, cfg: LoadConfig) -> Model:
@@ -175,7 +180,7 @@ def _choice(manifest: Manifest, pkg: Path, cfg: LoadConfig) -> VariantChoice:
     """The user's variant choices and the package's gate, refused up front when no provider could
     honour them; each provider then picks from the whole package (``variant_choice``)."""
     gated = frozenset(v.name for v in manifest.variants if is_int8(v) and _passed_gate(manifest, v))
-    choice = VariantChoice(static_kv=cfg.static_kv, int8=_int8_wanted(cfg), gated=gated)
+    choice = VariantChoice(static_kv=cfg.static_kv, int8=_int8_wanted(cfg), gated=gated, paged=cfg.paged_kv)
     choice.check(manifest.variants, pkg)
     return choice
 
@@ -190,7 +195,8 @@ def _select(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort) -> Selection:
                          choice=choice, ort=ort)
 
     def reselect(variant, session_env: str = "") -> Selection:  # one variant on the provider that runs
-        only = VariantChoice(static_kv=is_static(variant), int8=is_int8(variant), gated=frozenset([variant.name]))
+        only = VariantChoice(static_kv=is_static(variant), int8=is_int8(variant), gated=frozenset([variant.name]),
+                             paged=is_paged(variant))
         return select_session([variant], pkg, sel.provider.key, strict=True,
                               session_options=cfg.session.session_options(ort),
                               provider_options=cfg.provider_options, choice=only, ort=ort, session_env=session_env)

@@ -83,7 +83,8 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
                          head_accuracy=head_accuracy, int4_fit=fitted)
     lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
     if form == "paged":
-        return checked(VariantSpec(name, file, ("cuda",), PAGED_ATTENTION, "fused", "cached", "packed", "paged",
+        providers = ("cuda",) if PAGED_ATTENTION == "paged" else ("*",)  # the reference runs anywhere
+        return checked(VariantSpec(name, file, providers, PAGED_ATTENTION, "fused", "cached", "packed", "paged",
                                    "seq_last", lm_head, weights, position_ids=False, next_token=True))
     if form == "static":
         return checked(VariantSpec(name, file, ("cpu", "cuda"), "gqa_static", "fused", "cached", "packed", "static",

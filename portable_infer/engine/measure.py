@@ -49,7 +49,7 @@ def tune_cache_dir() -> Path:
 
 def tuning_pool(spec, variants: Sequence, choice: VariantChoice, chosen) -> list:
     """The variants ``spec`` may run instead of ``chosen``: same KV growth, activations as allowed."""
-    pool = [v for v in variants if spec.accepts(v) and is_static(v) == is_static(chosen)]
+    pool = [v for v in variants if spec.accepts(v) and v.kv.growth == chosen.kv.growth]
     if choice.int8 is True:
         pool = [v for v in pool if is_int8(v)]
     elif choice.int8 is False:

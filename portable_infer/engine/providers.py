@@ -33,7 +33,7 @@ from portable_infer.errors import InvalidArgumentError, PackageError, ProviderEr
 from portable_infer.package.manifest import GraphVariant
 from portable_infer.engine.provider_spec import ProviderSpec, norm_name
 from portable_infer.engine.variant_choice import VariantChoice, choose_variant
-from portable_infer.package.variants import (FUSED, FUSED_INT8, FUSED_Q4, ORT_SUFFIX, PORTABLE, STATIC, STATIC_INT8,
+from portable_infer.package.variants import (FUSED, FUSED_INT8, FUSED_Q4, ORT_SUFFIX, PAGED, PORTABLE, STATIC, STATIC_INT8,
                                              STATIC_Q4)
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ _CPU_FIRST = ("int4", "int8", "fp32", "fp16")
 # weights in MatMulNBits' integer form, ONNX Runtime's fastest CPU kernels); "static" (fixed KV buffers written in
 # place; CUDA graphs on CUDA) comes first by default because variant_choice tries the static tier
 # before the growing one, not by its place here (the order within a tier).
-_FUSED_FIRST = (FUSED, FUSED_INT8, FUSED_Q4, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4)
+_FUSED_FIRST = (FUSED, FUSED_INT8, FUSED_Q4, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4, PAGED)  # paged: when asked for
 _ORT_FIRST = tuple(n + ORT_SUFFIX for n in (FUSED, FUSED_INT8, PORTABLE))  # pack --ort's graphs
 _CUDA_LIBS = "and the CUDA 12/13 + cuDNN 9 libraries on LD_LIBRARY_PATH (PATH on Windows)"
 _QNN_HTP = "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from portable_infer.engine import host
 from portable_infer.engine.growing import GrowingEngine
+from portable_infer.engine.paged import PagedEngine
 from portable_infer.engine.static import StaticEngine
 
 
@@ -47,6 +48,9 @@ def make_engine(sel, manifest, ort, max_kv_tokens: int | None = None):
     """The engine for a :class:`~portable_infer.engine.providers.Selection`: the static one for
     static-KV graphs (buffers of at most ``max_kv_tokens`` tokens per row), else the growing one."""
     context = manifest.model.max_context
+    if sel.variant.kv.growth == "paged":
+        return PagedEngine(sel.session, sel.variant, sel.provider.ort_name, ort,
+                           max_context=min(context, max_kv_tokens or context), vocab_size=manifest.model.vocab_size)
     if sel.variant.kv.growth == "static":
         return StaticEngine(sel.session, sel.variant, sel.provider.ort_name, ort,
                             max_context=min(context, max_kv_tokens or context),

@@ -4,7 +4,8 @@ Every provider (a row of :data:`portable_infer.engine.providers.PROVIDERS`) choo
 
 1. **What it can run**: variants whose name is in the row's ``variants``, whose precision is in its
    ``precisions``, and whose manifest ``providers`` name it (or ``*``).
-2. **What the user allows**, in tiers of KV growth. ``static_kv=None`` (the default) tries the
+2. **What the user allows**, in tiers of KV growth (the paged variant only when ``paged_kv`` asks
+   for it, and then only it). ``static_kv=None`` (the default) tries the
    static-KV graphs first, then the growing ones, unless the package carries ORT-format graphs
    (``pack --ort`` packed it for those); ``True``: only static; ``False``: only growing. Within a
    tier, the activations: an int8-activation graph (``static-int8``, ``fused-int8``, their ``-ort``
@@ -30,7 +31,7 @@ from typing import Sequence
 from portable_infer.engine.provider_spec import ProviderSpec
 from portable_infer.errors import PackageError
 from portable_infer.package.manifest import GraphVariant
-from portable_infer.package.variants import EXACT_TWINS, FUSED, FUSED_INT8, INT8_FLOOR, ORT_SUFFIX, is_int8, is_static
+from portable_infer.package.variants import EXACT_TWINS, FUSED, FUSED_INT8, INT8_FLOOR, ORT_SUFFIX, PAGED, is_int8, is_paged, is_static
 
 
 def pick_variant(spec: ProviderSpec, variants: Sequence[GraphVariant]) -> GraphVariant | None:
@@ -50,11 +51,13 @@ class VariantChoice:
             False (accuracy_level=1): never; None: those in ``gated``, and any the provider has
             no exact graph beside.
         gated: names of the int8 variants whose recorded agreement passed the gate.
+        paged: the paged-KV variant only (serving's mixed steps); False: never it.
     """
 
     static_kv: bool | None = None
     int8: bool | None = None
     gated: frozenset = frozenset()
+    paged: bool = False
 
     def tiers(self, variants: Sequence[GraphVariant]) -> tuple:
         """The KV growths to try, in order: True = static."""
@@ -85,6 +88,9 @@ class VariantChoice:
     def check(self, variants: Sequence[GraphVariant], pkg: str | Path) -> None:
         """Refuse what no provider could honour, with a :class:`PackageError` saying what to do."""
         names = [v.name for v in variants]
+        if self.paged and not any(is_paged(v) for v in variants):
+            raise PackageError(f"{pkg} has no paged variant; re-export it with "
+                               f"`portable-infer export SOURCE -o {pkg} --precision fp16 --variants static,{PAGED}`")
         if self.static_kv and not any(is_static(v) for v in variants):
             raise PackageError(f"{pkg} has no static-KV variant; re-export it with "
                                f"`portable-infer export SOURCE -o {pkg} --variants portable,fused,static`")
@@ -117,7 +123,7 @@ def choose_variant(spec: ProviderSpec, variants: Sequence[GraphVariant], choice:
         >>> choose_variant(OPENVINO, [static, fused, portable])[0].name   # doctest: +SKIP
         'portable'
     """
-    runnable = [v for v in variants if spec.accepts(v)]
+    runnable = [v for v in variants if spec.accepts(v) and is_paged(v) == choice.paged]
     for static in choice.tiers(variants):
         pool = [v for v in runnable if is_static(v) == static]
         v = pick_variant(spec, choice.activations(pool, auto_static=static and choice.static_kv is None))

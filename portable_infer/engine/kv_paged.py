@@ -1,0 +1,166 @@
+"""The KV of ``growth: paged`` graphs: one pool of blocks per engine, a block table per row.
+
+Each layer's keys and values live in one pool ``[blocks, block_size, kv_heads, head_dim]`` on the
+provider's device, bound as both past and present (the graph writes in place). A row owns the
+blocks its table lists, in token order: token p of a row lives in ``table[p // block_size]`` at
+row ``p % block_size``. So rows of different lengths take only the blocks they fill, and the row
+operations continuous batching needs move no KV at all::
+
+    pool      [ 0 ][ 1 ][ 2 ][ 3 ][ 4 ][ 5 ][ 6 ][ 7 ]
+    row a     table [5, 2]      (20 tokens, block_size 16)
+    row b     table [0]         ( 9 tokens)
+    merge / take: new tables listing the same blocks (counted references); a block whose last
+    reference goes back to the free list
+
+A cache's references go when the cache is dropped (``weakref.finalize``), so the callers drop
+caches as they drop the others. A block two caches hold is never written: only a row's last,
+partly filled block takes new tokens, and a forward into a shared one is refused (merge and take
+hand the rows to a new cache and the old one is dropped before the next forward).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from portable_infer.engine import padding
+from portable_infer.engine.memory import bytes_per_token
+from portable_infer.errors import CapacityError, InvalidArgumentError
+from portable_infer.package.manifest import KVLayout
+
+
+class BlockPool:
+    """The device pools of every layer and who holds each block (loop thread only).
+
+    Args:
+        layout: the graph's KV layout (``blocks``).
+        ort: onnxruntime; ``device``: where the pools live ("cpu", "cuda").
+        blocks, block_size: the pool's size.
+    """
+
+    def __init__(self, layout: KVLayout, ort, device: str, blocks: int, block_size: int):
+        if blocks < 1 or block_size < 1:
+            raise InvalidArgumentError(f"a KV pool needs blocks >= 1 and block_size >= 1, got {blocks} x {block_size}")
+        self.layout, self.ort, self.device = layout, ort, device
+        self.blocks, self.block_size = blocks, block_size
+        self.host = None  # CPU: the numpy arrays the pools' OrtValues wrap (written through them)
+        if device == "cpu":  # zeros: a reference graph reads whole blocks (masked)
+            self.host = [tuple(np.zeros(self._shape, np.dtype(layout.dtype)) for _ in pair) for pair in layout.past]
+            self.values = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.host]
+        else:
+            self.values = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(self._shape, np.dtype(layout.dtype), device, 0)
+                                 for _ in pair) for pair in layout.past]  # [(key, value)] per layer
+        self.refs = np.zeros(blocks, np.int64)
+        self._free = list(range(blocks - 1, -1, -1))  # a stack: the lowest block first
+
+    @property
+    def _shape(self) -> tuple:
+        return self.blocks, self.block_size, self.layout.num_kv_heads, self.layout.head_dim
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * bytes_per_token(self.layout)
+
+    def extend(self, table: list, tokens: int) -> None:
+        """``table`` grows to hold ``tokens`` tokens (its new blocks referenced once), or CapacityError."""
+        more = -(-tokens // self.block_size) - len(table)
+        if more <= 0:
+            return
+        if more > len(self._free):
+            raise CapacityError(f"the KV pool has {len(self._free)} free blocks of {self.block_size} tokens and a row "
+                                f"needs {more} more; raise the KV budget (kv_budget_tokens) or lower max_batch")
+        new = [self._free.pop() for _ in range(more)]
+        self.refs[new] += 1
+        table.extend(new)
+
+    def hold(self, tables: list) -> None:
+        for t in tables:
+            self.refs[t] += 1
+
+    def release(self, tables: list) -> None:
+        """One reference less to each block of ``tables``; blocks left with none are free again."""
+        for t in tables:
+            self.refs[t] -= 1
+            self._free.extend(b for b in reversed(t) if self.refs[b] == 0)
+
+    def shared(self, table: list, start: int) -> bool:
+        """Whether the block that token ``start`` of a row with ``table`` lands in is held twice."""
+        k = start // self.block_size
+        return k < len(table) and self.refs[table[k]] > 1
+
+
+@dataclass
+class PagedCache:
+    """Block tables over an engine's :class:`BlockPool`; see :class:`~portable_infer.engine.protocols.KVCache`."""
+
+    layout: KVLayout
+    batch: int
+    capacity: int
+    pool: BlockPool
+    tables: list  # [[block, ...]] per row (mutated in place: the finalizer holds this list)
+    rows: np.ndarray  # tokens held per row
+    length: int = 0  # columns of the caller's mask seen so far, padding included
+    _done: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._done = weakref.finalize(self, self.pool.release, self.tables)
+
+    @classmethod
+    def empty(cls, pool: BlockPool, layout: KVLayout, batch: int, capacity: int) -> "PagedCache":
+        return cls(layout, batch, capacity, pool, [[] for _ in range(batch)], np.zeros(batch, np.int64))
+
+    def _with(self, tables: list, rows: np.ndarray, length: int, capacity: int) -> "PagedCache":
+        self.pool.hold(tables)
+        return PagedCache(self.layout, len(tables), capacity, self.pool, tables, rows, length)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return bytes_per_token(self.layout)
+
+    def nbytes(self) -> int:
+        return sum(len(t) for t in self.tables) * self.pool.block_bytes
+
+    def merge(self, mask: np.ndarray, other: "PagedCache", other_mask: np.ndarray) -> tuple:
+        tables = [list(t) for t in self.tables] + [list(t) for t in other.tables]
+        merged = self._with(tables, np.concatenate([self.rows, other.rows]), max(self.length, other.length),
+                            max(self.capacity, other.capacity))
+        return merged, padding.stack(mask, self.length, other_mask, other.length)
+
+    def take(self, mask: np.ndarray, keep: list) -> tuple:
+        sub, start = padding.keep_rows(mask, keep)
+        tables = [list(self.tables[i]) for i in keep]
+        return self._with(tables, self.rows[np.asarray(keep, np.int64)].copy(), self.length - start, self.capacity), sub
+
+    def prompt_kv(self, prompts: list, rows: list) -> list:
+        """Host copies of the rows' prompt KV: the pools are read whole, so only on the CPU (the
+        scheduler keeps no host prefix cache for paged engines on devices)."""
+        host = self._host()
+        out = []
+        for i in rows:
+            n, table = len(prompts[i]), np.asarray(self.tables[i], np.int64)
+            start = int(self.rows[i]) - n
+            flat = lambda a: a[table].reshape(-1, *a.shape[2:])[start:start + n]  # noqa: E731  [n, KVH, D]
+            out.append([tuple(np.ascontiguousarray(flat(a).transpose(1, 0, 2)[None]) for a in pair) for pair in host])
+        return out
+
+    def _host(self) -> list:
+        if self.pool.host is None:
+            raise InvalidArgumentError("a paged cache on a device keeps its prefixes in its blocks, not on the host")
+        return self.pool.host
+
+    def fill_prefix(self, arrays: list, n: int) -> None:
+        host = self._host()
+        self.pool.extend(self.tables[0], n)
+        table, bs = np.asarray(self.tables[0], np.int64), self.pool.block_size
+        p = np.arange(n)
+        for pair, layer in zip(host, arrays):
+            for a, src in zip(pair, layer):
+                a[table[p // bs], p % bs] = src[0].transpose(1, 0, 2)  # [n, KVH, D]
+        self.rows = np.array([n], np.int64)
+        self.length = n

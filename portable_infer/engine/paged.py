@@ -1,0 +1,180 @@
+"""The engine for ``growth: paged`` graphs: a step's tokens packed, the KV in a pool of blocks.
+
+It implements the same :class:`~portable_infer.engine.protocols.Engine` as the others
+(``new_cache``, ``forward(ids, mask, cache)`` with the decode loop's left-padded, growing mask),
+with :class:`~portable_infer.engine.kv_paged.PagedCache` for its caches. Inside, a forward packs
+each row's new tokens (the mask's last columns) one sequence after another, as the graph takes
+them (``exporters/lowering/paged.py``)::
+
+    ids [B, S], mask [B, length + S]  ─> rows with new tokens: n_b = mask[b, -S:].sum()
+    input_ids [1, Σ n_b]   cumulative_sequence_length [N + 1]   past_seqlens = cache.rows
+    block_table [N, widest]  (-1 past a row's blocks)   logits_index = each row's last token
+
+so a step may hold prefills of any lengths and one-token decodes side by side
+(:meth:`forward_packed`: the scheduler's mixed steps), with no padding computed and no KV moved.
+Rows without new tokens sit the step out (their logits are zeros, their token 0). The pools are
+bound as both past and present on one IO binding (the graph writes in place); the other inputs
+are bound at each step. No CUDA graphs: ONNX Runtime's PagedAttention reads the lengths back
+on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
+from portable_infer.engine.devices import device_of
+from portable_infer.engine.kv_paged import BlockPool, PagedCache
+from portable_infer.errors import InvalidArgumentError, PortableInferError
+from portable_infer.package import manifest as mf
+
+logger = logging.getLogger(__name__)
+BLOCK_SIZE = 16  # tokens a block holds (vLLM's default); PagedEngine(block_size=) changes it
+
+
+class HostLogits:
+    """A paged forward's logits on the host, behind :class:`~portable_infer.engine.masked_argmax.DeviceLogits`'
+    reading verbs (no masks applied on the device: ``masks_here`` False)."""
+
+    masks_here = False
+
+    def __init__(self, logits: np.ndarray, token: np.ndarray):
+        self.logits, self.token = logits, token
+        self.batch, self.vocab = logits.shape
+
+    def argmax(self) -> np.ndarray:
+        return self.token.copy()
+
+    def rows(self, index) -> np.ndarray:
+        return self.logits[np.asarray(index, np.int64)]
+
+
+class PagedEngine:
+    """Runs a paged-KV graph. Implements :class:`~portable_infer.engine.protocols.Engine`.
+
+    Args:
+        session, variant, provider, ort: the session and its manifest variant.
+        max_context, vocab_size: the model's.
+        block_size: tokens a block holds.
+    """
+
+    masks_on_device = False  # the logits come to the host for grammar masks
+    overlaps_host = False
+
+    def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int,
+                 vocab_size: int, block_size: int = BLOCK_SIZE):
+        if variant.kv.growth != "paged":
+            raise PortableInferError(f"variant {variant.name} keeps its KV as {variant.kv.growth}; it is not paged")
+        self.session, self.variant, self.provider, self.ort = session, variant, provider, ort
+        self.device = device_of(provider)
+        self.max_context, self.vocab = max_context, vocab_size
+        self.block_size = block_size
+        self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
+        self.pool: BlockPool | None = None
+        self._binding = None
+
+    # --- the pool ---------------------------------------------------------------------------------
+    def reserve(self, tokens: int) -> BlockPool:
+        """Make the pool hold ``tokens`` tokens (rounded up to blocks) before the first cache:
+        the scheduler's KV budget. Without it the first cache sizes the pool."""
+        if self.pool is not None:
+            raise PortableInferError("the KV pool is made already; reserve it before the first cache")
+        self.pool = BlockPool(self.variant.kv, self.ort, self.device, -(-tokens // self.block_size), self.block_size)
+        self._binding = None
+        return self.pool
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> PagedCache:
+        capacity = checked_capacity(capacity, self.max_context)
+        if self.pool is None:
+            self.reserve(batch * capacity)
+        return PagedCache.empty(self.pool, self.variant.kv, batch, capacity)
+
+    def trim(self, dropped_bytes: int) -> None:
+        """Nothing to give back: the pool stays for the next caches."""
+
+    # --- one step ---------------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, *, greedy: bool = False,
+                all_logits: bool = False) -> np.ndarray:
+        """``ids`` [B, S], ``mask`` [B, length + S]: logits [B, vocab] of each row's last new token
+        (``greedy``: its argmax [B] instead); see the module's docstring."""
+        check_call(self, greedy, all_logits)
+        logits, token = self._forward(ids, mask, cache, greedy)
+        return token if greedy else logits
+
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, meanwhile=None) -> HostLogits:
+        """:meth:`forward`, the logits and the graph's argmax together (on the host: this engine
+        masks there); ``meanwhile()`` runs after the run."""
+        logits, token = self._forward(ids, mask, cache, False)
+        if meanwhile is not None:
+            meanwhile()
+        return HostLogits(logits, token)
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, greedy: bool) -> tuple:
+        B, S = ids.shape
+        new = np.asarray(mask[:, -S:], np.int64).sum(axis=1)
+        check_capacity(cache.rows + new, cache.capacity)
+        chunks = [(b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
+        out = self.forward_packed(cache, chunks, greedy) if chunks else (None, None)
+        cache.length += S
+        token = np.zeros(B, np.int64)
+        logits = None if greedy else np.zeros((B, self.vocab), np.float32)
+        live = [b for b, _ in chunks]
+        if chunks:
+            token[live] = out[1]
+            if not greedy:
+                logits[live] = out[0]
+        return logits, token
+
+    def forward_packed(self, cache: PagedCache, chunks: list, greedy: bool = False) -> tuple:
+        """One forward of ``chunks`` [(row, token ids)] (each row at most once, any number of
+        tokens): ``(logits [N, vocab] or None with greedy, argmax [N])`` in chunk order; each
+        row's ``cache.rows`` advances by its tokens (``length``, the caller's mask, does not)."""
+        pool = self.pool
+        rows = [b for b, _ in chunks]
+        counts = np.array([len(t) for _, t in chunks], np.int64)
+        past = cache.rows[rows]
+        check_capacity(past + counts, cache.capacity)
+        for b, n in zip(rows, counts):
+            if pool.shared(cache.tables[b], int(cache.rows[b])):
+                raise PortableInferError("a KV block two caches hold would be written; drop the old cache first")
+            pool.extend(cache.tables[b], int(cache.rows[b] + n))
+        width = max(len(cache.tables[b]) for b in rows)
+        table = np.full((len(rows), width), -1, np.int32)
+        for k, b in enumerate(rows):
+            table[k, :len(cache.tables[b])] = cache.tables[b]
+        cu = np.zeros(len(rows) + 1, np.int32)
+        np.cumsum(counts, out=cu[1:])
+        feeds = {mf.INPUT_IDS: np.concatenate([np.asarray(t, np.int64) for _, t in chunks])[None],
+                 mf.CUMULATIVE_SEQUENCE_LENGTH: cu, mf.PAST_SEQLENS: past.astype(np.int32),
+                 mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1}
+        logits, token = self._run(feeds, greedy)
+        cache.rows[rows] += counts
+        return logits, token
+
+    def _run(self, feeds: dict, greedy: bool) -> tuple:
+        b = self._bound()
+        for name, value in feeds.items():
+            b.bind_cpu_input(name, value)
+        b.bind_output(mf.LOGITS, self.device if greedy else "cpu")
+        b.bind_output(mf.NEXT_TOKEN, "cpu")
+        self.session.run_with_iobinding(b)
+        out = dict(zip(self._names, b.get_outputs()))
+        token = out[mf.NEXT_TOKEN].numpy().reshape(-1)
+        return (None if greedy else out[mf.LOGITS].numpy()[:, 0]), token
+
+    def _bound(self):
+        """The IO binding with the pools bound in place (made once per pool)."""
+        if self._binding is None:
+            if not self.greedy_on_device:
+                raise InvalidArgumentError(f"graph {self.variant.file} has no {mf.NEXT_TOKEN} output; re-export it")
+            b = self.session.io_binding()
+            for (kn, vn), (kp, vp), (k, v) in zip(self.variant.kv.past, self.variant.kv.present, self.pool.values):
+                b.bind_ortvalue_input(kn, k)
+                b.bind_ortvalue_input(vn, v)
+                b.bind_ortvalue_output(kp, k)
+                b.bind_ortvalue_output(vp, v)
+            self._binding = b
+            self._names = [p for pair in self.variant.kv.present for p in pair] + [mf.LOGITS, mf.NEXT_TOKEN]
+        return self._binding
