@@ -76,19 +76,21 @@ class PagedEngine:
         self._binding = None
 
     # --- the pool ---------------------------------------------------------------------------------
-    def reserve(self, tokens: int) -> BlockPool:
-        """Make the pool hold ``tokens`` tokens (rounded up to blocks) before the first cache:
-        the scheduler's KV budget. Without it the first cache sizes the pool."""
-        if self.pool is not None:
-            raise PortableInferError("the KV pool is made already; reserve it before the first cache")
-        self.pool = BlockPool(self.variant.kv, self.ort, self.device, -(-tokens // self.block_size), self.block_size)
-        self._binding = None
+    def reserve(self, blocks: int, block_size: int | None = None) -> BlockPool:
+        """A pool of ``blocks`` blocks of ``block_size`` tokens (None: the engine's): the
+        scheduler's KV budget. Without it the first cache sizes the pool; a pool that blocks are
+        held in is not replaced."""
+        if self.pool is not None and self.pool.refs.any():
+            raise PortableInferError("the KV pool holds caches' blocks; drop them before reserving another pool")
+        self.block_size = block_size or self.block_size
+        self.pool, self._binding = None, None  # the old pool's memory goes before the new one is made
+        self.pool = BlockPool(self.variant.kv, self.ort, self.device, blocks, self.block_size)
         return self.pool
 
     def new_cache(self, batch: int, capacity: int | None = None) -> PagedCache:
         capacity = checked_capacity(capacity, self.max_context)
         if self.pool is None:
-            self.reserve(batch * capacity)
+            self.reserve(-(-batch * capacity // self.block_size))
         return PagedCache.empty(self.pool, self.variant.kv, batch, capacity)
 
     def trim(self, dropped_bytes: int) -> None:
@@ -115,42 +117,44 @@ class PagedEngine:
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], np.int64).sum(axis=1)
         check_capacity(cache.rows + new, cache.capacity)
-        chunks = [(b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
-        out = self.forward_packed(cache, chunks, greedy) if chunks else (None, None)
+        chunks = [(cache, b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
+        out = self.forward_packed(chunks, greedy) if chunks else (None, None)
         cache.length += S
         token = np.zeros(B, np.int64)
         logits = None if greedy else np.zeros((B, self.vocab), np.float32)
-        live = [b for b, _ in chunks]
+        live = [b for _, b, _ in chunks]
         if chunks:
             token[live] = out[1]
             if not greedy:
                 logits[live] = out[0]
         return logits, token
 
-    def forward_packed(self, cache: PagedCache, chunks: list, greedy: bool = False) -> tuple:
-        """One forward of ``chunks`` [(row, token ids)] (each row at most once, any number of
-        tokens): ``(logits [N, vocab] or None with greedy, argmax [N])`` in chunk order; each
-        row's ``cache.rows`` advances by its tokens (``length``, the caller's mask, does not)."""
+    def forward_packed(self, chunks: list, greedy: bool = False) -> tuple:
+        """One forward of ``chunks`` [(cache, row, token ids)] (rows of any of this engine's
+        caches, each at most once, any number of tokens each): ``(logits [N, vocab], or None
+        with greedy; argmax [N])`` in chunk order. Each row's ``cache.rows`` advances by its
+        tokens (``cache.length``, the caller's mask, does not)."""
         pool = self.pool
-        rows = [b for b, _ in chunks]
-        counts = np.array([len(t) for _, t in chunks], np.int64)
-        past = cache.rows[rows]
-        check_capacity(past + counts, cache.capacity)
-        for b, n in zip(rows, counts):
-            if pool.shared(cache.tables[b], int(cache.rows[b])):
+        counts = np.array([len(t) for _, _, t in chunks], np.int64)
+        past = np.array([int(c.rows[b]) for c, b, _ in chunks], np.int64)
+        tables = []
+        for (c, b, _), n, p in zip(chunks, counts, past):
+            check_capacity(np.array([p + n]), c.capacity)
+            if pool.shared(c.tables[b], int(p)):
                 raise PortableInferError("a KV block two caches hold would be written; drop the old cache first")
-            pool.extend(cache.tables[b], int(cache.rows[b] + n))
-        width = max(len(cache.tables[b]) for b in rows)
-        table = np.full((len(rows), width), -1, np.int32)
-        for k, b in enumerate(rows):
-            table[k, :len(cache.tables[b])] = cache.tables[b]
-        cu = np.zeros(len(rows) + 1, np.int32)
+            pool.extend(c.tables[b], int(p + n))
+            tables.append(c.tables[b])
+        table = np.full((len(chunks), max(map(len, tables))), -1, np.int32)
+        for k, t in enumerate(tables):
+            table[k, :len(t)] = t
+        cu = np.zeros(len(chunks) + 1, np.int32)
         np.cumsum(counts, out=cu[1:])
-        feeds = {mf.INPUT_IDS: np.concatenate([np.asarray(t, np.int64) for _, t in chunks])[None],
+        feeds = {mf.INPUT_IDS: np.concatenate([np.asarray(t, np.int64) for _, _, t in chunks])[None],
                  mf.CUMULATIVE_SEQUENCE_LENGTH: cu, mf.PAST_SEQLENS: past.astype(np.int32),
                  mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1}
         logits, token = self._run(feeds, greedy)
-        cache.rows[rows] += counts
+        for (c, b, _), n in zip(chunks, counts):
+            c.rows[b] += n
         return logits, token
 
     def _run(self, feeds: dict, greedy: bool) -> tuple:

@@ -56,6 +56,7 @@ from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.prompts import token_ids
 from portable_infer.text.streaming import TextStream
 from portable_infer.serving.request import Request
+from portable_infer.serving.paged_batch import PagedBatch
 from portable_infer.serving.running_batch import RunningBatch
 from portable_infer.serving.slot_batch import SlotBatch
 from portable_infer.decode.sampling import SamplingParams
@@ -100,12 +101,18 @@ def row_limit(engine, config: SchedulerConfig, pool: BlockPool) -> int | None:
     return limit
 
 
-def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, limit: int | None = None):
-    """The running batch for ``engine``: slots (:func:`slot_rows`; rows of at most ``limit``
-    tokens), else restacked at each join and leave. Restacked static KV off the CPU keeps finished
-    rows, masked, until half the batch has finished or a request joins (the planner's
-    ``defer_leave``): moving the rest copies their KV, each batch size captures a CUDA graph, and
-    an idle row costs a GPU step next to nothing."""
+def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, limit: int | None = None,
+                  pool: BlockPool | None = None):
+    """The running batch for ``engine``: on paged KV, rows by block tables over a pool of the KV
+    budget (``pool``'s blocks), prefills riding in decode forwards (:class:`PagedBatch`); slots
+    (:func:`slot_rows`; rows of at most ``limit`` tokens); else restacked at each join and leave.
+    Restacked static KV off the CPU keeps finished rows, masked, until half the batch has
+    finished or a request joins (the planner's ``defer_leave``): moving the rest copies their KV,
+    each batch size captures a CUDA graph, and an idle row costs a GPU step next to nothing."""
+    if engine.variant.kv.growth == "paged":
+        if pool is not None:
+            engine.reserve(pool.total, pool.block_size)
+        return PagedBatch(engine, prefixes, max_context)
     if slot_rows(engine, config):
         batch = SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
         if getattr(engine, "cuda_graph", False):  # before the first request, as vLLM does
@@ -156,10 +163,10 @@ class Scheduler:
     def __init__(self, model, config: SchedulerConfig = SchedulerConfig(), *, observer=None):
         engine = model.engine
         kv = engine.variant.kv
-        if kv.growth not in ("concat", "static") or kv.layout != "BHSD":
-            raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation or "
-                                       f"lives in fixed buffers, in BHSD layout; this one is {kv.growth}/"
-                                       f"{kv.layout}: re-export the package")
+        if (kv.growth, kv.layout) not in (("concat", "BHSD"), ("static", "BHSD"), ("paged", "blocks")):
+            raise InvalidArgumentError(f"continuous batching needs a graph whose KV grows by concatenation, lives "
+                                       f"in fixed buffers (BHSD layout) or in a pool of blocks; this one is "
+                                       f"{kv.growth}/{kv.layout}: re-export the package")
         self.model = model
         self.codec = model.codec  # prompts in, text out
         self.config = config
@@ -170,10 +177,14 @@ class Scheduler:
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:
             prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
-        # loop thread only; shorter prompts than a grouped request reuses are not stored either
-        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes, prefix_min, bytes_per_token(kv))
+        # loop thread only; shorter prompts than a grouped request reuses are not stored either. Paged
+        # KV on a device keeps no host copies of prefixes (its caches cannot give them cheaply).
+        host_prefixes = kv.growth != "paged" or engine.device == "cpu"
+        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes if host_prefixes else 0, prefix_min,
+                                    bytes_per_token(kv))
         self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
-        self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit)  # loop thread
+        self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread
+                                   self.pool)
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,  # defer_leave: see Planner
                                self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu"
                                and not isinstance(self.batch, SlotBatch))
@@ -305,6 +316,10 @@ class Scheduler:
         with clock.timed("plan"):  # leaves, copies from cached prefixes
             self._leave_and_start(plan, named)
         step = plan.prefill
+        if step is not None and plan.decode and batch.rows and isinstance(batch, PagedBatch):
+            with clock.phase("decode", batch, decode_rows=len(batch.rows), mixed_steps=1):
+                self._mixed(step, named)  # the prefill rides in the decode forward
+            return
         if step is not None:
             with clock.phase("prefill", batch):
                 self._prefill(step, named)
@@ -347,6 +362,24 @@ class Scheduler:
                 self._prefill_chunk(rows[0], step)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                 self._fail_prefill(rows, exc)
+
+    def _mixed(self, step, named: dict) -> None:
+        """A paged batch's step: its rows' decode and ``step``'s prefill in one forward. A failure
+        ends the running rows and the prefill's."""
+        rows = [named[s.request] for s in step.slices]
+        try:
+            results, done = self.batch.mixed(rows, step)
+        except Exception as exc:  # noqa: BLE001
+            self._fail_prefill(rows, exc)
+            self._fail_batch("mixed prefill and decode step failed", exc)
+            return
+        self.queues.hand_over(results)
+        if done is None:  # a chunk with more to go
+            rows[0].prefilled = step.slices[0].end
+            with self.queues.lock:
+                self.meter.count("prompt_tokens", step.tokens)
+            return
+        self._prefilled(rows, step, done)
 
     def _prefill_group(self, rows: list, step) -> None:
         """Several whole prompts in one forward; if it fails, each is prefilled alone later."""

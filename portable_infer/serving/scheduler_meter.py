@@ -25,7 +25,7 @@ RECENT = 256  # finished requests kept for stats()
 # CPU, the device's time not hidden on a GPU) and the rest ("host": row rules, picks, copies,
 # hand-over); "plan" (planning, leaves) and "idle" (nothing to do). Steps and decoded rows counted.
 STEP_SECONDS = ("prefill_forward", "prefill_host", "decode_forward", "decode_host", "plan", "idle")
-STEP_COUNTS = ("prefill_steps", "decode_steps", "decode_rows")
+STEP_COUNTS = ("prefill_steps", "decode_steps", "decode_rows", "mixed_steps")  # mixed: a prefill in a decode step
 COUNTERS = ("prompt_tokens", "generation_tokens", "requests_finished", "requests_cancelled",
             "requests_rejected", "requests_failed")
 

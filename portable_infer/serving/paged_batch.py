@@ -1,0 +1,97 @@
+"""The running batch on a paged engine: a step's prefill rides in the decode forward.
+
+With :class:`~portable_infer.engine.paged.PagedEngine` every row's KV sits in blocks of one pool,
+so rows join and leave by their block tables (the caches' ``merge`` and ``take`` copy no KV) and
+one forward may pack sequences of any lengths. Where a step has both a prefill (a group of whole
+prompts or one prompt's chunk, as the planner made it) and rows to decode, they run as one
+forward, as vLLM's chunked prefill mixes them::
+
+    packed tokens   [ a ][ b ][ c ][ p0 p1 p2 ... p511 ]      a, b, c decode one token each;
+    sequences        a    b    c    p (its chunk)             p's chunk extends p's own cache
+
+So a burst of new prompts does not stop the running streams for whole prefill forwards: each
+step still gives every running row its token. The prefill's rows are picked from the same
+forward (their first tokens, where their prompts end) and join the batch after it. Tokens are
+picked as :class:`RunningBatch` picks them (the graph's argmax for plain greedy steps, else the
+host's logits, grammar masks applied there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from portable_infer.decode import batch_pick
+from portable_infer.decode.batch_pick import RowInput
+from portable_infer.serving.running_batch import Prefilled, RunningBatch, pick_row
+
+
+class PagedBatch(RunningBatch):
+    """:class:`RunningBatch` over a paged engine's caches, with :meth:`mixed` steps."""
+
+    def mixed(self, rows: list, step) -> tuple:
+        """One forward for the batch's live rows (one token each) and ``step``'s prefill (a
+        :class:`~portable_infer.serving.scheduler_plan.Prefill`, ``rows`` its requests in slice
+        order). Returns ``(results, done)``: the decode rows' :class:`RowResult` list and, where
+        prompts ended, their :class:`Prefilled` (first tokens picked; to join), else None."""
+        live = np.array([[r.state != "done"] for r in self.rows], np.int64)
+        self.mask = np.concatenate([self.mask, live], axis=1)
+        decode = [i for i, r in enumerate(self.rows) if r.state != "done"]
+        cache, mask, chunks = self._prefill_chunks(rows, step)
+        seqs = [r.seq if r.state != "done" else None for r in self.rows]
+        fresh = [r.seq for r in rows if r.state != "done"]
+        how = batch_pick.GREEDY if batch_pick.mode(self.engine, seqs + fresh) == batch_pick.GREEDY else batch_pick.HOST
+        packed = [(self.cache, i, [int(self.pending[i])]) for i in decode] + chunks
+        self.cache.length += 1
+        out = {}
+
+        def forward(fill):  # the decode rows' part, as row_inputs reads it; the prefill's kept in out
+            logits, token = self._wait(self.engine.forward_packed, packed, how == batch_pick.GREEDY)
+            n = len(decode)
+            out["logits"], out["token"] = (None if logits is None else logits[n:]), token[n:]
+            if how == batch_pick.GREEDY:
+                full = np.zeros(len(self.rows), np.int64)
+                full[decode] = token[:n]
+                return full
+            full = np.zeros((len(self.rows), logits.shape[-1]), np.float32)
+            full[decode] = logits[:n]
+            return full
+
+        results = self._picks(how, self.rows, seqs, forward) if decode else self._prefill_only(forward)
+        return results, self._first_tokens(rows, step, cache, mask, out)
+
+    def _prefill_only(self, forward) -> list:
+        forward(None)
+        return []
+
+    def _prefill_chunks(self, rows: list, step) -> tuple:
+        """``(cache, mask, chunks)`` of ``step``: whole prompts in a cache of their own (``grouped``),
+        or one prompt's next chunk on its partial cache."""
+        if step.grouped:
+            width = max(len(r.prompt) for r in rows)
+            mask = np.zeros((len(rows), width), np.int64)
+            for i, r in enumerate(rows):
+                mask[i, width - len(r.prompt):] = 1
+            cache = self.engine.new_cache(len(rows), capacity=step.capacity)
+            cache.length = width
+            return cache, mask, [(cache, i, r.prompt) for i, r in enumerate(rows)]
+        (r,), (s,) = rows, step.slices
+        cache = self._partial.pop(r.id, None) or self.engine.new_cache(1, capacity=step.capacity)
+        if cache.length != s.start:
+            raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; the plan prefills from {s.start}")
+        cache.length = s.end
+        return cache, np.ones((1, s.end), np.int64), [(cache, 0, r.prompt[s.start:s.end])]
+
+    def _first_tokens(self, rows: list, step, cache, mask, out: dict) -> Prefilled | None:
+        """The prefill's end: a chunk with more to go keeps its cache; prompts that ended get
+        their first tokens (the rows not ended meanwhile)."""
+        if not step.grouped and not step.slices[0].last:
+            self._partial[rows[0].id] = cache
+            return None
+        self._remember([r.prompt for r in rows], cache)
+        results = []
+        for i, r in enumerate(rows):
+            if r.state == "done":  # cancelled while prefilling
+                continue
+            inp = RowInput(tok=int(out["token"][i])) if out["logits"] is None else RowInput(out["logits"][i])
+            results.append(pick_row(r, inp, max_context=self.max_context))
+        return Prefilled(rows, cache, mask, results)
