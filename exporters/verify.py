@@ -83,6 +83,8 @@ def table_bits(manifest: mf.Manifest) -> int | None:
 class OnnxDecoder:
     """Raw ONNX Runtime calls on a package graph (independent of the runtime's decode loop)."""
 
+    PROVIDER = "CPUExecutionProvider"
+
     def __init__(self, path: Path, variant: mf.GraphVariant, threads: int = 2):
         import onnxruntime as ort
 
@@ -91,7 +93,7 @@ class OnnxDecoder:
         # ORT fuses DequantizeLinear+MatMul into MatMulNBits; accuracy level 1 keeps float
         # activations (level 4 quantizes them to int8), so the check sees the weights alone.
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), so, providers=[self.PROVIDER])
         self.v = variant
         self.kv_dtype = np.dtype(variant.kv.dtype)
 
@@ -135,7 +137,32 @@ class StaticDecoder(OnnxDecoder):
         return self.engine.forward(ids, mask, past)[:, None, :], past
 
 
+class PagedDecoder(StaticDecoder):
+    """A ``growth: paged`` graph behind OnnxDecoder's verbs, through the runtime's PagedEngine: on
+    CUDA (ONNX Runtime has PagedAttention there only), or on the CPU for a graph that names no
+    provider (tests' standard-op twin). Without CUDA the export is refused, not left unverified."""
+
+    def __init__(self, path: Path, variant: mf.GraphVariant, threads: int = 2, max_context: int = 2048,
+                 vocab_size: int = 0):
+        import onnxruntime as ort
+
+        from portable_infer.engine.paged import PagedEngine
+
+        if "*" not in variant.providers:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise VerificationError(
+                    f"the {variant.name} variant runs ONNX Runtime's PagedAttention, which only the CUDA provider has, "
+                    f"and this onnxruntime has none: export it where onnxruntime-gpu and a GPU are, or leave it out "
+                    f"of --variants (or pass --no-verify)")
+            self.PROVIDER = "CUDAExecutionProvider"
+        OnnxDecoder.__init__(self, path, variant, threads)
+        self.engine = PagedEngine(self.session, variant, self.PROVIDER, ort, max_context=max_context,
+                                  vocab_size=vocab_size)
+
+
 def decoder(path: Path, variant: mf.GraphVariant, manifest: mf.Manifest) -> OnnxDecoder:
+    if variant.kv.growth == "paged":
+        return PagedDecoder(path, variant, max_context=manifest.model.max_context, vocab_size=manifest.model.vocab_size)
     if variant.kv.growth == "static":
         return StaticDecoder(path, variant, max_context=manifest.model.max_context,
                              vocab_size=manifest.model.vocab_size)

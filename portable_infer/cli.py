@@ -30,6 +30,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None,
                    help="the package's static-KV variant (fixed buffers; CUDA graphs on CUDA): "
                         "default when the package has it; --no-static-kv: the growing-KV graphs")
+    p.add_argument("--paged-kv", action="store_true",
+                   help="the package's paged variant (exported with --variants static,paged; CUDA): the KV in a "
+                        "pool of blocks, and serve's prefills riding in its decode steps")
     p.add_argument("--prefer", choices=("speed", "exact"), default="speed",
                    help="speed: the fastest variant measured on this host among those past their quality "
                         "gate (cached); exact: only the exact variants")
@@ -57,7 +60,7 @@ def _load_kwargs(ns) -> dict:
     """``load()``'s arguments from the model flags (all but the path)."""
     return dict(providers=ns.provider, strict=ns.strict, intra_op_threads=ns.threads, trust=ns.trust,
                 static_kv=ns.static_kv, accuracy_level=ns.accuracy, prefer=ns.prefer,
-                tune_batch=_tune_batch(ns))
+                tune_batch=_tune_batch(ns), paged_kv=ns.paged_kv)
 
 
 def _tune_batch(ns) -> int:

@@ -46,14 +46,41 @@ class BlockPool:
         self.layout, self.ort, self.device = layout, ort, device
         self.blocks, self.block_size = blocks, block_size
         self.host = None  # CPU: the numpy arrays the pools' OrtValues wrap (written through them)
-        if device == "cpu":  # zeros: a reference graph reads whole blocks (masked)
-            self.host = [tuple(np.zeros(self._shape, np.dtype(layout.dtype)) for _ in pair) for pair in layout.past]
-            self.values = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.host]
-        else:
-            self.values = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(self._shape, np.dtype(layout.dtype), device, 0)
-                                 for _ in pair) for pair in layout.past]  # [(key, value)] per layer
+        self.values = self._make(None)  # [(key, value)] per layer
         self.refs = np.zeros(blocks, np.int64)
         self._free = list(range(blocks - 1, -1, -1))  # a stack: the lowest block first
+
+    def _make(self, old: list | None) -> list:
+        """Every layer's pools at the current size (``old``'s host copies [(key, value)] in their first blocks)."""
+        dtype, ort = np.dtype(self.layout.dtype), self.ort
+        if self.device == "cpu":  # zeros: a reference graph reads whole blocks (masked)
+            self.host = [tuple(np.zeros(self._shape, dtype) for _ in pair) for pair in self.layout.past]
+            for pair, was in zip(self.host, old or ()):
+                for a, w in zip(pair, was):
+                    a[:len(w)] = w
+            return [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.host]
+        if old is None:
+            return [tuple(ort.OrtValue.ortvalue_from_shape_and_type(self._shape, dtype, self.device, 0) for _ in pair)
+                    for pair in self.layout.past]
+        out = []
+        for was in old:
+            pair = []
+            for w in was:
+                grown = np.zeros(self._shape, dtype)
+                grown[:len(w)] = w
+                pair.append(ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0))
+            out.append(tuple(pair))
+        return out
+
+    def grow(self, blocks: int) -> None:
+        """``blocks`` blocks, the held ones kept (through the host: for pools a first cache sized)."""
+        old = [tuple(v.numpy() for v in pair) for pair in self.values]
+        self.values = None
+        added = range(self.blocks, blocks)
+        self.blocks = blocks
+        self.values = self._make(old)
+        self.refs = np.concatenate([self.refs, np.zeros(len(added), np.int64)])
+        self._free[:0] = list(reversed(added))  # after the old free blocks
 
     @property
     def _shape(self) -> tuple:

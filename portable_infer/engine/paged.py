@@ -73,6 +73,7 @@ class PagedEngine:
         self.block_size = block_size
         self.greedy_on_device = mf.NEXT_TOKEN in {o.name for o in session.get_outputs()}
         self.pool: BlockPool | None = None
+        self._grows = False  # the pool was sized by a first cache, not reserved: it grows when short
         self._binding = None
 
     # --- the pool ---------------------------------------------------------------------------------
@@ -85,12 +86,14 @@ class PagedEngine:
         self.block_size = block_size or self.block_size
         self.pool, self._binding = None, None  # the old pool's memory goes before the new one is made
         self.pool = BlockPool(self.variant.kv, self.ort, self.device, blocks, self.block_size)
+        self._grows = False
         return self.pool
 
     def new_cache(self, batch: int, capacity: int | None = None) -> PagedCache:
         capacity = checked_capacity(capacity, self.max_context)
         if self.pool is None:
             self.reserve(-(-batch * capacity // self.block_size))
+            self._grows = True
         return PagedCache.empty(self.pool, self.variant.kv, batch, capacity)
 
     def trim(self, dropped_bytes: int) -> None:
@@ -137,6 +140,10 @@ class PagedEngine:
         pool = self.pool
         counts = np.array([len(t) for _, _, t in chunks], np.int64)
         past = np.array([int(c.rows[b]) for c, b, _ in chunks], np.int64)
+        need = sum(max(0, -(-int(p + n) // pool.block_size) - len(c.tables[b])) for (c, b, _), n, p in zip(chunks, counts, past))
+        if need > pool.free and self._grows:
+            pool.grow(max(2 * pool.blocks, pool.blocks + need))
+            self._binding = None
         tables = []
         for (c, b, _), n, p in zip(chunks, counts, past):
             check_capacity(np.array([p + n]), c.capacity)

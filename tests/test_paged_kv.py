@@ -1,0 +1,196 @@
+"""The paged variant (KV in a pool of blocks, a step's tokens packed), on CPU.
+
+ONNX Runtime has PagedAttention on CUDA only, so these tests export the variant's standard-op
+twin (``exporters.lowering.spec.PAGED_ATTENTION = "paged_reference"``: the same graph with the
+attention spelled out) and check the graph, the engine, its caches and the scheduler's mixed
+steps against transformers and against the static variant. The contrib op itself is checked on
+an H200 by ``benchmarks/gpu_paged_check.py`` (docs/benchmarks.md, Session 18).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import portable_infer  # noqa: E402
+from portable_infer.errors import CapacityError, PackageError, PortableInferError, ProviderError  # noqa: E402
+from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+SEED = int(os.environ.get("PAGED_SEED") or random.SystemRandom().randrange(2**31))
+TAG = f"[PAGED_SEED={SEED}]"
+
+
+def _export(source, out, attention: str, **kw):
+    import exporters.lowering.spec as spec
+    from exporters.export import export
+
+    was, spec.PAGED_ATTENTION = spec.PAGED_ATTENTION, attention
+    try:
+        return export(source, out, precision="fp32", variants=("portable", "static", "paged"), **kw)
+    finally:
+        spec.PAGED_ATTENTION = was
+
+
+@pytest.fixture(scope="module")
+def package(tiny_llama, tmp_path_factory):
+    """The reference twin, verified at export against transformers like every variant."""
+    return _export(tiny_llama.source, tmp_path_factory.mktemp("paged") / "pkg", "paged_reference", verify=True)
+
+
+@pytest.fixture(scope="module")
+def paged(package):
+    return portable_infer.load(package, "cpu", paged_kv=True, intra_op_threads=2)
+
+
+@pytest.fixture(scope="module")
+def static(package):
+    return portable_infer.load(package, "cpu", intra_op_threads=2)
+
+
+def prompts(rng, lengths):
+    return [rng.integers(3, 256, int(n)).tolist() for n in lengths]
+
+
+def test_selection_and_the_manifest(package, paged, static):
+    v = paged.manifest.variant("paged")
+    assert (paged.variant, type(paged.engine).__name__, static.variant) == ("paged", "PagedEngine", "static")
+    assert (v.kv.growth, v.kv.layout, v.logits) == ("paged", "blocks", "last")
+    assert [t.name for t in v.inputs][:1] == ["input_ids"] and "attention_mask" not in [t.name for t in v.inputs]
+    report = paged.manifest.verification["paged"]
+    assert report.greedy.identical_prefix == report.greedy.steps, f"export verification: {report}"
+
+
+def test_packed_steps_of_any_lengths_match_transformers(paged, tiny_llama):
+    """Prefills, chunks and decodes of six sequences mixed in each forward, blocks handed out in a
+    shuffled order: each sequence's last logits equal transformers' over its whole text."""
+    rng = np.random.default_rng(SEED)
+    engine = engine_with_pool(paged, blocks=96, block_size=4, rng=rng)
+    texts = {k: rng.integers(3, 256, int(rng.integers(4, 40))).tolist() for k in range(6)}
+    caches = {k: engine.new_cache(1, capacity=64) for k in texts}
+    done = dict.fromkeys(texts, 0)
+    while any(done[k] < len(t) for k, t in texts.items()):
+        chunks = []
+        for k, t in texts.items():
+            if done[k] < len(t) and rng.random() < 0.8:
+                n = int(rng.integers(1, len(t) - done[k] + 1))
+                chunks.append((k, t[done[k]:done[k] + n]))
+                done[k] += n
+        if not chunks:
+            continue
+        logits, token = engine.forward_packed([(caches[k], 0, toks) for k, toks in chunks])
+        for (k, _), got, tok in zip(chunks, logits, token):
+            with torch.no_grad():
+                want = tiny_llama.model(torch.tensor([texts[k][:done[k]]])).logits[0, -1].numpy()
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), f"{TAG} sequence {k} at {done[k]}"
+            assert tok == got.argmax(), TAG
+
+
+def engine_with_pool(model, blocks: int, block_size: int, rng):
+    engine = model.engine
+    gc.collect()  # caches of earlier tests give their blocks back
+    pool = engine.reserve(blocks, block_size)
+    pool._free = rng.permutation(blocks).tolist()  # scattered blocks: tables are really followed
+    return engine
+
+
+def test_batches_equal_static_single_runs_and_transformers(paged, static, tiny_llama):
+    rng = np.random.default_rng(SEED + 1)
+    ps = prompts(rng, rng.integers(2, 30, 5))
+    batched = paged.batch_generate_ids(ps, max_new_tokens=12)
+    assert batched == [static.generate_ids(p, max_new_tokens=12) for p in ps], f"{TAG} paged batch differs"
+    ref = tiny_llama.model.generate(torch.tensor([ps[0]]), max_new_tokens=12, do_sample=False)
+    assert batched[0] == ref[0, len(ps[0]):].tolist(), f"{TAG} paged differs from transformers"
+
+
+def test_take_and_merge_share_blocks_and_free_them(paged):
+    rng = np.random.default_rng(SEED + 2)
+    engine = engine_with_pool(paged, blocks=32, block_size=4, rng=rng)
+    pool = engine.pool
+    ids = np.array(prompts(rng, [6, 6, 6]))
+    mask = np.ones_like(ids)
+    a = engine.new_cache(3, capacity=32)
+    engine.forward(ids, mask, a)
+    assert pool.free == 32 - 6 and a.nbytes() == 6 * pool.block_bytes
+    b, mask_b = a.take(mask, [0, 2])
+    assert b.tables == [a.tables[0], a.tables[2]] and pool.refs[a.tables[0]].tolist() == [2, 2]
+    with pytest.raises(PortableInferError, match="two caches hold"):  # row 0's last block is a's too
+        engine.forward(np.array([[5], [6]]), np.concatenate([mask_b, np.ones((2, 1), np.int64)], 1), b)
+    row1 = list(a.tables[1])
+    del a
+    gc.collect()
+    assert pool.free == 32 - 4 and pool.refs[row1].tolist() == [0, 0]  # row 1's blocks are free again
+    engine.forward(np.array([[5], [6]]), np.concatenate([mask_b, np.ones((2, 1), np.int64)], 1), b)
+    c = engine.new_cache(1, capacity=32)
+    engine.forward(np.array([[7, 8, 9]]), np.ones((1, 3), np.int64), c)
+    merged, mask_m = b.merge(np.concatenate([mask_b, np.ones((2, 1), np.int64)], 1), c, np.ones((1, 3), np.int64))
+    assert merged.tables == b.tables + c.tables and mask_m.shape == (3, 7) and merged.rows.tolist() == [7, 7, 3]
+    del b, c, merged
+    gc.collect()
+    assert pool.free == 32
+
+
+def test_a_full_reserved_pool_is_a_capacity_error_and_a_first_cache_pool_grows(paged):
+    rng = np.random.default_rng(SEED + 3)
+    engine = engine_with_pool(paged, blocks=3, block_size=4, rng=rng)
+    cache = engine.new_cache(1, capacity=64)
+    with pytest.raises(CapacityError, match="free blocks"):
+        engine.forward(np.array(prompts(rng, [13])), np.ones((1, 13), np.int64), cache)
+    del cache
+    gc.collect()
+    engine.pool = None  # as a fresh engine: the first cache sizes the pool, which then grows
+    small = engine.new_cache(1, capacity=8)
+    blocks = engine.pool.blocks
+    big = engine.new_cache(2, capacity=64)
+    ps = prompts(rng, [40, 40])
+    out = engine.forward(np.array(ps), np.ones((2, 40), np.int64), big, greedy=True)
+    assert engine.pool.blocks > blocks and small.rows.tolist() == [0]
+    alone = [paged.generate_ids(p, max_new_tokens=1) for p in ps]
+    assert out.tolist() == [a[0] for a in alone], TAG
+
+
+def test_scheduler_mixes_prefills_into_decode_steps_like_single_runs(paged, static):
+    rng = np.random.default_rng(SEED + 4)
+    ps = prompts(rng, rng.integers(2, 60, 10))
+    kws = [dict(max_new_tokens=int(rng.integers(1, 20))) for _ in ps]
+    kws[1].update(temperature=0.9, top_p=0.9, seed=5)
+    kws[2].update(temperature=1.2, top_k=20, seed=9, presence_penalty=0.5)
+    want = [static.generate_ids(p, ignore_eos=True, **kw) for p, kw in zip(ps, kws)]
+    with Scheduler(paged, SchedulerConfig(max_batch=6, prefill_chunk=16, kv_budget_tokens=2048)) as sched:
+        handles = [sched.submit(p, ignore_eos=True, **kw) for p, kw in zip(ps, kws)]
+        got = [[r.token for r in h] for h in handles]
+        stats = sched.stats()
+    assert got == want, f"{TAG} scheduler on paged KV differs from single static runs"
+    assert stats.steps["mixed_steps"] > 0, f"{TAG} no prefill rode in a decode step: {stats.steps}"
+    assert stats.blocks_used == 0 and paged.engine.pool.blocks == 2048 // 16
+    gc.collect()
+    assert paged.engine.pool.free == paged.engine.pool.blocks, "blocks still held after every request ended"
+
+
+def test_the_cuda_form_and_its_refusals(tiny_llama, tmp_path, package):
+    """The shipped form: one PagedAttention per layer, for CUDA only; without CUDA it is not
+    loaded on the CPU and not exported unverified."""
+    import onnx
+    import onnxruntime as ort
+
+    pkg = _export(tiny_llama.source, tmp_path / "cuda", "paged", verify=False)
+    graph = onnx.load(str(pkg / "model.paged.onnx"), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == "PagedAttention"]
+    assert len(nodes) == 2 and {n.domain for n in nodes} == {"com.microsoft"}
+    m = portable_infer.load(pkg, "cpu")
+    assert m.manifest.variant("paged").providers == ("cuda",) and m.variant == "static"
+    with pytest.raises(ProviderError, match="paged"):
+        portable_infer.load(pkg, "cpu", paged_kv=True)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        from portable_infer.errors import VerificationError
+
+        with pytest.raises(VerificationError, match="CUDA provider"):
+            _export(tiny_llama.source, tmp_path / "unverified", "paged", verify=True)
+        assert not (tmp_path / "unverified").exists()
+    with pytest.raises(PackageError, match="no paged variant"):
+        portable_infer.load(tiny_llama.package, "cpu", paged_kv=True)
