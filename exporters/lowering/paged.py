@@ -34,7 +34,6 @@ from onnx import TensorProto
 from portable_infer.package import manifest as mf
 
 if TYPE_CHECKING:
-    from .attention import AttentionInputs
     from .context import LoweringContext
     from .rotary import RopeTables
 
@@ -58,11 +57,9 @@ def graph_inputs(c: LoweringContext) -> dict:
     return c._once["paged_inputs"]
 
 
-def _inputs(c: LoweringContext, ids: str, mask: str | None, layer_type: str) -> AttentionInputs:
-    from .attention import AttentionInputs
-
+def _inputs(c: LoweringContext, ids: str, mask: str | None, layer_type: str) -> None:
+    """The step inputs are the graph's own (:func:`graph_inputs`): no per-layer-type values."""
     graph_inputs(c)
-    return AttentionInputs()
 
 
 def _packed(c: LoweringContext, q: str, k: str, v: str) -> tuple[str, str, str]:
@@ -72,7 +69,7 @@ def _packed(c: LoweringContext, q: str, k: str, v: str) -> tuple[str, str, str]:
     return flat(q), flat(k), flat(v)
 
 
-def _paged(c: LoweringContext, i: int, q: str, k: str, v: str, past: tuple, a: AttentionInputs,
+def _paged(c: LoweringContext, i: int, q: str, k: str, v: str, past: tuple, a: None,
            rope: RopeTables | None) -> tuple[str, str, str]:
     d, p = c.dims, graph_inputs(c)
     q, k, v = _packed(c, q, k, v)
@@ -110,7 +107,7 @@ def _rotate(c: LoweringContext, x: str, n: int, rope: RopeTables, pos: str) -> s
     return g.concat([g.sub(g.mul(x1, cos), g.mul(x2, sin)), g.add(g.mul(x2, cos), g.mul(x1, sin))], axis=-1)
 
 
-def _reference(c: LoweringContext, i: int, q: str, k: str, v: str, past: tuple, a: AttentionInputs,
+def _reference(c: LoweringContext, i: int, q: str, k: str, v: str, past: tuple, a: None,
                rope: RopeTables | None) -> tuple[str, str, str]:
     g, d, p = c.g, c.dims, graph_inputs(c)
     H, KVH, D = d.num_heads, d.num_kv_heads, d.head_dim

@@ -38,7 +38,7 @@ from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import PortableInferError
 from portable_infer.serving.engine_core import engine_main, failed_stats, pack_error, unpack_error
 from portable_infer.serving.handle import open_handle
-from portable_infer.serving.scheduler import checked_request, kv_pool, row_limit
+from portable_infer.serving.scheduler_setup import checked_request, kv_pool, row_limit
 from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 

@@ -48,16 +48,12 @@ import threading
 import time
 
 from portable_infer.engine.memory import bytes_per_token
-from portable_infer.errors import ContextLengthError, InvalidArgumentError, PortableInferError
-from portable_infer.decode.generate import check_prompt
+from portable_infer.errors import InvalidArgumentError, PortableInferError
 from portable_infer.serving.handle import RequestHandle, open_handle
-from portable_infer.serving.kvblocks import BlockPool
 from portable_infer.serving.prefix_cache import PrefixCache
-from portable_infer.text.prompts import token_ids
 from portable_infer.text.streaming import TextStream
 from portable_infer.serving.request import Request
 from portable_infer.serving.paged_batch import PagedBatch
-from portable_infer.serving.running_batch import RunningBatch
 from portable_infer.serving.slot_batch import SlotBatch
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
@@ -65,93 +61,18 @@ from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exporte
 )
 from portable_infer.serving.scheduler_meter import Meter, StepClock
 from portable_infer.serving.scheduler_plan import Planner, StepPlan
+from portable_infer.serving.scheduler_prefill import PrefillSteps
 from portable_infer.serving.scheduler_queues import RequestQueues, emitter
-from portable_infer.decode.sequence import Sequence
+from portable_infer.serving.scheduler_setup import (  # noqa: F401 - re-exported: engine_process, tests
+    checked_request, kv_pool, row_limit, running_batch,
+)
 from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 
 logger = logging.getLogger(__name__)
 IDLE_TICK_S = 0.25  # an idle loop wakes this often to count its idle seconds
 
 
-def kv_pool(config: SchedulerConfig, kv) -> BlockPool:
-    """The KV budget of ``config`` (tokens, or bytes of the graph's ``kv`` layout) in blocks."""
-    budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // bytes_per_token(kv)
-    return BlockPool(budget // config.block_size, config.block_size)
-
-
-def slot_rows(engine, config: SchedulerConfig) -> bool:
-    """The running batch is fixed slots (SlotBatch: a row that leaves frees its slot, nothing moves):
-    static-KV graphs where ``config.slot_batch`` says so (None: off the CPU, where a free slot's
-    compute is not free)."""
-    slots = config.slot_batch if config.slot_batch is not None else engine.device != "cpu"
-    return bool(slots) and engine.variant.kv.growth == "static"
-
-
-def row_limit(engine, config: SchedulerConfig, pool: BlockPool) -> int | None:
-    """KV tokens one request may hold where the batch is slots: the slots are ``max_batch`` equal
-    rows of one buffer, and the KV budget bounds that buffer (None: a restacked batch's rows are
-    as long as they need). A budget too small for a slot of two tokens is refused."""
-    if not slot_rows(engine, config):
-        return None
-    limit = pool.total * pool.block_size // config.max_batch
-    if limit < 2:
-        raise InvalidArgumentError(
-            f"the KV budget ({pool.total * pool.block_size} tokens) leaves each of max_batch={config.max_batch} "
-            f"slots {limit} tokens; raise kv_budget_tokens (or kv_budget_bytes) or lower max_batch")
-    return limit
-
-
-def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, limit: int | None = None,
-                  pool: BlockPool | None = None):
-    """The running batch for ``engine``: on paged KV, rows by block tables over a pool of the KV
-    budget (``pool``'s blocks), prefills riding in decode forwards (:class:`PagedBatch`); slots
-    (:func:`slot_rows`; rows of at most ``limit`` tokens); else restacked at each join and leave.
-    Restacked static KV off the CPU keeps finished rows, masked, until half the batch has
-    finished or a request joins (the planner's ``defer_leave``): moving the rest copies their KV,
-    each batch size captures a CUDA graph, and an idle row costs a GPU step next to nothing."""
-    if engine.variant.kv.growth == "paged":
-        if pool is not None:
-            engine.reserve(pool.total, pool.block_size)
-        return PagedBatch(engine, prefixes, max_context)
-    if slot_rows(engine, config):
-        batch = SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
-        if getattr(engine, "cuda_graph", False):  # before the first request, as vLLM does
-            batch.warm_up()
-        return batch
-    return RunningBatch(engine, prefixes, max_context)
-
-
-def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, truncate: bool,
-                    limit: int | None = None) -> tuple:
-    """``(ids, blocks, sequence)`` of a request that passes the checks at submission (any thread),
-    else the typed error: the prompt (ids in the vocabulary, within the context, or cut with
-    ``truncate``), its KV blocks within the whole budget, its sampling state (a bad schema or
-    grammar, or a logit bias outside the vocabulary, fails here: a 400)."""
-    codec = model.codec
-    if not isinstance(params, SamplingParams):
-        raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
-    if params.stop:
-        codec.require_tokenizer()  # stop strings are matched on text
-    ids = check_prompt(token_ids(ids, codec.vocab_size), model.max_context, truncate)
-    need = min(len(ids) + params.max_new_tokens, model.max_context)  # KV tokens it may hold
-    blocks = pool.blocks_for(need)
-    if blocks > pool.total:
-        raise ContextLengthError(
-            f"the request needs {blocks} KV blocks ({len(ids)} prompt + {params.max_new_tokens} new tokens) "
-            f"but the whole budget is {pool.total}; lower max_new_tokens or raise kv_budget_tokens",
-            param="max_new_tokens")
-    if limit is not None and need > limit:
-        raise ContextLengthError(
-            f"the request needs {need} KV tokens ({len(ids)} prompt + {params.max_new_tokens} new) but a slot of "
-            f"the running batch holds {limit}: the KV budget ({pool.total * pool.block_size} tokens) over "
-            f"max_batch rows of one buffer; lower max_new_tokens, or raise kv_budget_tokens or lower max_batch",
-            param="max_new_tokens")
-    seq = Sequence(ids, params, eos_ids=codec.eos_ids, vocab_size=codec.vocab_size,
-                   guide=model.guide if params.constraint is not None else None)
-    return ids, blocks, seq
-
-
-class Scheduler:
+class Scheduler(PrefillSteps):
     """The continuous-batching engine over a loaded :class:`~portable_infer.model.Model`.
 
     Args:
@@ -347,80 +268,6 @@ class Scheduler:
                 r.prefilled, r.short_prefix = s.tokens, 0
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                 self._fail_prefill([r], exc)
-
-    def _prefill(self, step, named: dict) -> None:
-        rows = [named[s.request] for s in step.slices]
-        if step.grouped:
-            try:
-                self._prefill_group(rows, step)
-            except Exception as exc:  # noqa: BLE001
-                self._fail_prefill(rows, exc)
-        elif rows[0].state == "done":  # cancelled while it waited for its turn
-            self._fail_prefill(rows, None)
-        else:
-            try:
-                self._prefill_chunk(rows[0], step)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-                self._fail_prefill(rows, exc)
-
-    def _mixed(self, step, named: dict) -> None:
-        """A paged batch's step: its rows' decode and ``step``'s prefill in one forward. A failure
-        ends the running rows and the prefill's."""
-        rows = [named[s.request] for s in step.slices]
-        try:
-            results, done = self.batch.mixed(rows, step)
-        except Exception as exc:  # noqa: BLE001
-            self._fail_prefill(rows, exc)
-            self._fail_batch("mixed prefill and decode step failed", exc)
-            return
-        self.queues.hand_over(results)
-        if done is None:  # a chunk with more to go
-            rows[0].prefilled = step.slices[0].end
-            with self.queues.lock:
-                self.meter.count("prompt_tokens", step.tokens)
-            return
-        self._prefilled(rows, step, done)
-
-    def _prefill_group(self, rows: list, step) -> None:
-        """Several whole prompts in one forward; if it fails, each is prefilled alone later."""
-        try:
-            done = self.batch.prefill(rows, step)
-        except Exception:  # noqa: BLE001 - maybe one request's doing: each is prefilled alone next
-            logger.warning("prefill of %d requests together failed; prefilling them one at a time", len(rows),
-                           exc_info=True)
-            for r in rows:
-                r.alone = True
-            return
-        self._prefilled(rows, step, done)
-
-    def _prefill_chunk(self, r: Request, step) -> None:
-        done = self.batch.prefill([r], step)
-        r.prefilled = step.slices[0].end
-        if done is None:
-            with self.queues.lock:
-                self.meter.count("prompt_tokens", step.tokens)
-            return
-        self._prefilled([r], step, done)
-
-    def _prefilled(self, rows: list, step, done) -> None:
-        """Prompts done: out of the prefilling queue, first tokens out, rows into the batch."""
-        with self.queues.lock:
-            self.queues.leave_prefilling(rows)
-            for r in rows:
-                r.prefilled = len(r.prompt)
-            self.meter.count("prompt_tokens", step.tokens)
-        self.queues.hand_over(done.results)
-        self.batch.join(done)
-
-    def _fail_prefill(self, rows: list, exc: Exception | None) -> None:
-        """``rows`` leave the prefilling queue, failed with ``exc`` (None: they had ended)."""
-        if exc is not None:
-            logger.error("prefill of %s failed", ", ".join(r.id for r in rows), exc_info=exc)
-            for r in rows:
-                self.queues.fail(r, exc)
-        with self.queues.lock:
-            self.queues.leave_prefilling(rows)
-        self.batch.forget([r.id for r in rows])
 
     def _fail_batch(self, what: str, exc: Exception) -> None:
         logger.exception("%s; failing the %d running requests", what, len(self.batch.rows))
