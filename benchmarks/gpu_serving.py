@@ -18,7 +18,8 @@ builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same K
 batch 1 and each level, the rows holding the levels' range of contexts), for the server's step
 clock to be read against on the same machine. ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
-batch restacked at each join and leave as before the slot batch; ``+siMS``: an experiment, every
+batch restacked at each join and leave as before the slot batch; ``paged`` / ``engine-paged``:
+``--paged-kv``, the package exported with the paged variant too (``+bsN``: ``--kv-block-size N``); ``+siMS``: an experiment, every
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
@@ -215,8 +216,13 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
            "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
     base, *extras = config.split(",")[0].split("+")
     switch = next((x[2:] for x in extras if x.startswith("si") and "=" not in x), "")
-    if base in ("engine", "engine-restack"):
+    if base in ("engine", "engine-restack", "engine-paged"):
         cmd.append("--engine-process")
+    if base.endswith("paged"):  # the paged variant: prefills ride in decode steps
+        cmd.append("--paged-kv")
+    block = next((x[2:] for x in extras if x.startswith("bs") and "=" not in x), "")
+    if block:  # +bsN: KV blocks of N tokens
+        cmd += ["--kv-block-size", block]
     if base.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
         cmd += ["--slot-batch", "off"]
     env = dict(os.environ)
@@ -368,8 +374,9 @@ def main() -> None:
     packages = {prec: ours if prec == "fp16" else ours.with_name(f"{ours.name}-{prec}") for prec in args.precisions}
     for prec, pkg in packages.items():
         if "export" in args.parts and not (pkg / "manifest.json").is_file():
+            variants = "static,paged" if any(c.split("+")[0].endswith("paged") for c in args.configs) else "static"
             r = timed([sys.executable, "-m", "portable_infer.cli", "export", str(hf), "-o", str(pkg), "--precision", prec,
-                       "--activations", "fp16", "--variants", "static", "--no-verify", "--force"])
+                       "--activations", "fp16", "--variants", variants, "--no-verify", "--force"])
             say(f"export (ours, {prec}): {r}")
     block = 128
     blocks = -(-budget // block) + 8

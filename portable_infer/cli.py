@@ -223,7 +223,7 @@ def cmd_serve(ns) -> int:
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
                                 kv_budget_tokens=ns.kv_budget_tokens, prefix_cache_bytes=ns.prefix_cache_mib << 20,
-                                prefix_min_tokens=ns.prefix_min_tokens,
+                                prefix_min_tokens=ns.prefix_min_tokens, block_size=ns.kv_block_size,
                                 slot_batch={"auto": None, "on": True, "off": False}[ns.slot_batch])
     api_key = ns.api_key or os.environ.get("PORTABLE_INFER_API_KEY") or None
     limits = {name: getattr(ns, name) for name in SERVE_LIMITS if getattr(ns, name) is not None}
@@ -295,6 +295,8 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
     s.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at most (default 2 GiB)")
     s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
+    s.add_argument("--kv-block-size", type=int, default=16,
+                   help="tokens per KV block: the budget's unit (and --paged-kv's pool blocks)")
     s.add_argument("--prefix-cache-mib", type=int, default=64,
                    help="host memory for the KV of prompt prefixes reused across requests (0: off)")
     s.add_argument("--prefix-min-tokens", type=int, default=None,
