@@ -80,10 +80,12 @@ class Driver:
         width = max(len(self.tables[n]) for n, _ in chunks)
         bt = np.array([self.tables[n] + [-1] * (width - len(self.tables[n])) for n, _ in chunks], np.int32)
         feeds = dict(input_ids=np.array([ids]), cumulative_sequence_length=np.array(cu, np.int32),
-                     past_seqlens=np.array(past, np.int32), block_table=bt, logits_index=np.array(idx))
+                     past_seqlens=np.array(past, np.int32), block_table=bt, logits_index=np.array(idx),
+                     attention_metadata=np.array([max(np.diff(cu)), max(np.diff(cu) + np.array(past))], np.int32))
         b = self.s.io_binding()  # the pool in place: each present.* bound to its past buffer
-        for name, value in feeds.items():
-            b.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(value, self.dev))
+        for name, value in feeds.items():  # attention_metadata stays on the host
+            dev = "cpu" if name == "attention_metadata" else self.dev
+            b.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(value, dev))
         b.bind_output("logits", "cpu")  # first: get_outputs()[0]
         for name, value in self.caches.items():
             b.bind_ortvalue_input(name, value)

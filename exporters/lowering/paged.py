@@ -8,6 +8,9 @@ live in blocks of a pool shared by every sequence, as vLLM's PagedAttention keep
     past_seqlens [N]                       int32: tokens sequence s held before this step
     block_table [N, max_blocks]            int32: sequence s's token p lives in block
                                            block_table[s, p // block_size], row p % block_size
+    attention_metadata [2]                 int32, host: the step's longest new run and longest
+                                           KV (bounds PagedAttention sizes its launch by, instead of
+                                           reading the lengths back from the device in each layer)
     past_key_values.i.* [blocks, block_size, KVH, D]   the pool, written in place
                                            (present.i.* are the same buffers)
 
@@ -50,7 +53,8 @@ def graph_inputs(c: LoweringContext) -> dict:
         return {mf.CUMULATIVE_SEQUENCE_LENGTH: g.input(mf.CUMULATIVE_SEQUENCE_LENGTH, I32, ["sequences_plus_1"]),
                 mf.PAST_SEQLENS: g.input(mf.PAST_SEQLENS, I32, ["sequences"]),
                 mf.BLOCK_TABLE: g.input(mf.BLOCK_TABLE, I32, ["sequences", "max_blocks"]),
-                mf.LOGITS_INDEX: g.input(mf.LOGITS_INDEX, I64, ["sequences"])}
+                mf.LOGITS_INDEX: g.input(mf.LOGITS_INDEX, I64, ["sequences"]),
+                mf.ATTENTION_METADATA: g.input(mf.ATTENTION_METADATA, I32, [2])}
 
     if "paged_inputs" not in c._once:
         c._once["paged_inputs"] = make()
@@ -75,7 +79,7 @@ def _paged(c: LoweringContext, i: int, q: str, k: str, v: str, past: tuple, a: N
     q, k, v = _packed(c, q, k, v)
     out, k_out, v_out = c.g.op(
         "PagedAttention", [q, k, v, past[0], past[1], p[mf.CUMULATIVE_SEQUENCE_LENGTH], p[mf.PAST_SEQLENS],
-                           p[mf.BLOCK_TABLE], rope.cos, rope.sin],
+                           p[mf.BLOCK_TABLE], rope.cos, rope.sin, "", "", "", "", "", "", p[mf.ATTENTION_METADATA]],
         n_out=3, name=[None, *mf.present_names(i)], domain=MS, num_heads=d.num_heads,
         kv_num_heads=d.num_kv_heads, scale=float(c.layout.attn_scale), do_rotary=1, rotary_interleaved=0)
     return c.g.unsqueeze(out, [0]), k_out, v_out

@@ -158,7 +158,8 @@ class PagedEngine:
         np.cumsum(counts, out=cu[1:])
         feeds = {mf.INPUT_IDS: np.concatenate([np.asarray(t, np.int64) for _, _, t in chunks])[None],
                  mf.CUMULATIVE_SEQUENCE_LENGTH: cu, mf.PAST_SEQLENS: past.astype(np.int32),
-                 mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1}
+                 mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1,
+                 mf.ATTENTION_METADATA: np.array([counts.max(), (past + counts).max()], np.int32)}
         logits, token = self._run(feeds, greedy)
         for (c, b, _), n in zip(chunks, counts):
             c.rows[b] += n

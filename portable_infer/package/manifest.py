@@ -50,6 +50,9 @@ CUMULATIVE_SEQUENCE_LENGTH = "cumulative_sequence_length"
 PAST_SEQLENS = "past_seqlens"
 BLOCK_TABLE = "block_table"
 LOGITS_INDEX = "logits_index"  # int64 [N]: the token of each sequence whose logits the step returns
+# int32 [2] on the host: the step's longest new-token run and longest KV (PagedAttention sizes its
+# launch from them instead of reading the lengths back from the device in every layer)
+ATTENTION_METADATA = "attention_metadata"
 
 
 def past_names(layer: int) -> tuple[str, str]:
