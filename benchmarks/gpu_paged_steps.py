@@ -1,0 +1,105 @@
+"""Where a paged decode step's time goes on CUDA: the packed forward at each batch size (the host's
+share and the session run's), and ONNX Runtime's profile of its nodes by op type.
+
+    PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_paged_steps.py PACKAGE [--batches 64 256]
+        [--prompt 128] [--mix 256] [--block 16] [--profile-batch 256]
+
+PACKAGE: exported with the paged variant (``--variants static,paged``). Each batch's rows are
+prefilled with ``--prompt`` to ``--prompt + --mix`` random ids (a serving level's contexts), then
+30 greedy decode steps (one token per row, packed), each timed whole and its session run alone;
+medians. Then ``--profile-batch`` rows again in a session with ONNX Runtime's profiler on: the
+nodes' time per step by op type (their kernels' wall time as ORT records it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, ".")
+import portable_infer  # noqa: E402
+
+STEPS = 30
+
+
+def decode_steps(engine, batch: int, prompt: int, mix: int, rng, capacity: int) -> dict:
+    engine.reserve(-(-batch * capacity // engine.block_size) + batch, engine.block_size)
+    caches = [engine.new_cache(1, capacity=capacity) for _ in range(batch)]
+    lengths = np.linspace(prompt, prompt + mix, batch).astype(int)
+    for k in range(0, batch, 16):  # prefills of 16 sequences at a time
+        engine.forward_packed([(caches[i], 0, rng.integers(3, engine.vocab, int(lengths[i])).tolist())
+                               for i in range(k, min(k + 16, batch))], greedy=True)
+    run, runs = engine._run, []
+
+    def timed_run(feeds, greedy):
+        t = time.perf_counter()
+        out = run(feeds, greedy)
+        runs.append(time.perf_counter() - t)
+        return out
+
+    engine._run = timed_run
+    tokens, whole = [[3]] * batch, []
+    for _ in range(STEPS + 5):
+        t = time.perf_counter()
+        _, token = engine.forward_packed([(caches[i], 0, tokens[i]) for i in range(batch)], greedy=True)
+        whole.append(time.perf_counter() - t)
+        tokens = [[int(x)] for x in token]
+    engine._run = run
+    w, r = statistics.median(whole[5:]) * 1e3, statistics.median(runs[5:]) * 1e3
+    return {"batch": batch, "step_ms": round(w, 2), "run_ms": round(r, 2), "host_ms": round(w - r, 2),
+            "tok_s": round(batch / w * 1e3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("package")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--mix", type=int, default=256)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--profile-batch", type=int, default=256)
+    ap.add_argument("--provider", default="cuda")
+    args = ap.parse_args()
+    rng = np.random.default_rng(20261204)
+    capacity = args.prompt + args.mix + STEPS + 8
+    model = portable_infer.load(args.package, args.provider, paged_kv=True, strict=True)
+    model.engine.block_size = args.block
+    print(f"paged decode steps ({model.provider}, block {args.block}, contexts {args.prompt}..{args.prompt + args.mix}):")
+    for b in args.batches:
+        print(json.dumps(decode_steps(model.engine, b, args.prompt, args.mix, rng, capacity)))
+    if not args.profile_batch:
+        return
+    import onnxruntime as ort
+
+    from portable_infer.engine.paged import PagedEngine
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = "/tmp/paged_profile"
+    v = model.manifest.variant("paged")
+    session = ort.InferenceSession(str(model.path / v.file), so, providers=[model.provider])
+    engine = PagedEngine(session, v, model.provider, ort, max_context=model.max_context,
+                         vocab_size=model.manifest.model.vocab_size, block_size=args.block)
+    del model
+    decode_steps(engine, args.profile_batch, args.prompt, args.mix, rng, capacity)
+    trace = json.load(open(session.end_profiling()))
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace if e.get("name") == "model_run")[-STEPS:]
+    by_op, run_ms = collections.defaultdict(float), sum(b - a for a, b in runs) / 1e3 / len(runs)
+    for e in trace:  # the decode steps' nodes only (the last STEPS runs; the prefills come first)
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
+                any(a <= e["ts"] <= b for a, b in runs):
+            by_op[e["args"].get("op_name", "?")] += e["dur"] / 1e3 / len(runs)
+    print(f"\nnode time by op type, decode steps of batch {args.profile_batch} (ms a step; the profiled run "
+          f"took {run_ms:.2f} ms):")
+    for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {op:32s} {ms:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
