@@ -8,7 +8,9 @@ PACKAGE: exported with the paged variant (``--variants static,paged``). Each bat
 prefilled with ``--prompt`` to ``--prompt + --mix`` random ids (a serving level's contexts), then
 30 greedy decode steps (one token per row, packed), each timed whole and its session run alone;
 medians. Then ``--profile-batch`` rows again in a session with ONNX Runtime's profiler on: the
-nodes' time per step by op type (their kernels' wall time as ORT records it).
+nodes' time per step by op type (their kernels' wall time as ORT records it). The prefills of
+16 rows (``prefill_group_ms``) and decode steps with 16 new ``--prompt``-token prompts packed in
+(``mixed_step_ms``: the server's mixed steps) are timed too.
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ sys.path.insert(0, ".")
 import portable_infer  # noqa: E402
 
 STEPS = 30
+MIXED = 4  # mixed steps timed (the first left out)
 
 
 def decode_steps(engine, batch: int, prompt: int, mix: int, rng, capacity: int) -> dict:
-    engine.reserve(-(-batch * capacity // engine.block_size) + batch, engine.block_size)
+    extra = MIXED * 16 * (-(-prompt // engine.block_size) + 1)  # the mixed steps' new prompts
+    engine.reserve(-(-batch * capacity // engine.block_size) + batch + extra, engine.block_size)
     caches = [engine.new_cache(1, capacity=capacity) for _ in range(batch)]
     lengths = np.linspace(prompt, prompt + mix, batch).astype(int)
+    groups = []
     for k in range(0, batch, 16):  # prefills of 16 sequences at a time
+        t = time.perf_counter()
         engine.forward_packed([(caches[i], 0, rng.integers(3, engine.vocab, int(lengths[i])).tolist())
                                for i in range(k, min(k + 16, batch))], greedy=True)
+        groups.append(time.perf_counter() - t)
     run, runs = engine._run, []
 
     def timed_run(feeds, greedy):
@@ -51,9 +58,18 @@ def decode_steps(engine, batch: int, prompt: int, mix: int, rng, capacity: int) 
         whole.append(time.perf_counter() - t)
         tokens = [[int(x)] for x in token]
     engine._run = run
+    mixed = []  # the decode step with a group of 16 new --prompt-token prompts riding in it
+    for _ in range(MIXED):
+        fresh = [(engine.new_cache(1, capacity=capacity), 0, rng.integers(3, engine.vocab, prompt).tolist())
+                 for _ in range(16)]
+        t = time.perf_counter()
+        _, token = engine.forward_packed([(caches[i], 0, tokens[i]) for i in range(batch)] + fresh, greedy=True)
+        mixed.append(time.perf_counter() - t)
+        tokens = [[int(x)] for x in token[:batch]]
     w, r = statistics.median(whole[5:]) * 1e3, statistics.median(runs[5:]) * 1e3
     return {"batch": batch, "step_ms": round(w, 2), "run_ms": round(r, 2), "host_ms": round(w - r, 2),
-            "tok_s": round(batch / w * 1e3)}
+            "tok_s": round(batch / w * 1e3), "prefill_group_ms": round(statistics.median(groups) * 1e3, 1),
+            f"mixed_step_ms (+16 x {prompt})": round(statistics.median(mixed[1:]) * 1e3, 1)}
 
 
 def main() -> None:
@@ -67,7 +83,7 @@ def main() -> None:
     ap.add_argument("--provider", default="cuda")
     args = ap.parse_args()
     rng = np.random.default_rng(20261204)
-    capacity = args.prompt + args.mix + STEPS + 8
+    capacity = args.prompt + args.mix + STEPS + MIXED + 16
     model = portable_infer.load(args.package, args.provider, paged_kv=True, strict=True)
     model.engine.block_size = args.block
     print(f"paged decode steps ({model.provider}, block {args.block}, contexts {args.prompt}..{args.prompt + args.mix}):")

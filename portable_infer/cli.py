@@ -295,8 +295,9 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
     s.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at most (default 2 GiB)")
     s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
-    s.add_argument("--kv-block-size", type=int, default=16,
-                   help="tokens per KV block: the budget's unit (and --paged-kv's pool blocks)")
+    s.add_argument("--kv-block-size", type=int, default=None,
+                   help="tokens per KV block: the budget's unit and --paged-kv's pool blocks (default 16; "
+                        "paged on CUDA 128)")
     s.add_argument("--prefix-cache-mib", type=int, default=64,
                    help="host memory for the KV of prompt prefixes reused across requests (0: off)")
     s.add_argument("--prefix-min-tokens", type=int, default=None,

@@ -194,3 +194,15 @@ def test_the_cuda_form_and_its_refusals(tiny_llama, tmp_path, package):
         assert not (tmp_path / "unverified").exists()
     with pytest.raises(PackageError, match="no paged variant"):
         portable_infer.load(tiny_llama.package, "cpu", paged_kv=True)
+
+
+def test_the_budget_counts_in_the_pool_s_blocks(paged, static):
+    """Admission counts what the pool holds: a paged pool's blocks are the budget's (128 tokens on
+    CUDA, where PagedAttention measured faster with them; 16 elsewhere and for other KV)."""
+    from portable_infer.serving.scheduler_setup import kv_pool
+
+    kv_paged, kv_static = paged.engine.variant.kv, static.engine.variant.kv
+    cfg = SchedulerConfig(kv_budget_tokens=4096)
+    assert [kv_pool(cfg, kv_paged, d).block_size for d in ("cuda", "cpu")] == [128, 16]
+    assert kv_pool(cfg, kv_static, "cuda").block_size == 16 and kv_pool(cfg, kv_paged, "cuda").total == 32
+    assert kv_pool(SchedulerConfig(kv_budget_tokens=4096, block_size=32), kv_paged, "cuda").block_size == 32

@@ -96,7 +96,7 @@ class ProcessScheduler:
                            max_kv_tokens=info["max_kv_tokens"])
         self.codec = self.model.codec
         self.max_context = self.model.max_context
-        self._pool = kv_pool(config, engine.variant.kv)  # the budget's size, for the checks at submission
+        self._pool = kv_pool(config, engine.variant.kv, engine.device)  # the budget's size, for the checks at submission
         self.row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
         self._receiver.start()

@@ -94,14 +94,14 @@ class Scheduler(PrefillSteps):
         self.meter = Meter(observer)  # counters: changed under the queues' lock
         self.clock = StepClock()  # where the step loop's time goes: loop thread only
         self.max_context = model.max_context
-        self.pool = kv_pool(config, kv)
+        self.pool = kv_pool(config, kv, engine.device)
         prefix_min = config.prefix_min_tokens
         if prefix_min is None:
             prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
         # loop thread only; shorter prompts than a grouped request reuses are not stored either. Paged
         # KV on a device keeps no host copies of prefixes (its caches cannot give them cheaply).
         host_prefixes = kv.growth != "paged" or engine.device == "cpu"
-        self.prefixes = PrefixCache(config.block_size, config.prefix_cache_bytes if host_prefixes else 0, prefix_min,
+        self.prefixes = PrefixCache(self.pool.block_size, config.prefix_cache_bytes if host_prefixes else 0, prefix_min,
                                     bytes_per_token(kv))
         self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
         self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread

@@ -15,7 +15,7 @@ _CONFIG_RULES = {
     "max_batch": (">= 1", lambda v: v >= 1),
     "max_waiting": (">= 0", lambda v: v >= 0),
     "prefill_chunk": (">= 1", lambda v: v >= 1),
-    "block_size": (">= 1", lambda v: v >= 1),
+    "block_size": ("None or >= 1", lambda v: v >= 1),
     "kv_budget_tokens": ("None or >= 1", lambda v: v >= 1),
     "kv_budget_bytes": ("None or >= 1", lambda v: v >= 1),
     "prefix_cache_bytes": (">= 0", lambda v: v >= 0),
@@ -35,7 +35,8 @@ class SchedulerConfig:
     max_batch: int = 16
     max_waiting: int = 64
     prefill_chunk: int = 128
-    block_size: int = 16
+    # KV tokens a block holds: the budget's unit (None: 16, or a paged engine's own, 128 on CUDA)
+    block_size: int | None = None
     kv_budget_tokens: int | None = None
     kv_budget_bytes: int | None = None
     # Host memory for the KV of prompt prefixes kept for reuse (0: no prefix caching); apart from
@@ -62,7 +63,7 @@ class SchedulerConfig:
     def __post_init__(self):
         for name, (allowed, ok) in _CONFIG_RULES.items():
             v = getattr(self, name)
-            if v is None and (name.startswith("kv_budget") or name == "prefix_min_tokens"):
+            if v is None and (name.startswith("kv_budget") or name in ("prefix_min_tokens", "block_size")):
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
                 raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")

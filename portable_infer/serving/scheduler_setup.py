@@ -11,6 +11,7 @@ from portable_infer.decode.generate import check_prompt
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.decode.sequence import Sequence
 from portable_infer.engine.memory import bytes_per_token
+from portable_infer.engine.paged import BLOCK_SIZE, block_size_for
 from portable_infer.errors import ContextLengthError, InvalidArgumentError
 from portable_infer.serving.kvblocks import BlockPool
 from portable_infer.serving.paged_batch import PagedBatch
@@ -19,10 +20,13 @@ from portable_infer.serving.scheduler_config import DEFAULT_KV_BUDGET_BYTES, Sch
 from portable_infer.serving.slot_batch import SlotBatch
 from portable_infer.text.prompts import token_ids
 
-def kv_pool(config: SchedulerConfig, kv) -> BlockPool:
-    """The KV budget of ``config`` (tokens, or bytes of the graph's ``kv`` layout) in blocks."""
+def kv_pool(config: SchedulerConfig, kv, device: str) -> BlockPool:
+    """The KV budget of ``config`` (tokens, or bytes of the graph's ``kv`` layout) in blocks of
+    ``config.block_size`` tokens (None: 16, or what a paged pool's blocks hold on ``device``: the
+    budget's blocks are the pool's, so that what admission counts is what the pool holds)."""
+    block = config.block_size or (block_size_for(device) if kv.growth == "paged" else BLOCK_SIZE)
     budget = config.kv_budget_tokens or (config.kv_budget_bytes or DEFAULT_KV_BUDGET_BYTES) // bytes_per_token(kv)
-    return BlockPool(budget // config.block_size, config.block_size)
+    return BlockPool(budget // block, block)
 
 
 def slot_rows(engine, config: SchedulerConfig) -> bool:

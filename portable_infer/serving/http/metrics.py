@@ -16,7 +16,8 @@ Names (the HPA in deploy/k8s scales on ``portable_infer_requests_waiting``)::
     portable_infer_engine_seconds_total{phase,part} counter  the step loop's time: phase prefill |
                                                           decode (part forward: waiting on the engine's
                                                           forwards; host: the rest), plan | idle
-    portable_infer_engine_steps_total{phase}   counter    prefill | decode steps
+    portable_infer_engine_steps_total{phase}   counter    prefill | decode | mixed steps (mixed: decode steps a
+                                                          prefill rode in, paged KV; counted in decode too)
     portable_infer_decode_rows_total           counter    rows decoded, summed over decode steps
     portable_infer_time_to_first_token_seconds histogram
     portable_infer_inter_token_latency_seconds histogram
@@ -96,7 +97,7 @@ def _step_metrics(steps: dict):
         seconds.add_metric([phase, ""], steps.get(phase, 0.0))
     yield seconds
     count = CounterMetricFamily(f"{PREFIX}_engine_steps", "Steps of the step loop by phase", labels=["phase"])
-    for phase in ("prefill", "decode"):
+    for phase in ("prefill", "decode", "mixed"):
         count.add_metric([phase], steps.get(f"{phase}_steps", 0))
     yield count
     yield CounterMetricFamily(f"{PREFIX}_decode_rows", "Rows decoded, summed over decode steps",
