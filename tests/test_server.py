@@ -231,7 +231,7 @@ def test_step_clock_metrics(client, server):
     assert d[3] > 0 and d[4] > 0 and d[5] > 0, d
     assert sum(d[3:]) < wall, (d, wall)
     assert set(steps) == {"prefill_forward", "prefill_host", "decode_forward", "decode_host", "plan", "idle",
-                          "prefill_steps", "decode_steps", "decode_rows"}
+                          "prefill_steps", "decode_steps", "decode_rows", "mixed_steps"}
     assert all(v >= 0 for v in steps.values()), steps
 
 
