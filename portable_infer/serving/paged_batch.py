@@ -45,7 +45,7 @@ class PagedBatch(RunningBatch):
         out = {}
 
         def forward(fill):  # the decode rows' part, as row_inputs reads it; the prefill's kept in out
-            logits, token = self._wait(self.engine.forward_packed, packed, how == batch_pick.GREEDY)
+            logits, token = self.engine.forward_packed(packed, how == batch_pick.GREEDY)  # timed by its caller
             n = len(decode)
             out["logits"], out["token"] = (None if logits is None else logits[n:]), token[n:]
             if how == batch_pick.GREEDY:
@@ -60,7 +60,7 @@ class PagedBatch(RunningBatch):
         return results, self._first_tokens(rows, step, cache, mask, out)
 
     def _prefill_only(self, forward) -> list:
-        forward(None)
+        self._wait(forward, None)
         return []
 
     def _prefill_chunks(self, rows: list, step) -> tuple:
