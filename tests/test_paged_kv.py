@@ -169,7 +169,40 @@ def test_scheduler_mixes_prefills_into_decode_steps_like_single_runs(paged, stat
     assert stats.steps["mixed_steps"] > 0, f"{TAG} no prefill rode in a decode step: {stats.steps}"
     assert stats.blocks_used == 0 and paged.engine.pool.blocks == 2048 // 16
     gc.collect()
-    assert paged.engine.pool.free == paged.engine.pool.blocks, "blocks still held after every request ended"
+    pool = paged.engine.pool
+    assert pool.free == pool.blocks - len(pool.prefixes.keys), "blocks still held after every request ended"
+    pool.prefixes.evict(pool.blocks)  # the prompts' indexed blocks, held by nothing else, go back
+    assert pool.free == pool.blocks and not pool.prefixes.index
+
+
+def test_prompts_share_prefix_blocks_by_reference(paged, static):
+    """A prompt starting with whole blocks an earlier prompt computed takes those blocks (no copy,
+    no recompute) and gives the same tokens; blocks only the index holds make room when the pool
+    runs short, with every block indexed after them."""
+    rng = np.random.default_rng(SEED + 5)
+    shared = prompts(rng, [40])[0]  # 2 whole blocks of 16 (and 8 tokens more)
+    ps = [shared + prompts(rng, [n])[0] for n in (5, 9, 3)]
+    want = [static.generate_ids(p, max_new_tokens=6, ignore_eos=True) for p in ps]
+    gc.collect()
+    paged.engine.reserve(40, 16)
+    with Scheduler(paged, SchedulerConfig(max_batch=4, prefill_chunk=64, kv_budget_tokens=40 * 16)) as sched:
+        got = [[r.token for r in sched.submit(ps[0], max_new_tokens=6, ignore_eos=True)]]
+        first = dict(paged.engine.pool.prefixes.keys)  # its prompt's whole blocks, indexed
+        handles = [sched.submit(p, max_new_tokens=6, ignore_eos=True) for p in ps[1:]]
+        got += [[r.token for r in h] for h in handles]
+        stats = sched.stats()
+    assert got == want, f"{TAG} prefix-sharing rows differ from single runs"
+    assert len(first) == 2 and stats.prefix_cache_hits == 2 and stats.prefix_cache_tokens == 2 * 32, stats
+    blocks = paged.engine.pool.prefixes
+    assert [blocks.match(p)[:2] for p in ps] == [list(first)] * 3, "the shared blocks are not the first prompt's"
+    # a pool short of free blocks takes back the index's (least recently used first, chains whole)
+    gc.collect()
+    pool = paged.engine.pool
+    held = len(blocks.keys)
+    cache = paged.engine.new_cache(1, capacity=40 * 16)
+    pool.extend(cache.tables[0], (pool.free + 1) * 16)
+    assert len(blocks.keys) < held and all(blocks.index[k] == b for b, k in blocks.keys.items())
+    assert all(parent == -1 or parent in blocks.keys for parent, _ in blocks.index)
 
 
 def test_the_cuda_form_and_its_refusals(tiny_llama, tmp_path, package):

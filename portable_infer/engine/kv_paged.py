@@ -16,11 +16,17 @@ A cache's references go when the cache is dropped (``weakref.finalize``), so the
 caches as they drop the others. A block two caches hold is never written: only a row's last,
 partly filled block takes new tokens, and a forward into a shared one is refused (merge and take
 hand the rows to a new cache and the old one is dropped before the next forward).
+
+Prompt prefixes are shared the same way (:class:`PrefixBlocks`, as vLLM's automatic prefix
+caching): a prompt's whole blocks, once computed, are indexed by their tokens; a later row whose
+prompt starts with the same tokens takes those blocks (a reference each) and computes only the
+rest. Only whole blocks are shared, so the shared ones are never written.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +55,7 @@ class BlockPool:
         self.values = self._make(None)  # [(key, value)] per layer
         self.refs = np.zeros(blocks, np.int64)
         self._free = list(range(blocks - 1, -1, -1))  # a stack: the lowest block first
+        self.prefixes = PrefixBlocks(self)
 
     def _make(self, old: list | None) -> list:
         """Every layer's pools at the current size (``old``'s host copies [(key, value)] in their first blocks)."""
@@ -100,6 +107,8 @@ class BlockPool:
         if more <= 0:
             return
         if more > len(self._free):
+            self.prefixes.evict(more - len(self._free))  # prefixes no row holds make room
+        if more > len(self._free):
             raise CapacityError(f"the KV pool has {len(self._free)} free blocks of {self.block_size} tokens and a row "
                                 f"needs {more} more; raise the KV budget (kv_budget_tokens) or lower max_batch")
         new = [self._free.pop() for _ in range(more)]
@@ -116,10 +125,90 @@ class BlockPool:
             self.refs[t] -= 1
             self._free.extend(b for b in reversed(t) if self.refs[b] == 0)
 
+    def give_back(self, blocks) -> None:
+        """Blocks whose last reference went (from the index): free again."""
+        self._free.extend(b for b in blocks if self.refs[b] == 0)
+
     def shared(self, table: list, start: int) -> bool:
         """Whether the block that token ``start`` of a row with ``table`` lands in is held twice."""
         k = start // self.block_size
         return k < len(table) and self.refs[table[k]] > 1
+
+
+class PrefixBlocks:
+    """A pool's index of prompts' whole blocks, found again by their tokens (loop thread only).
+
+    A block is keyed by the block before it in its prompt (-1 for the first) and its own tokens,
+    so a match is exact, block by block from the first: no hash stands for the tokens. An indexed
+    block holds a reference of its own; when the pool runs short, blocks no row holds are given
+    back, least recently used first, each with the blocks indexed after it (their keys name it).
+    """
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.index: dict = {}  # (block before, tokens) -> block
+        self.keys: OrderedDict = OrderedDict()  # block -> its key, least recently used first
+        self.after: dict = {}  # block -> the indexed blocks keyed by it
+        self.hits = self.tokens_reused = 0
+
+    def _runs(self, tokens, n: int):
+        bs = self.pool.block_size
+        return (tuple(int(t) for t in tokens[i * bs:(i + 1) * bs]) for i in range(n))
+
+    def match(self, tokens, touch: bool = False) -> list:
+        """The indexed blocks that hold ``tokens``' longest run of whole blocks, leaving at least
+        one token to compute (its logits give the next token); ``touch``: a use (recency, counts)."""
+        out, before = [], -1
+        for run in self._runs(tokens, (len(tokens) - 1) // self.pool.block_size):
+            b = self.index.get((before, run))
+            if b is None:
+                break
+            out.append(b)
+            before = b
+        if touch and out:
+            for b in out:
+                self.keys.move_to_end(b)
+            self.hits += 1
+            self.tokens_reused += len(out) * self.pool.block_size
+        return out
+
+    def publish(self, tokens, table: list) -> None:
+        """Index the whole blocks of ``tokens`` that ``table`` holds (a prompt just computed)."""
+        before = -1
+        for run, b in zip(self._runs(tokens, len(tokens) // self.pool.block_size), table):
+            key = (before, run)
+            have = self.index.get(key)
+            if have is None:
+                if b in self.keys:  # indexed under another key (cannot happen: one content a block)
+                    return
+                self.index[key], self.keys[b] = b, key
+                self.after.setdefault(before, set()).add(b)
+                self.pool.refs[b] += 1
+                have = b
+            self.keys.move_to_end(have)
+            before = have
+
+    def evict(self, need: int) -> None:
+        """Give back at least ``need`` blocks no row holds (least recently used first), or all there are."""
+        for b in list(self.keys):
+            if need <= 0:
+                return
+            if b in self.keys and self.pool.refs[b] == 1:
+                need -= self._drop(b)
+
+    def _drop(self, b: int) -> int:
+        """``b`` out of the index with every block indexed after it; returns the blocks freed."""
+        freed = sum(self._drop(c) for c in list(self.after.pop(b, ())))
+        key = self.keys.pop(b)
+        del self.index[key]
+        self.after.get(key[0], set()).discard(b)
+        self.pool.refs[b] -= 1
+        self.pool.give_back([b])
+        return freed + int(self.pool.refs[b] == 0)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.keys) * self.pool.block_bytes
 
 
 @dataclass
@@ -152,6 +241,14 @@ class PagedCache:
 
     def nbytes(self) -> int:
         return sum(len(t) for t in self.tables) * self.pool.block_bytes
+
+    def share(self, row: int, blocks: list) -> None:
+        """Row ``row`` (empty) starts with ``blocks`` (a prefix's whole blocks: one reference more each)."""
+        if self.tables[row]:
+            raise InvalidArgumentError("a row takes shared prefix blocks only while it is empty")
+        self.pool.hold([blocks])
+        self.tables[row].extend(blocks)
+        self.rows[row] = len(blocks) * self.pool.block_size
 
     def merge(self, mask: np.ndarray, other: "PagedCache", other_mask: np.ndarray) -> tuple:
         tables = [list(t) for t in self.tables] + [list(t) for t in other.tables]

@@ -10,7 +10,9 @@ forward, as vLLM's chunked prefill mixes them::
     sequences        a    b    c    p (its chunk)             p's chunk extends p's own cache
 
 So a burst of new prompts does not stop the running streams for whole prefill forwards: each
-step still gives every running row its token. The prefill's rows are picked from the same
+step still gives every running row its token. Prompt prefixes are shared by block reference
+(:class:`PagedPrefixes`: the pool's :class:`~portable_infer.engine.kv_paged.PrefixBlocks`): a
+request whose prompt starts with whole blocks computed before takes those blocks, no copy. The prefill's rows are picked from the same
 forward (their first tokens, where their prompts end) and join the batch after it. Tokens are
 picked as :class:`RunningBatch` picks them (the graph's argmax for plain greedy steps, else the
 host's logits, grammar masks applied there).
@@ -25,8 +27,57 @@ from portable_infer.decode.batch_pick import RowInput
 from portable_infer.serving.running_batch import Prefilled, RunningBatch, pick_row
 
 
+class PagedPrefixes:
+    """The scheduler's prefix cache where KV is paged: prompts' whole blocks in the engine's pool,
+    found by their tokens (``match``, as :class:`~portable_infer.serving.prefix_cache.PrefixCache`
+    answers the planner), taken by reference (:meth:`PagedBatch.start_from_prefix`). ``enabled``
+    False: nothing is indexed or matched."""
+
+    def __init__(self, engine, enabled: bool = True):
+        self.engine, self.enabled = engine, enabled
+
+    @property
+    def _blocks(self):
+        return self.engine.pool.prefixes
+
+    def match(self, prompt) -> int:
+        if not self.enabled or self.engine.pool is None:
+            return 0
+        return len(self._blocks.match(prompt)) * self.engine.pool.block_size
+
+    @property
+    def hits(self) -> int:
+        return self._blocks.hits if self.engine.pool is not None else 0
+
+    @property
+    def tokens_reused(self) -> int:
+        return self._blocks.tokens_reused if self.engine.pool is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._blocks.nbytes if self.engine.pool is not None else 0
+
+
 class PagedBatch(RunningBatch):
-    """:class:`RunningBatch` over a paged engine's caches, with :meth:`mixed` steps."""
+    """:class:`RunningBatch` over a paged engine's caches, with :meth:`mixed` steps; ``prefixes``
+    a :class:`PagedPrefixes`."""
+
+    def start_from_prefix(self, r, tokens: int, capacity: int) -> None:
+        """``r`` continues from the pool's blocks of its first ``tokens`` prompt tokens (by reference)."""
+        blocks = self.engine.pool.prefixes.match(r.prompt, touch=True)
+        if len(blocks) * self.engine.pool.block_size != tokens:  # planned moments ago: a bug
+            raise RuntimeError(f"the KV pool holds {len(blocks)} blocks of request {r.id}'s prompt, the plan said "
+                               f"{tokens} tokens")
+        cache = self.engine.new_cache(1, capacity=capacity)
+        cache.share(0, blocks)
+        cache.length = tokens
+        self._partial[r.id] = cache
+
+    def _remember(self, prompts: list, cache) -> None:
+        """Index the prompts' whole blocks for later requests (no copy: the blocks themselves)."""
+        if self.prefixes.enabled:
+            for i, p in enumerate(prompts):
+                self.engine.pool.prefixes.publish(p, cache.tables[i])
 
     def mixed(self, rows: list, step) -> tuple:
         """One forward for the batch's live rows (one token each) and ``step``'s prefill (a

@@ -53,7 +53,7 @@ from portable_infer.serving.handle import RequestHandle, open_handle
 from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.streaming import TextStream
 from portable_infer.serving.request import Request
-from portable_infer.serving.paged_batch import PagedBatch
+from portable_infer.serving.paged_batch import PagedBatch, PagedPrefixes
 from portable_infer.serving.slot_batch import SlotBatch
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
@@ -96,13 +96,14 @@ class Scheduler(PrefillSteps):
         self.max_context = model.max_context
         self.pool = kv_pool(config, kv, engine.device)
         prefix_min = config.prefix_min_tokens
-        if prefix_min is None:
-            prefix_min = 0 if engine.device == "cpu" else config.prefill_chunk
+        if prefix_min is None:  # a paged pool's prefix blocks are taken by reference: free at any length
+            prefix_min = 0 if engine.device == "cpu" or kv.growth == "paged" else config.prefill_chunk
         # loop thread only; shorter prompts than a grouped request reuses are not stored either. Paged
-        # KV on a device keeps no host copies of prefixes (its caches cannot give them cheaply).
-        host_prefixes = kv.growth != "paged" or engine.device == "cpu"
-        self.prefixes = PrefixCache(self.pool.block_size, config.prefix_cache_bytes if host_prefixes else 0, prefix_min,
-                                    bytes_per_token(kv))
+        # KV shares prefixes by block reference in its pool, not by host copies.
+        if kv.growth == "paged":
+            self.prefixes = PagedPrefixes(engine, enabled=config.prefix_cache_bytes > 0)
+        else:
+            self.prefixes = PrefixCache(self.pool.block_size, config.prefix_cache_bytes, prefix_min, bytes_per_token(kv))
         self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
         self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread
                                    self.pool)
