@@ -154,19 +154,30 @@ def test_a_full_reserved_pool_is_a_capacity_error_and_a_first_cache_pool_grows(p
     assert out.tolist() == [a[0] for a in alone], TAG
 
 
-def test_scheduler_mixes_prefills_into_decode_steps_like_single_runs(paged, static):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_scheduler_mixes_prefills_into_decode_steps_like_single_runs(paged, static, overlap):
+    """Off the CPU plain greedy steps overlap the host's picks with the device (forced here): the
+    tokens are the same either way, stop ids and length limits included."""
     rng = np.random.default_rng(SEED + 4)
     ps = prompts(rng, rng.integers(2, 60, 10))
-    kws = [dict(max_new_tokens=int(rng.integers(1, 20))) for _ in ps]
-    kws[1].update(temperature=0.9, top_p=0.9, seed=5)
-    kws[2].update(temperature=1.2, top_k=20, seed=9, presence_penalty=0.5)
-    want = [static.generate_ids(p, ignore_eos=True, **kw) for p, kw in zip(ps, kws)]
+    kws = [dict(max_new_tokens=int(rng.integers(1, 20)), ignore_eos=True) for _ in ps]
+    if not overlap:  # sampling rows: the host picks between steps
+        kws[1].update(temperature=0.9, top_p=0.9, seed=5)
+        kws[2].update(temperature=1.2, top_k=20, seed=9, presence_penalty=0.5)
+    alone = static.generate_ids(ps[3], max_new_tokens=20, ignore_eos=True)
+    kws[3].update(max_new_tokens=20, stop_token_ids=[alone[4]], ignore_eos=False)  # ends on a stop id
+    want = [static.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
+    assert len(want[3]) <= 5, TAG
     with Scheduler(paged, SchedulerConfig(max_batch=6, prefill_chunk=16, kv_budget_tokens=2048)) as sched:
-        handles = [sched.submit(p, ignore_eos=True, **kw) for p, kw in zip(ps, kws)]
+        sched.batch.overlap = overlap
+        overlapped, real = [], sched.batch._overlap
+        sched.batch._overlap = lambda *a: (overlapped.append(1), real(*a))[1]
+        handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
         got = [[r.token for r in h] for h in handles]
         stats = sched.stats()
     assert got == want, f"{TAG} scheduler on paged KV differs from single static runs"
     assert stats.steps["mixed_steps"] > 0, f"{TAG} no prefill rode in a decode step: {stats.steps}"
+    assert bool(overlapped) == overlap, f"{TAG} {len(overlapped)} overlapped steps"
     assert stats.blocks_used == 0 and paged.engine.pool.blocks == 2048 // 16
     gc.collect()
     pool = paged.engine.pool
@@ -239,3 +250,4 @@ def test_the_budget_counts_in_the_pool_s_blocks(paged, static):
     assert [kv_pool(cfg, kv_paged, d).block_size for d in ("cuda", "cpu")] == [128, 16]
     assert kv_pool(cfg, kv_static, "cuda").block_size == 16 and kv_pool(cfg, kv_paged, "cuda").total == 32
     assert kv_pool(SchedulerConfig(kv_budget_tokens=4096, block_size=32), kv_paged, "cuda").block_size == 32
+

@@ -88,8 +88,10 @@ class PagedEngine:
     # --- the pool ---------------------------------------------------------------------------------
     def reserve(self, blocks: int, block_size: int | None = None) -> BlockPool:
         """A pool of ``blocks`` blocks of ``block_size`` tokens (None: the engine's): the
-        scheduler's KV budget. Without it the first cache sizes the pool; a pool that blocks are
-        held in is not replaced."""
+        scheduler's KV budget. Without it the first cache sizes the pool; a pool that caches hold
+        blocks of is not replaced (its indexed prefixes go)."""
+        if self.pool is not None:
+            self.pool.prefixes.evict(self.pool.blocks)
         if self.pool is not None and self.pool.refs.any():
             raise PortableInferError("the KV pool holds caches' blocks; drop them before reserving another pool")
         self.block_size = block_size or self.block_size

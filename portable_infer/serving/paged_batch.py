@@ -60,7 +60,44 @@ class PagedPrefixes:
 
 class PagedBatch(RunningBatch):
     """:class:`RunningBatch` over a paged engine's caches, with :meth:`mixed` steps; ``prefixes``
-    a :class:`PagedPrefixes`."""
+    a :class:`PagedPrefixes`. Plain greedy decode steps overlap the host with the device (off the
+    CPU, as the slot batch's do: :meth:`_overlapped`)."""
+
+    def __init__(self, engine, prefixes, max_context: int):
+        super().__init__(engine, prefixes, max_context)
+        self.overlap = engine.device != "cpu"  # on the CPU the picks would take the forward's cores
+
+    def decode(self, early=None) -> list:
+        seqs = [r.seq if r.state != "done" else None for r in self.rows]
+        if any(seqs) and self.overlap and batch_pick.mode(self.engine, seqs) == batch_pick.GREEDY:
+            return self._overlapped(early)
+        return self._pick_unpicked() + super().decode(early)  # the host picks first: no overlap
+
+    def _overlapped(self, early) -> list:
+        """Plain greedy rows, as vLLM's async scheduling (the slot batch's way): this forward
+        starts on the device's argmax ids of the previous one while a worker thread takes those
+        through their rows' rules (:meth:`RunningBatch._overlap`). A row those tokens end was fed
+        one more token (its KV lands within what the request reserved: the ending token's own
+        position), whose pick is dropped."""
+        rows = self.rows
+        live = np.array([[r.state != "done"] for r in rows], np.int64)
+        self.mask = np.concatenate([self.mask, live], axis=1)
+        fed = np.flatnonzero(live[:, 0])
+        tokens, results = self._overlap(
+            lambda: self.engine.forward(self.pending[:, None], self.mask, self.cache, greedy=True), early)
+        self.pending[fed] = tokens[fed]  # each row's next input: the token just picked on the device
+        self._unpicked = [(rows[i], int(tokens[i])) for i in fed]
+        return results
+
+    def _pick_unpicked(self) -> list:
+        """The overlapped forward's tokens through their rows' rules (rows that ended meanwhile get nothing)."""
+        unpicked, self._unpicked = self._unpicked, []
+        return [pick_row(r, RowInput(tok=tok), max_context=self.max_context) for r, tok in unpicked
+                if r.state != "done"]
+
+    def reset(self) -> None:
+        super().reset()
+        self._unpicked = []
 
     def start_from_prefix(self, r, tokens: int, capacity: int) -> None:
         """``r`` continues from the pool's blocks of its first ``tokens`` prompt tokens (by reference)."""
@@ -82,8 +119,10 @@ class PagedBatch(RunningBatch):
     def mixed(self, rows: list, step) -> tuple:
         """One forward for the batch's live rows (one token each) and ``step``'s prefill (a
         :class:`~portable_infer.serving.scheduler_plan.Prefill`, ``rows`` its requests in slice
-        order). Returns ``(results, done)``: the decode rows' :class:`RowResult` list and, where
-        prompts ended, their :class:`Prefilled` (first tokens picked; to join), else None."""
+        order). Returns ``(results, done)``: the decode rows' :class:`RowResult` list (an overlapped
+        step's before them) and, where prompts ended, their :class:`Prefilled` (first tokens
+        picked; to join), else None."""
+        before = self._pick_unpicked()  # the host picks the last overlapped step's tokens first
         live = np.array([[r.state != "done"] for r in self.rows], np.int64)
         self.mask = np.concatenate([self.mask, live], axis=1)
         decode = [i for i, r in enumerate(self.rows) if r.state != "done"]
@@ -108,7 +147,7 @@ class PagedBatch(RunningBatch):
             return full
 
         results = self._picks(how, self.rows, seqs, forward) if decode else self._prefill_only(forward)
-        return results, self._first_tokens(rows, step, cache, mask, out)
+        return before + results, self._first_tokens(rows, step, cache, mask, out)
 
     def _prefill_only(self, forward) -> list:
         self._wait(forward, None)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +88,8 @@ class RunningBatch:
         self.pending = None  # [rows] int64: each row's last token, fed by the next decode
         self._partial: dict = {}  # request id -> its batch-1 cache while its prompt is chunked in
         self.forward_s = 0.0  # seconds the loop waited on forwards (the scheduler's StepClock reads it)
+        self._unpicked: list = []  # the last overlapped forward's tokens, not through their rows' rules yet
+        self._worker = None  # the thread that picks them while the next forward runs (_overlap)
 
     def _wait(self, forward, *args):
         """``forward(*args)``, its wall time counted in :attr:`forward_s`."""
@@ -94,6 +98,35 @@ class RunningBatch:
             return forward(*args)
         finally:
             self.forward_s += time.perf_counter() - t
+
+    def _overlap(self, forward, early) -> tuple:
+        """``(forward(), results)``: the forward on this thread (ONNX Runtime releases the GIL
+        while the device works) while a worker thread takes the last overlapped forward's tokens
+        through their rows' rules (:meth:`_pick_unpicked`) and hands them to ``early`` (then
+        ``results`` is empty). The batches that overlap (plain greedy steps, as vLLM's async
+        scheduling) keep what the forward returns as the next ``_unpicked``."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-picks")
+        picks = self._worker.submit(self._picks_handed_over, early)
+        try:
+            out = self._wait(forward)
+        except BaseException:
+            futures.wait([picks])  # the picks touch the rows: they end before the failure goes up
+            raise
+        return out, picks.result()
+
+    def _picks_handed_over(self, early) -> list:
+        """:meth:`_pick_unpicked`, its results given to ``early`` where there is one (then none returned)."""
+        results = self._pick_unpicked()
+        if early is None:
+            return results
+        early(results)
+        return []
+
+    def _pick_unpicked(self) -> list:
+        """The last overlapped forward's tokens through their rows' rules (none here: this batch
+        does not overlap)."""
+        return []
 
     def nbytes(self) -> int:
         """KV bytes the decode batch holds now."""

@@ -190,7 +190,8 @@ class Scheduler(PrefillSteps):
         return self._thread.is_alive() and not self.queues.closing
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the step loop; requests still queued or running end with an error."""
+        """Stop the step loop; requests still queued or running end with an error, and the running
+        batch lets its KV go (a paged pool's blocks: another scheduler may use the engine)."""
         with self.queues.lock:
             self.queues.closing = True
             self.queues.wake.notify_all()
@@ -200,6 +201,8 @@ class Scheduler(PrefillSteps):
             self.queues.emitter.close(timeout)
         for r in self.queues.unfinished(self.batch.rows):
             self.queues.fail(r, PortableInferError("the scheduler was closed before this request finished"))
+        if not self._thread.is_alive():  # the loop thread alone touches the batch while it runs
+            self.batch.reset()
 
     def __enter__(self):
         return self

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -75,8 +73,6 @@ class SlotBatch(RunningBatch):
         self.pending = np.zeros(max_batch, np.int64)  # each slot's next input token
         self._views: dict = {}  # decode batch size -> its view of the buffer
         self.overlap = True  # plain greedy steps start before the host picks the last one's tokens
-        self._unpicked: list = []  # [(slot, request, token)] of the last overlapped forward
-        self._worker = None  # the thread that runs overlapped forwards
 
     # --- the buffer and its slots ------------------------------------------------------------------
     def _buffer(self, capacity: int):
@@ -251,28 +247,12 @@ class SlotBatch(RunningBatch):
         it could start. A row that those tokens end was fed one more token; its pick is dropped,
         and its KV row is free anyway."""
         live = np.array([[s is not None] for s in seqs], np.int64)
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-picks")
-        picks = self._worker.submit(self._picks_handed_over, early)
-        try:
-            tokens = self._wait(self._forward, batch_pick.GREEDY, view, live)
-        except BaseException:
-            futures.wait([picks])  # the picks touch the rows: they end before the failure goes up
-            raise
-        results = picks.result()
+        tokens, results = self._overlap(lambda: self._forward(batch_pick.GREEDY, view, live), early)
         fed = [i for i, s in enumerate(seqs) if s is not None]  # the rows this forward advanced
         ids = np.asarray(tokens)[fed]
         self.pending[fed] = ids  # each row's next input: the token just picked on the device
         self._unpicked = [(i, rows[i], tok) for i, tok in zip(fed, ids.tolist())]
         return results
-
-    def _picks_handed_over(self, early) -> list:
-        """:meth:`_pick_unpicked`, its results given to ``early`` where there is one (then none returned)."""
-        results = self._pick_unpicked()
-        if early is None:
-            return results
-        early(results)
-        return []
 
     def _pick_unpicked(self) -> list:
         """The overlapped forward's tokens through their rows' rules (rows that ended meanwhile, or
