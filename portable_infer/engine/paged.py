@@ -148,31 +148,38 @@ class PagedEngine:
         caches, each at most once, any number of tokens each): ``(logits [N, vocab], or None
         with greedy; argmax [N])`` in chunk order. Each row's ``cache.rows`` advances by its
         tokens (``cache.length``, the caller's mask, does not)."""
-        pool = self.pool
-        counts = np.array([len(t) for _, _, t in chunks], np.int64)
-        past = np.array([int(c.rows[b]) for c, b, _ in chunks], np.int64)
-        need = sum(max(0, -(-int(p + n) // pool.block_size) - len(c.tables[b])) for (c, b, _), n, p in zip(chunks, counts, past))
+        pool, n_rows = self.pool, len(chunks)  # per-row work in numpy: 256 rows a step on GPUs
+        counts = np.fromiter((len(t) for _, _, t in chunks), np.int64, n_rows)
+        past = np.fromiter((c.rows[b] for c, b, _ in chunks), np.int64, n_rows)
+        ends = past + counts
+        over = ends > np.fromiter((c.capacity for c, _, _ in chunks), np.int64, n_rows)
+        if over.any():
+            k = int(np.argmax(over))
+            check_capacity(ends[k:k + 1], chunks[k][0].capacity)
+        tables = [c.tables[b] for c, b, _ in chunks]
+        held = np.fromiter(map(len, tables), np.int64, n_rows)
+        short = np.flatnonzero(-(-ends // pool.block_size) > held)  # rows that need blocks
+        need = int((-(-ends[short] // pool.block_size) - held[short]).sum())
         if need > pool.free and self._grows:
             pool.grow(max(2 * pool.blocks, pool.blocks + need))
             self._binding = None
-        tables = []
-        for (c, b, _), n, p in zip(chunks, counts, past):
-            check_capacity(np.array([p + n]), c.capacity)
-            if pool.shared(c.tables[b], int(p)):
-                raise PortableInferError("a KV block two caches hold would be written; drop the old cache first")
-            pool.extend(c.tables[b], int(p + n))
-            tables.append(c.tables[b])
-        table = np.full((len(chunks), max(map(len, tables))), -1, np.int32)
-        for k, t in enumerate(tables):
-            table[k, :len(t)] = t
-        cu = np.zeros(len(chunks) + 1, np.int32)
+        writes = np.flatnonzero(past // pool.block_size < held)  # into a block the row holds already
+        if writes.size and (pool.refs[[tables[k][past[k] // pool.block_size] for k in writes]] > 1).any():
+            raise PortableInferError("a KV block two caches hold would be written; drop the old cache first")
+        for k in short:
+            pool.extend(tables[k], int(ends[k]))
+        held[short] = [len(tables[k]) for k in short]
+        table = np.full((n_rows, int(held.max())), -1, np.int32)
+        table[np.arange(table.shape[1]) < held[:, None]] = np.fromiter(
+            (b for t in tables for b in t), np.int32, int(held.sum()))  # row after row, as the mask's order
+        cu = np.zeros(n_rows + 1, np.int32)
         np.cumsum(counts, out=cu[1:])
         feeds = {mf.INPUT_IDS: np.concatenate([np.asarray(t, np.int64) for _, _, t in chunks])[None],
                  mf.CUMULATIVE_SEQUENCE_LENGTH: cu, mf.PAST_SEQLENS: past.astype(np.int32),
                  mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1,
                  mf.ATTENTION_METADATA: np.array([counts.max(), (past + counts).max()], np.int32)}
         logits, token = self._run(feeds, greedy)
-        for (c, b, _), n in zip(chunks, counts):
+        for (c, b, _), n in zip(chunks, counts.tolist()):
             c.rows[b] += n
         return logits, token
 
