@@ -251,3 +251,40 @@ def test_the_budget_counts_in_the_pool_s_blocks(paged, static):
     assert kv_pool(cfg, kv_static, "cuda").block_size == 16 and kv_pool(cfg, kv_paged, "cuda").total == 32
     assert kv_pool(SchedulerConfig(kv_budget_tokens=4096, block_size=32), kv_paged, "cuda").block_size == 32
 
+
+
+def test_constrained_and_sampled_rows_pick_as_on_static_kv(package, tiny_text_package, tmp_path):
+    """Grammar-constrained rows (greedy: the graph's argmax checked against the grammar, on the
+    host's logits here; sampled), logprobs and free rows in one scheduler: the same tokens as the
+    static variant's scheduler gives."""
+    pytest.importorskip("llguidance")
+    import dataclasses
+    import shutil
+
+    from portable_infer.decode.constraints import Constraint
+    from portable_infer.decode.sampling import SamplingParams
+    from portable_infer.package import manifest as mf
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(package, pkg)
+    shutil.copy(tiny_text_package / "tokenizer.json", pkg / "tokenizer.json")
+    m = mf.Manifest.load(pkg)
+    dataclasses.replace(m, tokenizer=dataclasses.replace(m.tokenizer, file="tokenizer.json", config_file=None),
+                        files=mf.file_entries(pkg)).save(pkg)
+    rng = np.random.default_rng(SEED + 6)
+    regex = Constraint.regex(r"[a-f]{3}-[0-9]{2,4}\.")
+    schema = Constraint.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    kw = dict(max_new_tokens=24, ignore_eos=True)
+    params = [SamplingParams(constraint=regex, **kw), SamplingParams(**kw), SamplingParams(constraint=schema, **kw),
+              SamplingParams(constraint=regex, temperature=0.8, seed=int(rng.integers(1000)), **kw),
+              SamplingParams(logprobs=2, temperature=0.8, seed=int(rng.integers(1000)), **kw)]
+    ps = prompts(rng, rng.integers(3, 20, len(params)))
+    outs, checked = [], []
+    for model in (portable_infer.load(pkg, "cpu", paged_kv=True), portable_infer.load(pkg, "cpu")):
+        real = model.engine.forward_on_device
+        model.engine.forward_on_device = lambda *a, **k: checked.append(model.variant) or real(*a, **k)
+        with Scheduler(model, SchedulerConfig(max_batch=3, prefill_chunk=8)) as sched:  # 3 greedy rows first
+            handles = [sched.submit_ids(p, sp) for p, sp in zip(ps, params)]
+            outs.append([[r.token for r in h] for h in handles])
+    assert outs[0] == outs[1], f"{TAG} paged and static schedulers differ under constraints"
+    assert "paged" in checked, "no step checked the graph's argmax against a grammar on the paged engine"

@@ -10,12 +10,12 @@ forward, as vLLM's chunked prefill mixes them::
     sequences        a    b    c    p (its chunk)             p's chunk extends p's own cache
 
 So a burst of new prompts does not stop the running streams for whole prefill forwards: each
-step still gives every running row its token. Prompt prefixes are shared by block reference
-(:class:`PagedPrefixes`: the pool's :class:`~portable_infer.engine.kv_paged.PrefixBlocks`): a
-request whose prompt starts with whole blocks computed before takes those blocks, no copy. The prefill's rows are picked from the same
+step still gives every running row its token. The prefill's rows are picked from the same
 forward (their first tokens, where their prompts end) and join the batch after it. Tokens are
 picked as :class:`RunningBatch` picks them (the graph's argmax for plain greedy steps, else the
-host's logits, grammar masks applied there).
+host's logits, grammar masks applied there). Prompt prefixes are shared by block reference
+(:class:`PagedPrefixes`: the pool's :class:`~portable_infer.engine.kv_paged.PrefixBlocks`): a
+request whose prompt starts with whole blocks computed before takes those blocks, no copy.
 """
 
 from __future__ import annotations
