@@ -19,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import portable_infer  # noqa: E402
-from portable_infer.errors import CapacityError, PackageError, PortableInferError, ProviderError  # noqa: E402
+from portable_infer.errors import (CapacityError, InvalidArgumentError, PackageError, PortableInferError,  # noqa: E402
+                                   ProviderError)
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SEED = int(os.environ.get("PAGED_SEED") or random.SystemRandom().randrange(2**31))
@@ -130,6 +131,8 @@ def test_take_and_merge_share_blocks_and_free_them(paged):
     engine.forward(np.array([[7, 8, 9]]), np.ones((1, 3), np.int64), c)
     merged, mask_m = b.merge(np.concatenate([mask_b, np.ones((2, 1), np.int64)], 1), c, np.ones((1, 3), np.int64))
     assert merged.tables == b.tables + c.tables and mask_m.shape == (3, 7) and merged.rows.tolist() == [7, 7, 3]
+    with pytest.raises(InvalidArgumentError, match="block reference"):  # prefixes go by blocks, not host copies
+        merged.prompt_kv([[5] * 7], [0])
     del b, c, merged
     gc.collect()
     assert pool.free == 32

@@ -51,7 +51,6 @@ class BlockPool:
             raise InvalidArgumentError(f"a KV pool needs blocks >= 1 and block_size >= 1, got {blocks} x {block_size}")
         self.layout, self.ort, self.device = layout, ort, device
         self.blocks, self.block_size = blocks, block_size
-        self.host = None  # CPU: the numpy arrays the pools' OrtValues wrap (written through them)
         self.values = self._make(None)  # [(key, value)] per layer
         self.refs = np.zeros(blocks, np.int64)
         self._free = list(range(blocks - 1, -1, -1))  # a stack: the lowest block first
@@ -60,24 +59,17 @@ class BlockPool:
     def _make(self, old: list | None) -> list:
         """Every layer's pools at the current size (``old``'s host copies [(key, value)] in their first blocks)."""
         dtype, ort = np.dtype(self.layout.dtype), self.ort
-        if self.device == "cpu":  # zeros: a reference graph reads whole blocks (masked)
-            self.host = [tuple(np.zeros(self._shape, dtype) for _ in pair) for pair in self.layout.past]
-            for pair, was in zip(self.host, old or ()):
-                for a, w in zip(pair, was):
-                    a[:len(w)] = w
-            return [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in pair) for pair in self.host]
-        if old is None:
+        if old is None and self.device != "cpu":
             return [tuple(ort.OrtValue.ortvalue_from_shape_and_type(self._shape, dtype, self.device, 0) for _ in pair)
                     for pair in self.layout.past]
-        out = []
-        for was in old:
-            pair = []
-            for w in was:
-                grown = np.zeros(self._shape, dtype)
-                grown[:len(w)] = w
-                pair.append(ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0))
-            out.append(tuple(pair))
-        return out
+
+        def pool(was):  # zeros on the CPU: a reference graph reads whole blocks (masked)
+            a = np.zeros(self._shape, dtype)
+            if was is not None:
+                a[:len(was)] = was
+            return ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+
+        return [tuple(pool(w) for w in was) for was in (old or [(None, None)] * len(self.layout.past))]
 
     def grow(self, blocks: int) -> None:
         """``blocks`` blocks, the held ones kept (through the host: for pools a first cache sized)."""
@@ -128,11 +120,6 @@ class BlockPool:
     def give_back(self, blocks) -> None:
         """Blocks whose last reference went (from the index): free again."""
         self._free.extend(b for b in blocks if self.refs[b] == 0)
-
-    def shared(self, table: list, start: int) -> bool:
-        """Whether the block that token ``start`` of a row with ``table`` lands in is held twice."""
-        k = start // self.block_size
-        return k < len(table) and self.refs[table[k]] > 1
 
 
 class PrefixBlocks:
@@ -262,29 +249,10 @@ class PagedCache:
         return self._with(tables, self.rows[np.asarray(keep, np.int64)].copy(), self.length - start, self.capacity), sub
 
     def prompt_kv(self, prompts: list, rows: list) -> list:
-        """Host copies of the rows' prompt KV: the pools are read whole, so only on the CPU (the
-        scheduler keeps no host prefix cache for paged engines on devices)."""
-        host = self._host()
-        out = []
-        for i in rows:
-            n, table = len(prompts[i]), np.asarray(self.tables[i], np.int64)
-            start = int(self.rows[i]) - n
-            flat = lambda a: a[table].reshape(-1, *a.shape[2:])[start:start + n]  # noqa: E731  [n, KVH, D]
-            out.append([tuple(np.ascontiguousarray(flat(a).transpose(1, 0, 2)[None]) for a in pair) for pair in host])
-        return out
-
-    def _host(self) -> list:
-        if self.pool.host is None:
-            raise InvalidArgumentError("a paged cache on a device keeps its prefixes in its blocks, not on the host")
-        return self.pool.host
+        """Refused: a paged pool shares prompt prefixes by block reference (:class:`PrefixBlocks`,
+        the paged batch's prefix cache), not by host copies."""
+        raise InvalidArgumentError("a paged cache shares prefixes by block reference (PrefixBlocks), not host copies")
 
     def fill_prefix(self, arrays: list, n: int) -> None:
-        host = self._host()
-        self.pool.extend(self.tables[0], n)
-        table, bs = np.asarray(self.tables[0], np.int64), self.pool.block_size
-        p = np.arange(n)
-        for pair, layer in zip(host, arrays):
-            for a, src in zip(pair, layer):
-                a[table[p // bs], p % bs] = src[0].transpose(1, 0, 2)  # [n, KVH, D]
-        self.rows = np.array([n], np.int64)
-        self.length = n
+        """Refused, as :meth:`prompt_kv`."""
+        raise InvalidArgumentError("a paged cache shares prefixes by block reference (PrefixBlocks), not host copies")

@@ -14,8 +14,8 @@ so a step may hold prefills of any lengths and one-token decodes side by side
 (:meth:`forward_packed`: the scheduler's mixed steps), with no padding computed and no KV moved.
 Rows without new tokens sit the step out (their logits are zeros, their token 0). The pools are
 bound as both past and present on one IO binding (the graph writes in place); the other inputs
-are bound at each step. No CUDA graphs: ONNX Runtime's PagedAttention reads the lengths back
-on the host.
+are bound at each step. No CUDA graphs yet (``attention_metadata``, the step's length bounds on
+the host, is what would let PagedAttention be captured).
 """
 
 from __future__ import annotations
@@ -130,7 +130,6 @@ class PagedEngine:
     def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, greedy: bool) -> tuple:
         B, S = ids.shape
         new = np.asarray(mask[:, -S:], np.int64).sum(axis=1)
-        check_capacity(cache.rows + new, cache.capacity)
         chunks = [(cache, b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
         out = self.forward_packed(chunks, greedy) if chunks else (None, None)
         cache.length += S
@@ -190,9 +189,8 @@ class PagedEngine:
         b.bind_output(mf.LOGITS, self.device if greedy else "cpu")
         b.bind_output(mf.NEXT_TOKEN, "cpu")
         self.session.run_with_iobinding(b)
-        out = dict(zip(self._names, b.get_outputs()))
-        token = out[mf.NEXT_TOKEN].numpy().reshape(-1)
-        return (None if greedy else out[mf.LOGITS].numpy()[:, 0]), token
+        *_, logits, token = b.get_outputs()  # in binding order: the pools first (bound once)
+        return (None if greedy else logits.numpy()[:, 0]), token.numpy().reshape(-1)
 
     def _bound(self):
         """The IO binding with the pools bound in place (made once per pool)."""
@@ -206,5 +204,4 @@ class PagedEngine:
                 b.bind_ortvalue_output(kp, k)
                 b.bind_ortvalue_output(vp, v)
             self._binding = b
-            self._names = [p for pair in self.variant.kv.present for p in pair] + [mf.LOGITS, mf.NEXT_TOKEN]
         return self._binding

@@ -63,6 +63,8 @@ class PagedBatch(RunningBatch):
     a :class:`PagedPrefixes`. Plain greedy decode steps overlap the host with the device (off the
     CPU, as the slot batch's do: :meth:`_overlapped`)."""
 
+    mixes_prefill = True  # the scheduler runs a step's prefill through mixed() with its decode
+
     def __init__(self, engine, prefixes, max_context: int):
         super().__init__(engine, prefixes, max_context)
         self.overlap = engine.device != "cpu"  # on the CPU the picks would take the forward's cores

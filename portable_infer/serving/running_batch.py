@@ -78,6 +78,8 @@ class RunningBatch:
         max_context: the model's context (a row ends when it is full).
     """
 
+    mixes_prefill = False  # a step's prefill runs in a forward of its own (PagedBatch: inside the decode's)
+
     def __init__(self, engine, prefixes, max_context: int):
         self.engine = engine
         self.prefixes = prefixes

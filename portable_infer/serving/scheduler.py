@@ -53,7 +53,7 @@ from portable_infer.serving.handle import RequestHandle, open_handle
 from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.streaming import TextStream
 from portable_infer.serving.request import Request
-from portable_infer.serving.paged_batch import PagedBatch, PagedPrefixes
+from portable_infer.serving.paged_batch import PagedPrefixes
 from portable_infer.serving.slot_batch import SlotBatch
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.serving.scheduler_config import (  # noqa: F401 - re-exported: the scheduler's public data
@@ -241,7 +241,7 @@ class Scheduler(PrefillSteps):
         with clock.timed("plan"):  # leaves, copies from cached prefixes
             self._leave_and_start(plan, named)
         step = plan.prefill
-        if step is not None and plan.decode and batch.rows and isinstance(batch, PagedBatch):
+        if step is not None and plan.decode and batch.rows and batch.mixes_prefill:
             with clock.phase("decode", batch, decode_rows=len(batch.rows), mixed_steps=1):
                 self._mixed(step, named)  # the prefill rides in the decode forward
             return

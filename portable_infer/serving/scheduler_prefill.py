@@ -45,12 +45,7 @@ class PrefillSteps:
             self._fail_batch("mixed prefill and decode step failed", exc)
             return
         self.queues.hand_over(results)
-        if done is None:  # a chunk with more to go
-            rows[0].prefilled = step.slices[0].end
-            with self.queues.lock:
-                self.meter.count("prompt_tokens", step.tokens)
-            return
-        self._prefilled(rows, step, done)
+        self._prefill_end(rows, step, done)
 
     def _prefill_group(self, rows: list, step) -> None:
         """Several whole prompts in one forward; if it fails, each is prefilled alone later."""
@@ -65,13 +60,17 @@ class PrefillSteps:
         self._prefilled(rows, step, done)
 
     def _prefill_chunk(self, r: Request, step) -> None:
-        done = self.batch.prefill([r], step)
-        r.prefilled = step.slices[0].end
+        self._prefill_end([r], step, self.batch.prefill([r], step))
+
+    def _prefill_end(self, rows: list, step, done) -> None:
+        """After ``step``'s forward: a chunk with more to go (``done`` None) counts its tokens;
+        prompts that ended join the batch (:meth:`_prefilled`)."""
         if done is None:
+            rows[0].prefilled = step.slices[0].end
             with self.queues.lock:
                 self.meter.count("prompt_tokens", step.tokens)
             return
-        self._prefilled([r], step, done)
+        self._prefilled(rows, step, done)
 
     def _prefilled(self, rows: list, step, done) -> None:
         """Prompts done: out of the prefilling queue, first tokens out, rows into the batch."""
