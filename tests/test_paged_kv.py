@@ -291,3 +291,63 @@ def test_constrained_and_sampled_rows_pick_as_on_static_kv(package, tiny_text_pa
             outs.append([[r.token for r in h] for h in handles])
     assert outs[0] == outs[1], f"{TAG} paged and static schedulers differ under constraints"
     assert "paged" in checked, "no step checked the graph's argmax against a grammar on the paged engine"
+
+
+class _Widest:
+    """The paged engine, counting the most rows one forward packed."""
+
+    def __init__(self, engine):
+        self.inner, self.widest = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward_packed(self, chunks, greedy=False):
+        self.widest = max(self.widest, len(chunks))
+        return self.inner.forward_packed(chunks, greedy)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_blocks_on_demand_preempt_and_recompute_like_single_runs(paged, static, overlap):
+    """Paged KV admits a request by its prompt's blocks, not its max_new_tokens': more run at once
+    than whole reservations allow. When the budget runs short the newest request is preempted and
+    later recomputed from its prompt and output: every row still gives its single run's tokens
+    (greedy, sampled with a seed, a stop id), and every block comes back."""
+    rng = np.random.default_rng(SEED + 7)
+    ps = prompts(rng, rng.integers(6, 30, 8))
+    kws = [dict(max_new_tokens=int(rng.integers(30, 48)), ignore_eos=True) for _ in ps]
+    if not overlap:
+        kws[1].update(temperature=0.9, top_p=0.9, seed=3)
+        kws[6].update(temperature=1.1, top_k=30, seed=11, frequency_penalty=0.4)
+    alone = static.generate_ids(ps[4], max_new_tokens=40, ignore_eos=True)
+    kws[4].update(max_new_tokens=40, stop_token_ids=[alone[25]], ignore_eos=False)
+    want = [static.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
+    blocks, whole = 14, max(-(-(len(p) + kw["max_new_tokens"]) // 16) for p, kw in zip(ps, kws))
+    gc.collect()
+    cfg = SchedulerConfig(max_batch=8, prefill_chunk=16, kv_budget_tokens=blocks * 16)
+    with Scheduler(paged, cfg) as sched:
+        sched.batch.overlap = overlap
+        sched.engine = counted = _Widest(sched.engine)
+        handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
+        got = [[r.token for r in h] for h in handles]
+        stats = sched.stats()
+    assert got == want, f"{TAG} preempted and recomputed rows differ from single runs"
+    assert stats.requests_preempted > 0, f"{TAG} the budget never ran short: {stats}"
+    assert counted.widest > blocks // whole, f"{TAG} at most {counted.widest} rows ran at once"
+    assert stats.blocks_used == 0 and stats.requests_finished == len(ps), stats
+    gc.collect()
+    pool = paged.engine.pool
+    assert pool.free == pool.blocks - len(pool.prefixes.keys), "blocks still held after every request ended"
+
+
+def test_admission_keeps_a_watermark_while_requests_run():
+    from types import SimpleNamespace as R
+
+    from portable_infer.serving.scheduler_plan import Planner
+
+    p = Planner(max_batch=8, prefill_chunk=16, max_context=256, watermark=2)
+    waiting = [R(id=f"r{i}", blocks=3) for i in range(4)]
+    assert p.admit(waiting, active=0, free_blocks=3) == ("r0",)  # nothing runs: no watermark kept
+    assert p.admit(waiting, active=1, free_blocks=4) == ()
+    assert p.admit(waiting, active=0, free_blocks=7) == ("r0",)  # the second would leave 1 < 2
+    assert p.admit(waiting, active=0, free_blocks=8) == ("r0", "r1")

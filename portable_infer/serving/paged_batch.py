@@ -64,6 +64,7 @@ class PagedBatch(RunningBatch):
     CPU, as the slot batch's do: :meth:`_overlapped`)."""
 
     mixes_prefill = True  # the scheduler runs a step's prefill through mixed() with its decode
+    blocks_on_demand = True  # a row takes KV blocks as it grows; the scheduler preempts when short (kv_demand.py)
 
     def __init__(self, engine, prefixes, max_context: int):
         super().__init__(engine, prefixes, max_context)
@@ -101,9 +102,15 @@ class PagedBatch(RunningBatch):
         super().reset()
         self._unpicked = []
 
+    def kv_after_step(self) -> list:
+        """``[(request, KV tokens its row holds after the next decode forward)]`` of the live rows."""
+        if self.cache is None:
+            return []
+        return [(r, int(n) + 1) for r, n in zip(self.rows, self.cache.rows) if r.state != "done"]
+
     def start_from_prefix(self, r, tokens: int, capacity: int) -> None:
         """``r`` continues from the pool's blocks of its first ``tokens`` prompt tokens (by reference)."""
-        blocks = self.engine.pool.prefixes.match(r.prompt, touch=True)
+        blocks = self.engine.pool.prefixes.match(r.ids, touch=True)
         if len(blocks) * self.engine.pool.block_size != tokens:  # planned moments ago: a bug
             raise RuntimeError(f"the KV pool holds {len(blocks)} blocks of request {r.id}'s prompt, the plan said "
                                f"{tokens} tokens")
@@ -159,19 +166,19 @@ class PagedBatch(RunningBatch):
         """``(cache, mask, chunks)`` of ``step``: whole prompts in a cache of their own (``grouped``),
         or one prompt's next chunk on its partial cache."""
         if step.grouped:
-            width = max(len(r.prompt) for r in rows)
+            width = max(r.prompt_len for r in rows)
             mask = np.zeros((len(rows), width), np.int64)
             for i, r in enumerate(rows):
-                mask[i, width - len(r.prompt):] = 1
+                mask[i, width - r.prompt_len:] = 1
             cache = self.engine.new_cache(len(rows), capacity=step.capacity)
             cache.length = width
-            return cache, mask, [(cache, i, r.prompt) for i, r in enumerate(rows)]
+            return cache, mask, [(cache, i, r.ids) for i, r in enumerate(rows)]
         (r,), (s,) = rows, step.slices
         cache = self._partial.pop(r.id, None) or self.engine.new_cache(1, capacity=step.capacity)
         if cache.length != s.start:
             raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; the plan prefills from {s.start}")
         cache.length = s.end
-        return cache, np.ones((1, s.end), np.int64), [(cache, 0, r.prompt[s.start:s.end])]
+        return cache, np.ones((1, s.end), np.int64), [(cache, 0, r.ids[s.start:s.end])]
 
     def _first_tokens(self, rows: list, step, cache, mask, out: dict) -> Prefilled | None:
         """The prefill's end: a chunk with more to go keeps its cache; prompts that ended get
@@ -179,7 +186,7 @@ class PagedBatch(RunningBatch):
         if not step.grouped and not step.slices[0].last:
             self._partial[rows[0].id] = cache
             return None
-        self._remember([r.prompt for r in rows], cache)
+        self._remember([r.ids for r in rows], cache)
         results = []
         for i, r in enumerate(rows):
             if r.state == "done":  # cancelled while prefilling

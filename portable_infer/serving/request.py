@@ -12,6 +12,11 @@ What fails in there (NaN logits, a grammar error, a detokenizer error) belongs t
 scheduler ends it with that error and the other rows of its step go on. The planner
 (:mod:`portable_infer.serving.scheduler_plan`) reads a request through its ``id``, ``state``,
 ``prompt_len``, ``max_new_tokens``, ``blocks`` and prefill progress.
+
+Where KV blocks are taken on demand (paged KV) a running request may be preempted: its KV is
+dropped, it waits again at the head of the queue, and when it is admitted again the tokens it
+had generated (``resumed``) are prefilled after its prompt, as vLLM recomputes a preempted
+request. Its sampling state (``seq``) and text stream go on where they were.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Request:
     prefix_checked: bool = False  # looked up in the prefix cache
     alone: bool = False  # prefilled by itself (a grouped prefill with it failed)
     short_prefix: int = 0  # cached prefix tokens left unused unless it is prefilled alone
+    resumed: list = field(default_factory=list)  # tokens it had generated when it was last preempted
+    preemptions: int = 0
     submitted: float = 0.0
     admitted: float | None = None
     first_token: float | None = None
@@ -56,12 +63,25 @@ class Request:
         return self.seq.output
 
     @property
+    def ids(self) -> list:
+        """The tokens its prefill computes: the prompt, and after a preemption the tokens it had generated."""
+        return self.prompt + self.resumed if self.resumed else self.prompt
+
+    @property
     def prompt_len(self) -> int:
-        return len(self.prompt)
+        """Tokens its prefill computes (``len(ids)``)."""
+        return len(self.prompt) + len(self.resumed)
 
     @property
     def max_new_tokens(self) -> int:
-        return self.params.max_new_tokens
+        """Tokens it may still generate after its prefill."""
+        return self.params.max_new_tokens - len(self.resumed)
+
+    def preempted(self) -> None:
+        """Back to waiting with its KV dropped: what it generated is prefilled again on its next turn."""
+        self.resumed = list(self.seq.output)
+        self.state, self.prefilled, self.prefix_checked, self.alone, self.short_prefix = "waiting", 0, False, False, 0
+        self.preemptions += 1
 
     def emit(self, pick: Pick) -> Response:
         """The :class:`Response` for the token ``pick`` (already recorded by ``seq.step``): its

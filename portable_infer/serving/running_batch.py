@@ -79,6 +79,7 @@ class RunningBatch:
     """
 
     mixes_prefill = False  # a step's prefill runs in a forward of its own (PagedBatch: inside the decode's)
+    blocks_on_demand = False  # rows reserve their whole KV at admission (PagedBatch: as they grow; kv_demand.py)
 
     def __init__(self, engine, prefixes, max_context: int):
         self.engine = engine
@@ -130,6 +131,10 @@ class RunningBatch:
         does not overlap)."""
         return []
 
+    def flush(self) -> list:
+        """The results of tokens still in flight (an overlapped forward's), picked now."""
+        return self._pick_unpicked()
+
     def nbytes(self) -> int:
         """KV bytes the decode batch holds now."""
         cache = self.cache
@@ -138,7 +143,7 @@ class RunningBatch:
     # --- prefill ---------------------------------------------------------------------------------
     def start_from_prefix(self, r, tokens: int, capacity: int) -> None:
         """``r`` continues from a copy of the cached KV of its first ``tokens`` prompt tokens."""
-        n, arrays = self.prefixes.lookup(r.prompt)
+        n, arrays = self.prefixes.lookup(r.ids)
         if n != tokens:  # the plan read the same cache moments ago: a bug, not the request's doing
             raise RuntimeError(f"the prefix cache holds {n} tokens of request {r.id}'s prompt, the plan said {tokens}")
         cache = self.engine.new_cache(1, capacity=capacity)
@@ -165,24 +170,25 @@ class RunningBatch:
                 raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; "
                                    f"the plan prefills from {s.start}")
             mask = np.ones((1, s.end), np.int64)
-            logits = self._wait(self.engine.forward, np.asarray([r.prompt[s.start:s.end]], np.int64), mask, cache)
+            logits = self._wait(self.engine.forward, np.asarray([r.ids[s.start:s.end]], np.int64), mask, cache)
             if not s.last:
                 self._partial[r.id] = cache
                 return None
-        self._remember([r.prompt for r in rows], cache)
+        self._remember([r.ids for r in rows], cache)
         results = [pick_row(r, RowInput(logits[i]), max_context=self.max_context)
                    for i, r in enumerate(rows) if r.state != "done"]  # else: cancelled while prefilling
         return Prefilled(rows, cache, mask, results)
 
     def _group_forward(self, rows: list, step) -> tuple:
-        width = max(len(r.prompt) for r in rows)
+        width = max(r.prompt_len for r in rows)
         ids = np.zeros((len(rows), width), np.int64)
         mask = np.zeros((len(rows), width), np.int64)
         for i, (r, s) in enumerate(zip(rows, step.slices)):
-            if (s.start, s.end) != (0, len(r.prompt)):
+            n = r.prompt_len
+            if (s.start, s.end) != (0, n):
                 raise RuntimeError(f"a grouped prefill takes whole prompts; request {r.id} got [{s.start}, {s.end})")
-            ids[i, width - len(r.prompt):] = r.prompt
-            mask[i, width - len(r.prompt):] = 1
+            ids[i, width - n:] = r.ids
+            mask[i, width - n:] = 1
         cache = self._prefill_cache(len(rows), step.capacity, True)
         return cache, mask, self._wait(self.engine.forward, ids, mask, cache)
 

@@ -3,7 +3,9 @@
 ::
 
     submit() ─> waiting (FIFO, bounded; full -> CapacityError)
-                  │ a free slot and KV blocks for prompt + max_new_tokens
+                  │ a free slot and KV blocks for prompt + max_new_tokens (paged KV: for
+                  │ the prompt; rows take blocks as they grow, newer ones preempted when
+                  │ short and recomputed on their next turn: kv_demand.py)
                   v
                 prefilling: from a cached prompt prefix when one matches (prefix_cache.py);
                   │ short prompts together, long ones alone at most prefill_chunk tokens per step
@@ -49,6 +51,7 @@ import time
 
 from portable_infer.engine.memory import bytes_per_token
 from portable_infer.errors import InvalidArgumentError, PortableInferError
+from portable_infer.serving import kv_demand
 from portable_infer.serving.handle import RequestHandle, open_handle
 from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.streaming import TextStream
@@ -107,9 +110,11 @@ class Scheduler(PrefillSteps):
         self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
         self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread
                                    self.pool)
+        self.on_demand = self.batch.blocks_on_demand  # KV blocks taken as rows grow, preempting when short
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,  # defer_leave: see Planner
                                self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu"
-                               and not isinstance(self.batch, SlotBatch))
+                               and not isinstance(self.batch, SlotBatch),
+                               watermark=kv_demand.watermark(self.pool) if self.on_demand else 0)
         self.queues = RequestQueues(self.planner, self.pool, self.meter, config.max_waiting)
         emit = config.emit_thread if config.emit_thread is not None else engine.device != "cpu"
         self.queues.emitter = emitter(self.queues) if emit else None
@@ -150,7 +155,8 @@ class Scheduler(PrefillSteps):
         return self._queue(ids, params, truncate, writer, text)
 
     def _queue(self, ids: list, params: SamplingParams, truncate: bool, writer, text: bool = True) -> Request:
-        ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate, self.row_limit)
+        ids, blocks, seq = checked_request(self.model, self.pool, ids, params, truncate, self.row_limit,
+                                           self.on_demand)
         stream = self.codec.text_stream(params) if text else TextStream(None)
         r = Request(f"req-{next(self._ids)}", ids, params, blocks, stream, seq=seq, submitted=time.perf_counter())
         if writer is None:
@@ -229,8 +235,12 @@ class Scheduler(PrefillSteps):
                         q.wake.wait(IDLE_TICK_S)
                 if q.closing:
                     return
+            if self.on_demand:
                 with clock.timed("plan"):
-                    plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.prompt))
+                    self._make_room()
+            with q.lock:
+                with clock.timed("plan"):
+                    plan = self.planner.plan(q.view(self.batch.rows), lambda r: self.prefixes.match(r.ids))
                     q.apply(plan)
                 named = {r.id: r for r in q.prefilling}
             self._step(plan, named)
@@ -256,6 +266,13 @@ class Scheduler(PrefillSteps):
                     self._fail_batch("decode step failed", exc)
                 else:
                     self.queues.hand_over(results)  # what was not handed over early
+
+    def _make_room(self) -> None:
+        """The running rows' next KV blocks, newer requests preempted where they are short."""
+        try:
+            kv_demand.make_room(self.batch, self.queues)
+        except Exception as exc:  # noqa: BLE001 - the blocks are in doubt: every row ends
+            self._fail_batch("KV blocks for the next step failed", exc)
 
     def _leave_and_start(self, plan: StepPlan, named: dict) -> None:
         batch = self.batch

@@ -104,6 +104,7 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # requests that started from a cached prompt prefix
     prefix_cache_tokens: int = 0  # prompt tokens those requests did not prefill
     prefix_cache_bytes: int = 0  # host memory the cached prefixes hold now
+    requests_preempted: int = 0  # times a request gave its KV blocks back to wait again (paged KV)
     # the step loop's seconds and counts since start (scheduler_meter.STEP_SECONDS, STEP_COUNTS)
     steps: dict = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ RECENT = 256  # finished requests kept for stats()
 STEP_SECONDS = ("prefill_forward", "prefill_host", "decode_forward", "decode_host", "plan", "idle")
 STEP_COUNTS = ("prefill_steps", "decode_steps", "decode_rows", "mixed_steps")  # mixed: a prefill in a decode step
 COUNTERS = ("prompt_tokens", "generation_tokens", "requests_finished", "requests_cancelled",
-            "requests_rejected", "requests_failed")
+            "requests_rejected", "requests_failed", "requests_preempted")
 
 
 class Meter:

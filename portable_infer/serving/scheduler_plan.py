@@ -3,6 +3,7 @@
 ::
 
     waiting ──── admit: FIFO, while a slot (max_batch) and the KV blocks of the head are free
+                 (and, while requests run, ``watermark`` blocks more: paged KV's rows grow)
     prefilling ─ drop the ones that ended (cancelled, failed) while they waited
        │ first look: a cached prompt prefix of >= prefix_min tokens is reused now, a shorter
        │             one is kept for a prefill alone
@@ -45,17 +46,17 @@ class PlanRequest(Protocol):
 
     id: str
     state: str  # "waiting" | "prefilling" | "running" | "done"
-    blocks: int  # KV blocks it reserves at admission
+    blocks: int  # KV blocks it reserves at admission (paged KV: its prompt's; more as it runs)
     prefilled: int  # prompt tokens whose KV is computed (or taken from the prefix cache)
     prefix_checked: bool  # looked up in the prefix cache already
     alone: bool  # to be prefilled by itself (a grouped prefill with it failed)
     short_prefix: int  # cached prefix tokens it reuses only if it is prefilled alone
 
     @property
-    def prompt_len(self) -> int: ...
+    def prompt_len(self) -> int: ...  # tokens its prefill computes (a preempted request's: its output too)
 
     @property
-    def max_new_tokens(self) -> int: ...
+    def max_new_tokens(self) -> int: ...  # tokens it may still generate after that
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ class Planner:
         prefix_cache: whether prefixes are cached at all.
         defer_leave: finished rows stay in the batch (masked) until half of it has finished or
             a request joins (fixed KV buffers off the CPU).
+        watermark: KV blocks admission leaves free while any request is admitted (paged KV,
+            where running rows take blocks as they grow: :mod:`~portable_infer.serving.kv_demand`).
     """
 
     max_batch: int
@@ -153,14 +156,16 @@ class Planner:
     prefix_min: int = 0
     prefix_cache: bool = True
     defer_leave: bool = False
+    watermark: int = 0
 
     def admit(self, waiting: Sequence, active: int, free_blocks: int) -> tuple:
         """Ids of the waiting requests to admit: from the head on, while a slot and the head's
-        KV blocks are free. FIFO: a large request at the head is not overtaken by smaller ones
-        behind it, so it is never starved."""
+        KV blocks are free (``watermark`` more while any request is admitted). FIFO: a large
+        request at the head is not overtaken by smaller ones behind it, so it is never starved."""
         out = []
         for r in waiting:
-            if active + len(out) >= self.max_batch or r.blocks > free_blocks:
+            busy = active + len(out)
+            if busy >= self.max_batch or r.blocks > free_blocks - (self.watermark if busy else 0):
                 break
             out.append(r.id)
             free_blocks -= r.blocks

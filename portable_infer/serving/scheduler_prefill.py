@@ -77,7 +77,7 @@ class PrefillSteps:
         with self.queues.lock:
             self.queues.leave_prefilling(rows)
             for r in rows:
-                r.prefilled = len(r.prompt)
+                r.prefilled = r.prompt_len
             self.meter.count("prompt_tokens", step.tokens)
         self.queues.hand_over(done.results)
         self.batch.join(done)

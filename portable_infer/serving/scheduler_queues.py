@@ -24,6 +24,7 @@ from collections import deque
 
 from portable_infer.errors import CapacityError, GenerationError, PortableInferError
 from portable_infer.serving.drain import DrainThread
+from portable_infer.serving.kv_demand import admission_blocks
 from portable_infer.serving.scheduler_plan import Planner, QueueView, StepPlan
 from portable_infer.text.streaming import Response
 
@@ -79,9 +80,27 @@ class RequestQueues:
         r = self.waiting.popleft()
         if not self.pool.try_reserve(r.blocks):  # the planner counted the same free blocks
             raise RuntimeError(f"admitted request {r.id} but its {r.blocks} KV blocks are not free")
-        r.state, r.admitted = "prefilling", time.perf_counter()
+        r.state, r.admitted = "prefilling", r.admitted or time.perf_counter()  # queue_s: to its first admission
         self.active += 1
         self.prefilling.append(r)
+
+    def grow(self, r, blocks: int) -> None:
+        """``r`` (running) holds ``blocks`` KV blocks more (they were counted free)."""
+        if not self.pool.try_reserve(blocks):
+            raise RuntimeError(f"request {r.id} grows by {blocks} KV blocks but {self.pool.free} are free")
+        r.blocks += blocks
+
+    def preempt(self, r) -> None:
+        """``r`` (admitted) back to the head of the waiting queue, its slot and blocks given back
+        (the caller drops its KV): see :mod:`portable_infer.serving.kv_demand`."""
+        self.pool.release(r.blocks)
+        if r.state == "prefilling":
+            self.leave_prefilling([r])
+        self.active -= 1
+        r.preempted()
+        r.blocks = admission_blocks(self.pool, r.prompt_len)
+        self.waiting.appendleft(r)
+        self.meter.count("requests_preempted")
 
     def release(self, r) -> bool:
         """Mark ``r`` done and give back its slot and blocks; False if it already was."""

@@ -13,6 +13,7 @@ from portable_infer.decode.sequence import Sequence
 from portable_infer.engine.memory import bytes_per_token
 from portable_infer.engine.paged import BLOCK_SIZE, block_size_for
 from portable_infer.errors import ContextLengthError, InvalidArgumentError
+from portable_infer.serving.kv_demand import admission_blocks
 from portable_infer.serving.kvblocks import BlockPool
 from portable_infer.serving.paged_batch import PagedBatch
 from portable_infer.serving.running_batch import RunningBatch
@@ -72,11 +73,13 @@ def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, l
 
 
 def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, truncate: bool,
-                    limit: int | None = None) -> tuple:
+                    limit: int | None = None, on_demand: bool = False) -> tuple:
     """``(ids, blocks, sequence)`` of a request that passes the checks at submission (any thread),
     else the typed error: the prompt (ids in the vocabulary, within the context, or cut with
     ``truncate``), its KV blocks within the whole budget, its sampling state (a bad schema or
-    grammar, or a logit bias outside the vocabulary, fails here: a 400)."""
+    grammar, or a logit bias outside the vocabulary, fails here: a 400). ``blocks``: what it
+    reserves at admission: its prompt and ``max_new_tokens``, or with ``on_demand`` (paged KV)
+    its prompt's and first token's (:mod:`~portable_infer.serving.kv_demand`)."""
     codec = model.codec
     if not isinstance(params, SamplingParams):
         raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -98,4 +101,4 @@ def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, t
             param="max_new_tokens")
     seq = Sequence(ids, params, eos_ids=codec.eos_ids, vocab_size=codec.vocab_size,
                    guide=model.guide if params.constraint is not None else None)
-    return ids, blocks, seq
+    return ids, admission_blocks(pool, len(ids)) if on_demand else blocks, seq

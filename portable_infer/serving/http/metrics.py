@@ -56,6 +56,8 @@ COUNTERS = {
     "prefix_cache_hits": ("Requests that started from a cached prompt prefix", lambda s: s.prefix_cache_hits),
     "prefix_cache_tokens": ("Prompt tokens reused from cached prefixes (not prefilled)",
                             lambda s: s.prefix_cache_tokens),
+    "requests_preempted": ("Times a running request gave its KV blocks back and waited to be recomputed (paged KV)",
+                           lambda s: s.requests_preempted),
 }
 OUTCOMES = {"finished": "requests_finished", "cancelled": "requests_cancelled",
             "rejected": "requests_rejected", "failed": "requests_failed"}
