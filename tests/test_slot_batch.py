@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from portable_infer.engine import cuda_graphs  # noqa: E402
 from portable_infer.serving import slot_batch  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
@@ -94,7 +95,7 @@ def test_slots_join_leave_move_down_and_grow_with_single_run_tokens(static, fuse
         assert at == list(range(at[0], at[0] + len(at))) and all(r > a for r, a in zip(rows, at)), moves
     assert len(copies) <= 1, f"rows copied other than into a larger buffer, once: {copies}"
     decode_sizes = sorted({n for _, n, d in views if d})
-    assert set(decode_sizes) <= set(slot_batch.BUCKETS), decode_sizes
+    assert set(decode_sizes) <= set(cuda_graphs.BUCKETS), decode_sizes
 
 
 def test_cancelled_rows_free_their_slots(static, fused):

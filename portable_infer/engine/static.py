@@ -27,6 +27,7 @@ from portable_infer.package import manifest as mf
 from portable_infer.errors import InvalidArgumentError, PortableInferError
 from portable_infer.engine import memory
 from portable_infer.engine.checks import check_call, check_capacity
+from portable_infer.engine.cuda_graphs import run_options as _run_options
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_static import StaticCache
 from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
@@ -34,7 +35,6 @@ from portable_infer.engine.rows import RowMover
 from portable_infer.engine.static_buffers import StaticBuffers
 
 logger = logging.getLogger(__name__)
-NO_SYNC_KEY = "disable_synchronize_execution_providers"  # run option: return before the device is done
 
 class StaticEngine(StaticBuffers):
     """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them.
@@ -240,15 +240,3 @@ class StaticEngine(StaticBuffers):
         # on the CPU numpy() is a view of the slot's memory, which the next step overwrites
         return out.copy() if self.device == "cpu" else out
 
-
-def _run_options(ort, device: str, graph_id: int, sync: bool = True):
-    """Run options that replay CUDA graph ``graph_id`` (-1: run without a graph) on CUDA. Set on
-    every device: ONNX Runtime's Python ``run_with_iobinding`` reads the key on each run, and an
-    unset key costs a raised and caught exception there (30-75 us a step, ONNX Runtime 1.32);
-    providers without graph capture ignore it. ``sync=False``: the run returns without waiting
-    for the device (the caller synchronizes the binding's outputs)."""
-    ro = ort.RunOptions()
-    ro.add_run_config_entry(memory.GRAPH_ID_KEY, str(graph_id if device == "cuda" else -1))
-    if not sync:
-        ro.add_run_config_entry(NO_SYNC_KEY, "1")
-    return ro

@@ -12,7 +12,6 @@ one at every join and leave: fresh memory would be faulted in each time).
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from portable_infer.package import manifest as mf
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.engine import memory
 from portable_infer.engine.checks import checked_capacity
+from portable_infer.engine.cuda_graphs import new_graph_id
 from portable_infer.engine.kv_static import StaticCache
 
 CAPACITY_STEP = 256  # buffer rows are rounded up to this, so graphs are reused across requests
@@ -32,8 +32,6 @@ MAX_GRAPHS = 16  # pooled buffers (and captured graphs) kept in all; later shape
 SPARE_BYTES = 64 << 20  # without graphs: buffers of dead caches kept for the next cache of their shape
 
 
-_GRAPH_IDS = itertools.count(1)  # CUDA graph ids, unique in the process (see StaticBuffers._new_graph_id)
-_GRAPH_IDS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -87,8 +85,7 @@ class StaticBuffers:
         tuner's timing engines, then the model's): an id another engine captured would replay
         that engine's graph, on its buffers. So ids are unique in the process, not per engine."""
         self._graphs += 1
-        with _GRAPH_IDS_LOCK:
-            return next(_GRAPH_IDS)
+        return new_graph_id()
 
     def _rounded(self, capacity) -> int:
         """``capacity`` checked and rounded up to the step (256 under CUDA graphs), within the context."""

@@ -18,7 +18,7 @@ rows of one buffer (:meth:`StaticEngine.buffer <portable_infer.engine.static.Sta
 - A row that leaves frees its slot; nothing moves. Free slots decode as rows of one token that
   never advance (their output is not read), so a free slot needs no masking in the graph.
 - A decode step runs the slots up to the highest one in use, rounded up to a bucket
-  (:data:`BUCKETS`): a few batch sizes, each with its own view and CUDA graph, captured once.
+  (:data:`~portable_infer.engine.cuda_graphs.BUCKETS`): a few batch sizes, each with its own view and CUDA graph, captured once.
   When the rows in use fit a bucket half the size, they move down to the lowest slots, all in
   one copy per buffer (kv_static.move_rows), so that the steps get smaller.
 - The buffer holds ``max_batch`` rows of the largest capacity asked for so far; a request that
@@ -41,18 +41,12 @@ import numpy as np
 
 from portable_infer.decode import batch_pick
 from portable_infer.decode.batch_pick import RowInput
+from portable_infer.engine.cuda_graphs import bucket
 from portable_infer.engine.kv_static import copy_rows, move_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
 from portable_infer.serving.scheduler_plan import kv_need
 
 logger = logging.getLogger(__name__)
-BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)  # then multiples of 64
-
-
-def bucket(n: int, limit: int) -> int:
-    """The decode batch size for slots ``[0, n)``: the smallest bucket >= ``n``, at most ``limit``."""
-    size = next((b for b in BUCKETS if b >= n), -(-n // 64) * 64)
-    return min(size, limit)
 
 
 class SlotBatch(RunningBatch):
