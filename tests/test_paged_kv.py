@@ -351,3 +351,29 @@ def test_admission_keeps_a_watermark_while_requests_run():
     assert p.admit(waiting, active=1, free_blocks=4) == ()
     assert p.admit(waiting, active=0, free_blocks=7) == ("r0",)  # the second would leave 1 < 2
     assert p.admit(waiting, active=0, free_blocks=8) == ("r0", "r1")
+
+
+def test_decode_steps_on_fixed_bucket_buffers_like_single_runs(package, static):
+    """The decode steps' CUDA-graph form, run plain on the CPU: rows rounded up to a bucket on
+    fixed buffers, padding rows writing into the pool's spare block. Tokens equal single runs;
+    every bucket up to max_batch was made at startup; no row ever holds the spare block."""
+    rng = np.random.default_rng(SEED + 8)
+    m = portable_infer.load(package, "cpu", paged_kv=True, intra_op_threads=2)
+    m.engine.decode_graphs(capture=False)
+    ps = prompts(rng, rng.integers(3, 40, 7))
+    kws = [dict(max_new_tokens=int(rng.integers(5, 25)), ignore_eos=True) for _ in ps]
+    kws[2].update(temperature=0.8, top_p=0.95, seed=21)
+    want = [static.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
+    graphs = m.engine.graphs
+    steps, real = [], graphs.run
+    graphs.run = lambda ids, *a: (steps.append(len(ids)), real(ids, *a))[1]
+    with Scheduler(m, SchedulerConfig(max_batch=6, prefill_chunk=16, kv_budget_tokens=1024)) as sched:
+        made = sorted(graphs.steps)
+        handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
+        got = [[r.token for r in h] for h in handles]
+        held = [b for t in sched.batch.cache.tables for b in t] if sched.batch.cache is not None else []
+    bad = [(i, kws[i], next(k for k, (a, b) in enumerate(zip(g, w)) if a != b)) for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    assert got == want, f"{TAG} decode steps on bucket buffers differ from single runs: {bad}"
+    pool = m.engine.pool
+    assert made == [(n, 16) for n in (1, 2, 4, 6)] and pool.spare == pool.blocks == 1024 // 16, (made, pool.spare)
+    assert {3, 5} & set(steps) and pool.spare not in held, f"{TAG} no step with padding rows: {steps}"

@@ -33,7 +33,7 @@ import numpy as np
 
 from portable_infer.engine import padding
 from portable_infer.engine.memory import bytes_per_token
-from portable_infer.errors import CapacityError, InvalidArgumentError
+from portable_infer.errors import CapacityError, InvalidArgumentError, PortableInferError
 from portable_infer.package.manifest import KVLayout
 
 
@@ -44,13 +44,17 @@ class BlockPool:
         layout: the graph's KV layout (``blocks``).
         ort: onnxruntime; ``device``: where the pools live ("cpu", "cuda").
         blocks, block_size: the pool's size.
+        spare: one block more that no row ever holds (index ``blocks``: what padding rows of a
+            decode graph write into, :mod:`~portable_infer.engine.paged_graphs`); such a pool
+            does not grow.
     """
 
-    def __init__(self, layout: KVLayout, ort, device: str, blocks: int, block_size: int):
+    def __init__(self, layout: KVLayout, ort, device: str, blocks: int, block_size: int, spare: bool = False):
         if blocks < 1 or block_size < 1:
             raise InvalidArgumentError(f"a KV pool needs blocks >= 1 and block_size >= 1, got {blocks} x {block_size}")
         self.layout, self.ort, self.device = layout, ort, device
         self.blocks, self.block_size = blocks, block_size
+        self.spare = blocks if spare else None
         self.values = self._make(None)  # [(key, value)] per layer
         self.refs = np.zeros(blocks, np.int64)
         self._free = list(range(blocks - 1, -1, -1))  # a stack: the lowest block first
@@ -73,6 +77,8 @@ class BlockPool:
 
     def grow(self, blocks: int) -> None:
         """``blocks`` blocks, the held ones kept (through the host: for pools a first cache sized)."""
+        if self.spare is not None:
+            raise PortableInferError("a KV pool with a spare block does not grow")
         old = [tuple(v.numpy() for v in pair) for pair in self.values]
         self.values = None
         added = range(self.blocks, blocks)
@@ -83,7 +89,7 @@ class BlockPool:
 
     @property
     def _shape(self) -> tuple:
-        return self.blocks, self.block_size, self.layout.num_kv_heads, self.layout.head_dim
+        return self.blocks + (self.spare is not None), self.block_size, self.layout.num_kv_heads, self.layout.head_dim
 
     @property
     def free(self) -> int:

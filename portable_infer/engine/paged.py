@@ -14,8 +14,9 @@ so a step may hold prefills of any lengths and one-token decodes side by side
 (:meth:`forward_packed`: the scheduler's mixed steps), with no padding computed and no KV moved.
 Rows without new tokens sit the step out (their logits are zeros, their token 0). The pools are
 bound as both past and present on one IO binding (the graph writes in place); the other inputs
-are bound at each step. No CUDA graphs yet (``attention_metadata``, the step's length bounds on
-the host, is what would let PagedAttention be captured).
+are bound at each step. Decode steps (one token a row) run on fixed buffers per batch bucket and,
+on CUDA, as captured CUDA graphs (:mod:`~portable_infer.engine.paged_graphs`; the session must
+have taken graph capture); steps with longer runs (prefills, mixed steps) run plain.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import logging
 import numpy as np
 
 from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
+from portable_infer.engine.cuda_graphs import run_options
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_paged import BlockPool, PagedCache
+from portable_infer.engine.paged_graphs import DecodeGraphs
 from portable_infer.errors import InvalidArgumentError, PortableInferError
 from portable_infer.package import manifest as mf
 
@@ -73,7 +76,7 @@ class PagedEngine:
     overlaps_host = False
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int,
-                 vocab_size: int, block_size: int | None = None):
+                 vocab_size: int, block_size: int | None = None, cuda_graph: bool = False):
         if variant.kv.growth != "paged":
             raise PortableInferError(f"variant {variant.name} keeps its KV as {variant.kv.growth}; it is not paged")
         self.session, self.variant, self.provider, self.ort = session, variant, provider, ort
@@ -84,9 +87,23 @@ class PagedEngine:
         self.pool: BlockPool | None = None
         self._grows = False  # the pool was sized by a first cache, not reserved: it grows when short
         self._binding = None
+        self._plain = run_options(ort, self.device, -1)  # no graph (a session that captures needs it said)
+        self.graphs = DecodeGraphs(self, capture=True) if cuda_graph and self.device == "cuda" else None
+
+    def decode_graphs(self, capture: bool) -> None:
+        """Decode steps on fixed buffers per batch bucket, captured as CUDA graphs with ``capture``
+        (the session must allow it); from the next :meth:`reserve` on (the pool needs its spare block)."""
+        self.graphs = DecodeGraphs(self, capture=capture and self.device == "cuda")
+
+    def warm_up(self, max_batch: int) -> list:
+        """The decode graphs of every batch bucket up to ``max_batch`` made before the first request
+        (a reserved pool only); returns the sizes."""
+        if self.graphs is None or self.pool is None or self._grows:
+            return []
+        return self.graphs.warm_up(max_batch)
 
     # --- the pool ---------------------------------------------------------------------------------
-    def reserve(self, blocks: int, block_size: int | None = None) -> BlockPool:
+    def reserve(self, blocks: int, block_size: int | None = None, *, grows: bool = False) -> BlockPool:
         """A pool of ``blocks`` blocks of ``block_size`` tokens (None: the engine's): the
         scheduler's KV budget. Without it the first cache sizes the pool; a pool that caches hold
         blocks of is not replaced (its indexed prefixes go)."""
@@ -96,15 +113,17 @@ class PagedEngine:
             raise PortableInferError("the KV pool holds caches' blocks; drop them before reserving another pool")
         self.block_size = block_size or self.block_size
         self.pool, self._binding = None, None  # the old pool's memory goes before the new one is made
-        self.pool = BlockPool(self.variant.kv, self.ort, self.device, blocks, self.block_size)
-        self._grows = False
+        if self.graphs is not None:
+            self.graphs.reset()
+        self.pool = BlockPool(self.variant.kv, self.ort, self.device, blocks, self.block_size,
+                              spare=self.graphs is not None and not grows)
+        self._grows = grows
         return self.pool
 
     def new_cache(self, batch: int, capacity: int | None = None) -> PagedCache:
         capacity = checked_capacity(capacity, self.max_context)
         if self.pool is None:
-            self.reserve(-(-batch * capacity // self.block_size))
-            self._grows = True
+            self.reserve(-(-batch * capacity // self.block_size), grows=True)
         return PagedCache.empty(self.pool, self.variant.kv, batch, capacity)
 
     def trim(self, dropped_bytes: int) -> None:
@@ -168,6 +187,20 @@ class PagedEngine:
         for k in short:
             pool.extend(tables[k], int(ends[k]))
         held[short] = [len(tables[k]) for k in short]
+        graphs = self.graphs
+        if graphs is not None and not self._grows and (counts == 1).all() and graphs.fits(n_rows, int(held.max())):
+            ids = np.fromiter((t[0] for _, _, t in chunks), np.int64, n_rows)
+            logits, token = graphs.run(ids, past.astype(np.int32), tables, held, greedy)
+        else:
+            logits, token = self._packed(chunks, counts, past, tables, held, greedy)
+        for (c, b, _), n in zip(chunks, counts.tolist()):
+            c.rows[b] += n
+        return logits, token
+
+    def _packed(self, chunks: list, counts: np.ndarray, past: np.ndarray, tables: list, held: np.ndarray,
+                greedy: bool) -> tuple:
+        """A plain step of any runs (the feeds bound at this step)."""
+        n_rows = len(chunks)
         table = np.full((n_rows, int(held.max())), -1, np.int32)
         table[np.arange(table.shape[1]) < held[:, None]] = np.fromiter(
             (b for t in tables for b in t), np.int32, int(held.sum()))  # row after row, as the mask's order
@@ -177,10 +210,7 @@ class PagedEngine:
                  mf.CUMULATIVE_SEQUENCE_LENGTH: cu, mf.PAST_SEQLENS: past.astype(np.int32),
                  mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1,
                  mf.ATTENTION_METADATA: np.array([counts.max(), (past + counts).max()], np.int32)}
-        logits, token = self._run(feeds, greedy)
-        for (c, b, _), n in zip(chunks, counts.tolist()):
-            c.rows[b] += n
-        return logits, token
+        return self._run(feeds, greedy)
 
     def _run(self, feeds: dict, greedy: bool) -> tuple:
         b = self._bound()
@@ -188,7 +218,7 @@ class PagedEngine:
             b.bind_cpu_input(name, value)
         b.bind_output(mf.LOGITS, self.device if greedy else "cpu")
         b.bind_output(mf.NEXT_TOKEN, "cpu")
-        self.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(b, self._plain)
         *_, logits, token = b.get_outputs()  # in binding order: the pools first (bound once)
         return (None if greedy else logits.numpy()[:, 0]), token.numpy().reshape(-1)
 
@@ -198,10 +228,14 @@ class PagedEngine:
             if not self.greedy_on_device:
                 raise InvalidArgumentError(f"graph {self.variant.file} has no {mf.NEXT_TOKEN} output; re-export it")
             b = self.session.io_binding()
-            for (kn, vn), (kp, vp), (k, v) in zip(self.variant.kv.past, self.variant.kv.present, self.pool.values):
-                b.bind_ortvalue_input(kn, k)
-                b.bind_ortvalue_input(vn, v)
-                b.bind_ortvalue_output(kp, k)
-                b.bind_ortvalue_output(vp, v)
+            self.bind_pools(b)
             self._binding = b
         return self._binding
+
+    def bind_pools(self, b) -> None:
+        """Bind every layer's pool to ``b`` as both past and present (written in place)."""
+        for (kn, vn), (kp, vp), (k, v) in zip(self.variant.kv.past, self.variant.kv.present, self.pool.values):
+            b.bind_ortvalue_input(kn, k)
+            b.bind_ortvalue_input(vn, v)
+            b.bind_ortvalue_output(kp, k)
+            b.bind_ortvalue_output(vp, v)

@@ -330,7 +330,7 @@ def session_env_vars(values: Mapping[str, str]):
 def _start(ort: Any, spec: ProviderSpec, variant: GraphVariant, path: Path, user: Mapping, available: list,
            sess_options: Any, env: Mapping[str, str]) -> tuple:
     """(session, graph capture on), made with ``env`` set (:func:`session_env_vars`). A static-KV
-    graph first asks for the row's ``graph_options`` (CUDA graphs) unless the user's options say
+    or paged-KV graph (their decode steps are captured) first asks for the row's ``graph_options`` (CUDA graphs) unless the user's options say
     otherwise; a session that refuses them (e.g. nodes placed off the device) is made again without them."""
     sess_options = sess_options if sess_options is not None else ort.SessionOptions()
     tail = ([(n, {}) for n in spec.companions if n in available]
@@ -341,7 +341,7 @@ def _start(ort: Any, spec: ProviderSpec, variant: GraphVariant, path: Path, user
             return ort.InferenceSession(str(path), sess_options, providers=[(spec.ort_name, dict(options))] + tail)
 
     graph = {**spec.default_options, **spec.graph_options, **user}
-    if (variant.kv.growth == "static" and spec.graph_options
+    if (variant.kv.growth in ("static", "paged") and spec.graph_options
             and all(graph.get(k) == v for k, v in spec.graph_options.items())):
         try:
             return make(graph), True

@@ -50,7 +50,8 @@ def make_engine(sel, manifest, ort, max_kv_tokens: int | None = None):
     context = manifest.model.max_context
     if sel.variant.kv.growth == "paged":
         return PagedEngine(sel.session, sel.variant, sel.provider.ort_name, ort,
-                           max_context=min(context, max_kv_tokens or context), vocab_size=manifest.model.vocab_size)
+                           max_context=min(context, max_kv_tokens or context), vocab_size=manifest.model.vocab_size,
+                           cuda_graph=sel.graph_capture)
     if sel.variant.kv.growth == "static":
         return StaticEngine(sel.session, sel.variant, sel.provider.ort_name, ort,
                             max_context=min(context, max_kv_tokens or context),

@@ -63,6 +63,7 @@ def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, l
     if engine.variant.kv.growth == "paged":
         if pool is not None:
             engine.reserve(pool.total, pool.block_size)
+            engine.warm_up(config.max_batch)  # its decode graphs, before the first request
         return PagedBatch(engine, prefixes, max_context)
     if slot_rows(engine, config):
         batch = SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
