@@ -11,6 +11,11 @@ medians. Then ``--profile-batch`` rows again in a session with ONNX Runtime's pr
 nodes' time per step by op type (their kernels' wall time as ORT records it). The prefills of
 16 rows (``prefill_group_ms``) and decode steps with 16 new ``--prompt``-token prompts packed in
 (``mixed_step_ms``: the server's mixed steps) are timed too.
+
+``--graphs``: instead, each batch's decode steps plain and as CUDA graphs (engine/paged_graphs.py:
+rows rounded up to a bucket, the graphs made first as the scheduler makes them), on the same
+prompts: the step's median wall time each way, and how many rows picked the same greedy tokens
+in every step (the graph's attention bounds differ from a plain step's: fp16 sums may differ).
 """
 
 from __future__ import annotations
@@ -72,6 +77,41 @@ def decode_steps(engine, batch: int, prompt: int, mix: int, rng, capacity: int) 
             f"mixed_step_ms (+16 x {prompt})": round(statistics.median(mixed[1:]) * 1e3, 1)}
 
 
+def graphs_vs_plain(engine, batch: int, prompt: int, mix: int, capacity: int) -> dict:
+    out, seqs = {"batch": batch}, {}
+    for mode in ("plain", "graphs"):
+        engine.decode_graphs(capture=True)
+        if mode == "plain":
+            engine.graphs = None
+        engine.reserve(-(-batch * capacity // engine.block_size) + batch, engine.block_size)
+        t = time.perf_counter()
+        made = engine.warm_up(batch) if mode == "graphs" else []
+        if made:
+            out["warm_up_s"] = round(time.perf_counter() - t, 2)
+        rng = np.random.default_rng(batch)  # the same prompts both ways
+        caches = [engine.new_cache(1, capacity=capacity) for _ in range(batch)]
+        lengths = np.linspace(prompt, prompt + mix, batch).astype(int)
+        for k in range(0, batch, 16):
+            engine.forward_packed([(caches[i], 0, rng.integers(3, engine.vocab, int(lengths[i])).tolist())
+                                   for i in range(k, min(k + 16, batch))], greedy=True)
+        tokens, seq, times = [[3]] * batch, [], []
+        for _ in range(STEPS + 5):
+            t = time.perf_counter()
+            _, token = engine.forward_packed([(caches[i], 0, tokens[i]) for i in range(batch)], greedy=True)
+            times.append(time.perf_counter() - t)
+            tokens = [[int(x)] for x in token]
+            seq.append(np.asarray(token).copy())
+        out[f"{mode}_ms"] = round(statistics.median(times[5:]) * 1e3, 2)
+        seqs[mode] = np.array(seq)
+        del caches
+    g = engine.graphs
+    out["captured"] = bool(g.capture and not g.failed)  # capture: on CUDA only
+    out["speedup"] = round(out["plain_ms"] / out["graphs_ms"], 3)
+    out["rows_same_tokens"] = f"{int((seqs['plain'] == seqs['graphs']).all(axis=0).sum())}/{batch}"
+    out["steps_same_tokens"] = f"{int((seqs['plain'] == seqs['graphs']).all(axis=1).sum())}/{len(seqs['plain'])}"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("package")
@@ -81,12 +121,20 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--profile-batch", type=int, default=256)
     ap.add_argument("--provider", default="cuda")
+    ap.add_argument("--graphs", action="store_true", help="decode steps plain against CUDA graphs (see above)")
     args = ap.parse_args()
     rng = np.random.default_rng(20261204)
     capacity = args.prompt + args.mix + STEPS + MIXED + 16
     model = portable_infer.load(args.package, args.provider, paged_kv=True, strict=True)
     model.engine.block_size = args.block
     print(f"paged decode steps ({model.provider}, block {args.block}, contexts {args.prompt}..{args.prompt + args.mix}):")
+    if args.graphs:
+        if model.engine.graphs is None:
+            print("the session did not take CUDA graph capture: no graphs to compare")
+        for b in args.batches:
+            print(json.dumps(graphs_vs_plain(model.engine, b, args.prompt, args.mix, capacity)), flush=True)
+        return
+    model.engine.graphs = None  # the plain steps (the graphs' are --graphs)
     for b in args.batches:
         print(json.dumps(decode_steps(model.engine, b, args.prompt, args.mix, rng, capacity)))
     if not args.profile_batch:

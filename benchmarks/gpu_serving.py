@@ -14,7 +14,8 @@ instead, ``--precision int4 --activations fp16``, served the same way; issue #21
 builder with ``use_paged_attention=true`` (its Engine's paged KV) and the same KV budget as ours:
 ``--new + --prompt`` tokens for each of the largest level's sequences.
 
-``steps``: the engine alone on this machine (``gpu_batch_steps.py --mix NEW``: decode steps at
+``paged-steps``: the paged engine's decode steps plain and as CUDA graphs (``gpu_paged_steps.py
+--graphs``), batch 1, 50 (padded to 64) and each level. ``steps``: the engine alone on this machine (``gpu_batch_steps.py --mix NEW``: decode steps at
 batch 1 and each level, the rows holding the levels' range of contexts), for the server's step
 clock to be read against on the same machine. ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
@@ -389,6 +390,13 @@ def main() -> None:
         say(f"GenAI builder: {r}")
     vocab = shape["vocab_size"]
     args.out.mkdir(parents=True, exist_ok=True)
+    if "paged-steps" in args.parts:  # the paged engine's decode steps, plain against CUDA graphs
+        cmd = [sys.executable, str(Path(__file__).with_name("gpu_paged_steps.py")), str(ours), "--graphs", "--block",
+               "128", "--batches", "1", "50", *map(str, args.levels), "--prompt", str(args.prompt), "--mix", str(args.new)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+        say("\nPaged decode steps, plain against CUDA graphs (gpu_paged_steps.py --graphs):\n")
+        for line in (r.stdout.strip().splitlines() + ([f"failed: {r.stderr[-1500:]}"] if r.returncode else [])):
+            say(line)
     if "serve" in args.parts:
         for config, prec in [(c, p) for p in packages for c in args.configs]:
             try:

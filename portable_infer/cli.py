@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -236,6 +237,7 @@ def cmd_serve(ns) -> int:
         scheduler = ProcessScheduler(ns.model, _load_kwargs(ns), sched_cfg)
     else:
         scheduler = Scheduler(_load(ns), sched_cfg)
+    gc.freeze()  # the model and the server live as long as the process: later collections skip them
     serve(scheduler, server_cfg)
     return 0
 

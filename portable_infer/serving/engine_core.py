@@ -6,6 +6,7 @@ as plain data (:func:`pack_error`).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import threading
 
@@ -106,6 +107,7 @@ def engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None:
     except BaseException as exc:  # noqa: BLE001 - the API process raises it
         conn.send(("error", pack_error(exc)))
         return
+    gc.freeze()  # what loading made lives as long as the process: later collections skip it (as vLLM does)
     e = model.engine
     outbox = Outbox(conn)
     outbox.send(("ready", {"path": str(model.path), "provider": e.provider, "variant": e.variant.name,
