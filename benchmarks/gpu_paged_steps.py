@@ -15,7 +15,8 @@ nodes' time per step by op type (their kernels' wall time as ORT records it). Th
 ``--graphs``: instead, each batch's decode steps plain and as CUDA graphs (engine/paged_graphs.py:
 rows rounded up to a bucket, the graphs made first as the scheduler makes them), on the same
 prompts: the step's median wall time each way, and how many rows picked the same greedy tokens
-in every step (the graph's attention bounds differ from a plain step's: fp16 sums may differ).
+in every step (the graph's attention bounds differ from a plain step's: fp16 sums may differ), and
+the largest difference of the first step's logits (the same inputs both ways).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def decode_steps(engine, batch: int, prompt: int, mix: int, rng, capacity: int) 
 
 
 def graphs_vs_plain(engine, batch: int, prompt: int, mix: int, capacity: int) -> dict:
-    out, seqs = {"batch": batch}, {}
+    out, seqs, first = {"batch": batch}, {}, {}
     for mode in ("plain", "graphs"):
         engine.decode_graphs(capture=True)
         if mode == "plain":
@@ -95,9 +96,11 @@ def graphs_vs_plain(engine, batch: int, prompt: int, mix: int, capacity: int) ->
             engine.forward_packed([(caches[i], 0, rng.integers(3, engine.vocab, int(lengths[i])).tolist())
                                    for i in range(k, min(k + 16, batch))], greedy=True)
         tokens, seq, times = [[3]] * batch, [], []
-        for _ in range(STEPS + 5):
+        for k in range(STEPS + 5):
             t = time.perf_counter()
-            _, token = engine.forward_packed([(caches[i], 0, tokens[i]) for i in range(batch)], greedy=True)
+            logits, token = engine.forward_packed([(caches[i], 0, tokens[i]) for i in range(batch)], greedy=k > 0)
+            if k == 0:  # the first step's logits, the same inputs both ways
+                first[mode] = logits
             times.append(time.perf_counter() - t)
             tokens = [[int(x)] for x in token]
             seq.append(np.asarray(token).copy())
@@ -107,6 +110,9 @@ def graphs_vs_plain(engine, batch: int, prompt: int, mix: int, capacity: int) ->
     g = engine.graphs
     out["captured"] = bool(g.capture and not g.failed)  # capture: on CUDA only
     out["speedup"] = round(out["plain_ms"] / out["graphs_ms"], 3)
+    diff = np.abs(first["plain"] - first["graphs"])
+    out["first_step_logits_max_diff"] = round(float(diff.max()), 4)
+    out["first_step_logits_max_abs"] = round(float(np.abs(first["plain"]).max()), 2)
     out["rows_same_tokens"] = f"{int((seqs['plain'] == seqs['graphs']).all(axis=0).sum())}/{batch}"
     out["steps_same_tokens"] = f"{int((seqs['plain'] == seqs['graphs']).all(axis=1).sum())}/{len(seqs['plain'])}"
     return out

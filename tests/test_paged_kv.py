@@ -377,3 +377,20 @@ def test_decode_steps_on_fixed_bucket_buffers_like_single_runs(package, static):
     pool = m.engine.pool
     assert made == [(n, 16) for n in (1, 2, 4, 6)] and pool.spare == pool.blocks == 1024 // 16, (made, pool.spare)
     assert {3, 5} & set(steps) and pool.spare not in held, f"{TAG} no step with padding rows: {steps}"
+
+
+def test_the_startup_warm_up_gives_its_blocks_back(package, static):
+    """The paged batch's warm-up before the first request (decode buckets, then the largest mixed
+    step on throwaway caches): every block comes back and later requests give single runs' tokens."""
+    rng = np.random.default_rng(SEED + 12)
+    m = portable_infer.load(package, "cpu", paged_kv=True, intra_op_threads=2)
+    m.engine.decode_graphs(capture=False)
+    ps = prompts(rng, [11, 26, 5])
+    want = [static.generate_ids(p, max_new_tokens=10, ignore_eos=True) for p in ps]
+    with Scheduler(m, SchedulerConfig(max_batch=4, prefill_chunk=16, kv_budget_tokens=1024)) as sched:
+        pool = m.engine.pool
+        sched.batch.warm_up(4, 64)
+        gc.collect()
+        assert pool.free == pool.blocks and sorted(m.engine.graphs.steps) == [(1, 16), (2, 16), (4, 16)]
+        got = [[r.token for r in sched.submit(p, max_new_tokens=10, ignore_eos=True)] for p in ps]
+    assert got == want, f"{TAG} requests after the warm-up differ from single runs"

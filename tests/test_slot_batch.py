@@ -240,3 +240,18 @@ def test_an_engine_with_cuda_graphs_makes_every_decode_bucket_ready_before_the_f
     monkeypatch.setattr(static.engine, "cuda_graph", False)
     with Scheduler(static, SchedulerConfig(max_batch=6, slot_batch=True, kv_budget_tokens=6 * 40)) as sched:
         assert sched.batch.cache is None and not sched.batch._views  # no graphs: made on demand
+
+
+def test_the_startup_warm_up_leaves_every_slot_free(static):
+    """The warm-up (every decode bucket, then a thrown-away grouped prefill into free slots) that
+    the server runs before the first request on GPUs: the slots stay free and the requests after
+    it give single runs' tokens."""
+    rng = np.random.default_rng(SEED + 11)
+    ps = [rng.integers(3, 256, int(n)).tolist() for n in (9, 30, 17)]
+    want = [static.generate_ids(p, max_new_tokens=12, ignore_eos=True) for p in ps]
+    with Scheduler(static, SchedulerConfig(max_batch=4, slot_batch=True, kv_budget_tokens=4 * 64)) as sched:
+        batch = sched.batch
+        sizes = batch.warm_up(prefill=100)
+        assert sizes == [1, 2, 4] and batch.slots == [None] * 4 and batch.lengths.tolist() == [1] * 4
+        got = [[r.token for r in sched.submit(p, max_new_tokens=12, ignore_eos=True)] for p in ps]
+    assert got == want, f"{TAG} requests after the warm-up differ from single runs"

@@ -20,11 +20,16 @@ request whose prompt starts with whole blocks computed before takes those blocks
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
 from portable_infer.decode import batch_pick
 from portable_infer.decode.batch_pick import RowInput
 from portable_infer.serving.running_batch import Prefilled, RunningBatch, pick_row
+
+logger = logging.getLogger(__name__)
 
 
 class PagedPrefixes:
@@ -101,6 +106,23 @@ class PagedBatch(RunningBatch):
     def reset(self) -> None:
         super().reset()
         self._unpicked = []
+
+    def warm_up(self, max_batch: int, prefill: int) -> None:
+        """Before the first request: the decode graphs of every batch bucket, then the largest step
+        the planner makes (a decode row in every slot and ``prefill`` prompt tokens packed with
+        them) run once on throwaway caches, so that the device's memory pool has grown to it
+        before requests wait on it (vLLM's profile run does the same)."""
+        e = self.engine
+        t = time.perf_counter()
+        sizes = e.warm_up(max_batch)
+        rows = min(max_batch, e.pool.free // 2)
+        tokens = min(prefill, (e.pool.free - rows) * e.pool.block_size, e.max_context - 1)
+        if rows >= 1 and tokens >= 1:
+            cache = e.new_cache(rows + 1, capacity=tokens)
+            e.forward_packed([(cache, i, [3]) for i in range(rows)] + [(cache, rows, [3] * tokens)], greedy=True)
+            del cache  # its blocks go back
+        logger.info("paged decode batch sizes %s and a step of %d rows + %d prompt tokens made ready in %.1f s",
+                    sizes, rows, tokens, time.perf_counter() - t)
 
     def kv_after_step(self) -> list:
         """``[(request, KV tokens its row holds after the next decode forward)]`` of the live rows."""

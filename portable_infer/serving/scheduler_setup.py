@@ -16,6 +16,7 @@ from portable_infer.errors import ContextLengthError, InvalidArgumentError
 from portable_infer.serving.kv_demand import admission_blocks
 from portable_infer.serving.kvblocks import BlockPool
 from portable_infer.serving.paged_batch import PagedBatch
+from portable_infer.serving.scheduler_plan import GROUP_CHUNKS
 from portable_infer.serving.running_batch import RunningBatch
 from portable_infer.serving.scheduler_config import DEFAULT_KV_BUDGET_BYTES, SchedulerConfig
 from portable_infer.serving.slot_batch import SlotBatch
@@ -60,15 +61,18 @@ def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, l
     Restacked static KV off the CPU keeps finished rows, masked, until half the batch has
     finished or a request joins (the planner's ``defer_leave``): moving the rest copies their KV,
     each batch size captures a CUDA graph, and an idle row costs a GPU step next to nothing."""
+    prefill = GROUP_CHUNKS * config.prefill_chunk  # the most prompt tokens one step prefills
     if engine.variant.kv.growth == "paged":
+        batch = PagedBatch(engine, prefixes, max_context)
         if pool is not None:
             engine.reserve(pool.total, pool.block_size)
-            engine.warm_up(config.max_batch)  # its decode graphs, before the first request
-        return PagedBatch(engine, prefixes, max_context)
+            if engine.device != "cpu":  # before the first request, as vLLM does
+                batch.warm_up(config.max_batch, prefill)
+        return batch
     if slot_rows(engine, config):
         batch = SlotBatch(engine, prefixes, max_context, config.max_batch, limit)
         if getattr(engine, "cuda_graph", False):  # before the first request, as vLLM does
-            batch.warm_up()
+            batch.warm_up(prefill)
         return batch
     return RunningBatch(engine, prefixes, max_context)
 

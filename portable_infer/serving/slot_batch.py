@@ -83,20 +83,30 @@ class SlotBatch(RunningBatch):
         self.cache, self._views = new, {}
         return new
 
-    def warm_up(self) -> list:
+    def warm_up(self, prefill: int = 0) -> list:
         """Every decode bucket's view (and CUDA graph) made before the first request, as vLLM
         captures its batch sizes at startup: the buffer at the row limit (the KV budget's share,
         so no later request grows it and drops the views), then one step of free slots per bucket
-        up to ``max_batch``. Returns the sizes run (none without a row limit: the buffer would be
-        ``max_context`` long)."""
+        up to ``max_batch``; then a grouped prefill of about ``prefill`` prompt tokens into free
+        slots, thrown away, so that the device's memory pool has grown to the largest prefill
+        before requests wait on it (vLLM's profile run). Returns the sizes run (none without a
+        row limit: the buffer would be ``max_context`` long)."""
         if self.row_limit is None or self.cache is not None:
             return []
         t = time.perf_counter()
         self._buffer(self.row_limit)
         sizes = sorted({bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
-        for size in sizes:  # free slots decode one token that never advances
+        for size in sizes:  # free slots decode one token that never advance
             self._forward(batch_pick.GREEDY, self._view(size), np.zeros((size, 1), np.int64))
-        logger.info("decode batch sizes %s made ready in %.1f s", sizes, time.perf_counter() - t)
+        width = min(prefill, self.row_limit - 1)
+        if width >= 1:
+            rows = min(-(-prefill // width), self.max_batch)
+            cache = self._prefill_cache(rows, self.row_limit, True)
+            self.engine.forward(np.full((rows, width), 3, np.int64), np.ones((rows, width), np.int64), cache)
+            for i in range(rows):  # the slots stay free (a view's rows may be theirs)
+                self._free(getattr(cache, "start", 0) + i)
+        logger.info("decode batch sizes %s and a prefill of %d tokens made ready in %.1f s", sizes,
+                    rows * width if width >= 1 else 0, time.perf_counter() - t)
         return sizes
 
     def _view(self, size: int):
