@@ -56,6 +56,7 @@ LLAMA3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, n
                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 SHAPES = {"8b": LLAMA8B, "3b": LLAMA3B}
 CLIENT_PROCS = 8
+WARM_TOKENS = 16  # new tokens of each warm-up request
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 20261203) -> list:
@@ -206,7 +207,7 @@ def server_gauges(url: str) -> tuple:
 
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512) -> None:
+                 provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512, warm: int = 4) -> None:
     import httpx
 
     port = free_port()
@@ -254,7 +255,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         else:
             for d in tune.cached_decisions(measure.tune_cache_dir(), pkg):  # what load() measured and chose
                 say(f"  measured choice: {d['chosen']} (ms a step by batch: {d['timings_ms']})")
-        http_level(url, prompts(4, prompt, vocab, seed=1), 16)  # warm-up: CUDA graphs, cuBLAS
+        http_level(url, prompts(warm, prompt, vocab, seed=1), WARM_TOKENS)  # warm-up (--warm)
         for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
             reqs = prompts(n, prompt, vocab)
             seen = []
@@ -293,7 +294,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
 
 # --- GenAI's Engine --------------------------------------------------------------------------------
 def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 kv_gib: float = float("nan")) -> None:
+                 kv_gib: float = float("nan"), warm: int = 4) -> None:
     """GenAI's Engine over the same prompts; ``kv_gib``: its paged KV pool as configured (allocated
     whole at start). Counts the requests decoding at once (a first token out, the turn not over)."""
     import onnxruntime_genai as og
@@ -306,7 +307,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
     token, failed = int(og.EngineEventFlags.TOKEN.value), int(og.EngineEventFlags.FAILED.value)
     over = int(og.EngineEventFlags.TURN_FINISHED.value)
 
-    def run(reqs: list) -> dict:
+    def run(reqs: list, new: int = new) -> dict:
         t0 = time.perf_counter()
         sent, times, tokens, ids = {}, {}, {}, {}
         for i, p in enumerate(reqs):
@@ -339,7 +340,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
                            "error": "failed" if not times[i] else None} for i in sent]) | {
             "genai_errors": errors, "running_max": most, "kv_gib": kv_gib}
 
-    run(prompts(4, prompt, vocab, seed=1)[:])  # warm-up
+    run(prompts(warm, prompt, vocab, seed=1)[:], WARM_TOKENS)  # warm-up (--warm)
     for n in levels:
         r = run(prompts(n, prompt, vocab))
         rows[("GenAI Engine (paged)", n)] = r
@@ -358,6 +359,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--configs", nargs="+", default=["inproc", "engine"])
     ap.add_argument("--rounds", type=int, default=1, help="each level this many times on one server (round 1: cold)")
+    ap.add_argument("--warm", type=int, default=4, help="requests of 16 new tokens at once before the levels, "
+                    "ours (each server) and GenAI's alike (4: a cold round 1; the largest level: steady state)")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="serve --prefill-chunk (a group prefills up to 4x this)")
     ap.add_argument("--provider", default="cuda", help="ours (cpu: a dry run of the script with --package)")
     ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
@@ -405,7 +408,7 @@ def main() -> None:
         for config, prec in [(c, p) for p in packages for c in args.configs]:
             try:
                 serve_levels(packages[prec], config if prec == "fp16" else f"{config}, {prec}", args.levels, args.prompt,
-                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk)
+                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk, args.warm)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
@@ -420,9 +423,11 @@ def main() -> None:
                 say(line)
     if "engine" in args.parts:
         try:
-            genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows, blocks * block * kv_token / 2**30)
+            genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows, blocks * block * kv_token / 2**30,
+                         args.warm)
         except Exception as exc:  # noqa: BLE001
             say(f"GenAI Engine failed: {type(exc).__name__}: {exc}")
+    say(f"\nWarm-up before the levels: {args.warm} requests of {WARM_TOKENS} new tokens at once (ours: each server; GenAI alike)")
     say(f"\nKV budget: {budget} tokens ({max(args.levels)} x ({args.prompt} + {args.new}))\n")
     say("| runtime | streams | tok/s | TTFT p50 / p99 ms | inter-chunk p99 ms | errors | server cores | KV GiB (max) "
         "| running at once (max) |")
