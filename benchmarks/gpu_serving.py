@@ -283,7 +283,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 got = [v[k] for v in seen if v[k] == v[k]]
                 r[key] = max(got) / scale if got else float("nan")
             rows[(f"portable_infer ({config})" + (f", round {round_ + 1}" if rounds > 1 else ""), n)] = r
-            say(f"  {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+            say(f"  {time.strftime('%H:%M:%S')} {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
     finally:
         srv.terminate()
         try:
@@ -344,7 +344,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
     for n in levels:
         r = run(prompts(n, prompt, vocab))
         rows[("GenAI Engine (paged)", n)] = r
-        say(f"  genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+        say(f"  {time.strftime('%H:%M:%S')} genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
 
 
 def main() -> None:
