@@ -72,8 +72,8 @@ class DecodeGraphs:
 
     def fits(self, rows: int, blocks: int) -> bool:
         """Whether a decode step of ``rows`` rows, the widest holding ``blocks`` blocks, runs here."""
-        if self.failed or rows > self.limit or not self.width(blocks):
-            return False
+        if self.failed or rows > self.limit or self.engine.pool.spare is None or not self.width(blocks):
+            return False  # (a pool made before the graphs has no spare block for padding rows)
         key = (cuda_graphs.bucket(rows, self.limit), self.width(blocks))
         return key in self.steps or len(self.steps) < MAX_GRAPHS
 
