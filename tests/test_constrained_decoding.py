@@ -282,7 +282,7 @@ def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, mo
 
     from portable_infer.decode import batch_pick, masks
     from portable_infer.decode.generate import BatchDecoder
-    from portable_infer.engine.static import NO_SYNC_KEY
+    from portable_infer.engine.cuda_graphs import NO_SYNC_KEY
 
     rng = np.random.default_rng(SEED + 13)
     print(TAG)
