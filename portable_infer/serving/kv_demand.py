@@ -46,7 +46,7 @@ def make_room(batch, queues) -> None:
     queues.hand_over(batch.flush())  # tokens in flight first: one may end its row (its blocks come back)
     with queues.lock:
         extra = _extra(batch, queues.pool)
-        candidates = [r for r in batch.rows if r.state == "running"] + list(queues.prefilling)
+        candidates = [r for r in (*batch.rows, *queues.prefilling) if r.state in ("running", "prefilling")]
         preempted = []
         for r in sorted(candidates, key=lambda r: r.submitted, reverse=True):
             if sum(extra.values()) <= queues.pool.free:
