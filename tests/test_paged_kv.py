@@ -394,3 +394,51 @@ def test_the_startup_warm_up_gives_its_blocks_back(package, static):
         assert pool.free == pool.blocks and sorted(m.engine.graphs.steps) == [(1, 16), (2, 16), (4, 16)]
         got = [[r.token for r in sched.submit(p, max_new_tokens=10, ignore_eos=True)] for p in ps]
     assert got == want, f"{TAG} requests after the warm-up differ from single runs"
+
+
+def test_make_room_grows_rows_and_preempts_the_newest_live_request():
+    """kv_demand.make_room on fake rows: two running rows need a block each, one is free; the
+    newest live request (a prefilling one; a cancelled one is skipped: it gave its blocks back)
+    goes back to the head of the queue with its prompt's blocks, and the rows grow."""
+    from portable_infer.serving import kv_demand
+    from portable_infer.serving.kvblocks import BlockPool as Budget
+    from portable_infer.serving.scheduler_meter import Meter
+    from portable_infer.serving.scheduler_plan import Planner
+    from portable_infer.serving.scheduler_queues import RequestQueues
+
+    class Req:
+        def __init__(self, rid, state, blocks, submitted, prompt_len=6):
+            self.id, self.state, self.blocks, self.submitted, self.prompt_len = rid, state, blocks, submitted, prompt_len
+
+        def preempted(self):
+            self.state = "waiting"
+
+    class Batch:
+        def __init__(self, rows, tokens):
+            self.rows, self.tokens, self.left, self.forgot = rows, tokens, [], []
+
+        def kv_after_step(self):
+            return list(zip(self.rows, self.tokens))
+
+        def flush(self):
+            return []
+
+        def leave(self, ids):
+            self.left += ids
+
+        def forget(self, ids):
+            self.forgot += ids
+
+    pool = Budget(10, 4)
+    queues = RequestQueues(Planner(8, 16, 256), pool, Meter(), max_waiting=8)
+    a, b = Req("a", "running", 4, 1.0), Req("b", "running", 3, 2.0)
+    c, d = Req("c", "prefilling", 2, 3.0), Req("d", "done", 0, 4.0)
+    queues.prefilling.extend([c, d])
+    queues.active, pool.used = 3, 9
+    batch = Batch([a, b], [17, 13])  # 5 and 4 blocks of 4 tokens after the step: one more each
+    kv_demand.make_room(batch, queues)
+    assert (a.blocks, b.blocks, pool.used, pool.free) == (5, 4, 9, 1)
+    assert (c.state, c.blocks, list(queues.waiting), d.state) == ("waiting", 2, [c], "done")
+    assert (batch.left, batch.forgot, queues.active, queues.meter.counters["requests_preempted"]) == (["c"], ["c"], 2, 1)
+    kv_demand.make_room(batch, queues)  # nothing more to take: a no-op
+    assert (a.blocks, b.blocks, pool.used) == (5, 4, 9)
