@@ -195,6 +195,7 @@ def test_metrics_after_traffic(client, server):
     assert metric(server, "portable_infer_inter_token_latency_seconds_count") >= 3
     assert metric(server, "portable_infer_kv_blocks_total") > 0
     assert metric(server, "portable_infer_tokens_per_second") >= 0
+    assert metric(server, "portable_infer_requests_preempted_total") == 0  # whole reservations here (no paged KV)
     system = "You are a careful assistant. Answer briefly, never invent facts. "  # ~1 token a char here
     before = metric(server, "portable_infer_prefix_cache_hits_total")
     for question in ("Why is the sky blue?", "What is two plus two?"):
