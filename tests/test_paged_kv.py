@@ -366,7 +366,7 @@ def test_decode_steps_on_fixed_bucket_buffers_like_single_runs(package, static):
     want = [static.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
     graphs = m.engine.graphs
     steps, real = [], graphs.run
-    graphs.run = lambda ids, *a: (steps.append(len(ids)), real(ids, *a))[1]
+    graphs.run = lambda step, ids, *a: (steps.append(len(ids)), real(step, ids, *a))[1]
     with Scheduler(m, SchedulerConfig(max_batch=6, prefill_chunk=16, kv_budget_tokens=1024)) as sched:
         handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
         got = [[r.token for r in h] for h in handles]

@@ -152,6 +152,8 @@ class PagedEngine:
         chunks = [(cache, b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
         out = self.forward_packed(chunks, greedy) if chunks else (None, None)
         cache.length += S
+        if len(chunks) == B:  # every row has new tokens: the step's own arrays (no vocab-wide copy)
+            return out
         token = np.zeros(B, np.int64)
         logits = None if greedy else np.zeros((B, self.vocab), np.float32)
         live = [b for _, b, _ in chunks]
@@ -187,10 +189,12 @@ class PagedEngine:
         for k in short:
             pool.extend(tables[k], int(ends[k]))
         held[short] = [len(tables[k]) for k in short]
-        graphs = self.graphs
-        if graphs is not None and not self._grows and (counts == 1).all() and graphs.fits(n_rows, int(held.max())):
+        step = None
+        if self.graphs is not None and not self._grows and (counts == 1).all():
+            step = self.graphs.step_for(n_rows, int(held.max()))
+        if step is not None:
             ids = np.fromiter((t[0] for _, _, t in chunks), np.int64, n_rows)
-            logits, token = graphs.run(ids, past.astype(np.int32), tables, held, greedy)
+            logits, token = self.graphs.run(step, ids, past.astype(np.int32), tables, held, greedy)
         else:
             logits, token = self._packed(chunks, counts, past, tables, held, greedy)
         for (c, b, _), n in zip(chunks, counts.tolist()):

@@ -70,18 +70,22 @@ class DecodeGraphs:
         w = max(-(-KV_MIN // bs), 1 << max(blocks - 1, 0).bit_length())
         return min(w, most) if blocks <= most else 0
 
-    def fits(self, rows: int, blocks: int) -> bool:
-        """Whether a decode step of ``rows`` rows, the widest holding ``blocks`` blocks, runs here."""
-        if self.failed or rows > self.limit or self.engine.pool.spare is None or not self.width(blocks):
-            return False  # (a pool made before the graphs has no spare block for padding rows)
-        key = (cuda_graphs.bucket(rows, self.limit), self.width(blocks))
-        return key in self.steps or len(self.steps) < MAX_GRAPHS
+    def step_for(self, rows: int, blocks: int) -> _Step | None:
+        """The fixed step a decode step of ``rows`` rows, the widest holding ``blocks`` blocks, runs
+        on (made now if new), or None: it runs plain."""
+        width = self.width(blocks)
+        if self.failed or rows > self.limit or self.engine.pool.spare is None or not width:
+            return None  # (a pool made before the graphs has no spare block for padding rows)
+        key = (cuda_graphs.bucket(rows, self.limit), width)
+        if key not in self.steps and len(self.steps) >= MAX_GRAPHS:
+            return None
+        return self._step(*key)
 
-    def run(self, ids: np.ndarray, past: np.ndarray, tables: list, held: np.ndarray, greedy: bool) -> tuple:
-        """The step of rows with tokens ``ids`` [n], KV lengths ``past`` [n] and blocks ``tables``
-        (``held`` [n] of them each): ``(logits [n, vocab] or None with greedy, argmax [n])``."""
+    def run(self, step: _Step, ids: np.ndarray, past: np.ndarray, tables: list, held: np.ndarray,
+            greedy: bool) -> tuple:
+        """``step`` (:meth:`step_for`) for rows with tokens ``ids`` [n], KV lengths ``past`` [n] and
+        blocks ``tables`` (``held`` [n] of them each): ``(logits [n, vocab] or None with greedy, argmax [n])``."""
         n = len(ids)
-        step = self._step(cuda_graphs.bucket(n, self.limit), self.width(int(held.max())))
         step.ids[0, :n], step.ids[0, n:] = ids, 0
         step.past[:n], step.past[n:] = past, 0
         step.table[n:] = self.engine.pool.spare  # padding rows: a real row's blocks may be left from a wider step
@@ -90,8 +94,9 @@ class DecodeGraphs:
         rows[np.arange(step.table.shape[1]) < held[:, None]] = np.fromiter(
             (b for t in tables for b in t), np.int32, int(held.sum()))
         self._go(step)
-        token = step.token.numpy().reshape(-1)[:n].copy()
-        return (None if greedy else step.logits.numpy()[:n, 0].copy()), token
+        own = np.copy if self.engine.device == "cpu" else np.asarray  # numpy() of a CPU buffer is a view of it
+        token = own(step.token.numpy().reshape(-1)[:n])
+        return (None if greedy else own(step.logits.numpy()[:n, 0])), token
 
     def warm_up(self, max_batch: int) -> list:
         """Every bucket up to ``max_batch`` made (and captured) at the narrowest width before the

@@ -64,12 +64,8 @@ def make_room(batch, queues) -> None:
 
 def _extra(batch, pool) -> dict:
     """{request: blocks more than it holds} for the live rows whose next token needs them."""
-    out = {}
-    for r, tokens in batch.kv_after_step():
-        more = pool.blocks_for(tokens) - r.blocks
-        if more > 0 and r.state == "running":
-            out[r] = more
-    return out
+    need = ((r, pool.blocks_for(tokens) - r.blocks) for r, tokens in batch.kv_after_step())
+    return {r: more for r, more in need if more > 0}
 
 
 def _grow(queues, extra: dict) -> None:

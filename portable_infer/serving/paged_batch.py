@@ -88,9 +88,7 @@ class PagedBatch(RunningBatch):
         one more token (its KV lands within what the request reserved: the ending token's own
         position), whose pick is dropped."""
         rows = self.rows
-        live = np.array([[r.state != "done"] for r in rows], np.int64)
-        self.mask = np.concatenate([self.mask, live], axis=1)
-        fed = np.flatnonzero(live[:, 0])
+        fed = np.flatnonzero(self._advance_mask()[:, 0])
         tokens, results = self._overlap(
             lambda: self.engine.forward(self.pending[:, None], self.mask, self.cache, greedy=True), early)
         self.pending[fed] = tokens[fed]  # each row's next input: the token just picked on the device
@@ -154,9 +152,7 @@ class PagedBatch(RunningBatch):
         step's before them) and, where prompts ended, their :class:`Prefilled` (first tokens
         picked; to join), else None."""
         before = self._pick_unpicked()  # the host picks the last overlapped step's tokens first
-        live = np.array([[r.state != "done"] for r in self.rows], np.int64)
-        self.mask = np.concatenate([self.mask, live], axis=1)
-        decode = [i for i, r in enumerate(self.rows) if r.state != "done"]
+        decode = np.flatnonzero(self._advance_mask()[:, 0]).tolist()
         cache, mask, chunks = self._prefill_chunks(rows, step)
         seqs = [r.seq if r.state != "done" else None for r in self.rows]
         fresh = [r.seq for r in rows if r.state != "done"]
@@ -169,12 +165,11 @@ class PagedBatch(RunningBatch):
             logits, token = self.engine.forward_packed(packed, how == batch_pick.GREEDY)  # timed by its caller
             n = len(decode)
             out["logits"], out["token"] = (None if logits is None else logits[n:]), token[n:]
-            if how == batch_pick.GREEDY:
-                full = np.zeros(len(self.rows), np.int64)
-                full[decode] = token[:n]
-                return full
-            full = np.zeros((len(self.rows), logits.shape[-1]), np.float32)
-            full[decode] = logits[:n]
+            part = token[:n] if how == batch_pick.GREEDY else logits[:n]
+            if n == len(self.rows):  # every row decodes: no copy (the vocab-wide rows are large)
+                return part
+            full = np.zeros((len(self.rows), *part.shape[1:]), part.dtype)
+            full[decode] = part
             return full
 
         results = self._picks(how, self.rows, seqs, forward) if decode else self._prefill_only(forward)

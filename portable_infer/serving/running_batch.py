@@ -242,6 +242,13 @@ class RunningBatch:
         self.rows = [self.rows[i] for i in keep]
         self.pending = self.pending[keep]
 
+    def _advance_mask(self) -> np.ndarray:
+        """The next decode forward's mask column (a row that finished but is still in the batch,
+        a deferred leave, gets padding: it holds still), appended; returns it [rows, 1]."""
+        live = np.array([[r.state != "done"] for r in self.rows], np.int64)
+        self.mask = np.concatenate([self.mask, live], axis=1)
+        return live
+
     def reset(self) -> None:
         """Forget the batch (its forward failed, or every row left)."""
         self.rows, self.cache, self.mask, self.pending = [], None, None, None
@@ -253,9 +260,7 @@ class RunningBatch:
         rows = self.rows
         if not any(r.state != "done" for r in rows):
             return []  # they ended during this step; they leave at the next one
-        # a finished row still in the batch (deferred leave) gets a padding column: it holds still
-        live = np.array([[r.state != "done"] for r in rows], np.int64)
-        self.mask = np.concatenate([self.mask, live], axis=1)
+        self._advance_mask()
         # where the tokens are picked: the graph's argmax, the device under grammar masks, or the host
         seqs = [r.seq if r.state != "done" else None for r in rows]
         how = batch_pick.mode(self.engine, seqs)

@@ -101,10 +101,10 @@ class SlotBatch(RunningBatch):
         width = min(prefill, self.row_limit - 1)
         if width >= 1:
             rows = min(-(-prefill // width), self.max_batch)
-            cache = self._prefill_cache(rows, self.row_limit, True)
+            cache = self._prefill_cache(rows, self.row_limit, True)  # slots [0, rows): all are free
             self.engine.forward(np.full((rows, width), 3, np.int64), np.ones((rows, width), np.int64), cache)
-            for i in range(rows):  # the slots stay free (a view's rows may be theirs)
-                self._free(getattr(cache, "start", 0) + i)
+            for i in range(rows):  # they stay free (the view's rows are theirs)
+                self._free(i)
         logger.info("decode batch sizes %s and a prefill of %d tokens made ready in %.1f s", sizes,
                     rows * width if width >= 1 else 0, time.perf_counter() - t)
         return sizes
