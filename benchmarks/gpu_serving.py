@@ -26,7 +26,13 @@ Python process of the server switching threads every MS ms, ``sys.setswitchinter
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
 ``--new`` tokens, greedy, ignore_eos), read by client processes (a Python client parsing every
 SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engine`` driven from
-Python with the same token ids, N requests at once. Per row: generated tok/s (completion tokens /
+Python with the same token ids, N requests at once. ``transformers``: transformers' own continuous
+batching (``generate_batch``, paged attention) on the HF folder, the same prompts and KV budget, in
+a process of its own (``gpu_hf_batching.py``). Round k of a level draws fresh prompts (seed SEED +
+k - 1; GenAI's and transformers' single round: SEED). ``--budget-streams K``: everyone's KV budget is K
+whole requests (default: the largest level); below the largest level the table's "running at
+once" is item 4's measure of how many sequences each runtime admits in the same KV memory (the
+slots hold whole requests: their ``--max-batch`` is K). Per row: generated tok/s (completion tokens /
 the level's wall time), TTFT p50/p99, inter-chunk p99, errors, the server's CPU cores (its
 process tree's CPU seconds / wall), the KV bytes its metrics reported at most. Printed and written
 to ``$OUT/gpu_serving.md``.
@@ -59,7 +65,10 @@ CLIENT_PROCS = 8
 WARM_TOKENS = 16  # new tokens of each warm-up request
 
 
-def prompts(n: int, length: int, vocab: int, seed: int = 20261203) -> list:
+SEED = 20261203  # the request stream's; round k of a level draws with SEED + k - 1 (fresh prompts each round)
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = SEED) -> list:
     rng = np.random.default_rng(seed)
     return [rng.integers(1000, min(vocab, 49152), length).tolist() for _ in range(n)]
 
@@ -207,14 +216,19 @@ def server_gauges(url: str) -> tuple:
 
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512, warm: int = 4) -> None:
+                 provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512, warm: int = 4,
+                 budget: int | None = None) -> None:
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    budget = max(levels) * (prompt + new)
+    budget = budget or max(levels) * (prompt + new)
+    base = config.split(",")[0].split("+")[0]
+    max_batch = max(levels)
+    if not base.endswith(("paged", "restack")):  # slots: each holds a whole request, as many as the budget has
+        max_batch = min(max_batch, budget // (prompt + new))
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
-           "--port", str(port), "--max-batch", str(max(levels)), "--max-waiting", str(4 * max(levels)),
+           "--port", str(port), "--max-batch", str(max_batch), "--max-waiting", str(4 * max(levels)),
            "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
     base, *extras = config.split(",")[0].split("+")
     switch = next((x[2:] for x in extras if x.startswith("si") and "=" not in x), "")
@@ -257,7 +271,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 say(f"  measured choice: {d['chosen']} (ms a step by batch: {d['timings_ms']})")
         http_level(url, prompts(warm, prompt, vocab, seed=1), WARM_TOKENS)  # warm-up (--warm)
         for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
-            reqs = prompts(n, prompt, vocab)
+            reqs = prompts(n, prompt, vocab, SEED + round_)
             seen = []
             stop = [False]
 
@@ -293,12 +307,40 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
 
 
 # --- GenAI's Engine --------------------------------------------------------------------------------
+def genai_blocks(gen: Path, blocks: int) -> list:
+    """Set every ``num_blocks`` in GenAI's config (its paged KV pool, in blocks) to ``blocks``, so one
+    build serves budgets other than the one it was built with; the keys' paths, as changed."""
+    path = gen / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "num_blocks" and isinstance(v, int):
+                    node[k] = blocks
+                    found.append(f"{where}.{k}: {v} -> {blocks}")
+                else:
+                    walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(cfg, "")
+    path.write_text(json.dumps(cfg, indent=4))
+    return found
+
+
 def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 kv_gib: float = float("nan"), warm: int = 4) -> None:
+                 kv_gib: float = float("nan"), warm: int = 4, blocks: int | None = None) -> None:
     """GenAI's Engine over the same prompts; ``kv_gib``: its paged KV pool as configured (allocated
-    whole at start). Counts the requests decoding at once (a first token out, the turn not over)."""
+    whole at start; ``blocks``: set to that many blocks first). Counts the requests decoding at
+    once (a first token out, the turn not over)."""
     import onnxruntime_genai as og
 
+    if blocks is not None:
+        found = genai_blocks(gen, blocks)
+        say(f"GenAI KV pool: {'; '.join(found) or 'no num_blocks in genai_config.json: its budget is not the same as ours'}")
     model = og.Model(str(gen))
     engine = og.Engine(model)
     caps = engine.get_capabilities()
@@ -342,9 +384,38 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
 
     run(prompts(warm, prompt, vocab, seed=1)[:], WARM_TOKENS)  # warm-up (--warm)
     for n in levels:
-        r = run(prompts(n, prompt, vocab))
+        r = run(prompts(n, prompt, vocab, SEED))
         rows[("GenAI Engine (paged)", n)] = r
         say(f"  {time.strftime('%H:%M:%S')} genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+
+
+# --- transformers' continuous batching -------------------------------------------------------------
+def hf_levels(hf: Path, args, budget: int, vocab: int, rows: dict) -> None:
+    """``gpu_hf_batching.py`` on the HF folder the export read: the same prompts (round k: SEED + k - 1),
+    the same KV budget in tokens; its rows into ``rows``."""
+    cmd = [sys.executable, str(Path(__file__).with_name("gpu_hf_batching.py")), str(hf), "--levels",
+           *map(str, args.levels), "--prompt", str(args.prompt), "--new", str(args.new), "--budget-tokens",
+           str(budget), "--seed", str(SEED), "--warm", str(min(args.warm, 64)), "--rounds", "1",
+           "--device", "cpu" if args.provider == "cpu" else "cuda"]
+    say("\ntransformers' continuous batching (gpu_hf_batching.py):")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
+        out, err, code = r.stdout, r.stderr, r.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, code = (exc.stdout or b"").decode(errors="replace"), "timed out (480 s)", -1
+    for line in out.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if "setup" in d:
+            say(f"  setup: {json.dumps(d['setup'])}")
+        elif "level" in d:
+            rows[("transformers generate_batch (paged)", d["level"])] = d
+            say(f"  {time.strftime('%H:%M:%S')} transformers {d['level']}: "
+                f"{json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in d.items()})}")
+    if code:
+        say(f"  failed ({code}): {err[-1500:]}")
 
 
 def main() -> None:
@@ -366,11 +437,16 @@ def main() -> None:
     ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
     ap.add_argument("--genai-model", type=Path, default=None, help="drive this GenAI model instead of the build")
     ap.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16"], help="our packages' precisions")
+    ap.add_argument("--budget-streams", type=int, default=None,
+                    help="the KV budget, everyone's: this many whole requests (--prompt + --new tokens each; default "
+                    "the largest level). Below the largest level it measures how many sequences each runtime runs at "
+                    "once in the same KV memory (item 4): slots hold whole requests, so their --max-batch is this")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     hf, ours, gen = (args.work / f"llama{args.shape}-{x}" for x in ("hf", "ours", "genai"))
     ours, gen = args.package or ours, args.genai_model or gen
-    budget = max(args.levels) * (args.prompt + args.new)
+    streams = args.budget_streams or max(args.levels)
+    budget = streams * (args.prompt + args.new)
     rows: dict = {}
     say(f"# GPU serving, Llama {args.shape} shape ({', '.join(args.precisions)} ours; GenAI fp16), {args.prompt}-token prompts, {args.new} new tokens, greedy")
     if "make" in args.parts and not (hf / "config.json").is_file():
@@ -408,7 +484,7 @@ def main() -> None:
         for config, prec in [(c, p) for p in packages for c in args.configs]:
             try:
                 serve_levels(packages[prec], config if prec == "fp16" else f"{config}, {prec}", args.levels, args.prompt,
-                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk, args.warm)
+                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk, args.warm, budget)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
@@ -424,11 +500,13 @@ def main() -> None:
     if "engine" in args.parts:
         try:
             genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows, blocks * block * kv_token / 2**30,
-                         args.warm)
+                         args.warm, blocks)
         except Exception as exc:  # noqa: BLE001
             say(f"GenAI Engine failed: {type(exc).__name__}: {exc}")
+    if "transformers" in args.parts:  # transformers' own continuous batching, a process of its own
+        hf_levels(hf, args, budget, vocab, rows)
     say(f"\nWarm-up before the levels: {args.warm} requests of {WARM_TOKENS} new tokens at once (ours: each server; GenAI alike)")
-    say(f"\nKV budget: {budget} tokens ({max(args.levels)} x ({args.prompt} + {args.new}))\n")
+    say(f"\nKV budget: {budget} tokens ({streams} x ({args.prompt} + {args.new}))\n")
     say("| runtime | streams | tok/s | TTFT p50 / p99 ms | inter-chunk p99 ms | errors | server cores | KV GiB (max) "
         "| running at once (max) |")
     say("|---|---|---|---|---|---|---|---|---|")
@@ -438,7 +516,8 @@ def main() -> None:
             f"{r.get('kv_gib', float('nan')):.2f} | {r.get('running_max', float('nan')):.0f} |")
     say("\n(KV GiB: ours, the most the server's metrics reported; GenAI's, its paged pool as configured. "
         "Running at once: ours, the most admitted requests the metrics reported (sampled twice a second); "
-        "GenAI's, the most requests between their first token and the end of their turn.)")
+        "GenAI's, the most requests between their first token and the end of their turn; transformers', "
+        "the most requests between their scheduling and their end.)")
     clocked = [(k, r["steps"]) for k, r in rows.items() if r.get("steps")]
     if clocked:
         say("\nWhere our step loop spent each level (server /metrics, the level's difference):\n")

@@ -1,0 +1,140 @@
+"""transformers' own continuous batching (``generate_batch``) over the same request stream as
+``gpu_serving.py`` (issue #21, item 4): the HF folder the export read, the same prompts, greedy,
+the same KV budget in tokens. Run by ``gpu_serving.py --parts transformers`` in a child process of
+its own (its GPU memory goes with it); prints one JSON line a level.
+
+    python3 benchmarks/gpu_hf_batching.py HF_DIR --levels 64 256 --prompt 128 --new 256 \\
+        --budget-tokens 98304 [--seed 20261203] [--warm 4] [--rounds 1] [--device cuda]
+
+Per level: generated tok/s (tokens / from the first request's creation to the last token), TTFT
+p50/p99 (a request's first token's timestamp less its creation), inter-token p99, the requests
+running at once at most (their scheduled-to-finished spans, ``GenerationOutput.lifespan``), and
+the KV cache as configured. The transformers API of continuous batching has moved between 5.x
+releases; the keyword names are matched to the installed one and what was used is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import time
+
+import numpy as np
+
+WARM_TOKENS = 16
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list:
+    """The request stream of ``gpu_serving.prompts`` (the same generator, the same seed)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1000, min(vocab, 49152), length).tolist() for _ in range(n)]
+
+
+def load(hf: str, device: str):
+    """The model in fp16 (fp32 on the CPU) with the first paged attention this transformers takes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    names = (["paged|flash_attention_2"] if importlib.util.find_spec("flash_attn") else []) + [
+        "paged|sdpa", "sdpa_paged", "sdpa"]
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    errors = []
+    for name in names:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(hf, dtype=dtype, device_map=device, attn_implementation=name)
+            return model.eval(), name
+        except Exception as exc:  # noqa: BLE001 - the next name
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+    raise RuntimeError("no paged attention implementation loaded: " + " | ".join(errors))
+
+
+def batching_kwargs(model, budget_tokens: int, page: int) -> tuple[dict, dict, dict]:
+    """``generate_batch`` keywords for a KV cache of ``budget_tokens`` in pages of ``page``, in the
+    installed API's names: (keywords, fields for the generation config, what was set)."""
+    sig = inspect.signature(model.generate_batch).parameters
+    want = {"num_blocks": budget_tokens // page}
+    try:
+        from transformers.generation import ContinuousBatchingConfig
+    except ImportError:
+        ContinuousBatchingConfig = None
+    fields = ({f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+              if ContinuousBatchingConfig is not None and dataclasses.is_dataclass(ContinuousBatchingConfig) else set())
+    size_key = "page_size" if "page_size" in fields else "block_size"
+    want[size_key] = page
+    kwargs = {"record_timestamps": True, "progress_bar": False}
+    kwargs = {k: v for k, v in kwargs.items() if k in sig}
+    if "continuous_batching_config" in sig and fields:
+        used = {k: v for k, v in want.items() if k in fields}
+        kwargs["continuous_batching_config"] = ContinuousBatchingConfig(**used)
+        return kwargs, {}, {"api": "ContinuousBatchingConfig", **used}
+    return kwargs, want, {"api": "GenerationConfig", **want}  # older 5.x: the cache's size on the generation config
+
+
+def level(model, reqs: list, new: int, kwargs: dict, gen_fields: dict, eos: int) -> dict:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0, **gen_fields)
+    t0 = time.perf_counter()
+    out = model.generate_batch(inputs=reqs, generation_config=cfg, **kwargs)
+    t1 = time.perf_counter()
+    outs = list(out.values())
+    tokens = sum(len(o.generated_tokens) for o in outs)
+    stamps = [o.timestamps for o in outs if getattr(o, "timestamps", None)]
+    created = [o.created_time for o in outs]
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    if stamps:
+        start, end = min(created), max(s[-1] for s in stamps)
+        ttft = [o.timestamps[0] - o.created_time for o in outs if getattr(o, "timestamps", None)]
+        gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    else:  # no timestamps in this version: the call's wall time
+        start, end, ttft, gaps = t0, t1, [], []
+    spans = sorted((o.lifespan[0], o.lifespan[1]) for o in outs if o.lifespan[0] > 0 and o.lifespan[1] > 0)
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
+    running = most = 0
+    for _, d in events:
+        running += d
+        most = max(most, running)
+    errors = sum(1 for o in outs if getattr(o, "error", None)) + (len(reqs) - len(outs))
+    return {"tok_s": tokens / max(end - start, 1e-9), "tokens": tokens, "wall_s": end - start,
+            "call_s": t1 - t0, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "itl_p99_ms": pct(gaps, 99), "errors": errors, "running_max": most if spans else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("hf")
+    ap.add_argument("--levels", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--budget-tokens", type=int, required=True)
+    ap.add_argument("--page", type=int, default=256, help="KV page (block) size in tokens")
+    ap.add_argument("--seed", type=int, default=20261203)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    import transformers
+
+    model, attn = load(args.hf, args.device)
+    vocab = model.config.vocab_size
+    kwargs, gen_fields, used = batching_kwargs(model, args.budget_tokens, args.page)
+    kv_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * (
+        getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads) * 2
+    setup = {"transformers": transformers.__version__, "attention": attn,
+             "kv_gib": used.get("num_blocks", 0) * args.page * kv_token / 2**30,
+             "kwargs": sorted(kwargs), **used}
+    print(json.dumps({"setup": setup}), flush=True)
+    eos = vocab  # an id no step can pick: every request runs its max_new_tokens (ignore_eos)
+    if args.warm:
+        level(model, prompts(args.warm, args.prompt, vocab, seed=1), WARM_TOKENS, kwargs, gen_fields, eos)
+    for round_ in range(args.rounds):
+        for n in args.levels:
+            r = level(model, prompts(n, args.prompt, vocab, args.seed + round_), args.new, kwargs, gen_fields, eos)
+            print(json.dumps({"level": n, "round": round_ + 1, **r, "kv_gib": setup["kv_gib"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
