@@ -503,6 +503,7 @@ def main() -> None:
                          args.warm, blocks)
         except Exception as exc:  # noqa: BLE001
             say(f"GenAI Engine failed: {type(exc).__name__}: {exc}")
+        (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far
     if "transformers" in args.parts:  # transformers' own continuous batching, a process of its own
         hf_levels(hf, args, budget, vocab, rows)
     say(f"\nWarm-up before the levels: {args.warm} requests of {WARM_TOKENS} new tokens at once (ours: each server; GenAI alike)")
