@@ -62,6 +62,7 @@ LLAMA3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, n
                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 SHAPES = {"8b": LLAMA8B, "3b": LLAMA3B}
 CLIENT_PROCS = 8
+STALL_S = 60  # GenAI's Engine: a level with no token for this long is stopped and reported
 WARM_TOKENS = 16  # new tokens of each warm-up request
 
 
@@ -169,7 +170,8 @@ def tree_cpu_s(pid: int) -> float:
 
 
 STEP_LINES = ("portable_infer_engine_seconds_total", "portable_infer_engine_steps_total",
-              "portable_infer_decode_rows_total")
+              "portable_infer_decode_rows_total", "portable_infer_requests_preempted_total",
+              "portable_infer_prefix_cache_hits_total")
 
 
 def step_clock(url: str) -> dict:
@@ -198,7 +200,9 @@ def step_summary(before: dict, after: dict, wall: float) -> dict:
             "decode_forward_ms": sec("decode", "forward") * per, "decode_host_ms": sec("decode", "host") * per,
             "prefill_steps": d.get('portable_infer_engine_steps_total{phase="prefill"}', float("nan")),
             "prefill_forward_s": sec("prefill", "forward"), "prefill_host_s": sec("prefill", "host"),
-            "plan_s": sec("plan"), "idle_s": sec("idle"), "wall_s": wall}
+            "plan_s": sec("plan"), "idle_s": sec("idle"), "wall_s": wall,
+            "preempted": d.get("portable_infer_requests_preempted_total", float("nan")),
+            "prefix_hits": d.get("portable_infer_prefix_cache_hits_total", float("nan"))}
 
 
 def server_gauges(url: str) -> tuple:
@@ -360,8 +364,14 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
             r.begin_turn(np.asarray(p, np.int32), opts)
             ids[id(r)], sent[i], times[i], tokens[i] = i, time.perf_counter() - t0, [], 0
             reqs[i] = r  # keep it alive
-        errors, decoding, most = 0, set(), 0
+        errors, decoding, most, last = 0, set(), 0, time.perf_counter()
         while engine.has_pending_requests():
+            if time.perf_counter() - last > STALL_S:  # no token for that long: report where it stood
+                done = sum(1 for i in sent if tokens[i] >= new)
+                say(f"  GenAI Engine stalled: no token for {STALL_S} s; {sum(tokens.values())} tokens, {done} of "
+                    f"{len(sent)} requests done, {len(decoding)} decoding")
+                errors += len(sent) - done
+                break
             now = None
             for ev in engine.run(buf):
                 i = ids.get(id(ev.request))
@@ -372,6 +382,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
                     errors += 1
                 if flags & token:  # the last token comes flagged TOKEN | TURN_FINISHED
                     now = now or time.perf_counter() - t0
+                    last = t0 + now
                     times[i].append(now)
                     tokens[i] += 1
                     decoding.add(i)
@@ -523,12 +534,13 @@ def main() -> None:
     if clocked:
         say("\nWhere our step loop spent each level (server /metrics, the level's difference):\n")
         say("| runtime | streams | decode steps | rows a step | decode ms: forward + host | prefill steps | "
-            "prefill s: forward + host | plan s | idle s | level s |")
-        say("|---|---|---|---|---|---|---|---|---|---|")
+            "prefill s: forward + host | plan s | idle s | level s | preempted | prefix hits |")
+        say("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for (name, n), c in clocked:
             say(f"| {name} | {n} | {c['decode_steps']:.0f} | {c['rows']:.1f} | {c['decode_forward_ms']:.2f} + "
                 f"{c['decode_host_ms']:.2f} | {c['prefill_steps']:.0f} | {c['prefill_forward_s']:.2f} + "
-                f"{c['prefill_host_s']:.2f} | {c['plan_s']:.2f} | {c['idle_s']:.2f} | {c['wall_s']:.2f} |")
+                f"{c['prefill_host_s']:.2f} | {c['plan_s']:.2f} | {c['idle_s']:.2f} | {c['wall_s']:.2f} | "
+                f"{c.get('preempted', float('nan')):.0f} | {c.get('prefix_hits', float('nan')):.0f} |")
     (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")
     (args.out / "gpu_serving.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in rows.items()}, indent=1))
 
