@@ -364,7 +364,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
             r.begin_turn(np.asarray(p, np.int32), opts)
             ids[id(r)], sent[i], times[i], tokens[i] = i, time.perf_counter() - t0, [], 0
             reqs[i] = r  # keep it alive
-        errors, decoding, most, last = 0, set(), 0, time.perf_counter()
+        errors, decoding, most, last, ended, closing = 0, set(), 0, time.perf_counter(), [], True
         while engine.has_pending_requests():
             if time.perf_counter() - last > STALL_S:  # no token for that long: report where it stood
                 done = sum(1 for i in sent if tokens[i] >= new)
@@ -388,7 +388,16 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
                     decoding.add(i)
                 if flags & (over | failed):
                     decoding.discard(i)
+                    ended.append(i)
             most = max(most, len(decoding))
+            for i in ended if closing else ():  # a finished request holds its KV for another turn until closed
+                try:
+                    reqs[i].close()
+                except Exception as exc:  # noqa: BLE001 - untested on 0.18 when written: said once, then run on
+                    say(f"  GenAI request close failed (finished requests stay open): {type(exc).__name__}: {exc}")
+                    closing = False
+                    break
+            ended.clear()
         return summarize([{"sent": sent[i], "times": times[i], "tokens": tokens[i],
                            "error": "failed" if not times[i] else None} for i in sent]) | {
             "genai_errors": errors, "running_max": most, "kv_gib": kv_gib}
