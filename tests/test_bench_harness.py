@@ -163,3 +163,64 @@ def test_table_is_headed_by_the_cpu_line():
     assert lines[0] == "CPU: X | ISA: avx2 fma | 2 threads"
     assert "ppl (ref 10.000)" in lines[2] and "| 600/636 | 10.100 (+1.00 %) |" in lines[4]
     assert compare_cpu.host_line().startswith("CPU: ") and "ISA: " in compare_cpu.host_line()
+
+
+def test_genai_pool_is_set_to_the_budget_wherever_its_config_keeps_it(tmp_path):
+    """gpu_serving's --budget-streams: every num_blocks in GenAI's config takes the budget's blocks,
+    the paths changed are reported, other keys stay; a config without one reports none."""
+    import json
+
+    import gpu_serving
+
+    rng = np.random.default_rng(SEED)
+    old, new = (int(x) for x in rng.integers(100, 1000, 2))
+    print(f"seed {SEED}: num_blocks {old} -> {new}")
+    cfg = {"model": {"decoder": {"session_options": {"log_id": "x"}}},
+           "engine": {"dynamic_batching": {"num_blocks": old, "block_size": 128}}, "search": {"max_length": 8192}}
+    (tmp_path / "genai_config.json").write_text(json.dumps(cfg))
+    assert gpu_serving.genai_blocks(tmp_path, new) == [f".engine.dynamic_batching.num_blocks: {old} -> {new}"]
+    got = json.loads((tmp_path / "genai_config.json").read_text())
+    assert got["engine"]["dynamic_batching"] == {"num_blocks": new, "block_size": 128}
+    assert got["search"] == cfg["search"] and got["model"] == cfg["model"]
+    (tmp_path / "genai_config.json").write_text(json.dumps({"search": {"max_length": 8192}}))
+    assert gpu_serving.genai_blocks(tmp_path, new) == []
+
+
+class _Out:
+    def __init__(self, created, stamps, span, tokens, error=None):
+        self.created_time, self.timestamps, self.lifespan = created, stamps, span
+        self.generated_tokens, self.error = [7] * tokens, error
+
+
+class _FakeCB:
+    """transformers' generate_batch as gpu_hf_batching calls it: the outputs it was told to give."""
+
+    def __init__(self, outs):
+        self.outs, self.calls = outs, []
+
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None,
+                       record_timestamps=False, progress_bar=False, persistent_manager=False, warmup=True):
+        self.calls.append({"inputs": inputs, "config": continuous_batching_config, "stamps": record_timestamps,
+                           "max_new_tokens": generation_config.max_new_tokens})
+        return {str(i): o for i, o in enumerate(self.outs)}
+
+
+def test_transformers_levels_read_ttft_gaps_and_requests_at_once_from_its_outputs():
+    """gpu_hf_batching.level: TTFT = first token's stamp - creation, gaps between stamps, tok/s
+    over first creation -> last stamp, and the most requests whose scheduled-to-finished spans overlap."""
+    import gpu_hf_batching as hfb
+
+    outs = [_Out(0.0, [0.5, 0.6, 0.8], (0.1, 0.8), 3),  # spans 0.1-0.8, 0.2-1.0, 0.9-1.2: two at once at most
+            _Out(0.0, [0.7, 1.0], (0.2, 1.0), 2),
+            _Out(0.1, [1.1, 1.2], (0.9, 1.2), 2)]
+    model = _FakeCB(outs)
+    kwargs, gen_fields, used = hfb.batching_kwargs(model, budget_tokens=1000, page=256)
+    assert used["num_blocks"] == 3 and used.get("page_size", used.get("block_size")) == 256
+    r = hfb.level(model, [[1, 2], [3], [4]], 3, kwargs, gen_fields, eos=99)
+    assert model.calls[0]["stamps"] is True and model.calls[0]["max_new_tokens"] == 3
+    assert r["tokens"] == 7 and r["running_max"] == 2 and r["errors"] == 0
+    assert math.isclose(r["wall_s"], 1.2) and math.isclose(r["tok_s"], 7 / 1.2)
+    assert math.isclose(r["ttft_p50_ms"], 700.0) and math.isclose(r["ttft_p99_ms"], 1e3 * np.percentile([0.5, 0.7, 1.0], 99))
+    assert math.isclose(r["itl_p99_ms"], 1e3 * np.percentile([0.1, 0.2, 0.3, 0.1], 99))
+    outs[1].error = "boom"
+    assert hfb.level(model, [[1], [2], [3], [4]], 3, kwargs, gen_fields, eos=99)["errors"] == 2  # 1 failed + 1 missing
