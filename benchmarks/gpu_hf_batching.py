@@ -20,17 +20,8 @@ import dataclasses
 import importlib.util
 import inspect
 import json
-import time
 
-import numpy as np
-
-WARM_TOKENS = 16
-
-
-def prompts(n: int, length: int, vocab: int, seed: int) -> list:
-    """The request stream of ``gpu_serving.prompts`` (the same generator, the same seed)."""
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1000, min(vocab, 49152), length).tolist() for _ in range(n)]
+from gpu_requests import SEED, WARM_TOKENS, prompts, summarize
 
 
 def load(hf: str, device: str):
@@ -74,33 +65,25 @@ def batching_kwargs(model, budget_tokens: int, page: int) -> tuple[dict, dict, d
 
 
 def level(model, reqs: list, new: int, kwargs: dict, gen_fields: dict, eos: int) -> dict:
+    """One level through ``generate_batch``: :func:`gpu_requests.summarize` over its outputs (sent:
+    a request's creation; times: its tokens' timestamps), and the most requests running at once
+    (their scheduled-to-finished spans, ``GenerationOutput.lifespan``)."""
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0, **gen_fields)
-    t0 = time.perf_counter()
-    out = model.generate_batch(inputs=reqs, generation_config=cfg, **kwargs)
-    t1 = time.perf_counter()
-    outs = list(out.values())
-    tokens = sum(len(o.generated_tokens) for o in outs)
-    stamps = [o.timestamps for o in outs if getattr(o, "timestamps", None)]
-    created = [o.created_time for o in outs]
-    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
-    if stamps:
-        start, end = min(created), max(s[-1] for s in stamps)
-        ttft = [o.timestamps[0] - o.created_time for o in outs if getattr(o, "timestamps", None)]
-        gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
-    else:  # no timestamps in this version: the call's wall time
-        start, end, ttft, gaps = t0, t1, [], []
+    outs = list(model.generate_batch(inputs=reqs, generation_config=cfg, **kwargs).values())
+    if any(getattr(o, "timestamps", None) is None for o in outs if not o.error):
+        raise RuntimeError("this transformers gives no token timestamps (record_timestamps): no TTFT to report")
+    results = [{"sent": o.created_time, "times": o.timestamps or [], "tokens": len(o.generated_tokens),
+                "error": o.error} for o in outs] + [{"sent": 0.0, "times": [], "tokens": 0, "error": "missing"}
+                                                     for _ in range(len(reqs) - len(outs))]
     spans = sorted((o.lifespan[0], o.lifespan[1]) for o in outs if o.lifespan[0] > 0 and o.lifespan[1] > 0)
     events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
     running = most = 0
     for _, d in events:
         running += d
         most = max(most, running)
-    errors = sum(1 for o in outs if getattr(o, "error", None)) + (len(reqs) - len(outs))
-    return {"tok_s": tokens / max(end - start, 1e-9), "tokens": tokens, "wall_s": end - start,
-            "call_s": t1 - t0, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
-            "itl_p99_ms": pct(gaps, 99), "errors": errors, "running_max": most if spans else float("nan")}
+    return summarize(results) | {"running_max": most if spans else float("nan")}
 
 
 def main() -> None:
@@ -111,7 +94,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--budget-tokens", type=int, required=True)
     ap.add_argument("--page", type=int, default=256, help="KV page (block) size in tokens")
-    ap.add_argument("--seed", type=int, default=20261203)
+    ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cuda")

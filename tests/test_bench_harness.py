@@ -166,11 +166,11 @@ def test_table_is_headed_by_the_cpu_line():
 
 
 def test_genai_pool_is_set_to_the_budget_wherever_its_config_keeps_it(tmp_path):
-    """gpu_serving's --budget-streams: every num_blocks in GenAI's config takes the budget's blocks,
+    """gpu_serving's --budget-streams (gpu_genai_engine.genai_blocks): every num_blocks in GenAI's config takes the budget's blocks,
     the paths changed are reported, other keys stay; a config without one reports none."""
     import json
 
-    import gpu_serving
+    import gpu_genai_engine
 
     rng = np.random.default_rng(SEED)
     old, new = (int(x) for x in rng.integers(100, 1000, 2))
@@ -178,12 +178,12 @@ def test_genai_pool_is_set_to_the_budget_wherever_its_config_keeps_it(tmp_path):
     cfg = {"model": {"decoder": {"session_options": {"log_id": "x"}}},
            "engine": {"dynamic_batching": {"num_blocks": old, "block_size": 128}}, "search": {"max_length": 8192}}
     (tmp_path / "genai_config.json").write_text(json.dumps(cfg))
-    assert gpu_serving.genai_blocks(tmp_path, new) == [f".engine.dynamic_batching.num_blocks: {old} -> {new}"]
+    assert gpu_genai_engine.genai_blocks(tmp_path, new) == [f".engine.dynamic_batching.num_blocks: {old} -> {new}"]
     got = json.loads((tmp_path / "genai_config.json").read_text())
     assert got["engine"]["dynamic_batching"] == {"num_blocks": new, "block_size": 128}
     assert got["search"] == cfg["search"] and got["model"] == cfg["model"]
     (tmp_path / "genai_config.json").write_text(json.dumps({"search": {"max_length": 8192}}))
-    assert gpu_serving.genai_blocks(tmp_path, new) == []
+    assert gpu_genai_engine.genai_blocks(tmp_path, new) == []
 
 
 class _Out:
