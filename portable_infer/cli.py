@@ -219,6 +219,7 @@ def cmd_serve(ns) -> int:
     import os
 
     from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
+    from portable_infer.serving.scheduler_setup import budget_line
     from portable_infer.serving.http import ServerConfig, require_serve, serve
 
     require_serve()  # fail before loading the model
@@ -238,6 +239,7 @@ def cmd_serve(ns) -> int:
     else:
         scheduler = Scheduler(_load(ns), sched_cfg)
     gc.freeze()  # the model and the server live as long as the process: later collections skip them
+    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit), file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
 

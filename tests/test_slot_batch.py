@@ -255,3 +255,19 @@ def test_the_startup_warm_up_leaves_every_slot_free(static):
         assert sizes == [1, 2, 4] and batch.slots == [None] * 4 and batch.lengths.tolist() == [1] * 4
         got = [[r.token for r in sched.submit(p, max_new_tokens=12, ignore_eos=True)] for p in ps]
     assert got == want, f"{TAG} requests after the warm-up differ from single runs"
+
+
+def test_the_startup_line_says_what_the_kv_budget_holds(static):
+    """serve prints what its KV budget holds: tokens and blocks, requests of the whole context at
+    once, and with slots the tokens one request may hold (the scheduler's own figures)."""
+    from portable_infer.serving.scheduler_setup import budget_line
+
+    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=16, slot_batch=True,
+                                           kv_budget_tokens=4 * 48)) as sched:
+        line = budget_line(sched.stats(), sched.max_context, sched.row_limit)
+    ctx = static.max_context
+    assert line.startswith(f"KV budget: 192 tokens (12 blocks of 16): {192 // ctx:,} requests of the whole context "
+                           f"({ctx:,} tokens) at once; 4 slots of 48 tokens"), line
+    with Scheduler(static, SchedulerConfig(max_batch=4, kv_budget_tokens=4 * ctx)) as restacked:
+        line = budget_line(restacked.stats(), restacked.max_context, restacked.row_limit)
+    assert f"4 requests of the whole context ({ctx:,} tokens) at once (--kv-budget-tokens" in line and "slots" not in line
