@@ -42,10 +42,12 @@ def genai_blocks(gen: Path, blocks: int) -> list:
 
 
 def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict,
-                 kv_gib: float = float("nan"), warm: int = 4, blocks: int | None = None) -> None:
+                 kv_gib: float = float("nan"), warm: int = 4, blocks: int | None = None,
+                 sampling: dict | None = None) -> None:
     """GenAI's Engine over the same prompts; ``kv_gib``: its paged KV pool as configured (allocated
-    whole at start; ``blocks``: set to that many blocks first). Counts the requests decoding at
-    once (a first token out, the turn not over)."""
+    whole at start; ``blocks``: set to that many blocks first); ``sampling``: temperature and
+    top_p (request i seeded i), else greedy. Counts the requests decoding at once (a first token
+    out, the turn not over)."""
     import onnxruntime_genai as og
 
     if blocks is not None:
@@ -67,6 +69,11 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
             opts = og.TurnOptions(r)
             opts.set_max_generated_tokens(new)
             opts.set_min_generated_tokens(new)
+            if sampling:
+                opts.set_do_sample(True)
+                opts.set_temperature(sampling["temperature"])
+                opts.set_top_p(sampling["top_p"])
+                opts.set_seed(i)
             r.begin_turn(np.asarray(p, np.int32), opts)
             ids[id(r)], sent[i], times[i], tokens[i] = i, time.perf_counter() - t0, [], 0
             reqs[i] = r  # keep it alive

@@ -64,13 +64,14 @@ def batching_kwargs(model, budget_tokens: int, page: int) -> tuple[dict, dict, d
     return kwargs, want, {"api": "GenerationConfig", **want}  # older 5.x: the cache's size on the generation config
 
 
-def level(model, reqs: list, new: int, kwargs: dict, gen_fields: dict, eos: int) -> dict:
+def level(model, reqs: list, new: int, kwargs: dict, gen_fields: dict, eos: int, sampling: dict | None = None) -> dict:
     """One level through ``generate_batch``: :func:`gpu_requests.summarize` over its outputs (sent:
     a request's creation; times: its tokens' timestamps), and the most requests running at once
     (their scheduled-to-finished spans, ``GenerationOutput.lifespan``)."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0, **gen_fields)
+    cfg = GenerationConfig(max_new_tokens=new, do_sample=bool(sampling), eos_token_id=eos, pad_token_id=0,
+                           **(sampling or {}), **gen_fields)
     outs = list(model.generate_batch(inputs=reqs, generation_config=cfg, **kwargs).values())
     if any(getattr(o, "timestamps", None) is None for o in outs if not o.error):
         raise RuntimeError("this transformers gives no token timestamps (record_timestamps): no TTFT to report")
@@ -98,6 +99,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     import transformers
 
@@ -111,11 +114,13 @@ def main() -> None:
              "kwargs": sorted(kwargs), **used}
     print(json.dumps({"setup": setup}), flush=True)
     eos = vocab  # an id no step can pick: every request runs its max_new_tokens (ignore_eos)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
     if args.warm:
-        level(model, prompts(args.warm, args.prompt, vocab, seed=1), WARM_TOKENS, kwargs, gen_fields, eos)
+        level(model, prompts(args.warm, args.prompt, vocab, seed=1), WARM_TOKENS, kwargs, gen_fields, eos, sampling)
     for round_ in range(args.rounds):
         for n in args.levels:
-            r = level(model, prompts(n, args.prompt, vocab, args.seed + round_), args.new, kwargs, gen_fields, eos)
+            r = level(model, prompts(n, args.prompt, vocab, args.seed + round_), args.new, kwargs, gen_fields, eos,
+                      sampling)
             print(json.dumps({"level": n, "round": round_ + 1, **r, "kv_gib": setup["kv_gib"]}), flush=True)
 
 

@@ -24,7 +24,7 @@ batch restacked at each join and leave as before the slot batch; ``paged`` / ``e
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
-``--new`` tokens, greedy, ignore_eos), read by client processes (a Python client parsing every
+``--new`` tokens, greedy or ``--temperature``/``--top-p`` with request i seeded i, ignore_eos), read by client processes (a Python client parsing every
 SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engine`` driven from
 Python with the same token ids, N requests at once. ``transformers``: transformers' own continuous
 batching (``generate_batch``, paged attention) on the HF folder, the same prompts and KV budget, in
@@ -65,9 +65,11 @@ CLIENT_PROCS = 8
 
 
 # --- the HTTP clients (child processes) ------------------------------------------------------------
-async def _stream(client, url: str, ids: list, new: int, t0: float) -> dict:
+async def _stream(client, url: str, i: int, ids: list, new: int, t0: float, sampling: dict) -> dict:
     body = {"model": "m", "prompt": ids, "max_tokens": new, "stream": True, "temperature": 0,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if sampling:  # --temperature: request i samples with seed i
+        body.update(sampling, seed=i)
     sent = time.perf_counter()
     times, tokens, error = [], 0, None
     try:
@@ -87,7 +89,7 @@ async def _stream(client, url: str, ids: list, new: int, t0: float) -> dict:
     return {"sent": sent - t0, "times": [t - t0 for t in times], "tokens": tokens, "error": error}
 
 
-def _client_proc(url: str, jobs: list, new: int, start_at: float, out) -> None:
+def _client_proc(url: str, jobs: list, new: int, start_at: float, out, sampling: dict) -> None:
     import httpx
 
     async def main():
@@ -96,19 +98,21 @@ def _client_proc(url: str, jobs: list, new: int, start_at: float, out) -> None:
             while time.time() < start_at:
                 await asyncio.sleep(0.001)
             t0 = time.perf_counter() - (time.time() - start_at)
-            return await asyncio.gather(*(_stream(client, url, ids, new, t0) for ids in jobs))
+            return await asyncio.gather(*(_stream(client, url, i, ids, new, t0, sampling) for i, ids in jobs))
 
     out.put(asyncio.run(main()))
 
 
-def http_level(url: str, reqs: list, new: int, at_start=None) -> dict:
+def http_level(url: str, reqs: list, new: int, at_start=None, sampling: dict | None = None) -> dict:
     """N streaming requests from client processes that start together; ``at_start()`` is called
-    here when they do (readings of the server taken then exclude the clients' start-up)."""
+    here when they do (readings of the server taken then exclude the clients' start-up);
+    ``sampling``: their temperature and top_p (request i: seed i), else greedy."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start_at = time.time() + 3.0  # every client process connected and waiting
-    shares = [reqs[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
-    procs = [ctx.Process(target=_client_proc, args=(url, s, new, start_at, q)) for s in shares if s]
+    jobs = list(enumerate(reqs))
+    shares = [jobs[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
+    procs = [ctx.Process(target=_client_proc, args=(url, s, new, start_at, q, sampling or {})) for s in shares if s]
     for p in procs:
         p.start()
     if at_start is not None:
@@ -198,7 +202,7 @@ def server_gauges(url: str) -> tuple:
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
                  provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512, warm: int = 4,
-                 budget: int | None = None) -> None:
+                 budget: int | None = None, sampling: dict | None = None) -> None:
     import httpx
 
     port = free_port()
@@ -250,7 +254,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         else:
             for d in tune.cached_decisions(measure.tune_cache_dir(), pkg):  # what load() measured and chose
                 say(f"  measured choice: {d['chosen']} (ms a step by batch: {d['timings_ms']})")
-        http_level(url, prompts(warm, prompt, vocab, seed=1), WARM_TOKENS)  # warm-up (--warm)
+        http_level(url, prompts(warm, prompt, vocab, seed=1), WARM_TOKENS, sampling=sampling)  # warm-up (--warm)
         for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
             reqs = prompts(n, prompt, vocab, SEED + round_)
             seen = []
@@ -268,7 +272,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             def at_start():  # the server's CPU seconds and step clock as the clients start
                 start.update(cpu=tree_cpu_s(srv.pid), clock=step_clock(url), t=time.perf_counter())
 
-            r = http_level(url, reqs, new, at_start)
+            r = http_level(url, reqs, new, at_start, sampling)
             wall = time.perf_counter() - start["t"]
             r["steps"] = step_summary(start["clock"], step_clock(url), wall)
             stop[0] = True
@@ -294,6 +298,7 @@ def hf_levels(hf: Path, args, budget: int, vocab: int, rows: dict) -> None:
     cmd = [sys.executable, str(Path(__file__).with_name("gpu_hf_batching.py")), str(hf), "--levels",
            *map(str, args.levels), "--prompt", str(args.prompt), "--new", str(args.new), "--budget-tokens",
            str(budget), "--seed", str(SEED), "--warm", str(min(args.warm, 64)), "--rounds", "1",
+           "--temperature", str(args.temperature), "--top-p", str(args.top_p),
            "--device", "cpu" if args.provider == "cpu" else "cuda"]
     say("\ntransformers' continuous batching (gpu_hf_batching.py):")
     try:
@@ -335,18 +340,23 @@ def main() -> None:
     ap.add_argument("--package", type=Path, default=None, help="serve this package instead of the export")
     ap.add_argument("--genai-model", type=Path, default=None, help="drive this GenAI model instead of the build")
     ap.add_argument("--precisions", nargs="+", choices=["fp16", "int4"], default=["fp16"], help="our packages' precisions")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="every runtime's requests sample at this temperature (request i seeded i); 0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus bound")
     ap.add_argument("--budget-streams", type=int, default=None,
                     help="the KV budget, everyone's: this many whole requests (--prompt + --new tokens each; default "
                     "the largest level). Below the largest level it measures how many sequences each runtime runs at "
                     "once in the same KV memory (item 4): slots hold whole requests, so their --max-batch is this")
     args = ap.parse_args()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     shape = SHAPES[args.shape]
     hf, ours, gen = (args.work / f"llama{args.shape}-{x}" for x in ("hf", "ours", "genai"))
     ours, gen = args.package or ours, args.genai_model or gen
     streams = args.budget_streams or max(args.levels)
     budget = streams * (args.prompt + args.new)
     rows: dict = {}
-    say(f"# GPU serving, Llama {args.shape} shape ({', '.join(args.precisions)} ours; GenAI fp16), {args.prompt}-token prompts, {args.new} new tokens, greedy")
+    say(f"# GPU serving, Llama {args.shape} shape ({', '.join(args.precisions)} ours; GenAI fp16), {args.prompt}-token prompts, {args.new} new tokens, "
+        f"{'temperature %g, top_p %g, seeded' % (args.temperature, args.top_p) if sampling else 'greedy'}")
     if "make" in args.parts and not (hf / "config.json").is_file():
         make_hf(hf, args.assets, shape, "float16")
     packages = {prec: ours if prec == "fp16" else ours.with_name(f"{ours.name}-{prec}") for prec in args.precisions}
@@ -382,7 +392,8 @@ def main() -> None:
         for config, prec in [(c, p) for p in packages for c in args.configs]:
             try:
                 serve_levels(packages[prec], config if prec == "fp16" else f"{config}, {prec}", args.levels, args.prompt,
-                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk, args.warm, budget)
+                             args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk, args.warm, budget,
+                             sampling)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
@@ -398,7 +409,7 @@ def main() -> None:
     if "engine" in args.parts:
         try:
             genai_levels(gen, args.levels, args.prompt, args.new, vocab, rows, blocks * block * kv_token / 2**30,
-                         args.warm, blocks)
+                         args.warm, blocks, sampling)
         except Exception as exc:  # noqa: BLE001
             say(f"GenAI Engine failed: {type(exc).__name__}: {exc}")
         (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far
