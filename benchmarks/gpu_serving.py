@@ -208,14 +208,13 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     budget = budget or max(levels) * (prompt + new)
-    base = config.split(",")[0].split("+")[0]
+    base, *extras = config.split(",")[0].split("+")
     max_batch = max(levels)
     if not base.endswith(("paged", "restack")):  # slots: each holds a whole request, as many as the budget has
         max_batch = min(max_batch, budget // (prompt + new))
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max_batch), "--max-waiting", str(4 * max(levels)),
            "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
-    base, *extras = config.split(",")[0].split("+")
     switch = next((x[2:] for x in extras if x.startswith("si") and "=" not in x), "")
     if base in ("engine", "engine-restack", "engine-paged"):
         cmd.append("--engine-process")

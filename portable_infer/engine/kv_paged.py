@@ -204,6 +204,14 @@ class PrefixBlocks:
         return len(self.keys) * self.pool.block_bytes
 
 
+def fill_tables(out: np.ndarray, tables: list, held: np.ndarray) -> None:
+    """Write rows' block ``tables`` (``held`` [n] blocks each) into ``out`` [n, W] int32, row after
+    row, -1 past each row's blocks: the ``block_table`` input of a packed step."""
+    out.fill(-1)
+    out[np.arange(out.shape[1]) < held[:, None]] = np.fromiter((b for t in tables for b in t), np.int32,
+                                                               int(held.sum()))
+
+
 @dataclass
 class PagedCache:
     """Block tables over an engine's :class:`BlockPool`; see :class:`~portable_infer.engine.protocols.KVCache`."""

@@ -28,7 +28,7 @@ import numpy as np
 from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
 from portable_infer.engine.cuda_graphs import run_options
 from portable_infer.engine.devices import device_of
-from portable_infer.engine.kv_paged import BlockPool, PagedCache
+from portable_infer.engine.kv_paged import BlockPool, PagedCache, fill_tables
 from portable_infer.engine.paged_graphs import DecodeGraphs
 from portable_infer.errors import InvalidArgumentError, PortableInferError
 from portable_infer.package import manifest as mf
@@ -205,9 +205,8 @@ class PagedEngine:
                 greedy: bool) -> tuple:
         """A plain step of any runs (the feeds bound at this step)."""
         n_rows = len(chunks)
-        table = np.full((n_rows, int(held.max())), -1, np.int32)
-        table[np.arange(table.shape[1]) < held[:, None]] = np.fromiter(
-            (b for t in tables for b in t), np.int32, int(held.sum()))  # row after row, as the mask's order
+        table = np.empty((n_rows, int(held.max())), np.int32)
+        fill_tables(table, tables, held)  # row after row, as the mask's order
         cu = np.zeros(n_rows + 1, np.int32)
         np.cumsum(counts, out=cu[1:])
         feeds = {mf.INPUT_IDS: np.concatenate([np.asarray(t, np.int64) for _, _, t in chunks])[None],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from portable_infer.engine import cuda_graphs
+from portable_infer.engine.kv_paged import fill_tables
 from portable_infer.package import manifest as mf
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,7 @@ class DecodeGraphs:
         step.ids[0, :n], step.ids[0, n:] = ids, 0
         step.past[:n], step.past[n:] = past, 0
         step.table[n:] = self.engine.pool.spare  # padding rows: a real row's blocks may be left from a wider step
-        rows = step.table[:n]
-        rows.fill(-1)
-        rows[np.arange(step.table.shape[1]) < held[:, None]] = np.fromiter(
-            (b for t in tables for b in t), np.int32, int(held.sum()))
+        fill_tables(step.table[:n], tables, held)
         self._go(step)
         own = np.copy if self.engine.device == "cpu" else np.asarray  # numpy() of a CPU buffer is a view of it
         token = own(step.token.numpy().reshape(-1)[:n])
