@@ -87,6 +87,7 @@ class NullEngine:
     """The model's engine's attributes, forwards that return random ids (or random logits) at once."""
 
     masks_on_device = False
+    samples_on_device = False
 
     def __init__(self, engine, vocab: int, device: str, seed: int, step_s: float = 0.0):
         self.step_s = step_s  # each decode forward sleeps this long (the GIL released, as a GPU step)

@@ -44,6 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporters import sample_graph
+
 GRAPHS = Path(__file__).resolve().parents[1] / "portable_infer" / "engine" / "graphs"
 KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 OPSET, IR_VERSION = 18, 8  # loadable by every ONNX Runtime the runtime accepts (>= 1.20)
@@ -123,6 +125,8 @@ def shipped() -> dict:
     out = {f"kv_rows.{dtype}.onnx": kv_rows_model(dtype) for dtype in KV_DTYPES}
     out["masked_argmax.onnx"] = masked_argmax_model()
     out["masked_rows.onnx"] = masked_rows_model()
+    out["sample.onnx"] = _serialized(sample_graph.sample_model_graph())
+    out["rows.onnx"] = _serialized(sample_graph.gather_rows_graph())
     return out
 
 

@@ -271,6 +271,38 @@ def test_device_masks_pick_what_the_host_picks_in_batch_decoder(static, monkeypa
     jsonschema.validate(json.loads(reply(static, outs[2])), SCHEMA)
 
 
+def test_device_draws_give_the_host_tokens_in_batch_decoder(static, monkeypatch):
+    """The static engine on the CPU draws sampling rows with the sample graph when told to (on
+    GPUs it does by default), beside constrained, greedy and logprobs rows: every row's tokens,
+    finish reasons and logprobs equal the host path's (the same uniform numbers: one a draw)."""
+    from portable_infer.decode.generate import BatchDecoder
+    from portable_infer.decode.sampling import SamplingParams
+    from portable_infer.engine.device_sample import DeviceSampler
+
+    rng = np.random.default_rng(SEED + 10)
+    print(TAG)
+    prompts, params = _mixed(rng, static)
+    kw = dict(max_new_tokens=40, ignore_eos=True)
+    for filters in (dict(top_k=12), dict(top_p=0.8), dict(min_p=0.05, top_k=40, top_p=0.95)):
+        prompts.append(prompts[len(prompts) % 6])
+        params.append(SamplingParams(temperature=float(rng.uniform(0.6, 1.2)), seed=int(rng.integers(1000)),
+                                     **filters, **kw))
+    runs, real = [], DeviceSampler.sample
+    monkeypatch.setattr(DeviceSampler, "sample", lambda self, *a: runs.append(len(a[1])) or real(self, *a))
+    events = {}
+    for on in (False, True):
+        monkeypatch.setattr(static.engine, "samples_on_device", on)
+        dec = BatchDecoder(static.engine, prompts, params, max_context=static.max_context, guide=static.guide,
+                           vocab_size=256)
+        events[on] = []
+        while not dec.done:
+            events[on] += dec.step()
+        if not on:
+            assert not runs
+    assert events[True] == events[False], TAG
+    assert len(runs) == dec.timings["decode_steps"] + 1 and runs[0] == 4, runs  # prefill and every step
+
+
 @pytest.mark.parametrize("mode", ["check", "device"])
 def test_an_engine_that_overlaps_the_host_fills_masks_inside_the_step(static, monkeypatch, mode):
     """Where the engine's run returns before the device is done (``overlaps_host``: CUDA), the

@@ -45,6 +45,7 @@ class FakeEngine:
     provider = "FakeExecutionProvider"
     greedy_on_device = False  # the loop reads both off every engine (Engine protocol)
     masks_on_device = False
+    samples_on_device = False
     variant = SimpleNamespace(name="fake")
 
     def __init__(self, rule, vocab: int = VOCAB, capacity: int | None = None):

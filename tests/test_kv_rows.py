@@ -14,7 +14,8 @@ import pytest
 
 from portable_infer.decode.masks import allows, allows_each
 from portable_infer.engine.companion import GRAPHS
-from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
+from portable_infer.engine.device_logits import DeviceLogits
+from portable_infer.engine.masked_argmax import MaskedArgmax
 from portable_infer.engine.rows import RowMover
 
 SEED = int(os.environ.get("KV_ROWS_SEED") or random.SystemRandom().randrange(2**31))

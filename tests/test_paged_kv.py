@@ -302,9 +302,9 @@ class _Widest:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def forward_packed(self, chunks, greedy=False):
+    def forward_packed(self, chunks, greedy=False, **kw):
         self.widest = max(self.widest, len(chunks))
-        return self.inner.forward_packed(chunks, greedy)
+        return self.inner.forward_packed(chunks, greedy, **kw)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -338,6 +338,34 @@ def test_blocks_on_demand_preempt_and_recompute_like_single_runs(paged, static, 
     gc.collect()
     pool = paged.engine.pool
     assert pool.free == pool.blocks - len(pool.prefixes.keys), "blocks still held after every request ended"
+
+
+def test_rows_drawn_on_the_device_give_single_runs_tokens(package, static, monkeypatch):
+    """Sampling rows of a paged batch drawn by the sample graph where the logits are (the CUDA
+    default; here on the CPU), in decode steps on bucket buffers and in mixed steps beside
+    prefills, greedy rows and a rows whose logits come over (logprobs): each seeded request gives
+    the tokens of its single run on the static engine, drawn on the host."""
+    from portable_infer.engine.device_sample import DeviceSampler
+
+    rng = np.random.default_rng(SEED + 9)
+    print(TAG)
+    m = portable_infer.load(package, "cpu", paged_kv=True, intra_op_threads=2)
+    m.engine.decode_graphs(capture=False)
+    m.engine.samples_on_device = True
+    ps = prompts(rng, rng.integers(3, 40, 7))
+    filters = [dict(), dict(top_k=20), dict(top_p=0.9), dict(min_p=0.05, top_p=0.95), dict(top_k=50, top_p=0.8)]
+    kws = [dict(max_new_tokens=int(rng.integers(8, 25)), ignore_eos=True, temperature=float(rng.uniform(0.6, 1.3)),
+                seed=int(rng.integers(1000)), **filters[i % len(filters)]) for i in range(len(ps))]
+    kws[5] = dict(max_new_tokens=12, ignore_eos=True)  # greedy
+    kws[6].update(logprobs=2)  # its logits come over and the host draws it
+    want = [static.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
+    runs, real = [], DeviceSampler.sample
+    monkeypatch.setattr(DeviceSampler, "sample", lambda self, *a: runs.append(len(a[1])) or real(self, *a))
+    with Scheduler(m, SchedulerConfig(max_batch=6, prefill_chunk=16, kv_budget_tokens=1024)) as sched:
+        handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
+        got = [[r.token for r in h] for h in handles]
+    assert got == want, f"{TAG} rows drawn on the device differ from single runs"
+    assert sum(runs) >= sum(kw["max_new_tokens"] - 1 for kw in kws[:5]), f"{TAG} draws on the device: {runs}"
 
 
 def test_admission_keeps_a_watermark_while_requests_run():

@@ -12,6 +12,12 @@ and the scheduler's running batch alike.
                                                       masks: one lean companion run on the device for
                                                       those rows (masks_on_device), or their logits
                                                       to the host
+    sample   engine.samples_on_device, some row       forward_on_device, then one companion run on the
+             samples with nothing else reading its    device: those rows' tokens drawn there, one
+             logits (SamplingParams.drawn_plain)      uniform number each up and one id back; plain
+                                                      greedy rows take the graph's argmax; the other
+                                                      rows' logits (and only theirs) come to the host
+                                                      and are picked as in host mode
     device   engine.masks_on_device, DEVICE_MIN_ROWS   forward_on_device, then one companion run on the
              live rows or more, some row greedy       device: the grammar masks applied there, each
              (maybe constrained) or with a grammar    row's argmax, and the (masked) logits of the rows
@@ -28,6 +34,11 @@ first, as llama.cpp's sampler does: where the grammar allows the plain argmax, t
 the masked one (the first index among the largest logits either way), so the mask is applied only
 to the rows whose grammar refuses it. Either way the token goes
 through ``Sequence.step``, the one home of the per-token rule, with the row's :class:`RowInput`.
+
+A row that samples on an engine that draws on its device is drawn there in every step, whatever
+the other rows of its batch: its draws do not depend on the batch it is in (a seeded request
+gives the same tokens alone or among others), and each takes one number from the row's
+generator, as the host's draw does.
 """
 
 from __future__ import annotations
@@ -38,8 +49,9 @@ import numpy as np
 
 from portable_infer.decode.masks import MaskFill, allowed_tokens, allows, allows_each, forced_tokens
 from portable_infer.decode.processors import apply_mask
+from portable_infer.decode.sampling import DrawFilters
 
-GREEDY, CHECK, DEVICE, HOST = "greedy", "check", "device", "host"
+GREEDY, CHECK, SAMPLE, DEVICE, HOST = "greedy", "check", "sample", "device", "host"
 # Fewer live rows than this take the host path even where the engine masks on the device: the
 # companion run costs a fixed ~0.15-0.3 ms on CUDA, more than fetching and masking a few rows'
 # logits (H200, SmolLM2 shape, greedy JSON schema: batch 1 host +11 % against device +16-26 %;
@@ -68,6 +80,8 @@ def mode(engine, seqs: list) -> str:
         return GREEDY
     if engine.greedy_on_device and all(s.params.argmax_only for s in live):
         return CHECK
+    if engine.samples_on_device and any(s.params.drawn_plain for s in live):
+        return SAMPLE
     if (engine.masks_on_device and len(live) >= DEVICE_MIN_ROWS
             and any(s.params.argmax_only or s.mask_first for s in live)):
         return DEVICE
@@ -86,7 +100,7 @@ def forward(engine, how: str, ids: np.ndarray, mask: np.ndarray, cache, fill: Ma
     (:func:`mask_fill`) runs while the device computes where it can."""
     if how == GREEDY:
         return engine.forward(ids, mask, cache, greedy=True)
-    if how in (CHECK, DEVICE):
+    if how in (CHECK, SAMPLE, DEVICE):
         return engine.forward_on_device(ids, mask, cache, meanwhile=None if fill is None else fill.run)
     return engine.forward(ids, mask, cache)
 
@@ -100,6 +114,8 @@ def row_inputs(how: str, out, seqs: list, masks: np.ndarray | None) -> list:
         return _checked_inputs(out, seqs, masks)
     if how == DEVICE:
         return _device_inputs(out, seqs, masks)
+    if how == SAMPLE:
+        return _sampled_inputs(out, seqs, masks)
     live = [i for i, s in enumerate(seqs) if s is not None]
     argmax = out.argmax(axis=-1) if any(seqs[i].params.argmax_only for i in live) else None
     first = [i for i in live if seqs[i].mask_first] if masks is not None else []
@@ -170,4 +186,32 @@ def _device_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
             inputs[i] = RowInput(logits[k], masked=True)
         else:
             inputs[i] = RowInput(logits[k], mask=None if s.matcher is None else masks[i])
+    return inputs
+
+
+def _sampled_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
+    """SAMPLE mode: the sampling rows drawn on the device (one uniform number each from the row's
+    generator); plain greedy rows take the graph's argmax; the rest, and a drawn row whose logits
+    cannot be sampled (its step raises the host's typed error), get their logits as host mode
+    gives them."""
+    live = [i for i, s in enumerate(seqs) if s is not None]
+    drawn = [i for i in live if seqs[i].params.drawn_plain]
+    argmax = out.argmax()
+    greedy = [i for i in live if seqs[i].params.plain_greedy] if argmax is not None else []
+    inputs = [None] * len(seqs)
+    u = np.fromiter((seqs[i].rng.random() for i in drawn), np.float64, len(drawn))
+    tokens = out.sample(drawn, DrawFilters.of([seqs[i].params for i in drawn]), u)
+    failed = []
+    for i, tok in zip(drawn, tokens.tolist()):
+        if tok >= 0:
+            inputs[i] = RowInput(tok=tok)
+        else:
+            failed.append(i)
+    for i in greedy:
+        inputs[i] = RowInput(tok=int(argmax[i]))
+    host = sorted(set(live) - set(drawn) - set(greedy)) + failed
+    if host:
+        own = row_inputs(HOST, out.rows(host), [seqs[i] for i in host], None if masks is None else masks[host])
+        for i, inp in zip(host, own):
+            inputs[i] = inp
     return inputs

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -169,6 +169,14 @@ class SamplingParams:
         return self.temperature > 0.0 and self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
 
     @cached_property
+    def drawn_plain(self) -> bool:
+        """A sampled row (temperature > 0) whose logits nothing changes or reads but its
+        temperature and filters (no penalty, logit bias, logprobs or constraint): the draw may
+        run where the logits are (:class:`DrawFilters`)."""
+        return (self.temperature > 0.0 and not self.penalized and self.logprobs is None and not self.logit_bias
+                and self.constraint is None)
+
+    @cached_property
     def plain_greedy(self) -> bool:
         """:attr:`argmax_only` without a constraint: the graph's own argmax (``next_token``) will do."""
         return self.argmax_only and self.constraint is None
@@ -189,6 +197,27 @@ class SamplingParams:
             raise InvalidArgumentError(f"unknown sampling parameter(s): {', '.join(unknown)}; "
                                        f"valid ones are: {', '.join(valid)}", param=unknown[0])
         return dataclasses.replace(defaults if defaults is not None else cls(), **kw)
+
+
+class DrawFilters(NamedTuple):
+    """The sampler's settings of ``n`` rows as arrays, for a draw on the device (the rule of
+    :func:`make_sampler`; ``log_min_p`` is ``log(min_p)`` in float32 as the host adds it, -inf
+    where min-p is off)."""
+
+    temperature: np.ndarray  # [n] float32, > 0
+    top_k: np.ndarray  # [n] int64, 0: off
+    top_p: np.ndarray  # [n] float32, 1: off
+    log_min_p: np.ndarray  # [n] float32
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> DrawFilters:
+        return cls(np.array([p.temperature for p in params], np.float32),
+                   np.array([p.top_k for p in params], np.int64),
+                   np.array([p.top_p for p in params], np.float32),
+                   np.array([math.log(p.min_p) if p.min_p > 0 else -np.inf for p in params], np.float32))
+
+    def take(self, index) -> DrawFilters:
+        return DrawFilters(*(a[index] for a in self))
 
 
 def _as_ids(ids, vocab: int, name: str) -> np.ndarray:
@@ -251,18 +280,21 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probability sums to >= ``p`` (at least one).
 
     ``p == 1`` is off. Tokens already at ``-inf`` are ignored, so after top-k only k values are
-    sorted.
+    sorted. Of equally likely tokens the lower index comes first (as the device's TopK orders
+    them: ``graphs/sample.onnx`` keeps the same set).
     """
     if p >= 1.0:
         return logits
     cand = np.flatnonzero(logits > -np.inf)
-    weights = np.exp(logits[cand] - logits[cand].max())
+    values = logits[cand]
+    weights = np.exp(values - values.max())
     total = weights.sum()
     if cand.size > _TOP_P_CANDIDATES:
-        best = np.argpartition(weights, -_TOP_P_CANDIDATES)[-_TOP_P_CANDIDATES:]
+        floor = values[np.argpartition(values, -_TOP_P_CANDIDATES)[-_TOP_P_CANDIDATES]]
+        best = np.flatnonzero(values >= floor)  # every token tied with the last one too: order by index holds
         if weights[best].sum() >= p * total:  # then the kept set lies inside `best`
-            cand, weights = cand[best], weights[best]
-    order = np.argsort(-weights, kind="stable")
+            cand, values, weights = cand[best], values[best], weights[best]
+    order = np.lexsort((cand, -values))  # most likely first, ties by index (the device's TopK order)
     cdf = np.cumsum(weights[order]) / total
     n_keep = min(int(np.searchsorted(cdf, p, side="left")) + 1, cand.size)
     keep = cand[order[:n_keep]]

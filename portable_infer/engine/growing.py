@@ -25,6 +25,7 @@ class GrowingEngine:
 
     greedy_on_device = False  # no growing graph has a next_token output: the argmax runs on the host
     masks_on_device = False  # its logits come to the host: grammar masks are applied there
+    samples_on_device = False  # and sampled rows are drawn there
     overlaps_host = False  # forward_on_device refuses: nothing runs meanwhile
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int):

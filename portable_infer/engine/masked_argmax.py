@@ -66,38 +66,3 @@ class MaskedArgmax:
         b.bind_output("token", "cpu")
         self.rows_session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
-
-
-class DeviceLogits:
-    """One forward's logits [B, 1, V] and its graph's argmax [B, 1], left where the engine computed
-    them (valid until the engine's next forward on the same cache: a decode step's buffers are
-    reused). ``picker``: what makes the :class:`MaskedArgmax` on that device (on first use);
-    ``masks_here``: masks are worth applying there (the engine's ``masks_on_device``), else the
-    rows that need a mask come to the host."""
-
-    def __init__(self, value, token, picker, masks_here: bool):
-        self.value, self.token, self.picker, self.masks_here = value, token, picker, masks_here
-        self.batch, _, self.vocab = value.shape()
-
-    def argmax(self) -> np.ndarray:
-        """Each row's argmax over every token [B] int64 on the host: the graph's ``next_token``
-        (one id per row crosses; the check mode runs only graphs that have it)."""
-        return self.token.numpy().reshape(-1).copy()
-
-    def rows(self, index) -> np.ndarray:
-        """The logits of rows ``index`` [n, V] float32 on the host, unmasked."""
-        return self.value.numpy()[np.asarray(index, np.int64), 0]
-
-    def pick(self, bitmask: np.ndarray | None, fetch=()) -> tuple:
-        """Each row's argmax among the tokens ``bitmask`` allows ([B, ceil(V/32)] int32; None:
-        every token), and the logits of rows ``fetch`` with the same mask applied (-inf where
-        not allowed). Returns (token [B] int64, logits [len(fetch), V] float32), on the host;
-        nothing else leaves the device."""
-        if bitmask is None:
-            bitmask = np.full((self.batch, -(-self.vocab // 32)), -1, np.int32)
-        return self.picker().run(self.value, bitmask, fetch)
-
-    def pick_rows(self, rows, allowed: np.ndarray) -> np.ndarray:
-        """The argmax of rows ``rows`` among the tokens ``allowed`` ([len(rows), V] bool) gives
-        each: token [len(rows)] int64 on the host; nothing else leaves the device."""
-        return self.picker().run_rows(self.value, rows, allowed)

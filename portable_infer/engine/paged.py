@@ -27,6 +27,8 @@ import numpy as np
 
 from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
 from portable_infer.engine.cuda_graphs import run_options
+from portable_infer.engine.device_logits import DeviceLogits
+from portable_infer.engine.device_sample import DeviceSampler
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_paged import BlockPool, PagedCache, fill_tables
 from portable_infer.engine.paged_graphs import DecodeGraphs
@@ -47,7 +49,7 @@ def block_size_for(device: str) -> int:
 
 
 class HostLogits:
-    """A paged forward's logits on the host, behind :class:`~portable_infer.engine.masked_argmax.DeviceLogits`'
+    """A paged forward's logits on the host, behind :class:`~portable_infer.engine.device_logits.DeviceLogits`'
     reading verbs (no masks applied on the device: ``masks_here`` False)."""
 
     masks_here = False
@@ -74,6 +76,7 @@ class PagedEngine:
 
     masks_on_device = False  # the logits come to the host for grammar masks
     overlaps_host = False
+    samples_on_device = False  # set where the device draws (device_sampler)
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int,
                  vocab_size: int, block_size: int | None = None, cuda_graph: bool = False):
@@ -89,6 +92,19 @@ class PagedEngine:
         self._binding = None
         self._plain = run_options(ort, self.device, -1)  # no graph (a session that captures needs it said)
         self.graphs = DecodeGraphs(self, capture=True) if cuda_graph and self.device == "cuda" else None
+        self._sampler = None
+        if self.device != "cpu":
+            try:
+                self.device_sampler()
+                self.samples_on_device = True
+            except Exception as exc:  # noqa: BLE001 - the host path still works
+                logger.warning("sampled rows are drawn on the host (%s: %s)", type(exc).__name__, exc)
+
+    def device_sampler(self) -> DeviceSampler:
+        """The companion sessions that draw sampled rows on this engine's device (made once)."""
+        if self._sampler is None:
+            self._sampler = DeviceSampler(self.session, self.ort, self.provider)
+        return self._sampler
 
     def decode_graphs(self, capture: bool) -> None:
         """Decode steps on fixed buffers per batch bucket, captured as CUDA graphs with ``capture``
@@ -138,9 +154,24 @@ class PagedEngine:
         logits, token = self._forward(ids, mask, cache, greedy)
         return token if greedy else logits
 
-    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, meanwhile=None) -> HostLogits:
-        """:meth:`forward`, the logits and the graph's argmax together (on the host: this engine
-        masks there); ``meanwhile()`` runs after the run."""
+    def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache,
+                          meanwhile=None) -> HostLogits | DeviceLogits:
+        """:meth:`forward`, the logits and the graph's argmax together: left on the device where
+        the engine draws there (``samples_on_device``: a
+        :class:`~portable_infer.engine.device_logits.DeviceLogits` that draws and fetches rows),
+        else on the host (this engine masks there); ``meanwhile()`` runs after the run."""
+        if self.samples_on_device:
+            B, S = ids.shape
+            new = np.asarray(mask[:, -S:], np.int64).sum(axis=1)
+            chunks = [(cache, b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
+            if chunks:
+                logits, _ = self.forward_packed(chunks, on_device=True)
+                cache.length += S
+                index = np.full(B, -1, np.int64)
+                index[[b for _, b, _ in chunks]] = np.arange(len(chunks))
+                if meanwhile is not None:
+                    meanwhile()
+                return logits.view(index)
         logits, token = self._forward(ids, mask, cache, False)
         if meanwhile is not None:
             meanwhile()
@@ -163,11 +194,14 @@ class PagedEngine:
                 logits[live] = out[0]
         return logits, token
 
-    def forward_packed(self, chunks: list, greedy: bool = False) -> tuple:
+    def forward_packed(self, chunks: list, greedy: bool = False, on_device: bool = False) -> tuple:
         """One forward of ``chunks`` [(cache, row, token ids)] (rows of any of this engine's
         caches, each at most once, any number of tokens each): ``(logits [N, vocab], or None
-        with greedy; argmax [N])`` in chunk order. Each row's ``cache.rows`` advances by its
-        tokens (``cache.length``, the caller's mask, does not)."""
+        with greedy; argmax [N])`` in chunk order; ``on_device``: the logits left on the device,
+        a :class:`~portable_infer.engine.device_logits.DeviceLogits` of the N rows (valid until
+        the next forward) that draws and fetches rows. Each row's ``cache.rows`` advances by its tokens
+        (``cache.length``, the caller's mask, does not)."""
+        want = "device" if on_device else "token" if greedy else "logits"
         pool, n_rows = self.pool, len(chunks)  # per-row work in numpy: 256 rows a step on GPUs
         counts = np.fromiter((len(t) for _, _, t in chunks), np.int64, n_rows)
         past = np.fromiter((c.rows[b] for c, b, _ in chunks), np.int64, n_rows)
@@ -194,15 +228,17 @@ class PagedEngine:
             step = self.graphs.step_for(n_rows, int(held.max()))
         if step is not None:
             ids = np.fromiter((t[0] for _, _, t in chunks), np.int64, n_rows)
-            logits, token = self.graphs.run(step, ids, past.astype(np.int32), tables, held, greedy)
+            logits, token = self.graphs.run(step, ids, past.astype(np.int32), tables, held, want)
         else:
-            logits, token = self._packed(chunks, counts, past, tables, held, greedy)
+            logits, token = self._packed(chunks, counts, past, tables, held, want)
         for (c, b, _), n in zip(chunks, counts.tolist()):
             c.rows[b] += n
+        if on_device:
+            logits = DeviceLogits(logits, token, sampler=self.device_sampler, index=np.arange(n_rows))
         return logits, token
 
     def _packed(self, chunks: list, counts: np.ndarray, past: np.ndarray, tables: list, held: np.ndarray,
-                greedy: bool) -> tuple:
+                want: str) -> tuple:
         """A plain step of any runs (the feeds bound at this step)."""
         n_rows = len(chunks)
         table = np.empty((n_rows, int(held.max())), np.int32)
@@ -213,17 +249,20 @@ class PagedEngine:
                  mf.CUMULATIVE_SEQUENCE_LENGTH: cu, mf.PAST_SEQLENS: past.astype(np.int32),
                  mf.BLOCK_TABLE: table, mf.LOGITS_INDEX: cu[1:].astype(np.int64) - 1,
                  mf.ATTENTION_METADATA: np.array([counts.max(), (past + counts).max()], np.int32)}
-        return self._run(feeds, greedy)
+        return self._run(feeds, want)
 
-    def _run(self, feeds: dict, greedy: bool) -> tuple:
+    def _run(self, feeds: dict, want: str) -> tuple:
         b = self._bound()
         for name, value in feeds.items():
             b.bind_cpu_input(name, value)
-        b.bind_output(mf.LOGITS, self.device if greedy else "cpu")
+        b.bind_output(mf.LOGITS, "cpu" if want == "logits" else self.device)
         b.bind_output(mf.NEXT_TOKEN, "cpu")
         self.session.run_with_iobinding(b, self._plain)
         *_, logits, token = b.get_outputs()  # in binding order: the pools first (bound once)
-        return (None if greedy else logits.numpy()[:, 0]), token.numpy().reshape(-1)
+        token = token.numpy().reshape(-1)
+        if want == "logits":
+            return logits.numpy()[:, 0], token
+        return (logits if want == "device" else None), token
 
     def _bound(self):
         """The IO binding with the pools bound in place (made once per pool)."""

@@ -83,9 +83,11 @@ class DecodeGraphs:
         return self._step(*key)
 
     def run(self, step: _Step, ids: np.ndarray, past: np.ndarray, tables: list, held: np.ndarray,
-            greedy: bool) -> tuple:
+            want: str) -> tuple:
         """``step`` (:meth:`step_for`) for rows with tokens ``ids`` [n], KV lengths ``past`` [n] and
-        blocks ``tables`` (``held`` [n] of them each): ``(logits [n, vocab] or None with greedy, argmax [n])``."""
+        blocks ``tables`` (``held`` [n] of them each): ``(logits, argmax [n])``, the logits as
+        ``want`` says: "logits" [n, vocab] on the host, "token" None, "device" the step's own
+        buffer [B, 1, vocab] (its first n rows; valid until the step runs again)."""
         n = len(ids)
         step.ids[0, :n], step.ids[0, n:] = ids, 0
         step.past[:n], step.past[n:] = past, 0
@@ -94,7 +96,9 @@ class DecodeGraphs:
         self._go(step)
         own = np.copy if self.engine.device == "cpu" else np.asarray  # numpy() of a CPU buffer is a view of it
         token = own(step.token.numpy().reshape(-1)[:n])
-        return (None if greedy else own(step.logits.numpy()[:n, 0])), token
+        if want == "logits":
+            return own(step.logits.numpy()[:n, 0]), token
+        return (step.logits if want == "device" else None), token
 
     def warm_up(self, max_batch: int) -> list:
         """Every bucket up to ``max_batch`` made (and captured) at the narrowest width before the

@@ -76,6 +76,8 @@ class Engine(Protocol):
         greedy_on_device: the graph picks each row's argmax itself (``forward(greedy=True)``).
         masks_on_device: greedy picks under grammar masks are worth taking where the logits are
             (:meth:`forward_on_device`): True on GPUs; on the CPU numpy does it faster.
+        samples_on_device: rows that sample (``SamplingParams.drawn_plain``) are drawn where the
+            logits are (:meth:`forward_on_device`'s ``sample``): True on GPUs.
         overlaps_host: :meth:`forward_on_device`'s ``meanwhile`` runs while the device computes the
             step (the run returns before the device is done); else after it.
         max_context: tokens a row may hold at most (the default capacity of a cache).
@@ -86,6 +88,7 @@ class Engine(Protocol):
     device: str
     greedy_on_device: bool
     masks_on_device: bool
+    samples_on_device: bool
     overlaps_host: bool
     max_context: int
 
@@ -103,8 +106,10 @@ class Engine(Protocol):
 
     def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: KVCache, meanwhile=None):
         """:meth:`forward`, the logits left where they were computed: a
-        :class:`~portable_infer.engine.masked_argmax.DeviceLogits` whose ``pick(bitmask, fetch)``
-        gives each row's argmax under a grammar bitmask and the logits of rows ``fetch`` only.
+        :class:`~portable_infer.engine.device_logits.DeviceLogits` whose ``pick(bitmask, fetch)``
+        gives each row's argmax under a grammar bitmask and the logits of rows ``fetch`` only
+        (``masks_on_device``), ``sample`` draws rows there (``samples_on_device``) and ``rows``
+        brings rows to the host.
         ``meanwhile()`` (host work of the step: the grammar masks) is called before it returns,
         while the device computes where ``overlaps_host``.
         An engine whose logits always come to the host refuses (``InvalidArgumentError``)."""

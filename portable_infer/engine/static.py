@@ -30,7 +30,9 @@ from portable_infer.engine.checks import check_call, check_capacity
 from portable_infer.engine.cuda_graphs import run_options as _run_options
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_static import StaticCache
-from portable_infer.engine.masked_argmax import DeviceLogits, MaskedArgmax
+from portable_infer.engine.device_logits import DeviceLogits
+from portable_infer.engine.device_sample import DeviceSampler
+from portable_infer.engine.masked_argmax import MaskedArgmax
 from portable_infer.engine.rows import RowMover
 from portable_infer.engine.static_buffers import StaticBuffers
 
@@ -69,12 +71,19 @@ class StaticEngine(StaticBuffers):
         # Grammar-masked greedy picks where the logits live (forward_on_device), on devices only:
         # on the CPU numpy takes 0.9 ms for batch 16 x 49k tokens, the companion graph 16 ms.
         self.masks_on_device = False
+        self._sampler = None  # the device-draw companion sessions: device_sampler()
+        self.samples_on_device = False  # sampled rows drawn where the logits are (device_sample.py)
         if self.device != "cpu":
             try:
                 self.masked_argmax()
                 self.masks_on_device = True
             except Exception as exc:  # noqa: BLE001 - the host path still works
                 logger.warning("grammar masks are applied on the host (%s: %s)", type(exc).__name__, exc)
+            try:
+                self.device_sampler()
+                self.samples_on_device = True
+            except Exception as exc:  # noqa: BLE001 - the host path still works
+                logger.warning("sampled rows are drawn on the host (%s: %s)", type(exc).__name__, exc)
 
     def row_mover(self):
         """What moves KV rows between this engine's buffers on their device (a
@@ -94,6 +103,12 @@ class StaticEngine(StaticBuffers):
         if self._picker is None:
             self._picker = MaskedArgmax(self.session, self.ort, self.provider)
         return self._picker
+
+    def device_sampler(self) -> DeviceSampler:
+        """The companion sessions that draw sampled rows on this engine's device (made once)."""
+        if self._sampler is None:
+            self._sampler = DeviceSampler(self.session, self.ort, self.provider)
+        return self._sampler
 
     def trim(self, dropped_bytes: int) -> None:
         """A cache that held ``dropped_bytes`` was dropped: its buffers (not in ONNX Runtime's arena,
@@ -116,12 +131,13 @@ class StaticEngine(StaticBuffers):
     def forward_on_device(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache,
                           meanwhile=None) -> DeviceLogits:
         """:meth:`forward`, the logits left on the engine's device: a
-        :class:`~portable_infer.engine.masked_argmax.DeviceLogits` with the graph's own argmax of
+        :class:`~portable_infer.engine.device_logits.DeviceLogits` with the graph's own argmax of
         each row, that picks under grammar bitmasks there (``masks_on_device``; else the rows
         asked for come to the host) and fetches only the rows asked for. ``meanwhile()`` runs
         while the device computes a decode step (``overlaps_host``), else after the run."""
         logits, token = self._forward(ids, mask, cache, "device", meanwhile)
-        return DeviceLogits(logits, token, self.masked_argmax, self.masks_on_device)
+        return DeviceLogits(logits, token, self.masked_argmax, self.masks_on_device,
+                            self.device_sampler if self.samples_on_device else None)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str, meanwhile=None):
         """One forward; ``want``: "logits" [B, vocab] or "token" [B] on the host, or "device" (the

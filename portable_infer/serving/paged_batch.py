@@ -12,8 +12,9 @@ forward, as vLLM's chunked prefill mixes them::
 So a burst of new prompts does not stop the running streams for whole prefill forwards: each
 step still gives every running row its token. The prefill's rows are picked from the same
 forward (their first tokens, where their prompts end) and join the batch after it. Tokens are
-picked as :class:`RunningBatch` picks them (the graph's argmax for plain greedy steps, else the
-host's logits, grammar masks applied there). Prompt prefixes are shared by block reference
+picked as :class:`RunningBatch` picks them (the graph's argmax for plain greedy steps; sampling
+rows drawn on the device where the engine draws there, ``batch_pick``'s sample mode, the
+prompts' last logits brought over; else the host's logits, grammar masks applied there). Prompt prefixes are shared by block reference
 (:class:`PagedPrefixes`: the pool's :class:`~portable_infer.engine.kv_paged.PrefixBlocks`): a
 request whose prompt starts with whole blocks computed before takes those blocks, no copy.
 """
@@ -156,14 +157,21 @@ class PagedBatch(RunningBatch):
         cache, mask, chunks = self._prefill_chunks(rows, step)
         seqs = [r.seq if r.state != "done" else None for r in self.rows]
         fresh = [r.seq for r in rows if r.state != "done"]
-        how = batch_pick.GREEDY if batch_pick.mode(self.engine, seqs + fresh) == batch_pick.GREEDY else batch_pick.HOST
+        how = batch_pick.mode(self.engine, seqs + fresh)
+        how = how if how in (batch_pick.GREEDY, batch_pick.SAMPLE) else batch_pick.HOST
         packed = [(self.cache, i, [int(self.pending[i])]) for i in decode] + chunks
         self.cache.length += 1
         out = {}
 
         def forward(fill):  # the decode rows' part, as row_inputs reads it; the prefill's kept in out
-            logits, token = self.engine.forward_packed(packed, how == batch_pick.GREEDY)  # timed by its caller
             n = len(decode)
+            if how == batch_pick.SAMPLE:  # the decode rows drawn on the device; the prompts' last logits here
+                logits, token = self.engine.forward_packed(packed, on_device=True)
+                out["logits"], out["token"] = logits.rows(np.arange(n, len(packed))), token[n:]
+                index = np.full(len(self.rows), -1, np.int64)
+                index[decode] = np.arange(n)
+                return logits.view(index)
+            logits, token = self.engine.forward_packed(packed, how == batch_pick.GREEDY)  # timed by its caller
             out["logits"], out["token"] = (None if logits is None else logits[n:]), token[n:]
             part = token[:n] if how == batch_pick.GREEDY else logits[:n]
             if n == len(self.rows):  # every row decodes: no copy (the vocab-wide rows are large)

@@ -1,0 +1,179 @@
+"""``sample.onnx``: sampled picks where the logits are, the host sampler's rule in graph ops.
+
+The runtime draws a temperature / top-k / top-p / min-p row on the device with this graph: only
+the row's uniform number goes up and its token id comes back, where the host draw brings a
+vocabulary of logits to the host (a 128,256-token row costs 0.2-1.9 ms to sample in numpy).
+The rule is :func:`portable_infer.decode.sampling.make_sampler`'s, step for step::
+
+    x     = Gather(logits, rows) / temperature                  [n, V]  (the host's `tempered`)
+    m     = max(x); bad: sum(x) is NaN or m is +-inf             [n]     status 2: the host raises
+    w     = exp(x - m)                                           [n, V]  softmax's weights
+    top_k: keep x >= the k-th largest (ties kept)                        TopK(x, K) gives it
+    top_p: keep the first n_keep of TopK's order (value, then index) with
+           n_keep = #{cdf < top_p} + 1, cdf over the kept weights, in that order
+    min_p: keep x >= m + log(min_p)
+    token = inverse CDF of the kept weights in vocabulary order, with the row's one uniform
+            number, in two levels (blocks of 256, then a token), sums in float64
+
+The draw is ``draw_weighted``'s to the float rounding of the sums: for the same uniform number
+the same token, bar a number landing within rounding of a boundary. ``K`` (an input) is how many
+tokens TopK sorts: the host passes 1 when no row filters by rank, else 1024; a row whose kept set
+reaches past the K best (top_k > K, or top_p's mass not within them) gets status 1 and is run
+again with K = V, the whole vocabulary sorted. A row's token does not depend on the other rows
+or on K. Cumulative sums run in blocks of 256: ONNX Runtime's CUDA CumSum sums each output's
+prefix on its own thread (quadratic in the axis).
+
+Only ops the CUDA execution provider implements; nothing depends on the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+BLOCK = 256  # tokens a draw's first level sums (decode/draw.py's _DRAW_BLOCK)
+F32, F64, I64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
+
+
+class _Graph:
+    """Nodes and constants, each output named once."""
+
+    def __init__(self):
+        self.nodes, self.consts, self._n = [], [], 0
+
+    def const(self, value, dtype) -> str:
+        name = f"c{len(self.consts)}"
+        self.consts.append(numpy_helper.from_array(np.array(value, dtype), name))
+        return name
+
+    def op(self, kind: str, *inputs, outputs: int = 1, **attrs):
+        self._n += 1
+        names = [f"{kind.lower()}{self._n}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(kind, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+
+def _blocked_cumsum(g: _Graph, x: str, axis_1: str, axis_2: str) -> str:
+    """CumSum of ``x`` [n, L] along its last axis in blocks of BLOCK: each block's own sums, then
+    the blocks' totals before it added (L padded with zeros, then cut back)."""
+    length = g.op("Shape", x, start=1, end=2)
+    block = g.const([BLOCK], np.int64)
+    pad = g.op("Mod", g.op("Sub", block, g.op("Mod", length, block)), block)
+    zero2 = g.const([0, 0, 0], np.int64)
+    padded = g.op("Pad", x, g.op("Concat", zero2, pad, axis=0), mode="constant")
+    blocks = g.op("Reshape", padded, g.const([0, -1, BLOCK], np.int64))  # [n, L/B, B]
+    inner = g.op("CumSum", blocks, axis_2)
+    last = g.op("Slice", inner, g.const([BLOCK - 1], np.int64), g.const([BLOCK], np.int64), axis_2)
+    before = g.op("CumSum", last, axis_1, exclusive=1)  # [n, L/B, 1]
+    flat = g.op("Reshape", g.op("Add", inner, before), g.const([0, -1], np.int64))
+    return g.op("Slice", flat, g.const([0], np.int64), length, axis_1)
+
+
+def _first_above(g: _Graph, cdf: str, weights: str, target: str, axis_1: str) -> str:
+    """``draw.py``'s ``_pick`` per row: the index ``i`` with ``cdf[i-1] <= target < cdf[i]``,
+    or the last index of non-zero weight where that one is past the end or of zero weight
+    (the target rounded up). ``cdf``/``weights`` [n, L], ``target`` [n, 1] -> [n, 1] int64."""
+    count = g.op("ReduceSum", g.op("Cast", g.op("LessOrEqual", cdf, target), to=I64), axis_1, keepdims=1)
+    length = g.op("Shape", weights, start=1, end=2)
+    one = g.const([1], np.int64)
+    positions = g.op("Range", g.const(0, np.int64), g.op("Squeeze", length), g.const(1, np.int64))
+    nonzero = g.op("Greater", weights, g.const(0.0, np.float64))
+    last = g.op("ReduceMax", g.op("Where", nonzero, positions, g.const(-1, np.int64)), axis_1, keepdims=1)
+    inside = g.op("Min", count, g.op("Sub", length, one))
+    ok = g.op("And", g.op("Less", count, length),
+              g.op("Greater", g.op("GatherElements", weights, inside, axis=1), g.const(0.0, np.float64)))
+    return g.op("Where", ok, count, last)
+
+
+def sample_model_graph():
+    g = _Graph()
+    axis_1, axis_2 = g.const([1], np.int64), g.const([2], np.int64)
+    minus_inf, zero_f = g.const(-np.inf, np.float32), g.const(0.0, np.float32)
+    col = lambda v: g.op("Unsqueeze", v, axis_1)  # noqa: E731 - [n] -> [n, 1]
+
+    # tempered logits, their max, and whether they can be sampled at all
+    x = g.op("Div", g.op("Gather", "logits", "rows", axis=0), col("temperature"))
+    top = g.op("ReduceMax", x, axis_1, keepdims=1)
+    bad = g.op("Or", g.op("IsNaN", g.op("ReduceSum", x, axis_1, keepdims=1)), g.op("IsInf", top))
+    top0 = g.op("Where", bad, zero_f, top)
+    weights = g.op("Exp", g.op("Sub", x, top0))
+    vocab = g.op("Shape", x, start=1, end=2)
+
+    # top-k: the k-th largest value, every token at or above it kept
+    values, index = g.op("TopK", x, "k", axis=1, largest=1, sorted=1, outputs=2)
+    width = g.op("Shape", values, start=1, end=2)
+    k = col("top_k")
+    one = g.const([1], np.int64)
+    k_on = g.op("And", g.op("Greater", k, g.const(0, np.int64)), g.op("Less", k, vocab))
+    kth = g.op("GatherElements", values, g.op("Sub", g.op("Min", g.op("Max", k, one), width), one), axis=1)
+    k_floor = g.op("Where", k_on, kth, minus_inf)
+    k_short = g.op("And", k_on, g.op("Greater", k, width))
+    keep_k = g.op("GreaterOrEqual", x, k_floor)
+
+    # top-p: the smallest run of TopK's order whose weight reaches top_p of the kept mass
+    p = col("top_p")
+    p_on = g.op("Less", p, g.const(1.0, np.float32))
+    live = g.op("Greater", x, minus_inf)
+    candidates = g.op("And", keep_k, live)
+    total = g.op("ReduceSum", g.op("Where", candidates, weights, zero_f), axis_1, keepdims=1)
+    n_cand = g.op("ReduceSum", g.op("Cast", candidates, to=I64), axis_1, keepdims=1)
+    sorted_on = g.op("And", g.op("GreaterOrEqual", values, k_floor), g.op("Greater", values, minus_inf))
+    sorted_w = g.op("Where", sorted_on, g.op("Exp", g.op("Sub", values, top0)), zero_f)
+    cdf = g.op("Div", _blocked_cumsum(g, sorted_w, axis_1, axis_2), total)
+    below = g.op("ReduceSum", g.op("Cast", g.op("Less", cdf, p), to=I64), axis_1, keepdims=1)
+    n_keep = g.op("Min", g.op("Add", below, one), n_cand)
+    p_covered = g.op("Or", g.op("Less", below, width), g.op("LessOrEqual", n_cand, width))
+    p_short = g.op("And", p_on, g.op("Not", p_covered))
+    ranks = g.op("Range", g.const(0, np.int64), g.op("Squeeze", width), g.const(1, np.int64))
+    kept_sorted = g.op("Cast", g.op("Less", ranks, n_keep), to=F32)
+    scattered = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Shape", x)), index, kept_sorted, axis=1)
+    keep_p = g.op("Or", g.op("Not", p_on), g.op("Greater", scattered, g.const(0.5, np.float32)))
+
+    # min-p, and the draw over what is kept
+    keep_m = g.op("GreaterOrEqual", x, g.op("Add", top, col("log_min_p")))
+    keep = g.op("And", g.op("And", keep_k, keep_p), keep_m)
+    kept = g.op("Cast", g.op("Where", keep, weights, zero_f), to=F64)
+    pad = g.op("Mod", g.op("Sub", g.const([BLOCK], np.int64), g.op("Mod", vocab, g.const([BLOCK], np.int64))),
+               g.const([BLOCK], np.int64))
+    padded = g.op("Pad", kept, g.op("Concat", g.const([0, 0, 0], np.int64), pad, axis=0), mode="constant")
+    blocks = g.op("Reshape", padded, g.const([0, -1, BLOCK], np.int64))  # [n, V/B, B]
+    block_w = g.op("ReduceSum", blocks, axis_2, keepdims=0)  # [n, V/B]
+    block_cdf = g.op("CumSum", block_w, axis_1)
+    target = g.op("Mul", col("u"), g.op("Gather", block_cdf, g.const([-1], np.int64), axis=1))
+    block = _first_above(g, block_cdf, block_w, target, axis_1)  # [n, 1]
+    before = g.op("GatherElements", block_cdf, g.op("Max", g.op("Sub", block, one), g.const([0], np.int64)), axis=1)
+    rest = g.op("Sub", target, g.op("Where", g.op("Greater", block, g.const(0, np.int64)), before,
+                                     g.const(0.0, np.float64)))
+    pick = g.op("Expand", g.op("Unsqueeze", block, axis_2), g.op("Concat", g.op("Shape", block, start=0, end=1),
+                                                                 g.const([1, BLOCK], np.int64), axis=0))
+    inner = g.op("Reshape", g.op("GatherElements", blocks, pick, axis=1), g.const([0, BLOCK], np.int64))
+    inner_cdf = g.op("CumSum", inner, axis_1)
+    offset = _first_above(g, inner_cdf, inner, rest, axis_1)
+    token = g.op("Add", g.op("Mul", block, g.const(BLOCK, np.int64)), offset)
+    g.nodes.append(helper.make_node("Squeeze", [token, axis_1], ["token"]))
+    short = g.op("Cast", g.op("Or", k_short, p_short), to=I64)
+    status = g.op("Where", bad, g.const(2, np.int64), short)
+    g.nodes.append(helper.make_node("Squeeze", [status, axis_1], ["status"]))
+
+    n = ["n"]
+    return helper.make_graph(
+        g.nodes, "sample",
+        [helper.make_tensor_value_info("logits", F32, ["batch", "vocab"]),
+         helper.make_tensor_value_info("rows", I64, n),
+         helper.make_tensor_value_info("temperature", F32, n),
+         helper.make_tensor_value_info("top_k", I64, n),
+         helper.make_tensor_value_info("top_p", F32, n),
+         helper.make_tensor_value_info("log_min_p", F32, n),
+         helper.make_tensor_value_info("u", F64, n),
+         helper.make_tensor_value_info("k", I64, [1])],
+        [helper.make_tensor_value_info("token", I64, n),
+         helper.make_tensor_value_info("status", I64, n)], g.consts)
+
+
+def gather_rows_graph():
+    """``rows.onnx``: ``Gather(logits, rows, axis=0)``, the rows the host reads, and no others."""
+    return helper.make_graph(
+        [helper.make_node("Gather", ["logits", "rows"], ["fetched"], axis=0)], "rows",
+        [helper.make_tensor_value_info("logits", F32, ["batch", "vocab"]),
+         helper.make_tensor_value_info("rows", I64, ["n"])],
+        [helper.make_tensor_value_info("fetched", F32, ["n", "vocab"])])
