@@ -340,7 +340,8 @@ def test_blocks_on_demand_preempt_and_recompute_like_single_runs(paged, static, 
     assert pool.free == pool.blocks - len(pool.prefixes.keys), "blocks still held after every request ended"
 
 
-def test_rows_drawn_on_the_device_give_single_runs_tokens(package, static, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rows_drawn_on_the_device_give_single_runs_tokens(package, static, monkeypatch, overlap):
     """Sampling rows of a paged batch drawn by the sample graph where the logits are (the CUDA
     default; here on the CPU), in decode steps on bucket buffers and in mixed steps beside
     prefills, greedy rows and a rows whose logits come over (logprobs): each seeded request gives
@@ -357,14 +358,19 @@ def test_rows_drawn_on_the_device_give_single_runs_tokens(package, static, monke
     kws = [dict(max_new_tokens=int(rng.integers(8, 25)), ignore_eos=True, temperature=float(rng.uniform(0.6, 1.3)),
                 seed=int(rng.integers(1000)), **filters[i % len(filters)]) for i in range(len(ps))]
     kws[5] = dict(max_new_tokens=12, ignore_eos=True)  # greedy
-    kws[6].update(logprobs=2)  # its logits come over and the host draws it
+    kws[6].update(logprobs=2, max_new_tokens=6)  # its logits come over; after it ends the steps overlap
     want = [static.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
     runs, real = [], DeviceSampler.sample
     monkeypatch.setattr(DeviceSampler, "sample", lambda self, *a: runs.append(len(a[1])) or real(self, *a))
+    steps = []
     with Scheduler(m, SchedulerConfig(max_batch=6, prefill_chunk=16, kv_budget_tokens=1024)) as sched:
+        sched.batch.overlap = overlap  # the next forward starts on the drawn ids (the GPU default)
+        step = sched.batch._overlapped
+        sched.batch._overlapped = lambda *a: steps.append(a[0]) or step(*a)
         handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
         got = [[r.token for r in h] for h in handles]
     assert got == want, f"{TAG} rows drawn on the device differ from single runs"
+    assert ("sample" in steps) == overlap, f"{TAG} overlapped steps: {steps}"
     assert sum(runs) >= sum(kw["max_new_tokens"] - 1 for kw in kws[:5]), f"{TAG} draws on the device: {runs}"
 
 

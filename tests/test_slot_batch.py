@@ -271,3 +271,37 @@ def test_the_startup_line_says_what_the_kv_budget_holds(static):
     with Scheduler(static, SchedulerConfig(max_batch=4, kv_budget_tokens=4 * ctx)) as restacked:
         line = budget_line(restacked.stats(), restacked.max_context, restacked.row_limit)
     assert f"4 requests of the whole context ({ctx:,} tokens) at once (--kv-budget-tokens" in line and "slots" not in line
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rows_drawn_on_the_device_give_single_runs_tokens(static, fused, monkeypatch, overlap):
+    """Sampling rows drawn by the sample graph where the logits are (the GPU default; here forced
+    on the CPU), their first tokens at prefill too, in slot steps overlapped as plain greedy ones
+    are (the next forward starts on the drawn ids before the host looks at them) or not, beside
+    a greedy row, a row whose logits come over (logprobs) and a row that ends on a stop id: each
+    seeded request gives its single run's tokens on the fused graph, drawn on the host."""
+    from portable_infer.engine.device_sample import DeviceSampler
+
+    rng = np.random.default_rng(SEED + 5)
+    print(TAG)
+    monkeypatch.setattr(static.engine, "samples_on_device", True)
+    ps = [rng.integers(3, 256, n).tolist() for n in rng.integers(4, 14, 6)]
+    filters = [dict(), dict(top_k=20), dict(top_p=0.9), dict(min_p=0.05, top_p=0.95), dict(top_k=40, top_p=0.8)]
+    kws = [dict(max_new_tokens=int(rng.integers(10, 24)), ignore_eos=True, temperature=float(rng.uniform(0.6, 1.3)),
+                seed=int(rng.integers(1000)), **filters[i % len(filters)]) for i in range(len(ps))]
+    kws[4] = dict(max_new_tokens=16, ignore_eos=True)  # greedy
+    kws[5].update(logprobs=1, max_new_tokens=5)  # its logits come over; after it ends the steps overlap
+    alone = fused.generate_ids(ps[2], **kws[2])
+    kws[2].update(stop_token_ids=[alone[6]])
+    want = [fused.generate_ids(p, **kw) for p, kw in zip(ps, kws)]
+    runs, steps, real = [], [], DeviceSampler.sample
+    monkeypatch.setattr(DeviceSampler, "sample", lambda self, *a: runs.append(len(a[1])) or real(self, *a))
+    with Scheduler(static, SchedulerConfig(max_batch=8, prefill_chunk=16, slot_batch=True)) as sched:
+        sched.batch.overlap = overlap
+        step = sched.batch._overlapped
+        sched.batch._overlapped = lambda *a: steps.append(a[0]) or step(*a)
+        handles = [sched.submit(p, **kw) for p, kw in zip(ps, kws)]
+        got = [[r.token for r in h if r.token is not None] for h in handles]
+    assert got == want, f"{TAG} rows drawn on the device differ from their single runs"
+    assert sum(runs) >= sum(len(w) for w in want[:4]), f"{TAG} draws on the device: {runs}"
+    assert ("sample" in steps) == overlap, f"{TAG} overlapped steps: {steps}"

@@ -88,6 +88,29 @@ def mode(engine, seqs: list) -> str:
     return HOST
 
 
+def overlaps(engine, how: str, seqs: list) -> bool:
+    """A step in mode ``how`` (:func:`mode`) whose tokens need nothing from the host: every live
+    row plain greedy (the graph's argmax) or drawn on the device. Its tokens may feed the next
+    forward before the host has looked at them (the batches' async scheduling, as vLLM's)."""
+    if how == GREEDY:
+        return True
+    return how == SAMPLE and engine.greedy_on_device and all(
+        s.params.plain_greedy or s.params.drawn_plain for s in seqs if s is not None)
+
+
+def device_picks(how: str, out, seqs: list) -> tuple:
+    """``(tokens [B] int64, inputs)`` of a forward in mode ``how`` where :func:`overlaps` holds:
+    each row's next input token and its :class:`RowInput` (None for rows in ``seqs`` that are
+    None). A drawn row whose logits cannot be sampled gets its logits (its step raises the
+    host's error) and token 0."""
+    if how == GREEDY:
+        tokens = np.asarray(out, np.int64).reshape(-1)
+        return tokens, [None if s is None else RowInput(tok=t) for s, t in zip(seqs, tokens.tolist())]
+    inputs = _sampled_inputs(out, seqs, None)
+    tokens = np.fromiter((0 if i is None or i.tok is None else i.tok for i in inputs), np.int64, len(inputs))
+    return tokens, inputs
+
+
 def mask_fill(engine, how: str, seqs: list) -> MaskFill:
     """The grammar masks of rows ``seqs`` for a forward in mode ``how``: filled while it runs, on
     the caller's thread where the engine's device computes it meanwhile (check and device modes

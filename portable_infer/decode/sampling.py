@@ -294,7 +294,7 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
         best = np.flatnonzero(values >= floor)  # every token tied with the last one too: order by index holds
         if weights[best].sum() >= p * total:  # then the kept set lies inside `best`
             cand, values, weights = cand[best], values[best], weights[best]
-    order = np.lexsort((cand, -values))  # most likely first, ties by index (the device's TopK order)
+    order = np.argsort(-values, kind="stable")  # most likely first, ties by index (cand ascends): the device's TopK order
     cdf = np.cumsum(weights[order]) / total
     n_keep = min(int(np.searchsorted(cdf, p, side="left")) + 1, cand.size)
     keep = cand[order[:n_keep]]

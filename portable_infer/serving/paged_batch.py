@@ -78,29 +78,38 @@ class PagedBatch(RunningBatch):
 
     def decode(self, early=None) -> list:
         seqs = [r.seq if r.state != "done" else None for r in self.rows]
-        if any(seqs) and self.overlap and batch_pick.mode(self.engine, seqs) == batch_pick.GREEDY:
-            return self._overlapped(early)
+        if any(seqs) and self.overlap:
+            how = batch_pick.mode(self.engine, seqs)
+            if batch_pick.overlaps(self.engine, how, seqs):
+                return self._overlapped(how, seqs, early)
         return self._pick_unpicked() + super().decode(early)  # the host picks first: no overlap
 
-    def _overlapped(self, early) -> list:
-        """Plain greedy rows, as vLLM's async scheduling (the slot batch's way): this forward
-        starts on the device's argmax ids of the previous one while a worker thread takes those
-        through their rows' rules (:meth:`RunningBatch._overlap`). A row those tokens end was fed
-        one more token (its KV lands within what the request reserved: the ending token's own
-        position), whose pick is dropped."""
+    def _overlapped(self, how: str, seqs: list, early) -> list:
+        """Rows picked on the device (plain greedy, or drawn there: ``batch_pick.overlaps``), as
+        vLLM's async scheduling (the slot batch's way): this forward starts on the device's ids
+        of the previous one while a worker thread takes those through their rows' rules
+        (:meth:`RunningBatch._overlap`). A row those tokens end was fed one more token (its KV
+        lands within what the request reserved: the ending token's own position), whose pick is
+        dropped."""
         rows = self.rows
         fed = np.flatnonzero(self._advance_mask()[:, 0])
-        tokens, results = self._overlap(
-            lambda: self.engine.forward(self.pending[:, None], self.mask, self.cache, greedy=True), early)
+
+        def forward():
+            if how == batch_pick.GREEDY:
+                out = self.engine.forward(self.pending[:, None], self.mask, self.cache, greedy=True)
+            else:
+                out = self.engine.forward_on_device(self.pending[:, None], self.mask, self.cache)
+            return batch_pick.device_picks(how, out, seqs)
+
+        (tokens, inputs), results = self._overlap(forward, early)
         self.pending[fed] = tokens[fed]  # each row's next input: the token just picked on the device
-        self._unpicked = [(rows[i], int(tokens[i])) for i in fed]
+        self._unpicked = [(rows[i], inputs[i]) for i in fed]
         return results
 
     def _pick_unpicked(self) -> list:
         """The overlapped forward's tokens through their rows' rules (rows that ended meanwhile get nothing)."""
         unpicked, self._unpicked = self._unpicked, []
-        return [pick_row(r, RowInput(tok=tok), max_context=self.max_context) for r, tok in unpicked
-                if r.state != "done"]
+        return [pick_row(r, inp, max_context=self.max_context) for r, inp in unpicked if r.state != "done"]
 
     def reset(self) -> None:
         super().reset()
@@ -165,9 +174,9 @@ class PagedBatch(RunningBatch):
 
         def forward(fill):  # the decode rows' part, as row_inputs reads it; the prefill's kept in out
             n = len(decode)
-            if how == batch_pick.SAMPLE:  # the decode rows drawn on the device; the prompts' last logits here
-                logits, token = self.engine.forward_packed(packed, on_device=True)
-                out["logits"], out["token"] = logits.rows(np.arange(n, len(packed))), token[n:]
+            if how == batch_pick.SAMPLE:  # every row's picks where the logits are (the prompts' first tokens too)
+                logits, _ = self.engine.forward_packed(packed, on_device=True)
+                out["device"] = logits.view(np.arange(n, len(packed)))
                 index = np.full(len(self.rows), -1, np.int64)
                 index[decode] = np.arange(n)
                 return logits.view(index)
@@ -212,10 +221,12 @@ class PagedBatch(RunningBatch):
             self._partial[rows[0].id] = cache
             return None
         self._remember([r.ids for r in rows], cache)
-        results = []
-        for i, r in enumerate(rows):
-            if r.state == "done":  # cancelled while prefilling
-                continue
-            inp = RowInput(tok=int(out["token"][i])) if out["logits"] is None else RowInput(out["logits"][i])
-            results.append(pick_row(r, inp, max_context=self.max_context))
+        seqs = [r.seq if r.state != "done" else None for r in rows]  # (done: cancelled while prefilling)
+        if "device" in out:
+            inputs = batch_pick.row_inputs(batch_pick.SAMPLE, out["device"], seqs, None)
+        elif out["logits"] is None:
+            inputs = [RowInput(tok=int(t)) for t in out["token"]]
+        else:
+            inputs = [RowInput(x) for x in out["logits"]]
+        results = [pick_row(r, inputs[i], max_context=self.max_context) for i, r in enumerate(rows) if seqs[i] is not None]
         return Prefilled(rows, cache, mask, results)

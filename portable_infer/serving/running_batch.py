@@ -160,7 +160,7 @@ class RunningBatch:
         in slice order). Returns the rows whose prompts ended, with first tokens picked for those
         not ended meanwhile; None while a chunked prompt has more to go."""
         if step.grouped:
-            cache, mask, logits = self._group_forward(rows, step)
+            cache, mask, inputs = self._group_forward(rows, step)
         else:
             (r,), (s,) = rows, step.slices
             cache = self._partial.pop(r.id, None)
@@ -170,14 +170,28 @@ class RunningBatch:
                 raise RuntimeError(f"request {r.id} holds {cache.length} tokens of KV; "
                                    f"the plan prefills from {s.start}")
             mask = np.ones((1, s.end), np.int64)
-            logits = self._wait(self.engine.forward, np.asarray([r.ids[s.start:s.end]], np.int64), mask, cache)
+            ids = np.asarray([r.ids[s.start:s.end]], np.int64)
             if not s.last:
+                self._wait(self.engine.forward, ids, mask, cache)
                 self._partial[r.id] = cache
                 return None
+            inputs = self._first_forward(rows, ids, mask, cache)
         self._remember([r.ids for r in rows], cache)
-        results = [pick_row(r, RowInput(logits[i]), max_context=self.max_context)
-                   for i, r in enumerate(rows) if r.state != "done"]  # else: cancelled while prefilling
+        results = [pick_row(r, inputs[i], max_context=self.max_context)
+                   for i, r in enumerate(rows) if r.state != "done" and inputs[i] is not None]  # else: cancelled
         return Prefilled(rows, cache, mask, results)
+
+    def _first_forward(self, rows: list, ids: np.ndarray, mask: np.ndarray, cache) -> list:
+        """The forward that ends ``rows``' prompts, and each row's :class:`RowInput` for its first
+        token (None: cancelled): rows that sample drawn on the device where the engine draws
+        there (``batch_pick``'s sample mode: the same path as their later tokens), the others
+        from their logits here."""
+        seqs = [r.seq if r.state != "done" else None for r in rows]
+        if batch_pick.mode(self.engine, seqs) == batch_pick.SAMPLE:
+            out = self._wait(self.engine.forward_on_device, ids, mask, cache)
+            return batch_pick.row_inputs(batch_pick.SAMPLE, out, seqs, None)
+        logits = self._wait(self.engine.forward, ids, mask, cache)
+        return [None if s is None else RowInput(logits[i]) for i, s in enumerate(seqs)]
 
     def _group_forward(self, rows: list, step) -> tuple:
         width = max(r.prompt_len for r in rows)
@@ -190,7 +204,7 @@ class RunningBatch:
             ids[i, width - n:] = r.ids
             mask[i, width - n:] = 1
         cache = self._prefill_cache(len(rows), step.capacity, True)
-        return cache, mask, self._wait(self.engine.forward, ids, mask, cache)
+        return cache, mask, self._first_forward(rows, ids, mask, cache)
 
     def _prefill_cache(self, rows: int, capacity: int, joins: bool):
         """The cache a prefill of ``rows`` prompts writes (``joins``: they all end in this forward)."""

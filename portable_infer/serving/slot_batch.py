@@ -40,7 +40,6 @@ import time
 import numpy as np
 
 from portable_infer.decode import batch_pick
-from portable_infer.decode.batch_pick import RowInput
 from portable_infer.engine.cuda_graphs import bucket
 from portable_infer.engine.kv_static import copy_rows, move_rows
 from portable_infer.serving.running_batch import RunningBatch, pick_row
@@ -197,7 +196,7 @@ class SlotBatch(RunningBatch):
             self._free(i)
         for i, k in moved.items():
             self._place(k, *state[i])
-        self._unpicked = [(moved.get(i, i), r, tok) for i, r, tok in self._unpicked]  # their rows moved
+        self._unpicked = [(moved.get(i, i), r, inp) for i, r, inp in self._unpicked]  # their rows moved
         self._publish()
 
     def reset(self) -> None:
@@ -222,8 +221,8 @@ class SlotBatch(RunningBatch):
         rows = self.slots[:size]
         seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
         how = batch_pick.mode(self.engine, seqs)
-        if how == batch_pick.GREEDY and self.overlap:
-            return self._overlapped(view, rows, seqs, early)
+        if self.overlap and batch_pick.overlaps(self.engine, how, seqs):
+            return self._overlapped(how, view, rows, seqs, early)
         results = self._pick_unpicked()  # a batch that needs the host between steps: no overlap
         if results:  # those picks may have ended rows
             seqs = [r.seq if r is not None and r.state != "done" else None for r in rows]
@@ -240,9 +239,10 @@ class SlotBatch(RunningBatch):
         self.lengths[:size] = view.rows
         return out
 
-    def _overlapped(self, view, rows: list, seqs: list, early=None) -> list:
-        """Plain greedy rows, as vLLM's async scheduling: this forward starts on the device's
-        argmax ids of the previous one, before the host has looked at them. The step loop's
+    def _overlapped(self, how: str, view, rows: list, seqs: list, early=None) -> list:
+        """Rows picked on the device (plain greedy: the graph's argmax; sampling rows drawn there:
+        ``batch_pick.overlaps``), as vLLM's async scheduling: this forward starts on the device's
+        ids of the previous one, before the host has looked at them. The step loop's
         thread runs the forward at once (ONNX Runtime releases the GIL while the device works);
         meanwhile a worker thread takes the previous forward's tokens through each row's
         ``Sequence.step`` (stop ids, lengths, the context) and hands them to ``early`` (the
@@ -251,16 +251,16 @@ class SlotBatch(RunningBatch):
         it could start. A row that those tokens end was fed one more token; its pick is dropped,
         and its KV row is free anyway."""
         live = np.array([[s is not None] for s in seqs], np.int64)
-        tokens, results = self._overlap(lambda: self._forward(batch_pick.GREEDY, view, live), early)
+        (tokens, inputs), results = self._overlap(
+            lambda: batch_pick.device_picks(how, self._forward(how, view, live), seqs), early)
         fed = [i for i, s in enumerate(seqs) if s is not None]  # the rows this forward advanced
-        ids = np.asarray(tokens)[fed]
-        self.pending[fed] = ids  # each row's next input: the token just picked on the device
-        self._unpicked = [(i, rows[i], tok) for i, tok in zip(fed, ids.tolist())]
+        self.pending[fed] = tokens[fed]  # each row's next input: the token just picked on the device
+        self._unpicked = [(i, rows[i], inputs[i]) for i in fed]
         return results
 
     def _pick_unpicked(self) -> list:
         """The overlapped forward's tokens through their rows' rules (rows that ended meanwhile, or
         whose slot another request took, get nothing)."""
         unpicked, self._unpicked = self._unpicked, []
-        return [pick_row(r, RowInput(tok=tok), max_context=self.max_context) for i, r, tok in unpicked
+        return [pick_row(r, inp, max_context=self.max_context) for i, r, inp in unpicked
                 if self.slots[i] is r and r.state != "done"]
