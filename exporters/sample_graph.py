@@ -10,7 +10,7 @@ The rule is :func:`portable_infer.decode.sampling.make_sampler`'s, step for step
     w     = exp(x - m)                                           [n, V]  softmax's weights
     top_k: keep x >= the k-th largest (ties kept)                        TopK(x, K) gives it
     top_p: keep the first n_keep of TopK's order (value, then index) with
-           n_keep = #{cdf < top_p} + 1, cdf over the kept weights, in that order
+           n_keep = #{cdf < top_p} + 1, cdf over the kept weights in that order (float64)
     min_p: keep x >= m + log(min_p)
     token = inverse CDF of the kept weights in vocabulary order, with the row's one uniform
             number, in two levels (blocks of 256, then a token), sums in float64
@@ -121,14 +121,14 @@ def sample_model_graph():
 
     # top-p: the smallest run of TopK's order whose weight reaches top_p of the kept mass
     p = col("top_p")
-    p_on = g.op("Less", p, g.const(1.0, np.float32))
+    p_on = g.op("Less", p, g.const(1.0, np.float64))
     live = g.op("Greater", x, minus_inf)
     candidates = g.op("And", keep_k, live)
-    total = g.op("ReduceSum", g.op("Where", candidates, weights, zero_f), axis_1, keepdims=1)
+    total = g.op("ReduceSum", g.op("Cast", g.op("Where", candidates, weights, zero_f), to=F64), axis_1, keepdims=1)
     n_cand = _count(g, candidates, axis_1)
     sorted_on = g.op("And", g.op("GreaterOrEqual", values, k_floor), g.op("Greater", values, minus_inf))
-    sorted_w = g.op("Where", sorted_on, g.op("Exp", g.op("Sub", values, top0)), zero_f)
-    cdf = g.op("Div", _blocked_cumsum(g, sorted_w, axis_1, axis_2), total)
+    sorted_w = g.op("Cast", g.op("Where", sorted_on, g.op("Exp", g.op("Sub", values, top0)), zero_f), to=F64)
+    cdf = g.op("Div", _blocked_cumsum(g, sorted_w, axis_1, axis_2), total)  # float64, as the host sums
     below = _count(g, g.op("Less", cdf, p), axis_1)
     n_keep = g.op("Min", g.op("Add", below, one), n_cand)
     p_covered = g.op("Or", g.op("Less", below, width), g.op("LessOrEqual", n_cand, width))
@@ -171,7 +171,7 @@ def sample_model_graph():
          helper.make_tensor_value_info("rows", I64, n),
          helper.make_tensor_value_info("temperature", F32, n),
          helper.make_tensor_value_info("top_k", I64, n),
-         helper.make_tensor_value_info("top_p", F32, n),
+         helper.make_tensor_value_info("top_p", F64, n),
          helper.make_tensor_value_info("log_min_p", F32, n),
          helper.make_tensor_value_info("u", F64, n),
          helper.make_tensor_value_info("k", I64, [1])],

@@ -206,14 +206,14 @@ class DrawFilters(NamedTuple):
 
     temperature: np.ndarray  # [n] float32, > 0
     top_k: np.ndarray  # [n] int64, 0: off
-    top_p: np.ndarray  # [n] float32, 1: off
+    top_p: np.ndarray  # [n] float64, 1: off
     log_min_p: np.ndarray  # [n] float32
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> DrawFilters:
         return cls(np.array([p.temperature for p in params], np.float32),
                    np.array([p.top_k for p in params], np.int64),
-                   np.array([p.top_p for p in params], np.float32),
+                   np.array([p.top_p for p in params], np.float64),
                    np.array([math.log(p.min_p) if p.min_p > 0 else -np.inf for p in params], np.float32))
 
     def take(self, index) -> DrawFilters:
@@ -288,14 +288,14 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     cand = np.flatnonzero(logits > -np.inf)
     values = logits[cand]
     weights = np.exp(values - values.max())
-    total = weights.sum()
+    total = weights.sum(dtype=np.float64)  # sums in float64: a float32 running sum over 100k flat weights drifts
     if cand.size > _TOP_P_CANDIDATES:
         floor = values[np.argpartition(values, -_TOP_P_CANDIDATES)[-_TOP_P_CANDIDATES]]
         best = np.flatnonzero(values >= floor)  # every token tied with the last one too: order by index holds
-        if weights[best].sum() >= p * total:  # then the kept set lies inside `best`
+        if weights[best].sum(dtype=np.float64) >= p * total:  # then the kept set lies inside `best`
             cand, values, weights = cand[best], values[best], weights[best]
     order = np.argsort(-values, kind="stable")  # most likely first, ties by index (cand ascends): the device's TopK order
-    cdf = np.cumsum(weights[order]) / total
+    cdf = np.cumsum(weights[order], dtype=np.float64) / total
     n_keep = min(int(np.searchsorted(cdf, p, side="left")) + 1, cand.size)
     keep = cand[order[:n_keep]]
     out = np.full_like(logits, -np.inf)
