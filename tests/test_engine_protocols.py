@@ -83,7 +83,8 @@ def test_both_engines_and_both_caches_implement_the_protocols(models):
             assert hasattr(cache, attr), f"{name} cache lacks {attr}"
         # declared attributes have their declared kinds (not just some value)
         assert isinstance(engine.greedy_on_device, bool) and isinstance(engine.device, str), name
-        assert isinstance(engine.masks_on_device, bool), name
+        assert isinstance(engine.masks_on_device, bool) and isinstance(engine.samples_on_device, bool), name
+        assert not engine.samples_on_device, name  # on the CPU numpy draws: the graph only off it
         assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu", name
         assert engine.max_context == model.max_context == 256, name
         assert (cache.batch, cache.length, cache.rows.tolist()) == (2, 0, [0, 0]), name

@@ -11,9 +11,13 @@ request draws the same tokens from the same logits on either side, bar float rou
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from portable_infer.engine.companion import companion_session
+
+logger = logging.getLogger(__name__)
 
 # Tokens the graph's TopK sorts for rows filtered by rank (top-k, top-p). A row whose kept set
 # reaches past them (top_k larger; top_p's mass spread past the best 1,024) runs again with the
@@ -76,3 +80,27 @@ class DeviceSampler:
         b.bind_output("fetched", "cpu")
         self.rows_session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
+
+
+class DrawsOnDevice:
+    """An engine's part that draws sampling rows on its device: :meth:`device_sampler` (made
+    once) and ``samples_on_device``, set by :meth:`start_device_draws` off the CPU where the
+    graphs run there (else logged: the host draws)."""
+
+    samples_on_device = False
+    _sampler = None
+
+    def start_device_draws(self) -> None:
+        if self.device == "cpu":
+            return
+        try:
+            self.device_sampler()
+            self.samples_on_device = True
+        except Exception as exc:  # noqa: BLE001 - the host path still works
+            logger.warning("sampled rows are drawn on the host (%s: %s)", type(exc).__name__, exc)
+
+    def device_sampler(self) -> DeviceSampler:
+        """The companion sessions that draw sampled rows on this engine's device (made once)."""
+        if self._sampler is None:
+            self._sampler = DeviceSampler(self.session, self.ort, self.provider)
+        return self._sampler

@@ -28,7 +28,7 @@ import numpy as np
 from portable_infer.engine.checks import check_call, check_capacity, checked_capacity
 from portable_infer.engine.cuda_graphs import run_options
 from portable_infer.engine.device_logits import DeviceLogits
-from portable_infer.engine.device_sample import DeviceSampler
+from portable_infer.engine.device_sample import DrawsOnDevice
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_paged import BlockPool, PagedCache, fill_tables
 from portable_infer.engine.paged_graphs import DecodeGraphs
@@ -65,7 +65,7 @@ class HostLogits:
         return self.logits[np.asarray(index, np.int64)]
 
 
-class PagedEngine:
+class PagedEngine(DrawsOnDevice):
     """Runs a paged-KV graph. Implements :class:`~portable_infer.engine.protocols.Engine`.
 
     Args:
@@ -76,7 +76,6 @@ class PagedEngine:
 
     masks_on_device = False  # the logits come to the host for grammar masks
     overlaps_host = False
-    samples_on_device = False  # set where the device draws (device_sampler)
 
     def __init__(self, session, variant: mf.GraphVariant, provider: str, ort, *, max_context: int,
                  vocab_size: int, block_size: int | None = None, cuda_graph: bool = False):
@@ -92,19 +91,7 @@ class PagedEngine:
         self._binding = None
         self._plain = run_options(ort, self.device, -1)  # no graph (a session that captures needs it said)
         self.graphs = DecodeGraphs(self, capture=True) if cuda_graph and self.device == "cuda" else None
-        self._sampler = None
-        if self.device != "cpu":
-            try:
-                self.device_sampler()
-                self.samples_on_device = True
-            except Exception as exc:  # noqa: BLE001 - the host path still works
-                logger.warning("sampled rows are drawn on the host (%s: %s)", type(exc).__name__, exc)
-
-    def device_sampler(self) -> DeviceSampler:
-        """The companion sessions that draw sampled rows on this engine's device (made once)."""
-        if self._sampler is None:
-            self._sampler = DeviceSampler(self.session, self.ort, self.provider)
-        return self._sampler
+        self.start_device_draws()
 
     def decode_graphs(self, capture: bool) -> None:
         """Decode steps on fixed buffers per batch bucket, captured as CUDA graphs with ``capture``

@@ -31,14 +31,14 @@ from portable_infer.engine.cuda_graphs import run_options as _run_options
 from portable_infer.engine.devices import device_of
 from portable_infer.engine.kv_static import StaticCache
 from portable_infer.engine.device_logits import DeviceLogits
-from portable_infer.engine.device_sample import DeviceSampler
+from portable_infer.engine.device_sample import DrawsOnDevice
 from portable_infer.engine.masked_argmax import MaskedArgmax
 from portable_infer.engine.rows import RowMover
 from portable_infer.engine.static_buffers import StaticBuffers
 
 logger = logging.getLogger(__name__)
 
-class StaticEngine(StaticBuffers):
+class StaticEngine(StaticBuffers, DrawsOnDevice):
     """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them.
 
     Implements :class:`~portable_infer.engine.protocols.Engine`.
@@ -71,19 +71,13 @@ class StaticEngine(StaticBuffers):
         # Grammar-masked greedy picks where the logits live (forward_on_device), on devices only:
         # on the CPU numpy takes 0.9 ms for batch 16 x 49k tokens, the companion graph 16 ms.
         self.masks_on_device = False
-        self._sampler = None  # the device-draw companion sessions: device_sampler()
-        self.samples_on_device = False  # sampled rows drawn where the logits are (device_sample.py)
         if self.device != "cpu":
             try:
                 self.masked_argmax()
                 self.masks_on_device = True
             except Exception as exc:  # noqa: BLE001 - the host path still works
                 logger.warning("grammar masks are applied on the host (%s: %s)", type(exc).__name__, exc)
-            try:
-                self.device_sampler()
-                self.samples_on_device = True
-            except Exception as exc:  # noqa: BLE001 - the host path still works
-                logger.warning("sampled rows are drawn on the host (%s: %s)", type(exc).__name__, exc)
+        self.start_device_draws()  # sampled rows drawn where the logits are (device_sample.py)
 
     def row_mover(self):
         """What moves KV rows between this engine's buffers on their device (a
@@ -103,12 +97,6 @@ class StaticEngine(StaticBuffers):
         if self._picker is None:
             self._picker = MaskedArgmax(self.session, self.ort, self.provider)
         return self._picker
-
-    def device_sampler(self) -> DeviceSampler:
-        """The companion sessions that draw sampled rows on this engine's device (made once)."""
-        if self._sampler is None:
-            self._sampler = DeviceSampler(self.session, self.ort, self.provider)
-        return self._sampler
 
     def trim(self, dropped_bytes: int) -> None:
         """A cache that held ``dropped_bytes`` was dropped: its buffers (not in ONNX Runtime's arena,
