@@ -123,6 +123,13 @@ def test_rows_that_cannot_be_sampled_go_to_the_host_which_names_why():
     assert reasons == ["nan_logits", "inf_logits", "no_candidates"]
     with pytest.raises(InvalidArgumentError, match="temperature"):
         inputs[4].step(seqs[4], max_context=64)
+    # an overlapped step (the next forward starts on these ids): such a row's input is 0, and
+    # its pick still raises (the row ends; the extra token it was fed is dropped)
+    seqs = [Sequence([3, 4], p) for p in params]
+    tokens, picks = batch_pick.device_picks(batch_pick.SAMPLE, out, seqs)
+    assert tokens[1:5].tolist() == [0] * 4 and tokens[0] == picks[0].tok and tokens[5] == picks[5].tok, TAG
+    with pytest.raises(GenerationError):
+        picks[1].step(seqs[1], max_context=64)
 
 
 def test_a_sample_step_draws_some_rows_there_and_brings_only_the_others_logits():

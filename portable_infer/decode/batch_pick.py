@@ -222,9 +222,12 @@ def _sampled_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     argmax = out.argmax()
     greedy = [i for i in live if seqs[i].params.plain_greedy] if argmax is not None else []
     inputs = [None] * len(seqs)
-    u = np.fromiter((seqs[i].rng.random() for i in drawn), np.float64, len(drawn))
-    tokens = out.sample(drawn, DrawFilters.of([seqs[i].params for i in drawn]), u)
     failed = []
+    if not drawn:  # (the rows that draw ended: a BatchDecoder keeps its mode)
+        tokens = np.empty(0, np.int64)
+    else:
+        u = np.fromiter((seqs[i].rng.random() for i in drawn), np.float64, len(drawn))
+        tokens = out.sample(drawn, DrawFilters.of([seqs[i].params for i in drawn]), u)
     for i, tok in zip(drawn, tokens.tolist()):
         if tok >= 0:
             inputs[i] = RowInput(tok=tok)
