@@ -175,3 +175,26 @@ def test_views_and_fetched_rows():
     with pytest.raises(RuntimeError, match="masked-argmax"):
         view.pick(None)
     assert out.sample([], DrawFilters.of([]), np.empty(0)).shape == (0,)  # a step whose drawing rows all ended
+
+
+def test_an_engine_draws_on_its_device_only_where_the_graph_proves_itself(monkeypatch, caplog):
+    """Off the CPU an engine runs the graph on rows whose tokens are known before it draws there;
+    a device where the graph cannot run, or draws other tokens, leaves the draws on the host
+    (logged), never a wrong token."""
+    from portable_infer.engine.device_sample import DrawsOnDevice
+
+    sampler = DeviceSampler(CpuSession(), ort)
+    sampler.prove(ort, "cpu")  # the rule holds where it runs
+    real = DeviceSampler.sample
+    monkeypatch.setattr(DeviceSampler, "sample", lambda self, *a: real(self, *a)[::-1])
+    with pytest.raises(RuntimeError, match="only tokens the rule allows"):
+        sampler.prove(ort, "cpu")
+    monkeypatch.setattr(DeviceSampler, "sample", real)
+
+    class Engine(DrawsOnDevice):
+        session, provider, device = CpuSession(), "CPUExecutionProvider", "nowhere"
+
+    Engine.ort = ort
+    engine = Engine()
+    engine.start_device_draws()  # no OrtValue can live on "nowhere"
+    assert not engine.samples_on_device and "drawn on the host" in caplog.text

@@ -12,6 +12,7 @@ request draws the same tokens from the same logits on either side, bar float rou
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,18 @@ logger = logging.getLogger(__name__)
 # whole vocabulary sorted: its token is the same either way.
 CANDIDATES = 1024
 DRAWN, RANKS_SHORT, UNSAMPLEABLE = 0, 1, 2  # the graph's status per row
+
+
+class _Filters(NamedTuple):
+    """:class:`~portable_infer.decode.sampling.DrawFilters`' fields (the engine reads them by name)."""
+
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    log_min_p: np.ndarray
+
+    def take(self, index) -> _Filters:
+        return _Filters(*(a[index] for a in self))
 
 
 class DeviceSampler:
@@ -71,6 +84,23 @@ class DeviceSampler:
         token, status = b.get_outputs()
         return token.numpy().copy(), status.numpy().copy()
 
+    def prove(self, ort, device: str) -> None:
+        """Draw rows whose tokens are known on ``device`` (the engine's) and raise RuntimeError
+        unless each comes back: the graph runs there and keeps the rule (top-k 1, top-p and
+        min-p with one dominant token, the inverse CDF's first and last token)."""
+        logits = np.zeros((5, 1, 300), np.float32)
+        logits[:, 0, :] = np.linspace(-2.0, 2.0, 300, dtype=np.float32)[::-1]  # token 0 the most likely
+        logits[1:3, 0, 123] = 12.0  # one token with nearly all the mass
+        logits[4, 0, 299] = 8.0  # the last token holds most of the mass
+        filters = _Filters(np.full(5, 0.7, np.float32), np.array([1, 0, 0, 0, 0], np.int64),
+                           np.array([1, 0.5, 1, 1, 1], np.float64),
+                           np.array([-np.inf, -np.inf, np.log(0.5), -np.inf, -np.inf], np.float32))
+        value = ort.OrtValue.ortvalue_from_numpy(logits, device, 0)
+        got = self.sample(value, np.arange(5), filters, np.array([0.9, 0.9, 0.9, 0.0, 0.9999]))
+        if got.tolist() != [0, 123, 123, 0, 299]:
+            raise RuntimeError(f"sample.onnx drew {got.tolist()} on {device} where [0, 123, 123, 0, 299] are the "
+                               f"only tokens the rule allows")
+
     def rows(self, logits, index) -> np.ndarray:
         """Rows ``index`` of ``logits`` (an OrtValue [B, 1, V]) on the host [n, V] float32; no others move."""
         batch, _, vocab = logits.shape()
@@ -94,7 +124,7 @@ class DrawsOnDevice:
         if self.device == "cpu":
             return
         try:
-            self.device_sampler()
+            self.device_sampler().prove(self.ort, self.device)
             self.samples_on_device = True
         except Exception as exc:  # noqa: BLE001 - the host path still works
             logger.warning("sampled rows are drawn on the host (%s: %s)", type(exc).__name__, exc)
