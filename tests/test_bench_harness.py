@@ -224,3 +224,17 @@ def test_transformers_levels_read_ttft_gaps_and_requests_at_once_from_its_output
     assert math.isclose(r["itl_p99_ms"], 1e3 * np.percentile([0.1, 0.2, 0.3, 0.1], 99))
     outs[1].error = "boom"
     assert hfb.level(model, [[1], [2], [3], [4]], 3, kwargs, gen_fields, eos=99)["errors"] == 2  # 1 failed + 1 missing
+
+
+def test_the_device_draw_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """gpu_sample.py's dry run (the CPU EP, a small vocabulary): every setting's device tokens
+    agree with the host's, and the flat top-p rows ran again with the vocabulary sorted."""
+    import gpu_sample
+
+    monkeypatch.setattr(sys, "argv", ["gpu_sample.py", "--provider", "cpu", "--rows", "4", "--vocab", "3000",
+                                      "--repeat", "1", "--host-rows", "4", "--out", str(tmp_path)])
+    gpu_sample.main()
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "gpu_sample.md").read_text().splitlines()[2:]]
+    assert len(rows) == 2 * len(gpu_sample.FILTERS), rows
+    assert all(r[5].strip() == "4/4" for r in rows), rows
+    assert int(rows[2][6]) == 4 and rows[2][2].strip() == "top-p 0.9" and rows[2][1].strip() == "1", rows
