@@ -111,15 +111,15 @@ def _prefixes(ort, provider: str, device: str, args, rng) -> None:
     logits): where the device's time goes, where the profiler shows only launches."""
     import onnx
 
-    from portable_infer.decode.sampling import DrawFilters, SamplingParams
+    from portable_infer.decode.sampling import SamplingParams, draw_filters
     from portable_infer.engine.companion import GRAPHS
 
     rows = args.prefixes
     model = onnx.load(str(GRAPHS / "sample.onnx"))
     logits = ort.OrtValue.ortvalue_from_numpy(
         (rng.standard_normal((rows, args.vocab)) * 4).astype(np.float32), device, 0)
-    filters = DrawFilters.of([SamplingParams(temperature=0.7, top_p=0.9)] * rows)
-    feeds = dict(rows=np.arange(rows), u=rng.random(rows), k=np.array([1024], np.int64), **filters._asdict())
+    filters = draw_filters([SamplingParams(temperature=0.7, top_p=0.9)] * rows)
+    feeds = dict(rows=np.arange(rows), u=rng.random(rows), k=np.array([1024], np.int64), **filters)
     nodes = model.graph.node
     for cut in args.cuts or list(range(4, len(nodes), 6)) + [len(nodes)]:
         m = onnx.ModelProto()
@@ -148,7 +148,7 @@ def _profile(ort, sampler, provider: str, device: str, args, rng) -> None:
     import json
     from collections import defaultdict
 
-    from portable_infer.decode.sampling import DrawFilters, SamplingParams
+    from portable_infer.decode.sampling import SamplingParams, draw_filters
     from portable_infer.engine.companion import GRAPHS
     from portable_infer.engine.device_logits import DeviceLogits
 
@@ -162,7 +162,7 @@ def _profile(ort, sampler, provider: str, device: str, args, rng) -> None:
         so.log_severity_level = 3
         sampler.session = ort.InferenceSession(str(GRAPHS / "sample.onnx"), so, providers=[provider, "CPUExecutionProvider"])
         out = DeviceLogits(value, None, sampler=lambda: sampler)
-        filters, u = DrawFilters.of([SamplingParams(**kw)] * rows), rng.random(rows)
+        filters, u = draw_filters([SamplingParams(**kw)] * rows), rng.random(rows)
         for _ in range(3):
             out.sample(np.arange(rows), filters, u)
         t = time.perf_counter()
@@ -189,7 +189,7 @@ def _profile(ort, sampler, provider: str, device: str, args, rng) -> None:
 def main() -> None:
     import onnxruntime as ort
 
-    from portable_infer.decode.sampling import DrawFilters, SamplingParams, make_sampler
+    from portable_infer.decode.sampling import SamplingParams, draw_filters, make_sampler
     from portable_infer.engine.device_logits import DeviceLogits
     from portable_infer.engine.device_sample import DeviceSampler
 
@@ -230,7 +230,7 @@ def main() -> None:
             out = DeviceLogits(value, None, sampler=lambda: sampler)
             for name, kw in FILTERS.items():
                 params = [SamplingParams(**kw)] * rows
-                filters, u = DrawFilters.of(params), rng.random(rows)
+                filters, u = draw_filters(params), rng.random(rows)
                 every = np.arange(rows)
                 before = sampler.reruns
                 tokens = out.sample(every, filters, u)

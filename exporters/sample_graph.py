@@ -29,6 +29,8 @@ Only ops the CUDA execution provider implements; nothing depends on the vocabula
 from __future__ import annotations
 
 import numpy as np
+from typing import NamedTuple
+
 from onnx import TensorProto, helper, numpy_helper
 
 BLOCK = 256  # tokens a draw's first level sums (decode/draw.py's _DRAW_BLOCK)
@@ -100,18 +102,29 @@ def _first_above(g: _Graph, cdf: str, weights: str, target: str) -> str:
     return g.op("Where", ok, count, last)
 
 
-def _top_k(g: _Graph, x: str, vocab: str) -> tuple:
-    """The k-th largest value of each row (TopK of ``k`` tokens), every token at or above it kept:
-    ``(values, index, width, floor, short, keep)``; ``short``: k reaches past the sorted tokens."""
+class _Ranked(NamedTuple):
+    """TopK's sorted tokens and top-k's cut (tensor names)."""
+
+    values: str  # [n, K] the K largest tempered logits, best first (ties: lower index first)
+    index: str  # [n, K] their token ids
+    width: str  # [1] K
+    floor: str  # [n, 1] the k-th largest value (-inf: top-k off)
+    short: str  # [n, 1] k reaches past the K sorted tokens
+    keep: str  # [n, V] x >= floor
+
+
+def _top_k(g: _Graph, x: str, vocab: str) -> _Ranked:
+    """The k-th largest value of each row (TopK of ``k`` tokens), every token at or above it kept."""
     values, index = g.op("TopK", x, "k", axis=1, largest=1, sorted=1, outputs=2)
     width, k = g.op("Shape", values, start=1, end=2), g.col("top_k")
     k_on = g.op("And", g.op("Greater", k, g.const(0, np.int64)), g.op("Less", k, vocab))
     kth = g.op("GatherElements", values, g.op("Sub", g.op("Min", g.op("Max", k, g.one), width), g.one), axis=1)
     floor = g.op("Where", k_on, kth, g.minus_inf)
-    return values, index, width, floor, g.op("And", k_on, g.op("Greater", k, width)), g.op("GreaterOrEqual", x, floor)
+    return _Ranked(values, index, width, floor, g.op("And", k_on, g.op("Greater", k, width)),
+                   g.op("GreaterOrEqual", x, floor))
 
 
-def _top_p(g: _Graph, x: str, weights: str, top0: str, ranked: tuple) -> tuple:
+def _top_p(g: _Graph, x: str, weights: str, top0: str, ranked: _Ranked) -> tuple:
     """The smallest run of TopK's order whose weight reaches top_p of the mass top-k kept:
     ``(keep, short)``; ``short``: that run reaches past the sorted tokens."""
     values, index, width, floor, _, keep_k = ranked
@@ -165,10 +178,10 @@ def sample_model_graph():
     ranked = _top_k(g, x, g.op("Shape", x, start=1, end=2))
     keep_p, p_short = _top_p(g, x, weights, top0, ranked)
     keep_m = g.op("GreaterOrEqual", x, g.op("Add", top, g.col("log_min_p")))
-    keep = g.op("And", g.op("And", ranked[-1], keep_p), keep_m)
+    keep = g.op("And", g.op("And", ranked.keep, keep_p), keep_m)
     token = _draw(g, g.op("Cast", g.op("Where", keep, weights, g.zero_f), to=F64))
     g.nodes.append(helper.make_node("Squeeze", [token, g.axis_1], ["token"]))
-    short = g.op("Cast", g.op("Or", ranked[4], p_short), to=I64)
+    short = g.op("Cast", g.op("Or", ranked.short, p_short), to=I64)
     status = g.op("Where", bad, g.const(2, np.int64), short)
     g.nodes.append(helper.make_node("Squeeze", [status, g.axis_1], ["status"]))
 

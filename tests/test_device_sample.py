@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from portable_infer.decode import batch_pick
-from portable_infer.decode.sampling import DrawFilters, SamplingParams, make_sampler
+from portable_infer.decode.sampling import SamplingParams, draw_filters, make_sampler
 from portable_infer.decode.sequence import Sequence
 from portable_infer.engine.device_logits import DeviceLogits
 from portable_infer.engine.device_sample import DeviceSampler
@@ -71,7 +71,7 @@ def test_device_draws_are_the_host_draws(vocab, candidates):
         rows = rng.permutation(batch)[:16]
         u = rng.random(rows.size)
         out = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), None, sampler=lambda: sampler)
-        tokens = out.sample(rows, DrawFilters.of([params[r] for r in rows]), u)
+        tokens = out.sample(rows, draw_filters([params[r] for r in rows]), u)
         for j, r in enumerate(rows):
             host = make_sampler(params[r])(logits[r, 0], Fixed(u[j]))
             draws += 1
@@ -92,8 +92,8 @@ def test_the_same_row_gives_the_same_token_whatever_the_batch():
     params = [SamplingParams(**c) for c in _configs(vocab)] + [SamplingParams(temperature=1.1)] * 2
     u = rng.random(12)
     out = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), None, sampler=lambda: sampler)
-    together = out.sample(np.arange(12), DrawFilters.of(params), u)
-    alone = [int(out.sample([i], DrawFilters.of([params[i]]), u[i:i + 1])[0]) for i in range(12)]
+    together = out.sample(np.arange(12), draw_filters(params), u)
+    alone = [int(out.sample([i], draw_filters([params[i]]), u[i:i + 1])[0]) for i in range(12)]
     assert together.tolist() == alone, TAG
 
 
@@ -110,7 +110,7 @@ def test_rows_that_cannot_be_sampled_go_to_the_host_which_names_why():
                                                                         SamplingParams(temperature=0.8, seed=3)]
     sampler = DeviceSampler(CpuSession(), ort)
     out = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), None, sampler=lambda: sampler)
-    tokens = out.sample(np.arange(6), DrawFilters.of(params), rng.random(6))
+    tokens = out.sample(np.arange(6), draw_filters(params), rng.random(6))
     assert tokens[1:5].tolist() == [-1] * 4 and tokens[0] >= 0 and tokens[5] >= 0, TAG
     seqs = [Sequence([3, 4], p) for p in params]
     inputs = batch_pick.row_inputs(batch_pick.SAMPLE, out, seqs, None)
@@ -174,7 +174,7 @@ def test_views_and_fetched_rows():
     np.testing.assert_array_equal(view.rows([1, 0]), logits[[3, 1], 0])
     with pytest.raises(RuntimeError, match="masked-argmax"):
         view.pick(None)
-    assert out.sample([], DrawFilters.of([]), np.empty(0)).shape == (0,)  # a step whose drawing rows all ended
+    assert out.sample([], draw_filters([]), np.empty(0)).shape == (0,)  # a step whose drawing rows all ended
 
 
 def test_an_engine_draws_on_its_device_only_where_the_graph_proves_itself(monkeypatch, caplog):

@@ -49,7 +49,7 @@ import numpy as np
 
 from portable_infer.decode.masks import MaskFill, allowed_tokens, allows, allows_each, forced_tokens
 from portable_infer.decode.processors import apply_mask
-from portable_infer.decode.sampling import DrawFilters
+from portable_infer.decode.sampling import draw_filters
 
 GREEDY, CHECK, SAMPLE, DEVICE, HOST = "greedy", "check", "sample", "device", "host"
 # Fewer live rows than this take the host path even where the engine masks on the device: the
@@ -219,15 +219,17 @@ def _sampled_inputs(out, seqs: list, masks: np.ndarray | None) -> list:
     gives them."""
     live = [i for i, s in enumerate(seqs) if s is not None]
     drawn = [i for i in live if seqs[i].params.drawn_plain]
-    argmax = out.argmax()
-    greedy = [i for i in live if seqs[i].params.plain_greedy] if argmax is not None else []
+    greedy = [i for i in live if seqs[i].params.plain_greedy]
+    argmax = out.argmax() if greedy else None  # (a device's argmax crosses only where a row takes it)
+    if argmax is None:
+        greedy = []
     inputs = [None] * len(seqs)
     failed = []
     if not drawn:  # (the rows that draw ended: a BatchDecoder keeps its mode)
         tokens = np.empty(0, np.int64)
     else:
         u = np.fromiter((seqs[i].rng.random() for i in drawn), np.float64, len(drawn))
-        tokens = out.sample(drawn, DrawFilters.of([seqs[i].params for i in drawn]), u)
+        tokens = out.sample(drawn, draw_filters([seqs[i].params for i in drawn]), u)
     for i, tok in zip(drawn, tokens.tolist()):
         if tok >= 0:
             inputs[i] = RowInput(tok=tok)

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -172,7 +172,7 @@ class SamplingParams:
     def drawn_plain(self) -> bool:
         """A sampled row (temperature > 0) whose logits nothing changes or reads but its
         temperature and filters (no penalty, logit bias, logprobs or constraint): the draw may
-        run where the logits are (:class:`DrawFilters`)."""
+        run where the logits are (:func:`draw_filters`)."""
         return (self.temperature > 0.0 and not self.penalized and self.logprobs is None and not self.logit_bias
                 and self.constraint is None)
 
@@ -199,25 +199,15 @@ class SamplingParams:
         return dataclasses.replace(defaults if defaults is not None else cls(), **kw)
 
 
-class DrawFilters(NamedTuple):
+def draw_filters(params: Sequence[SamplingParams]) -> dict:
     """The sampler's settings of ``n`` rows as arrays, for a draw on the device (the rule of
-    :func:`make_sampler`; ``log_min_p`` is ``log(min_p)`` in float32 as the host adds it, -inf
-    where min-p is off)."""
-
-    temperature: np.ndarray  # [n] float32, > 0
-    top_k: np.ndarray  # [n] int64, 0: off
-    top_p: np.ndarray  # [n] float64, 1: off
-    log_min_p: np.ndarray  # [n] float32
-
-    @classmethod
-    def of(cls, params: Sequence[SamplingParams]) -> DrawFilters:
-        return cls(np.array([p.temperature for p in params], np.float32),
-                   np.array([p.top_k for p in params], np.int64),
-                   np.array([p.top_p for p in params], np.float64),
-                   np.array([math.log(p.min_p) if p.min_p > 0 else -np.inf for p in params], np.float32))
-
-    def take(self, index) -> DrawFilters:
-        return DrawFilters(*(a[index] for a in self))
+    :func:`make_sampler`): ``temperature`` [n] float32 (> 0), ``top_k`` [n] int64 (0: off),
+    ``top_p`` [n] float64 (1: off), ``log_min_p`` [n] float32 (``log(min_p)`` as the host adds
+    it, -inf where min-p is off)."""
+    return {"temperature": np.array([p.temperature for p in params], np.float32),
+            "top_k": np.array([p.top_k for p in params], np.int64),
+            "top_p": np.array([p.top_p for p in params], np.float64),
+            "log_min_p": np.array([math.log(p.min_p) if p.min_p > 0 else -np.inf for p in params], np.float32)}
 
 
 def _as_ids(ids, vocab: int, name: str) -> np.ndarray:

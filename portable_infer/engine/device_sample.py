@@ -12,8 +12,6 @@ request draws the same tokens from the same logits on either side, bar float rou
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
-
 import numpy as np
 
 from portable_infer.engine.companion import companion_session
@@ -27,18 +25,6 @@ CANDIDATES = 1024
 DRAWN, RANKS_SHORT, UNSAMPLEABLE = 0, 1, 2  # the graph's status per row
 
 
-class _Filters(NamedTuple):
-    """:class:`~portable_infer.decode.sampling.DrawFilters`' fields (the engine reads them by name)."""
-
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    log_min_p: np.ndarray
-
-    def take(self, index) -> _Filters:
-        return _Filters(*(a[index] for a in self))
-
-
 class DeviceSampler:
     """The two companion graphs on a model session's device; ``candidates``: see CANDIDATES."""
 
@@ -50,7 +36,7 @@ class DeviceSampler:
 
     def sample(self, logits, rows, filters, u: np.ndarray) -> tuple:
         """Draw rows ``rows`` of ``logits`` (an OrtValue [B, 1, V] float32, read in place) with
-        ``filters`` (:class:`~portable_infer.decode.sampling.DrawFilters` of those rows) and one
+        ``filters`` (those rows' settings: :func:`~portable_infer.decode.sampling.draw_filters`) and one
         uniform number each (``u`` [n] float64). Returns token [n] int64, -1 for a row whose
         logits cannot be sampled (NaN or inf, or its temperature overflows them: the host's
         draw names that error)."""
@@ -58,23 +44,24 @@ class DeviceSampler:
         rows = np.asarray(rows, np.int64).reshape(-1)
         if not rows.size:  # (a graph's reshapes cannot infer an axis beside an empty one)
             return np.empty(0, np.int64)
-        ranked = bool((filters.top_k > 0).any() or (filters.top_p < 1).any())
+        ranked = bool((filters["top_k"] > 0).any() or (filters["top_p"] < 1).any())
         token, status = self._run(logits, rows, filters, u, min(self.candidates, vocab) if ranked else 1)
         short = np.flatnonzero(status == RANKS_SHORT)
         if short.size:
             self.reruns += int(short.size)
-            token[short], status[short] = self._run(logits, rows[short], filters.take(short), u[short], vocab)
+            some = {name: value[short] for name, value in filters.items()}
+            token[short], status[short] = self._run(logits, rows[short], some, u[short], vocab)
         return np.where(status == DRAWN, token, -1)
 
     def _run(self, logits, rows, filters, u, k: int) -> tuple:
         batch, one, vocab = logits.shape()
-        if one != 1 or not (filters.temperature > 0).all():
+        if one != 1 or not (filters["temperature"] > 0).all():
             raise ValueError(f"device draws take logits [B, 1, V] and temperatures > 0; got {logits.shape()} "
-                             f"and {filters.temperature}")
+                             f"and {filters['temperature']}")
         b = self.session.io_binding()
         b.bind_input("logits", logits.device_name(), 0, np.float32, [batch, vocab], logits.data_ptr())
         b.bind_cpu_input("rows", rows)
-        for name, value in filters._asdict().items():
+        for name, value in filters.items():
             b.bind_cpu_input(name, value)
         b.bind_cpu_input("u", np.asarray(u, np.float64).reshape(-1))
         b.bind_cpu_input("k", np.array([k], np.int64))
@@ -92,9 +79,9 @@ class DeviceSampler:
         logits[:, 0, :] = np.linspace(-2.0, 2.0, 300, dtype=np.float32)[::-1]  # token 0 the most likely
         logits[1:3, 0, 123] = 12.0  # one token with nearly all the mass
         logits[4, 0, 299] = 8.0  # the last token holds most of the mass
-        filters = _Filters(np.full(5, 0.7, np.float32), np.array([1, 0, 0, 0, 0], np.int64),
-                           np.array([1, 0.5, 1, 1, 1], np.float64),
-                           np.array([-np.inf, -np.inf, np.log(0.5), -np.inf, -np.inf], np.float32))
+        filters = {"temperature": np.full(5, 0.7, np.float32), "top_k": np.array([1, 0, 0, 0, 0], np.int64),
+                   "top_p": np.array([1, 0.5, 1, 1, 1], np.float64),
+                   "log_min_p": np.array([-np.inf, -np.inf, np.log(0.5), -np.inf, -np.inf], np.float32)}
         value = ort.OrtValue.ortvalue_from_numpy(logits, device, 0)
         got = self.sample(value, np.arange(5), filters, np.array([0.9, 0.9, 0.9, 0.0, 0.9999]))
         if got.tolist() != [0, 123, 123, 0, 299]:

@@ -147,27 +147,29 @@ class PagedEngine(DrawsOnDevice):
         the engine draws there (``samples_on_device``: a
         :class:`~portable_infer.engine.device_logits.DeviceLogits` that draws and fetches rows),
         else on the host (this engine masks there); ``meanwhile()`` runs after the run."""
-        if self.samples_on_device:
-            B, S = ids.shape
-            new = np.asarray(mask[:, -S:], np.int64).sum(axis=1)
-            chunks = [(cache, b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
-            if chunks:
-                logits, _ = self.forward_packed(chunks, on_device=True)
-                cache.length += S
-                index = np.full(B, -1, np.int64)
-                index[[b for _, b, _ in chunks]] = np.arange(len(chunks))
-                if meanwhile is not None:
-                    meanwhile()
-                return logits.view(index)
-        logits, token = self._forward(ids, mask, cache, False)
+        chunks = self._chunks(ids, mask, cache)
+        if self.samples_on_device and chunks:
+            logits, _ = self.forward_packed(chunks, on_device=True)
+            cache.length += ids.shape[1]
+            index = np.full(len(ids), -1, np.int64)
+            index[[b for _, b, _ in chunks]] = np.arange(len(chunks))
+            out = logits.view(index)
+        else:
+            out = HostLogits(*self._forward(ids, mask, cache, False, chunks))
         if meanwhile is not None:
             meanwhile()
-        return HostLogits(logits, token)
+        return out
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, greedy: bool) -> tuple:
-        B, S = ids.shape
+    @staticmethod
+    def _chunks(ids: np.ndarray, mask: np.ndarray, cache: PagedCache) -> list:
+        """``[(cache, row, its new tokens)]`` of the rows with new tokens (the mask's last columns)."""
+        S = ids.shape[1]
         new = np.asarray(mask[:, -S:], np.int64).sum(axis=1)
-        chunks = [(cache, b, ids[b, S - int(new[b]):]) for b in range(B) if new[b]]
+        return [(cache, b, ids[b, S - int(new[b]):]) for b in range(len(ids)) if new[b]]
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, cache: PagedCache, greedy: bool, chunks=None) -> tuple:
+        B, S = ids.shape
+        chunks = self._chunks(ids, mask, cache) if chunks is None else chunks
         out = self.forward_packed(chunks, greedy) if chunks else (None, None)
         cache.length += S
         if len(chunks) == B:  # every row has new tokens: the step's own arrays (no vocab-wide copy)
