@@ -20,7 +20,8 @@ batch 1 and each level, the rows holding the levels' range of contexts), for the
 clock to be read against on the same machine. ``serve``: ``portable-infer serve`` on CUDA per ``--configs`` (``inproc``: the scheduler in the
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
 batch restacked at each join and leave as before the slot batch; ``paged`` / ``engine-paged``:
-``--paged-kv``, the package exported with the paged variant too (``+bsN``: ``--kv-block-size N``); ``+siMS``: an experiment, every
+``--paged-kv``, the package exported with the paged variant too (``+bsN``: ``--kv-block-size N``; ``+auto``: no
+``--kv-budget-tokens``, the server sizes its KV budget from the GPU's memory, and nvidia-smi's figures are printed); ``+siMS``: an experiment, every
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
@@ -200,6 +201,16 @@ def server_gauges(url: str) -> tuple:
             values.get("portable_infer_requests_running", float("nan")))
 
 
+def gpu_memory() -> str:
+    """The GPU's memory in use and total as nvidia-smi reports it (the whole device)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or out.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi: {exc}"
+
+
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
                  provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512, warm: int = 4,
                  budget: int | None = None, sampling: dict | None = None) -> None:
@@ -209,12 +220,13 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     url = f"http://127.0.0.1:{port}"
     budget = budget or max(levels) * (prompt + new)
     base, *extras = config.split(",")[0].split("+")
+    auto = "auto" in extras  # +auto: no budget given; the server sizes it from the GPU's memory
     max_batch = max(levels)
-    if not base.endswith(("paged", "restack")):  # slots: each holds a whole request, as many as the budget has
+    if not base.endswith(("paged", "restack")) and not auto:  # slots: each holds a whole request, as many as the budget has
         max_batch = min(max_batch, budget // (prompt + new))
     cmd = [sys.executable, "-m", "portable_infer.cli", "serve", "--model", str(pkg), "--provider", provider, "--strict",
            "--port", str(port), "--max-batch", str(max_batch), "--max-waiting", str(4 * max(levels)),
-           "--kv-budget-tokens", str(budget), "--prefill-chunk", str(prefill_chunk), "--model-name", "m"]
+           "--prefill-chunk", str(prefill_chunk), "--model-name", "m"] + ([] if auto else ["--kv-budget-tokens", str(budget)])
     switch = next((x[2:] for x in extras if x.startswith("si") and "=" not in x), "")
     if base in ("engine", "engine-restack", "engine-paged"):
         cmd.append("--engine-process")
@@ -246,6 +258,11 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 pass
             time.sleep(1)
         say(f"server ({config}) ready in {time.perf_counter() - t:.0f} s")
+        for line in Path(log.name).read_text().splitlines():
+            if line.startswith("KV budget:"):
+                say(f"  {line}")
+        if auto:
+            say(f"  GPU memory after the warm-up: {gpu_memory()}")
         from portable_infer.engine import measure, tune
 
         if "+" in config:  # a variable the config sets is not raced: the cache is another config's
@@ -281,6 +298,8 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 got = [v[k] for v in seen if v[k] == v[k]]
                 r[key] = max(got) / scale if got else float("nan")
             rows[(f"portable_infer ({config})" + (f", round {round_ + 1}" if rounds > 1 else ""), n)] = r
+            if auto:
+                say(f"  GPU memory after {n} streams: {gpu_memory()}")
             say(f"  {time.strftime('%H:%M:%S')} {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
     finally:
         srv.terminate()

@@ -224,7 +224,8 @@ def cmd_serve(ns) -> int:
 
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
-                                kv_budget_tokens=ns.kv_budget_tokens, prefix_cache_bytes=ns.prefix_cache_mib << 20,
+                                kv_budget_tokens=ns.kv_budget_tokens, gpu_memory_utilization=ns.gpu_memory_utilization,
+                                prefix_cache_bytes=ns.prefix_cache_mib << 20,
                                 prefix_min_tokens=ns.prefix_min_tokens, block_size=ns.kv_block_size,
                                 slot_batch={"auto": None, "on": True, "off": False}[ns.slot_batch])
     api_key = ns.api_key or os.environ.get("PORTABLE_INFER_API_KEY") or None
@@ -239,7 +240,8 @@ def cmd_serve(ns) -> int:
     else:
         scheduler = Scheduler(_load(ns), sched_cfg)
     gc.freeze()  # the model and the server live as long as the process: later collections skip them
-    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit), file=sys.stderr)
+    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note),
+          file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
 
@@ -297,7 +299,11 @@ def _serve_parser(sub) -> None:
     s.add_argument("--model-name", default=None, help="the model id clients send (default: package folder name)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
-    s.add_argument("--kv-budget-tokens", type=int, default=None, help="KV tokens reserved at most (default 2 GiB)")
+    s.add_argument("--kv-budget-tokens", type=int, default=None,
+                   help="KV tokens reserved at most (default: on a GPU what --gpu-memory-utilization leaves, else 2 GiB)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="without --kv-budget-tokens, on a GPU: the share of its memory the server may use; the KV "
+                        "budget is what the model and the forwards leave of it (default 0.9)")
     s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
     s.add_argument("--kv-block-size", type=int, default=None,
                    help="tokens per KV block: the budget's unit and --paged-kv's pool blocks (default 16; "

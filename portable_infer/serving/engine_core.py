@@ -113,7 +113,8 @@ def engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None:
     outbox.send(("ready", {"path": str(model.path), "provider": e.provider, "variant": e.variant.name,
                            "device": e.device, "greedy_on_device": e.greedy_on_device,
                            "masks_on_device": e.masks_on_device, "max_context": e.max_context,
-                           "max_kv_tokens": model.max_kv_tokens}))
+                           "max_kv_tokens": model.max_kv_tokens, "kv_budget_tokens": sched.config.kv_budget_tokens,
+                           "budget_note": sched.budget_note}))
     requests: dict = {}  # rid -> the scheduler's Request, while open
     try:
         while True:

@@ -96,6 +96,10 @@ class ProcessScheduler:
                            max_kv_tokens=info["max_kv_tokens"])
         self.codec = self.model.codec
         self.max_context = self.model.max_context
+        if info["kv_budget_tokens"] is not None:  # as the engine process settled it (serving.kv_budget)
+            self.config = config = replace(config, kv_budget_tokens=info["kv_budget_tokens"],
+                                            kv_budget_bytes=None)
+        self.budget_note = info["budget_note"]
         self._pool = kv_pool(config, engine.variant.kv, engine.device)  # the budget's size, for the checks at submission
         self.row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)

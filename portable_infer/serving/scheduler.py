@@ -51,7 +51,7 @@ import time
 
 from portable_infer.engine.memory import bytes_per_token
 from portable_infer.errors import InvalidArgumentError, PortableInferError
-from portable_infer.serving import kv_demand
+from portable_infer.serving import kv_budget, kv_demand
 from portable_infer.serving.handle import RequestHandle, open_handle
 from portable_infer.serving.prefix_cache import PrefixCache
 from portable_infer.text.streaming import TextStream
@@ -93,7 +93,9 @@ class Scheduler(PrefillSteps):
                                        f"{kv.growth}/{kv.layout}: re-export the package")
         self.model = model
         self.codec = model.codec  # prompts in, text out
-        self.config = config
+        budget = kv_budget.settle(config, model)
+        self.config = config = kv_budget.settled(config, budget)
+        self.budget_note = budget.describe()  # how an automatic budget was sized, for the startup line
         self.meter = Meter(observer)  # counters: changed under the queues' lock
         self.clock = StepClock()  # where the step loop's time goes: loop thread only
         self.max_context = model.max_context

@@ -27,8 +27,9 @@ _CONFIG_RULES = {
 class SchedulerConfig:
     """Sizes of the continuous-batching engine (validated at construction).
 
-    ``kv_budget_tokens`` (or ``kv_budget_bytes``; default 2 GiB of KV) bounds the KV reserved by
-    admitted requests; ``max_waiting`` bounds the queue behind it; ``prefix_cache_bytes`` bounds
+    ``kv_budget_tokens`` (or ``kv_budget_bytes``) bounds the KV reserved by admitted requests;
+    without either, on a GPU the budget is what ``gpu_memory_utilization`` of its memory leaves after
+    the model and the forwards (:mod:`~portable_infer.serving.kv_budget`), else 2 GiB of KV; ``max_waiting`` bounds the queue behind it; ``prefix_cache_bytes`` bounds
     the prompt prefixes kept for reuse (:mod:`portable_infer.serving.prefix_cache`).
     """
 
@@ -39,6 +40,9 @@ class SchedulerConfig:
     block_size: int | None = None
     kv_budget_tokens: int | None = None
     kv_budget_bytes: int | None = None
+    # Without a KV budget given, on a GPU: the share of its whole memory the server may use (weights,
+    # the forwards' working memory and the KV budget, which takes the rest), as vLLM's option of the name.
+    gpu_memory_utilization: float = 0.9
     # Host memory for the KV of prompt prefixes kept for reuse (0: no prefix caching); apart from
     # the KV budget. Default 64 MiB: ~1,400 tokens of SmolLM2-135M's fp32 KV.
     prefix_cache_bytes: int = 64 << 20
@@ -71,6 +75,9 @@ class SchedulerConfig:
             v = getattr(self, name)
             if not (v is None or isinstance(v, bool)):
                 raise InvalidArgumentError(f"{name} must be None, True or False, got {v!r}")
+        u = self.gpu_memory_utilization
+        if not (isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1):
+            raise InvalidArgumentError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
         if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
             raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
 

@@ -31,16 +31,18 @@ def kv_pool(config: SchedulerConfig, kv, device: str) -> BlockPool:
     return BlockPool(budget // block, block)
 
 
-def budget_line(stats, max_context: int, row_limit: int | None = None) -> str:
+def budget_line(stats, max_context: int, row_limit: int | None = None, note: str = "") -> str:
     """What a server's KV budget holds, for its operator at startup (``stats``: the scheduler's
     :class:`SchedulerStats`): its tokens and blocks, how many requests of the whole context fit at
-    once, and where slots bound each request (``row_limit``), the most one request may hold."""
+    once, and where slots bound each request (``row_limit``), the most one request may hold;
+    ``note``: how an automatic budget was sized (``kv_budget.Budget.describe``)."""
     tokens = stats.blocks_total * stats.block_size
     line = (f"KV budget: {tokens:,} tokens ({stats.blocks_total:,} blocks of {stats.block_size}): "
             f"{tokens // max_context:,} requests of the whole context ({max_context:,} tokens) at once")
     if row_limit is not None:
         line += f"; {stats.max_batch} slots of {row_limit:,} tokens: a request's prompt + max_tokens must fit one"
-    return line + " (--kv-budget-tokens sets it)"
+    sizing = f"{note}; " if note else ""
+    return line + f" ({sizing}--kv-budget-tokens sets it)"
 
 
 def slot_rows(engine, config: SchedulerConfig) -> bool:

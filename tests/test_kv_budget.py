@@ -1,0 +1,179 @@
+"""The serving KV budget sized from the GPU's memory (serving.kv_budget, engine.device_memory):
+the CUDA runtime found and asked through stand-ins, the rule's arithmetic, and what is refused."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from portable_infer.engine import device_memory
+from portable_infer.engine.memory import bytes_per_token
+from portable_infer.errors import InvalidArgumentError
+from portable_infer.serving import kv_budget
+from portable_infer.serving.scheduler_config import SchedulerConfig
+from portable_infer.serving.scheduler_setup import budget_line, kv_pool
+
+GIB = 1 << 30
+
+MAPS = """\
+55d0c0000000-55d0c0001000 r--p 00000000 08:01 1234                       /usr/bin/python3.12
+7f10a0000000-7f10a0100000 r-xp 00000000 08:01 5678                       /opt/x/lib/libcublas.so.13
+7f10b0000000-7f10b0100000 r-xp 00000000 08:01 9012                       /opt/x/nvidia/cu13/lib/libcudart.so.13
+7ffd1c000000-7ffd1c021000 rw-p 00000000 00:00 0                          [stack]
+7ffd1c100000-7ffd1c101000 rw-p 00000000 00:00 0
+"""
+
+
+def test_the_loaded_cuda_runtime_is_found_in_the_process_maps():
+    assert device_memory.loaded_runtime(MAPS) == "/opt/x/nvidia/cu13/lib/libcudart.so.13"
+    assert device_memory.loaded_runtime(MAPS.replace("libcudart", "libcudnn")) is None
+    assert device_memory.loaded_runtime("") is None
+
+
+class FakeRuntime:
+    """The three CUDA runtime calls, as ctypes hands them over (by reference), with error codes."""
+
+    def __init__(self, free, total, current=3, fail=""):
+        self.free, self.total, self.current, self.fail = free, total, current, fail
+        self.set_calls = []
+
+    def cudaGetDevice(self, ref):
+        if self.fail == "get":
+            return 100
+        ref._obj.value = self.current
+        return 0
+
+    def cudaSetDevice(self, dev):
+        self.set_calls.append(dev.value)
+        return 101 if self.fail == "set" and len(self.set_calls) == 1 else 0
+
+    def cudaMemGetInfo(self, free, total):
+        if self.fail == "info":
+            return 2
+        free._obj.value, total._obj.value = self.free, self.total
+        return 0
+
+
+def test_cuda_memory_asks_the_device_and_puts_the_current_one_back():
+    rt = FakeRuntime(free=100 * GIB, total=141 * GIB, current=3)
+    assert device_memory.cuda_memory(1, rt) == (100 * GIB, 141 * GIB)
+    assert rt.set_calls == [1, 3]
+
+
+@pytest.mark.parametrize("fail", ["get", "set", "info"])
+def test_cuda_memory_is_none_when_the_runtime_answers_an_error(fail):
+    rt = FakeRuntime(free=1, total=2, fail=fail)
+    assert device_memory.cuda_memory(0, rt) is None
+    if fail != "get":
+        assert rt.set_calls[-1] == 3  # the current device put back
+
+
+def test_cuda_memory_without_a_loaded_runtime_is_none(monkeypatch):
+    monkeypatch.setattr(device_memory, "loaded_runtime", lambda maps=None: None)
+    assert device_memory.cuda_memory(0) is None
+
+
+def test_the_device_id_comes_from_the_sessions_provider_options():
+    s = SimpleNamespace(get_provider_options=lambda: {"CUDAExecutionProvider": {"device_id": "2"}})
+    engine = lambda provider: SimpleNamespace(session=s, provider=provider)  # noqa: E731
+    assert device_memory.engine_device_id(engine("CUDAExecutionProvider")) == 2
+    assert device_memory.engine_device_id(engine("CPUExecutionProvider")) == 0
+    assert device_memory.engine_device_id(object()) == 0
+
+
+# --- the rule --------------------------------------------------------------------------------------
+def model(device="cuda", layers=4, kv_heads=2, head_dim=16, max_context=512, rng=None):
+    rng = rng or np.random.default_rng(0)
+    kv = SimpleNamespace(past=[f"past.{i}" for i in range(2 * layers)], num_kv_heads=kv_heads, head_dim=head_dim,
+                         dtype="float16", growth="static")
+    dims = SimpleNamespace(hidden_size=int(rng.integers(64, 256)), intermediate_size=int(rng.integers(256, 1024)),
+                           num_heads=4, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=int(rng.integers(500, 5000)))
+    engine = SimpleNamespace(device=device, variant=SimpleNamespace(kv=kv), provider="CUDAExecutionProvider",
+                             session=SimpleNamespace(get_provider_options=lambda: {}))
+    return SimpleNamespace(engine=engine, manifest=SimpleNamespace(model=dims), max_context=max_context)
+
+
+def test_a_given_budget_is_kept_and_no_device_is_asked(monkeypatch):
+    monkeypatch.setattr(kv_budget, "cuda_memory", lambda *a: pytest.fail("asked the device"))
+    m = model()
+    b = kv_budget.settle(SchedulerConfig(kv_budget_tokens=1234), m)
+    assert (b.tokens, b.source) == (1234, "given")
+    b = kv_budget.settle(SchedulerConfig(kv_budget_bytes=1 << 20), m)
+    assert b.tokens == (1 << 20) // bytes_per_token(m.engine.variant.kv)
+    assert kv_budget.settled(SchedulerConfig(kv_budget_bytes=1 << 20), b).kv_budget_bytes == 1 << 20
+
+
+def test_on_the_cpu_the_fixed_default_stays(monkeypatch):
+    monkeypatch.setattr(kv_budget, "cuda_memory", lambda *a: pytest.fail("asked the device"))
+    cfg = SchedulerConfig()
+    b = kv_budget.settle(cfg, model(device="cpu"))
+    assert (b.tokens, b.source, b.describe()) == (None, "default", "")
+    assert kv_budget.settled(cfg, b) is cfg
+
+
+def test_unreadable_gpu_memory_keeps_the_default_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(kv_budget, "cuda_memory", lambda *a: None)
+    with caplog.at_level(logging.WARNING, "portable_infer.serving"):
+        b = kv_budget.settle(SchedulerConfig(), model())
+    assert b.source == "default" and "kv_budget_tokens" in caplog.text
+
+
+def test_the_device_budget_is_the_utilized_share_less_what_is_in_use_and_the_forwards():
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    m = model(rng=rng, max_context=1 << 20)
+    total = int(rng.integers(20, 160)) * GIB
+    free = total - int(rng.integers(1, 10)) * GIB - int(rng.integers(0, GIB))
+    cfg = SchedulerConfig(max_batch=int(rng.integers(1, 300)), prefill_chunk=int(rng.integers(16, 1024)),
+                          gpu_memory_utilization=float(rng.uniform(0.7, 0.95)))
+    b = kv_budget.settle(cfg, m, memory=(free, total))
+    working = kv_budget.working_bytes(m.manifest.model, m.engine.variant.kv, cfg)
+    room = int(cfg.gpu_memory_utilization * total) - (total - free) - working
+    per_token = bytes_per_token(m.engine.variant.kv)
+    assert b.source == "device" and b.tokens == min(room // per_token, cfg.max_batch * m.max_context)
+    assert working >= kv_budget.WORKSPACE_FLOOR
+    # what the budget, the weights and the forwards take stays within the share
+    assert b.tokens * per_token + (total - free) + working <= cfg.gpu_memory_utilization * total
+    settled = kv_budget.settled(cfg, b)
+    assert (settled.kv_budget_tokens, settled.kv_budget_bytes) == (b.tokens, None)
+    assert kv_pool(settled, m.engine.variant.kv, "cuda").total * 16 <= b.tokens
+    assert "from the device" in b.describe() and "kept for the forwards" in b.describe()
+
+
+def test_the_device_budget_stops_at_max_batch_requests_of_the_whole_context():
+    m = model(max_context=256)
+    b = kv_budget.settle(SchedulerConfig(max_batch=8), m, memory=(100 * GIB, 141 * GIB))
+    assert b.tokens == 8 * 256
+
+
+def test_no_room_for_kv_is_refused_with_what_to_change():
+    m = model()
+    with pytest.raises(InvalidArgumentError, match="gpu_memory_utilization=0.5 .* leaves no room for KV") as e:
+        kv_budget.settle(SchedulerConfig(gpu_memory_utilization=0.5), m, memory=(10 * GIB, 40 * GIB))
+    assert "kv_budget_tokens" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True, "0.9", None])
+def test_a_bad_utilization_is_refused(bad):
+    with pytest.raises(InvalidArgumentError, match="gpu_memory_utilization"):
+        SchedulerConfig(gpu_memory_utilization=bad)
+
+
+def test_the_startup_line_says_how_the_budget_was_sized():
+    stats = SimpleNamespace(blocks_total=100, block_size=16, max_batch=4)
+    b = kv_budget.Budget(1600, "device", free=100 * GIB, total=141 * GIB, working=2 * GIB)
+    line = budget_line(stats, 512, None, b.describe())
+    assert "1,600 tokens" in line and "141.0 GiB, 41.0 in use after loading, 2.0 kept" in line
+    assert line.endswith("--kv-budget-tokens sets it)")
+    assert budget_line(stats, 512).endswith("(--kv-budget-tokens sets it)")
+
+
+def test_ctypes_by_reference_carries_the_object_the_fake_writes():
+    # the stand-in above relies on ctypes.byref(x)._obj being x
+    x = ctypes.c_size_t(0)
+    assert ctypes.byref(x)._obj is x
