@@ -21,7 +21,8 @@ clock to be read against on the same machine. ``serve``: ``portable-infer serve`
 server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-batch off``, the
 batch restacked at each join and leave as before the slot batch; ``paged`` / ``engine-paged``:
 ``--paged-kv``, the package exported with the paged variant too (``+bsN``: ``--kv-block-size N``; ``+auto``: no
-``--kv-budget-tokens``, the server sizes its KV budget from the GPU's memory, and nvidia-smi's figures are printed); ``+siMS``: an experiment, every
+``--kv-budget-tokens``, the server sizes its KV budget from the GPU's memory, and nvidia-smi's figures are printed;
+``+guF``: with it, ``--gpu-memory-utilization F``); ``+siMS``: an experiment, every
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
@@ -232,6 +233,9 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         cmd.append("--engine-process")
     if base.endswith("paged"):  # the paged variant: prefills ride in decode steps
         cmd.append("--paged-kv")
+    share = next((x[2:] for x in extras if x.startswith("gu") and "=" not in x), "")
+    if share:  # +guF: --gpu-memory-utilization F (with +auto)
+        cmd += ["--gpu-memory-utilization", share]
     block = next((x[2:] for x in extras if x.startswith("bs") and "=" not in x), "")
     if block:  # +bsN: KV blocks of N tokens
         cmd += ["--kv-block-size", block]
@@ -258,9 +262,9 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 pass
             time.sleep(1)
         say(f"server ({config}) ready in {time.perf_counter() - t:.0f} s")
-        for line in Path(log.name).read_text().splitlines():
-            if line.startswith("KV budget:"):
-                say(f"  {line}")
+        for line in Path(log.name).read_text().splitlines():  # the budget, and whether the device draws
+            if line.startswith("KV budget:") or "drawn on the host" in line or "WARNING" in line:
+                say(f"  server: {line}")
         if auto:
             say(f"  GPU memory after the warm-up: {gpu_memory()}")
         from portable_infer.engine import measure, tune
