@@ -13,6 +13,14 @@ The static-KV scheduler runs it on the GPU: its output bound inside the destinat
 rows that join or stay in a batch move device to device instead of through the host; or bound
 to the host with ``keep`` = the tokens wanted, so the prefix cache fetches only those.
 
+``kv_zeros.<dtype>.onnx``: a zero-filled KV buffer of any shape, where the session runs::
+
+    y = ConstantOfShape(shape, value=0)     shape [4] int64 -> y [B, H, C, D]
+
+The engines take their device KV buffers from it (``engine/kv_alloc.py``): its output comes from
+the session's own memory arena, which grows by what is asked (``kSameAsRequested``), where
+ONNX Runtime's Python-side arena for ``OrtValue``s grows in powers of two.
+
 ``masked_argmax.onnx``: greedy picks under grammar masks where the logits are (the static engine
 runs it on the GPU: a batch's greedy rows bring back token ids, its sampling rows their logits
 with the grammar mask applied already)::
@@ -65,6 +73,16 @@ def kv_rows_model(dtype: str) -> bytes:
          helper.make_tensor_value_info("pads", TensorProto.INT64, [8]),
          helper.make_tensor_value_info("keep", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("y", t, ["n", "heads", "out_capacity", "head_dim"])], consts)
+    return _serialized(graph)
+
+
+def kv_zeros_model(dtype: str) -> bytes:
+    t = KV_DTYPES[dtype]
+    zero = helper.make_tensor("zero", t, [1], np.zeros(1, helper.tensor_dtype_to_np_dtype(t)).tobytes(), raw=True)
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["y"], value=zero)]
+    graph = helper.make_graph(
+        nodes, "kv_zeros", [helper.make_tensor_value_info("shape", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", t, ["batch", "heads", "capacity", "head_dim"])])
     return _serialized(graph)
 
 
@@ -123,6 +141,7 @@ def _serialized(graph) -> bytes:
 def shipped() -> dict:
     """file name -> the bytes this module builds for it."""
     out = {f"kv_rows.{dtype}.onnx": kv_rows_model(dtype) for dtype in KV_DTYPES}
+    out.update({f"kv_zeros.{dtype}.onnx": kv_zeros_model(dtype) for dtype in KV_DTYPES})
     out["masked_argmax.onnx"] = masked_argmax_model()
     out["masked_rows.onnx"] = masked_rows_model()
     out["sample.onnx"] = _serialized(sample_graph.sample_model_graph())

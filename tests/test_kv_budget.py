@@ -177,3 +177,57 @@ def test_ctypes_by_reference_carries_the_object_the_fake_writes():
     # the stand-in above relies on ctypes.byref(x)._obj being x
     x = ctypes.c_size_t(0)
     assert ctypes.byref(x)._obj is x
+
+
+# --- KV buffers from a session's arena (engine.kv_alloc) -------------------------------------------
+class CpuModelSession:
+    """What DeviceZeros reads of a model session."""
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+    def get_provider_options(self):
+        return {"CPUExecutionProvider": {}}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_device_zeros_are_zero_buffers_of_the_shape_and_dtype_asked(dtype):
+    import onnxruntime as ort
+
+    from portable_infer.engine.kv_alloc import DeviceZeros
+
+    rng = np.random.default_rng()
+    shape = [int(x) for x in rng.integers(1, 9, size=4)]
+    print("shape", shape)
+    z = DeviceZeros(CpuModelSession(), ort, "CPUExecutionProvider", "cpu")
+    a, b = z.zeros(shape, dtype), z.zeros(shape, np.dtype(dtype))
+    for v in (a, b):
+        assert v.shape() == shape and v.device_name() == "cpu"
+        assert v.numpy().dtype == np.dtype(dtype) and not v.numpy().any()
+    assert a.data_ptr() != b.data_ptr()  # two buffers, not one output reused
+    assert list(z._sessions) == [dtype]  # one companion session per dtype
+
+
+def test_engines_take_device_kv_from_the_session_arena_and_cpu_kv_as_before():
+    from portable_infer.engine.kv_alloc import KVBuffers
+
+    made = []
+
+    class FakeZeros:
+        def zeros(self, shape, dtype):
+            made.append((tuple(shape), np.dtype(dtype).name))
+            return "device buffer"
+
+    class OrtValue:
+        @staticmethod
+        def ortvalue_from_shape_and_type(shape, dtype, device, device_id):
+            made.append(("ort", tuple(shape), device))
+            return "host buffer"
+
+    eng = KVBuffers()
+    eng.ort = SimpleNamespace(OrtValue=OrtValue)
+    eng.device = "cpu"
+    assert eng.kv_buffer((1, 2, 3, 4), "float16") == "host buffer"
+    eng.device, eng._zeros = "cuda", FakeZeros()
+    assert eng.kv_buffer((1, 2, 3, 4), "float16") == "device buffer"
+    assert made == [("ort", (1, 2, 3, 4), "cpu"), ((1, 2, 3, 4), "float16")]

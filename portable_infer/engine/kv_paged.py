@@ -47,12 +47,16 @@ class BlockPool:
         spare: one block more that no row ever holds (index ``blocks``: what padding rows of a
             decode graph write into, :mod:`~portable_infer.engine.paged_graphs`); such a pool
             does not grow.
+        make: ``(shape, dtype) -> OrtValue``, the device pools' maker (the engine's
+            ``kv_buffer``, engine.kv_alloc); default ONNX Runtime's Python-side allocator.
     """
 
-    def __init__(self, layout: KVLayout, ort, device: str, blocks: int, block_size: int, spare: bool = False):
+    def __init__(self, layout: KVLayout, ort, device: str, blocks: int, block_size: int, spare: bool = False,
+                 make=None):
         if blocks < 1 or block_size < 1:
             raise InvalidArgumentError(f"a KV pool needs blocks >= 1 and block_size >= 1, got {blocks} x {block_size}")
         self.layout, self.ort, self.device = layout, ort, device
+        self.make = make or (lambda shape, dtype: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0))
         self.blocks, self.block_size = blocks, block_size
         self.spare = blocks if spare else None
         self.values = self._make(None)  # [(key, value)] per layer
@@ -64,8 +68,7 @@ class BlockPool:
         """Every layer's pools at the current size (``old``'s host copies [(key, value)] in their first blocks)."""
         dtype, ort = np.dtype(self.layout.dtype), self.ort
         if old is None and self.device != "cpu":
-            return [tuple(ort.OrtValue.ortvalue_from_shape_and_type(self._shape, dtype, self.device, 0) for _ in pair)
-                    for pair in self.layout.past]
+            return [tuple(self.make(self._shape, dtype) for _ in pair) for pair in self.layout.past]
 
         def pool(was):  # zeros on the CPU: a reference graph reads whole blocks (masked)
             a = np.zeros(self._shape, dtype)

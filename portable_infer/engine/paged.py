@@ -30,6 +30,7 @@ from portable_infer.engine.cuda_graphs import run_options
 from portable_infer.engine.device_logits import DeviceLogits
 from portable_infer.engine.device_sample import DrawsOnDevice
 from portable_infer.engine.devices import device_of
+from portable_infer.engine.kv_alloc import KVBuffers
 from portable_infer.engine.kv_paged import BlockPool, PagedCache, fill_tables
 from portable_infer.engine.paged_graphs import DecodeGraphs
 from portable_infer.errors import InvalidArgumentError, PortableInferError
@@ -65,7 +66,7 @@ class HostLogits:
         return self.logits[np.asarray(index, np.int64)]
 
 
-class PagedEngine(DrawsOnDevice):
+class PagedEngine(DrawsOnDevice, KVBuffers):
     """Runs a paged-KV graph. Implements :class:`~portable_infer.engine.protocols.Engine`.
 
     Args:
@@ -119,7 +120,7 @@ class PagedEngine(DrawsOnDevice):
         if self.graphs is not None:
             self.graphs.reset()
         self.pool = BlockPool(self.variant.kv, self.ort, self.device, blocks, self.block_size,
-                              spare=self.graphs is not None and not grows)
+                              spare=self.graphs is not None and not grows, make=self.kv_buffer)
         self._grows = grows
         return self.pool
 

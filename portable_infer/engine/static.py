@@ -29,6 +29,7 @@ from portable_infer.engine import memory
 from portable_infer.engine.checks import check_call, check_capacity
 from portable_infer.engine.cuda_graphs import run_options as _run_options
 from portable_infer.engine.devices import device_of
+from portable_infer.engine.kv_alloc import KVBuffers
 from portable_infer.engine.kv_static import StaticCache
 from portable_infer.engine.device_logits import DeviceLogits
 from portable_infer.engine.device_sample import DrawsOnDevice
@@ -38,7 +39,7 @@ from portable_infer.engine.static_buffers import StaticBuffers
 
 logger = logging.getLogger(__name__)
 
-class StaticEngine(StaticBuffers, DrawsOnDevice):
+class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
     """Runs a static-KV graph; CUDA graphs for decode steps when the session allows them.
 
     Implements :class:`~portable_infer.engine.protocols.Engine`.

@@ -70,7 +70,7 @@ class Slot:
 class StaticBuffers:
     """The caches of a static-KV engine (a mixin of StaticEngine: it reads the engine's
     ``variant``, ``ort``, ``device``, ``cuda_graph``, ``max_context``, ``vocab`` and
-    ``greedy_on_device``)."""
+    ``greedy_on_device``, and makes KV buffers with its ``kv_buffer``, engine.kv_alloc)."""
 
     def _init_buffers(self) -> None:
         self._slots: dict[tuple, list] = {}  # (batch, capacity) -> [Slot]
@@ -176,8 +176,8 @@ class StaticBuffers:
         kv = self.variant.kv
         shape = [batch, kv.num_kv_heads, cap, kv.head_dim]
         new = lambda shp, dt: self.ort.OrtValue.ortvalue_from_shape_and_type(shp, dt, self.device, 0)  # noqa: E731
-        if values is None:
-            values = [(new(shape, np.dtype(kv.dtype)), new(shape, np.dtype(kv.dtype))) for _ in kv.past]
+        if values is None:  # engine.kv_alloc: off the CPU from a session arena, not the Python-side one
+            values = [(self.kv_buffer(shape, kv.dtype), self.kv_buffer(shape, kv.dtype)) for _ in kv.past]
         if not io:
             return Slot(values, None, None, None, None, graph_id,
                          written=np.zeros(batch, np.int64) if self.device == "cpu" else None)

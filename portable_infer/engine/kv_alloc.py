@@ -1,0 +1,56 @@
+"""KV buffers on a device, taken from a session's memory arena rather than ONNX Runtime's
+Python-side one.
+
+``OrtValue.ortvalue_from_shape_and_type`` takes device memory from an arena of ONNX Runtime's
+Python binding that grows in powers of two (its default ``kNextPowerOfTwo``; no Python option
+changes it). On an H200 each 1.68 GiB KV buffer cost 2 GiB that way: a KV budget sized from the
+free memory ran out of it 20 GiB early (``benchmarks/gpu_kv_memory.py``, docs/benchmarks.md
+session 22). The buffers here are the output of a companion session over
+``kv_zeros.<dtype>.onnx`` (ConstantOfShape) on the model session's provider with its options,
+whose arena grows by what is asked (``arena_extend_strategy=kSameAsRequested``, the CUDA
+provider's default here), and on the model's own device (its ``device_id``). Zero-filled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from portable_infer.engine.companion import companion_session
+
+
+class DeviceZeros:
+    """Zero-filled buffers on ``session``'s device: ``zeros(shape, dtype)`` -> OrtValue."""
+
+    def __init__(self, session, ort, provider: str, device: str):
+        if device == "cuda":  # TensorRT's sessions too: the buffer is plain CUDA memory
+            provider = "CUDAExecutionProvider"
+        self.session, self.ort, self.provider, self.device = session, ort, provider, device
+        self.device_id = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+        self._sessions: dict = {}  # dtype name -> its kv_zeros session (made on first use)
+
+    def zeros(self, shape, dtype):
+        name = np.dtype(dtype).name
+        companion = self._sessions.get(name)
+        if companion is None:
+            companion = self._sessions[name] = companion_session(self.session, self.ort, f"kv_zeros.{name}.onnx",
+                                                                 self.provider)
+        b = companion.io_binding()
+        b.bind_cpu_input("shape", np.asarray(shape, np.int64))
+        b.bind_output("y", self.device, self.device_id)
+        companion.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+
+class KVBuffers:
+    """An engine's part that makes its KV buffers (a mixin: it reads the engine's ``session``,
+    ``ort``, ``provider`` and ``device``): on the CPU as before (ONNX Runtime's CPU memory,
+    committed as it is written), elsewhere zero-filled from a session arena (:class:`DeviceZeros`)."""
+
+    _zeros = None
+
+    def kv_buffer(self, shape, dtype):
+        if self.device == "cpu":
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0)
+        if self._zeros is None:
+            self._zeros = DeviceZeros(self.session, self.ort, self.provider, self.device)
+        return self._zeros.zeros(shape, dtype)
