@@ -25,8 +25,11 @@ from portable_infer.serving.scheduler_plan import GROUP_CHUNKS
 log = logging.getLogger("portable_infer.serving")
 
 # Besides weights and KV, kept out of an automatic budget (working_bytes): cuBLAS's and cuDNN's
-# workspaces and ONNX Runtime's arena slack, at least this much...
-WORKSPACE_FLOOR = 1 << 30
+# workspaces, the companion sessions (device draws, row moves) and the arenas' slack, at least this
+# much. Measured on the H200 at Llama-3.1-8B's shape, 256 rows, prefill chunks of 512: beyond the
+# weights and the KV the server's device memory rose to 4.6 GiB (slots) and 3.5 GiB (paged KV)
+# after 256 streams, where the terms below come to 1.5 GiB (docs/benchmarks.md, session 22)...
+WORKSPACE_FLOOR = 3 << 30
 # ...and per step, copies of the logits rows (the graph's output, the device draw's sorted and
 # filtered rows, the rows brought over) ...
 LOGIT_COPIES = 8
