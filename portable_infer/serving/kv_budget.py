@@ -58,8 +58,9 @@ class Budget:
 
 
 def working_bytes(dims, kv, config: SchedulerConfig) -> int:
-    """What one forward needs on the device besides weights and KV, an upper estimate: a step
-    carries ``max_batch`` decode rows and up to ``GROUP_CHUNKS`` prefill chunks."""
+    """What the forwards need on the device besides weights and KV, an estimate (its floor
+    measured: ``WORKSPACE_FLOOR``): a step carries ``max_batch`` decode rows and up to
+    ``GROUP_CHUNKS`` prefill chunks."""
     item = np.dtype(kv.dtype).itemsize
     tokens = config.max_batch + GROUP_CHUNKS * config.prefill_chunk
     q, kv_width = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
