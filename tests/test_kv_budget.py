@@ -231,3 +231,12 @@ def test_engines_take_device_kv_from_the_session_arena_and_cpu_kv_as_before():
     eng.device, eng._zeros = "cuda", FakeZeros()
     assert eng.kv_buffer((1, 2, 3, 4), "float16") == "device buffer"
     assert made == [("ort", (1, 2, 3, 4), "cpu"), ((1, 2, 3, 4), "float16")]
+
+
+def test_the_api_process_takes_the_budget_the_engine_process_settled():
+    from portable_infer.serving.engine_process import settled_config
+
+    given = SchedulerConfig(kv_budget_bytes=1 << 20)
+    assert settled_config(given, {"kv_budget_tokens": None}) is given
+    got = settled_config(given, {"kv_budget_tokens": 877_000})
+    assert (got.kv_budget_tokens, got.kv_budget_bytes, got.max_batch) == (877_000, None, given.max_batch)

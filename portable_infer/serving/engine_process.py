@@ -57,6 +57,14 @@ class EngineInfo:
     max_context: int
 
 
+def settled_config(config: SchedulerConfig, info: dict) -> SchedulerConfig:
+    """``config`` with the KV budget the engine process settled (its ready message's
+    ``kv_budget_tokens``: sized from the device there, serving.kv_budget; None: as given)."""
+    if info["kv_budget_tokens"] is None:
+        return config
+    return replace(config, kv_budget_tokens=info["kv_budget_tokens"], kv_budget_bytes=None)
+
+
 class ProcessScheduler:
     """A :class:`~portable_infer.serving.scheduler.Scheduler` run in a spawned process over
     ``portable_infer.load(path, **load_kwargs)`` (see the module doc).
@@ -96,9 +104,7 @@ class ProcessScheduler:
                            max_kv_tokens=info["max_kv_tokens"])
         self.codec = self.model.codec
         self.max_context = self.model.max_context
-        if info["kv_budget_tokens"] is not None:  # as the engine process settled it (serving.kv_budget)
-            self.config = config = replace(config, kv_budget_tokens=info["kv_budget_tokens"],
-                                            kv_budget_bytes=None)
+        self.config = config = settled_config(config, info)
         self.budget_note = info["budget_note"]
         self._pool = kv_pool(config, engine.variant.kv, engine.device)  # the budget's size, for the checks at submission
         self.row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
