@@ -11,6 +11,12 @@ DequantizeLinear, MatMul) as is, and with ``session.disable_quant_qdq`` set, whi
 Runtime's constant folding dequantize the weights once at load (fp16 weights in memory, the
 fp16 GEMM's speed: the candidate form for large batches).
 
+Forms ``nbits-<block>-sm80`` / ``-sm90``: symmetric MatMulNBits weights prepacked offline into the
+fpA_intB (CUTLASS mixed-input GEMM) layout of Ampere / Hopper (``weight_prepacked`` 1 / 2, which
+ONNX Runtime runs on that path unasked), packed by GenAI's builder's own packer
+(``onnxruntime_genai/models/quantization/cuda_quantizer.py``, needs torch; loaded from the
+installed GenAI wheel). Hopper's native layout takes block 64 / 128 only.
+
 ``--fpa-intb``: ONNX Runtime's fpA_intB (CUTLASS mixed-input GEMM and GEMV) path for MatMulNBits,
 which it takes only when asked (``ORT_FPA_INTB_GEMM=1``, or the session option
 ``ep.cuda.fpa_intb_gemm`` in newer releases) and only for block 64 / 128 at fp16.
@@ -43,7 +49,25 @@ def parse_form(form: str) -> tuple:
     return parts[0], block, parts[0] == "dq" or "zp" in parts, "fold" in parts
 
 
-def model(k: int, n: int, form: str, block: int, chain: int, rng, zero_points: bool = False) -> bytes:
+def prepacked_arch(form: str) -> int:
+    """80 / 90 for a ``-sm80`` / ``-sm90`` form (weights prepacked offline), else 0."""
+    return next((int(x[2:]) for x in form.split("-") if x in ("sm80", "sm90")), 0)
+
+
+def genai_packer():
+    """GenAI's builder's fpA_intB weight packer, from the installed wheel (the file alone: the
+    package's __init__ loads its native library)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "quantization" / "cuda_quantizer.py"
+    module_spec = importlib.util.spec_from_file_location("genai_cuda_quantizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module._pack_weights_for_cuda_mixed_gemm
+
+
+def model(k: int, n: int, form: str, block: int, chain: int, rng, zero_points: bool = False, arch: int = 0) -> bytes:
     nodes, inits, x = [], [], "x"
     for i in range(chain):
         y = f"y{i}" if i < chain - 1 else "y"
@@ -62,14 +86,17 @@ def model(k: int, n: int, form: str, block: int, chain: int, rng, zero_points: b
             blocks = -(-k // block)
             q = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
             s = (rng.random((n * blocks,)) * 0.01 + 0.001).astype(np.float16)
+            if arch:  # offline into the fpA_intB layout (symmetric: no zero points)
+                q = np.asarray(genai_packer()(q.reshape(n, -1), n, k, 4, arch)).view(np.uint8).reshape(q.shape)
             inits += [numpy_helper.from_array(q, f"q{i}"), numpy_helper.from_array(s, f"s{i}")]
             ins = [x, f"q{i}", f"s{i}"]
             if zero_points:
                 zp = rng.integers(0, 256, (n * ((blocks + 1) // 2),), dtype=np.uint8)
                 inits.append(numpy_helper.from_array(zp, f"z{i}"))
                 ins.append(f"z{i}")
+            extra = {"weight_prepacked": {80: 1, 90: 2}[arch]} if arch else {}
             nodes.append(helper.make_node("MatMulNBits", ins, [f"m{i}"], domain="com.microsoft", K=k, N=n, bits=4,
-                                          block_size=block))
+                                          block_size=block, **extra))
         if i < chain - 1:  # back to width k for the next linear: take the first k columns
             inits.append(numpy_helper.from_array(np.array([0], np.int64), f"st{i}"))
             inits.append(numpy_helper.from_array(np.array([k], np.int64), f"en{i}"))
@@ -138,7 +165,7 @@ def main() -> None:
         for form in args.forms:
             kind, block, zp, fold = parse_form(form)
             try:
-                data = model(k, n, kind, block, args.chain, rng, zp)
+                data = model(k, n, kind, block, args.chain, rng, zp, prepacked_arch(form))
                 cells = [f"{time_case(ort, data, m, k, args.iters, args.fpa_intb, fold) / args.chain * 1e6:,.0f}"
                          for m in args.rows]
             except Exception as exc:  # noqa: BLE001 - a form ONNX Runtime refuses is a row saying so
