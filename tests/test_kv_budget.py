@@ -233,6 +233,27 @@ def test_engines_take_device_kv_from_the_session_arena_and_cpu_kv_as_before():
     assert made == [("ort", (1, 2, 3, 4), "cpu"), ((1, 2, 3, 4), "float16")]
 
 
+def test_kv_buffers_fall_back_to_the_python_allocator_where_the_companion_cannot_run(caplog):
+    from portable_infer.engine.kv_alloc import KVBuffers
+
+    made = []
+
+    class OrtValue:
+        @staticmethod
+        def ortvalue_from_shape_and_type(shape, dtype, device, device_id):
+            made.append((tuple(shape), device))
+            return "python-side buffer"
+
+    eng = KVBuffers()
+    eng.ort, eng.device, eng.provider = SimpleNamespace(OrtValue=OrtValue), "cuda", "CUDAExecutionProvider"
+    eng.session = SimpleNamespace(get_provider_options=lambda: {})  # companion_session fails on this stand-in
+    with caplog.at_level(logging.WARNING, "portable_infer.engine.kv_alloc"):
+        assert eng.kv_buffer((2, 3, 4, 5), "float16") == "python-side buffer"
+        assert eng.kv_buffer((2, 3, 4, 5), "float16") == "python-side buffer"
+    assert made == [((2, 3, 4, 5), "cuda")] * 2 and eng._zeros is False
+    assert caplog.text.count("Python-side allocator") == 1  # said once
+
+
 def test_the_api_process_takes_the_budget_the_engine_process_settled():
     from portable_infer.serving.engine_process import settled_config
 

@@ -13,9 +13,13 @@ provider's default here), and on the model's own device (its ``device_id``). Zer
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from portable_infer.engine.companion import companion_session
+
+logger = logging.getLogger(__name__)
 
 
 class DeviceZeros:
@@ -44,13 +48,24 @@ class DeviceZeros:
 class KVBuffers:
     """An engine's part that makes its KV buffers (a mixin: it reads the engine's ``session``,
     ``ort``, ``provider`` and ``device``): on the CPU as before (ONNX Runtime's CPU memory,
-    committed as it is written), elsewhere zero-filled from a session arena (:class:`DeviceZeros`)."""
+    committed as it is written), elsewhere zero-filled from a session arena (:class:`DeviceZeros`);
+    where that companion cannot run, from ONNX Runtime's Python-side allocator (logged: a budget
+    sized from the device's memory may then not fit)."""
 
-    _zeros = None
+    _zeros = None  # DeviceZeros, made on first use; False: it could not run here
 
     def kv_buffer(self, shape, dtype):
-        if self.device == "cpu":
-            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), "cpu", 0)
+        if self.device == "cpu" or self._zeros is False:
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), self.device, 0)
         if self._zeros is None:
-            self._zeros = DeviceZeros(self.session, self.ort, self.provider, self.device)
+            try:
+                zeros = DeviceZeros(self.session, self.ort, self.provider, self.device)
+                value = zeros.zeros(shape, dtype)
+            except Exception as exc:  # noqa: BLE001 - the Python-side allocator still works
+                logger.warning("KV buffers come from ONNX Runtime's Python-side allocator, which rounds them up "
+                               "(kv_zeros could not run: %s: %s)", type(exc).__name__, exc)
+                self._zeros = False
+                return self.kv_buffer(shape, dtype)
+            self._zeros = zeros
+            return value
         return self._zeros.zeros(shape, dtype)
