@@ -301,8 +301,8 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429")
     s.add_argument("--kv-budget-tokens", type=int, default=None,
                    help="KV tokens reserved at most (default: on a GPU what --gpu-memory-utilization leaves, else 2 GiB)")
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="without --kv-budget-tokens, on a GPU: the share of its memory the server may use; the KV "
+    s.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="on a GPU, instead of --kv-budget-tokens: the share of its memory the server may use; the KV "
                         "budget is what the model and the forwards leave of it (default 0.9)")
     s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens prefilled per step")
     s.add_argument("--kv-block-size", type=int, default=None,

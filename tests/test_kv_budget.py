@@ -158,10 +158,28 @@ def test_no_room_for_kv_is_refused_with_what_to_change():
     assert "kv_budget_tokens" in str(e.value)
 
 
-@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True, "0.9", None])
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True, "0.9"])
 def test_a_bad_utilization_is_refused(bad):
     with pytest.raises(InvalidArgumentError, match="gpu_memory_utilization"):
         SchedulerConfig(gpu_memory_utilization=bad)
+
+
+@pytest.mark.parametrize("other", [{"kv_budget_tokens": 4096}, {"kv_budget_bytes": 1 << 30}])
+def test_a_utilization_beside_a_budget_given_is_refused_not_ignored(other):
+    with pytest.raises(InvalidArgumentError, match="not kv_budget_.* and gpu_memory_utilization"):
+        SchedulerConfig(gpu_memory_utilization=0.8, **other)
+
+
+def test_the_default_share_is_vllms_and_a_share_on_the_cpu_is_said_to_do_nothing(monkeypatch, caplog):
+    m = model()
+    memory = (120 * GIB, 140 * GIB)
+    default = kv_budget.settle(SchedulerConfig(), m, memory=memory)
+    explicit = kv_budget.settle(SchedulerConfig(gpu_memory_utilization=0.9), m, memory=memory)
+    assert default == explicit and default.source == "device"
+    monkeypatch.setattr(kv_budget, "cuda_memory", lambda *a: pytest.fail("asked the device"))
+    with caplog.at_level(logging.WARNING, "portable_infer.serving"):
+        assert kv_budget.settle(SchedulerConfig(gpu_memory_utilization=0.5), model(device="cpu")).source == "default"
+    assert "applies on a GPU" in caplog.text
 
 
 def test_the_startup_line_says_how_the_budget_was_sized():
@@ -259,5 +277,16 @@ def test_the_api_process_takes_the_budget_the_engine_process_settled():
 
     given = SchedulerConfig(kv_budget_bytes=1 << 20)
     assert settled_config(given, {"kv_budget_tokens": None}) is given
-    got = settled_config(given, {"kv_budget_tokens": 877_000})
-    assert (got.kv_budget_tokens, got.kv_budget_bytes, got.max_batch) == (877_000, None, given.max_batch)
+    share = SchedulerConfig(gpu_memory_utilization=0.8, max_batch=7)
+    got = settled_config(share, {"kv_budget_tokens": 877_000})
+    assert (got.kv_budget_tokens, got.kv_budget_bytes, got.gpu_memory_utilization, got.max_batch) == \
+        (877_000, None, None, 7)
+
+
+def test_serve_refuses_both_budget_options_before_loading(capsys, monkeypatch):
+    pytest.importorskip("fastapi")
+    from portable_infer import cli
+
+    monkeypatch.setattr(cli, "_load", lambda ns: pytest.fail("loaded a model"))
+    rc = cli.main(["serve", "--model", "nowhere", "--kv-budget-tokens", "100", "--gpu-memory-utilization", "0.5"])
+    assert rc == 2 and "not kv_budget_tokens and gpu_memory_utilization" in capsys.readouterr().err

@@ -62,7 +62,8 @@ def settled_config(config: SchedulerConfig, info: dict) -> SchedulerConfig:
     ``kv_budget_tokens``: sized from the device there, serving.kv_budget; None: as given)."""
     if info["kv_budget_tokens"] is None:
         return config
-    return replace(config, kv_budget_tokens=info["kv_budget_tokens"], kv_budget_bytes=None)
+    return replace(config, kv_budget_tokens=info["kv_budget_tokens"], kv_budget_bytes=None,
+                   gpu_memory_utilization=None)
 
 
 class ProcessScheduler:

@@ -19,7 +19,7 @@ import numpy as np
 from portable_infer.engine.device_memory import cuda_memory, engine_device_id
 from portable_infer.engine.memory import bytes_per_token
 from portable_infer.errors import InvalidArgumentError
-from portable_infer.serving.scheduler_config import SchedulerConfig
+from portable_infer.serving.scheduler_config import DEFAULT_GPU_MEMORY_UTILIZATION, SchedulerConfig
 from portable_infer.serving.scheduler_plan import GROUP_CHUNKS
 
 log = logging.getLogger("portable_infer.serving")
@@ -79,6 +79,9 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
     if config.kv_budget_bytes is not None:
         return Budget(config.kv_budget_bytes // bytes_per_token(kv), "given")
     if engine.device != "cuda":
+        if config.gpu_memory_utilization is not None:
+            log.warning("gpu_memory_utilization applies on a GPU: the KV budget on %s is the fixed default; give "
+                        "kv_budget_tokens to size it", engine.device)
         return Budget(None, "default")
     if memory is None:
         memory = cuda_memory(engine_device_id(engine))
@@ -87,13 +90,14 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
                     "give kv_budget_tokens to size it")
         return Budget(None, "default")
     free, total = memory
+    share = config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
     working = working_bytes(model.manifest.model, kv, config)
-    room = int(config.gpu_memory_utilization * total) - (total - free) - working
+    room = int(share * total) - (total - free) - working
     per_token = bytes_per_token(kv)
     if room < per_token * config.max_batch:
         gib = 1 << 30
         raise InvalidArgumentError(
-            f"gpu_memory_utilization={config.gpu_memory_utilization} of the GPU's {total / gib:.1f} GiB leaves no "
+            f"gpu_memory_utilization={share} of the GPU's {total / gib:.1f} GiB leaves no "
             f"room for KV: {(total - free) / gib:.1f} GiB are in use after loading the model and the forwards need "
             f"about {working / gib:.1f} GiB; raise gpu_memory_utilization, lower max_batch or prefill_chunk, "
             f"or give kv_budget_tokens")
@@ -101,7 +105,9 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
 
 
 def settled(config: SchedulerConfig, budget: Budget) -> SchedulerConfig:
-    """``config`` with ``budget``'s tokens as its budget (the default stays unset)."""
+    """``config`` with ``budget``'s tokens as its budget (the default stays unset; the share that
+    sized it is spent)."""
     if budget.source == "given" or budget.tokens is None:
         return config
-    return dataclasses.replace(config, kv_budget_tokens=budget.tokens, kv_budget_bytes=None)
+    return dataclasses.replace(config, kv_budget_tokens=budget.tokens, kv_budget_bytes=None,
+                               gpu_memory_utilization=None)

@@ -9,6 +9,7 @@ from portable_infer.errors import InvalidArgumentError
 from portable_infer.serving.handle import RequestStats
 
 DEFAULT_KV_BUDGET_BYTES = 2 << 30
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 # name -> (allowed range in words, predicate); validated in SchedulerConfig
 _CONFIG_RULES = {
@@ -41,8 +42,9 @@ class SchedulerConfig:
     kv_budget_tokens: int | None = None
     kv_budget_bytes: int | None = None
     # Without a KV budget given, on a GPU: the share of its whole memory the server may use (weights,
-    # the forwards' working memory and the KV budget, which takes the rest), as vLLM's option of the name.
-    gpu_memory_utilization: float = 0.9
+    # the forwards' working memory and the KV budget, which takes the rest), as vLLM's option of the
+    # name. None: DEFAULT_GPU_MEMORY_UTILIZATION. Refused beside a budget given (one of them sizes it).
+    gpu_memory_utilization: float | None = None
     # Host memory for the KV of prompt prefixes kept for reuse (0: no prefix caching); apart from
     # the KV budget. Default 64 MiB: ~1,400 tokens of SmolLM2-135M's fp32 KV.
     prefix_cache_bytes: int = 64 << 20
@@ -76,10 +78,14 @@ class SchedulerConfig:
             if not (v is None or isinstance(v, bool)):
                 raise InvalidArgumentError(f"{name} must be None, True or False, got {v!r}")
         u = self.gpu_memory_utilization
-        if not (isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1):
-            raise InvalidArgumentError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
-        if self.kv_budget_tokens is not None and self.kv_budget_bytes is not None:
-            raise InvalidArgumentError("give kv_budget_tokens or kv_budget_bytes, not both")
+        if u is not None and not (isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1):
+            raise InvalidArgumentError(f"gpu_memory_utilization must be None or a number in (0, 1], got {u!r}")
+        given = [name for name in ("kv_budget_tokens", "kv_budget_bytes", "gpu_memory_utilization")
+                 if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InvalidArgumentError(f"give one of kv_budget_tokens, kv_budget_bytes and gpu_memory_utilization "
+                                       f"(each sizes the KV budget), not {' and '.join(given)}")
+
 
 
 @dataclass(frozen=True)
