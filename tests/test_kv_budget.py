@@ -290,3 +290,47 @@ def test_serve_refuses_both_budget_options_before_loading(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_load", lambda ns: pytest.fail("loaded a model"))
     rc = cli.main(["serve", "--model", "nowhere", "--kv-budget-tokens", "100", "--gpu-memory-utilization", "0.5"])
     assert rc == 2 and "not kv_budget_tokens and gpu_memory_utilization" in capsys.readouterr().err
+
+
+def test_device_pools_are_made_and_grown_by_the_engines_maker():
+    """A paged pool on a device takes its buffers from the engine's maker (engine.kv_alloc: the
+    session arena, the model's device id), also when a first-cache pool grows through the host."""
+    from portable_infer.engine.kv_paged import BlockPool
+
+    class DeviceValue:  # what the pool uses of an OrtValue on a device
+        def __init__(self, shape, dtype):
+            self.array = np.zeros(shape, dtype)
+
+        def update_inplace(self, a):
+            assert a.shape == self.array.shape and a.dtype == self.array.dtype
+            self.array[...] = a
+
+        def numpy(self):
+            return self.array.copy()
+
+    made = []
+
+    def make(shape, dtype):
+        made.append(tuple(shape))
+        return DeviceValue(shape, dtype)
+
+    class NoPythonSideAllocation:
+        @staticmethod
+        def ortvalue_from_shape_and_type(*a):
+            pytest.fail("a device pool went to ONNX Runtime's Python-side allocator")
+
+        ortvalue_from_numpy = ortvalue_from_shape_and_type
+
+    rng = np.random.default_rng()
+    layers, heads, dim, block = int(rng.integers(1, 4)), 2, 8, 4
+    kv = SimpleNamespace(past=[(f"k{i}", f"v{i}") for i in range(layers)], num_kv_heads=heads, head_dim=dim,
+                         dtype="float16")
+    pool = BlockPool(kv, SimpleNamespace(OrtValue=NoPythonSideAllocation), "cuda", 3, block, make=make)
+    assert made == [(3, block, heads, dim)] * (2 * layers)
+    held = rng.standard_normal((3, block, heads, dim)).astype(np.float16)
+    pool.values[0][1].update_inplace(held)
+    pool.grow(5)
+    assert made[-1] == (5, block, heads, dim) and len(made) == 4 * layers
+    grown = pool.values[0][1].numpy()
+    np.testing.assert_array_equal(grown[:3], held)  # the held blocks kept, through the host
+    assert not grown[3:].any()

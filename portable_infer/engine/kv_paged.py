@@ -74,7 +74,11 @@ class BlockPool:
             a = np.zeros(self._shape, dtype)
             if was is not None:
                 a[:len(was)] = was
-            return ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+            if self.device == "cpu":
+                return ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0)
+            value = self.make(self._shape, dtype)  # a grown device pool: where the engine's buffers are made
+            value.update_inplace(a)
+            return value
 
         return [tuple(pool(w) for w in was) for was in (old or [(None, None)] * len(self.layout.past))]
 
