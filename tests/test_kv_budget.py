@@ -182,6 +182,18 @@ def test_the_default_share_is_vllms_and_a_share_on_the_cpu_is_said_to_do_nothing
     assert "applies on a GPU" in caplog.text
 
 
+def test_the_device_use_after_the_warm_up_joins_the_startup_note(monkeypatch):
+    m = model()
+    b = kv_budget.settle(SchedulerConfig(), m, memory=(120 * GIB, 140 * GIB))
+    warm = kv_budget.after_warm_up(b, m.engine, memory=(14 * GIB, 140 * GIB))
+    assert warm.warm_used == 126 * GIB and warm.tokens == b.tokens
+    assert warm.describe().endswith("; 126.0 in use after the warm-up (90%)")
+    monkeypatch.setattr(kv_budget, "cuda_memory", lambda *a: None)  # unreadable now: the note as it was
+    assert kv_budget.after_warm_up(b, m.engine) is b and "after the warm-up" not in b.describe()
+    given = kv_budget.Budget(100, "given")
+    assert kv_budget.after_warm_up(given, m.engine, memory=(1, 2)) is given
+
+
 def test_the_startup_line_says_how_the_budget_was_sized():
     stats = SimpleNamespace(blocks_total=100, block_size=16, max_batch=4)
     b = kv_budget.Budget(1600, "device", free=100 * GIB, total=141 * GIB, working=2 * GIB)

@@ -48,13 +48,17 @@ class Budget:
     free: int = 0
     total: int = 0
     working: int = 0
+    warm_used: int = 0  # bytes in use on the device once the KV and the warm-up's forwards hold theirs (0: unread)
 
     def describe(self) -> str:
         if self.source != "device":
             return ""
         gib = 1 << 30
-        return (f"from the device: {self.total / gib:.1f} GiB, {(self.total - self.free) / gib:.1f} in use after "
+        text = (f"from the device: {self.total / gib:.1f} GiB, {(self.total - self.free) / gib:.1f} in use after "
                 f"loading, {self.working / gib:.1f} kept for the forwards")
+        if self.warm_used:
+            text += f"; {self.warm_used / gib:.1f} in use after the warm-up ({self.warm_used / self.total:.0%})"
+        return text
 
 
 def working_bytes(dims, kv, config: SchedulerConfig) -> int:
@@ -102,6 +106,20 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
             f"about {working / gib:.1f} GiB; raise gpu_memory_utilization, lower max_batch or prefill_chunk, "
             f"or give kv_budget_tokens")
     return Budget(min(room // per_token, config.max_batch * model.max_context), "device", free, total, working)
+
+
+def after_warm_up(budget: Budget, engine, memory=None) -> Budget:
+    """``budget`` with what the device holds in use now, read once the KV is allocated and the
+    warm-up has run (for the startup line: the operator sees the share really taken);
+    ``memory``: ``(free, total)`` (tests). A budget not sized from the device stays as it is."""
+    if budget.source != "device":
+        return budget
+    if memory is None:
+        memory = cuda_memory(engine_device_id(engine))
+    if memory is None:
+        return budget
+    free, total = memory
+    return dataclasses.replace(budget, warm_used=total - free)
 
 
 def settled(config: SchedulerConfig, budget: Budget) -> SchedulerConfig:

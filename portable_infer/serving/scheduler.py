@@ -95,7 +95,6 @@ class Scheduler(PrefillSteps):
         self.codec = model.codec  # prompts in, text out
         budget = kv_budget.settle(config, model)
         self.config = config = kv_budget.settled(config, budget)
-        self.budget_note = budget.describe()  # how an automatic budget was sized, for the startup line
         self.meter = Meter(observer)  # counters: changed under the queues' lock
         self.clock = StepClock()  # where the step loop's time goes: loop thread only
         self.max_context = model.max_context
@@ -112,6 +111,8 @@ class Scheduler(PrefillSteps):
         self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
         self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread
                                    self.pool)
+        # how an automatic budget was sized and what the device holds after the warm-up, for the startup line
+        self.budget_note = kv_budget.after_warm_up(budget, engine).describe()
         self.on_demand = self.batch.blocks_on_demand  # KV blocks taken as rows grow, preempting when short
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,  # defer_leave: see Planner
                                self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu"
