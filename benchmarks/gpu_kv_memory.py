@@ -62,6 +62,7 @@ def main() -> None:
 
     import portable_infer
     from portable_infer.engine.device_memory import cuda_memory, engine_device_id
+    from portable_infer.engine.memory import bytes_per_token
     from portable_infer.serving import kv_budget
     from portable_infer.serving.scheduler import Scheduler
     from portable_infer.serving.scheduler_config import SchedulerConfig
@@ -78,7 +79,7 @@ def main() -> None:
     cfg = SchedulerConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                           gpu_memory_utilization=args.utilization)
     budget = kv_budget.settle(cfg, model)
-    per_token = kv_budget.bytes_per_token(engine.variant.kv)
+    per_token = bytes_per_token(engine.variant.kv)
     print(f"settled: {budget.tokens:,} tokens = {budget.tokens * per_token / GIB:.2f} GiB of KV; "
           f"working {budget.working / GIB:.2f} GiB; {budget.describe()}", flush=True)
 

@@ -59,6 +59,8 @@ class FakeRuntime:
 
 
 def test_cuda_memory_asks_the_device_and_puts_the_current_one_back():
+    x = ctypes.c_size_t(0)
+    assert ctypes.byref(x)._obj is x  # what the stand-in writes through, as the real runtime does
     rt = FakeRuntime(free=100 * GIB, total=141 * GIB, current=3)
     assert device_memory.cuda_memory(1, rt) == (100 * GIB, 141 * GIB)
     assert rt.set_calls == [1, 3]
@@ -201,12 +203,6 @@ def test_the_startup_line_says_how_the_budget_was_sized():
     assert "1,600 tokens" in line and "141.0 GiB, 41.0 in use after loading, 2.0 kept" in line
     assert line.endswith("--kv-budget-tokens sets it)")
     assert budget_line(stats, 512).endswith("(--kv-budget-tokens sets it)")
-
-
-def test_ctypes_by_reference_carries_the_object_the_fake_writes():
-    # the stand-in above relies on ctypes.byref(x)._obj being x
-    x = ctypes.c_size_t(0)
-    assert ctypes.byref(x)._obj is x
 
 
 # --- KV buffers from a session's arena (engine.kv_alloc) -------------------------------------------

@@ -56,11 +56,14 @@ def cuda_memory(device_id: int = 0, runtime=None) -> tuple[int, int] | None:
     return int(free.value), int(total.value)
 
 
-def engine_device_id(engine) -> int:
-    """The device id an engine's session runs its provider on (the session's provider options; 0
-    where none say)."""
+def session_device_id(session, provider: str) -> int:
+    """The device id ``session`` runs ``provider`` on (its provider options; 0 where none say)."""
     try:
-        options = engine.session.get_provider_options().get(engine.provider, {})
-        return int(options.get("device_id", 0))
+        return int(session.get_provider_options().get(provider, {}).get("device_id", 0))
     except (AttributeError, TypeError, ValueError):
         return 0
+
+
+def engine_device_id(engine) -> int:
+    """The device id an engine's session runs its provider on (:func:`session_device_id`)."""
+    return session_device_id(getattr(engine, "session", None), getattr(engine, "provider", ""))

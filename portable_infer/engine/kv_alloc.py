@@ -18,6 +18,7 @@ import logging
 import numpy as np
 
 from portable_infer.engine.companion import companion_session
+from portable_infer.engine.device_memory import session_device_id
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class DeviceZeros:
         if device == "cuda":  # TensorRT's sessions too: the buffer is plain CUDA memory
             provider = "CUDAExecutionProvider"
         self.session, self.ort, self.provider, self.device = session, ort, provider, device
-        self.device_id = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+        self.device_id = session_device_id(session, provider)
         self._sessions: dict = {}  # dtype name -> its kv_zeros session (made on first use)
 
     def zeros(self, shape, dtype):
@@ -56,7 +57,8 @@ class KVBuffers:
 
     def kv_buffer(self, shape, dtype):
         if self.device == "cpu" or self._zeros is False:
-            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), self.device, 0)
+            device_id = 0 if self.device == "cpu" else session_device_id(self.session, self.provider)
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), self.device, device_id)
         if self._zeros is None:
             try:
                 zeros = DeviceZeros(self.session, self.ort, self.provider, self.device)

@@ -37,6 +37,7 @@ from pathlib import Path
 from portable_infer.decode.sampling import SamplingParams
 from portable_infer.errors import PortableInferError
 from portable_infer.serving.engine_core import engine_main, failed_stats, pack_error, unpack_error
+from portable_infer.serving.kv_budget import with_tokens
 from portable_infer.serving.handle import open_handle
 from portable_infer.serving.scheduler_setup import checked_request, kv_pool, row_limit
 from portable_infer.serving.scheduler_config import SchedulerConfig, SchedulerObserver
@@ -62,8 +63,7 @@ def settled_config(config: SchedulerConfig, info: dict) -> SchedulerConfig:
     ``kv_budget_tokens``: sized from the device there, serving.kv_budget; None: as given)."""
     if info["kv_budget_tokens"] is None:
         return config
-    return replace(config, kv_budget_tokens=info["kv_budget_tokens"], kv_budget_bytes=None,
-                   gpu_memory_utilization=None)
+    return with_tokens(config, info["kv_budget_tokens"])
 
 
 class ProcessScheduler:

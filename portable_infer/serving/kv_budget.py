@@ -87,8 +87,7 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
             log.warning("gpu_memory_utilization applies on a GPU: the KV budget on %s is the fixed default; give "
                         "kv_budget_tokens to size it", engine.device)
         return Budget(None, "default")
-    if memory is None:
-        memory = cuda_memory(engine_device_id(engine))
+    memory = memory or _device_memory(engine)
     if memory is None:
         log.warning("the GPU's free memory could not be read: the KV budget is the fixed default; "
                     "give kv_budget_tokens to size it")
@@ -114,18 +113,25 @@ def after_warm_up(budget: Budget, engine, memory=None) -> Budget:
     ``memory``: ``(free, total)`` (tests). A budget not sized from the device stays as it is."""
     if budget.source != "device":
         return budget
-    if memory is None:
-        memory = cuda_memory(engine_device_id(engine))
+    memory = memory or _device_memory(engine)
     if memory is None:
         return budget
     free, total = memory
     return dataclasses.replace(budget, warm_used=total - free)
 
 
+def _device_memory(engine):
+    """``(free, total)`` bytes of the engine's CUDA device now, or None (engine.device_memory)."""
+    return cuda_memory(engine_device_id(engine))
+
+
 def settled(config: SchedulerConfig, budget: Budget) -> SchedulerConfig:
-    """``config`` with ``budget``'s tokens as its budget (the default stays unset; the share that
-    sized it is spent)."""
+    """``config`` with ``budget``'s tokens as its budget (the default stays unset)."""
     if budget.source == "given" or budget.tokens is None:
         return config
-    return dataclasses.replace(config, kv_budget_tokens=budget.tokens, kv_budget_bytes=None,
-                               gpu_memory_utilization=None)
+    return with_tokens(config, budget.tokens)
+
+
+def with_tokens(config: SchedulerConfig, tokens: int) -> SchedulerConfig:
+    """``config`` whose budget is ``tokens`` (the bytes or share that sized it spent)."""
+    return dataclasses.replace(config, kv_budget_tokens=tokens, kv_budget_bytes=None, gpu_memory_utilization=None)

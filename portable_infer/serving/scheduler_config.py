@@ -29,9 +29,10 @@ class SchedulerConfig:
     """Sizes of the continuous-batching engine (validated at construction).
 
     ``kv_budget_tokens`` (or ``kv_budget_bytes``) bounds the KV reserved by admitted requests;
-    without either, on a GPU the budget is what ``gpu_memory_utilization`` of its memory leaves after
-    the model and the forwards (:mod:`~portable_infer.serving.kv_budget`), else 2 GiB of KV; ``max_waiting`` bounds the queue behind it; ``prefix_cache_bytes`` bounds
-    the prompt prefixes kept for reuse (:mod:`portable_infer.serving.prefix_cache`).
+    without either, on a GPU the budget is what ``gpu_memory_utilization`` of its memory leaves
+    after the model and the forwards (:mod:`~portable_infer.serving.kv_budget`), else 2 GiB of KV;
+    ``max_waiting`` bounds the queue behind it; ``prefix_cache_bytes`` bounds the prompt prefixes
+    kept for reuse (:mod:`portable_infer.serving.prefix_cache`).
     """
 
     max_batch: int = 16
@@ -85,7 +86,6 @@ class SchedulerConfig:
         if len(given) > 1:
             raise InvalidArgumentError(f"give one of kv_budget_tokens, kv_budget_bytes and gpu_memory_utilization "
                                        f"(each sizes the KV budget), not {' and '.join(given)}")
-
 
 
 @dataclass(frozen=True)
