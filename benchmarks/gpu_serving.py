@@ -22,7 +22,8 @@ server's process; ``engine``: ``--engine-process``; ``-restack``: with ``--slot-
 batch restacked at each join and leave as before the slot batch; ``paged`` / ``engine-paged``:
 ``--paged-kv``, the package exported with the paged variant too (``+bsN``: ``--kv-block-size N``; ``+auto``: no
 ``--kv-budget-tokens``, the server sizes its KV budget from the GPU's memory, and nvidia-smi's figures are printed;
-``+guF``: with it, ``--gpu-memory-utilization F``); ``+siMS``: an experiment, every
+``+guF``: with it, ``--gpu-memory-utilization F``; ``+mml``: ``--max-model-len`` of ``--prompt + --new``, which bounds
+the slots under an automatic budget); ``+siMS``: an experiment, every
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
@@ -241,6 +242,8 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         cmd += ["--kv-block-size", block]
     if base.endswith("restack"):  # the batch restacked at each join and leave (before the slot batch)
         cmd += ["--slot-batch", "off"]
+    if "mml" in extras:  # +mml: --max-model-len of one request here (the slots no longer than that)
+        cmd += ["--max-model-len", str(prompt + new)]
     env = dict(os.environ)
     env.update(x.split("=", 1) for x in extras if "=" in x)  # +NAME=VALUE: the server's environment
     if switch:  # an experiment: every Python process of the server switches threads every SWITCH ms

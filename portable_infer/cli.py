@@ -219,12 +219,13 @@ def cmd_serve(ns) -> int:
     import os
 
     from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
-    from portable_infer.serving.scheduler_setup import budget_line
+    from portable_infer.serving.scheduler_setup import budget_line, slot_rows
     from portable_infer.serving.http import ServerConfig, require_serve, serve
 
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
                                 kv_budget_tokens=ns.kv_budget_tokens, gpu_memory_utilization=ns.gpu_memory_utilization,
+                                max_model_len=_max_model_len(ns),
                                 prefix_cache_bytes=ns.prefix_cache_mib << 20,
                                 prefix_min_tokens=ns.prefix_min_tokens, block_size=ns.kv_block_size,
                                 slot_batch={"auto": None, "on": True, "off": False}[ns.slot_batch])
@@ -240,10 +241,21 @@ def cmd_serve(ns) -> int:
     else:
         scheduler = Scheduler(_load(ns), sched_cfg)
     gc.freeze()  # the model and the server live as long as the process: later collections skip them
-    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note),
+    slots = slot_rows(scheduler.model.engine, scheduler.config)
+    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note, slots),
           file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
+
+
+def _max_model_len(ns) -> int | None:
+    """The most KV tokens one request may hold: ``--max-model-len``, else where the server caps
+    both a prompt and its max_tokens, their sum (no request can hold more, so no slot need)."""
+    if ns.max_model_len is not None:
+        return ns.max_model_len
+    if ns.max_prompt_tokens is not None and ns.max_new_tokens is not None:
+        return ns.max_prompt_tokens + ns.max_new_tokens
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,8 +332,12 @@ def _serve_parser(sub) -> None:
     s.add_argument("--engine-process", action="store_true",
                    help="run the model and its scheduler in a process of their own, so HTTP and SSE work "
                         "does not share their Python thread's time (serving/engine_process.py)")
-    s.add_argument("--max-prompt-tokens", type=int, default=None)
-    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt tokens a request may have at most")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="max_tokens a request may ask for at most")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="KV tokens one request may hold, prompt and max_tokens (as vLLM's; default: "
+                        "--max-prompt-tokens + --max-new-tokens where both are given, else the context); bounds "
+                        "the slots' length, and so the decode step's cost, and an automatic KV budget")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     from portable_infer.text.tool_calls import FORMATS
 

@@ -153,6 +153,66 @@ def test_the_device_budget_stops_at_max_batch_requests_of_the_whole_context():
     assert b.tokens == 8 * 256
 
 
+def test_the_device_budget_stops_at_max_batch_requests_of_max_model_len():
+    """An automatic budget holds no more than max_batch requests of the most one may hold."""
+    m = model(max_context=4096)
+    b = kv_budget.settle(SchedulerConfig(max_batch=8, max_model_len=300), m, memory=(100 * GIB, 141 * GIB))
+    assert b.tokens == 8 * 300
+
+
+# --- max_model_len: what one request may hold, and the slots' length -------------------------------
+def pool_of(tokens, block=16):
+    return SimpleNamespace(total=tokens // block, block_size=block)
+
+
+def test_max_model_len_bounds_requests_and_the_slots_but_never_past_their_share():
+    from portable_infer.serving.scheduler_setup import row_limit
+
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    ctx = int(rng.integers(1024, 8192))
+    m = model(max_context=ctx, rng=rng)
+    batch = int(rng.integers(2, 64))
+    share = int(rng.integers(32, ctx))  # tokens a slot's share of the budget holds
+    pool = pool_of(share * batch)
+    share = pool.total * pool.block_size // batch  # rounded down to whole blocks
+    want = int(rng.integers(2, ctx))
+    slots = SchedulerConfig(max_batch=batch, slot_batch=True, max_model_len=want)
+    assert row_limit(m.engine, slots, pool, ctx) == min(want, share)
+    unset = SchedulerConfig(max_batch=batch, slot_batch=True)
+    assert row_limit(m.engine, unset, pool, ctx) == share
+    # a share over the context: the slots stop at the context (no buffer longer than a request can use)
+    assert row_limit(m.engine, unset, pool_of(2 * ctx * batch), ctx) == ctx
+    # a restacked batch has no slots: only max_model_len bounds a request
+    restacked = SchedulerConfig(max_batch=batch, slot_batch=False, max_model_len=want)
+    assert row_limit(m.engine, restacked, pool, ctx) == want
+    assert row_limit(m.engine, SchedulerConfig(slot_batch=False), pool, ctx) is None
+
+
+def test_a_max_model_len_over_the_context_or_too_short_is_refused():
+    from portable_infer.serving.scheduler_setup import row_limit
+
+    m = model(max_context=512)
+    with pytest.raises(InvalidArgumentError, match="max_model_len=513 .* over the model's context .512 tokens"):
+        row_limit(m.engine, SchedulerConfig(max_model_len=513), pool_of(4096), 512)
+    for bad in (1, 0, -5, 2.5, True, "300"):
+        with pytest.raises(InvalidArgumentError, match="max_model_len must be an int None or >= 2"):
+            SchedulerConfig(max_model_len=bad)
+
+
+@pytest.mark.parametrize("flags, want", [([], None), (["--max-model-len", "700"], 700),
+                                         (["--max-prompt-tokens", "128", "--max-new-tokens", "256"], 384),
+                                         (["--max-prompt-tokens", "128"], None),
+                                         (["--max-prompt-tokens", "128", "--max-new-tokens", "256",
+                                           "--max-model-len", "1000"], 1000)])
+def test_serve_bounds_a_request_by_max_model_len_or_both_request_caps(flags, want):
+    from portable_infer import cli
+
+    ns = cli.build_parser().parse_args(["serve", "--model", "nowhere", *flags])
+    assert cli._max_model_len(ns) == want
+
+
 def test_no_room_for_kv_is_refused_with_what_to_change():
     m = model()
     with pytest.raises(InvalidArgumentError, match="gpu_memory_utilization=0.5 .* leaves no room for KV") as e:

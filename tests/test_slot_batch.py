@@ -193,13 +193,36 @@ def test_the_kv_budget_bounds_the_buffer_and_longer_requests_are_refused(static,
     with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=16, slot_batch=True,
                                            kv_budget_tokens=4 * 48)) as sched:
         assert sched.row_limit == 48
-        with pytest.raises(ContextLengthError, match="needs 49 KV tokens .* a slot of the running batch holds 48"):
+        with pytest.raises(ContextLengthError, match="needs 49 KV tokens .* one request may hold 48 here"):
             sched.submit(ps[0], max_new_tokens=19, ignore_eos=True)
         handles = [sched.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(ps, news)]
         outs = [[r.token for r in h if r.token is not None] for h in handles]
         assert sched.batch.cache.capacity == 48  # rounded up to the limit, not past it
     for i, (got, want) in enumerate(zip(outs, refs)):
         assert got == want, f"{TAG} request {i} differs from its single run on the fused graph"
+
+
+def test_max_model_len_bounds_the_slots_below_their_share_of_the_budget(static, fused, monkeypatch):
+    """max_model_len (vLLM's: prompt + max_tokens a request may hold) sets the slots' length where
+    the budget's share would be longer: the startup warm-up makes the buffer that long, not the
+    share (a static graph's decode step reads the whole buffer); a longer request is refused and
+    the others give their single runs' tokens."""
+    from portable_infer.errors import ContextLengthError
+
+    rng = np.random.default_rng(SEED + 13)
+    print(TAG)
+    ps = [rng.integers(3, 256, int(n)).tolist() for n in rng.integers(4, 12, 3)]
+    refs = [fused.generate_ids(p, max_new_tokens=12, ignore_eos=True) for p in ps]
+    monkeypatch.setattr(static.engine, "cuda_graph", True)  # the warm-up runs (as on a GPU)
+    with Scheduler(static, SchedulerConfig(max_batch=4, prefill_chunk=16, slot_batch=True, max_model_len=40,
+                                           kv_budget_tokens=4 * 128)) as sched:
+        assert sched.row_limit == 40 and sched.batch.cache.capacity == 40, (TAG, sched.batch.cache.capacity)
+        with pytest.raises(ContextLengthError, match="needs 41 KV tokens .* one request may hold 40 here"):
+            sched.submit(ps[0], max_new_tokens=41 - len(ps[0]), ignore_eos=True)
+        outs = [[r.token for r in h if r.token is not None]
+                for h in [sched.submit(p, max_new_tokens=12, ignore_eos=True) for p in ps]]
+        assert sched.batch.cache.capacity == 40, TAG
+    assert outs == refs, f"{TAG} requests under max_model_len differ from their single runs"
 
 
 def test_a_budget_without_room_for_a_slot_is_refused(static):
@@ -271,6 +294,9 @@ def test_the_startup_line_says_what_the_kv_budget_holds(static):
     with Scheduler(static, SchedulerConfig(max_batch=4, kv_budget_tokens=4 * ctx)) as restacked:
         line = budget_line(restacked.stats(), restacked.max_context, restacked.row_limit)
     assert f"4 requests of the whole context ({ctx:,} tokens) at once (--kv-budget-tokens" in line and "slots" not in line
+    with Scheduler(static, SchedulerConfig(max_batch=4, kv_budget_tokens=4 * ctx, max_model_len=50)) as restacked:
+        line = budget_line(restacked.stats(), restacked.max_context, restacked.row_limit, slots=False)
+    assert "; a request's prompt + max_tokens may hold 50 tokens (max_model_len)" in line and "slots" not in line
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -108,7 +108,7 @@ class ProcessScheduler:
         self.config = config = settled_config(config, info)
         self.budget_note = info["budget_note"]
         self._pool = kv_pool(config, engine.variant.kv, engine.device)  # the budget's size, for the checks at submission
-        self.row_limit = row_limit(engine, config, self._pool)  # and what a slot holds
+        self.row_limit = row_limit(engine, config, self._pool, self.max_context)  # and what a slot holds
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
         self._receiver.start()
 

@@ -3,9 +3,9 @@
 As vLLM's ``gpu_memory_utilization``: the server may use that share of the GPU's whole memory.
 Of it, what is in use once the model is loaded (the weights, and whatever else runs on the card)
 and what the forwards need besides the KV (:func:`working_bytes`) are taken off; the rest is the
-KV budget, no more than ``max_batch`` requests of the whole context can hold. The engine's warm-up
-runs every decode bucket and the largest prefill before the first request, so a working-memory
-estimate that falls short fails at startup, not under load. On the CPU (and where the device's
+KV budget, no more than ``max_batch`` requests of the whole context (or of ``max_model_len``) can
+hold. The engine's warm-up runs every decode bucket and the largest prefill before the first
+request, so a working-memory estimate that falls short fails at startup, not under load. On the CPU (and where the device's
 memory cannot be read) the fixed default stays: KV lives in host memory, which other work shares.
 """
 
@@ -104,7 +104,8 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
             f"room for KV: {(total - free) / gib:.1f} GiB are in use after loading the model and the forwards need "
             f"about {working / gib:.1f} GiB; raise gpu_memory_utilization, lower max_batch or prefill_chunk, "
             f"or give kv_budget_tokens")
-    return Budget(min(room // per_token, config.max_batch * model.max_context), "device", free, total, working)
+    longest = min(model.max_context, config.max_model_len or model.max_context)  # what one request may hold
+    return Budget(min(room // per_token, config.max_batch * longest), "device", free, total, working)
 
 
 def after_warm_up(budget: Budget, engine, memory=None) -> Budget:

@@ -108,7 +108,7 @@ class Scheduler(PrefillSteps):
             self.prefixes = PagedPrefixes(engine, enabled=config.prefix_cache_bytes > 0)
         else:
             self.prefixes = PrefixCache(self.pool.block_size, config.prefix_cache_bytes, prefix_min, bytes_per_token(kv))
-        self.row_limit = row_limit(engine, config, self.pool)  # KV tokens a request may hold (slots)
+        self.row_limit = row_limit(engine, config, self.pool, self.max_context)  # KV tokens a request may hold (slots)
         self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread
                                    self.pool)
         # how an automatic budget was sized and what the device holds after the warm-up, for the startup line

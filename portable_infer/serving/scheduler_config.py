@@ -21,6 +21,7 @@ _CONFIG_RULES = {
     "kv_budget_bytes": ("None or >= 1", lambda v: v >= 1),
     "prefix_cache_bytes": (">= 0", lambda v: v >= 0),
     "prefix_min_tokens": ("None or >= 0", lambda v: v >= 0),
+    "max_model_len": ("None or >= 2", lambda v: v >= 2),
 }
 
 
@@ -46,6 +47,12 @@ class SchedulerConfig:
     # the forwards' working memory and the KV budget, which takes the rest), as vLLM's option of the
     # name. None: DEFAULT_GPU_MEMORY_UTILIZATION. Refused beside a budget given (one of them sizes it).
     gpu_memory_utilization: float | None = None
+    # KV tokens one request may hold at most, its prompt and max_new_tokens (vLLM's max_model_len);
+    # longer requests are refused. None: the model's context. Where the running batch is slots of
+    # one buffer (slot_batch) it also bounds the slots' length: a static graph's decode step reads
+    # the whole buffer, so slots longer than any request can use make every step slower; and an
+    # automatic KV budget holds no more than max_batch requests of it.
+    max_model_len: int | None = None
     # Host memory for the KV of prompt prefixes kept for reuse (0: no prefix caching); apart from
     # the KV budget. Default 64 MiB: ~1,400 tokens of SmolLM2-135M's fp32 KV.
     prefix_cache_bytes: int = 64 << 20
@@ -70,7 +77,7 @@ class SchedulerConfig:
     def __post_init__(self):
         for name, (allowed, ok) in _CONFIG_RULES.items():
             v = getattr(self, name)
-            if v is None and (name.startswith("kv_budget") or name in ("prefix_min_tokens", "block_size")):
+            if v is None and (name.startswith("kv_budget") or name in ("prefix_min_tokens", "block_size", "max_model_len")):
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
                 raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")

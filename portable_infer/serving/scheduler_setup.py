@@ -31,16 +31,19 @@ def kv_pool(config: SchedulerConfig, kv, device: str) -> BlockPool:
     return BlockPool(budget // block, block)
 
 
-def budget_line(stats, max_context: int, row_limit: int | None = None, note: str = "") -> str:
+def budget_line(stats, max_context: int, row_limit: int | None = None, note: str = "", slots: bool = True) -> str:
     """What a server's KV budget holds, for its operator at startup (``stats``: the scheduler's
     :class:`SchedulerStats`): its tokens and blocks, how many requests of the whole context fit at
-    once, and where slots bound each request (``row_limit``), the most one request may hold;
-    ``note``: how an automatic budget was sized (``kv_budget.Budget.describe``)."""
+    once, and the most one request may hold (``row_limit``): with ``slots`` the length of the
+    running batch's slots, else ``max_model_len``; ``note``: how an automatic budget was sized
+    (``kv_budget.Budget.describe``)."""
     tokens = stats.blocks_total * stats.block_size
     line = (f"KV budget: {tokens:,} tokens ({stats.blocks_total:,} blocks of {stats.block_size}): "
             f"{tokens // max_context:,} requests of the whole context ({max_context:,} tokens) at once")
-    if row_limit is not None:
+    if row_limit is not None and slots:
         line += f"; {stats.max_batch} slots of {row_limit:,} tokens: a request's prompt + max_tokens must fit one"
+    elif row_limit is not None:
+        line += f"; a request's prompt + max_tokens may hold {row_limit:,} tokens (max_model_len)"
     sizing = f"{note}; " if note else ""
     return line + f" ({sizing}--kv-budget-tokens sets it)"
 
@@ -53,18 +56,25 @@ def slot_rows(engine, config: SchedulerConfig) -> bool:
     return bool(slots) and engine.variant.kv.growth == "static"
 
 
-def row_limit(engine, config: SchedulerConfig, pool: BlockPool) -> int | None:
-    """KV tokens one request may hold where the batch is slots: the slots are ``max_batch`` equal
-    rows of one buffer, and the KV budget bounds that buffer (None: a restacked batch's rows are
-    as long as they need). A budget too small for a slot of two tokens is refused."""
+def row_limit(engine, config: SchedulerConfig, pool: BlockPool, max_context: int) -> int | None:
+    """KV tokens one request may hold (prompt and max_new_tokens; None: the context,
+    ``max_context``): ``config.max_model_len`` where given, and where the batch is slots no more
+    than a slot's share of the KV budget (the slots are ``max_batch`` equal rows of one buffer,
+    which the budget bounds) nor than the context. A ``max_model_len`` over the context, and a
+    budget too small for a slot of two tokens, are refused."""
+    limit = config.max_model_len
+    if limit is not None and limit > max_context:
+        raise InvalidArgumentError(f"max_model_len={limit} (serve: --max-model-len, else --max-prompt-tokens + "
+                                   f"--max-new-tokens) is over the model's context ({max_context} tokens); give at "
+                                   f"most {max_context} in all")
     if not slot_rows(engine, config):
-        return None
-    limit = pool.total * pool.block_size // config.max_batch
-    if limit < 2:
+        return limit
+    share = pool.total * pool.block_size // config.max_batch
+    if share < 2:
         raise InvalidArgumentError(
             f"the KV budget ({pool.total * pool.block_size} tokens) leaves each of max_batch={config.max_batch} "
-            f"slots {limit} tokens; raise kv_budget_tokens (or kv_budget_bytes) or lower max_batch")
-    return limit
+            f"slots {share} tokens; raise kv_budget_tokens (or kv_budget_bytes) or lower max_batch")
+    return min(share, limit or max_context)
 
 
 def running_batch(engine, config: SchedulerConfig, prefixes, max_context: int, limit: int | None = None,
@@ -114,10 +124,10 @@ def checked_request(model, pool: BlockPool, ids: list, params: SamplingParams, t
             param="max_new_tokens")
     if limit is not None and need > limit:
         raise ContextLengthError(
-            f"the request needs {need} KV tokens ({len(ids)} prompt + {params.max_new_tokens} new) but a slot of "
-            f"the running batch holds {limit}: the KV budget ({pool.total * pool.block_size} tokens) over "
-            f"max_batch rows of one buffer; lower max_new_tokens, or raise kv_budget_tokens or lower max_batch",
-            param="max_new_tokens")
+            f"the request needs {need} KV tokens ({len(ids)} prompt + {params.max_new_tokens} new) but one request "
+            f"may hold {limit} here (max_model_len, or where the running batch is slots of one buffer, the KV "
+            f"budget ({pool.total * pool.block_size} tokens) over max_batch rows); lower max_new_tokens, or raise "
+            f"max_model_len or kv_budget_tokens, or lower max_batch", param="max_new_tokens")
     seq = Sequence(ids, params, eos_ids=codec.eos_ids, vocab_size=codec.vocab_size,
                    guide=model.guide if params.constraint is not None else None)
     return ids, admission_blocks(pool, len(ids)) if on_demand else blocks, seq
