@@ -41,7 +41,8 @@ def budget_line(stats, max_context: int, row_limit: int | None = None, note: str
     line = (f"KV budget: {tokens:,} tokens ({stats.blocks_total:,} blocks of {stats.block_size}): "
             f"{tokens // max_context:,} requests of the whole context ({max_context:,} tokens) at once")
     if row_limit is not None and slots:
-        line += f"; {stats.max_batch} slots of {row_limit:,} tokens: a request's prompt + max_tokens must fit one"
+        line += (f"; {stats.max_batch} slots of {row_limit:,} tokens: a request's prompt + max_tokens must fit one "
+                 f"(a decode step reads the slots whole: --max-model-len bounds them)")
     elif row_limit is not None:
         line += f"; a request's prompt + max_tokens may hold {row_limit:,} tokens (max_model_len)"
     sizing = f"{note}; " if note else ""
