@@ -1,7 +1,10 @@
 """portable_infer against the other CPU runtimes: same models, prompts and threads, one run.
 
 Runs the competitor setup (venvs, HF folders, references, exports; skipped when present), then
-each runtime's runner in its own virtualenv and its own subprocess, one after the other, and
+each runtime's runner in its own virtualenv and its own subprocess, one after the other (with
+``--rounds R``: R rounds, the rows in a new shuffled order each round, so that the machine's drift
+hits them alike; decode and TTFT are the medians over the rounds, and the speedups the medians of
+the rounds' own ratios to portable_infer, paired; quality is measured in the first round), and
 prints one markdown table per model, the CPU model, its ISA flags and the thread budget above
 each, with the speedup of portable_infer over each runtime. The tables and every runner's JSON
 go to ``benchmarks/results/cpu.json``. The protocol itself is in ``runners/common.py``.
@@ -12,7 +15,7 @@ measure over ``benchmarks/texts``) and ``llama1b`` (random weights of Llama-3.2-
 
 Usage (from the repository root, in the project venv)::
 
-    .venv/bin/python benchmarks/compare_cpu.py [--models smollm2 llama1b] [--runs 3]
+    .venv/bin/python benchmarks/compare_cpu.py [--models smollm2 llama1b] [--runs 3] [--rounds 1]
         [--only NAME ...] [--skip-setup] [--package DIR] [--threads 2] [--results FILE]
 """
 
@@ -187,14 +190,14 @@ def ensure_packages(bm: BenchModel, names: list[str], package: Path | None) -> N
 
 
 def run_runner(model: str, name: str, runs: int, threads: int, package: Path | None,
-               new_tokens: int = 128) -> dict:
+               new_tokens: int = 128, quality: bool = True) -> dict:
     bm = MODELS[model]
     entry = bm.rows[name]
     python = PROJECT_PYTHON if entry.venv is None else steps.venv_python(entry.venv)
     cmd = [str(python), str(RUNNERS / entry.runner), "--model", str(model_path(bm, entry, package)),
            "--reference", str(bm.reference), "--runs", str(runs), "--threads", str(threads),
            "--new-tokens", str(new_tokens), *entry.extra]
-    if bm.quality is not None:
+    if bm.quality is not None and quality:
         cmd += ["--quality", str(bm.quality)]
     # Every library's own thread pools held to the same count; no hub access anywhere.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -225,11 +228,50 @@ def run_runner(model: str, name: str, runs: int, threads: int, package: Path | N
 
 
 def speedups(row: dict, base: dict | None) -> tuple[str, str]:
-    """portable_infer's speedup over ``row``: >1 means portable_infer is faster."""
+    """portable_infer's speedup over ``row``: >1 means portable_infer is faster (over rounds, the
+    median of the rounds' own ratios, ``paired``)."""
     if not base or "error" in base or "error" in row:
         return "n/a", "n/a"
+    if "paired" in row:
+        return f"{row['paired']['decode']:.2f}x", f"{row['paired']['ttft']:.2f}x"
     return (f"{base['decode_tok_s'] / row['decode_tok_s']:.2f}x",
             f"{row['ttft_ms'] / base['ttft_ms']:.2f}x")
+
+
+def run_rounds(model: str, names: list, rounds: int, seed: int, run) -> list:
+    """Every row ``rounds`` times, the rows in a new shuffled order each round after the first
+    (``run(name, first_round)`` runs one row; quality in the first round only). Returns one row
+    per name: the first round's, with decode and TTFT the medians over the rounds, ``rounds`` their
+    values, and ``paired`` the medians of each round's ratios to the baseline's in that round."""
+    import random
+    import statistics
+
+    order, done = random.Random(seed), {name: [] for name in names}
+    for k in range(rounds):
+        turn = list(names)
+        if k:
+            order.shuffle(turn)
+        logger.info("%s round %d/%d: %s", model, k + 1, rounds, ", ".join(turn))
+        for name in turn:
+            done[name].append(run(name, k == 0))
+    rows = []
+    for name in names:
+        runs = done[name]
+        row = dict(runs[0])
+        if rounds > 1 and not any("error" in r for r in runs):
+            row["rounds"] = [{"decode_tok_s": r["decode_tok_s"], "ttft_ms": r["ttft_ms"]} for r in runs]
+            row["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)
+            row["ttft_ms"] = statistics.median(r["ttft_ms"] for r in runs)
+        rows.append(row)
+    base = done.get(BASELINE)
+    if rounds > 1 and base and not any("error" in r for r in base):
+        for name, row in zip(names, rows):
+            if name != BASELINE and "rounds" in row:
+                pairs = list(zip(base, done[name]))
+                row["paired"] = {
+                    "decode": statistics.median(b["decode_tok_s"] / r["decode_tok_s"] for b, r in pairs),
+                    "ttft": statistics.median(r["ttft_ms"] / b["ttft_ms"] for b, r in pairs)}
+    return rows
 
 
 def host_line() -> str:
@@ -247,7 +289,7 @@ def quality_cells(r: dict) -> list[str]:
 
 
 def markdown_table(results: list[dict], threads: int, runs: int, title: str = "",
-                   host: str | None = None, new_tokens: int = 128) -> str:
+                   host: str | None = None, new_tokens: int = 128, rounds: int = 1) -> str:
     """One model's table, the CPU line above it and the protocol note under it."""
     base = next((r for r in results if r["runtime"] == BASELINE), None)
     with_quality = any("quality" in r for r in results)
@@ -271,9 +313,12 @@ def markdown_table(results: list[dict], threads: int, runs: int, title: str = ""
         lines.append("| " + " | ".join([r["runtime"], *cells]) + " |")
     lines.append("")
     note = (f"{title or 'SmolLM2-135M-Instruct'}: 32-token prompt, {new_tokens} new tokens, greedy, "
-            f"{threads} threads, median of {runs} runs after a warm-up. PI speedup = "
-            "portable_infer decode tok/s / the runtime's, and the runtime's TTFT / portable_infer's: "
-            "above 1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
+            f"{threads} threads, median of {runs} runs after a warm-up"
+            + (f", then the median over {rounds} rounds, the rows in a new shuffled order each round"
+               if rounds > 1 else "")
+            + ". PI speedup = portable_infer decode tok/s / the runtime's, and the runtime's TTFT / "
+            "portable_infer's" + (" (the median of the rounds' own ratios)" if rounds > 1 else "")
+            + ": above 1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
             f"fp32 transformers reference's next token over its {new_tokens}-token greedy continuation.")
     if with_quality:
         note += (" text agree / ppl = over every position of the fixed texts of benchmarks/texts: "
@@ -314,6 +359,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
                         help=f"models to compare on (default: all of {', '.join(MODELS)})")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per metric (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times, shuffled each round (medians, paired ratios)")
+    parser.add_argument("--seed", type=int, default=None, help="the rounds' order (default: drawn, printed)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="rows to run: a row's name, or a prefix for every row it starts "
                              "(e.g. portable_infer ortgenai llamacpp)")
@@ -330,8 +378,11 @@ def main() -> None:
                              "partial or smoke runs elsewhere to keep the full tables")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.runs < 1:
-        parser.error(f"--runs must be >= 1, got {args.runs}")
+    if args.runs < 1 or args.rounds < 1:
+        parser.error(f"--runs and --rounds must be >= 1, got {args.runs} and {args.rounds}")
+    if args.seed is None:
+        args.seed = int.from_bytes(os.urandom(4), "little")
+    logger.info("rounds' order seed %d", args.seed)
     plan = select(args.models, args.only)
     if args.package is not None:
         args.package = args.package.resolve()  # runners start in benchmarks/runners
@@ -348,11 +399,12 @@ def main() -> None:
 
     results, tables = [], {}
     for model, names in plan.items():
-        rows = [run_runner(model, name, args.runs, args.threads,
-                           args.package if model == "smollm2" else None, args.new_tokens)
-                for name in names]
+        package = args.package if model == "smollm2" else None
+        rows = run_rounds(model, names, args.rounds, args.seed,
+                          lambda name, first: run_runner(model, name, args.runs, args.threads, package,
+                                                         args.new_tokens, quality=first))
         tables[model] = markdown_table(rows, args.threads, args.runs, MODELS[model].title, host,
-                                       args.new_tokens)
+                                       args.new_tokens, args.rounds)
         print(f"\n## {model}\n\n{tables[model]}\n", flush=True)
         results += rows
     write_results(args.results, args, setup.REFERENCE if setup.REFERENCE.is_file() else None,
@@ -361,7 +413,7 @@ def main() -> None:
                               "reference": _source(MODELS[m].reference),
                               "quality_reference": _source(MODELS[m].quality)} for m in plan},
                   protocol_extra={"quality_tokens_per_text": _common().QUALITY_TOKENS,
-                                  "new_tokens": args.new_tokens})
+                                  "new_tokens": args.new_tokens, "rounds": args.rounds, "seed": args.seed})
 
 
 def _source(path: Path | None) -> str | None:

@@ -165,6 +165,45 @@ def test_table_is_headed_by_the_cpu_line():
     assert compare_cpu.host_line().startswith("CPU: ") and "ISA: " in compare_cpu.host_line()
 
 
+def test_rounds_shuffle_the_rows_and_pair_each_rounds_ratio(capsys):
+    """compare_cpu --rounds: every row once per round, quality only in the first, the order
+    shuffled after it; decode / TTFT the medians over the rounds and the speedups the medians of
+    each round's own ratios (a drift that hits a round's rows alike leaves them alone)."""
+    import random
+    import statistics
+
+    seed = random.randrange(2**32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    names = ["portable_infer", "ortgenai-int4", "llamacpp-q4_1"]
+    speed = {"portable_infer": 100.0, "ortgenai-int4": 125.0, "llamacpp-q4_1": 80.0}
+    drift = [rng.uniform(0.5, 1.5) for _ in range(5)]  # the machine's speed, round by round
+    calls = []
+
+    def run(name, first):
+        k = sum(1 for n, _ in calls if n == name)
+        calls.append((name, first))
+        return {"runtime": name, "decode_tok_s": speed[name] * drift[k], "ttft_ms": 1000 / (speed[name] * drift[k]),
+                **({"quality": {"agreement": 1}} if first else {})}
+
+    rows = compare_cpu.run_rounds("m", names, 5, seed, run)
+    assert [n for n, _ in calls[:3]] == names and all(f for _, f in calls[:3]) and not any(f for _, f in calls[3:])
+    assert sorted(n for n, _ in calls) == sorted(names * 5)
+    by = {r["runtime"]: r for r in rows}
+    for name in names:
+        want = statistics.median(speed[name] * d for d in drift)
+        assert by[name]["decode_tok_s"] == pytest.approx(want) and len(by[name]["rounds"]) == 5
+        assert "quality" in by[name]
+    # the drift is paired away: each round's ratio is the true one
+    assert by["ortgenai-int4"]["paired"]["decode"] == pytest.approx(0.8)
+    assert by["llamacpp-q4_1"]["paired"]["decode"] == pytest.approx(1.25)
+    assert by["llamacpp-q4_1"]["paired"]["ttft"] == pytest.approx(1.25)
+    assert compare_cpu.speedups(by["ortgenai-int4"], by["portable_infer"]) == ("0.80x", "0.80x")
+    calls.clear()
+    one = compare_cpu.run_rounds("m", names, 1, seed, run)
+    assert all("paired" not in r and "rounds" not in r for r in one)
+
+
 def test_genai_pool_is_set_to_the_budget_wherever_its_config_keeps_it(tmp_path):
     """gpu_serving's --budget-streams (gpu_genai_engine.genai_blocks): every num_blocks in GenAI's config takes the budget's blocks,
     the paths changed are reported, other keys stay; a config without one reports none."""
