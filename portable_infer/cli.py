@@ -219,13 +219,13 @@ def cmd_serve(ns) -> int:
     import os
 
     from portable_infer.serving.scheduler import Scheduler, SchedulerConfig
-    from portable_infer.serving.scheduler_setup import budget_line, slot_rows
+    from portable_infer.serving.scheduler_setup import budget_line, max_model_len, slot_rows
     from portable_infer.serving.http import ServerConfig, require_serve, serve
 
     require_serve()  # fail before loading the model
     sched_cfg = SchedulerConfig(max_batch=ns.max_batch, max_waiting=ns.max_waiting, prefill_chunk=ns.prefill_chunk,
                                 kv_budget_tokens=ns.kv_budget_tokens, gpu_memory_utilization=ns.gpu_memory_utilization,
-                                max_model_len=_max_model_len(ns),
+                                max_model_len=max_model_len(ns.max_model_len, ns.max_prompt_tokens, ns.max_new_tokens),
                                 prefix_cache_bytes=ns.prefix_cache_mib << 20,
                                 prefix_min_tokens=ns.prefix_min_tokens, block_size=ns.kv_block_size,
                                 slot_batch={"auto": None, "on": True, "off": False}[ns.slot_batch])
@@ -246,16 +246,6 @@ def cmd_serve(ns) -> int:
           file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
-
-
-def _max_model_len(ns) -> int | None:
-    """The most KV tokens one request may hold: ``--max-model-len``, else where the server caps
-    both a prompt and its max_tokens, their sum (no request can hold more, so no slot need)."""
-    if ns.max_model_len is not None:
-        return ns.max_model_len
-    if ns.max_prompt_tokens is not None and ns.max_new_tokens is not None:
-        return ns.max_prompt_tokens + ns.max_new_tokens
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -208,9 +208,10 @@ def test_a_max_model_len_over_the_context_or_too_short_is_refused():
                                            "--max-model-len", "1000"], 1000)])
 def test_serve_bounds_a_request_by_max_model_len_or_both_request_caps(flags, want):
     from portable_infer import cli
+    from portable_infer.serving.scheduler_setup import max_model_len
 
     ns = cli.build_parser().parse_args(["serve", "--model", "nowhere", *flags])
-    assert cli._max_model_len(ns) == want
+    assert max_model_len(ns.max_model_len, ns.max_prompt_tokens, ns.max_new_tokens) == want
 
 
 def test_no_room_for_kv_is_refused_with_what_to_change():

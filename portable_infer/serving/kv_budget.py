@@ -5,8 +5,9 @@ Of it, what is in use once the model is loaded (the weights, and whatever else r
 and what the forwards need besides the KV (:func:`working_bytes`) are taken off; the rest is the
 KV budget, no more than ``max_batch`` requests of the whole context (or of ``max_model_len``) can
 hold. The engine's warm-up runs every decode bucket and the largest prefill before the first
-request, so a working-memory estimate that falls short fails at startup, not under load. On the CPU (and where the device's
-memory cannot be read) the fixed default stays: KV lives in host memory, which other work shares.
+request, so a working-memory estimate that falls short fails at startup, not under load. On the
+CPU (and where the device's memory cannot be read) the fixed default stays: KV lives in host
+memory, which other work shares.
 """
 
 from __future__ import annotations

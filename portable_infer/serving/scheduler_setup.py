@@ -57,6 +57,17 @@ def slot_rows(engine, config: SchedulerConfig) -> bool:
     return bool(slots) and engine.variant.kv.growth == "static"
 
 
+def max_model_len(given: int | None, max_prompt_tokens: int | None, max_new_tokens: int | None) -> int | None:
+    """The most KV tokens one request may hold on a server (``SchedulerConfig.max_model_len``):
+    ``given``, else where the server caps both a prompt and its max_tokens, their sum (no request
+    can hold more, so no slot needs to); else None (the context)."""
+    if given is not None:
+        return given
+    if max_prompt_tokens is not None and max_new_tokens is not None:
+        return max_prompt_tokens + max_new_tokens
+    return None
+
+
 def row_limit(engine, config: SchedulerConfig, pool: BlockPool, max_context: int) -> int | None:
     """KV tokens one request may hold (prompt and max_new_tokens; None: the context,
     ``max_context``): ``config.max_model_len`` where given, and where the batch is slots no more
