@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -243,9 +245,6 @@ def run_rounds(model: str, names: list, rounds: int, seed: int, run) -> list:
     (``run(name, first_round)`` runs one row; quality in the first round only). Returns one row
     per name: the first round's, with decode and TTFT the medians over the rounds, ``rounds`` their
     values, and ``paired`` the medians of each round's ratios to the baseline's in that round."""
-    import random
-    import statistics
-
     order, done = random.Random(seed), {name: [] for name in names}
     for k in range(rounds):
         turn = list(names)

@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import portable_infer
-    from portable_infer.engine.device_memory import cuda_memory, engine_device_id
+    from portable_infer.engine.device_memory import cuda_memory
     from portable_infer.engine.memory import bytes_per_token
     from portable_infer.serving import kv_budget
     from portable_infer.serving.scheduler import Scheduler
@@ -70,7 +70,7 @@ def main() -> None:
     t = time.perf_counter()
     model = portable_infer.load(args.package, providers="cuda", strict=True)
     engine = model.engine
-    dev = engine_device_id(engine)
+    dev = 0  # the engines run on device 0 (engine.session.make_engine)
     free0, total = cuda_memory(dev)
     print(f"loaded {engine.variant.name} on {engine.provider} in {time.perf_counter() - t:.0f} s: "
           f"{(total - free0) / GIB:.2f} GiB in use of {total / GIB:.2f}", flush=True)

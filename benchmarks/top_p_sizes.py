@@ -38,7 +38,7 @@ def main() -> None:
         for row in m.forward_logits(ids + out[:-1])[len(ids) - 1:]:
             for t in sizes:
                 sizes[t].append(int((apply_top_p(tempered(row, t), args.top_p) > -np.inf).sum()))
-    print(f"{m.path.name}: vocabulary {m.forward_logits(ids[:1]).shape[-1]}, top-p {args.top_p}")
+    print(f"{m.path.name}: vocabulary {m.codec.vocab_size}, top-p {args.top_p}")
     for t, s in sizes.items():
         s = np.array(s)
         print(f"temperature {t}: {s.size} positions; kept median {np.median(s):.0f}, p90 {np.percentile(s, 90):.0f}, "

@@ -81,10 +81,31 @@ def test_cuda_memory_without_a_loaded_runtime_is_none(monkeypatch):
 
 def test_the_device_id_comes_from_the_sessions_provider_options():
     s = SimpleNamespace(get_provider_options=lambda: {"CUDAExecutionProvider": {"device_id": "2"}})
-    engine = lambda provider: SimpleNamespace(session=s, provider=provider)  # noqa: E731
-    assert device_memory.engine_device_id(engine("CUDAExecutionProvider")) == 2
-    assert device_memory.engine_device_id(engine("CPUExecutionProvider")) == 0
-    assert device_memory.engine_device_id(object()) == 0
+    assert device_memory.session_device_id(s, "CUDAExecutionProvider") == 2
+    assert device_memory.session_device_id(s, "CPUExecutionProvider") == 0
+    assert device_memory.session_device_id(object(), "CUDAExecutionProvider") == 0
+
+
+@pytest.mark.parametrize("provider, device_id, refused", [("CUDAExecutionProvider", 1, True),
+                                                         ("CUDAExecutionProvider", 0, False),
+                                                         ("CPUExecutionProvider", 3, False)])
+def test_an_engine_on_a_device_other_than_0_is_refused_where_engines_are_made(provider, device_id, refused,
+                                                                               monkeypatch):
+    """Every engine makes its buffers and binds its companions on device 0 (KV, step inputs, logits,
+    the device draws): ``make_engine`` refuses a session on another device with a typed error
+    that names CUDA_VISIBLE_DEVICES, instead of a forward failing later."""
+    from portable_infer.engine import session as sessions
+
+    monkeypatch.setattr(sessions, "GrowingEngine", lambda *a, **k: "the growing engine")
+    session = SimpleNamespace(get_provider_options=lambda: {provider: {"device_id": str(device_id)}})
+    sel = SimpleNamespace(session=session, provider=SimpleNamespace(ort_name=provider),
+                          variant=SimpleNamespace(kv=SimpleNamespace(growth="unknown")))
+    manifest = SimpleNamespace(model=SimpleNamespace(max_context=64))
+    if refused:
+        with pytest.raises(InvalidArgumentError, match=f"device_id={device_id} .* CUDA_VISIBLE_DEVICES={device_id}"):
+            sessions.make_engine(sel, manifest, None)
+    else:
+        assert sessions.make_engine(sel, manifest, None) == "the growing engine"
 
 
 # --- the rule --------------------------------------------------------------------------------------
@@ -248,13 +269,13 @@ def test_the_default_share_is_vllms_and_a_share_on_the_cpu_is_said_to_do_nothing
 def test_the_device_use_after_the_warm_up_joins_the_startup_note(monkeypatch):
     m = model()
     b = kv_budget.settle(SchedulerConfig(), m, memory=(120 * GIB, 140 * GIB))
-    warm = kv_budget.after_warm_up(b, m.engine, memory=(14 * GIB, 140 * GIB))
+    warm = kv_budget.after_warm_up(b, memory=(14 * GIB, 140 * GIB))
     assert warm.warm_used == 126 * GIB and warm.tokens == b.tokens
     assert warm.describe().endswith("; 126.0 in use after the warm-up (90%)")
     monkeypatch.setattr(kv_budget, "cuda_memory", lambda *a: None)  # unreadable now: the note as it was
-    assert kv_budget.after_warm_up(b, m.engine) is b and "after the warm-up" not in b.describe()
+    assert kv_budget.after_warm_up(b) is b and "after the warm-up" not in b.describe()
     given = kv_budget.Budget(100, "given")
-    assert kv_budget.after_warm_up(given, m.engine, memory=(1, 2)) is given
+    assert kv_budget.after_warm_up(given, memory=(1, 2)) is given
 
 
 def test_the_startup_line_says_how_the_budget_was_sized():
@@ -363,7 +384,7 @@ def test_serve_refuses_both_budget_options_before_loading(capsys, monkeypatch):
 
 def test_device_pools_are_made_and_grown_by_the_engines_maker():
     """A paged pool on a device takes its buffers from the engine's maker (engine.kv_alloc: the
-    session arena, the model's device id), also when a first-cache pool grows through the host."""
+    session arena), also when a first-cache pool grows through the host."""
     from portable_infer.engine.kv_paged import BlockPool
 
     class DeviceValue:  # what the pool uses of an OrtValue on a device

@@ -62,8 +62,3 @@ def session_device_id(session, provider: str) -> int:
         return int(session.get_provider_options().get(provider, {}).get("device_id", 0))
     except (AttributeError, TypeError, ValueError):
         return 0
-
-
-def engine_device_id(engine) -> int:
-    """The device id an engine's session runs its provider on (:func:`session_device_id`)."""
-    return session_device_id(getattr(engine, "session", None), getattr(engine, "provider", ""))

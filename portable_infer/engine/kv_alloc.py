@@ -8,7 +8,8 @@ free memory ran out of it 20 GiB early (``benchmarks/gpu_kv_memory.py``, docs/be
 session 22). The buffers here are the output of a companion session over
 ``kv_zeros.<dtype>.onnx`` (ConstantOfShape) on the model session's provider with its options,
 whose arena grows by what is asked (``arena_extend_strategy=kSameAsRequested``, the CUDA
-provider's default here), and on the model's own device (its ``device_id``). Zero-filled.
+provider's default here), on device 0 (the only one an engine runs on: ``session.make_engine``).
+Zero-filled.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import numpy as np
 
 from portable_infer.engine.companion import companion_session
-from portable_infer.engine.device_memory import session_device_id
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ class DeviceZeros:
         if device == "cuda":  # TensorRT's sessions too: the buffer is plain CUDA memory
             provider = "CUDAExecutionProvider"
         self.session, self.ort, self.provider, self.device = session, ort, provider, device
-        self.device_id = session_device_id(session, provider)
         self._sessions: dict = {}  # dtype name -> its kv_zeros session (made on first use)
 
     def zeros(self, shape, dtype):
@@ -41,7 +40,7 @@ class DeviceZeros:
                                                                  self.provider)
         b = companion.io_binding()
         b.bind_cpu_input("shape", np.asarray(shape, np.int64))
-        b.bind_output("y", self.device, self.device_id)
+        b.bind_output("y", self.device)
         companion.run_with_iobinding(b)
         return b.get_outputs()[0]
 
@@ -57,8 +56,7 @@ class KVBuffers:
 
     def kv_buffer(self, shape, dtype):
         if self.device == "cpu" or self._zeros is False:
-            device_id = 0 if self.device == "cpu" else session_device_id(self.session, self.provider)
-            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), self.device, device_id)
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), self.device, 0)
         if self._zeros is None:
             try:
                 zeros = DeviceZeros(self.session, self.ort, self.provider, self.device)

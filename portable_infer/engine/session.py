@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from portable_infer.engine import host
+from portable_infer.engine.device_memory import session_device_id
+from portable_infer.engine.devices import device_of
 from portable_infer.engine.growing import GrowingEngine
 from portable_infer.engine.paged import PagedEngine
 from portable_infer.engine.static import StaticEngine
+from portable_infer.errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,18 @@ class SessionConfig:
 
 def make_engine(sel, manifest, ort, max_kv_tokens: int | None = None):
     """The engine for a :class:`~portable_infer.engine.providers.Selection`: the static one for
-    static-KV graphs (buffers of at most ``max_kv_tokens`` tokens per row), else the growing one."""
+    static-KV graphs (buffers of at most ``max_kv_tokens`` tokens per row), else the growing one.
+
+    The engines make their buffers and bind their companions' on device 0 of the provider: a
+    session on another device (``provider_options`` ``device_id``) is refused here rather than
+    failing in a forward. One process per GPU, each seeing its own (``CUDA_VISIBLE_DEVICES``, as
+    vLLM's servers are run), is the way to use another device."""
+    device_id = session_device_id(sel.session, sel.provider.ort_name)
+    if device_of(sel.provider.ort_name) != "cpu" and device_id != 0:
+        raise InvalidArgumentError(
+            f"device_id={device_id} for {sel.provider.ort_name}: the engines run on device 0 of a provider only; "
+            f"leave device_id at 0 and choose the GPU with CUDA_VISIBLE_DEVICES={device_id} (one process per GPU)",
+            param="provider_options")
     context = manifest.model.max_context
     if sel.variant.kv.growth == "paged":
         return PagedEngine(sel.session, sel.variant, sel.provider.ort_name, ort,

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from portable_infer.engine.device_memory import cuda_memory, engine_device_id
+from portable_infer.engine.device_memory import cuda_memory
 from portable_infer.engine.memory import bytes_per_token
 from portable_infer.errors import InvalidArgumentError
 from portable_infer.serving.scheduler_config import DEFAULT_GPU_MEMORY_UTILIZATION, SchedulerConfig
@@ -88,7 +88,7 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
             log.warning("gpu_memory_utilization applies on a GPU: the KV budget on %s is the fixed default; give "
                         "kv_budget_tokens to size it", engine.device)
         return Budget(None, "default")
-    memory = memory or _device_memory(engine)
+    memory = memory or cuda_memory()
     if memory is None:
         log.warning("the GPU's free memory could not be read: the KV budget is the fixed default; "
                     "give kv_budget_tokens to size it")
@@ -109,22 +109,17 @@ def settle(config: SchedulerConfig, model, memory=None) -> Budget:
     return Budget(min(room // per_token, config.max_batch * longest), "device", free, total, working)
 
 
-def after_warm_up(budget: Budget, engine, memory=None) -> Budget:
+def after_warm_up(budget: Budget, memory=None) -> Budget:
     """``budget`` with what the device holds in use now, read once the KV is allocated and the
     warm-up has run (for the startup line: the operator sees the share really taken);
     ``memory``: ``(free, total)`` (tests). A budget not sized from the device stays as it is."""
     if budget.source != "device":
         return budget
-    memory = memory or _device_memory(engine)
+    memory = memory or cuda_memory()
     if memory is None:
         return budget
     free, total = memory
     return dataclasses.replace(budget, warm_used=total - free)
-
-
-def _device_memory(engine):
-    """``(free, total)`` bytes of the engine's CUDA device now, or None (engine.device_memory)."""
-    return cuda_memory(engine_device_id(engine))
 
 
 def settled(config: SchedulerConfig, budget: Budget) -> SchedulerConfig:

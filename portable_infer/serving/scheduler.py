@@ -112,7 +112,7 @@ class Scheduler(PrefillSteps):
         self.batch = running_batch(engine, config, self.prefixes, self.max_context, self.row_limit,  # loop thread
                                    self.pool)
         # how an automatic budget was sized and what the device holds after the warm-up, for the startup line
-        self.budget_note = kv_budget.after_warm_up(budget, engine).describe()
+        self.budget_note = kv_budget.after_warm_up(budget).describe()
         self.on_demand = self.batch.blocks_on_demand  # KV blocks taken as rows grow, preempting when short
         self.planner = Planner(config.max_batch, config.prefill_chunk, self.max_context, prefix_min,  # defer_leave: see Planner
                                self.prefixes.enabled, defer_leave=kv.growth == "static" and engine.device != "cpu"

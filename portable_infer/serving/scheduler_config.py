@@ -23,7 +23,7 @@ _CONFIG_RULES = {
     "prefix_min_tokens": ("None or >= 0", lambda v: v >= 0),
     "max_model_len": ("None or >= 2", lambda v: v >= 2),
 }
-OPTIONAL = ("prefix_min_tokens", "block_size", "max_model_len")  # besides the kv_budget_* ones: None allowed
+OPTIONAL = ("kv_budget_tokens", "kv_budget_bytes", "prefix_min_tokens", "block_size", "max_model_len")  # None allowed
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class SchedulerConfig:
     def __post_init__(self):
         for name, (allowed, ok) in _CONFIG_RULES.items():
             v = getattr(self, name)
-            if v is None and (name.startswith("kv_budget") or name in OPTIONAL):
+            if v is None and name in OPTIONAL:
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and ok(v)):
                 raise InvalidArgumentError(f"{name} must be an int {allowed}, got {v!r}")

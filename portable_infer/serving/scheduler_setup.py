@@ -78,7 +78,7 @@ def row_limit(engine, config: SchedulerConfig, pool: BlockPool, max_context: int
     if limit is not None and limit > max_context:
         raise InvalidArgumentError(f"max_model_len={limit} (serve: --max-model-len, else --max-prompt-tokens + "
                                    f"--max-new-tokens) is over the model's context ({max_context} tokens); give at "
-                                   f"most {max_context} in all")
+                                   f"most {max_context} in all (serve: --max-model-len {max_context} keeps both caps)")
     if not slot_rows(engine, config):
         return limit
     share = pool.total * pool.block_size // config.max_batch
