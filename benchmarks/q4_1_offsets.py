@@ -12,10 +12,12 @@ holds ``w = s * (q - z)`` with an integer zero point z, so a Q4_1 block fits it 
     sep     4-bit + ReduceSum block sums, MatMul by the offsets, Add
     sep_mm  as sep, block sums by MatMul
     gemm    as sep, Gemm(sums, offsets, C = MatMulNBits(x))
+    mm_gemm block sums by MatMul, then Gemm(sums, offsets, C = MatMulNBits(x)): two nodes
     floatzp 4-bit with float zero points (exact; ONNX Runtime runs it on a slow fallback path)
 
 Each form runs a chain of 2 x LAYERS linears (K -> N -> K, distinct weights, so they stream from
-memory as in a model), int8 activations (accuracy_level 4), batch 1, median of 5 runs of 100.
+memory as in a model), int8 activations (accuracy_level 4; ``--accuracy 1``: float activations, the
+exact graphs' kernel), batch 1, median of 5 runs of 100.
 Single nodes (weights hot in cache) are ``benchmarks/graph_step.py --matmulnbits``.
 
     .venv/bin/python benchmarks/q4_1_offsets.py [--shape 576 1536] [--threads 2] [--forms ...]
@@ -33,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BLOCK, LAYERS = 32, 24
-FORMS = ("plain", "plain8", "aug", "sep", "sep_mm", "gemm", "floatzp")
+ACCURACY = [4]  # MatMulNBits accuracy_level of every linear (--accuracy)
+FORMS = ("plain", "plain8", "aug", "sep", "sep_mm", "gemm", "mm_gemm", "floatzp")
 
 
 def _weights(rng, k: int, n: int, name: str, inits: list, bits: int = 4, float_zero: bool = False) -> list:
@@ -56,7 +59,7 @@ def _nbits(x: str, k: int, n: int, name: str, out: str, rng, nodes: list, inits:
     from onnx import helper as h
 
     nodes.append(h.make_node("MatMulNBits", [x, *_weights(rng, k, n, name, inits, bits, float_zero)], [out],
-                             domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=4))
+                             domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY[0]))
 
 
 def _block_sums(x: str, k: int, name: str, by_matmul: bool, nodes: list, inits: list) -> str:
@@ -91,10 +94,10 @@ def linear(x: str, k: int, n: int, name: str, form: str, rng, nodes: list, inits
         nodes.append(h.make_node("Concat", parts, [name + "xa"], axis=-1))
         _nbits(name + "xa", k + nb + pad, n, name, y, rng, nodes, inits)
     else:  # sep, sep_mm, gemm: y = MatMulNBits(x) + sums(x) @ offsets
-        s = _block_sums(x, k, name, form == "sep_mm", nodes, inits)
+        s = _block_sums(x, k, name, form in ("sep_mm", "mm_gemm"), nodes, inits)
         inits.append(nh.from_array(rng.standard_normal((nb, n)).astype(np.float32) * 1e-3, name + "R"))
         _nbits(x, k, n, name, name + "m", rng, nodes, inits)
-        if form == "gemm":
+        if form in ("gemm", "mm_gemm"):
             nodes.append(h.make_node("Gemm", [s, name + "R", name + "m"], [y]))
         else:
             nodes.append(h.make_node("MatMul", [s, name + "R"], [name + "c"]))
@@ -125,7 +128,10 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=2, default=(576, 1536), metavar=("K", "N"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    p.add_argument("--accuracy", type=int, default=4, choices=(1, 4),
+                   help="MatMulNBits accuracy_level: 4 int8 activations, 1 float (the exact graphs')")
     args = p.parse_args()
+    ACCURACY[0] = args.accuracy
     k, n = args.shape
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
     sessions = {f: session(f, k, n, args.threads) for f in args.forms}
@@ -140,7 +146,7 @@ def main() -> None:
             times[f].append((time.perf_counter() - start) / 100 * 1e3)
     base = float(np.median(times["plain"])) if "plain" in times else None
     print(f"CPU: {host.describe()}\n")
-    print(f"| form ({2 * LAYERS} linears {k}x{n} and back, {args.threads} threads) | ms per chain (median of 5) "
+    print(f"| form ({2 * LAYERS} linears {k}x{n} and back, {args.threads} threads, accuracy {args.accuracy}) | ms per chain (median of 5) "
           "| us per linear over plain |")
     print("|---|---|---|")
     for f in args.forms:

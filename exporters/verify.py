@@ -277,7 +277,11 @@ def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(
             del dec  # free this session before the next one starts
             gc.collect()
         logger.info("verify %s: %s", v.name, r)
-        report[v.name] = _gate(v, r, src)
+        report[v.name] = r if variants.is_int8_name(v.name) else _gate(v, r, src)
+    for v in checked:  # int8 graphs: measured from their exact twins' records (this run's, else the manifest's)
+        if variants.is_int8_name(v.name):
+            twin = variants.exact_twin(v.name)
+            report[v.name] = _gate(v, report[v.name], src, report.get(twin) or manifest.verification.get(twin))
     return report
 
 
@@ -286,9 +290,10 @@ def _checks_quality(v: mf.GraphVariant, src) -> bool:
     return v.precision != "fp32" or src.kind == "gguf"
 
 
-def _gate(v: mf.GraphVariant, r: VariantReport, src) -> VariantReport:
+def _gate(v: mf.GraphVariant, r: VariantReport, src, twin: VariantReport | None = None) -> VariantReport:
     """Raise VerificationError where ``v`` fails its gate; ``r``, with an int8-activation variant
-    below its floor marked as dropped (``dropped`` says why)."""
+    below its floor (measured from its exact twin's report ``twin``) marked as dropped (``dropped``
+    says why)."""
     worst = max(r.full.max_rel, r.cached.max_rel)
     if v.precision == "fp32" and worst > variants.FP32_REL_TOL:
         raise VerificationError(
@@ -300,17 +305,25 @@ def _gate(v: mf.GraphVariant, r: VariantReport, src) -> VariantReport:
     if variants.is_int8_name(v.name) and q is not None:
         logger.info("verify %s (int8 activations): top-1 agreement %s, perplexity %+.2f %%", v.name,
                     q.agree_steps, 100 * q.perplexity_delta)
-        floor = variants.INT8_FLOOR[v.name]
-        if q.top1_agreement < floor:
-            return dataclasses.replace(r, dropped=f"top-1 agreement {q.agree_steps} is below the {floor:.0%} "
-                                                  f"floor for int8 activations")
-        return r
+        return _below_floor(v.name, r, q, twin, "")
     floor = variants.MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
     if floor and q is not None and q.top1_agreement < floor:
         raise VerificationError(
             f"{v.name} graph agrees with the reference on {q.agree_steps} "
             f"teacher-forced steps, below the {floor:.0%} gate; the export was not written")
     return r
+
+
+def _below_floor(name: str, r: VariantReport, q, twin: VariantReport | None, against: str) -> VariantReport:
+    """``r``, marked as dropped where the int8-activation variant ``name`` agrees below its floor
+    (``variants.int8_floor``: 10 points under its exact twin's agreement, or 90 % of the reference)."""
+    floor = variants.int8_floor(name, twin)
+    if q.top1_agreement >= floor:
+        return r
+    base = "" if twin is None or twin.quality is None else (
+        f" ({variants.exact_twin(name)} agrees on {twin.quality.agree_steps})")
+    return dataclasses.replace(r, dropped=f"top-1 agreement {q.agree_steps}{against} is below the {floor:.0%} "
+                                          f"floor for int8 activations{base}")
 
 
 def verify_existing(package, reference=None) -> dict:

@@ -461,7 +461,7 @@ def test_export_verifies_and_records_the_q4_variants(tiny_llama, tmp_path):
     perplexity, recorded in the manifest beside the fit's error), and keeps or drops them by the
     int8-activation floor."""
     from exporters.export import export
-    from portable_infer.package.variants import INT8_FLOOR
+    from portable_infer.package.variants import int8_floor
 
     pkg = export(tiny_llama.source, tmp_path / "pkg", precision="int4", variants=("portable", "static-q4"))
     m = mf.Manifest.load(pkg)
@@ -470,7 +470,7 @@ def test_export_verifies_and_records_the_q4_variants(tiny_llama, tmp_path):
     print(q, r.weight_fit)
     assert q.perplexity_delta is not None and r.weight_fit.weights > 0
     kept = "static-q4" in [v.name for v in m.variants]
-    assert kept == (q.top1_agreement >= INT8_FLOOR["static-q4"]), (kept, q)
+    assert kept == (q.top1_agreement >= int8_floor("static-q4", m.verification.get("static"))), (kept, q)
     assert kept != bool(r.dropped)
 
 

@@ -106,7 +106,7 @@ class VariantChoice:
                 and any(v.name.startswith(FUSED) for v in growing)):
             raise PackageError(
                 f"accuracy_level=4 asks for int8 activations, and {pkg} has no {FUSED_INT8} graph (int4 exports "
-                f"keep it unless it falls below the {INT8_FLOOR[FUSED_INT8]:.0%} agreement floor; its fused graph "
+                f"keep it unless its agreement falls {1 - INT8_FLOOR[FUSED_INT8]:.0%} below its exact twin's; its fused graph "
                 f"keeps the accuracy it was exported with); re-export it with `portable-infer export SOURCE -o {pkg} --precision int4` "
                 f"or load it with accuracy_level=1")
 

@@ -71,8 +71,9 @@ FP32_REL_TOL = 1e-4
 # every exact graph in the lean check: teacher-forced top-1 agreement below this fails the export.
 EXACT_MIN_AGREEMENT = 0.98
 MIN_AGREEMENT = {"gguf": EXACT_MIN_AGREEMENT, "awq": EXACT_MIN_AGREEMENT, "gptq": EXACT_MIN_AGREEMENT}  # by source
-# int8-activation graphs trade exactness for speed: below this floor they are broken, not merely
-# approximate, and are left out of the package (their exact twins stay).
+# int8-activation graphs trade exactness for speed: more than 1 - INT8_FLOOR (10 points) of top-1
+# agreement below their exact twin's they are broken, not merely approximate, and are left out of
+# the package (their exact twins stay). Against the reference itself where the twin has no record.
 INT8_FLOOR = {name: 0.90 for name in INT8_VARIANTS}
 # The lean check (no torch): an exact graph against itself (cached decode vs one pass, a
 # left-padded row vs the same tokens alone) at the best lean_verify.CONSISTENCY_TOP tokens, and its
@@ -84,9 +85,16 @@ REFERENCE_REL_TOL = 5e-3
 
 # --- the runtime's quality gate ---------------------------------------------------------------------
 # An int8-activation graph competes by default (prefer="speed") only when export verification
-# recorded, against the float reference, teacher-forced top-1 agreement of at least
-# GATE_AGREEMENT over the gate's text (verify.quality's 128 steps) and a perplexity at most
-# GATE_PPL_INCREASE above the reference's. 98 %: at 95 % (llama.cpp's Q4_1 class, 612/636 on
+# recorded that int8 activations cost little against the float reference, measured from where its
+# exact twin (the same weights at float activations: fused for fused-int8 and fused-q4, static
+# for static-int8 and static-q4) stands: teacher-forced top-1 agreement over the gate's text
+# (verify.quality's 128 steps) at most 1 - GATE_AGREEMENT (2 points) below the twin's, and a
+# perplexity at most GATE_PPL_INCREASE above the twin's (or the reference's, where that is higher).
+# What the weights' own rounding costs is the precision the user chose, not the activations': a
+# float checkpoint's exact int4 graph agrees on 100/128 with its float reference, and its int8 twin on
+# 99/128 at a lower perplexity (SmolLM2's float stand-in, docs/benchmarks.md "Session 24"), where a
+# bar on the reference alone kept the exact graph. A GGUF source's exact graphs are its reference
+# (128/128), so there the bar is 98 % of the reference: at 95 % (llama.cpp's Q4_1 class, 612/636 on
 # compare_cpu.py's texts) SmolLM2's static-int8 (123/128) ran by default and answered README's
 # first-run question wrongly where the exact graph answers it (tests/test_lean_first_run.py), so the
 # default keeps a graph that close to exact; prefer="speed" with accuracy_level=4 asks for more.
@@ -94,14 +102,44 @@ GATE_AGREEMENT = 0.98
 GATE_PPL_INCREASE = 0.01
 
 
-def passes_gate(report: VariantReport | None) -> bool:
-    """Export verification's record of one variant (``manifest.verification[name]``) clears the
-    quality gate: a full ``quality`` record with agreement and perplexity, both within the bar."""
+def exact_twin(name: str) -> str:
+    """The exact variant an int8-activation one stands in for: fused-int8 and fused-q4 -> fused,
+    static-int8 and static-q4 -> static (an ``-ort`` copy's too)."""
+    return name.removesuffix(ORT_SUFFIX).removesuffix(INT8_SUFFIX).removesuffix(Q4_SUFFIX)
+
+
+def _full(report: VariantReport | None):
     q = report.quality if report is not None else None
-    if q is None or q.perplexity_delta is None:
+    return q if q is not None and q.perplexity_delta is not None else None
+
+
+def twin_agreement(twin: VariantReport | None) -> float:
+    """The top-1 agreement an int8 variant's bars are measured from: its exact twin's recorded
+    one (1.0, the reference's own, without a record)."""
+    q = twin.quality if twin is not None else None
+    return q.top1_agreement if q is not None else 1.0
+
+
+def int8_floor(name: str, twin: VariantReport | None) -> float:
+    """The top-1 agreement below which the int8-activation variant ``name`` is left out of the
+    package: INT8_FLOOR's 10 points below its exact twin's (``twin``, that variant's report)."""
+    return INT8_FLOOR[name] - (1.0 - twin_agreement(twin))
+
+
+def passes_gate(report: VariantReport | None, twin: VariantReport | None = None) -> bool:
+    """Export verification's record of one int8-activation variant (``manifest.verification[name]``)
+    clears the quality gate, measured from its exact twin's record ``twin``
+    (``manifest.verification[exact_twin(name)]``; None: from the reference): a full ``quality``
+    record with agreement and perplexity, both within the bar."""
+    q = _full(report)
+    if q is None:
         return False  # no full record (e.g. the lean check's short "agreement"): never preferred by default
-    return q.top1_agreement >= GATE_AGREEMENT and q.perplexity_delta <= GATE_PPL_INCREASE
+    base = _full(twin)
+    ppl = max(base.perplexity, q.perplexity_reference) if base is not None else q.perplexity_reference
+    return (q.top1_agreement >= GATE_AGREEMENT - (1.0 - twin_agreement(twin))
+            and q.perplexity <= ppl * (1.0 + GATE_PPL_INCREASE))
 
 
 def gate_text() -> str:
-    return f"{GATE_AGREEMENT:.0%} top-1 agreement and perplexity within {GATE_PPL_INCREASE:.0%}"
+    return (f"top-1 agreement at most {1 - GATE_AGREEMENT:.0%} below its exact twin's and perplexity within "
+            f"{GATE_PPL_INCREASE:.0%} of the twin's")
