@@ -10,12 +10,14 @@ each, with the speedup of portable_infer over each runtime. The tables and every
 go to ``benchmarks/results/cpu.json``. The protocol itself is in ``runners/common.py``.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct from its Q4_1 GGUF; every runtime, with the quality
-measure over ``benchmarks/texts``) and ``llama1b`` (random weights of Llama-3.2-1B's shape,
-``llama1b.py``: ours, GenAI int4, llama.cpp Q4_0 and Q4_K_M).
+measure over ``benchmarks/texts``), ``llama1b`` (random weights of Llama-3.2-1B's shape,
+``llama1b.py``: ours, GenAI int4, llama.cpp Q4_0 and Q4_K_M) and ``smollm2-float`` (a float
+checkpoint of SmolLM2's shape, ``smollm2_float.py``: what load() chooses for an HF-folder export,
+its exact graph and GenAI int4, with the quality measure).
 
 Usage (from the repository root, in the project venv)::
 
-    .venv/bin/python benchmarks/compare_cpu.py [--models smollm2 llama1b] [--runs 3] [--rounds 1]
+    .venv/bin/python benchmarks/compare_cpu.py [--models smollm2 llama1b smollm2-float] [--runs 3] [--rounds 1]
         [--only NAME ...] [--skip-setup] [--package DIR] [--threads 2] [--results FILE]
 """
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama1b
+import smollm2_float
 import setup_competitors as setup
 import setup_steps as steps
 
@@ -126,6 +129,21 @@ MODELS: dict[str, BenchModel] = {
         # --no-verify: random weights pass no quality gate, and verification would drop the
         # int8-activation twins the -int8act row runs (session 22: that row failed so)
         packages=(Package("package", llama1b.PACKAGE, str(llama1b.HF), "int4", ("--no-verify",)),),
+    ),
+    "smollm2-float": BenchModel(
+        title=f"SmolLM2-135M's shape from a float checkpoint ({smollm2_float.DESCRIPTION}; "
+              "smollm2_float.py), the path of every HF-folder export: our package exported with "
+              "verification, so the portable_infer row runs what load() chooses; -exact runs the "
+              "float-activation graph",
+        rows={
+            "portable_infer": Entry(PI, None, "package"),
+            "portable_infer-exact": Entry(PI, None, "package", ("--accuracy", "1")),
+            "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
+        },
+        files={"package": smollm2_float.PACKAGE, "ortgenai-int4": smollm2_float.GENAI_INT4},
+        reference=smollm2_float.REFERENCE,
+        quality=smollm2_float.QUALITY,
+        packages=(Package("package", smollm2_float.PACKAGE, str(smollm2_float.HF), "int4"),),
     ),
 }
 # (header, key, format); speedups are appended after these.

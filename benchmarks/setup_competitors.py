@@ -17,7 +17,7 @@ Steps (each logged, each skipped when its output exists and is marked complete):
 
 Usage::
 
-    .venv/bin/python benchmarks/setup_competitors.py [--only NAME ...] [--models smollm2 llama1b]
+    .venv/bin/python benchmarks/setup_competitors.py [--only NAME ...] [--models smollm2 llama1b smollm2-float]
 
 Steps 2 and 3 run this same file inside the ``transformers`` venv (``--internal hf-folder``,
 ``--internal reference`` and ``--internal quality``); torch and transformers are imported only there.
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama1b  # beside this file, stdlib only at import (its steps run in the venvs)
+import smollm2_float  # the same
 from setup_steps import BENCH, MARK, REPO, VENV_ROOT, Export, ensure_export, run_logged, venv_python
 
 logger = logging.getLogger("setup_competitors")
@@ -185,12 +186,13 @@ def ensure_hf_folder() -> None:
                 "--gguf", str(gguf_path())], "hf-folder")
 
 
-def ensure_reference() -> None:
-    if REFERENCE.is_file():
-        logger.info("reference: %s exists, skipped", REFERENCE.relative_to(REPO))
+def ensure_reference(hf: Path = HF_DIR, out: Path = REFERENCE) -> None:
+    if out.is_file():
+        logger.info("reference: %s exists, skipped", out.relative_to(REPO))
         return
-    logger.info("reference: fp32 greedy continuation with transformers")
-    run_logged([str(venv_python("transformers")), __file__, "--internal", "reference"], "reference")
+    logger.info("reference: fp32 greedy continuation with transformers, of %s", hf.relative_to(REPO))
+    run_logged([str(venv_python("transformers")), __file__, "--internal", "reference", "--hf", str(hf),
+                "--out", str(out)], f"reference-{hf.parent.name}")
 
 
 def texts_digest() -> str:
@@ -200,13 +202,15 @@ def texts_digest() -> str:
     return h.hexdigest()
 
 
-def ensure_quality() -> None:
+def ensure_quality(hf: Path = HF_DIR, out: Path = QUALITY) -> None:
     digest = texts_digest()
-    if QUALITY.is_file() and json.loads(QUALITY.read_text()).get("texts_sha256") == digest:
-        logger.info("quality reference: %s exists, skipped", QUALITY.relative_to(REPO))
+    if out.is_file() and json.loads(out.read_text()).get("texts_sha256") == digest:
+        logger.info("quality reference: %s exists, skipped", out.relative_to(REPO))
         return
-    logger.info("quality reference: fp32 transformers logits over %s", TEXTS.relative_to(REPO))
-    run_logged([str(venv_python("transformers")), __file__, "--internal", "quality"], "quality")
+    logger.info("quality reference: fp32 transformers logits of %s over %s", hf.relative_to(REPO),
+                TEXTS.relative_to(REPO))
+    run_logged([str(venv_python("transformers")), __file__, "--internal", "quality", "--hf", str(hf),
+                "--out", str(out)], f"quality-{hf.parent.name}")
 
 
 # Which setup steps each runtime of compare_cpu.py needs.
@@ -218,7 +222,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
-MODELS_KNOWN = ("smollm2", "llama1b")
+MODELS_KNOWN = ("smollm2", "llama1b", "smollm2-float")
 
 
 def setup(only: list[str] | None = None, models: tuple[str, ...] = ("smollm2",)) -> None:
@@ -251,6 +255,9 @@ def setup(only: list[str] | None = None, models: tuple[str, ...] = ("smollm2",))
                     ensure_export(EXPORTS[target], HF_DIR, target)
     if "llama1b" in models:
         llama1b.ensure(names)
+    if "smollm2-float" in models:
+        ensure_hf_folder()  # the stand-in's base
+        smollm2_float.ensure(names, ensure_reference, ensure_quality)
     logger.info("setup finished in %.0f s", time.perf_counter() - start)
 
 
@@ -302,7 +309,7 @@ def make_readable_by_transformers_4(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
 
 
-def internal_reference() -> None:
+def internal_reference(hf: Path = HF_DIR, out: Path = REFERENCE) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -310,7 +317,7 @@ def internal_reference() -> None:
     import common
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     ids = list(common.PROMPT_IDS)
     # Plain argmax with a full recompute each step: the simplest possible definition of
     # "greedy", with no generation-config processors and no stopping at eos.
@@ -319,16 +326,16 @@ def internal_reference() -> None:
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
     continuation = ids[len(common.PROMPT_IDS):]
-    REFERENCE.write_text(json.dumps({
+    out.write_text(json.dumps({
         "prompt_ids": list(common.PROMPT_IDS),
         "continuation": continuation,
         "source": f"transformers {__import__('transformers').__version__} fp32, "
-                  f"{HF_DIR.name} (dequantized {GGUF_NAME}), argmax with full recompute",
+                  f"{_described(hf)}, argmax with full recompute",
     }) + "\n")
     print(f"reference: {continuation}")
 
 
-def internal_quality() -> None:
+def internal_quality(hf: Path = HF_DIR, out: Path = QUALITY) -> None:
     """The texts tokenized (no special tokens, cut to common.QUALITY_TOKENS) and, at every position
     but the last, the fp32 model's argmax and the NLL of the text's next token."""
     import torch
@@ -337,8 +344,8 @@ def internal_quality() -> None:
     sys.path.insert(0, str(RUNNERS))
     import common
 
-    tok = AutoTokenizer.from_pretrained(HF_DIR)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     texts = []
     for path in sorted(TEXTS.glob("*.txt")):
         ids = tok(path.read_text(), add_special_tokens=False)["input_ids"][:common.QUALITY_TOKENS]
@@ -350,13 +357,20 @@ def internal_quality() -> None:
         texts.append({"name": path.stem, "ids": ids, "argmax": argmax, "nll": nll})
     positions = sum(len(t["nll"]) for t in texts)
     ppl = float(torch.tensor([x for t in texts for x in t["nll"]]).mean().exp())
-    QUALITY.write_text(json.dumps({
+    out.write_text(json.dumps({
         "texts_sha256": texts_digest(), "positions": positions, "ppl": ppl,
-        "source": f"transformers {__import__('transformers').__version__} fp32, {HF_DIR.name} "
-                  f"(dequantized {GGUF_NAME}), one forward per text",
+        "source": f"transformers {__import__('transformers').__version__} fp32, {_described(hf)}, "
+                  "one forward per text",
         "texts": texts,
     }) + "\n")
     print(f"quality reference: {len(texts)} texts, {positions} positions, perplexity {ppl:.3f}")
+
+
+def _described(hf: Path) -> str:
+    """What an HF folder of the comparison holds, for the references' ``source``."""
+    if hf == HF_DIR:
+        return f"{HF_DIR.name} (dequantized {GGUF_NAME})"
+    return f"{hf.relative_to(BENCH)} ({smollm2_float.DESCRIPTION})"
 
 
 def main() -> None:
@@ -367,14 +381,16 @@ def main() -> None:
                         help="models to prepare (default: smollm2)")
     parser.add_argument("--internal", choices=["hf-folder", "reference", "quality"], help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--hf", type=Path, default=HF_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.internal == "hf-folder":
         internal_hf_folder(args.gguf)
     elif args.internal == "reference":
-        internal_reference()
+        internal_reference(args.hf, args.out or REFERENCE)
     elif args.internal == "quality":
-        internal_quality()
+        internal_quality(args.hf, args.out or QUALITY)
     else:
         setup(args.only, tuple(args.models))
 

@@ -15,6 +15,8 @@ sys.path[:0] = [str(BENCH), str(BENCH / "runners")]
 import common  # noqa: E402
 import compare_cpu  # noqa: E402
 import llama1b  # noqa: E402
+import setup_competitors  # noqa: E402
+import smollm2_float  # noqa: E402
 
 SEED = 20261202
 
@@ -151,6 +153,21 @@ def test_only_the_selected_rows_packages_are_exported(monkeypatch, tmp_path):
         compare_cpu.Package("package-fp32", tmp_path / "fp32", "default", "fp32")))
     compare_cpu.ensure_packages(bm, ["portable_infer", "ortgenai-int4"], None)
     assert [c[c.index("--precision") + 1] for c in calls] == ["int4"]
+
+
+def test_every_row_names_its_models_files_and_the_float_checkpoint_is_exported_verified():
+    """Each row's files key exists in its model (the GGUF of smollm2 is looked up); setup knows
+    every model; the float checkpoint's package is exported with verification, because its
+    portable_infer row is what load() chooses, and the gate reads verification's records."""
+    for name, bm in compare_cpu.MODELS.items():
+        for row, entry in bm.rows.items():
+            assert entry.model in bm.files or (name, entry.model) == ("smollm2", "gguf"), (name, row)
+    assert set(compare_cpu.MODELS) == set(setup_competitors.MODELS_KNOWN)
+    bm = compare_cpu.MODELS["smollm2-float"]
+    (pkg,) = bm.packages
+    assert pkg.source == str(smollm2_float.HF) and "--no-verify" not in pkg.flags
+    assert (bm.reference, bm.quality) == (smollm2_float.REFERENCE, smollm2_float.QUALITY)
+    assert bm.rows["portable_infer"].extra == () and bm.rows["portable_infer-exact"].extra == ("--accuracy", "1")
 
 
 def test_table_is_headed_by_the_cpu_line():

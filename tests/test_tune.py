@@ -115,3 +115,28 @@ def test_env_switch(monkeypatch):
     assert not tune.enabled()
     monkeypatch.setenv(tune.TUNE_ENV, "1")
     assert tune.enabled()
+
+
+def test_timing_warms_up_by_time_so_a_cold_start_does_not_decide(monkeypatch):
+    """A session's first steps after another session ran are slow on a small host (the other's
+    threads still spin): median_step_s keeps warming until ``warmup_s`` has passed (at most
+    ``warmup_max`` steps), so the timed steps are the steady ones. A fake clock: each step
+    advances it, cold steps by 8 ms, then 4 ms."""
+    import time
+
+    from portable_infer.engine import tune
+
+    clock, calls = [0.0], [0]
+
+    def step():
+        calls[0] += 1
+        clock[0] += 0.008 if calls[0] <= 5 else 0.004
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    assert tune.median_step_s(step, steps=6, warmup=1) == pytest.approx(0.008)  # one warm-up: the cold steps count
+    clock[0], calls[0] = 0.0, 0
+    assert tune.median_step_s(step, steps=6, warmup=1, warmup_s=0.05) == pytest.approx(0.004)
+    assert calls[0] == 8 + 6  # warm until 52 ms had passed, then six timed
+    clock[0], calls[0] = 0.0, 0
+    tune.median_step_s(step, steps=6, warmup=1, warmup_s=10.0, warmup_max=20)
+    assert calls[0] == 20 + 6  # never more than warmup_max untimed steps

@@ -39,6 +39,13 @@ PROMPT_TOKENS = 16  # the prefill before the timed steps
 # XQA took 2.5), and served rows hold their prompt and what they generated.
 SWITCH_CONTEXT = 256
 STEPS = 6
+# Steps run untimed before them, at least this long: a session's first steps after another
+# session ran are up to 2x slower on a 2-core host (SmolLM2's float checkpoint on Zen 5: ~8 ms
+# against 3.8 for its first 3-5 steps, while the other session's ONNX Runtime threads still spin),
+# which with one warm-up step made the variant timed second lose (static-int8 measured 4.9-6.6 ms
+# against 3.8 steady; docs/benchmarks.md, "Session 24").
+WARMUP_S = 0.25
+WARMUP_MAX = 48  # warm-up steps at most (the timing cache holds them)
 PREFILL_TOKENS = 4096  # a timing prefill's tokens a forward at most (then rows in groups)
 SEP = "+"  # a candidate's name: its variant, then the session environment it was made with, if any
 
@@ -80,11 +87,12 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, contex
     (fewer where the engine holds fewer; seeded ids). Graphs that pick greedy tokens on the device
     do so: copying every row's logits to the host (131 MB a step at 256 rows of a 128k vocabulary)
     would time the copy, not the graph."""
-    context = max(1, min(context, engine.max_context - steps - 4))
+    runs = steps + WARMUP_MAX  # decode steps at most
+    context = max(1, min(context, engine.max_context - runs - 4))
     rng = np.random.default_rng(20261202)
     ids = rng.integers(3, vocab_size, size=(batch, context), dtype=np.int64)
     mask = np.ones_like(ids)
-    cache = _prefilled(engine, ids, context + steps + 4)
+    cache = _prefilled(engine, ids, context + runs + 4)
     state = {"mask": mask, "tok": ids[:, -1:]}
 
     greedy = engine.greedy_on_device  # the logits stay where they are: the forward is timed, not a copy of them
@@ -92,7 +100,7 @@ def step_seconds(engine, vocab_size: int, batch: int, steps: int = STEPS, contex
     def step():
         state["mask"] = np.concatenate([state["mask"], np.ones((batch, 1), np.int64)], axis=1)
         engine.forward(state["tok"], state["mask"], cache, greedy=greedy)
-    return tune.median_step_s(step, steps=steps, warmup=1)
+    return tune.median_step_s(step, steps=steps, warmup=1, warmup_s=WARMUP_S, warmup_max=WARMUP_MAX)
 
 
 def _prefilled(engine, ids: np.ndarray, capacity: int):

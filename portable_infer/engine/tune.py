@@ -135,12 +135,18 @@ def choose(candidates: Sequence[Candidate], time_variant: Callable[[str, int], f
     return decision
 
 
-def median_step_s(step: Callable[[], None], steps: int = 8, warmup: int = 2) -> float:
-    """Median wall time of ``step()`` after ``warmup`` calls (the timing primitive of the loaders)."""
+def median_step_s(step: Callable[[], None], steps: int = 8, warmup: int = 2, warmup_s: float = 0.0,
+                  warmup_max: int = 64) -> float:
+    """Median wall time of ``step()`` after ``warmup`` calls, and more until ``warmup_s`` seconds
+    have passed (``warmup_max`` at most: ``step()`` runs at most ``warmup_max + steps`` times; the
+    timing primitive of the loaders)."""
     import time
 
-    for _ in range(warmup):
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - start < warmup_s and done < warmup_max):
         step()
+        done += 1
     times = []
     for _ in range(steps):
         t = time.perf_counter()
