@@ -69,12 +69,12 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             with fixed-size KV buffers written in place, CUDA graphs; rotary models without
             sliding windows), and "fused-int8" / "static-int8" (int4 packages with fp32
             activations: those graphs with int8 activations in their layers, faster on CPU and
-            less exact; dropped below variants.INT8_FLOOR, run by default only where
+            less exact; dropped below variants.int8_floor (10 points under their exact twin's agreement), run by default only where
             verification recorded them past variants.passes_gate, else by ``load(..., accuracy_level=4)``), and
             "fused-q4" / "static-q4" (int4 packages with fp32 activations: ONNX Runtime's fastest
             CPU form, one int8-activation MatMulNBits per linear with uint8 zero points, the layers
             fitted to that form: Q4_0 exactly, Q4_1 at 8 bits within ~d/32, float sources at 4
-            bits; their agreement is recorded, and below variants.INT8_FLOOR they are
+            bits; their agreement is recorded, and below variants.int8_floor they are
             dropped). The
             non-portable variants share one weight file. Default (None): every variant that
             applies.

@@ -24,7 +24,8 @@ from .weights import PRECISION_BITS
 PRECISIONS = tuple(PRECISION_BITS)
 # The variant names and groups are portable_infer.package.variants' (VARIANTS, DEFAULT_VARIANTS...).
 # fused-int8 / static-int8: the fused / static graph with its 4-bit layers at accuracy 4. Left out
-# below variants.INT8_FLOOR (broken); the runtime prefers them only where verification recorded
+# below variants.int8_floor (broken: 10 points under the exact twin's agreement); the runtime
+# prefers them only where verification recorded
 # them past its quality gate (variants.passes_gate; SmolLM2: 123/128 on the gate's text, 97.1 %
 # over six others: opt-in there); static: fixed KV buffers written in place.
 # fused-q4 / static-q4: ONNX Runtime's fastest CPU form (one MatMulNBits per linear, int8

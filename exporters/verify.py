@@ -14,8 +14,9 @@ The bars are in ``portable_infer.package.variants``: at fp32 a relative differen
 ``MIN_AGREEMENT`` with its dequantized reference (AWQ/GPTQ: holding the fp16 embedding and lm_head
 as the package does, :func:`table_bits`, so the exact graphs match it to fp32 rounding). The
 int8-activation graphs (fused-int8, static-int8, and fused-q4, static-q4 with their fitted weights)
-are left out of the package (not failing it) below ``INT8_FLOOR``; the runtime prefers them only
-past its quality gate (``variants.passes_gate``), and runs them on request otherwise.
+are left out of the package (not failing it) below ``variants.int8_floor``, 10 points under their
+exact twin's agreement; the runtime prefers them only past its quality gate
+(``variants.passes_gate``, also measured from the twin), and runs them on request otherwise.
 """
 
 from __future__ import annotations
