@@ -27,7 +27,6 @@ int8-activation one below its floor is dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
