@@ -36,7 +36,7 @@ import logging
 import sys
 from pathlib import Path
 
-from setup_steps import BENCH, MARK, REPO, Export, ensure_export, run_logged, venv_python
+from setup_steps import BENCH, MARK, REPO, ensure_export, genai_export, run_logged, venv_python
 
 logger = logging.getLogger("llama1b")
 
@@ -299,10 +299,7 @@ def ensure(competitors: list[str]) -> None:
         if step == "q4_k_m":
             gguf_path("F16").unlink(missing_ok=True)  # 2.5 GB, the quantizer's input only
     if "ortgenai" in competitors:
-        ensure_export(Export("ortgenai", GENAI_INT4,
-                             ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "int4",
-                              "-e", "cpu", "-c", str(BENCH / "cache" / "genai-llama1b-int4"))),
-                      HF, "llama1b-ortgenai-int4")
+        ensure_export(genai_export(GENAI_INT4, "int4", "genai-llama1b-int4"), HF, "llama1b-ortgenai-int4")
 
 
 def main() -> None:

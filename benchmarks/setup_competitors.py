@@ -41,7 +41,7 @@ from pathlib import Path
 
 import llama1b  # beside this file, stdlib only at import (its steps run in the venvs)
 import smollm2_float  # the same
-from setup_steps import BENCH, MARK, REPO, VENV_ROOT, Export, ensure_export, run_logged, venv_python
+from setup_steps import BENCH, MARK, REPO, VENV_ROOT, Export, ensure_export, genai_export, run_logged, venv_python
 
 logger = logging.getLogger("setup_competitors")
 
@@ -127,16 +127,8 @@ EXPORTS: dict[str, Export] = {
         ("-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", "{hf}",
          "--task", "text-generation-with-past", "--device", "cpu", "--dtype", "fp32", "{out}"),
     ),
-    "ortgenai-fp32": Export(
-        "ortgenai", MODELS / "ortgenai-fp32",
-        ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "fp32",
-         "-e", "cpu", "-c", str(BENCH / "cache" / "genai-fp32")),
-    ),
-    "ortgenai-int4": Export(
-        "ortgenai", MODELS / "ortgenai-int4",
-        ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "int4",
-         "-e", "cpu", "-c", str(BENCH / "cache" / "genai-int4")),
-    ),
+    "ortgenai-fp32": genai_export(MODELS / "ortgenai-fp32", "fp32", "genai-fp32"),
+    "ortgenai-int4": genai_export(MODELS / "ortgenai-int4", "int4", "genai-int4"),
 }
 
 

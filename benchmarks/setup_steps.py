@@ -34,6 +34,13 @@ class Export:
     args: tuple[str, ...]
 
 
+def genai_export(out: Path, precision: str, cache: str) -> Export:
+    """ONNX Runtime GenAI's model builder, on the CPU, at ``precision`` (fp32, int4) into ``out``
+    (its intermediate files in ``.bench/cache/<cache>``)."""
+    return Export("ortgenai", out, ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}",
+                                    "-p", precision, "-e", "cpu", "-c", str(BENCH / "cache" / cache)))
+
+
 def venv_python(name: str) -> Path:
     return VENV_ROOT / name / "bin" / "python"
 

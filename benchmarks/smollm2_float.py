@@ -28,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from setup_steps import BENCH, MARK, REPO, Export, ensure_export, run_logged
+from setup_steps import BENCH, MARK, REPO, ensure_export, genai_export, run_logged
 
 ROOT = BENCH / "smollm2-float"
 HF = ROOT / "hf"
@@ -53,10 +53,7 @@ def ensure(competitors: list[str], ensure_reference, ensure_quality) -> None:
     ensure_reference(HF, REFERENCE)
     ensure_quality(HF, QUALITY)
     if "ortgenai" in competitors:
-        ensure_export(Export("ortgenai", GENAI_INT4,
-                             ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}", "-p", "int4",
-                              "-e", "cpu", "-c", str(BENCH / "cache" / "genai-smollm2-float-int4"))),
-                      HF, "smollm2-float-ortgenai-int4")
+        ensure_export(genai_export(GENAI_INT4, "int4", "genai-smollm2-float-int4"), HF, "smollm2-float-ortgenai-int4")
 
 
 def main() -> None:
