@@ -192,6 +192,49 @@ def _halves(model, split, n: int) -> bool:
     return sizes is None or sizes == [n // 2, n // 2]
 
 
+def gbq_rows(model) -> None:
+    """Rows of an 8-bit MatMulNBits table gathered and dequantized by one com.microsoft
+    GatherBlockQuantized (ONNX Runtime >= 1.23 for uint8 8-bit data) instead of
+    ``Reshape(Mul(Sub(Cast(Gather(B, ids)), 128), Unsqueeze(Gather(scale, ids))))``: the
+    embedding row and the refined head rows (exact: the same arithmetic). The table is given a
+    second, [N, K] initializer (the copy is only for the timing)."""
+    from onnx import helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+    views = {}
+    for gather in [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits
+                   and len(inits[n.input[0]].dims) == 3]:
+        chain = [gather]
+        for op in ("Cast", "Sub", "Mul", "Reshape"):
+            users = consumers.get(chain[-1].output[0], [])
+            if len(users) != 1 or users[0].op_type != op:
+                break
+            chain.append(users[0])
+        if len(chain) != 5 or float(_init(model, chain[2].input[1])) != 128.0:
+            continue
+        mul = chain[3]
+        unsq = producer[mul.input[1]]
+        scale_gather = producer[unsq.input[0]]
+        table = gather.input[0]
+        if table not in views:
+            n_rows, blocks, block = inits[table].dims
+            views[table] = (_set_init(model, table + ".rows", _init(model, table).reshape(n_rows, blocks * block)), block)
+        view, block = views[table]
+        node = helper.make_node("GatherBlockQuantized", [view, gather.input[1], scale_gather.input[0]],
+                                [chain[4].output[0]], name=gather.name + ".gbq", domain="com.microsoft",
+                                gather_axis=0, quantize_axis=1, block_size=block, bits=8)
+        at = list(g.node).index(gather)
+        for n in [*chain, unsq, scale_gather]:
+            g.node.remove(n)
+        g.node.insert(at, node)
+
+
 def copy_node(node, name, inputs, outputs):
     from onnx import helper
 
@@ -210,6 +253,7 @@ PATCHES = {
     "head4-sym": (head_bits(4, False), "lm_head MatMulNBits at 4 bits, no zero points"),
     "head8": (head_bits(8), "lm_head MatMulNBits at 8 bits, uint8 zero points"),
     "split-gate-up": (split_gate_up, "the packed gate/up MatMulNBits + Split as two MatMulNBits (exact)"),
+    "gbq-rows": (gbq_rows, "the 8-bit table's row gathers as GatherBlockQuantized (exact; ORT >= 1.23)"),
 }
 
 

@@ -4,7 +4,7 @@ GenAI's, in one process, through ONNX Runtime alone (no decode loop).
     .venv/bin/python benchmarks/graph_profile.py --ours .bench/packages/smollm2:static-q4 \\
         --ours .bench/packages/smollm2:static-int8 --genai .bench/models/ortgenai-int4 \\
         [--graph LABEL=FOLDER:VARIANT ...] [--past 128] [--capacity 256] [--threads 2] \\
-        [--rounds 9] [--steps 10] [--profile-steps 20] [--top 12] [--structure] [--config K=V]
+        [--rounds 9] [--steps 10] [--warmup-s 0.25] [--profile-steps 20] [--top 12] [--structure] [--config K=V]
 
 Every graph runs one decode step at batch 1: one new token after ``--past`` random KV rows,
 through an IO binding made once (what our static engine does). Growing graphs get past buffers of
@@ -17,7 +17,8 @@ match: a patch that should be exact (``graph_patch.py split-gate-up``) must show
 KV is far from a real state, so other differences say little. Then two phases, the graphs taking
 turns in a new shuffled order each round, so that the machine's noise hits them alike:
 
-1. plain step time: ``--rounds`` rounds of ``--steps`` steps per graph; median and min wall ms,
+1. plain step time: ``--rounds`` rounds of ``--steps`` steps per graph, each turn after
+   ``--warmup-s`` of untimed steps; median and min wall ms,
    median process CPU ms, and the median over rounds of each round's ratio to the first graph
    (wall and CPU). On a busy machine compare those ratios, at ``--threads 1`` the CPU one,
    and give the first graph again as a control (``--graph control=SAME:VARIANT``): its ratio is
@@ -194,7 +195,9 @@ def logits_check(rows) -> None:
 def step_times(graphs, args) -> tuple:
     """Phase 1: ms per step, the graphs taking turns in a shuffled order: ({label: [wall ms per
     round]}, {label: [process CPU ms per round]}). At one thread the CPU time is what a busy
-    machine disturbs least."""
+    machine disturbs least. Each turn first runs untimed steps for ``--warmup-s``: a session's
+    first steps after another one ran are up to 2x slower on a 2-core host (the other's threads
+    still spin), which timed every graph partly cold (session 24)."""
     rows = prepared(graphs, args)
     logits_check(rows)
     wall, cpu = defaultdict(list), defaultdict(list)
@@ -202,6 +205,9 @@ def step_times(graphs, args) -> tuple:
     for _ in range(args.rounds):
         for i in order.permutation(len(rows)):  # a new order each round: no graph always follows another
             g, s, b, _ = rows[i]
+            warm = time.perf_counter()
+            while time.perf_counter() - warm < args.warmup_s:
+                s.run_with_iobinding(b)
             t, c = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 s.run_with_iobinding(b)
@@ -350,6 +356,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup-s", type=float, default=0.25,
+                    help="untimed steps for this long at each turn, before its timed ones")
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
