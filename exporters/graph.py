@@ -245,9 +245,10 @@ class GraphBuilder:
     # --- nodes ----------------------------------------------------------------------------
     def op(self, op_type: str, inputs: list, n_out: int = 1, name: str | list | None = None,
            domain: str = "", **attrs):
-        """One node; ``name`` names its output (a list: its outputs, None entries get fresh names)."""
+        """One node; ``name`` names its output (a list: its outputs, None entries get fresh names,
+        "" ones are left out: optional outputs not computed)."""
         names = name if isinstance(name, list) else [name] * (n_out == 1) or [None] * n_out
-        outs = [n or self.fresh(op_type.lower()) for n in names]
+        outs = [self.fresh(op_type.lower()) if n is None else n for n in names]
         if domain:
             self.domains.setdefault(domain, 1)
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(op_type),

@@ -73,12 +73,13 @@ def _add_norm_fused(c: LoweringContext, h: str, delta: str | None, role: str, i:
         return _norm_fused(c, h, role, i), h
     g, L = c.g, c.layout
     gamma = c.w.vector(c.req(role, i), add=L.norm_offset)
+    outs = [None, "", "", None]  # the norm and h + delta; the mean and inverse deviation are not computed
     if L.norm == "layer":
         bias = c.name(role + "_bias", i)
         out = g.op("SkipLayerNormalization", [h, delta, gamma] + ([c.w.vector(bias)] if bias else []),
-                   n_out=4, domain=MS, epsilon=float(L.norm_eps))
+                   n_out=4, name=outs, domain=MS, epsilon=float(L.norm_eps))
     else:
-        out = g.op("SkipSimplifiedLayerNormalization", [h, delta, gamma], n_out=4, domain=MS,
+        out = g.op("SkipSimplifiedLayerNormalization", [h, delta, gamma], n_out=4, name=outs, domain=MS,
                    epsilon=float(L.norm_eps))
     return out[0], out[3]
 
