@@ -40,7 +40,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="MatMulNBits activations: 4 int8 (the package's static-int8/fused-int8 graphs: "
                         "faster on CPU, less exact), 1 float (the exact graphs); default: int8 where its "
-                        f"export verification measured at least {gate_text().replace('%', '%%')} "
+                        f"export verification measured {gate_text().replace('%', '%%')} "
                         "(the quality gate), else float")
 
 

@@ -141,5 +141,5 @@ def passes_gate(report: VariantReport | None, twin: VariantReport | None = None)
 
 
 def gate_text() -> str:
-    return (f"top-1 agreement at most {1 - GATE_AGREEMENT:.0%} below its exact twin's and perplexity within "
-            f"{GATE_PPL_INCREASE:.0%} of the twin's")
+    return (f"top-1 agreement at most {100 * (1 - GATE_AGREEMENT):.0f} points below its exact twin's and "
+            f"perplexity within {GATE_PPL_INCREASE:.0%} of the twin's")
