@@ -35,7 +35,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BLOCK, LAYERS = 32, 24
-ACCURACY = [4]  # MatMulNBits accuracy_level of every linear (--accuracy)
 FORMS = ("plain", "plain8", "aug", "sep", "sep_mm", "gemm", "mm_gemm", "floatzp")
 
 
@@ -55,11 +54,11 @@ def _weights(rng, k: int, n: int, name: str, inits: list, bits: int = 4, float_z
 
 
 def _nbits(x: str, k: int, n: int, name: str, out: str, rng, nodes: list, inits: list, bits: int = 4,
-           float_zero: bool = False) -> None:
+           float_zero: bool = False, accuracy: int = 4) -> None:
     from onnx import helper as h
 
     nodes.append(h.make_node("MatMulNBits", [x, *_weights(rng, k, n, name, inits, bits, float_zero)], [out],
-                             domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY[0]))
+                             domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy))
 
 
 def _block_sums(x: str, k: int, name: str, by_matmul: bool, nodes: list, inits: list) -> str:
@@ -78,12 +77,12 @@ def _block_sums(x: str, k: int, name: str, by_matmul: bool, nodes: list, inits: 
     return name + "s"
 
 
-def linear(x: str, k: int, n: int, name: str, form: str, rng, nodes: list, inits: list) -> str:
+def linear(x: str, k: int, n: int, name: str, form: str, rng, nodes: list, inits: list, accuracy: int = 4) -> str:
     from onnx import helper as h, numpy_helper as nh
 
     y, nb = name + "y", k // BLOCK
     if form in ("plain", "plain8", "floatzp"):
-        _nbits(x, k, n, name, y, rng, nodes, inits, 8 if form == "plain8" else 4, form == "floatzp")
+        _nbits(x, k, n, name, y, rng, nodes, inits, 8 if form == "plain8" else 4, form == "floatzp", accuracy)
     elif form == "aug":
         s = _block_sums(x, k, name, True, nodes, inits)
         pad = (-nb) % BLOCK
@@ -92,11 +91,11 @@ def linear(x: str, k: int, n: int, name: str, form: str, rng, nodes: list, inits
             inits.append(nh.from_array(np.zeros((1, pad), np.float32), name + "pad"))
             parts.append(name + "pad")
         nodes.append(h.make_node("Concat", parts, [name + "xa"], axis=-1))
-        _nbits(name + "xa", k + nb + pad, n, name, y, rng, nodes, inits)
+        _nbits(name + "xa", k + nb + pad, n, name, y, rng, nodes, inits, accuracy=accuracy)
     else:  # sep, sep_mm, gemm: y = MatMulNBits(x) + sums(x) @ offsets
         s = _block_sums(x, k, name, form in ("sep_mm", "mm_gemm"), nodes, inits)
         inits.append(nh.from_array(rng.standard_normal((nb, n)).astype(np.float32) * 1e-3, name + "R"))
-        _nbits(x, k, n, name, name + "m", rng, nodes, inits)
+        _nbits(x, k, n, name, name + "m", rng, nodes, inits, accuracy=accuracy)
         if form in ("gemm", "mm_gemm"):
             nodes.append(h.make_node("Gemm", [s, name + "R", name + "m"], [y]))
         else:
@@ -105,14 +104,15 @@ def linear(x: str, k: int, n: int, name: str, form: str, rng, nodes: list, inits
     return y
 
 
-def session(form: str, k: int, n: int, threads: int):
+def session(form: str, k: int, n: int, threads: int, accuracy: int = 4):
     import onnxruntime as ort
     from onnx import TensorProto, helper as h
 
     rng = np.random.default_rng(20261202)
     nodes, inits, x = [], [], "X"
     for i in range(LAYERS):
-        x = linear(linear(x, k, n, f"a{i}", form, rng, nodes, inits), n, k, f"b{i}", form, rng, nodes, inits)
+        x = linear(linear(x, k, n, f"a{i}", form, rng, nodes, inits, accuracy), n, k, f"b{i}", form, rng, nodes, inits,
+                   accuracy)
     graph = h.make_graph(nodes, form, [h.make_tensor_value_info("X", TensorProto.FLOAT, [1, k])],
                          [h.make_tensor_value_info(x, TensorProto.FLOAT, [1, k])], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
@@ -131,10 +131,9 @@ def main() -> None:
     p.add_argument("--accuracy", type=int, default=4, choices=(1, 4),
                    help="MatMulNBits accuracy_level: 4 int8 activations, 1 float (the exact graphs')")
     args = p.parse_args()
-    ACCURACY[0] = args.accuracy
     k, n = args.shape
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
-    sessions = {f: session(f, k, n, args.threads) for f in args.forms}
+    sessions = {f: session(f, k, n, args.threads, args.accuracy) for f in args.forms}
     times = {f: [] for f in args.forms}
     for _ in range(5):  # rounds alternate the forms, so drift hits all alike
         for f, s in sessions.items():

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench"
 VENV_ROOT = BENCH / "venvs"
 LOGS = BENCH / "logs"
+PROJECT_PYTHON = REPO / ".venv" / "bin" / "python"  # the project's venv (our runners, exports)
 MARK = ".complete"  # left in (or beside) a step's output once the step finished
 
 

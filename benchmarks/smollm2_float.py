@@ -28,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from setup_steps import BENCH, MARK, REPO, ensure_export, genai_export, run_logged
+from setup_steps import BENCH, MARK, PROJECT_PYTHON, REPO, ensure_export, genai_export, run_logged
 
 ROOT = BENCH / "smollm2-float"
 HF = ROOT / "hf"
@@ -38,7 +38,6 @@ PACKAGE = BENCH / "packages" / "smollm2-float"  # ours: portable-infer export HF
 GENAI_INT4 = BENCH / "models" / "smollm2-float" / "ortgenai-int4"
 BASE = BENCH / "hf" / "smollm2"  # setup_competitors.HF_DIR: the GGUF dequantized
 DESCRIPTION = "a float stand-in: SmolLM2's Q4_1 blocks dequantized, plus uniform noise of +-d/2"
-PROJECT_PYTHON = REPO / ".venv" / "bin" / "python"
 
 logger = logging.getLogger("smollm2_float")
 

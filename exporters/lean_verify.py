@@ -187,7 +187,7 @@ def _gate(name: str, r: VariantReport, ref_name: str, twin: VariantReport | None
     as dropped."""
     q = r.quality or r.agreement
     if variants.is_int8_name(name):
-        return verify._below_floor(name, r, q, twin, f" with the {ref_name}")
+        return verify.below_floor(name, r, q, twin, f" with the {ref_name}")
     tol = variants.CONSISTENCY_REL_TOL
     bad = {k: d.max_rel for k, d in (("cached", r.consistency.cached), ("padded", r.consistency.padded))
            if d.max_rel > tol}

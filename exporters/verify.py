@@ -306,7 +306,7 @@ def _gate(v: mf.GraphVariant, r: VariantReport, src, twin: VariantReport | None 
     if variants.is_int8_name(v.name) and q is not None:
         logger.info("verify %s (int8 activations): top-1 agreement %s, perplexity %+.2f %%", v.name,
                     q.agree_steps, 100 * q.perplexity_delta)
-        return _below_floor(v.name, r, q, twin, "")
+        return below_floor(v.name, r, q, twin, "")
     floor = variants.MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
     if floor and q is not None and q.top1_agreement < floor:
         raise VerificationError(
@@ -315,7 +315,7 @@ def _gate(v: mf.GraphVariant, r: VariantReport, src, twin: VariantReport | None 
     return r
 
 
-def _below_floor(name: str, r: VariantReport, q, twin: VariantReport | None, against: str) -> VariantReport:
+def below_floor(name: str, r: VariantReport, q, twin: VariantReport | None, against: str) -> VariantReport:
     """``r``, marked as dropped where the int8-activation variant ``name`` agrees below its floor
     (``variants.int8_floor``: 10 points under its exact twin's agreement, or 90 % of the reference)."""
     floor = variants.int8_floor(name, twin)

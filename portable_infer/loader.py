@@ -18,7 +18,7 @@ from portable_infer.package.package_paths import check_package
 from portable_infer.text.codec import TextCodec
 from portable_infer.engine.providers import Selection, select_session
 from portable_infer.engine.variant_choice import VariantChoice
-from portable_infer.package.variants import ORT_SUFFIX, exact_twin, is_int8, is_paged, is_static, passes_gate
+from portable_infer.package.variants import is_int8, is_paged, is_static, recorded_past_gate
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +155,6 @@ def default_model(progress: bool = False) -> Path:
     return ensure_default_model(export_default)
 
 
-def _passed_gate(manifest: Manifest, v) -> bool:
-    """Export verification recorded the variant past the quality gate (variants.passes_gate),
-    measured from its exact twin's record."""
-    return passes_gate(manifest.verification.get(v.name.removesuffix(ORT_SUFFIX)),
-                       manifest.verification.get(exact_twin(v.name)))
-
-
 def _int8_wanted(cfg: LoadConfig) -> bool | None:
     """accuracy_level 4: int8 activations required; 1 or prefer="exact": float; None: where gated."""
     return {4: True, 1: False}.get(cfg.session.accuracy_level, False if cfg.prefer == "exact" else None)
@@ -182,7 +175,7 @@ def _check_preference(cfg: LoadConfig) -> None:
 def _choice(manifest: Manifest, pkg: Path, cfg: LoadConfig) -> VariantChoice:
     """The user's variant choices and the package's gate, refused up front when no provider could
     honour them; each provider then picks from the whole package (``variant_choice``)."""
-    gated = frozenset(v.name for v in manifest.variants if is_int8(v) and _passed_gate(manifest, v))
+    gated = frozenset(v.name for v in manifest.variants if is_int8(v) and recorded_past_gate(manifest.verification, v.name))
     choice = VariantChoice(static_kv=cfg.static_kv, int8=_int8_wanted(cfg), gated=gated, paged=cfg.paged_kv)
     choice.check(manifest.variants, pkg)
     return choice

@@ -341,3 +341,7 @@ def test_the_gate_and_the_floor_are_measured_from_the_exact_twin():
     assert not va.passes_gate(rec(123, ref * 0.9997), exact)  # SmolLM2's static-int8 at export: exact runs
     assert [va.exact_twin(n) for n in ("fused-int8", "static-int8", "fused-q4", "static-q4", "fused-int8-ort")] == [
         "fused", "static", "fused", "static", "fused"]
+    # what the loader and inspect read: the manifest's records, an -ort copy by its source variant's
+    records = {"fused": twin, "fused-int8": rec(99, 58.659), "static": exact, "static-int8": rec(123, ref)}
+    assert va.recorded_past_gate(records, "fused-int8") and va.recorded_past_gate(records, "fused-int8-ort")
+    assert not va.recorded_past_gate(records, "static-int8") and not va.recorded_past_gate(records, "static-q4")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from portable_infer.package.manifest import Manifest
-from portable_infer.package.variants import exact_twin, gate_text, is_int8_name, passes_gate
+from portable_infer.package.variants import gate_text, is_int8_name, recorded_past_gate
 from portable_infer.package.verification import VariantReport
 
 
@@ -43,7 +43,7 @@ def describe(path, trust=None) -> str:
                      f"providers {list(v.providers)}, KV {v.kv.layout} {v.kv.dtype} ({v.kv.growth})")
     size = sum(f.size for f in m.files)
     lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
-    lines += [_verified(name, r, m.verification.get(exact_twin(name))) for name, r in m.verification.items()]
+    lines += [_verified(name, r, m.verification) for name, r in m.verification.items()]
     return "\n".join(lines + _measured(path))
 
 
@@ -65,9 +65,10 @@ def _measured(path: Path) -> list:
     return lines
 
 
-def _verified(name: str, r: VariantReport, twin: VariantReport | None = None) -> str:
-    """One ``verified`` line from the export report (``twin``: the exact twin's, which an int8
-    variant's gate is measured from); any of its records may be absent."""
+def _verified(name: str, r: VariantReport, verification: dict | None = None) -> str:
+    """One ``verified`` line from the export report ``r`` of ``name`` (``verification``: every
+    variant's, which an int8 variant's gate reads its exact twin's from); any of its records may be
+    absent."""
     parts = []
     if r.full is not None:
         parts.append(f"max rel diff {r.full.max_rel:.2e}")
@@ -85,6 +86,6 @@ def _verified(name: str, r: VariantReport, twin: VariantReport | None = None) ->
     if r.dropped:
         note = f"; left out of the package: {r.dropped}"
     elif is_int8_name(name) and r.quality is not None:
-        note = ("; runs by default" if passes_gate(r, twin) else
+        note = ("; runs by default" if recorded_past_gate(verification or {name: r}, name) else
                 f"; below the quality gate ({gate_text()}): runs only with --accuracy 4")
     return f"verified     {name}: {', '.join(parts) or 'no measurements'}{note}"

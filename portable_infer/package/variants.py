@@ -140,6 +140,12 @@ def passes_gate(report: VariantReport | None, twin: VariantReport | None = None)
             and q.perplexity <= ppl * (1.0 + GATE_PPL_INCREASE))
 
 
+def recorded_past_gate(verification, name: str) -> bool:
+    """Whether the manifest's ``verification`` records the int8-activation variant ``name`` (or its
+    ``-ort`` copy) past the quality gate, measured from its exact twin's record."""
+    return passes_gate(verification.get(name.removesuffix(ORT_SUFFIX)), verification.get(exact_twin(name)))
+
+
 def gate_text() -> str:
     return (f"top-1 agreement at most {100 * (1 - GATE_AGREEMENT):.0f} points below its exact twin's and "
             f"perplexity within {GATE_PPL_INCREASE:.0%} of the twin's")
