@@ -14,7 +14,11 @@ The fit searches scales around the block's range (``FIT_SCALES`` times (max - mi
 holding 0; / 255 at 8 bits) and, per scale, the two zero points nearest the block's minimum; codes
 are rounded, the scale is re-fitted by least squares, and the candidate with the smallest error
 wins, unless round-to-nearest (``quant.quantize``) does better on the values themselves (checked
-in float64: the search scores candidates in float32, where its sums cancel to ~1e-5 of the error)::
+in float64: the search scores candidates in float32, where its sums cancel to ~1e-5 of the error).
+At 8 bits a candidate competes only if it moves no value more than one rounding step: that form is
+there to hold the source's values, and a least-squares scale had moved a rarely used extreme value
+by 1.02 steps (0.085 d of a Q4_1 block, past tests/test_int4_form.py's d/12); a bar of half a step
+cost SmolLM2's static-q4 6 of 636 positions, one step none::
 
     error = sum(e²) + MEAN_WEIGHT * (sum(e))² / n        e = s*(c - z) - w over the block
 
@@ -188,6 +192,9 @@ def _search(x: np.ndarray, counts: np.ndarray | None, mean_weight: float, levels
             s_ls = sux / np.maximum(suu, 1e-30)
             for sc in (s, np.where(s_ls > 0, s_ls, s)):
                 err = sc * sc * suu - 2 * sc * sux + sxx + mean_weight * (sc * su - sx) ** 2 / total
+                if levels == 255:  # the 8-bit form holds the source's values: none moved beyond a step
+                    moved = np.abs(sc * u - x) if used is None else np.where(used, np.abs(sc * u - x), 0)
+                    err = np.where(moved.max(0, keepdims=True) <= s * np.float32(1.0), err, np.inf)
                 better = err < best
                 best = np.where(better, err, best)
                 b_scale, b_step = np.where(better, sc, b_scale), np.where(better, s, b_step)
