@@ -18,7 +18,7 @@ in float64: the search scores candidates in float32, where its sums cancel to ~1
 At 8 bits a candidate competes only if it moves no value more than one rounding step: that form is
 there to hold the source's values, and a least-squares scale had moved a rarely used extreme value
 by 1.02 steps (0.085 d of a Q4_1 block, past tests/test_int4_form.py's d/12); a bar of half a step
-cost SmolLM2's static-q4 6 of 636 positions, one step none::
+cost SmolLM2's static-q4 6 of 636 positions, one step none. A candidate's error::
 
     error = sum(e²) + MEAN_WEIGHT * (sum(e))² / n        e = s*(c - z) - w over the block
 
