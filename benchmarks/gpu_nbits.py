@@ -6,6 +6,11 @@ takes ONNX Runtime's fast path?).
     PYTHONPATH=/root/site python3 benchmarks/gpu_nbits.py [--rows 1 16 64 256] [--iters 100] [--out DIR]
         [--fpa-intb]
 
+Forms ``gemm`` / ``gemmt`` / ``fusedt``: the fp16 weight under Gemm, stored [K, N] or transposed
+[N, K] (``transB``; each output a dot product along contiguous K, the layout GEMV kernels favour
+at one row), or transposed under FusedMatMul (which, unlike Gemm, takes the decode graphs' 3-D
+activations): does the fp16 decode at batch 1 read its weights faster in another layout?
+
 Forms ``dq-32`` / ``dq-fold-32``: the packages' portable weight form (4-bit codes, blocked
 DequantizeLinear, MatMul) as is, and with ``session.disable_quant_qdq`` set, which lets ONNX
 Runtime's constant folding dequantize the weights once at load (fp16 weights in memory, the
@@ -75,6 +80,11 @@ def model(k: int, n: int, form: str, block: int, chain: int, rng, zero_points: b
             w = (rng.standard_normal((k, n)) * 0.02).astype(np.float16)
             inits.append(numpy_helper.from_array(w, f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]))
+        elif form in ("gemm", "gemmt", "fusedt"):  # the weight as [K, N] or transposed [N, K] (transB)
+            shape = (k, n) if form == "gemm" else (n, k)
+            inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.02).astype(np.float16), f"w{i}"))
+            op, domain = ("FusedMatMul", "com.microsoft") if form == "fusedt" else ("Gemm", "")
+            nodes.append(helper.make_node(op, [x, f"w{i}"], [f"m{i}"], domain=domain, transB=int(form != "gemm")))
         elif form == "dq":  # the packages' portable weight form: 4-bit codes, DequantizeLinear, MatMul
             blocks = k // block
             inits += [helper.make_tensor(f"q{i}", TensorProto.UINT4, [k, n], rng.integers(0, 16, k * n).tolist()),
