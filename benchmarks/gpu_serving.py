@@ -272,7 +272,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             say(f"  GPU memory after the warm-up: {gpu_memory()}")
         from portable_infer.engine import measure, tune
 
-        if "+" in config:  # a variable the config sets is not raced: the cache is another config's
+        if any("=" in x for x in extras):  # a variable the config sets is not raced: the cache is another config's
             say("  (this config sets a kernel switch's variable: the loader does not race it)")
         else:
             for d in tune.cached_decisions(measure.tune_cache_dir(), pkg):  # what load() measured and chose
