@@ -186,18 +186,21 @@ def _select(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort) -> Selection:
     starts; a static-KV graph on CUDA asks for CUDA graphs first (``Selection.graph_capture``).
     Then, where several variants may run there, the one measured fastest on this host (``measure``)."""
     choice = _choice(manifest, pkg, cfg)
-    sel = select_session(manifest.variants, pkg, cfg.providers, strict=cfg.strict,
-                         session_options=cfg.session.session_options(ort), provider_options=cfg.provider_options,
-                         choice=choice, ort=ort)
+    held = [select_session(manifest.variants, pkg, cfg.providers, strict=cfg.strict,
+                           session_options=cfg.session.session_options(ort), provider_options=cfg.provider_options,
+                           choice=choice, ort=ort)]
+    provider, skipped = held[0].provider.key, held[0].skipped
 
     def reselect(variant, session_env: str = "") -> Selection:  # one variant on the provider that runs
         only = VariantChoice(static_kv=is_static(variant), int8=is_int8(variant), gated=frozenset([variant.name]),
                              paged=is_paged(variant))
-        return select_session([variant], pkg, sel.provider.key, strict=True,
+        return select_session([variant], pkg, provider, strict=True,
                               session_options=cfg.session.session_options(ort),
                               provider_options=cfg.provider_options, choice=only, ort=ort, session_env=session_env)
 
     batches = (1,) if cfg.tune_batch == 1 else (1, cfg.tune_batch)
-    picked = measure.tuned(sel, manifest, pkg, choice, reselect, ort, threads=cfg.session.intra_op_threads,
+    # the selection goes to the tuner in a list it empties: no reference here keeps its session
+    # alive while another is timed
+    picked = measure.tuned(held, manifest, pkg, choice, reselect, ort, threads=cfg.session.intra_op_threads,
                            prefer=cfg.prefer, batches=batches, max_kv_tokens=cfg.max_kv_tokens)
-    return picked if picked is sel else dataclasses.replace(picked, skipped=sel.skipped)
+    return picked if picked.skipped == skipped else dataclasses.replace(picked, skipped=skipped)

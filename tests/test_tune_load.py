@@ -66,6 +66,39 @@ def test_fastest_gated_variant_runs_and_is_cached(int4_package, tuning):
     assert [d["chosen"] for d in cached] == [fastest]
 
 
+@pytest.mark.parametrize("winner", ["rule", "other"])
+def test_one_session_alive_at_a_time(int4_package, tuning, monkeypatch, winner):
+    """Each candidate's session is released before the next is made (tuning peaks at one graph's
+    memory); the rule's variant is timed first, and made again where it wins after another."""
+    import gc
+    import weakref
+
+    times, calls = tuning
+    made = []
+    real = measure.make_engine
+
+    def counting(sel, *args, **kwargs):
+        made.append(weakref.ref(sel.session))
+        gc.collect()
+        alive = [r for r in made if r() is not None]
+        assert len({id(r()) for r in alive}) == 1, f"{len(alive)} sessions alive while timing {sel.variant.name}"
+        return real(sel, *args, **kwargs)
+    monkeypatch.setattr(measure, "make_engine", counting)
+    names = static_names(int4_package)
+    monkeypatch.setenv(tune.TUNE_ENV, "0")
+    rule = portable_infer.load(int4_package, "cpu").variant  # the rule's choice
+    monkeypatch.setenv(tune.TUNE_ENV, "1")
+    times.update({n: 0.010 for n in names})
+    fastest = rule if winner == "rule" else next(n for n in names if n != rule)
+    times[fastest] = 0.001
+    made.clear()
+    calls.clear()
+    m = portable_infer.load(int4_package, "cpu", tune_batch=8)
+    assert m.variant == fastest
+    assert calls[0][0] == rule and [b for _, b in calls[:2]] == [1, 8]  # the rule's first, all batches in a row
+    assert len(made) == 2 * len(names) + 1  # one engine per timing, and the model's own
+
+
 def test_exact_wins_a_near_tie(int4_package, tuning):
     times, _ = tuning
     times.update({n: 0.0100 for n in static_names(int4_package)})

@@ -123,30 +123,37 @@ def _prefilled(engine, ids: np.ndarray, capacity: int):
     return cache
 
 
-def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, threads: int, prefer: str,
+def tuned(held: list, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, threads: int, prefer: str,
           batches: Sequence[int], max_kv_tokens: int | None = None):
-    """``sel``, or the selection of the candidate that measured fastest on this host.
+    """The selection the provider rule made (taken out of ``held``, a one-item list the caller
+    lets go of), or the selection of the candidate that measured fastest on this host.
 
-    ``reselect(variant, session_env)`` makes a selection of one variant on ``sel``'s provider.
+    ``reselect(variant, session_env)`` makes a selection of one variant on its provider. One
+    session is alive at a time: each candidate's is made when it is timed and released before the
+    next one is made, so tuning peaks at one graph's memory, not two (SmolLM2's float checkpoint:
+    362 MiB against 234 for its winner alone, docs/benchmarks.md, "Session 25"; an 8B on a GPU
+    with room for one copy). The rule's own variant is timed first; where it wins after another
+    was timed, it is made again.
     """
+    sel = held.pop()
     pool = tuning_pool(sel.provider, manifest.variants, choice, sel.variant)
     entries = {candidate_name(v.name, e): (v, e) for v in pool for e in session_envs(sel.provider, v)}
     if len(entries) < 2 or not tune.enabled():
         return sel
-    candidates = [tune.Candidate(name, not is_int8(v)) for name, (v, _) in entries.items()]
-    key = tune.host_key(pkg, sel.provider.ort_name, threads, batches, prefer, candidates, ort.__version__)
     current = candidate_name(sel.variant.name, sel.session_env)
+    order = sorted(entries, key=lambda name: name != current)  # the rule's variant first: it is alive
+    candidates = [tune.Candidate(name, not is_int8(entries[name][0])) for name in order]
+    key = tune.host_key(pkg, sel.provider.ort_name, threads, batches, prefer, candidates, ort.__version__)
     context = SWITCH_CONTEXT if any(e for _, e in entries.values()) else PROMPT_TOKENS
 
-    last: dict = {}  # the last candidate's selection, kept for its other batch sizes (and if it wins)
+    alive = {current: sel}  # the one selection alive (each timed for all its batch sizes in a row)
+    del sel
 
     def selection(name: str):
-        if name == current:
-            return sel
-        if name not in last:
-            last.clear()  # one extra session at a time
-            last[name] = reselect(*entries[name])
-        return last[name]
+        if name not in alive:
+            alive.clear()  # released before the next session is made
+            alive[name] = reselect(*entries[name])
+        return alive[name]
 
     def time_variant(name: str, batch: int) -> float:
         try:
@@ -162,16 +169,14 @@ def tuned(sel, manifest, pkg: Path, choice: VariantChoice, reselect, ort, *, thr
         decision = tune.choose(candidates, time_variant, key, tune_cache_dir(), remeasure=tune.forced())
     except _Untimed as exc:  # the session that runs could not be timed (memory?): nothing is decided or cached
         logger.warning("could not time %s on this host (%s); running it without measuring", current, exc)
-        return sel
+        return selection(current)
     if decision.measured:
         logger.info("%s chosen on this host by measurement (ms per step: %s)", decision.chosen, decision.timings_ms)
     try:
-        chosen = selection(decision.chosen)
+        return selection(decision.chosen)
     except Exception as exc:  # noqa: BLE001 - a cached switch that no longer starts: run as is
         if not entries[decision.chosen][1]:
             raise
         logger.warning("%s, the measured choice, did not start (%s: %s); running %s", decision.chosen,
                        type(exc).__name__, exc, current)
-        chosen = sel
-    last.clear()
-    return chosen
+        return selection(current)
