@@ -10,7 +10,7 @@ each, with the speedup of portable_infer over each runtime. The tables and every
 go to ``benchmarks/results/cpu.json``. The protocol itself is in ``runners/common.py``.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct from its Q4_1 GGUF; every runtime, with the quality
-measure over ``benchmarks/texts``), ``llama1b`` (random weights of Llama-3.2-1B's shape,
+measure over ``exporters/reference/texts``), ``llama1b`` (random weights of Llama-3.2-1B's shape,
 ``llama1b.py``: ours, GenAI int4, llama.cpp Q4_0 and Q4_K_M) and ``smollm2-float`` (a float
 checkpoint of SmolLM2's shape, ``smollm2_float.py``: what load() chooses for an HF-folder export,
 its exact graph and GenAI int4, with the quality measure).
@@ -339,7 +339,7 @@ def markdown_table(results: list[dict], threads: int, runs: int, title: str = ""
             + ": above 1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
             f"fp32 transformers reference's next token over its {new_tokens}-token greedy continuation.")
     if with_quality:
-        note += (" text agree / ppl = over every position of the fixed texts of benchmarks/texts: "
+        note += (" text agree / ppl = over every position of the fixed texts of exporters/reference/texts: "
                  "argmax equal to the fp32 reference's, and perplexity (in brackets: against the "
                  "reference's).")
     lines.append(note)

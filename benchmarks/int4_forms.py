@@ -14,7 +14,7 @@ for (lm_head form, fit weight, no clipping, round-to-nearest
 instead of the fit, the fit for float weights too); each graph then runs two teacher-forced checks against
 transformers' float32 model (the GGUF dequantized, or the HF folder), with ONNX Runtime on the CPU:
 
-- ``text``: compare_cpu.py's quality measure: the first 160 tokens of each of ``benchmarks/texts``
+- ``text``: compare_cpu.py's quality measure: the first 160 tokens of each of ``exporters/reference/texts``
   (4 x 159 predicted positions); our argmax equals the reference's argmax at each position, and
   perplexity against the reference's;
 - ``cont``: the export gate's metric (``verify.quality``) on more prompts: the first 16 tokens of
@@ -43,11 +43,12 @@ from exporters import export as ex  # noqa: E402
 from exporters import int4_fit, weights  # noqa: E402
 from exporters.lowering import spec  # noqa: E402
 from exporters.quant import quantize  # noqa: E402
+from exporters.references import TEXTS_DIR  # noqa: E402
 from exporters.sources import open_source  # noqa: E402
 from exporters.verify import all_logits, decoder, load_reference, log_softmax, torch_logits  # noqa: E402
 from portable_infer.package import manifest as mf  # noqa: E402
 
-TEXT_DIR = Path(__file__).resolve().parent / "texts"
+TEXT_DIR = TEXTS_DIR
 QUALITY_TOKENS = 160  # as runners/common.py: 4 texts x 159 predicted positions
 PROMPT_TOKENS = 16
 CONT_STEPS = 128

@@ -8,7 +8,7 @@ Steps (each logged, each skipped when its output exists and is marked complete):
    transformers and saved as safetensors, so every fp32 competitor sees the same weights;
 3. ``.bench/reference.json``: the fp32 transformers greedy continuation of the prompt, against
    which every runtime's teacher-forced argmax is compared; ``.bench/quality.json``: the texts of
-   ``benchmarks/texts`` tokenized, with the same model's argmax and next-token NLL at every
+   ``exporters/reference/texts`` tokenized, with the same model's argmax and next-token NLL at every
    position (agreement and perplexity; rebuilt when the texts change);
 4. the competitors' own exports: optimum's ONNX export, and ONNX Runtime GenAI's model builder at
    fp32 and int4;
@@ -49,7 +49,7 @@ HF_DIR = BENCH / "hf" / "smollm2"
 MODELS = BENCH / "models"
 REFERENCE = BENCH / "reference.json"
 QUALITY = BENCH / "quality.json"
-TEXTS = Path(__file__).resolve().parent / "texts"
+TEXTS = REPO / "exporters" / "reference" / "texts"  # the quality texts' one home (exporters/references.py)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RUNNERS = Path(__file__).resolve().parent / "runners"
 

@@ -12,7 +12,7 @@ Files, under ``.bench/smollm2-float/``::
 
     hf/              the stand-in (fp32 safetensors, the GGUF's tokenizer and configs)
     reference.json   transformers fp32 greedy continuation of ``common.PROMPT_IDS``
-    quality.json     transformers fp32 logits over ``benchmarks/texts`` (top-1 and perplexity)
+    quality.json     transformers fp32 logits over ``exporters/reference/texts`` (top-1 and perplexity)
 
 ``compare_cpu.py --models smollm2-float`` runs our package (``.bench/packages/smollm2-float``,
 exported with verification, so ``load()`` chooses as it would for a user), its exact graph

@@ -50,7 +50,7 @@ class StaticDecoder(OnnxDecoder):
     the runtime's StaticEngine turns the left-padded, growing mask into the graph's right-aligned
     rows, so every check below runs on it unchanged."""
 
-    CAPACITY = 512  # tokens per row: the longest check (prompt + 128 steps, or the fixed text)
+    CAPACITY = 768  # tokens per row: the longest check (the fixed texts: 4 x 160; prompt + 128 steps)
 
     def __init__(self, path: Path, variant: mf.GraphVariant, threads: int = 2, max_context: int = 2048,
                  vocab_size: int = 0):

@@ -8,7 +8,7 @@ transformers are installed, and this one otherwise, so a first run needs only th
     ----------------------------------      ---------------------------------------------
     the reference's greedy continuation     the portable graph's greedy continuation
     (verify.quality's 128 steps), the       (LAST_STEPS), the others teacher-forced on it
-    fixed text's perplexity and top-k
+    fixed texts' perplexity and top-k
     logits at every position
 
 Graphs with logits for every position (portable) are checked on the whole reference in one pass:
@@ -132,7 +132,8 @@ def _shipped(data: dict) -> dict:
             "top_k": data["top_k"],
             # the reference's own top-1 after each position from the prompt's last on: what the agreement
             # compares with (its continuation held EOS back, so a continuation token is not always it)
-            "top1": np.asarray(data["top_k"]["sequence"]["ids"], np.int64)[len(prompt) - 1:-1, 0]}
+            "top1": np.asarray(data["top_k"]["sequence"]["ids"], np.int64)[len(prompt) - 1:-1, 0],
+            "text_top1": np.asarray(data["top_k"]["text"]["ids"], np.int64)[:-1, 0]}
 
 
 def _own(dec, name: str, package: Path, manifest: mf.Manifest) -> dict:
@@ -153,13 +154,16 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> float:
 
 
 def _quality(seq_logits: np.ndarray, seq: np.ndarray, text_logits: np.ndarray | None, ref: dict) -> Quality:
-    """verify.quality's numbers: teacher-forced top-1 agreement (and perplexity where measured)."""
+    """verify.quality's numbers: teacher-forced top-1 agreement (along the texts too, and
+    perplexity on them, where measured)."""
     n = ref["n_prompt"]
     agree = int((seq_logits[n - 1:-1].argmax(-1) == ref["top1"][:len(seq) - n]).sum())
     if text_logits is None:
         return Quality(agreed=agree, steps=len(seq) - n)
+    agree += int((text_logits[:-1].argmax(-1) == ref["text_top1"]).sum())
     ppl = float(np.exp(_nll(text_logits, ref["text"])))
-    return Quality(agreed=agree, steps=len(seq) - n, perplexity=ppl, perplexity_reference=ref["ppl"])
+    return Quality(agreed=agree, steps=len(seq) - n + len(ref["text_top1"]), perplexity=ppl,
+                   perplexity_reference=ref["ppl"])
 
 
 def _top_k_diff(seq_logits: np.ndarray, text_logits: np.ndarray | None, top_k: dict) -> LogitDiff:

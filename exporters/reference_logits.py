@@ -2,7 +2,8 @@
 
 For a source file (the default model's GGUF), transformers computes once, on the dequantized
 weights: the greedy continuation of the verification prompt (``verify.quality``'s 128 steps), the
-perplexity of the fixed text, and the top-k logits at every position of both sequences. The lean
+perplexity of the fixed texts (one after another), and the top-k logits at every position of both
+sequences. The lean
 verifier (``lean_verify.py``) checks a package against them: the same agreement and perplexity
 numbers the full verification records, without loading torch or transformers. The shipped files
 are read by :mod:`exporters.references`.

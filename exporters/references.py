@@ -8,6 +8,15 @@ from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 FORMAT = 1
+# The fixed texts of every quality measure: export verification's (verify.verification_ids) and
+# the benchmarks' (benchmarks/setup_competitors.py); public-domain prose (texts/README.md)
+TEXTS_DIR = REFERENCE_DIR / "texts"
+TEXT_TOKENS = 160  # each text's first tokens a measure reads
+
+
+def quality_texts() -> list[Path]:
+    """The fixed texts' files, in their order."""
+    return sorted(TEXTS_DIR.glob("*.txt"))
 
 
 def load_all() -> dict[str, dict]:

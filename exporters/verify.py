@@ -4,8 +4,8 @@ Checks, on fresh random token ids each run:
   1. full-sequence logits for a batch of 2, one row left-padded (padding positions excluded);
   2. the KV-cache path: prefill, then one token per step, against the same reference logits;
   3. greedy decoding for ``greedy_steps`` tokens, cached ONNX vs the reference;
-  4. teacher-forced top-1 agreement over 128 steps and perplexity on a fixed text
-     (the quality gate for quantized packages).
+  4. teacher-forced top-1 agreement over 128 greedy steps and the fixed texts' 639 positions, and
+     perplexity on the texts (the quality gate for quantized packages).
 The reference runs once per input (``Reference``, ``QualityReference``): every variant of a package
 is compared with the same results, one ONNX session at a time. Each variant's results are a
 ``VariantReport`` (``portable_infer.package.verification``), recorded in the manifest.
@@ -34,18 +34,16 @@ from portable_infer.package import variants
 from portable_infer.package.verification import GreedyPrefix, LogitDiff, Quality, VariantReport
 from portable_infer.errors import SourceError, VerificationError, require
 
+from .references import TEXT_TOKENS, quality_texts
 from .graph_runs import OnnxDecoder, PagedDecoder, StaticDecoder, decoder  # noqa: F401 - verify.decoder & co.
 from .weights import PRECISION_BITS, WeightForm
 
 logger = logging.getLogger(__name__)
 
 AGREEMENT_STEPS = 128
-FIXED_TEXT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-    "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years, "
-    "presses in more than two hundred European cities had produced millions of books, and the "
-    "cost of copying a text fell so far that pamphlets, newspapers and scientific journals followed."
-)
+PROMPT_TOKENS = 16  # the greedy continuation's prompt: the texts' first tokens
+# No tokenizer: fixed ids stand for the texts (the quality numbers stay comparable between exports)
+FIXED_IDS = 64
 
 
 def load_reference(src, table_bits: int | None = None):
@@ -139,8 +137,9 @@ class QualityReference:
     # what the agreement compares with (generate() holds EOS back for all the steps, so a
     # continuation token is not always the reference's top-1)
     top1: np.ndarray
-    text: np.ndarray  # [1, n] the fixed text's ids
+    text: np.ndarray  # [1, n] the fixed texts' ids, one after another
     perplexity: float  # the reference's perplexity on ``text``
+    text_top1: np.ndarray  # [n - 1] the reference's top-1 after each position of ``text`` but its last
 
 
 def reference(model, vocab: int, rng: np.random.Generator, greedy_steps: int = 16) -> Reference:
@@ -197,8 +196,8 @@ def compare(model, dec: OnnxDecoder, vocab: int, rng: np.random.Generator, greed
 
 
 def quality_reference(model, prompt_ids: list, text_ids: list, max_context: int) -> QualityReference:
-    """The reference's greedy continuation of the prompt (128 steps), its top-1 along it, and
-    perplexity on the text."""
+    """The reference's greedy continuation of the prompt (128 steps), its top-1 along it and
+    along the text, and perplexity on the text."""
     torch = require("torch")
     steps = min(AGREEMENT_STEPS, max_context - len(prompt_ids))
     with torch.no_grad():
@@ -207,8 +206,9 @@ def quality_reference(model, prompt_ids: list, text_ids: list, max_context: int)
     seq = out[0].numpy()[None].astype(np.int64)
     top1 = torch_logits(model, seq, np.ones_like(seq))[0, len(prompt_ids) - 1:-1].argmax(-1)
     text = np.asarray([text_ids[:max_context]], dtype=np.int64)
-    ppl = float(np.exp(_nll(torch_logits(model, text, np.ones_like(text)), text)))
-    return QualityReference(seq, len(prompt_ids), steps, top1, text, ppl)
+    text_logits = torch_logits(model, text, np.ones_like(text))
+    ppl = float(np.exp(_nll(text_logits, text)))
+    return QualityReference(seq, len(prompt_ids), steps, top1, text, ppl, text_logits[0, :-1].argmax(-1))
 
 
 def _nll(logits: np.ndarray, text: np.ndarray) -> float:
@@ -217,8 +217,9 @@ def _nll(logits: np.ndarray, text: np.ndarray) -> float:
 
 def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_context: int,
             ref: QualityReference | None = None) -> Quality:
-    """Teacher-forced top-1 agreement over 128 steps (with the reference's top-1 on the same
-    tokens) and perplexity on a fixed text.
+    """Teacher-forced top-1 agreement with the reference's top-1 on the same tokens, over the 128
+    steps of its greedy continuation and every position of the fixed texts (639 with a tokenizer:
+    a 2-point bar is then 15 positions, not 2.5), and perplexity on the texts.
 
     ``ref``: the reference's results (:func:`quality_reference`), shared by the variants of one
     package; None runs ``model`` here."""
@@ -226,24 +227,29 @@ def quality(model, dec: OnnxDecoder, prompt_ids: list, text_ids: list, max_conte
     n, steps = ref.prompt_len, ref.steps
     ours = all_logits(dec, ref.seq)
     agree = int((ours[0, n - 1:-1].argmax(-1) == ref.top1).sum())
-    ppl = float(np.exp(_nll(all_logits(dec, ref.text), ref.text)))
-    return Quality(agreed=agree, steps=steps, perplexity=ppl, perplexity_reference=ref.perplexity)
+    text = all_logits(dec, ref.text)
+    agree += int((text[0, :-1].argmax(-1) == ref.text_top1).sum())
+    ppl = float(np.exp(_nll(text, ref.text)))
+    return Quality(agreed=agree, steps=steps + len(ref.text_top1), perplexity=ppl, perplexity_reference=ref.perplexity)
 
 
 def verification_ids(package: Path, manifest: mf.Manifest) -> tuple[list, list]:
-    """``(prompt ids, text ids)`` the quality check runs: the fixed text as the package's tokenizer
-    encodes it (its first 16 tokens the prompt), or fixed random ids without a tokenizer."""
+    """``(prompt ids, text ids)`` the quality check runs: the fixed texts
+    (:func:`exporters.references.quality_texts`) as the package's tokenizer encodes them, each
+    cut to its first ``TEXT_TOKENS``, one after another (the first ``PROMPT_TOKENS`` the prompt),
+    or fixed random ids without a tokenizer."""
     if manifest.tokenizer.file:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(package / manifest.tokenizer.file))
-        text = tok.encode(FIXED_TEXT, add_special_tokens=False).ids
-        return text[:16], text
+        text = [i for path in quality_texts()
+                for i in tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids[:TEXT_TOKENS]]
+        return text[:PROMPT_TOKENS], text
     # No tokenizer: fixed id sequences stand for the prompt and the text, so the quality numbers
     # recorded in the manifest are comparable between exports (the parity checks stay random).
     fixed = np.random.default_rng(1234)
     vocab = manifest.model.vocab_size
-    return fixed.integers(0, vocab, 16).tolist(), fixed.integers(0, vocab, 64).tolist()
+    return fixed.integers(0, vocab, PROMPT_TOKENS).tolist(), fixed.integers(0, vocab, FIXED_IDS).tolist()
 
 
 def verify_package(package: Path, manifest: mf.Manifest, src, model=None, only=(),

@@ -150,14 +150,14 @@ def test_inspect_shows_lean_measurements():
 def test_int8_graphs_get_a_full_quality_record_against_a_shipped_reference(int4_package, monkeypatch):
     """With reference logits shipped for the source, the int8-activation graphs (last-position
     logits only) run the whole reference token by token, so their record carries agreement over
-    every greedy step and perplexity: what the runtime's quality gate reads. The exact
+    every greedy step and text position, and perplexity: what the runtime's quality gate reads. The exact
     last-position graphs keep the short token-by-token check."""
     manifest, shipped = _shipped_by_portable(int4_package)
     monkeypatch.setattr(lean_verify, "load_all", lambda: {manifest.source.get("sha256"): shipped})
     report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
     for name in ("fused-int8", "static-int8"):
         q = report[name].quality
-        assert q.steps == 20 and q.perplexity_delta is not None, (SEED, name, q)
+        assert q.steps == 20 + len(shipped["text_ids"]) - 1 and q.perplexity_delta is not None, (SEED, name, q)
         twin = report[variants.exact_twin(name)]  # its short record: the gate is the reference's
         assert twin.quality is None and variants.passes_gate(report[name], twin) == (
             q.top1_agreement >= variants.GATE_AGREEMENT
@@ -203,4 +203,5 @@ def test_agreement_is_with_the_references_own_top1_not_its_continuation(int4_pac
     monkeypatch.setattr(lean_verify, "load_all", lambda: {manifest.source.get("sha256"): shipped})
     report = lean_verify.verify_lean(int4_package, manifest, rng=np.random.default_rng(SEED))
     q = report["portable"].quality
-    assert (q.agreed, q.steps) == (20, 20), (SEED, q)
+    n = 20 + len(shipped["text_ids"]) - 1  # the greedy steps and the text's positions
+    assert (q.agreed, q.steps) == (n, n), (SEED, q)

@@ -17,7 +17,7 @@ and hands it to ``main``, which measures it the same way for everybody and print
 TTFT and decode use the same generate call for every runtime (1 token, then 128 tokens, in the
 same iteration) so that no runtime is timed through a different path from another.
 
-With ``--quality FILE`` (``.bench/quality.json``: fixed texts of ``benchmarks/texts``, tokenized,
+With ``--quality FILE`` (``.bench/quality.json``: fixed texts of ``exporters/reference/texts``, tokenized,
 with the fp32 transformers reference's argmax and next-token NLL at every position), a last phase,
 after peak RSS is taken, feeds each text whole and adds ``quality``: top-1 agreement with the
 reference's argmax over every position of every text, and the perplexity of the texts.

@@ -87,8 +87,9 @@ REFERENCE_REL_TOL = 5e-3
 # An int8-activation graph competes by default (prefer="speed") only when export verification
 # recorded that int8 activations cost little against the float reference, measured from where its
 # exact twin (the same weights at float activations: fused for fused-int8 and fused-q4, static
-# for static-int8 and static-q4) stands: teacher-forced top-1 agreement over the gate's text
-# (verify.quality's 128 steps) at most 1 - GATE_AGREEMENT (2 points) below the twin's, and a
+# for static-int8 and static-q4) stands: teacher-forced top-1 agreement over the gate's positions
+# (verify.quality's 128 greedy steps and 639 of fixed texts: 2 points are 15 positions, where 128
+# positions alone made them 2.5) at most 1 - GATE_AGREEMENT (2 points) below the twin's, and a
 # perplexity at most GATE_PPL_INCREASE above the twin's (or the reference's, where that is higher).
 # What the weights' own rounding costs is the precision the user chose, not the activations': a
 # float checkpoint's exact int4 graph agrees on 100/128 with its float reference, and its int8 twin on

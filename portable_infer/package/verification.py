@@ -48,8 +48,9 @@ class Consistency:
 
 @dataclass(frozen=True)
 class Quality:
-    """Teacher-forced top-1 agreement with a reference's greedy continuation, and perplexity on a
-    fixed text (both or neither of ``perplexity`` and ``perplexity_reference``)."""
+    """Teacher-forced top-1 agreement with a reference along its greedy continuation (and the fixed
+    texts, where perplexity is measured), and perplexity on the texts (both or neither of
+    ``perplexity`` and ``perplexity_reference``)."""
 
     agreed: int
     steps: int
