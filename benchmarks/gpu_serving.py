@@ -1,6 +1,7 @@
 """GPU serving at scale (issue #21): our server against ONNX Runtime GenAI's continuous-batching Engine,
 same model, same request stream, one run.
 
+    source benchmarks/gpu_setup.sh .gpu/cN   # on the GPU machine: the staged wheels installed, PATH and PYTHONPATH
     PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_serving.py --assets DIR --out $OUT \\
         --parts make export genai serve engine steps [--levels 64 256] [--prompt 128] [--new 256]
         [--configs inproc engine inproc-restack engine-restack] [--shape 8b|3b] [--precisions fp16 int4]
