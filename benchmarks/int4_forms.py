@@ -43,13 +43,11 @@ from exporters import export as ex  # noqa: E402
 from exporters import int4_fit, weights  # noqa: E402
 from exporters.lowering import spec  # noqa: E402
 from exporters.quant import quantize  # noqa: E402
-from exporters.references import TEXTS_DIR  # noqa: E402
+from exporters.references import TEXT_TOKENS, quality_texts  # noqa: E402
 from exporters.sources import open_source  # noqa: E402
 from exporters.verify import all_logits, decoder, load_reference, log_softmax, torch_logits  # noqa: E402
 from portable_infer.package import manifest as mf  # noqa: E402
 
-TEXT_DIR = TEXTS_DIR
-QUALITY_TOKENS = 160  # as runners/common.py: 4 texts x 159 predicted positions
 PROMPT_TOKENS = 16
 CONT_STEPS = 128
 
@@ -231,8 +229,8 @@ def measure_package(pkg: Path, suffix: str, src, work: Path, continuations: int)
     """Every graph of ``pkg`` against the reference (computed once per work folder), printed."""
     manifest = mf.Manifest.load(pkg)
     tok = tokenizer(pkg, manifest)
-    texts = [tok.encode(f.read_text(encoding="utf-8"), add_special_tokens=False).ids[:QUALITY_TOKENS]
-             for f in sorted(TEXT_DIR.glob("*.txt"))]
+    texts = [tok.encode(f.read_text(encoding="utf-8"), add_special_tokens=False).ids[:TEXT_TOKENS]
+             for f in quality_texts()]
     cache = work / "reference.npz"
     ref = reference(None if cache.is_file() else load_reference(src), texts, continuations, cache)
     results = {}

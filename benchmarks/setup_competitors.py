@@ -49,7 +49,9 @@ HF_DIR = BENCH / "hf" / "smollm2"
 MODELS = BENCH / "models"
 REFERENCE = BENCH / "reference.json"
 QUALITY = BENCH / "quality.json"
-TEXTS = REPO / "exporters" / "reference" / "texts"  # the quality texts' one home (exporters/references.py)
+# the quality texts' one home is exporters/references.py (TEXTS_DIR); named by path here, because
+# this file also runs in the transformers venv (--internal), where the exporter is not installed
+TEXTS = REPO / "exporters" / "reference" / "texts"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RUNNERS = Path(__file__).resolve().parent / "runners"
 

@@ -325,7 +325,7 @@ def below_floor(name: str, r: VariantReport, q, twin: VariantReport | None, agai
     """``r``, marked as dropped where the int8-activation variant ``name`` agrees below its floor
     (``variants.int8_floor``: 10 points under its exact twin's agreement, or 90 % of the reference)."""
     floor = variants.int8_floor(name, twin)
-    if q.top1_agreement >= floor:
+    if variants.clears(q.top1_agreement, floor):
         return r
     base = "" if twin is None or twin.quality is None else (
         f" ({variants.exact_twin(name)} agrees on {twin.quality.agree_steps})")

@@ -203,4 +203,4 @@ def _select(manifest: Manifest, pkg: Path, cfg: LoadConfig, ort) -> Selection:
     # alive while another is timed
     picked = measure.tuned(held, manifest, pkg, choice, reselect, ort, threads=cfg.session.intra_op_threads,
                            prefer=cfg.prefer, batches=batches, max_kv_tokens=cfg.max_kv_tokens)
-    return picked if picked.skipped == skipped else dataclasses.replace(picked, skipped=skipped)
+    return dataclasses.replace(picked, skipped=skipped)

@@ -109,6 +109,17 @@ def exact_twin(name: str) -> str:
     return name.removesuffix(ORT_SUFFIX).removesuffix(INT8_SUFFIX).removesuffix(Q4_SUFFIX)
 
 
+# A record exactly at a bar clears it: agreement is agreed / steps, which is no binary fraction
+# (767 or 191 positions), and a bar measured from the twin subtracts its shortfall again, so the
+# comparison allows float rounding's size.
+AT_BAR = 1e-9
+
+
+def clears(agreement: float, bar: float) -> bool:
+    """``agreement`` is at or above ``bar`` (a gate's or a floor's), float rounding aside."""
+    return agreement >= bar - AT_BAR
+
+
 def _full(report: VariantReport | None):
     q = report.quality if report is not None else None
     return q if q is not None and q.perplexity_delta is not None else None
@@ -137,7 +148,7 @@ def passes_gate(report: VariantReport | None, twin: VariantReport | None = None)
         return False  # no full record (e.g. the lean check's short "agreement"): never preferred by default
     base = _full(twin)
     ppl = max(base.perplexity, q.perplexity_reference) if base is not None else q.perplexity_reference
-    return (q.top1_agreement >= GATE_AGREEMENT - (1.0 - twin_agreement(twin))
+    return (clears(q.top1_agreement, GATE_AGREEMENT - (1.0 - twin_agreement(twin)))
             and q.perplexity <= ppl * (1.0 + GATE_PPL_INCREASE))
 
 
