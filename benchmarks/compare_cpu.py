@@ -372,6 +372,7 @@ def machine() -> dict:
 
     budget = host.cpu_budget()
     return {"cpu": host.cpu_model(), "isa_flags": list(host.isa_flags()),
+            "isa_listed": list(host.listed_flags()), "isa_mask": steps.ISA_MASK,
             "cpu_budget": {"affinity": budget.affinity, "physical": budget.physical,
                            "quota": budget.quota, "threads": budget.threads},
             "host": host.describe(), "cores": os.cpu_count(),

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import llama1b  # beside this file, stdlib only at import (its steps run in the venvs)
 import smollm2_float  # the same
-from setup_steps import BENCH, MARK, REPO, VENV_ROOT, Export, ensure_export, genai_export, run_logged, venv_python
+from setup_steps import (BENCH, ISA_MASK, MARK, REPO, VENV_ROOT, Export, ensure_export, genai_export, run_logged,
+                         venv_dir, venv_python)
 
 logger = logging.getLogger("setup_competitors")
 
@@ -82,7 +83,8 @@ def llamacpp_cmake_args() -> str:
     (general protection fault at ``ldtilecfg`` in ``ggml_backend_amx_mul_mat``); AMX serves
     llama.cpp's batched int8 matmuls, not the batch-1 decode compared here.
     ``LLAMACPP_CMAKE_ARGS`` replaces the whole choice (e.g. ``-DGGML_NATIVE=ON`` where AMX works).
-    Not an x86 CPU: ``-DGGML_NATIVE=ON``."""
+    Not an x86 CPU: ``-DGGML_NATIVE=ON``. Under ``isa_mask.py avx2``: without the extensions the
+    mask hides (AVX-512, AVX-VNNI), the build of an AVX2 machine."""
     if os.environ.get("LLAMACPP_CMAKE_ARGS"):
         return os.environ["LLAMACPP_CMAKE_ARGS"]
     try:
@@ -93,6 +95,8 @@ def llamacpp_cmake_args() -> str:
     if not flags:
         return "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
     have = set(flags)
+    if ISA_MASK == "avx2":
+        have = {f for f in have if not f.startswith("avx512") and f != "avx_vnni"}
     isa = " ".join(f"-D{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in GGML_ISA_OPTIONS)
     return f"-DGGML_NATIVE=OFF {isa} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
 
@@ -155,6 +159,7 @@ def base_python() -> str:
 
 def ensure_venv(name: str) -> None:
     spec = VENVS[name]
+    name = venv_dir(name)
     root = VENV_ROOT / name
     stamp = json.dumps({"requirements": spec.requirements, "env": spec.env}, sort_keys=True)
     marker = root / MARK

@@ -42,8 +42,18 @@ def genai_export(out: Path, precision: str, cache: str) -> Export:
                                     "-p", precision, "-e", "cpu", "-c", str(BENCH / "cache" / cache)))
 
 
+# benchmarks/isa_mask.py's level in a process tree whose CPUID it masks (None: not masked).
+ISA_MASK = os.environ.get("ISA_MASK") or None
+
+
+def venv_dir(name: str) -> str:
+    """A venv's folder name: llama.cpp's ISA is fixed when it is compiled, so under an ISA mask it
+    has its own build, ``llamacpp-<level>`` (the others dispatch at run time)."""
+    return f"{name}-{ISA_MASK}" if name == "llamacpp" and ISA_MASK else name
+
+
 def venv_python(name: str) -> Path:
-    return VENV_ROOT / name / "bin" / "python"
+    return VENV_ROOT / venv_dir(name) / "bin" / "python"
 
 
 def run_logged(cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> None:

@@ -102,3 +102,16 @@ def test_gpu_models_from_the_driver(tmp_path):
         info.parent.mkdir(parents=True)
         info.write_text(f"Model: \t\t {model}\nIRQ:   \t\t 42\nGPU UUID: \t GPU-x\n")
     assert host.gpu_models(tmp_path) == ("NVIDIA H200", "NVIDIA H100 80GB HBM3")
+
+
+def test_flags_this_process_cannot_use_are_left_out(tmp_path):
+    # /proc lists what the CPU has; numpy's CPUID reading says what code here can dispatch to (a
+    # hypervisor, or benchmarks/isa_mask.py, may hide AVX-512 from CPUID).
+    root = fake_root(tmp_path, "0", "0::/\n", {})
+    (root / "proc/cpuinfo").write_text(CPUINFO.replace("f16c", "f16c avx512f avx512bw avx512_vnni"))
+    assert host.isa_flags(root) == ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni")
+    hidden = {"AVX2": True, "AVX512F": False, "AVX512BW": False, "AVX512VNNI": False}
+    assert host.isa_flags(root, hidden) == ("sse4_2", "avx", "avx2", "fma", "f16c")
+    line = host.describe(root, hidden)
+    assert "ISA: sse4_2 avx avx2 fma f16c | hidden from this process: avx512f avx512bw avx512_vnni |" in line
+    assert "hidden" not in host.describe(root)

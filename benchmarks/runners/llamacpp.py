@@ -8,6 +8,8 @@ for all 8, argmax on the logits it returns (what llama.cpp's ``batched`` example
 
 from __future__ import annotations
 
+import os
+
 import common
 
 
@@ -121,9 +123,15 @@ def build(args) -> common.Runtime:
         llm.eval(list(ids))  # one batch: logits for every position (logits_all)
         return np.array(llm.scores[:len(ids)], dtype=np.float32)
 
+    # ggml's ISA is fixed when it is compiled: under benchmarks/isa_mask.py an AVX-512 build would
+    # still run AVX-512 code. Refuse it (setup_competitors builds llamacpp-avx2 for the mask).
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    if os.environ.get("ISA_MASK") == "avx2" and ("AVX512 = 1" in system_info or "AVX_VNNI = 1" in system_info):
+        raise RuntimeError(f"this llama.cpp was built for AVX-512 / AVX-VNNI, but the run is masked to "
+                           f"AVX2 (ISA_MASK=avx2): {system_info}; run setup_competitors.py under the mask")
     return common.Runtime(
         load=Model, generate=generate, teacher_forced=teacher_forced, files=[args.model], logits=logits,
-        versions={"llama-cpp-python": llama_cpp.__version__},
+        versions={"llama-cpp-python": llama_cpp.__version__, "ggml": system_info},
         notes="batch 1: Llama.generate greedy; batch 8: llama_decode over 8 sequences "
               "(low-level bindings); mmap, flash attention off (Llama's default)",
     )

@@ -65,11 +65,47 @@ def cpu_model(root: str | os.PathLike = "/") -> str:
     return info.get("model name") or info.get("Hardware") or info.get("CPU part") or "unknown CPU"
 
 
-def isa_flags(root: str | os.PathLike = "/") -> tuple:
-    """The kernel-relevant ISA flags this CPU reports (x86 `flags`, ARM `Features`), in ISA_FLAGS order."""
+# /proc/cpuinfo's flag -> numpy's name for the same feature. numpy reads CPUID and the OS's saved
+# register state at import, as ONNX Runtime's kernels do: what code in this process can dispatch
+# to. /proc lists what the CPU has; where numpy says a feature is unusable (a hypervisor or
+# benchmarks/isa_mask.py hiding it from CPUID), the kernels do not use it and neither do we.
+_NUMPY_NAMES = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C",
+                "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512vl": "AVX512VL",
+                "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16", "avx512_fp16": "AVX512FP16",
+                "asimd": "ASIMD", "asimddp": "ASIMDDP"}
+# Set by benchmarks/isa_mask.py in the processes whose CPUID it masks; "avx2" also hides AVX-VNNI,
+# which numpy does not report.
+MASK_ENV = "ISA_MASK"
+
+
+def dispatchable() -> dict:
+    """numpy's CPU features of this process ({} where this numpy does not say)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
+
+
+def listed_flags(root: str | os.PathLike = "/") -> tuple:
+    """The kernel-relevant ISA flags the CPU lists (x86 `flags`, ARM `Features`), in ISA_FLAGS order."""
     info = cpuinfo(root)
     have = set((info.get("flags") or info.get("Features") or "").split())
     return tuple(f for f in ISA_FLAGS if f in have)
+
+
+def isa_flags(root: str | os.PathLike = "/", features: dict | None = None) -> tuple:
+    """The listed flags this process can dispatch to: those ``features`` (default: numpy's, for
+    the real root; none for a faked one) marks unusable left out."""
+    if features is None:
+        features = dispatchable() if str(root) == "/" else {}
+        if str(root) == "/" and os.environ.get(MASK_ENV) == "avx2":
+            features = {**features, "AVX_VNNI": False}
+    names = {**_NUMPY_NAMES, "avx_vnni": "AVX_VNNI"}
+    return tuple(f for f in listed_flags(root) if features.get(names.get(f, "")) is not False)
 
 
 def gpu_models(root: str | os.PathLike = "/") -> tuple:
@@ -169,9 +205,13 @@ def cpu_budget(root: str | os.PathLike = "/") -> CpuBudget:
     return CpuBudget(affinity=len(cpus), physical=_physical(cpus, root), quota=quota)
 
 
-def describe(root: str | os.PathLike = "/") -> str:
-    """One line for benchmark tables and `doctor`: model, ISA flags, budget."""
+def describe(root: str | os.PathLike = "/", features: dict | None = None) -> str:
+    """One line for benchmark tables and `doctor`: model, ISA flags (and any the CPU lists that this
+    process cannot use), budget."""
     b = cpu_budget(root)
     quota = "none" if b.quota is None else f"{b.quota:g}"
-    return (f"{cpu_model(root)} | ISA: {' '.join(isa_flags(root)) or 'unknown'} | "
+    usable = isa_flags(root, features)
+    hidden = [f for f in listed_flags(root) if f not in usable]
+    hidden_text = f" | hidden from this process: {' '.join(hidden)}" if hidden else ""
+    return (f"{cpu_model(root)} | ISA: {' '.join(usable) or 'unknown'}{hidden_text} | "
             f"{b.affinity} CPUs, {b.physical} cores, quota {quota} -> {b.threads} threads")
