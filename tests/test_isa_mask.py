@@ -40,15 +40,19 @@ def test_a_masked_process_sees_avx2_and_no_avx512():
     assert seen["AVX2"] and seen["FMA3"] and not seen["AVX512F"] and not seen["AVX512VNNI"]
     # The runtime's own ISA reading (the tuning cache's key, every benchmark's CPU line) follows,
     # with ONNX Runtime loaded in the same process.
-    proc = _run("import onnxruntime\nfrom portable_infer.engine import host\n"
-                "print(' '.join(host.isa_flags()))\nprint(host.describe())")
+    proc = _run("import onnxruntime\nfrom portable_infer.engine import doctor, host\n"
+                "print(' '.join(host.isa_flags()))\nprint(host.describe())\n"
+                "print(doctor.format_doctor(doctor.doctor_report(onnxruntime, variants=[])))")
     assert proc.returncode == 0, proc.stderr
-    flags, line = proc.stdout.splitlines()[-2:]
+    out = proc.stdout.splitlines()
+    flags, line = out[0], out[1]
+    cpu = next(ln for ln in out if ln.startswith("CPU: "))
     assert "avx2" in flags.split()
     assert not [f for f in flags.split() if f.startswith("avx512") or f == "avx_vnni"], flags
     listed = Path("/proc/cpuinfo").read_text()
     if " avx512f " in listed:
         assert "hidden from this process: " in line and "avx512f" in line.split("hidden from this process: ")[1]
+        assert "unusable here: " in cpu and "avx512f" in cpu.split("unusable here: ")[1], cpu
 
 
 def test_a_real_fault_still_reaches_the_programs_own_handler():

@@ -58,6 +58,7 @@ def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = Non
     budget = host.cpu_budget()
     return {
         "cpu": host.cpu_model(), "isa": list(host.isa_flags()),
+        "isa_hidden": [f for f in host.listed_flags() if f not in host.isa_flags()],
         "cpu_budget": {"affinity": budget.affinity, "physical": budget.physical, "quota": budget.quota,
                        "threads": budget.threads},
         "tuned": [{"chosen": d["chosen"], "timings_ms": d["timings_ms"], **d["key"]}
@@ -79,7 +80,9 @@ def format_doctor(report: dict) -> str:
     lines = [f"ONNX Runtime {report['ort_version']}{device} (installed builds: {builds})"]
     if "cpu" in report:
         b = report["cpu_budget"]
-        lines.append(f"CPU: {report['cpu']}; ISA: {' '.join(report['isa']) or 'unknown'}; "
+        hidden = report.get("isa_hidden")
+        hidden = f" (listed by the CPU, unusable here: {' '.join(hidden)})" if hidden else ""
+        lines.append(f"CPU: {report['cpu']}; ISA: {' '.join(report['isa']) or 'unknown'}{hidden}; "
                      f"{b['affinity']} CPUs, {b['physical']} cores, cgroup quota "
                      f"{'none' if b['quota'] is None else b['quota']} -> {b['threads']} threads")
     for t in report.get("tuned", []):
