@@ -33,9 +33,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "isa_mask.c"
 BUILD = HERE.parent / ".bench" / "isa_mask"
+# The variable the masked processes get (isa_mask.c reads it; so do setup_steps, the llama.cpp
+# runner, which runs in its own venv, and portable_infer.engine.host.MASK_ENV).
+ENV = "ISA_MASK"
 LEVELS = {"avx2": "AVX-512 and AVX-VNNI hidden from CPUID (an AVX2/FMA/F16C CPU: EPYC Zen 2/3)"}
-# What a child process must then see (numpy's reading of CPUID).
-_PROBE = ("import json; from numpy._core._multiarray_umath import __cpu_features__ as f; "
+# What a child process must then see: the runtime's own reading of CPUID (host.dispatchable).
+_PROBE = (f"import json, sys; sys.path.insert(0, {str(HERE.parent)!r}); "
+          "from portable_infer.engine.host import dispatchable; f = dispatchable(); "
           "print(json.dumps({k: bool(f.get(k)) for k in ('AVX2', 'FMA3', 'AVX512F', 'AVX512VNNI')}))")
 
 
@@ -69,19 +73,22 @@ def environ(level: str, base: dict | None = None) -> dict:
         raise MaskError(f"unknown ISA mask {level!r}: one of {', '.join(LEVELS)}")
     env = dict(os.environ if base is None else base)
     preload = [str(library())] + [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-    env.update(ISA_MASK=level, LD_PRELOAD=":".join(preload))
+    env.update({ENV: level, "LD_PRELOAD": ":".join(preload)})
     return env
+
+
+def faultable() -> bool:
+    """Whether this CPU (or its hypervisor) offers CPUID faulting."""
+    try:
+        return any(ln.startswith("flags") and "cpuid_fault" in ln.split()
+                   for ln in Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return False
 
 
 def check(level: str) -> dict:
     """Start a child under the mask and confirm it sees AVX2 without AVX-512; its features."""
-    flags = ""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    if "cpuid_fault" not in flags.split():
+    if not faultable():
         raise MaskError("this CPU (or its hypervisor) offers no CPUID faulting (no cpuid_fault in "
                         "/proc/cpuinfo): the ISA cannot be masked here; measure on an AVX2 machine")
     proc = subprocess.run([sys.executable, "-c", _PROBE], env=environ(level), capture_output=True, text=True)

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import isa_mask  # beside this file, stdlib only
+
 logger = logging.getLogger("setup_steps")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ def genai_export(out: Path, precision: str, cache: str) -> Export:
 
 
 # benchmarks/isa_mask.py's level in a process tree whose CPUID it masks (None: not masked).
-ISA_MASK = os.environ.get("ISA_MASK") or None
+ISA_MASK = os.environ.get(isa_mask.ENV) or None
 
 
 def venv_dir(name: str) -> str:

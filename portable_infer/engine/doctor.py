@@ -58,7 +58,7 @@ def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = Non
     budget = host.cpu_budget()
     return {
         "cpu": host.cpu_model(), "isa": list(host.isa_flags()),
-        "isa_hidden": [f for f in host.listed_flags() if f not in host.isa_flags()],
+        "isa_hidden": list(host.hidden_flags()),
         "cpu_budget": {"affinity": budget.affinity, "physical": budget.physical, "quota": budget.quota,
                        "threads": budget.threads},
         "tuned": [{"chosen": d["chosen"], "timings_ms": d["timings_ms"], **d["key"]}

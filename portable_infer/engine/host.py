@@ -72,22 +72,26 @@ def cpu_model(root: str | os.PathLike = "/") -> str:
 _NUMPY_NAMES = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C",
                 "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512vl": "AVX512VL",
                 "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16", "avx512_fp16": "AVX512FP16",
-                "asimd": "ASIMD", "asimddp": "ASIMDDP"}
+                "asimd": "ASIMD", "asimddp": "ASIMDDP", "avx_vnni": "AVX_VNNI"}
 # Set by benchmarks/isa_mask.py in the processes whose CPUID it masks; "avx2" also hides AVX-VNNI,
 # which numpy does not report.
 MASK_ENV = "ISA_MASK"
 
 
 def dispatchable() -> dict:
-    """numpy's CPU features of this process ({} where this numpy does not say)."""
+    """numpy's CPU features of this process ({} where this numpy does not say), and AVX-VNNI off
+    under isa_mask's ``avx2``."""
     try:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:
         try:
             from numpy.core._multiarray_umath import __cpu_features__
         except ImportError:
-            return {}
-    return dict(__cpu_features__)
+            __cpu_features__ = {}
+    features = dict(__cpu_features__)
+    if os.environ.get(MASK_ENV) == "avx2":
+        features["AVX_VNNI"] = False
+    return features
 
 
 def listed_flags(root: str | os.PathLike = "/") -> tuple:
@@ -102,10 +106,13 @@ def isa_flags(root: str | os.PathLike = "/", features: dict | None = None) -> tu
     the real root; none for a faked one) marks unusable left out."""
     if features is None:
         features = dispatchable() if str(root) == "/" else {}
-        if str(root) == "/" and os.environ.get(MASK_ENV) == "avx2":
-            features = {**features, "AVX_VNNI": False}
-    names = {**_NUMPY_NAMES, "avx_vnni": "AVX_VNNI"}
-    return tuple(f for f in listed_flags(root) if features.get(names.get(f, "")) is not False)
+    return tuple(f for f in listed_flags(root) if features.get(_NUMPY_NAMES.get(f, "")) is not False)
+
+
+def hidden_flags(root: str | os.PathLike = "/", features: dict | None = None) -> tuple:
+    """The flags the CPU lists that this process cannot use (:func:`isa_flags` left them out)."""
+    usable = isa_flags(root, features)
+    return tuple(f for f in listed_flags(root) if f not in usable)
 
 
 def gpu_models(root: str | os.PathLike = "/") -> tuple:
@@ -210,8 +217,7 @@ def describe(root: str | os.PathLike = "/", features: dict | None = None) -> str
     process cannot use), budget."""
     b = cpu_budget(root)
     quota = "none" if b.quota is None else f"{b.quota:g}"
-    usable = isa_flags(root, features)
-    hidden = [f for f in listed_flags(root) if f not in usable]
+    hidden = hidden_flags(root, features)
     hidden_text = f" | hidden from this process: {' '.join(hidden)}" if hidden else ""
-    return (f"{cpu_model(root)} | ISA: {' '.join(usable) or 'unknown'}{hidden_text} | "
+    return (f"{cpu_model(root)} | ISA: {' '.join(isa_flags(root, features)) or 'unknown'}{hidden_text} | "
             f"{b.affinity} CPUs, {b.physical} cores, quota {quota} -> {b.threads} threads")
