@@ -44,10 +44,22 @@ def genai_blocks(gen: Path, blocks: int) -> list:
 def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, rows: dict,
                  kv_gib: float = float("nan"), warm: int = 4, blocks: int | None = None,
                  sampling: dict | None = None) -> None:
-    """GenAI's Engine over the same prompts; ``kv_gib``: its paged KV pool as configured (allocated
-    whole at start; ``blocks``: set to that many blocks first); ``sampling``: temperature and
-    top_p (request i seeded i), else greedy. Counts the requests decoding at once (a first token
-    out, the turn not over)."""
+    """GenAI's Engine over the same prompts, each level once (round 1's prompts); see :func:`genai_runner`."""
+    run = genai_runner(gen, prompt, new, vocab, kv_gib, warm, blocks, sampling)
+    for n in levels:
+        r = run(prompts(n, prompt, vocab, SEED))
+        rows[("GenAI Engine (paged)", n)] = r
+        say(f"  {time.strftime('%H:%M:%S')} genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+
+
+def genai_runner(gen: Path, prompt: int, new: int, vocab: int, kv_gib: float = float("nan"), warm: int = 4,
+                 blocks: int | None = None, sampling: dict | None = None):
+    """GenAI's Engine loaded and warmed up (``warm`` requests of ``WARM_TOKENS``); returns
+    ``run(reqs, new=new)``, which drives one level (``reqs``: token-id prompts, all at once) and
+    summarizes it. ``kv_gib``: its paged KV pool as configured (allocated whole at start;
+    ``blocks``: set to that many blocks first); ``sampling``: temperature and top_p (request i
+    seeded i), else greedy. Counts the requests decoding at once (a first token out, the turn not
+    over)."""
     import onnxruntime_genai as og
 
     if blocks is not None:
@@ -62,6 +74,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
     over = int(og.EngineEventFlags.TURN_FINISHED.value)
 
     def run(reqs: list, new: int = new) -> dict:
+        reqs = list(reqs)  # the caller's list stays as it was (its entries hold the requests here)
         t0 = time.perf_counter()
         sent, times, tokens, ids = {}, {}, {}, {}
         for i, p in enumerate(reqs):
@@ -115,8 +128,5 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
                            "error": "failed" if not times[i] else None} for i in sent]) | {
             "genai_errors": errors, "running_max": most, "kv_gib": kv_gib}
 
-    run(prompts(warm, prompt, vocab, seed=1)[:], WARM_TOKENS)  # warm-up (--warm)
-    for n in levels:
-        r = run(prompts(n, prompt, vocab, SEED))
-        rows[("GenAI Engine (paged)", n)] = r
-        say(f"  {time.strftime('%H:%M:%S')} genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+    run(prompts(warm, prompt, vocab, seed=1), WARM_TOKENS)  # warm-up (--warm)
+    return run

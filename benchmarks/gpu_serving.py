@@ -5,6 +5,7 @@ same model, same request stream, one run.
     PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_serving.py --assets DIR --out $OUT \\
         --parts make export genai serve engine steps [--levels 64 256] [--prompt 128] [--new 256]
         [--configs inproc engine inproc-restack engine-restack] [--shape 8b|3b] [--precisions fp16 int4]
+        [--rounds K] [--paired]
 
 ``make``: a random-weight HF folder of Llama-3.1-8B's shape (``--shape 3b``: Llama-3.2-3B's, a
 stand-in named as such), fp16, built on the GPU (``gpu_agent_export.make_hf``; the tokenizer from
@@ -33,7 +34,11 @@ SSE chunk is itself a core's work at these rates). ``engine``: GenAI's ``og.Engi
 Python with the same token ids, N requests at once. ``transformers``: transformers' own continuous
 batching (``generate_batch``, paged attention) on the HF folder, the same prompts and KV budget, in
 a process of its own (``gpu_hf_batching.py``). Round k of a level draws fresh prompts (seed SEED +
-k - 1; GenAI's and transformers' single round: SEED). ``--budget-streams K``: everyone's KV budget is K
+k - 1; GenAI's and transformers' single round: SEED). ``--paired``: GenAI's Engine is loaded in this
+process before our servers start and runs each of our rounds' levels on the same prompts, right
+after ours in rounds 1, 3, ... and right before it in rounds 2, 4, ...; a table gives each round's
+ratio and, per config and level, their median, min, max and the rounds at 1.2x (``paired_rounds``):
+a drift of the machine between rounds then hits both rows of a round alike. ``--budget-streams K``: everyone's KV budget is K
 whole requests (default: the largest level); below the largest level the table's "running at
 once" is item 4's measure of how many sequences each runtime admits in the same KV memory (the
 slots hold whole requests: their ``--max-batch`` is K). Per row: generated tok/s (completion tokens /
@@ -50,6 +55,7 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -58,7 +64,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_agent_export import LINES, LLAMA8B, make_hf, say, timed  # noqa: E402
-from gpu_genai_engine import genai_levels  # noqa: E402
+from gpu_genai_engine import genai_levels, genai_runner  # noqa: E402
 from gpu_requests import SEED, WARM_TOKENS, prompts, summarize  # noqa: E402
 
 LLAMA3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
@@ -216,7 +222,11 @@ def gpu_memory() -> str:
 
 def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vocab: int, rows: dict,
                  provider: str = "cuda", rounds: int = 1, prefill_chunk: int = 512, warm: int = 4,
-                 budget: int | None = None, sampling: dict | None = None) -> None:
+                 budget: int | None = None, sampling: dict | None = None, pair=None, pairs: list | None = None) -> None:
+    """Our server on ``pkg`` as ``config`` says, each level ``rounds`` times (round k: prompts of seed
+    SEED + k); rows into ``rows``. ``pair(reqs)`` (``--paired``): GenAI's level on the same prompts,
+    run right after ours in odd rounds and right before it in even ones, each pair of rows into
+    ``pairs`` (:func:`paired_rounds`)."""
     import httpx
 
     port = free_port()
@@ -281,6 +291,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         http_level(url, prompts(warm, prompt, vocab, seed=1), WARM_TOKENS, sampling=sampling)  # warm-up (--warm)
         for n, round_ in [(n, k) for k in range(rounds) for n in levels]:
             reqs = prompts(n, prompt, vocab, SEED + round_)
+            theirs = pair(reqs) if pair is not None and round_ % 2 else None  # rounds 2, 4, ...: GenAI first
             seen = []
             stop = [False]
 
@@ -306,6 +317,11 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 got = [v[k] for v in seen if v[k] == v[k]]
                 r[key] = max(got) / scale if got else float("nan")
             rows[(f"portable_infer ({config})" + (f", round {round_ + 1}" if rounds > 1 else ""), n)] = r
+            if pair is not None:
+                theirs = theirs or pair(reqs)
+                rows[(f"GenAI Engine (paged), paired with {config}, round {round_ + 1}", n)] = theirs
+                pairs.append({"config": config, "streams": n, "round": round_ + 1, "ours": r, "genai": theirs})
+                say(f"  {time.strftime('%H:%M:%S')} genai {n} (paired): {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in theirs.items()})}")
             if auto:
                 say(f"  GPU memory after {n} streams: {gpu_memory()}")
             say(f"  {time.strftime('%H:%M:%S')} {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
@@ -315,6 +331,40 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             srv.wait(60)
         except subprocess.TimeoutExpired:
             srv.kill()
+
+
+# --- paired rounds (--paired) ---------------------------------------------------------------------
+TARGET_RATIO = 1.2  # issue #21: at least 1.2x GenAI's Engine at each level, in the same run
+
+
+def paired_rounds(pairs: list, target: float = TARGET_RATIO) -> list:
+    """Each config and level's rounds, from ``serve_levels``' ``pairs`` (ours and GenAI's row of one
+    round, on the same prompts, one right after the other): the ratios of our tok/s to GenAI's, their
+    median, min and max, and in how many rounds the ratio reached ``target``. A drift of the machine
+    between rounds hits both rows of a round alike, so a round's ratio is the comparison; GenAI's
+    single figure against our several rounds was not."""
+    groups: dict = {}
+    for p in pairs:
+        groups.setdefault((p["config"], p["streams"]), []).append(p["ours"]["tok_s"] / p["genai"]["tok_s"])
+    return [{"config": c, "streams": n, "rounds": len(r), "ratios": r, "median": statistics.median(r),
+             "min": min(r), "max": max(r), "at_target": sum(x >= target for x in r)} for (c, n), r in groups.items()]
+
+
+def say_paired(pairs: list) -> None:
+    """The paired rounds, each round's row and then each config and level in one line."""
+    say("\nPaired rounds (--paired: GenAI's Engine in this process, on each round's prompts right after our "
+        "server's level in rounds 1, 3, ... and right before it in rounds 2, 4, ...):\n")
+    say("| config | streams | round | ours tok/s (TTFT p50 ms) | GenAI tok/s (TTFT p50 ms) | ratio | errors ours / GenAI |")
+    say("|---|---|---|---|---|---|---|")
+    for p in pairs:
+        o, g = p["ours"], p["genai"]
+        say(f"| {p['config']} | {p['streams']} | {p['round']} | {o['tok_s']:,.0f} ({o['ttft_p50_ms']:,.0f}) | "
+            f"{g['tok_s']:,.0f} ({g['ttft_p50_ms']:,.0f}) | {o['tok_s'] / g['tok_s']:.2f}x | {o['errors']} / {g['errors']} |")
+    say(f"\n| config | streams | rounds | ratio median | min | max | rounds at >= {TARGET_RATIO}x |")
+    say("|---|---|---|---|---|---|---|")
+    for r in paired_rounds(pairs):
+        say(f"| {r['config']} | {r['streams']} | {r['rounds']} | {r['median']:.2f}x | {r['min']:.2f}x | "
+            f"{r['max']:.2f}x | {r['at_target']} of {r['rounds']} |")
 
 
 # --- transformers' continuous batching -------------------------------------------------------------
@@ -369,6 +419,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="every runtime's requests sample at this temperature (request i seeded i); 0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus bound")
+    ap.add_argument("--paired", action="store_true",
+                    help="GenAI's Engine loaded in this process before our servers start, each of our rounds' levels "
+                    "paired with its level on the same prompts (after ours in rounds 1, 3, ..., before in 2, 4, ...); "
+                    "a table of the rounds' ratios (the 'engine' part still runs GenAI once on its own if listed)")
     ap.add_argument("--budget-streams", type=int, default=None,
                     help="the KV budget, everyone's: this many whole requests (--prompt + --new tokens each; default "
                     "the largest level). Below the largest level it measures how many sequences each runtime runs at "
@@ -414,12 +468,17 @@ def main() -> None:
             lines = [f"timed out: {(exc.stdout or b'').decode(errors='replace')[-1500:]}"]
         for line in lines:
             say(line)
+    pairs: list = []
+    pair = None
+    if args.paired and "serve" in args.parts:
+        say("\nGenAI's Engine for the paired rounds (loaded before our servers start: they share the device):")
+        pair = genai_runner(gen, args.prompt, args.new, vocab, blocks * block * kv_token / 2**30, args.warm, blocks, sampling)
     if "serve" in args.parts:
         for config, prec in [(c, p) for p in packages for c in args.configs]:
             try:
                 serve_levels(packages[prec], config if prec == "fp16" else f"{config}, {prec}", args.levels, args.prompt,
                              args.new, vocab, rows, args.provider, args.rounds, args.prefill_chunk, args.warm, budget,
-                             sampling)
+                             sampling, pair, pairs)
             except Exception as exc:  # noqa: BLE001 - the other parts still run
                 say(f"serve {config} failed: {type(exc).__name__}: {exc}")
             (args.out / "gpu_serving.md").write_text("\n".join(LINES) + "\n")  # so far (a time limit may end it)
@@ -454,6 +513,8 @@ def main() -> None:
         "Running at once: ours, the most admitted requests the metrics reported (sampled twice a second); "
         "GenAI's, the most requests between their first token and the end of their turn; transformers', "
         "the most requests between their scheduling and their end.)")
+    if pairs:
+        say_paired(pairs)
     clocked = [(k, r["steps"]) for k, r in rows.items() if r.get("steps")]
     if clocked:
         say("\nWhere our step loop spent each level (server /metrics, the level's difference):\n")

@@ -242,6 +242,29 @@ def test_genai_pool_is_set_to_the_budget_wherever_its_config_keeps_it(tmp_path):
     assert gpu_genai_engine.genai_blocks(tmp_path, new) == []
 
 
+def test_paired_rounds_pair_each_round_with_genais_own_and_count_the_target():
+    """gpu_serving --paired: each round's ratio is ours over GenAI's of that round (a drift of the
+    machine that hits both rows of a round alike leaves it alone), per config and level: median,
+    min, max and the rounds at the 1.2x target; one GenAI figure against several rounds would not."""
+    import gpu_serving
+
+    rng = np.random.default_rng(SEED)
+    drift = rng.uniform(0.6, 1.4, 5)  # the machine's speed, round by round
+    print(f"seed {SEED}: drift {np.round(drift, 3).tolist()}")
+    true = {("slots", 64): [1.25, 1.15, 1.3, 1.22, 1.21], ("slots", 256): [1.3] * 5, ("paged", 64): [0.9, 1.01, 1.1, 1.21, 1.19]}
+    pairs = [{"config": c, "streams": n, "round": k + 1, "ours": {"tok_s": 6000 * r * d}, "genai": {"tok_s": 6000 * d}}
+             for (c, n), ratios in true.items() for k, (r, d) in enumerate(zip(ratios, drift))]
+    got = {(r["config"], r["streams"]): r for r in gpu_serving.paired_rounds(pairs)}
+    assert set(got) == set(true)
+    for key, ratios in true.items():
+        r = got[key]
+        assert r["ratios"] == pytest.approx(ratios) and r["rounds"] == 5
+        assert (r["median"], r["min"], r["max"]) == pytest.approx((float(np.median(ratios)), min(ratios), max(ratios)))
+    assert [got[k]["at_target"] for k in true] == [4, 5, 1]
+    assert gpu_serving.paired_rounds(pairs, target=1.0)[2]["at_target"] == 4
+    assert gpu_serving.paired_rounds([]) == []
+
+
 class _Out:
     def __init__(self, created, stamps, span, tokens, error=None):
         self.created_time, self.timestamps, self.lifespan = created, stamps, span
