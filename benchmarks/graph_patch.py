@@ -121,8 +121,9 @@ def _nbits(model) -> list:
 
 
 def _head(model):
-    """The lm_head: the MatMulNBits with the most outputs (the vocabulary)."""
-    return max(_nbits(model), key=lambda n: _attr(n, "N"))
+    """The lm_head: the MatMulNBits with the most outputs (the vocabulary), the last such node
+    where a packed layer is as wide (a tiny model's gate/up can be)."""
+    return max(reversed(_nbits(model)), key=lambda n: _attr(n, "N"))
 
 
 def _layers(model) -> list:
@@ -235,6 +236,51 @@ def gbq_rows(model) -> None:
         g.node.insert(at, node)
 
 
+def block16(model) -> None:
+    """The decoder layers' 4-bit MatMulNBits (block 32) at block 16: the same codes, each block's
+    scale and zero point twice, so the same weights (exact), with int8 activations quantized in
+    blocks of 16 instead of 32 where the layer runs at accuracy 4."""
+    done = set()
+    for node in _layers(model):
+        if _attr(node, "bits", 4) != 4 or _attr(node, "block_size") != BLOCK:
+            continue
+        names = list(node.input[1:4])
+        if names[0] not in done:
+            B = _init(model, names[0])
+            n, blocks, size = B.shape
+            _set_init(model, names[0], B.reshape(n, 2 * blocks, size // 2))
+            _set_init(model, names[1], np.repeat(_init(model, names[1]).reshape(n, blocks), 2, axis=1))
+            if len(names) > 2 and names[2]:  # uint8 zero points, two 4-bit ones a byte
+                packed = _init(model, names[2]).reshape(n, -1)
+                zp = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+                zp = np.repeat(zp, 2, axis=1)  # 2 * blocks: an even count
+                _set_init(model, names[2], (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8))
+            done.add(names[0])
+        _set_attr(node, "block_size", BLOCK // 2)
+
+
+def head_lean(model) -> None:
+    """The refined head's TopK unsorted, and next_token the best refined candidate (ArgMax over
+    the refined rows, their vocabulary ids gathered from TopK's) instead of ArgMax over every
+    logit after ScatterElements: the same token wherever a refined logit is the largest."""
+    from onnx import helper
+
+    g = model.graph
+    topk = next(n for n in g.node if n.op_type == "TopK")
+    _set_attr(topk, "sorted", 0)
+    arg = next(n for n in g.node if n.op_type == "ArgMax")
+    scatter = next(n for n in g.node if n.op_type == "ScatterElements")
+    ids, refined = scatter.input[1], scatter.input[2]
+    axes = _set_init(model, "head_lean.axes", np.array([-1], np.int64))
+    at = list(g.node).index(arg)
+    g.node.remove(arg)
+    for k, node in enumerate([
+            helper.make_node("ArgMax", [refined], ["head_lean.best"], axis=-1, keepdims=1, name="head_lean.argmax"),
+            helper.make_node("GatherElements", [ids, "head_lean.best"], ["head_lean.id"], axis=-1, name="head_lean.id"),
+            helper.make_node("Squeeze", ["head_lean.id", axes], [arg.output[0]], name="head_lean.squeeze")]):
+        g.node.insert(at + k, node)
+
+
 def copy_node(node, name, inputs, outputs):
     from onnx import helper
 
@@ -254,6 +300,8 @@ PATCHES = {
     "head8": (head_bits(8), "lm_head MatMulNBits at 8 bits, uint8 zero points"),
     "split-gate-up": (split_gate_up, "the packed gate/up MatMulNBits + Split as two MatMulNBits (exact)"),
     "gbq-rows": (gbq_rows, "the 8-bit table's row gathers as GatherBlockQuantized (exact; ORT >= 1.23)"),
+    "block16": (block16, "decoder-layer 4-bit MatMulNBits at block 16: same weights, int8 activations in blocks of 16"),
+    "head-lean": (head_lean, "the refined head: TopK unsorted, next_token the best refined candidate (no full ArgMax)"),
 }
 
 

@@ -1,0 +1,78 @@
+"""benchmarks/graph_patch.py's patches that claim to keep the graph's results (timing tools whose
+figures docs/benchmarks.md reports): run on a tiny int4 export, against the unpatched graph."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import graph_patch  # noqa: E402
+
+SEED = 20261205
+
+
+@pytest.fixture(scope="module")
+def int4_package(tiny_llama, tmp_path_factory):
+    from exporters.export import export
+
+    root = tmp_path_factory.mktemp("patch")
+    return export(tiny_llama.source, root / "pkg", precision="int4", variants=("static", "static-int8"), verify=False)
+
+
+def _engine(folder: Path, name: str):
+    import onnxruntime as ort
+
+    from portable_infer.engine.providers import select_session
+    from portable_infer.engine.session import SessionConfig, make_engine
+    from portable_infer.package import manifest as mf
+
+    manifest = mf.Manifest.load(folder)
+    sel = select_session([manifest.variant(name)], folder, "cpu",
+                         session_options=SessionConfig(intra_op_threads=1).session_options(ort))
+    return make_engine(sel, manifest, ort)
+
+
+def _decode(engine, prompt: np.ndarray, steps: int, greedy: bool) -> list:
+    """Each step's output (logits, or the graph's next_token with ``greedy``), fed the original's tokens."""
+    cache = engine.new_cache(1, capacity=prompt.shape[1] + steps + 1)
+    out = [engine.forward(prompt, np.ones_like(prompt), cache, greedy=greedy)]
+    for t in range(steps):
+        nxt = np.array([[int(np.argmax(out[-1][0])) if not greedy else int(out[-1][0])]], np.int64)
+        out.append(engine.forward(nxt, np.ones((1, prompt.shape[1] + t + 1), np.int64), cache, greedy=greedy))
+    return out
+
+
+def test_block16_keeps_the_weights(int4_package, tmp_path):
+    """block16: the same codes and scales at block 16; with float activations (the exact static
+    graph) the logits are the unpatched graph's."""
+    rng = np.random.default_rng(SEED)
+    prompt = rng.integers(0, 256, (1, 9)).astype(np.int64)
+    print("seed", SEED, "prompt", prompt.tolist())
+    out = graph_patch.patch_package(int4_package, "static", tmp_path / "b16", ["block16"])
+    import onnx
+
+    sizes = {graph_patch._attr(n, "block_size") for n in graph_patch._layers(onnx.load(str(out), load_external_data=False))}
+    assert sizes == {16}
+    want = _decode(_engine(int4_package, "static"), prompt, 6, greedy=False)
+    got = _decode(_engine(tmp_path / "b16", "static"), prompt, 6, greedy=False)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_head_lean_picks_the_same_token(int4_package, tmp_path):
+    """head-lean: next_token from the refined candidates equals the unpatched graph's argmax over
+    every logit, step after step; the logits output is unchanged."""
+    rng = np.random.default_rng(SEED + 1)
+    prompt = rng.integers(0, 256, (1, 7)).astype(np.int64)
+    print("seed", SEED + 1, "prompt", prompt.tolist())
+    graph_patch.patch_package(int4_package, "static-int8", tmp_path / "lean", ["head-lean"])
+    base, lean = _engine(int4_package, "static-int8"), _engine(tmp_path / "lean", "static-int8")
+    want = _decode(base, prompt, 12, greedy=True)
+    got = _decode(lean, prompt, 12, greedy=True)
+    assert [int(t[0]) for t in got] == [int(t[0]) for t in want]
+    np.testing.assert_array_equal(_decode(lean, prompt, 3, greedy=False)[-1], _decode(base, prompt, 3, greedy=False)[-1])
