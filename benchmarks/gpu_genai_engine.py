@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu_agent_export import say
-from gpu_requests import SEED, WARM_TOKENS, prompts, summarize
+from gpu_requests import SEED, WARM_TOKENS, brief, prompts, summarize
 
 STALL_S = 60  # a level with no token for this long is stopped and reported
 
@@ -49,7 +49,7 @@ def genai_levels(gen: Path, levels: list, prompt: int, new: int, vocab: int, row
     for n in levels:
         r = run(prompts(n, prompt, vocab, SEED))
         rows[("GenAI Engine (paged)", n)] = r
-        say(f"  {time.strftime('%H:%M:%S')} genai {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+        say(f"  {time.strftime('%H:%M:%S')} genai {n}: {brief(r)}")
 
 
 def genai_runner(gen: Path, prompt: int, new: int, vocab: int, kv_gib: float = float("nan"), warm: int = 4,

@@ -4,6 +4,8 @@ prompts every runtime gets, and one level's summary from per-request token times
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 WARM_TOKENS = 16  # new tokens of each warm-up request
@@ -14,6 +16,11 @@ def prompts(n: int, length: int, vocab: int, seed: int = SEED) -> list:
     """``n`` prompts of ``length`` random token ids (below 49,152: in every shape's vocabulary)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(1000, min(vocab, 49152), length).tolist() for _ in range(n)]
+
+
+def brief(row: dict) -> str:
+    """One level's row as a line of JSON, floats to one decimal (the runs' progress lines)."""
+    return json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def summarize(results: list) -> dict:

@@ -65,7 +65,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_agent_export import LINES, LLAMA8B, make_hf, say, timed  # noqa: E402
 from gpu_genai_engine import genai_levels, genai_runner  # noqa: E402
-from gpu_requests import SEED, WARM_TOKENS, prompts, summarize  # noqa: E402
+from gpu_requests import SEED, WARM_TOKENS, brief, prompts, summarize  # noqa: E402
 
 LLAMA3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
@@ -321,10 +321,10 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
                 theirs = theirs or pair(reqs)
                 rows[(f"GenAI Engine (paged), paired with {config}, round {round_ + 1}", n)] = theirs
                 pairs.append({"config": config, "streams": n, "round": round_ + 1, "ours": r, "genai": theirs})
-                say(f"  {time.strftime('%H:%M:%S')} genai {n} (paired): {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in theirs.items()})}")
+                say(f"  {time.strftime('%H:%M:%S')} genai {n} (paired): {brief(theirs)}")
             if auto:
                 say(f"  GPU memory after {n} streams: {gpu_memory()}")
-            say(f"  {time.strftime('%H:%M:%S')} {config} {n}: {json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})}")
+            say(f"  {time.strftime('%H:%M:%S')} {config} {n}: {brief(r)}")
     finally:
         srv.terminate()
         try:
@@ -392,7 +392,7 @@ def hf_levels(hf: Path, args, budget: int, vocab: int, rows: dict) -> None:
         elif "level" in d:
             rows[("transformers generate_batch (paged)", d["level"])] = d
             say(f"  {time.strftime('%H:%M:%S')} transformers {d['level']}: "
-                f"{json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in d.items()})}")
+                f"{brief(d)}")
     if code:
         say(f"  failed ({code}): {err[-1500:]}")
 

@@ -37,6 +37,12 @@ BUILD = HERE.parent / ".bench" / "isa_mask"
 # runner, which runs in its own venv, and portable_infer.engine.host.MASK_ENV).
 ENV = "ISA_MASK"
 LEVELS = {"avx2": "AVX-512 and AVX-VNNI hidden from CPUID (an AVX2/FMA/F16C CPU: EPYC Zen 2/3)"}
+
+
+def hides(level: str | None, flag: str) -> bool:
+    """Whether the mask ``level`` (None: no mask) hides the /proc/cpuinfo flag ``flag`` (isa_mask.c's
+    bit masks, by the names /proc uses): for builds whose ISA is fixed at compile time."""
+    return level == "avx2" and (flag.startswith("avx512") or flag == "avx_vnni")
 # What a child process must then see: the runtime's own reading of CPUID (host.dispatchable).
 _PROBE = (f"import json, sys; sys.path.insert(0, {str(HERE.parent)!r}); "
           "from portable_infer.engine.host import dispatchable; f = dispatchable(); "

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import isa_mask  # beside this file, stdlib only
 import llama1b  # beside this file, stdlib only at import (its steps run in the venvs)
 import smollm2_float  # the same
 from setup_steps import (BENCH, ISA_MASK, MARK, REPO, VENV_ROOT, Export, ensure_export, genai_export, run_logged,
@@ -95,8 +96,7 @@ def llamacpp_cmake_args() -> str:
     if not flags:
         return "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
     have = set(flags)
-    if ISA_MASK == "avx2":
-        have = {f for f in have if not f.startswith("avx512") and f != "avx_vnni"}
+    have = {f for f in have if not isa_mask.hides(ISA_MASK, f)}
     isa = " ".join(f"-D{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in GGML_ISA_OPTIONS)
     return f"-DGGML_NATIVE=OFF {isa} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
 

@@ -70,7 +70,13 @@ def test_head_lean_picks_the_same_token(int4_package, tmp_path):
     rng = np.random.default_rng(SEED + 1)
     prompt = rng.integers(0, 256, (1, 7)).astype(np.int64)
     print("seed", SEED + 1, "prompt", prompt.tolist())
-    graph_patch.patch_package(int4_package, "static-int8", tmp_path / "lean", ["head-lean"])
+    out = graph_patch.patch_package(int4_package, "static-int8", tmp_path / "lean", ["head-lean"])
+    import onnx
+
+    g = onnx.load(str(out), load_external_data=False).graph
+    scatter = next(n for n in g.node if n.op_type == "ScatterElements")
+    assert [n.input[0] for n in g.node if n.op_type == "ArgMax"] == [scatter.input[2]]  # the refined rows only
+    assert graph_patch._attr(next(n for n in g.node if n.op_type == "TopK"), "sorted") == 0
     base, lean = _engine(int4_package, "static-int8"), _engine(tmp_path / "lean", "static-int8")
     want = _decode(base, prompt, 12, greedy=True)
     got = _decode(lean, prompt, 12, greedy=True)

@@ -33,6 +33,14 @@ def test_unknown_level_is_refused():
         isa_mask.environ("avx512")
 
 
+def test_the_avx2_level_hides_avx512_and_avx_vnni_only():
+    """isa_mask.hides: what a compile-time ISA choice (llama.cpp's build) must leave out under a mask."""
+    hidden = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                          "avx512_vnni", "avx512_bf16", "avx512_fp16") if isa_mask.hides("avx2", f)]
+    assert hidden == ["avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16"]
+    assert not isa_mask.hides(None, "avx512f")
+
+
 def test_a_masked_process_sees_avx2_and_no_avx512():
     _maskable()
     seen = isa_mask.check("avx2")
@@ -47,7 +55,7 @@ def test_a_masked_process_sees_avx2_and_no_avx512():
     flags, line = out[0], out[1]
     cpu = next(ln for ln in out if ln.startswith("CPU: "))
     assert "avx2" in flags.split()
-    assert not [f for f in flags.split() if f.startswith("avx512") or f == "avx_vnni"], flags
+    assert not [f for f in flags.split() if isa_mask.hides("avx2", f)], flags
     listed = Path("/proc/cpuinfo").read_text()
     if " avx512f " in listed:
         assert "hidden from this process: " in line and "avx512f" in line.split("hidden from this process: ")[1]

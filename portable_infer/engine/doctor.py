@@ -56,9 +56,9 @@ def doctor_report(ort: Any = None, variants: Sequence[GraphVariant] | None = Non
     from portable_infer.engine.tune import cached_decisions
 
     budget = host.cpu_budget()
+    usable, hidden = host.isa_split()
     return {
-        "cpu": host.cpu_model(), "isa": list(host.isa_flags()),
-        "isa_hidden": list(host.hidden_flags()),
+        "cpu": host.cpu_model(), "isa": list(usable), "isa_hidden": list(hidden),
         "cpu_budget": {"affinity": budget.affinity, "physical": budget.physical, "quota": budget.quota,
                        "threads": budget.threads},
         "tuned": [{"chosen": d["chosen"], "timings_ms": d["timings_ms"], **d["key"]}

@@ -101,18 +101,24 @@ def listed_flags(root: str | os.PathLike = "/") -> tuple:
     return tuple(f for f in ISA_FLAGS if f in have)
 
 
-def isa_flags(root: str | os.PathLike = "/", features: dict | None = None) -> tuple:
-    """The listed flags this process can dispatch to: those ``features`` (default: numpy's, for
-    the real root; none for a faked one) marks unusable left out."""
+def isa_split(root: str | os.PathLike = "/", features: dict | None = None) -> tuple:
+    """``(usable, hidden)``: the listed flags this process can dispatch to, and those ``features``
+    (default: numpy's, for the real root; none for a faked one) marks unusable."""
     if features is None:
         features = dispatchable() if str(root) == "/" else {}
-    return tuple(f for f in listed_flags(root) if features.get(_NUMPY_NAMES.get(f, "")) is not False)
+    listed = listed_flags(root)
+    usable = tuple(f for f in listed if features.get(_NUMPY_NAMES.get(f, "")) is not False)
+    return usable, tuple(f for f in listed if f not in usable)
+
+
+def isa_flags(root: str | os.PathLike = "/", features: dict | None = None) -> tuple:
+    """The listed flags this process can dispatch to (:func:`isa_split`)."""
+    return isa_split(root, features)[0]
 
 
 def hidden_flags(root: str | os.PathLike = "/", features: dict | None = None) -> tuple:
-    """The flags the CPU lists that this process cannot use (:func:`isa_flags` left them out)."""
-    usable = isa_flags(root, features)
-    return tuple(f for f in listed_flags(root) if f not in usable)
+    """The flags the CPU lists that this process cannot use (:func:`isa_split`)."""
+    return isa_split(root, features)[1]
 
 
 def gpu_models(root: str | os.PathLike = "/") -> tuple:
@@ -217,7 +223,7 @@ def describe(root: str | os.PathLike = "/", features: dict | None = None) -> str
     process cannot use), budget."""
     b = cpu_budget(root)
     quota = "none" if b.quota is None else f"{b.quota:g}"
-    hidden = hidden_flags(root, features)
+    usable, hidden = isa_split(root, features)
     hidden_text = f" | hidden from this process: {' '.join(hidden)}" if hidden else ""
-    return (f"{cpu_model(root)} | ISA: {' '.join(isa_flags(root, features)) or 'unknown'}{hidden_text} | "
+    return (f"{cpu_model(root)} | ISA: {' '.join(usable) or 'unknown'}{hidden_text} | "
             f"{b.affinity} CPUs, {b.physical} cores, quota {quota} -> {b.threads} threads")
