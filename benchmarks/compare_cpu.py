@@ -128,14 +128,21 @@ MODELS: dict[str, BenchModel] = {
             "ortgenai-int4": GENAI_INT4,
             "llamacpp-q4_0": Entry("llamacpp.py", "llamacpp", "gguf-q4_0"),
             "llamacpp-q4_k_m": Entry("llamacpp.py", "llamacpp", "gguf-q4_k_m"),
+            # the same pair at int4 blocks of 128 (fewer bytes a weight, coarser rounding: a
+            # precision the user picks, on both sides alike)
+            "portable_infer-b128-int8act": Entry(PI, None, "package-b128", ("--accuracy", "4")),
+            "ortgenai-int4-b128": Entry("ortgenai.py", "ortgenai", "ortgenai-int4-b128", ("--precision", "int4")),
         },
         files={"package": llama1b.PACKAGE, "ortgenai-int4": llama1b.GENAI_INT4,
+               "package-b128": llama1b.PACKAGE_B128, "ortgenai-int4-b128": llama1b.GENAI_INT4_B128,
                "gguf-q4_0": llama1b.gguf_path("Q4_0"), "gguf-q4_k_m": llama1b.gguf_path("Q4_K_M")},
         reference=llama1b.REFERENCE,
         # --no-verify: on random weights verification's quality records are noise (16/128 exact,
         # 15/128 int8, perplexity ~180,000: the gate, measured from the exact twin, passed them in
         # session 24), so the default row runs the exact graph and -int8act the int8 one
-        packages=(Package("package", llama1b.PACKAGE, str(llama1b.HF), "int4", ("--no-verify",)),),
+        packages=(Package("package", llama1b.PACKAGE, str(llama1b.HF), "int4", ("--no-verify",)),
+                  Package("package-b128", llama1b.PACKAGE_B128, str(llama1b.HF), "int4",
+                          ("--no-verify", "--block", str(llama1b.BLOCK), "--variants", "static,static-int8"))),
     ),
     "smollm2-float": BenchModel(
         title=f"SmolLM2-135M's shape from a float checkpoint ({smollm2_float.DESCRIPTION}; "

@@ -58,14 +58,14 @@ def _set_attr(node, name, value) -> None:
 
 
 def dequantize(model, node) -> np.ndarray:
-    """The float weight [N, K] a MatMulNBits node (block 32, 4 or 8 bits) multiplies by."""
-    K, N, bits = _attr(node, "K"), _attr(node, "N"), _attr(node, "bits", 4)
-    blocks = -(-K // BLOCK)
+    """The float weight [N, K] a MatMulNBits node (4 or 8 bits) multiplies by."""
+    K, N, bits, size = _attr(node, "K"), _attr(node, "N"), _attr(node, "bits", 4), _attr(node, "block_size", BLOCK)
+    blocks = -(-K // size)
     B = _init(model, node.input[1]).reshape(N, blocks, -1)
     if bits == 4:
-        q = np.stack([B & 0x0F, B >> 4], axis=-1).reshape(N, blocks, BLOCK)
+        q = np.stack([B & 0x0F, B >> 4], axis=-1).reshape(N, blocks, size)
     else:
-        q = B.reshape(N, blocks, BLOCK)
+        q = B.reshape(N, blocks, size)
     scale = _init(model, node.input[2]).reshape(N, blocks, 1).astype(np.float32)
     if len(node.input) > 3 and node.input[3]:
         zp = _init(model, node.input[3]).reshape(N, -1)
@@ -74,16 +74,16 @@ def dequantize(model, node) -> np.ndarray:
         zp = zp[:, :blocks, None].astype(np.float32)
     else:
         zp = np.float32(2 ** (bits - 1))
-    return ((q.astype(np.float32) - zp) * scale).reshape(N, blocks * BLOCK)[:, :K]
+    return ((q.astype(np.float32) - zp) * scale).reshape(N, blocks * size)[:, :K]
 
 
-def quantize(w: np.ndarray, bits: int, zero_points: bool) -> tuple:
+def quantize(w: np.ndarray, bits: int, zero_points: bool, block: int = BLOCK) -> tuple:
     """Round-to-nearest MatMulNBits blocks of ``w`` [N, K]: (B, scales, zero points or None)."""
     N, K = w.shape
-    blocks = -(-K // BLOCK)
-    wb = np.zeros((N, blocks * BLOCK), np.float32)
+    blocks = -(-K // block)
+    wb = np.zeros((N, blocks * block), np.float32)
     wb[:, :K] = w
-    wb = wb.reshape(N, blocks, BLOCK)
+    wb = wb.reshape(N, blocks, block)
     top = 2 ** bits - 1
     if zero_points:
         lo, hi = np.minimum(wb.min(-1), 0), np.maximum(wb.max(-1), 0)
@@ -102,17 +102,18 @@ def quantize(w: np.ndarray, bits: int, zero_points: bool) -> tuple:
     return q, scale, (zp if zero_points else None)
 
 
-def requantize(model, node, bits: int, zero_points: bool = True) -> None:
-    """Replace a MatMulNBits node's weights by ``bits``-bit round-to-nearest blocks."""
+def requantize(model, node, bits: int, zero_points: bool = True, block: int = BLOCK) -> None:
+    """Replace a MatMulNBits node's weights by ``bits``-bit round-to-nearest blocks of ``block``."""
     w = dequantize(model, node)
-    B, scale, zp = quantize(w, bits, zero_points)
-    stem = node.name + f".q{bits}"
+    B, scale, zp = quantize(w, bits, zero_points, block)
+    stem = node.name + f".q{bits}b{block}"
     inputs = [node.input[0], _set_init(model, stem + ".B", B), _set_init(model, stem + ".scale", scale)]
     if zp is not None:
         inputs.append(_set_init(model, stem + ".zp", zp))
     del node.input[:]
     node.input.extend(inputs)
     _set_attr(node, "bits", bits)
+    _set_attr(node, "block_size", block)
 
 
 # --- the patches: each takes the loaded model (weights included) and rewrites it in place --------
@@ -138,10 +139,19 @@ def accuracy(level: int):
     return patch
 
 
-def layers_bits(bits: int, zero_points: bool = True):
+def layers_bits(bits: int, zero_points: bool = True, block: int = BLOCK):
     def patch(model) -> None:
-        for n in _layers(model):
-            requantize(model, n, bits, zero_points)
+        done = {}
+        for n in _layers(model):  # a table shared by two nodes is requantized once
+            key = n.input[1]
+            if key in done:
+                del n.input[1:]
+                n.input.extend(done[key])
+                _set_attr(n, "bits", bits)
+                _set_attr(n, "block_size", block)
+                continue
+            requantize(model, n, bits, zero_points, block)
+            done[key] = list(n.input[1:])
     return patch
 
 
@@ -295,6 +305,8 @@ PATCHES = {
     "layers4": (layers_bits(4), "decoder-layer MatMulNBits requantized to 4 bits, uint8 zero points"),
     "layers4-sym": (layers_bits(4, False), "decoder-layer MatMulNBits at 4 bits, no zero points"),
     "layers8": (layers_bits(8), "decoder-layer MatMulNBits requantized to 8 bits, uint8 zero points"),
+    "layers4-b64": (layers_bits(4, block=64), "decoder-layer MatMulNBits at 4 bits in blocks of 64 (int8 activations too, at accuracy 4)"),
+    "layers4-b128": (layers_bits(4, block=128), "decoder-layer MatMulNBits at 4 bits in blocks of 128 (int8 activations too, at accuracy 4)"),
     "head4": (head_bits(4), "lm_head MatMulNBits at 4 bits, uint8 zero points"),
     "head4-sym": (head_bits(4, False), "lm_head MatMulNBits at 4 bits, no zero points"),
     "head8": (head_bits(8), "lm_head MatMulNBits at 8 bits, uint8 zero points"),

@@ -157,6 +157,7 @@ class Run:
     fit: object = int4_fit.fit_int4
     q4_1_bits: int = weights.Q4_1_FIT_BITS
     float_fit: bool = weights.FLOAT_FIT
+    block: int | None = None  # export(block=): a float source's blocks (None: the exporter's default)
 
     def apply(self) -> None:
         spec.Q4_HEAD, int4_fit.MEAN_WEIGHT, int4_fit.FIT_SCALES = self.head, self.mean_weight, self.scales
@@ -182,6 +183,8 @@ def plan(args) -> dict:
         runs["q4 rtn"] = Run(q4, fit=rtn, q4_1_bits=bits)
     if args.float_fit:
         runs["q4 float-fit"] = Run(q4, float_fit=True, q4_1_bits=bits)
+    for block in [int(b) for b in args.blocks.split(",") if b]:
+        runs[f"block={block}"] = Run(("static", "static-int8"), block=block, q4_1_bits=bits)
     return runs
 
 
@@ -199,6 +202,9 @@ def main() -> None:
                     help="one more static-q4 export fitted without the scale candidates below 1")
     ap.add_argument("--float-fit", action="store_true",
                     help="one more static-q4 export whose float layers are fitted (weights.FLOAT_FIT)")
+    ap.add_argument("--blocks", default="",
+                    help="extra static + static-int8 exports of a float source, one per block size "
+                         "(export(block=): 64, 128)")
     ap.add_argument("--q4-1-bits", type=int, choices=(4, 8), default=None,
                     help="width of the static-q4 graphs' Q4_1 layers (default: weights.Q4_1_FIT_BITS)")
     ap.add_argument("--continuations", type=int, default=4)
@@ -219,7 +225,8 @@ def main() -> None:
         pkg = work / key.replace(" ", "_").replace("=", "-")
         if not (pkg / mf.MANIFEST_NAME).is_file():
             run.apply()
-            ex.export(args.source, pkg, precision="int4", variants=run.variants, verify=False, overwrite=True)
+            ex.export(args.source, pkg, precision="int4", variants=run.variants, verify=False, overwrite=True,
+                      block=run.block)
         results.update(measure_package(pkg, "" if key == "base" else f" ({key})", src, work, args.continuations))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

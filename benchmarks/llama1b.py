@@ -45,6 +45,11 @@ HF = ROOT / "hf"
 REFERENCE = ROOT / "reference.json"
 PACKAGE = BENCH / "packages" / "llama1b"  # ours: portable-infer export HF -o PACKAGE --precision int4
 GENAI_INT4 = BENCH / "models" / "llama1b" / "ortgenai-int4"
+# both at int4 blocks of 128 (export --block 128; GenAI's builder block_size=128): the same trade of
+# agreement for bytes a weight on either side
+BLOCK = 128
+PACKAGE_B128 = BENCH / "packages" / f"llama1b-b{BLOCK}"
+GENAI_INT4_B128 = BENCH / "models" / "llama1b" / f"ortgenai-int4-b{BLOCK}"
 SEED = 1234
 STD = 0.02
 BOS, EOS, EOT = 128000, 128001, 128009
@@ -300,6 +305,8 @@ def ensure(competitors: list[str]) -> None:
             gguf_path("F16").unlink(missing_ok=True)  # 2.5 GB, the quantizer's input only
     if "ortgenai" in competitors:
         ensure_export(genai_export(GENAI_INT4, "int4", "genai-llama1b-int4"), HF, "llama1b-ortgenai-int4")
+        ensure_export(genai_export(GENAI_INT4_B128, "int4", f"genai-llama1b-int4-b{BLOCK}", BLOCK), HF,
+                      f"llama1b-ortgenai-int4-b{BLOCK}")
 
 
 def main() -> None:

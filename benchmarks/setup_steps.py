@@ -37,11 +37,13 @@ class Export:
     args: tuple[str, ...]
 
 
-def genai_export(out: Path, precision: str, cache: str) -> Export:
+def genai_export(out: Path, precision: str, cache: str, block: int | None = None) -> Export:
     """ONNX Runtime GenAI's model builder, on the CPU, at ``precision`` (fp32, int4) into ``out``
-    (its intermediate files in ``.bench/cache/<cache>``)."""
+    (its intermediate files in ``.bench/cache/<cache>``); ``block``: its int4 block size
+    (``--extra_options block_size=``; its default is 32)."""
+    extra = ("--extra_options", f"block_size={block}") if block else ()
     return Export("ortgenai", out, ("-m", "onnxruntime_genai.models.builder", "-i", "{hf}", "-o", "{out}",
-                                    "-p", precision, "-e", "cpu", "-c", str(BENCH / "cache" / cache)))
+                                    "-p", precision, "-e", "cpu", "-c", str(BENCH / "cache" / cache), *extra))
 
 
 # benchmarks/isa_mask.py's level in a process tree whose CPUID it masks (None: not masked).

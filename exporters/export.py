@@ -49,7 +49,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
            progress: bool = False, variants=None, nbits_accuracy: int | None = None,
            head_accuracy: int | None = None, route: str = "auto", activations: str | None = None,
-           revision: str | None = None) -> Path:
+           revision: str | None = None, block: int | None = None) -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
     Args:
@@ -86,6 +86,11 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             of the transformers model; HF folders, fp32, portable variant only) or "auto" (direct
             when the model_type is registered, else fallback for HF folders).
         revision: branch, tag or commit of a Hub id (default: main).
+        block: 32 (default), 64 or 128: input elements per scale and zero point of the int4/int8
+            weights quantized from a float source (export_plan.BLOCK_SIZES): larger blocks read
+            fewer bytes a weight (faster where decode is bound by memory bandwidth) and round
+            coarser (export verification records the agreement). Refused for pre-quantized
+            sources (GGUF, AWQ, GPTQ), whose blocks are kept.
 
     Returns:
         The package directory.
@@ -94,13 +99,14 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         >>> export("default", "smollm2-int4")  # doctest: +SKIP
     """
     out = Path(out)
-    check_options(precision, max_context, activations, route)
+    check_options(precision, max_context, activations, route, block)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
     started = time.perf_counter()
     src = open_source(source, revision=revision)
     plan = plan_export(src, precision=precision, variants=variants, route=route, activations=activations,
-                       nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, max_context=max_context)
+                       nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, max_context=max_context,
+                       block=block)
     # the source's digest (every weight file read once more) is computed beside the export
     _write_package(plan, src, out, _in_background(source_sha256, src), verify=verify, progress=progress)
     logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, plan.precision, time.perf_counter() - started)

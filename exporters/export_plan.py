@@ -19,6 +19,7 @@ from .generation_defaults import generation_defaults
 from .lowering.attention import static_fits
 from .lowering.spec import variant_spec
 from .lowering.variant_spec import VariantSpec
+from .quant import BLOCK
 from .weights import PRECISION_BITS
 
 PRECISIONS = tuple(PRECISION_BITS)
@@ -40,6 +41,14 @@ ROUTES = ("auto", "direct", "fallback")  # fallback: torch.onnx export of the tr
 # the weights. The lm_head runs at 4 in both, with its top 16 recomputed in float.
 DEFAULT_NBITS_ACCURACY = 1
 DEFAULT_HEAD_ACCURACY = 4
+# Block sizes (input elements per scale and zero point) of the int4/int8 weights a float source is
+# quantized to. 32 is GenAI's builder's default and ours; 64 and 128 (AWQ's and GPTQ's usual group)
+# read fewer scale bytes a weight (4.56 and 4.28 bits against 5.13 at int4), which a decode step
+# bound by memory bandwidth turns into speed, at a cost in agreement the export measures
+# (docs/benchmarks.md "Session 28"). A row whose width the block does not divide takes the largest
+# halving that does. Pre-quantized sources (GGUF, AWQ, GPTQ) keep their own blocks.
+DEFAULT_BLOCK = BLOCK
+BLOCK_SIZES = (BLOCK, 2 * BLOCK, 4 * BLOCK)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class ExportPlan:
     max_context: int | None  # cap on the manifest's context (None: the model's)
     generation: mf.GenerationDefaults  # the source's sampling defaults (generation_defaults.py)
     specs: tuple[VariantSpec, ...] = ()  # the direct route's graphs, in the order they are written
+    block: int = DEFAULT_BLOCK  # blocks of the float weights quantized here (BLOCK_SIZES)
 
     @property
     def shared_variants(self) -> tuple[str, ...]:
@@ -63,8 +73,10 @@ class ExportPlan:
         return tuple(v for v in self.variants if v != PORTABLE) if self.route == "direct" else ()
 
 
-def check_options(precision, max_context, activations, route) -> None:
+def check_options(precision, max_context, activations, route, block=None) -> None:
     """The options that need no source: each against its allowed values."""
+    if block is not None and block not in BLOCK_SIZES:
+        raise InvalidArgumentError(f"block must be one of {BLOCK_SIZES}, got {block!r}", param="block")
     if precision is not None and precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}", param="precision")
     if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
@@ -78,10 +90,11 @@ def check_options(precision, max_context, activations, route) -> None:
 
 def plan_export(src, *, precision: str | None = None, variants=None, route: str = "auto",
                 activations: str | None = None, nbits_accuracy: int | None = None,
-                head_accuracy: int | None = None, max_context: int | None = None) -> ExportPlan:
+                head_accuracy: int | None = None, max_context: int | None = None,
+                block: int | None = None) -> ExportPlan:
     """The plan for exporting the opened source ``src`` (sources.open_source) with these options
     (as ``export()`` takes them). Raises InvalidArgumentError when they do not fit together."""
-    check_options(precision, max_context, activations, route)
+    check_options(precision, max_context, activations, route, block)
     model_type = src.config.get("model_type")
     if route == "auto":
         route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
@@ -116,10 +129,26 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
         if PORTABLE not in variants:
             raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}",
                                        param="variants")
+    if block not in (None, DEFAULT_BLOCK):
+        _check_block(src, precision, route, block)
+    block = block or DEFAULT_BLOCK
     nbits_accuracy, head_accuracy = nbits_accuracy or DEFAULT_NBITS_ACCURACY, head_accuracy or DEFAULT_HEAD_ACCURACY
     specs = tuple(variant_spec(v, layout, precision=precision, activations=activations or "fp32",
-                               nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy)
+                               nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, block=block)
                   for v in VARIANTS if v in variants and route == "direct")
     return ExportPlan(route=route, precision=precision, activations=activations or "fp32", variants=variants,
                       layout=layout, nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy,
-                      max_context=max_context, generation=generation_defaults(src), specs=specs)
+                      max_context=max_context, generation=generation_defaults(src), specs=specs, block=block)
+
+
+def _check_block(src, precision: str, route: str, block: int) -> None:
+    """A block size other than the default quantizes a float source's weights: refused where the
+    export quantizes none (fp32/fp16, the fallback route) or keeps the source's own blocks."""
+    if precision not in ("int4", "int8") or route != "direct":
+        raise InvalidArgumentError(
+            f"block={block} sets the blocks of int4/int8 weights our graph builder quantizes; this export is "
+            f"{precision} by the {route} route: use --precision int4 or int8, or leave --block out", param="block")
+    if src.kind == "gguf" or src.default_precision != "fp32":
+        raise InvalidArgumentError(
+            f"block={block}: {src.path} is pre-quantized ({src.kind}) and its blocks are kept as the source "
+            f"stores them, never re-quantized; leave --block out", param="block")

@@ -122,6 +122,14 @@ class Blocks:
 
 
 # --- our quantizer -------------------------------------------------------------------------------
+def fitting_block(n: int, block: int) -> int:
+    """``block``, or where it does not divide a row of ``n`` elements the largest halving down to
+    BLOCK that does (SmolLM2's 576-wide rows at block 128 take 64); BLOCK itself is never halved."""
+    while block > BLOCK and n % block:
+        block //= 2
+    return block
+
+
 def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
     """Round-to-nearest block quantization of a float [out, in] matrix.
 

@@ -26,7 +26,7 @@ from onnx import TensorProto
 from .graph import GraphBuilder
 from .int4_fit import fit_int4
 from .parallel import transposed
-from .quant import BLOCK, Blocks, quantize
+from .quant import BLOCK, Blocks, fitting_block, quantize
 from .shared_weights import Handoff, SharedWeights
 from .weight_ops import BlockWeight, DenseWeight, NBitsWeight, WeightOps
 
@@ -178,7 +178,8 @@ class WeightStore:
         else:
             w = self._quantized(name, bits)
             if not isinstance(w, Blocks):  # raises: the input size is not a multiple of the block
-                w = quantize(_joined(w), bits, self.form.block)
+                w = _joined(w)
+                w = quantize(w, bits, fitting_block(w.shape[1], self.form.block))
         # a fitted table is named by its width: the 8-bit one of an untied head may share its data file
         return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin or fit_table else "nbits"), w, bits,
                                    self.form.split8, self.form.fold_offsets)
@@ -196,7 +197,7 @@ class WeightStore:
         if isinstance(source, Blocks) or FLOAT_FIT:
             fitted = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
         else:
-            fitted = quantize(source, 4, self.form.block)
+            fitted = quantize(source, 4, fitting_block(source.shape[1], self.form.block))
         if self.fit_cache is not None and not fit_table:  # the layers' fit (the manifest names the head's form)
             self.fit_cache.add(source, fitted)
         return fitted
@@ -222,7 +223,7 @@ class WeightStore:
             return self.ops.emit_blocks(_init_name(name, ""), w, packed4)
         n_in = w[0].shape[1]
         if bits is not None:
-            logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, self.form.block)
+            logger.info("%s: input size %d is not a multiple of %d, kept in float", name, n_in, BLOCK)
         dense = [p.dequantize() if isinstance(p, Blocks) else p for p in w]  # transposed and cast in one pass
         return DenseWeight(self.g.weight(_init_name(name, "T"), transposed(dense, self.dtype)), n_in)
 
@@ -238,9 +239,10 @@ class WeightStore:
             b = self.handoff.take(key) if key else None
             if b is None:
                 w = self._load(p, table)
-                if w.shape[1] % self.form.block:  # the parts share their input size: the first one tells
+                block = fitting_block(w.shape[1], self.form.block)
+                if w.shape[1] % block:  # the parts share their input size: the first one tells
                     return (w, *(self._load(q, table) for q in parts[1:]))
-                b = w if isinstance(w, Blocks) else quantize(w, bits, self.form.block)
+                b = w if isinstance(w, Blocks) else quantize(w, bits, block)
                 if key and b is not w:
                     self.handoff.leave(key, b)
             out.append(b)

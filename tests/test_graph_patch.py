@@ -82,3 +82,24 @@ def test_head_lean_picks_the_same_token(int4_package, tmp_path):
     got = _decode(lean, prompt, 12, greedy=True)
     assert [int(t[0]) for t in got] == [int(t[0]) for t in want]
     np.testing.assert_array_equal(_decode(lean, prompt, 3, greedy=False)[-1], _decode(base, prompt, 3, greedy=False)[-1])
+
+
+def test_layers_at_block_64_round_the_same_weights(int4_package, tmp_path):
+    """layers4-b64: every decoder-layer MatMulNBits at block 64 (read back at its own block), each
+    weight within half a step of the block-32 original, and the graph runs on them."""
+    import onnx
+
+    rng = np.random.default_rng(SEED + 1)
+    prompt = rng.integers(0, 256, (1, 9)).astype(np.int64)
+    print("seed", SEED + 1, "prompt", prompt.tolist())
+    original = onnx.load(str(int4_package / "model.static.onnx"))
+    out = graph_patch.patch_package(int4_package, "static", tmp_path / "b64", ["layers4-b64"])
+    patched = onnx.load(str(out))
+    before, after = graph_patch._layers(original), graph_patch._layers(patched)
+    assert {graph_patch._attr(n, "block_size") for n in after} == {64} and len(before) == len(after)
+    for old, new in zip(before, after):
+        w0, w1 = graph_patch.dequantize(original, old), graph_patch.dequantize(patched, new)
+        step = graph_patch._init(patched, new.input[2]).reshape(w1.shape[0], -1)
+        assert np.all(np.abs(w1 - w0) <= np.repeat(step, 64, axis=1)[:, :w0.shape[1]] / 2 + 1e-6), new.name
+    ref, got = _decode(_engine(int4_package, "static"), prompt, 3, False), _decode(_engine(tmp_path / "b64", "static"), prompt, 3, False)
+    assert all(np.isfinite(g).all() and g.shape == r.shape for g, r in zip(got, ref))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from portable_infer.package.variants import FUSED, FUSED_INT8, FUSED_Q4, PAGED, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4
 
+from ..quant import BLOCK
 from ..weights import WeightForm
 from . import attention, head, linear, norm, rotary
 from .variant_spec import VariantSpec
@@ -71,16 +72,17 @@ def checked(spec: VariantSpec) -> VariantSpec:
 
 
 def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32", nbits_accuracy: int = 1,
-                 head_accuracy: int = 4) -> VariantSpec:
+                 head_accuracy: int = 4, block: int = BLOCK) -> VariantSpec:
     """The spec of variant ``name`` for ``layout`` (architectures.DecoderLayout) at these export options
-    (``nbits_accuracy``: the layers' MatMulNBits accuracy level where the variant does not fix it)."""
+    (``nbits_accuracy``: the layers' MatMulNBits accuracy level where the variant does not fix it;
+    ``block``: the blocks of the float weights quantized here)."""
     file, form, int8, fitted = VARIANT_FORMS[name]
     if form == "portable":
-        weights = WeightForm(precision, activations)
+        weights = WeightForm(precision, activations, block=block)
         return checked(VariantSpec(name, file, ("*",), "masked", "portable", "computed", "separate", "concat",
                                    "all", _head(weights, "int8"), weights))
     weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,
-                         head_accuracy=head_accuracy, int4_fit=fitted)
+                         head_accuracy=head_accuracy, int4_fit=fitted, block=block)
     lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
     if form == "paged":
         providers = ("cuda",) if PAGED_ATTENTION == "paged" else ("*",)  # the reference runs anywhere
