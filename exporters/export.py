@@ -27,7 +27,7 @@ from portable_infer.package.verification import VariantReport, WeightFit
 from portable_infer.errors import ExportError
 
 from .decoder import DecoderBuilder
-from .export_plan import ExportPlan, check_options, plan_export
+from .export_plan import DEFAULT_BLOCK, ExportPlan, check_options, plan_export
 from .graph import ExternalDataWriter, GraphBuilder
 from .int4_fit import FitCache
 from .lowering.spec import VARIANT_FORMS
@@ -256,12 +256,15 @@ def _replace(obj, **changes):
 def _save(tmp: Path, spec: VariantSpec, g: GraphBuilder, dims) -> mf.GraphVariant:
     model = g.model(producer=f"portable_infer.exporters {__version__}")
     onnx.save(model, str(tmp / spec.file))
+    block = spec.weights.block if spec.weights.layer_bits and spec.weights.block != DEFAULT_BLOCK else None
     return _variant(spec.name, spec.file, spec.weights.precision, model, dims, spec.providers,
-                    logits=spec.manifest_logits, attention=spec.manifest_attention, growth=spec.kv)
+                    logits=spec.manifest_logits, attention=spec.manifest_attention, growth=spec.kv,
+                    weight_block=block)
 
 
 def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims, providers,
-             logits: str = "all", attention: str = "masked", growth: str = "concat") -> mf.GraphVariant:
+             logits: str = "all", attention: str = "masked", growth: str = "concat",
+             weight_block: int | None = None) -> mf.GraphVariant:
     def spec(v):
         t = v.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
@@ -278,7 +281,7 @@ def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims,
         kv=mf.KVLayout(layout="blocks" if growth == "paged" else "BHSD", dtype=kv_dtype,
                        num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, growth=growth, past=tuple(mf.past_names(i) for i in range(n)),
                        present=tuple(mf.present_names(i) for i in range(n))),
-        logits=logits, attention=attention,
+        logits=logits, attention=attention, weight_block=weight_block,
     )
 
 

@@ -116,3 +116,21 @@ def test_every_variant_quantizes_the_float_weights_at_the_block(tiny_llama, tmp_
     for name, logits in last.items():
         rel = float(np.abs(logits - last["portable"]).max() / np.abs(last["portable"]).max())
         assert rel <= (5e-2 if name.endswith("-int8") else 1e-3), (name, rel)
+
+
+def test_the_manifest_names_the_block_and_a_default_package_reads_as_before(tiny_llama, tmp_path):
+    """weight_block in each quantized variant's record (and in ``inspect``) where the block is not
+    the default; a default export writes no such field (older runtimes read it unchanged)."""
+    import json
+
+    from exporters.export import export
+    from portable_infer.package.package_info import describe
+
+    pkg = export(tiny_llama.source, tmp_path / "b64", precision="int4", verify=False, block=64,
+                 variants=("portable", "static"))
+    assert {v.name: v.weight_block for v in mf.Manifest.load(pkg).variants} == {"portable": 64, "static": 64}
+    assert "int4 weights in blocks of 64" in describe(pkg)
+    plain = export(tiny_llama.source, tmp_path / "b32", precision="int4", verify=False, variants=("static",))
+    raw = json.loads((plain / mf.MANIFEST_NAME).read_text())
+    assert all("weight_block" not in v for v in raw["variants"])
+    assert mf.Manifest.load(plain).variants[0].weight_block is None and "blocks of" not in describe(plain)

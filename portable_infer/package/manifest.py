@@ -140,6 +140,9 @@ class GraphVariant:
     # "masked" (MatMul/Softmax, any call shape) or "gqa" (GroupQueryAttention: ONNX Runtime
     # refuses batch > 1 with several new tokens after a past; the engine splits such calls by row)
     attention: str = "masked"
+    # input elements per scale of the int4/int8 weights the exporter quantized from a float source,
+    # where export(block=) chose other than the default 32 (None: 32, or the source's own blocks)
+    weight_block: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphVariant":
@@ -149,7 +152,7 @@ class GraphVariant:
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             kv=KVLayout.from_dict(d["kv"]), logits=d.get("logits", "all"),
-            attention=d.get("attention", "masked"),
+            attention=d.get("attention", "masked"), weight_block=d.get("weight_block"),
         )
 
 
@@ -197,6 +200,9 @@ class Manifest:
     def to_dict(self) -> dict:
         d = _plain(dataclasses.asdict(dataclasses.replace(self, verification={})))
         d["verification"] = {name: r.to_json() for name, r in self.verification.items()}
+        for v in d["variants"]:  # written only where set: a default package reads as before
+            if v["weight_block"] is None:
+                del v["weight_block"]
         return d
 
     def to_json(self) -> str:

@@ -210,7 +210,7 @@ VARIANT = Record({
     "name": _req(NAME), "file": _req(PathName()), "precision": _req(NAME), "opset": _req(Int(1)),
     "domains": _req(List(Str())), "providers": _req(List(NAME)), "inputs": _req(List(TENSOR)),
     "outputs": _req(List(TENSOR)), "kv": _req(KV), "logits": _opt(Str(("all", "last"))),
-    "attention": _opt(Str(("masked", "gqa"))),
+    "attention": _opt(Str(("masked", "gqa"))), "weight_block": _opt(Int(1)),
 })
 MODEL = Record({
     "architecture": _req(NAME), "model_type": _req(Str()), "num_layers": _req(Int(1)), "num_heads": _req(Int(1)),
