@@ -150,5 +150,6 @@ def _check_block(src, precision: str, route: str, block: int) -> None:
             f"{precision} by the {route} route: use --precision int4 or int8, or leave --block out", param="block")
     if src.kind == "gguf" or src.default_precision != "fp32":
         raise InvalidArgumentError(
-            f"block={block}: {src.path} is pre-quantized ({src.kind}) and its blocks are kept as the source "
-            f"stores them, never re-quantized; leave --block out", param="block")
+            f"block={block}: {src.path} is a {'GGUF file' if src.kind == 'gguf' else 'pre-quantized checkpoint'}, "
+            f"whose quantized blocks are kept as the source stores them, never re-quantized (a GGUF's float "
+            f"tensors follow the file's blocks too); leave --block out, or export the float HF folder", param="block")

@@ -314,3 +314,15 @@ def test_side_file_config_and_unregistered_family(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitectureError, match="direct graph builder"):
         HFSource.open(tmp_path / "hf")
+
+
+def test_a_block_size_is_refused_for_a_pre_quantized_checkpoint(tmp_path):
+    """export(block=128) on an AWQ checkpoint: its groups are kept, so the option would be ignored."""
+    from exporters.export_plan import plan_export
+    from exporters.sources import open_source
+    from portable_infer.errors import InvalidArgumentError
+
+    write_checkpoint(tmp_path / "hf", "llama", "awq", 64, False, SEED)
+    with pytest.raises(InvalidArgumentError) as info:
+        plan_export(open_source(tmp_path / "hf"), block=128)
+    assert info.value.param == "block" and "pre-quantized checkpoint" in str(info.value)
