@@ -360,10 +360,8 @@ def _package_parsers(sub) -> None:
     e.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="MatMulNBits accuracy of the fused layers: 1 float activations (default, "
                         "exact), 4 int8 activations (faster on CPU, less exact)")
-    e.add_argument("--block", type=int, default=None,
-                   help="input elements per scale of int4/int8 weights quantized from a float source: "
-                        "32 (default), 64 or 128 (larger read fewer bytes a weight, faster where decode is bound by "
-                        "memory bandwidth, less exact; GGUF/AWQ/GPTQ keep their own blocks)")
+    e.add_argument("--block", type=int, default=None, help="int4/int8 blocks of a float source: 32 (default), "
+                   "64, 128 (fewer bytes a weight: faster where memory-bound, less exact)")
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("--route", choices=("auto", "direct", "fallback"), default="auto",

@@ -33,3 +33,27 @@ def first_divergence(ours: list, ref: list, ref_logits: list, what: str, *, tol:
                 f"proved too little; run it with another seed (prompt) to compare more steps")
             return step
     return len(ref)
+
+
+def int4_variants_track(pkg, ids: np.ndarray, ref_last: np.ndarray, what: str) -> dict:
+    """Every variant of the int4 package ``pkg`` (exported with head_accuracy=1) on ``ids``: the
+    portable graph's last logits near the float reference's ``ref_last`` (random tiny models
+    measured 12-32 % mean int4 noise; a wrong weight layout gives ~100 %), and each variant near the
+    portable one (float activations: equal to 1e-3; int8 activations: near, 5e-2). Returns the
+    last logits by variant name."""
+    from exporters.graph_runs import decoder
+    from portable_infer.package.manifest import Manifest
+
+    manifest = Manifest.load(pkg)
+    last = {}
+    for v in manifest.variants:
+        dec = decoder(pkg / v.file, v, manifest)
+        last[v.name] = dec.run(ids, np.ones_like(ids), dec.empty_past(1))[0][:, -1]
+    noise = float(np.abs(last["portable"] - ref_last).mean() / np.abs(ref_last).mean())
+    assert noise < 0.6, f"{what} int4 portable: mean |diff| is {noise:.0%} of the mean |logit|"
+    scale = np.abs(last["portable"]).max()
+    for name, logits in last.items():
+        rel = float(np.abs(logits - last["portable"]).max() / scale)
+        bound = 5e-2 if name.endswith("-int8") else 1e-3
+        assert rel <= bound, f"{what} int4 {name} differs from portable by {rel:.2e} (relative)"
+    return last
