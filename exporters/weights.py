@@ -194,8 +194,10 @@ class WeightStore:
             return w
         source = w.dequantize() if eight else w
         del w  # the float source goes as soon as it is fitted
-        if isinstance(source, Blocks) or FLOAT_FIT:
-            fitted = fit_int4(source, bits=Q4_1_FIT_BITS if getattr(source, "kind", None) == "q4_1" else 4)
+        if isinstance(source, Blocks):  # at the source's own block
+            fitted = fit_int4(source, bits=Q4_1_FIT_BITS if source.kind == "q4_1" else 4)
+        elif FLOAT_FIT:
+            fitted = fit_int4(source, fitting_block(source.shape[1], self.form.block))
         else:
             fitted = quantize(source, 4, fitting_block(source.shape[1], self.form.block))
         if self.fit_cache is not None and not fit_table:  # the layers' fit (the manifest names the head's form)
