@@ -87,6 +87,11 @@ class BenchModel:
     reference: Path = setup.REFERENCE
     quality: Path | None = None
     packages: tuple[Package, ...] = ()
+    # a runtime row -> the row of ours its speedups are measured against (default BASELINE)
+    against: dict[str, str] = field(default_factory=dict)
+
+    def base_of(self, name: str) -> str:
+        return self.against.get(name, BASELINE)
 
 
 PI = "portable_infer_runner.py"
@@ -143,6 +148,9 @@ MODELS: dict[str, BenchModel] = {
         packages=(Package("package", llama1b.PACKAGE, str(llama1b.HF), "int4", ("--no-verify",)),
                   Package("package-b128", llama1b.PACKAGE_B128, str(llama1b.HF), "int4",
                           ("--no-verify", "--block", str(llama1b.BLOCK), "--variants", "static,static-int8"))),
+        # each block against ours at the same block (the default row runs the exact graph here)
+        against={"ortgenai-int4": "portable_infer-int8act", "llamacpp-q4_0": "portable_infer-int8act",
+                 "llamacpp-q4_k_m": "portable_infer-int8act", "ortgenai-int4-b128": "portable_infer-b128-int8act"},
     ),
     "smollm2-float": BenchModel(
         title=f"SmolLM2-135M's shape from a float checkpoint ({smollm2_float.DESCRIPTION}; "
@@ -272,11 +280,12 @@ def speedups(row: dict, base: dict | None) -> tuple[str, str]:
             f"{row['ttft_ms'] / base['ttft_ms']:.2f}x")
 
 
-def run_rounds(model: str, names: list, rounds: int, seed: int, run) -> list:
+def run_rounds(model: str, names: list, rounds: int, seed: int, run, base_of=lambda name: BASELINE) -> list:
     """Every row ``rounds`` times, the rows in a new shuffled order each round after the first
     (``run(name, first_round)`` runs one row; quality in the first round only). Returns one row
     per name: the first round's, with decode and TTFT the medians over the rounds, ``rounds`` their
-    values, and ``paired`` the medians of each round's ratios to the baseline's in that round."""
+    values, and ``paired`` the medians of each round's ratios to its baseline's (``base_of(name)``,
+    a row of ours) in that round."""
     order, done = random.Random(seed), {name: [] for name in names}
     for k in range(rounds):
         turn = list(names)
@@ -294,14 +303,13 @@ def run_rounds(model: str, names: list, rounds: int, seed: int, run) -> list:
             row["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)
             row["ttft_ms"] = statistics.median(r["ttft_ms"] for r in runs)
         rows.append(row)
-    base = done.get(BASELINE)
-    if rounds > 1 and base and not any("error" in r for r in base):
-        for name, row in zip(names, rows):
-            if name != BASELINE and "rounds" in row:
-                pairs = list(zip(base, done[name]))
-                row["paired"] = {
-                    "decode": statistics.median(b["decode_tok_s"] / r["decode_tok_s"] for b, r in pairs),
-                    "ttft": statistics.median(r["ttft_ms"] / b["ttft_ms"] for b, r in pairs)}
+    for name, row in zip(names, rows):
+        base = done.get(base_of(name))
+        if name == base_of(name) or "rounds" not in row or not base or any("error" in r for r in base):
+            continue
+        pairs = list(zip(base, done[name]))
+        row["paired"] = {"decode": statistics.median(b["decode_tok_s"] / r["decode_tok_s"] for b, r in pairs),
+                         "ttft": statistics.median(r["ttft_ms"] / b["ttft_ms"] for b, r in pairs)}
     return rows
 
 
@@ -319,10 +327,19 @@ def quality_cells(r: dict) -> list[str]:
     return [f"{q['agreement']}/{q['positions']}", f"{q['ppl']:.3f} ({q['ppl_vs_ref_pct']:+.2f} %)"]
 
 
+def _pairing(results: list[dict], base_of) -> str:
+    """The note's words for rows measured against a row of ours other than BASELINE."""
+    pairs = [f"{r['runtime']} against {base_of(r['runtime'])}" for r in results
+             if base_of(r["runtime"]) not in (BASELINE, r["runtime"])]
+    return f" (portable_infer: the row of ours it is paired with: {'; '.join(pairs)})" if pairs else ""
+
+
 def markdown_table(results: list[dict], threads: int, runs: int, title: str = "",
-                   host: str | None = None, new_tokens: int = 128, rounds: int = 1) -> str:
-    """One model's table, the CPU line above it and the protocol note under it."""
-    base = next((r for r in results if r["runtime"] == BASELINE), None)
+                   host: str | None = None, new_tokens: int = 128, rounds: int = 1,
+                   base_of=lambda name: BASELINE) -> str:
+    """One model's table, the CPU line above it and the protocol note under it; each row's
+    speedups against the row ``base_of(its name)``."""
+    by_name = {r["runtime"]: r for r in results}
     with_quality = any("quality" in r for r in results)
     ref_ppl = next((r["quality"]["ref_ppl"] for r in results if "quality" in r), None)
     header = ["runtime", *(c[0] for c in COLUMNS), "top-1 agree"]
@@ -340,7 +357,8 @@ def markdown_table(results: list[dict], threads: int, runs: int, title: str = ""
             cells.append(f"{r['agreement']}/{r['agreement_of']}")
             if with_quality:
                 cells += quality_cells(r)
-            cells.extend(speedups(r, base))
+            cells.extend(speedups(r, by_name.get(base_of(r["runtime"]))) if base_of(r["runtime"]) != r["runtime"]
+                         else ("n/a", "n/a"))
         lines.append("| " + " | ".join([r["runtime"], *cells]) + " |")
     lines.append("")
     note = (f"{title or 'SmolLM2-135M-Instruct'}: 32-token prompt, {new_tokens} new tokens, greedy, "
@@ -349,6 +367,7 @@ def markdown_table(results: list[dict], threads: int, runs: int, title: str = ""
                if rounds > 1 else "")
             + ". PI speedup = portable_infer decode tok/s / the runtime's, and the runtime's TTFT / "
             "portable_infer's" + (" (the median of the rounds' own ratios)" if rounds > 1 else "")
+            + _pairing(results, base_of)
             + ": above 1x, portable_infer is faster. top-1 agree = teacher-forced argmax equal to the "
             f"fp32 transformers reference's next token over its {new_tokens}-token greedy continuation.")
     if with_quality:
@@ -432,11 +451,12 @@ def main() -> None:
     results, tables = [], {}
     for model, names in plan.items():
         package = args.package if model == "smollm2" else None
+        bm = MODELS[model]
         rows = run_rounds(model, names, args.rounds, args.seed,
                           lambda name, first: run_runner(model, name, args.runs, args.threads, package,
-                                                         args.new_tokens, quality=first))
-        tables[model] = markdown_table(rows, args.threads, args.runs, MODELS[model].title, host,
-                                       args.new_tokens, args.rounds)
+                                                         args.new_tokens, quality=first), bm.base_of)
+        tables[model] = markdown_table(rows, args.threads, args.runs, bm.title, host,
+                                       args.new_tokens, args.rounds, bm.base_of)
         print(f"\n## {model}\n\n{tables[model]}\n", flush=True)
         results += rows
     write_results(args.results, args, setup.REFERENCE if setup.REFERENCE.is_file() else None,

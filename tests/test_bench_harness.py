@@ -317,3 +317,33 @@ def test_the_device_draw_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys
     assert len(rows) == 2 * len(gpu_sample.FILTERS), rows
     assert all(r[5].strip() == "4/4" for r in rows), rows
     assert int(rows[2][6]) == 4 and rows[2][2].strip() == "top-p 0.9" and rows[2][1].strip() == "1", rows
+
+
+def test_a_runtime_row_is_paired_with_the_row_of_ours_it_names():
+    """compare_cpu's BenchModel.against: the 1B table's GenAI row at block 128 is measured against
+    our row at block 128, each round's ratio paired, and the note says so; rows without a pair of
+    theirs keep portable_infer."""
+    import compare_cpu
+
+    bm = compare_cpu.MODELS["llama1b"]
+    assert bm.base_of("ortgenai-int4-b128") == "portable_infer-b128-int8act"
+    assert compare_cpu.MODELS["smollm2"].base_of("ortgenai-int4") == "portable_infer"
+    names = ["portable_infer-int8act", "ortgenai-int4", "portable_infer-b128-int8act", "ortgenai-int4-b128"]
+    speed = {"portable_infer-int8act": 50.0, "ortgenai-int4": 50.0, "portable_infer-b128-int8act": 60.0,
+             "ortgenai-int4-b128": 75.0}
+    drift = iter([1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 1.3, 1.3, 1.3, 1.3])
+
+    def run(name, first):  # a round's rows share its drift whatever their order
+        d = next(drift)
+        return {"runtime": name, "decode_tok_s": speed[name] * d, "ttft_ms": 1000 / (speed[name] * d),
+                "agreement": 1, "agreement_of": 2, **{k: 1.0 for _, k, _ in compare_cpu.COLUMNS
+                                                       if k not in ("decode_tok_s", "ttft_ms")}}
+
+    rows = {r["runtime"]: r for r in compare_cpu.run_rounds("llama1b", names, 3, 1, run, bm.base_of)}
+    assert rows["ortgenai-int4-b128"]["paired"]["decode"] == pytest.approx(0.8)
+    assert rows["ortgenai-int4"]["paired"]["decode"] == pytest.approx(1.0)
+    assert "paired" not in rows["portable_infer-int8act"] and "paired" not in rows["portable_infer-b128-int8act"]
+    table = compare_cpu.markdown_table(list(rows.values()), 2, 3, "M", host="CPU: X", rounds=3, base_of=bm.base_of)
+    line = next(x for x in table.splitlines() if x.startswith("| ortgenai-int4-b128 "))
+    assert line.split("|")[-3].strip() == "0.80x"
+    assert "ortgenai-int4-b128 against portable_infer-b128-int8act" in table
