@@ -126,3 +126,25 @@ def test_the_manifest_names_the_block_and_a_default_package_reads_as_before(tiny
     raw = json.loads((plain / mf.MANIFEST_NAME).read_text())
     assert all("weight_block" not in v for v in raw["variants"])
     assert mf.Manifest.load(plain).variants[0].weight_block is None and "blocks of" not in describe(plain)
+
+
+def test_int8_weights_take_the_block_too(tiny_llama, tmp_path, seed):
+    """--precision int8 --block 64: the 8-bit layers in blocks of 64, and the graph near the model."""
+    import torch
+
+    from exporters.export import export
+    from exporters.graph_runs import decoder
+
+    pkg = export(tiny_llama.source, tmp_path / "pkg", precision="int8", verify=False, block=64,
+                 variants=("portable", "fused"))
+    manifest = mf.Manifest.load(pkg)
+    for v in manifest.variants:
+        sizes = set(_blocks_by_weight(onnx.load(str(pkg / v.file))).values())
+        assert sizes == {64} and v.weight_block == 64, (v.name, sizes)
+    ids = np.random.default_rng(seed).integers(3, 256, (1, 10), dtype=np.int64)
+    with torch.no_grad():
+        ref = tiny_llama.model(torch.from_numpy(ids)).logits.numpy()[:, -1]
+    for v in manifest.variants:
+        dec = decoder(pkg / v.file, v, manifest)
+        got = dec.run(ids, np.ones_like(ids), dec.empty_past(1))[0][:, -1]
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05, v.name  # 8-bit weights: near
