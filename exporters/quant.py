@@ -133,8 +133,10 @@ def fitting_block(n: int, block: int) -> int:
 def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
     """Round-to-nearest block quantization of a float [out, in] matrix.
 
-    int4 is asymmetric (scale and uint8 zero point per block: the CPU MatMulNBits kernel is fast
-    for uint8 zero points), int8 is symmetric. Rows are quantized in chunks on a few threads
+    int4 is asymmetric (scale and uint8 zero point per block: on SmolLM2's float stand-in 431/636
+    against 396/636 for symmetric blocks; MatMulNBits runs it as fast on AVX-512, while on AVX2 the
+    zero-point input costs 11-14 % of a decode step, docs/benchmarks.md "Session 29"), int8 is
+    symmetric. Rows are quantized in chunks on a few threads
     (``exporters.parallel``): the same values as one pass over the matrix, without its temporaries.
     """
     out, n = w.shape
