@@ -135,7 +135,7 @@ def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
 
     int4 is asymmetric (scale and uint8 zero point per block: on SmolLM2's float stand-in 431/636
     against 396/636 for symmetric blocks; MatMulNBits runs it as fast on AVX-512, while on AVX2 the
-    zero-point input costs 11-14 % of a decode step, docs/benchmarks.md "Session 29"), int8 is
+    zero-point input costs 11-15 % of a decode step, docs/benchmarks.md "Session 29"), int8 is
     symmetric. Rows are quantized in chunks on a few threads
     (``exporters.parallel``): the same values as one pass over the matrix, without its temporaries.
     """

@@ -195,7 +195,7 @@ class WeightOps:
                 and np.any(w.zero != default)):
             # Integer zero points (our asymmetric int4) go in as MatMulNBits' uint8 input: exact,
             # and no correction ops (which cost kernel launches on CUDA); as fast on AVX-512 CPUs,
-            # 11-14 % of a step slower on AVX2 (docs/benchmarks.md "Session 29").
+            # 11-15 % of a step slower on AVX2 (docs/benchmarks.md "Session 29").
             zp = w.zero.astype(np.uint8)
             if nb % 2:
                 zp = np.concatenate([zp, np.zeros((w.shape[0], 1), np.uint8)], axis=1)
