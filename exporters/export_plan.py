@@ -65,7 +65,6 @@ class ExportPlan:
     max_context: int | None  # cap on the manifest's context (None: the model's)
     generation: mf.GenerationDefaults  # the source's sampling defaults (generation_defaults.py)
     specs: tuple[VariantSpec, ...] = ()  # the direct route's graphs, in the order they are written
-    block: int = DEFAULT_BLOCK  # blocks of the float weights quantized here (BLOCK_SIZES)
 
     @property
     def shared_variants(self) -> tuple[str, ...]:
@@ -138,7 +137,7 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
                   for v in VARIANTS if v in variants and route == "direct")
     return ExportPlan(route=route, precision=precision, activations=activations or "fp32", variants=variants,
                       layout=layout, nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy,
-                      max_context=max_context, generation=generation_defaults(src), specs=specs, block=block)
+                      max_context=max_context, generation=generation_defaults(src), specs=specs)
 
 
 def _check_block(src, precision: str, route: str, block: int) -> None:

@@ -140,8 +140,9 @@ class GraphVariant:
     # "masked" (MatMul/Softmax, any call shape) or "gqa" (GroupQueryAttention: ONNX Runtime
     # refuses batch > 1 with several new tokens after a past; the engine splits such calls by row)
     attention: str = "masked"
-    # input elements per scale of the int4/int8 weights the exporter quantized from a float source,
-    # where export(block=) chose other than the default 32 (None: 32, or the source's own blocks)
+    # the block export(block=) asked of the int4/int8 weights quantized from a float source, where
+    # other than the default 32 (None: 32, or the source's own blocks); a row it does not divide is
+    # in blocks of the largest halving that does (quant.fitting_block)
     weight_block: int | None = None
 
     @classmethod
