@@ -49,7 +49,7 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
            max_context: int | None = None, verify: bool = True, overwrite: bool = False,
            progress: bool = False, variants=None, nbits_accuracy: int | None = None,
            head_accuracy: int | None = None, route: str = "auto", activations: str | None = None,
-           revision: str | None = None, block: int | None = None) -> Path:
+           revision: str | None = None, block: int | None = None, symmetric: bool = False) -> Path:
     """Export a Hugging Face folder, a .gguf file or the default model to a model package.
 
     Args:
@@ -91,6 +91,12 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             fewer bytes a weight (faster where decode is bound by memory bandwidth) and round
             coarser (export verification records the agreement). Refused for pre-quantized
             sources (GGUF, AWQ, GPTQ), whose blocks are kept.
+        symmetric: int4 weights quantized from a float source without zero points (GenAI's
+            builder's ``int4_is_symmetric``; llama.cpp's Q4_0 form): on AVX2 CPUs a decode step
+            11-15 % faster (ONNX Runtime's symmetric int8-activation kernel), as fast elsewhere, and
+            less exact (SmolLM2's float stand-in: 396 of 636 positions against 431;
+            docs/benchmarks.md "Session 29"): a precision choice, recorded in the manifest. Refused
+            where nothing is quantized to int4 here (as ``block``).
 
     Returns:
         The package directory.
@@ -99,14 +105,14 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
         >>> export("default", "smollm2-int4")  # doctest: +SKIP
     """
     out = Path(out)
-    check_options(precision, max_context, activations, route, block)
+    check_options(precision, max_context, activations, route, block, symmetric)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose another output or pass overwrite=True (--force)")
     started = time.perf_counter()
     src = open_source(source, revision=revision)
     plan = plan_export(src, precision=precision, variants=variants, route=route, activations=activations,
                        nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, max_context=max_context,
-                       block=block)
+                       block=block, symmetric=symmetric)
     # the source's digest (every weight file read once more) is computed beside the export
     _write_package(plan, src, out, _in_background(source_sha256, src), verify=verify, progress=progress)
     logger.info("exported %s -> %s (%s, %.1f s)", src.path, out, plan.precision, time.perf_counter() - started)
@@ -256,15 +262,16 @@ def _replace(obj, **changes):
 def _save(tmp: Path, spec: VariantSpec, g: GraphBuilder, dims) -> mf.GraphVariant:
     model = g.model(producer=f"portable_infer.exporters {__version__}")
     onnx.save(model, str(tmp / spec.file))
-    block = spec.weights.block if spec.weights.layer_bits and spec.weights.block != DEFAULT_BLOCK else None
-    return _variant(spec.name, spec.file, spec.weights.precision, model, dims, spec.providers,
+    w = spec.weights
+    block = w.block if w.layer_bits and w.block != DEFAULT_BLOCK else None
+    return _variant(spec.name, spec.file, w.precision, model, dims, spec.providers,
                     logits=spec.manifest_logits, attention=spec.manifest_attention, growth=spec.kv,
-                    weight_block=block)
+                    weight_block=block, weight_symmetric=w.symmetric and w.layer_bits == 4)
 
 
 def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims, providers,
              logits: str = "all", attention: str = "masked", growth: str = "concat",
-             weight_block: int | None = None) -> mf.GraphVariant:
+             weight_block: int | None = None, weight_symmetric: bool = False) -> mf.GraphVariant:
     def spec(v):
         t = v.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
@@ -281,7 +288,7 @@ def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims,
         kv=mf.KVLayout(layout="blocks" if growth == "paged" else "BHSD", dtype=kv_dtype,
                        num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, growth=growth, past=tuple(mf.past_names(i) for i in range(n)),
                        present=tuple(mf.present_names(i) for i in range(n))),
-        logits=logits, attention=attention, weight_block=weight_block,
+        logits=logits, attention=attention, weight_block=weight_block, weight_symmetric=weight_symmetric,
     )
 
 

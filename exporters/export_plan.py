@@ -72,10 +72,12 @@ class ExportPlan:
         return tuple(v for v in self.variants if v != PORTABLE) if self.route == "direct" else ()
 
 
-def check_options(precision, max_context, activations, route, block=None) -> None:
+def check_options(precision, max_context, activations, route, block=None, symmetric=False) -> None:
     """The options that need no source: each against its allowed values."""
     if block is not None and block not in BLOCK_SIZES:
         raise InvalidArgumentError(f"block must be one of {BLOCK_SIZES}, got {block!r}", param="block")
+    if not isinstance(symmetric, bool):
+        raise InvalidArgumentError(f"symmetric must be True or False, got {symmetric!r}", param="symmetric")
     if precision is not None and precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}", param="precision")
     if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
@@ -90,10 +92,10 @@ def check_options(precision, max_context, activations, route, block=None) -> Non
 def plan_export(src, *, precision: str | None = None, variants=None, route: str = "auto",
                 activations: str | None = None, nbits_accuracy: int | None = None,
                 head_accuracy: int | None = None, max_context: int | None = None,
-                block: int | None = None) -> ExportPlan:
+                block: int | None = None, symmetric: bool = False) -> ExportPlan:
     """The plan for exporting the opened source ``src`` (sources.open_source) with these options
     (as ``export()`` takes them). Raises InvalidArgumentError when they do not fit together."""
-    check_options(precision, max_context, activations, route, block)
+    check_options(precision, max_context, activations, route, block, symmetric)
     model_type = src.config.get("model_type")
     if route == "auto":
         route = "direct" if model_type in MODEL_TYPES or src.kind == "gguf" else "fallback"
@@ -129,26 +131,34 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
             raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}",
                                        param="variants")
     if block not in (None, DEFAULT_BLOCK):
-        _check_block(src, precision, route, block)
+        _check_quantized_here(src, precision, route, f"block={block}", "sets the blocks of int4/int8 weights",
+                              ("int4", "int8"), "--block")
+    if symmetric:
+        _check_quantized_here(src, precision, route, "symmetric=True", "drops the zero points of int4 weights",
+                              ("int4",), "--symmetric")
     block = block or DEFAULT_BLOCK
     nbits_accuracy, head_accuracy = nbits_accuracy or DEFAULT_NBITS_ACCURACY, head_accuracy or DEFAULT_HEAD_ACCURACY
     specs = tuple(variant_spec(v, layout, precision=precision, activations=activations or "fp32",
-                               nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, block=block)
+                               nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy, block=block,
+                               symmetric=symmetric)
                   for v in VARIANTS if v in variants and route == "direct")
     return ExportPlan(route=route, precision=precision, activations=activations or "fp32", variants=variants,
                       layout=layout, nbits_accuracy=nbits_accuracy, head_accuracy=head_accuracy,
                       max_context=max_context, generation=generation_defaults(src), specs=specs)
 
 
-def _check_block(src, precision: str, route: str, block: int) -> None:
-    """A block size other than the default quantizes a float source's weights: refused where the
-    export quantizes none (fp32/fp16, the fallback route) or keeps the source's own blocks."""
-    if precision not in ("int4", "int8") or route != "direct":
+def _check_quantized_here(src, precision: str, route: str, option: str, what: str, precisions: tuple,
+                          flag: str) -> None:
+    """An option of the weights our graph builder quantizes from a float source (``--block``,
+    ``--symmetric``): refused where the export quantizes none at ``precisions`` (fp32/fp16, the
+    fallback route) or keeps the source's own blocks (GGUF, AWQ, GPTQ)."""
+    param = flag.lstrip("-")
+    if precision not in precisions or route != "direct":
         raise InvalidArgumentError(
-            f"block={block} sets the blocks of int4/int8 weights our graph builder quantizes; this export is "
-            f"{precision} by the {route} route: use --precision int4 or int8, or leave --block out", param="block")
+            f"{option} {what} our graph builder quantizes; this export is {precision} by the {route} route: "
+            f"use --precision {' or '.join(precisions)}, or leave {flag} out", param=param)
     if src.kind == "gguf" or src.default_precision != "fp32":
         raise InvalidArgumentError(
-            f"block={block}: {src.path} is a {'GGUF file' if src.kind == 'gguf' else 'pre-quantized checkpoint'}, "
+            f"{option}: {src.path} is a {'GGUF file' if src.kind == 'gguf' else 'pre-quantized checkpoint'}, "
             f"whose quantized blocks are kept as the source stores them, never re-quantized (a GGUF's float "
-            f"tensors follow the file's blocks too); leave --block out, or export the float HF folder", param="block")
+            f"tensors follow the file's blocks too); leave {flag} out, or export the float HF folder", param=param)

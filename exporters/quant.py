@@ -8,7 +8,7 @@ One representation covers every format, per block of ``block`` input elements::
     q4_1   q in 0..15, offset per block           GGUF Q4_1, Q4_K, Q2_K (block 16)
     q8_0   q int8, zero = 0                       GGUF Q8_0, Q5_0, Q6_K (block 16), IQ4_NL, IQ4_XS
     q8_1   q uint8, offset per block              GGUF Q5_1, Q5_K
-    int4   q in 0..15, zero in 0..15 (ours: asymmetric, uint8 zero points)
+    int4   q in 0..15, zero in 0..15 (ours: asymmetric, uint8 zero points; symmetric: 8 throughout)
     int8   q in -127..127, zero = 0 (ours: symmetric)
 
 (``exporters/gguf_blocks.py`` maps each ggml type onto these forms exactly.) An offset needs a
@@ -130,13 +130,16 @@ def fitting_block(n: int, block: int) -> int:
     return block
 
 
-def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
+def quantize(w: np.ndarray, bits: int, block: int = BLOCK, symmetric: bool = False) -> Blocks:
     """Round-to-nearest block quantization of a float [out, in] matrix.
 
-    int4 is asymmetric (scale and uint8 zero point per block: on SmolLM2's float stand-in 431/636
-    against 396/636 for symmetric blocks; MatMulNBits runs it as fast on AVX-512, while on AVX2 the
-    zero-point input costs 11-15 % of a decode step, docs/benchmarks.md "Session 29"), int8 is
-    symmetric. Rows are quantized in chunks on a few threads
+    int4 is asymmetric by default (scale and uint8 zero point per block: on SmolLM2's float
+    stand-in 431/636 against 396/636 for symmetric blocks; MatMulNBits runs it as fast on AVX-512,
+    while on AVX2 the zero-point input costs 11-15 % of a decode step, docs/benchmarks.md "Session
+    29"). ``symmetric`` int4 (export --symmetric; GenAI's builder's ``int4_is_symmetric``, llama.cpp's
+    Q4_0): the block's largest-magnitude value x_m maps to code 0 with scale x_m / -8 (negative
+    where x_m is positive) and every zero point is 8, which the graph then leaves out. int8 is
+    always symmetric. Rows are quantized in chunks on a few threads
     (``exporters.parallel``): the same values as one pass over the matrix, without its temporaries.
     """
     out, n = w.shape
@@ -160,6 +163,14 @@ def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
             s[s == 0] = 1.0
             y = np.divide(x, s[..., None])
             np.clip(np.rint(y, out=y), -127, 127, out=y)
+        elif symmetric:
+            s = np.where(hi >= -lo, hi, lo) / -8.0  # the value of largest magnitude lands on code 0
+            s[s == 0] = 1.0
+            y = np.divide(x, s[..., None])
+            np.rint(y, out=y)
+            y += 8.0
+            np.clip(y, 0, 15, out=y)
+            zero[rows] = 8
         else:
             lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
             s = (hi - lo) / 15.0

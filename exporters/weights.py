@@ -58,6 +58,12 @@ class WeightForm:
     # rows), fitted to the source blocks (int4_fit.fit_int4)
     int4_fit: bool = False
     block: int = BLOCK  # block size of float weights quantized here (source blocks keep theirs)
+    symmetric: bool = False  # int4 quantized here without zero points (quant.quantize)
+
+    def quantize(self, w: np.ndarray, bits: int) -> Blocks:
+        """Float [out, in] rows quantized here at ``bits``: in this form's blocks (narrower rows at
+        the largest halving that divides them), int4 symmetric where the form says so."""
+        return quantize(w, bits, fitting_block(w.shape[1], self.block), symmetric=self.symmetric)
 
     @property
     def dtype(self):
@@ -178,8 +184,7 @@ class WeightStore:
         else:
             w = self._quantized(name, bits)
             if not isinstance(w, Blocks):  # raises: the input size is not a multiple of the block
-                w = _joined(w)
-                w = quantize(w, bits, fitting_block(w.shape[1], self.form.block))
+                w = self.form.quantize(_joined(w), bits)
         # a fitted table is named by its width: the 8-bit one of an untied head may share its data file
         return self.ops.emit_nbits(_init_name(name, f"nbits{bits}" if twin or fit_table else "nbits"), w, bits,
                                    self.form.split8, self.form.fold_offsets)
@@ -199,7 +204,7 @@ class WeightStore:
         elif FLOAT_FIT:
             fitted = fit_int4(source, fitting_block(source.shape[1], self.form.block))
         else:
-            fitted = quantize(source, 4, fitting_block(source.shape[1], self.form.block))
+            fitted = self.form.quantize(source, 4)
         if self.fit_cache is not None and not fit_table:  # the layers' fit (the manifest names the head's form)
             self.fit_cache.add(source, fitted)
         return fitted
@@ -237,14 +242,14 @@ class WeightStore:
         parts, out = self._parts(name), []
         for p in parts:
             named = isinstance(p, str) and self.handoff is not None
-            key = (p, bits, self.form.block, self._flips(p, table)) if named else None
+            key = (p, bits, self.form.block, self.form.symmetric, self._flips(p, table)) if named else None
             b = self.handoff.take(key) if key else None
             if b is None:
                 w = self._load(p, table)
                 block = fitting_block(w.shape[1], self.form.block)
                 if w.shape[1] % block:  # the parts share their input size: the first one tells
                     return (w, *(self._load(q, table) for q in parts[1:]))
-                b = w if isinstance(w, Blocks) else quantize(w, bits, block)
+                b = w if isinstance(w, Blocks) else self.form.quantize(w, bits)
                 if key and b is not w:
                     self.handoff.leave(key, b)
             out.append(b)

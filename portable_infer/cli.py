@@ -164,7 +164,8 @@ def cmd_export(ns) -> int:
     out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
                  verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route,
                  variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()) if ns.variants else None,
-                 nbits_accuracy=ns.accuracy, activations=ns.activations, revision=ns.revision, block=ns.block)
+                 nbits_accuracy=ns.accuracy, activations=ns.activations, revision=ns.revision, block=ns.block,
+                 symmetric=ns.symmetric)
     print(out)
     return 0
 
@@ -362,6 +363,8 @@ def _package_parsers(sub) -> None:
                         "exact), 4 int8 activations (faster on CPU, less exact)")
     e.add_argument("--block", type=int, default=None, help="int4/int8 blocks of a float source: 32 (default), "
                    "64, 128 (fewer bytes a weight: faster where memory-bound, less exact)")
+    e.add_argument("--symmetric", action="store_true", help="int4 of a float source without zero points "
+                   "(GenAI's int4_is_symmetric): faster on AVX2 CPUs, less exact")
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("--route", choices=("auto", "direct", "fallback"), default="auto",

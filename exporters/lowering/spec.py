@@ -72,17 +72,17 @@ def checked(spec: VariantSpec) -> VariantSpec:
 
 
 def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32", nbits_accuracy: int = 1,
-                 head_accuracy: int = 4, block: int = BLOCK) -> VariantSpec:
+                 head_accuracy: int = 4, block: int = BLOCK, symmetric: bool = False) -> VariantSpec:
     """The spec of variant ``name`` for ``layout`` (architectures.DecoderLayout) at these export options
     (``nbits_accuracy``: the layers' MatMulNBits accuracy level where the variant does not fix it;
-    ``block``: the blocks of the float weights quantized here)."""
+    ``block``, ``symmetric``: the blocks of the float weights quantized here, int4 without zero points)."""
     file, form, int8, fitted = VARIANT_FORMS[name]
     if form == "portable":
-        weights = WeightForm(precision, activations, block=block)
+        weights = WeightForm(precision, activations, block=block, symmetric=symmetric)
         return checked(VariantSpec(name, file, ("*",), "masked", "portable", "computed", "separate", "concat",
                                    "all", _head(weights, "int8"), weights))
     weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,
-                         head_accuracy=head_accuracy, int4_fit=fitted, block=block)
+                         head_accuracy=head_accuracy, int4_fit=fitted, block=block, symmetric=symmetric)
     lm_head = _head(weights, Q4_HEAD if fitted else INT8_HEAD if int8 else EXACT_HEAD)
     if form == "paged":
         providers = ("cuda",) if PAGED_ATTENTION == "paged" else ("*",)  # the reference runs anywhere

@@ -144,6 +144,8 @@ class GraphVariant:
     # other than the default 32 (None: 32, or the source's own blocks); a row it does not divide is
     # in blocks of the largest halving that does (quant.fitting_block)
     weight_block: int | None = None
+    # export(symmetric=True): its int4 weights quantized from a float source without zero points
+    weight_symmetric: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphVariant":
@@ -154,6 +156,7 @@ class GraphVariant:
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             kv=KVLayout.from_dict(d["kv"]), logits=d.get("logits", "all"),
             attention=d.get("attention", "masked"), weight_block=d.get("weight_block"),
+            weight_symmetric=d.get("weight_symmetric", False),
         )
 
 
@@ -204,6 +207,8 @@ class Manifest:
         for v in d["variants"]:  # written only where set: a default package reads as before
             if v["weight_block"] is None:
                 del v["weight_block"]
+            if not v["weight_symmetric"]:
+                del v["weight_symmetric"]
         return d
 
     def to_json(self) -> str:

@@ -211,6 +211,7 @@ VARIANT = Record({
     "domains": _req(List(Str())), "providers": _req(List(NAME)), "inputs": _req(List(TENSOR)),
     "outputs": _req(List(TENSOR)), "kv": _req(KV), "logits": _opt(Str(("all", "last"))),
     "attention": _opt(Str(("masked", "gqa"))), "weight_block": _opt(Int(1)),
+    "weight_symmetric": _opt(Bool()),
 })
 MODEL = Record({
     "architecture": _req(NAME), "model_type": _req(Str()), "num_layers": _req(Int(1)), "num_heads": _req(Int(1)),

@@ -41,7 +41,8 @@ def describe(path, trust=None) -> str:
     for v in m.variants:
         lines.append(f"variant      {v.name}: {v.file}, opset {v.opset}, domains {list(v.domains) or ['ai.onnx']}, "
                      f"providers {list(v.providers)}, KV {v.kv.layout} {v.kv.dtype} ({v.kv.growth})"
-                     + (f", {v.precision} weights in blocks of {v.weight_block} (narrower rows: the largest halving that divides them)" if v.weight_block else ""))
+                     + (f", {v.precision} weights in blocks of {v.weight_block} (narrower rows: the largest halving that divides them)" if v.weight_block else "")
+                     + (", int4 weights symmetric (no zero points)" if v.weight_symmetric else ""))
     size = sum(f.size for f in m.files)
     lines.append(f"files        {len(m.files)} files, {size / 2**20:.1f} MiB")
     lines += [_verified(name, r, m.verification) for name, r in m.verification.items()]
