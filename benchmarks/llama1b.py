@@ -50,6 +50,8 @@ GENAI_INT4 = BENCH / "models" / "llama1b" / "ortgenai-int4"
 BLOCK = 128
 PACKAGE_B128 = BENCH / "packages" / f"llama1b-b{BLOCK}"
 GENAI_INT4_B128 = BENCH / "models" / "llama1b" / f"ortgenai-int4-b{BLOCK}"
+# ours with symmetric int4 (export --symmetric), GenAI's builder's default form
+PACKAGE_SYM = BENCH / "packages" / "llama1b-sym"
 SEED = 1234
 STD = 0.02
 BOS, EOS, EOT = 128000, 128001, 128009

@@ -36,6 +36,7 @@ REFERENCE = ROOT / "reference.json"
 QUALITY = ROOT / "quality.json"
 PACKAGE = BENCH / "packages" / "smollm2-float"  # ours: portable-infer export HF -o PACKAGE --precision int4
 GENAI_INT4 = BENCH / "models" / "smollm2-float" / "ortgenai-int4"
+PACKAGE_SYM = BENCH / "packages" / "smollm2-float-sym"  # ours with export --symmetric
 BASE = BENCH / "hf" / "smollm2"  # setup_competitors.HF_DIR: the GGUF dequantized
 DESCRIPTION = "a float stand-in: SmolLM2's Q4_1 blocks dequantized, plus uniform noise of +-d/2"
 

@@ -164,8 +164,10 @@ def test_every_row_names_its_models_files_and_the_float_checkpoint_is_exported_v
             assert entry.model in bm.files or (name, entry.model) == ("smollm2", "gguf"), (name, row)
     assert set(compare_cpu.MODELS) == set(setup_competitors.MODELS_KNOWN)
     bm = compare_cpu.MODELS["smollm2-float"]
-    (pkg,) = bm.packages
-    assert pkg.source == str(smollm2_float.HF) and "--no-verify" not in pkg.flags
+    for pkg in bm.packages:  # the default one and the symmetric one (its twin's gate read too)
+        assert pkg.source == str(smollm2_float.HF) and "--no-verify" not in pkg.flags
+    assert {p.key for p in bm.packages} == {"package", "package-sym"}
+    assert "--symmetric" in next(p for p in bm.packages if p.key == "package-sym").flags
     assert (bm.reference, bm.quality) == (smollm2_float.REFERENCE, smollm2_float.QUALITY)
     assert bm.rows["portable_infer"].extra == () and bm.rows["portable_infer-exact"].extra == ("--accuracy", "1")
 
@@ -327,6 +329,8 @@ def test_a_runtime_row_is_paired_with_the_row_of_ours_it_names():
 
     bm = compare_cpu.MODELS["llama1b"]
     assert bm.base_of("ortgenai-int4-b128") == "portable_infer-b128-int8act"
+    for m in ("llama1b", "smollm2-float"):  # GenAI's symmetric int4 against ours at symmetric int4
+        assert compare_cpu.MODELS[m].base_of("ortgenai-int4-vs-sym") == "portable_infer-sym-int8act"
     assert compare_cpu.MODELS["smollm2"].base_of("ortgenai-int4") == "portable_infer"
     names = ["portable_infer-int8act", "ortgenai-int4", "portable_infer-b128-int8act", "ortgenai-int4-b128"]
     speed = {"portable_infer-int8act": 50.0, "ortgenai-int4": 50.0, "portable_infer-b128-int8act": 60.0,
