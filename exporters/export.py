@@ -95,8 +95,10 @@ def export(source=None, out: str | os.PathLike = "model_package", *, precision: 
             builder's ``int4_is_symmetric``; llama.cpp's Q4_0 form): on AVX2 CPUs a decode step
             11-15 % faster (ONNX Runtime's symmetric int8-activation kernel), as fast elsewhere, and
             less exact (SmolLM2's float stand-in: 396 of 636 positions against 431;
-            docs/benchmarks.md "Session 29"): a precision choice, recorded in the manifest. Refused
-            where nothing is quantized to int4 here (as ``block``).
+            docs/benchmarks.md "Sessions 29-30"): a precision choice, recorded in the manifest. The
+            speed is its int8-activation graphs', which run by default only where verification
+            passes them against their exact twin (variants.passes_gate; else ``accuracy_level=4``).
+            Refused where nothing is quantized to int4 here (as ``block``).
 
     Returns:
         The package directory.
