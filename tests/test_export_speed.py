@@ -124,9 +124,9 @@ def _count_export(tiny_llama, out, variants, monkeypatch):
         reads[name] += 1
         return real_get(self, name)
 
-    def counting_quantize(w, bits, block=32):
+    def counting_quantize(w, bits, block=32, **kwargs):
         quantized[(w.shape, bits)] += 1
-        return real_quantize(w, bits, block)
+        return real_quantize(w, bits, block, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(hf_source.HFSource, "get", get)

@@ -84,7 +84,7 @@ def test_json_object_parses(client):
     rng = np.random.default_rng(SEED + 1)
     print(TAG)
     stopped = 0
-    for q in questions(rng, 6):
+    for q in questions(rng, 12):
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
                                            response_format={"type": "json_object"}, temperature=0.7,
                                            seed=int(rng.integers(1 << 30)), max_tokens=200,
@@ -95,7 +95,9 @@ def test_json_object_parses(client):
             stopped += 1
         else:
             assert text.startswith("{"), f"{TAG} {text!r}"
-    assert stopped >= 3, TAG
+    # ~80 % of replies stop within max_tokens on this model; 12 questions make a run with fewer than
+    # 4 a failure of the grammar (p ~ 6e-5 by chance; 6 questions and 3 failed ~2 % of seeds)
+    assert stopped >= 4, f"{TAG} stopped {stopped} of 12"
 
 
 def test_logit_bias_forces_a_token(client):
