@@ -161,11 +161,11 @@ def cmd_export(ns) -> int:
 
         raise DependencyError('the exporter is not installed: pip install "portable-infer[lean]" (add '
                               '[export] for the check against transformers and the torch.onnx fallback)') from exc
-    out = export(ns.source, ns.output, precision=ns.precision, max_context=ns.max_context,
-                 verify=not ns.no_verify, overwrite=ns.force, progress=True, route=ns.route,
+    same = {k: getattr(ns, k) for k in ("precision", "max_context", "route", "activations", "revision", "block",
+                                        "symmetric")}
+    out = export(ns.source, ns.output, verify=not ns.no_verify, overwrite=ns.force, progress=True,
                  variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()) if ns.variants else None,
-                 nbits_accuracy=ns.accuracy, activations=ns.activations, revision=ns.revision, block=ns.block,
-                 symmetric=ns.symmetric)
+                 nbits_accuracy=ns.accuracy, **same)
     print(out)
     return 0
 
@@ -352,20 +352,16 @@ def _package_parsers(sub) -> None:
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
     e.add_argument("--max-context", type=int, default=None)
-    e.add_argument("--variants", default=None,
-                   help="graphs to write: portable, fused, static (fixed KV buffers written in place; "
-                        "CUDA graphs), fused-int8 and static-int8 (int8 activations, faster on CPU, less "
-                        "exact); default: all that apply")
-    e.add_argument("--activations", choices=("fp32", "fp16"), default=None,
-                   help="activation/KV dtype of int4/int8 packages (fp16 for CUDA)")
-    e.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
-                   help="MatMulNBits accuracy of the fused layers: 1 float activations (default, "
-                        "exact), 4 int8 activations (faster on CPU, less exact)")
+    e.add_argument("--variants", default=None, help="graphs to write: portable, fused, static (KV buffers written in "
+                   "place; CUDA graphs), fused-int8 and static-int8 (int8 activations: faster on CPU, less exact); "
+                   "default: all that apply")
+    e.add_argument("--activations", choices=("fp32", "fp16"), help="activation/KV dtype of int4/int8 (fp16: CUDA)")
+    e.add_argument("--accuracy", type=int, choices=(1, 4), help="MatMulNBits accuracy of the fused layers: 1 float "
+                   "activations (default, exact), 4 int8 activations (faster on CPU, less exact)")
     e.add_argument("--block", type=int, default=None, help="int4/int8 blocks of a float source: 32 (default), "
                    "64, 128 (fewer bytes a weight: faster where memory-bound, less exact)")
-    e.add_argument("--symmetric", action="store_true", help="int4 of a float source without zero points "
-                   "(GenAI's int4_is_symmetric): less exact; its int8-activation graph faster on AVX2 CPUs (run by "
-                   "default only where verification passes it, else with --accuracy 4: `inspect` says)")
+    e.add_argument("--symmetric", action="store_true", help="int4 of a float source without zero points (GenAI's "
+                   "int4_is_symmetric): less exact; its int8-activation graph faster on AVX2 (inspect: by default?)")
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("--route", choices=("auto", "direct", "fallback"), default="auto",
