@@ -268,7 +268,7 @@ def _save(tmp: Path, spec: VariantSpec, g: GraphBuilder, dims) -> mf.GraphVarian
     block = w.block if w.layer_bits and w.block != DEFAULT_BLOCK else None
     return _variant(spec.name, spec.file, w.precision, model, dims, spec.providers,
                     logits=spec.manifest_logits, attention=spec.manifest_attention, growth=spec.kv,
-                    weight_block=block, weight_symmetric=w.symmetric and w.layer_bits == 4)
+                    weight_block=block, weight_symmetric=w.symmetric)
 
 
 def _variant(name: str, file: str, precision: str, model: onnx.ModelProto, dims, providers,

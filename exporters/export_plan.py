@@ -131,11 +131,9 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
             raise InvalidArgumentError(f"the fallback route writes the portable variant only, got {variants!r}",
                                        param="variants")
     if block not in (None, DEFAULT_BLOCK):
-        _check_quantized_here(src, precision, route, f"block={block}", "sets the blocks of int4/int8 weights",
-                              ("int4", "int8"), "--block")
+        _check_quantized_here(src, precision, route, "block", block, ("int4", "int8"))
     if symmetric:
-        _check_quantized_here(src, precision, route, "symmetric=True", "drops the zero points of int4 weights",
-                              ("int4",), "--symmetric")
+        _check_quantized_here(src, precision, route, "symmetric", symmetric, ("int4",))
     block = block or DEFAULT_BLOCK
     nbits_accuracy, head_accuracy = nbits_accuracy or DEFAULT_NBITS_ACCURACY, head_accuracy or DEFAULT_HEAD_ACCURACY
     specs = tuple(variant_spec(v, layout, precision=precision, activations=activations or "fp32",
@@ -147,16 +145,16 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
                       max_context=max_context, generation=generation_defaults(src), specs=specs)
 
 
-def _check_quantized_here(src, precision: str, route: str, option: str, what: str, precisions: tuple,
-                          flag: str) -> None:
-    """An option of the weights our graph builder quantizes from a float source (``--block``,
-    ``--symmetric``): refused where the export quantizes none at ``precisions`` (fp32/fp16, the
-    fallback route) or keeps the source's own blocks (GGUF, AWQ, GPTQ)."""
-    param = flag.lstrip("-")
+def _check_quantized_here(src, precision: str, route: str, param: str, value, precisions: tuple) -> None:
+    """``param`` (``block``, ``symmetric``) shapes the ``precisions`` weights our graph builder
+    quantizes from a float source: refused where the export quantizes none of them (another
+    precision, the fallback route) or keeps the source's own blocks (GGUF, AWQ, GPTQ)."""
+    option, flag = f"{param}={value!r}", f"--{param}"
     if precision not in precisions or route != "direct":
         raise InvalidArgumentError(
-            f"{option} {what} our graph builder quantizes; this export is {precision} by the {route} route: "
-            f"use --precision {' or '.join(precisions)}, or leave {flag} out", param=param)
+            f"{option} applies to the {'/'.join(precisions)} weights our graph builder quantizes; this export is "
+            f"{precision} by the {route} route: use --precision {' or '.join(precisions)}, or leave {flag} out",
+            param=param)
     if src.kind == "gguf" or src.default_precision != "fp32":
         raise InvalidArgumentError(
             f"{option}: {src.path} is a {'GGUF file' if src.kind == 'gguf' else 'pre-quantized checkpoint'}, "

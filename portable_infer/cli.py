@@ -161,11 +161,11 @@ def cmd_export(ns) -> int:
 
         raise DependencyError('the exporter is not installed: pip install "portable-infer[lean]" (add '
                               '[export] for the check against transformers and the torch.onnx fallback)') from exc
-    same = {k: getattr(ns, k) for k in ("precision", "max_context", "route", "activations", "revision", "block",
-                                        "symmetric")}
+    options = {k: getattr(ns, k) for k in ("precision", "max_context", "route", "activations", "revision", "block",
+                                           "symmetric")}
     out = export(ns.source, ns.output, verify=not ns.no_verify, overwrite=ns.force, progress=True,
                  variants=tuple(v.strip() for v in ns.variants.split(",") if v.strip()) if ns.variants else None,
-                 nbits_accuracy=ns.accuracy, **same)
+                 nbits_accuracy=ns.accuracy, **options)
     print(out)
     return 0
 
