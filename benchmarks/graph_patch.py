@@ -299,6 +299,30 @@ def copy_node(node, name, inputs, outputs):
     return out
 
 
+def no_offsets(model) -> None:
+    """Timing only (values change): each 4-bit linear's Q4_1 offset term, ``Add(MatMulNBits(x),
+    MatMul(ReduceSum(Reshape(x)), offset))``, dropped; what an exact form of the offsets could save
+    at most."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    drop, rename = set(), {}
+    for add in (n for n in g.node if n.op_type == "Add" and len(n.input) == 2):
+        pair = {getattr(producer.get(i), "op_type", None): producer.get(i) for i in add.input}
+        if set(pair) != {"MatMulNBits", "MatMul"}:
+            continue
+        total = producer.get(pair["MatMul"].input[0])
+        if total is None or total.op_type != "ReduceSum":
+            continue
+        view = producer.get(total.input[0])
+        drop |= {add.name, pair["MatMul"].name, total.name} | ({view.name} if view.op_type == "Reshape" else set())
+        rename[add.output[0]] = pair["MatMulNBits"].output[0]
+    keep = [n for n in g.node if n.name not in drop]
+    for n in keep:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    del g.node[:]
+    g.node.extend(keep)
+
+
 PATCHES = {
     "acc1": (accuracy(1), "every MatMulNBits at accuracy level 1 (float activations)"),
     "acc4": (accuracy(4), "every MatMulNBits at accuracy level 4 (int8 activations)"),
@@ -313,6 +337,7 @@ PATCHES = {
     "split-gate-up": (split_gate_up, "the packed gate/up MatMulNBits + Split as two MatMulNBits (exact)"),
     "gbq-rows": (gbq_rows, "the 8-bit table's row gathers as GatherBlockQuantized (exact; ORT >= 1.23)"),
     "block16": (block16, "decoder-layer 4-bit MatMulNBits at block 16: same weights, int8 activations in blocks of 16"),
+    "no-offsets": (no_offsets, "timing only: the Q4_1 offset terms (Reshape, ReduceSum, MatMul, Add) dropped"),
     "head-lean": (head_lean, "the refined head: TopK unsorted, next_token the best refined candidate (no full ArgMax)"),
 }
 
