@@ -22,7 +22,8 @@ import onnx
 
 from portable_infer._version import __version__
 from portable_infer.package import manifest as mf
-from portable_infer.package.variants import FUSED, PORTABLE, Q4_VARIANTS
+from portable_infer.package.variants import (FUSED, MIN_AGREEMENT, PORTABLE, Q4_VARIANTS, exact_twin, gate_text, is_int8_name,
+                                             recorded_past_gate)
 from portable_infer.package.verification import VariantReport, WeightFit
 from portable_infer.errors import ExportError
 
@@ -33,7 +34,7 @@ from .int4_fit import FitCache
 from .lowering.spec import VARIANT_FORMS
 from .lowering.variant_spec import VariantSpec
 from .shared_weights import Handoff, SharedWeights
-from .sources import open_source, source_sha256, tokenizer_assets
+from .sources import open_source, quantized_as, source_sha256, tokenizer_assets
 from .weights import WeightStore
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _write_package(plan: ExportPlan, src, out: Path, source_digest: Future, *, v
             from .lean_verify import verify_export
 
             report = verify_export(tmp, manifest, src)
-            manifest = _drop_failed_int8(tmp, manifest, report)
+            manifest = _drop_failed_int8(tmp, manifest, report, quantized_as(src))
         manifest = _record_fit(manifest, fitted, next((s.head for s in plan.specs if s.weights.int4_fit), None))
         manifest = _replace(manifest, files=mf.file_entries(tmp, digests))
         manifest.save(tmp)
@@ -220,13 +221,23 @@ def _record_fit(manifest: mf.Manifest, fit: dict | None, lm_head: str | None) ->
     return _replace(manifest, verification=report)
 
 
-def _drop_failed_int8(tmp: Path, manifest: mf.Manifest, report: dict) -> mf.Manifest:
-    """Leave out the int8-activation twins that missed the quality gate (their exact twins stay)."""
+def _drop_failed_int8(tmp: Path, manifest: mf.Manifest, report: dict, quantized: str | None) -> mf.Manifest:
+    """Leave out the int8-activation twins below their floor (their exact twins stay), and say which
+    of those kept load() will not choose by default: a warning for a float source, whose rounding
+    was chosen here (``--symmetric``, ``--block``); for a pre-quantized one, whose exact graphs are
+    its reference (``quantized``: sources.quantized_as), that is the usual case
+    (variants.GATE_AGREEMENT) and only logged."""
     dropped = [name for name, r in report.items() if r.dropped]
     for name in dropped:
         logger.warning("%s left out of the package: %s", name, report[name].dropped)
         (tmp / manifest.variant(name).file).unlink()
     kept = tuple(v for v in manifest.variants if v.name not in dropped)
+    level = logging.INFO if quantized in MIN_AGREEMENT else logging.WARNING
+    for v in kept:
+        if is_int8_name(v.name) and not recorded_past_gate(report, v.name):
+            logger.log(level, "%s is below the quality gate (%s): load() runs %s unless asked for "
+                           "accuracy_level=4 (portable-infer inspect shows both records)",
+                           v.name, gate_text(), exact_twin(v.name))
     return _replace(manifest, variants=kept, verification=report)
 
 

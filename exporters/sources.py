@@ -49,6 +49,14 @@ def open_source(source: str | Path | None, revision: str | None = None):
     raise SourceError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
 
 
+def quantized_as(src) -> str | None:
+    """How ``src`` was quantized before it came here ("gguf", "awq", "gptq"), or None for a float
+    checkpoint: the key of ``variants.MIN_AGREEMENT``, the bar its exact graphs meet."""
+    if src.kind == "hf":
+        return src.quantization.method if src.quantization else None
+    return src.kind
+
+
 def source_sha256(src) -> str:
     """sha256 of the GGUF file, or of the config + weight files of an HF folder (sorted)."""
     if src.kind == "gguf":

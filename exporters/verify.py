@@ -35,6 +35,7 @@ from portable_infer.package.verification import GreedyPrefix, LogitDiff, Quality
 from portable_infer.errors import SourceError, VerificationError, require
 
 from .references import TEXT_TOKENS, quality_texts
+from .sources import quantized_as
 from .graph_runs import OnnxDecoder, PagedDecoder, StaticDecoder, decoder  # noqa: F401 - verify.decoder & co.
 from .weights import PRECISION_BITS, WeightForm
 
@@ -313,7 +314,7 @@ def _gate(v: mf.GraphVariant, r: VariantReport, src, twin: VariantReport | None 
         logger.info("verify %s (int8 activations): top-1 agreement %s, perplexity %+.2f %%", v.name,
                     q.agree_steps, 100 * q.perplexity_delta)
         return below_floor(v.name, r, q, twin, "")
-    floor = variants.MIN_AGREEMENT.get(src.quantization.method if src.kind == "hf" and src.quantization else src.kind)
+    floor = variants.MIN_AGREEMENT.get(quantized_as(src))
     if floor and q is not None and q.top1_agreement < floor:
         raise VerificationError(
             f"{v.name} graph agrees with the reference on {q.agree_steps} "
