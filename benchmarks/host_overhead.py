@@ -100,8 +100,8 @@ class NullEngine:
     def new_cache(self, batch, capacity=None):
         return NullCache(self.variant.kv, batch, capacity or self.max_context)
 
-    def buffer(self, batch, capacity):  # the slot batch's (serving/slot_batch.py)
-        return NullCache(self.variant.kv, batch, capacity, np.ones(batch, np.int64))
+    def buffer(self, batch, capacity, most=None):  # the slot batch's (serving/slot_batch.py; StaticEngine.buffer)
+        return NullCache(self.variant.kv, batch, capacity if most is None else min(capacity, most), np.ones(batch, np.int64))
 
     def view(self, cache, start, count, decode=False):
         return NullCache(self.variant.kv, count, cache.capacity, start=cache.start + start, owner=cache.owner or cache)
