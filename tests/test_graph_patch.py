@@ -103,3 +103,40 @@ def test_layers_at_block_64_round_the_same_weights(int4_package, tmp_path):
         assert np.all(np.abs(w1 - w0) <= np.repeat(step, 64, axis=1)[:, :w0.shape[1]] / 2 + 1e-6), new.name
     ref, got = _decode(_engine(int4_package, "static"), prompt, 3, False), _decode(_engine(tmp_path / "b64", "static"), prompt, 3, False)
     assert all(np.isfinite(g).all() and g.shape == r.shape for g, r in zip(got, ref))
+
+
+def test_no_offsets_drops_each_q4_1_offset_term(tmp_path):
+    """no-offsets (timing only): a Q4_1 package's exact graph loses exactly its offset terms,
+    Add(MatMulNBits(x), MatMul(ReduceSum(Reshape(x)), offset)), four nodes per 4-bit linear; every
+    MatMulNBits output feeds what the Add fed; the graph still runs, and its logits move (the
+    offsets were real)."""
+    import onnx
+
+    from exporters.export import export
+    from test_int4_form import GGUF_SEED, write_tiny_gguf
+
+    gguf = tmp_path / "tiny-Q4_1.gguf"
+    write_tiny_gguf(gguf, "Q4_1", GGUF_SEED["Q4_1"])
+    pkg = export(gguf, tmp_path / "pkg", variants=("static",), verify=False)
+    before = onnx.load(str(pkg / "model.static.onnx"), load_external_data=False)
+    out = graph_patch.patch_package(pkg, "static", tmp_path / "patched", ["no-offsets"])
+    after = onnx.load(str(out), load_external_data=False)
+
+    def count(model, op):
+        return sum(n.op_type == op for n in model.graph.node)
+
+    linears = sum(n.op_type == "MatMulNBits" and "embed" not in n.input[1] for n in before.graph.node)
+    assert linears > 0
+    for op in ("ReduceSum", "MatMul", "Add"):
+        assert count(before, op) - count(after, op) == linears, op
+    assert count(before, "MatMulNBits") == count(after, "MatMulNBits")
+    produced = {o for n in after.graph.node for o in n.output} | {i.name for i in after.graph.input} \
+        | {t.name for t in after.graph.initializer} | {""}
+    assert all(i in produced for n in after.graph.node for i in n.input)  # nothing left dangling
+
+    rng = np.random.default_rng(SEED)
+    prompt = rng.integers(0, 256, (1, 7)).astype(np.int64)
+    print("seed", SEED, "prompt", prompt.tolist())
+    exact, dropped = (_decode(_engine(folder, "static"), prompt, 2, greedy=False) for folder in (pkg, out.parent))
+    assert all(np.isfinite(d).all() for d in dropped)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(exact, dropped)) > 1e-3
