@@ -305,6 +305,10 @@ def no_offsets(model) -> None:
     at most."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
+    uses = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
     drop, rename = set(), {}
     for add in (n for n in g.node if n.op_type == "Add" and len(n.input) == 2):
         pair = {getattr(producer.get(i), "op_type", None): producer.get(i) for i in add.input}
@@ -314,7 +318,8 @@ def no_offsets(model) -> None:
         if total is None or total.op_type != "ReduceSum":
             continue
         view = producer.get(total.input[0])
-        drop |= {add.name, pair["MatMul"].name, total.name} | ({view.name} if view.op_type == "Reshape" else set())
+        alone = view is not None and view.op_type == "Reshape" and uses[view.output[0]] == 1  # x's block view, only here
+        drop |= {add.name, pair["MatMul"].name, total.name} | ({view.name} if alone else set())
         rename[add.output[0]] = pair["MatMulNBits"].output[0]
     keep = [n for n in g.node if n.name not in drop]
     for n in keep:
