@@ -22,7 +22,7 @@ import onnx
 
 from portable_infer._version import __version__
 from portable_infer.package import manifest as mf
-from portable_infer.package.variants import (FUSED, MIN_AGREEMENT, PORTABLE, Q4_VARIANTS, exact_twin, gate_text, is_int8_name,
+from portable_infer.package.variants import (FUSED, PORTABLE, Q4_VARIANTS, exact_twin, gate_text, is_int8_name,
                                              recorded_past_gate)
 from portable_infer.package.verification import VariantReport, WeightFit
 from portable_infer.errors import ExportError
@@ -225,14 +225,14 @@ def _drop_failed_int8(tmp: Path, manifest: mf.Manifest, report: dict, quantized:
     """Leave out the int8-activation twins below their floor (their exact twins stay), and say which
     of those kept load() will not choose by default: a warning for a float source, whose rounding
     was chosen here (``--symmetric``, ``--block``); for a pre-quantized one, whose exact graphs are
-    its reference (``quantized``: sources.quantized_as), that is the usual case
+    its reference (``quantized``: sources.quantized_as, None for a float one), that is the usual case
     (variants.GATE_AGREEMENT) and only logged."""
     dropped = [name for name, r in report.items() if r.dropped]
     for name in dropped:
         logger.warning("%s left out of the package: %s", name, report[name].dropped)
         (tmp / manifest.variant(name).file).unlink()
     kept = tuple(v for v in manifest.variants if v.name not in dropped)
-    level = logging.INFO if quantized in MIN_AGREEMENT else logging.WARNING
+    level = logging.WARNING if quantized is None else logging.INFO
     for v in kept:
         if is_int8_name(v.name) and not recorded_past_gate(report, v.name):
             logger.log(level, "%s is below the quality gate (%s): load() runs %s unless asked for "

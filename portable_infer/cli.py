@@ -361,7 +361,7 @@ def _package_parsers(sub) -> None:
     e.add_argument("--block", type=int, default=None, help="int4/int8 blocks of a float source: 32 (default), "
                    "64, 128 (fewer bytes a weight: faster where memory-bound, less exact)")
     e.add_argument("--symmetric", action="store_true", help="int4 of a float source without zero points (GenAI's "
-                   "int4_is_symmetric): less exact; its int8-activation graph faster on AVX2 (inspect: by default?)")
+                   "int4_is_symmetric): less exact; its int8-activation graph faster on AVX2 (export warns if below the gate)")
     e.add_argument("--no-verify", action="store_true")
     e.add_argument("--force", action="store_true", help="replace an existing package")
     e.add_argument("--route", choices=("auto", "direct", "fallback"), default="auto",
