@@ -1,7 +1,7 @@
 """The engine alone on CUDA: one decode step's time at each batch size, and one grouped prefill's.
 
     PYTHONPATH=/root/site:$PWD python3 benchmarks/gpu_batch_steps.py PACKAGE [--batches 1 64 256]
-        [--prompt 128] [--capacity 384] [--group 16] [--mix N]
+        [--prompt 128] [--capacity 384] [--group 16] [--mix N] [--probe FILE]
 
 Static KV + CUDA graphs (the server's path on CUDA, its slot batch: one buffer of the batch's rows,
 prefills written into views of it): each batch's rows prefilled with ``--prompt``
@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +38,13 @@ def main() -> None:
     ap.add_argument("--mix", type=int, default=0, metavar="N",
                     help="rows hold --prompt to --prompt + N tokens of context, spread evenly (a serving level "
                          "of N new tokens: ~--prompt + N/2 on average); 0: every row --prompt")
+    ap.add_argument("--probe", default=None, metavar="FILE",
+                    help="time each decode step in parts (step_probe.py), summaries written to FILE")
     args = ap.parse_args()
+    if args.probe:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import step_probe
+        step_probe.install(args.probe)
     m = portable_infer.load(args.package, args.provider, strict=True, static_kv=True, check="size")
     e = m.engine
     rng = np.random.default_rng(0)

@@ -27,6 +27,8 @@ batch restacked at each join and leave as before the slot batch; ``paged`` / ``e
 ``+guF``: with it, ``--gpu-memory-utilization F``; ``+mml``: ``--max-model-len`` of ``--prompt + --new``, which bounds
 the slots under an automatic budget); ``+siMS``: an experiment, every
 Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
+``+probe``: the engine process's decode steps timed in parts (``step_probe.py``: written to
+``$OUT/probe-CONFIG.json``);
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
 budget above; then each level: N streaming completions at once (``--prompt`` random token ids,
 ``--new`` tokens, greedy or ``--temperature``/``--top-p`` with request i seeded i, ignore_eos), read by client processes (a Python client parsing every
@@ -257,10 +259,17 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
         cmd += ["--max-model-len", str(prompt + new)]
     env = dict(os.environ)
     env.update(x.split("=", 1) for x in extras if "=" in x)  # +NAME=VALUE: the server's environment
+    site_lines = []
     if switch:  # an experiment: every Python process of the server switches threads every SWITCH ms
-        site = Path(f"/tmp/switch-{switch}")
+        site_lines += ["import sys", f"sys.setswitchinterval({float(switch) / 1e3})"]
+    if "probe" in extras:  # where the engine process's decode steps spend their time (step_probe.py)
+        name = "".join(c if c.isalnum() or c in "-." else "_" for c in config)
+        env["PORTABLE_INFER_PROBE"] = str(PROBE_DIR / f"probe-{name}.json")
+        site_lines += ["import sys", f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})", "import step_probe"]
+    if site_lines:
+        site = Path(f"/tmp/site-{abs(hash(config))}")
         site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(f"import sys\nsys.setswitchinterval({float(switch) / 1e3})\n")
+        (site / "sitecustomize.py").write_text("\n".join(site_lines) + "\n")
         env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
     log = open(f"/tmp/serve-{config.replace(', ', '-')}.log", "w")
     srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -331,6 +340,9 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             srv.wait(60)
         except subprocess.TimeoutExpired:
             srv.kill()
+
+
+PROBE_DIR = Path("/tmp")  # where +probe's summaries go (main: --out)
 
 
 # --- paired rounds (--paired) ---------------------------------------------------------------------
@@ -457,6 +469,8 @@ def main() -> None:
         say(f"GenAI builder: {r}")
     vocab = shape["vocab_size"]
     args.out.mkdir(parents=True, exist_ok=True)
+    global PROBE_DIR
+    PROBE_DIR = args.out
     if "paged-steps" in args.parts:  # the paged engine's decode steps, plain against CUDA graphs
         cmd = [sys.executable, str(Path(__file__).with_name("gpu_paged_steps.py")), str(ours), "--graphs", "--block",
                "128", "--batches", "1", "50", *map(str, args.levels), "--prompt", str(args.prompt), "--mix", str(args.new)]
