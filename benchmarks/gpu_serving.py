@@ -26,7 +26,8 @@ batch restacked at each join and leave as before the slot batch; ``paged`` / ``e
 ``--kv-budget-tokens``, the server sizes its KV budget from the GPU's memory, and nvidia-smi's figures are printed;
 ``+guF``: with it, ``--gpu-memory-utilization F``; ``+mml``: ``--max-model-len`` of ``--prompt + --new``, which bounds
 the slots under an automatic budget); ``+siMS``: an experiment, every
-Python process of the server switching threads every MS ms, ``sys.setswitchinterval``, instead of 5;
+Python process of the server switching threads every MS ms, ``sys.setswitchinterval`` (the engine process's own
+choice, ``engine_core.switch_interval``, overridden: ``+si5`` is Python's default everywhere);
 ``+probe``: the engine process's decode steps timed in parts (``step_probe.py``: written to
 ``$OUT/probe-CONFIG.json``);
 ``+NAME=VALUE``: the server run with that environment variable, e.g. ``engine+ORT_ENABLE_XQA=0``), ``--max-batch`` the largest level, the KV
@@ -260,8 +261,11 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
     env = dict(os.environ)
     env.update(x.split("=", 1) for x in extras if "=" in x)  # +NAME=VALUE: the server's environment
     site_lines = []
-    if switch:  # an experiment: every Python process of the server switches threads every SWITCH ms
-        site_lines += ["import sys", f"sys.setswitchinterval({float(switch) / 1e3})"]
+    if switch:  # an experiment: every Python process of the server switches threads every SWITCH ms (the
+        # engine process too: its own choice, engine_core.switch_interval, answers SWITCH)
+        site_lines += ["import sys", f"sys.setswitchinterval({float(switch) / 1e3})",
+                       "import portable_infer.serving.engine_core as _ec",
+                       f"_ec.switch_interval = lambda device: {float(switch) / 1e3}"]
     if "probe" in extras:  # where the engine process's decode steps spend their time (step_probe.py)
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in config)
         env["PORTABLE_INFER_PROBE"] = str(PROBE_DIR / f"probe-{name}.json")

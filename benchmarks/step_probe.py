@@ -84,27 +84,26 @@ def install(path: str) -> None:
     def probed_step(self, ids, rows, cache, want, meanwhile=None):
         if ids.shape[0] < MIN_ROWS or ids.shape[1] != 1:
             return step(self, ids, rows, cache, want, meanwhile)
-        sess = self.session
+        sess = self.session  # the tuner's engines share it: its marks live on it
         if not getattr(sess, "_probed", False):
             run = sess.run_with_iobinding
-            times = self._probe_times = [0.0, 0.0]
+            marks = sess._probe_marks = [0.0, 0.0, 0.0]  # the run's start, end, and the thread's CPU at its start
 
             def timed_run(*a, **kw):
-                self._probe_cpu_prep = time.thread_time()
-                times[0] = _last_run[0] = time.perf_counter()
+                marks[2] = time.thread_time()
+                marks[0] = _last_run[0] = time.perf_counter()
                 try:
                     return run(*a, **kw)
                 finally:
-                    times[1] = _last_run[1] = time.perf_counter()
+                    marks[1] = _last_run[1] = time.perf_counter()
             sess.run_with_iobinding = timed_run
             sess._probed = True
         t0, c0 = time.perf_counter(), time.thread_time()
-        self._probe_cpu = c0
         out = step(self, ids, rows, cache, want, meanwhile)
         t1 = time.perf_counter()
-        s, e = self._probe_times
+        s, e, c = sess._probe_marks
         _add("step_prep", s - t0)
-        _add("step_prep_cpu", self._probe_cpu_prep - c0)
+        _add("step_prep_cpu", c - c0)
         _add("step_run", e - s)
         _add("step_post", t1 - e)
         _steps[0] += 1

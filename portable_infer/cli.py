@@ -245,6 +245,8 @@ def cmd_serve(ns) -> int:
     slots = slot_rows(scheduler.model.engine, scheduler.config)
     print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note, slots),
           file=sys.stderr)
+    if ns.engine_process:
+        print(f"engine process: threads switch every {1e3 * scheduler.switch_interval_s:g} ms", file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
 

@@ -197,3 +197,14 @@ def test_each_observer_sees_each_event_once_and_a_failing_one_stops_nothing(pack
             assert time.monotonic() < deadline, (a.__dict__, b.__dict__)
             time.sleep(0.01)
     assert (a.firsts, b.firsts) == (3, 3)
+
+
+def test_the_engine_process_switches_threads_often_only_on_a_device(remote):
+    """On a device the step loop must not wait for the GIL behind its own helper threads (engine_core's
+    measurement): the engine process shortens the switch interval there; a CPU engine keeps Python's."""
+    from portable_infer.serving import engine_core
+
+    assert engine_core.switch_interval("cuda") == engine_core.DEVICE_SWITCH_INTERVAL_S < 0.001
+    assert engine_core.switch_interval("cpu") is None
+    import sys
+    assert remote.switch_interval_s == sys.getswitchinterval()  # this CPU engine's process: untouched (5 ms here too)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import sys
 import threading
 
 from portable_infer.errors import PortableInferError
@@ -44,6 +45,23 @@ def failed_stats(rid: str, prompt_tokens: int) -> RequestStats:
 
 
 # --- the engine process --------------------------------------------------------------------------
+# How often the engine process's threads hand the GIL over where its engine runs on a device
+# (``sys.setswitchinterval``; Python's default is 5 ms). There the step loop's thread starts each
+# decode forward while the picks worker, the emitter and the outbox's sender take the last step's
+# tokens through their rules and send them; at 5 ms the loop waited behind them for the GIL before
+# each run and the picks did not overlap the device. H100, Llama-3.1-8B shape fp16, 256 streams
+# (benchmarks/step_probe.py): the host part before the run 2.7 ms, 0.35 of it CPU; the forward 15.2
+# ms a step against the engine alone's 12.8; at 1 ms 14.3; at 0.2 ms 13.0 (+9-15 % tokens/s;
+# docs/benchmarks.md, Session 32). The process is ours, so is the setting; a CPU engine's process
+# keeps the default (its forwards are the cores' work, not the threads' waits).
+DEVICE_SWITCH_INTERVAL_S = 0.0002
+
+
+def switch_interval(device: str) -> float | None:
+    """The GIL switch interval the engine process runs with on ``device`` (None: Python's own)."""
+    return None if device == "cpu" else DEVICE_SWITCH_INTERVAL_S
+
+
 class Outbox:
     """What the engine process sends: replies at once, pieces and ends in batches (its
     :class:`DrainThread` sends whatever piled up while it sent the last batch: about one message
@@ -109,12 +127,15 @@ def engine_main(conn, path, load_kwargs: dict, config: SchedulerConfig) -> None:
         return
     gc.freeze()  # what loading made lives as long as the process: later collections skip it (as vLLM does)
     e = model.engine
+    interval = switch_interval(e.device)
+    if interval is not None:
+        sys.setswitchinterval(interval)
     outbox = Outbox(conn)
     outbox.send(("ready", {"path": str(model.path), "provider": e.provider, "variant": e.variant.name,
                            "device": e.device, "greedy_on_device": e.greedy_on_device,
                            "masks_on_device": e.masks_on_device, "max_context": e.max_context,
                            "max_kv_tokens": model.max_kv_tokens, "kv_budget_tokens": sched.config.kv_budget_tokens,
-                           "budget_note": sched.budget_note}))
+                           "budget_note": sched.budget_note, "switch_interval_s": sys.getswitchinterval()}))
     requests: dict = {}  # rid -> the scheduler's Request, while open
     try:
         while True:

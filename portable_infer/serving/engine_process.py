@@ -107,6 +107,7 @@ class ProcessScheduler:
         self.max_context = self.model.max_context
         self.config = config = settled_config(config, info)
         self.budget_note = info["budget_note"]
+        self.switch_interval_s = info["switch_interval_s"]  # the engine process's GIL switch interval (engine_core)
         self._pool = kv_pool(config, engine.variant.kv, engine.device)  # the budget's size, for the checks at submission
         self.row_limit = row_limit(engine, config, self._pool, self.max_context)  # and what a slot holds
         self._receiver = threading.Thread(target=self._receive, name="portable-infer-engine-pipe", daemon=True)
