@@ -54,6 +54,8 @@ def null_engine_main(conn, path, load_kwargs, config, *, step_s: float, seed: in
         self.engine = NullEngine(model.engine, model.codec.vocab_size, "cuda", seed, step_s)
 
     scheduler.Scheduler.__init__ = init
+    real_interval = engine_core.switch_interval
+    engine_core.switch_interval = lambda device: real_interval("cuda")  # the null engine stands for a device's
     if profile is None:
         engine_core.engine_main(conn, path, load_kwargs, config)
         return

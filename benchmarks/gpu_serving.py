@@ -244,8 +244,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
            "--port", str(port), "--max-batch", str(max_batch), "--max-waiting", str(4 * max(levels)),
            "--prefill-chunk", str(prefill_chunk), "--model-name", "m"] + ([] if auto else ["--kv-budget-tokens", str(budget)])
     switch = next((x[2:] for x in extras if x.startswith("si") and "=" not in x), "")
-    if base in ("engine", "engine-restack", "engine-paged"):
-        cmd.append("--engine-process")
+    cmd += ["--engine-process", "on" if base in ("engine", "engine-restack", "engine-paged") else "off"]
     if base.endswith("paged"):  # the paged variant: prefills ride in decode steps
         cmd.append("--paged-kv")
     share = next((x[2:] for x in extras if x.startswith("gu") and "=" not in x), "")

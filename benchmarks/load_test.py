@@ -21,7 +21,7 @@ request times out, the whole run stops starting levels after ``--time-limit``. S
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/load_test.py [--model PKG] [--clients 1 4 16 64] [--max-tokens 64] [--rounds 3]
-        [--threads 2] [--max-batch 16] [--engine-process] [--accuracy 1|4] [--servers portable_infer llamacpp] [--level-timeout S]
+        [--threads 2] [--max-batch 16] [--engine-process [auto|on|off]] [--accuracy 1|4] [--servers portable_infer llamacpp] [--level-timeout S]
         [--provider cpu|cuda]
 
 The llama.cpp server venv (reusing the llama-cpp-python 0.3.36 wheel built for the CPU
@@ -187,7 +187,7 @@ def portable_infer_server(args) -> ServerProcess:
             "--model-name", "default"] + (["--accuracy", str(args.accuracy)] if args.accuracy else [])
     if args.model:
         argv += ["--model", args.model]
-    argv += ["--provider", args.provider, "--strict"] + (["--engine-process"] if args.engine_process else [])
+    argv += ["--provider", args.provider, "--strict"] + ["--engine-process", args.engine_process]
     return ServerProcess("portable_infer", argv, port, "/ready", {"PORTABLE_INFER_PROVIDERS": args.provider})
 
 
@@ -336,7 +336,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--provider", default="cpu", help="portable_infer's (cuda on the GPU machine)")
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--engine-process", action="store_true", help="serve --engine-process (the model in its own process)")
+    p.add_argument("--engine-process", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
+                   help="serve --engine-process (the model in its own process; auto: on where the provider is a device's)")
     p.add_argument("--accuracy", type=int, choices=(1, 4), default=None,
                    help="portable_infer: default the loader's choice (int8 graphs where present); 1 exact, 4 int8")
     p.add_argument("--servers", nargs="+", choices=("portable_infer", "llamacpp"),

@@ -235,9 +235,10 @@ def cmd_serve(ns) -> int:
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
                               max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
                               max_body_bytes=ns.max_body_bytes, tool_parser=ns.tool_parser, **limits)
-    if ns.engine_process:
-        from portable_infer.serving.engine_process import ProcessScheduler
+    from portable_infer.serving.engine_process import ProcessScheduler, splits_by_default
 
+    split = ns.engine_process == "on" or (ns.engine_process == "auto" and splits_by_default(ns.provider))
+    if split:
         scheduler = ProcessScheduler(ns.model, _load_kwargs(ns), sched_cfg)
     else:
         scheduler = Scheduler(_load(ns), sched_cfg)
@@ -245,7 +246,7 @@ def cmd_serve(ns) -> int:
     slots = slot_rows(scheduler.model.engine, scheduler.config)
     print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note, slots),
           file=sys.stderr)
-    if ns.engine_process:
+    if split:
         print(f"engine process: threads switch every {1e3 * scheduler.switch_interval_s:g} ms", file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
@@ -322,9 +323,10 @@ def _serve_parser(sub) -> None:
                    help="the running batch as fixed slots of one KV buffer: rows join and leave without "
                         "moving the others, one CUDA graph per bucketed batch size (static-KV graphs; "
                         "auto: on GPUs)")
-    s.add_argument("--engine-process", action="store_true",
+    s.add_argument("--engine-process", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
                    help="run the model and its scheduler in a process of their own, so HTTP and SSE work "
-                        "does not share their Python thread's time (serving/engine_process.py)")
+                        "does not share their Python thread's time (serving/engine_process.py; auto: where "
+                        "the provider keeps tensors on a device, e.g. CUDA; bare flag: on)")
     s.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt tokens a request may have at most")
     s.add_argument("--max-new-tokens", type=int, default=None, help="max_tokens a request may ask for at most")
     s.add_argument("--max-model-len", type=int, default=None,

@@ -208,3 +208,19 @@ def test_the_engine_process_switches_threads_often_only_on_a_device(remote):
     assert engine_core.switch_interval("cpu") is None
     import sys
     assert remote.switch_interval_s == sys.getswitchinterval()  # this CPU engine's process: untouched (5 ms here too)
+
+
+def test_serve_splits_the_processes_by_default_only_where_tensors_live_on_a_device():
+    """``serve --engine-process auto`` (the default): the first provider the request would try that this
+    ONNX Runtime offers decides; a bare ``--engine-process`` is "on"."""
+    from portable_infer.cli import build_parser
+    from portable_infer.serving.engine_process import splits_by_default
+
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert splits_by_default("cuda", gpu) and splits_by_default("auto", gpu)
+    assert not splits_by_default("cpu", gpu)  # asked for the CPU on a GPU host
+    assert not splits_by_default("cuda,cpu", ["CPUExecutionProvider"])  # CUDA not offered: the CPU runs
+    assert not splits_by_default("auto", ["CPUExecutionProvider"])
+    assert not splits_by_default("auto")  # this machine's ONNX Runtime (CPU)
+    parse = lambda *a: build_parser().parse_args(["serve", *a]).engine_process  # noqa: E731
+    assert (parse(), parse("--engine-process"), parse("--engine-process", "off")) == ("auto", "on", "off")
