@@ -235,19 +235,15 @@ def cmd_serve(ns) -> int:
     server_cfg = ServerConfig(host=ns.host, port=ns.port, api_key=api_key, model_name=ns.model_name,
                               max_prompt_tokens=ns.max_prompt_tokens, max_new_tokens=ns.max_new_tokens,
                               max_body_bytes=ns.max_body_bytes, tool_parser=ns.tool_parser, **limits)
-    from portable_infer.serving.engine_process import ProcessScheduler, splits_by_default
+    from portable_infer.serving.engine_process import ProcessScheduler, splits
 
-    split = ns.engine_process == "on" or (ns.engine_process == "auto" and splits_by_default(ns.provider))
-    if split:
-        scheduler = ProcessScheduler(ns.model, _load_kwargs(ns), sched_cfg)
-    else:
-        scheduler = Scheduler(_load(ns), sched_cfg)
+    split = splits(ns.engine_process, ns.provider)
+    scheduler = ProcessScheduler(ns.model, _load_kwargs(ns), sched_cfg) if split else Scheduler(_load(ns), sched_cfg)
     gc.freeze()  # the model and the server live as long as the process: later collections skip them
     slots = slot_rows(scheduler.model.engine, scheduler.config)
-    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note, slots),
-          file=sys.stderr)
-    if split:
-        print(f"engine process: threads switch every {1e3 * scheduler.switch_interval_s:g} ms", file=sys.stderr)
+    where = f"\nengine process: threads switch every {1e3 * scheduler.switch_interval_s:g} ms" if split else ""
+    print(budget_line(scheduler.stats(), scheduler.max_context, scheduler.row_limit, scheduler.budget_note, slots)
+          + where, file=sys.stderr)
     serve(scheduler, server_cfg)
     return 0
 

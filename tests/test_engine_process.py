@@ -214,9 +214,11 @@ def test_serve_splits_the_processes_by_default_only_where_tensors_live_on_a_devi
     """``serve --engine-process auto`` (the default): the first provider the request would try that this
     ONNX Runtime offers decides; a bare ``--engine-process`` is "on"."""
     from portable_infer.cli import build_parser
-    from portable_infer.serving.engine_process import splits_by_default
+    from portable_infer.serving.engine_process import splits
 
     gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    splits_by_default = lambda providers, available=None: splits("auto", providers, available)  # noqa: E731
+    assert splits("on", "cpu") and not splits("off", "cuda", gpu)
     assert splits_by_default("cuda", gpu) and splits_by_default("auto", gpu)
     assert not splits_by_default("cpu", gpu)  # asked for the CPU on a GPU host
     assert not splits_by_default("cuda,cpu", ["CPUExecutionProvider"])  # CUDA not offered: the CPU runs

@@ -46,16 +46,18 @@ from portable_infer.text.tool_chat import submit_chat_with_tools, wants_tools
 logger = logging.getLogger(__name__)
 
 
-def splits_by_default(providers, available=None) -> bool:
-    """Whether ``serve`` runs the engine in a process of its own unless told (``--engine-process
-    auto``): where the first provider ``providers`` would try that this ONNX Runtime offers
-    (``available``: its names, default ``get_available_providers()``) keeps its tensors on a
+def splits(mode: str, providers, available=None) -> bool:
+    """Whether ``serve --engine-process MODE`` runs the engine in a process of its own: "on", "off",
+    or "auto" (the default): where the first provider ``providers`` would try that this ONNX Runtime
+    offers (``available``: its names, default ``get_available_providers()``) keeps its tensors on a
     device. There a step loop sharing the server's GIL is bound by Python (H200, 8B: 9,827
     against 7,752 tok/s at 256 streams, docs/benchmarks.md Session 13); on the CPU the forward's
     own threads use the cores and the split cost ~5 % (2 cores, 16 clients), so it stays in one process."""
     from portable_infer.engine.devices import device_of
     from portable_infer.engine.providers import default_ort, resolve
 
+    if mode != "auto":
+        return mode == "on"
     offered = set(default_ort().get_available_providers() if available is None else available)
     first = next((s for s in resolve(providers) if s.ort_name in offered), None)
     return first is not None and device_of(first.ort_name) != "cpu"
