@@ -60,10 +60,6 @@ class EngineSpy:
         self.before(ids, *args)
         return self.engine.forward(ids, *args, **kwargs)
 
-    def forward_on_device(self, ids, *args, **kwargs):
-        self.before(ids, *args)
-        return self.engine.forward_on_device(ids, *args, **kwargs)
-
 
 def SlowEngine(engine, delay_s: float) -> EngineSpy:  # noqa: N802 - reads as the engine it makes
     """An engine that sleeps ``delay_s`` per forward, so streams last long enough to interrupt."""

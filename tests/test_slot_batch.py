@@ -113,13 +113,9 @@ def test_cancelled_rows_free_their_slots(static, fused):
     assert out == ref, f"{TAG} a request in a reused slot differs from its single run"
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_overlapped_greedy_steps_stop_on_a_stop_id_with_nothing_extra(static, fused, monkeypatch, inline):
+def test_overlapped_greedy_steps_stop_on_a_stop_id_with_nothing_extra(static, fused):
     """Plain greedy batches start each forward before the host has looked at the last tokens: a
-    row that a stop id ends was fed one more token, which must not reach its reader. ``inline``:
-    the engine says its runs return before the device is done (``overlaps_host``, as on GPUs): the
-    picks are made on the step loop's thread between the run's launch and its wait, no worker."""
-    monkeypatch.setattr(static.engine, "overlaps_host", inline)
+    row that a stop id ends was fed one more token, which must not reach its reader."""
     rng = np.random.default_rng(SEED + 2)
     ps = [rng.integers(3, 256, n).tolist() for n in (5, 8, 11, 6)]
     refs = [fused.generate_ids(p, max_new_tokens=24, ignore_eos=True) for p in ps]
@@ -132,23 +128,17 @@ def test_overlapped_greedy_steps_stop_on_a_stop_id_with_nothing_extra(static, fu
         sched.batch._overlapped = lambda *a: steps.append(1) or real(*a)
         handles = [sched.submit(p, max_new_tokens=24, ignore_eos=True, stop_token_ids=[s]) for p, s in zip(ps, stops)]
         outs = [[r for r in h] for h in handles]
-        worker = sched.batch._worker
     assert steps, "no decode step overlapped"
-    assert (worker is None) == inline, f"picks worker {worker} with the engine's overlaps_host {inline}"
     for i, (pieces, w) in enumerate(zip(outs, want)):
         assert [r.token for r in pieces if r.token is not None] == w, f"{TAG} row {i}: tokens after its stop id"
         assert pieces[-1].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_a_failed_overlapped_forward_ends_every_open_request_and_the_next_one_runs(static, fused, monkeypatch,
-                                                                                   inline):
+def test_a_failed_overlapped_forward_ends_every_open_request_and_the_next_one_runs(static, fused):
     """Overlapped steps run their forward on the step loop's thread (the previous tokens' picks on
-    a worker, or inline where the engine ``overlaps_host``): a forward that fails there ends every
-    open request with that error, and the scheduler serves the next request as before."""
+    a worker): a forward that fails there ends every open request with that error, and the
+    scheduler serves the next request as before."""
     import threading
-
-    monkeypatch.setattr(static.engine, "overlaps_host", inline)
 
     from _serving import EngineSpy
 
@@ -309,8 +299,8 @@ def test_the_startup_line_says_what_the_kv_budget_holds(static):
     assert "; a request's prompt + max_tokens may hold 50 tokens (max_model_len)" in line and "slots" not in line
 
 
-@pytest.mark.parametrize("overlap, inline", [(False, False), (True, False), (True, True)])
-def test_rows_drawn_on_the_device_give_single_runs_tokens(static, fused, monkeypatch, overlap, inline):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rows_drawn_on_the_device_give_single_runs_tokens(static, fused, monkeypatch, overlap):
     """Sampling rows drawn by the sample graph where the logits are (the GPU default; here forced
     on the CPU), their first tokens at prefill too, in slot steps overlapped as plain greedy ones
     are (the next forward starts on the drawn ids before the host looks at them) or not, beside
@@ -321,7 +311,6 @@ def test_rows_drawn_on_the_device_give_single_runs_tokens(static, fused, monkeyp
     rng = np.random.default_rng(SEED + 5)
     print(TAG)
     monkeypatch.setattr(static.engine, "samples_on_device", True)
-    monkeypatch.setattr(static.engine, "overlaps_host", inline)  # the picks between the run's launch and its wait
     ps = [rng.integers(3, 256, n).tolist() for n in rng.integers(4, 14, 6)]
     filters = [dict(), dict(top_k=20), dict(top_p=0.9), dict(min_p=0.05, top_p=0.95), dict(top_k=40, top_p=0.8)]
     kws = [dict(max_new_tokens=int(rng.integers(10, 24)), ignore_eos=True, temperature=float(rng.uniform(0.6, 1.3)),

@@ -111,17 +111,6 @@ def device_picks(how: str, out, seqs: list) -> tuple:
     return tokens, inputs
 
 
-def overlapped_forward(engine, how: str, ids: np.ndarray, mask: np.ndarray, cache, seqs: list,
-                       meanwhile=None) -> tuple:
-    """A forward in mode ``how`` where :func:`overlaps` holds, and its :func:`device_picks`.
-    ``meanwhile()`` (given where the engine ``overlaps_host``) runs on this thread between the
-    run's launch and the wait for its outputs."""
-    if how == GREEDY and meanwhile is None:
-        return device_picks(how, engine.forward(ids, mask, cache, greedy=True), seqs)
-    out = engine.forward_on_device(ids, mask, cache, meanwhile=meanwhile)
-    return device_picks(how, out.argmax() if how == GREEDY else out, seqs)
-
-
 def mask_fill(engine, how: str, seqs: list) -> MaskFill:
     """The grammar masks of rows ``seqs`` for a forward in mode ``how``: filled while it runs, on
     the caller's thread where the engine's device computes it meanwhile (check and device modes

@@ -87,15 +87,19 @@ class PagedBatch(RunningBatch):
     def _overlapped(self, how: str, seqs: list, early) -> list:
         """Rows picked on the device (plain greedy, or drawn there: ``batch_pick.overlaps``), as
         vLLM's async scheduling (the slot batch's way): this forward starts on the device's ids
-        of the previous one while those go through their rows' rules (:meth:`RunningBatch._overlap`). A row those tokens end was fed one more token (its KV
+        of the previous one while a worker thread takes those through their rows' rules
+        (:meth:`RunningBatch._overlap`). A row those tokens end was fed one more token (its KV
         lands within what the request reserved: the ending token's own position), whose pick is
         dropped."""
         rows = self.rows
         fed = np.flatnonzero(self._advance_mask()[:, 0])
 
-        def forward(meanwhile):
-            return batch_pick.overlapped_forward(self.engine, how, self.pending[:, None], self.mask, self.cache, seqs,
-                                                 meanwhile)
+        def forward():
+            if how == batch_pick.GREEDY:
+                out = self.engine.forward(self.pending[:, None], self.mask, self.cache, greedy=True)
+            else:
+                out = self.engine.forward_on_device(self.pending[:, None], self.mask, self.cache)
+            return batch_pick.device_picks(how, out, seqs)
 
         (tokens, inputs), results = self._overlap(forward, early)
         self.pending[fed] = tokens[fed]  # each row's next input: the token just picked on the device

@@ -103,25 +103,16 @@ class RunningBatch:
             self.forward_s += time.perf_counter() - t
 
     def _overlap(self, forward, early) -> tuple:
-        """``(forward(meanwhile), results)``: while the device runs the forward, the last
-        overlapped forward's tokens go through their rows' rules (:meth:`_pick_unpicked`) and to
-        ``early`` (then ``results`` is empty). Where the engine ``overlaps_host`` (a device's run
-        returns before it is done) this thread does that itself between launching the run and
-        waiting for it (``meanwhile``): no other thread takes the GIL on the step's path, where
-        a worker had to hand it back after each run (docs/benchmarks.md, Session 32). Elsewhere
-        (the CPU, the paged engine) a worker thread does it while this one runs the forward
-        (``meanwhile`` None; ONNX Runtime releases the GIL during a run). The batches that overlap
-        (plain greedy steps, as vLLM's async scheduling) keep what the forward returns as the
-        next ``_unpicked``."""
-        if getattr(self.engine, "overlaps_host", False):
-            results: list = []
-            out = self._wait(forward, lambda: results.extend(self._picks_handed_over(early)))
-            return out, results
+        """``(forward(), results)``: the forward on this thread (ONNX Runtime releases the GIL
+        while the device works) while a worker thread takes the last overlapped forward's tokens
+        through their rows' rules (:meth:`_pick_unpicked`) and hands them to ``early`` (then
+        ``results`` is empty). The batches that overlap (plain greedy steps, as vLLM's async
+        scheduling) keep what the forward returns as the next ``_unpicked``."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="portable-infer-picks")
         picks = self._worker.submit(self._picks_handed_over, early)
         try:
-            out = self._wait(forward, None)
+            out = self._wait(forward)
         except BaseException:
             futures.wait([picks])  # the picks touch the rows: they end before the failure goes up
             raise

@@ -233,14 +233,9 @@ class SlotBatch(RunningBatch):
         return results + self._picks(how, rows, seqs, lambda fill: self._forward(how, view, live, fill))
 
     def _forward(self, how: str, view, live: np.ndarray, fill=None):
-        return self._on_view(view, lambda ids: batch_pick.forward(self.engine, how, ids, live, view, fill))
-
-    def _on_view(self, view, run):
-        """``run(ids)``, a forward on ``view`` of the slots' pending tokens: their lengths in, and
-        back advanced."""
         size = view.batch
         view.rows = self.lengths[:size].copy()
-        out = run(self.pending[:size, None].copy())
+        out = batch_pick.forward(self.engine, how, self.pending[:size, None].copy(), live, view, fill)
         self.lengths[:size] = view.rows
         return out
 
@@ -248,14 +243,16 @@ class SlotBatch(RunningBatch):
         """Rows picked on the device (plain greedy: the graph's argmax; sampling rows drawn there:
         ``batch_pick.overlaps``), as vLLM's async scheduling: this forward starts on the device's
         ids of the previous one, before the host has looked at them. The step loop's
-        thread launches the forward at once; while the device works the previous forward's
-        tokens go through each row's ``Sequence.step`` (stop ids, lengths, the context) and to
-        ``early`` (the scheduler's hand-over: their text is made while the device runs), on this
-        thread or a worker's (:meth:`RunningBatch._overlap`). A row that those tokens end was fed
-        one more token; its pick is dropped, and its KV row is free anyway."""
+        thread runs the forward at once (ONNX Runtime releases the GIL while the device works);
+        meanwhile a worker thread takes the previous forward's tokens through each row's
+        ``Sequence.step`` (stop ids, lengths, the context) and hands them to ``early`` (the
+        scheduler's hand-over: their text is made while the device runs). The other way round,
+        the forward waited for the GIL behind the picks (up to the 5 ms switch interval) before
+        it could start. A row that those tokens end was fed one more token; its pick is dropped,
+        and its KV row is free anyway."""
         live = np.array([[s is not None] for s in seqs], np.int64)
-        (tokens, inputs), results = self._overlap(lambda meanwhile: self._on_view(
-            view, lambda ids: batch_pick.overlapped_forward(self.engine, how, ids, live, view, seqs, meanwhile)), early)
+        (tokens, inputs), results = self._overlap(
+            lambda: batch_pick.device_picks(how, self._forward(how, view, live), seqs), early)
         fed = [i for i, s in enumerate(seqs) if s is not None]  # the rows this forward advanced
         self.pending[fed] = tokens[fed]  # each row's next input: the token just picked on the device
         self._unpicked = [(i, rows[i], inputs[i]) for i in fed]
