@@ -248,7 +248,9 @@ class SlotBatch(RunningBatch):
         ``Sequence.step`` (stop ids, lengths, the context) and hands them to ``early`` (the
         scheduler's hand-over: their text is made while the device runs). The other way round,
         the forward waited for the GIL behind the picks (up to the 5 ms switch interval) before
-        it could start. A row that those tokens end was fed one more token; its pick is dropped,
+        it could start; at that interval it still does, the worker taking the GIL while the loop
+        prepares the run, so the engine process switches threads every 0.2 ms on a device
+        (``engine_core.switch_interval``). A row that those tokens end was fed one more token; its pick is dropped,
         and its KV row is free anyway."""
         live = np.array([[s is not None] for s in seqs], np.int64)
         (tokens, inputs), results = self._overlap(
