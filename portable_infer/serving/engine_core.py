@@ -50,10 +50,10 @@ def failed_stats(rid: str, prompt_tokens: int) -> RequestStats:
 # decode forward while the picks worker, the emitter and the outbox's sender take the last step's
 # tokens through their rules and send them; at 5 ms the loop waited behind them for the GIL before
 # each run and the picks did not overlap the device. H100, Llama-3.1-8B shape fp16, 256 streams
-# (benchmarks/step_probe.py): the host part before the run 2.7 ms, 0.35 of it CPU; the forward 15.2
-# ms a step against the engine alone's 12.8; at 1 ms 14.3; at 0.2 ms 13.0 (+4-15 % tokens/s at 256 streams;
-# docs/benchmarks.md, Session 32). The process is ours, so is the setting; a CPU engine's process
-# keeps the default (its forwards are the cores' work, not the threads' waits).
+# (benchmarks/step_probe.py): the host part before the run 2.7 ms, 0.35 of it CPU; the forward
+# 15.2 ms a step against the engine alone's 12.8; at 1 ms 14.3; at 0.2 ms 13.0: +4-15 % tokens/s
+# for ~0.6 more of the server's cores (docs/benchmarks.md, Session 32). The process is ours, so is
+# the setting; a CPU engine's process keeps the default (its forwards are the cores' work).
 DEVICE_SWITCH_INTERVAL_S = 0.0002
 
 
