@@ -206,8 +206,7 @@ def test_the_engine_process_switches_threads_often_only_on_a_device(remote):
 
     assert engine_core.switch_interval("cuda") == engine_core.DEVICE_SWITCH_INTERVAL_S < 0.001
     assert engine_core.switch_interval("cpu") is None
-    import sys
-    assert remote.switch_interval_s == sys.getswitchinterval()  # this CPU engine's process: untouched (5 ms here too)
+    assert remote.switch_interval_s == 0.005  # this CPU engine's process (spawned): Python's own
 
 
 def test_serve_splits_the_processes_by_default_only_where_tensors_live_on_a_device():

@@ -250,8 +250,8 @@ class SlotBatch(RunningBatch):
         the forward waited for the GIL behind the picks (up to the 5 ms switch interval) before
         it could start; at that interval it still does, the worker taking the GIL while the loop
         prepares the run, so the engine process switches threads every 0.2 ms on a device
-        (``engine_core.switch_interval``). A row that those tokens end was fed one more token; its pick is dropped,
-        and its KV row is free anyway."""
+        (``engine_core.switch_interval``). A row that those tokens end was fed one more token;
+        its pick is dropped, and its KV row is free anyway."""
         live = np.array([[s is not None] for s in seqs], np.int64)
         (tokens, inputs), results = self._overlap(
             lambda: batch_pick.device_picks(how, self._forward(how, view, live), seqs), early)
