@@ -289,7 +289,7 @@ def serve_levels(pkg: Path, config: str, levels: list, prompt: int, new: int, vo
             time.sleep(1)
         say(f"server ({config}) ready in {time.perf_counter() - t:.0f} s")
         for line in Path(log.name).read_text().splitlines():  # the budget, and whether the device draws
-            if line.startswith("KV budget:") or "drawn on the host" in line or "WARNING" in line:
+            if line.startswith(("KV budget:", "engine process:")) or "drawn on the host" in line or "WARNING" in line:
                 say(f"  server: {line}")
         if auto:
             say(f"  GPU memory after the warm-up: {gpu_memory()}")
