@@ -9,7 +9,8 @@ aggregate generated tokens/s for 1 client (8 requests) and for N, and their rati
 Compare with ``load_test.py`` (the same through the HTTP server) to see what serving costs.
 Also the median gap between a request's tokens at each level (one decode step: at 1 client a
 batch-1 step, at N a batch-N step) and the ratio that step times alone allow, N x gap(1) /
-gap(N): prefill and the scheduler's own work only take from it.
+gap(N): prefill and the scheduler's own work only take from it. Then where each level's time went
+(the scheduler's step clock: decode and prefill forwards, the host's part, planning, idling).
 """
 
 from __future__ import annotations
@@ -45,13 +46,24 @@ def level(model, prompts: list, clients: int, requests: int) -> tuple:
                     tokens[0] += n
                     gaps.extend(h.stats.inter_token_s)
 
-        t = time.perf_counter()
+        t, clock0 = time.perf_counter(), sched.stats().steps
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        return tokens[0] / (time.perf_counter() - t), float(np.median(gaps))
+        wall = time.perf_counter() - t
+        clock = {k: v - clock0[k] for k, v in sched.stats().steps.items()}
+        return tokens[0] / wall, float(np.median(gaps)), clock, wall
+
+
+def spent(clock: dict, wall: float) -> str:
+    """Where a level's wall time went, from the scheduler's step clock."""
+    n = max(clock["decode_steps"], 1)
+    return (f"{wall:.2f} s: decode {clock['decode_steps']} steps of {clock['decode_rows'] / n:.1f} rows, "
+            f"{clock['decode_forward'] + clock['decode_host']:.2f} s ({1e3 * clock['decode_forward'] / n:.1f} + "
+            f"{1e3 * clock['decode_host'] / n:.2f} ms a step); prefill {clock['prefill_steps']} steps, "
+            f"{clock['prefill_forward'] + clock['prefill_host']:.2f} s; plan {clock['plan']:.2f} s, idle {clock['idle']:.2f} s")
 
 
 def main() -> None:
@@ -70,10 +82,13 @@ def main() -> None:
     n = args.clients
     print(f"| variant | round | 1 client tok/s | {n} clients tok/s | ratio | step ms at 1 | step ms at {n} "
           f"| ratio the steps allow |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    spans = []
     for r in range(args.rounds):
-        (one, g1), (many, gn) = level(model, prompts, 1, 8), level(model, prompts, n, args.requests)
+        (one, g1, c1, w1), (many, gn, cn, wn) = level(model, prompts, 1, 8), level(model, prompts, n, args.requests)
         print(f"| {model.variant} | {r + 1} | {one:.1f} | {many:.1f} | {many / one:.2f}x | {g1 * 1e3:.1f} | "
               f"{gn * 1e3:.1f} | {n * g1 / gn:.2f}x |", flush=True)
+        spans += [f"round {r + 1}, 1 client: {spent(c1, w1)}", f"round {r + 1}, {n} clients: {spent(cn, wn)}"]
+    print("\nWhere each level's time went (the scheduler's step clock):\n\n" + "\n".join(f"- {x}" for x in spans))
 
 
 if __name__ == "__main__":
