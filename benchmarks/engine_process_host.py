@@ -1,7 +1,7 @@
 """The engine process's own Python work per step, over an engine that costs only its device time.
 
     .venv/bin/python benchmarks/engine_process_host.py [PKG] [--streams 64 256] [--prompt 128]
-        [--new 256] [--step-ms 11.8] [--metrics] [--profile FILE] [--seed N]
+        [--new 256] [--step-ms 11.8] [--prefill-us US] [--metrics] [--profile FILE] [--seed N]
 
 ``portable-infer serve --engine-process`` runs the step loop in a process of its own (the API
 process makes the text). On the H200 at the 8B shape, 256 streams, its decode step took ~15.5-18
@@ -39,7 +39,8 @@ from portable_infer.serving.scheduler import SchedulerConfig  # noqa: E402
 from gpu_serving import tree_cpu_s  # noqa: E402 - the process's CPU seconds, from /proc
 
 
-def null_engine_main(conn, path, load_kwargs, config, *, step_s: float, seed: int, profile: str | None) -> None:
+def null_engine_main(conn, path, load_kwargs, config, *, step_s: float, seed: int, profile: str | None,
+                     token_s: float = 0.0) -> None:
     """``engine_core.engine_main`` whose scheduler runs ``host_overhead.NullEngine`` (``profile``:
     every thread's CPU time, by yappi, written there when the process ends)."""
     from host_overhead import NullEngine, null_moves
@@ -51,7 +52,7 @@ def null_engine_main(conn, path, load_kwargs, config, *, step_s: float, seed: in
 
     def init(self, model, *a, **k):
         real(self, model, *a, **k)
-        self.engine = NullEngine(model.engine, model.codec.vocab_size, "cuda", seed, step_s)
+        self.engine = NullEngine(model.engine, model.codec.vocab_size, "cuda", seed, step_s, token_s)
 
     scheduler.Scheduler.__init__ = init
     real_interval = engine_core.switch_interval
@@ -82,7 +83,7 @@ def level(pkg, streams: int, args) -> dict:
                              prefill_chunk=512, slot_batch=True)
     profile = args.profile if args.profile and streams == max(args.streams) else None
     engine_process.engine_main = functools.partial(null_engine_main, step_s=args.step_ms / 1e3, seed=args.seed,
-                                                   profile=profile)
+                                                   profile=profile, token_s=args.prefill_us / 1e6)
     sched = engine_process.ProcessScheduler(pkg, {"providers": "cpu"}, config)
     try:
         model = sched.model
@@ -96,10 +97,12 @@ def level(pkg, streams: int, args) -> dict:
         t0 = time.perf_counter()
         handles = [sched.submit_ids(rng.integers(100, model.codec.vocab_size, args.prompt).tolist(), params)
                    for _ in range(streams)]
-        counts = [0] * streams
+        counts, firsts = [0] * streams, [0.0] * streams
 
         async def read(i):
             async for _ in handles[i]:
+                if not counts[i]:
+                    firsts[i] = time.perf_counter() - t0
                 counts[i] += 1
 
         async def read_all():
@@ -115,7 +118,9 @@ def level(pkg, streams: int, args) -> dict:
     return {"wall_s": wall, "tok_s": sum(counts) / wall, "decode_steps": clock["decode_steps"],
             "rows": clock["decode_rows"] / n, "forward_ms": 1e3 * clock["decode_forward"] / n,
             "host_ms": 1e3 * clock["decode_host"] / n, "plan_s": clock["plan"],
-            "prefill_s": clock["prefill_forward"] + clock["prefill_host"], "cores": cores}
+            "prefill_s": clock["prefill_forward"] + clock["prefill_host"], "cores": cores,
+            "prefill_steps": clock["prefill_steps"], "idle_s": clock["idle"],
+            "ttft_p50_ms": 1e3 * float(np.percentile(firsts, 50)), "ttft_p99_ms": 1e3 * float(np.percentile(firsts, 99))}
 
 
 def main() -> None:
@@ -126,18 +131,23 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=11.8, help="a decode forward's device time (H200, 8B, batch 256)")
     ap.add_argument("--profile", default=None, metavar="FILE")
+    ap.add_argument("--prefill-us", type=float, default=0.0,
+                    help="a prefill forward's device time a prompt token, us (H100, 8B fp16: ~29, groups of 16 x 128)")
     ap.add_argument("--metrics", action="store_true", help="attach the server's metrics (its observer), as serve does")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
     args.seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
     pkg = args.package or portable_infer.load(None, providers="cpu").path
     print(f"seed {args.seed}; decode forwards sleep {args.step_ms} ms (GIL released)")
-    print("| streams | tok/s | decode steps | rows a step | decode ms: forward + host | prefill s | plan s | engine process cores |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"prefill forwards sleep {args.prefill_us} us a prompt token")
+    print("| streams | tok/s | decode steps | rows a step | decode ms: forward + host | prefill steps, s | TTFT p50 / p99 ms "
+          "| plan s | idle s | engine process cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.streams:
         r = level(pkg, n, args)
         print(f"| {n} | {r['tok_s']:,.0f} | {r['decode_steps']} | {r['rows']:.1f} | {r['forward_ms']:.2f} + "
-              f"{r['host_ms']:.2f} | {r['prefill_s']:.2f} | {r['plan_s']:.2f} | {r['cores']:.2f} |", flush=True)
+              f"{r['host_ms']:.2f} | {r['prefill_steps']}, {r['prefill_s']:.2f} | {r['ttft_p50_ms']:.0f} / "
+              f"{r['ttft_p99_ms']:.0f} | {r['plan_s']:.2f} | {r['idle_s']:.2f} | {r['cores']:.2f} |", flush=True)
     if args.profile and Path(args.profile).is_file():
         print(Path(args.profile).read_text())
 

@@ -89,8 +89,9 @@ class NullEngine:
     masks_on_device = False
     samples_on_device = False
 
-    def __init__(self, engine, vocab: int, device: str, seed: int, step_s: float = 0.0):
+    def __init__(self, engine, vocab: int, device: str, seed: int, step_s: float = 0.0, token_s: float = 0.0):
         self.step_s = step_s  # each decode forward sleeps this long (the GIL released, as a GPU step)
+        self.token_s = token_s  # a prefill forward sleeps this long a prompt token (rows x width)
         self.provider, self.variant, self.max_context = engine.provider, engine.variant, engine.max_context
         self.device, self.greedy_on_device, self.vocab = device, True, vocab
         self.rng = np.random.default_rng(seed)
@@ -114,6 +115,8 @@ class NullEngine:
         cache.advance(mask, ids.shape[1])
         if self.step_s and ids.shape[1] == 1:
             time.sleep(self.step_s)
+        elif self.token_s and ids.shape[1] > 1:
+            time.sleep(self.token_s * ids.size)
         if greedy:
             return self.rng.integers(0, self.vocab, ids.shape[0])
         return self.rng.standard_normal((ids.shape[0], self.vocab), np.float32)
