@@ -175,10 +175,7 @@ def level(model, streams: int, args, profile: str | None) -> dict:
         wall = time.perf_counter() - t0
         clock = {k: v - clock0[k] for k, v in sched.stats().steps.items()}
     n = max(clock["decode_steps"], 1)
-    print(f"  {streams} streams, {wall:.2f} s: decode {clock['decode_steps']} steps of {clock['decode_rows'] / n:.1f} rows, "
-          f"{1e3 * clock['decode_forward'] / n:.2f} + {1e3 * clock['decode_host'] / n:.2f} ms (forward + host); "
-          f"prefill {clock['prefill_steps']} steps, {clock['prefill_forward']:.2f} + {clock['prefill_host']:.2f} s; "
-          f"plan {clock['plan']:.2f} s, idle {clock['idle']:.2f} s", flush=True)
+    print(f"  {streams} streams, {clock_line(clock, wall)}", flush=True)
     if prof:
         prof.dump_stats(profile)
     if engine is None:
@@ -190,6 +187,16 @@ def level(model, streams: int, args, profile: str | None) -> dict:
     if sum(counts) != streams * args.new:  # one piece per token unless a stop string cut a reply
         print(f"  note: the readers got {sum(counts)} pieces of {streams * args.new} tokens")
     return {"wall_s": wall, "step_ms": 1e3 * step, "ceiling_tok_s": top / step if full else float("nan"), "batch": top}
+
+
+def clock_line(clock: dict, wall: float) -> str:
+    """Where a level's ``wall`` seconds went, from the scheduler's step clock (``SchedulerStats.steps``,
+    the level's difference)."""
+    n = max(clock["decode_steps"], 1)
+    return (f"{wall:.2f} s: decode {clock['decode_steps']} steps of {clock['decode_rows'] / n:.1f} rows, "
+            f"{1e3 * clock['decode_forward'] / n:.2f} + {1e3 * clock['decode_host'] / n:.2f} ms (forward + host); "
+            f"prefill {clock['prefill_steps']} steps, {clock['prefill_forward']:.2f} + {clock['prefill_host']:.2f} s; "
+            f"plan {clock['plan']:.2f} s, idle {clock['idle']:.2f} s")
 
 
 def _profiled(prof, fn):

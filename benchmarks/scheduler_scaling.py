@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import portable_infer  # noqa: E402
 from portable_infer.serving.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from host_overhead import clock_line  # noqa: E402 - the step clock's one line
 
 
 def level(model, prompts: list, clients: int, requests: int) -> tuple:
@@ -57,15 +59,6 @@ def level(model, prompts: list, clients: int, requests: int) -> tuple:
         return tokens[0] / wall, float(np.median(gaps)), clock, wall
 
 
-def spent(clock: dict, wall: float) -> str:
-    """Where a level's wall time went, from the scheduler's step clock."""
-    n = max(clock["decode_steps"], 1)
-    return (f"{wall:.2f} s: decode {clock['decode_steps']} steps of {clock['decode_rows'] / n:.1f} rows, "
-            f"{clock['decode_forward'] + clock['decode_host']:.2f} s ({1e3 * clock['decode_forward'] / n:.1f} + "
-            f"{1e3 * clock['decode_host'] / n:.2f} ms a step); prefill {clock['prefill_steps']} steps, "
-            f"{clock['prefill_forward'] + clock['prefill_host']:.2f} s; plan {clock['plan']:.2f} s, idle {clock['idle']:.2f} s")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("package", nargs="?", default=None, help="default: the default model")
@@ -87,7 +80,7 @@ def main() -> None:
         (one, g1, c1, w1), (many, gn, cn, wn) = level(model, prompts, 1, 8), level(model, prompts, n, args.requests)
         print(f"| {model.variant} | {r + 1} | {one:.1f} | {many:.1f} | {many / one:.2f}x | {g1 * 1e3:.1f} | "
               f"{gn * 1e3:.1f} | {n * g1 / gn:.2f}x |", flush=True)
-        spans += [f"round {r + 1}, 1 client: {spent(c1, w1)}", f"round {r + 1}, {n} clients: {spent(cn, wn)}"]
+        spans += [f"round {r + 1}, 1 client: {clock_line(c1, w1)}", f"round {r + 1}, {n} clients: {clock_line(cn, wn)}"]
     print("\nWhere each level's time went (the scheduler's step clock):\n\n" + "\n".join(f"- {x}" for x in spans))
 
 

@@ -209,7 +209,7 @@ def test_the_engine_process_switches_threads_often_only_on_a_device(remote):
     assert remote.switch_interval_s == 0.005  # this CPU engine's process (spawned): Python's own
 
 
-def test_serve_splits_the_processes_by_default_only_where_tensors_live_on_a_device():
+def test_serve_splits_the_processes_by_default_only_where_tensors_live_on_a_device(monkeypatch):
     """``serve --engine-process auto`` (the default): the first provider the request would try that this
     ONNX Runtime offers decides; a bare ``--engine-process`` is "on"."""
     from portable_infer.cli import build_parser
@@ -222,6 +222,11 @@ def test_serve_splits_the_processes_by_default_only_where_tensors_live_on_a_devi
     assert not splits_by_default("cpu", gpu)  # asked for the CPU on a GPU host
     assert not splits_by_default("cuda,cpu", ["CPUExecutionProvider"])  # CUDA not offered: the CPU runs
     assert not splits_by_default("auto", ["CPUExecutionProvider"])
-    assert not splits_by_default("auto")  # this machine's ONNX Runtime (CPU)
+    from portable_infer.engine import providers
+
+    for offered, split in ((["CPUExecutionProvider"], False), (gpu, True)):  # the installed build's list by default
+        monkeypatch.setattr(providers, "default_ort", lambda o=offered: type("Ort", (), {
+            "__version__": "1.32.0", "get_available_providers": staticmethod(lambda: o)}))
+        assert splits_by_default("auto") is split, offered
     parse = lambda *a: build_parser().parse_args(["serve", *a]).engine_process  # noqa: E731
     assert (parse(), parse("--engine-process"), parse("--engine-process", "off")) == ("auto", "on", "off")
