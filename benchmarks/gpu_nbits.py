@@ -11,6 +11,11 @@ Forms ``gemm`` / ``gemmt`` / ``fusedt``: the fp16 weight under Gemm, stored [K, 
 at one row), or transposed under FusedMatMul (which, unlike Gemm, takes the decode graphs' 3-D
 activations): does the fp16 decode at batch 1 read its weights faster in another layout?
 
+Forms ``splitk<S>`` / ``splitk<S>t``: the fp16 weight split along K into S parts ([S, K/S, N], or
+[S, N, K/S] under FusedMatMul ``transB``): one batched GEMM of S GEMVs, then ReduceSum over the
+parts (split-K in the graph: S times the thread blocks at one row, where cuBLAS reads the small and
+the tall linears at 1.8-2.7 TB/s of the H200's 4.8; issue #21's batch-1 target).
+
 Forms ``dq-32`` / ``dq-fold-32``: the packages' portable weight form (4-bit codes, blocked
 DequantizeLinear, MatMul) as is, and with ``session.disable_quant_qdq`` set, which lets ONNX
 Runtime's constant folding dequantize the weights once at load (fp16 weights in memory, the
@@ -85,6 +90,18 @@ def model(k: int, n: int, form: str, block: int, chain: int, rng, zero_points: b
             inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.02).astype(np.float16), f"w{i}"))
             op, domain = ("FusedMatMul", "com.microsoft") if form == "fusedt" else ("Gemm", "")
             nodes.append(helper.make_node(op, [x, f"w{i}"], [f"m{i}"], domain=domain, transB=int(form != "gemm")))
+        elif form.startswith("splitk"):  # K split in S parts: S batched GEMVs, then their sum
+            s_parts = int(form[6:].rstrip("t"))
+            transposed = form.endswith("t")
+            shape = (s_parts, n, k // s_parts) if transposed else (s_parts, k // s_parts, n)
+            inits += [numpy_helper.from_array((rng.standard_normal(shape) * 0.02).astype(np.float16), f"w{i}"),
+                      numpy_helper.from_array(np.array([-1, s_parts, k // s_parts], np.int64), f"sh{i}"),
+                      numpy_helper.from_array(np.array([0], np.int64), f"ra{i}")]
+            mm = (helper.make_node("FusedMatMul", [f"xt{i}", f"w{i}"], [f"p{i}"], domain="com.microsoft", transB=1)
+                  if transposed else helper.make_node("MatMul", [f"xt{i}", f"w{i}"], [f"p{i}"]))
+            nodes += [helper.make_node("Reshape", [x, f"sh{i}"], [f"xr{i}"]),
+                      helper.make_node("Transpose", [f"xr{i}"], [f"xt{i}"], perm=[1, 0, 2]), mm,
+                      helper.make_node("ReduceSum", [f"p{i}", f"ra{i}"], [f"m{i}"], keepdims=0)]
         elif form == "dq":  # the packages' portable weight form: 4-bit codes, DequantizeLinear, MatMul
             blocks = k // block
             inits += [helper.make_tensor(f"q{i}", TensorProto.UINT4, [k, n], rng.integers(0, 16, k * n).tolist()),
