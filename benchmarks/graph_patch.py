@@ -328,6 +328,51 @@ def no_offsets(model) -> None:
     g.node.extend(keep)
 
 
+def dense(model) -> None:
+    """Exact (the same weights, in fp32): each float-activation 4-bit linear of the exact graphs,
+    ``Add(MatMulNBits(x), MatMul(ReduceSum(Reshape(x)), offset))`` or a lone ``MatMulNBits(x)``,
+    as one MatMul over its dequantized weight with the Q4_1 offsets added in (``w[k, n] +
+    offset[k // block, n]``): what a dense fp32 copy of the weights would do to a step (4 bytes a
+    weight in memory)."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    uses = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    drop, replace = set(), {}
+    for add in (n for n in g.node if n.op_type == "Add" and len(n.input) == 2):
+        pair = {getattr(producer.get(i), "op_type", None): producer.get(i) for i in add.input}
+        if set(pair) != {"MatMulNBits", "MatMul"} or _attr(pair["MatMulNBits"], "accuracy_level", 0) != 1:
+            continue
+        total = producer.get(pair["MatMul"].input[0])
+        if total is None or total.op_type != "ReduceSum":
+            continue
+        view = producer.get(total.input[0])
+        nbits = pair["MatMulNBits"]
+        w = dequantize(model, nbits).T  # [K, N]
+        size = _attr(nbits, "block_size", BLOCK)
+        w = w + np.repeat(_init(model, pair["MatMul"].input[1]).astype(np.float32), size, axis=0)[:w.shape[0]]
+        alone = view is not None and view.op_type == "Reshape" and uses[view.output[0]] == 1
+        drop |= {pair["MatMul"].name, total.name, nbits.name} | ({view.name} if alone else set())
+        replace[add.name] = (nbits.input[0], _set_init(model, nbits.input[1] + ".dense", w.astype(np.float32)))
+    for n in g.node:
+        if n.op_type == "MatMulNBits" and _attr(n, "accuracy_level", 0) == 1 and n.name not in drop:
+            replace[n.name] = (n.input[0], _set_init(model, n.input[1] + ".dense", dequantize(model, n).T.copy()))
+    keep = []
+    for n in g.node:
+        if n.name in drop:
+            continue
+        if n.name in replace:
+            x, w = replace[n.name]
+            n = copy_node(n, n.name, [x, w], list(n.output))
+            n.op_type, n.domain = "MatMul", ""
+            del n.attribute[:]
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+
+
 PATCHES = {
     "acc1": (accuracy(1), "every MatMulNBits at accuracy level 1 (float activations)"),
     "acc4": (accuracy(4), "every MatMulNBits at accuracy level 4 (int8 activations)"),
@@ -343,6 +388,7 @@ PATCHES = {
     "gbq-rows": (gbq_rows, "the 8-bit table's row gathers as GatherBlockQuantized (exact; ORT >= 1.23)"),
     "block16": (block16, "decoder-layer 4-bit MatMulNBits at block 16: same weights, int8 activations in blocks of 16"),
     "no-offsets": (no_offsets, "timing only: the Q4_1 offset terms (Reshape, ReduceSum, MatMul, Add) dropped"),
+    "dense": (dense, "exact: every float-activation 4-bit linear as a fp32 MatMul, Q4_1 offsets added in"),
     "head-lean": (head_lean, "the refined head: TopK unsorted, next_token the best refined candidate (no full ArgMax)"),
 }
 

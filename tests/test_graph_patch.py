@@ -140,3 +140,43 @@ def test_no_offsets_drops_each_q4_1_offset_term(tmp_path):
     exact, dropped = (_decode(_engine(folder, "static"), prompt, 2, greedy=False) for folder in (pkg, out.parent))
     assert all(np.isfinite(d).all() for d in dropped)
     assert max(float(np.abs(a - b).max()) for a, b in zip(exact, dropped)) > 1e-3
+
+
+@pytest.mark.parametrize("source", ["gguf-q4_1", "float"])
+def test_dense_keeps_the_exact_graphs_results(source, int4_package, tmp_path):
+    """dense: every float-activation 4-bit linear of the exact static graph (with its Q4_1 offset
+    term, where the source has one) becomes one fp32 MatMul over the dequantized weight; no
+    MatMulNBits at float activations is left, and the logits are the unpatched graph's to fp32
+    rounding, step after step (batch rows too)."""
+    import onnx
+
+    from exporters.export import export
+    from test_int4_form import GGUF_SEED, write_tiny_gguf
+
+    if source == "gguf-q4_1":
+        gguf = tmp_path / "tiny-Q4_1.gguf"
+        write_tiny_gguf(gguf, "Q4_1", GGUF_SEED["Q4_1"])
+        pkg = export(gguf, tmp_path / "pkg", variants=("static",), verify=False)
+    else:
+        pkg = int4_package
+    out = graph_patch.patch_package(pkg, "static", tmp_path / "dense", ["dense"])
+    before = onnx.load(str(pkg / "model.static.onnx"), load_external_data=False)
+    after = onnx.load(str(out), load_external_data=False)
+    exact_nbits = [n for n in before.graph.node if n.op_type == "MatMulNBits" and graph_patch._attr(n, "accuracy_level") == 1]
+    assert exact_nbits
+    assert not [n for n in after.graph.node if n.op_type == "MatMulNBits" and graph_patch._attr(n, "accuracy_level") == 1]
+    if source == "gguf-q4_1":  # the offset terms went into the weights
+        assert sum(n.op_type == "ReduceSum" for n in after.graph.node) < sum(n.op_type == "ReduceSum" for n in before.graph.node)
+    rng = np.random.default_rng(SEED + 7)
+    prompt = rng.integers(0, 256, (1, 8)).astype(np.int64)
+    print("seed", SEED + 7, "prompt", prompt.tolist())
+    want = _decode(_engine(pkg, "static"), prompt, 4, greedy=False)
+    got = _decode(_engine(out.parent, "static"), prompt, 4, greedy=False)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    rows = rng.integers(0, 256, (3, 5)).astype(np.int64)  # a batch prefill
+    outs = []
+    for folder in (pkg, out.parent):
+        e = _engine(folder, "static")
+        outs.append(e.forward(rows, np.ones_like(rows), e.new_cache(3, capacity=8)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
