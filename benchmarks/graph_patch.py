@@ -299,17 +299,16 @@ def copy_node(node, name, inputs, outputs):
     return out
 
 
-def no_offsets(model) -> None:
-    """Timing only (values change): each 4-bit linear's Q4_1 offset term, ``Add(MatMulNBits(x),
-    MatMul(ReduceSum(Reshape(x)), offset))``, dropped; what an exact form of the offsets could save
-    at most."""
+def offset_chains(model) -> list:
+    """Each 4-bit linear's Q4_1 offset term, ``Add(MatMulNBits(x), MatMul(ReduceSum(Reshape(x)),
+    offset))``: (the Add, the MatMulNBits, the offset MatMul, the nodes that only the term uses)."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     uses = {}
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    drop, rename = set(), {}
+    chains = []
     for add in (n for n in g.node if n.op_type == "Add" and len(n.input) == 2):
         pair = {getattr(producer.get(i), "op_type", None): producer.get(i) for i in add.input}
         if set(pair) != {"MatMulNBits", "MatMul"}:
@@ -319,58 +318,54 @@ def no_offsets(model) -> None:
             continue
         view = producer.get(total.input[0])
         alone = view is not None and view.op_type == "Reshape" and uses[view.output[0]] == 1  # x's block view, only here
-        drop |= {add.name, pair["MatMul"].name, total.name} | ({view.name} if alone else set())
-        rename[add.output[0]] = pair["MatMulNBits"].output[0]
-    keep = [n for n in g.node if n.name not in drop]
-    for n in keep:
-        n.input[:] = [rename.get(i, i) for i in n.input]
-    del g.node[:]
-    g.node.extend(keep)
+        term = {pair["MatMul"].name, total.name} | ({view.name} if alone else set())
+        chains.append((add, pair["MatMulNBits"], pair["MatMul"], term))
+    return chains
+
+
+def _rewire(model, drop: set, rename: dict | None = None, replace: dict | None = None) -> None:
+    """The graph without the nodes ``drop``; inputs renamed by ``rename``; each node named in
+    ``replace`` becomes ``MatMul(x, w)`` for its ``(x, w)``, with the same outputs."""
+    keep = []
+    for n in model.graph.node:
+        if n.name in drop:
+            continue
+        if replace and n.name in replace:
+            n = copy_node(n, n.name, list(replace[n.name]), list(n.output))
+            n.op_type, n.domain = "MatMul", ""
+            del n.attribute[:]
+        n.input[:] = [(rename or {}).get(i, i) for i in n.input]
+        keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def no_offsets(model) -> None:
+    """Timing only (values change): each 4-bit linear's Q4_1 offset term dropped (:func:`offset_chains`);
+    what an exact form of the offsets could save at most."""
+    chains = offset_chains(model)
+    _rewire(model, set().union(*(term | {add.name} for add, _, _, term in chains)),
+            rename={add.output[0]: nbits.output[0] for add, nbits, _, _ in chains})
 
 
 def dense(model) -> None:
     """Exact (the same weights, in fp32): each float-activation 4-bit linear of the exact graphs,
-    ``Add(MatMulNBits(x), MatMul(ReduceSum(Reshape(x)), offset))`` or a lone ``MatMulNBits(x)``,
-    as one MatMul over its dequantized weight with the Q4_1 offsets added in (``w[k, n] +
-    offset[k // block, n]``): what a dense fp32 copy of the weights would do to a step (4 bytes a
-    weight in memory)."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    uses = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    with its Q4_1 offset term (:func:`offset_chains`) or a lone ``MatMulNBits(x)``, as one MatMul
+    over its dequantized weight with the offsets added in (``w[k, n] + offset[k // block, n]``):
+    what a dense fp32 copy of the weights would do to a step (4 bytes a weight in memory)."""
     drop, replace = set(), {}
-    for add in (n for n in g.node if n.op_type == "Add" and len(n.input) == 2):
-        pair = {getattr(producer.get(i), "op_type", None): producer.get(i) for i in add.input}
-        if set(pair) != {"MatMulNBits", "MatMul"} or _attr(pair["MatMulNBits"], "accuracy_level", 0) != 1:
+    for add, nbits, offset, term in offset_chains(model):
+        if _attr(nbits, "accuracy_level", 0) != 1:
             continue
-        total = producer.get(pair["MatMul"].input[0])
-        if total is None or total.op_type != "ReduceSum":
-            continue
-        view = producer.get(total.input[0])
-        nbits = pair["MatMulNBits"]
         w = dequantize(model, nbits).T  # [K, N]
         size = _attr(nbits, "block_size", BLOCK)
-        w = w + np.repeat(_init(model, pair["MatMul"].input[1]).astype(np.float32), size, axis=0)[:w.shape[0]]
-        alone = view is not None and view.op_type == "Reshape" and uses[view.output[0]] == 1
-        drop |= {pair["MatMul"].name, total.name, nbits.name} | ({view.name} if alone else set())
+        w = w + np.repeat(_init(model, offset.input[1]).astype(np.float32), size, axis=0)[:w.shape[0]]
+        drop |= term | {nbits.name}
         replace[add.name] = (nbits.input[0], _set_init(model, nbits.input[1] + ".dense", w.astype(np.float32)))
-    for n in g.node:
+    for n in model.graph.node:
         if n.op_type == "MatMulNBits" and _attr(n, "accuracy_level", 0) == 1 and n.name not in drop:
             replace[n.name] = (n.input[0], _set_init(model, n.input[1] + ".dense", dequantize(model, n).T.copy()))
-    keep = []
-    for n in g.node:
-        if n.name in drop:
-            continue
-        if n.name in replace:
-            x, w = replace[n.name]
-            n = copy_node(n, n.name, [x, w], list(n.output))
-            n.op_type, n.domain = "MatMul", ""
-            del n.attribute[:]
-        keep.append(n)
-    del g.node[:]
-    g.node.extend(keep)
+    _rewire(model, drop, replace=replace)
 
 
 PATCHES = {
