@@ -68,8 +68,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--static-kv", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args()
+    # the batch declared as `serve --max-batch` declares it (the tuner's second batch size, and where the
+    # package has one, the exact graph's batched companion: engine/dense_companion.py)
     model = portable_infer.load(args.package, "cpu", intra_op_threads=args.threads, static_kv=args.static_kv,
-                                check="size")
+                                check="size", tune_batch=args.clients)
+    print(f"variant {model.variant}; batched forwards on "
+          f"{'its fp32 companion' if getattr(model.engine, 'batched', None) is not None else 'the same graph'}")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, model.manifest.model.vocab_size, 24).tolist() for _ in range(32)]
     n = args.clients

@@ -180,7 +180,7 @@ def _write_graphs(tmp: Path, plan: ExportPlan, src, progress: bool, digests: dic
     fits, plain = FitCache(), SharedWeights()
 
     def start(spec: VariantSpec, handoff: Handoff | None) -> tuple:
-        family = PORTABLE if spec.name == PORTABLE else FUSED
+        family = PORTABLE if spec.weights.nbits_accuracy is None else FUSED  # DequantizeLinear: the portable file
         if family not in writers:
             writers[family] = ExternalDataWriter(tmp / (VARIANT_FORMS[family][0] + ".data"))
         g = GraphBuilder(f"portable_infer_{spec.name}", writers[family], opset=OPSET)

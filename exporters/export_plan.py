@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from portable_infer.package import manifest as mf
-from portable_infer.package.variants import DEFAULT_VARIANTS, INT8_VARIANTS, PORTABLE, ROTARY_VARIANTS, STATIC_VARIANTS, VARIANTS
+from portable_infer.engine.dense_companion import dense_bytes
+from portable_infer.package.variants import (DEFAULT_VARIANTS, INT8_VARIANTS, PORTABLE, ROTARY_VARIANTS, STATIC_DENSE,
+                                             STATIC_VARIANTS, VARIANTS)
 from portable_infer.errors import InvalidArgumentError
 
 from .architectures import MODEL_TYPES, family_for
@@ -89,6 +91,11 @@ def check_options(precision, max_context, activations, route, block=None, symmet
         raise InvalidArgumentError(f"route must be one of {ROUTES}, got {route!r}", param="route")
 
 
+# exported by default where its fp32 weights stay this small (about 2 B parameters; beyond, on request:
+# export's verification folds them in memory too): engine/dense_companion.py
+DENSE_DEFAULT_MAX_BYTES = 8 << 30
+
+
 def plan_export(src, *, precision: str | None = None, variants=None, route: str = "auto",
                 activations: str | None = None, nbits_accuracy: int | None = None,
                 head_accuracy: int | None = None, max_context: int | None = None,
@@ -108,6 +115,12 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
     if not variants or set(variants) - set(VARIANTS):
         raise InvalidArgumentError(f"variants must be a non-empty subset of {VARIANTS}, got {variants!r}",
                                    param="variants")
+    quantized_cpu = precision in ("int4", "int8") and (activations or "fp32") == "fp32"
+    if STATIC_DENSE in variants and not quantized_cpu:
+        raise InvalidArgumentError(
+            f"the {STATIC_DENSE} variant is the exact static graph's fp32 companion for batched CPU forwards: it "
+            f"needs int4 or int8 layers at fp32 activations, and this export is {precision} with "
+            f"{activations or 'fp32'} activations; leave it out of --variants", param="variants")
     if set(INT8_VARIANTS) & set(variants) and not four_bit:
         raise InvalidArgumentError(
             f"the {'/'.join(INT8_VARIANTS)} variants run 4-bit layers with int8 activations on CPU; this "
@@ -119,6 +132,8 @@ def plan_export(src, *, precision: str | None = None, variants=None, route: str 
         check_shapes(layout, src)
         if defaults and not static_fits(layout):
             variants = tuple(v for v in variants if v not in STATIC_VARIANTS)
+        if defaults and quantized_cpu and static_fits(layout) and dense_bytes(layout.dims) <= DENSE_DEFAULT_MAX_BYTES:
+            variants += (STATIC_DENSE,)  # small models: the CPU server's batched forwards (dense_companion)
         if set(ROTARY_VARIANTS) & set(variants) and not static_fits(layout):
             raise InvalidArgumentError(
                 f"the static and paged variants need full rotary attention without sliding windows; "

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from portable_infer.engine import dense_companion
 from portable_infer.errors import VerificationError
 from portable_infer.package import manifest as mf
+from portable_infer.package.variants import STATIC_DENSE
 
 class OnnxDecoder:
     """Raw ONNX Runtime calls on a package graph (independent of the runtime's decode loop)."""
@@ -25,6 +27,8 @@ class OnnxDecoder:
         # ORT fuses DequantizeLinear+MatMul into MatMulNBits; accuracy level 1 keeps float
         # activations (level 4 quantizes them to int8), so the check sees the weights alone.
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        if variant.name == STATIC_DENSE:  # checked as the runtime runs it: folded into fp32 MatMuls
+            dense_companion.folded(so)
         self.session = ort.InferenceSession(str(path), so, providers=[self.PROVIDER])
         self.v = variant
         self.kv_dtype = np.dtype(variant.kv.dtype)

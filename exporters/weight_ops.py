@@ -104,15 +104,22 @@ class WeightOps:
                                                                  self.dtype),
         )
 
-    def dequant_matmul(self, x: str, t: DenseWeight | BlockWeight) -> str:
-        """y = x @ W for a record of :meth:`emit_blocks` (or a dense one)."""
+    def dequant_matmul(self, x: str, t: DenseWeight | BlockWeight, offsets_in_weight: bool = False) -> str:
+        """y = x @ W for a record of :meth:`emit_blocks` (or a dense one). Q4_1 offsets multiply the
+        block sums of x, or with ``offsets_in_weight`` are added to W itself, every op over
+        constants (``W = DequantizeLinear(...) + offsets repeated over each block``): a graph that
+        ONNX Runtime folds into one fp32 MatMul at load (``static-dense``)."""
         if isinstance(t, DenseWeight):
             return self.g.matmul(x, t.w)
-        w = self.g.op("DequantizeLinear", [t.q, t.scale] + ([t.zero] if t.zero else []),
-                      axis=0, block_size=t.block)
-        y = self.g.matmul(x, w)
+        g = self.g
+        w = g.op("DequantizeLinear", [t.q, t.scale] + ([t.zero] if t.zero else []), axis=0, block_size=t.block)
+        if t.offset and offsets_in_weight:  # offset [nb, N] -> [nb, 1, N] -> [nb, block, N] -> [K, N]
+            nb = t.n_in // t.block
+            rows = g.op("Expand", [g.unsqueeze(t.offset, [1]), g.const([nb, t.block, 1])])
+            return g.matmul(x, g.add(w, g.reshape(rows, [t.n_in, -1])))
+        y = g.matmul(x, w)
         if t.offset:
-            y = self.g.add(y, self.g.matmul(self.block_sums(x, t.n_in, t.block), t.offset))
+            y = g.add(y, g.matmul(self.block_sums(x, t.n_in, t.block), t.offset))
         return y
 
     def dequant_rows(self, ids: str, t: DenseWeight | BlockWeight) -> str:

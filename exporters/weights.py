@@ -59,6 +59,9 @@ class WeightForm:
     int4_fit: bool = False
     block: int = BLOCK  # block size of float weights quantized here (source blocks keep theirs)
     symmetric: bool = False  # int4 quantized here without zero points (quant.quantize)
+    # DequantizeLinear form only: Q4_1 offsets added to the dequantized weights (static-dense, which
+    # ONNX Runtime folds into fp32 MatMuls at load) instead of multiplying the block sums of x
+    offsets_in_weight: bool = False
 
     def quantize(self, w: np.ndarray, bits: int) -> Blocks:
         """Float [out, in] rows quantized here at ``bits``: in this form's blocks (narrower rows at

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from portable_infer.engine import measure
+from portable_infer.engine import dense_companion, measure
 from portable_infer.engine.session import SessionConfig
 from portable_infer.errors import DependencyError, InvalidArgumentError, PackageError
 from portable_infer.package.home import DEFAULT_PRECISION, ensure_default_model
@@ -129,10 +129,12 @@ def load_package(path, cfg: LoadConfig) -> Model:
                            f"`portable-infer export SOURCE -o {pkg}` or omit the path for the default model")
     manifest = Manifest.load(pkg)
     check_package(manifest, pkg, "none" if checked else cfg.check)  # every level confines paths (package_paths)
+    cfg = dataclasses.replace(cfg, session=dense_companion.prepare(manifest, cfg.session, cfg.tune_batch))
     sel = _select(manifest, pkg, cfg, ort)
     for key, reason in sel.skipped:
         logger.info("provider %s skipped: %s", key, reason)
     engine = measure.make_engine(sel, manifest, ort, cfg.max_kv_tokens)
+    dense_companion.attach(engine, manifest, pkg, cfg.session, ort, cfg.tune_batch)  # batched CPU forwards
     codec = TextCodec.from_package(pkg, manifest)
     logger.info("loaded %s: variant %s%s on %s", pkg, sel.variant.name, f" ({sel.session_env})" if sel.session_env else "",
                 sel.provider.ort_name)

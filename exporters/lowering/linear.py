@@ -35,7 +35,7 @@ def project(w: WeightStore, x: str, name: str, *, bits: int | None, accuracy: in
     if w.form.nbits_accuracy is not None and bits is not None:
         y = w.ops.nbits_matmul(x, w.nbits(name, bits, fit_table), accuracy or w.form.nbits_accuracy)
     else:
-        y = w.ops.dequant_matmul(x, w.blocks(name, bits))
+        y = w.ops.dequant_matmul(x, w.blocks(name, bits), offsets_in_weight=w.form.offsets_in_weight)
     if bias is not None:
         y = w.g.add(y, w.vector(bias))
     return y

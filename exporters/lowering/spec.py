@@ -18,13 +18,17 @@ The paged variant is the static column over a pool of KV blocks: attention ``pag
     head          int8 | fp32        int4-top256 | int8-top16 | int8 | int4 | fp32 (head.HEAD_FORMS)
     weights       DequantizeLinear   MatMulNBits                   MatMulNBits
 
+``static-dense`` is the static column with the portable weights (DequantizeLinear, separate
+projections: the portable graph's data file holds them once), for the CPU engine's batched steps.
+
 The -int8 twins run the fused / static spec with int8 activations in their layers
 (``weights.nbits_accuracy`` 4); the -q4 ones also fit their layers to MatMulNBits' integer form.
 """
 
 from __future__ import annotations
 
-from portable_infer.package.variants import FUSED, FUSED_INT8, FUSED_Q4, PAGED, PORTABLE, STATIC, STATIC_INT8, STATIC_Q4
+from portable_infer.package.variants import (FUSED, FUSED_INT8, FUSED_Q4, PAGED, PORTABLE, STATIC, STATIC_DENSE,
+                                             STATIC_INT8, STATIC_Q4)
 
 from ..quant import BLOCK
 from ..weights import WeightForm
@@ -47,6 +51,7 @@ VARIANT_FORMS = {
     FUSED_Q4: ("model.fused-q4.onnx", "fused", True, True),
     STATIC_Q4: ("model.static-q4.onnx", "static", True, True),
     PAGED: ("model.paged.onnx", "paged", False, False),
+    STATIC_DENSE: ("model.static-dense.onnx", "static-dense", False, False),
 }
 KV_FORMS = ("concat", "static", "paged")
 # the paged variant's attention: PagedAttention (CUDA); tests build "paged_reference" (standard ops)
@@ -77,8 +82,13 @@ def variant_spec(name: str, layout, *, precision: str, activations: str = "fp32"
     (``nbits_accuracy``: the layers' MatMulNBits accuracy level where the variant does not fix it;
     ``block``, ``symmetric``: the blocks of the float weights quantized here, int4 without zero points)."""
     file, form, int8, fitted = VARIANT_FORMS[name]
-    if form == "portable":
-        weights = WeightForm(precision, activations, block=block, symmetric=symmetric)
+    if form in ("portable", "static-dense"):  # DequantizeLinear weights (the portable graph's records)
+        weights = WeightForm(precision, activations, block=block, symmetric=symmetric,
+                             offsets_in_weight=form == "static-dense")
+        if form == "static-dense":  # the static graph's I/O, separate projections (the portable data file's)
+            return checked(VariantSpec(name, file, ("cpu",), "gqa_static", "fused", "cached", "separate", "static",
+                                       "row_last", _head(weights, "int8"), weights, position_ids=False,
+                                       next_token=True))
         return checked(VariantSpec(name, file, ("*",), "masked", "portable", "computed", "separate", "concat",
                                    "all", _head(weights, "int8"), weights))
     weights = WeightForm(precision, activations, nbits_accuracy=INT8_ACCURACY if int8 else nbits_accuracy,

@@ -218,6 +218,24 @@ def cpu_budget(root: str | os.PathLike = "/") -> CpuBudget:
     return CpuBudget(affinity=len(cpus), physical=_physical(cpus, root), quota=quota)
 
 
+def available_memory(root: str | os.PathLike = "/") -> int | None:
+    """Bytes this process may still take: the host's MemAvailable, or less where a cgroup v2
+    ``memory.max`` along the process's cgroup path leaves less above its ``memory.current``
+    (None: unreadable)."""
+    root = Path(root)
+    sizes = []
+    for line in (_read(root / "proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            sizes.append(int(line.split()[1]) * 1024)
+    v2, _ = _cgroup_paths(root)
+    if v2 is not None:
+        for d in _along(root / "sys/fs/cgroup", v2):
+            limit, used = _read(d / "memory.max"), _read(d / "memory.current")
+            if limit and used and limit.strip().isdigit() and used.strip().isdigit():
+                sizes.append(max(0, int(limit) - int(used)))
+    return min(sizes) if sizes else None
+
+
 def describe(root: str | os.PathLike = "/", features: dict | None = None) -> str:
     """One line for benchmark tables and `doctor`: model, ISA flags (and any the CPU lists that this
     process cannot use), budget."""

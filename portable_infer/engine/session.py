@@ -32,6 +32,9 @@ class SessionConfig:
     # ORT-format (.ort) graphs: memory-map the file and use the weights in it in place instead of
     # copying them to the heap (recent ONNX Runtime; older versions ignore the keys). No effect on .onnx.
     map_weights: bool = False
+    # False: the intra-op threads stop spinning when a run ends (they still spin between a run's
+    # ops), for two sessions of one engine that take turns on the same cores (dense_companion)
+    spin_between_runs: bool = True
 
     def session_options(self, ort):
         so = ort.SessionOptions()
@@ -41,6 +44,8 @@ class SessionConfig:
         so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
         so.log_severity_level = self.log_severity
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level or 1))
+        if not self.spin_between_runs:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         if self.map_weights:
             so.add_session_config_entry("session.use_memory_mapped_ort_model", "1")
             so.add_session_config_entry("session.use_ort_model_bytes_for_initializers", "1")

@@ -79,6 +79,22 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
             except Exception as exc:  # noqa: BLE001 - the host path still works
                 logger.warning("grammar masks are applied on the host (%s: %s)", type(exc).__name__, exc)
         self.start_device_draws()  # sampled rows drawn where the logits are (device_sample.py)
+        self.batched = None  # attach_batched: the session for forwards of more than one token
+
+    def attach_batched(self, session) -> None:
+        """Run every forward of more than one row (decode steps of a batch, grouped prefills) on
+        ``session``, a graph with this one's inputs and outputs over the same KV buffers, and the
+        single-row forwards here (CPU only: the exact graph's float-activation MatMulNBits is
+        fastest at one row and slowest above it, where its fp32 companion, ``static-dense`` folded
+        at load, runs a plain GEMM: :mod:`~portable_infer.engine.dense_companion`). One row's
+        prefill stays here too: a lone client's forwards never wake the companion's threads, whose
+        spinning after a run would take the cores from the next single-row step."""
+        if self.device != "cpu":
+            raise PortableInferError(f"a batched companion session runs on the CPU only, not {self.provider}")
+        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
+        if ({i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}) != names:
+            raise PortableInferError("the batched companion graph's inputs and outputs differ from the engine's graph")
+        self.batched = session
 
     def row_mover(self):
         """What moves KV rows between this engine's buffers on their device (a
@@ -151,10 +167,11 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
             mask_r = None  # a step on the slot's binding writes it into the slot; else below
             if S > 1 or not self._bind_once:  # several tokens (batch 1), or nodes off the buffers' device
                 mask_r = (np.arange(cache.capacity)[None, :] < rows[:, None]).astype(np.int64)
+        session = self.batched if self.batched is not None and B * S > 1 else self.session
         if mask_r is None:
-            out = self._step(ids_r, rows, cache, want, meanwhile)
+            out = self._step(ids_r, rows, cache, want, meanwhile, session)
         else:
-            out = self._run(ids_r, mask_r, cache, want)
+            out = self._run(ids_r, mask_r, cache, want, session)
             if meanwhile is not None:
                 meanwhile()
         cache.rows = rows
@@ -178,8 +195,9 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
                     b.bind_input(past, x.device_name(), 0, dtype, shape, x.data_ptr() + offset)
                     b.bind_output(present, x.device_name(), 0, dtype, shape, x.data_ptr() + offset)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str):
-        b = self.session.io_binding()
+    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: StaticCache, want: str, session=None):
+        session = session or self.session
+        b = session.io_binding()
         b.bind_cpu_input(mf.INPUT_IDS, ids)
         b.bind_cpu_input(mf.ATTENTION_MASK, mask)
         b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(mask.shape[1], np.int32))
@@ -190,7 +208,7 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
             b.bind_output(mf.LOGITS if greedy else mf.NEXT_TOKEN, self.device)
         self._bind_cache(b, cache)
         big = self._shrink is not None and ids.size >= memory.SHRINK_MIN_TOKENS
-        self.session.run_with_iobinding(b, self._shrink if big else self._plain)
+        session.run_with_iobinding(b, self._shrink if big else self._plain)
         outputs = b.get_outputs()
         out = outputs[0]
         if want == "device":  # (logits, next_token or None), both where they were computed
@@ -198,24 +216,33 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
         out = out.numpy()
         return out[:, 0] if greedy else out[:, -1, :]
 
-    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, want: str, meanwhile=None):
+    def _bind_slot(self, session, slot, cache: StaticCache):
+        """An IO binding on ``session`` of the slot's step inputs, KV buffers and outputs."""
+        b = session.io_binding()
+        b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
+        b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
+        b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, np.int32))
+        self._bind_cache(b, cache)
+        slot.bind_outputs(b)
+        return b
+
+    def _step(self, ids: np.ndarray, rows: np.ndarray, cache: StaticCache, want: str, meanwhile=None, session=None):
         """One token per row on the slot's own inputs, outputs and binding (made once): replayed
         as a CUDA graph where the cache has one, a plain run otherwise (sessions with nodes off the
         buffers' device bind afresh each step: :meth:`_run`). ``meanwhile()`` runs while the device
         computes where the engine ``overlaps_host``."""
         slot = cache.slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
-            b = self.session.io_binding()
-            b.bind_ortvalue_input(mf.INPUT_IDS, slot.ids)
-            b.bind_ortvalue_input(mf.ATTENTION_MASK, slot.mask)
-            b.bind_cpu_input(mf.TOTAL_SEQUENCE_LENGTH, np.array(cache.capacity, np.int32))
-            self._bind_cache(b, cache)
-            slot.bind_outputs(b)
-            slot.binding, slot.positions = b, np.arange(cache.capacity)
+            slot.binding, slot.positions = self._bind_slot(self.session, slot, cache), np.arange(cache.capacity)
             slot.run_options = _run_options(self.ort, self.device, cache.graph_id) if cache.graph_id > 0 else None
             slot.async_options = (_run_options(self.ort, self.device, cache.graph_id, sync=False)
                                   if cache.graph_id > 0 else None)
             slot.stage_inputs(self.device == "cpu")
+        binding = slot.binding
+        if session is not None and session is not self.session:  # the batched companion (CPU): its own binding
+            if slot.batched_binding is None:
+                slot.batched_binding = self._bind_slot(session, slot, cache)
+            binding = slot.batched_binding
         slot.host_ids[...] = ids
         np.less(slot.positions, rows[:, None], out=slot.host_mask, casting="unsafe")
         if self.device != "cpu":
@@ -224,15 +251,18 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
         graph = self.cuda_graph and slot.run_options is not None
         overlap = meanwhile is not None and self.overlaps_host  # the run returns before the device is done
         plain = self._plain_async if overlap else self._plain
-        try:
-            self.session.run_with_iobinding(slot.binding, (slot.async_options if overlap else slot.run_options)
-                                            if graph else plain)
-        except Exception as exc:  # noqa: BLE001 - capture refused (an op without graph support, ...)
-            if not graph:
-                raise
-            logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
-            self.cuda_graph = False
-            self.session.run_with_iobinding(slot.binding, plain)
+        if binding is not slot.binding:  # the batched companion (the CPU: no CUDA graph)
+            session.run_with_iobinding(binding, plain)
+        else:
+            try:
+                self.session.run_with_iobinding(binding, (slot.async_options if overlap else slot.run_options)
+                                                if graph else plain)
+            except Exception as exc:  # noqa: BLE001 - capture refused (an op without graph support, ...)
+                if not graph:
+                    raise
+                logger.warning("CUDA graph capture failed (%s); decoding without CUDA graphs", exc)
+                self.cuda_graph = False
+                self.session.run_with_iobinding(binding, plain)
         if meanwhile is not None:
             try:
                 meanwhile()

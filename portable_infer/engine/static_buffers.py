@@ -47,6 +47,7 @@ class Slot:
     graph_id: int  # -1: no graph
     busy: bool = False
     binding: object = None  # the decode steps' IO binding (same addresses every step)
+    batched_binding: object = None  # the same buffers bound on the engine's batched session (CPU)
     run_options: object = None  # its CUDA graph's run options (None: no graph)
     async_options: object = None  # the same, returning before the device is done
     written: np.ndarray = None  # CPU: positions ever written per row (pages committed); None: all

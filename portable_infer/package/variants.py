@@ -36,13 +36,16 @@ Q4_SUFFIX = "-q4"  # fused-q4, static-q4: int8 activations on weights fitted to 
 ORT_SUFFIX = "-ort"  # pack --ort: a variant's graph converted to ORT format
 FUSED_INT8, STATIC_INT8 = FUSED + INT8_SUFFIX, STATIC + INT8_SUFFIX
 FUSED_Q4, STATIC_Q4 = FUSED + Q4_SUFFIX, STATIC + Q4_SUFFIX
+# the exact static graph's batched companion on the CPU: its 4-bit layers in DequantizeLinear form,
+# which ONNX Runtime folds into fp32 MatMuls at load (loader.batched_companion); never run alone
+STATIC_DENSE = STATIC + "-dense"
 
-VARIANTS = (PORTABLE, FUSED, FUSED_INT8, STATIC, STATIC_INT8, FUSED_Q4, STATIC_Q4, PAGED)  # what export writes
+VARIANTS = (PORTABLE, FUSED, FUSED_INT8, STATIC, STATIC_INT8, FUSED_Q4, STATIC_Q4, PAGED, STATIC_DENSE)  # what export writes
 Q4_VARIANTS = (FUSED_Q4, STATIC_Q4)
 INT8_VARIANTS = (FUSED_INT8, STATIC_INT8, *Q4_VARIANTS)  # only where layers are 4-bit, float activations
-STATIC_VARIANTS = (STATIC, STATIC_INT8, STATIC_Q4)  # only for rotary models without sliding windows
+STATIC_VARIANTS = (STATIC, STATIC_INT8, STATIC_Q4, STATIC_DENSE)  # only for rotary models without sliding windows
 ROTARY_VARIANTS = (*STATIC_VARIANTS, PAGED)  # only for rotary models without sliding windows
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in (*Q4_VARIANTS, PAGED))  # -q4, paged: on request (--variants)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in (*Q4_VARIANTS, PAGED, STATIC_DENSE))  # on request (--variants)
 EXACT_TWINS = (FUSED, FUSED + ORT_SUFFIX, PORTABLE + ORT_SUFFIX, STATIC)  # what an int8 variant replaces
 
 
