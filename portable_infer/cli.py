@@ -353,8 +353,8 @@ def _package_parsers(sub) -> None:
     e.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None)
     e.add_argument("--max-context", type=int, default=None)
     e.add_argument("--variants", default=None, help="graphs to write: portable, fused, static (KV buffers written in "
-                   "place; CUDA graphs), fused-int8 and static-int8 (int8 activations: faster on CPU, less exact); "
-                   "default: all that apply")
+                   "place; CUDA graphs), fused-int8 and static-int8 (int8 activations: faster on CPU, less exact), "
+                   "static-dense (batched CPU forwards in fp32); default: all that apply")
     e.add_argument("--activations", choices=("fp32", "fp16"), help="activation/KV dtype of int4/int8 (fp16: CUDA)")
     e.add_argument("--accuracy", type=int, choices=(1, 4), help="MatMulNBits accuracy of the fused layers: 1 float "
                    "activations (default, exact), 4 int8 activations (faster on CPU, less exact)")
