@@ -81,9 +81,9 @@ def install(path: str) -> None:
 
     step = static.StaticEngine._step
 
-    def probed_step(self, ids, rows, cache, want, meanwhile=None):
-        if ids.shape[0] < MIN_ROWS or ids.shape[1] != 1:
-            return step(self, ids, rows, cache, want, meanwhile)
+    def probed_step(self, ids, rows, cache, want, meanwhile=None, session=None):
+        if ids.shape[0] < MIN_ROWS or ids.shape[1] != 1 or session not in (None, self.session):
+            return step(self, ids, rows, cache, want, meanwhile, session)  # (a CPU batched companion's: not timed)
         sess = self.session  # the tuner's engines share it: its marks live on it
         if not getattr(sess, "_probed", False):
             run = sess.run_with_iobinding
@@ -99,7 +99,7 @@ def install(path: str) -> None:
             sess.run_with_iobinding = timed_run
             sess._probed = True
         t0, c0 = time.perf_counter(), time.thread_time()
-        out = step(self, ids, rows, cache, want, meanwhile)
+        out = step(self, ids, rows, cache, want, meanwhile, session)
         t1 = time.perf_counter()
         s, e, c = sess._probe_marks
         _add("step_prep", s - t0)

@@ -71,7 +71,7 @@ class ExportPlan:
     @property
     def shared_variants(self) -> tuple[str, ...]:
         """The fused-family variants, written into one shared weight file (direct route)."""
-        return tuple(v for v in self.variants if v != PORTABLE) if self.route == "direct" else ()
+        return tuple(v for v in self.variants if v not in (PORTABLE, STATIC_DENSE)) if self.route == "direct" else ()
 
 
 def check_options(precision, max_context, activations, route, block=None, symmetric=False) -> None:

@@ -88,7 +88,7 @@ def test_every_variant_quantizes_the_float_weights_at_the_block(tiny_llama, tmp_
     pkg = export(tiny_llama.source, tmp_path / "pkg", precision="int4", verify=False, head_accuracy=1, block=block)
     manifest = mf.Manifest.load(pkg)
     graphs = {v.name: onnx.load(str(pkg / v.file)) for v in manifest.variants}
-    assert set(graphs) == {"portable", "fused", "fused-int8", "static", "static-int8"}
+    assert set(graphs) == {"portable", "fused", "fused-int8", "static", "static-int8", "static-dense"}
     for name, g in graphs.items():
         blocks = _blocks_by_weight(g)
         assert blocks, name

@@ -440,7 +440,8 @@ def test_int8_twins_are_their_graphs_at_accuracy_4_and_opt_in_unverified(exporte
 
     pkg = export(exported.source, tmp_path / "int4", precision="int4", verify=False)
     manifest = Manifest.load(pkg)
-    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8", "static", "static-int8"]
+    assert [v.name for v in manifest.variants] == ["portable", "fused", "fused-int8", "static", "static-int8",
+                                                  "static-dense"]
     assert sorted(p.name for p in pkg.glob("*.data")) == ["model.fused.onnx.data", "model.onnx.data"]
     levels = {}
     for name in ("fused", "fused-int8", "static", "static-int8"):
@@ -572,7 +573,7 @@ def test_quantized_quality_and_size(precisions, precision):
         if name in dropped:
             continue
         assert q.top1_agreement >= floor, f"{tag} {name}: top-1 agreement {q.agree_steps} < {floor}: {q}"
-        if name in ("fused-int8", "static", "static-int8"):  # their weights are the fused graph's
+        if name in ("fused-int8", "static", "static-int8", "static-dense"):  # the fused / portable graph's weights
             continue
         size, full = _package_bytes(manifest, name), _package_bytes(fp32, name)
         assert size < full, f"{tag} {name} graph+weights are {size} bytes, fp32's {full}"
@@ -593,7 +594,7 @@ def test_int8_twins_below_the_floor_are_left_out_and_gated_ones_preferred(export
     monkeypatch.setattr(variants, "INT8_FLOOR", {"fused-int8": 2.0, "static-int8": 0.0})  # 100 points over the twin
     pkg = export(exported.source, tmp_path / "int4", precision="int4")
     manifest = Manifest.load(pkg)
-    assert [v.name for v in manifest.variants] == ["portable", "fused", "static", "static-int8"]
+    assert [v.name for v in manifest.variants] == ["portable", "fused", "static", "static-int8", "static-dense"]
     assert "floor for int8 activations" in manifest.verification["fused-int8"].dropped
     assert not (pkg / "model.fused-int8.onnx").exists() and manifest.verify_files(pkg) is None
     assert portable_infer.load(pkg, "cpu", static_kv=False).variant == "fused"

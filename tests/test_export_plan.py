@@ -31,7 +31,9 @@ def test_plan_of_an_hf_folder_writes_nothing(tiny_llama):
 
 def test_int4_defaults_add_the_int8_twins(tiny_llama):
     plan = plan_export(open_source(tiny_llama.source), precision="int4")
-    assert plan.variants == ("portable", "fused", "fused-int8", "static", "static-int8")
+    # and a small model's batched CPU companion (the portable file's blocks: not a shared-file variant)
+    assert plan.variants == ("portable", "fused", "fused-int8", "static", "static-int8", "static-dense")
+    assert plan.shared_variants == ("fused", "fused-int8", "static", "static-int8")
     assert (plan.nbits_accuracy, plan.head_accuracy) == (1, 4)
 
 
@@ -71,9 +73,11 @@ def test_each_graph_gets_its_spec(tiny_llama):
         "fused-int8": ("gqa", "fused", "cached", "stacked", "concat", "last", "int4-top256", 4),
         "static": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int8-top16", 1),
         "static-int8": ("gqa_static", "fused", "cached", "packed", "static", "row_last", "int4-top256", 4),
+        "static-dense": ("gqa_static", "fused", "cached", "separate", "static", "row_last", "int8", None),
     }
+    assert specs["static-dense"].weights.offsets_in_weight and not specs["portable"].weights.offsets_in_weight
     assert not specs["static"].position_ids and specs["static"].next_token and specs["fused"].position_ids
-    assert {s.weights.head_accuracy for n, s in specs.items() if n != "portable"} == {4}
+    assert {s.weights.head_accuracy for n, s in specs.items() if n not in ("portable", "static-dense")} == {4}
     assert plan_export(open_source(tiny_llama.source), route="fallback").specs == ()
 
 
