@@ -40,8 +40,8 @@ def prepare(manifest: mf.Manifest, session_config, batch: int):
     the package has one and a batch above one is declared, the sessions' threads stop spinning
     when a run ends (ONNX Runtime's ``session.force_spinning_stop``; they still spin between a
     run's ops). Two sessions each with its own threads take turns on the same cores: spinning on
-    after its run, one session's threads took the cores from the other's next run (on 2 cores a
-    16-client server gained nothing and one client lost ~5 % and 20 ms of TTFT)."""
+    after its run, one session's threads took the cores from the other's next run (on 2 cores one
+    client's server lost ~5 % of its tok/s and ~20 ms of TTFT after each prefill on the companion)."""
     if os.environ.get("PORTABLE_INFER_DENSE", "1") == "0" or batch <= 1:
         return session_config
     if not any(v.name == STATIC_DENSE for v in manifest.variants):

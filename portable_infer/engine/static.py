@@ -82,13 +82,11 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
         self.batched = None  # attach_batched: the session for forwards of more than one token
 
     def attach_batched(self, session) -> None:
-        """Run every forward of more than one row (decode steps of a batch, grouped prefills) on
+        """Run every forward of more than one token (decode steps of several rows, prefills) on
         ``session``, a graph with this one's inputs and outputs over the same KV buffers, and the
-        single-row forwards here (CPU only: the exact graph's float-activation MatMulNBits is
+        single-row decode steps here (CPU only: the exact graph's float-activation MatMulNBits is
         fastest at one row and slowest above it, where its fp32 companion, ``static-dense`` folded
-        at load, runs a plain GEMM: :mod:`~portable_infer.engine.dense_companion`). One row's
-        prefill stays here too: a lone client's forwards never wake the companion's threads, whose
-        spinning after a run would take the cores from the next single-row step."""
+        at load, runs a plain GEMM: :mod:`~portable_infer.engine.dense_companion`)."""
         if self.device != "cpu":
             raise PortableInferError(f"a batched companion session runs on the CPU only, not {self.provider}")
         names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
