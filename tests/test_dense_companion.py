@@ -47,11 +47,21 @@ def _load(pkg: Path, batch: int):
 
 def test_default_export_writes_it_from_the_portable_blocks(q4_1_package):
     """Default int4 export of a small model: ``static-dense`` is in the manifest (CPU only), verified
-    like every graph, and adds no weight file of its own (the portable data file holds its blocks)."""
+    like every graph, and adds no weight file of its own: in the portable graph's, every
+    initializer it stores beyond the portable graph's is a rotary table (no second copy of a block)."""
     manifest = mf.Manifest.load(q4_1_package)
     dense = manifest.variant(STATIC_DENSE)
     assert dense.providers == ("cpu",) and dense.kv.growth == "static"
     assert not (q4_1_package / (dense.file + ".data")).exists()
+    import onnx
+
+    def stored(file):  # (offset, length) in the data file -> initializer name
+        g = onnx.load(str(q4_1_package / file), load_external_data=False).graph
+        return {(e["offset"], e["length"]): t.name for t in g.initializer
+                if (e := {x.key: x.value for x in t.external_data})}
+    portable = stored(manifest.variant("portable").file)
+    extra = [name for at, name in stored(dense.file).items() if at not in portable]
+    assert extra and all(name.startswith("rope.") for name in extra), extra
     assert STATIC_DENSE in manifest.verification
     report = manifest.verification[STATIC_DENSE]
     assert report.dropped is None and report.greedy.identical_prefix == report.greedy.steps  # the reference's tokens

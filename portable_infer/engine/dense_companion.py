@@ -42,11 +42,14 @@ def prepare(manifest: mf.Manifest, session_config, batch: int):
     run's ops). Two sessions each with its own threads take turns on the same cores: spinning on
     after its run, one session's threads took the cores from the other's next run (on 2 cores one
     client's server lost ~5 % of its tok/s and ~20 ms of TTFT after each prefill on the companion)."""
-    if os.environ.get("PORTABLE_INFER_DENSE", "1") == "0" or batch <= 1:
-        return session_config
-    if not any(v.name == STATIC_DENSE for v in manifest.variants):
+    if not _wanted(batch) or not any(v.name == STATIC_DENSE for v in manifest.variants):
         return session_config
     return dataclasses.replace(session_config, spin_between_runs=False)
+
+
+def _wanted(batch: int) -> bool:
+    """A batch above one declared, and the companion not turned off (``PORTABLE_INFER_DENSE=0``)."""
+    return batch > 1 and os.environ.get("PORTABLE_INFER_DENSE", "1") != "0"
 
 
 def folded(so):
@@ -68,7 +71,7 @@ def dense_bytes(dims: mf.ModelDims) -> int:
 def companion(manifest: mf.Manifest, variant: mf.GraphVariant, device: str, batch: int) -> mf.GraphVariant | None:
     """The package's ``static-dense`` variant where it would serve ``variant`` (the exact
     ``static`` graph on the CPU, a declared batch above one), else None."""
-    if os.environ.get("PORTABLE_INFER_DENSE", "1") == "0" or batch <= 1 or device != "cpu" or variant.name != STATIC:
+    if not _wanted(batch) or device != "cpu" or variant.name != STATIC:
         return None
     return next((v for v in manifest.variants if v.name == STATIC_DENSE and v.precision == variant.precision), None)
 
@@ -77,7 +80,7 @@ def attach(engine, manifest: mf.Manifest, pkg: Path, session_config, ort, batch:
            available: int | None = None) -> bool:
     """Attach the companion to ``engine`` where :func:`companion` finds one and the memory holds
     it (``available``: bytes, default :func:`host.available_memory`); True when attached."""
-    dense = companion(manifest, engine.variant, getattr(engine, "device", None), batch)
+    dense = companion(manifest, engine.variant, engine.device, batch)
     if dense is None:
         return False
     need = dense_bytes(manifest.model)

@@ -228,7 +228,8 @@ class StaticEngine(StaticBuffers, DrawsOnDevice, KVBuffers):
         """One token per row on the slot's own inputs, outputs and binding (made once): replayed
         as a CUDA graph where the cache has one, a plain run otherwise (sessions with nodes off the
         buffers' device bind afresh each step: :meth:`_run`). ``meanwhile()`` runs while the device
-        computes where the engine ``overlaps_host``."""
+        computes where the engine ``overlaps_host``. ``session``: the batched companion's
+        (:meth:`attach_batched`), which runs on a second binding of the same slot; default the engine's."""
         slot = cache.slot
         if slot.binding is None:  # a captured graph reads and writes these addresses
             slot.binding, slot.positions = self._bind_slot(self.session, slot, cache), np.arange(cache.capacity)
